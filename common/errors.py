@@ -1,0 +1,125 @@
+"""The one exception hierarchy of Lepton, and its mapping to and from gRPC status codes.
+
+Domain code raises these. Only the gRPC boundary converts: servers with `to_status`
+(see `lepton.common.grpc_util.map_errors`), clients with `from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LeptonError(Exception):
+    """Base of every error Lepton raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(LeptonError):
+    """The request is malformed or a value is out of range. Nothing was changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(LeptonError):
+    """The named object does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(LeptonError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(LeptonError):
+    """The request is well formed but the object's state does not allow it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(LeptonError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(LeptonError):
+    """The server cannot serve this now (starting, stopping, no quorum). Retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotLeader(Unavailable):
+    """This server is not the leader. `leader` is the leader's address when known."""
+
+    def __init__(self, message: str = "not the leader", leader: str = ""):
+        if leader:
+            message = f"{message}; leader is {leader}"
+        super().__init__(message)
+        self.leader = leader
+
+
+class DeadlineExceeded(LeptonError):
+    """The operation did not finish in time. Its outcome is unknown."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(LeptonError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(LeptonError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(LeptonError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(LeptonError):
+    code = grpc.StatusCode.INTERNAL
+
+
+# Trailing metadata key a follower sets so clients can go straight to the leader.
+LEADER_METADATA_KEY = "lepton-leader"
+
+_BY_CODE: dict[grpc.StatusCode, type[LeptonError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        Cancelled,
+        Internal,
+    )
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> LeptonError:
+    """The client side of the boundary: one `grpc.RpcError` to one `LeptonError`."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(code)
+    leader = ""
+    try:
+        for key, value in err.trailing_metadata() or ():
+            if key == LEADER_METADATA_KEY:
+                leader = value
+    except Exception:  # noqa: BLE001 - some RpcErrors carry no metadata at all
+        pass
+    if code == grpc.StatusCode.UNAVAILABLE and leader:
+        exc: LeptonError = NotLeader(details, leader="")
+        exc.leader = leader
+        return exc
+    cls = _BY_CODE.get(code, LeptonError)
+    exc = cls(details)
+    exc.code = code
+    return exc

@@ -1,0 +1,89 @@
+from lepton.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterNodeCmd(_message.Message):
+    __slots__ = ("node_id", "name", "address", "labels", "capacity", "voter", "version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    address: str
+    labels: _containers.ScalarMap[str, str]
+    capacity: _common_pb2.Capacity
+    voter: bool
+    version: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., voter: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+
+class SetNodeStateCmd(_message.Message):
+    __slots__ = ("node_id", "state", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    state: _common_pb2.NodeState
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetDrainCmd(_message.Message):
+    __slots__ = ("node_id", "draining")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    draining: bool
+    def __init__(self, node_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop")
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
+    SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
+    SET_DRAIN_FIELD_NUMBER: _ClassVar[int]
+    NOOP_FIELD_NUMBER: _ClassVar[int]
+    at_ms: int
+    register_node: RegisterNodeCmd
+    set_node_state: SetNodeStateCmd
+    set_drain: SetDrainCmd
+    noop: Noop
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ...) -> None: ...
+
+class Noop(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LogEntry(_message.Message):
+    __slots__ = ("index", "term", "command")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    term: int
+    command: bytes
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
+
+class StateSnapshot(_message.Message):
+    __slots__ = ("index", "term", "nodes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    term: int
+    nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ...) -> None: ...
