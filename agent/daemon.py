@@ -1,0 +1,156 @@
+"""`lepton-agent`: one per machine. Serves gRPC, reports capacity, and if it is a voter,
+runs the coordinator in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lepton.agent.fingerprint import Fingerprinter
+from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
+from lepton.agent.identity import load_or_create_node_id
+from lepton.common.config import AgentConfig
+from lepton.common.errors import InvalidArgument
+from lepton.common.grpc_util import SERVER_OPTIONS
+from lepton.common.logs import set_node_context
+from lepton.coordinator.service import VERSION
+from lepton.v1 import coordinator_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = load_or_create_node_id(self.data_dir)
+        self.name = config.name or self.node_id
+        self.address = config.advertise_address  # fixed up after bind when the port is 0
+        self.server: grpc.aio.Server | None = None
+        self.coordinator = None
+        self.heartbeater: Heartbeater | None = None
+        self.fingerprint = Fingerprinter(
+            str(self.data_dir),
+            cpus=config.cpus,
+            memory_bytes=config.memory_bytes,
+            fake_gpus=config.fake_gpus,
+        )
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def is_voter(self) -> bool:
+        return self.config.dev_mode or self.address in self.config.peers
+
+    def _check_topology(self) -> None:
+        voters = self.config.peers
+        if voters and voters != [self.address] and self.address in voters:
+            raise InvalidArgument(
+                f"--peers lists {len(voters)} voters; this build runs one voter only "
+                "(multi-voter Raft is not available yet)"
+            )
+
+    def _registration(self) -> coordinator_pb2.RegisterNodeRequest:
+        return coordinator_pb2.RegisterNodeRequest(
+            node_id=self.node_id,
+            name=self.name,
+            address=self.address,
+            labels=self.config.labels,
+            capacity=self.fingerprint.capacity(),
+            voter=self.is_voter,
+            version=VERSION,
+        )
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        port = self.server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        host = self.address.rpartition(":")[0]
+        self.address = f"{host}:{port}"
+        self._check_topology()
+        role = "voter" if self.is_voter else "worker"
+        set_node_context(self.name, role)
+        logger.info("effective config: %s", json.dumps(self.config.as_dict(), sort_keys=True))
+        logger.info("node id %s, advertising %s as a %s", self.node_id, self.address, role)
+
+        services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        if self.is_voter:
+            from lepton.coordinator.coordinator import Coordinator
+
+            self.coordinator = Coordinator(self.config, self.node_id)
+            self.coordinator.config.advertise = self.address
+            self.coordinator.add_to_server(self.server)
+            services.append(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
+            await self.coordinator.start()
+        reflection.enable_server_reflection(services, self.server)
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+        targets = self.config.peers or self.config.join or [self.address]
+        self.heartbeater = Heartbeater(
+            CoordinatorLink(targets),
+            self._registration,
+            self.fingerprint.usage,
+            interval_s=self.config.heartbeat_interval_s,
+        )
+        self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
+        self._write_runtime_file()
+
+    async def _set_health(self, status) -> None:
+        result = self._health.set("", status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def _write_runtime_file(self) -> None:
+        """agent.json: how tools (local up, tests) find this agent's real address."""
+        doc = {"node_id": self.node_id, "name": self.name, "address": self.address, "pid": os.getpid()}
+        tmp = self.data_dir / "agent.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.data_dir / "agent.json")
+
+    async def stop(self) -> None:
+        """Graceful: leave the cluster (state LEFT, not DOWN), drain RPCs, stop the coordinator."""
+        logger.info("stopping")
+        if self.heartbeater is not None:
+            left = await self.heartbeater.leave()
+            logger.info("left the cluster" if left else "could not tell the coordinator we left")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(self.config.shutdown_grace_s)
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+        if self.heartbeater is not None:
+            await self.heartbeater.close()
+        self.fingerprint.close()
+        try:
+            (self.data_dir / "agent.json").unlink()
+        except FileNotFoundError:
+            pass
+        self._stopped.set()
+
+
+async def run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    await stop.wait()
+    await agent.stop()

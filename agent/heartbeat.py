@@ -1,0 +1,162 @@
+"""The agent's link to the coordinator: register, heartbeat, leave; find the leader itself.
+
+Addresses come from --peers/--join (or the agent's own address in dev mode). A follower's
+UNAVAILABLE carries the leader's address; a dead address moves us to the next one; each
+failure backs off exponentially (with jitter) up to `MAX_BACKOFF_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import grpc
+
+from lepton.common.errors import LeptonError, NotFound, NotLeader, from_rpc_error
+from lepton.common.grpc_util import CHANNEL_OPTIONS
+from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
+
+
+class CoordinatorLink:
+    """Calls the coordinator wherever it is, one address at a time."""
+
+    def __init__(self, addresses: list[str]):
+        if not addresses:
+            raise ValueError("no coordinator addresses")
+        self._addresses = list(dict.fromkeys(addresses))
+        self._current = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def address(self) -> str:
+        return self._addresses[self._current]
+
+    def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        addr = self.address
+        channel = self._channels.get(addr)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            self._channels[addr] = channel
+        return coordinator_pb2_grpc.CoordinatorStub(channel)
+
+    def _follow(self, err: LeptonError) -> None:
+        """Point at the leader if the error names one, else at the next address."""
+        if isinstance(err, NotLeader) and err.leader:
+            if err.leader not in self._addresses:
+                self._addresses.append(err.leader)
+            self._current = self._addresses.index(err.leader)
+        else:
+            self._current = (self._current + 1) % len(self._addresses)
+
+    async def call(self, method: str, request, timeout: float):
+        """One attempt at the current address; on failure, re-aim and raise a LeptonError."""
+        try:
+            return await getattr(self._stub(), method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as rpc_err:
+            err = from_rpc_error(rpc_err)
+            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._follow(err)
+            raise err from None
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class Heartbeater:
+    """Keeps this node registered and heartbeating. `run_cycle()` does one step."""
+
+    def __init__(
+        self,
+        link: CoordinatorLink,
+        make_registration: Callable[[], coordinator_pb2.RegisterNodeRequest],
+        usage: Callable[[], common_pb2.Usage],
+        *,
+        interval_s: float,
+        on_term: Callable[[int], None] | None = None,
+    ):
+        self._link = link
+        self._make_registration = make_registration
+        self._usage = usage
+        self.interval_s = interval_s
+        self._on_term = on_term
+        self._registered = False
+        self._stopping = asyncio.Event()
+        self.node_id = make_registration().node_id
+
+    async def run_cycle(self) -> str:
+        """Register if needed, else heartbeat. Raises LeptonError when the call fails."""
+        timeout = max(1.0, 2 * self.interval_s)
+        if not self._registered:
+            resp = await self._link.call("RegisterNode", self._make_registration(), timeout)
+            self._registered = True
+            if resp.heartbeat_interval_ms:
+                self.interval_s = resp.heartbeat_interval_ms / 1000
+            return f"registered with the coordinator at {self._link.address}"
+        req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
+        try:
+            resp = await self._link.call("Heartbeat", req, timeout)
+        except NotFound:
+            self._registered = False  # the cluster forgot us (e.g. its state was wiped)
+            return "coordinator does not know this node; registering again"
+        if self._on_term is not None:
+            self._on_term(resp.term)
+        if resp.state == common_pb2.NODE_STATE_LEFT:
+            self._registered = False
+            return "coordinator has this node as left; registering again"
+        return "heartbeat ok"
+
+    async def run(self) -> None:
+        backoff = MIN_BACKOFF_S
+        last = ""
+        while not self._stopping.is_set():
+            try:
+                sentence = await self.run_cycle()
+                backoff = MIN_BACKOFF_S
+                delay = self.interval_s if self._registered else 0.0
+            except LeptonError as err:
+                sentence = f"coordinator call failed ({err.code.name}: {err.message}); retrying"
+                delay = backoff * random.uniform(0.5, 1.0)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            except Exception:
+                logger.exception("heartbeat cycle failed")
+                sentence, delay = "heartbeat cycle crashed", backoff
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            if sentence != last:
+                logger.info("heartbeat: %s", sentence)
+                last = sentence
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def leave(self, timeout: float = 3.0) -> bool:
+        """Tell the coordinator we are leaving (SIGTERM). Tries each address once."""
+        self._stopping.set()
+        if not self._registered:
+            return False
+        req = coordinator_pb2.LeaveNodeRequest(node_id=self.node_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                await self._link.call("LeaveNode", req, max(0.1, deadline - loop.time()))
+                return True
+            except LeptonError as err:
+                logger.info("leave: %s", err.message)
+                await asyncio.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        await self._link.close()

@@ -1,0 +1,24 @@
+"""The node's stable identity, persisted in its data dir."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+from lepton.coordinator.log_store import write_atomic
+
+_VALID = re.compile(r"^[a-z0-9][a-z0-9-]{3,63}$")
+
+
+def load_or_create_node_id(data_dir: Path) -> str:
+    """Read `node_id` from the data dir, or make one (durably) on first start."""
+    path = data_dir / "node_id"
+    if path.exists():
+        node_id = path.read_text().strip()
+        if not _VALID.match(node_id):
+            raise OSError(f"{path} holds an invalid node id {node_id[:40]!r}; remove it to start afresh")
+        return node_id
+    node_id = uuid.uuid4().hex[:16]
+    write_atomic(path, (node_id + "\n").encode())
+    return node_id

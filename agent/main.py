@@ -1,0 +1,66 @@
+"""`lepton-agent` command line: flags > LEPTON_* env > --config TOML > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from lepton.common.config import load_config
+from lepton.common.errors import LeptonError
+from lepton.common.logs import setup_logging
+
+logger = logging.getLogger("lepton.agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lepton-agent",
+        description="Lepton agent: reports this machine's capacity; voters elect the coordinator.",
+    )
+    # Every default is None so that only flags actually given override env and file.
+    p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
+    p.add_argument("--data-dir", dest="data_dir", help="node id, log, shards, task logs (default /var/lib/lepton)")
+    p.add_argument("--listen", help="HOST:PORT to bind (default 127.0.0.1:7070; port 0 picks one)")
+    p.add_argument("--advertise", help="HOST:PORT others dial (default: --listen)")
+    p.add_argument("--name", help="human name (default: the node id)")
+    p.add_argument("--peers", help="comma-separated voter addresses (3 or 5)")
+    p.add_argument("--join", help="comma-separated cluster addresses, for a worker")
+    p.add_argument("--labels", help="k=v,k2=v2")
+    p.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds (default 1)")
+    p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")
+    p.add_argument("--down-after", dest="down_after_s", type=float, help="seconds (default 3)")
+    p.add_argument("--failover-grace", dest="failover_grace_s", type=float, help="seconds (default 3)")
+    p.add_argument("--snapshot-every", dest="snapshot_every", type=int, help="log entries between snapshots")
+    p.add_argument("--cpus", type=float, help="override the measured CPU count")
+    p.add_argument("--memory", dest="memory_bytes", type=int, help="override the measured memory, bytes")
+    p.add_argument("--fake-gpus", dest="fake_gpus", type=int, help="pretend to have N GPUs (tests)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(vars(args))
+    except LeptonError as err:
+        print(f"lepton-agent: {err.message}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    from lepton.agent.daemon import run_agent
+
+    try:
+        asyncio.run(run_agent(config))
+    except LeptonError as err:
+        print(f"lepton-agent: {err.message}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        logger.error("cannot run: %s", err)
+        print(f"lepton-agent: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

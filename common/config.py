@@ -1,0 +1,193 @@
+"""The agent's settings: one dataclass, layered defaults < TOML file < LEPTON_* env < flags.
+
+Each field carries a comment saying why it exists or why its default is what it is.
+`__post_init__` validates, so a bad value fails at start with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.common.errors import InvalidArgument
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PORT = 7070
+ENV_PREFIX = "LEPTON_"
+
+
+def split_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """'a,b , c' -> ['a', 'b', 'c']; lists pass through."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def parse_labels(value: str | Mapping[str, str] | None) -> dict[str, str]:
+    """'k=v,k2=v2' -> {'k': 'v', 'k2': 'v2'}."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    labels: dict[str, str] = {}
+    for item in split_list(value):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgument(f"label {item!r} is not key=value")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def check_address(value: str, what: str) -> str:
+    """Validate HOST:PORT (IPv6 as [::1]:PORT); return it unchanged."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgument(f"{what} {value!r} is not HOST:PORT")
+    return value
+
+
+@dataclass
+class AgentConfig:
+    # Node id, Raft log and snapshots, shards and task logs live here; losing it loses the node's identity.
+    data_dir: str = "/var/lib/lepton"
+    # Where the gRPC server binds. Loopback by default so a bare start exposes nothing.
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    # What others dial; differs from `listen` behind NAT or when binding 0.0.0.0.
+    advertise: str = ""
+    # A human name for tables and logs; the stable identity is the node id in data_dir.
+    name: str = ""
+    # The voters (3 or 5). Empty with empty `join`: a one-voter cluster of its own (dev mode).
+    peers: list[str] = field(default_factory=list)
+    # Any known cluster addresses for a worker; the leader is found through them.
+    join: list[str] = field(default_factory=list)
+    # Free-form key=value labels that task constraints match against.
+    labels: dict[str, str] = field(default_factory=dict)
+    # 1 s keeps detection in seconds while 5,000 agents stay well under a core.
+    heartbeat_interval_s: float = 1.0
+    # A node that misses two heartbeats is suspect: not scheduled on, not yet failed.
+    suspect_after_s: float = 2.0
+    # Declared down (its work is requeued) after this long without a heartbeat.
+    down_after_s: float = 3.0
+    # After a failover no node can be declared down before this, since the new leader has no timers yet.
+    failover_grace_s: float = 3.0
+    # How often the leader looks for silent nodes; bounds detection latency beyond down_after.
+    liveness_interval_s: float = 0.2
+    # Entries between state snapshots; bounds replay time at start and the log's disk use.
+    snapshot_every: int = 10_000
+    # On SIGTERM, in-flight RPCs get this long to finish.
+    shutdown_grace_s: float = 5.0
+    # Capacity overrides, for tests and for reserving part of a host. None: measure.
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    # Pretend this many GPUs exist (16 GiB each); for tests on machines without one.
+    fake_gpus: int | None = None
+    # DEBUG for troubleshooting; INFO logs each state change once.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        self.peers = split_list(self.peers)
+        self.join = split_list(self.join)
+        self.labels = parse_labels(self.labels)
+        if not self.data_dir:
+            raise InvalidArgument("data_dir must not be empty")
+        check_address(self.listen, "listen")
+        if self.advertise:
+            check_address(self.advertise, "advertise")
+        for addr in self.peers + self.join:
+            check_address(addr, "peer/join address")
+        if self.peers and len(self.peers) not in (1, 3, 5):
+            raise InvalidArgument(f"peers lists {len(self.peers)} voters; use 1, 3 or 5")
+        if self.heartbeat_interval_s <= 0:
+            raise InvalidArgument("heartbeat_interval_s must be > 0")
+        if not 0 < self.suspect_after_s <= self.down_after_s:
+            raise InvalidArgument("need 0 < suspect_after_s <= down_after_s")
+        if self.down_after_s < self.heartbeat_interval_s:
+            raise InvalidArgument("down_after_s must be at least one heartbeat interval")
+        if self.snapshot_every < 1:
+            raise InvalidArgument("snapshot_every must be >= 1")
+        if self.cpus is not None and self.cpus <= 0:
+            raise InvalidArgument("cpus must be > 0")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise InvalidArgument("memory_bytes must be > 0")
+        if self.fake_gpus is not None and not 0 <= self.fake_gpus <= 64:
+            raise InvalidArgument("fake_gpus must be between 0 and 64")
+        self.log_level = self.log_level.upper()
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise InvalidArgument(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+
+    @property
+    def advertise_address(self) -> str:
+        if self.advertise:
+            return self.advertise
+        host, _, port = self.listen.rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::"):
+            import socket
+
+            host = socket.gethostname()
+        return f"{host}:{port}"
+
+    @property
+    def dev_mode(self) -> bool:
+        """No peers and nothing to join: a one-voter cluster of its own."""
+        return not self.peers and not self.join
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
+    """Turn a string (env var) or TOML value into the field's type."""
+    kind = str(f.type)
+    if raw is None or not isinstance(raw, str):
+        return raw
+    try:
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("int"):
+            return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"{f.name} = {raw!r} is not a number") from None
+    return raw  # lists and dicts are parsed from strings in __post_init__
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> AgentConfig:
+    """Defaults < file < LEPTON_* env < flags. Flags whose value is None are unset."""
+    env = os.environ if env is None else env
+    fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
+    values: dict[str, Any] = {}
+    path = config_file or (flags or {}).get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as err:
+            raise InvalidArgument(f"cannot read config file {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {err}") from None
+        for key, value in doc.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise InvalidArgument(f"config file {path}: unknown setting {key!r}")
+            values[name] = _coerce(fields[name], value)
+    for name, f in fields.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(f, raw)
+    for name, value in (flags or {}).items():
+        if name in fields and value is not None:
+            values[name] = _coerce(fields[name], value)
+    return AgentConfig(**values)

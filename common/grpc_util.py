@@ -1,0 +1,76 @@
+"""The server side of the error boundary, plus small gRPC helpers shared by all services."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from lepton.common.errors import LEADER_METADATA_KEY, LeptonError, NotLeader
+
+logger = logging.getLogger(__name__)
+
+# Bounds every message; a peer cannot make us buffer more than this per call.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Fail fast and reconnect quickly: leader failover should cost ~a second, not 20.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: LeptonError) -> None:
+    if isinstance(err, NotLeader) and err.leader:
+        context.set_trailing_metadata(((LEADER_METADATA_KEY, err.leader),))
+    await context.abort(err.code, err.message)
+
+
+def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map LeptonError to its status code; anything else is INTERNAL and logged once.
+
+    Works for unary methods and for server-streaming async generators.
+    """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except LeptonError as err:
+                await _abort(context, err)
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception:
+                logger.exception("%s failed", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except LeptonError as err:
+            await _abort(context, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+    return unary_wrapper

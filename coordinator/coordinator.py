@@ -1,0 +1,89 @@
+"""Wires the coordinator inside a voter agent: log store, consensus, state, liveness, API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import grpc
+
+from lepton.common.config import AgentConfig
+from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
+from lepton.coordinator.liveness import Liveness, LivenessTimings
+from lepton.coordinator.log_store import FileLogStore
+from lepton.coordinator.service import CoordinatorContext, CoordinatorService, add_to_server
+from lepton.coordinator.state_machine import ClusterStateMachine
+
+logger = logging.getLogger(__name__)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Coordinator:
+    """The coordinator role of one voter. `start()` replays state before serving."""
+
+    def __init__(self, config: AgentConfig, node_id: str):
+        self.config = config
+        self.node_id = node_id
+        self.state = ClusterStateMachine()
+        self.store = FileLogStore(Path(config.data_dir) / "raft")
+        self.consensus: Consensus = SingleVoterConsensus(
+            node_id,
+            config.advertise_address,
+            self.store,
+            self.state,
+            snapshot_every=config.snapshot_every,
+        )
+        self.liveness = Liveness(
+            self.state,
+            self._propose,
+            LivenessTimings(config.suspect_after_s, config.down_after_s, config.failover_grace_s),
+            monotonic=time.monotonic,
+            wall_ms=wall_ms,
+        )
+        self.ctx = CoordinatorContext(
+            self.state,
+            self.consensus,
+            self.liveness,
+            wall_ms=wall_ms,
+            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+        )
+        self.consensus.add_leadership_listener(self.liveness.on_leadership)
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def _propose(self, cmd):
+        return await self.ctx.commit(cmd)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        add_to_server(CoordinatorService(self.ctx), server)
+
+    async def start(self) -> None:
+        await self.consensus.start()
+        self._loop_task = asyncio.create_task(self._liveness_loop(), name="liveness")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        await self.consensus.stop()
+
+    async def _liveness_loop(self) -> None:
+        last = ""
+        while True:
+            try:
+                sentence = await self.liveness.run_cycle()
+                if sentence != last:
+                    logger.info("liveness: %s", sentence)
+                    last = sentence
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("liveness cycle failed")
+            await asyncio.sleep(self.config.liveness_interval_s)

@@ -1,0 +1,80 @@
+"""Request validation at the API boundary: every field checked before anything is proposed.
+
+Each check raises InvalidArgument naming the field and what was wrong, so a bad request
+changes nothing and tells its sender why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from lepton.common.errors import InvalidArgument
+from lepton.v1 import common_pb2
+
+MAX_ID = 128
+MAX_NAME = 128
+MAX_ADDRESS = 256
+MAX_LABELS = 64
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_VERSION = 64
+MAX_GPUS = 64
+MAX_TEXT = 256
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+def require_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > MAX_ID:
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {MAX_ID}")
+    if not _ID_RE.match(value):
+        raise InvalidArgument(f"{field} {value[:40]!r} may hold only letters, digits, '.', '_' and '-'")
+    return value
+
+
+def check_text(value: str, field: str, limit: int = MAX_TEXT, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {limit}")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"{field} holds control characters")
+    return value
+
+
+def check_address(value: str, field: str) -> str:
+    check_text(value, field, MAX_ADDRESS, required=True)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidArgument(f"{field} {value!r} is not HOST:PORT")
+    return value
+
+
+def check_labels(labels: Mapping[str, str], field: str = "labels") -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{field} has {len(labels)} entries; at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_KEY or not _LABEL_KEY_RE.match(key):
+            raise InvalidArgument(f"{field} key {key[:40]!r} must be 1-{MAX_LABEL_KEY} of [A-Za-z0-9._/-]")
+        check_text(value, f"{field}[{key}]", MAX_LABEL_VALUE)
+
+
+def check_capacity(cap: common_pb2.Capacity) -> None:
+    if cap.cpu_logical == 0:
+        raise InvalidArgument("capacity.cpu_logical must be > 0")
+    if cap.memory_bytes == 0:
+        raise InvalidArgument("capacity.memory_bytes must be > 0")
+    if len(cap.gpus) > MAX_GPUS:
+        raise InvalidArgument(f"capacity.gpus lists {len(cap.gpus)}; at most {MAX_GPUS}")
+    check_text(cap.cpu_model, "capacity.cpu_model")
+    seen = set()
+    for gpu in cap.gpus:
+        if gpu.index in seen:
+            raise InvalidArgument(f"capacity.gpus repeats index {gpu.index}")
+        seen.add(gpu.index)
+        check_text(gpu.name, "gpu.name")
+        check_text(gpu.uuid, "gpu.uuid")
