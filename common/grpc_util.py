@@ -74,3 +74,59 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
 
     return unary_wrapper
+
+
+def register_service(server: grpc.aio.Server, servicer: Any, service: Any) -> None:
+    """Register `servicer` for the proto `service` descriptor, parsing requests ourselves.
+
+    grpc's own deserializer turns a malformed request into INTERNAL; parsing inside the
+    handler lets us answer INVALID_ARGUMENT and say which message did not parse.
+    """
+    from google.protobuf import message_factory
+    from google.protobuf.message import DecodeError
+
+    handlers = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        impl = getattr(servicer, method.name)
+
+        def parse(raw: bytes, cls: Any = request_cls) -> Any:
+            try:
+                return cls.FromString(raw)
+            except (DecodeError, RuntimeWarning, ValueError) as err:
+                raise _Malformed(f"malformed {cls.DESCRIPTOR.name}: {err}") from None
+
+        if method.server_streaming:
+
+            async def stream(raw: bytes, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
+                try:
+                    request = parse(raw)
+                except _Malformed as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                async for item in impl(request, context):
+                    yield item
+
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                stream, response_serializer=_serialize
+            )
+        else:
+
+            async def unary(raw: bytes, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
+                try:
+                    request = parse(raw)
+                except _Malformed as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                return await impl(request, context)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                unary, response_serializer=_serialize
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()

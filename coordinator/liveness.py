@@ -100,6 +100,7 @@ class Liveness:
         suspects: list[str] = []
         downs: list[str] = []
         live = 0
+        waiting = 0  # suspect, but not (yet) allowed or due to be declared down
         for node in list(self._state.nodes.values()):
             state = NodeState.from_proto(node.state)
             if state in (NodeState.LEFT, NodeState.DOWN):
@@ -112,10 +113,15 @@ class Liveness:
             elif state == NodeState.READY and silent >= self._timings.suspect_after_s:
                 await self._transition(node, NodeState.SUSPECT, f"no heartbeat for {silent:.1f}s")
                 suspects.append(node.name or node.id)
+            elif state == NodeState.SUSPECT:
+                waiting += 1
             else:
                 live += 1
         if not suspects and not downs:
-            return f"{live} nodes heartbeating" + (" (failover grace)" if in_grace else "")
+            sentence = f"{live} nodes heartbeating"
+            if waiting:
+                sentence += f", {waiting} suspect"
+            return sentence + (" (failover grace)" if in_grace else "")
         parts = []
         if suspects:
             parts.append(f"suspect: {', '.join(suspects)}")

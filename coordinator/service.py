@@ -13,7 +13,7 @@ from collections import Counter
 import grpc
 
 from lepton.common.errors import LeptonError, NotLeader, ResourceExhausted
-from lepton.common.grpc_util import rpc_boundary
+from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator import validation as v
 from lepton.coordinator.consensus import Consensus
 from lepton.coordinator.liveness import Liveness
@@ -207,4 +207,4 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    register_service(server, service, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"])

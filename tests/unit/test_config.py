@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from lepton.common.config import AgentConfig, load_config, parse_labels
+from lepton.common.errors import InvalidArgument
+
+
+def test_layering_defaults_file_env_flags(tmp_path):
+    f = tmp_path / "agent.toml"
+    f.write_text('listen = "127.0.0.1:1000"\nname = "from-file"\nheartbeat_interval_s = 2.0\ndown_after_s = 9\n')
+    env = {"LEPTON_NAME": "from-env", "LEPTON_HEARTBEAT_INTERVAL_S": "0.5", "LEPTON_DATA_DIR": str(tmp_path)}
+    cfg = load_config({"name": "from-flag", "listen": None}, env=env, config_file=str(f))
+    assert cfg.name == "from-flag"  # flag beats env and file
+    assert cfg.heartbeat_interval_s == 0.5  # env beats file
+    assert cfg.listen == "127.0.0.1:1000"  # file beats default
+    assert cfg.down_after_s == 9.0
+    assert cfg.suspect_after_s == 2.0  # default
+
+
+def test_lists_and_labels_parse():
+    cfg = AgentConfig(peers="a:1, b:2,c:3", labels="zone=a, gpu=h100")
+    assert cfg.peers == ["a:1", "b:2", "c:3"]
+    assert cfg.labels == {"zone": "a", "gpu": "h100"}
+    assert not cfg.dev_mode
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"listen": "nope"}, "listen"),
+        ({"peers": "a:1,b:2"}, "use 1, 3 or 5"),
+        ({"heartbeat_interval_s": 0}, "heartbeat_interval_s"),
+        ({"suspect_after_s": 5, "down_after_s": 3}, "suspect_after_s"),
+        ({"labels": "novalue"}, "key=value"),
+        ({"fake_gpus": 100}, "fake_gpus"),
+        ({"log_level": "chatty"}, "log_level"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_named(kwargs, fragment):
+    with pytest.raises(InvalidArgument, match=fragment):
+        AgentConfig(**kwargs)
+
+
+def test_bad_file_and_env_values(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("no_such_setting = 1\n")
+    with pytest.raises(InvalidArgument, match="unknown setting"):
+        load_config({}, env={}, config_file=str(f))
+    with pytest.raises(InvalidArgument, match="not a number"):
+        load_config({}, env={"LEPTON_HEARTBEAT_INTERVAL_S": "fast"})
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        load_config({}, env={}, config_file=str(tmp_path / "missing.toml"))
+
+
+def test_parse_labels_mapping_passthrough():
+    assert parse_labels({"a": 1}) == {"a": "1"}

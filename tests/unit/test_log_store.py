@@ -1,0 +1,111 @@
+"""The LogStore contract, run against every implementation."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton.coordinator.log_store import CompactedError, Entry, FileLogStore, MemoryLogStore, Snapshot
+
+
+@pytest.fixture(params=["memory", "file"])
+def make_store(request, tmp_path):
+    def make():
+        return MemoryLogStore() if request.param == "memory" else FileLogStore(tmp_path / "log")
+
+    make.durable = request.param == "file"
+    return make
+
+
+def entries(lo, hi, term=1):
+    return [Entry(i, term, f"cmd{i}".encode()) for i in range(lo, hi)]
+
+
+def test_append_read_and_terms(make_store):
+    s = make_store()
+    assert (s.first_index(), s.last_index(), s.term_at(0)) == (1, 0, 0)
+    s.append(entries(1, 4))
+    s.sync()
+    assert [e.index for e in s.entries(1, 4)] == [1, 2, 3]
+    assert s.term_at(3) == 1
+    with pytest.raises(IndexError):
+        s.term_at(4)
+    with pytest.raises(ValueError):
+        s.append([Entry(9, 1, b"gap")])
+
+
+def test_max_bytes_returns_at_least_one(make_store):
+    s = make_store()
+    s.append(entries(1, 6))
+    assert len(s.entries(1, 6, max_bytes=1)) == 1
+    assert len(s.entries(1, 6, max_bytes=9)) == 2
+
+
+def test_truncate_suffix_then_reappend(make_store):
+    s = make_store()
+    s.append(entries(1, 5))
+    s.truncate_suffix(3)
+    s.append(entries(3, 4, term=2))
+    s.sync()
+    assert [(e.index, e.term) for e in s.entries(1, 4)] == [(1, 1), (2, 1), (3, 2)]
+
+
+def test_snapshot_compacts_and_keeps_the_suffix(make_store):
+    s = make_store()
+    s.append(entries(1, 6))
+    s.save_snapshot(Snapshot(3, 1, b"state@3"))
+    assert (s.first_index(), s.last_index(), s.term_at(3)) == (4, 5, 1)
+    with pytest.raises(CompactedError):
+        s.entries(2, 4)
+    # A snapshot that conflicts with the log (InstallSnapshot) drops the whole log.
+    s.save_snapshot(Snapshot(9, 4, b"state@9"))
+    assert (s.first_index(), s.last_index()) == (10, 9)
+
+
+def test_hard_state(make_store):
+    s = make_store()
+    assert s.hard_state() == (0, "")
+    s.set_hard_state(3, "n2")
+    assert s.hard_state() == (3, "n2")
+
+
+def test_file_store_survives_reopen(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 4))
+    s.sync()
+    s.set_hard_state(2, "me")
+    s.save_snapshot(Snapshot(2, 1, b"snap"))
+    s.append(entries(4, 6))
+    s.sync()
+    s.close()
+    r = FileLogStore(tmp_path)
+    assert r.hard_state() == (2, "me")
+    assert r.snapshot() == Snapshot(2, 1, b"snap")
+    assert [e.index for e in r.entries(3, 6)] == [3, 4, 5]
+
+
+def test_torn_tail_is_cut_but_earlier_records_survive(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 4))
+    s.sync()
+    s.close()
+    with open(tmp_path / "log", "r+b") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.truncate(size - 3)  # a crash mid-write of the last record
+    r = FileLogStore(tmp_path)
+    assert r.last_index() == 2
+    r.append(entries(3, 4, term=5))
+    r.sync()
+    r.close()
+    assert FileLogStore(tmp_path).term_at(3) == 5
+
+
+def test_corrupt_snapshot_refuses_to_open(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.save_snapshot(Snapshot(1, 1, b"precious state"))
+    s.close()
+    raw = bytearray((tmp_path / "snapshot").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "snapshot").write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="corrupt"):
+        FileLogStore(tmp_path)
