@@ -63,6 +63,10 @@ class ClusterState:
         self.cpu_load = (self.tot_cpu - self.free_cpu) * self.inv_cpu
         self.mem_load = (self.tot_mem - self.free_mem) * self.inv_mem
         self.gpu_load = (self.tot_gpus - self.free_gpus) * self.inv_gpu
+        self._tot_cpu: list[int] = self.tot_cpu.tolist()
+        self._tot_mem: list[int] = self.tot_mem.tolist()
+        self._inv_cpu: list[float] = self.inv_cpu.tolist()
+        self._inv_mem: list[float] = self.inv_mem.tolist()
 
         self.journal: list[tuple] = []  # undo log since the oldest open savepoint
         self._label_values: dict[str, np.ndarray] = {}
@@ -89,23 +93,29 @@ class ClusterState:
         self.mem_of: list[int] = self.alloc_mem.tolist()
         self.running_ids = {a.task_id for a in allocs}
 
-        self.free_cpu = self.tot_cpu - np.bincount(
-            self.alloc_node, weights=self.alloc_cpu, minlength=self.n).astype(_I64)
-        self.free_mem = self.tot_mem - np.bincount(
-            self.alloc_node, weights=self.alloc_mem, minlength=self.n).astype(_I64)
+        # integer sums (np.add.at), not float bincount: memory totals must stay exact
+        self.free_cpu = self.tot_cpu.copy()
+        np.add.at(self.free_cpu, self.alloc_node, -self.alloc_cpu)
+        self.free_mem = self.tot_mem.copy()
+        np.add.at(self.free_mem, self.alloc_node, -self.alloc_mem)
 
         # GPU slots held per allocation; devices unknown to the node are ignored.
         self.alloc_slots: list[tuple[int, ...]] = [()] * m
         self.gang_allocs: dict[str, list[int]] = {}
+        hold_rows: list[int] = []
+        hold_cols: list[int] = []
+        node_of = self.node_of
         for k, a in enumerate(allocs):
             if a.gpu_indices:
-                i = self.alloc_node[k]
-                slot_of = self._slot_of.get(int(i), {})
+                i = node_of[k]
+                slot_of = self._slot_of.get(i, {})
                 slots = tuple(sorted({slot_of[d] for d in a.gpu_indices if d in slot_of}))
                 self.alloc_slots[k] = slots
-                self.gpu_hold[i, list(slots)] += 1
+                hold_rows.extend([i] * len(slots))
+                hold_cols.extend(slots)
             if a.gang_id is not None:
                 self.gang_allocs.setdefault(a.gang_id, []).append(k)
+        np.add.at(self.gpu_hold, (np.asarray(hold_rows, np.intp), np.asarray(hold_cols, np.intp)), 1)
         self.alloc_ngpu = np.fromiter((len(s) for s in self.alloc_slots), _I64, m)
         self.gpu_free &= self.gpu_hold == 0
         self.free_gpus = self.gpu_free.sum(axis=1).astype(_I64)
@@ -169,19 +179,23 @@ class ClusterState:
 
     def _adjust(self, i: int, cpu: int, mem: int, slots: tuple[int, ...], sign: int) -> None:
         # sign -1: take resources, +1: give them back. Loads are recomputed from the
-        # integer columns so undo restores them bit for bit.
+        # integer columns so undo restores them bit for bit. Python scalars here:
+        # numpy scalar arithmetic costs more than it saves for one element.
         if cpu:
-            self.free_cpu[i] += sign * cpu
-            self.cpu_load[i] = (self.tot_cpu[i] - self.free_cpu[i]) * self.inv_cpu[i]
+            free = int(self.free_cpu[i]) + sign * cpu
+            self.free_cpu[i] = free
+            self.cpu_load[i] = (self._tot_cpu[i] - free) * self._inv_cpu[i]
         if mem:
-            self.free_mem[i] += sign * mem
-            self.mem_load[i] = (self.tot_mem[i] - self.free_mem[i]) * self.inv_mem[i]
+            free = int(self.free_mem[i]) + sign * mem
+            self.free_mem[i] = free
+            self.mem_load[i] = (self._tot_mem[i] - free) * self._inv_mem[i]
         if slots:
             sl = list(slots)
             self.gpu_hold[i, sl] -= sign
             self.gpu_free[i, sl] = self.gpu_hold[i, sl] == 0
-            self.free_gpus[i] = int(self.gpu_free[i].sum())
-            self.gpu_load[i] = (self.tot_gpus[i] - self.free_gpus[i]) * self.inv_gpu[i]
+            free = int(np.count_nonzero(self.gpu_free[i]))
+            self.free_gpus[i] = free
+            self.gpu_load[i] = (int(self.tot_gpus[i]) - free) * float(self.inv_gpu[i])
 
     def take(self, i: int, cpu: int, mem: int, slots: tuple[int, ...]) -> None:
         """Consume resources on node row `i` for a new placement."""

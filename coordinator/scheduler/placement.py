@@ -22,8 +22,8 @@ from .types import (
 )
 
 _INF = np.inf
-# Added to GPU nodes' score for CPU-only tasks (Policy.reserve_gpu_nodes). Feasible
-# scores lie in [-1, 1], so this orders every GPU-less node first.
+# Added to GPU nodes' load for CPU-only tasks (Policy.reserve_gpu_nodes). Feasible
+# loads lie in [0, 1], so this orders every GPU-less node first.
 _GPU_NODE_BIAS = 4.0
 
 _Shape = tuple  # (cpu, mem, gpus, gpu_mem, label key): what feasibility depends on
@@ -46,8 +46,9 @@ def schedule(
     of its first member and placed all-or-nothing. Each task goes to the feasible node
     with the best score (spread: lowest load after placement, load being the max of
     the cpu, memory and, for GPU tasks, GPU fractions; binpack: highest), ties broken
-    by node id; a feasible preferred node beats every other. A task that fits nowhere
-    may preempt strictly lower base-priority allocations (see `_preempt`).
+    by node id; a feasible preferred node beats every other (ties among preferred
+    nodes go to the one listed first). A task that fits nowhere may preempt strictly
+    lower base-priority allocations (see the package docstring).
 
     Raises InvalidArgument when two pending tasks share an id or two nodes share one.
     """
@@ -60,10 +61,14 @@ class _Pass:
         self.policy = policy
         self.binpack = policy.scoring == "binpack"
         st = self.state
+        # Policy.reserve_gpu_nodes: GPU nodes score worse by this much for CPU-only
+        # tasks (folded into the per-request terms, see _term).
         self.gpu_bias = (
-            st.has_gpus * _GPU_NODE_BIAS
+            st.has_gpus * (-_GPU_NODE_BIAS if self.binpack else _GPU_NODE_BIAS)
             if policy.reserve_gpu_nodes and st.has_gpus.any() else None
         )
+        self._terms: dict[tuple, np.ndarray] = {}
+        self._bad_base: dict[tuple, np.ndarray | None] = {}
         self.placements: dict[str, Placement] = {}
         self.preemptions: list[Preemption] = []
         self.reasons: dict[str, str] = {}
@@ -112,12 +117,11 @@ class _Pass:
         if failed is not None and (t.priority <= failed[0] or not self.policy.preemption):
             self.reasons[t.task_id] = failed[1]
             return
-        base = self.state.label_mask(lk)
-        i = self._best(t, base, ())
+        i = self._best(t, lk, ())
         if i >= 0:
             self._record(self._take(t, i))
             return
-        static = self._static_mask(shape, t, base)
+        static = self._static_mask(shape, t, self.state.label_mask(lk))
         if not static.any():
             reason = never_fits(self.state, t, lk)
             self._failed[shape] = (_INF, reason)
@@ -154,7 +158,7 @@ class _Pass:
         members = sorted(members, key=lambda t: (-t.gpus, -t.gpu_memory_bytes, -t.cpu_millis,
                                                  -t.memory_bytes, t.task_id))
         st = self.state
-        plans: list[tuple[TaskRequest, np.ndarray, np.ndarray]] = []
+        plans: list[tuple[TaskRequest, tuple, np.ndarray]] = []
         union = np.zeros(st.n, bool)
         for t in members:
             lk = _label_key(t)
@@ -165,7 +169,7 @@ class _Pass:
                 why = never_fits(st, t, lk).removeprefix(UNSCHEDULABLE).strip()
                 return fail(f"{UNSCHEDULABLE} gang {gid}: member {t.task_id} {why}")
             union |= static
-            plans.append((t, base, static))
+            plans.append((t, lk, static))
         if distinct and int(union.sum()) < size:
             return fail(f"{UNSCHEDULABLE} gang {gid} needs {size} distinct nodes, only "
                         f"{int(union.sum())} could ever hold its members")
@@ -173,9 +177,9 @@ class _Pass:
         mark = st.mark()
         used: list[int] = []
         done: list[tuple[Placement, list[int]]] = []
-        for t, base, static in plans:
+        for t, lk, static in plans:
             exclude = used if distinct else ()
-            i = self._best(t, base, exclude)
+            i = self._best(t, lk, exclude)
             victims: list[int] = []
             if i < 0:
                 pre = self._preempt(t, static, exclude)
@@ -191,30 +195,37 @@ class _Pass:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _best(self, t: TaskRequest, base: np.ndarray, exclude: Sequence[int]) -> int:
-        """Row of the best feasible node for `t` now, or -1. The hot path: a dozen
-        vector ops over all nodes, no Python loop over them."""
+    def _best(self, t: TaskRequest, lk: tuple, exclude: Sequence[int]) -> int:
+        """Row of the best feasible node for `t` now, or -1. The hot path: about ten
+        vector ops over all nodes, no Python loop over them.
+
+        Score = load after placement = max over resources of the used fraction (GPU
+        fraction only for GPU tasks); spread takes the lowest, binpack the highest.
+        Ties go to the lowest row, i.e. the smallest node id."""
         st = self.state
         if st.n == 0:
             return -1
         c, m, g = t.cpu_millis, t.memory_bytes, t.gpus
-        ok = st.free_cpu >= c
-        ok &= st.free_mem >= m
-        ok &= base
+        bias = not g and self.gpu_bias is not None
+        bad = st.free_cpu < c
+        bad |= st.free_mem < m
+        bad_base = self._bad_base.get(lk, False)
+        if bad_base is False:
+            base = st.label_mask(lk)
+            bad_base = self._bad_base[lk] = None if base.all() else ~base
+        if bad_base is not None:
+            bad |= bad_base
         if g:
-            ok &= st.gpus_available(t.gpu_memory_bytes) >= g
+            bad |= st.gpus_available(t.gpu_memory_bytes) < g
         if len(exclude):
-            ok[list(exclude)] = False
-        # load after placement = max over resources of used fraction
-        score = st.cpu_load + c * st.inv_cpu if c else st.cpu_load.copy()
-        np.maximum(score, st.mem_load + m * st.inv_mem if m else st.mem_load, out=score)
+            bad[list(exclude)] = True
+        score = st.cpu_load + self._term("cpu", c, bias)
+        np.maximum(score, st.mem_load + self._term("mem", m, bias), out=score)
         if g:
             np.maximum(score, st.gpu_load + g * st.inv_gpu, out=score)
-        if self.binpack:
+        if self.binpack:  # highest load wins: same code on the negated scale
             np.negative(score, out=score)
-        if not g and self.gpu_bias is not None:
-            score += self.gpu_bias
-        np.putmask(score, ~ok, _INF)
+        np.putmask(score, bad, _INF)
         if t.preferred_nodes:
             rows = [st.index[n] for n in t.preferred_nodes if n in st.index]
             if rows:
@@ -224,6 +235,21 @@ class _Pass:
                     return rows[j]
         i = int(score.argmin())
         return i if score[i] != _INF else -1
+
+    def _term(self, kind: str, amount: int, bias: bool) -> np.ndarray:
+        """amount / capacity per node (+ GPU-node bias): the request's share of each
+        node, cached because a queue holds few distinct shapes."""
+        key = (kind, amount, bias)
+        term = self._terms.get(key)
+        if term is None:
+            if len(self._terms) >= 1024:
+                self._terms.clear()  # bound memory on queues of all-distinct shapes
+            st = self.state
+            term = amount * (st.inv_cpu if kind == "cpu" else st.inv_mem)
+            if bias:
+                term = term + self.gpu_bias
+            self._terms[key] = term
+        return term
 
     def _static_mask(self, shape: _Shape, t: TaskRequest, base: np.ndarray) -> np.ndarray:
         """Nodes that could hold `t` if they were empty."""
