@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
-from lepton.common.errors import LeptonError, NotFound, NotLeader, from_rpc_error
+from lepton.common.errors import LeptonError, NotFound, NotLeader, Unavailable, from_rpc_error
 from lepton.common.grpc_util import CHANNEL_OPTIONS
 from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -60,10 +60,19 @@ class CoordinatorLink:
         try:
             return await getattr(self._stub(), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as rpc_err:
-            err = from_rpc_error(rpc_err)
-            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self._follow(err)
-            raise err from None
+            raise self.failed(rpc_err) from None
+
+    def open_stream(self, method: str):
+        """A bidi stream to the current address."""
+        return getattr(self._stub(), method)()
+
+    def failed(self, rpc_err: grpc.aio.AioRpcError) -> LeptonError:
+        """Map a failed call; re-aim when the server is gone or not the leader."""
+        err = from_rpc_error(rpc_err)
+        if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED):
+            self._follow(err)
+        return err
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -89,6 +98,7 @@ class Heartbeater:
         self.interval_s = interval_s
         self._on_term = on_term
         self._registered = False
+        self._stream = None  # the HeartbeatStream call, while open
         self._stopping = asyncio.Event()
         self.node_id = make_registration().node_id
 
@@ -103,7 +113,7 @@ class Heartbeater:
             return f"registered with the coordinator at {self._link.address}"
         req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
         try:
-            resp = await self._link.call("Heartbeat", req, timeout)
+            resp = await self._beat(req, timeout)
         except NotFound:
             self._registered = False  # the cluster forgot us (e.g. its state was wiped)
             return "coordinator does not know this node; registering again"
@@ -113,6 +123,30 @@ class Heartbeater:
             self._registered = False
             return "coordinator has this node as left; registering again"
         return "heartbeat ok"
+
+    async def _beat(self, req, timeout: float) -> coordinator_pb2.HeartbeatResponse:
+        """One heartbeat on the long-lived stream, opening it when needed."""
+        if self._stream is None:
+            self._stream = self._link.open_stream("HeartbeatStream")
+        stream = self._stream
+        try:
+            await asyncio.wait_for(stream.write(req), timeout)
+            resp = await asyncio.wait_for(stream.read(), timeout)
+        except asyncio.TimeoutError:
+            self._drop_stream()
+            raise Unavailable(f"no heartbeat answer from {self._link.address} in {timeout:.1f}s") from None
+        except grpc.aio.AioRpcError as rpc_err:
+            self._drop_stream()
+            raise self._link.failed(rpc_err) from None
+        if resp is grpc.aio.EOF:
+            self._drop_stream()
+            raise Unavailable(f"{self._link.address} closed the heartbeat stream")
+        return resp
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     async def run(self) -> None:
         backoff = MIN_BACKOFF_S
@@ -141,8 +175,8 @@ class Heartbeater:
     async def leave(self, timeout: float = 3.0) -> bool:
         """Tell the coordinator we are leaving (SIGTERM). Tries each address once."""
         self._stopping.set()
-        if not self._registered:
-            return False
+        self._drop_stream()
+        # Even when not known to be registered: a registration may have been in flight.
         req = coordinator_pb2.LeaveNodeRequest(node_id=self.node_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -150,6 +184,8 @@ class Heartbeater:
             try:
                 await self._link.call("LeaveNode", req, max(0.1, deadline - loop.time()))
                 return True
+            except NotFound:
+                return False  # never registered: nothing to leave
             except LeptonError as err:
                 logger.info("leave: %s", err.message)
                 await asyncio.sleep(0.05)
@@ -159,4 +195,5 @@ class Heartbeater:
         self._stopping.set()
 
     async def close(self) -> None:
+        self._drop_stream()
         await self._link.close()

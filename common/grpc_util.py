@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from lepton.common.errors import LEADER_METADATA_KEY, LeptonError, NotLeader
+from lepton.common.errors import LEADER_METADATA_KEY, InvalidArgument, LeptonError, NotLeader
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,25 @@ def register_service(server: grpc.aio.Server, servicer: Any, service: Any) -> No
             except (DecodeError, RuntimeWarning, ValueError) as err:
                 raise _Malformed(f"malformed {cls.DESCRIPTOR.name}: {err}") from None
 
-        if method.server_streaming:
+        if method.client_streaming and method.server_streaming:
+
+            async def bidi(raw_iter: Any, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
+                async def requests() -> AsyncIterator[Any]:
+                    async for raw in raw_iter:
+                        try:
+                            yield parse(raw)
+                        except _Malformed as err:  # seen by the servicer's own boundary
+                            raise InvalidArgument(str(err)) from None
+
+                async for item in impl(requests(), context):
+                    yield item
+
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                bidi, response_serializer=_serialize
+            )
+        elif method.client_streaming:
+            raise NotImplementedError(f"client-streaming {method.full_name} is not supported")
+        elif method.server_streaming:
 
             async def stream(raw: bytes, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
                 try:

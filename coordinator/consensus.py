@@ -100,6 +100,10 @@ class Consensus(ABC):
         """(node id, advertised host:port) of the leader, or ("", "") when unknown."""
 
     @abstractmethod
+    def term(self) -> int:
+        """The current term; orders carry it so agents can fence off older leaders."""
+
+    @abstractmethod
     def status(self) -> ConsensusStatus: ...
 
     def add_leadership_listener(self, listener: LeadershipListener) -> None:
@@ -232,6 +236,9 @@ class SingleVoterConsensus(Consensus):
 
     def leader(self) -> tuple[str, str]:
         return (self._id, self._address) if self._running else ("", "")
+
+    def term(self) -> int:
+        return self._term
 
     def status(self) -> ConsensusStatus:
         applied = self._sm.applied_index

@@ -106,8 +106,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             node=node, heartbeat_interval_ms=self._ctx.heartbeat_interval_ms
         )
 
-    @rpc_boundary
-    async def Heartbeat(self, request, context):
+    async def _heartbeat(self, request) -> coordinator_pb2.HeartbeatResponse:
         v.require_id(request.node_id, "node_id")
         if len(request.usage.gpus) > v.MAX_GPUS:
             raise v.InvalidArgument(f"usage.gpus lists {len(request.usage.gpus)}; at most {v.MAX_GPUS}")
@@ -117,8 +116,24 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             state=node.state,
             draining=node.draining,
             heartbeat_interval_ms=self._ctx.heartbeat_interval_ms,
-            term=self._ctx.consensus.status().term,
+            term=self._ctx.consensus.term(),
         )
+
+    @rpc_boundary
+    async def Heartbeat(self, request, context):
+        return await self._heartbeat(request)
+
+    @rpc_boundary
+    async def HeartbeatStream(self, request_iterator, context):
+        # Answer only when something the agent acts on changed: a reply per beat would
+        # double the leader's per-beat cost. gRPC keepalive tells the agent the leader lives.
+        last = None
+        async for request in request_iterator:
+            resp = await self._heartbeat(request)
+            key = (resp.state, resp.draining, resp.term, resp.heartbeat_interval_ms)
+            if key != last:
+                last = key
+                yield resp
 
     @rpc_boundary
     async def LeaveNode(self, request, context):

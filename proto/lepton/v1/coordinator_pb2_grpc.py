@@ -45,6 +45,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/lepton.v1.Coordinator/HeartbeatStream',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.LeaveNode = channel.unary_unary(
                 '/lepton.v1.Coordinator/LeaveNode',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.LeaveNodeRequest.SerializeToString,
@@ -89,6 +94,14 @@ class CoordinatorServicer:
 
     def Heartbeat(self, request, context):
         """Soft state only: no log write unless the node's state must change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatStream(self, request_iterator, context):
+        """What agents use: one long-lived stream per agent, a response per heartbeat. Far
+        cheaper than a unary call per beat, and it ends at once when leadership moves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +155,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -228,6 +246,33 @@ class Coordinator:
             request,
             target,
             '/lepton.v1.Coordinator/Heartbeat',
+            lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lepton.v1.Coordinator/HeartbeatStream',
             lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,

@@ -1,0 +1,57 @@
+"""Shared by the benchmark scripts: start a real agent process and find its address."""
+
+from __future__ import annotations
+
+import json
+import os  # noqa: F401
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """One real `lepton-agent` in its own temp data dir."""
+
+    def __init__(self, *args: str, name: str = "bench", port: int | None = None, root: str | None = None):
+        self.root = root or tempfile.mkdtemp(prefix="lepton-bench-")
+        self.data_dir = Path(self.root) / name
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
+               "--listen", self.address, "--name", name, "--log-level", "WARNING", *args]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.data_dir / "agent.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        runtime = self.data_dir / "agent.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}")
+            if runtime.exists() and json.loads(runtime.read_text())["pid"] == self.proc.pid:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("agent did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def emit(doc: dict) -> None:
+    print(json.dumps(doc, sort_keys=True))
+    sys.stdout.flush()

@@ -1,0 +1,99 @@
+"""Real `lepton-agent` processes on loopback, with temp dirs and millisecond timings
+(Nomad's TestServer in spirit). Used by every integration test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Fast timings so failure detection takes a second, not minutes, in tests.
+FAST = [
+    "--heartbeat-interval", "0.2",
+    "--suspect-after", "0.6",
+    "--down-after", "1.0",
+    "--failover-grace", "1.0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value. Not a timing assertion: the
+    timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the cluster may still be starting
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last_exc})")
+
+
+class AgentProcess:
+    def __init__(self, root: Path, name: str, args: list[str] | None = None, port: int | None = None):
+        self.name = name
+        self.data_dir = root / name
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.args = list(args or [])
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir / "agent.log"
+
+    def start(self) -> AgentProcess:
+        runtime = self.data_dir / "agent.json"
+        if runtime.exists():
+            runtime.unlink()  # stale after a kill -9
+        cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
+               "--listen", self.address, "--name", self.name, *FAST, *self.args]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.name} exited {self.proc.returncode}:\n{self.log()}")
+            return runtime.exists() and json.loads(runtime.read_text())["pid"] == self.proc.pid
+
+        wait_until(ready, what=f"agent {self.name} to start")
+        self.node_id = (self.data_dir / "node_id").read_text().strip()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def run_ctl(*args: str, server: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the real `lepton-ctl` in a subprocess."""
+    cmd = [sys.executable, "-m", "lepton.client.cli", "--server", server, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"lepton-ctl {' '.join(args)} failed ({out.returncode}): {out.stderr}")
+    return out
