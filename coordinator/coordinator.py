@@ -13,6 +13,7 @@ from lepton.common.config import AgentConfig
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
 from lepton.coordinator.liveness import Liveness, LivenessTimings
 from lepton.coordinator.log_store import FileLogStore
+from lepton.coordinator.scheduling import SchedulingLoop
 from lepton.coordinator.service import CoordinatorContext, CoordinatorService, add_to_server
 from lepton.coordinator.state_machine import ClusterStateMachine
 
@@ -52,8 +53,21 @@ class Coordinator:
             wall_ms=wall_ms,
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
         )
+        self.scheduling = SchedulingLoop(
+            self.state,
+            self._propose,
+            is_leader=self.consensus.is_leader,
+            term=self.consensus.term,
+            wall_ms=wall_ms,
+        )
+        self.ctx.scheduling = self.scheduling
         self.consensus.add_leadership_listener(self.liveness.on_leadership)
-        self._loop_task: asyncio.Task[None] | None = None
+        self.consensus.add_leadership_listener(self.scheduling.wake)
+        self.consensus.add_leadership_listener(self.ctx.hub.wake_all)
+        self.state.tasks.listeners.append(self.ctx.hub.on_task_change)
+        self.state.tasks.listeners.append(self.scheduling.wake)
+        self.state.add_listener(self.scheduling.wake)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def _propose(self, cmd):
         return await self.ctx.commit(cmd)
@@ -63,15 +77,15 @@ class Coordinator:
 
     async def start(self) -> None:
         await self.consensus.start()
-        self._loop_task = asyncio.create_task(self._liveness_loop(), name="liveness")
+        self._tasks = [
+            asyncio.create_task(self._liveness_loop(), name="liveness"),
+            asyncio.create_task(self.scheduling.run(), name="scheduling"),
+        ]
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.consensus.stop()
 
     async def _liveness_loop(self) -> None:

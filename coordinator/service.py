@@ -18,6 +18,7 @@ from lepton.coordinator import validation as v
 from lepton.coordinator.consensus import Consensus
 from lepton.coordinator.liveness import Liveness
 from lepton.coordinator.state_machine import ClusterStateMachine, NodeChange, NodeState
+from lepton.coordinator.task_api import TaskApi, TaskHub
 from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, state_pb2
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class CoordinatorContext:
         self.wall_ms = wall_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.propose_timeout_s = propose_timeout_s
+        self.hub = TaskHub()
+        self.scheduling = None  # a SchedulingLoop, set by the Coordinator
 
     def require_leader(self) -> None:
         if not self.consensus.is_leader():
@@ -76,7 +79,7 @@ class CoordinatorContext:
         return node
 
 
-class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, ctx: CoordinatorContext):
         self._ctx = ctx
 

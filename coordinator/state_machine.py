@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
+from lepton.coordinator.tasks import TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ NodeListener = Callable[[NodeChange], None]
 
 
 class ClusterStateMachine:
-    """Nodes (and, in later issues, tasks, jobs, datasets) as the log defines them.
+    """Nodes and tasks (`self.tasks`, a TaskTable) as the log defines them.
 
     `apply` never raises for a bad command: it returns a `LeptonError` instance, so every
     replica records the same outcome and the proposer can surface it to the caller.
@@ -91,6 +92,7 @@ class ClusterStateMachine:
     def __init__(self) -> None:
         self.applied_index = 0
         self.nodes: dict[str, common_pb2.Node] = {}
+        self.tasks = TaskTable(self)
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -159,6 +161,10 @@ class ClusterStateMachine:
         node.state_changed_at_ms = at_ms
         node.state_reason = c.reason
         self._emit(coordinator_pb2.NodeEvent.KIND_STATE_CHANGED, node, at_ms)
+        if dst == NodeState.DOWN:
+            self.tasks.node_gone(node.id, "node_lost", at_ms)
+        elif dst == NodeState.LEFT:
+            self.tasks.node_gone(node.id, "node left", at_ms)
         return _copy(node)
 
     def _set_drain(self, c: state_pb2.SetDrainCmd, at_ms: int) -> common_pb2.Node:
@@ -187,12 +193,15 @@ class ClusterStateMachine:
         snap = state_pb2.StateSnapshot(index=self.applied_index)
         for node_id in sorted(self.nodes):
             snap.nodes.append(self.nodes[node_id])
+        for task_id in sorted(self.tasks.tasks):
+            snap.tasks.append(self.tasks.tasks[task_id])
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes, index: int) -> None:
         snap = state_pb2.StateSnapshot()
         snap.ParseFromString(data)
         self.nodes = {n.id: _copy(n) for n in snap.nodes}
+        self.tasks.rebuild(list(snap.tasks))
         self.applied_index = index
 
 
@@ -206,4 +215,8 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "register_node": ClusterStateMachine._register,
     "set_node_state": ClusterStateMachine._set_state,
     "set_drain": ClusterStateMachine._set_drain,
+    "submit_task": lambda sm, c, at: sm.tasks.submit(c, at),
+    "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
+    "task_event": lambda sm, c, at: sm.tasks.event(c, at),
+    "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
 }

@@ -78,3 +78,59 @@ def check_capacity(cap: common_pb2.Capacity) -> None:
         seen.add(gpu.index)
         check_text(gpu.name, "gpu.name")
         check_text(gpu.uuid, "gpu.uuid")
+
+
+MAX_ARGV = 1024
+MAX_ARG = 64 * 1024
+MAX_ENV = 256
+MAX_PRIORITY = 1_000_000
+MAX_RETRIES = 100
+MAX_CPU = 4096.0
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _finite(value: float, field: str, lo: float, hi: float) -> None:
+    if not (value == value) or not lo <= value <= hi:  # NaN fails the first test
+        raise InvalidArgument(f"{field} must be between {lo:g} and {hi:g}, not {value}")
+
+
+def check_task_spec(spec) -> None:
+    """Every field of a TaskSpec; raises InvalidArgument naming the first bad one."""
+    check_text(spec.name, "name", MAX_NAME)
+    if not spec.argv and not spec.shell:
+        raise InvalidArgument("the command is empty: give argv or shell")
+    if spec.argv and spec.shell:
+        raise InvalidArgument("give argv or shell, not both")
+    if len(spec.argv) > MAX_ARGV:
+        raise InvalidArgument(f"argv has {len(spec.argv)} items; at most {MAX_ARGV}")
+    if spec.argv and not spec.argv[0]:
+        raise InvalidArgument("argv[0] is empty")
+    for i, arg in enumerate(spec.argv):
+        if len(arg) > MAX_ARG or "\0" in arg:
+            raise InvalidArgument(f"argv[{i}] is longer than {MAX_ARG} or holds a NUL byte")
+    if len(spec.shell) > MAX_ARG or "\0" in spec.shell:
+        raise InvalidArgument(f"shell is longer than {MAX_ARG} or holds a NUL byte")
+    if len(spec.env) > MAX_ENV:
+        raise InvalidArgument(f"env has {len(spec.env)} entries; at most {MAX_ENV}")
+    for key, value in spec.env.items():
+        if not _ENV_KEY_RE.match(key):
+            raise InvalidArgument(f"env name {key[:40]!r} is not a valid variable name")
+        if len(value) > MAX_ARG or "\0" in value:
+            raise InvalidArgument(f"env {key} is longer than {MAX_ARG} or holds a NUL byte")
+    check_text(spec.workdir, "workdir", 4096)
+    r = spec.resources
+    _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
+    if r.gpus > MAX_GPUS:
+        raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
+    if r.gpu_memory_bytes and not r.gpus:
+        raise InvalidArgument("resources.gpu_memory_bytes needs resources.gpus > 0")
+    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+    check_labels(spec.constraints, "constraints")
+    if spec.max_retries > MAX_RETRIES:
+        raise InvalidArgument(f"max_retries is {spec.max_retries}; at most {MAX_RETRIES}")
+    _finite(spec.timeout_s, "timeout_s", 0.0, 365 * 86400.0)
+    _finite(spec.grace_s, "grace_s", 0.0, 3600.0)
+    check_text(spec.owner, "owner", MAX_NAME)
+    if spec.request_id:
+        require_id(spec.request_id, "request_id")

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from lepton.v1 import common_pb2 as lepton_dot_v1_dot_common__pb2
+from lepton.v1 import tasks_pb2 as lepton_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blepton/v1/coordinator.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\"\xf7\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.lepton.v1.RegisterNodeRequest.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x14RegisterNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.lepton.v1.Node\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"D\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lepton.v1.Usage\"w\n\x11HeartbeatResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x0c\n\x04term\x18\x04 \x01(\x04\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"3\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65nable\x18\x02 \x01(\x08\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"8\n\x10ListNodesRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.lepton.v1.NodeState\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.lepton.v1.Node\"\x19\n\x17GetClusterStatusRequest\"T\n\x05Voter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0b\n\x03lag\x18\x05 \x01(\x04\"\xad\x02\n\rClusterStatus\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x15\n\rapplied_index\x18\x05 \x01(\x04\x12 \n\x06voters\x18\x06 \x03(\x0b\x32\x10.lepton.v1.Voter\x12\x42\n\x0enodes_by_state\x18\x07 \x03(\x0b\x32*.lepton.v1.ClusterStatus.NodesByStateEntry\x12\x12\n\nnode_count\x18\x08 \x01(\r\x12\x0f\n\x07version\x18\t \x01(\t\x1a\x33\n\x11NodesByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x13\n\x11WatchNodesRequest\"\xd4\x01\n\tNodeEvent\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.lepton.v1.NodeEvent.Kind\x12\x1d\n\x04node\x18\x02 \x01(\x0b\x32\x0f.lepton.v1.Node\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\r\n\x05index\x18\x04 \x01(\x04\"a\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fKIND_REGISTERED\x10\x01\x12\x16\n\x12KIND_STATE_CHANGED\x10\x02\x12\x16\n\x12KIND_DRAIN_CHANGED\x10\x03\x32\x83\x05\n\x0b\x43oordinator\x12O\n\x0cRegisterNode\x12\x1e.lepton.v1.RegisterNodeRequest\x1a\x1f.lepton.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.lepton.v1.HeartbeatRequest\x1a\x1c.lepton.v1.HeartbeatResponse\x12P\n\x0fHeartbeatStream\x12\x1b.lepton.v1.HeartbeatRequest\x1a\x1c.lepton.v1.HeartbeatResponse(\x01\x30\x01\x12\x39\n\tLeaveNode\x12\x1b.lepton.v1.LeaveNodeRequest\x1a\x0f.lepton.v1.Node\x12\x39\n\tDrainNode\x12\x1b.lepton.v1.DrainNodeRequest\x1a\x0f.lepton.v1.Node\x12\x35\n\x07GetNode\x12\x19.lepton.v1.GetNodeRequest\x1a\x0f.lepton.v1.Node\x12\x46\n\tListNodes\x12\x1b.lepton.v1.ListNodesRequest\x1a\x1c.lepton.v1.ListNodesResponse\x12P\n\x10GetClusterStatus\x12\".lepton.v1.GetClusterStatusRequest\x1a\x18.lepton.v1.ClusterStatus\x12\x42\n\nWatchNodes\x12\x1c.lepton.v1.WatchNodesRequest\x1a\x14.lepton.v1.NodeEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blepton/v1/coordinator.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x15lepton/v1/tasks.proto\"6\n\x11SubmitTaskRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"V\n\x10ListTasksRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.lepton.v1.TaskState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"3\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.lepton.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"5\n\x0fWaitTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"*\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x8d\x01\n\x17ReportTaskEventsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.lepton.v1.TaskEvent\x12&\n\x07running\x18\x03 \x03(\x0b\x32\x15.lepton.v1.Assignment\x12\x13\n\x0b\x66ull_report\x18\x04 \x01(\x08\",\n\x18ReportTaskEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\xf7\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.lepton.v1.RegisterNodeRequest.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x14RegisterNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.lepton.v1.Node\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"D\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lepton.v1.Usage\"w\n\x11HeartbeatResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x0c\n\x04term\x18\x04 \x01(\x04\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"3\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65nable\x18\x02 \x01(\x08\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"8\n\x10ListNodesRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.lepton.v1.NodeState\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.lepton.v1.Node\"\x19\n\x17GetClusterStatusRequest\"T\n\x05Voter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\x12\x0b\n\x03lag\x18\x05 \x01(\x04\"\xad\x02\n\rClusterStatus\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x15\n\rapplied_index\x18\x05 \x01(\x04\x12 \n\x06voters\x18\x06 \x03(\x0b\x32\x10.lepton.v1.Voter\x12\x42\n\x0enodes_by_state\x18\x07 \x03(\x0b\x32*.lepton.v1.ClusterStatus.NodesByStateEntry\x12\x12\n\nnode_count\x18\x08 \x01(\r\x12\x0f\n\x07version\x18\t \x01(\t\x1a\x33\n\x11NodesByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x13\n\x11WatchNodesRequest\"\xd4\x01\n\tNodeEvent\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.lepton.v1.NodeEvent.Kind\x12\x1d\n\x04node\x18\x02 \x01(\x0b\x32\x0f.lepton.v1.Node\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\r\n\x05index\x18\x04 \x01(\x04\"a\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fKIND_REGISTERED\x10\x01\x12\x16\n\x12KIND_STATE_CHANGED\x10\x02\x12\x16\n\x12KIND_DRAIN_CHANGED\x10\x03\x32\xe6\x08\n\x0b\x43oordinator\x12O\n\x0cRegisterNode\x12\x1e.lepton.v1.RegisterNodeRequest\x1a\x1f.lepton.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.lepton.v1.HeartbeatRequest\x1a\x1c.lepton.v1.HeartbeatResponse\x12P\n\x0fHeartbeatStream\x12\x1b.lepton.v1.HeartbeatRequest\x1a\x1c.lepton.v1.HeartbeatResponse(\x01\x30\x01\x12\x39\n\tLeaveNode\x12\x1b.lepton.v1.LeaveNodeRequest\x1a\x0f.lepton.v1.Node\x12\x39\n\tDrainNode\x12\x1b.lepton.v1.DrainNodeRequest\x1a\x0f.lepton.v1.Node\x12\x35\n\x07GetNode\x12\x19.lepton.v1.GetNodeRequest\x1a\x0f.lepton.v1.Node\x12\x46\n\tListNodes\x12\x1b.lepton.v1.ListNodesRequest\x1a\x1c.lepton.v1.ListNodesResponse\x12P\n\x10GetClusterStatus\x12\".lepton.v1.GetClusterStatusRequest\x1a\x18.lepton.v1.ClusterStatus\x12\x42\n\nWatchNodes\x12\x1c.lepton.v1.WatchNodesRequest\x1a\x14.lepton.v1.NodeEvent0\x01\x12;\n\nSubmitTask\x12\x1c.lepton.v1.SubmitTaskRequest\x1a\x0f.lepton.v1.Task\x12\x35\n\x07GetTask\x12\x19.lepton.v1.GetTaskRequest\x1a\x0f.lepton.v1.Task\x12\x46\n\tListTasks\x12\x1b.lepton.v1.ListTasksRequest\x1a\x1c.lepton.v1.ListTasksResponse\x12;\n\nCancelTask\x12\x1c.lepton.v1.CancelTaskRequest\x1a\x0f.lepton.v1.Task\x12\x37\n\x08WaitTask\x12\x1a.lepton.v1.WaitTaskRequest\x1a\x0f.lepton.v1.Task\x12R\n\x10WatchAssignments\x12\".lepton.v1.WatchAssignmentsRequest\x1a\x18.lepton.v1.AssignmentSet0\x01\x12[\n\x10ReportTaskEvents\x12\".lepton.v1.ReportTaskEventsRequest\x1a#.lepton.v1.ReportTaskEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,40 +37,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._loaded_options = None
   _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERNODEREQUEST']._serialized_start=67
-  _globals['_REGISTERNODEREQUEST']._serialized_end=314
-  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_start=269
-  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_end=314
-  _globals['_REGISTERNODERESPONSE']._serialized_start=316
-  _globals['_REGISTERNODERESPONSE']._serialized_end=400
-  _globals['_HEARTBEATREQUEST']._serialized_start=402
-  _globals['_HEARTBEATREQUEST']._serialized_end=470
-  _globals['_HEARTBEATRESPONSE']._serialized_start=472
-  _globals['_HEARTBEATRESPONSE']._serialized_end=591
-  _globals['_LEAVENODEREQUEST']._serialized_start=593
-  _globals['_LEAVENODEREQUEST']._serialized_end=628
-  _globals['_DRAINNODEREQUEST']._serialized_start=630
-  _globals['_DRAINNODEREQUEST']._serialized_end=681
-  _globals['_GETNODEREQUEST']._serialized_start=683
-  _globals['_GETNODEREQUEST']._serialized_end=716
-  _globals['_LISTNODESREQUEST']._serialized_start=718
-  _globals['_LISTNODESREQUEST']._serialized_end=774
-  _globals['_LISTNODESRESPONSE']._serialized_start=776
-  _globals['_LISTNODESRESPONSE']._serialized_end=827
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=829
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=854
-  _globals['_VOTER']._serialized_start=856
-  _globals['_VOTER']._serialized_end=940
-  _globals['_CLUSTERSTATUS']._serialized_start=943
-  _globals['_CLUSTERSTATUS']._serialized_end=1244
-  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_start=1193
-  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_end=1244
-  _globals['_WATCHNODESREQUEST']._serialized_start=1246
-  _globals['_WATCHNODESREQUEST']._serialized_end=1265
-  _globals['_NODEEVENT']._serialized_start=1268
-  _globals['_NODEEVENT']._serialized_end=1480
-  _globals['_NODEEVENT_KIND']._serialized_start=1383
-  _globals['_NODEEVENT_KIND']._serialized_end=1480
-  _globals['_COORDINATOR']._serialized_start=1483
-  _globals['_COORDINATOR']._serialized_end=2126
+  _globals['_SUBMITTASKREQUEST']._serialized_start=89
+  _globals['_SUBMITTASKREQUEST']._serialized_end=143
+  _globals['_GETTASKREQUEST']._serialized_start=145
+  _globals['_GETTASKREQUEST']._serialized_end=178
+  _globals['_LISTTASKSREQUEST']._serialized_start=180
+  _globals['_LISTTASKSREQUEST']._serialized_end=266
+  _globals['_LISTTASKSRESPONSE']._serialized_start=268
+  _globals['_LISTTASKSRESPONSE']._serialized_end=319
+  _globals['_CANCELTASKREQUEST']._serialized_start=321
+  _globals['_CANCELTASKREQUEST']._serialized_end=357
+  _globals['_WAITTASKREQUEST']._serialized_start=359
+  _globals['_WAITTASKREQUEST']._serialized_end=412
+  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_start=414
+  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_end=456
+  _globals['_REPORTTASKEVENTSREQUEST']._serialized_start=459
+  _globals['_REPORTTASKEVENTSREQUEST']._serialized_end=600
+  _globals['_REPORTTASKEVENTSRESPONSE']._serialized_start=602
+  _globals['_REPORTTASKEVENTSRESPONSE']._serialized_end=646
+  _globals['_REGISTERNODEREQUEST']._serialized_start=649
+  _globals['_REGISTERNODEREQUEST']._serialized_end=896
+  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_start=851
+  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_end=896
+  _globals['_REGISTERNODERESPONSE']._serialized_start=898
+  _globals['_REGISTERNODERESPONSE']._serialized_end=982
+  _globals['_HEARTBEATREQUEST']._serialized_start=984
+  _globals['_HEARTBEATREQUEST']._serialized_end=1052
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1054
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1173
+  _globals['_LEAVENODEREQUEST']._serialized_start=1175
+  _globals['_LEAVENODEREQUEST']._serialized_end=1210
+  _globals['_DRAINNODEREQUEST']._serialized_start=1212
+  _globals['_DRAINNODEREQUEST']._serialized_end=1263
+  _globals['_GETNODEREQUEST']._serialized_start=1265
+  _globals['_GETNODEREQUEST']._serialized_end=1298
+  _globals['_LISTNODESREQUEST']._serialized_start=1300
+  _globals['_LISTNODESREQUEST']._serialized_end=1356
+  _globals['_LISTNODESRESPONSE']._serialized_start=1358
+  _globals['_LISTNODESRESPONSE']._serialized_end=1409
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1411
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1436
+  _globals['_VOTER']._serialized_start=1438
+  _globals['_VOTER']._serialized_end=1522
+  _globals['_CLUSTERSTATUS']._serialized_start=1525
+  _globals['_CLUSTERSTATUS']._serialized_end=1826
+  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_start=1775
+  _globals['_CLUSTERSTATUS_NODESBYSTATEENTRY']._serialized_end=1826
+  _globals['_WATCHNODESREQUEST']._serialized_start=1828
+  _globals['_WATCHNODESREQUEST']._serialized_end=1847
+  _globals['_NODEEVENT']._serialized_start=1850
+  _globals['_NODEEVENT']._serialized_end=2062
+  _globals['_NODEEVENT_KIND']._serialized_start=1965
+  _globals['_NODEEVENT_KIND']._serialized_end=2062
+  _globals['_COORDINATOR']._serialized_start=2065
+  _globals['_COORDINATOR']._serialized_end=3191
 # @@protoc_insertion_point(module_scope)

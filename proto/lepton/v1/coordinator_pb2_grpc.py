@@ -5,6 +5,7 @@ import warnings
 
 from lepton.v1 import common_pb2 as lepton_dot_v1_dot_common__pb2
 from lepton.v1 import coordinator_pb2 as lepton_dot_v1_dot_coordinator__pb2
+from lepton.v1 import tasks_pb2 as lepton_dot_v1_dot_tasks__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -80,6 +81,41 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchNodesRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.NodeEvent.FromString,
                 _registered_method=True)
+        self.SubmitTask = channel.unary_unary(
+                '/lepton.v1.Coordinator/SubmitTask',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/lepton.v1.Coordinator/GetTask',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/lepton.v1.Coordinator/ListTasks',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/lepton.v1.Coordinator/CancelTask',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.WaitTask = channel.unary_unary(
+                '/lepton.v1.Coordinator/WaitTask',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
+        self.WatchAssignments = channel.unary_stream(
+                '/lepton.v1.Coordinator/WatchAssignments',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchAssignmentsRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.AssignmentSet.FromString,
+                _registered_method=True)
+        self.ReportTaskEvents = channel.unary_unary(
+                '/lepton.v1.Coordinator/ReportTaskEvents',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -145,6 +181,53 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTask(self, request, context):
+        """Durable on return. Idempotent by spec.request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """A pending task is cancelled at once; a running one is stopped (SIGTERM, grace, SIGKILL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitTask(self, request, context):
+        """Long-poll: returns when the task is finished or after `timeout_s`, whichever is first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAssignments(self, request, context):
+        """Agents: the whole desired set on connect and on every change, stamped with the term.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTaskEvents(self, request, context):
+        """Agents: task started / exited. Idempotent: a repeated or stale event changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +275,41 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchNodes,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.WatchNodesRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.NodeEvent.SerializeToString,
+            ),
+            'SubmitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTask,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetTaskRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.ListTasksRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.CancelTaskRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'WaitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitTask,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'WatchAssignments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAssignments,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.WatchAssignmentsRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.AssignmentSet.SerializeToString,
+            ),
+            'ReportTaskEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTaskEvents,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +555,195 @@ class Coordinator:
             '/lepton.v1.Coordinator/WatchNodes',
             lepton_dot_v1_dot_coordinator__pb2.WatchNodesRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.NodeEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/SubmitTask',
+            lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/GetTask',
+            lepton_dot_v1_dot_coordinator__pb2.GetTaskRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/ListTasks',
+            lepton_dot_v1_dot_coordinator__pb2.ListTasksRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/CancelTask',
+            lepton_dot_v1_dot_coordinator__pb2.CancelTaskRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/WaitTask',
+            lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAssignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lepton.v1.Coordinator/WatchAssignments',
+            lepton_dot_v1_dot_coordinator__pb2.WatchAssignmentsRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.AssignmentSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTaskEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/ReportTaskEvents',
+            lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.ReportTaskEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 from lepton.v1 import common_pb2 as _common_pb2
+from lepton.v1 import tasks_pb2 as _tasks_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -50,19 +51,81 @@ class SetDrainCmd(_message.Message):
     draining: bool
     def __init__(self, node_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
+class SubmitTaskCmd(_message.Message):
+    __slots__ = ("task_id", "spec")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    spec: _tasks_pb2.TaskSpec
+    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
+
+class PlacementCmd(_message.Message):
+    __slots__ = ("task_id", "attempt", "node_id", "gpu_indices")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    node_id: str
+    gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PreemptionCmd(_message.Message):
+    __slots__ = ("task_id", "attempt", "for_task_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FOR_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    for_task_id: str
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., for_task_id: _Optional[str] = ...) -> None: ...
+
+class ApplyPlanCmd(_message.Message):
+    __slots__ = ("term", "placements", "preemptions")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    placements: _containers.RepeatedCompositeFieldContainer[PlacementCmd]
+    preemptions: _containers.RepeatedCompositeFieldContainer[PreemptionCmd]
+    def __init__(self, term: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[PlacementCmd, _Mapping]]] = ..., preemptions: _Optional[_Iterable[_Union[PreemptionCmd, _Mapping]]] = ...) -> None: ...
+
+class TaskEventCmd(_message.Message):
+    __slots__ = ("node_id", "event")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    event: _tasks_pb2.TaskEvent
+    def __init__(self, node_id: _Optional[str] = ..., event: _Optional[_Union[_tasks_pb2.TaskEvent, _Mapping]] = ...) -> None: ...
+
+class CancelTaskCmd(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
     SET_DRAIN_FIELD_NUMBER: _ClassVar[int]
     NOOP_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TASK_FIELD_NUMBER: _ClassVar[int]
+    APPLY_PLAN_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVENT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_TASK_FIELD_NUMBER: _ClassVar[int]
     at_ms: int
     register_node: RegisterNodeCmd
     set_node_state: SetNodeStateCmd
     set_drain: SetDrainCmd
     noop: Noop
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ...) -> None: ...
+    submit_task: SubmitTaskCmd
+    apply_plan: ApplyPlanCmd
+    task_event: TaskEventCmd
+    cancel_task: CancelTaskCmd
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
@@ -79,11 +142,13 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes")
+    __slots__ = ("index", "term", "nodes", "tasks")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ...) -> None: ...
+    tasks: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Task]
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ...) -> None: ...
