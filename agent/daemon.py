@@ -23,7 +23,7 @@ from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import SERVER_OPTIONS
 from lepton.common.logs import set_node_context
 from lepton.coordinator.service import VERSION
-from lepton.v1 import coordinator_pb2
+from lepton.v1 import agent_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class Agent:
         self.server: grpc.aio.Server | None = None
         self.coordinator = None
         self.heartbeater: Heartbeater | None = None
+        self.runner = None
+        self.assignments = None
         self.fingerprint = Fingerprinter(
             str(self.data_dir),
             cpus=config.cpus,
@@ -95,11 +97,22 @@ class Agent:
             self.coordinator.add_to_server(self.server)
             services.append(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
             await self.coordinator.start()
+        from lepton.agent.assignments import AssignmentLoop
+        from lepton.agent.runner import TaskRunner
+        from lepton.agent.service import AgentService
+        from lepton.agent.service import add_to_server as add_agent_service
+
+        targets = self.config.peers or self.config.join or [self.address]
+        self.assignments = AssignmentLoop(self.node_id, targets)
+        self.runner = TaskRunner(self.data_dir, self.assignments.on_event)
+        self.assignments.attach(self.runner)
+        await self.runner.start()
+        add_agent_service(AgentService(self.runner), self.server)
+        services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
         reflection.enable_server_reflection(services, self.server)
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
-        targets = self.config.peers or self.config.join or [self.address]
         self.heartbeater = Heartbeater(
             CoordinatorLink(targets),
             self._registration,
@@ -107,6 +120,8 @@ class Agent:
             interval_s=self.config.heartbeat_interval_s,
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
+        self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
         self._write_runtime_file()
 
     async def _set_health(self, status) -> None:
@@ -121,9 +136,26 @@ class Agent:
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.data_dir / "agent.json")
 
+    async def _stop_tasks(self) -> None:
+        """A graceful stop leaves the cluster, which requeues this node's tasks elsewhere:
+        so stop them here first, or they would run twice. (A crash leaves them running;
+        the restarted agent re-adopts them.)"""
+        running = self.runner.running() if self.runner is not None else []
+        if not running:
+            return
+        logger.info("stopping %d tasks before leaving", len(running))
+        for r in running:
+            self.runner.cancel(r.task_id, r.attempt, reason="agent stopping")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_s + 10
+        while self.runner.running() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # give the exit reports a moment to reach the leader
+
     async def stop(self) -> None:
         """Graceful: leave the cluster (state LEFT, not DOWN), drain RPCs, stop the coordinator."""
         logger.info("stopping")
+        await self._stop_tasks()
         if self.heartbeater is not None:
             left = await self.heartbeater.leave()
             logger.info("left the cluster" if left else "could not tell the coordinator we left")
@@ -137,6 +169,9 @@ class Agent:
             await self.coordinator.stop()
         if self.heartbeater is not None:
             await self.heartbeater.close()
+        if self.runner is not None:
+            await self.runner.stop()
+            await self.assignments.close()
         self.fingerprint.close()
         try:
             (self.data_dir / "agent.json").unlink()

@@ -66,6 +66,10 @@ class CoordinatorLink:
         """A bidi stream to the current address."""
         return getattr(self._stub(), method)()
 
+    def open_stream_unary(self, method: str, request):
+        """A server stream to the current address."""
+        return getattr(self._stub(), method)(request)
+
     def failed(self, rpc_err: grpc.aio.AioRpcError) -> LeptonError:
         """Map a failed call; re-aim when the server is gone or not the leader."""
         err = from_rpc_error(rpc_err)
@@ -99,54 +103,77 @@ class Heartbeater:
         self._on_term = on_term
         self._registered = False
         self._stream = None  # the HeartbeatStream call, while open
+        self._reader: asyncio.Task[None] | None = None
+        self._broken: LeptonError | None = None  # why the stream failed, seen by the reader
+        self._left = False  # the leader has this node as left
         self._stopping = asyncio.Event()
         self.node_id = make_registration().node_id
 
     async def run_cycle(self) -> str:
-        """Register if needed, else heartbeat. Raises LeptonError when the call fails."""
+        """Register if needed, else send one heartbeat. Raises LeptonError on failure."""
         timeout = max(1.0, 2 * self.interval_s)
+        if self._broken is not None:
+            err, self._broken = self._broken, None
+            self._drop_stream()
+            if isinstance(err, NotFound):
+                self._registered = False  # the cluster forgot us (e.g. its state was wiped)
+                return "coordinator does not know this node; registering again"
+            raise err
         if not self._registered:
             resp = await self._link.call("RegisterNode", self._make_registration(), timeout)
             self._registered = True
             if resp.heartbeat_interval_ms:
                 self.interval_s = resp.heartbeat_interval_ms / 1000
             return f"registered with the coordinator at {self._link.address}"
+        if self._stream is None:
+            self._stream = self._link.open_stream("HeartbeatStream")
+            self._reader = asyncio.create_task(self._read(self._stream), name="heartbeat-reader")
         req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
         try:
-            resp = await self._beat(req, timeout)
-        except NotFound:
-            self._registered = False  # the cluster forgot us (e.g. its state was wiped)
-            return "coordinator does not know this node; registering again"
-        if self._on_term is not None:
-            self._on_term(resp.term)
-        if resp.state == common_pb2.NODE_STATE_LEFT:
+            await asyncio.wait_for(self._stream.write(req), timeout)
+        except asyncio.TimeoutError:
+            self._drop_stream()
+            raise Unavailable(f"{self._link.address} took no heartbeat in {timeout:.1f}s") from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The reader sees the same failure and records why; report it next cycle.
+            await asyncio.sleep(0)
+            err, self._broken = self._broken, None
+            self._drop_stream()
+            raise err or Unavailable(f"{self._link.address} closed the heartbeat stream") from None
+        if self._left:
+            self._left = False
             self._registered = False
+            self._drop_stream()
             return "coordinator has this node as left; registering again"
         return "heartbeat ok"
 
-    async def _beat(self, req, timeout: float) -> coordinator_pb2.HeartbeatResponse:
-        """One heartbeat on the long-lived stream, opening it when needed."""
-        if self._stream is None:
-            self._stream = self._link.open_stream("HeartbeatStream")
-        stream = self._stream
+    async def _read(self, stream) -> None:
+        """Consume the leader's answers (sent on change only). A broken stream is recorded
+        for run_cycle; gRPC keepalive notices a leader that went silent."""
         try:
-            await asyncio.wait_for(stream.write(req), timeout)
-            resp = await asyncio.wait_for(stream.read(), timeout)
-        except asyncio.TimeoutError:
-            self._drop_stream()
-            raise Unavailable(f"no heartbeat answer from {self._link.address} in {timeout:.1f}s") from None
+            while True:
+                resp = await stream.read()
+                if resp is grpc.aio.EOF:
+                    raise Unavailable(f"{self._link.address} closed the heartbeat stream")
+                if self._on_term is not None:
+                    self._on_term(resp.term)
+                if resp.state == common_pb2.NODE_STATE_LEFT:
+                    self._left = True
+        except asyncio.CancelledError:
+            raise
         except grpc.aio.AioRpcError as rpc_err:
-            self._drop_stream()
-            raise self._link.failed(rpc_err) from None
-        if resp is grpc.aio.EOF:
-            self._drop_stream()
-            raise Unavailable(f"{self._link.address} closed the heartbeat stream")
-        return resp
+            if rpc_err.code() != grpc.StatusCode.CANCELLED or not self._stopping.is_set():
+                self._broken = self._link.failed(rpc_err)
+        except LeptonError as err:
+            self._broken = err
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
 
     async def run(self) -> None:
         backoff = MIN_BACKOFF_S

@@ -1,0 +1,76 @@
+"""The Lepton client library and the `lepton-ctl` command line.
+
+    from lepton.client import Client, NotFound
+
+    with Client("127.0.0.1:7070") as c:
+        print(c.cluster_status().leader)
+
+Exceptions are the ones of `lepton.common.errors`, re-exported here for convenience.
+"""
+
+from __future__ import annotations
+
+import os
+
+# gRPC's C core reads this once, when grpc is first imported. Its absl-based logging now
+# prints INFO lines (e.g. "Got goaway" when a server stops) on stderr, which would break
+# lepton-ctl's one-line errors; ERROR was gRPC's documented default. An explicit setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from lepton.common.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    LeptonError,
+    NotFound,
+    NotLeader,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
+from .types import (
+    NODE_STATES,
+    Capacity,
+    ClusterStatusInfo,
+    GpuInfo,
+    NodeEvent,
+    NodeInfo,
+    Usage,
+    VoterInfo,
+)
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "DEFAULT_TIMEOUT",
+    "NODE_STATES",
+    "AlreadyExists",
+    "Cancelled",
+    "Capacity",
+    "Client",
+    "ClusterStatusInfo",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "GpuInfo",
+    "Internal",
+    "InvalidArgument",
+    "LeptonError",
+    "NodeEvent",
+    "NodeInfo",
+    "NodeWatch",
+    "NotFound",
+    "NotLeader",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Stream",
+    "Unauthenticated",
+    "Unavailable",
+    "Usage",
+    "VoterInfo",
+    "parse_servers",
+]

@@ -211,7 +211,7 @@ class SingleVoterConsensus(Consensus):
         entries = [Entry(first + i, self._term, data) for i, (data, _) in enumerate(batch)]
         self._store.append(entries)
         await asyncio.to_thread(self._store.sync)
-        for entry, (_, fut) in zip(entries, batch):
+        for entry, (_, fut) in zip(entries, batch, strict=True):
             result = self._sm.apply(entry.index, entry.data)
             if not fut.done():
                 fut.set_result(result)

@@ -212,6 +212,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
             queue.put_nowait(change)
 
         self._ctx.state.add_listener(on_change)
+        await context.send_initial_metadata(())  # the watcher knows it is subscribed from here
         try:
             while True:
                 change = await queue.get()

@@ -1,0 +1,127 @@
+"""The agent's task loop with the leader: receive the desired set, report what happened.
+
+Level-triggered: the leader sends the node's whole desired set on connect and on every
+change; the runner starts what is missing and stops what is no longer wanted. Events are
+queued and re-sent until a leader accepts them (the state machine ignores repeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+
+from lepton.agent.heartbeat import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
+from lepton.agent.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
+from lepton.common.errors import LeptonError, Unavailable
+from lepton.v1 import coordinator_pb2, tasks_pb2
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 10.0
+
+
+def run_spec(a: tasks_pb2.Assignment) -> RunSpec:
+    s = a.spec
+    return RunSpec(
+        task_id=a.task_id,
+        attempt=a.attempt,
+        term=a.term,
+        argv=tuple(s.argv),
+        shell=s.shell,
+        env=dict(s.env),
+        workdir=s.workdir,
+        gpu_indices=tuple(a.gpu_indices),
+        timeout_s=s.timeout_s,
+        grace_s=s.grace_s or DEFAULT_GRACE_S,
+    )
+
+
+def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
+    kind = (tasks_pb2.TaskEvent.KIND_STARTED if ev.kind == TaskEventKind.STARTED
+            else tasks_pb2.TaskEvent.KIND_EXITED)
+    return tasks_pb2.TaskEvent(
+        task_id=ev.task_id, attempt=ev.attempt, kind=kind, exit_code=ev.exit_code or 0,
+        reason=ev.reason[:1024], at_ms=ev.at_ms, term=ev.term,
+    )
+
+
+class AssignmentLoop:
+    """Watches this node's assignments and reports task events, wherever the leader is."""
+
+    def __init__(self, node_id: str, addresses: list[str]):
+        self._node_id = node_id
+        self._watch_link = CoordinatorLink(addresses)
+        self._report_link = CoordinatorLink(addresses)
+        self._runner: TaskRunner | None = None
+        self._events: asyncio.Queue[TaskEvent] = asyncio.Queue()
+        self._full_report_due = True  # after (re)start the leader settles what we run
+
+    def attach(self, runner: TaskRunner) -> None:
+        """The runner reports into this loop (`on_event`), so it is made after it."""
+        self._runner = runner
+
+    def on_event(self, event: TaskEvent) -> None:
+        """The runner's callback; called on the event loop."""
+        self._events.put_nowait(event)
+
+    async def watch(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while True:
+            try:
+                call = self._watch_link.open_stream_unary("WatchAssignments",
+                    coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
+                async for aset in call:
+                    backoff = MIN_BACKOFF_S
+                    sentence = self._runner.reconcile([run_spec(a) for a in aset.assignments], aset.term)
+                    logger.info("assignments (term %d): %s", aset.term, sentence)
+                raise Unavailable("assignment stream ended")
+            except grpc.aio.AioRpcError as rpc_err:
+                err = self._watch_link.failed(rpc_err)
+                logger.info("assignment stream: %s; retrying", err.message)
+            except LeptonError as err:
+                logger.info("assignment stream: %s; retrying", err.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("assignment loop failed")
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    async def report(self) -> None:
+        backoff = MIN_BACKOFF_S
+        pending: list[TaskEvent] = []
+        while True:
+            if not pending and not self._full_report_due:
+                pending.append(await self._events.get())
+            while not self._events.empty() and len(pending) < 500:
+                pending.append(self._events.get_nowait())
+            req = coordinator_pb2.ReportTaskEventsRequest(
+                node_id=self._node_id, events=[to_proto(e) for e in pending]
+            )
+            if self._full_report_due:
+                req.full_report = True
+                req.running.extend(
+                    tasks_pb2.Assignment(task_id=r.task_id, attempt=r.attempt, term=r.term)
+                    for r in self._runner.running()
+                )
+            try:
+                await self._report_link.call("ReportTaskEvents", req, 10.0)
+                pending = []
+                self._full_report_due = False
+                backoff = MIN_BACKOFF_S
+            except LeptonError as err:
+                logger.info("task report: %s; retrying", err.message)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("task report failed")
+                await asyncio.sleep(backoff)
+
+    async def close(self) -> None:
+        await self._watch_link.close()
+        await self._report_link.close()

@@ -1,0 +1,345 @@
+"""`lepton-ctl`: the command line of Lepton. Reference: docs/cli.md.
+
+Exit codes: 0 ok, 1 failed, 2 usage, 130 interrupted. An error is one line on stderr,
+`lepton-ctl: <message>`; `--debug` adds logs and, for unexpected errors, the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from lepton.common.errors import LeptonError
+
+from . import local
+from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from .render import (
+    cluster_status_view,
+    dump_json,
+    emit,
+    make_console,
+    node_detail,
+    node_event_line,
+    nodes_table,
+    short_id,
+    sort_nodes,
+)
+from .types import NODE_STATES
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+PROG = "lepton-ctl"
+# When no server can be reached at all, say so after this long rather than the full
+# --timeout: at a prompt, "cannot reach" now beats a silent wait (a restarting one-node
+# cluster is still covered).
+CLI_CONNECT_TIMEOUT_S = 2.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lepton-ctl's one-line error format; exit code stays 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # Given twice: on the top parser with defaults, and on every subcommand with SUPPRESS,
+    # so `lepton-ctl -o json nodes list` and `lepton-ctl nodes list -o json` both work.
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    g = parser.add_argument_group("global options")
+    g.add_argument(
+        "--server",
+        metavar="ADDR[,ADDR...]",
+        default=d(os.environ.get("LEPTON_SERVER") or DEFAULT_SERVER),
+        help=f"coordinator address(es), any voters (default: $LEPTON_SERVER, else {DEFAULT_SERVER})",
+    )
+    g.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=d("table"),
+        help="output format (default: table)",
+    )
+    g.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=d(DEFAULT_TIMEOUT),
+        help=f"time budget of each call, retries included (default: {DEFAULT_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--debug", action="store_true", default=d(False), help="log to stderr, show tracebacks"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Control a Lepton cluster.")
+    _global_options(parser, defaults=True)
+    common = _Parser(add_help=False)
+    _global_options(common, defaults=False)
+    top = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+
+    def sub(
+        group: Any, name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
+    nodes_sub = nodes.add_subparsers(
+        dest="nodes_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    p = sub(nodes_sub, "list", cmd_nodes_list, "list the nodes of the cluster")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=NODE_STATES,
+        help="only nodes in this state (repeatable)",
+    )
+    p = sub(nodes_sub, "show", cmd_nodes_show, "show one node in full")
+    p.add_argument("node", metavar="ID", help="node id, unique id prefix, or name")
+    p = sub(
+        nodes_sub,
+        "drain",
+        cmd_nodes_drain,
+        "stop placing new work on a node (it keeps what it runs)",
+    )
+    p.add_argument("node", metavar="ID", help="node id, unique id prefix, or name")
+    p.add_argument(
+        "--undo", action="store_true", help="end the drain: the node takes new work again"
+    )
+    sub(nodes_sub, "watch", cmd_nodes_watch, "print node changes as they happen (Ctrl-C stops)")
+
+    cluster = top.add_parser("cluster", help="the coordinator and its voters")
+    cluster_sub = cluster.add_subparsers(
+        dest="cluster_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    sub(
+        cluster_sub, "status", cmd_cluster_status, "leader, term, log progress, voters, node counts"
+    )
+
+    loc = top.add_parser(
+        "local", help="a cluster of agent processes on this machine, for development"
+    )
+    loc_sub = loc.add_subparsers(
+        dest="local_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    p = sub(loc_sub, "up", cmd_local_up, "start N agents on loopback and wait until they are ready")
+    p.add_argument(
+        "--agents", metavar="N", type=_positive_int, default=3, help="number of agents (default: 3)"
+    )
+    p.add_argument(
+        "--voters",
+        metavar="K",
+        type=_positive_int,
+        default=local.DEFAULT_VOTERS,
+        help=f"how many of them elect the coordinator (default: {local.DEFAULT_VOTERS})",
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", default=local.DEFAULT_DATA_DIR, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=local.DEFAULT_WAIT_S,
+        help="how long to wait for the agents to be ready (default: %(default)g)",
+    )
+    p = sub(loc_sub, "down", cmd_local_down, "stop the local cluster's agents")
+    p.add_argument(
+        "--data-dir", metavar="DIR", default=local.DEFAULT_DATA_DIR, help="default: %(default)s"
+    )
+    p.add_argument("--wipe", action="store_true", help="also delete the agents' data dirs")
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
+    )
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(dump_json(obj) + "\n")
+
+
+def cmd_nodes_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        nodes = sort_nodes(c.nodes(states=args.state))
+    if args.output == "json":
+        _print_json([n.to_dict() for n in nodes])
+    elif not nodes:
+        sys.stderr.write("no nodes\n")
+    else:
+        emit(nodes_table(nodes))
+    return 0
+
+
+def cmd_nodes_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        node = c.find_node(args.node)
+    if args.output == "json":
+        _print_json(node.to_dict())
+    else:
+        emit(node_detail(node))
+    return 0
+
+
+def cmd_nodes_drain(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        node = c.drain(c.find_node(args.node).id, enable=not args.undo)
+    if args.output == "json":
+        _print_json(node.to_dict())
+    else:
+        what = "is draining" if node.draining else "is no longer draining"
+        sys.stdout.write(f"node {node.name} ({short_id(node.id)}) {what}\n")
+    return 0
+
+
+def cmd_nodes_watch(args: argparse.Namespace) -> int:
+    with _client(args) as c, c.watch_nodes() as watch:
+        for event in watch:
+            if args.output == "json":
+                # One compact object per line (JSON Lines), so it streams through `jq`.
+                sys.stdout.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
+            else:
+                sys.stdout.write(node_event_line(event) + "\n")
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        status = c.cluster_status()
+    if args.output == "json":
+        _print_json(status.to_dict())
+    else:
+        emit(cluster_status_view(status))
+    return 0
+
+
+def cmd_local_up(args: argparse.Namespace) -> int:
+    err = make_console(sys.stderr)
+
+    def progress(msg: str) -> None:
+        if err.is_terminal:
+            err.print(f"[dim]{msg}…[/dim]")
+
+    cluster = local.up(args.data_dir, args.agents, args.voters, wait=args.wait, progress=progress)
+    if args.output == "json":
+        _print_json(cluster.to_dict())
+        return 0
+    out = sys.stdout
+    noun = "voter" if cluster.voters == 1 else "voters"
+    out.write(
+        f"started {len(cluster.agents)} agent(s) in {args.data_dir} ({cluster.voters} {noun})\n"
+    )
+    width = max(len(a.name) for a in cluster.agents)
+    for a in cluster.agents:
+        out.write(f"  {a.name:<{width}}  {a.address:<21}  pid {a.pid:<7}  log {a.log}\n")
+    out.write(f"servers: {cluster.servers}\n")
+    out.write(f"export LEPTON_SERVER={cluster.servers}\n")
+    return 0
+
+
+def cmd_local_down(args: argparse.Namespace) -> int:
+    result = local.down(args.data_dir, wipe=args.wipe)
+    if args.output == "json":
+        _print_json(result.to_dict())
+        return 0
+    if not result.found:
+        sys.stdout.write(f"no local cluster running in {args.data_dir}\n")
+    else:
+        n = len(result.stopped) + len(result.killed)
+        killed = (
+            f" ({len(result.killed)} killed after {local.STOP_GRACE_S:g}s)" if result.killed else ""
+        )
+        sys.stdout.write(f"stopped {n} agent(s){killed}\n")
+    if result.wiped:
+        sys.stdout.write(f"removed data dirs: {', '.join(result.wiped)}\n")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "failed"
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"{PROG}: {_one_line(message)}\n")
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run lepton-ctl with `argv` (default: sys.argv[1:]); returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    except KeyboardInterrupt:
+        return 130
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if args.debug
+        else f"{PROG}: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except LeptonError as e:
+        return _fail(e.message or type(e).__name__)
+    except BrokenPipeError:
+        # `lepton-ctl nodes list | head -1`: the reader left; stop quietly, and keep Python
+        # from complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - the one-line promise holds for bugs too
+        if args.debug:
+            raise
+        return _fail(f"unexpected error: {type(e).__name__}: {e} (run with --debug for details)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Human output of lepton-ctl: rich tables and key/value views, plus the JSON printer.
+
+Pure functions from typed results to renderables/strings, so tests can check them without
+a terminal. JSON output is `json.dumps(obj, indent=2, sort_keys=True)` of the `to_dict()`
+shapes documented in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .types import ClusterStatusInfo, NodeEvent, NodeInfo
+
+__all__ = [
+    "ago",
+    "cluster_status_view",
+    "dump_json",
+    "emit",
+    "human_bytes",
+    "make_console",
+    "node_detail",
+    "node_event_line",
+    "nodes_table",
+    "short_id",
+    "sort_nodes",
+    "when",
+]
+
+SHORT_ID_LEN = 12
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def make_console(file: TextIO | None = None) -> Console:
+    """A console for `file` (stdout). Piped output gets no colour and is never re-wrapped."""
+    file = file or sys.stdout
+    console = Console(file=file, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        # rich assumes 80 columns off a terminal and would squeeze tables for `| grep`.
+        console = Console(file=file, highlight=False, width=1000, soft_wrap=True)
+    return console
+
+
+def emit(renderable: Any, file: TextIO | None = None) -> None:
+    """Print a table or view to `file` (stdout). Off a terminal, without rich's padding
+    spaces at line ends, so the output diffs and greps cleanly."""
+    console = make_console(file)
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as cap:
+        console.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
+
+
+def dump_json(obj: Any) -> str:
+    """The one JSON format of lepton-ctl."""
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def human_bytes(n: int) -> str:
+    """1024-based, one decimal: `16777216000` → `15.6 GiB`; below 1 KiB, whole bytes."""
+    value = float(n)
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in _UNITS[1:]:
+        value /= 1024
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def short_id(node_id: str) -> str:
+    return node_id[:SHORT_ID_LEN]
+
+
+def ago(ms: int, now_ms: int | None = None) -> str:
+    """`3s ago`, `5m ago`, `2h ago`, `4d ago`; `-` for 0 (never)."""
+    if ms <= 0:
+        return "-"
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    s = max(0, (now_ms - ms) // 1000)  # clock skew between us and the leader: clamp
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    if s < 86400:
+        return f"{s // 3600}h ago"
+    return f"{s // 86400}d ago"
+
+
+def when(ms: int, now_ms: int | None = None) -> str:
+    """Local wall time and age: `2025-01-02 15:04:05 (3m ago)`; `-` for 0."""
+    if ms <= 0:
+        return "-"
+    stamp = datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp} ({ago(ms, now_ms)})"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
+
+
+def sort_nodes(nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
+    """The order lepton-ctl shows nodes in, in every output format: by name, then id."""
+    return sorted(nodes, key=lambda n: (n.name, n.id))
+
+
+def _table(*headers: str) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", show_lines=False)
+    for h in headers:
+        table.add_column(h, no_wrap=True)
+    return table
+
+
+def _row(table: Table, *cells: str) -> None:
+    # Text, not str: node names and labels are data, never rich markup.
+    table.add_row(*(Text(c) for c in cells))
+
+
+def nodes_table(nodes: Sequence[NodeInfo], now_ms: int | None = None) -> Table:
+    """`nodes list`: one row per node."""
+    table = _table(
+        "ID",
+        "NAME",
+        "ADDRESS",
+        "STATE",
+        "VOTER",
+        "CPU",
+        "MEMORY",
+        "GPUS",
+        "CPU%",
+        "MEM%",
+        "LAST SEEN",
+    )
+    for n in nodes:
+        cap, usage = n.capacity, n.usage
+        _row(
+            table,
+            short_id(n.id),
+            n.name,
+            n.address,
+            n.display_state,
+            "yes" if n.voter else "no",
+            str(cap.cpu_logical),
+            human_bytes(cap.memory_bytes),
+            str(len(cap.gpus)),
+            f"{usage.cpu_percent:.0f}%" if usage else "-",
+            _pct(usage.memory_used_bytes, cap.memory_bytes) if usage else "-",
+            ago(n.last_heartbeat_ms, now_ms),
+        )
+    return table
+
+
+def _kv(rows: Sequence[tuple[str, str]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(Text(key), Text(value))
+    return grid
+
+
+def node_detail(n: NodeInfo, now_ms: int | None = None) -> Group:
+    """`nodes show`: every field of one node."""
+    cap = n.capacity
+    state = n.display_state + (f": {n.state_reason}" if n.state_reason else "")
+    cpu = f"{cap.cpu_logical} logical, {cap.cpu_physical} physical"
+    if cap.cpu_model:
+        cpu += f" ({cap.cpu_model})"
+    rows = [
+        ("ID", n.id),
+        ("Name", n.name),
+        ("Address", n.address),
+        ("State", state),
+        ("State changed", when(n.state_changed_at, now_ms)),
+        ("Voter", "yes" if n.voter else "no"),
+        ("Labels", ", ".join(f"{k}={v}" for k, v in n.labels.items()) or "<none>"),
+        ("Version", n.version or "-"),
+        ("Registered", when(n.registered_at, now_ms)),
+        ("Last heartbeat", when(n.last_heartbeat_ms, now_ms)),
+        ("CPU", cpu),
+        ("Memory", human_bytes(cap.memory_bytes)),
+        ("Disk", human_bytes(cap.disk_bytes)),
+        ("GPUs", str(len(cap.gpus)) if cap.gpus else "none"),
+    ]
+    for g in cap.gpus:
+        rows.append(
+            (f"  GPU {g.index}", f"{g.name}, {human_bytes(g.memory_total_bytes)}, {g.uuid}")
+        )
+    u = n.usage
+    if u is None:
+        rows.append(("Usage", "unknown (no recent heartbeat on the leader)"))
+    else:
+        mem = f"{human_bytes(u.memory_used_bytes)} of {human_bytes(cap.memory_bytes)}"
+        rows += [
+            ("CPU usage", f"{u.cpu_percent:.1f}% (load1 {u.load1:.2f})"),
+            ("Memory usage", f"{mem} ({_pct(u.memory_used_bytes, cap.memory_bytes)})"),
+            ("Disk free", human_bytes(u.disk_free_bytes)),
+        ]
+        for g in u.gpus:
+            used = f"{human_bytes(g.memory_used_bytes)} of {human_bytes(g.memory_total_bytes)}"
+            rows.append((f"  GPU {g.index} usage", f"{g.utilization_percent:.0f}% util, {used}"))
+    return Group(_kv(rows))
+
+
+def cluster_status_view(s: ClusterStatusInfo) -> Group:
+    """`cluster status`: leader and log progress, node counts, then the voters."""
+    leader = f"{s.leader_id} at {s.leader}" if s.leader_id else "none (no leader elected)"
+    by_state = ", ".join(f"{k} {v}" for k, v in s.nodes_by_state.items() if v)
+    rows = [
+        ("Leader", leader),
+        ("Term", str(s.term)),
+        ("Log", f"commit {s.commit_index}, applied {s.applied_index}"),
+        ("Nodes", f"{s.node_count}" + (f" ({by_state})" if by_state else "")),
+        ("Version", s.version or "-"),
+    ]
+    voters = _table("VOTER", "ADDRESS", "ROLE", "MATCH", "LAG")
+    for v in s.voters:
+        _row(voters, short_id(v.id), v.address, v.role, str(v.match_index), str(v.lag))
+    return Group(_kv(rows), Text(""), voters)
+
+
+def node_event_line(e: NodeEvent) -> str:
+    """`nodes watch` (table): one line per event."""
+    stamp = datetime.fromtimestamp(e.at_ms / 1000).strftime("%H:%M:%S") if e.at_ms else "-"
+    n = e.node
+    return f"{stamp}  {e.kind:<13}  {n.name} ({short_id(n.id)})  {n.display_state}"

@@ -1,0 +1,259 @@
+"""Typed results of the client API: plain dataclasses, never protobuf messages.
+
+Callers (the CLI, scripts, notebooks) get stable Python objects whose `to_dict()` is the
+documented JSON shape of `lepton-ctl -o json` (docs/cli.md). Conversions from the wire live
+here too, so that a proto change touches one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lepton.common.errors import InvalidArgument
+from lepton.v1 import common_pb2, coordinator_pb2
+
+__all__ = [
+    "NODE_STATES",
+    "Capacity",
+    "ClusterStatusInfo",
+    "GpuInfo",
+    "NodeEvent",
+    "NodeInfo",
+    "Usage",
+    "VoterInfo",
+    "state_to_proto",
+]
+
+# The lowercase names the API speaks, in lifecycle order.
+NODE_STATES: tuple[str, ...] = ("ready", "suspect", "down", "left")
+
+_STATE_FROM_PROTO: dict[int, str] = {
+    common_pb2.NODE_STATE_READY: "ready",
+    common_pb2.NODE_STATE_SUSPECT: "suspect",
+    common_pb2.NODE_STATE_DOWN: "down",
+    common_pb2.NODE_STATE_LEFT: "left",
+}
+_STATE_TO_PROTO: dict[str, int] = {v: k for k, v in _STATE_FROM_PROTO.items()}
+
+_EVENT_KIND_FROM_PROTO: dict[int, str] = {
+    coordinator_pb2.NodeEvent.KIND_REGISTERED: "registered",
+    coordinator_pb2.NodeEvent.KIND_STATE_CHANGED: "state_changed",
+    coordinator_pb2.NodeEvent.KIND_DRAIN_CHANGED: "drain_changed",
+}
+
+
+def state_to_proto(state: str) -> int:
+    """`"ready"` → `NODE_STATE_READY`; raises InvalidArgument for anything else."""
+    try:
+        return _STATE_TO_PROTO[state.strip().lower()]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown node state {state!r} (expected one of {', '.join(NODE_STATES)})"
+        ) from None
+
+
+def _state_name(value: int) -> str:
+    # A newer server may send a state this client does not know; don't crash on it.
+    return _STATE_FROM_PROTO.get(value, "unknown")
+
+
+def _pct(value: float) -> float:
+    # Percentages are float32 on the wire; 2 decimals keep the JSON stable and readable.
+    return round(float(value), 2)
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: snake_case keys, ints for bytes and milliseconds."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class GpuInfo(_DictMixin):
+    """One GPU as NVML reports it (capacity) or as it is now (usage)."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Gpu) -> GpuInfo:
+        return cls(
+            index=msg.index,
+            uuid=msg.uuid,
+            name=msg.name,
+            memory_total_bytes=msg.memory_total_bytes,
+            memory_used_bytes=msg.memory_used_bytes,
+            utilization_percent=_pct(msg.utilization_percent),
+        )
+
+
+@dataclass(frozen=True)
+class Capacity(_DictMixin):
+    """What a node has, measured by its agent at start."""
+
+    cpu_logical: int = 0
+    cpu_physical: int = 0
+    cpu_model: str = ""
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    gpus: list[GpuInfo] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Capacity) -> Capacity:
+        return cls(
+            cpu_logical=msg.cpu_logical,
+            cpu_physical=msg.cpu_physical,
+            cpu_model=msg.cpu_model,
+            memory_bytes=msg.memory_bytes,
+            disk_bytes=msg.disk_bytes,
+            gpus=[GpuInfo.from_proto(g) for g in msg.gpus],
+        )
+
+
+@dataclass(frozen=True)
+class Usage(_DictMixin):
+    """What a node is using now (from its last heartbeat; soft state on the leader)."""
+
+    cpu_percent: float = 0.0
+    memory_used_bytes: int = 0
+    disk_free_bytes: int = 0
+    load1: float = 0.0
+    gpus: list[GpuInfo] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Usage) -> Usage:
+        return cls(
+            cpu_percent=_pct(msg.cpu_percent),
+            memory_used_bytes=msg.memory_used_bytes,
+            disk_free_bytes=msg.disk_free_bytes,
+            load1=_pct(msg.load1),
+            gpus=[GpuInfo.from_proto(g) for g in msg.gpus],
+        )
+
+
+@dataclass(frozen=True)
+class NodeInfo(_DictMixin):
+    """One node of the cluster as the leader knows it.
+
+    `state` is one of `ready`, `suspect`, `down`, `left` (`unknown` only from a newer
+    server). Times are Unix milliseconds; 0 means never/unknown. `usage` is None when the
+    leader has no recent heartbeat in memory (e.g. right after a failover).
+    """
+
+    id: str
+    name: str
+    address: str
+    labels: dict[str, str]
+    state: str
+    draining: bool
+    voter: bool
+    capacity: Capacity
+    usage: Usage | None
+    registered_at: int
+    state_changed_at: int
+    state_reason: str
+    last_heartbeat_ms: int
+    version: str
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Node) -> NodeInfo:
+        return cls(
+            id=msg.id,
+            name=msg.name,
+            address=msg.address,
+            labels=dict(sorted(msg.labels.items())),
+            state=_state_name(msg.state),
+            draining=msg.draining,
+            voter=msg.voter,
+            capacity=Capacity.from_proto(msg.capacity),
+            usage=Usage.from_proto(msg.usage) if msg.HasField("usage") else None,
+            registered_at=msg.registered_at_ms,
+            state_changed_at=msg.state_changed_at_ms,
+            state_reason=msg.state_reason,
+            last_heartbeat_ms=msg.last_heartbeat_ms,
+            version=msg.version,
+        )
+
+    @property
+    def display_state(self) -> str:
+        """`ready`, or `ready (draining)` for a draining node."""
+        return f"{self.state} (draining)" if self.draining else self.state
+
+
+@dataclass(frozen=True)
+class VoterInfo(_DictMixin):
+    """One Raft voter as the leader sees it. `role`: leader, follower, candidate or unknown."""
+
+    id: str
+    address: str
+    role: str
+    match_index: int
+    lag: int
+
+    @classmethod
+    def from_proto(cls, msg: coordinator_pb2.Voter) -> VoterInfo:
+        return cls(
+            id=msg.id,
+            address=msg.address,
+            role=msg.role or "unknown",
+            match_index=msg.match_index,
+            lag=msg.lag,
+        )
+
+
+@dataclass(frozen=True)
+class ClusterStatusInfo(_DictMixin):
+    """The coordinator's view of itself: who leads, how far the log is, how many nodes."""
+
+    leader_id: str
+    leader: str
+    term: int
+    commit_index: int
+    applied_index: int
+    voters: list[VoterInfo]
+    nodes_by_state: dict[str, int]
+    node_count: int
+    version: str
+
+    @classmethod
+    def from_proto(cls, msg: coordinator_pb2.ClusterStatus) -> ClusterStatusInfo:
+        return cls(
+            leader_id=msg.leader_id,
+            leader=msg.leader,
+            term=msg.term,
+            commit_index=msg.commit_index,
+            applied_index=msg.applied_index,
+            voters=[VoterInfo.from_proto(v) for v in msg.voters],
+            nodes_by_state=dict(sorted(msg.nodes_by_state.items())),
+            node_count=msg.node_count,
+            version=msg.version,
+        )
+
+
+@dataclass(frozen=True)
+class NodeEvent(_DictMixin):
+    """One node change from `Client.watch_nodes()`.
+
+    `kind` is `registered`, `state_changed` or `drain_changed` (`unknown` only from a newer
+    server); `node` is the node after the change; `index` the log index that made it.
+    """
+
+    kind: str
+    node: NodeInfo
+    at_ms: int
+    index: int
+
+    @classmethod
+    def from_proto(cls, msg: coordinator_pb2.NodeEvent) -> NodeEvent:
+        return cls(
+            kind=_EVENT_KIND_FROM_PROTO.get(msg.kind, "unknown"),
+            node=NodeInfo.from_proto(msg.node),
+            at_ms=msg.at_ms,
+            index=msg.index,
+        )
