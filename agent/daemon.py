@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lepton.agent.fingerprint import Fingerprinter
 from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
-from lepton.agent.identity import load_or_create_node_id
+from lepton.agent.identity import load_or_create_node_id, lock_data_dir
 from lepton.common.config import AgentConfig
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import SERVER_OPTIONS
@@ -33,6 +33,7 @@ class Agent:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_data_dir(self.data_dir)
         self.node_id = load_or_create_node_id(self.data_dir)
         self.name = config.name or self.node_id
         self.address = config.advertise_address  # fixed up after bind when the port is 0

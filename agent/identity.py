@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import uuid
 from pathlib import Path
@@ -22,3 +24,18 @@ def load_or_create_node_id(data_dir: Path) -> str:
     node_id = uuid.uuid4().hex[:16]
     write_atomic(path, (node_id + "\n").encode())
     return node_id
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the life of the process.
+
+    Two agents on one data dir would share a node id, a log and task folders: refuse.
+    Returns the lock's file descriptor (closed by the OS when the process exits).
+    """
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"another lepton-agent is using {data_dir}") from None
+    return fd

@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lepton-agent: {err.message}", file=sys.stderr)
         return 1
     except OSError as err:
-        logger.error("cannot run: %s", err)
         print(f"lepton-agent: {err}", file=sys.stderr)
         return 1
     return 0
