@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
 
 from lepton.coordinator.log_store import Entry, LogStore, Snapshot
 
@@ -143,16 +142,16 @@ class TimeoutNow:
     term: int
 
 
-Message = Union[
-    VoteRequest,
-    VoteResponse,
-    AppendRequest,
-    AppendResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    SnapshotRequest,
-    TimeoutNow,
-]
+Message = (
+    VoteRequest
+    | VoteResponse
+    | AppendRequest
+    | AppendResponse
+    | Heartbeat
+    | HeartbeatResponse
+    | SnapshotRequest
+    | TimeoutNow
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,192 @@
+"""The leader's half of `RaftCore`: replication flow control, commit counting, ReadIndex.
+
+Kept apart only for size; `LeaderMixin` has no state of its own and is meaningless without
+`RaftCore`, whose attributes it uses (declared below for type checkers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from lepton.coordinator.log_store import Entry, Snapshot
+from lepton.coordinator.raft.messages import (
+    AppendRequest,
+    AppendResponse,
+    Config,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    Role,
+    SnapshotRequest,
+    TimeoutNow,
+)
+from lepton.coordinator.raft.progress import PeerState, Progress
+
+logger = logging.getLogger(__name__)
+
+
+class LeaderMixin:
+    id: str
+    term: int
+    commit: int
+    role: Role
+    _cfg: Config
+    _now: float
+    _prs: dict[str, Progress]
+    _dirty: set[str]
+    _bcast: bool
+    _snap_index: int
+    _snapshot: Snapshot | None
+    _stable_last: int
+    _quorum: int
+    _read_seq: int
+    _pending_reads: deque[list]
+    _ready_reads: list[tuple[object, int]]
+    _transferee: str
+
+    if TYPE_CHECKING:  # provided by RaftCore
+
+        def last_index(self) -> int: ...
+        def term_at(self, index: int) -> int: ...
+        def _send(self, m: Message) -> None: ...
+        def _slice(self, lo: int, hi: int, max_bytes: int) -> list[Entry]: ...
+
+    def _on_append_response(self, m: AppendResponse) -> None:
+        if self.role is not Role.LEADER:
+            return
+        pr = self._prs[m.frm]
+        pr.recent_active = True
+        if m.success:
+            if m.index > pr.match:
+                pr.match = m.index
+                pr.last_ack = self._now
+                self._maybe_commit()
+            if pr.state is PeerState.REPLICATE:
+                inflight = pr.inflight
+                while inflight and inflight[0] <= m.index:
+                    inflight.popleft()
+            elif pr.state is PeerState.PROBE or pr.match >= pr.snapshot_index:
+                pr.become_replicate(self._now)
+            if pr.next <= pr.match:
+                pr.next = pr.match + 1
+            self._dirty.add(m.frm)
+            if self._transferee == m.frm and pr.match == self.last_index():
+                self._send(TimeoutNow(self.id, m.frm, self.term))
+            return
+        if pr.state is PeerState.REPLICATE and m.index > pr.match:
+            pr.become_probe(self._now)
+        elif not (pr.state is PeerState.PROBE and m.index == pr.next - 1):
+            return  # stale or reordered
+        nxt = self._next_after_reject(m, pr)
+        if nxt == pr.next and pr.probe_sent:
+            # Nothing learned (the follower lost entries it had acknowledged?): retry on
+            # the next heartbeat, never at once, or duplicated rejects would multiply.
+            return
+        pr.next = nxt
+        pr.probe_sent = False
+        self._dirty.add(m.frm)
+
+    def _next_after_reject(self, m: AppendResponse, pr: Progress) -> int:
+        nxt = m.hint_index
+        if m.hint_term > 0:
+            i = min(m.index, self.last_index())
+            while i > self._snap_index and self.term_at(i) > m.hint_term:
+                i -= 1
+            if self.term_at(i) == m.hint_term:
+                nxt = i + 1
+        return max(min(nxt, m.index), pr.match + 1)
+
+    def _on_heartbeat_response(self, m: HeartbeatResponse) -> None:
+        if self.role is not Role.LEADER:
+            return
+        pr = self._prs[m.frm]
+        pr.recent_active = True
+        if m.ctx > pr.read_ack:
+            pr.read_ack = m.ctx
+            self._confirm_reads()
+        if pr.state is PeerState.PROBE:
+            pr.probe_sent = False  # the probe may have been lost: resend
+        elif (
+            pr.state is PeerState.REPLICATE
+            and pr.inflight
+            and self._now - pr.last_ack >= 2 * self._cfg.heartbeat_interval
+        ):
+            pr.become_probe(self._now)  # it answers heartbeats but not appends: they were lost
+        if pr.match < self.last_index():
+            self._dirty.add(m.frm)
+
+    def _send_append(self, p: str, pr: Progress) -> None:
+        """Send what `p` lacks, within its flow-control window; else refresh its commit."""
+        last = self.last_index()
+        sent = False
+        while pr.state is not PeerState.SNAPSHOT:
+            if pr.state is PeerState.PROBE and pr.probe_sent:
+                break
+            if pr.state is PeerState.REPLICATE and (
+                pr.next > last or len(pr.inflight) >= self._cfg.max_inflight
+            ):
+                break
+            prev = pr.next - 1
+            prev_term = self.term_at(prev)
+            if prev_term < 0:
+                self._send_snapshot(p, pr)
+                return
+            entries = self._slice(pr.next, last + 1, self._cfg.max_msg_bytes) if pr.next <= last else []
+            self._send(AppendRequest(self.id, p, self.term, prev, prev_term, entries, self.commit))
+            sent = True
+            pr.sent_commit = max(pr.sent_commit, min(self.commit, prev + len(entries)))
+            if pr.state is PeerState.PROBE:
+                pr.probe_sent = True
+                break
+            pr.next = entries[-1].index + 1
+            pr.inflight.append(pr.next - 1)
+        if not sent:
+            commit = min(pr.match, self.commit)
+            if commit > pr.sent_commit:
+                pr.sent_commit = commit
+                self._send(Heartbeat(self.id, p, self.term, commit, self._read_seq))
+
+    def _send_snapshot(self, p: str, pr: Progress) -> None:
+        snap = self._snapshot
+        assert snap is not None, "a compacted log always has a snapshot"
+        logger.info("%s: sending snapshot at %d to %s", self.id, snap.index, p)
+        pr.state = PeerState.SNAPSHOT
+        pr.snapshot_index = snap.index
+        pr.last_ack = self._now
+        self._send(SnapshotRequest(self.id, p, self.term, snap))
+
+    def _broadcast_heartbeat(self) -> None:
+        for p in self._others:
+            pr = self._prs[p]
+            commit = min(pr.match, self.commit)
+            pr.sent_commit = max(pr.sent_commit, commit)
+            self._send(Heartbeat(self.id, p, self.term, commit, self._read_seq))
+
+    def _maybe_commit(self) -> None:
+        matches = sorted([pr.match for pr in self._prs.values()] + [self._stable_last], reverse=True)
+        q = matches[self._quorum - 1]
+        # Only own-term entries are committed by counting (Raft paper figure 8).
+        if q > self.commit and self.term_at(q) == self.term:
+            self.commit = q
+            self._bcast = True
+            if self._pending_reads:
+                for r in self._pending_reads:
+                    if r[2] is None:
+                        r[2] = q
+                self._confirm_reads()
+
+    def _confirm_reads(self) -> None:
+        reads = self._pending_reads
+        if not reads:
+            return
+        need = self._quorum - 1  # acks from others; we count ourselves
+        if need:
+            acks = sorted((pr.read_ack for pr in self._prs.values()), reverse=True)
+            confirmed = acks[need - 1]
+        else:
+            confirmed = self._read_seq
+        while reads and reads[0][1] <= confirmed and reads[0][2] is not None:
+            ctx, _, index = reads.popleft()
+            self._ready_reads.append((ctx, index))

@@ -1,0 +1,372 @@
+"""`RaftConsensus`: the asyncio driver of `RaftCore`, over gRPC and a `LogStore`.
+
+One task owns the core. It feeds queued inputs (messages from the `Raft` servicer,
+proposals, reads, timer ticks) into the core, then performs one `Ready`: persist in a
+worker thread (everything queued meanwhile goes into the next Ready, so N concurrent
+proposals share one fsync: group commit), send, apply, `advance()`. Timers are
+`loop.call_at` on the event loop's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Mapping
+
+from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
+from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
+from lepton.coordinator.log_store import LogStore
+from lepton.coordinator.raft.core import RaftCore
+from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
+from lepton.coordinator.raft.transport import GrpcTransport, Transport
+
+logger = logging.getLogger(__name__)
+
+_STATUS_ROLE = {
+    Role.LEADER: "leader",
+    Role.FOLLOWER: "follower",
+    Role.CANDIDATE: "candidate",
+    Role.PRE_CANDIDATE: "candidate",
+}
+
+
+class RaftConsensus(Consensus):
+    """Raft among a fixed set of voters. All methods must be called on one event loop.
+
+    `voters` maps every voter's node id (this one's included) to its advertised host:port.
+    Register the transport's server side with `add_raft_servicer(server, node)`.
+    Empty commands are Raft no-ops: never passed to `StateMachine.apply` (the driver sets
+    `applied_index` past them), and `propose(b"")` returns None.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        voters: Mapping[str, str],
+        store: LogStore,
+        state_machine: StateMachine,
+        *,
+        config: Config | None = None,
+        snapshot_every: int = 10_000,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ):
+        super().__init__()
+        if node_id not in voters:
+            raise ValueError(f"{node_id!r} is not among the voters {sorted(voters)}")
+        self.node_id = node_id
+        self._voters = dict(voters)
+        self._store = store
+        self._sm = state_machine
+        self._config = config or Config()
+        self._snapshot_every = snapshot_every
+        self._transport = transport
+        self._rng = rng or random.Random()
+        self._core: RaftCore | None = None
+        self._inbox: deque[Message] = deque()
+        self._proposals: deque[tuple[bytes, asyncio.Future[object]]] = deque()
+        self._read_requests: deque[asyncio.Future[None]] = deque()
+        self._transfers: deque[str] = deque()
+        self._waiters: dict[int, tuple[int, asyncio.Future[object]]] = {}  # index -> (term, fut)
+        self._reads: list[tuple[int, asyncio.Future[None]]] = []  # (read index, fut)
+        self._wakeup = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._serving_leader = False
+        self._leader_term = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Restore the snapshot into the state machine and start the Raft loop.
+
+        The log's entries after the snapshot are applied as soon as this node learns they
+        are committed (from the leader, usually within one heartbeat): the commit index is
+        not part of the LogStore's durable hard state. Raises OSError from storage.
+        """
+        snap = self._store.snapshot()
+        if snap is not None and snap.index > self._sm.applied_index:
+            self._sm.restore(snap.data, snap.index)
+        loop = asyncio.get_running_loop()
+        self._core = RaftCore(self.node_id, self._voters, self._store, now=loop.time(),
+                              rng=self._rng, config=self._config)
+        if self._transport is None:
+            others = {p: a for p, a in self._voters.items() if p != self.node_id}
+            self._transport = GrpcTransport(others)
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
+        logger.info("raft %s: started at term %d, log %d..%d", self.node_id, self._core.term,
+                    self._core.first_index, self._core.last_index())
+
+    async def stop(self) -> None:
+        """Stop the loop and the transport; fail what is pending with Unavailable."""
+        if not self._running and self._task is None:
+            return
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._wakeup.set()
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001 - already logged by the loop
+                pass
+            self._task = None
+        self._fail_all(Unavailable(f"raft {self.node_id} is stopping"))
+        if self._transport is not None:
+            await self._transport.close()
+        self._store.close()
+        if self._serving_leader:
+            self._serving_leader = False
+            self._notify_leadership(False, self._leader_term)
+
+    # -- Consensus -------------------------------------------------------------------
+    async def propose(self, command: bytes, *, timeout: float) -> object:
+        core = self._require_running()
+        if core.role is not Role.LEADER:
+            raise NotLeader(f"{self.node_id} is not the leader", leader=core.leader_address())
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._proposals.append((command, fut))
+        self._wakeup.set()
+        return await self._wait(fut, timeout, "command not committed")
+
+    async def read_barrier(self, *, timeout: float) -> None:
+        core = self._require_running()
+        if core.role is not Role.LEADER:
+            raise NotLeader(f"{self.node_id} is not the leader", leader=core.leader_address())
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._read_requests.append(fut)
+        self._wakeup.set()
+        await self._wait(fut, timeout, "leadership not confirmed")
+
+    def is_leader(self) -> bool:
+        """True once this node leads *and* has applied its term's first entry, i.e. its
+        state machine reflects everything committed before it became leader."""
+        return self._running and self._serving_leader
+
+    def leader(self) -> tuple[str, str]:
+        core = self._core
+        if core is None or not self._running or not core.leader:
+            return "", ""
+        return core.leader, core.leader_address()
+
+    def term(self) -> int:
+        """The current Raft term (0 before start)."""
+        return self._core.term if self._core is not None else 0
+
+    def status(self) -> ConsensusStatus:
+        """Match index and lag are known only on the leader; elsewhere other voters show
+        role "unknown" (or "leader") with match 0, and this one its own last index."""
+        core = self._core
+        if core is None:
+            return ConsensusStatus(0, "", "", 0, self._sm.applied_index, [])
+        progress = core.progress()
+        voters = []
+        for vid in core.voters:
+            addr = core.address_of(vid)
+            if vid in progress:
+                match, lag = progress[vid]
+                role = "leader" if vid == core.id else "follower"
+            elif vid == core.id:
+                match, lag, role = core.last_index(), 0, _STATUS_ROLE[core.role]
+            else:
+                match, lag, role = 0, 0, "leader" if vid == core.leader else "unknown"
+            voters.append(VoterStatus(vid, addr, role, match, lag))
+        return ConsensusStatus(
+            term=core.term,
+            leader_id=core.leader,
+            leader_address=core.leader_address(),
+            commit_index=core.commit_index,
+            applied_index=self._sm.applied_index,
+            voters=voters,
+        )
+
+    def transfer_leadership(self, to: str) -> None:
+        """Ask the leader to hand over to voter `to`. Raises NotLeader, ValueError."""
+        core = self._require_running()
+        if core.role is not Role.LEADER:
+            raise NotLeader(f"{self.node_id} is not the leader", leader=core.leader_address())
+        if to not in self._voters:
+            raise ValueError(f"unknown voter {to!r}")
+        self._transfers.append(to)
+        self._wakeup.set()
+
+    # -- transport side --------------------------------------------------------------
+    def receive(self, messages: list[Message]) -> None:
+        """Called by the Raft servicer: queue messages for the loop."""
+        if self._running:
+            self._inbox.extend(messages)
+            self._wakeup.set()
+
+    # -- internals -------------------------------------------------------------------
+    def _require_running(self) -> RaftCore:
+        if not self._running or self._core is None:
+            raise Unavailable(f"raft {self.node_id} is not running")
+        return self._core
+
+    async def _wait(self, fut: asyncio.Future, timeout: float, what: str) -> object:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            fut.add_done_callback(_consume)  # its late outcome is nobody's business now
+            raise DeadlineExceeded(f"{what} within {timeout:.3g}s; outcome unknown") from None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        core = self._core
+        assert core is not None
+        try:
+            while self._running:
+                self._feed(core, loop.time())
+                if core.has_ready():
+                    await self._handle(core, core.ready())
+                    continue
+                self._arm_timer(loop, core.next_deadline())
+                await self._wakeup.wait()
+                self._wakeup.clear()
+        except Exception as err:
+            logger.exception("raft %s: loop failed; stopping", self.node_id)
+            self._running = False
+            self._fail_all(Unavailable(f"raft {self.node_id} failed: {err}"))
+            raise
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None and self._timer_at == at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._wakeup.set)
+
+    def _feed(self, core: RaftCore, now: float) -> None:
+        """Give the core everything queued since the last Ready."""
+        inbox = self._inbox
+        while inbox:
+            core.step(inbox.popleft(), now)
+        if now >= core.next_deadline():
+            core.tick(now)
+        while self._transfers:
+            to = self._transfers.popleft()
+            try:
+                core.transfer_leadership(to)
+            except (NotLeader, ValueError) as err:
+                logger.info("raft %s: transfer to %s refused: %s", self.node_id, to, err)
+        while self._proposals:
+            data, fut = self._proposals.popleft()
+            if fut.done():
+                continue
+            try:
+                index, term = core.propose(data)
+            except NotLeader as err:
+                fut.set_exception(err)  # nothing was appended
+                continue
+            self._waiters[index] = (term, fut)
+        while self._read_requests:
+            fut = self._read_requests.popleft()
+            if fut.done():
+                continue
+            try:
+                core.read_index(fut)
+            except NotLeader as err:
+                fut.set_exception(err)
+
+    async def _handle(self, core: RaftCore, rd: Ready) -> None:
+        if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
+            # OSError escapes: the store is unusable and nothing of this Ready may go out.
+            await asyncio.to_thread(persist, self._store, rd)
+        if rd.messages:
+            self._transport.send(rd.messages)  # type: ignore[union-attr]
+        sm = self._sm
+        if rd.install and rd.snapshot is not None:
+            sm.restore(rd.snapshot.data, rd.snapshot.index)
+            for index in [i for i in self._waiters if i <= rd.snapshot.index]:
+                _, fut = self._waiters.pop(index)
+                _fail(fut, Unavailable("replaced by a snapshot; outcome unknown"))
+        for e in rd.committed:
+            if e.index <= sm.applied_index:
+                continue  # already in the restored snapshot
+            if e.data:
+                result = sm.apply(e.index, e.data)
+            else:  # a leader's no-op (Raft's, not the state machine's): only the index moves
+                sm.applied_index = e.index
+                result = None
+            waiter = self._waiters.pop(e.index, None)
+            if waiter is not None:
+                term, fut = waiter
+                if term == e.term:
+                    if not fut.done():
+                        fut.set_result(result)
+                else:
+                    _fail(fut, Unavailable("leadership was lost; the command was not committed"))
+        for ctx, index in rd.read_states:
+            self._reads.append((index, ctx))  # type: ignore[arg-type]
+        for ctx in rd.aborted_reads:
+            _fail(ctx, NotLeader("leadership was lost", leader=core.leader_address()))  # type: ignore[arg-type]
+        if self._reads:
+            self._serve_reads()
+        core.advance(rd)
+        if rd.soft_state is not None and rd.soft_state.role is not Role.LEADER:
+            self._lost_leadership(core)
+        self._update_serving(core)
+        first = core.first_index
+        if sm.applied_index - first + 1 >= self._snapshot_every and sm.applied_index >= first:
+            core.compact(sm.applied_index, sm.snapshot())  # saved by the next Ready
+
+    def _serve_reads(self) -> None:
+        applied = self._sm.applied_index
+        keep = []
+        for index, fut in self._reads:
+            if index <= applied:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((index, fut))
+        self._reads = keep
+
+    def _lost_leadership(self, core: RaftCore) -> None:
+        # Entries we appended may still commit under the next leader: outcome unknown.
+        for _, fut in self._waiters.values():
+            _fail(fut, Unavailable("leadership was lost; outcome unknown"))
+        self._waiters.clear()
+        for _, fut in self._reads:
+            _fail(fut, NotLeader("leadership was lost", leader=core.leader_address()))
+        self._reads = []
+
+    def _update_serving(self, core: RaftCore) -> None:
+        serving = core.role is Role.LEADER and self._sm.applied_index >= core.term_start_index
+        if serving == self._serving_leader and (not serving or core.term == self._leader_term):
+            return
+        if self._serving_leader:
+            self._serving_leader = False
+            self._notify_leadership(False, self._leader_term)
+        if serving:
+            self._serving_leader, self._leader_term = True, core.term
+            logger.info("raft %s: leading term %d", self.node_id, core.term)
+            self._notify_leadership(True, core.term)
+
+    def _fail_all(self, err: Exception) -> None:
+        for _, fut in self._waiters.values():
+            _fail(fut, err)
+        self._waiters.clear()
+        for _, fut in self._proposals:
+            _fail(fut, err)
+        self._proposals.clear()
+        for fut in self._read_requests:
+            _fail(fut, err)
+        self._read_requests.clear()
+        for _, fut in self._reads:
+            _fail(fut, err)
+        self._reads = []
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _fail(fut: asyncio.Future, err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)

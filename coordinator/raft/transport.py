@@ -1,0 +1,227 @@
+"""Raft over gRPC: protobuf conversion, the `Raft` servicer and per-peer senders.
+
+Messages are one-way (see raft.proto). Each peer has one sender task that drains a bounded
+queue into `RaftBatch` calls, one call in flight at a time, so messages to a peer keep
+their order and pile up into bigger batches while the peer is slow. A failed call drops
+its batch: Raft repairs lost messages itself (retries would only deliver stale ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Mapping
+from typing import Protocol
+
+import grpc
+
+from lepton.common.grpc_util import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from lepton.coordinator.log_store import Entry, Snapshot
+from lepton.coordinator.raft.messages import (
+    AppendRequest,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    SnapshotRequest,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from lepton.v1 import raft_pb2, raft_pb2_grpc, state_pb2
+
+logger = logging.getLogger(__name__)
+
+_PB = raft_pb2
+_KINDS = frozenset(
+    {AppendRequest, AppendResponse, Heartbeat, HeartbeatResponse, VoteRequest, VoteResponse,
+     SnapshotRequest, TimeoutNow}
+)
+
+
+# -- conversion ------------------------------------------------------------------------
+def to_proto(m: Message) -> raft_pb2.RaftMessage:
+    """Raises TypeError for something that is not a Raft message."""
+    kind = type(m)
+    if kind not in _KINDS:
+        raise TypeError(f"not a Raft message: {m!r}")
+    pb = _PB.RaftMessage(from_id=m.frm, to_id=m.to, term=m.term)
+    if kind is AppendRequest:
+        pb.append.prev_index = m.prev_index
+        pb.append.prev_term = m.prev_term
+        pb.append.commit = m.commit
+        pb.append.entries.extend(
+            state_pb2.LogEntry(index=e.index, term=e.term, command=e.data) for e in m.entries
+        )
+    elif kind is AppendResponse:
+        r = pb.append_response
+        r.success, r.index, r.hint_index, r.hint_term = m.success, m.index, m.hint_index, m.hint_term
+    elif kind is Heartbeat:
+        pb.heartbeat.commit, pb.heartbeat.ctx = m.commit, m.ctx
+    elif kind is HeartbeatResponse:
+        pb.heartbeat_response.ctx = m.ctx
+    elif kind is VoteRequest:
+        v = pb.vote
+        v.last_index, v.last_term, v.pre_vote, v.transfer = m.last_index, m.last_term, m.pre_vote, m.transfer
+    elif kind is VoteResponse:
+        pb.vote_response.granted, pb.vote_response.pre_vote = m.granted, m.pre_vote
+    elif kind is SnapshotRequest:
+        s = m.snapshot
+        pb.snapshot.index, pb.snapshot.term, pb.snapshot.data = s.index, s.term, s.data
+    else:
+        pb.timeout_now.SetInParent()
+    return pb
+
+
+def from_proto(pb: raft_pb2.RaftMessage) -> Message | None:
+    """The core's message for `pb`, or None for an empty or unknown body (a newer peer)."""
+    frm, to, term = pb.from_id, pb.to_id, pb.term
+    body = pb.WhichOneof("body")
+    if body == "append":
+        a = pb.append
+        entries = [Entry(e.index, e.term, e.command) for e in a.entries]
+        return AppendRequest(frm, to, term, a.prev_index, a.prev_term, entries, a.commit)
+    if body == "append_response":
+        r = pb.append_response
+        return AppendResponse(frm, to, term, r.success, r.index, r.hint_index, r.hint_term)
+    if body == "heartbeat":
+        return Heartbeat(frm, to, term, pb.heartbeat.commit, pb.heartbeat.ctx)
+    if body == "heartbeat_response":
+        return HeartbeatResponse(frm, to, term, pb.heartbeat_response.ctx)
+    if body == "vote":
+        v = pb.vote
+        return VoteRequest(frm, to, term, v.last_index, v.last_term, v.pre_vote, v.transfer)
+    if body == "vote_response":
+        return VoteResponse(frm, to, term, pb.vote_response.granted, pb.vote_response.pre_vote)
+    if body == "snapshot":
+        s = pb.snapshot
+        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data))
+    if body == "timeout_now":
+        return TimeoutNow(frm, to, term)
+    return None
+
+
+# -- server side -----------------------------------------------------------------------
+class Receiver(Protocol):
+    node_id: str
+
+    def receive(self, messages: list[Message]) -> None:
+        """Queue messages for the core; must not block."""
+
+
+class RaftServicer(raft_pb2_grpc.RaftServicer):
+    def __init__(self, node: Receiver):
+        self._node = node
+
+    async def Send(  # noqa: N802 - gRPC method name
+        self, request: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RaftBatchAck:
+        me = self._node.node_id
+        msgs = []
+        for pb in request.messages:
+            if pb.to_id != me:
+                # A peer configured with the wrong address for us: say so, loudly.
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is {me}, not {pb.to_id}")
+            m = from_proto(pb)
+            if m is not None:
+                msgs.append(m)
+        self._node.receive(msgs)
+        return raft_pb2.RaftBatchAck()
+
+
+def add_raft_servicer(server: grpc.aio.Server, node: Receiver) -> None:
+    """Register the Raft service for `node` (a RaftConsensus) on an existing server.
+    Call before `server.start()`."""
+    raft_pb2_grpc.add_RaftServicer_to_server(RaftServicer(node), server)
+
+
+# -- client side -----------------------------------------------------------------------
+class Transport(Protocol):
+    def send(self, messages: list[Message]) -> None:
+        """Queue for delivery; never blocks, may drop."""
+
+    async def close(self) -> None: ...
+
+
+class _PeerSender:
+    def __init__(self, peer: str, address: str, *, max_queue: int, rpc_timeout: float,
+                 max_batch_bytes: int):
+        self.peer = peer
+        self.address = address
+        self._queue: deque[Message] = deque()
+        self._max_queue = max_queue
+        self._rpc_timeout = rpc_timeout
+        self._max_batch_bytes = max_batch_bytes
+        self._wakeup = asyncio.Event()
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = raft_pb2_grpc.RaftStub(self._channel)
+        self._task = asyncio.create_task(self._run(), name=f"raft-send-{peer}")
+        self._failing = False
+        self.dropped = 0
+
+    def enqueue(self, m: Message) -> None:
+        if len(self._queue) >= self._max_queue:
+            self._queue.popleft()  # the peer is not keeping up: the oldest is the stalest
+            self.dropped += 1
+        self._queue.append(m)
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = raft_pb2.RaftBatch()
+                size = 0
+                while self._queue and (size < self._max_batch_bytes or not batch.messages):
+                    pb = to_proto(self._queue.popleft())
+                    size += pb.ByteSize()
+                    batch.messages.append(pb)
+                try:
+                    await self._stub.Send(batch, timeout=self._rpc_timeout)
+                    if self._failing:
+                        logger.info("raft: %s at %s is reachable again", self.peer, self.address)
+                        self._failing = False
+                except grpc.aio.AioRpcError as err:
+                    if not self._failing:
+                        logger.warning("raft: cannot reach %s at %s: %s", self.peer, self.address,
+                                       err.code().name)
+                        self._failing = True
+                    # Back off a little; what queues meanwhile is sent (or dropped) next.
+                    await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self._channel.close()
+
+
+class GrpcTransport:
+    """Sends to voters by their advertised host:port. Create and use on the event loop."""
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        *,
+        rpc_timeout: float = 5.0,
+        max_queue: int = 4096,
+        max_batch_bytes: int = MAX_MESSAGE_BYTES // 2,
+    ):
+        self._senders = {
+            peer: _PeerSender(peer, addr, max_queue=max_queue, rpc_timeout=rpc_timeout,
+                              max_batch_bytes=max_batch_bytes)
+            for peer, addr in addresses.items()
+        }
+
+    def send(self, messages: list[Message]) -> None:
+        for m in messages:
+            sender = self._senders.get(m.to)
+            if sender is not None:
+                sender.enqueue(m)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._senders.values()))
