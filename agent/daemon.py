@@ -57,12 +57,11 @@ class Agent:
         return self.config.dev_mode or self.address in self.config.peers
 
     def _check_topology(self) -> None:
-        voters = self.config.peers
-        if voters and voters != [self.address] and self.address in voters:
-            raise InvalidArgument(
-                f"--peers lists {len(voters)} voters; this build runs one voter only "
-                "(multi-voter Raft is not available yet)"
-            )
+        peers = self.config.peers
+        if len(peers) == 1 and self.address not in peers:
+            return  # a worker pointed at a one-voter cluster
+        if len(set(peers)) != len(peers):
+            raise InvalidArgument(f"--peers lists an address twice: {','.join(peers)}")
 
     def _registration(self) -> coordinator_pb2.RegisterNodeRequest:
         return coordinator_pb2.RegisterNodeRequest(
@@ -93,11 +92,9 @@ class Agent:
         if self.is_voter:
             from lepton.coordinator.coordinator import Coordinator
 
+            self.config.advertise = self.address  # the real port, when --listen said 0
             self.coordinator = Coordinator(self.config, self.node_id)
-            self.coordinator.config.advertise = self.address
-            self.coordinator.add_to_server(self.server)
-            services.append(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
-            await self.coordinator.start()
+            services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
         from lepton.agent.runner import TaskRunner
         from lepton.agent.service import AgentService
@@ -112,6 +109,8 @@ class Agent:
         services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
         reflection.enable_server_reflection(services, self.server)
         await self.server.start()
+        if self.coordinator is not None:
+            await self.coordinator.start()  # after the server: Raft peers must reach us
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
         self.heartbeater = Heartbeater(

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")
     p.add_argument("--down-after", dest="down_after_s", type=float, help="seconds (default 3)")
     p.add_argument("--failover-grace", dest="failover_grace_s", type=float, help="seconds (default 3)")
+    p.add_argument("--raft-heartbeat", dest="raft_heartbeat_s", type=float, help="seconds (default 0.1)")
+    p.add_argument("--election-timeout", dest="election_timeout_s", type=float,
+                   help="seconds; drawn from [T, 2T) (default 1)")
     p.add_argument("--snapshot-every", dest="snapshot_every", type=int, help="log entries between snapshots")
     p.add_argument("--cpus", type=float, help="override the measured CPU count")
     p.add_argument("--memory", dest="memory_bytes", type=int, help="override the measured memory, bytes")

@@ -83,6 +83,10 @@ class AgentConfig:
     failover_grace_s: float = 3.0
     # How often the leader looks for silent nodes; bounds detection latency beyond down_after.
     liveness_interval_s: float = 0.2
+    # Raft leader heartbeat; ~10x below the election timeout keeps elections rare.
+    raft_heartbeat_s: float = 0.1
+    # Raft election timeout, drawn from [this, 2x this): failover takes about this long.
+    election_timeout_s: float = 1.0
     # Entries between state snapshots; bounds replay time at start and the log's disk use.
     snapshot_every: int = 10_000
     # On SIGTERM, in-flight RPCs get this long to finish.
@@ -114,6 +118,8 @@ class AgentConfig:
             raise InvalidArgument("need 0 < suspect_after_s <= down_after_s")
         if self.down_after_s < self.heartbeat_interval_s:
             raise InvalidArgument("down_after_s must be at least one heartbeat interval")
+        if not 0 < self.raft_heartbeat_s < self.election_timeout_s:
+            raise InvalidArgument("need 0 < raft_heartbeat_s < election_timeout_s")
         if self.snapshot_every < 1:
             raise InvalidArgument("snapshot_every must be >= 1")
         if self.cpus is not None and self.cpus <= 0:

@@ -32,13 +32,7 @@ class Coordinator:
         self.node_id = node_id
         self.state = ClusterStateMachine()
         self.store = FileLogStore(Path(config.data_dir) / "raft")
-        self.consensus: Consensus = SingleVoterConsensus(
-            node_id,
-            config.advertise_address,
-            self.store,
-            self.state,
-            snapshot_every=config.snapshot_every,
-        )
+        self.consensus: Consensus = self._make_consensus(config, node_id)
         self.liveness = Liveness(
             self.state,
             self._propose,
@@ -65,15 +59,46 @@ class Coordinator:
         self.consensus.add_leadership_listener(self.scheduling.wake)
         self.consensus.add_leadership_listener(self.ctx.hub.wake_all)
         self.state.tasks.listeners.append(self.ctx.hub.on_task_change)
-        self.state.tasks.listeners.append(self.scheduling.wake)
+        self.state.tasks.listeners.append(self.scheduling.on_task_change)
         self.state.add_listener(self.scheduling.wake)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
+        """One voter: a local log. Several: Raft, with each voter known by its advertised
+        address (stable, and known to every peer before any node id is)."""
+        me = config.advertise_address
+        if len(config.peers) <= 1:
+            return SingleVoterConsensus(
+                node_id, me, self.store, self.state, snapshot_every=config.snapshot_every
+            )
+        from lepton.coordinator.raft.messages import Config as RaftConfig
+        from lepton.coordinator.raft.node import RaftConsensus
+
+        return RaftConsensus(
+            me,
+            {addr: addr for addr in config.peers},
+            self.store,
+            self.state,
+            config=RaftConfig(
+                heartbeat_interval=config.raft_heartbeat_s,
+                election_timeout=config.election_timeout_s,
+            ),
+            snapshot_every=config.snapshot_every,
+        )
 
     async def _propose(self, cmd):
         return await self.ctx.commit(cmd)
 
-    def add_to_server(self, server: grpc.aio.Server) -> None:
+    def add_to_server(self, server: grpc.aio.Server) -> list[str]:
+        """Register the coordinator's services; returns their names (for reflection)."""
         add_to_server(CoordinatorService(self.ctx), server)
+        names = ["lepton.v1.Coordinator"]
+        if not isinstance(self.consensus, SingleVoterConsensus):
+            from lepton.coordinator.raft.transport import add_raft_servicer
+
+            add_raft_servicer(server, self.consensus)
+            names.append("lepton.v1.Raft")
+        return names
 
     async def start(self) -> None:
         await self.consensus.start()

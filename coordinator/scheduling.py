@@ -8,6 +8,7 @@ recomputes it on its first cycle.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +22,7 @@ from lepton.coordinator.scheduler import (
     schedule,
 )
 from lepton.coordinator.state_machine import ClusterStateMachine
-from lepton.coordinator.tasks import HOLDING, P, TaskState
+from lepton.coordinator.tasks import HOLDING
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class SchedulingLoop:
         wall_ms: Callable[[], int],
         policy: Policy | None = None,
         aging_interval_s: float = 1.0,
+        max_per_cycle: int = 2000,
+        min_cycle_s: float = 0.02,
     ):
         self._state = state
         self._commit = commit
@@ -103,10 +106,30 @@ class SchedulingLoop:
         self._wall_ms = wall_ms
         self._policy = policy or Policy()
         self._aging_interval_s = aging_interval_s
+        self._max_per_cycle = max_per_cycle
+        self._min_cycle_s = min_cycle_s  # under a flood of submissions, one plan per this
         self._wakeup = asyncio.Event()
         self.reasons: dict[str, str] = {}
+        # What changed since the last cycle decides how much to look at: fresh submissions
+        # alone can only use the room left over, so only they need placing; anything that
+        # frees room (or a node change, or a new leader) calls for a full pass.
+        self._fresh: set[str] = set()
+        self._full = True
+        self._last_full = float("-inf")
 
     def wake(self, *_: object) -> None:
+        """Something changed that may free capacity: look at every pending task."""
+        self._full = True
+        self._wakeup.set()
+
+    def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
+        state = task.state
+        if state == tasks_pb2.TASK_STATE_PENDING and not old_node and not task.history:
+            self._fresh.add(task.id)  # a new submission
+        elif state in (tasks_pb2.TASK_STATE_ASSIGNED, tasks_pb2.TASK_STATE_RUNNING):
+            return  # our own placements, and starts: no room freed
+        else:
+            self._full = True
         self._wakeup.set()
 
     async def run_cycle(self) -> str:
@@ -114,18 +137,42 @@ class SchedulingLoop:
         if not self._is_leader():
             self.reasons.clear()
             return "not the leader: nothing to schedule"
-        pending = [t for t in self._state.tasks.tasks.values() if t.state == P[TaskState.PENDING]]
-        if not pending:
+        table = self._state.tasks
+        fresh, self._fresh = self._fresh, set()
+        now = asyncio.get_running_loop().time()
+        full = self._full or now - self._last_full >= self._aging_interval_s
+        if full:
+            self._full, self._last_full = False, now
+            candidates = table.pending
+        else:
+            candidates = fresh & table.pending
+        if not table.pending:
             self.reasons.clear()
             return "nothing pending"
-        attempts = {t.id: t.attempt for t in self._state.tasks.tasks.values()}
+        if not candidates:
+            return "nothing new to place"
+        # Bound one cycle's work (it runs on the event loop): the most urgent first.
+        # Aging only reorders within a priority here; the pure scheduler applies it fully.
+        pending = heapq.nsmallest(
+            self._max_per_cycle,
+            (table.tasks[i] for i in candidates),
+            key=lambda t: (-t.spec.priority, t.created_at_ms, t.id),
+        )
+        attempts = {t.id: t.attempt for t in pending}
         plan = schedule(
             build_snapshot(self._state),
             [task_request(t) for t in pending],
             now_ms=self._wall_ms(),
             policy=self._policy,
         )
-        self.reasons = dict(plan.unschedulable)
+        if full:
+            self.reasons = dict(plan.unschedulable)
+            if len(candidates) > len(pending):
+                behind = f"waiting: queued behind {len(pending)} more urgent tasks"
+                for task_id in candidates.difference(attempts):
+                    self.reasons[task_id] = behind
+        else:
+            self.reasons.update(plan.unschedulable)
         if not plan.placements and not plan.preemptions:
             return plan.summary()
         cmd = state_pb2.Command(
@@ -140,9 +187,11 @@ class SchedulingLoop:
                 ],
                 preemptions=[
                     state_pb2.PreemptionCmd(
-                        task_id=p.task_id, attempt=attempts[p.task_id], for_task_id=p.for_task_id
+                        task_id=p.task_id, attempt=table.tasks[p.task_id].attempt,
+                        for_task_id=p.for_task_id,
                     )
                     for p in plan.preemptions
+                    if p.task_id in table.tasks
                 ],
             )
         )
@@ -158,9 +207,9 @@ class SchedulingLoop:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._aging_interval_s)
             except asyncio.TimeoutError:
-                pass
+                self._full = True  # aging: waiting tasks gain priority over time
             self._wakeup.clear()
-            await asyncio.sleep(0.002)  # let a burst of submissions land in one plan
+            await asyncio.sleep(self._min_cycle_s)  # let a burst of submissions land in one plan
             try:
                 sentence = await self.run_cycle()
             except asyncio.CancelledError:

@@ -182,15 +182,18 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         await self._ctx.read()
         st = self._ctx.consensus.status()
         counts = Counter(NodeState.from_proto(n.state).value for n in self._ctx.state.nodes.values())
+        # Raft knows voters by address; show the node id where the node table has it.
+        by_address = {n.address: n.id for n in self._ctx.state.nodes.values() if n.voter}
         return coordinator_pb2.ClusterStatus(
-            leader_id=st.leader_id,
+            leader_id=by_address.get(st.leader_address, st.leader_id),
             leader=st.leader_address,
             term=st.term,
             commit_index=st.commit_index,
             applied_index=st.applied_index,
             voters=[
                 coordinator_pb2.Voter(
-                    id=vs.id, address=vs.address, role=vs.role, match_index=vs.match_index, lag=vs.lag
+                    id=by_address.get(vs.address, vs.id), address=vs.address, role=vs.role,
+                    match_index=vs.match_index, lag=vs.lag,
                 )
                 for vs in st.voters
             ],

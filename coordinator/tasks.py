@@ -82,6 +82,7 @@ class TaskTable:
         self.tasks: dict[str, tasks_pb2.Task] = {}
         self.by_request: dict[str, str] = {}  # request id -> task id (idempotent submission)
         self.by_node: dict[str, set[str]] = {}  # node id -> ids of tasks with an attempt there
+        self.pending: set[str] = set()  # ids of PENDING tasks: what the scheduler looks at
         self.listeners: list[TaskListener] = []
 
     # -- derived indexes -------------------------------------------------------------
@@ -90,11 +91,16 @@ class TaskTable:
             self.by_node.get(old_node, set()).discard(task.id)
         if task.node_id and task.state in ON_NODE:
             self.by_node.setdefault(task.node_id, set()).add(task.id)
+        if task.state == P[TaskState.PENDING]:
+            self.pending.add(task.id)
+        else:
+            self.pending.discard(task.id)
 
     def rebuild(self, tasks: list[tasks_pb2.Task]) -> None:
         self.tasks = {t.id: copy_task(t) for t in tasks}
         self.by_request = {t.spec.request_id: t.id for t in tasks if t.spec.request_id}
         self.by_node = {}
+        self.pending = set()
         for task in self.tasks.values():
             self._index(task, "")
 

@@ -1,0 +1,140 @@
+"""Durable task submissions through gRPC to a real coordinator (1 voter, or 3 with Raft).
+
+Two phases against the same cluster:
+- open loop at a fixed offered rate (default 500/s): achieved rate and latency percentiles;
+- closed loop with N concurrent clients: the most submissions per second it sustains.
+Submissions are acknowledged only once committed (fsync'd on a majority). The tasks carry
+a label constraint no node has, so they stay pending and the benchmark measures the
+control plane, not process start-up.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Agent, emit, free_port  # noqa: E402
+
+from lepton.common.errors import from_rpc_error  # noqa: E402
+from lepton.common.grpc_util import CHANNEL_OPTIONS  # noqa: E402
+from lepton.v1 import coordinator_pb2, coordinator_pb2_grpc, tasks_pb2  # noqa: E402
+
+
+def spec() -> tasks_pb2.TaskSpec:
+    return tasks_pb2.TaskSpec(
+        name="bench", argv=["true"], constraints={"bench": "nowhere"},
+        resources=tasks_pb2.Resources(cpu=0.1), request_id=uuid.uuid4().hex,
+    )
+
+
+class Submitter:
+    """Finds the leader and submits; follows redirects like the real client."""
+
+    def __init__(self, addresses: list[str]):
+        self.addresses = addresses
+        self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses}
+        self.current = addresses[0]
+
+    async def submit(self) -> None:
+        req = coordinator_pb2.SubmitTaskRequest(spec=spec())
+        for _ in range(50):
+            stub = coordinator_pb2_grpc.CoordinatorStub(self.channels[self.current])
+            try:
+                await stub.SubmitTask(req, timeout=10)
+                return
+            except grpc.aio.AioRpcError as rpc_err:
+                err = from_rpc_error(rpc_err)
+                leader = getattr(err, "leader", "")
+                self.current = leader if leader in self.channels else \
+                    self.addresses[(self.addresses.index(self.current) + 1) % len(self.addresses)]
+                await asyncio.sleep(0.02)
+        raise RuntimeError("no leader accepted the submission")
+
+    async def close(self) -> None:
+        for c in self.channels.values():
+            await c.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[int(q * (len(values) - 1))] * 1000, 2) if values else float("nan")
+
+
+async def open_loop(sub: Submitter, rate: float, seconds: float) -> dict:
+    latencies: list[float] = []
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    tasks = []
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        await sub.submit()
+        latencies.append(time.perf_counter() - t0)
+
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    return {"offered_per_s": rate, "achieved_per_s": round(n / wall, 1),
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+async def closed_loop(sub: Submitter, clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await sub.submit()
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return {"clients": clients, "submits_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+async def run(voters: int, rate: float, clients: int, seconds: float) -> dict:
+    ports = [free_port() for _ in range(voters)]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    peers = ["--peers", ",".join(addrs)] if voters > 1 else []
+    agents = [Agent(*peers, name=f"v{i + 1}", port=p) for i, p in enumerate(ports)]
+    sub = Submitter(addrs)
+    try:
+        await sub.submit()  # wait for a leader
+        fixed = await open_loop(sub, rate, seconds)
+        peak = await closed_loop(sub, clients, seconds)
+        return {"voters": voters, "submits_per_s": peak["submits_per_s"], "p99_ms": fixed["p99_ms"],
+                "open_loop": fixed, "closed_loop": peak}
+    finally:
+        await sub.close()
+        for a in agents:
+            a.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--voters", type=int, default=1, choices=[1, 3, 5])
+    p.add_argument("--rate", type=float, default=500.0, help="offered rate of the open-loop phase")
+    p.add_argument("--clients", type=int, default=16, help="concurrency of the closed-loop phase")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args()
+    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds)))
+
+
+if __name__ == "__main__":
+    main()
