@@ -56,6 +56,8 @@ class AssignmentLoop:
         self._watch_link = CoordinatorLink(addresses)
         self._report_link = CoordinatorLink(addresses)
         self._runner: TaskRunner | None = None
+        self._call = None  # the WatchAssignments call, while open
+        self._dropped = False  # we cancelled _call ourselves (grpc raises CancelledError)
         self._events: asyncio.Queue[TaskEvent] = asyncio.Queue()
         self._full_report_due = True  # after (re)start the leader settles what we run
 
@@ -67,11 +69,20 @@ class AssignmentLoop:
         """The runner's callback; called on the event loop."""
         self._events.put_nowait(event)
 
+    def leader_silent(self) -> None:
+        """The heartbeat found the leader silent (hung, SIGSTOPped): a server stream from
+        it would wait forever, so drop it and look for the leader elsewhere."""
+        if self._call is not None:
+            self._dropped = True
+            self._call.cancel()
+            self._call = None
+            self._watch_link.skip()
+
     async def watch(self) -> None:
         backoff = MIN_BACKOFF_S
         while True:
             try:
-                call = self._watch_link.open_stream_unary("WatchAssignments",
+                call = self._call = self._watch_link.open_stream_unary("WatchAssignments",
                     coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
                 async for aset in call:
                     backoff = MIN_BACKOFF_S
@@ -84,7 +95,11 @@ class AssignmentLoop:
             except LeptonError as err:
                 logger.info("assignment stream: %s; retrying", err.message)
             except asyncio.CancelledError:
-                raise
+                if not self._dropped:
+                    raise
+                self._dropped = False
+                logger.info("assignment stream: the leader went silent; looking again")
+                continue
             except Exception:
                 logger.exception("assignment loop failed")
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))

@@ -21,7 +21,11 @@ from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 logger = logging.getLogger(__name__)
 
 MIN_BACKOFF_S = 0.1
-MAX_BACKOFF_S = 5.0
+# The leader answers every second beat; this many intervals of silence mean it is gone.
+ANSWER_TIMEOUT_BEATS = 3.5
+MIN_ANSWER_TIMEOUT_S = 2.0  # a busy leader may answer late; don't flap below this
+# Capped low: after a failover an agent must find the new leader within the grace period.
+MAX_BACKOFF_S = 1.0
 
 
 class CoordinatorLink:
@@ -45,6 +49,10 @@ class CoordinatorLink:
             channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
             self._channels[addr] = channel
         return coordinator_pb2_grpc.CoordinatorStub(channel)
+
+    def skip(self) -> None:
+        """The current address stopped answering: try the next one."""
+        self._current = (self._current + 1) % len(self._addresses)
 
     def _follow(self, err: LeptonError) -> None:
         """Point at the leader if the error names one, else at the next address."""
@@ -95,17 +103,21 @@ class Heartbeater:
         *,
         interval_s: float,
         on_term: Callable[[int], None] | None = None,
+        on_leader_silent: Callable[[], None] | None = None,
     ):
         self._link = link
         self._make_registration = make_registration
         self._usage = usage
         self.interval_s = interval_s
         self._on_term = on_term
+        # Other streams to the same leader (assignments) cannot tell it hung: tell them.
+        self._on_leader_silent = on_leader_silent
         self._registered = False
         self._stream = None  # the HeartbeatStream call, while open
         self._reader: asyncio.Task[None] | None = None
         self._broken: LeptonError | None = None  # why the stream failed, seen by the reader
         self._left = False  # the leader has this node as left
+        self._last_answer = 0.0  # loop time of the leader's last answer on the stream
         self._stopping = asyncio.Event()
         self.node_id = make_registration().node_id
 
@@ -127,13 +139,26 @@ class Heartbeater:
             return f"registered with the coordinator at {self._link.address}"
         if self._stream is None:
             self._stream = self._link.open_stream("HeartbeatStream")
+            self._last_answer = asyncio.get_running_loop().time()
             self._reader = asyncio.create_task(self._read(self._stream), name="heartbeat-reader")
+        silent = asyncio.get_running_loop().time() - self._last_answer
+        if silent > max(ANSWER_TIMEOUT_BEATS * self.interval_s, MIN_ANSWER_TIMEOUT_S):
+            self._drop_stream()
+            address = self._link.address
+            self._link.skip()
+            if self._on_leader_silent is not None:
+                self._on_leader_silent()
+            raise Unavailable(f"{address} has not answered heartbeats for {silent:.1f}s")
         req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
         try:
             await asyncio.wait_for(self._stream.write(req), timeout)
         except asyncio.TimeoutError:
             self._drop_stream()
-            raise Unavailable(f"{self._link.address} took no heartbeat in {timeout:.1f}s") from None
+            address = self._link.address
+            self._link.skip()
+            if self._on_leader_silent is not None:
+                self._on_leader_silent()
+            raise Unavailable(f"{address} took no heartbeat in {timeout:.1f}s") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # The reader sees the same failure and records why; report it next cycle.
             await asyncio.sleep(0)
@@ -155,6 +180,7 @@ class Heartbeater:
                 resp = await stream.read()
                 if resp is grpc.aio.EOF:
                     raise Unavailable(f"{self._link.address} closed the heartbeat stream")
+                self._last_answer = asyncio.get_running_loop().time()
                 if self._on_term is not None:
                     self._on_term(resp.term)
                 if resp.state == common_pb2.NODE_STATE_LEFT:

@@ -97,3 +97,24 @@ def run_ctl(*args: str, server: str, check: bool = False, timeout: float = 60) -
     if check and out.returncode != 0:
         raise AssertionError(f"lepton-ctl {' '.join(args)} failed ({out.returncode}): {out.stderr}")
     return out
+
+
+RAFT_FAST = ["--raft-heartbeat", "0.05", "--election-timeout", "0.5"]
+
+
+def start_voters(start, n: int = 3, *extra: str) -> list[AgentProcess]:
+    """Start n voters that elect a coordinator among themselves (`start` is the `agents`
+    fixture). Their ports are fixed up front because each must name all the others."""
+    ports = [free_port() for _ in range(n)]
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    return [start(f"voter-{i + 1}", "--peers", peers, *RAFT_FAST, *extra, port=port)
+            for i, port in enumerate(ports)]
+
+
+def servers(voters: list[AgentProcess]) -> str:
+    return ",".join(v.address for v in voters)
+
+
+def leader_of(client, voters: list[AgentProcess]) -> AgentProcess:
+    address = client.cluster_status().leader
+    return next(v for v in voters if v.address == address)

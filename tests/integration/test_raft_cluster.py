@@ -1,0 +1,107 @@
+"""Issue 4 end to end: an elected coordinator among 3 real voter agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from lepton.client import Client, LeptonError
+from tests.integration.cluster import leader_of, run_ctl, servers, start_voters, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_voters_elect_one_leader_and_report_it(agents):
+    voters = start_voters(agents)
+    with Client(servers(voters)) as c:
+        status = wait_until(lambda: (s := c.cluster_status()).leader and s, what="a leader")
+        assert len(status.voters) == 3
+        assert sum(v.role == "leader" for v in status.voters) == 1
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 3, what="3 nodes")
+        status = c.cluster_status()
+        assert all(v.match_index == status.commit_index for v in status.voters)
+    for v in voters:  # any voter answers, with the same leader, through the CLI
+        out = run_ctl("-o", "json", "cluster", "status", server=v.address, check=True)
+        assert json.loads(out.stdout)["leader"] == status.leader
+
+
+def test_leader_kill_loses_no_acknowledged_task(agents):
+    voters = start_voters(agents)
+    with Client(servers(voters), timeout=20) as c:
+        wait_until(lambda: c.cluster_status().leader, what="a leader")
+        acked = [c.submit(["true"], constraints={"pool": "none"}).id for _ in range(20)]
+        old = leader_of(c, voters)
+        old_term = c.cluster_status().term
+        old.kill9()
+        new = wait_until(lambda: (s := c.cluster_status()).leader not in ("", old.address) and s,
+                         what="a new leader")
+        assert new.term > old_term
+        assert {t.id for t in c.list()} >= set(acked)
+        acked.append(c.submit(["true"], constraints={"pool": "none"}).id)
+        old.start()  # it rejoins as a follower and catches up
+        wait_until(lambda: next(v for v in c.cluster_status().voters
+                                if v.address == old.address).lag == 0, what="old leader caught up")
+        assert sorted(t.id for t in c.list()) == sorted(acked)
+
+
+def test_chaos_kill_and_stop_the_leader_while_submitting(agents, tmp_path):
+    """Every acknowledged submission is present exactly once, and no attempt ran twice."""
+    # A SIGSTOPped leader holds the workers' streams until keepalive gives up (~2 s): give
+    # the workers that long after each failover before their tasks count as lost.
+    voters = start_voters(agents, 3, "--failover-grace", "4")
+    ran = tmp_path / "ran"
+    workers = [agents(f"worker-{i}", "--join", servers(voters), "--labels", "pool=work") for i in (1, 2)]
+    assert workers
+    acked: list[str] = []
+    errors: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def submitter() -> None:
+        with Client(servers(voters), timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                rid = f"chaos-{i}"
+                while True:  # retry the same request id until acknowledged
+                    try:
+                        c.submit(shell=f'echo "$LEPTON_TASK_ID $LEPTON_ATTEMPT" >> {ran}',
+                                 constraints={"pool": "work"}, cpu=0.1, request_id=rid)
+                        acked.append(rid)
+                        break
+                    except LeptonError as err:
+                        errors[type(err).__name__] += 1
+                        time.sleep(0.05)
+                i += 1
+
+    thread = threading.Thread(target=submitter)
+    with Client(servers(voters), timeout=30) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 5, what="5 nodes")
+        thread.start()
+        for round_ in range(4):
+            wait_until(lambda: len(acked) > 5 * (round_ + 1), what="progress")
+            victim = leader_of(c, voters)
+            if round_ % 2 == 0:
+                victim.kill9()
+                wait_until(lambda: c.cluster_status().leader not in ("", victim.address), what="failover")
+                victim.start()
+            else:
+                os.kill(victim.proc.pid, signal.SIGSTOP)
+                wait_until(lambda: c.cluster_status().leader not in ("", victim.address), what="failover")
+                os.kill(victim.proc.pid, signal.SIGCONT)
+        wait_until(lambda: len(acked) > 30, what="more progress after the chaos")
+        stop.set()
+        thread.join(60)
+        tasks = wait_until(lambda: (ts := c.list()) and all(t.done for t in ts) and ts,
+                           timeout=60, what="every task to finish")
+    by_request = Counter(t.request_id for t in tasks)
+    assert set(acked) <= set(by_request), "an acknowledged submission was lost"
+    assert all(n == 1 for n in by_request.values()), "a submission was stored twice"
+    assert all(t.state == "succeeded" for t in tasks), [(t.id, t.state, t.reason, t.history) for t in tasks if t.state != "succeeded"]
+    lines = ran.read_text().split("\n")[:-1]
+    assert len(lines) == len(set(lines)), "an attempt ran twice"
+    assert {line.split()[0] for line in lines} == {t.id for t in tasks}

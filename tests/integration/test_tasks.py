@@ -1,0 +1,204 @@
+"""Issue 3 end to end: scheduling and execution of tasks on real agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grpc
+import psutil
+import pytest
+
+from lepton.client import Client
+from lepton.common.errors import InvalidArgument
+from lepton.v1 import coordinator_pb2, coordinator_pb2_grpc, tasks_pb2
+from tests.integration.cluster import run_ctl, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def state_of(c: Client, task_id: str) -> str:
+    return c.get(task_id).state
+
+
+def attempt_pid(agent, task_id: str, attempt: int) -> int:
+    doc = json.loads((agent.data_dir / "tasks" / task_id / str(attempt) / "run.json").read_text())
+    return int(doc["pid"])
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_higher_priority_runs_first(agents, tmp_path):
+    node = agents("solo", "--cpus", "1")
+    order = tmp_path / "order"
+    gate = tmp_path / "gate"
+    with Client(node.address) as c:
+        blocker = c.submit(shell=f"while [ ! -e {gate} ]; do sleep 0.05; done", cpu=1, priority=100)
+        wait_until(lambda: state_of(c, blocker.id) == "running", what="blocker running")
+        low = c.submit(shell=f"echo low >> {order}", cpu=1, priority=1)
+        high = c.submit(shell=f"echo high >> {order}", cpu=1, priority=5)
+        assert c.get(low.id).state == "pending" and "waiting" in c.get(low.id).reason
+        gate.touch()
+        assert c.wait(high.id, timeout=30).state == "succeeded"
+        assert c.wait(low.id, timeout=30).state == "succeeded"
+    assert order.read_text().split() == ["high", "low"]
+
+
+def test_preemption_evicts_lower_priority_and_requeues_it(agents, tmp_path):
+    node = agents("solo", "--cpus", "1")
+    with Client(node.address) as c:
+        low = c.submit(["sleep", "60"], cpu=1, priority=0, grace=1)
+        wait_until(lambda: state_of(c, low.id) == "running", what="low running")
+        pid = attempt_pid(node, low.id, 1)
+        high = c.submit(["sh", "-c", "echo urgent"], cpu=1, priority=10)
+        assert c.wait(high.id, timeout=30).state == "succeeded"
+        assert gone(pid), "the preempted attempt must be stopped"
+        requeued = wait_until(lambda: (t := c.get(low.id)).attempt == 2 and t.state == "running" and t,
+                              what="low requeued and running again")
+        assert requeued.history[0].state == "preempted"
+        assert requeued.failures == 0  # preemption is not a failure
+        c.cancel(low.id)
+
+
+def test_node_loss_retries_elsewhere_and_fails_without_retries(agents):
+    voter = agents("voter", "--labels", "pool=control")
+    a = agents("worker-a", "--join", voter.address, "--labels", "pool=gpu")
+    b = agents("worker-b", "--join", voter.address, "--labels", "pool=gpu")
+    with Client(voter.address) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 3, what="3 nodes")
+        node_of = {n.id: n for n in c.nodes()}
+        retried = c.submit(["sleep", "60"], constraints={"pool": "gpu"}, max_retries=1)
+        doomed = c.submit(["sleep", "60"], constraints={"pool": "gpu"}, max_retries=0)
+        wait_until(lambda: state_of(c, retried.id) == "running" and state_of(c, doomed.id) == "running",
+                   what="both running")
+        # Put both on the node we kill: kill whichever runs `retried`, check each outcome.
+        victim = a if node_of[c.get(retried.id).node_id].name == "worker-a" else b
+        survivor = b if victim is a else a
+        doomed_on_victim = node_of[c.get(doomed.id).node_id].name == victim.name
+        old_pid = attempt_pid(victim, retried.id, 1)
+        victim.kill9()
+        moved = wait_until(lambda: (t := c.get(retried.id)).attempt == 2 and t.state == "running" and t,
+                           what="retry on the other node")
+        assert node_of[moved.node_id].name == survivor.name
+        assert moved.history[0].reason == "node_lost"
+        if doomed_on_victim:
+            failed = wait_until(lambda: (t := c.get(doomed.id)).state == "failed" and t, what="doomed failed")
+            assert failed.reason == "node_lost"
+        # The crashed agent's orphan keeps running until its agent returns and reconciles.
+        victim.start()
+        wait_until(lambda: gone(old_pid), what="the restarted agent to stop the stale attempt")
+        for t in (retried, doomed):
+            if not c.get(t.id).done:
+                c.cancel(t.id)
+
+
+def test_cancel_stops_the_process_group(agents):
+    node = agents("solo")
+    with Client(node.address) as c:
+        t = c.submit(shell="sleep 60 & sleep 60; wait", grace=1)
+        wait_until(lambda: state_of(c, t.id) == "running", what="running")
+        pid = attempt_pid(node, t.id, 1)
+        children = psutil.Process(pid).children(recursive=True)
+        assert c.cancel(t.id).state == "cancelled"
+        wait_until(lambda: gone(pid) and all(gone(ch.pid) for ch in children), what="process group gone")
+    out = run_ctl("tasks", "cancel", t.id, server=node.address)
+    assert out.returncode == 1 and "already cancelled" in out.stderr
+
+
+def test_timeout_is_enforced(agents):
+    node = agents("solo")
+    with Client(node.address) as c:
+        t = c.submit(["sleep", "60"], timeout=0.5, grace=0.5)
+        done = c.wait(t.id, timeout=30)
+        assert done.state == "failed"
+        assert "timeout" in done.reason
+
+
+def test_logs_follow_streams_live_output(agents):
+    node = agents("solo")
+    with Client(node.address) as c:
+        t = c.submit(shell="for i in 1 2 3; do echo line $i; sleep 0.2; done; echo oops >&2")
+        data = b"".join(c.logs(t.id, follow=True))
+        assert data.decode().splitlines() == ["line 1", "line 2", "line 3", "oops"]
+    out = run_ctl("logs", t.id, server=node.address, check=True)
+    assert "line 3" in out.stdout
+
+
+def test_run_streams_and_exits_with_the_task_code(agents):
+    node = agents("solo")
+    out = run_ctl("run", "--", "sh", "-c", "echo hello from the task; exit 3", server=node.address)
+    assert out.returncode == 3
+    assert "hello from the task" in out.stdout
+    submitted = run_ctl("submit", "--cpu", "0.1", "--", "true", server=node.address, check=True)
+    assert submitted.stdout.strip().startswith("t-") and len(submitted.stdout.split()) == 1
+
+
+def test_gpus_are_assigned_as_distinct_devices(agents):
+    node = agents("gpu-box", "--fake-gpus", "2")
+    with Client(node.address) as c:
+        tasks = [c.submit(shell='echo "$CUDA_VISIBLE_DEVICES"; sleep 1', gpus=1) for _ in range(2)]
+        seen = sorted(b"".join(c.logs(t.id, follow=True)).decode().strip() for t in tasks)
+        assert seen == ["0", "1"]
+        assert all(c.wait(t.id, timeout=30).state == "succeeded" for t in tasks)
+        big = c.submit(["true"], gpus=4)
+        reason = wait_until(lambda: c.get(big.id).reason.startswith("unschedulable") and c.get(big.id).reason,
+                            what="a reason")
+        assert reason == "unschedulable: needs 4 gpus, largest node has 2"
+        assert c.get(big.id).state == "pending"
+
+
+def test_resubmission_with_the_same_request_id_runs_once(agents):
+    node = agents("solo")
+    with Client(node.address) as c:
+        first = c.submit(["true"], request_id="job-42")
+        again = c.submit(["true"], request_id="job-42")
+        assert again.id == first.id
+        assert [t.id for t in c.list()] == [first.id]
+
+
+def test_bad_specs_are_rejected_and_nothing_is_stored(agents):
+    node = agents("solo")
+    with Client(node.address) as c:
+        with pytest.raises(InvalidArgument):
+            c.submit([])
+        with pytest.raises(InvalidArgument):
+            c.submit(["true"], cpu=-1)
+        stub = coordinator_pb2_grpc.CoordinatorStub(grpc.insecure_channel(node.address))
+        bad = [
+            (tasks_pb2.TaskSpec(), "command is empty"),
+            (tasks_pb2.TaskSpec(argv=["true"], resources=tasks_pb2.Resources(cpu=-2)), "resources.cpu"),
+            (tasks_pb2.TaskSpec(argv=["true"], shell="true"), "not both"),
+            (tasks_pb2.TaskSpec(argv=["true"], env={"1BAD": "x"}), "env name"),
+            (tasks_pb2.TaskSpec(argv=["true"], request_id="../x"), "request_id"),
+            (tasks_pb2.TaskSpec(argv=["true"], timeout_s=float("nan")), "timeout_s"),
+        ]
+        for spec, fragment in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in info.value.details()
+        assert c.list() == []
+    out = run_ctl("submit", "--cpu", "-3", "--", "true", server=node.address)
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_agent_restart_reconciles_running_tasks(agents):
+    # Slow failure detection here: the agent must be back before its node is declared down.
+    voter = agents("voter", "--labels", "pool=control", "--suspect-after", "8", "--down-after", "10")
+    worker = agents("worker", "--join", voter.address, "--labels", "pool=work")
+    with Client(voter.address) as c:
+        t = c.submit(shell="sleep 2; echo finished", constraints={"pool": "work"})
+        wait_until(lambda: state_of(c, t.id) == "running", what="running")
+        pid = attempt_pid(worker, t.id, 1)
+        os.kill(worker.proc.pid, signal.SIGKILL)  # the agent dies; its task does not
+        worker.proc.wait(10)
+        assert not gone(pid)
+        worker.start()  # back before the node is declared down: it re-adopts the attempt
+        done = c.wait(t.id, timeout=30)
+        assert done.state == "succeeded" and done.attempt == 1
