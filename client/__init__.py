@@ -4,6 +4,8 @@
 
     with Client("127.0.0.1:7070") as c:
         print(c.cluster_status().leader)
+        task = c.submit(["python", "train.py"], gpus=1, memory="16GiB")
+        print(c.wait(task.id).state)
 
 Exceptions are the ones of `lepton.common.errors`, re-exported here for convenience.
 """
@@ -34,13 +36,18 @@ from lepton.common.errors import (
 )
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
+from .tasks import parse_size
 from .types import (
     NODE_STATES,
+    TASK_STATES,
+    AttemptInfo,
     Capacity,
     ClusterStatusInfo,
     GpuInfo,
     NodeEvent,
     NodeInfo,
+    TaskInfo,
+    TaskResources,
     Usage,
     VoterInfo,
 )
@@ -49,7 +56,9 @@ __all__ = [
     "DEFAULT_SERVER",
     "DEFAULT_TIMEOUT",
     "NODE_STATES",
+    "TASK_STATES",
     "AlreadyExists",
+    "AttemptInfo",
     "Cancelled",
     "Capacity",
     "Client",
@@ -68,9 +77,12 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "Stream",
+    "TaskInfo",
+    "TaskResources",
     "Unauthenticated",
     "Unavailable",
     "Usage",
     "VoterInfo",
     "parse_servers",
+    "parse_size",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+
 from lepton.common.errors import Unavailable
 
 __all__ = ["Transport", "retryable", "transport_failure", "unreachable_error"]

@@ -12,15 +12,24 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from . import local
-from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from . import cli_tasks, local
+from ._cli_common import (
+    CLI_CONNECT_TIMEOUT_S,
+    PROG,
+    UsageError,
+    _client,
+    _global_options,
+    _Parser,
+    _positive_float,
+    _positive_int,
+    _print_json,
+)
 from .render import (
     cluster_status_view,
-    dump_json,
     emit,
     make_console,
     node_detail,
@@ -31,75 +40,10 @@ from .render import (
 )
 from .types import NODE_STATES
 
-__all__ = ["build_parser", "main"]
+# PROG and CLI_CONNECT_TIMEOUT_S live in _cli_common; re-exported for tools and tests.
+__all__ = ["CLI_CONNECT_TIMEOUT_S", "PROG", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
-
-PROG = "lepton-ctl"
-# When no server can be reached at all, say so after this long rather than the full
-# --timeout: at a prompt, "cannot reach" now beats a silent wait (a restarting one-node
-# cluster is still covered).
-CLI_CONNECT_TIMEOUT_S = 2.0
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with lepton-ctl's one-line error format; exit code stays 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: {message} (see '{self.prog} --help')\n")
-        sys.exit(2)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    # Given twice: on the top parser with defaults, and on every subcommand with SUPPRESS,
-    # so `lepton-ctl -o json nodes list` and `lepton-ctl nodes list -o json` both work.
-    def d(value: Any) -> Any:
-        return value if defaults else argparse.SUPPRESS
-
-    g = parser.add_argument_group("global options")
-    g.add_argument(
-        "--server",
-        metavar="ADDR[,ADDR...]",
-        default=d(os.environ.get("LEPTON_SERVER") or DEFAULT_SERVER),
-        help=f"coordinator address(es), any voters (default: $LEPTON_SERVER, else {DEFAULT_SERVER})",
-    )
-    g.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json"),
-        default=d("table"),
-        help="output format (default: table)",
-    )
-    g.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=_positive_float,
-        default=d(DEFAULT_TIMEOUT),
-        help=f"time budget of each call, retries included (default: {DEFAULT_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--debug", action="store_true", default=d(False), help="log to stderr, show tracebacks"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,11 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def sub(
-        group: Any, name: str, func: Callable[[argparse.Namespace], int], help: str
+        group: Any,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        parents: Sequence[argparse.ArgumentParser] = (common,),
     ) -> argparse.ArgumentParser:
-        p = group.add_parser(name, help=help, description=help, parents=[common])
+        p = group.add_parser(name, help=help, description=help, parents=list(parents))
         p.set_defaults(func=func)
         return p
+
+    cli_tasks.add_commands(top, sub)
 
     nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
     nodes_sub = nodes.add_subparsers(
@@ -187,16 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands -------------------------------------------------------------------------
-
-
-def _client(args: argparse.Namespace) -> Client:
-    return Client(
-        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
-    )
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(dump_json(obj) + "\n")
 
 
 def cmd_nodes_list(args: argparse.Namespace) -> int:
@@ -325,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except UsageError as e:
+        sys.stderr.write(f"{PROG}: {_one_line(str(e))}\n")
+        return 2
     except KeyboardInterrupt:
         return 130
     except LeptonError as e:

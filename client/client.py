@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+
 from lepton.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -41,6 +42,8 @@ from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._transport import retryable, transport_failure, unreachable_error
+from ._util import require_id as _require_id
+from .tasks import TaskMethods
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, state_to_proto
 
 __all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "NodeWatch", "Stream", "parse_servers"]
@@ -89,12 +92,6 @@ def parse_servers(servers: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _require_id(value: str, what: str = "node id") -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument(f"{what} must not be empty")
-    return value.strip()
-
-
 @dataclass
 class _Conn:
     """One channel to one server, with its stubs made on first use."""
@@ -110,13 +107,16 @@ class _Conn:
         return stub
 
 
-class Client:
+class Client(TaskMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader
     is found). `timeout`: the total time budget of one call, retries included.
     `connect_timeout`: give up sooner when no server at all can be reached for this long
     (default: the whole `timeout`); a CLI wants "cannot reach" fast, a job wants patience.
+
+    Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
+    `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`.
 
     Thread-safe; use as a context manager or call `close()`.
     """
@@ -136,7 +136,8 @@ class Client:
         self._current = self._addresses[0]
         self._conns: dict[str, _Conn] = {}
         self._lock = threading.Lock()
-        self._streams: weakref.WeakSet[Stream[Any]] = weakref.WeakSet()
+        # Open streams (and agent log calls), cancelled by close().
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------

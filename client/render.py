@@ -8,9 +8,10 @@ shapes documented in docs/cli.md.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -18,11 +19,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .types import ClusterStatusInfo, NodeEvent, NodeInfo
+from .types import ClusterStatusInfo, NodeEvent, NodeInfo, TaskInfo
 
 __all__ = [
+    "age",
     "ago",
     "cluster_status_view",
+    "command_text",
+    "duration",
     "dump_json",
     "emit",
     "human_bytes",
@@ -32,6 +36,9 @@ __all__ = [
     "nodes_table",
     "short_id",
     "sort_nodes",
+    "task_detail",
+    "tasks_table",
+    "truncate",
     "when",
 ]
 
@@ -82,19 +89,32 @@ def short_id(node_id: str) -> str:
     return node_id[:SHORT_ID_LEN]
 
 
+def duration(seconds: float) -> str:
+    """`42s`, `5m`, `2h`, `4d` (rounded down to the largest unit)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def age(ms: int, now_ms: int | None = None) -> str:
+    """Time since `ms`: `3s`, `5m`, `2h`, `4d`; `-` for 0 (never)."""
+    if ms <= 0:
+        return "-"
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    # Clock skew between us and the leader: clamp.
+    return duration(max(0, now_ms - ms) / 1000)
+
+
 def ago(ms: int, now_ms: int | None = None) -> str:
     """`3s ago`, `5m ago`, `2h ago`, `4d ago`; `-` for 0 (never)."""
     if ms <= 0:
         return "-"
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    s = max(0, (now_ms - ms) // 1000)  # clock skew between us and the leader: clamp
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m ago"
-    if s < 86400:
-        return f"{s // 3600}h ago"
-    return f"{s // 86400}d ago"
+    return f"{age(ms, now_ms)} ago"
 
 
 def when(ms: int, now_ms: int | None = None) -> str:
@@ -234,3 +254,114 @@ def node_event_line(e: NodeEvent) -> str:
     stamp = datetime.fromtimestamp(e.at_ms / 1000).strftime("%H:%M:%S") if e.at_ms else "-"
     n = e.node
     return f"{stamp}  {e.kind:<13}  {n.name} ({short_id(n.id)})  {n.display_state}"
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+REASON_WIDTH = 60
+
+
+def truncate(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def command_text(t: TaskInfo) -> str:
+    """The task's command as one would type it: argv shell-quoted, or the shell string."""
+    return t.command if isinstance(t.command, str) else shlex.join(t.command)
+
+
+def _node_ref(node_id: str, names: Mapping[str, str]) -> str:
+    return names.get(node_id) or short_id(node_id) if node_id else "-"
+
+
+def _exit(code: int | None) -> str:
+    return "-" if code is None else str(code)
+
+
+def tasks_table(
+    tasks: Sequence[TaskInfo], names: Mapping[str, str] | None = None, now_ms: int | None = None
+) -> Table:
+    """`tasks list`: one row per task. `names`: node id → node name, where known."""
+    names = names or {}
+    table = _table("ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "REASON")
+    for t in tasks:
+        _row(
+            table,
+            t.id,
+            t.name or "-",
+            t.state,
+            str(t.priority),
+            _node_ref(t.node_id, names),
+            str(t.attempt),
+            _exit(t.exit_code),
+            age(t.created_at_ms, now_ms),
+            truncate(t.reason, REASON_WIDTH) if t.reason else "",
+        )
+    return table
+
+
+def _resources(t: TaskInfo) -> str:
+    r = t.resources
+    parts = [f"cpu {r.cpu:g}" if r.cpu else "cpu any"]
+    parts.append(f"memory {human_bytes(r.memory_bytes)}" if r.memory_bytes else "memory any")
+    if r.gpus:
+        each = f" (at least {human_bytes(r.gpu_memory_bytes)} each)" if r.gpu_memory_bytes else ""
+        parts.append(f"{r.gpus} gpu{'s' if r.gpus > 1 else ''}{each}")
+    return ", ".join(parts)
+
+
+def task_detail(
+    t: TaskInfo, names: Mapping[str, str] | None = None, now_ms: int | None = None
+) -> Group:
+    """`tasks show`: every field of one task, then its finished attempts."""
+    names = names or {}
+    state = t.state + (f": {t.reason}" if t.reason and t.reason != t.state else "")
+    node = "-"
+    if t.node_id:
+        node = f"{_node_ref(t.node_id, names)} ({short_id(t.node_id)})"
+        if t.node_address:
+            node += f" at {t.node_address}"
+    retries = f"{t.max_retries} ({t.failures} failed attempt{'s' if t.failures != 1 else ''})"
+    rows = [
+        ("ID", t.id),
+        ("Name", t.name or "-"),
+        ("State", state),
+        ("Owner", t.owner or "-"),
+        ("Priority", str(t.priority)),
+        ("Command", ("sh -c: " if t.shell else "") + command_text(t)),
+        ("Resources", _resources(t)),
+        ("Constraints", ", ".join(f"{k}={v}" for k, v in t.constraints.items()) or "<none>"),
+        ("Env", ", ".join(f"{k}={v}" for k, v in t.env.items()) or "<none>"),
+        ("Workdir", t.workdir or "-"),
+        ("Timeout", f"{t.timeout_s:g}s" if t.timeout_s else "none"),
+        ("Grace", f"{t.grace_s:g}s" if t.grace_s else "default"),
+        ("Retries", retries),
+        ("Attempt", str(t.attempt)),
+        ("Node", node),
+        ("GPUs", ", ".join(map(str, t.gpu_indices)) or "-"),
+        ("Exit code", _exit(t.exit_code)),
+        ("Created", when(t.created_at_ms, now_ms)),
+        ("Assigned", when(t.assigned_at_ms, now_ms)),
+        ("Started", when(t.started_at_ms, now_ms)),
+        ("Finished", when(t.finished_at_ms, now_ms)),
+    ]
+    if not t.history:
+        return Group(_kv(rows))
+    history = _table("ATTEMPT", "NODE", "STATE", "EXIT", "STARTED", "RAN", "REASON")
+    for h in t.history:
+        ran = "-"
+        if h.started_at_ms and h.finished_at_ms:
+            ran = duration((h.finished_at_ms - h.started_at_ms) / 1000)
+        _row(
+            history,
+            str(h.attempt),
+            _node_ref(h.node_id, names),
+            h.state,
+            _exit(h.exit_code),
+            ago(h.started_at_ms, now_ms),
+            ran,
+            truncate(h.reason, REASON_WIDTH) if h.reason else "",
+        )
+    return Group(_kv(rows), Text(""), history)

@@ -12,18 +12,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.common.errors import InvalidArgument
-from lepton.v1 import common_pb2, coordinator_pb2
+from lepton.v1 import common_pb2, coordinator_pb2, tasks_pb2
 
 __all__ = [
+    "FINAL_TASK_STATES",
     "NODE_STATES",
+    "TASK_STATES",
+    "AttemptInfo",
     "Capacity",
     "ClusterStatusInfo",
     "GpuInfo",
     "NodeEvent",
     "NodeInfo",
+    "TaskInfo",
+    "TaskResources",
     "Usage",
     "VoterInfo",
     "state_to_proto",
+    "task_state_to_proto",
 ]
 
 # The lowercase names the API speaks, in lifecycle order.
@@ -257,3 +263,180 @@ class NodeEvent(_DictMixin):
             at_ms=msg.at_ms,
             index=msg.index,
         )
+
+
+# -- tasks ----------------------------------------------------------------------------
+
+# The lowercase task states the API speaks, in lifecycle order; the last three are final.
+TASK_STATES: tuple[str, ...] = (
+    "pending",
+    "assigned",
+    "running",
+    "preempted",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+FINAL_TASK_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+_TASK_STATE_FROM_PROTO: dict[int, str] = {
+    tasks_pb2.TASK_STATE_PENDING: "pending",
+    tasks_pb2.TASK_STATE_ASSIGNED: "assigned",
+    tasks_pb2.TASK_STATE_RUNNING: "running",
+    tasks_pb2.TASK_STATE_SUCCEEDED: "succeeded",
+    tasks_pb2.TASK_STATE_FAILED: "failed",
+    tasks_pb2.TASK_STATE_CANCELLED: "cancelled",
+    tasks_pb2.TASK_STATE_PREEMPTED: "preempted",
+}
+_TASK_STATE_TO_PROTO: dict[str, int] = {v: k for k, v in _TASK_STATE_FROM_PROTO.items()}
+
+
+def task_state_to_proto(state: str) -> int:
+    """`"running"` → `TASK_STATE_RUNNING`; raises InvalidArgument for anything else."""
+    try:
+        return _TASK_STATE_TO_PROTO[state.strip().lower()]
+    except (KeyError, AttributeError):
+        raise InvalidArgument(
+            f"unknown task state {state!r} (expected one of {', '.join(TASK_STATES)})"
+        ) from None
+
+
+def _task_state_name(value: int) -> str:
+    return _TASK_STATE_FROM_PROTO.get(value, "unknown")
+
+
+@dataclass(frozen=True)
+class TaskResources(_DictMixin):
+    """What a task asks for. `cpu` in (fractional) cores; `gpu_memory_bytes` is the least
+    memory each of its GPUs must have (0: any)."""
+
+    cpu: float = 0.0
+    memory_bytes: int = 0
+    gpus: int = 0
+    gpu_memory_bytes: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: tasks_pb2.Resources) -> TaskResources:
+        return cls(
+            cpu=float(msg.cpu),
+            memory_bytes=msg.memory_bytes,
+            gpus=msg.gpus,
+            gpu_memory_bytes=msg.gpu_memory_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class AttemptInfo(_DictMixin):
+    """One finished attempt of a task, from its history.
+
+    `state`: how it ended (`succeeded`, `failed`, `cancelled` or `preempted`).
+    `exit_code`: None when the attempt ended without one (node lost, cancelled, preempted
+    before it exited); negative N means killed by signal N.
+    """
+
+    attempt: int
+    node_id: str
+    state: str
+    exit_code: int | None
+    reason: str
+    started_at_ms: int
+    finished_at_ms: int
+
+    @classmethod
+    def from_proto(cls, msg: tasks_pb2.AttemptRecord) -> AttemptInfo:
+        state = _task_state_name(msg.state)
+        # The record has no has_exit_code: 0 is "none" unless the attempt succeeded.
+        code: int | None = msg.exit_code
+        if code == 0 and state != "succeeded":
+            code = None
+        return cls(
+            attempt=msg.attempt,
+            node_id=msg.node_id,
+            state=state,
+            exit_code=code,
+            reason=msg.reason,
+            started_at_ms=msg.started_at_ms,
+            finished_at_ms=msg.finished_at_ms,
+        )
+
+
+@dataclass(frozen=True)
+class TaskInfo(_DictMixin):
+    """One task as the leader knows it.
+
+    `state` is one of `TASK_STATES` (`unknown` only from a newer server). `attempt` counts
+    from 1 and grows on each requeue; `failures` counts failed attempts (a preemption is not
+    one). `node_id`/`node_address`/`gpu_indices` are the current (or last) attempt's
+    placement, empty while pending. `exit_code` is None until an attempt exited. `reason`
+    says why a pending task waits, or why a task failed. `command` is the argv list, or the
+    shell string when the task runs under `/bin/sh -c`. Times are Unix ms; 0: not yet.
+    """
+
+    id: str
+    name: str
+    state: str
+    attempt: int
+    failures: int
+    node_id: str
+    node_address: str
+    gpu_indices: list[int]
+    exit_code: int | None
+    reason: str
+    priority: int
+    owner: str
+    command: list[str] | str
+    resources: TaskResources
+    constraints: dict[str, str]
+    env: dict[str, str]
+    workdir: str
+    max_retries: int
+    timeout_s: float
+    grace_s: float
+    request_id: str
+    created_at_ms: int
+    assigned_at_ms: int
+    started_at_ms: int
+    finished_at_ms: int
+    history: list[AttemptInfo]
+
+    @classmethod
+    def from_proto(cls, msg: tasks_pb2.Task) -> TaskInfo:
+        spec = msg.spec
+        return cls(
+            id=msg.id,
+            name=spec.name,
+            state=_task_state_name(msg.state),
+            attempt=msg.attempt,
+            failures=msg.failures,
+            node_id=msg.node_id,
+            node_address=msg.node_address,
+            gpu_indices=list(msg.gpu_indices),
+            exit_code=msg.exit_code if msg.has_exit_code else None,
+            reason=msg.reason,
+            priority=spec.priority,
+            owner=spec.owner,
+            command=list(spec.argv) if spec.argv else spec.shell,
+            resources=TaskResources.from_proto(spec.resources),
+            constraints=dict(sorted(spec.constraints.items())),
+            env=dict(sorted(spec.env.items())),
+            workdir=spec.workdir,
+            max_retries=spec.max_retries,
+            timeout_s=float(spec.timeout_s),
+            grace_s=float(spec.grace_s),
+            request_id=spec.request_id,
+            created_at_ms=msg.created_at_ms,
+            assigned_at_ms=msg.assigned_at_ms,
+            started_at_ms=msg.started_at_ms,
+            finished_at_ms=msg.finished_at_ms,
+            history=[AttemptInfo.from_proto(h) for h in msg.history],
+        )
+
+    @property
+    def done(self) -> bool:
+        """Whether the task is final: succeeded, failed or cancelled."""
+        return self.state in FINAL_TASK_STATES
+
+    @property
+    def shell(self) -> bool:
+        """Whether `command` is a shell string (run under `/bin/sh -c`)."""
+        return isinstance(self.command, str)

@@ -1,0 +1,97 @@
+"""What every lepton-ctl command module shares: the parser class, option types, the global
+options, making the client, printing JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, NoReturn
+
+from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from .render import dump_json
+
+PROG = "lepton-ctl"
+# When no server can be reached at all, say so after this long rather than the full
+# --timeout: at a prompt, "cannot reach" now beats a silent wait (a restarting one-node
+# cluster is still covered).
+CLI_CONNECT_TIMEOUT_S = 2.0
+
+
+class UsageError(Exception):
+    """A usage mistake found after parsing; lepton-ctl prints it in one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lepton-ctl's one-line error format; exit code stays 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _global_options(
+    parser: argparse.ArgumentParser, *, defaults: bool, timeout: bool = True
+) -> None:
+    # Given twice: on the top parser with defaults, and on every subcommand with SUPPRESS,
+    # so `lepton-ctl -o json nodes list` and `lepton-ctl nodes list -o json` both work.
+    # `timeout=False` for `submit` and `run`, whose own --timeout is the task's time limit:
+    # there the call budget goes before the command (`lepton-ctl --timeout 30 run ...`).
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    g = parser.add_argument_group("global options")
+    g.add_argument(
+        "--server",
+        metavar="ADDR[,ADDR...]",
+        default=d(os.environ.get("LEPTON_SERVER") or DEFAULT_SERVER),
+        help=f"coordinator address(es), any voters (default: $LEPTON_SERVER, else {DEFAULT_SERVER})",
+    )
+    g.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=d("table"),
+        help="output format (default: table)",
+    )
+    if timeout:
+        g.add_argument(
+            "--timeout",
+            metavar="SECONDS",
+            type=_positive_float,
+            default=d(DEFAULT_TIMEOUT),
+            help=f"time budget of each call, retries included (default: {DEFAULT_TIMEOUT:g})",
+        )
+    g.add_argument(
+        "--debug", action="store_true", default=d(False), help="log to stderr, show tracebacks"
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
+    )
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(dump_json(obj) + "\n")

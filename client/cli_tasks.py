@@ -1,0 +1,423 @@
+"""lepton-ctl's task commands: `submit`, `run`, `tasks list|show|cancel`, `logs`.
+
+Reference: docs/cli.md. `run` exits with the task's own exit code (see `exit_code_of`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
+
+from lepton.common.errors import FailedPrecondition, LeptonError
+
+from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, _print_json
+from .client import Client
+from .render import emit, task_detail, tasks_table
+from .tasks import parse_size
+from .types import TASK_STATES, TaskInfo
+
+__all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of"]
+
+# `run` says why its task waits once it has been pending this long.
+PENDING_NOTE_AFTER_S = 2.0
+# A cancelled task (and Ctrl-C) exits with this, like a shell's SIGINT.
+CANCELLED_EXIT = 130
+
+Sub = Callable[..., argparse.ArgumentParser]
+
+
+# -- option types -----------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except LeptonError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def parse_key_values(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str]:
+    """Repeated `--label`/`--env` pairs → a dict; a later repeat of a key wins."""
+    return dict(pairs or ())
+
+
+# -- the parser -------------------------------------------------------------------------
+
+
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task options")
+    g.add_argument("--name", default="", help="a name to show (need not be unique)")
+    g.add_argument(
+        "--cpu", type=_non_negative_float, default=0.0, help="cores, may be fractional (0.5)"
+    )
+    g.add_argument(
+        "--mem", metavar="SIZE", type=_size, default=0, help="memory: bytes, 512MiB, 2G, 1.5GiB"
+    )
+    g.add_argument("--gpus", metavar="G", type=_non_negative_int, default=0, help="GPUs")
+    g.add_argument(
+        "--gpu-mem", metavar="SIZE", type=_size, default=0, help="least memory of each GPU"
+    )
+    g.add_argument(
+        "--priority", metavar="P", type=_int, default=0, help="higher first; may preempt lower"
+    )
+    g.add_argument(
+        "--label",
+        metavar="K=V",
+        action="append",
+        type=_key_value,
+        help="run only on nodes with this label (repeatable)",
+    )
+    g.add_argument(
+        "--env", metavar="K=V", action="append", type=_key_value, help="environment (repeatable)"
+    )
+    g.add_argument("--workdir", metavar="DIR", default="", help="working directory")
+    g.add_argument(
+        "--retries", metavar="R", type=_non_negative_int, default=0, help="retry failed attempts"
+    )
+    g.add_argument(
+        "--timeout",
+        dest="task_timeout",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=0.0,
+        help="the task's time limit (0: none). The call budget goes before the command",
+    )
+    g.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=0.0,
+        help="SIGTERM to SIGKILL when stopped (0: the default, 10)",
+    )
+    g.add_argument("--owner", default="", help="who the task is for (tasks list --owner)")
+    g.add_argument(
+        "--request-id",
+        metavar="ID",
+        default=None,
+        help="submit at most once per ID, also across runs (default: a fresh one)",
+    )
+    g.add_argument(
+        "--shell", action="store_true", help="join CMD into one command line run by /bin/sh -c"
+    )
+    p.add_argument(
+        "cmd", metavar="-- CMD...", nargs=argparse.REMAINDER, help="the command and its arguments"
+    )
+
+
+def add_commands(top: Any, sub: Sub) -> None:
+    """Add the task commands to lepton-ctl's subcommands `top`, made with `sub`."""
+    # submit/run take a --timeout of their own (the task's limit): their parsers get the
+    # global options without it.
+    spec_common = _Parser(add_help=False)
+    _global_options(spec_common, defaults=False, timeout=False)
+
+    p = sub(top, "submit", cmd_submit, "submit a task; prints its id", parents=(spec_common,))
+    _spec_options(p)
+    p = sub(
+        top,
+        "run",
+        cmd_run,
+        "submit a task, stream its output, exit with its exit code (Ctrl-C cancels it)",
+        parents=(spec_common,),
+    )
+    _spec_options(p)
+
+    tasks = top.add_parser("tasks", help="list, show and cancel tasks")
+    tasks_sub = tasks.add_subparsers(
+        dest="tasks_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    p = sub(tasks_sub, "list", cmd_tasks_list, "list tasks, oldest first")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=TASK_STATES,
+        help="only tasks in this state (repeatable)",
+    )
+    p.add_argument("--owner", help="only tasks of this owner")
+    p.add_argument(
+        "--limit", metavar="N", type=_positive_int, default=0, help="only the newest N tasks"
+    )
+    p = sub(tasks_sub, "show", cmd_tasks_show, "show one task in full, with its attempts")
+    p.add_argument("task", metavar="ID", help="task id or unique id prefix")
+    p = sub(tasks_sub, "cancel", cmd_tasks_cancel, "cancel a task (its attempt is stopped)")
+    p.add_argument("task", metavar="ID", help="task id or unique id prefix")
+
+    p = sub(top, "logs", cmd_logs, "print a task's output (stdout and stderr)")
+    p.add_argument("task", metavar="TASK", help="task id or unique id prefix")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="stream new output until the task ends, across retries",
+    )
+    p.add_argument(
+        "--attempt",
+        metavar="N",
+        type=_positive_int,
+        default=0,
+        help="this attempt only (default: the latest)",
+    )
+
+
+# -- submit and run ---------------------------------------------------------------------
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError(
+            f"no command given (usage: {PROG} {args.command} [options] -- CMD [ARG...])"
+        )
+    return cmd
+
+
+def submit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`Client.submit` keyword arguments from `submit`/`run` options."""
+    cmd = _command(args)
+    kw: dict[str, Any] = {"shell": " ".join(cmd)} if args.shell else {"argv": cmd}
+    return {
+        **kw,
+        "name": args.name,
+        "cpu": args.cpu,
+        "memory": args.mem,
+        "gpus": args.gpus,
+        "gpu_memory": args.gpu_mem,
+        "priority": args.priority,
+        "constraints": parse_key_values(args.label),
+        "env": parse_key_values(args.env),
+        "workdir": args.workdir,
+        "max_retries": args.retries,
+        "timeout": args.task_timeout,
+        "grace": args.grace,
+        "owner": args.owner,
+        "request_id": args.request_id,
+    }
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    kw = submit_kwargs(args)
+    with _client(args) as c:
+        task = c.submit(**kw)
+    if args.output == "json":
+        _print_json(task.to_dict())
+    else:
+        sys.stdout.write(task.id + "\n")
+    return 0
+
+
+def exit_code_of(task: TaskInfo) -> int:
+    """`run`'s exit code for a final task: 0 succeeded; the task's own code (0-255) when it
+    failed with one, 128+N when killed by signal N; 130 cancelled; 1 otherwise (e.g. a
+    task that failed without exiting, its node lost)."""
+    if task.state == "succeeded":
+        return 0
+    if task.state == "cancelled":
+        return CANCELLED_EXIT
+    code = task.exit_code
+    if task.state == "failed" and code is not None:
+        if code < 0:
+            return min(128 - code, 255)
+        if 0 < code <= 255:
+            return code
+    return 1
+
+
+def end_note(task: TaskInfo) -> str:
+    """`task t-… failed: exit code 3`: how a task that did not succeed ended."""
+    why = task.reason if task.reason and task.reason != task.state else ""
+    if not why and task.exit_code is not None:
+        why = f"exit code {task.exit_code}"
+    return f"task {task.id} {task.state}" + (f": {why}" if why else "")
+
+
+class RunNotes:
+    """What `run` says on stderr while it follows a task: why it waits (once it has been
+    pending for PENDING_NOTE_AFTER_S, once per attempt) and when an attempt is retried."""
+
+    def __init__(
+        self, task: TaskInfo, err: Any = None, clock: Callable[[], float] = time.monotonic
+    ):
+        self.last = task
+        self._err = err
+        self._clock = clock
+        self._attempt = task.attempt
+        self._pending_since: float | None = None
+        self._noted: set[int] = set()
+
+    def _say(self, text: str) -> None:
+        err = self._err or sys.stderr
+        err.write(f"{PROG}: {text}\n")
+        err.flush()
+
+    def __call__(self, task: TaskInfo) -> None:
+        self.last = task
+        if task.attempt > self._attempt:
+            for h in task.history:
+                if self._attempt <= h.attempt < task.attempt:
+                    what = h.reason or h.state
+                    verb = "requeued" if h.state == "preempted" else "retrying"
+                    self._say(
+                        f"{task.id} attempt {h.attempt} {h.state} ({what}); "
+                        f"{verb} as attempt {h.attempt + 1}"
+                    )
+            self._attempt = task.attempt
+            self._pending_since = None
+        if task.state != "pending":
+            self._pending_since = None
+            return
+        now = self._clock()
+        if self._pending_since is None:
+            self._pending_since = now
+        elif now - self._pending_since >= PENDING_NOTE_AFTER_S and task.attempt not in self._noted:
+            self._noted.add(task.attempt)
+            self._say(f"{task.id} pending: {task.reason or 'waiting to be placed'}")
+
+
+def _stdout() -> BinaryIO:
+    sys.stdout.flush()
+    return getattr(sys.stdout, "buffer", None) or _TextOut()
+
+
+class _TextOut:
+    """Bytes to a text-only stdout (a replaced sys.stdout), decoded leniently."""
+
+    def write(self, data: bytes) -> int:
+        return sys.stdout.write(data.decode("utf-8", errors="replace"))
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def _copy(chunks: Any, out: Any) -> None:
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kw = submit_kwargs(args)
+    with _client(args) as c:
+        task = c.submit(**kw)
+        notes = RunNotes(task)
+        try:
+            _copy(c.logs(task.id, follow=True, from_attempt=1, on_task=notes), _stdout())
+            final = notes.last if notes.last.done else c.wait(task.id)
+        except KeyboardInterrupt:
+            return _interrupted(c, task.id)
+        except LeptonError as e:
+            raise LeptonError(
+                f"lost track of task {task.id}: {e.message} "
+                f"(it may still run: '{PROG} tasks show {task.id}')"
+            ) from None
+    if final.state != "succeeded":
+        sys.stderr.write(f"{PROG}: {end_note(final)}\n")
+    return exit_code_of(final)
+
+
+def _interrupted(c: Client, task_id: str) -> int:
+    try:
+        c.cancel(task_id)
+        note = f"interrupted: cancelled task {task_id}"
+    except FailedPrecondition:
+        note = f"interrupted; task {task_id} had already ended"
+    except LeptonError as e:
+        note = f"interrupted; could not cancel task {task_id}: {e.message}"
+    sys.stderr.write(f"{PROG}: {' '.join(note.split())}\n")
+    return CANCELLED_EXIT
+
+
+# -- tasks and logs ---------------------------------------------------------------------
+
+
+def _node_names(c: Client, tasks: Sequence[TaskInfo]) -> Mapping[str, str]:
+    wanted = {t.node_id for t in tasks} | {h.node_id for t in tasks for h in t.history}
+    if not wanted - {""}:
+        return {}
+    return {n.id: n.name for n in c.nodes()}
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        tasks = c.tasks(states=args.state, owner=args.owner, limit=args.limit)
+        names = _node_names(c, tasks) if args.output != "json" else {}
+    if args.output == "json":
+        _print_json([t.to_dict() for t in tasks])
+    elif not tasks:
+        sys.stderr.write("no tasks\n")
+    else:
+        emit(tasks_table(tasks, names))
+    return 0
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        task = c.find_task(args.task)
+        names = _node_names(c, [task]) if args.output != "json" else {}
+    if args.output == "json":
+        _print_json(task.to_dict())
+    else:
+        emit(task_detail(task, names))
+    return 0
+
+
+def cmd_tasks_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        task = c.cancel(c.find_task(args.task).id)
+    if args.output == "json":
+        _print_json(task.to_dict())
+    else:
+        sys.stdout.write(f"task {task.id} {task.state}\n")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        task = c.find_task(args.task)
+        _copy(c.logs(task.id, follow=args.follow, attempt=args.attempt), _stdout())
+    return 0

@@ -1,0 +1,492 @@
+"""The task half of the client: submit, inspect, cancel and wait for tasks, read their output.
+
+    with Client("10.0.0.1:7070") as c:
+        t = c.submit(["python", "train.py"], gpus=1, memory="16GiB", max_retries=2)
+        for chunk in c.logs(t.id, follow=True):
+            sys.stdout.buffer.write(chunk)
+        print(c.wait(t.id).state)
+
+`TaskMethods` is mixed into `Client`: the coordinator calls go to the leader like every other
+call; `logs` reads from the agent that runs the attempt (`TaskInfo.node_address`), directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from lepton.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    LeptonError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
+from lepton.v1 import agent_pb2 as apb
+from lepton.v1 import coordinator_pb2 as cpb
+from lepton.v1 import tasks_pb2
+from lepton.v1.agent_pb2_grpc import AgentStub
+from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
+
+from ._transport import transport_failure
+from ._util import require_id
+from .types import TaskInfo, task_state_to_proto
+
+if TYPE_CHECKING:
+    from .client import _Conn
+
+__all__ = ["TaskMethods", "build_spec", "parse_size"]
+
+log = logging.getLogger(__name__)
+
+# WaitTask is a long poll; one call waits at most this long on the server.
+WAIT_CHUNK_S = 60.0
+# How often `logs(follow=True)` re-reads a task that is not running yet, or whose attempt is
+# over on its agent but not yet in the coordinator's state (doubling up to the maximum).
+LOG_POLL_INITIAL_S = 0.2
+LOG_POLL_MAX_S = 1.0
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_SIZE_UNITS: dict[str, int] = {"": 1, "b": 1}
+for _i, _letter in enumerate("kmgtpe", start=1):
+    _SIZE_UNITS[_letter] = _SIZE_UNITS[_letter + "i"] = _SIZE_UNITS[_letter + "ib"] = 1024**_i
+    _SIZE_UNITS[_letter + "b"] = 1000**_i
+
+
+def parse_size(value: int | float | str, what: str = "size") -> int:
+    """Bytes from an int or a string such as `512MiB`, `2G`, `1.5GiB`, `100MB`, `4096`.
+
+    `K`/`Ki`/`KiB`, `M`/`Mi`/`MiB`, `G`, `T`, `P`, `E` (any case) are powers of 1024; `KB`,
+    `MB`, `GB`, ... are powers of 1000. Fractions round to the nearest byte. Raises
+    InvalidArgument for anything else, negative sizes included.
+    """
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be a size, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidArgument(f"{what} must not be negative, got {value}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument(f"{what} must be a size >= 0, got {value}")
+        return round(value)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be an int or a string, not {type(value).__name__}")
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        hint = "must not be negative" if value.strip().startswith("-") else "is not a size"
+        raise InvalidArgument(
+            f"{what} {value!r} {hint} (expected bytes, or a number and a unit: 512MiB, 2G, 1.5GiB)"
+        )
+    return round(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _number(value: Any, what: str, *, integer: bool = False) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        kind = "an integer" if integer else "a number"
+        raise InvalidArgument(f"{what} must be {kind}, not {value!r}")
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{what} must be finite, not {value}")
+    return value
+
+
+def _non_negative(value: Any, what: str, *, integer: bool = False) -> Any:
+    if _number(value, what, integer=integer) < 0:
+        raise InvalidArgument(f"{what} must not be negative, got {value:g}")
+    return value
+
+
+def _str_map(value: Mapping[str, str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, val in (value or {}).items():
+        if not isinstance(key, str) or not key or not isinstance(val, str):
+            raise InvalidArgument(f"{what} must map non-empty strings to strings: {key!r}={val!r}")
+        out[key] = val
+    return out
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
+def build_spec(
+    argv: Sequence[str] | None = None,
+    *,
+    shell: str = "",
+    name: str = "",
+    cpu: float = 0.0,
+    memory: int | str = 0,
+    gpus: int = 0,
+    gpu_memory: int | str = 0,
+    priority: int = 0,
+    constraints: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    workdir: str = "",
+    max_retries: int = 0,
+    timeout: float = 0.0,
+    grace: float = 0.0,
+    owner: str = "",
+    request_id: str | None = None,
+) -> tasks_pb2.TaskSpec:
+    """The TaskSpec `Client.submit` sends, after the checks that need no server.
+
+    A `request_id` of None becomes a fresh uuid4 hex, which makes the submission safe to
+    retry; `""` sends none.
+    """
+    if isinstance(argv, (str, bytes)):
+        raise InvalidArgument(
+            "argv must be a list of strings, not a string; for a command line use shell="
+        )
+    args = list(argv or ())
+    for i, arg in enumerate(args):
+        if not isinstance(arg, str):
+            raise InvalidArgument(f"argv[{i}] must be a string, not {type(arg).__name__}")
+    _text(shell, "shell")
+    if not args and not shell.strip():
+        raise InvalidArgument("the command is empty: give argv or shell")
+    if args and shell:
+        raise InvalidArgument("give argv or shell, not both")
+    if args and not args[0]:
+        raise InvalidArgument("argv[0] is empty")
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+    return tasks_pb2.TaskSpec(
+        name=_text(name, "name"),
+        argv=args,
+        shell=shell,
+        env=_str_map(env, "env"),
+        workdir=_text(workdir, "workdir"),
+        resources=tasks_pb2.Resources(
+            cpu=float(_non_negative(cpu, "cpu")),
+            memory_bytes=parse_size(memory, "memory"),
+            gpus=_non_negative(gpus, "gpus", integer=True),
+            gpu_memory_bytes=parse_size(gpu_memory, "gpu memory"),
+        ),
+        priority=_number(priority, "priority", integer=True),
+        constraints=_str_map(constraints, "constraints"),
+        max_retries=_non_negative(max_retries, "max_retries", integer=True),
+        timeout_s=float(_non_negative(timeout, "timeout")),
+        owner=_text(owner, "owner"),
+        request_id=_text(request_id, "request_id"),
+        grace_s=float(_non_negative(grace, "grace")),
+    )
+
+
+class _Pause:
+    """Sleeps that double from LOG_POLL_INITIAL_S to LOG_POLL_MAX_S; `reset()` on progress."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._next = LOG_POLL_INITIAL_S
+
+    def __call__(self) -> None:
+        time.sleep(self._next)
+        self._next = min(self._next * 2, LOG_POLL_MAX_S)
+
+
+class TaskMethods:
+    """The task API of `Client` (a mixin: it uses the client's leader-finding call machinery)."""
+
+    if TYPE_CHECKING:
+        _timeout: float
+        _closed: bool
+        _streams: Any
+
+        def _unary(self, stub_cls: type, method: str, request: Any, **kw: Any) -> Any: ...
+        def _call(self, attempt: Callable[[_Conn, float], Any], **kw: Any) -> Any: ...
+        def _conn(self, address: str) -> _Conn: ...
+        def node(self, node_id: str, *, timeout: float | None = None) -> Any: ...
+
+    def submit(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        shell: str = "",
+        name: str = "",
+        cpu: float = 0.0,
+        memory: int | str = 0,
+        gpus: int = 0,
+        gpu_memory: int | str = 0,
+        priority: int = 0,
+        constraints: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+        max_retries: int = 0,
+        timeout: float = 0.0,
+        grace: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+    ) -> TaskInfo:
+        """Submit a task; returns it once the cluster has stored it (pending).
+
+        Give `argv` (exec'd as is) or `shell` (run under `/bin/sh -c`). `memory` and
+        `gpu_memory` (per GPU) take bytes or strings such as `"16GiB"` (see `parse_size`).
+        `constraints`: node labels that must match. `timeout`: seconds the task may run (0: no
+        limit); `grace`: seconds between SIGTERM and SIGKILL when it is stopped (0: 10 s).
+        `request_id` (default: a fresh uuid4) makes the submission idempotent: a retry after
+        a lost reply, or a second submit with the same id, returns the same task.
+        Obvious mistakes raise InvalidArgument before anything is sent.
+        """
+        spec = build_spec(
+            argv,
+            shell=shell,
+            name=name,
+            cpu=cpu,
+            memory=memory,
+            gpus=gpus,
+            gpu_memory=gpu_memory,
+            priority=priority,
+            constraints=constraints,
+            env=env,
+            workdir=workdir,
+            max_retries=max_retries,
+            timeout=timeout,
+            grace=grace,
+            owner=owner,
+            request_id=request_id,
+        )
+        req = cpb.SubmitTaskRequest(spec=spec)
+        # Safe to repeat only with a request id: the leader answers a repeat with the task
+        # the first one made.
+        resp = self._unary(CoordinatorStub, "SubmitTask", req, idempotent=bool(spec.request_id))
+        return TaskInfo.from_proto(resp)
+
+    def get(self, task_id: str, *, timeout: float | None = None) -> TaskInfo:
+        """One task by its exact id; NotFound when there is none."""
+        req = cpb.GetTaskRequest(task_id=require_id(task_id, "task id"))
+        return TaskInfo.from_proto(self._unary(CoordinatorStub, "GetTask", req, timeout=timeout))
+
+    def tasks(
+        self,
+        states: Sequence[str] | None = None,
+        owner: str | None = None,
+        limit: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> list[TaskInfo]:
+        """Tasks, oldest first; only those in one of `states` and of `owner` when given.
+        `limit` > 0 keeps the newest `limit` of them. Also callable as `list(...)`."""
+        if isinstance(states, str):
+            states = [states]
+        req = cpb.ListTasksRequest(
+            states=[task_state_to_proto(s) for s in states or ()],
+            owner=_text(owner or "", "owner"),
+            limit=_non_negative(limit, "limit", integer=True),
+        )
+        resp = self._unary(CoordinatorStub, "ListTasks", req, timeout=timeout)
+        return [TaskInfo.from_proto(t) for t in resp.tasks]
+
+    def find_task(self, ref: str, *, timeout: float | None = None) -> TaskInfo:
+        """The task `ref` names: its exact id, else a unique id prefix (`t-` may be left out).
+
+        Raises NotFound when nothing matches and InvalidArgument when `ref` is ambiguous.
+        """
+        ref = require_id(ref, "task id")
+        try:
+            return self.get(ref, timeout=timeout)
+        except (NotFound, InvalidArgument):
+            pass  # not an exact id (a prefix, or with characters no id has): look it up
+        matches = [
+            t
+            for t in self.tasks(timeout=timeout)
+            if t.id.startswith(ref) or t.id.startswith("t-" + ref)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(f'task "{ref}" not found')
+        listed = ", ".join(sorted(t.id for t in matches)[:5])
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+        raise InvalidArgument(f'task "{ref}" is ambiguous: matches {listed}{more}')
+
+    def cancel(self, task_id: str, *, timeout: float | None = None) -> TaskInfo:
+        """Cancel a task (its running attempt gets SIGTERM, then SIGKILL after its grace).
+        Returns it, `cancelled`. FailedPrecondition when it is already final."""
+        req = cpb.CancelTaskRequest(task_id=require_id(task_id, "task id"))
+        # A repeat after a lost reply changes nothing (it then says "already cancelled").
+        resp = self._unary(CoordinatorStub, "CancelTask", req, idempotent=True, timeout=timeout)
+        return TaskInfo.from_proto(resp)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        """Block until the task is final (succeeded, failed or cancelled); returns it.
+
+        `timeout`: seconds to wait in all (None: as long as it takes); DeadlineExceeded when
+        it passes first. The leader is long-polled (WaitTask), at most WAIT_CHUNK_S a call.
+        """
+        task_id = require_id(task_id, "task id")
+        if timeout is not None:
+            _non_negative(timeout, "timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_CHUNK_S if deadline is None else max(0.0, deadline - time.monotonic())
+            chunk = min(WAIT_CHUNK_S, left)
+            task = self._wait_once(task_id, chunk)
+            if task.done:
+                return task
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f'task "{task_id}" is still {task.state} after {timeout:g}s')
+
+    def _wait_once(self, task_id: str, chunk: float) -> TaskInfo:
+        req = cpb.WaitTaskRequest(task_id=task_id, timeout_s=chunk)
+        # The server holds the call up to `chunk`; the usual budget is for its answer.
+        budget = chunk + self._timeout
+
+        def attempt(conn: _Conn, _attempt_timeout: float) -> Any:
+            return conn.stub(CoordinatorStub).WaitTask(req, timeout=budget)
+
+        resp = self._call(attempt, what="WaitTask", idempotent=True, timeout=budget)
+        return TaskInfo.from_proto(resp)
+
+    # -- output --------------------------------------------------------------------------
+
+    def logs(
+        self,
+        task_id: str,
+        *,
+        follow: bool = False,
+        attempt: int = 0,
+        from_attempt: int = 0,
+        on_task: Callable[[TaskInfo], None] | None = None,
+    ) -> Iterator[bytes]:
+        """A task's output (stdout and stderr as one stream, in order) as raw byte chunks.
+
+        Read from the agent that runs or ran the attempt. Without `follow`: what there is
+        now, of `attempt` (0: the latest one that was placed on a node).
+        With `follow`: waits for a pending task to be placed, streams the output as it is
+        made, and stops once the task is final and its output drained. With `attempt` N, only
+        that attempt is followed. Otherwise it starts at the current attempt, or at
+        `from_attempt` (`run` passes 1, so that nothing is missed), and goes on with the next
+        attempt whenever one fails and is retried, or is preempted and requeued.
+        `on_task` is called with every state of the task the iterator fetches (the CLI uses
+        it for notes on pending reasons and retries). The output of an attempt whose agent
+        cannot be reached once the attempt is over is skipped, with a warning (logged).
+        """
+        task_id = require_id(task_id, "task id")
+        _non_negative(attempt, "attempt", integer=True)
+        _non_negative(from_attempt, "from_attempt", integer=True)
+        if attempt and from_attempt:
+            raise InvalidArgument("give attempt or from_attempt, not both")
+        return self._logs(
+            task_id, follow=bool(follow), attempt=attempt, first=from_attempt, on_task=on_task
+        )
+
+    def _logs(
+        self,
+        task_id: str,
+        *,
+        follow: bool,
+        attempt: int,
+        first: int,
+        on_task: Callable[[TaskInfo], None] | None,
+    ) -> Iterator[bytes]:
+        def fetch() -> TaskInfo:
+            t = self.get(task_id)
+            if on_task is not None:
+                on_task(t)
+            return t
+
+        task = fetch()
+        if not follow:
+            number = attempt or _latest_run(task)
+            if number:
+                address = self._attempt_address(task, number)
+                yield from self._agent_logs(address, task_id, number, follow=False, offset=0)
+            return
+
+        number, offset = attempt or first or task.attempt, 0
+        pause, warned = _Pause(), False
+        while not self._closed:
+            current = number == task.attempt
+            if number > task.attempt or (current and not task.node_address):
+                if task.done:
+                    return  # e.g. cancelled before it was placed
+                pause()  # not placed yet
+                task = fetch()
+                continue
+            live = current and not task.done
+            try:
+                address = self._attempt_address(task, number)
+                for chunk in self._agent_logs(address, task_id, number, follow=live, offset=offset):
+                    offset += len(chunk)
+                    pause.reset()
+                    yield chunk
+            except NotFound as e:
+                # Live: the agent has not started it yet. Over: it never ran there.
+                if not live:
+                    log.debug("no output of %s attempt %d: %s", task_id, number, e.message)
+            except (Unavailable, DeadlineExceeded) as e:
+                if not live:
+                    log.warning("skipping the output of %s attempt %d: %s", task_id, number, e)
+                elif not warned:
+                    warned = True
+                    log.warning("%s; still trying (the task is %s)", e, task.state)
+            if self._closed:
+                return
+            if not live:
+                if attempt or task.done and number == task.attempt:
+                    return
+                number, offset, warned = number + 1, 0, False
+                continue
+            # Following ended: the attempt is over, or the agent is not serving it (yet).
+            task = fetch()
+            if number == task.attempt and not task.done:
+                pause()
+            # Else the next round reads what is left of the attempt, without follow.
+
+    def _attempt_address(self, task: TaskInfo, number: int) -> str:
+        """The address of the agent that runs or ran attempt `number` of `task`."""
+        if number == task.attempt and task.node_address:
+            return task.node_address
+        for rec in reversed(task.history):
+            if rec.attempt == number and rec.node_id:
+                return self.node(rec.node_id).address
+        raise NotFound(f"attempt {number} of task {task.id} has not run")
+
+    def _agent_logs(
+        self, address: str, task_id: str, attempt: int, *, follow: bool, offset: int
+    ) -> Iterator[bytes]:
+        req = apb.StreamLogsRequest(task_id=task_id, attempt=attempt, follow=follow, offset=offset)
+        call = self._conn(address).stub(AgentStub).StreamLogs(req)
+        self._streams.add(call)  # so that close() ends it
+        try:
+            for chunk in call:
+                if chunk.data:
+                    yield chunk.data
+        except grpc.RpcError as err:
+            if self._closed or err.code() == grpc.StatusCode.CANCELLED:
+                return
+            failure = transport_failure(err)
+            if failure is not None:
+                raise Unavailable(
+                    f"cannot reach the agent at {address} ({failure.reason})"
+                ) from None
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise LeptonError(f"{address} does not serve task output (StreamLogs)") from None
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+            self._streams.discard(call)
+
+    # Last in the class body: inside it, `list` is still the builtin.
+    list = tasks
+
+
+def _latest_run(task: TaskInfo) -> int:
+    """The newest attempt of `task` that was placed on a node; 0 when none was."""
+    if task.node_address:
+        return task.attempt
+    return max((h.attempt for h in task.history if h.node_id), default=0)
