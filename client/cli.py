@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         type=_positive_int,
         default=local.DEFAULT_VOTERS,
-        help=f"how many of them elect the coordinator (default: {local.DEFAULT_VOTERS})",
+        help="how many of them elect the coordinator (default: 3 when --agents >= 3, else 1)",
     )
     p.add_argument(
         "--data-dir", metavar="DIR", default=local.DEFAULT_DATA_DIR, help="default: %(default)s"

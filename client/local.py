@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = ".lepton-local"
 # Raft is not merged yet: agent-1 is a one-voter cluster and the rest join it. Once it is,
 # 3 makes a real quorum (the first 3 agents get --peers, the rest --join them).
-DEFAULT_VOTERS = 1
+# None: 3 voters (Raft) when there are at least 3 agents, else a single voter.
+DEFAULT_VOTERS = None
 DEFAULT_WAIT_S = 60.0
 CLUSTER_FILE = "cluster.json"
 LOG_FILE = "agent.log"
@@ -222,7 +223,7 @@ def _stop(agents: Sequence[LocalAgent], grace: float) -> tuple[list[str], list[s
 def up(
     data_dir: str | Path = DEFAULT_DATA_DIR,
     agents: int = 3,
-    voters: int = DEFAULT_VOTERS,
+    voters: int | None = DEFAULT_VOTERS,
     *,
     wait: float = DEFAULT_WAIT_S,
     agent_cmd: Sequence[str] | None = None,
@@ -235,6 +236,8 @@ def up(
     """
     if agents < 1:
         raise InvalidArgument(f"--agents must be at least 1, got {agents}")
+    if voters is None:
+        voters = 3 if agents >= 3 else 1
     if not 1 <= voters <= agents:
         raise InvalidArgument(f"--voters must be between 1 and --agents ({agents}), got {voters}")
     root = Path(data_dir).resolve()
