@@ -42,6 +42,7 @@ class Agent:
         self.heartbeater: Heartbeater | None = None
         self.runner = None
         self.assignments = None
+        self.data = None  # DataNode: shard store, side channel, Shards service
         self.fingerprint = Fingerprinter(
             str(self.data_dir),
             cpus=config.cpus,
@@ -107,6 +108,10 @@ class Agent:
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)
         services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
+        from lepton.agent.data_node import DataNode
+
+        self.data = DataNode(self.data_dir, self.node_id, self.config.listen, targets)
+        services.append(self.data.add_to_server(self.server))
         reflection.enable_server_reflection(services, self.server)
         await self.server.start()
         if self.coordinator is not None:
@@ -118,6 +123,7 @@ class Agent:
             self._registration,
             self.fingerprint.usage,
             interval_s=self.config.heartbeat_interval_s,
+            on_leader_silent=self.assignments.leader_silent,
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
@@ -172,6 +178,8 @@ class Agent:
         if self.runner is not None:
             await self.runner.stop()
             await self.assignments.close()
+        if self.data is not None:
+            await self.data.close()
         self.fingerprint.close()
         try:
             (self.data_dir / "agent.json").unlink()

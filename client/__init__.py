@@ -36,6 +36,8 @@ from lepton.common.errors import (
 )
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
+from .data import DatasetInfo
+from .processor import DataProcessor
 from .tasks import parse_size
 from .types import (
     NODE_STATES,
@@ -53,6 +55,8 @@ from .types import (
 )
 
 __all__ = [
+    "DataProcessor",
+    "DatasetInfo",
     "DEFAULT_SERVER",
     "DEFAULT_TIMEOUT",
     "NODE_STATES",

@@ -16,7 +16,7 @@ from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from . import cli_tasks, local
+from . import cli_data, cli_tasks, local
 from ._cli_common import (
     CLI_CONNECT_TIMEOUT_S,
     PROG,
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     cli_tasks.add_commands(top, sub)
+    cli_data.register(top, common)
 
     nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
     nodes_sub = nodes.add_subparsers(

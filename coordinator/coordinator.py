@@ -55,6 +55,13 @@ class Coordinator:
             wall_ms=wall_ms,
         )
         self.ctx.scheduling = self.scheduling
+        from lepton.coordinator.replication import AgentPool, ReplicationLoop
+
+        self.agent_pool = AgentPool()
+        self.replication = ReplicationLoop(
+            self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader
+        )
+        self.state.add_listener(self.replication.wake)
         self.consensus.add_leadership_listener(self.liveness.on_leadership)
         self.consensus.add_leadership_listener(self.scheduling.wake)
         self.consensus.add_leadership_listener(self.ctx.hub.wake_all)
@@ -93,6 +100,10 @@ class Coordinator:
         """Register the coordinator's services; returns their names (for reflection)."""
         add_to_server(CoordinatorService(self.ctx), server)
         names = ["lepton.v1.Coordinator"]
+        from lepton.coordinator.dataset_api import DatasetService
+        from lepton.coordinator.dataset_api import add_to_server as add_datasets
+
+        names.append(add_datasets(DatasetService(self.ctx, self.agent_pool), server))
         if not isinstance(self.consensus, SingleVoterConsensus):
             from lepton.coordinator.raft.transport import add_raft_servicer
 
@@ -105,12 +116,14 @@ class Coordinator:
         self._tasks = [
             asyncio.create_task(self._liveness_loop(), name="liveness"),
             asyncio.create_task(self.scheduling.run(), name="scheduling"),
+            asyncio.create_task(self.replication.run(), name="replication"),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.agent_pool.close()
         await self.consensus.stop()
 
     async def _liveness_loop(self) -> None:

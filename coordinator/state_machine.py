@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
+from lepton.coordinator.datasets import DatasetTable
 from lepton.coordinator.tasks import TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
 
@@ -93,6 +94,7 @@ class ClusterStateMachine:
         self.applied_index = 0
         self.nodes: dict[str, common_pb2.Node] = {}
         self.tasks = TaskTable(self)
+        self.datasets = DatasetTable(self)
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -163,8 +165,10 @@ class ClusterStateMachine:
         self._emit(coordinator_pb2.NodeEvent.KIND_STATE_CHANGED, node, at_ms)
         if dst == NodeState.DOWN:
             self.tasks.node_gone(node.id, "node_lost", at_ms)
+            self.datasets.node_gone(node.id, "node_lost", at_ms)
         elif dst == NodeState.LEFT:
             self.tasks.node_gone(node.id, "node left", at_ms)
+            self.datasets.node_gone(node.id, "node left", at_ms)
         return _copy(node)
 
     def _set_drain(self, c: state_pb2.SetDrainCmd, at_ms: int) -> common_pb2.Node:
@@ -195,6 +199,8 @@ class ClusterStateMachine:
             snap.nodes.append(self.nodes[node_id])
         for task_id in sorted(self.tasks.tasks):
             snap.tasks.append(self.tasks.tasks[task_id])
+        for name in sorted(self.datasets.datasets):
+            snap.datasets.append(self.datasets.datasets[name])
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes, index: int) -> None:
@@ -202,6 +208,7 @@ class ClusterStateMachine:
         snap.ParseFromString(data)
         self.nodes = {n.id: _copy(n) for n in snap.nodes}
         self.tasks.rebuild(list(snap.tasks))
+        self.datasets.rebuild(list(snap.datasets))
         self.applied_index = index
 
 
@@ -219,4 +226,8 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
+    "put_dataset": lambda sm, c, at: sm.datasets.put(c, at),
+    "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
+    "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),
+    "drop_replicas": lambda sm, c, at: sm.datasets.drop_replicas(c, at),
 }

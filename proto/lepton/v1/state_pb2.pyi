@@ -1,4 +1,5 @@
 from lepton.v1 import common_pb2 as _common_pb2
+from lepton.v1 import datasets_pb2 as _datasets_pb2
 from lepton.v1 import tasks_pb2 as _tasks_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -105,8 +106,42 @@ class CancelTaskCmd(_message.Message):
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
+class PutDatasetCmd(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: _datasets_pb2.Dataset
+    def __init__(self, dataset: _Optional[_Union[_datasets_pb2.Dataset, _Mapping]] = ...) -> None: ...
+
+class DeleteDatasetCmd(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReplicaChange(_message.Message):
+    __slots__ = ("shard_id", "node_id")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    node_id: str
+    def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class AddReplicasCmd(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaChange]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ...) -> None: ...
+
+class DropReplicasCmd(_message.Message):
+    __slots__ = ("replicas", "reason")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaChange]
+    reason: str
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +151,10 @@ class Command(_message.Message):
     APPLY_PLAN_FIELD_NUMBER: _ClassVar[int]
     TASK_EVENT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_FIELD_NUMBER: _ClassVar[int]
+    PUT_DATASET_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DATASET_FIELD_NUMBER: _ClassVar[int]
+    ADD_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DROP_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     at_ms: int
     register_node: RegisterNodeCmd
     set_node_state: SetNodeStateCmd
@@ -125,7 +164,11 @@ class Command(_message.Message):
     apply_plan: ApplyPlanCmd
     task_event: TaskEventCmd
     cancel_task: CancelTaskCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ...) -> None: ...
+    put_dataset: PutDatasetCmd
+    delete_dataset: DeleteDatasetCmd
+    add_replicas: AddReplicasCmd
+    drop_replicas: DropReplicasCmd
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
@@ -142,13 +185,15 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes", "tasks")
+    __slots__ = ("index", "term", "nodes", "tasks", "datasets")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
     tasks: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Task]
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ...) -> None: ...
+    datasets: _containers.RepeatedCompositeFieldContainer[_datasets_pb2.Dataset]
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ...) -> None: ...

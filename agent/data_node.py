@@ -1,0 +1,98 @@
+"""The agent's data plane in one object: shard store, side channel, puller, Shards service.
+
+The daemon makes one `DataNode`, registers it with its gRPC server, and closes it on stop.
+The store's quota comes from `LEPTON_SHARD_QUOTA_BYTES` (unset: only the disk limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from lepton.agent.heartbeat import CoordinatorLink
+from lepton.agent.shard_service import ShardService, add_to_server
+from lepton.agent.shards import ShardStore
+from lepton.agent.transfer import Puller, SideChannel
+from lepton.common.errors import InvalidArgument, LeptonError
+from lepton.v1 import datasets_pb2 as dpb
+from lepton.v1 import datasets_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+QUOTA_ENV = "LEPTON_SHARD_QUOTA_BYTES"
+
+
+class DatasetsLink(CoordinatorLink):
+    """CoordinatorLink's leader finding, for the Datasets service."""
+
+    def _stub(self):  # type: ignore[override]
+        addr = self.address
+        channel = self._channels.get(addr)
+        if channel is None:
+            from lepton.common.grpc_util import CHANNEL_OPTIONS
+
+            channel = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        return datasets_pb2_grpc.DatasetsStub(channel)
+
+
+def quota_from_env(env=os.environ) -> int | None:
+    """Raises InvalidArgument for a value that is not a positive integer."""
+    raw = env.get(QUOTA_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise InvalidArgument(f"{QUOTA_ENV}={raw!r} is not a positive number of bytes")
+    return int(raw)
+
+
+class DataNode:
+    def __init__(self, data_dir: Path, node_id: str, listen: str, coordinators: list[str]):
+        self.node_id = node_id
+        self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env())
+        host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        self.side = SideChannel(self.store, host)
+        self.puller = Puller(self.store)
+        self._link = DatasetsLink(coordinators)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reports: set[asyncio.Task[None]] = set()
+        self.store.on_quarantine = self._on_quarantine
+        logger.info(
+            "shard store %s: %d shards, %d bytes, side channel on port %d",
+            self.store.root, len(self.store.list()), self.store.used_bytes, self.side.port,
+        )
+
+    def add_to_server(self, server: grpc.aio.Server) -> str:
+        self._loop = asyncio.get_running_loop()
+        return add_to_server(ShardService(self.store, self.side, self.puller, self.node_id), server)
+
+    def _on_quarantine(self, shard_id: str) -> None:
+        # Called from any thread: hop to the loop, then tell the leader the replica is gone.
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._start_report, shard_id)
+
+    def _start_report(self, shard_id: str) -> None:
+        task = asyncio.ensure_future(self._report(shard_id))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report(self, shard_id: str) -> None:
+        req = dpb.DropReplicaRequest(shard_id=shard_id, node_id=self.node_id, reason="corrupt on disk")
+        for attempt in range(5):
+            try:
+                await self._link.call("DropReplica", req, timeout=5)
+                logger.info("reported corrupt shard %s to the coordinator", shard_id[:12])
+                return
+            except LeptonError as err:
+                logger.info("reporting corrupt shard %s failed: %s", shard_id[:12], err.message)
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    async def close(self) -> None:
+        for task in list(self._reports):
+            task.cancel()
+        self.side.close()
+        self.puller.close()

@@ -1,0 +1,125 @@
+"""Shard pulls between two real agents against raw loopback TCP, in one run.
+
+- raw_tcp_GBps: Python `sendall` of 1 MiB buffers to a receiver process (`recv_into`), the
+  ceiling for anything written in Python on this machine;
+- shard_GBps: agent B pulls `--gib` GiB of 64 MiB shards from agent A (`Shards.PullShards`,
+  as replication does): gRPC control, raw-socket side channel with `os.sendfile`, every
+  4 MiB chunk checked against its checkpoint, the whole SHA-256 checked, fsync, rename.
+
+Both data dirs go under `--dir` (default: /dev/shm when present, so the disk's own speed
+does not hide the transfer's; pass a disk path to include it). Each measurement is the best
+of `--repeat`. Prints one JSON object with raw_tcp_GBps, shard_GBps and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Agent, emit  # noqa: E402
+
+from lepton.agent.shards import ShardStore  # noqa: E402
+from lepton.v1 import datasets_pb2 as dpb  # noqa: E402
+from lepton.v1.datasets_pb2_grpc import ShardsStub  # noqa: E402
+
+MiB = 1 << 20
+RECEIVER = """
+import socket, sys
+n = int(sys.argv[1]); s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); buf = memoryview(bytearray(1 << 20)); got = 0
+while got < n:
+    k = c.recv_into(buf)
+    if not k: break
+    got += k
+c.sendall(b"k")
+"""
+
+
+def raw_tcp(total: int) -> float:
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total)], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    buf = os.urandom(MiB)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.perf_counter()
+        for _ in range(total // MiB):
+            s.sendall(buf)
+        s.recv(1)
+        dt = time.perf_counter() - t0
+    proc.wait(10)
+    return total / dt / 1e9
+
+
+def make_shards(root: Path, count: int, size: int) -> list[tuple[str, int]]:
+    store = ShardStore(root)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        data = rng.bytes(size)
+        sid = hashlib.sha256(data).hexdigest()
+        with store.writer(sid, size) as w:
+            w.write(data)
+            w.commit()
+        out.append((sid, size))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gib", type=float, default=1.0, help="GiB of shards to pull (default 1)")
+    ap.add_argument("--shard-mib", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args = ap.parse_args()
+    total = int(args.gib * (1 << 30))
+    count = max(1, -(-total // (args.shard_mib * MiB)))
+    raw = max(raw_tcp(count * args.shard_mib * MiB) for _ in range(args.repeat))
+
+    root = tempfile.mkdtemp(prefix="lepton-bench-shards-", dir=args.dir)
+    a = b = None
+    try:
+        shards = make_shards(Path(root) / "a" / "shards", count, args.shard_mib * MiB)
+        a = Agent(name="a", root=root)
+        b = Agent("--join", a.address, name="b", root=root)
+        req = dpb.PullShardsRequest(shards=[
+            dpb.ShardSource(shard_id=sid, size=size, sources=[a.address]) for sid, size in shards])
+        best = 0.0
+        with grpc.insecure_channel(b.address) as ch:
+            stub = ShardsStub(ch)
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                resp = stub.PullShards(req, timeout=600)
+                dt = time.perf_counter() - t0
+                if resp.failed or len(resp.pulled) != len(shards):
+                    raise SystemExit(f"pull failed: {dict(resp.failed)}")
+                best = max(best, resp.bytes / dt / 1e9)
+                stub.DeleteShards(dpb.DeleteShardsRequest(shard_ids=[s for s, _ in shards]), timeout=60)
+        emit({
+            "raw_tcp_GBps": round(raw, 3),
+            "shard_GBps": round(best, 3),
+            "ratio": round(best / raw, 3),
+            "bytes": count * args.shard_mib * MiB,
+            "shards": count,
+            "storage": args.dir or tempfile.gettempdir(),
+            "cpus": os.cpu_count(),
+        })
+    finally:
+        for agent in (b, a):
+            if agent is not None:
+                agent.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

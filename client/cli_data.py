@@ -1,0 +1,291 @@
+"""lepton-ctl's data commands: `data put|get|ls|show|rm|process`. Reference: docs/data.md.
+
+Hooked into lepton-ctl with `register(top, common)`. On a terminal, put and get show a
+progress bar (bytes, rate, ETA) on stderr; `-o json` or a pipe keeps them quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.table import Table
+
+from lepton.common.errors import LeptonError
+
+from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _print_json
+from .data import DatasetInfo
+from .render import age, emit, human_bytes, make_console, short_id
+
+__all__ = ["data_client", "register"]
+
+
+def data_client(servers: Any, *, timeout: float, connect_timeout: float | None = None):
+    """The client the data commands use."""
+    from .client import Client
+
+    return Client(servers, timeout=timeout, connect_timeout=connect_timeout)
+
+
+def _client(args: argparse.Namespace):
+    return data_client(
+        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
+    )
+
+
+def _size(text: str) -> int:
+    from .tasks import parse_size
+
+    try:
+        value = parse_size(text)
+    except LeptonError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def register(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add `data ...` to lepton-ctl's subcommands `top`; `common` holds the global options."""
+    data = top.add_parser("data", help="datasets: put, get, list, show, remove, process")
+    sub = data.add_subparsers(
+        dest="data_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+
+    def cmd(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("put", cmd_put, "split a .npy/.npz/.csv file into shards and store them on the agents")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--shard-size", metavar="SIZE", type=_size, help="bytes per shard (default 64MiB)"
+    )
+    g.add_argument("--shards", metavar="K", type=_count, help="this many shards of equal rows")
+    p.add_argument(
+        "--replicas", metavar="R", type=_count, default=2, help="copies of each shard (default 2)"
+    )
+    p.add_argument("--label", metavar="COL", help="CSV label column (name or index)")
+
+    p = cmd("get", cmd_get, "download a dataset: OUT.npy (records), OUT.npz (x, y) or a directory")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("out", metavar="OUT")
+
+    cmd("ls", cmd_ls, "list datasets")
+    p = cmd("show", cmd_show, "show a dataset and its shards")
+    p.add_argument("name", metavar="NAME")
+    p = cmd("rm", cmd_rm, "remove a dataset (and blobs no other dataset uses)")
+    p.add_argument("name", metavar="NAME")
+
+    p = cmd("process", cmd_process, "run processing steps on the agents holding the shards")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--steps",
+        required=True,
+        help="e.g. normalize,fillna=mean,clean,augment=noise:0.1 (see docs/data.md)",
+    )
+    p.add_argument("--out", required=True, metavar="NAME2", help="name of the new dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed for random augmentation")
+
+
+@contextmanager
+def _progress(args: argparse.Namespace, what: str) -> Iterator[Callable[[int, int], None] | None]:
+    console = make_console(sys.stderr)
+    if args.output == "json" or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _summary(ds: DatasetInfo) -> str:
+    return (
+        f"dataset {ds.name} v{ds.version}: {len(ds.shards)} shards, {ds.rows} rows, "
+        f"{human_bytes(ds.size)}, {ds.replication} replicas each"
+    )
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    with _client(args) as c, _progress(args, "put") as progress:
+        ds = c.put_dataset(
+            args.file,
+            args.name,
+            shard_size=args.shard_size,
+            shards=args.shards,
+            replicas=args.replicas,
+            label=args.label,
+            progress=progress,
+        )
+    if args.output == "json":
+        _print_json(ds.to_dict())
+    else:
+        sys.stdout.write(_summary(ds) + "\n")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as c, _progress(args, "get") as progress:
+        ds = c.get_dataset(args.name, args.out, progress=progress)
+    if args.output == "json":
+        _print_json(
+            {
+                "name": ds.name,
+                "version": ds.version,
+                "rows": ds.rows,
+                "size": ds.size,
+                "out": args.out,
+            }
+        )
+    else:
+        sys.stdout.write(f"wrote {ds.rows} rows of {ds.name} v{ds.version} to {args.out}\n")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        items = c.datasets()
+    if args.output == "json":
+        _print_json([d.to_dict() for d in items])
+        return 0
+    if not items:
+        sys.stderr.write("no datasets\n")
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"):
+        table.add_column(col)
+    for d in items:
+        table.add_row(
+            d.name,
+            str(d.version),
+            str(d.rows),
+            human_bytes(d.size),
+            str(d.replication),
+            age(d.created_at_ms),
+            d.source,
+        )
+    emit(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        ds = c.dataset(args.name)
+    if args.output == "json":
+        _print_json(ds.to_dict())
+        return 0
+    out = sys.stdout
+    out.write(_summary(ds) + "\n")
+    shape = "x".join(map(str, ds.shape)) or "scalar"
+    labels = ds.shards[0].label_dtype if ds.shards else ""
+    out.write(
+        f"features {ds.dtype} per row {shape}; labels {labels or 'none'}; source {ds.source or '-'}\n"
+    )
+    if ds.under_replicated:
+        out.write(f"{ds.under_replicated} shards are under-replicated (being copied)\n")
+    table = Table(box=None, pad_edge=False)
+    for col in ("#", "SHARD", "ROWS", "SIZE", "REPLICAS"):
+        table.add_column(col)
+    for i, s in enumerate(ds.shards):
+        where = ", ".join(ds.addresses.get(n, short_id(n)) for n in s.replicas) or "-"
+        table.add_row(str(i), s.id[:12], str(s.rows), human_bytes(s.size), where)
+    emit(table)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        ds = c.delete_dataset(args.name)
+    if args.output == "json":
+        _print_json(ds.to_dict())
+    else:
+        sys.stdout.write(f"removed dataset {ds.name} v{ds.version}\n")
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from .processor import DataProcessor, parse_steps
+
+    steps = parse_steps(args.steps)
+    with _client(args) as c:
+        proc = DataProcessor(c, seed=args.seed)
+        ds, report = proc.run(args.name, steps, out=args.out)
+    if args.output == "json":
+        _print_json({"dataset": ds.to_dict(), "report": report})
+    else:
+        sys.stdout.write(_summary(ds) + "\n")
+        for key, value in sorted(report.items()):
+            sys.stdout.write(f"  {key}: {value}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lepton.client.cli_data data ...`: the data commands on their own, until
+    they are hooked into lepton-ctl (same options, output and exit codes)."""
+    import logging
+
+    from ._cli_common import PROG, _global_options
+
+    parser = _Parser(prog=PROG)
+    _global_options(parser, defaults=True)
+    common = _Parser(add_help=False)
+    _global_options(common, defaults=False)
+    top = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    register(top, common)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except LeptonError as e:
+        sys.stderr.write(f"{PROG}: {' '.join((e.message or type(e).__name__).split())}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The data half of the client: put, get, list, show and remove datasets.
+
+    with Client("10.0.0.1:7070") as c:
+        ds = c.put_dataset("train.npz", "mnist", shard_size=64 << 20, replicas=2)
+        c.get_dataset("mnist", "mnist.npy")
+
+`DataMethods` is mixed into `Client`. Manifest calls go to the leader; shard bytes go
+between this process and agents directly (upload to one node per shard, which the others
+pull from; downloads pull from any replica over the verified side channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from lepton.agent import shard_format as fmt
+from lepton.agent.shards import CHUNK, ShardStore
+from lepton.agent.transfer import Puller
+from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
+from lepton.coordinator.datasets import DEFAULT_REPLICATION, check_dataset_name
+from lepton.v1 import datasets_pb2 as dpb
+from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
+
+if TYPE_CHECKING:
+    from .client import _Conn
+
+__all__ = ["DataMethods", "DatasetInfo", "ShardInfo"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+UPLOAD_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class ShardInfo:
+    id: str
+    size: int
+    rows: int
+    dtype: str
+    shape: list[int]
+    label_dtype: str
+    replicas: list[str]
+
+    @classmethod
+    def from_proto(cls, s: dpb.Shard) -> ShardInfo:
+        return cls(s.id, s.size, s.rows, s.dtype, list(s.shape), s.label_dtype, list(s.replicas))
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    version: int
+    replication: int
+    rows: int
+    size: int
+    created_at_ms: int
+    source: str
+    shards: list[ShardInfo] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)
+    under_replicated: int = 0
+
+    @classmethod
+    def from_proto(cls, ds: dpb.Dataset, view: dpb.DatasetView | None = None) -> DatasetInfo:
+        return cls(
+            ds.name,
+            ds.version,
+            ds.replication,
+            ds.rows,
+            ds.size,
+            ds.created_at_ms,
+            ds.source,
+            [ShardInfo.from_proto(s) for s in ds.shards],
+            dict(view.addresses) if view else {},
+            view.under_replicated if view else 0,
+        )
+
+    @property
+    def dtype(self) -> str:
+        return self.shards[0].dtype if self.shards else ""
+
+    @property
+    def shape(self) -> list[int]:
+        return self.shards[0].shape if self.shards else []
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DataMethods:
+    """The dataset API of `Client` (a mixin: it uses the client's call machinery)."""
+
+    if TYPE_CHECKING:
+        _timeout: float
+
+        def _unary(self, stub_cls: type, method: str, request: Any, **kw: Any) -> Any: ...
+        def _conn(self, address: str) -> _Conn: ...
+
+    # -- manifests ---------------------------------------------------------------------
+    def dataset(self, name: str, *, timeout: float | None = None) -> DatasetInfo:
+        """The dataset's manifest; NotFound when there is none."""
+        req = dpb.GetDatasetRequest(name=check_dataset_name(name))
+        view = self._unary(DatasetsStub, "GetDataset", req, timeout=timeout)
+        return DatasetInfo.from_proto(view.dataset, view)
+
+    def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
+        """Every dataset (without shard lists)."""
+        resp = self._unary(DatasetsStub, "ListDatasets", dpb.ListDatasetsRequest(), timeout=timeout)
+        return [DatasetInfo.from_proto(d) for d in resp.datasets]
+
+    def delete_dataset(self, name: str, *, timeout: float | None = None) -> DatasetInfo:
+        """Remove the manifest; blobs no other dataset uses are deleted from the agents."""
+        req = dpb.DeleteDatasetRequest(name=check_dataset_name(name))
+        return DatasetInfo.from_proto(
+            self._unary(DatasetsStub, "DeleteDataset", req, idempotent=False, timeout=timeout)
+        )
+
+    def commit_dataset(self, ds: dpb.Dataset, *, timeout: float | None = None) -> DatasetInfo:
+        req = dpb.CommitDatasetRequest(dataset=ds)
+        return DatasetInfo.from_proto(
+            self._unary(DatasetsStub, "CommitDataset", req, idempotent=False, timeout=timeout)
+        )
+
+    # -- put -----------------------------------------------------------------------------
+    def put_dataset(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        shard_size: int | None = None,
+        shards: int | None = None,
+        replicas: int = DEFAULT_REPLICATION,
+        label: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> DatasetInfo:
+        """Split a .npy/.npz/.csv file into shards, store `replicas` copies of each on the
+        agents, then record the dataset (a new version if the name exists).
+
+        `progress(done_bytes, total_bytes)` is called as shards are uploaded. Raises
+        InvalidArgument (bad input or name), FailedPrecondition (too few ready nodes),
+        ResourceExhausted (an agent's store is full), Unavailable. On any failure no
+        dataset is recorded and the uploaded blobs are released.
+        """
+        check_dataset_name(name)
+        if shards is not None and shards < 1 or shard_size is not None and shard_size < 1:
+            raise InvalidArgument("shards and shard_size must be positive")
+        x, y = fmt.load_input(path, label=label)
+        row_bytes = max(1, x.dtype.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
+        ranges = fmt.plan_shards(len(x), row_bytes, shard_size=shard_size, shards=shards)
+        with tempfile.TemporaryDirectory(prefix="lepton-put-") as tmp:
+            metas: list[dpb.Shard] = []
+            files: dict[str, Path] = {}
+            for i, (a, b) in enumerate(ranges):
+                recs = fmt.make_records(
+                    np.asarray(x[a:b]), None if y is None else np.asarray(y[a:b])
+                )
+                p = Path(tmp) / f"{i}.npy"
+                sid, size = fmt.write_shard(recs, p)
+                files[sid] = p
+                metas.append(dpb.Shard(id=sid, size=size, **fmt.describe(recs)))
+                del recs
+            return self.put_shards(
+                name, metas, files, replicas=replicas, source=Path(path).name, progress=progress
+            )
+
+    def put_shards(
+        self,
+        name: str,
+        metas: list[dpb.Shard],
+        files: dict[str, Path],
+        *,
+        replicas: int = DEFAULT_REPLICATION,
+        source: str = "",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> DatasetInfo:
+        """Store already-made shard files (id -> path) and commit the dataset."""
+        plan = self._unary(
+            DatasetsStub,
+            "PlanPut",
+            dpb.PlanPutRequest(
+                name=name,
+                replication=replicas,
+                shards=[dpb.Shard(id=m.id, size=m.size, rows=m.rows, dtype=m.dtype) for m in metas],
+            ),
+        )
+        placed = {p.shard_id: p for p in plan.placements}
+        total = sum(m.size for m in metas) * plan.replication
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], total)
+
+        nodes_used = {n for p in plan.placements for n in p.node_ids}
+        try:
+            uniq = {m.id: m for m in metas}
+            with ThreadPoolExecutor(4, thread_name_prefix="upload") as pool:
+                list(
+                    pool.map(
+                        lambda m: self._upload(placed[m.id].addresses[0], m, files[m.id], tick),
+                        uniq.values(),
+                    )
+                )
+            self._replicate(plan, uniq, tick)
+            ds = dpb.Dataset(name=name, replication=plan.replication, source=source)
+            for m in metas:
+                s = ds.shards.add()
+                s.CopyFrom(m)
+                del s.replicas[:]
+                s.replicas.extend(placed[m.id].node_ids)
+            return self.commit_dataset(ds)
+        except BaseException:
+            self._release([m.id for m in metas], sorted(nodes_used))
+            raise
+
+    def _upload(self, address: str, meta: dpb.Shard, path: Path, tick: Progress) -> None:
+        def requests() -> Iterator[dpb.WriteShardRequest]:
+            yield dpb.WriteShardRequest(shard_id=meta.id, size=meta.size)
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield dpb.WriteShardRequest(data=chunk)
+                    tick(len(chunk))
+
+        try:
+            for _ in (
+                self._conn(address)
+                .stub(ShardsStub)
+                .WriteShard(requests(), timeout=UPLOAD_TIMEOUT_S)
+            ):
+                pass
+        except grpc.RpcError as err:
+            raise _agent_error(address, err) from None
+
+    def _replicate(
+        self, plan: dpb.PlanPutResponse, metas: dict[str, dpb.Shard], tick: Progress
+    ) -> None:
+        """Each placement's other nodes pull the shard from its first node."""
+        asks: dict[str, list[dpb.ShardSource]] = {}
+        for p in plan.placements:
+            for addr in p.addresses[1:]:
+                asks.setdefault(addr, []).append(
+                    dpb.ShardSource(
+                        shard_id=p.shard_id, size=metas[p.shard_id].size, sources=[p.addresses[0]]
+                    )
+                )
+
+        def ask(addr: str) -> None:
+            req = dpb.PullShardsRequest(shards=asks[addr])
+            try:
+                resp = self._conn(addr).stub(ShardsStub).PullShards(req, timeout=UPLOAD_TIMEOUT_S)
+            except grpc.RpcError as err:
+                raise _agent_error(addr, err) from None
+            if resp.failed:
+                shard_id, why = next(iter(resp.failed.items()))
+                raise Unavailable(f"{addr} could not copy shard {shard_id[:12]}: {why}")
+            tick(sum(s.size for s in asks[addr]))
+
+        with ThreadPoolExecutor(max(1, min(8, len(asks))), thread_name_prefix="replicate") as pool:
+            list(pool.map(ask, asks))
+
+    def _release(self, shard_ids: list[str], node_ids: list[str]) -> None:
+        try:
+            self._unary(
+                DatasetsStub,
+                "ReleaseShards",
+                dpb.ReleaseShardsRequest(shard_ids=shard_ids, node_ids=node_ids),
+                timeout=10,
+            )
+        except LeptonError as err:
+            log.warning("could not release the blobs of a failed put: %s", err.message)
+
+    # -- get -----------------------------------------------------------------------------
+    def get_dataset(
+        self,
+        name: str,
+        out: str | os.PathLike[str],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        parallel: int = 4,
+    ) -> DatasetInfo:
+        """Download every shard (hash-verified, from any replica) and write `out`: a .npy
+        structured array (fields x, y), a .npz with arrays x and y, or, for a directory,
+        the shard files themselves. `out` appears only when complete.
+        Raises NotFound, Unavailable (some shard has no good copy), InvalidArgument."""
+        ds = self.dataset(name)
+        out = Path(out)
+        if out.suffix.lower() not in (".npy", ".npz") and out.exists() and not out.is_dir():
+            raise InvalidArgument(
+                f"{out}: not a directory; name a .npy or .npz file or a directory"
+            )
+        parent = out.parent if out.suffix else out
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".lepton-get-", dir=parent))
+        try:
+            store = ShardStore(work / "store")
+            total, done = ds.size, [0]
+
+            def tick(n: int) -> None:
+                done[0] += n
+                if progress is not None:
+                    progress(done[0], total)
+
+            items = {
+                s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
+                for s in ds.shards
+            }
+            puller = Puller(store)
+            try:
+                result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)
+            finally:
+                puller.close()
+            if result.failed:
+                shard_id, why = next(iter(result.failed.items()))
+                raise Unavailable(
+                    f"dataset {name}: {len(result.failed)} shards could not be fetched "
+                    f"({shard_id[:12]}: {why})"
+                )
+            paths = [store.path(s.id) for s in ds.shards]
+            self._assemble(paths, out, work)
+            return ds
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _assemble(paths: list[Path], out: Path, work: Path) -> None:
+        suffix = out.suffix.lower()
+        if suffix not in (".npy", ".npz"):
+            out.mkdir(parents=True, exist_ok=True)
+            for i, p in enumerate(paths):
+                tmp = out / f".shard-{i:05d}.npy.tmp"
+                shutil.copyfile(p, tmp)
+                os.replace(tmp, out / f"shard-{i:05d}.npy")
+            return
+        joined = work / "joined.npy"
+        if paths:
+            fmt.concat_shards(paths, joined)
+        else:
+            np.save(joined, np.empty(0, dtype=fmt.record_dtype("<f4", ())))
+        tmp = work / ("out" + suffix)
+        if suffix == ".npz":
+            recs = np.load(joined, mmap_mode="r")
+            x, y = fmt.split_arrays(recs)
+            arrays = {"x": x} if y is None else {"x": x, "y": y}
+            np.savez(tmp, **arrays)
+        else:
+            tmp = joined
+        shutil.move(str(tmp), str(out))
+
+
+def _agent_error(address: str, err: grpc.RpcError) -> LeptonError:
+    from ._transport import transport_failure
+
+    failure = transport_failure(err)
+    if failure is not None:
+        return Unavailable(f"cannot reach the agent at {address} ({failure.reason})")
+    return from_rpc_error(err)

@@ -1,0 +1,304 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Shard(_message.Message):
+    __slots__ = ("id", "size", "rows", "dtype", "shape", "label_dtype", "replicas")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    size: int
+    rows: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    label_dtype: str
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., size: _Optional[int] = ..., rows: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., label_dtype: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("name", "version", "replication", "shards", "created_at_ms", "rows", "size", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    replication: int
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    created_at_ms: int
+    rows: int
+    size: int
+    source: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ShardPlacement(_message.Message):
+    __slots__ = ("shard_id", "node_ids", "addresses")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlanPutRequest(_message.Message):
+    __slots__ = ("name", "replication", "shards")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replication: int
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    def __init__(self, name: _Optional[str] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+
+class PlanPutResponse(_message.Message):
+    __slots__ = ("placements", "replication")
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    placements: _containers.RepeatedCompositeFieldContainer[ShardPlacement]
+    replication: int
+    def __init__(self, placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., replication: _Optional[int] = ...) -> None: ...
+
+class CommitDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: Dataset
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
+
+class GetDatasetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DatasetView(_message.Message):
+    __slots__ = ("dataset", "addresses", "under_replicated")
+    class AddressesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    dataset: Dataset
+    addresses: _containers.ScalarMap[str, str]
+    under_replicated: int
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ..., addresses: _Optional[_Mapping[str, str]] = ..., under_replicated: _Optional[int] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReleaseShardsRequest(_message.Message):
+    __slots__ = ("shard_ids", "node_ids")
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    shard_ids: _containers.RepeatedScalarFieldContainer[str]
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseShardsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class DropReplicaRequest(_message.Message):
+    __slots__ = ("shard_id", "node_id", "reason")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    node_id: str
+    reason: str
+    def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DropReplicaResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WriteShardRequest(_message.Message):
+    __slots__ = ("shard_id", "size", "data")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    size: int
+    data: bytes
+    def __init__(self, shard_id: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteShardResponse(_message.Message):
+    __slots__ = ("shard_id", "size")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    size: int
+    def __init__(self, shard_id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ReadShardRequest(_message.Message):
+    __slots__ = ("shard_id", "offset")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    offset: int
+    def __init__(self, shard_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ShardChunk(_message.Message):
+    __slots__ = ("offset", "data", "digest")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    digest: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class OpenTransferRequest(_message.Message):
+    __slots__ = ("shard_id", "offset")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    offset: int
+    def __init__(self, shard_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class TransferTicket(_message.Message):
+    __slots__ = ("port", "token", "size", "chunk_size")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    token: bytes
+    size: int
+    chunk_size: int
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class ShardSource(_message.Message):
+    __slots__ = ("shard_id", "size", "sources")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    size: int
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullShardsRequest(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardSource]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardSource, _Mapping]]] = ...) -> None: ...
+
+class PullShardsResponse(_message.Message):
+    __slots__ = ("pulled", "failed", "bytes")
+    class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PULLED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    pulled: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.ScalarMap[str, str]
+    bytes: int
+    def __init__(self, pulled: _Optional[_Iterable[str]] = ..., failed: _Optional[_Mapping[str, str]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StatShardsRequest(_message.Message):
+    __slots__ = ("shard_ids", "verify")
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    shard_ids: _containers.RepeatedScalarFieldContainer[str]
+    verify: bool
+    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., verify: _Optional[bool] = ...) -> None: ...
+
+class StatShardsResponse(_message.Message):
+    __slots__ = ("present", "used_bytes", "quota_bytes")
+    class PresentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    present: _containers.ScalarMap[str, int]
+    used_bytes: int
+    quota_bytes: int
+    def __init__(self, present: _Optional[_Mapping[str, int]] = ..., used_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
+
+class DeleteShardsRequest(_message.Message):
+    __slots__ = ("shard_ids",)
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    shard_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteShardsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class ShardStatsRequest(_message.Message):
+    __slots__ = ("shard_id", "spec")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    spec: str
+    def __init__(self, shard_id: _Optional[str] = ..., spec: _Optional[str] = ...) -> None: ...
+
+class ShardStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: str
+    def __init__(self, stats: _Optional[str] = ...) -> None: ...
+
+class TransformShardRequest(_message.Message):
+    __slots__ = ("shard_id", "spec", "seed")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    spec: str
+    seed: int
+    def __init__(self, shard_id: _Optional[str] = ..., spec: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TransformShardResponse(_message.Message):
+    __slots__ = ("shard", "report")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    shard: Shard
+    report: str
+    def __init__(self, shard: _Optional[_Union[Shard, _Mapping]] = ..., report: _Optional[str] = ...) -> None: ...
