@@ -8,8 +8,10 @@ queued and re-sent until a leader accepts them (the state machine ignores repeat
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import sys
 
 import grpc
 
@@ -23,15 +25,32 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRACE_S = 10.0
 
 
-def run_spec(a: tasks_pb2.Assignment) -> RunSpec:
+def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = ()) -> RunSpec:
+    """What the runner starts for an assignment. A torch job's member runs
+    `lepton.agent.torch_task`, which starts the node's workers the way torchrun would."""
     s = a.spec
+    argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
+    if s.job_id:
+        env.update(LEPTON_JOB_ID=s.job_id, LEPTON_GANG_RANK=str(s.gang_rank),
+                   LEPTON_GANG_SIZE=str(s.gang_size), LEPTON_RESTART_COUNT=str(a.restart_count))
+    if s.HasField("torch"):
+        launch = {
+            "job_id": s.job_id, "argv": list(s.argv) or ["/bin/sh", "-c", s.shell],
+            "nproc_per_node": s.torch.nproc_per_node, "node_rank": s.gang_rank,
+            "nnodes": s.gang_size, "master_addr": a.master_addr, "master_port": a.master_port,
+            "restart_count": a.restart_count, "max_restarts": s.max_restarts,
+            "env": dict(s.env), "cwd": s.workdir, "dataset": s.torch.dataset,
+            "data_dir": data_dir, "servers": list(servers),
+            "grace_s": s.grace_s or DEFAULT_GRACE_S,
+        }
+        argv, shell = (sys.executable, "-m", "lepton.agent.torch_task", json.dumps(launch)), ""
     return RunSpec(
         task_id=a.task_id,
         attempt=a.attempt,
         term=a.term,
-        argv=tuple(s.argv),
-        shell=s.shell,
-        env=dict(s.env),
+        argv=argv,
+        shell=shell,
+        env=env,
         workdir=s.workdir,
         gpu_indices=tuple(a.gpu_indices),
         timeout_s=s.timeout_s,
@@ -51,8 +70,10 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
 class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
-    def __init__(self, node_id: str, addresses: list[str]):
+    def __init__(self, node_id: str, addresses: list[str], data_dir: str = ""):
         self._node_id = node_id
+        self._addresses = list(addresses)
+        self._data_dir = data_dir
         self._watch_link = CoordinatorLink(addresses)
         self._report_link = CoordinatorLink(addresses)
         self._runner: TaskRunner | None = None
@@ -86,7 +107,9 @@ class AssignmentLoop:
                     coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
                 async for aset in call:
                     backoff = MIN_BACKOFF_S
-                    sentence = self._runner.reconcile([run_spec(a) for a in aset.assignments], aset.term)
+                    specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses)
+                             for a in aset.assignments]
+                    sentence = self._runner.reconcile(specs, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)
                 raise Unavailable("assignment stream ended")
             except grpc.aio.AioRpcError as rpc_err:

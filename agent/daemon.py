@@ -28,6 +28,18 @@ from lepton.v1 import agent_pb2, coordinator_pb2
 logger = logging.getLogger(__name__)
 
 
+def free_port(host: str) -> int:
+    """A TCP port free on this host right now (a job's rank 0 may host its store there)."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.bind((host.strip("[]") if host not in ("", "0.0.0.0") else "", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return 0
+
+
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -63,6 +75,11 @@ class Agent:
             return  # a worker pointed at a one-voter cluster
         if len(set(peers)) != len(peers):
             raise InvalidArgument(f"--peers lists an address twice: {','.join(peers)}")
+
+    def _usage(self):
+        usage = self.fingerprint.usage()
+        usage.free_port = free_port(self.address.rpartition(":")[0])
+        return usage
 
     def _registration(self) -> coordinator_pb2.RegisterNodeRequest:
         return coordinator_pb2.RegisterNodeRequest(
@@ -102,7 +119,7 @@ class Agent:
         from lepton.agent.service import add_to_server as add_agent_service
 
         targets = self.config.peers or self.config.join or [self.address]
-        self.assignments = AssignmentLoop(self.node_id, targets)
+        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir))
         self.runner = TaskRunner(self.data_dir, self.assignments.on_event)
         self.assignments.attach(self.runner)
         await self.runner.start()
@@ -121,7 +138,7 @@ class Agent:
         self.heartbeater = Heartbeater(
             CoordinatorLink(targets),
             self._registration,
-            self.fingerprint.usage,
+            self._usage,
             interval_s=self.config.heartbeat_interval_s,
             on_leader_silent=self.assignments.leader_silent,
         )

@@ -37,7 +37,7 @@ from lepton.common.errors import (
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
 from .data import DatasetInfo
-from .processor import DataProcessor
+from .jobs import JobInfo
 from .tasks import parse_size
 from .types import (
     NODE_STATES,
@@ -54,8 +54,18 @@ from .types import (
     VoterInfo,
 )
 
+
+def __getattr__(name: str):
+    if name == "DataProcessor":  # imports numpy: only when asked for
+        from .processor import DataProcessor
+
+        return DataProcessor
+    raise AttributeError(name)
+
+
 __all__ = [
     "DataProcessor",
+    "JobInfo",
     "DatasetInfo",
     "DEFAULT_SERVER",
     "DEFAULT_TIMEOUT",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
-from lepton.common.errors import FailedPrecondition, LeptonError
+from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 
 from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, _print_json
 from .client import Client
@@ -165,6 +165,7 @@ def add_commands(top: Any, sub: Sub) -> None:
         parents=(spec_common,),
     )
     _spec_options(p)
+    _job_options(p)
 
     tasks = top.add_parser("tasks", help="list, show and cancel tasks")
     tasks_sub = tasks.add_subparsers(
@@ -186,8 +187,10 @@ def add_commands(top: Any, sub: Sub) -> None:
     p = sub(tasks_sub, "cancel", cmd_tasks_cancel, "cancel a task (its attempt is stopped)")
     p.add_argument("task", metavar="ID", help="task id or unique id prefix")
 
-    p = sub(top, "logs", cmd_logs, "print a task's output (stdout and stderr)")
-    p.add_argument("task", metavar="TASK", help="task id or unique id prefix")
+    p = sub(top, "logs", cmd_logs, "print a task's or a job's output (stdout and stderr)")
+    p.add_argument("task", metavar="TASK", help="task id or unique id prefix, or a job id (j-...)")
+    p.add_argument("--rank", metavar="K", type=int, default=None,
+                   help="a job's rank K only (its lines start with [rank K])")
     p.add_argument(
         "-f",
         "--follow",
@@ -340,7 +343,46 @@ def _copy(chunks: Any, out: Any) -> None:
         out.flush()
 
 
+def _job_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-node and torch.distributed jobs")
+    g.add_argument("--nodes", metavar="N", type=int, default=None,
+                   help="run as a gang on N distinct nodes, placed all-or-nothing")
+    g.add_argument("--nproc-per-node", metavar="M", type=int, default=0,
+                   help="a torch.distributed job: M workers per node with torchrun's environment")
+    g.add_argument("--gpus-per-node", metavar="G", type=int, default=0, help="GPUs per node")
+    g.add_argument("--max-restarts", metavar="R", type=int, default=0,
+                   help="restart the whole job up to R times when a rank fails or a node is lost")
+    g.add_argument("--dataset", metavar="NAME", default="",
+                   help="split this dataset's shards across the ranks (LEPTON_SHARDS)")
+
+
+def _is_job(args: argparse.Namespace) -> bool:
+    return args.nodes is not None or bool(args.nproc_per_node)
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    kw = submit_kwargs(args)
+    with _client(args) as c:
+        job = c.submit_job(nodes=1 if args.nodes is None else args.nodes,
+                           nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node,
+                           max_restarts=args.max_restarts, dataset=args.dataset, **kw)
+        sys.stderr.write(f"{PROG}: job {job.id}: {len(job.tasks)} node(s)\n")
+        try:
+            _copy(c.job_logs(job.id, follow=True), _stdout())
+            final = c.wait_job(job.id)
+        except KeyboardInterrupt:
+            return _interrupted(c, job.tasks[0].id)
+    if final.state != "succeeded":
+        sys.stderr.write(f"{PROG}: job {final.id} {final.state}: {final.reason}\n")
+    if final.state == "cancelled":
+        return CANCELLED_EXIT
+    code = final.exit_code
+    return 0 if final.state == "succeeded" else (code if code and 0 < code < 256 else 1)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if _is_job(args):
+        return _run_job(args)
     kw = submit_kwargs(args)
     with _client(args) as c:
         task = c.submit(**kw)
@@ -418,6 +460,11 @@ def cmd_tasks_cancel(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     with _client(args) as c:
+        if args.task.startswith("j-"):
+            _copy(c.job_logs(args.task, follow=args.follow, rank=args.rank), _stdout())
+            return 0
+        if args.rank is not None:
+            raise InvalidArgument("--rank is for jobs (ids starting j-)")
         task = c.find_task(args.task)
         _copy(c.logs(task.id, follow=args.follow, attempt=args.attempt), _stdout())
     return 0

@@ -44,6 +44,7 @@ from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from ._transport import retryable, transport_failure, unreachable_error
 from ._util import require_id as _require_id
 from .data import DataMethods
+from .jobs import JobMethods
 from .tasks import TaskMethods
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, state_to_proto
 
@@ -108,7 +109,7 @@ class _Conn:
         return stub
 
 
-class Client(TaskMethods, DataMethods):
+class Client(TaskMethods, JobMethods, DataMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader

@@ -22,18 +22,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 
-from lepton.agent import shard_format as fmt
 from lepton.agent.shards import CHUNK, ShardStore
-from lepton.agent.transfer import Puller
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
 from lepton.coordinator.datasets import DEFAULT_REPLICATION, check_dataset_name
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
 
+from ._util import LazyModule
+
 if TYPE_CHECKING:
     from .client import _Conn
+
+np = LazyModule("numpy")
+fmt = LazyModule("lepton.agent.shard_format")
 
 __all__ = ["DataMethods", "DatasetInfo", "ShardInfo"]
 
@@ -316,6 +318,8 @@ class DataMethods:
                 s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
                 for s in ds.shards
             }
+            from lepton.agent.transfer import Puller
+
             puller = Puller(store)
             try:
                 result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)

@@ -53,6 +53,7 @@ class Coordinator:
             is_leader=self.consensus.is_leader,
             term=self.consensus.term,
             wall_ms=wall_ms,
+            free_port=self._free_port,
         )
         self.ctx.scheduling = self.scheduling
         from lepton.coordinator.replication import AgentPool, ReplicationLoop
@@ -92,6 +93,10 @@ class Coordinator:
             ),
             snapshot_every=config.snapshot_every,
         )
+
+    def _free_port(self, node_id: str) -> int:
+        _, usage = self.liveness.last_seen(node_id)
+        return usage.free_port if usage is not None else 0
 
     async def _propose(self, cmd):
         return await self.ctx.commit(cmd)

@@ -80,6 +80,8 @@ def task_request(t: tasks_pb2.Task) -> TaskRequest:
         gpus=r.gpus,
         gpu_memory_bytes=r.gpu_memory_bytes,
         constraints=dict(t.spec.constraints),
+        gang_id=t.spec.job_id or None,
+        gang_size=t.spec.gang_size if t.spec.job_id else 1,
     )
 
 
@@ -95,6 +97,7 @@ class SchedulingLoop:
         term: Callable[[], int],
         wall_ms: Callable[[], int],
         policy: Policy | None = None,
+        free_port: Callable[[str], int] = lambda node_id: 0,
         aging_interval_s: float = 1.0,
         max_per_cycle: int = 2000,
         min_cycle_s: float = 0.02,
@@ -105,6 +108,7 @@ class SchedulingLoop:
         self._term = term
         self._wall_ms = wall_ms
         self._policy = policy or Policy()
+        self._free_port = free_port  # a node's last reported free port, 0 if unknown
         self._aging_interval_s = aging_interval_s
         self._max_per_cycle = max_per_cycle
         self._min_cycle_s = min_cycle_s  # under a flood of submissions, one plan per this
@@ -178,13 +182,13 @@ class SchedulingLoop:
         cmd = state_pb2.Command(
             apply_plan=state_pb2.ApplyPlanCmd(
                 term=self._term(),
-                placements=[
+                placements=self._with_rendezvous([
                     state_pb2.PlacementCmd(
                         task_id=p.task_id, attempt=attempts[p.task_id],
                         node_id=p.node_id, gpu_indices=list(p.gpu_indices),
                     )
                     for p in plan.placements.values()
-                ],
+                ]),
                 preemptions=[
                     state_pb2.PreemptionCmd(
                         task_id=p.task_id, attempt=table.tasks[p.task_id].attempt,
@@ -200,6 +204,29 @@ class SchedulingLoop:
         except FailedPrecondition as err:  # the state moved on meanwhile; next cycle retries
             return f"plan dropped ({err.message})"
         return plan.summary()
+
+    def _with_rendezvous(self, placements: list[state_pb2.PlacementCmd]) -> list[state_pb2.PlacementCmd]:
+        """Gang members learn where rank 0 hosts the job's store: rank 0's node, on a port
+        that node reported free in its last heartbeat (soft state, hence chosen here and
+        written into the command)."""
+        tasks = self._state.tasks.tasks
+        taken: dict[str, set[int]] = {}
+        rendezvous: dict[str, tuple[str, int]] = {}
+        for pl in placements:
+            spec = tasks[pl.task_id].spec
+            if spec.job_id and spec.gang_rank == 0:
+                node = self._state.nodes[pl.node_id]
+                port = self._free_port(pl.node_id) or 29500
+                used = taken.setdefault(pl.node_id, set())
+                while port in used:  # two jobs on one node in one plan
+                    port += 1
+                used.add(port)
+                rendezvous[spec.job_id] = (node.address.rpartition(":")[0], port)
+        for pl in placements:
+            job_id = tasks[pl.task_id].spec.job_id
+            if job_id in rendezvous:
+                pl.master_addr, pl.master_port = rendezvous[job_id]
+        return placements
 
     async def run(self) -> None:
         last = ""

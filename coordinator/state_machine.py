@@ -226,6 +226,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
+    "submit_job": lambda sm, c, at: sm.tasks.submit_job(c, at),
     "put_dataset": lambda sm, c, at: sm.datasets.put(c, at),
     "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
     "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),

@@ -11,11 +11,13 @@ from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
 from lepton.coordinator import validation as v
 from lepton.coordinator.tasks import HOLDING, P, TaskState, copy_task
-from lepton.v1 import coordinator_pb2, state_pb2, tasks_pb2
+from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
 
 MAX_EVENTS_PER_REPORT = 1000
+MAX_GANG = 64  # nodes in one job
+MAX_NPROC = 64  # workers per node
 MAX_WAIT_S = 300.0
 
 
@@ -86,6 +88,52 @@ class TaskApi:
         return self._task_view(task)
 
     @rpc_boundary
+    async def SubmitJob(self, request, context):
+        spec = request.spec
+        v.check_task_spec(spec)
+        if not 1 <= request.nodes <= MAX_GANG:
+            raise InvalidArgument(f"nodes must be between 1 and {MAX_GANG}, not {request.nodes}")
+        if spec.job_id or spec.gang_size or spec.gang_rank:
+            raise InvalidArgument("job_id, gang_size and gang_rank are set by the coordinator")
+        if spec.max_restarts > v.MAX_RETRIES:
+            raise InvalidArgument(f"max_restarts is {spec.max_restarts}; at most {v.MAX_RETRIES}")
+        await self._ctx.read()
+        if spec.HasField("torch"):
+            self._check_torch(spec, request.nodes)
+        job_id = "j-" + uuid.uuid4().hex[:12]
+        cmd = state_pb2.Command(submit_job=state_pb2.SubmitJobCmd(job_id=job_id, spec=spec, nodes=request.nodes))
+        job = await self._ctx.commit(cmd)
+        return self._job_view(job)
+
+    def _check_torch(self, spec, nodes: int) -> None:
+        """Refuse what could never run, with a reason a person can act on."""
+        nproc = spec.torch.nproc_per_node
+        if not 1 <= nproc <= MAX_NPROC:
+            raise InvalidArgument(f"nproc_per_node must be between 1 and {MAX_NPROC}, not {nproc}")
+        ready = [n for n in self._ctx.state.nodes.values() if n.state == common_pb2.NODE_STATE_READY]
+        if len(ready) < nodes:
+            raise InvalidArgument(f"the job needs {nodes} nodes; the cluster has {len(ready)} ready")
+        cores = max((n.capacity.cpu_logical for n in ready), default=0)
+        if nproc > cores:
+            raise InvalidArgument(f"{nproc} ranks per node need {nproc} cores; the largest node has {cores}")
+        dataset = spec.torch.dataset
+        if dataset:
+            self._ctx.state.datasets.get(dataset)  # NotFound names it
+
+    def _job_view(self, job: tasks_pb2.Job) -> tasks_pb2.Job:
+        out = tasks_pb2.Job()
+        out.CopyFrom(job)
+        del out.tasks[:]
+        out.tasks.extend(self._task_view(t) for t in job.tasks)
+        return out
+
+    @rpc_boundary
+    async def GetJob(self, request, context):
+        v.require_id(request.job_id, "job_id")
+        await self._ctx.read()
+        return self._job_view(self._ctx.state.tasks.job(request.job_id))
+
+    @rpc_boundary
     async def GetTask(self, request, context):
         v.require_id(request.task_id, "task_id")
         await self._ctx.read()
@@ -149,6 +197,8 @@ class TaskApi:
                         tasks_pb2.Assignment(
                             task_id=t.id, attempt=t.attempt, spec=t.spec,
                             gpu_indices=list(t.gpu_indices), term=t.assigned_term,
+                            restart_count=t.restart_count, master_addr=t.master_addr,
+                            master_port=t.master_port,
                         )
                         for t in self._ctx.state.tasks.on_node(node_id)
                         if t.state in HOLDING

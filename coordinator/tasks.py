@@ -11,6 +11,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.coordinator.jobs import GangMixin
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def copy_task(task: tasks_pb2.Task) -> tasks_pb2.Task:
     return out
 
 
-class TaskTable:
+class TaskTable(GangMixin):
     """The tasks part of the state machine, with its derived indexes."""
 
     def __init__(self, sm: ClusterStateMachine):
@@ -84,6 +85,7 @@ class TaskTable:
         self.by_node: dict[str, set[str]] = {}  # node id -> ids of tasks with an attempt there
         self.pending: set[str] = set()  # ids of PENDING tasks: what the scheduler looks at
         self.listeners: list[TaskListener] = []
+        self._init_jobs()
 
     # -- derived indexes -------------------------------------------------------------
     def _index(self, task: tasks_pb2.Task, old_node: str) -> None:
@@ -98,11 +100,14 @@ class TaskTable:
 
     def rebuild(self, tasks: list[tasks_pb2.Task]) -> None:
         self.tasks = {t.id: copy_task(t) for t in tasks}
-        self.by_request = {t.spec.request_id: t.id for t in tasks if t.spec.request_id}
+        self.by_request = {
+            t.spec.request_id: t.id for t in tasks if t.spec.request_id and not t.spec.job_id
+        }
         self.by_node = {}
         self.pending = set()
         for task in self.tasks.values():
             self._index(task, "")
+        self._rebuild_jobs()
 
     def _changed(self, task: tasks_pb2.Task, old_node: str) -> None:
         self._index(task, old_node)
@@ -158,6 +163,8 @@ class TaskTable:
         for pl in c.placements:
             task = self.tasks[pl.task_id]
             node = self._sm.nodes[pl.node_id]
+            task.master_addr = pl.master_addr
+            task.master_port = pl.master_port
             task.state = P[TaskState.ASSIGNED]
             task.node_id = node.id
             task.node_address = node.address
@@ -200,6 +207,8 @@ class TaskTable:
         task.reason = "cancelled"
         task.finished_at_ms = at_ms
         self._changed(task, old_node)
+        if task.spec.job_id:
+            self._cancel_gang(task, at_ms)
         return copy_task(task)
 
     def node_gone(self, node_id: str, reason: str, at_ms: int) -> None:
@@ -233,6 +242,9 @@ class TaskTable:
         why = reason or (f"exit code {exit_code}" if exited else "lost")
         if exited and reason in ("", "exited"):
             why = f"exit code {exit_code}"
+        if task.spec.job_id:
+            self._gang_failed(task, exit_code if exited else None, why, at_ms)
+            return
         task.failures += 1
         if task.failures <= task.spec.max_retries:
             self._requeue(task, TaskState.FAILED, exit_code, why, at_ms)

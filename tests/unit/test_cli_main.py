@@ -69,7 +69,7 @@ def test_global_options_go_before_or_after_the_command() -> None:
 
 def test_local_defaults() -> None:
     a = cli.build_parser().parse_args(["local", "up"])
-    assert (a.agents, a.voters, a.data_dir) == (3, 1, ".lepton-local")
+    assert (a.agents, a.voters, a.data_dir) == (3, None, ".lepton-local")  # None: 3 voters for 3+ agents
     assert cli.build_parser().parse_args(["local", "down", "--wipe"]).wipe is True
 
 

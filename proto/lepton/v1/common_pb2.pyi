@@ -53,18 +53,20 @@ class Capacity(_message.Message):
     def __init__(self, cpu_logical: _Optional[int] = ..., cpu_physical: _Optional[int] = ..., cpu_model: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("cpu_percent", "memory_used_bytes", "disk_free_bytes", "gpus", "load1")
+    __slots__ = ("cpu_percent", "memory_used_bytes", "disk_free_bytes", "gpus", "load1", "free_port")
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     LOAD1_FIELD_NUMBER: _ClassVar[int]
+    FREE_PORT_FIELD_NUMBER: _ClassVar[int]
     cpu_percent: float
     memory_used_bytes: int
     disk_free_bytes: int
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     load1: float
-    def __init__(self, cpu_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., load1: _Optional[float] = ...) -> None: ...
+    free_port: int
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., load1: _Optional[float] = ..., free_port: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("id", "name", "address", "labels", "capacity", "state", "draining", "voter", "registered_at_ms", "state_changed_at_ms", "state_reason", "version", "usage", "last_heartbeat_ms")

@@ -15,6 +15,20 @@ class SubmitTaskRequest(_message.Message):
     spec: _tasks_pb2.TaskSpec
     def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
 
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec", "nodes")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    spec: _tasks_pb2.TaskSpec
+    nodes: int
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., nodes: _Optional[int] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class GetTaskRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -106,6 +106,16 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/lepton.v1.Coordinator/SubmitJob',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/lepton.v1.Coordinator/GetJob',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_tasks__pb2.Job.FromString,
+                _registered_method=True)
         self.WatchAssignments = channel.unary_stream(
                 '/lepton.v1.Coordinator/WatchAssignments',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchAssignmentsRequest.SerializeToString,
@@ -214,6 +224,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """A gang of `nodes` members, placed all-or-nothing. Durable on return; idempotent by
+        spec.request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchAssignments(self, request, context):
         """Agents: the whole desired set on connect and on every change, stamped with the term.
         """
@@ -300,6 +324,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WaitTask,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.SubmitJobRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_tasks__pb2.Job.SerializeToString,
             ),
             'WatchAssignments': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAssignments,
@@ -690,6 +724,60 @@ class Coordinator:
             '/lepton.v1.Coordinator/WaitTask',
             lepton_dot_v1_dot_coordinator__pb2.WaitTaskRequest.SerializeToString,
             lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/SubmitJob',
+            lepton_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/GetJob',
+            lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+            lepton_dot_v1_dot_tasks__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,16 +61,30 @@ class SubmitTaskCmd(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
 
 class PlacementCmd(_message.Message):
-    __slots__ = ("task_id", "attempt", "node_id", "gpu_indices")
+    __slots__ = ("task_id", "attempt", "node_id", "gpu_indices", "master_addr", "master_port")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     node_id: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    master_addr: str
+    master_port: int
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+
+class SubmitJobCmd(_message.Message):
+    __slots__ = ("job_id", "spec", "nodes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: _tasks_pb2.TaskSpec
+    nodes: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class PreemptionCmd(_message.Message):
     __slots__ = ("task_id", "attempt", "for_task_id")
@@ -141,7 +155,7 @@ class DropReplicasCmd(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +165,7 @@ class Command(_message.Message):
     APPLY_PLAN_FIELD_NUMBER: _ClassVar[int]
     TASK_EVENT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_JOB_FIELD_NUMBER: _ClassVar[int]
     PUT_DATASET_FIELD_NUMBER: _ClassVar[int]
     DELETE_DATASET_FIELD_NUMBER: _ClassVar[int]
     ADD_REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -164,11 +179,12 @@ class Command(_message.Message):
     apply_plan: ApplyPlanCmd
     task_event: TaskEventCmd
     cancel_task: CancelTaskCmd
+    submit_job: SubmitJobCmd
     put_dataset: PutDatasetCmd
     delete_dataset: DeleteDatasetCmd
     add_replicas: AddReplicasCmd
     drop_replicas: DropReplicasCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ...) -> None: ...
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()

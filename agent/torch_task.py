@@ -1,0 +1,161 @@
+"""The task process of one node of a torch.distributed job (what torchrun is for torchrun).
+
+The agent's runner starts `python -m lepton.agent.torch_task LAUNCH_JSON` as an ordinary
+task attempt, so it gets a process group, an output file, timeouts and cancellation like
+any task, and the agent's own process never imports torch. This process:
+
+1. fetches the shards its ranks read (dataset shard i goes to global rank i % world size)
+   into the node's shard store, straight from a peer holding them;
+2. runs `TorchLauncher`: the node's workers with torchrun's exact environment;
+3. copies every worker's rank-prefixed output to its stdout, live, so `lepton-ctl logs`
+   shows all ranks (`--rank K` filters by the prefix);
+4. exits 0 when every worker succeeded, else with the first failing worker's code. The
+   coordinator then stops the whole gang at once and restarts it (a new rendezvous,
+   TORCHELASTIC_RESTART_COUNT + 1) while `max_restarts` allows.
+
+Checkpoints live in `<data dir>/jobs/<job id>/checkpoints`, kept across the job's restarts
+on this node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from lepton.agent.torch_launcher import NodeLaunch, TorchLauncher
+
+logger = logging.getLogger("lepton.agent.torch_task")
+
+
+def shard_assignment(shard_ids: list[str], world: int) -> list[list[str]]:
+    """Global rank r reads shards r, r + world, r + 2*world, ... (round robin)."""
+    return [shard_ids[r::world] for r in range(world)]
+
+
+def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Paths of each local rank's shards, fetched into this node's store when missing."""
+    dataset = launch.get("dataset", "")
+    if not dataset:
+        return ()
+    from lepton.agent.shards import ShardStore
+    from lepton.agent.transfer import Puller
+    from lepton.client import Client
+
+    nproc, node_rank = launch["nproc_per_node"], launch["node_rank"]
+    world = nproc * launch["nnodes"]
+    with Client(launch["servers"], timeout=30) as client:
+        ds = client.dataset(dataset)
+    per_rank = shard_assignment([s.id for s in ds.shards], world)
+    mine = [per_rank[node_rank * nproc + i] for i in range(nproc)]
+    store = ShardStore(Path(launch["data_dir"]) / "shards")
+    by_id = {s.id: s for s in ds.shards}
+    missing = [sid for ranks in mine for sid in ranks if not store.has(sid)]
+    if missing:
+        puller = Puller(store)
+        try:
+            items = [(sid, by_id[sid].size, [ds.addresses[n] for n in by_id[sid].replicas
+                                             if n in ds.addresses]) for sid in missing]
+            result = puller.pull_many(items, parallel=4)
+        finally:
+            puller.close()
+        if result.failed:
+            sid, why = next(iter(result.failed.items()))
+            raise OSError(f"cannot fetch shard {sid[:12]}: {why}")
+    return tuple(tuple(str(store.path(sid)) for sid in ranks) for ranks in mine)
+
+
+async def _copy_output(log_dir: Path, nranks: int, done: asyncio.Event) -> None:
+    """Tail every rank's log file to stdout until the workers are done and drained."""
+    offsets: dict[Path, int] = {}
+    out = sys.stdout.buffer
+    while True:
+        finished = done.is_set()
+        for path in sorted(log_dir.glob("rank_*.log")):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            cut = data.rfind(b"\n") + 1 if not finished else len(data)
+            if cut:
+                out.write(data[:cut])
+                out.flush()
+                offsets[path] = offsets.get(path, 0) + cut
+        if finished:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def run(launch: dict[str, Any]) -> int:
+    job_dir = Path(launch["data_dir"]) / "jobs" / launch["job_id"]
+    log_dir = job_dir / f"restart-{launch['restart_count']}" / f"node-{launch['node_rank']}"
+    checkpoints = job_dir / "checkpoints"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    try:
+        shards = await asyncio.to_thread(local_shards, launch)
+    except Exception as err:  # noqa: BLE001 - any failure to stage data fails this attempt
+        print(f"lepton: cannot stage the dataset: {err}", flush=True)
+        return 1
+    spec = NodeLaunch(
+        job_id=launch["job_id"],
+        argv=tuple(launch["argv"]),
+        nproc_per_node=launch["nproc_per_node"],
+        node_rank=launch["node_rank"],
+        nnodes=launch["nnodes"],
+        master_addr=launch["master_addr"],
+        master_port=launch["master_port"],
+        log_dir=log_dir,
+        restart_count=launch["restart_count"],
+        max_restarts=launch["max_restarts"],
+        run_id=f"{launch['job_id']}-{launch['restart_count']}",
+        env=launch.get("env", {}),
+        cwd=launch.get("cwd") or None,
+        dataset=launch.get("dataset", ""),
+        shards=shards,
+        checkpoint_dir=str(checkpoints),
+        grace_s=launch.get("grace_s", 10.0),
+    )
+    launcher = TorchLauncher(spec)
+    loop = asyncio.get_running_loop()
+    # The agent stops a node of a failed gang with SIGTERM: pass it on to the workers.
+    loop.add_signal_handler(signal.SIGTERM, launcher.stop, "stopped by the agent")
+    done = asyncio.Event()
+    copier = asyncio.create_task(_copy_output(log_dir, launch["nproc_per_node"], done))
+    try:
+        await launcher.start()
+        result = await launcher.wait()
+    except OSError as err:
+        print(f"lepton: failed to start the workers: {err}", flush=True)
+        return 127
+    finally:
+        done.set()
+        await copier
+    if result.ok:
+        return 0
+    detail = f": {result.error_message}" if result.error_message else ""
+    print(f"lepton: node {spec.node_rank}: {result.reason}{detail}", flush=True)
+    code = result.failed_code
+    if code is None:
+        return 143
+    return code if code > 0 else 128 - code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m lepton.agent.torch_task LAUNCH_JSON", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
+    return asyncio.run(run(json.loads(args[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""DRAFT. Job launch latency: "submit -> every rank past init_process_group", 2 nodes x 2
+processes, gloo on CPU, all on this host.
+
+- torchrun_s: two bare `python -m torch.distributed.run` processes (static rendezvous, node
+  ranks 0 and 1), started together; the clock starts just before they are spawned.
+- launcher_s: the same job through Lepton's `TorchLauncher` alone (two NodeLaunch, one per
+  node rank, in this process): what our worker start-up costs, no coordinator involved.
+- lepton_s: submit through the coordinator -> all ranks ready. Not wired yet: see
+  `measure_lepton` (the LEPTON HOOK below); null until then.
+
+Each rank writes the wall time right after `init_process_group` returns; a sample is the
+latest of the four minus the start. The median of --repeats samples is reported, with all
+samples. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, free_port  # noqa: E402
+
+from lepton.agent.torch_env import python_argv  # noqa: E402
+from lepton.agent.torch_launcher import NodeLaunch, run_node  # noqa: E402
+
+NNODES, NPROC = 2, 2
+
+WORKER = """import os, sys, time
+import torch.distributed as dist
+dist.init_process_group("gloo")
+t = time.time()
+with open(os.path.join(sys.argv[1], "ready_" + os.environ["RANK"]), "w") as f:
+    f.write(repr(t))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _wait_ready(out: Path, start: float, procs_alive, timeout: float) -> float:
+    """Seconds from `start` to the last rank's ready time. Raises RuntimeError on timeout."""
+    deadline = time.monotonic() + timeout
+    want = [out / f"ready_{r}" for r in range(NNODES * NPROC)]
+    while True:
+        if all(p.exists() and p.stat().st_size for p in want):
+            return max(float(p.read_text()) for p in want) - start
+        if time.monotonic() > deadline or not procs_alive():
+            raise RuntimeError(f"not every rank got ready (see {out})")
+        time.sleep(0.01)
+
+
+def measure_torchrun(root: Path, script: Path, env: dict[str, str], timeout: float) -> float:
+    out = Path(tempfile.mkdtemp(dir=root, prefix="torchrun-"))
+    port = free_port()
+    logs = [open(out / f"node{r}.log", "wb") for r in range(NNODES)]  # noqa: SIM115
+    start = time.time()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NNODES), "--nproc-per-node",
+         str(NPROC), "--node-rank", str(r), "--rdzv-backend", "static", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "--rdzv-id", out.name, str(script), str(out)],
+        env=env, stdout=logs[r], stderr=subprocess.STDOUT) for r in range(NNODES)]
+    try:
+        return _wait_ready(out, start, lambda: all(p.poll() in (None, 0) for p in procs), timeout)
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+
+
+def measure_launcher(root: Path, script: Path, env: dict[str, str], timeout: float) -> float:
+    out = Path(tempfile.mkdtemp(dir=root, prefix="launcher-"))
+    port = free_port()
+
+    async def both() -> float:
+        specs = [NodeLaunch(job_id=out.name, argv=tuple(python_argv(str(script), [str(out)], env=env)),
+                            nproc_per_node=NPROC, node_rank=r, nnodes=NNODES, master_addr="127.0.0.1",
+                            master_port=port, log_dir=out / f"node{r}") for r in range(NNODES)]
+        start = time.time()
+        runs = [asyncio.create_task(run_node(s, base_env=env)) for s in specs]
+
+        def alive() -> bool:  # no node's run has ended badly
+            return not any(t.done() and (t.exception() is not None or not t.result().ok) for t in runs)
+
+        ready = await asyncio.to_thread(_wait_ready, out, start, alive, timeout)
+        results = await asyncio.wait_for(asyncio.gather(*runs), timeout)
+        if not all(r.ok for r in results):
+            raise RuntimeError(f"launcher run failed: {results}")
+        return ready
+
+    return asyncio.run(both())
+
+
+def measure_lepton(root: Path, script: Path, env: dict[str, str], timeout: float) -> float | None:
+    """LEPTON HOOK (the lead wires this): start agents (benchmarks/_common.Agent), submit a
+    2x2 torch job running `script` with argument `out` through the client, and return the
+    seconds from submit to the last rank's ready time (`_wait_ready`). None: not measured."""
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=120.0)
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="lepton-bench-launch-"))
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [measure_torchrun(root, script, env, args.timeout) for _ in range(args.repeats)]
+    launcher = [measure_launcher(root, script, env, args.timeout) for _ in range(args.repeats)]
+    lepton = [v for v in (measure_lepton(root, script, env, args.timeout) for _ in range(args.repeats))
+              if v is not None]
+    emit({
+        "nnodes": NNODES, "nproc_per_node": NPROC, "backend": "gloo", "repeats": args.repeats,
+        "torchrun_s": round(statistics.median(torchrun), 3),
+        "torchrun_samples_s": [round(v, 3) for v in torchrun],
+        "launcher_s": round(statistics.median(launcher), 3),
+        "launcher_samples_s": [round(v, 3) for v in launcher],
+        "lepton_s": round(statistics.median(lepton), 3) if lepton else None,  # LEPTON HOOK
+    })
+
+
+if __name__ == "__main__":
+    main()
