@@ -30,6 +30,8 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
     `lepton.agent.torch_task`, which starts the node's workers the way torchrun would."""
     s = a.spec
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
+    if servers:
+        env.setdefault("LEPTON_SERVER", ",".join(servers))  # tasks may use the cluster too
     if s.job_id:
         env.update(LEPTON_JOB_ID=s.job_id, LEPTON_GANG_RANK=str(s.gang_rank),
                    LEPTON_GANG_SIZE=str(s.gang_size), LEPTON_RESTART_COUNT=str(a.restart_count))
@@ -39,7 +41,7 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             "nproc_per_node": s.torch.nproc_per_node, "node_rank": s.gang_rank,
             "nnodes": s.gang_size, "master_addr": a.master_addr, "master_port": a.master_port,
             "restart_count": a.restart_count, "max_restarts": s.max_restarts,
-            "env": dict(s.env), "cwd": s.workdir, "dataset": s.torch.dataset,
+            "env": env, "cwd": s.workdir, "dataset": s.torch.dataset,
             "data_dir": data_dir, "servers": list(servers),
             "grace_s": s.grace_s or DEFAULT_GRACE_S,
         }

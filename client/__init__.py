@@ -37,6 +37,7 @@ from lepton.common.errors import (
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
 from .data import DatasetInfo
+from .facade import Algorithm, Model, Scheduler
 from .jobs import JobInfo
 from .tasks import parse_size
 from .types import (
@@ -64,7 +65,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Algorithm",
     "DataProcessor",
+    "Model",
+    "Scheduler",
     "JobInfo",
     "DatasetInfo",
     "DEFAULT_SERVER",
