@@ -12,15 +12,15 @@ import signal
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from lepton.agent.fingerprint import Fingerprinter
 from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir
 from lepton.common.config import AgentConfig
 from lepton.common.errors import InvalidArgument
-from lepton.common.grpc_util import SERVER_OPTIONS
+from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
 from lepton.coordinator.service import VERSION
 from lepton.v1 import agent_pb2, coordinator_pb2
@@ -106,7 +106,8 @@ class Agent:
         logger.info("node id %s, advertising %s as a %s", self.node_id, self.address, role)
 
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        # Through register_service, so a malformed request is INVALID_ARGUMENT, not UNKNOWN.
+        register_service(self.server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         if self.is_voter:
             from lepton.coordinator.coordinator import Coordinator
 
@@ -129,7 +130,11 @@ class Agent:
 
         self.data = DataNode(self.data_dir, self.node_id, self.config.listen, targets)
         services.append(self.data.add_to_server(self.server))
-        reflection.enable_server_reflection(services, self.server)
+        register_service(
+            self.server,
+            reflection.aio.ReflectionServicer(services),
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        )
         await self.server.start()
         if self.coordinator is not None:
             await self.coordinator.start()  # after the server: Raft peers must reach us

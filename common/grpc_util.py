@@ -115,8 +115,11 @@ def register_service(server: grpc.aio.Server, servicer: Any, service: Any) -> No
                         except _Malformed as err:  # seen by the servicer's own boundary
                             raise InvalidArgument(str(err)) from None
 
-                async for item in impl(requests(), context):
-                    yield item
+                try:
+                    async for item in impl(requests(), context):
+                        yield item
+                except LeptonError as err:  # servicers without their own boundary
+                    await _abort(context, err)
 
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 bidi, response_serializer=_serialize
