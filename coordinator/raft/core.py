@@ -41,6 +41,9 @@ from lepton.coordinator.raft.progress import PeerState, Progress
 
 logger = logging.getLogger(__name__)
 
+# After the leader's connection drops, campaign within this fraction of an election timeout.
+FAST_ELECTION_FRACTION = 0.15
+
 _FOLLOWER, _PRE, _CAND, _LEADER = Role.FOLLOWER, Role.PRE_CANDIDATE, Role.CANDIDATE, Role.LEADER
 _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
@@ -199,6 +202,20 @@ class RaftCore(LeaderMixin):
                 if active < self._quorum:
                     logger.info("%s: CheckQuorum failed in term %d; stepping down", self.id, self.term)
                     self._become_follower(self.term, "")
+
+    def leader_unreachable(self, peer: str, now: float) -> bool:
+        """The transport saw its connection to `peer` drop (the process died, the host
+        reset it). If `peer` is our leader, stop trusting its lease and campaign after a
+        short random delay instead of a whole election timeout. Only liveness changes:
+        the election itself follows the usual rules, so safety is untouched, and a false
+        alarm costs one election at most. Returns True when it acted."""
+        self._enter(now)
+        if self.role is _LEADER or not self.leader or self.leader != peer:
+            return False
+        self._leader_contact = -math.inf
+        soon = now + self._rng.uniform(0.0, FAST_ELECTION_FRACTION * self._cfg.election_timeout)
+        self._election_deadline = min(self._election_deadline, soon)
+        return True
 
     def step(self, m: Message, now: float) -> None:
         """Handle one message from a peer. Unknown senders and stale terms are ignored."""

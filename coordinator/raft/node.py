@@ -66,6 +66,7 @@ class RaftConsensus(Consensus):
         self._rng = rng or random.Random()
         self._core: RaftCore | None = None
         self._inbox: deque[Message] = deque()
+        self._lost_peers: deque[str] = deque()  # peers whose connection dropped
         self._proposals: deque[tuple[bytes, asyncio.Future[object]]] = deque()
         self._read_requests: deque[asyncio.Future[None]] = deque()
         self._transfers: deque[str] = deque()
@@ -95,7 +96,7 @@ class RaftConsensus(Consensus):
                               rng=self._rng, config=self._config)
         if self._transport is None:
             others = {p: a for p, a in self._voters.items() if p != self.node_id}
-            self._transport = GrpcTransport(others)
+            self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost)
         self._running = True
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
         logger.info("raft %s: started at term %d, log %d..%d", self.node_id, self._core.term,
@@ -195,6 +196,12 @@ class RaftConsensus(Consensus):
         self._wakeup.set()
 
     # -- transport side --------------------------------------------------------------
+    def _peer_lost(self, peer: str) -> None:
+        """The transport's connection to `peer` dropped; the loop tells the core."""
+        if self._running:
+            self._lost_peers.append(peer)
+            self._wakeup.set()
+
     def receive(self, messages: list[Message]) -> None:
         """Called by the Raft servicer: queue messages for the loop."""
         if self._running:
@@ -246,6 +253,11 @@ class RaftConsensus(Consensus):
         inbox = self._inbox
         while inbox:
             core.step(inbox.popleft(), now)
+        while self._lost_peers:
+            peer = self._lost_peers.popleft()
+            if core.leader_unreachable(peer, now):
+                logger.info("raft %s: lost the connection to leader %s; campaigning soon",
+                            self.node_id, peer)
         if now >= core.next_deadline():
             core.tick(now)
         while self._transfers:

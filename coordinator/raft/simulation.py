@@ -34,7 +34,9 @@ REPLAY = "LEPTON_SIM_SEED={seed} .venv/bin/pytest tests/sim -q"
 _DELIVER, _TICK, _SYNCED, _PROPOSE, _READ, _CRASH, _RESTART = range(7)
 _PARTITION, _HEAL, _TRANSFER, _END_CHAOS, _PROBE, _GIVE_UP = range(7, 13)
 # Inputs queued on a node while its disk is busy.
-_IN_STEP, _IN_TICK, _IN_PROPOSE, _IN_READ, _IN_TRANSFER = range(5)
+_IN_STEP, _IN_TICK, _IN_PROPOSE, _IN_READ, _IN_TRANSFER, _IN_LOST = range(6)
+# A peer's connection is seen to drop (the driver's channel watch), as a node input.
+_LOST = 13
 
 
 class SimulationFailure(AssertionError):
@@ -216,7 +218,7 @@ class Simulation:
                     self.checker.fail(f"no progress for {self.stall}s after the faults stopped: {self.describe()}")
                 self._at(t + 0.05, _PROBE)
             else:
-                self._control(kind, a)
+                self._control(kind, a, b)
         self.checker.fail(f"no convergence {self.settle}s after the faults stopped: {self.describe()}")
         raise AssertionError("unreachable")
 
@@ -235,7 +237,7 @@ class Simulation:
             )
         return "\n  " + "\n  ".join(out)
 
-    def _control(self, kind: int, a: object) -> None:
+    def _control(self, kind: int, a: object, b: object = None) -> None:
         rng = self.rng
         if kind == _PROPOSE:
             if self.in_chaos:
@@ -248,12 +250,25 @@ class Simulation:
                 self._at(self.now + rng.expovariate(1 / 0.05), _READ)
         elif kind == _CRASH:
             self._crash(self.nodes[a])
+            # The others see their connections to it drop, soon, most of the time.
+            for other in self.nodes.values():
+                if other.id != a and rng.random() < 0.8:
+                    self._at(self.now + rng.uniform(0.0, 0.05), _LOST, other.id, a)
+        elif kind == _LOST:
+            node, peer = self.nodes[a], b
+            if node.alive:
+                self._input(node, _IN_LOST, peer)
         elif kind == _RESTART:
             node = self.nodes[a]
             if not node.alive:
                 self._start(node)
         elif kind == _PARTITION:
             self._partition()
+            # A cut connection may or may not be noticed; false alarms happen too.
+            for x in self.nodes:
+                for y in self.nodes:
+                    if x != y and rng.random() < 0.2:
+                        self._at(self.now + rng.uniform(0.0, 0.2), _LOST, x, y)
         elif kind == _HEAL:
             self.group = dict.fromkeys(self.nodes, 0)
             self.oneway.clear()
@@ -345,6 +360,8 @@ class Simulation:
                 core.transfer_leadership(arg)
             except NotLeader:
                 pass
+        elif kind == _IN_LOST:
+            core.leader_unreachable(arg, self.now)
 
     def _drive(self, node: SimNode) -> None:
         """Run the node's Ready loop until it waits for its disk or has nothing to do."""

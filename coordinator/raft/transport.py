@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import grpc
@@ -146,7 +146,7 @@ class Transport(Protocol):
 
 class _PeerSender:
     def __init__(self, peer: str, address: str, *, max_queue: int, rpc_timeout: float,
-                 max_batch_bytes: int):
+                 max_batch_bytes: int, on_lost: Callable[[str], None] | None = None):
         self.peer = peer
         self.address = address
         self._queue: deque[Message] = deque()
@@ -157,6 +157,8 @@ class _PeerSender:
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = raft_pb2_grpc.RaftStub(self._channel)
         self._task = asyncio.create_task(self._run(), name=f"raft-send-{peer}")
+        self._on_lost = on_lost
+        self._watcher = asyncio.create_task(self._watch(), name=f"raft-watch-{peer}")
         self._failing = False
         self.dropped = 0
 
@@ -191,12 +193,25 @@ class _PeerSender:
                     # Back off a little; what queues meanwhile is sent (or dropped) next.
                     await asyncio.sleep(0.05)
 
+    async def _watch(self) -> None:
+        """Report a connection to the peer that was up and went down: when the peer is
+        our leader, Raft need not wait a whole election timeout to find out it is gone."""
+        ready = grpc.ChannelConnectivity.READY
+        state = self._channel.get_state(try_to_connect=True)
+        while True:
+            await self._channel.wait_for_state_change(state)
+            new = self._channel.get_state(try_to_connect=False)
+            if state == ready and new != ready and self._on_lost is not None:
+                self._on_lost(self.peer)
+            state = new
+
     async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        for task in (self._task, self._watcher):
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         await self._channel.close()
 
 
@@ -210,10 +225,11 @@ class GrpcTransport:
         rpc_timeout: float = 5.0,
         max_queue: int = 4096,
         max_batch_bytes: int = MAX_MESSAGE_BYTES // 2,
+        on_peer_lost: Callable[[str], None] | None = None,
     ):
         self._senders = {
             peer: _PeerSender(peer, addr, max_queue=max_queue, rpc_timeout=rpc_timeout,
-                              max_batch_bytes=max_batch_bytes)
+                              max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost)
             for peer, addr in addresses.items()
         }
 
