@@ -17,6 +17,7 @@ from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator import validation as v
 from lepton.coordinator.consensus import Consensus
 from lepton.coordinator.liveness import Liveness
+from lepton.coordinator.security_state import check_node_caller
 from lepton.coordinator.state_machine import ClusterStateMachine, NodeChange, NodeState
 from lepton.coordinator.task_api import TaskApi, TaskHub
 from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, state_pb2
@@ -91,6 +92,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         v.check_labels(request.labels)
         v.check_capacity(request.capacity)
         v.check_text(request.version, "version", v.MAX_VERSION)
+        check_node_caller(self._ctx.state, request.node_id)
         cmd = state_pb2.Command(
             register_node=state_pb2.RegisterNodeCmd(
                 node_id=request.node_id,
@@ -109,12 +111,12 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
             node=node, heartbeat_interval_ms=self._ctx.heartbeat_interval_ms
         )
 
-    async def _heartbeat(self, request) -> coordinator_pb2.HeartbeatResponse:
+    def _check_beat(self, request) -> None:
         v.require_id(request.node_id, "node_id")
         if len(request.usage.gpus) > v.MAX_GPUS:
             raise v.InvalidArgument(f"usage.gpus lists {len(request.usage.gpus)}; at most {v.MAX_GPUS}")
-        self._ctx.require_leader()
-        node = await self._ctx.liveness.heartbeat(request.node_id, request.usage)
+
+    def _beat_response(self, node) -> coordinator_pb2.HeartbeatResponse:
         return coordinator_pb2.HeartbeatResponse(
             state=node.state,
             draining=node.draining,
@@ -124,29 +126,44 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
 
     @rpc_boundary
     async def Heartbeat(self, request, context):
-        return await self._heartbeat(request)
+        self._check_beat(request)
+        check_node_caller(self._ctx.state, request.node_id)
+        self._ctx.require_leader()
+        return self._beat_response(await self._ctx.liveness.heartbeat(request.node_id, request.usage))
 
     @rpc_boundary
     async def HeartbeatStream(self, request_iterator, context):
         # Answer every second beat, and at once when something the agent acts on changed.
         # The answers are how an agent notices a leader that stopped (SIGSTOP, a hung
         # host): gRPC keepalive does not break a stream that is still being written to.
-        # A reply per beat would cost the leader ~20% more per beat.
+        # A reply per beat would cost the leader ~20% more per beat; this is the hot path
+        # of a large cluster, so the id is checked once per stream and a reply is built
+        # only when it is sent.
         last = None
         count = 0
+        checked = ""
+        liveness, consensus = self._ctx.liveness, self._ctx.consensus
         async for request in request_iterator:
-            resp = await self._heartbeat(request)
+            if request.node_id != checked:
+                self._check_beat(request)
+                check_node_caller(self._ctx.state, request.node_id)
+                checked = request.node_id
+            elif len(request.usage.gpus) > v.MAX_GPUS:
+                self._check_beat(request)
+            self._ctx.require_leader()
+            node = await liveness.heartbeat(request.node_id, request.usage)
             count += 1
-            key = (resp.state, resp.draining, resp.term, resp.heartbeat_interval_ms)
+            key = (node.state, node.draining, consensus.term())
             if key != last or count % 2 == 0:
                 last = key
-                yield resp
+                yield self._beat_response(node)
 
     @rpc_boundary
     async def LeaveNode(self, request, context):
         v.require_id(request.node_id, "node_id")
         await self._ctx.read()
         self._ctx.state.get_node(request.node_id)  # NotFound before proposing anything
+        check_node_caller(self._ctx.state, request.node_id)
         cmd = state_pb2.Command(
             set_node_state=state_pb2.SetNodeStateCmd(
                 node_id=request.node_id, state=NodeState.LEFT.proto, reason="left gracefully"
