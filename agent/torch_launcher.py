@@ -385,8 +385,10 @@ async def _pump(stream: asyncio.StreamReader, log: Any, prefix: bytes) -> None:
             if not chunk:
                 break
             pending += chunk
-            lines = pending.split(b"\n")
-            pending = lines.pop()
+            complete = pending.split(b"\n")
+            pending = complete.pop()
+            lines = [line[i:i + MAX_LINE_BYTES] for line in complete
+                     for i in range(0, max(len(line), 1), MAX_LINE_BYTES)]  # long lines cut
             while len(pending) >= MAX_LINE_BYTES:  # no newline in sight: cut it
                 lines.append(pending[:MAX_LINE_BYTES])
                 pending = pending[MAX_LINE_BYTES:]
