@@ -17,6 +17,7 @@ import grpc
 
 from lepton.agent.heartbeat import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
+from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
 from lepton.v1 import coordinator_pb2, tasks_pb2
 
@@ -25,13 +26,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRACE_S = 10.0
 
 
-def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = ()) -> RunSpec:
+def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
+             tls: TlsConfig | None = None) -> RunSpec:
     """What the runner starts for an assignment. A torch job's member runs
     `lepton.agent.torch_task`, which starts the node's workers the way torchrun would."""
     s = a.spec
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
     if servers:
         env.setdefault("LEPTON_SERVER", ",".join(servers))  # tasks may use the cluster too
+    if tls is not None:
+        # The cluster refuses plaintext: tasks connect as this node. They run as the agent's
+        # user, who can read these files anyway, so this grants nothing new.
+        for key, value in tls.env().items():
+            env.setdefault(key, value)
     if s.job_id:
         env.update(LEPTON_JOB_ID=s.job_id, LEPTON_GANG_RANK=str(s.gang_rank),
                    LEPTON_GANG_SIZE=str(s.gang_size), LEPTON_RESTART_COUNT=str(a.restart_count))
@@ -72,12 +79,14 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
 class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
-    def __init__(self, node_id: str, addresses: list[str], data_dir: str = ""):
+    def __init__(self, node_id: str, addresses: list[str], data_dir: str = "", *,
+                 tls: TlsConfig | None = None):
         self._node_id = node_id
         self._addresses = list(addresses)
         self._data_dir = data_dir
-        self._watch_link = CoordinatorLink(addresses)
-        self._report_link = CoordinatorLink(addresses)
+        self._tls = tls
+        self._watch_link = CoordinatorLink(addresses, tls=tls)
+        self._report_link = CoordinatorLink(addresses, tls=tls)
         self._runner: TaskRunner | None = None
         self._call = None  # the WatchAssignments call, while open
         self._dropped = False  # we cancelled _call ourselves (grpc raises CancelledError)
@@ -109,7 +118,8 @@ class AssignmentLoop:
                     coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
                 async for aset in call:
                     backoff = MIN_BACKOFF_S
-                    specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses)
+                    specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
+                                      tls=self._tls)
                              for a in aset.assignments]
                     sentence = self._runner.reconcile(specs, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)

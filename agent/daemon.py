@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from lepton.agent.fingerprint import Fingerprinter
 from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir
+from lepton.common.channels import TlsConfig, node_tls
 from lepton.common.config import AgentConfig
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
@@ -50,6 +51,7 @@ class Agent:
         self.name = config.name or self.node_id
         self.address = config.advertise_address  # fixed up after bind when the port is 0
         self.server: grpc.aio.Server | None = None
+        self.tls: TlsConfig | None = None  # set in start() when --tls-dir is given
         self.coordinator = None
         self.heartbeater: Heartbeater | None = None
         self.runner = None
@@ -64,6 +66,16 @@ class Agent:
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # One registry per agent (not prometheus_client's global one), so agents started in
+        # one process in tests never share or collide on metric names.
+        from prometheus_client import CollectorRegistry
+
+        from lepton.coordinator.metrics import AgentMetrics
+
+        self.metrics_registry = CollectorRegistry()
+        self.agent_metrics = AgentMetrics(self.metrics_registry)
+        self.metrics_server = None  # MetricsServer while serving /metrics
+        self.coordinator_metrics = None  # CoordinatorMetrics on a voter (auth hooks may feed it)
 
     @property
     def is_voter(self) -> bool:
@@ -92,9 +104,28 @@ class Agent:
             version=VERSION,
         )
 
+    def _setup_tls(self) -> TlsConfig | None:
+        """This node's certificate (issued from the CA when it has none), or None: no TLS."""
+        if not self.config.tls_dir:
+            return None
+        hosts = [self.address.rpartition(":")[0].strip("[]")]
+        listen_host = self.config.listen.rpartition(":")[0].strip("[]")
+        if listen_host not in ("", "0.0.0.0", "::"):
+            hosts.append(listen_host)
+        return node_tls(self.config.tls_dir, self.node_id, hosts)
+
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        port = self.server.add_insecure_port(self.config.listen)
+        self.tls = self._setup_tls()
+        interceptors = []
+        if self.config.auth:  # every call authenticated and checked (lepton.agent.auth_setup)
+            from lepton.agent.auth_setup import server_interceptor
+
+            interceptors.append(server_interceptor(self))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        if self.tls is None:
+            port = self.server.add_insecure_port(self.config.listen)
+        else:  # clients must present a certificate of the cluster CA
+            port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         host = self.address.rpartition(":")[0]
@@ -112,7 +143,7 @@ class Agent:
             from lepton.coordinator.coordinator import Coordinator
 
             self.config.advertise = self.address  # the real port, when --listen said 0
-            self.coordinator = Coordinator(self.config, self.node_id)
+            self.coordinator = Coordinator(self.config, self.node_id, tls=self.tls)
             services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
         from lepton.agent.runner import TaskRunner
@@ -120,7 +151,7 @@ class Agent:
         from lepton.agent.service import add_to_server as add_agent_service
 
         targets = self.config.peers or self.config.join or [self.address]
-        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir))
+        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls)
         self.runner = TaskRunner(self.data_dir, self.assignments.on_event)
         self.assignments.attach(self.runner)
         await self.runner.start()
@@ -128,20 +159,24 @@ class Agent:
         services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
         from lepton.agent.data_node import DataNode
 
-        self.data = DataNode(self.data_dir, self.node_id, self.config.listen, targets)
+        self.data = DataNode(
+            self.data_dir, self.node_id, self.config.listen, targets, on_bytes=self.agent_metrics.shard_bytes,
+            tls=self.tls,
+        )
         services.append(self.data.add_to_server(self.server))
         register_service(
             self.server,
             reflection.aio.ReflectionServicer(services),
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
         )
+        self._start_metrics()  # before serving: a taken port fails the start cleanly
         await self.server.start()
         if self.coordinator is not None:
             await self.coordinator.start()  # after the server: Raft peers must reach us
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
         self.heartbeater = Heartbeater(
-            CoordinatorLink(targets),
+            CoordinatorLink(targets, tls=self.tls),
             self._registration,
             self._usage,
             interval_s=self.config.heartbeat_interval_s,
@@ -152,6 +187,27 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
         self._write_runtime_file()
 
+    def _start_metrics(self) -> None:
+        """Wire the metric hooks and serve /metrics on `metrics_listen` (port 0: not served).
+        Raises OSError when the port is taken."""
+        from lepton.coordinator.metrics import CoordinatorMetrics, start_metrics_server
+
+        runner = self.runner
+        self.agent_metrics.track_running(lambda: len(runner.running()))
+        c = self.coordinator
+        if c is not None:
+            metrics = CoordinatorMetrics(self.metrics_registry)
+            # Scrapes come from the HTTP server's thread; the state belongs to this loop.
+            metrics.attach(state=c.state, consensus=c.consensus, liveness=c.liveness,
+                           scheduling=c.scheduling, heartbeat_interval_s=self.config.heartbeat_interval_s,
+                           loop=asyncio.get_running_loop())
+            c.state.tasks.listeners.append(metrics.on_task_change)
+            c.liveness.on_heartbeat = metrics.observe_heartbeat
+            c.scheduling.on_cycle = metrics.scheduling_cycle.observe
+            self.coordinator_metrics = metrics
+        host, _, port = self.config.metrics_listen.rpartition(":")
+        self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry)
+
     async def _set_health(self, status) -> None:
         result = self._health.set("", status)
         if asyncio.iscoroutine(result):
@@ -160,6 +216,8 @@ class Agent:
     def _write_runtime_file(self) -> None:
         """agent.json: how tools (local up, tests) find this agent's real address."""
         doc = {"node_id": self.node_id, "name": self.name, "address": self.address, "pid": os.getpid()}
+        if self.metrics_server is not None:
+            doc["metrics"] = self.metrics_server.url
         tmp = self.data_dir / "agent.json.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.data_dir / "agent.json")
@@ -202,6 +260,10 @@ class Agent:
             await self.assignments.close()
         if self.data is not None:
             await self.data.close()
+        if self.metrics_server is not None:
+            # In a thread: shutdown() waits out the HTTP server's poll interval (0.5 s).
+            await asyncio.to_thread(self.metrics_server.close)
+            self.metrics_server = None
         self.fingerprint.close()
         try:
             (self.data_dir / "agent.json").unlink()

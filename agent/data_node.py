@@ -16,7 +16,8 @@ import grpc
 from lepton.agent.heartbeat import CoordinatorLink
 from lepton.agent.shard_service import ShardService, add_to_server
 from lepton.agent.shards import ShardStore
-from lepton.agent.transfer import Puller, SideChannel
+from lepton.agent.transfer import ByteCounter, Puller, SideChannel
+from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1 import datasets_pb2_grpc
@@ -33,9 +34,7 @@ class DatasetsLink(CoordinatorLink):
         addr = self.address
         channel = self._channels.get(addr)
         if channel is None:
-            from lepton.common.grpc_util import CHANNEL_OPTIONS
-
-            channel = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            channel = self._channels[addr] = make_channel(addr, tls=self._tls)
         return datasets_pb2_grpc.DatasetsStub(channel)
 
 
@@ -50,13 +49,17 @@ def quota_from_env(env=os.environ) -> int | None:
 
 
 class DataNode:
-    def __init__(self, data_dir: Path, node_id: str, listen: str, coordinators: list[str]):
+    def __init__(
+        self, data_dir: Path, node_id: str, listen: str, coordinators: list[str],
+        on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None,
+    ):
         self.node_id = node_id
+        self._on_bytes = on_bytes  # shard bytes in/out, for metrics
         self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env())
         host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
-        self.side = SideChannel(self.store, host)
-        self.puller = Puller(self.store)
-        self._link = DatasetsLink(coordinators)
+        self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
+        self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)
+        self._link = DatasetsLink(coordinators, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self.store.on_quarantine = self._on_quarantine
@@ -67,7 +70,8 @@ class DataNode:
 
     def add_to_server(self, server: grpc.aio.Server) -> str:
         self._loop = asyncio.get_running_loop()
-        return add_to_server(ShardService(self.store, self.side, self.puller, self.node_id), server)
+        service = ShardService(self.store, self.side, self.puller, self.node_id, on_bytes=self._on_bytes)
+        return add_to_server(service, server)
 
     def _on_quarantine(self, shard_id: str) -> None:
         # Called from any thread: hop to the loop, then tell the leader the replica is gone.

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import grpc
 
+from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import LeptonError, NotFound, NotLeader, Unavailable, from_rpc_error
-from lepton.common.grpc_util import CHANNEL_OPTIONS
 from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,10 @@ MAX_BACKOFF_S = 1.0
 class CoordinatorLink:
     """Calls the coordinator wherever it is, one address at a time."""
 
-    def __init__(self, addresses: list[str]):
+    def __init__(self, addresses: list[str], *, tls: TlsConfig | None = None):
         if not addresses:
             raise ValueError("no coordinator addresses")
+        self._tls = tls
         self._addresses = list(dict.fromkeys(addresses))
         self._current = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -46,7 +47,7 @@ class CoordinatorLink:
         addr = self.address
         channel = self._channels.get(addr)
         if channel is None:
-            channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            channel = make_channel(addr, tls=self._tls)
             self._channels[addr] = channel
         return coordinator_pb2_grpc.CoordinatorStub(channel)
 

@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=float, help="override the measured CPU count")
     p.add_argument("--memory", dest="memory_bytes", type=int, help="override the measured memory, bytes")
     p.add_argument("--fake-gpus", dest="fake_gpus", type=int, help="pretend to have N GPUs (tests)")
+    p.add_argument("--auth", action="store_true", default=None,
+                   help="require a token or certificate on every call (env LEPTON_AUTH=1)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--tls-dir", dest="tls_dir",
+                   help="TLS folder (lepton-ctl certs init): mTLS on every connection")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow plaintext on a non-loopback --listen")
+    # Its own flag (not a fixed port) so several agents can share a host; port 0 turns it off.
+    p.add_argument("--metrics-listen", dest="metrics_listen",
+                   help="HOST:PORT for Prometheus /metrics (default 127.0.0.1:9100; port 0: off)")
     return p
 
 

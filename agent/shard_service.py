@@ -15,7 +15,7 @@ from collections.abc import Callable
 import grpc
 
 from lepton.agent.shards import ShardStore, check_shard_id
-from lepton.agent.transfer import Puller, SideChannel
+from lepton.agent.transfer import ByteCounter, Puller, SideChannel
 from lepton.common.errors import AlreadyExists, InvalidArgument
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator import validation as v
@@ -30,8 +30,12 @@ MAX_SPEC = 64 * 1024
 
 
 class ShardService(datasets_pb2_grpc.ShardsServicer):
-    def __init__(self, store: ShardStore, side: SideChannel | None, puller: Puller, node_id: str = ""):
+    def __init__(
+        self, store: ShardStore, side: SideChannel | None, puller: Puller, node_id: str = "",
+        on_bytes: ByteCounter | None = None,
+    ):
         self._store = store
+        self._on_bytes = on_bytes  # uploads in, ReadShard out (metrics)
         self._side = side
         self._puller = puller
         self._node_id = node_id
@@ -51,6 +55,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
                     raise InvalidArgument("one upload carries one shard")
                 if req.data:
                     await asyncio.to_thread(writer.write, req.data)
+                    if self._on_bytes is not None:
+                        self._on_bytes("in", len(req.data))
             if writer is None:
                 raise InvalidArgument("empty upload: the first message must name the shard")
             await asyncio.to_thread(writer.commit)
@@ -71,6 +77,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
                     return
                 offset, data, digest = item
                 yield dpb.ShardChunk(offset=offset, data=data, digest=digest)
+                if self._on_bytes is not None:
+                    self._on_bytes("out", len(data))
         finally:
             chunks.close()
 

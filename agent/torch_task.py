@@ -13,8 +13,11 @@ any task, and the agent's own process never imports torch. This process:
    coordinator then stops the whole gang at once and restarts it (a new rendezvous,
    TORCHELASTIC_RESTART_COUNT + 1) while `max_restarts` allows.
 
-Checkpoints live in `<data dir>/jobs/<job id>/checkpoints`, kept across the job's restarts
-on this node.
+Checkpoints: the recipes' rank 0 writes `epoch_NNNNNN.pt` into LEPTON_CHECKPOINT_DIR
+(`<data dir>/jobs/<job id>/checkpoints`). On the node of rank 0 this process copies each
+new one into the data plane as dataset `ckpt-<job id>` (a new version each time, verified
+and replicated like any shard), and before starting it fetches the newest one from there.
+So a job whose rank 0 lands on another node after a restart resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -31,6 +35,72 @@ from typing import Any
 from lepton.agent.torch_launcher import NodeLaunch, TorchLauncher
 
 logger = logging.getLogger("lepton.agent.torch_task")
+
+
+CHECKPOINT_SYNC_S = 1.0
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def checkpoint_dataset(job_id: str) -> str:
+    return f"ckpt-{job_id}"
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                   if (m := _CHECKPOINT_RE.match(p.name)))
+    return found[-1][1] if found else None
+
+
+def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
+    """Bring the job's newest stored checkpoint here unless a newer one is already here."""
+    from lepton.agent.recipes.cluster import get_file
+    from lepton.client import Client, NotFound
+
+    with Client(launch["servers"], timeout=30) as client:
+        try:
+            ds = client.dataset(checkpoint_dataset(launch["job_id"]))
+        except NotFound:
+            return "no stored checkpoint"
+        m = _CHECKPOINT_RE.match(ds.source)
+        local = newest_checkpoint(ckpt_dir)
+        if m is None:
+            return f"stored checkpoint has an unexpected name {ds.source!r}"
+        if local is not None and local.name >= ds.source:
+            return f"local checkpoint {local.name} is current"
+        get_file(client, ds.name, ckpt_dir / ds.source)
+        return f"fetched checkpoint {ds.source}"
+
+
+def store_checkpoint(launch: dict[str, Any], path: Path) -> None:
+    from lepton.agent.recipes.cluster import put_file
+    from lepton.client import Client, FailedPrecondition
+
+    with Client(launch["servers"], timeout=30) as client:
+        try:
+            put_file(client, checkpoint_dataset(launch["job_id"]), path)
+        except FailedPrecondition:  # fewer ready nodes than replicas: one copy beats none
+            put_file(client, checkpoint_dataset(launch["job_id"]), path, replicas=1)
+
+
+async def sync_checkpoints(launch: dict[str, Any], ckpt_dir: Path, done: asyncio.Event) -> None:
+    """Copy each new checkpoint into the data plane, until the workers are done."""
+    stored = ""
+    while True:
+        finished = done.is_set()
+        newest = newest_checkpoint(ckpt_dir)
+        if newest is not None and newest.name != stored:
+            try:
+                await asyncio.to_thread(store_checkpoint, launch, newest)
+                stored = newest.name
+                print(f"lepton: stored checkpoint {newest.name}", flush=True)
+            except Exception as err:  # noqa: BLE001 - keep training; try again next round
+                logger.warning("cannot store checkpoint %s: %s", newest.name, err)
+        if finished:
+            return
+        try:
+            await asyncio.wait_for(done.wait(), CHECKPOINT_SYNC_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 def shard_assignment(shard_ids: list[str], world: int) -> list[list[str]]:
@@ -49,7 +119,11 @@ def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
 
     nproc, node_rank = launch["nproc_per_node"], launch["node_rank"]
     world = nproc * launch["nnodes"]
-    with Client(launch["servers"], timeout=30) as client:
+    from lepton.common.channels import TlsConfig
+
+    # The agent puts its TLS folder and certificate name in every task's environment.
+    tls = TlsConfig.from_env()
+    with Client(launch["servers"], timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name) as client:
         ds = client.dataset(dataset)
     per_rank = shard_assignment([s.id for s in ds.shards], world)
     mine = [per_rank[node_rank * nproc + i] for i in range(nproc)]
@@ -57,7 +131,7 @@ def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     by_id = {s.id: s for s in ds.shards}
     missing = [sid for ranks in mine for sid in ranks if not store.has(sid)]
     if missing:
-        puller = Puller(store)
+        puller = Puller(store, tls=tls)
         try:
             items = [(sid, by_id[sid].size, [ds.addresses[n] for n in by_id[sid].replicas
                                              if n in ds.addresses]) for sid in missing]
@@ -101,6 +175,8 @@ async def run(launch: dict[str, Any]) -> int:
     checkpoints.mkdir(parents=True, exist_ok=True)
     try:
         shards = await asyncio.to_thread(local_shards, launch)
+        if launch["node_rank"] == 0 and launch.get("servers"):
+            print(f"lepton: {await asyncio.to_thread(fetch_checkpoint, launch, checkpoints)}", flush=True)
     except Exception as err:  # noqa: BLE001 - any failure to stage data fails this attempt
         print(f"lepton: cannot stage the dataset: {err}", flush=True)
         return 1
@@ -129,6 +205,9 @@ async def run(launch: dict[str, Any]) -> int:
     loop.add_signal_handler(signal.SIGTERM, launcher.stop, "stopped by the agent")
     done = asyncio.Event()
     copier = asyncio.create_task(_copy_output(log_dir, launch["nproc_per_node"], done))
+    syncer = None
+    if launch["node_rank"] == 0 and launch.get("servers"):
+        syncer = asyncio.create_task(sync_checkpoints(launch, checkpoints, done))
     try:
         await launcher.start()
         result = await launcher.wait()
@@ -138,6 +217,8 @@ async def run(launch: dict[str, Any]) -> int:
     finally:
         done.set()
         await copier
+        if syncer is not None:
+            await syncer
     if result.ok:
         return 0
     detail = f": {result.error_message}" if result.error_message else ""

@@ -21,11 +21,13 @@ matches. Memory: one CHUNK buffer per transfer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from lepton.agent.shards import CHUNK, ShardCorrupt, ShardStore, ShardWriter, checkpoint_offsets
+from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -45,7 +48,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
-from lepton.common.grpc_util import CHANNEL_OPTIONS
+from lepton.common.tls import identity_from_ssl
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
 
@@ -57,13 +60,19 @@ TOKEN_BYTES = 32
 TICKET_TTL_S = 30.0
 MAX_SERVING = 32  # concurrent side-channel streams per node
 IO_TIMEOUT_S = 30.0
+# Told (direction "in"/"out", bytes) as shard bytes move, from any thread (metrics).
+ByteCounter = Callable[[str, int], None]
 
 
 class SideChannel:
     """The holder's end: a TCP listener that serves shard bytes to token holders."""
 
-    def __init__(self, store: ShardStore, host: str = "127.0.0.1"):
+    def __init__(self, store: ShardStore, host: str = "127.0.0.1", on_bytes: ByteCounter | None = None,
+                 tls: TlsConfig | None = None):
         self.store = store
+        # With TLS, every connection must first prove it belongs to the cluster CA.
+        self._ssl = tls.server_ssl_context() if tls is not None else None
+        self.on_bytes = on_bytes
         self._tickets: dict[bytes, tuple[str, int, float]] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_SERVING)
@@ -106,6 +115,9 @@ class SideChannel:
         with conn, self._slots:
             try:
                 conn.settimeout(IO_TIMEOUT_S)
+                if self._ssl is not None:
+                    self._serve_tls(conn)
+                    return
                 token = _recv_exact(conn, TOKEN_BYTES)
                 ticket = self._redeem(token)
                 if ticket is None:
@@ -115,6 +127,23 @@ class SideChannel:
                 self._send(conn, shard_id, offset)
             except (OSError, LeptonError) as err:
                 logger.info("side channel: transfer ended early: %s", err)
+
+    def _serve_tls(self, raw: socket.socket) -> None:
+        """Handshake (client certificate of the cluster CA required), then serve as usual."""
+        try:
+            conn = self._ssl.wrap_socket(raw, server_side=True)
+        except ssl.SSLError as err:  # no certificate, another CA, plaintext
+            logger.warning("side channel: refused a peer in the TLS handshake: %s", err.reason or err)
+            return
+        with conn:
+            if identity_from_ssl(conn) is None:
+                logger.warning("side channel: refused a peer whose certificate carries no identity")
+                return
+            ticket = self._redeem(_recv_exact(conn, TOKEN_BYTES))
+            if ticket is None:
+                logger.warning("side channel: refused a connection with a bad or used token")
+                return
+            self._send(conn, *ticket)
 
     def _send(self, conn: socket.socket, shard_id: str, offset: int) -> None:
         size = self.store.size(shard_id)
@@ -130,6 +159,8 @@ class SideChannel:
                 # socket's timeout; it raises if the file is shorter than asked.
                 if end > start and conn.sendfile(f, start, end - start) != end - start:
                     raise OSError("the blob is shorter than its size")
+                if self.on_bytes is not None:
+                    self.on_bytes("out", end - start)
         conn.sendall(FRAME.pack(END, 0, bytes(32)))
 
     def close(self) -> None:
@@ -184,12 +215,17 @@ class Puller:
         *,
         transport: str = "auto",
         on_corrupt: Callable[[str, str], None] | None = None,
+        on_bytes: ByteCounter | None = None,
+        tls: TlsConfig | None = None,
     ):
         if transport not in ("auto", "socket", "grpc"):
             raise InvalidArgument(f"unknown transport {transport!r}")
         self.store = store
         self.transport = transport
-        self.on_corrupt = on_corrupt or _ask_to_verify
+        self.on_corrupt = on_corrupt or functools.partial(_ask_to_verify, tls=tls)
+        self._tls = tls
+        self._ssl = tls.client_ssl_context() if tls is not None else None
+        self.on_bytes = on_bytes
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -203,7 +239,7 @@ class Puller:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                ch = self._channels[address] = make_channel(address, tls=self._tls, aio=False)
         return ShardsStub(ch)
 
     def pull_many(
@@ -308,7 +344,7 @@ class Puller:
             raise ShardCorrupt(f"{source} has {ticket.size} bytes, not {writer.size}")
         host = source.rpartition(":")[0].strip("[]")
         buf = bytearray(CHUNK)
-        with socket.create_connection((host, ticket.port), timeout=IO_TIMEOUT_S) as sock:
+        with self._connect(host, ticket.port) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.sendall(ticket.token)
             while True:
@@ -320,6 +356,23 @@ class Puller:
                 view = memoryview(buf)[:length]
                 _recv_into_exact(sock, view)
                 self._accept(writer, view, digest, source, progress)
+
+    def _connect(self, host: str, port: int) -> socket.socket:
+        """The side-channel connection; with TLS, to a node certificate of the cluster CA
+        that covers `host`. Raises OSError (ssl.SSLError included)."""
+        sock = socket.create_connection((host, port), timeout=IO_TIMEOUT_S)
+        if self._ssl is None:
+            return sock
+        try:
+            tls_sock = self._ssl.wrap_socket(sock, server_hostname=host)
+        except OSError:
+            sock.close()
+            raise
+        peer = identity_from_ssl(tls_sock)
+        if peer is None or peer.kind != "node":
+            tls_sock.close()
+            raise ConnectionError(f"side channel at {host}:{port} is not a cluster node")
+        return tls_sock
 
     def _fetch_grpc(self, source: str, writer: ShardWriter, progress) -> None:
         call = self._stub(source).ReadShard(
@@ -335,10 +388,11 @@ class Puller:
         finally:
             call.cancel()
 
-    @staticmethod
-    def _accept(writer: ShardWriter, data, digest: bytes, source: str, progress) -> None:
+    def _accept(self, writer: ShardWriter, data, digest: bytes, source: str, progress) -> None:
         start = writer.offset
         writer.write(data)
+        if self.on_bytes is not None:  # received, verified or not: it crossed the network
+            self.on_bytes("in", len(data))
         if writer.digest() != digest:
             raise ShardCorrupt(f"chunk at byte {start} from {source} fails its checksum")
         writer.mark_verified()
@@ -346,14 +400,14 @@ class Puller:
             progress(len(data))
 
 
-def _ask_to_verify(address: str, shard_id: str) -> None:
+def _ask_to_verify(address: str, shard_id: str, tls: TlsConfig | None = None) -> None:
     """Tell the peer its copy looks bad: it re-hashes it and drops it if so (and reports
     the lost replica to the coordinator). Best effort."""
     try:
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        with make_channel(address, tls=tls, aio=False) as ch:
             ShardsStub(ch).StatShards(dpb.StatShardsRequest(shard_ids=[shard_id], verify=True), timeout=60)
     except grpc.RpcError as err:
         logger.info("could not ask %s to verify shard %s: %s", address, shard_id[:12], err.code())
 
 
-__all__ = ["END", "FRAME", "NotFound", "PullResult", "Puller", "SideChannel"]
+__all__ = ["END", "FRAME", "ByteCounter", "NotFound", "PullResult", "Puller", "SideChannel"]

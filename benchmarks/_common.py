@@ -27,8 +27,10 @@ class Agent:
         self.data_dir = Path(self.root) / name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        # Metrics off (several agents per host; 9100 may be taken); `args` may turn them on.
         cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
-               "--listen", self.address, "--name", name, "--log-level", "WARNING", *args]
+               "--listen", self.address, "--name", name, "--log-level", "WARNING",
+               "--metrics-listen", "127.0.0.1:0", *args]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir / "agent.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

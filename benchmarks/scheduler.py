@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+
 from lepton.coordinator.scheduler import (
     Allocation,
     ClusterSnapshot,

@@ -85,12 +85,40 @@ def _global_options(
     g.add_argument(
         "--debug", action="store_true", default=d(False), help="log to stderr, show tracebacks"
     )
+    g.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        default=d(os.environ.get("LEPTON_TLS_DIR") or None),
+        help="connect with mutual TLS using a certificate from DIR (default: $LEPTON_TLS_DIR)",
+    )
+    g.add_argument(
+        "--cert-name",
+        metavar="NAME",
+        default=d(os.environ.get("LEPTON_CERT_NAME") or None),
+        help="which certificate in --tls-dir (default: $LEPTON_CERT_NAME, else admin, else the only user one)",
+    )
+    g.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=d(os.environ.get("LEPTON_TOKEN") or ""),
+        help="API token sent as 'authorization: Bearer' (default: $LEPTON_TOKEN)",
+    )
 
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(
-        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
+        args.server,
+        timeout=args.timeout,
+        connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S),
+        **tls_options(args),
     )
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`tls_dir`/`cert_name` (and the API `token`) for `Client` from the global options
+    (absent on old parsers)."""
+    return {"tls_dir": getattr(args, "tls_dir", None), "cert_name": getattr(args, "cert_name", None),
+            "token": getattr(args, "token", None)}
 
 
 def _print_json(obj: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from . import cli_data, cli_tasks, local
+from . import cli_certs, cli_data, cli_tasks, cli_top, local
 from ._cli_common import (
     CLI_CONNECT_TIMEOUT_S,
     PROG,
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_tasks.add_commands(top, sub)
     cli_data.register(top, common)
+    from . import cli_security  # tokens, audit, snapshot
+
+    cli_security.register(top, common)
+    cli_certs.register(top, common)
+    cli_top.register(top, common)
 
     nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
     nodes_sub = nodes.add_subparsers(
@@ -214,6 +219,8 @@ def cmd_local_up(args: argparse.Namespace) -> int:
     width = max(len(a.name) for a in cluster.agents)
     for a in cluster.agents:
         out.write(f"  {a.name:<{width}}  {a.address:<21}  pid {a.pid:<7}  log {a.log}\n")
+        if a.metrics:
+            out.write(f"  {'':<{width}}  metrics {a.metrics}\n")
     out.write(f"servers: {cluster.servers}\n")
     out.write(f"export LEPTON_SERVER={cluster.servers}\n")
     return 0

@@ -16,23 +16,26 @@ from rich.table import Table
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _print_json
+from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _print_json, tls_options
 from .data import DatasetInfo
 from .render import age, emit, human_bytes, make_console, short_id
 
 __all__ = ["data_client", "register"]
 
 
-def data_client(servers: Any, *, timeout: float, connect_timeout: float | None = None):
-    """The client the data commands use."""
+def data_client(servers: Any, *, timeout: float, connect_timeout: float | None = None, **tls: Any):
+    """The client the data commands use (`tls`: `tls_dir`, `cert_name`)."""
     from .client import Client
 
-    return Client(servers, timeout=timeout, connect_timeout=connect_timeout)
+    return Client(servers, timeout=timeout, connect_timeout=connect_timeout, **tls)
 
 
 def _client(args: argparse.Namespace):
     return data_client(
-        args.server, timeout=args.timeout, connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S)
+        args.server,
+        timeout=args.timeout,
+        connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S),
+        **tls_options(args),
     )
 
 

@@ -18,6 +18,7 @@ may be `idempotent`; a submit is not, unless it carries a client-chosen request 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from lepton.common.channels import TlsConfig, client_tls, make_channel
 from lepton.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -116,6 +118,11 @@ class Client(TaskMethods, JobMethods, DataMethods):
     is found). `timeout`: the total time budget of one call, retries included.
     `connect_timeout`: give up sooner when no server at all can be reached for this long
     (default: the whole `timeout`); a CLI wants "cannot reach" fast, a job wants patience.
+    `tls_dir`: a TLS folder (`lepton-ctl certs init`); every connection then uses mutual TLS
+    with the certificate `cert_name` from it (default: `admin` if there is one, else the
+    only user certificate there). Raises FailedPrecondition when there is none to use.
+    `token`: an API token (`lepton-ctl tokens create`) sent on every call; default
+    `$LEPTON_TOKEN`, "" for none.
 
     Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
     `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`.
@@ -129,8 +136,14 @@ class Client(TaskMethods, JobMethods, DataMethods):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float | None = None,
+        tls_dir: str | None = None,
+        cert_name: str | None = None,
+        token: str | None = None,
     ):
         self._addresses = parse_servers(servers)
+        self._tls: TlsConfig | None = client_tls(tls_dir, cert_name) if tls_dir else None
+        # Sent as `authorization: Bearer <token>` on every call; None: $LEPTON_TOKEN.
+        self._token = (os.environ.get("LEPTON_TOKEN", "") if token is None else token).strip()
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be positive, got {timeout}")
         self._timeout = float(timeout)
@@ -257,7 +270,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
             self._check_open()
             conn = self._conns.get(address)
             if conn is None:
-                conn = _Conn(address, grpc.insecure_channel(address, options=_CHANNEL_OPTIONS))
+                conn = _Conn(address, make_channel(address, tls=self._tls, aio=False, options=_CHANNEL_OPTIONS, token=self._token))
                 self._conns[address] = conn
             return conn
 

@@ -32,6 +32,8 @@ from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
 from ._util import LazyModule
 
 if TYPE_CHECKING:
+    from lepton.common.channels import TlsConfig
+
     from .client import _Conn
 
 np = LazyModule("numpy")
@@ -105,6 +107,7 @@ class DataMethods:
 
     if TYPE_CHECKING:
         _timeout: float
+        _tls: TlsConfig | None
 
         def _unary(self, stub_cls: type, method: str, request: Any, **kw: Any) -> Any: ...
         def _conn(self, address: str) -> _Conn: ...
@@ -320,7 +323,8 @@ class DataMethods:
             }
             from lepton.agent.transfer import Puller
 
-            puller = Puller(store)
+            # The side channel, with the client's certificate when TLS is on.
+            puller = Puller(store, tls=getattr(self, "_tls", None))
             try:
                 result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)
             finally:

@@ -72,6 +72,8 @@ class LocalAgent:
     log: str
     # Process start time (psutil): a pid alone may be reused by an unrelated process.
     create_time: float = 0.0
+    # Its Prometheus endpoint (URL); each agent gets its own port, since they share a host.
+    metrics: str = ""
 
 
 @dataclass
@@ -109,14 +111,19 @@ def agent_command() -> list[str]:
     return [sys.executable, "-m", "lepton.agent.main"]
 
 
-def agent_args(index: int, addresses: Sequence[str], voters: int, data_dir: Path) -> list[str]:
+def agent_args(
+    index: int, addresses: Sequence[str], voters: int, data_dir: Path, metrics_listen: str = ""
+) -> list[str]:
     """Flags for agent `index` (0-based) of a local cluster whose agents listen on `addresses`.
 
     One voter: it gets neither --peers nor --join (a cluster of its own); the rest --join it.
     K voters: the first K get --peers (all K), the rest --join (all K).
+    `metrics_listen`: this agent's --metrics-listen (empty: the agent's default).
     """
     name = f"agent-{index + 1}"
     args = ["--data-dir", str(data_dir / name), "--listen", addresses[index], "--name", name]
+    if metrics_listen:
+        args += ["--metrics-listen", metrics_listen]
     voter_addrs = ",".join(addresses[:voters])
     if index < voters:
         if voters > 1:
@@ -255,7 +262,9 @@ def up(
 
     say = progress or (lambda _msg: None)
     cmd = list(agent_cmd) if agent_cmd is not None else agent_command()
-    addresses = [f"127.0.0.1:{p}" for p in free_ports(agents)]
+    ports = free_ports(2 * agents)  # gRPC, then metrics: all agents share this host
+    addresses = [f"127.0.0.1:{p}" for p in ports[:agents]]
+    metrics = [f"127.0.0.1:{p}" for p in ports[agents:]]
     servers = ",".join(addresses[:voters])
     cluster = LocalCluster(
         agents=[],
@@ -268,7 +277,7 @@ def up(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def start(i: int) -> None:
-        args = agent_args(i, addresses, voters, root)
+        args = agent_args(i, addresses, voters, root, metrics_listen=metrics[i])
         name = f"agent-{i + 1}"
         agent_dir = root / name
         agent_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +293,8 @@ def up(
         procs[name] = proc
         cluster.agents.append(
             LocalAgent(
-                name, proc.pid, addresses[i], str(agent_dir), str(log_path), _create_time(proc.pid)
+                name, proc.pid, addresses[i], str(agent_dir), str(log_path), _create_time(proc.pid),
+                metrics=f"http://{metrics[i]}/metrics",
             )
         )
         _save_cluster(cluster)  # after each start: `down` can clean up whatever happens next

@@ -164,6 +164,14 @@ POLICY: dict[str, Rule] = {
         "ShardStats": USER_OR_NODE,  # reads, but costs CPU on the node
         "TransformShard": USER_OR_NODE,
     }),
+    # Tokens, the audit log and backups: admins only (the state holds only token hashes).
+    **_svc("lepton.v1.Security", {
+        "CreateToken": ADMIN,
+        "ListTokens": Rule(Role.ADMIN, read=True),
+        "RevokeToken": ADMIN,
+        "ListAudit": Rule(Role.ADMIN, read=True),
+        "SaveSnapshot": ADMIN,  # changes nothing, but a copy of everything: audited
+    }),
     **_svc("grpc.health.v1.Health", {"Check": PUBLIC, "Watch": PUBLIC, "List": PUBLIC}),
     **_svc("grpc.reflection.v1alpha.ServerReflection", {"ServerReflectionInfo": VIEW_OR_NODE}),
     **_svc("grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": VIEW_OR_NODE}),
@@ -177,10 +185,10 @@ def rule_for(method: str, policy: dict[str, Rule] | None = None) -> Rule:
 
 def service_methods() -> list[str]:
     """Every `/lepton.v1.<Service>/<Method>` the protos in `lepton.v1` define."""
-    from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2
+    from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2, security_pb2
 
     out = []
-    for module in (coordinator_pb2, agent_pb2, raft_pb2, datasets_pb2):
+    for module in (coordinator_pb2, agent_pb2, raft_pb2, datasets_pb2, security_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out += [f"/{service.full_name}/{m.name}" for m in service.methods]
     return out

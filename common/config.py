@@ -98,6 +98,16 @@ class AgentConfig:
     fake_gpus: int | None = None
     # DEBUG for troubleshooting; INFO logs each state change once.
     log_level: str = "INFO"
+    # Authenticate and authorize every RPC (tokens, certificates; lepton.common.auth). Off by
+    # default so a dev cluster works bare; turn it on for anything shared.
+    auth: bool = False
+    # TLS folder (`lepton-ctl certs init`): mTLS on every connection, in and out.
+    tls_dir: str = ""
+    # Allow plaintext on a non-loopback --listen; without it such an agent refuses to start.
+    insecure: bool = False
+    # Prometheus /metrics. Loopback by default: metrics name nodes and addresses. 9100 is the
+    # port deploy/ exposes; port 0 turns it off (several agents on one host, tests).
+    metrics_listen: str = "127.0.0.1:9100"
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -108,6 +118,7 @@ class AgentConfig:
         check_address(self.listen, "listen")
         if self.advertise:
             check_address(self.advertise, "advertise")
+        check_address(self.metrics_listen, "metrics_listen")
         for addr in self.peers + self.join:
             check_address(addr, "peer/join address")
         if self.peers and len(self.peers) not in (1, 3, 5):
@@ -131,6 +142,16 @@ class AgentConfig:
         self.log_level = self.log_level.upper()
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise InvalidArgument(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+        if not self.tls_dir and not self.insecure:
+            from lepton.common.channels import is_loopback
+
+            host = self.listen.rpartition(":")[0]
+            if not is_loopback(host):
+                # Anyone who can reach the port could join, submit or read: say so up front.
+                raise InvalidArgument(
+                    f"refusing to listen on {self.listen} without TLS: give --tls-dir DIR "
+                    "(see lepton-ctl certs init), or --insecure to accept plaintext"
+                )
 
     @property
     def advertise_address(self) -> str:
@@ -157,6 +178,12 @@ def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
     kind = str(f.type)
     if raw is None or not isinstance(raw, str):
         return raw
+    if kind.startswith("bool"):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise InvalidArgument(f"{f.name} = {raw!r} is not true or false")
     try:
         if kind.startswith("float"):
             return float(raw)

@@ -317,7 +317,7 @@ def ensure_node_cert(directory: str | os.PathLike[str], name: str, hosts: Sequen
     if not (d / CA_KEY).exists():
         raise FailedPrecondition(
             f"node certificate {d / (name + '.crt')}: {problem}, and no CA key in {d} to issue one; "
-            f"issue it where the CA key is (lepton-ctl tls issue {name} --host ...) and copy it here"
+            f"issue it where the CA key is (lepton-ctl certs issue {name} --host ...) and copy it here"
         )
     logger.warning("node certificate %s: %s; issuing a new one from the CA", name, problem)
     return issue(d, name, kind="node", hosts=hosts, overwrite=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
 from lepton.coordinator.liveness import Liveness, LivenessTimings
@@ -27,8 +28,9 @@ def wall_ms() -> int:
 class Coordinator:
     """The coordinator role of one voter. `start()` replays state before serving."""
 
-    def __init__(self, config: AgentConfig, node_id: str):
+    def __init__(self, config: AgentConfig, node_id: str, *, tls: TlsConfig | None = None):
         self.config = config
+        self.tls = tls  # mTLS for Raft and coordinator->agent channels; None: plaintext
         self.node_id = node_id
         self.state = ClusterStateMachine()
         self.store = FileLogStore(Path(config.data_dir) / "raft")
@@ -58,7 +60,7 @@ class Coordinator:
         self.ctx.scheduling = self.scheduling
         from lepton.coordinator.replication import AgentPool, ReplicationLoop
 
-        self.agent_pool = AgentPool()
+        self.agent_pool = AgentPool(tls=tls)
         self.replication = ReplicationLoop(
             self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader
         )
@@ -70,6 +72,11 @@ class Coordinator:
         self.state.tasks.listeners.append(self.scheduling.on_task_change)
         self.state.add_listener(self.scheduling.wake)
         self._tasks: list[asyncio.Task[None]] = []
+        from lepton.coordinator.security_api import AuditBatcher, Bootstrap
+
+        self.audit = AuditBatcher(self._propose, self.consensus.is_leader)  # the interceptor's on_event
+        self.bootstrap = Bootstrap(self.ctx, Path(config.data_dir), auth=getattr(config, "auth", False))
+        self.consensus.add_leadership_listener(self.bootstrap.on_leadership)
 
     def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
         """One voter: a local log. Several: Raft, with each voter known by its advertised
@@ -92,6 +99,7 @@ class Coordinator:
                 election_timeout=config.election_timeout_s,
             ),
             snapshot_every=config.snapshot_every,
+            tls=self.tls,
         )
 
     def _free_port(self, node_id: str) -> int:
@@ -101,6 +109,16 @@ class Coordinator:
     async def _propose(self, cmd):
         return await self.ctx.commit(cmd)
 
+    def _term_of(self, index: int) -> int:
+        """The term of the log entry at `index` (the snapshot's, when compacted)."""
+        snap = self.store.snapshot()
+        if snap is not None and snap.index == index:
+            return snap.term
+        try:
+            return self.store.term_at(index)
+        except Exception:  # noqa: BLE001 - compacted or not yet known: the current term
+            return self.consensus.term()
+
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         """Register the coordinator's services; returns their names (for reflection)."""
         add_to_server(CoordinatorService(self.ctx), server)
@@ -109,6 +127,10 @@ class Coordinator:
         from lepton.coordinator.dataset_api import add_to_server as add_datasets
 
         names.append(add_datasets(DatasetService(self.ctx, self.agent_pool), server))
+        from lepton.coordinator.security_api import SecurityService
+        from lepton.coordinator.security_api import add_to_server as add_security
+
+        names.append(add_security(SecurityService(self.ctx, self._term_of), server))
         if not isinstance(self.consensus, SingleVoterConsensus):
             from lepton.coordinator.raft.transport import add_raft_servicer
 
@@ -122,6 +144,7 @@ class Coordinator:
             asyncio.create_task(self._liveness_loop(), name="liveness"),
             asyncio.create_task(self.scheduling.run(), name="scheduling"),
             asyncio.create_task(self.replication.run(), name="replication"),
+            asyncio.create_task(self.audit.run(), name="audit"),
         ]
 
     async def stop(self) -> None:

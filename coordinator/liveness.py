@@ -45,8 +45,12 @@ class Liveness:
         *,
         monotonic: Callable[[], float],
         wall_ms: Callable[[], int],
+        on_heartbeat: Callable[[str], None] | None = None,
     ):
         self._state = state
+        # Told each accepted heartbeat's node id (metrics); a callback keeps this module
+        # free of Prometheus. Settable after construction.
+        self.on_heartbeat = on_heartbeat
         self._propose = propose
         self._timings = timings
         self._monotonic = monotonic
@@ -76,6 +80,8 @@ class Liveness:
         if node is None:
             raise NotFound(f'node "{node_id}" is not registered')
         self._seen[node_id] = _Seen(self._monotonic(), self._wall_ms(), usage)
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(node_id)
         state = NodeState.from_proto(node.state)
         if state in (NodeState.SUSPECT, NodeState.DOWN):
             cmd = state_pb2.Command(

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import LeptonError, from_rpc_error
-from lepton.common.grpc_util import CHANNEL_OPTIONS
 from lepton.coordinator.state_machine import ClusterStateMachine
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 from lepton.v1.datasets_pb2_grpc import ShardsStub
@@ -34,13 +34,14 @@ PULL_TIMEOUT_S = 600.0
 class AgentPool:
     """Async channels to agents by address, made on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: TlsConfig | None = None) -> None:
+        self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def shards(self, address: str) -> ShardsStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = self._channels[address] = make_channel(address, tls=self._tls)
         return ShardsStub(ch)
 
     async def call(self, address: str, method: str, request, timeout: float):

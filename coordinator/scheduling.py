@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from lepton.common.errors import FailedPrecondition
@@ -120,6 +121,8 @@ class SchedulingLoop:
         self._fresh: set[str] = set()
         self._full = True
         self._last_full = float("-inf")
+        # Told each leader cycle's duration in seconds (metrics); settable after construction.
+        self.on_cycle: Callable[[float], None] | None = None
 
     def wake(self, *_: object) -> None:
         """Something changed that may free capacity: look at every pending task."""
@@ -237,8 +240,11 @@ class SchedulingLoop:
                 self._full = True  # aging: waiting tasks gain priority over time
             self._wakeup.clear()
             await asyncio.sleep(self._min_cycle_s)  # let a burst of submissions land in one plan
+            started = time.perf_counter()
             try:
                 sentence = await self.run_cycle()
+                if self.on_cycle is not None and self._is_leader():
+                    self.on_cycle(time.perf_counter() - started)
             except asyncio.CancelledError:
                 raise
             except Exception:

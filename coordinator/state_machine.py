@@ -14,6 +14,7 @@ from enum import Enum
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 from lepton.coordinator.datasets import DatasetTable
+from lepton.coordinator.security_state import SecurityTable
 from lepton.coordinator.tasks import TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
 
@@ -95,6 +96,7 @@ class ClusterStateMachine:
         self.nodes: dict[str, common_pb2.Node] = {}
         self.tasks = TaskTable(self)
         self.datasets = DatasetTable(self)
+        self.security = SecurityTable()  # tokens, audit log, cluster id
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -201,6 +203,7 @@ class ClusterStateMachine:
             snap.tasks.append(self.tasks.tasks[task_id])
         for name in sorted(self.datasets.datasets):
             snap.datasets.append(self.datasets.datasets[name])
+        self.security.fill(snap)
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes, index: int) -> None:
@@ -209,6 +212,7 @@ class ClusterStateMachine:
         self.nodes = {n.id: _copy(n) for n in snap.nodes}
         self.tasks.rebuild(list(snap.tasks))
         self.datasets.rebuild(list(snap.datasets))
+        self.security.rebuild(snap)
         self.applied_index = index
 
 
@@ -231,4 +235,8 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
     "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),
     "drop_replicas": lambda sm, c, at: sm.datasets.drop_replicas(c, at),
+    "create_token": lambda sm, c, at: sm.security.create_token(c, at),
+    "revoke_token": lambda sm, c, at: sm.security.revoke_token(c, at),
+    "append_audit": lambda sm, c, at: sm.security.append_audit(c, at),
+    "set_cluster_id": lambda sm, c, at: sm.security.set_cluster_id(c, at),
 }

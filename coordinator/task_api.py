@@ -7,9 +7,11 @@ import asyncio
 import logging
 import uuid
 
+from lepton.common.auth import effective_owner, require_owner
 from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
 from lepton.coordinator import validation as v
+from lepton.coordinator.security_state import check_node_caller
 from lepton.coordinator.tasks import HOLDING, P, TaskState, copy_task
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
 
@@ -81,6 +83,7 @@ class TaskApi:
     @rpc_boundary
     async def SubmitTask(self, request, context):
         v.check_task_spec(request.spec)
+        request.spec.owner = effective_owner(request.spec.owner)  # the caller, with auth on
         cmd = state_pb2.Command(
             submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
         )
@@ -91,6 +94,7 @@ class TaskApi:
     async def SubmitJob(self, request, context):
         spec = request.spec
         v.check_task_spec(spec)
+        spec.owner = effective_owner(spec.owner)
         if not 1 <= request.nodes <= MAX_GANG:
             raise InvalidArgument(f"nodes must be between 1 and {MAX_GANG}, not {request.nodes}")
         if spec.job_id or spec.gang_size or spec.gang_rank:
@@ -158,7 +162,8 @@ class TaskApi:
     async def CancelTask(self, request, context):
         v.require_id(request.task_id, "task_id")
         await self._ctx.read()
-        self._ctx.state.tasks.get(request.task_id)  # NotFound before proposing
+        task = self._ctx.state.tasks.get(request.task_id)  # NotFound before proposing
+        require_owner(task.spec.owner, f"task {task.id}")
         task = await self._ctx.commit(
             state_pb2.Command(cancel_task=state_pb2.CancelTaskCmd(task_id=request.task_id))
         )
@@ -185,6 +190,7 @@ class TaskApi:
         await self._ctx.read()
         if node_id not in self._ctx.state.nodes:
             raise NotFound(f'node "{node_id}" is not registered')
+        check_node_caller(self._ctx.state, node_id)
         changed = self._ctx.hub.subscribe(node_id)
         try:
             while True:
@@ -223,6 +229,7 @@ class TaskApi:
         await self._ctx.read()
         if node_id not in self._ctx.state.nodes:
             raise NotFound(f'node "{node_id}" is not registered')
+        check_node_caller(self._ctx.state, node_id)
         accepted = 0
         for ev in request.events:
             if ev.task_id not in self._ctx.state.tasks.tasks:

@@ -29,10 +29,12 @@ def _client():
     servers = os.environ.get("LEPTON_SERVER", "")
     if not servers:
         raise SystemExit("LEPTON_SERVER is not set: run this as a Lepton task")
-    return Client(servers, timeout=60)
+    # With TLS on, the agent also sets LEPTON_TLS_DIR and LEPTON_CERT_NAME for its tasks.
+    return Client(servers, timeout=60, tls_dir=os.environ.get("LEPTON_TLS_DIR") or None,
+                  cert_name=os.environ.get("LEPTON_CERT_NAME") or None)
 
 
-def put_file(client, name: str, path: Path) -> None:
+def put_file(client, name: str, path: Path, *, replicas: int = 2) -> None:
     """Store a file's bytes as dataset `name` (one shard, one uint8 column)."""
     from lepton.agent import shard_format as fmt
     from lepton.v1 import datasets_pb2 as dpb
@@ -43,7 +45,7 @@ def put_file(client, name: str, path: Path) -> None:
         shard = Path(tmp) / "0.npy"
         sid, size = fmt.write_shard(recs, shard)
         meta = dpb.Shard(id=sid, size=size, **fmt.describe(recs))
-        client.put_shards(name, [meta], {sid: shard}, source=path.name)
+        client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=replicas)
 
 
 def get_file(client, name: str, out: Path) -> Path:

@@ -15,6 +15,7 @@ import random
 from collections import deque
 from collections.abc import Mapping
 
+from lepton.common.channels import TlsConfig
 from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
 from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
 from lepton.coordinator.log_store import LogStore
@@ -52,6 +53,7 @@ class RaftConsensus(Consensus):
         snapshot_every: int = 10_000,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        tls: TlsConfig | None = None,
     ):
         super().__init__()
         if node_id not in voters:
@@ -63,6 +65,7 @@ class RaftConsensus(Consensus):
         self._config = config or Config()
         self._snapshot_every = snapshot_every
         self._transport = transport
+        self._tls = tls  # for the default GrpcTransport's channels
         self._rng = rng or random.Random()
         self._core: RaftCore | None = None
         self._inbox: deque[Message] = deque()
@@ -96,7 +99,7 @@ class RaftConsensus(Consensus):
                               rng=self._rng, config=self._config)
         if self._transport is None:
             others = {p: a for p, a in self._voters.items() if p != self.node_id}
-            self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost)
+            self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost, tls=self._tls)
         self._running = True
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
         logger.info("raft %s: started at term %d, log %d..%d", self.node_id, self._core.term,

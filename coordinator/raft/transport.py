@@ -16,7 +16,8 @@ from typing import Protocol
 
 import grpc
 
-from lepton.common.grpc_util import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from lepton.common.channels import TlsConfig, make_channel
+from lepton.common.grpc_util import MAX_MESSAGE_BYTES
 from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import (
     AppendRequest,
@@ -146,7 +147,8 @@ class Transport(Protocol):
 
 class _PeerSender:
     def __init__(self, peer: str, address: str, *, max_queue: int, rpc_timeout: float,
-                 max_batch_bytes: int, on_lost: Callable[[str], None] | None = None):
+                 max_batch_bytes: int, on_lost: Callable[[str], None] | None = None,
+                 tls: TlsConfig | None = None):
         self.peer = peer
         self.address = address
         self._queue: deque[Message] = deque()
@@ -154,7 +156,7 @@ class _PeerSender:
         self._rpc_timeout = rpc_timeout
         self._max_batch_bytes = max_batch_bytes
         self._wakeup = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = make_channel(address, tls=tls)
         self._stub = raft_pb2_grpc.RaftStub(self._channel)
         self._task = asyncio.create_task(self._run(), name=f"raft-send-{peer}")
         self._on_lost = on_lost
@@ -226,10 +228,11 @@ class GrpcTransport:
         max_queue: int = 4096,
         max_batch_bytes: int = MAX_MESSAGE_BYTES // 2,
         on_peer_lost: Callable[[str], None] | None = None,
+        tls: TlsConfig | None = None,
     ):
         self._senders = {
             peer: _PeerSender(peer, addr, max_queue=max_queue, rpc_timeout=rpc_timeout,
-                              max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost)
+                              max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls)
             for peer, addr in addresses.items()
         }
 

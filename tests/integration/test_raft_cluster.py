@@ -83,15 +83,15 @@ def test_chaos_kill_and_stop_the_leader_while_submitting(agents, tmp_path):
         wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 5, what="5 nodes")
         thread.start()
         for round_ in range(4):
-            wait_until(lambda: len(acked) > 5 * (round_ + 1), what="progress")
+            wait_until(lambda r=round_: len(acked) > 5 * (r + 1), what="progress")
             victim = leader_of(c, voters)
             if round_ % 2 == 0:
                 victim.kill9()
-                wait_until(lambda: c.cluster_status().leader not in ("", victim.address), what="failover")
+                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), what="failover")
                 victim.start()
             else:
                 os.kill(victim.proc.pid, signal.SIGSTOP)
-                wait_until(lambda: c.cluster_status().leader not in ("", victim.address), what="failover")
+                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), what="failover")
                 os.kill(victim.proc.pid, signal.SIGCONT)
         wait_until(lambda: len(acked) > 30, what="more progress after the chaos")
         stop.set()

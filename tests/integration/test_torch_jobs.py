@@ -95,3 +95,81 @@ def test_impossible_jobs_are_rejected(two_nodes):
         assert c.list() == []
     out = run_ctl("run", "--nodes", "0", "--nproc-per-node", "1", "--", "true", server=two_nodes.address)
     assert out.returncode == 1 and out.stderr.count("\n") == 1
+
+
+def rows(rng, n: int):
+    w = rng.normal(size=(8, 3)).astype("float32")
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (x @ w).argmax(axis=1).astype("int64")
+
+
+def test_two_agent_ddp_ends_like_one_process(two_nodes, tmp_path):
+    """2 agents x 1 rank through the cluster (shards from the data plane) end with the same
+    weights as one process on the same data and seed (see recipes.train for the batching)."""
+    import numpy as np
+    import torch
+
+    from lepton.agent.recipes import train
+    from lepton.agent.recipes.cluster import get_file
+    from lepton.agent.recipes.data import write_shard
+
+    n, b = 64, 8
+    rng = np.random.default_rng(3)
+    (x0, y0), (x1, y1) = rows(rng, n), rows(rng, n)
+    np.savez(tmp_path / "all.npz", x=np.concatenate([x0, x1]), y=np.concatenate([y0, y1]))
+    args = ["--algorithm", "mlp", "--epochs", "2", "--lr", "0.05", "--seed", "5", "--hidden", "8"]
+    with Client(two_nodes.address, timeout=60) as c:
+        c.put_dataset(tmp_path / "all.npz", "ddp-data", shards=2)  # shard r -> rank r
+        job = c.submit_job([sys.executable, "-m", "lepton.agent.recipes.cluster", "train",
+                            "--model-name", "ddp-model", *args, "--batch-size", str(b)],
+                           nodes=2, nproc_per_node=1, cpu=0.5, dataset="ddp-data")
+        done = c.wait_job(job.id, timeout=180)
+        assert done.state == "succeeded", (done.reason, b"".join(c.job_logs(job.id)).decode()[-2000:])
+        two = get_file(c, "ddp-model", tmp_path / "two.pt")
+    # One process, batch 2b, the ranks' rows interleaved in blocks of b.
+    xi = np.concatenate([np.concatenate([x0[k:k + b], x1[k:k + b]]) for k in range(0, n, b)])
+    yi = np.concatenate([np.concatenate([y0[k:k + b], y1[k:k + b]]) for k in range(0, n, b)])
+    write_shard(tmp_path / "one-data.npz", xi, yi)
+    one = tmp_path / "one.pt"
+    assert train.main([*args, "--batch-size", str(2 * b), "--shards", str(tmp_path / "one-data.npz"),
+                       "--output", str(one), "--checkpoint-dir", ""]) == 0
+    wa = torch.load(two, weights_only=True)["state_dict"]
+    wb = torch.load(one, weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0), k
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_path):
+    import numpy as np
+
+    voter = agents("node-a")
+    workers = [agents(f"node-{x}", "--join", voter.address) for x in "bc"]
+    with Client(voter.address, timeout=60) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 3, what="3 nodes")
+        x, y = rows(np.random.default_rng(0), 12_000)
+        np.savez(tmp_path / "big.npz", x=x, y=y)
+        c.put_dataset(tmp_path / "big.npz", "big", shards=4)
+        job = c.submit_job([sys.executable, "-m", "lepton.agent.recipes.train", "--algorithm", "mlp",
+                            "--epochs", "12", "--batch-size", "64", "--hidden", "32"],
+                           nodes=2, nproc_per_node=1, cpu=0.5, dataset="big", max_restarts=2)
+        wait_until(lambda: any(d.name == f"ckpt-{job.id}" for d in c.datasets()), timeout=120,
+                   what="a stored checkpoint")
+        rank0 = next(t for t in c.job(job.id).tasks if t.id.endswith("-0"))
+        names = {n.id: n.name for n in c.nodes()}
+        victim = next(a for a in [voter, *workers] if a.name == names[rank0.node_id])
+        if victim is voter:  # keep the coordinator: kill rank 1's node instead
+            rank1 = next(t for t in c.job(job.id).tasks if t.id.endswith("-1"))
+            victim = next(a for a in workers if a.name == names[rank1.node_id])
+        victim.kill9()
+        try:
+            done = c.wait_job(job.id, timeout=200)
+        except Exception:
+            job_now = c.job(job.id)
+            raise AssertionError((job_now.state, job_now.reason,
+                                  [(t.id, t.state, t.reason, t.node_id) for t in job_now.tasks])) from None
+        assert done.state == "succeeded", done.reason
+        assert done.restart_count >= 1
+        out = b"".join(c.job_logs(job.id, rank=0)).decode()
+        assert "resumed from checkpoint" in out, out[-2000:]

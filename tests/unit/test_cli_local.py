@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from lepton.client import Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, cli, local
 
 # Speaks the agent's command line. Without --join it serves a fake coordinator and
@@ -23,7 +24,7 @@ FAKE_AGENT = textwrap.dedent(
     from lepton.v1 import coordinator_pb2 as cpb, coordinator_pb2_grpc as cg
 
     p = argparse.ArgumentParser()
-    for flag in ("--data-dir", "--listen", "--name", "--peers", "--join", "--labels"):
+    for flag in ("--data-dir", "--listen", "--name", "--peers", "--join", "--labels", "--metrics-listen"):
         p.add_argument(flag)
     a = p.parse_args()
     print("fake agent", sys.argv[1:], flush=True)
@@ -133,6 +134,9 @@ def test_up_then_down(tmp_path: Path, agent_cmd: list[str]) -> None:
         assert [(a["name"], a["pid"], a["address"]) for a in saved["agents"]] == [
             (a.name, a.pid, a.address) for a in cluster.agents
         ]
+        # Each agent its own metrics port: they share the host.
+        metrics = {a.metrics for a in cluster.agents}
+        assert len(metrics) == 3 and all(m.startswith("http://127.0.0.1:") for m in metrics)
         for a in cluster.agents:
             assert alive(a.pid)
             assert Path(a.data_dir) == root / a.name

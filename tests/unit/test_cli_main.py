@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
 from lepton.client import cli
 from lepton.client.testing import FakeCoordinator, make_node, serve
 from lepton.v1 import common_pb2 as pb

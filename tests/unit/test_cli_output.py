@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from rich.console import Console
+
 from lepton.client import NodeInfo
 from lepton.client.render import (
     ago,
@@ -20,7 +22,6 @@ from lepton.client.testing import make_node
 from lepton.client.types import ClusterStatusInfo, NodeEvent
 from lepton.v1 import common_pb2 as pb
 from lepton.v1 import coordinator_pb2 as cpb
-from rich.console import Console
 
 NOW = 1_700_000_100_000
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from lepton.client import (
     Cancelled,
     Client,

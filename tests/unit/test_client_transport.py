@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from lepton.client._transport import Transport, retryable, transport_failure, unreachable_error
 
 

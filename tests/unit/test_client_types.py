@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-import lepton.client as lc
 import pytest
+
+import lepton.client as lc
 from lepton.client import ClusterStatusInfo, InvalidArgument, NodeEvent, NodeInfo
 from lepton.client.testing import make_node
 from lepton.client.types import state_to_proto

@@ -35,6 +35,7 @@ def test_lists_and_labels_parse():
         ({"labels": "novalue"}, "key=value"),
         ({"fake_gpus": 100}, "fake_gpus"),
         ({"log_level": "chatty"}, "log_level"),
+        ({"metrics_listen": "9100"}, "metrics_listen"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(kwargs, fragment):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from lepton.coordinator.log_store import CompactedError, Entry, FileLogStore, MemoryLogStore, Snapshot
+from lepton.coordinator.log_store import (
+    CompactedError,
+    Entry,
+    FileLogStore,
+    MemoryLogStore,
+    Snapshot,
+)
 
 
 @pytest.fixture(params=["memory", "file"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lepton.common.errors import InvalidArgument
 from lepton.coordinator.scheduler import (
     UNSCHEDULABLE,

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from lepton.v1 import common_pb2 as lepton_dot_v1_dot_common__pb2
 from lepton.v1 import datasets_pb2 as lepton_dot_v1_dot_datasets__pb2
+from lepton.v1 import security_pb2 as lepton_dot_v1_dot_security__pb2
 from lepton.v1 import tasks_pb2 as lepton_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/state.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x18lepton/v1/datasets.proto\x1a\x15lepton/v1/tasks.proto\"\xef\x01\n\x0fRegisterNodeCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.lepton.v1.RegisterNodeCmd.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fSetNodeStateCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"0\n\x0bSetDrainCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"C\n\rSubmitTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\"\x80\x01\n\x0cPlacementCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x13\n\x0bmaster_addr\x18\x05 \x01(\t\x12\x13\n\x0bmaster_port\x18\x06 \x01(\r\"P\n\x0cSubmitJobCmd\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\x12\r\n\x05nodes\x18\x03 \x01(\r\"F\n\rPreemptionCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_task_id\x18\x03 \x01(\t\"x\n\x0c\x41pplyPlanCmd\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12+\n\nplacements\x18\x02 \x03(\x0b\x32\x17.lepton.v1.PlacementCmd\x12-\n\x0bpreemptions\x18\x03 \x03(\x0b\x32\x18.lepton.v1.PreemptionCmd\"D\n\x0cTaskEventCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.lepton.v1.TaskEvent\" \n\rCancelTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\rPutDatasetCmd\x12#\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x12.lepton.v1.Dataset\" \n\x10\x44\x65leteDatasetCmd\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\rReplicaChange\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x0e\x41\x64\x64ReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\"M\n\x0f\x44ropReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x96\x05\n\x07\x43ommand\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x33\n\rregister_node\x18\n \x01(\x0b\x32\x1a.lepton.v1.RegisterNodeCmdH\x00\x12\x34\n\x0eset_node_state\x18\x0b \x01(\x0b\x32\x1a.lepton.v1.SetNodeStateCmdH\x00\x12+\n\tset_drain\x18\x0c \x01(\x0b\x32\x16.lepton.v1.SetDrainCmdH\x00\x12\x1f\n\x04noop\x18\r \x01(\x0b\x32\x0f.lepton.v1.NoopH\x00\x12/\n\x0bsubmit_task\x18\x0e \x01(\x0b\x32\x18.lepton.v1.SubmitTaskCmdH\x00\x12-\n\napply_plan\x18\x0f \x01(\x0b\x32\x17.lepton.v1.ApplyPlanCmdH\x00\x12-\n\ntask_event\x18\x10 \x01(\x0b\x32\x17.lepton.v1.TaskEventCmdH\x00\x12/\n\x0b\x63\x61ncel_task\x18\x11 \x01(\x0b\x32\x18.lepton.v1.CancelTaskCmdH\x00\x12-\n\nsubmit_job\x18\x12 \x01(\x0b\x32\x17.lepton.v1.SubmitJobCmdH\x00\x12/\n\x0bput_dataset\x18\x14 \x01(\x0b\x32\x18.lepton.v1.PutDatasetCmdH\x00\x12\x35\n\x0e\x64\x65lete_dataset\x18\x15 \x01(\x0b\x32\x1b.lepton.v1.DeleteDatasetCmdH\x00\x12\x31\n\x0c\x61\x64\x64_replicas\x18\x16 \x01(\x0b\x32\x19.lepton.v1.AddReplicasCmdH\x00\x12\x33\n\rdrop_replicas\x18\x17 \x01(\x0b\x32\x1a.lepton.v1.DropReplicasCmdH\x00\x42\x04\n\x02op\"\x06\n\x04Noop\"8\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\x0c\"\x92\x01\n\rStateSnapshot\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x1e\n\x05nodes\x18\x03 \x03(\x0b\x32\x0f.lepton.v1.Node\x12\x1e\n\x05tasks\x18\x04 \x03(\x0b\x32\x0f.lepton.v1.Task\x12$\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x12.lepton.v1.Datasetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/state.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x18lepton/v1/datasets.proto\x1a\x18lepton/v1/security.proto\x1a\x15lepton/v1/tasks.proto\"\xef\x01\n\x0fRegisterNodeCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.lepton.v1.RegisterNodeCmd.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fSetNodeStateCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"0\n\x0bSetDrainCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"C\n\rSubmitTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\"\x80\x01\n\x0cPlacementCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x13\n\x0bmaster_addr\x18\x05 \x01(\t\x12\x13\n\x0bmaster_port\x18\x06 \x01(\r\"P\n\x0cSubmitJobCmd\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\x12\r\n\x05nodes\x18\x03 \x01(\r\"F\n\rPreemptionCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_task_id\x18\x03 \x01(\t\"x\n\x0c\x41pplyPlanCmd\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12+\n\nplacements\x18\x02 \x03(\x0b\x32\x17.lepton.v1.PlacementCmd\x12-\n\x0bpreemptions\x18\x03 \x03(\x0b\x32\x18.lepton.v1.PreemptionCmd\"D\n\x0cTaskEventCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.lepton.v1.TaskEvent\" \n\rCancelTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\rPutDatasetCmd\x12#\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x12.lepton.v1.Dataset\" \n\x10\x44\x65leteDatasetCmd\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\rReplicaChange\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x0e\x41\x64\x64ReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\"M\n\x0f\x44ropReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\x12\x0e\n\x06reason\x18\x02 \x01(\t\"f\n\x0e\x43reateTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x12\n\ntoken_hash\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\"\"\n\x0eRevokeTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\"9\n\x0e\x41ppendAuditCmd\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\"%\n\x0fSetClusterIdCmd\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"\xe5\x06\n\x07\x43ommand\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x33\n\rregister_node\x18\n \x01(\x0b\x32\x1a.lepton.v1.RegisterNodeCmdH\x00\x12\x34\n\x0eset_node_state\x18\x0b \x01(\x0b\x32\x1a.lepton.v1.SetNodeStateCmdH\x00\x12+\n\tset_drain\x18\x0c \x01(\x0b\x32\x16.lepton.v1.SetDrainCmdH\x00\x12\x1f\n\x04noop\x18\r \x01(\x0b\x32\x0f.lepton.v1.NoopH\x00\x12/\n\x0bsubmit_task\x18\x0e \x01(\x0b\x32\x18.lepton.v1.SubmitTaskCmdH\x00\x12-\n\napply_plan\x18\x0f \x01(\x0b\x32\x17.lepton.v1.ApplyPlanCmdH\x00\x12-\n\ntask_event\x18\x10 \x01(\x0b\x32\x17.lepton.v1.TaskEventCmdH\x00\x12/\n\x0b\x63\x61ncel_task\x18\x11 \x01(\x0b\x32\x18.lepton.v1.CancelTaskCmdH\x00\x12-\n\nsubmit_job\x18\x12 \x01(\x0b\x32\x17.lepton.v1.SubmitJobCmdH\x00\x12/\n\x0bput_dataset\x18\x14 \x01(\x0b\x32\x18.lepton.v1.PutDatasetCmdH\x00\x12\x35\n\x0e\x64\x65lete_dataset\x18\x15 \x01(\x0b\x32\x1b.lepton.v1.DeleteDatasetCmdH\x00\x12\x31\n\x0c\x61\x64\x64_replicas\x18\x16 \x01(\x0b\x32\x19.lepton.v1.AddReplicasCmdH\x00\x12\x33\n\rdrop_replicas\x18\x17 \x01(\x0b\x32\x1a.lepton.v1.DropReplicasCmdH\x00\x12\x31\n\x0c\x63reate_token\x18\x1e \x01(\x0b\x32\x19.lepton.v1.CreateTokenCmdH\x00\x12\x31\n\x0crevoke_token\x18\x1f \x01(\x0b\x32\x19.lepton.v1.RevokeTokenCmdH\x00\x12\x31\n\x0c\x61ppend_audit\x18  \x01(\x0b\x32\x19.lepton.v1.AppendAuditCmdH\x00\x12\x34\n\x0eset_cluster_id\x18! \x01(\x0b\x32\x1a.lepton.v1.SetClusterIdCmdH\x00\x42\x04\n\x02op\"\x06\n\x04Noop\"8\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\x0c\"\xf2\x01\n\rStateSnapshot\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x1e\n\x05nodes\x18\x03 \x03(\x0b\x32\x0f.lepton.v1.Node\x12\x1e\n\x05tasks\x18\x04 \x03(\x0b\x32\x0f.lepton.v1.Task\x12$\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x12.lepton.v1.Dataset\x12#\n\x06tokens\x18\x06 \x03(\x0b\x32\x13.lepton.v1.ApiToken\x12%\n\x05\x61udit\x18\x07 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\x12\x12\n\ncluster_id\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,44 +37,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERNODECMD_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERNODECMD_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERNODECMD']._serialized_start=110
-  _globals['_REGISTERNODECMD']._serialized_end=349
-  _globals['_REGISTERNODECMD_LABELSENTRY']._serialized_start=304
-  _globals['_REGISTERNODECMD_LABELSENTRY']._serialized_end=349
-  _globals['_SETNODESTATECMD']._serialized_start=351
-  _globals['_SETNODESTATECMD']._serialized_end=438
-  _globals['_SETDRAINCMD']._serialized_start=440
-  _globals['_SETDRAINCMD']._serialized_end=488
-  _globals['_SUBMITTASKCMD']._serialized_start=490
-  _globals['_SUBMITTASKCMD']._serialized_end=557
-  _globals['_PLACEMENTCMD']._serialized_start=560
-  _globals['_PLACEMENTCMD']._serialized_end=688
-  _globals['_SUBMITJOBCMD']._serialized_start=690
-  _globals['_SUBMITJOBCMD']._serialized_end=770
-  _globals['_PREEMPTIONCMD']._serialized_start=772
-  _globals['_PREEMPTIONCMD']._serialized_end=842
-  _globals['_APPLYPLANCMD']._serialized_start=844
-  _globals['_APPLYPLANCMD']._serialized_end=964
-  _globals['_TASKEVENTCMD']._serialized_start=966
-  _globals['_TASKEVENTCMD']._serialized_end=1034
-  _globals['_CANCELTASKCMD']._serialized_start=1036
-  _globals['_CANCELTASKCMD']._serialized_end=1068
-  _globals['_PUTDATASETCMD']._serialized_start=1070
-  _globals['_PUTDATASETCMD']._serialized_end=1122
-  _globals['_DELETEDATASETCMD']._serialized_start=1124
-  _globals['_DELETEDATASETCMD']._serialized_end=1156
-  _globals['_REPLICACHANGE']._serialized_start=1158
-  _globals['_REPLICACHANGE']._serialized_end=1208
-  _globals['_ADDREPLICASCMD']._serialized_start=1210
-  _globals['_ADDREPLICASCMD']._serialized_end=1270
-  _globals['_DROPREPLICASCMD']._serialized_start=1272
-  _globals['_DROPREPLICASCMD']._serialized_end=1349
-  _globals['_COMMAND']._serialized_start=1352
-  _globals['_COMMAND']._serialized_end=2014
-  _globals['_NOOP']._serialized_start=2016
-  _globals['_NOOP']._serialized_end=2022
-  _globals['_LOGENTRY']._serialized_start=2024
-  _globals['_LOGENTRY']._serialized_end=2080
-  _globals['_STATESNAPSHOT']._serialized_start=2083
-  _globals['_STATESNAPSHOT']._serialized_end=2229
+  _globals['_REGISTERNODECMD']._serialized_start=136
+  _globals['_REGISTERNODECMD']._serialized_end=375
+  _globals['_REGISTERNODECMD_LABELSENTRY']._serialized_start=330
+  _globals['_REGISTERNODECMD_LABELSENTRY']._serialized_end=375
+  _globals['_SETNODESTATECMD']._serialized_start=377
+  _globals['_SETNODESTATECMD']._serialized_end=464
+  _globals['_SETDRAINCMD']._serialized_start=466
+  _globals['_SETDRAINCMD']._serialized_end=514
+  _globals['_SUBMITTASKCMD']._serialized_start=516
+  _globals['_SUBMITTASKCMD']._serialized_end=583
+  _globals['_PLACEMENTCMD']._serialized_start=586
+  _globals['_PLACEMENTCMD']._serialized_end=714
+  _globals['_SUBMITJOBCMD']._serialized_start=716
+  _globals['_SUBMITJOBCMD']._serialized_end=796
+  _globals['_PREEMPTIONCMD']._serialized_start=798
+  _globals['_PREEMPTIONCMD']._serialized_end=868
+  _globals['_APPLYPLANCMD']._serialized_start=870
+  _globals['_APPLYPLANCMD']._serialized_end=990
+  _globals['_TASKEVENTCMD']._serialized_start=992
+  _globals['_TASKEVENTCMD']._serialized_end=1060
+  _globals['_CANCELTASKCMD']._serialized_start=1062
+  _globals['_CANCELTASKCMD']._serialized_end=1094
+  _globals['_PUTDATASETCMD']._serialized_start=1096
+  _globals['_PUTDATASETCMD']._serialized_end=1148
+  _globals['_DELETEDATASETCMD']._serialized_start=1150
+  _globals['_DELETEDATASETCMD']._serialized_end=1182
+  _globals['_REPLICACHANGE']._serialized_start=1184
+  _globals['_REPLICACHANGE']._serialized_end=1234
+  _globals['_ADDREPLICASCMD']._serialized_start=1236
+  _globals['_ADDREPLICASCMD']._serialized_end=1296
+  _globals['_DROPREPLICASCMD']._serialized_start=1298
+  _globals['_DROPREPLICASCMD']._serialized_end=1375
+  _globals['_CREATETOKENCMD']._serialized_start=1377
+  _globals['_CREATETOKENCMD']._serialized_end=1479
+  _globals['_REVOKETOKENCMD']._serialized_start=1481
+  _globals['_REVOKETOKENCMD']._serialized_end=1515
+  _globals['_APPENDAUDITCMD']._serialized_start=1517
+  _globals['_APPENDAUDITCMD']._serialized_end=1574
+  _globals['_SETCLUSTERIDCMD']._serialized_start=1576
+  _globals['_SETCLUSTERIDCMD']._serialized_end=1613
+  _globals['_COMMAND']._serialized_start=1616
+  _globals['_COMMAND']._serialized_end=2485
+  _globals['_NOOP']._serialized_start=2487
+  _globals['_NOOP']._serialized_end=2493
+  _globals['_LOGENTRY']._serialized_start=2495
+  _globals['_LOGENTRY']._serialized_end=2551
+  _globals['_STATESNAPSHOT']._serialized_start=2554
+  _globals['_STATESNAPSHOT']._serialized_end=2796
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from lepton.v1 import common_pb2 as _common_pb2
 from lepton.v1 import datasets_pb2 as _datasets_pb2
+from lepton.v1 import security_pb2 as _security_pb2
 from lepton.v1 import tasks_pb2 as _tasks_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -154,8 +155,40 @@ class DropReplicasCmd(_message.Message):
     reason: str
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class CreateTokenCmd(_message.Message):
+    __slots__ = ("token_id", "name", "role", "token_hash", "created_at")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_HASH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    name: str
+    role: str
+    token_hash: str
+    created_at: int
+    def __init__(self, token_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., token_hash: _Optional[str] = ..., created_at: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenCmd(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class AppendAuditCmd(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_security_pb2.AuditRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ...) -> None: ...
+
+class SetClusterIdCmd(_message.Message):
+    __slots__ = ("cluster_id",)
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    def __init__(self, cluster_id: _Optional[str] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "create_token", "revoke_token", "append_audit", "set_cluster_id")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +203,10 @@ class Command(_message.Message):
     DELETE_DATASET_FIELD_NUMBER: _ClassVar[int]
     ADD_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DROP_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    APPEND_AUDIT_FIELD_NUMBER: _ClassVar[int]
+    SET_CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     at_ms: int
     register_node: RegisterNodeCmd
     set_node_state: SetNodeStateCmd
@@ -184,7 +221,11 @@ class Command(_message.Message):
     delete_dataset: DeleteDatasetCmd
     add_replicas: AddReplicasCmd
     drop_replicas: DropReplicasCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ...) -> None: ...
+    create_token: CreateTokenCmd
+    revoke_token: RevokeTokenCmd
+    append_audit: AppendAuditCmd
+    set_cluster_id: SetClusterIdCmd
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
@@ -201,15 +242,21 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes", "tasks", "datasets")
+    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
     tasks: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Task]
     datasets: _containers.RepeatedCompositeFieldContainer[_datasets_pb2.Dataset]
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ...) -> None: ...
+    tokens: _containers.RepeatedCompositeFieldContainer[_security_pb2.ApiToken]
+    audit: _containers.RepeatedCompositeFieldContainer[_security_pb2.AuditRecord]
+    cluster_id: str
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""`--auth` on an agent: the server interceptor, and how agents authenticate to each other.
+
+- People and tools: bearer tokens, checked by **voters** against the token hashes in the
+  replicated state (`SecurityTable.lookup`), or a user certificate with TLS on. Workers hold
+  no state: they accept no user tokens, only node credentials and certificates (so with TLS
+  off, `lepton-ctl logs` for a task on a worker needs TLS and a user certificate).
+- Agents: their node certificate with `--tls-dir`. Without TLS, a cluster **node token**
+  shared by every agent: `<data-dir>/node.token` (or `LEPTON_NODE_TOKEN`). A one-voter
+  cluster makes it at first start; copy it to every other agent's data dir (0600) before
+  starting them. It is a bearer secret that names no node: prefer TLS for anything shared.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lepton.common import bearer
+from lepton.common.auth import (
+    AuthEvent,
+    AuthInterceptor,
+    Principal,
+    Role,
+    hash_token,
+    new_token,
+    token_id,
+)
+from lepton.common.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    from lepton.agent.daemon import Agent
+
+logger = logging.getLogger(__name__)
+
+NODE_TOKEN_FILE = "node.token"
+NODE_TOKEN_ENV = "LEPTON_NODE_TOKEN"
+
+
+def _write_0600(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_node_token(data_dir: Path, *, tls_on: bool, may_create: bool, env=os.environ) -> str:
+    """The cluster node token ("" when TLS identifies nodes and there is none).
+
+    `may_create`: this is the only voter of a one-voter cluster, which makes the token
+    when there is none. Raises FailedPrecondition (none, and TLS off) or InvalidArgument
+    (not a Lepton token).
+    """
+    path = data_dir / NODE_TOKEN_FILE
+    token = env.get(NODE_TOKEN_ENV, "").strip()
+    if not token and path.exists():
+        token = path.read_text().strip()
+    if not token:
+        if tls_on:
+            return ""
+        if not may_create:
+            raise FailedPrecondition(
+                f"--auth without --tls-dir: agents authenticate with the cluster node token; copy "
+                f"{NODE_TOKEN_FILE} from the first voter's data dir to {path} (mode 0600), or set "
+                f"{NODE_TOKEN_ENV} (several voters: make one with `lepton-ctl tokens node-token FILE`)"
+            )
+        token, _ = new_token()
+        _write_0600(path, token)
+        logger.warning("auth: made the cluster node token %s; copy it to every other agent", path)
+    try:
+        token_id(token)
+    except InvalidArgument:
+        raise InvalidArgument(f"the node token ({path} or {NODE_TOKEN_ENV}) is not a Lepton token") from None
+    return token
+
+
+def server_interceptor(agent: Agent) -> AuthInterceptor:
+    """The interceptor for `agent`'s server; sets the node token on outgoing channels
+    when TLS is off. Raises as `load_node_token`."""
+    cfg = agent.config
+    single_voter = cfg.dev_mode or (len(cfg.peers) == 1 and not cfg.join and cfg.advertise_address in cfg.peers)
+    node_token = load_node_token(agent.data_dir, tls_on=agent.tls is not None, may_create=single_voter)
+    if node_token and agent.tls is None:
+        bearer.set_default_token(node_token)
+    node_hash = hash_token(node_token) if node_token else ""
+    node_tid = token_id(node_token) if node_token else ""
+
+    def lookup(token: str) -> Principal | None:
+        if node_hash and hmac.compare_digest(hash_token(token), node_hash):
+            return Principal("node", Role.NODE, via="token", token_id=node_tid)
+        coordinator = agent.coordinator  # voters: the tokens in the replicated state
+        return coordinator.state.security.lookup(token) if coordinator is not None else None
+
+    def on_event(event: AuthEvent) -> None:
+        coordinator = agent.coordinator
+        if coordinator is not None:
+            coordinator.audit.on_event(event)
+
+    logger.info("auth on: %s", "tokens and certificates" if agent.tls is not None else "tokens (no TLS)")
+    return AuthInterceptor(lookup, use_certificates=True, allow_node_tokens=bool(node_token), on_event=on_event)

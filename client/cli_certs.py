@@ -1,0 +1,73 @@
+"""lepton-ctl's certificate commands: `certs init` (the cluster CA) and `certs issue`.
+
+Hooked into lepton-ctl with `register(top, common)`. They work on a local folder and never
+call the cluster: run them where the CA key is kept (see docs/operations.md, TLS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ._cli_common import _Parser, _print_json
+
+__all__ = ["register"]
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from lepton.common import tls
+
+    cert = tls.init_ca(args.dir)  # AlreadyExists when there is one: never overwritten
+    if args.output == "json":
+        _print_json({"ca_cert": str(cert), "ca_key": str(cert.with_name(tls.CA_KEY))})
+    else:
+        sys.stdout.write(f"created the cluster CA in {args.dir} ({tls.CA_CERT}, {tls.CA_KEY})\n")
+        sys.stdout.write(f"keep {tls.CA_KEY} where certificates are issued, not on every node\n")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from lepton.common import tls
+
+    if args.kind == "user" and args.host:
+        sys.stderr.write("lepton-ctl: --host applies to node certificates only\n")
+        return 2
+    paths = tls.issue(
+        args.dir, args.name, kind=args.kind, role=args.role, hosts=args.host or (),
+        days=args.days, overwrite=args.force,
+    )
+    identity = "node" if args.kind == "node" else f"user:{args.role}"
+    if args.output == "json":
+        _print_json({"name": args.name, "identity": identity, "cert": str(paths.cert),
+                     "key": str(paths.key), "ca_cert": str(paths.ca)})
+    else:
+        sys.stdout.write(f"issued {identity} certificate {args.name}: {paths.cert}, {paths.key}\n")
+    return 0
+
+
+def register(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add `certs init|issue` to lepton-ctl's subcommands."""
+    from lepton.common import tls
+
+    certs = top.add_parser("certs", help="the cluster CA and its certificates (mTLS)")
+    sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True,
+                               parser_class=_Parser)
+    help_ = "create the cluster CA (ca.crt, ca.key) in DIR; refuses to overwrite one"
+    p = sub.add_parser("init", help=help_, description=help_, parents=[common])
+    p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder (made 0700)")
+    p.set_defaults(func=cmd_certs_init)
+
+    help_ = "issue a node or user certificate signed by the CA in DIR"
+    p = sub.add_parser("issue", help=help_, description=help_, parents=[common])
+    p.add_argument("name", metavar="NAME", help="node id or user name (the certificate's CN)")
+    p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder holding the CA")
+    p.add_argument("--kind", choices=tls.KINDS, default="node", help="default: node")
+    p.add_argument("--role", choices=tls.USER_ROLES, default="user",
+                   help="a user's role (default: user)")
+    p.add_argument("--host", action="append", metavar="H",
+                   help="a host name or IP the node is dialled by (repeatable; "
+                        "localhost, 127.0.0.1 and ::1 are always included)")
+    p.add_argument("--days", type=int, default=tls.CERT_DAYS, help="validity (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing certificate of that name")
+    p.set_defaults(func=cmd_certs_issue)

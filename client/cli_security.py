@@ -1,0 +1,208 @@
+"""lepton-ctl's security commands: `tokens create|ls|revoke|node-token`, `audit`,
+`snapshot save|restore`. Hooked into lepton-ctl with `register(top, common)`.
+
+Every online command is admin-only on a cluster with `--auth` (`lepton.common.auth.POLICY`).
+`tokens create` prints the token alone on stdout (it is shown once: the cluster keeps only
+its hash). `snapshot restore` is offline: it writes into a stopped agent's data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from lepton.v1 import security_pb2 as spb
+from lepton.v1.security_pb2_grpc import SecurityStub
+
+from ._cli_common import UsageError, _client, _Parser, _print_json
+from .render import emit, when
+
+__all__ = ["parse_since", "register"]
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now_ms: int | None = None) -> int:
+    """`10m`, `2h`, `1d` (that long ago) or an ISO time (`2024-05-01T12:00`, UTC unless it
+    names a zone) → ms since the epoch. Raises UsageError."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    m = _DURATION.match(text.strip())
+    if m:
+        return max(0, now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000))
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r} is neither a duration (10m, 2h, 1d) nor an ISO time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+def _token_dict(t: spb.ApiToken) -> dict[str, Any]:
+    return {"id": t.id, "name": t.name, "role": t.role, "created_at_ms": t.created_at_ms,
+            "revoked": t.revoked, "revoked_at_ms": t.revoked_at_ms}
+
+
+def _audit_dict(r: spb.AuditRecord) -> dict[str, Any]:
+    return {"at_ms": r.at_ms, "principal": r.principal, "role": r.role, "via": r.via,
+            "method": r.method, "code": r.code, "request": r.request, "token_id": r.token_id}
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _call(args: argparse.Namespace, method: str, request: Any, *, idempotent: bool = True) -> Any:
+    with _client(args) as c:
+        return c._unary(SecurityStub, method, request, idempotent=idempotent)
+
+
+# -- commands -------------------------------------------------------------------------
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    resp = _call(args, "CreateToken", spb.CreateTokenRequest(name=args.name, role=args.role), idempotent=False)
+    if args.output == "json":
+        _print_json({"token": resp.token, **_token_dict(resp.info)})
+        return 0
+    sys.stdout.write(resp.token + "\n")
+    sys.stderr.write(f"created token {resp.token_id} for {args.name} ({args.role}); "
+                     "it is shown only this once\n")
+    return 0
+
+
+def cmd_tokens_ls(args: argparse.Namespace) -> int:
+    tokens = _call(args, "ListTokens", spb.ListTokensRequest()).tokens
+    if args.output == "json":
+        _print_json([_token_dict(t) for t in tokens])
+        return 0
+    if not tokens:
+        sys.stderr.write("no tokens\n")
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "NAME", "ROLE", "CREATED", "STATE"):
+        table.add_column(col)
+    for t in tokens:
+        table.add_row(t.id, t.name, t.role, when(t.created_at_ms), "revoked" if t.revoked else "active")
+    emit(table)
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    t = _call(args, "RevokeToken", spb.RevokeTokenRequest(token_id=args.id))
+    if args.output == "json":
+        _print_json(_token_dict(t))
+    else:
+        sys.stdout.write(f"revoked token {t.id} ({t.name}, {t.role})\n")
+    return 0
+
+
+def cmd_tokens_node_token(args: argparse.Namespace) -> int:
+    """Offline: a fresh cluster node token for agents without TLS (lepton.agent.auth_setup)."""
+    import os
+
+    from lepton.common.auth import new_token
+
+    path = Path(args.file)
+    if path.exists():
+        raise UsageError(f"{path} already exists")
+    token, _ = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    sys.stderr.write(f"wrote a node token to {path} (0600); copy it to <data-dir>/node.token on every agent\n")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else 0
+    records = _call(args, "ListAudit", spb.ListAuditRequest(since_ms=since, limit=args.limit)).records
+    if args.output == "json":
+        _print_json([_audit_dict(r) for r in records])
+        return 0
+    if not records:
+        sys.stderr.write("no audit records\n")
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("TIME", "WHO", "ROLE", "METHOD", "RESULT", "REQUEST"):
+        table.add_column(col, overflow="fold" if col == "REQUEST" else "ellipsis")
+    for r in records:
+        table.add_row(_iso(r.at_ms), r.principal, r.role or "-", r.method.rpartition(".")[2],
+                      r.code, r.request if len(r.request) <= 120 else r.request[:117] + "...")
+    emit(table)
+    return 0
+
+
+def cmd_snapshot_save(args: argparse.Namespace) -> int:
+    from lepton.coordinator import backup
+
+    resp = _call(args, "SaveSnapshot", spb.SaveSnapshotRequest())
+    path = backup.save(resp.data, resp.index, resp.term, resp.cluster_id, args.file, overwrite=args.overwrite)
+    doc = {"file": str(path), "index": resp.index, "term": resp.term, "cluster_id": resp.cluster_id,
+           "bytes": path.stat().st_size}
+    if args.output == "json":
+        _print_json(doc)
+    else:
+        sys.stdout.write(f"saved cluster {resp.cluster_id} at index {resp.index} (term {resp.term}) "
+                         f"to {path}, {doc['bytes']} bytes\n")
+    return 0
+
+
+def cmd_snapshot_restore(args: argparse.Namespace) -> int:
+    from lepton.coordinator.restore import restore
+
+    result = restore(args.file, args.data_dir)
+    if args.output == "json":
+        _print_json(result.to_dict())
+        return 0
+    sys.stdout.write(f"restored cluster {result.cluster_id} at index {result.index} into {result.data_dir}\n")
+    if result.moved_aside:
+        sys.stdout.write(f"the previous raft folder is kept as {result.moved_aside}\n")
+    sys.stdout.write("start the agent as before; see docs/operations.md for clusters of several voters\n")
+    return 0
+
+
+def register(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add `tokens`, `audit` and `snapshot` to lepton-ctl's subcommands `top`."""
+
+    def group(name: str, help: str) -> Any:
+        p = top.add_parser(name, help=help)
+        return p.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def cmd(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    tokens = group("tokens", "API tokens: create, list, revoke (admin)")
+    p = cmd(tokens, "create", cmd_tokens_create, "make a token; prints it once, alone on stdout")
+    p.add_argument("--role", required=True, choices=("admin", "user", "viewer"))
+    p.add_argument("--name", required=True, help="who the token is for (the owner of what it submits)")
+    cmd(tokens, "ls", cmd_tokens_ls, "list tokens (never the tokens themselves)")
+    p = cmd(tokens, "revoke", cmd_tokens_revoke, "revoke a token by its id")
+    p.add_argument("id", metavar="ID")
+    p = cmd(tokens, "node-token", cmd_tokens_node_token,
+            "write a fresh cluster node token to FILE (offline; for agents without TLS)")
+    p.add_argument("file", metavar="FILE")
+
+    p = top.add_parser("audit", help="who changed what, when, with what result (admin)",
+                       description="who changed what, when, with what result (admin)", parents=[common])
+    p.set_defaults(func=cmd_audit)
+    p.add_argument("--since", metavar="T", help="a duration (10m, 2h, 1d) or an ISO time")
+    p.add_argument("--limit", type=int, default=1000, help="the newest N records (default 1000)")
+
+    snap = group("snapshot", "online backup and offline restore of the cluster state")
+    p = cmd(snap, "save", cmd_snapshot_save, "save a consistent copy of the cluster state to FILE (admin)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p = cmd(snap, "restore", cmd_snapshot_restore,
+            "offline: install FILE as the state of a stopped agent's data dir")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--data-dir", required=True, metavar="D", help="the stopped voter's data dir")
