@@ -5,8 +5,8 @@ processes, gloo on CPU, all on this host.
   ranks 0 and 1), started together; the clock starts just before they are spawned.
 - launcher_s: the same job through Lepton's `TorchLauncher` alone (two NodeLaunch, one per
   node rank, in this process): what our worker start-up costs, no coordinator involved.
-- lepton_s: submit through the coordinator -> all ranks ready. Not wired yet: see
-  `measure_lepton` (the LEPTON HOOK below); null until then.
+- lepton_s: submit through the coordinator of 2 local agents -> all ranks ready
+  (`lepton-ctl run --nodes 2 --nproc-per-node 2`'s path); overhead_s = lepton_s - torchrun_s.
 
 Each rank writes the wall time right after `init_process_group` returns; a sample is the
 latest of the four minus the start. The median of --repeats samples is reported, with all
@@ -102,11 +102,44 @@ def measure_launcher(root: Path, script: Path, env: dict[str, str], timeout: flo
     return asyncio.run(both())
 
 
+_CLUSTER: list = []
+
+
+def _cluster(root: Path):
+    """Two agents (a one-voter coordinator and a worker), started once for all repeats."""
+    if not _CLUSTER:
+        from _common import Agent
+
+        from lepton.client import Client
+
+        a = Agent(name="node-a", root=str(root))
+        b = Agent("--join", a.address, name="node-b", root=str(root))
+        client = Client(a.address, timeout=60)
+        deadline = time.monotonic() + 60
+        while len([n for n in client.nodes() if n.state == "ready"]) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agents did not become ready")
+            time.sleep(0.05)
+        _CLUSTER.extend([a, b, client])
+    return _CLUSTER
+
+
 def measure_lepton(root: Path, script: Path, env: dict[str, str], timeout: float) -> float | None:
-    """LEPTON HOOK (the lead wires this): start agents (benchmarks/_common.Agent), submit a
-    2x2 torch job running `script` with argument `out` through the client, and return the
-    seconds from submit to the last rank's ready time (`_wait_ready`). None: not measured."""
-    return None
+    """Submit the 2x2 job through the coordinator (what `lepton-ctl run --nodes 2
+    --nproc-per-node 2` does) and time submit -> the last rank past init_process_group."""
+    _, _, client = _cluster(root)
+    out = Path(tempfile.mkdtemp(dir=root, prefix="lepton-"))
+    start = time.time()
+    job = client.submit_job([sys.executable, "-u", str(script), str(out)], nodes=NNODES,
+                            nproc_per_node=NPROC, cpu=0.5, env={"OMP_NUM_THREADS": "1"})
+
+    def alive() -> bool:
+        return not client.job(job.id).done or all(
+            (out / f"ready_{r}").exists() for r in range(NNODES * NPROC))
+
+    seconds = _wait_ready(out, start, alive, timeout)
+    client.wait_job(job.id, timeout=timeout)
+    return seconds
 
 
 def main() -> None:
@@ -128,8 +161,15 @@ def main() -> None:
         "torchrun_samples_s": [round(v, 3) for v in torchrun],
         "launcher_s": round(statistics.median(launcher), 3),
         "launcher_samples_s": [round(v, 3) for v in launcher],
-        "lepton_s": round(statistics.median(lepton), 3) if lepton else None,  # LEPTON HOOK
+        "lepton_s": round(statistics.median(lepton), 3) if lepton else None,
+        "lepton_samples_s": [round(v, 3) for v in lepton],
+        "overhead_s": round(statistics.median(lepton) - statistics.median(torchrun), 3) if lepton else None,
     })
+    if _CLUSTER:
+        a, b, client = _CLUSTER
+        client.close()
+        b.stop()
+        a.stop()
 
 
 if __name__ == "__main__":

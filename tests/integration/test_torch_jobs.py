@@ -140,8 +140,22 @@ def test_two_agent_ddp_ends_like_one_process(two_nodes, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0), k
 
 
+def kill_orphans(agent) -> None:
+    """A real dead host takes its processes with it; on this one host the killed agent's
+    task attempts live on (their own process groups), so end them here."""
+    import json
+    import os
+    import signal
+
+    for run in agent.data_dir.glob("tasks/*/*/run.json"):
+        try:
+            os.killpg(int(json.loads(run.read_text())["pid"]), signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+
+
 @pytest.mark.timeout(300)
-def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_path):
+def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_path, request):
     import numpy as np
 
     voter = agents("node-a")
@@ -163,6 +177,7 @@ def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_pat
             rank1 = next(t for t in c.job(job.id).tasks if t.id.endswith("-1"))
             victim = next(a for a in workers if a.name == names[rank1.node_id])
         victim.kill9()
+        request.addfinalizer(lambda: kill_orphans(victim))
         try:
             done = c.wait_job(job.id, timeout=200)
         except Exception:
