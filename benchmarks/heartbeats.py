@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -41,9 +42,17 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
         await asyncio.gather(*(register(i) for i in range(agents)))
 
         latencies: list[float] = []
+        failures: Counter[str] = Counter()
         done = 0
         usage = common_pb2.Usage(cpu_percent=12.5, memory_used_bytes=8 << 30, disk_free_bytes=1 << 39)
         stop_at = time.monotonic() + seconds
+
+        async def drain(stream) -> None:
+            try:
+                while await stream.read() is not grpc.aio.EOF:
+                    pass
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
 
         async def agent_loop(i: int) -> None:
             nonlocal done
@@ -58,10 +67,14 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
                     break
                 t0 = time.perf_counter()
                 if stream is not None:  # what agents do: one long-lived stream each
-                    await stream.write(req)
-                    if first:
-                        await stream.read()  # the leader answers the first beat and changes only
+                    try:
+                        await stream.write(req)
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        failures[f"{await stream.code()}: {await stream.details()}"] += 1
+                        return
+                    if first:  # like an agent: a reader consumes the answers (every 2nd beat)
                         first = False
+                        asyncio.create_task(drain(stream))
                 else:
                     await stub.Heartbeat(req, timeout=10)
                 latencies.append(time.perf_counter() - t0)
@@ -88,6 +101,8 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
             "coordinator_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
             "p99_ms": round(p99 * 1000, 2),
             "seconds_measured": round(t1 - t0, 1),
+            "channels": channels,
+            "failed_streams": dict(failures),
             "host_cpus": psutil.cpu_count(),
         }
     finally:
@@ -98,11 +113,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--agents", type=int, default=5000)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--channels", type=int, default=8)
+    # HTTP/2 servers allow ~100 concurrent streams per connection: one channel per 50 agents.
+    p.add_argument("--channels", type=int, default=0, help="default: one per 50 agents")
     p.add_argument("--mode", choices=["stream", "unary"], default="stream",
                    help="stream: HeartbeatStream as agents use it; unary: one call per beat")
     args = p.parse_args()
-    emit(asyncio.run(run(args.agents, args.seconds, args.channels, args.mode)))
+    channels = args.channels or max(1, args.agents // 50)
+    emit(asyncio.run(run(args.agents, args.seconds, channels, args.mode)))
 
 
 if __name__ == "__main__":

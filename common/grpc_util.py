@@ -34,9 +34,11 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
-    # A leader that stops answering (SIGSTOP, a cut cable) breaks our streams in ~2 s.
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 1000),
+    # Keepalive finds dead connections that nothing writes to. Gentle on purpose: a busy
+    # leader that cannot answer a ping within a second would otherwise see thousands of
+    # agent connections torn down at once. Hung leaders are found by the heartbeat answers.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
