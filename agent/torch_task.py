@@ -51,12 +51,21 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _client(launch: dict[str, Any]):
+    """A client of the cluster, with the node's TLS identity when the agent has one."""
+    from lepton.client import Client
+    from lepton.common.channels import TlsConfig
+
+    tls = TlsConfig.from_env()
+    return Client(launch["servers"], timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name)
+
+
 def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
     """Bring the job's newest stored checkpoint here unless a newer one is already here."""
     from lepton.agent.recipes.cluster import get_file
-    from lepton.client import Client, NotFound
+    from lepton.client import NotFound
 
-    with Client(launch["servers"], timeout=30) as client:
+    with _client(launch) as client:
         try:
             ds = client.dataset(checkpoint_dataset(launch["job_id"]))
         except NotFound:
@@ -73,13 +82,9 @@ def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
 
 def store_checkpoint(launch: dict[str, Any], path: Path) -> None:
     from lepton.agent.recipes.cluster import put_file
-    from lepton.client import Client, FailedPrecondition
 
-    with Client(launch["servers"], timeout=30) as client:
-        try:
-            put_file(client, checkpoint_dataset(launch["job_id"]), path)
-        except FailedPrecondition:  # fewer ready nodes than replicas: one copy beats none
-            put_file(client, checkpoint_dataset(launch["job_id"]), path, replicas=1)
+    with _client(launch) as client:
+        put_file(client, checkpoint_dataset(launch["job_id"]), path)  # falls back to 1 copy
 
 
 async def sync_checkpoints(launch: dict[str, Any], ckpt_dir: Path, done: asyncio.Event) -> None:

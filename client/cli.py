@@ -16,7 +16,7 @@ from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from . import cli_certs, cli_data, cli_tasks, cli_top, local
+from . import cli_certs, cli_data, cli_ml, cli_tasks, cli_top, local
 from ._cli_common import (
     CLI_CONNECT_TIMEOUT_S,
     PROG,
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_security.register(top, common)
     cli_certs.register(top, common)
     cli_top.register(top, common)
+    cli_ml.register(top, common)
 
     nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
     nodes_sub = nodes.add_subparsers(

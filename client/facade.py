@@ -97,7 +97,10 @@ class Algorithm:
                                      name=f"train-{self.algorithm}")
         done = self.client.wait_job(job.id, timeout=timeout)
         if done.state != "succeeded":
-            raise FailedPrecondition(f"training job {job.id} {done.state}: {done.reason}")
+            lines = b"".join(self.client.job_logs(job.id)).decode(errors="replace").splitlines()
+            last = next((ln for ln in reversed(lines) if ln.strip() and "Traceback" not in ln), "")
+            raise FailedPrecondition(f"training job {job.id} {done.state}: {done.reason}"
+                                     + (f" ({last.strip()[:300]})" if last else ""))
         return Model(name=name, algorithm=self.algorithm, job_id=job.id)
 
     def evaluate_model(self, model: Model | str, dataset: Any, *, timeout: float | None = None) -> dict:

@@ -37,6 +37,7 @@ def _client():
 def put_file(client, name: str, path: Path, *, replicas: int = 2) -> None:
     """Store a file's bytes as dataset `name` (one shard, one uint8 column)."""
     from lepton.agent import shard_format as fmt
+    from lepton.common.errors import FailedPrecondition
     from lepton.v1 import datasets_pb2 as dpb
 
     data = np.frombuffer(path.read_bytes(), dtype=np.uint8).reshape(-1, 1)
@@ -45,7 +46,12 @@ def put_file(client, name: str, path: Path, *, replicas: int = 2) -> None:
         shard = Path(tmp) / "0.npy"
         sid, size = fmt.write_shard(recs, shard)
         meta = dpb.Shard(id=sid, size=size, **fmt.describe(recs))
-        client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=replicas)
+        try:
+            client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=replicas)
+        except FailedPrecondition:  # fewer ready nodes than replicas: one copy beats none
+            if replicas == 1:
+                raise
+            client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=1)
 
 
 def get_file(client, name: str, out: Path) -> Path:
@@ -110,7 +116,7 @@ def cmd_predict(argv: list[str]) -> int:
         code = predict.main(["--model", str(model), "--output", str(preds)])
         if code:
             return code
-        client.put_dataset(preds, args.out, replicas=1)
+        client.put_dataset(preds, args.out, replicas=1)  # derived data: one copy
         print(json.dumps({"predictions": args.out, "rows": int(len(np.load(preds)))}), flush=True)
     return 0
 

@@ -1,0 +1,79 @@
+"""`lepton-ctl train | evaluate | predict`: the algorithm library from the command line.
+
+    lepton-ctl train --algorithm mlp --dataset D --epochs 10 --batch-size 64 --lr 0.05 --nodes 2 --out M
+    lepton-ctl evaluate M --dataset D          # {"accuracy": ..., "loss": ...} or {"mse": ...}
+    lepton-ctl predict M --dataset D --out P   # predictions become dataset P
+
+A thin layer over `lepton.client.facade.Algorithm`: training is a torch.distributed job
+across agents (DDP, gloo on CPU, nccl on GPUs); models are stored in the cluster as datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ._cli_common import _client, _positive_int, _print_json
+from .facade import ALGORITHMS, Algorithm
+
+
+def register(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add train/evaluate/predict to lepton-ctl's subcommands `top`."""
+    p = top.add_parser("train", parents=[common], help="train a built-in model with DDP across agents")
+    p.set_defaults(func=cmd_train)
+    p.add_argument("--algorithm", required=True, choices=ALGORITHMS)
+    p.add_argument("--dataset", required=True, metavar="NAME")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="per rank (default 32)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--hidden", type=_positive_int, default=64, help="hidden width (mlp)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nodes", type=_positive_int, default=1)
+    p.add_argument("--nproc-per-node", type=_positive_int, default=1)
+    p.add_argument("--max-restarts", type=int, default=1)
+    p.add_argument("--out", required=True, metavar="MODEL", help="the model's name in the cluster")
+
+    for name, func, text in (("evaluate", cmd_evaluate, "accuracy and loss (or mse) of a model"),
+                             ("predict", cmd_predict, "batch inference into a new dataset")):
+        p = top.add_parser(name, parents=[common], help=text)
+        p.set_defaults(func=func)
+        p.add_argument("model", metavar="MODEL")
+        p.add_argument("--dataset", required=True, metavar="NAME")
+        if name == "predict":
+            p.add_argument("--out", required=True, metavar="NAME", help="the predictions dataset")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        algo = Algorithm(c)
+        algo.select_algorithm(args.algorithm)
+        algo.configure_parameters(batch_size=args.batch_size, learning_rate=args.lr,
+                                  epochs=args.epochs, nodes=args.nodes, hidden=args.hidden,
+                                  nproc_per_node=args.nproc_per_node, seed=args.seed,
+                                  max_restarts=args.max_restarts)
+        model = algo.train_model(args.dataset, name=args.out)
+    if args.output == "json":
+        _print_json({"model": model.name, "algorithm": model.algorithm, "job": model.job_id})
+    else:
+        sys.stdout.write(f"{model.name}\n")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        metrics = Algorithm(c).evaluate_model(args.model, args.dataset)
+    if args.output == "json":
+        _print_json(metrics)
+    else:
+        sys.stdout.write(" ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                  for k, v in sorted(metrics.items())) + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        out = Algorithm(c).predict(args.model, args.dataset, args.out)
+    sys.stdout.write(json.dumps({"predictions": out}) + "\n" if args.output == "json" else f"{out}\n")
+    return 0

@@ -1,0 +1,41 @@
+"""lepton-ctl train / evaluate / predict against a real agent."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lepton.client import Client
+from tests.integration.cluster import run_ctl
+
+pytestmark = pytest.mark.integration
+
+
+def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
+    node = agents("solo")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 4)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int64")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with Client(node.address) as c:
+        c.put_dataset(tmp_path / "d.npz", "lin", shards=2, replicas=1)
+    out = run_ctl("train", "--algorithm", "logreg", "--dataset", "lin", "--epochs", "5",
+                  "--lr", "0.1", "--out", "lin-model", server=node.address, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "lin-model"
+    ev = run_ctl("-o", "json", "evaluate", "lin-model", "--dataset", "lin", server=node.address,
+                 timeout=240)
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads(ev.stdout)
+    assert metrics["accuracy"] > 0.9 and metrics["examples"] == 400
+    pr = run_ctl("predict", "lin-model", "--dataset", "lin", "--out", "lin-pred", server=node.address,
+                 timeout=240)
+    assert pr.returncode == 0, pr.stderr
+    with Client(node.address) as c:
+        assert c.dataset("lin-pred").rows == 400
+    bad = run_ctl("evaluate", "no-such-model", "--dataset", "lin", server=node.address, timeout=240)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    usage = run_ctl("train", "--algorithm", "nope", "--dataset", "lin", "--out", "m", server=node.address)
+    assert usage.returncode == 2
