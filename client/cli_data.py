@@ -16,7 +16,7 @@ from rich.table import Table
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _print_json, tls_options
+from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _positive_int, _print_json, tls_options
 from .data import DatasetInfo
 from .render import age, emit, human_bytes, make_console, short_id
 
@@ -51,16 +51,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `data ...` to lepton-ctl's subcommands `top`; `common` holds the global options."""
     data = top.add_parser("data", help="datasets: put, get, list, show, remove, process")
@@ -82,9 +72,9 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shard-size", metavar="SIZE", type=_size, help="bytes per shard (default 64MiB)"
     )
-    g.add_argument("--shards", metavar="K", type=_count, help="this many shards of equal rows")
+    g.add_argument("--shards", metavar="K", type=_positive_int, help="this many shards of equal rows")
     p.add_argument(
-        "--replicas", metavar="R", type=_count, default=2, help="copies of each shard (default 2)"
+        "--replicas", metavar="R", type=_positive_int, default=2, help="copies of each shard (default 2)"
     )
     p.add_argument("--label", metavar="COL", help="CSV label column (name or index)")
 

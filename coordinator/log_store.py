@@ -96,20 +96,11 @@ class LogStore(Protocol):
     def close(self) -> None: ...
 
 
-class MemoryLogStore:
-    """`LogStore` in memory, for pure-logic tests. Everything is durable at once."""
+class _IndexedEntries:
+    """What both stores keep in memory: the snapshot and the entries after it."""
 
-    def __init__(self) -> None:
-        self._term = 0
-        self._vote = ""
-        self._snap: Snapshot | None = None
-        self._entries: list[Entry] = []
-
-    def hard_state(self) -> tuple[int, str]:
-        return self._term, self._vote
-
-    def set_hard_state(self, term: int, voted_for: str) -> None:
-        self._term, self._vote = term, voted_for
+    _snap: Snapshot | None
+    _entries: list[Entry]
 
     def _base(self) -> int:
         return self._snap.index if self._snap else 0
@@ -136,8 +127,26 @@ class MemoryLogStore:
             raise CompactedError(lo)
         if hi > self.last_index() + 1 or lo > hi:
             raise IndexError((lo, hi))
-        out = self._entries[lo - base - 1 : hi - base - 1]
-        return _limit_bytes(out, max_bytes)
+        return _limit_bytes(self._entries[lo - base - 1 : hi - base - 1], max_bytes)
+
+    def snapshot(self) -> Snapshot | None:
+        return self._snap
+
+
+class MemoryLogStore(_IndexedEntries):
+    """`LogStore` in memory, for pure-logic tests. Everything is durable at once."""
+
+    def __init__(self) -> None:
+        self._term = 0
+        self._vote = ""
+        self._snap: Snapshot | None = None
+        self._entries: list[Entry] = []
+
+    def hard_state(self) -> tuple[int, str]:
+        return self._term, self._vote
+
+    def set_hard_state(self, term: int, voted_for: str) -> None:
+        self._term, self._vote = term, voted_for
 
     def append(self, entries: list[Entry]) -> None:
         _check_contiguous(entries, self.last_index())
@@ -151,9 +160,6 @@ class MemoryLogStore:
 
     def sync(self) -> None:
         pass
-
-    def snapshot(self) -> Snapshot | None:
-        return self._snap
 
     def save_snapshot(self, snap: Snapshot) -> None:
         keep = _entries_after_snapshot(self._entries, self._base(), snap)
@@ -215,7 +221,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-class FileLogStore:
+class FileLogStore(_IndexedEntries):
     """`LogStore` on local files, fsync'd.
 
     Layout in `directory`: `log` (CRC'd records), `hardstate` (JSON), `snapshot` (CRC'd).
@@ -264,9 +270,6 @@ class FileLogStore:
             raise OSError(f"snapshot {path} is corrupt (checksum mismatch)")
         return Snapshot(index, term, data)
 
-    def snapshot(self) -> Snapshot | None:
-        return self._snap
-
     def save_snapshot(self, snap: Snapshot) -> None:
         header = _HEADER.pack(len(snap.data), _crc(snap.index, snap.term, snap.data), snap.index, snap.term)
         write_atomic(self._dir / "snapshot", header + snap.data)
@@ -287,9 +290,6 @@ class FileLogStore:
         self._file = open(self._log_path, "ab")  # noqa: SIM115
 
     # log --------------------------------------------------------------------------------
-    def _base(self) -> int:
-        return self._snap.index if self._snap else 0
-
     def _load_log(self) -> bool:
         """Read the log file; True when it still holds entries the snapshot covers."""
         if not self._log_path.exists():
@@ -323,30 +323,6 @@ class FileLogStore:
                 f.flush()
                 os.fsync(f.fileno())
         return bool(self._entries) and self._offsets[0] != 0 or (not self._entries and pos > 0)
-
-    def first_index(self) -> int:
-        return self._base() + 1
-
-    def last_index(self) -> int:
-        return self._base() + len(self._entries)
-
-    def term_at(self, index: int) -> int:
-        base = self._base()
-        if index == base:
-            return self._snap.term if self._snap else 0
-        if index < base:
-            raise CompactedError(index)
-        if index > self.last_index():
-            raise IndexError(index)
-        return self._entries[index - base - 1].term
-
-    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        base = self._base()
-        if lo <= base:
-            raise CompactedError(lo)
-        if hi > self.last_index() + 1 or lo > hi:
-            raise IndexError((lo, hi))
-        return _limit_bytes(self._entries[lo - base - 1 : hi - base - 1], max_bytes)
 
     def append(self, entries: list[Entry]) -> None:
         _check_contiguous(entries, self.last_index())
