@@ -43,6 +43,7 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
 
         latencies: list[float] = []
         failures: Counter[str] = Counter()
+        read_failures: Counter[str] = Counter()
         done = 0
         usage = common_pb2.Usage(cpu_percent=12.5, memory_used_bytes=8 << 30, disk_free_bytes=1 << 39)
         stop_at = time.monotonic() + seconds
@@ -51,7 +52,9 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
             try:
                 while await stream.read() is not grpc.aio.EOF:
                     pass
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            except grpc.aio.AioRpcError as err:
+                read_failures[f"{err.code()}: {err.details()}"] += 1
+            except asyncio.CancelledError:
                 pass
 
         async def agent_loop(i: int) -> None:
@@ -103,6 +106,7 @@ async def run(agents: int, seconds: float, channels: int, mode: str) -> dict:
             "seconds_measured": round(t1 - t0, 1),
             "channels": channels,
             "failed_streams": dict(failures),
+            "failed_reads": dict(read_failures),
             "host_cpus": psutil.cpu_count(),
         }
     finally:
