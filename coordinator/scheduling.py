@@ -20,7 +20,6 @@ from lepton.coordinator.scheduler import (
     NodeView,
     Policy,
     TaskRequest,
-    schedule,
 )
 from lepton.coordinator.state_machine import ClusterStateMachine
 from lepton.coordinator.tasks import HOLDING
@@ -166,6 +165,8 @@ class SchedulingLoop:
             key=lambda t: (-t.spec.priority, t.created_at_ms, t.id),
         )
         attempts = {t.id: t.attempt for t in pending}
+        from lepton.coordinator.scheduler import schedule  # numpy: loaded when first needed
+
         plan = schedule(
             build_snapshot(self._state),
             [task_request(t) for t in pending],

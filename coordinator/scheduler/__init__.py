@@ -33,8 +33,8 @@ Semantics, in brief:
 
 from __future__ import annotations
 
-from .harness import Harness
-from .placement import schedule
+from typing import TYPE_CHECKING
+
 from .types import (
     UNSCHEDULABLE,
     WAITING,
@@ -47,6 +47,24 @@ from .types import (
     Preemption,
     TaskRequest,
 )
+
+if TYPE_CHECKING:
+    from .harness import Harness
+    from .placement import schedule
+
+
+def __getattr__(name: str):
+    # numpy is loaded on first use: a voter with nothing to schedule stays small.
+    if name == "schedule":
+        from .placement import schedule
+
+        return schedule
+    if name == "Harness":
+        from .harness import Harness
+
+        return Harness
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "UNSCHEDULABLE",
