@@ -24,6 +24,8 @@ from lepton.v1 import coordinator_pb2, tasks_pb2
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 10.0
+# The reason the agent gives attempts it stops because it is shutting down gracefully.
+AGENT_STOPPING = "agent stopping"
 
 
 def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
@@ -73,6 +75,7 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
     return tasks_pb2.TaskEvent(
         task_id=ev.task_id, attempt=ev.attempt, kind=kind, exit_code=ev.exit_code or 0,
         reason=ev.reason[:1024], at_ms=ev.at_ms, term=ev.term,
+        requeue=ev.kind == TaskEventKind.EXITED and ev.reason == AGENT_STOPPING,
     )
 
 

@@ -229,9 +229,13 @@ class Agent:
         running = self.runner.running() if self.runner is not None else []
         if not running:
             return
+        from lepton.agent.assignments import AGENT_STOPPING
+
+        if self.heartbeater is not None:
+            await self.heartbeater.drain()  # or the leader would place them right back here
         logger.info("stopping %d tasks before leaving", len(running))
         for r in running:
-            self.runner.cancel(r.task_id, r.attempt, reason="agent stopping")
+            self.runner.cancel(r.task_id, r.attempt, reason=AGENT_STOPPING)  # requeued, not failed
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_grace_s + 10
         while self.runner.running() and loop.time() < deadline:

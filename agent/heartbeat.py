@@ -226,6 +226,22 @@ class Heartbeater:
             except asyncio.TimeoutError:
                 pass
 
+    async def drain(self, timeout: float = 3.0) -> bool:
+        """Ask the leader to place nothing more here (a graceful stop begins)."""
+        req = coordinator_pb2.DrainNodeRequest(node_id=self.node_id, enable=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                await self._link.call("DrainNode", req, max(0.1, deadline - loop.time()))
+                return True
+            except NotFound:
+                return False
+            except LeptonError as err:
+                logger.info("drain: %s", err.message)
+                await asyncio.sleep(0.05)
+        return False
+
     async def leave(self, timeout: float = 3.0) -> bool:
         """Tell the coordinator we are leaving (SIGTERM). Tries each address once."""
         self._stopping.set()

@@ -147,6 +147,10 @@ class ClusterStateMachine:
         node.capacity.CopyFrom(c.capacity)
         node.voter = c.voter
         node.version = c.version
+        if node.state == common_pb2.NODE_STATE_LEFT:
+            # A node that left (and drained itself on the way out) comes back fresh. A drain
+            # survives a crash and restart, though: that one was an operator's.
+            node.draining = False
         node.state = common_pb2.NODE_STATE_READY
         node.state_changed_at_ms = at_ms
         node.state_reason = "registered"

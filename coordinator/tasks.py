@@ -187,7 +187,12 @@ class TaskTable(GangMixin):
                 task.started_at_ms = ev.at_ms or at_ms
                 self._changed(task, task.node_id)
         elif ev.kind == tasks_pb2.TaskEvent.KIND_EXITED:
-            if task.state in HOLDING:
+            if task.state in HOLDING and ev.requeue and not task.spec.job_id:
+                # Its agent is shutting down gracefully: like a preemption, not a failure.
+                # (A gang member takes the gang path: the whole job restarts.)
+                self._requeue(task, TaskState.PREEMPTED, ev.exit_code, ev.reason or "agent stopping",
+                              ev.at_ms or at_ms)
+            elif task.state in HOLDING:
                 self._attempt_over(task, ev.exit_code, ev.reason, ev.at_ms or at_ms, True)
             elif task.state == P[TaskState.PREEMPTED]:
                 self._requeue(task, TaskState.PREEMPTED, ev.exit_code, task.reason, ev.at_ms or at_ms)

@@ -202,3 +202,17 @@ def test_agent_restart_reconciles_running_tasks(agents):
         worker.start()  # back before the node is declared down: it re-adopts the attempt
         done = c.wait(t.id, timeout=30)
         assert done.state == "succeeded" and done.attempt == 1
+
+
+def test_a_graceful_agent_stop_requeues_its_tasks_instead_of_failing_them(agents):
+    voter = agents("voter")
+    worker = agents("worker", "--join", voter.address, "--labels", "pool=work")
+    with Client(voter.address) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 2, what="2 nodes")
+        t = c.submit(shell="sleep 60", constraints={"pool": "work"}, max_retries=0, grace=1)
+        wait_until(lambda: state_of(c, t.id) == "running", what="running on the worker")
+        assert worker.terminate() == 0  # SIGTERM: the agent stops its tasks, then leaves
+        task = wait_until(lambda: (x := c.get(t.id)).state == "pending" and x, what="requeued")
+        assert task.failures == 0 and task.attempt == 2
+        assert "waiting" in task.reason or "unschedulable" in task.reason  # no other pool=work node
+        c.cancel(t.id)

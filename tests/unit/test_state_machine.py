@@ -99,3 +99,43 @@ def test_transition_table():
     assert can_transition(NodeState.READY, NodeState.SUSPECT)
     assert not can_transition(NodeState.READY, NodeState.DOWN)
     assert not can_transition(NodeState.LEFT, NodeState.READY)
+
+
+def test_an_attempt_its_agent_stopped_gracefully_is_requeued_not_failed():
+    from lepton.v1 import tasks_pb2
+
+    sm = ClusterStateMachine()
+    sm.apply(1, register("n1"))
+    spec = tasks_pb2.TaskSpec(argv=["sleep", "60"], max_retries=0)
+    sm.apply(2, state_pb2.Command(submit_task=state_pb2.SubmitTaskCmd(task_id="t1", spec=spec)).SerializeToString())
+    sm.apply(3, state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=1, placements=[
+        state_pb2.PlacementCmd(task_id="t1", attempt=1, node_id="n1")])).SerializeToString())
+
+    def exited(index, requeue):
+        ev = tasks_pb2.TaskEvent(task_id="t1", attempt=sm.tasks.get("t1").attempt,
+                                 kind=tasks_pb2.TaskEvent.KIND_EXITED, exit_code=-15,
+                                 reason="agent stopping", requeue=requeue)
+        return sm.apply(index, state_pb2.Command(task_event=state_pb2.TaskEventCmd(
+            node_id="n1", event=ev)).SerializeToString())
+
+    task = exited(4, requeue=True)
+    assert task.state == tasks_pb2.TASK_STATE_PENDING and task.attempt == 2 and task.failures == 0
+    sm.apply(5, state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=1, placements=[
+        state_pb2.PlacementCmd(task_id="t1", attempt=2, node_id="n1")])).SerializeToString())
+    task = exited(6, requeue=False)  # the same exit, not flagged: a failure, and no retries left
+    assert task.state == tasks_pb2.TASK_STATE_FAILED and task.failures == 1
+
+
+def test_a_node_that_left_comes_back_undrained_but_a_crash_keeps_the_drain():
+    sm = ClusterStateMachine()
+    sm.apply(1, register("n1"))
+    drain = state_pb2.Command(set_drain=state_pb2.SetDrainCmd(node_id="n1", draining=True)).SerializeToString()
+    sm.apply(2, drain)
+    sm.apply(3, set_state("n1", NodeState.LEFT))
+    sm.apply(4, register("n1"))
+    assert not sm.get_node("n1").draining
+    sm.apply(5, drain)
+    sm.apply(6, set_state("n1", NodeState.SUSPECT))
+    sm.apply(7, set_state("n1", NodeState.DOWN))
+    sm.apply(8, register("n1"))
+    assert sm.get_node("n1").draining

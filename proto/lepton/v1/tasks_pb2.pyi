@@ -205,7 +205,7 @@ class AssignmentSet(_message.Message):
     def __init__(self, term: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task_id", "attempt", "kind", "exit_code", "reason", "at_ms", "term")
+    __slots__ = ("task_id", "attempt", "kind", "exit_code", "reason", "at_ms", "term", "requeue")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskEvent.Kind]
@@ -221,6 +221,7 @@ class TaskEvent(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
+    REQUEUE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     kind: TaskEvent.Kind
@@ -228,4 +229,5 @@ class TaskEvent(_message.Message):
     reason: str
     at_ms: int
     term: int
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[TaskEvent.Kind, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., at_ms: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
+    requeue: bool
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[TaskEvent.Kind, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., at_ms: _Optional[int] = ..., term: _Optional[int] = ..., requeue: _Optional[bool] = ...) -> None: ...
