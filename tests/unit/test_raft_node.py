@@ -16,7 +16,7 @@ from lepton.coordinator.raft.messages import Config
 from lepton.coordinator.raft.node import RaftConsensus
 from lepton.coordinator.raft.transport import add_raft_servicer
 
-CFG = Config(heartbeat_interval=0.02, election_timeout=0.15)
+CFG = Config(heartbeat_interval=0.05, election_timeout=0.5)  # robust on a loaded machine
 
 
 class ListStateMachine:
