@@ -8,7 +8,7 @@ import re
 import uuid
 from pathlib import Path
 
-from lepton.coordinator.log_store import write_atomic
+from lepton.common.durable import write_atomic
 
 _VALID = re.compile(r"^[a-z0-9][a-z0-9-]{3,63}$")
 

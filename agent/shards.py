@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from lepton.common.durable import fsync_dir as _fsync_dir
 from lepton.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -366,11 +367,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from lepton.common.durable import fsync_dir
+
 # The wrapper every task runs under. It is the session and process-group leader, so one
 # killpg reaches it and everything the task started. It records the command's status in
 # exit.json itself, so an exit code survives an agent that is dead when the task ends.
@@ -166,15 +168,6 @@ def write_json_atomic(path: Path, doc: dict[str, Any], *, mode: int = 0o600, dur
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of folder `path` durable. Raises OSError."""
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

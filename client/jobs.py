@@ -20,18 +20,9 @@ from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._util import require_id
 from .tasks import build_spec
+from .types import _TASK_STATE_FROM_PROTO as _STATE_NAMES
+from .types import FINAL_TASK_STATES as FINAL
 from .types import TaskInfo
-
-_STATE_NAMES = {
-    tasks_pb2.TASK_STATE_PENDING: "pending",
-    tasks_pb2.TASK_STATE_ASSIGNED: "assigned",
-    tasks_pb2.TASK_STATE_RUNNING: "running",
-    tasks_pb2.TASK_STATE_SUCCEEDED: "succeeded",
-    tasks_pb2.TASK_STATE_FAILED: "failed",
-    tasks_pb2.TASK_STATE_CANCELLED: "cancelled",
-    tasks_pb2.TASK_STATE_PREEMPTED: "preempted",
-}
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass

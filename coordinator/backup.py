@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lepton.common.durable import fsync_dir as _fsync_dir
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -109,14 +110,6 @@ def save(state_machine_snapshot_bytes: bytes, index: int, term: int, cluster_id:
     _fsync_dir(p.parent)
     logger.info("wrote backup %s: cluster %s, index %d, term %d, %d bytes", p, cluster_id, index, term, len(data))
     return p
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def decode(data: bytes, expected_cluster_id: str | None = None, *, source: str = "backup") -> Backup:

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lepton.common.durable import fsync_dir as _fsync_dir
+from lepton.common.durable import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -200,25 +203,6 @@ _HEADER = struct.Struct("<IIQQ")
 
 def _crc(index: int, term: int, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(struct.pack("<QQ", index, term)))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, rename over `path`, fsync the folder: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class FileLogStore(_IndexedEntries):
