@@ -353,7 +353,11 @@ def test_wait_long_polls_in_chunks_until_final(
     fake.add_task(make_task("t-1", state=tpb.TASK_STATE_RUNNING, node_id="n1"))
 
     def finish() -> None:
-        time.sleep(0.35)
+        # Finish after the client has long-polled three times (not after a fixed sleep,
+        # which a loaded machine outruns).
+        deadline = time.monotonic() + 10
+        while len(calls(fake, "WaitTask")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         fake.update_task("t-1", state=tpb.TASK_STATE_SUCCEEDED, has_exit_code=True)
 
     in_thread(finish)
