@@ -1,8 +1,13 @@
 """Durable task submissions through gRPC to a real coordinator (1 voter, or 3 with Raft).
 
-Two phases against the same cluster:
+Phases against the same cluster:
 - open loop at a fixed offered rate (default 500/s): achieved rate and latency percentiles;
-- closed loop with N concurrent clients: the most submissions per second it sustains.
+- closed loop with N concurrent clients: the most submissions per second it sustains;
+- the same clients calling the leader's health check, which does no work: the most unary
+  calls per second this machine's Python gRPC client and server sustain, i.e. the ceiling
+  for one-task-per-call submissions;
+- with `--batch B` > 0 (default 50): the same clients submitting B tasks per SubmitTasks
+  call (one log entry each), as `Client.submit_many` does: tasks per second.
 Submissions are acknowledged only once committed (fsync'd on a majority). The tasks carry
 a label constraint no node has, so they stay pending and the benchmark measures the
 control plane, not process start-up.
@@ -22,6 +27,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit, free_port  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from lepton.common.errors import from_rpc_error  # noqa: E402
 from lepton.common.grpc_util import CHANNEL_OPTIONS  # noqa: E402
@@ -43,12 +49,16 @@ class Submitter:
         self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses}
         self.current = addresses[0]
 
-    async def submit(self) -> None:
-        req = coordinator_pb2.SubmitTaskRequest(spec=spec())
+    async def submit(self, batch: int = 0) -> None:
+        """One SubmitTask call, or (batch > 0) one SubmitTasks call with `batch` tasks."""
+        if batch:
+            req = coordinator_pb2.SubmitTasksRequest(specs=[spec() for _ in range(batch)])
+        else:
+            req = coordinator_pb2.SubmitTaskRequest(spec=spec())
         for _ in range(50):
             stub = coordinator_pb2_grpc.CoordinatorStub(self.channels[self.current])
             try:
-                await stub.SubmitTask(req, timeout=10)
+                await (stub.SubmitTasks(req, timeout=10) if batch else stub.SubmitTask(req, timeout=10))
                 return
             except grpc.aio.AioRpcError as rpc_err:
                 err = from_rpc_error(rpc_err)
@@ -57,6 +67,10 @@ class Submitter:
                     self.addresses[(self.addresses.index(self.current) + 1) % len(self.addresses)]
                 await asyncio.sleep(0.02)
         raise RuntimeError("no leader accepted the submission")
+
+    async def check_health(self) -> None:
+        await health_pb2_grpc.HealthStub(self.channels[self.current]).Check(
+            health_pb2.HealthCheckRequest(), timeout=10)
 
     async def close(self) -> None:
         for c in self.channels.values():
@@ -91,24 +105,31 @@ async def open_loop(sub: Submitter, rate: float, seconds: float) -> dict:
             "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
 
 
-async def closed_loop(sub: Submitter, clients: int, seconds: float) -> dict:
+async def closed_loop(sub: Submitter, clients: int, seconds: float, *, batch: int = 0,
+                      call=None) -> dict:
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
+    call = call or (lambda: sub.submit(batch))
 
     async def client() -> None:
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
-            await sub.submit()
+            await call()
             latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
-    return {"clients": clients, "submits_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+    calls = len(latencies) / wall
+    doc = {"clients": clients, "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+    if batch:
+        doc.update(batch=batch, calls_per_s=round(calls, 1), tasks_per_s=round(calls * batch, 1))
+    else:
+        doc["submits_per_s"] = round(calls, 1)
+    return doc
 
 
-async def run(voters: int, rate: float, clients: int, seconds: float) -> dict:
+async def run(voters: int, rate: float, clients: int, seconds: float, batch: int) -> dict:
     ports = [free_port() for _ in range(voters)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     peers = ["--peers", ",".join(addrs)] if voters > 1 else []
@@ -118,8 +139,13 @@ async def run(voters: int, rate: float, clients: int, seconds: float) -> dict:
         await sub.submit()  # wait for a leader
         fixed = await open_loop(sub, rate, seconds)
         peak = await closed_loop(sub, clients, seconds)
-        return {"voters": voters, "submits_per_s": peak["submits_per_s"], "p99_ms": fixed["p99_ms"],
-                "open_loop": fixed, "closed_loop": peak}
+        ceiling = await closed_loop(sub, clients, seconds, call=sub.check_health)
+        doc = {"voters": voters, "submits_per_s": peak["submits_per_s"], "p99_ms": fixed["p99_ms"],
+               "open_loop": fixed, "closed_loop": peak,
+               "unary_ceiling_per_s": ceiling["submits_per_s"]}
+        if batch:
+            doc["batched"] = await closed_loop(sub, clients, seconds, batch=batch)
+        return doc
     finally:
         await sub.close()
         for a in agents:
@@ -132,8 +158,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=500.0, help="offered rate of the open-loop phase")
     p.add_argument("--clients", type=int, default=16, help="concurrency of the closed-loop phase")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--batch", type=int, default=50, help="tasks per SubmitTasks call (0: skip)")
     args = p.parse_args()
-    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds)))
+    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds, args.batch)))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,36 @@ class TaskMethods:
         resp = self._unary(CoordinatorStub, "SubmitTask", req, idempotent=bool(spec.request_id))
         return TaskInfo.from_proto(resp)
 
+    def submit_many(self, tasks: Sequence[Mapping[str, Any]], *, batch: int = 1000) -> list[TaskInfo]:
+        """Submit many tasks, `batch` per call; returns them in order, once stored.
+
+        Each item holds `submit`'s keyword arguments (`argv` or `shell`, `cpu`, ...). Every
+        spec is checked before anything is sent. Each call is one log entry, stored whole
+        or not at all, and is retried safely (each spec has a request id). A sweep of
+        thousands of tasks costs a few calls instead of thousands: per-call overhead,
+        not the log, limits how fast one client can submit.
+        """
+        if not 1 <= batch <= 1000:
+            raise InvalidArgument(f"batch must be between 1 and 1000, not {batch}")
+        specs = []
+        for i, kwargs in enumerate(tasks):
+            if not isinstance(kwargs, Mapping):
+                raise InvalidArgument(f"tasks[{i}] must be a mapping of submit() arguments")
+            try:
+                specs.append(build_spec(**kwargs))
+            except TypeError as err:
+                raise InvalidArgument(f"tasks[{i}]: {err}") from None
+            except InvalidArgument as err:
+                raise InvalidArgument(f"tasks[{i}]: {err.message}") from None
+        out: list[TaskInfo] = []
+        for lo in range(0, len(specs), batch):
+            chunk = specs[lo:lo + batch]
+            req = cpb.SubmitTasksRequest(specs=chunk)
+            idempotent = all(s.request_id for s in chunk)
+            resp = self._unary(CoordinatorStub, "SubmitTasks", req, idempotent=idempotent)
+            out.extend(TaskInfo.from_proto(t) for t in resp.tasks)
+        return out
+
     def get(self, task_id: str, *, timeout: float | None = None) -> TaskInfo:
         """One task by its exact id; NotFound when there is none."""
         req = cpb.GetTaskRequest(task_id=require_id(task_id, "task id"))

@@ -134,6 +134,7 @@ POLICY: dict[str, Rule] = {
         "WatchNodes": VIEW,
         # Users submit as themselves and cancel their own (the handler checks the owner).
         "SubmitTask": USER,
+        "SubmitTasks": USER,  # a batch of SubmitTask, same owner rule
         "GetTask": VIEW,
         "ListTasks": VIEW,
         "CancelTask": USER,
@@ -144,7 +145,7 @@ POLICY: dict[str, Rule] = {
         "ReportTaskEvents": NODE_ONLY,
     }),
     **_svc("lepton.v1.Agent", {"StreamLogs": VIEW}),
-    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY}),
+    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY, "Stream": NODE_ONLY}),
     **_svc("lepton.v1.Datasets", {
         "PlanPut": USER,
         "CommitDataset": USER,

@@ -231,6 +231,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "set_node_state": ClusterStateMachine._set_state,
     "set_drain": ClusterStateMachine._set_drain,
     "submit_task": lambda sm, c, at: sm.tasks.submit(c, at),
+    "submit_tasks": lambda sm, c, at: sm.tasks.submit_many(c, at),
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),

@@ -21,6 +21,7 @@ MAX_EVENTS_PER_REPORT = 1000
 MAX_GANG = 64  # nodes in one job
 MAX_NPROC = 64  # workers per node
 MAX_WAIT_S = 300.0
+MAX_BATCH = 1000  # specs in one SubmitTasks call
 
 
 class TaskHub:
@@ -89,6 +90,24 @@ class TaskApi:
         )
         task = await self._ctx.commit(cmd)
         return self._task_view(task)
+
+    @rpc_boundary
+    async def SubmitTasks(self, request, context):
+        specs = request.specs
+        if not 1 <= len(specs) <= MAX_BATCH:
+            raise InvalidArgument(f"specs must hold 1 to {MAX_BATCH} tasks, not {len(specs)}")
+        for i, spec in enumerate(specs):
+            try:
+                v.check_task_spec(spec)
+            except InvalidArgument as err:
+                raise InvalidArgument(f"specs[{i}]: {err.message}") from None
+        cmd = state_pb2.Command(submit_tasks=state_pb2.SubmitTasksCmd(tasks=[
+            state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=spec) for spec in specs
+        ]))
+        for c in cmd.submit_tasks.tasks:
+            c.spec.owner = effective_owner(c.spec.owner)  # the caller, with auth on
+        tasks = await self._ctx.commit(cmd)
+        return coordinator_pb2.SubmitTasksResponse(tasks=[self._task_view(t) for t in tasks])
 
     @rpc_boundary
     async def SubmitJob(self, request, context):

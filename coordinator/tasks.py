@@ -141,6 +141,18 @@ class TaskTable(GangMixin):
         self._changed(task, "")
         return copy_task(task)
 
+    def submit_many(self, c: state_pb2.SubmitTasksCmd, at_ms: int) -> list[tasks_pb2.Task]:
+        """All or nothing: a taken (or repeated) task id refuses the whole batch before
+        any is stored. Request ids repeated from earlier, or within the batch, answer
+        with the task the first one made, as in `submit`."""
+        ids = [t.task_id for t in c.tasks]
+        if len(set(ids)) != len(ids):
+            raise FailedPrecondition("a task id appears twice in the batch")
+        for task_id in ids:
+            if task_id in self.tasks:
+                raise FailedPrecondition(f'task id "{task_id}" is taken')
+        return [self.submit(t, at_ms) for t in c.tasks]
+
     def apply_plan(self, c: state_pb2.ApplyPlanCmd, at_ms: int) -> int:
         """All or nothing: one stale entry (the state moved since the plan was made)
         rejects the whole plan, so a gang is never half placed. Returns placements made."""

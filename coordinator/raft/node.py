@@ -236,6 +236,9 @@ class RaftConsensus(Consensus):
                     continue
                 self._arm_timer(loop, core.next_deadline())
                 await self._wakeup.wait()
+                # One more turn of the event loop first: requests that arrived together
+                # then go out as one Ready (one write, one AppendEntries per follower).
+                await asyncio.sleep(0)
                 self._wakeup.clear()
         except Exception as err:
             logger.exception("raft %s: loop failed; stopping", self.node_id)

@@ -1,9 +1,11 @@
 """Raft over gRPC: protobuf conversion, the `Raft` servicer and per-peer senders.
 
 Messages are one-way (see raft.proto). Each peer has one sender task that drains a bounded
-queue into `RaftBatch` calls, one call in flight at a time, so messages to a peer keep
-their order and pile up into bigger batches while the peer is slow. A failed call drops
-its batch: Raft repairs lost messages itself (retries would only deliver stale ones).
+queue into `RaftBatch` writes on one long-lived client stream, so messages to a peer keep
+their order and pile up into bigger batches while the peer is slow. A stream costs a
+fraction of a unary call per batch, and a busy leader sends a batch per follower per
+round. A broken stream loses what was written to it: Raft repairs lost messages itself
+(retries would only deliver stale ones); the sender opens a new stream and goes on.
 """
 
 from __future__ import annotations
@@ -118,9 +120,20 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
     async def Send(  # noqa: N802 - gRPC method name
         self, request: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftBatchAck:
+        await self._deliver(request, context)
+        return raft_pb2.RaftBatchAck()
+
+    async def Stream(  # noqa: N802 - gRPC method name
+        self, request_iterator, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RaftBatchAck:
+        async for batch in request_iterator:
+            await self._deliver(batch, context)
+        return raft_pb2.RaftBatchAck()
+
+    async def _deliver(self, batch: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext) -> None:
         me = self._node.node_id
         msgs = []
-        for pb in request.messages:
+        for pb in batch.messages:
             if pb.to_id != me:
                 # A peer configured with the wrong address for us: say so, loudly.
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is {me}, not {pb.to_id}")
@@ -128,7 +141,6 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
             if m is not None:
                 msgs.append(m)
         self._node.receive(msgs)
-        return raft_pb2.RaftBatchAck()
 
 
 def add_raft_servicer(server: grpc.aio.Server, node: Receiver) -> None:
@@ -172,8 +184,10 @@ class _PeerSender:
         self._wakeup.set()
 
     async def _run(self) -> None:
+        call = None
         while True:
             await self._wakeup.wait()
+            await asyncio.sleep(0)  # let the rest of this turn's messages join the batch
             self._wakeup.clear()
             while self._queue:
                 batch = raft_pb2.RaftBatch()
@@ -183,14 +197,20 @@ class _PeerSender:
                     size += pb.ByteSize()
                     batch.messages.append(pb)
                 try:
-                    await self._stub.Send(batch, timeout=self._rpc_timeout)
+                    if call is None or call.done():
+                        call = self._stub.Stream()
+                    # A write completes once gRPC has taken the batch; flow control makes it
+                    # wait for a slow peer while the queue (bounded) piles up behind it.
+                    await call.write(batch)
                     if self._failing:
                         logger.info("raft: %s at %s is reachable again", self.peer, self.address)
                         self._failing = False
-                except grpc.aio.AioRpcError as err:
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+                    code = await _ended_with(call)
+                    call = None
                     if not self._failing:
                         logger.warning("raft: cannot reach %s at %s: %s", self.peer, self.address,
-                                       err.code().name)
+                                       code or type(err).__name__)
                         self._failing = True
                     # Back off a little; what queues meanwhile is sent (or dropped) next.
                     await asyncio.sleep(0.05)
@@ -215,6 +235,19 @@ class _PeerSender:
             except asyncio.CancelledError:
                 pass
         await self._channel.close()
+
+
+async def _ended_with(call) -> str:
+    """The status name a broken stream ended with ("" if unknown); cancels it if still open."""
+    if call is None:
+        return ""
+    if not call.done():
+        call.cancel()
+        return ""
+    try:
+        return (await call.code()).name
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        return ""
 
 
 class GrpcTransport:

@@ -162,6 +162,31 @@ def test_resubmission_with_the_same_request_id_runs_once(agents):
         assert [t.id for t in c.list()] == [first.id]
 
 
+def test_a_batch_is_stored_in_order_idempotently_and_refused_whole(agents):
+    node = agents("solo")
+    sweep = [dict(argv=["true"], constraints={"zone": "nowhere"}, name=f"lr-{i}", request_id=f"sweep-{i}")
+             for i in range(1500)]
+    with Client(node.address) as c:
+        tasks = c.submit_many(sweep)  # two calls: 1,000 and 500
+        assert [t.name for t in tasks] == [f"lr-{i}" for i in range(1500)]
+        assert len({t.id for t in tasks}) == 1500 and all(t.state == "pending" for t in tasks)
+        again = c.submit_many(sweep[:10] + [dict(argv=["true"], request_id="new-one")])
+        assert [t.id for t in again[:10]] == [t.id for t in tasks[:10]]
+        with pytest.raises(InvalidArgument, match=r"tasks\[1\]"):
+            c.submit_many([dict(argv=["true"]), dict(argv=["true"], cpu=-1)])
+        stub = coordinator_pb2_grpc.CoordinatorStub(grpc.insecure_channel(node.address))
+        for specs, fragment in [
+            ([tasks_pb2.TaskSpec(argv=["true"]), tasks_pb2.TaskSpec()], "specs[1]: the command is empty"),
+            ([], "1 to 1000"),
+            ([tasks_pb2.TaskSpec(argv=["true"])] * 1001, "1 to 1000"),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SubmitTasks(coordinator_pb2.SubmitTasksRequest(specs=specs), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in info.value.details()
+        assert len(c.list()) == 1501
+
+
 def test_bad_specs_are_rejected_and_nothing_is_stored(agents):
     node = agents("solo")
     with Client(node.address) as c:

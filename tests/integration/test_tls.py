@@ -94,3 +94,28 @@ def test_exposed_agent_without_tls_refuses_to_start(tmp_path):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "without TLS" in lines[0] and "--insecure" in lines[0], out.stderr
+
+
+def test_three_voters_with_tls_and_auth_replicate_and_fail_over(agents, tmp_path):
+    """Raft traffic (its long-lived streams included) passes mTLS and the role check."""
+    from tests.integration.cluster import servers, start_voters
+
+    d = str(tmp_path / "tls")
+    run_ctl("certs", "init", "--dir", d, server="-", check=True)
+    run_ctl("certs", "issue", "admin", "--kind", "user", "--role", "admin", "--dir", d,
+            server="-", check=True)
+    voters = start_voters(agents, 3, "--tls-dir", d, "--auth")
+    srv = servers(voters)
+
+    def submit(name: str) -> str:
+        out = run_ctl("--tls-dir", d, "-o", "json", "submit", "--name", name, "--label", "zone=none",
+                      "--", "true", server=srv)
+        return json.loads(out.stdout)["id"] if out.returncode == 0 else ""
+
+    wait_until(lambda: submit("first"), timeout=60, what="a committed submission")
+    out = run_ctl("--tls-dir", d, "-o", "json", "cluster", "status", server=srv, check=True)
+    leader = next(v for v in voters if v.address == json.loads(out.stdout)["leader"])
+    leader.kill9()
+    wait_until(lambda: submit("second"), timeout=60, what="a submission after failover")
+    out = run_ctl("--tls-dir", d, "-o", "json", "tasks", "list", server=srv, check=True)
+    assert sorted(t["name"] for t in json.loads(out.stdout)) == ["first", "second"]

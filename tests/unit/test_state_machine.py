@@ -4,7 +4,7 @@ import pytest
 
 from lepton.common.errors import FailedPrecondition, NotFound
 from lepton.coordinator.state_machine import ClusterStateMachine, NodeState, can_transition
-from lepton.v1 import common_pb2, state_pb2
+from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 
 def register(node_id="n1", name="one", at=1000, **kw) -> bytes:
@@ -139,3 +139,24 @@ def test_a_node_that_left_comes_back_undrained_but_a_crash_keeps_the_drain():
     sm.apply(7, set_state("n1", NodeState.DOWN))
     sm.apply(8, register("n1"))
     assert sm.get_node("n1").draining
+
+
+def submit_batch(*pairs, at=1000) -> bytes:
+    return state_pb2.Command(at_ms=at, submit_tasks=state_pb2.SubmitTasksCmd(tasks=[
+        state_pb2.SubmitTaskCmd(task_id=tid, spec=tasks_pb2.TaskSpec(argv=["true"], request_id=rid))
+        for tid, rid in pairs
+    ])).SerializeToString()
+
+
+def test_a_batch_of_submissions_is_stored_whole_or_not_at_all():
+    sm = ClusterStateMachine()
+    got = sm.apply(1, submit_batch(("t-a", "r1"), ("t-b", "r2"), ("t-c", "r1")))
+    # The third repeats r1's request id: it answers with t-a, as a retried submit does.
+    assert [t.id for t in got] == ["t-a", "t-b", "t-a"]
+    assert sorted(sm.tasks.tasks) == ["t-a", "t-b"]
+    # A taken id anywhere refuses the whole batch before anything is stored.
+    err = sm.apply(2, submit_batch(("t-d", "r4"), ("t-b", "r5")))
+    assert isinstance(err, FailedPrecondition) and "t-b" in err.message
+    err = sm.apply(3, submit_batch(("t-e", ""), ("t-e", "")))
+    assert isinstance(err, FailedPrecondition) and "twice" in err.message
+    assert sorted(sm.tasks.tasks) == ["t-a", "t-b"] and "r4" not in sm.tasks.by_request

@@ -15,6 +15,18 @@ class SubmitTaskRequest(_message.Message):
     spec: _tasks_pb2.TaskSpec
     def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
 
+class SubmitTasksRequest(_message.Message):
+    __slots__ = ("specs",)
+    SPECS_FIELD_NUMBER: _ClassVar[int]
+    specs: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.TaskSpec]
+    def __init__(self, specs: _Optional[_Iterable[_Union[_tasks_pb2.TaskSpec, _Mapping]]] = ...) -> None: ...
+
+class SubmitTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "nodes")
     SPEC_FIELD_NUMBER: _ClassVar[int]

@@ -86,6 +86,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_tasks__pb2.Task.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/lepton.v1.Coordinator/SubmitTasks',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/lepton.v1.Coordinator/GetTask',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetTaskRequest.SerializeToString,
@@ -198,6 +203,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request, context):
+        """Many tasks in one call and one log entry: all are stored, or (any spec invalid) none.
+        Durable on return; each idempotent by its spec.request_id. Answers in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -304,6 +317,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -616,6 +634,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/SubmitTask',
             lepton_dot_v1_dot_coordinator__pb2.SubmitTaskRequest.SerializeToString,
             lepton_dot_v1_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/SubmitTasks',
+            lepton_dot_v1_dot_coordinator__pb2.SubmitTasksRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

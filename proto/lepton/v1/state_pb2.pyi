@@ -61,6 +61,12 @@ class SubmitTaskCmd(_message.Message):
     spec: _tasks_pb2.TaskSpec
     def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
 
+class SubmitTasksCmd(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[SubmitTaskCmd]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[SubmitTaskCmd, _Mapping]]] = ...) -> None: ...
+
 class PlacementCmd(_message.Message):
     __slots__ = ("task_id", "attempt", "node_id", "gpu_indices", "master_addr", "master_port")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -188,7 +194,7 @@ class SetClusterIdCmd(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "create_token", "revoke_token", "append_audit", "set_cluster_id")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "create_token", "revoke_token", "append_audit", "set_cluster_id")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +205,7 @@ class Command(_message.Message):
     TASK_EVENT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_JOB_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TASKS_FIELD_NUMBER: _ClassVar[int]
     PUT_DATASET_FIELD_NUMBER: _ClassVar[int]
     DELETE_DATASET_FIELD_NUMBER: _ClassVar[int]
     ADD_REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +224,7 @@ class Command(_message.Message):
     task_event: TaskEventCmd
     cancel_task: CancelTaskCmd
     submit_job: SubmitJobCmd
+    submit_tasks: SubmitTasksCmd
     put_dataset: PutDatasetCmd
     delete_dataset: DeleteDatasetCmd
     add_replicas: AddReplicasCmd
@@ -225,7 +233,7 @@ class Command(_message.Message):
     revoke_token: RevokeTokenCmd
     append_audit: AppendAuditCmd
     set_cluster_id: SetClusterIdCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ...) -> None: ...
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
