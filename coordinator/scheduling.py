@@ -120,6 +120,11 @@ class SchedulingLoop:
         self._fresh: set[str] = set()
         self._full = True
         self._last_full = float("-inf")
+        # The last full pass placed and preempted nothing, and nothing has freed room since:
+        # aging alone reorders only tasks that cannot be placed (preemption goes by base
+        # priority), so the periodic pass is skipped. Under a flood of unplaceable tasks
+        # it was the largest cost on the leader.
+        self._settled = False
         # Pending tasks' requests, kept between cycles: a spec does not change after
         # submission, and converting thousands of them each aging pass was a tenth of a
         # busy leader's CPU. Dropped when a task leaves PENDING (and pruned on full passes).
@@ -130,6 +135,7 @@ class SchedulingLoop:
     def wake(self, *_: object) -> None:
         """Something changed that may free capacity: look at every pending task."""
         self._full = True
+        self._settled = False
         self._wakeup.set()
 
     def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
@@ -141,7 +147,7 @@ class SchedulingLoop:
             return  # our own placements, and starts: no room freed
         else:
             self._requests.pop(task.id, None)
-            self._full = True
+            self._full, self._settled = True, False
         self._wakeup.set()
 
     async def run_cycle(self) -> str:
@@ -152,7 +158,7 @@ class SchedulingLoop:
         table = self._state.tasks
         fresh, self._fresh = self._fresh, set()
         now = asyncio.get_running_loop().time()
-        full = self._full or now - self._last_full >= self._aging_interval_s
+        full = self._full or (not self._settled and now - self._last_full >= self._aging_interval_s)
         if full:
             self._full, self._last_full = False, now
             candidates = table.pending
@@ -182,6 +188,7 @@ class SchedulingLoop:
             policy=self._policy,
         )
         if full:
+            self._settled = not plan.placements and not plan.preemptions
             self.reasons = dict(plan.unschedulable)
             if len(candidates) > len(pending):
                 behind = f"waiting: queued behind {len(pending)} more urgent tasks"
@@ -252,7 +259,8 @@ class SchedulingLoop:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._aging_interval_s)
             except asyncio.TimeoutError:
-                self._full = True  # aging: waiting tasks gain priority over time
+                if not self._settled:
+                    self._full = True  # aging: waiting tasks gain priority over time
             self._wakeup.clear()
             await asyncio.sleep(self._min_cycle_s)  # let a burst of submissions land in one plan
             started = time.perf_counter()
