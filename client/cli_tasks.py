@@ -6,6 +6,8 @@ Reference: docs/cli.md. `run` exits with the task's own exit code (see `exit_cod
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -157,6 +159,14 @@ def add_commands(top: Any, sub: Sub) -> None:
 
     p = sub(top, "submit", cmd_submit, "submit a task; prints its id", parents=(spec_common,))
     _spec_options(p)
+    p.add_argument(
+        "--sweep",
+        metavar="K=V1,V2,...",
+        action="append",
+        type=_key_value,
+        help="one task per combination of values (repeatable); {K} in the command and the "
+        "name takes each value. All are stored in one call, or none; prints one id per line",
+    )
     p = sub(
         top,
         "run",
@@ -243,8 +253,60 @@ def submit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_SWEEP = 10_000
+
+
+def sweep_kwargs(kw: dict[str, Any], sweep: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One `submit` kwargs per combination of `--sweep` values, `{K}` filled in; each
+    request id (when given) gets the combination's index so a rerun stays idempotent."""
+    axes: dict[str, list[str]] = {}
+    for key, values in sweep:
+        if key in axes:
+            raise UsageError(f"--sweep {key} is given twice")
+        vals = values.split(",")
+        if any(not v for v in vals):
+            raise UsageError(f"--sweep {key}={values}: a value is empty")
+        axes[key] = vals
+    command = kw.get("argv") or [kw.get("shell", "")]
+    used = {m for text in [*command, kw["name"]] for m in _PLACEHOLDER.findall(text)}
+    if unused := sorted(set(axes) - used):
+        raise UsageError(f"--sweep {unused[0]} is not used: put {{{unused[0]}}} in the command")
+    if unknown := sorted(used - set(axes)):
+        raise UsageError(f"{{{unknown[0]}}} in the command has no --sweep {unknown[0]}=...")
+    combos = list(itertools.product(*axes.values()))
+    if len(combos) > MAX_SWEEP:
+        raise UsageError(f"the sweep makes {len(combos)} tasks; at most {MAX_SWEEP}")
+
+    def fill(text: str, values: dict[str, str]) -> str:
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+    out = []
+    for i, combo in enumerate(combos):
+        values = dict(zip(axes, combo, strict=True))
+        one = dict(kw)
+        if "argv" in one:
+            one["argv"] = [fill(a, values) for a in one["argv"]]
+        else:
+            one["shell"] = fill(one["shell"], values)
+        one["name"] = fill(kw["name"], values)
+        if kw.get("request_id"):
+            one["request_id"] = f"{kw['request_id']}-{i}"
+        out.append(one)
+    return out
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     kw = submit_kwargs(args)
+    if args.sweep:
+        specs = sweep_kwargs(kw, args.sweep)
+        with _client(args) as c:
+            tasks = c.submit_many(specs)
+        if args.output == "json":
+            _print_json([t.to_dict() for t in tasks])
+        else:
+            sys.stdout.write("".join(t.id + "\n" for t in tasks))
+        return 0
     with _client(args) as c:
         task = c.submit(**kw)
     if args.output == "json":

@@ -185,6 +185,13 @@ def test_a_batch_is_stored_in_order_idempotently_and_refused_whole(agents):
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert fragment in info.value.details()
         assert len(c.list()) == 1501
+        out = run_ctl("submit", "--sweep", "x=1,2,3", "--label", "zone=none", "--name", "echo-{x}",
+                      "--", "echo", "{x}", server=node.address, check=True)
+        ids = out.stdout.split()
+        assert len(ids) == 3 and [c.get(i).name for i in ids] == ["echo-1", "echo-2", "echo-3"]
+        out = run_ctl("submit", "--sweep", "x=1,2", "--", "echo", "{y}", server=node.address)
+        assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+        assert len(c.list()) == 1504
 
 
 def test_bad_specs_are_rejected_and_nothing_is_stored(agents):

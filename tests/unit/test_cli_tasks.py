@@ -491,3 +491,30 @@ def test_logs_prints_raw_output_and_follows(
     assert run(capsys, "--server", server, "logs", "t-abc", "--attempt", "1") == (0, "first\n", "")
     code, out, err = run(capsys, "--server", server, "logs", "t-abc", "--attempt", "3")
     assert (code, out, err) == (1, "", "lepton-ctl: attempt 3 of task t-abc has not run\n")
+
+
+def test_sweep_makes_one_submission_per_combination() -> None:
+    args = cli.build_parser().parse_args([
+        "submit", "--name", "lr{lr}", "--request-id", "s", "--sweep", "lr=0.1,0.01",
+        "--sweep", "bs=32,64,128", "--", "python", "train.py", "--lr={lr}", "--bs", "{bs}",
+    ])
+    got = cli_tasks.sweep_kwargs(cli_tasks.submit_kwargs(args), args.sweep)
+    assert len(got) == 6
+    assert got[0]["argv"] == ["python", "train.py", "--lr=0.1", "--bs", "32"]
+    assert got[5]["argv"] == ["python", "train.py", "--lr=0.01", "--bs", "128"]
+    assert [g["name"] for g in got[:3]] == ["lr0.1"] * 3
+    assert [g["request_id"] for g in got] == [f"s-{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sweep", "lr=0.1", "--", "echo", "x"], "not used"),
+    (["--sweep", "lr=0.1", "--", "echo", "{lr}", "{bs}"], "no --sweep bs"),
+    (["--sweep", "lr=0.1,", "--", "echo", "{lr}"], "empty"),
+    (["--sweep", "lr=1", "--sweep", "lr=2", "--", "echo", "{lr}"], "twice"),
+    (["--sweep", "a=" + ",".join(map(str, range(101))), "--sweep", "b=" + ",".join(map(str, range(100))),
+      "--", "echo", "{a}{b}"], "at most"),
+])
+def test_bad_sweeps_are_refused(argv, fragment) -> None:
+    args = cli.build_parser().parse_args(["submit", *argv])
+    with pytest.raises(cli_tasks.UsageError, match=fragment):
+        cli_tasks.sweep_kwargs(cli_tasks.submit_kwargs(args), args.sweep)
