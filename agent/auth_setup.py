@@ -97,6 +97,7 @@ def server_interceptor(agent: Agent) -> AuthInterceptor:
         return coordinator.state.security.lookup(token) if coordinator is not None else None
 
     def on_event(event: AuthEvent) -> None:
+        agent.agent_metrics.on_auth_event(event)
         coordinator = agent.coordinator
         if coordinator is not None:
             coordinator.audit.on_event(event)

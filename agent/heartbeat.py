@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import grpc
@@ -121,6 +122,13 @@ class Heartbeater:
         self._last_answer = 0.0  # loop time of the leader's last answer on the stream
         self._stopping = asyncio.Event()
         self.node_id = make_registration().node_id
+
+    def answer_age_s(self) -> float:
+        """Seconds since the leader last answered on the heartbeat stream; NaN before the
+        first answer. Safe from any thread (the loop's clock is time.monotonic)."""
+        if not self._last_answer:
+            return float("nan")
+        return max(0.0, time.monotonic() - self._last_answer)
 
     async def run_cycle(self) -> str:
         """Register if needed, else send one heartbeat. Raises LeptonError on failure."""

@@ -8,7 +8,8 @@ Two kinds of metric live here:
   are duck-typed (see each `_sample_*`). When `loop` is given, the read runs on that event
   loop (the HTTP server answers from its own thread, and the state is the loop's).
 - fed by hooks the code calls (`CoordinatorMetrics.on_task_change`, `observe_heartbeat`,
-  `AgentMetrics.shard_bytes`, ...): scheduling latency, heartbeat intervals, shard bytes.
+  `AgentMetrics.shard_bytes`, ...): scheduling latency, heartbeat intervals and lag, shard
+  bytes and transfers, auth refusals.
 
 Every voter exports its own view; `lepton_raft_is_leader == 1` picks the leader's.
 """
@@ -219,8 +220,6 @@ class CoordinatorMetrics:
             "lepton_heartbeat_interval_seconds",
             "Time between consecutive heartbeats of one node, as the leader sees them",
             buckets=HEARTBEAT_BUCKETS, registry=r)
-        self.auth_refused = Counter(
-            "lepton_auth_refused", "Calls refused by the auth interceptor", ["code"], registry=r)
         self._last_beat: dict[str, float] = {}
         self._collector: ClusterCollector | None = None
 
@@ -255,14 +254,8 @@ class CoordinatorMetrics:
     def forget_node(self, node_id: str) -> None:
         self._last_beat.pop(node_id, None)
 
-    def on_auth_event(self, event: Any) -> None:
-        """An AuthInterceptor `on_event` hook (chain it with the audit one)."""
-        if event.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            self.auth_refused.labels(event.code.name).inc()
-
-
 class AgentMetrics:
-    """An agent's own metrics (every node): shard traffic, heartbeat round trips, tasks."""
+    """An agent's own metrics (every node): shard traffic, heartbeat lag, tasks, auth."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -271,9 +264,13 @@ class AgentMetrics:
             "lepton_shard_bytes", "Shard bytes moved by this node", ["direction"], registry=r)
         self.shard_transfers = Counter(
             "lepton_shard_transfers", "Shard transfers by outcome", ["direction", "result"], registry=r)
-        self.heartbeat_rtt = Histogram(
-            "lepton_agent_heartbeat_rtt_seconds", "Heartbeat round trip to the leader",
-            buckets=LATENCY_BUCKETS, registry=r)
+        # The leader answers every other beat on one stream, not each one: so the lag since
+        # its last answer, not a per-beat round trip (which the stream cannot pair up).
+        self.heartbeat_lag = Gauge(
+            "lepton_agent_heartbeat_lag_seconds",
+            "Seconds since the leader last answered this agent's heartbeats (NaN: never)", registry=r)
+        self.auth_refused = Counter(
+            "lepton_auth_refused", "Calls refused by this node's auth interceptor", ["code"], registry=r)
         self.tasks_running = Gauge("lepton_agent_tasks_running", "Task attempts running here", registry=r)
         for direction in ("in", "out"):
             self.shard_bytes_total.labels(direction)  # present at 0 from the start
@@ -291,6 +288,15 @@ class AgentMetrics:
     def track_running(self, count: Callable[[], int]) -> None:
         """Read the number of running tasks at scrape time (e.g. `lambda: len(runner.running())`)."""
         self.tasks_running.set_function(count)
+
+    def track_heartbeat_lag(self, lag_s: Callable[[], float]) -> None:
+        """Read the heartbeat lag at scrape time (`Heartbeater.answer_age_s`; any thread)."""
+        self.heartbeat_lag.set_function(lag_s)
+
+    def on_auth_event(self, event: Any) -> None:
+        """An AuthInterceptor `on_event` hook (chained with the audit one)."""
+        if event.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            self.auth_refused.labels(event.code.name).inc()
 
 
 @dataclass

@@ -39,6 +39,8 @@ def test_metrics_endpoint_and_top(agents, tmp_path: Path):
     assert m["lepton_raft_commit_index"] >= 1 and m["lepton_raft_applied_index"] >= 1
     assert "lepton_heartbeat_age_max_seconds" in m and "lepton_scheduling_queue_depth" in m
     wait_until(lambda: scrape(url)["lepton_heartbeat_interval_seconds_count"] > 0, what="heartbeat lag")
+    # The agent's side: how long since the leader answered; a number once it has.
+    wait_until(lambda: 0 <= scrape(url)["lepton_agent_heartbeat_lag_seconds"] < 60, what="an answer")
 
     with Client(agent.address) as c:
         task = c.submit(["true"])

@@ -123,13 +123,11 @@ def test_hooks_feed_histograms(served):
     m.on_task_change(tasks_pb2.Task(id="u", state=tasks_pb2.TASK_STATE_RUNNING), old_node="")
     for t in (0.0, 1.0, 2.5):
         m.observe_heartbeat("n1", now_s=t)
-    m.on_auth_event(SimpleNamespace(code=SimpleNamespace(name="PERMISSION_DENIED")))
     got = _scrape(served(m.registry).url)
     assert got[("lepton_scheduling_latency_seconds_count", ())] == 1
     assert got[("lepton_scheduling_latency_seconds_sum", ())] == pytest.approx(0.25)
     assert got[("lepton_heartbeat_interval_seconds_count", ())] == 2
     assert got[("lepton_heartbeat_interval_seconds_bucket", (("le", "1.0"),))] == 1
-    assert got[("lepton_auth_refused_total", (("code", "PERMISSION_DENIED"),))] == 1
 
 
 def test_agent_metrics_share_a_registry(served):
@@ -141,6 +139,9 @@ def test_agent_metrics_share_a_registry(served):
     agent.shard_bytes("out", 10)
     agent.transfer_done("in", ok=False)
     agent.track_running(lambda: 3)
+    agent.track_heartbeat_lag(lambda: 0.25)
+    agent.on_auth_event(SimpleNamespace(code=SimpleNamespace(name="PERMISSION_DENIED")))
+    agent.on_auth_event(SimpleNamespace(code=SimpleNamespace(name="OK")))
     with pytest.raises(ValueError):
         agent.shard_bytes("sideways", 1)
     got = _scrape(served(registry).url)
@@ -148,6 +149,9 @@ def test_agent_metrics_share_a_registry(served):
     assert got[("lepton_shard_bytes_total", (("direction", "out"),))] == 10
     assert got[("lepton_shard_transfers_total", (("direction", "in"), ("result", "failed")))] == 1
     assert got[("lepton_agent_tasks_running", ())] == 3
+    assert got[("lepton_agent_heartbeat_lag_seconds", ())] == 0.25
+    assert got[("lepton_auth_refused_total", (("code", "PERMISSION_DENIED"),))] == 1
+    assert ("lepton_auth_refused_total", (("code", "OK"),)) not in got
     assert got[("lepton_raft_is_leader", ())] == 0
     assert ("lepton_nodes", (("state", "ready"),)) not in got  # no state on this process
 
