@@ -79,7 +79,8 @@ class Agent:
 
     @property
     def is_voter(self) -> bool:
-        return self.config.dev_mode or self.address in self.config.peers
+        """Runs a coordinator and Raft node: a bootstrap voter, or one waiting to be added."""
+        return self.config.dev_mode or self.address in self.config.peers or self.config.join_as_voter
 
     def _check_topology(self) -> None:
         peers = self.config.peers

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="human name (default: the node id)")
     p.add_argument("--peers", help="comma-separated voter addresses (3 or 5)")
     p.add_argument("--join", help="comma-separated cluster addresses, for a worker")
+    p.add_argument("--join-as-voter", dest="join_as_voter", action="store_true", default=None,
+                   help="with --join: run a Raft node that waits to be added as a voter "
+                        "(lepton-ctl cluster peers add)")
     p.add_argument("--labels", help="k=v,k2=v2")
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds (default 1)")
     p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")

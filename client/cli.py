@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub(
         cluster_sub, "status", cmd_cluster_status, "leader, term, log progress, voters, node counts"
     )
+    from . import cli_voters  # cluster peers add|remove
+
+    cli_voters.register(cluster_sub, sub)
 
     loc = top.add_parser(
         "local", help="a cluster of agent processes on this machine, for development"

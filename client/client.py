@@ -248,6 +248,21 @@ class Client(TaskMethods, JobMethods, DataMethods):
         )
         return ClusterStatusInfo.from_proto(resp)
 
+    def add_voter(self, address: str, *, timeout: float | None = None) -> ClusterStatusInfo:
+        """Admin: make the agent advertising `address` (started with --join-as-voter) a
+        Raft voter. It catches up first; returns the status once the change is committed.
+        Not retried on its own: on Unavailable / DeadlineExceeded look at `cluster_status`."""
+        req = cpb.AddVoterRequest(address=address)
+        resp = self._unary(CoordinatorStub, "AddVoter", req, idempotent=False, timeout=timeout)
+        return ClusterStatusInfo.from_proto(resp)
+
+    def remove_voter(self, address: str, *, timeout: float | None = None) -> ClusterStatusInfo:
+        """Admin: remove voter `address` (the leader included); returns the status once
+        the change is committed."""
+        req = cpb.RemoveVoterRequest(address=address)
+        resp = self._unary(CoordinatorStub, "RemoveVoter", req, idempotent=False, timeout=timeout)
+        return ClusterStatusInfo.from_proto(resp)
+
     def watch_nodes(self, *, timeout: float | None = None) -> NodeWatch:
         """Every node change from now on, as an iterator of `NodeEvent`, until cancelled.
 

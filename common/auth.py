@@ -131,6 +131,8 @@ POLICY: dict[str, Rule] = {
         "GetNode": VIEW,
         "ListNodes": VIEW,
         "GetClusterStatus": VIEW,
+        "AddVoter": ADMIN,  # change the voter set: admins only, audited
+        "RemoveVoter": ADMIN,
         "WatchNodes": VIEW,
         # Users submit as themselves and cancel their own (the handler checks the owner).
         "SubmitTask": USER,
@@ -145,7 +147,7 @@ POLICY: dict[str, Rule] = {
         "ReportTaskEvents": NODE_ONLY,
     }),
     **_svc("lepton.v1.Agent", {"StreamLogs": VIEW}),
-    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY, "Stream": NODE_ONLY}),
+    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY, "Stream": NODE_ONLY, "Probe": NODE_READ}),
     **_svc("lepton.v1.Datasets", {
         "PlanPut": USER,
         "CommitDataset": USER,

@@ -71,6 +71,9 @@ class AgentConfig:
     peers: list[str] = field(default_factory=list)
     # Any known cluster addresses for a worker; the leader is found through them.
     join: list[str] = field(default_factory=list)
+    # With `join`: also run a Raft node outside the voter set, waiting to be added as a voter
+    # (`lepton-ctl cluster peers add`). Once added, the voter set in its log wins over flags.
+    join_as_voter: bool = False
     # Free-form key=value labels that task constraints match against.
     labels: dict[str, str] = field(default_factory=dict)
     # 1 s keeps detection in seconds while 5,000 agents stay well under a core.
@@ -123,6 +126,8 @@ class AgentConfig:
             check_address(addr, "peer/join address")
         if self.peers and len(self.peers) not in (1, 3, 5):
             raise InvalidArgument(f"peers lists {len(self.peers)} voters; use 1, 3 or 5")
+        if self.join_as_voter and (self.peers or not self.join):
+            raise InvalidArgument("join_as_voter needs --join (the cluster's addresses) and no --peers")
         if self.heartbeat_interval_s <= 0:
             raise InvalidArgument("heartbeat_interval_s must be > 0")
         if not 0 < self.suspect_after_s <= self.down_after_s:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
+from lepton.common.errors import DeadlineExceeded, FailedPrecondition, NotLeader, Unavailable
 from lepton.coordinator.log_store import Entry, LogStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class StateMachine(Protocol):
 class VoterStatus:
     id: str
     address: str
-    role: str  # leader | follower | candidate | unknown
+    role: str  # leader | follower | candidate | unknown | learner (catching up, leader only)
     match_index: int
     lag: int
 
@@ -105,6 +105,15 @@ class Consensus(ABC):
 
     @abstractmethod
     def status(self) -> ConsensusStatus: ...
+
+    async def add_voter(self, address: str, *, timeout: float) -> None:
+        """Add the server advertising `address` to the voters (Raft only; see
+        `RaftConsensus.add_voter`). Raises FailedPrecondition here: one voter, no Raft."""
+        raise FailedPrecondition("this cluster runs a single voter without Raft; its voter set cannot change")
+
+    async def remove_voter(self, address: str, *, timeout: float) -> None:
+        """Remove voter `address` (Raft only). Raises FailedPrecondition here."""
+        raise FailedPrecondition("this cluster runs a single voter without Raft; its voter set cannot change")
 
     def add_leadership_listener(self, listener: LeadershipListener) -> None:
         """`listener(is_leader, term)` is called on the loop whenever leadership changes."""

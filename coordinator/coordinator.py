@@ -82,7 +82,7 @@ class Coordinator:
         """One voter: a local log. Several: Raft, with each voter known by its advertised
         address (stable, and known to every peer before any node id is)."""
         me = config.advertise_address
-        if len(config.peers) <= 1:
+        if len(config.peers) <= 1 and not config.join_as_voter:
             return SingleVoterConsensus(
                 node_id, me, self.store, self.state, snapshot_every=config.snapshot_every
             )
@@ -91,6 +91,7 @@ class Coordinator:
 
         return RaftConsensus(
             me,
+            # --join-as-voter: no bootstrap voters; the leader's log brings the voter set.
             {addr: addr for addr in config.peers},
             self.store,
             self.state,

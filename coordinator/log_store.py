@@ -38,6 +38,8 @@ class Snapshot:
     index: int  # last index the snapshot covers
     term: int  # term of that entry
     data: bytes  # a serialized state machine (lepton.v1.StateSnapshot); opaque here
+    # Raft's voter configuration at `index` (raft/membership.py); opaque here. b"": none.
+    config: bytes = b""
 
 
 class CompactedError(LookupError):
@@ -199,6 +201,8 @@ def _entries_after_snapshot(entries: list[Entry], base: int, snap: Snapshot) -> 
 
 # Record header: payload length, crc32 of (index, term, payload), index, term.
 _HEADER = struct.Struct("<IIQQ")
+# Snapshot trailer: configuration length, crc32 of it.
+_TRAILER = struct.Struct("<II")
 
 
 def _crc(index: int, term: int, data: bytes) -> int:
@@ -252,11 +256,22 @@ class FileLogStore(_IndexedEntries):
         data = raw[_HEADER.size : _HEADER.size + length]
         if len(data) != length or _crc(index, term, data) != crc:
             raise OSError(f"snapshot {path} is corrupt (checksum mismatch)")
-        return Snapshot(index, term, data)
+        # An optional trailer holds the configuration (files from before it have none).
+        config = b""
+        pos = _HEADER.size + length
+        if pos < len(raw):
+            if pos + _TRAILER.size > len(raw):
+                raise OSError(f"snapshot {path} is corrupt (torn configuration)")
+            clen, ccrc = _TRAILER.unpack_from(raw, pos)
+            config = raw[pos + _TRAILER.size : pos + _TRAILER.size + clen]
+            if len(config) != clen or zlib.crc32(config) != ccrc:
+                raise OSError(f"snapshot {path} is corrupt (configuration checksum mismatch)")
+        return Snapshot(index, term, data, config)
 
     def save_snapshot(self, snap: Snapshot) -> None:
         header = _HEADER.pack(len(snap.data), _crc(snap.index, snap.term, snap.data), snap.index, snap.term)
-        write_atomic(self._dir / "snapshot", header + snap.data)
+        trailer = _TRAILER.pack(len(snap.config), zlib.crc32(snap.config)) + snap.config if snap.config else b""
+        write_atomic(self._dir / "snapshot", header + snap.data + trailer)
         keep = _entries_after_snapshot(self._entries, self._base(), snap)
         self._snap = snap
         self._rewrite_log(keep)

@@ -201,6 +201,21 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
     @rpc_boundary
     async def GetClusterStatus(self, request, context):
         await self._ctx.read()
+        return self._cluster_status()
+
+    @rpc_boundary
+    async def AddVoter(self, request, context):
+        self._ctx.require_leader()
+        await self._ctx.consensus.add_voter(request.address, timeout=_voter_change_timeout(context))
+        return self._cluster_status()  # no read barrier: this leader may have just left
+
+    @rpc_boundary
+    async def RemoveVoter(self, request, context):
+        self._ctx.require_leader()
+        await self._ctx.consensus.remove_voter(request.address, timeout=_voter_change_timeout(context))
+        return self._cluster_status()
+
+    def _cluster_status(self) -> coordinator_pb2.ClusterStatus:
         st = self._ctx.consensus.status()
         counts = Counter(NodeState.from_proto(n.state).value for n in self._ctx.state.nodes.values())
         # Raft knows voters by address; show the node id where the node table has it.
@@ -247,6 +262,13 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
                 )
         finally:
             self._ctx.state.remove_listener(on_change)
+
+
+def _voter_change_timeout(context) -> float:
+    """The caller's deadline, less a margin to answer in; 60 s without one. A new voter
+    may need a whole snapshot before it counts."""
+    remaining = context.time_remaining() if context is not None else None
+    return 60.0 if remaining is None else max(0.5, min(remaining - 0.5, 600.0))
 
 
 def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:

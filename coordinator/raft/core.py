@@ -8,7 +8,8 @@ queues them (which is what batches many proposals into one fsync).
 Implements leader election with randomised timeouts, PreVote, CheckQuorum with a leader
 lease, log replication with batched and pipelined AppendEntries, fast backtracking with
 conflict-term hints, commit counting for own-term entries only (plus a no-op on election),
-ReadIndex, snapshots (local compaction and InstallSnapshot) and leadership transfer.
+ReadIndex, snapshots (local compaction and InstallSnapshot), leadership transfer and
+single-server changes of the voter set (`membership.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from lepton.common.errors import NotLeader
 from lepton.coordinator.log_store import Entry, LogStore, Snapshot
 from lepton.coordinator.raft.leader import LeaderMixin
+from lepton.coordinator.raft.membership import MembershipMixin, is_config
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -48,12 +50,13 @@ _FOLLOWER, _PRE, _CAND, _LEADER = Role.FOLLOWER, Role.PRE_CANDIDATE, Role.CANDID
 _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
 
-class RaftCore(LeaderMixin):
-    """One voter's Raft state. Not thread-safe; every method runs to completion.
+class RaftCore(LeaderMixin, MembershipMixin):
+    """One server's Raft state. Not thread-safe; every method runs to completion.
 
-    `peers` maps every voter's id (this node's included) to its advertised address.
-    Raises ValueError for a bad configuration; inputs raise RuntimeError when called
-    between `ready()` and `advance()`.
+    `peers` maps the bootstrap voters' ids to their advertised addresses: the voter set
+    until a configuration in the log or snapshot replaces it (`membership.py`). A node
+    outside it (a server waiting to be added) never campaigns. Raises ValueError for a bad
+    store; inputs raise RuntimeError when called between `ready()` and `advance()`.
     """
 
     def __init__(
@@ -66,12 +69,7 @@ class RaftCore(LeaderMixin):
         rng: random.Random,
         config: Config | None = None,
     ):
-        if node_id not in peers:
-            raise ValueError(f"{node_id!r} is not among the voters {sorted(peers)}")
         self.id = node_id
-        self._addresses = dict(peers)
-        self._others = sorted(p for p in peers if p != node_id)
-        self._quorum = len(peers) // 2 + 1
         self._cfg = config or Config()
         self._rng = rng
         self._now = now
@@ -94,6 +92,7 @@ class RaftCore(LeaderMixin):
         self._stable_last = last  # highest index known durable here (the leader's own vote)
         self._unstable_from = last + 1  # entries from here on are not yet handed to persist
         self._prs: dict[str, Progress] = {}
+        self._init_config(peers, snap)
         self._votes: dict[str, bool] = {}
         self._msgs: list[Message] = []
         self._hs_dirty = False
@@ -147,15 +146,9 @@ class RaftCore(LeaderMixin):
     def leader_address(self) -> str:
         return self._addresses.get(self.leader, "")
 
-    @property
-    def voters(self) -> list[str]:
-        return sorted(self._addresses)
-
-    def address_of(self, node_id: str) -> str:
-        return self._addresses.get(node_id, "")
-
     def progress(self) -> dict[str, tuple[int, int]]:
-        """Leader only ({} otherwise): voter id -> (match index, lag behind our last index)."""
+        """Leader only ({} otherwise): id -> (match index, lag behind our last index), for
+        itself, the other voters and a learner."""
         if self.role is not _LEADER:
             return {}
         last = self.last_index()
@@ -177,7 +170,10 @@ class RaftCore(LeaderMixin):
         cfg = self._cfg
         if self.role is not _LEADER:
             if now >= self._election_deadline:
-                self._campaign(pre=cfg.pre_vote)
+                if self.id in self._voters:
+                    self._campaign(pre=cfg.pre_vote)
+                else:  # not a voter (yet, or any more): never disrupt the voters
+                    self._election_deadline = now + self._election_timeout()
             return
         if now >= self._hb_deadline:
             self._hb_deadline = now + cfg.heartbeat_interval
@@ -193,10 +189,12 @@ class RaftCore(LeaderMixin):
             if self._transferee and now >= self._transfer_deadline:
                 logger.info("%s: leadership transfer to %s timed out", self.id, self._transferee)
                 self._transferee = ""
+            self._learner_tick(now)
         if now >= self._cq_deadline:
             self._cq_deadline = now + cfg.election_timeout
             if cfg.check_quorum:
-                active = 1 + sum(1 for pr in self._prs.values() if pr.recent_active)
+                prs = self._prs
+                active = (self.id in self._voters) + sum(1 for p in self._others if prs[p].recent_active)
                 for pr in self._prs.values():
                     pr.recent_active = False
                 if active < self._quorum:
@@ -218,9 +216,11 @@ class RaftCore(LeaderMixin):
         return True
 
     def step(self, m: Message, now: float) -> None:
-        """Handle one message from a peer. Unknown senders and stale terms are ignored."""
+        """Handle one message from a peer; stale terms are ignored. Senders outside the
+        configuration are heard too: a leader replicating to a learner, a candidate whose
+        configuration adds us (a vote from us may be needed, dissertation 4.2.1)."""
         self._enter(now)
-        if m.frm not in self._addresses or m.frm == self.id:
+        if m.frm == self.id:
             return
         kind = type(m)
         if m.term > self.term:
@@ -255,23 +255,12 @@ class RaftCore(LeaderMixin):
             raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
         if self._transferee:
             raise NotLeader(f"{self.id} is transferring leadership to {self._transferee}")
+        if is_config(data):
+            raise ValueError("a command may not look like a Raft configuration")
         index = self.last_index() + 1
         self._log.append(Entry(index, self.term, data))
         self._bcast = True
         return index, self.term
-
-    def read_index(self, ctx: object) -> None:
-        """Start a linearizable read. A later Ready lists (ctx, index) in read_states once
-        leadership is confirmed by a quorum; the read may be served when applied >= index.
-        If leadership is lost first, ctx appears in aborted_reads. Raises NotLeader."""
-        self._enter(self._now)
-        if self.role is not _LEADER:
-            raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
-        self._read_seq += 1
-        own = self.term_at(self.commit) == self.term
-        self._pending_reads.append([ctx, self._read_seq, self.commit if own else None])
-        self._hb_now = True
-        self._confirm_reads()
 
     def compact(self, index: int, data: bytes) -> bool:
         """The state machine at `index` (<= applied) serialised as `data`: drop the log up
@@ -282,28 +271,12 @@ class RaftCore(LeaderMixin):
         if index > self._applied:
             raise ValueError(f"cannot snapshot at {index}: only {self._applied} applied")
         term = self.term_at(index)
-        snap = Snapshot(index, term, data)
+        snap = Snapshot(index, term, data, self._config_compacted(index))
         del self._log[: index - self._snap_index]
         self._snap_index, self._snap_term, self._snapshot = index, term, snap
         self._snap_pending, self._snap_install = snap, False
         self._unstable_from = max(self._unstable_from, index + 1)
         return True
-
-    def transfer_leadership(self, to: str) -> None:
-        """Hand leadership to `to` once it is caught up; proposals fail meanwhile.
-        Raises NotLeader, ValueError (unknown voter)."""
-        self._enter(self._now)
-        if self.role is not _LEADER:
-            raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
-        if to == self.id:
-            return
-        if to not in self._prs:
-            raise ValueError(f"unknown voter {to!r}")
-        self._transferee = to
-        self._transfer_deadline = self._now + self._cfg.election_timeout
-        if self._prs[to].match == self.last_index():
-            self._send(TimeoutNow(self.id, to, self.term))
-        self._bcast = True
 
     # -- output ----------------------------------------------------------------------
     def has_ready(self) -> bool:
@@ -329,7 +302,7 @@ class RaftCore(LeaderMixin):
             if self._bcast:
                 self._bcast = False
                 self._dirty.clear()
-                for p in self._others:
+                for p in self._targets:
                     self._send_append(p, self._prs[p])
             elif self._dirty:
                 for p in sorted(self._dirty):  # sorted: deterministic message order
@@ -338,6 +311,7 @@ class RaftCore(LeaderMixin):
             if self._hb_now:
                 self._hb_now = False
                 self._broadcast_heartbeat()
+            self._maybe_resign()  # after the sends: they carry the commit that removed us
         rd = Ready(commit_index=self.commit)
         if self._hs_dirty:
             rd.hard_state = (self.term, self.voted_for)
@@ -393,7 +367,9 @@ class RaftCore(LeaderMixin):
         if term > self.term:
             self.term, self.voted_for, self._hs_dirty = term, "", True
         if self.role is _LEADER:
-            self._prs = {}
+            if self._change is not None:
+                self._fail_change("leadership was lost")
+            self._prs, self._targets = {}, []
             self._transferee = ""
             self._bcast = self._hb_now = False
             self._dirty.clear()
@@ -426,7 +402,7 @@ class RaftCore(LeaderMixin):
         logger.debug("%s: %s for term %d", self.id, self.role.value, term)
         self._votes = {self.id: True}
         self._election_deadline = self._now + self._election_timeout()
-        if self._quorum == 1:
+        if self._quorum == 1:  # we are the only voter (_campaign is for voters only)
             self._won(pre)
             return
         li = self.last_index()
@@ -442,6 +418,7 @@ class RaftCore(LeaderMixin):
         self.role, self.leader = _LEADER, self.id
         last = self.last_index()
         self._prs = {p: Progress(next=last + 1, last_ack=self._now) for p in self._others}
+        self._targets = list(self._others)
         self._hb_deadline = self._now + self._cfg.heartbeat_interval
         self._cq_deadline = self._now + self._cfg.election_timeout
         self._transferee = ""
@@ -476,15 +453,17 @@ class RaftCore(LeaderMixin):
                 return
         elif self.role is not _CAND or m.term != self.term:
             return
+        if m.frm not in self._voters:
+            return  # only our configuration's voters make our majority
         self._votes.setdefault(m.frm, m.granted)
         granted = sum(1 for v in self._votes.values() if v)
         if granted >= self._quorum:
             self._won(m.pre_vote)
-        elif len(self._votes) - granted > len(self._addresses) - self._quorum:
+        elif len(self._votes) - granted > len(self._voters) - self._quorum:
             self._become_follower(self.term, "")
 
     def _on_timeout_now(self, m: TimeoutNow) -> None:
-        if self.role is _FOLLOWER and m.frm == self.leader:
+        if self.role is _FOLLOWER and m.frm == self.leader and self.id in self._voters:
             logger.info("%s: campaigning at once (leadership transfer from %s)", self.id, m.frm)
             self._campaign(pre=False, transfer=True)
 
@@ -522,14 +501,17 @@ class RaftCore(LeaderMixin):
         for k, e in enumerate(entries):
             if e.index > last:
                 self._log.extend(entries[k:])
+                self._scan_config(entries[k:])
                 return
             if self.term_at(e.index) != e.term:
                 if e.index <= self.commit:
                     raise AssertionError(f"{self.id}: conflict at committed index {e.index}")
                 del self._log[e.index - self._snap_index - 1 :]
+                self._config_truncated(e.index)
                 self._unstable_from = min(self._unstable_from, e.index)
                 self._stable_last = min(self._stable_last, e.index - 1)
                 self._log.extend(entries[k:])
+                self._scan_config(entries[k:])
                 return
 
     def _on_heartbeat(self, m: Heartbeat) -> None:
@@ -555,6 +537,7 @@ class RaftCore(LeaderMixin):
             logger.info("%s: installing snapshot at %d (term %d)", self.id, s.index, s.term)
             self._log = []
             self._snap_index, self._snap_term, self._snapshot = s.index, s.term, s
+            self._config_installed(s)
             self._snap_pending, self._snap_install = s, True
             self.commit = self._applied = s.index
             self._unstable_from = s.index + 1

@@ -1,4 +1,6 @@
-"""The leader's half of `RaftCore`: replication flow control, commit counting, ReadIndex.
+"""The leader's half of `RaftCore`: replication flow control, commit counting, ReadIndex,
+leadership transfer. Majorities count the voters of the current configuration only (a
+learner is replicated to but not counted; a leader removing itself does not count itself).
 
 Kept apart only for size; `LeaderMixin` has no state of its own and is meaningless without
 `RaftCore`, whose attributes it uses (declared below for type checkers).
@@ -10,6 +12,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
+from lepton.common.errors import NotLeader
 from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import (
     AppendRequest,
@@ -41,10 +44,15 @@ class LeaderMixin:
     _snapshot: Snapshot | None
     _stable_last: int
     _quorum: int
+    _voters: dict[str, str]
+    _others: list[str]
+    _targets: list[str]
     _read_seq: int
     _pending_reads: deque[list]
     _ready_reads: list[tuple[object, int]]
     _transferee: str
+    _transfer_deadline: float
+    _hb_now: bool
 
     if TYPE_CHECKING:  # provided by RaftCore
 
@@ -52,17 +60,55 @@ class LeaderMixin:
         def term_at(self, index: int) -> int: ...
         def _send(self, m: Message) -> None: ...
         def _slice(self, lo: int, hi: int, max_bytes: int) -> list[Entry]: ...
+        def _enter(self, now: float) -> None: ...
+        def leader_address(self) -> str: ...
+        def _learner_progress(self, node_id: str) -> None: ...
+        def _maybe_change(self) -> None: ...
+
+    def read_index(self, ctx: object) -> None:
+        """Start a linearizable read. A later Ready lists (ctx, index) in read_states once
+        leadership is confirmed by a quorum; the read may be served when applied >= index.
+        If leadership is lost first, ctx appears in aborted_reads. Raises NotLeader."""
+        self._enter(self._now)
+        if self.role is not Role.LEADER:
+            raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
+        self._read_seq += 1
+        own = self.term_at(self.commit) == self.term
+        self._pending_reads.append([ctx, self._read_seq, self.commit if own else None])
+        self._hb_now = True
+        self._confirm_reads()
+
+    def transfer_leadership(self, to: str) -> None:
+        """Hand leadership to voter `to` once it is caught up; proposals fail meanwhile.
+        Raises NotLeader, ValueError (not a voter)."""
+        self._enter(self._now)
+        if self.role is not Role.LEADER:
+            raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
+        if to == self.id:
+            return
+        if to not in self._voters:
+            raise ValueError(f"unknown voter {to!r}")
+        self._transferee = to
+        self._transfer_deadline = self._now + self._cfg.election_timeout
+        if self._prs[to].match == self.last_index():
+            self._send(TimeoutNow(self.id, to, self.term))
+        self._bcast = True
 
     def _on_append_response(self, m: AppendResponse) -> None:
         if self.role is not Role.LEADER:
             return
-        pr = self._prs[m.frm]
+        pr = self._prs.get(m.frm)
+        if pr is None:
+            return  # no longer a voter or learner
         pr.recent_active = True
         if m.success:
             if m.index > pr.match:
                 pr.match = m.index
                 pr.last_ack = self._now
-                self._maybe_commit()
+                if m.frm in self._voters:
+                    self._maybe_commit()
+                else:
+                    self._learner_progress(m.frm)
             if pr.state is PeerState.REPLICATE:
                 inflight = pr.inflight
                 while inflight and inflight[0] <= m.index:
@@ -101,7 +147,9 @@ class LeaderMixin:
     def _on_heartbeat_response(self, m: HeartbeatResponse) -> None:
         if self.role is not Role.LEADER:
             return
-        pr = self._prs[m.frm]
+        pr = self._prs.get(m.frm)
+        if pr is None:
+            return
         pr.recent_active = True
         if m.ctx > pr.read_ack:
             pr.read_ack = m.ctx
@@ -158,19 +206,24 @@ class LeaderMixin:
         self._send(SnapshotRequest(self.id, p, self.term, snap))
 
     def _broadcast_heartbeat(self) -> None:
-        for p in self._others:
+        for p in self._targets:
             pr = self._prs[p]
             commit = min(pr.match, self.commit)
             pr.sent_commit = max(pr.sent_commit, commit)
             self._send(Heartbeat(self.id, p, self.term, commit, self._read_seq))
 
     def _maybe_commit(self) -> None:
-        matches = sorted([pr.match for pr in self._prs.values()] + [self._stable_last], reverse=True)
+        prs = self._prs
+        matches = [prs[p].match for p in self._others]
+        if self.id in self._voters:
+            matches.append(self._stable_last)
+        matches.sort(reverse=True)
         q = matches[self._quorum - 1]
         # Only own-term entries are committed by counting (Raft paper figure 8).
         if q > self.commit and self.term_at(q) == self.term:
             self.commit = q
             self._bcast = True
+            self._maybe_change()  # waits for our term's first commit and the last change's
             if self._pending_reads:
                 for r in self._pending_reads:
                     if r[2] is None:
@@ -181,9 +234,10 @@ class LeaderMixin:
         reads = self._pending_reads
         if not reads:
             return
-        need = self._quorum - 1  # acks from others; we count ourselves
+        need = self._quorum - (self.id in self._voters)  # acks from other voters
         if need:
-            acks = sorted((pr.read_ack for pr in self._prs.values()), reverse=True)
+            prs = self._prs
+            acks = sorted((prs[p].read_ack for p in self._others), reverse=True)
             confirmed = acks[need - 1]
         else:
             confirmed = self._read_seq

@@ -47,12 +47,19 @@ class Config:
     max_inflight: int = 64  # AppendEntries in flight per follower while replicating
     max_apply_bytes: int = 16 << 20  # committed payload handed out per Ready
     noop_data: bytes = b""  # payload of the entry a new leader appends (an empty Command)
+    # A learner is added as a voter once its match index is this close to the leader's
+    # last index; dropped (the change fails) when it makes no progress for learner_timeout
+    # seconds (0: ten election timeouts).
+    learner_slack: int = 64
+    learner_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
         if self.max_inflight < 1 or self.max_msg_bytes < 1:
             raise ValueError("max_inflight and max_msg_bytes must be >= 1")
+        if self.learner_slack < 0 or self.learner_timeout < 0:
+            raise ValueError("learner_slack and learner_timeout must be >= 0")
 
 
 # -- wire messages ---------------------------------------------------------------------

@@ -20,7 +20,9 @@ from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
 from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
 from lepton.coordinator.log_store import LogStore
 from lepton.coordinator.raft.core import RaftCore
+from lepton.coordinator.raft.membership import is_config
 from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
+from lepton.coordinator.raft.node_membership import VoterChanges
 from lepton.coordinator.raft.transport import GrpcTransport, Transport
 
 logger = logging.getLogger(__name__)
@@ -33,10 +35,12 @@ _STATUS_ROLE = {
 }
 
 
-class RaftConsensus(Consensus):
-    """Raft among a fixed set of voters. All methods must be called on one event loop.
+class RaftConsensus(VoterChanges, Consensus):
+    """Raft among a changing set of voters. All methods must be called on one event loop.
 
-    `voters` maps every voter's node id (this one's included) to its advertised host:port.
+    `voters` maps the bootstrap voters' node ids to their advertised host:port (in Lepton
+    the id *is* the address); the configuration in the log or snapshot, once there is
+    one, replaces it. A node not among them waits to be added (`add_voter` on the leader).
     Register the transport's server side with `add_raft_servicer(server, node)`.
     Empty commands are Raft no-ops: never passed to `StateMachine.apply` (the driver sets
     `applied_index` past them), and `propose(b"")` returns None.
@@ -56,8 +60,6 @@ class RaftConsensus(Consensus):
         tls: TlsConfig | None = None,
     ):
         super().__init__()
-        if node_id not in voters:
-            raise ValueError(f"{node_id!r} is not among the voters {sorted(voters)}")
         self.node_id = node_id
         self._voters = dict(voters)
         self._store = store
@@ -73,6 +75,8 @@ class RaftConsensus(Consensus):
         self._proposals: deque[tuple[bytes, asyncio.Future[object]]] = deque()
         self._read_requests: deque[asyncio.Future[None]] = deque()
         self._transfers: deque[str] = deque()
+        self._member_ops: deque = deque()  # voter changes for the loop (node_membership.py)
+        self._change_waiters: list = []
         self._waiters: dict[int, tuple[int, asyncio.Future[object]]] = {}  # index -> (term, fut)
         self._reads: list[tuple[int, asyncio.Future[None]]] = []  # (read index, fut)
         self._wakeup = asyncio.Event()
@@ -99,7 +103,8 @@ class RaftConsensus(Consensus):
                               rng=self._rng, config=self._config)
         if self._transport is None:
             others = {p: a for p, a in self._voters.items() if p != self.node_id}
-            self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost, tls=self._tls)
+            self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost, tls=self._tls,
+                                            resolve=self._address_of)
         self._running = True
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
         logger.info("raft %s: started at term %d, log %d..%d", self.node_id, self._core.term,
@@ -120,6 +125,7 @@ class RaftConsensus(Consensus):
                 pass
             self._task = None
         self._fail_all(Unavailable(f"raft {self.node_id} is stopping"))
+        self._fail_changes(Unavailable(f"raft {self.node_id} is stopping; outcome unknown"))
         if self._transport is not None:
             await self._transport.close()
         self._store.close()
@@ -162,18 +168,21 @@ class RaftConsensus(Consensus):
         return self._core.term if self._core is not None else 0
 
     def status(self) -> ConsensusStatus:
-        """Match index and lag are known only on the leader; elsewhere other voters show
-        role "unknown" (or "leader") with match 0, and this one its own last index."""
+        """The current voter set (and, on the leader, a learner catching up, role
+        "learner"). Match index and lag are known only on the leader; elsewhere other
+        voters show role "unknown" (or "leader") with match 0, and this one its own last
+        index."""
         core = self._core
         if core is None:
             return ConsensusStatus(0, "", "", 0, self._sm.applied_index, [])
         progress = core.progress()
         voters = []
-        for vid in core.voters:
+        learners = core.learners
+        for vid in core.voters + learners:
             addr = core.address_of(vid)
             if vid in progress:
                 match, lag = progress[vid]
-                role = "leader" if vid == core.id else "follower"
+                role = "leader" if vid == core.id else "learner" if vid in learners else "follower"
             elif vid == core.id:
                 match, lag, role = core.last_index(), 0, _STATUS_ROLE[core.role]
             else:
@@ -193,7 +202,7 @@ class RaftConsensus(Consensus):
         core = self._require_running()
         if core.role is not Role.LEADER:
             raise NotLeader(f"{self.node_id} is not the leader", leader=core.leader_address())
-        if to not in self._voters:
+        if to not in core.voters:
             raise ValueError(f"unknown voter {to!r}")
         self._transfers.append(to)
         self._wakeup.set()
@@ -204,6 +213,12 @@ class RaftConsensus(Consensus):
         if self._running:
             self._lost_peers.append(peer)
             self._wakeup.set()
+
+    def _address_of(self, peer: str) -> str:
+        """Where to send to a peer outside the bootstrap set (ids are addresses here)."""
+        core = self._core
+        address = core.address_of(peer) if core is not None else ""
+        return address or (peer if ":" in peer else "")
 
     def receive(self, messages: list[Message]) -> None:
         """Called by the Raft servicer: queue messages for the loop."""
@@ -266,6 +281,8 @@ class RaftConsensus(Consensus):
                             self.node_id, peer)
         if now >= core.next_deadline():
             core.tick(now)
+        if self._member_ops or self._change_waiters:
+            self._run_member_ops(core)
         while self._transfers:
             to = self._transfers.popleft()
             try:
@@ -306,9 +323,9 @@ class RaftConsensus(Consensus):
         for e in rd.committed:
             if e.index <= sm.applied_index:
                 continue  # already in the restored snapshot
-            if e.data:
+            if e.data and not is_config(e.data):
                 result = sm.apply(e.index, e.data)
-            else:  # a leader's no-op (Raft's, not the state machine's): only the index moves
+            else:  # a no-op or a voter configuration (Raft's, not the state machine's)
                 sm.applied_index = e.index
                 result = None
             waiter = self._waiters.pop(e.index, None)

@@ -140,6 +140,13 @@ class SimLogStore:
     def durable_last_index(self) -> int:
         return self._durable.last()
 
+    def durably_holds(self, index: int, term: int) -> bool:
+        """The entry (index, term) survives a crash here (a snapshot covering it counts)."""
+        log = self._durable
+        if index <= log.base or any(k == "s" and a.index >= index for k, a in self._pending):
+            return True  # snapshots are durable on return (a crash replays them)
+        return index <= log.last() and log.entries[index - log.base - 1].term == term
+
 
 def _replay(base: _Log, ops: list[tuple[str, object]], keep: int) -> _Log:
     """`base` plus the first `keep` appends/truncations of `ops` and every snapshot in it.

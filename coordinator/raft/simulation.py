@@ -2,7 +2,8 @@
 
 A seed draws a scenario (3 or 5 voters, message loss/duplication/delay, partitions
 including one-way ones, crashes that lose unsynced writes, slow disks, snapshot
-frequency, flow-control limits, leadership transfers) and runs it on a simulated clock
+frequency, flow-control limits, leadership transfers, voters added from spare servers
+and removed, one at a time) and runs it on a simulated clock
 with an event queue. Clients propose commands with unique ids and issue ReadIndex reads.
 `Checker` verifies Raft's safety properties after every step; at the end the faults stop,
 the cluster must converge, and no acknowledged command may be lost or applied twice.
@@ -13,6 +14,7 @@ with a one-line command that replays the seed.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import random
@@ -21,8 +23,9 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 
-from lepton.common.errors import NotLeader
+from lepton.common.errors import LeptonError, NotLeader
 from lepton.coordinator.raft.core import RaftCore
+from lepton.coordinator.raft.membership import ADD, REMOVE, is_config
 from lepton.coordinator.raft.messages import Config, Ready, Role, persist
 from lepton.coordinator.raft.sim_checker import Checker
 from lepton.coordinator.raft.sim_storage import SimLogStore
@@ -34,9 +37,11 @@ REPLAY = "LEPTON_SIM_SEED={seed} .venv/bin/pytest tests/sim -q"
 _DELIVER, _TICK, _SYNCED, _PROPOSE, _READ, _CRASH, _RESTART = range(7)
 _PARTITION, _HEAL, _TRANSFER, _END_CHAOS, _PROBE, _GIVE_UP = range(7, 13)
 # Inputs queued on a node while its disk is busy.
-_IN_STEP, _IN_TICK, _IN_PROPOSE, _IN_READ, _IN_TRANSFER, _IN_LOST = range(6)
+_IN_STEP, _IN_TICK, _IN_PROPOSE, _IN_READ, _IN_TRANSFER, _IN_LOST, _IN_MEMBER = range(7)
 # A peer's connection is seen to drop (the driver's channel watch), as a node input.
 _LOST = 13
+# An operator asks the leader to add a spare server as a voter, or to remove one.
+_MEMBER = 14
 
 
 class SimulationFailure(AssertionError):
@@ -49,7 +54,7 @@ class SimulationFailure(AssertionError):
 @dataclass(slots=True)
 class SimResult:
     seed: int
-    voters: int
+    voters: int  # at the start
     steps: int
     sim_time: float
     acked: int
@@ -58,6 +63,7 @@ class SimResult:
     leaders: int  # terms that had a leader
     crashes: int
     snapshots_sent: int
+    voter_changes: int = 0  # configuration entries committed
 
 
 class SimStateMachine:
@@ -70,7 +76,7 @@ class SimStateMachine:
         self.ids: list[int] = []
 
     def apply(self, index: int, data: bytes) -> None:
-        if data:
+        if data and not is_config(data):
             self.ids.append(int.from_bytes(data, "big"))
         self.applied_index = index
 
@@ -87,7 +93,7 @@ class SimStateMachine:
 class SimNode:
     __slots__ = (
         "id", "store", "core", "sm", "alive", "busy", "inbox", "epoch", "tick_at",
-        "pending", "reads", "disk", "seen_commit", "rd",
+        "pending", "reads", "disk", "seen_commit", "rd", "seen_voters",
     )
 
     def __init__(self, node_id: str, disk: float, fsync: bool):
@@ -105,6 +111,7 @@ class SimNode:
         self.disk = disk  # fsync latency in seconds
         self.seen_commit = 0
         self.rd: Ready | None = None
+        self.seen_voters: list[str] = []  # the configuration at the last Ready
 
 
 class Simulation:
@@ -131,12 +138,20 @@ class Simulation:
             pre_vote=rng.random() < 0.85,
             check_quorum=rng.random() < 0.85,
         )
+        # Voter changes on most seeds; not without both PreVote and CheckQuorum, where a
+        # removed server that missed its removal disrupts forever (dissertation 4.2.3).
+        changes = (self.config.pre_vote or self.config.check_quorum) and rng.random() < 0.7
+        self.spares = rng.choice((1, 1, 2)) if changes else 0
+        self.member_events = rng.choice((1, 2, 3, 5)) if changes else 0
+        if changes:
+            self.config = dataclasses.replace(self.config, learner_slack=rng.choice((0, 4, 64)))
         self.snapshot_every = rng.choice((4, 16, 64, 1 << 30))
         self.clients = rng.choice((1, 3, 8))  # each has one request outstanding
         self.think = rng.choice((0.001, 0.01, 0.03))
         self.waiting: dict[int, int] = {}  # command id -> client
-        ids = [f"n{i}" for i in range(1, self.n + 1)]
-        self.peers = {i: f"sim://{i}" for i in ids}
+        ids = [f"n{i}" for i in range(1, self.n + self.spares + 1)]
+        # The bootstrap voters; the spares start outside the configuration.
+        self.peers = {i: f"sim://{i}" for i in ids[: self.n]}
         self.nodes = {
             i: SimNode(i, rng.choice((0.0, 0.0005, 0.002, 0.02)), fsync) for i in ids
         }
@@ -152,6 +167,7 @@ class Simulation:
         self.proposed = 0
         self.crashes = 0
         self.snapshots_sent = 0
+        self.members: frozenset[str] = frozenset(self.peers)  # whose progress counts at the end
         self.trace: deque[str] | None = deque(maxlen=200) if os.environ.get("LEPTON_SIM_TRACE") else None
 
     # -- event queue -----------------------------------------------------------------
@@ -176,6 +192,8 @@ class Simulation:
             self._at(t + rng.uniform(0.1, 0.8), _HEAL)
         for _ in range(rng.choice((0, 0, 1, 3))):
             self._at(rng.uniform(0.2, self.chaos), _TRANSFER, rng.choice(ids))
+        for _ in range(self.member_events):
+            self._at(rng.uniform(0.15, self.chaos), _MEMBER)
         for client in range(self.clients):
             self._at(rng.uniform(0.05, 0.1), _PROPOSE, client)
         self._at(0.1, _READ)
@@ -211,7 +229,10 @@ class Simulation:
             elif kind == _PROBE:
                 if self._converged():
                     return self._final()
-                least = min(n.sm.applied_index for n in self.nodes.values())
+                members = self._members()
+                if members != self.members:  # a new member starts from behind
+                    self.members, self._mark = members, (-1, t)
+                least = min(self.nodes[i].sm.applied_index for i in members)
                 if least > self._mark[0]:
                     self._mark = (least, t)
                 elif t - self._mark[1] > self.stall:
@@ -276,6 +297,10 @@ class Simulation:
             leader = self._leader()
             if leader is not None:
                 self._input(leader, _IN_TRANSFER, a)
+        elif kind == _MEMBER:
+            self._change_voters()
+            if self.in_chaos and rng.random() < 0.3:  # an impatient operator: often refused
+                self._at(self.now + rng.uniform(0.0, 0.05), _MEMBER)
         elif kind == _END_CHAOS:
             self.in_chaos = False
             self.drop = self.dup = 0.0
@@ -285,6 +310,20 @@ class Simulation:
                 if not node.alive:
                     self._start(node)
             self._at(self.now + 0.05, _PROBE)
+
+    def _change_voters(self) -> None:
+        """Add a server outside the configuration, or remove a voter, keeping 2 to 5."""
+        leader = self._leader()
+        if leader is None:
+            return
+        voters = leader.core.voters
+        outside = [i for i in self.nodes if i not in voters]
+        rng = self.rng
+        add = bool(outside) and (len(voters) <= 2 or (len(voters) < 5 and rng.random() < 0.5))
+        if add:
+            self._input(leader, _IN_MEMBER, (ADD, rng.choice(outside)))
+        elif len(voters) > 1:
+            self._input(leader, _IN_MEMBER, (REMOVE, rng.choice(voters)))
 
     def _partition(self) -> None:
         rng, ids = self.rng, list(self.nodes)
@@ -358,7 +397,16 @@ class Simulation:
         elif kind == _IN_TRANSFER:
             try:
                 core.transfer_leadership(arg)
-            except NotLeader:
+            except (NotLeader, ValueError):  # not the leader any more; not a voter
+                pass
+        elif kind == _IN_MEMBER:
+            op, target = arg
+            try:
+                if op == ADD:
+                    core.add_voter(target, f"sim://{target}")
+                else:
+                    core.remove_voter(target)
+            except LeptonError:  # not the leader, a change in progress, ...
                 pass
         elif kind == _IN_LOST:
             core.leader_unreachable(arg, self.now)
@@ -395,7 +443,28 @@ class Simulation:
             checker.on_persist(node.id, core, rd.entries)
         if rd.commit_index > node.seen_commit:
             checker.on_commit(node.id, core, node.seen_commit, rd.commit_index)
+            if core.role is Role.LEADER:
+                self._check_majority(node, rd.commit_index)
             node.seen_commit = rd.commit_index
+        node.seen_voters = core.voters
+
+    def _check_majority(self, leader: SimNode, index: int) -> None:
+        """A leader commits `index` only once a majority of its configuration holds the
+        entry durably (configuration-aware: the leader may not be a voter). The commit
+        may predate a configuration appended in the same Ready: either one will do."""
+        core = leader.core
+        term = core.term_at(index)
+        if term != core.term:
+            return  # learned from an earlier leader, not counted by this one
+        nodes = self.nodes
+        for voters in (core.voters, leader.seen_voters):
+            holders = [v for v in voters if nodes[v].store.durably_holds(index, term)]
+            if len(holders) > len(voters) // 2:
+                return
+        self.checker.fail(
+            f"{leader.id} committed {index} (term {term}) held durably only by {holders} "
+            f"of the voters {voters}"
+        )
 
     def _finish(self, node: SimNode, rd: Ready) -> None:
         if rd.must_sync:
@@ -483,25 +552,35 @@ class Simulation:
             self._input(node, _IN_READ, self.checker.max_acked_index)
 
     # -- the end ---------------------------------------------------------------------
+    def _members(self) -> frozenset[str]:
+        """The voters of the leader's configuration (everyone while there is no leader)."""
+        leader = self._leader()
+        return frozenset(leader.core.voters) if leader is not None else frozenset(self.nodes)
+
     def _converged(self) -> bool:
+        """The leader committed its whole log and every voter applied all of it. Servers
+        outside the configuration (removed, or never added) may lag forever."""
         leader = self._leader()
         if leader is None or leader.busy:
             return False
         target = leader.core.last_index()
         if leader.core.commit_index != target:
             return False
+        nodes = self.nodes
         return all(
-            n.alive and not n.busy and n.sm.applied_index == target and n.core.commit_index == target
-            for n in self.nodes.values()
+            (n := nodes[i]).alive and not n.busy and n.sm.applied_index == target and n.core.commit_index == target
+            for i in leader.core.voters
         )
 
     def _final(self) -> SimResult:
-        self.checker.check_final((n.id, n.sm.ids) for n in self.nodes.values())
+        members = self._members()
+        self.checker.check_final((n.id, n.sm.ids) for n in self.nodes.values() if n.id in members)
         return SimResult(
             seed=self.seed, voters=self.n, steps=self.steps, sim_time=self.now,
             acked=len(self.checker.acked), proposed=self.proposed,
             reads=self.checker.reads_checked, leaders=len(self.checker.leaders),
             crashes=self.crashes, snapshots_sent=self.snapshots_sent,
+            voter_changes=sum(1 for _, data in self.checker.committed.values() if is_config(data)),
         )
 
 

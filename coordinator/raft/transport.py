@@ -72,6 +72,7 @@ def to_proto(m: Message) -> raft_pb2.RaftMessage:
     elif kind is SnapshotRequest:
         s = m.snapshot
         pb.snapshot.index, pb.snapshot.term, pb.snapshot.data = s.index, s.term, s.data
+        pb.snapshot.config = s.config
     else:
         pb.timeout_now.SetInParent()
     return pb
@@ -99,7 +100,7 @@ def from_proto(pb: raft_pb2.RaftMessage) -> Message | None:
         return VoteResponse(frm, to, term, pb.vote_response.granted, pb.vote_response.pre_vote)
     if body == "snapshot":
         s = pb.snapshot
-        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data))
+        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data, s.config))
     if body == "timeout_now":
         return TimeoutNow(frm, to, term)
     return None
@@ -129,6 +130,22 @@ class RaftServicer(raft_pb2_grpc.RaftServicer):
         async for batch in request_iterator:
             await self._deliver(batch, context)
         return raft_pb2.RaftBatchAck()
+
+    async def Probe(  # noqa: N802 - gRPC method name
+        self, request: raft_pb2.RaftProbeRequest, context: grpc.aio.ServicerContext
+    ) -> raft_pb2.RaftProbeResponse:
+        """A leader checks a server it is asked to add runs Raft, at the address given."""
+        me = self._node.node_id
+        if request.to_id and request.to_id != me:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is {me}, not {request.to_id}")
+        info = getattr(self._node, "probe_info", None)
+        if info is None:
+            return raft_pb2.RaftProbeResponse(node_id=me)
+        try:
+            term, last, voter = info()
+        except Exception as err:  # noqa: BLE001 - not running: say so
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return raft_pb2.RaftProbeResponse(node_id=me, term=term, last_index=last, voter=voter)
 
     async def _deliver(self, batch: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext) -> None:
         me = self._node.node_id
@@ -251,7 +268,11 @@ async def _ended_with(call) -> str:
 
 
 class GrpcTransport:
-    """Sends to voters by their advertised host:port. Create and use on the event loop."""
+    """Sends to voters by their advertised host:port. Create and use on the event loop.
+
+    A message to a peer not in `addresses` (a voter added later, a learner, a leader
+    outside our configuration) gets a sender at `resolve(peer)`, when that is given.
+    """
 
     def __init__(
         self,
@@ -262,7 +283,11 @@ class GrpcTransport:
         max_batch_bytes: int = MAX_MESSAGE_BYTES // 2,
         on_peer_lost: Callable[[str], None] | None = None,
         tls: TlsConfig | None = None,
+        resolve: Callable[[str], str] | None = None,
     ):
+        self._resolve = resolve
+        self._sender_args = dict(max_queue=max_queue, rpc_timeout=rpc_timeout,
+                                 max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls)
         self._senders = {
             peer: _PeerSender(peer, addr, max_queue=max_queue, rpc_timeout=rpc_timeout,
                               max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls)
@@ -272,6 +297,10 @@ class GrpcTransport:
     def send(self, messages: list[Message]) -> None:
         for m in messages:
             sender = self._senders.get(m.to)
+            if sender is None and self._resolve is not None:
+                address = self._resolve(m.to)
+                if address:
+                    sender = self._senders[m.to] = _PeerSender(m.to, address, **self._sender_args)
             if sender is not None:
                 sender.enqueue(m)
 

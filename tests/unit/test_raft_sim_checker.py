@@ -26,6 +26,14 @@ class EagerCommitCore(RaftCore):
             self.commit = self._stable_last
 
 
+class StaleQuorumCore(RaftCore):
+    """Sabotaged membership: majorities keep the size of the bootstrap voter set."""
+
+    def _set_config(self, voters, index) -> None:  # type: ignore[no-untyped-def]
+        super()._set_config(voters, index)
+        self._quorum = len(self._bootstrap) // 2 + 1
+
+
 def _first_failure(seeds: range, **kwargs: object) -> SimulationFailure:
     for seed in seeds:
         try:
@@ -35,7 +43,7 @@ def _first_failure(seeds: range, **kwargs: object) -> SimulationFailure:
     pytest.fail(f"no seed in {seeds} caught the sabotage")
 
 
-@pytest.mark.parametrize("core_cls", [AnyLogWinsCore, EagerCommitCore])
+@pytest.mark.parametrize("core_cls", [AnyLogWinsCore, EagerCommitCore, StaleQuorumCore])
 def test_sabotaged_core_is_caught(core_cls: type[RaftCore]) -> None:
     err = _first_failure(range(60), core_cls=core_cls)
     assert f"LEPTON_SIM_SEED={err.seed} .venv/bin/pytest tests/sim -q" in str(err)

@@ -76,6 +76,16 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.AddVoter = channel.unary_unary(
+                '/lepton.v1.Coordinator/AddVoter',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.AddVoterRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
+                _registered_method=True)
+        self.RemoveVoter = channel.unary_unary(
+                '/lepton.v1.Coordinator/RemoveVoter',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.RemoveVoterRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
+                _registered_method=True)
         self.WatchNodes = channel.unary_stream(
                 '/lepton.v1.Coordinator/WatchNodes',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchNodesRequest.SerializeToString,
@@ -185,6 +195,22 @@ class CoordinatorServicer:
 
     def GetClusterStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddVoter(self, request, context):
+        """Admin: change the voter set by one server, through the leader. A new voter catches up
+        as a learner first; returns once the new configuration is committed. Bad input,
+        a change in progress, or a target that does not run Raft: an error, nothing changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveVoter(self, request, context):
+        """The leader itself may be removed: it steps down once the change commits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -306,6 +332,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterStatus,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.SerializeToString,
+            ),
+            'AddVoter': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddVoter,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.AddVoterRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.SerializeToString,
+            ),
+            'RemoveVoter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVoter,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.RemoveVoterRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.SerializeToString,
             ),
             'WatchNodes': grpc.unary_stream_rpc_method_handler(
@@ -579,6 +615,60 @@ class Coordinator:
             target,
             '/lepton.v1.Coordinator/GetClusterStatus',
             lepton_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddVoter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/AddVoter',
+            lepton_dot_v1_dot_coordinator__pb2.AddVoterRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVoter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/RemoveVoter',
+            lepton_dot_v1_dot_coordinator__pb2.RemoveVoterRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,

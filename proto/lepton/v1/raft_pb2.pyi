@@ -66,14 +66,16 @@ class RaftHeartbeatResponse(_message.Message):
     def __init__(self, ctx: _Optional[int] = ...) -> None: ...
 
 class RaftSnapshotRequest(_message.Message):
-    __slots__ = ("index", "term", "data")
+    __slots__ = ("index", "term", "data", "config")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    config: bytes
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ..., config: _Optional[bytes] = ...) -> None: ...
 
 class RaftTimeoutNow(_message.Message):
     __slots__ = ()
@@ -114,3 +116,21 @@ class RaftBatch(_message.Message):
 class RaftBatchAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RaftProbeRequest(_message.Message):
+    __slots__ = ("to_id",)
+    TO_ID_FIELD_NUMBER: _ClassVar[int]
+    to_id: str
+    def __init__(self, to_id: _Optional[str] = ...) -> None: ...
+
+class RaftProbeResponse(_message.Message):
+    __slots__ = ("node_id", "term", "last_index", "voter")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    VOTER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    term: int
+    last_index: int
+    voter: bool
+    def __init__(self, node_id: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., voter: _Optional[bool] = ...) -> None: ...

@@ -44,6 +44,11 @@ class RaftStub:
                 request_serializer=lepton_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_raft__pb2.RaftBatchAck.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/lepton.v1.Raft/Probe',
+                request_serializer=lepton_dot_v1_dot_raft__pb2.RaftProbeRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_raft__pb2.RaftProbeResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -65,6 +70,13 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """FAILED_PRECONDITION when to_id is not this node; UNIMPLEMENTED: no Raft node here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=lepton_dot_v1_dot_raft__pb2.RaftBatch.FromString,
                     response_serializer=lepton_dot_v1_dot_raft__pb2.RaftBatchAck.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=lepton_dot_v1_dot_raft__pb2.RaftProbeRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_raft__pb2.RaftProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class Raft:
             '/lepton.v1.Raft/Stream',
             lepton_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
             lepton_dot_v1_dot_raft__pb2.RaftBatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Raft/Probe',
+            lepton_dot_v1_dot_raft__pb2.RaftProbeRequest.SerializeToString,
+            lepton_dot_v1_dot_raft__pb2.RaftProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

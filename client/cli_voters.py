@@ -1,0 +1,48 @@
+"""`lepton-ctl cluster peers add|remove HOST:PORT`: change the Raft voter set by one server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ._cli_common import _client, _Parser, _print_json
+from .render import cluster_status_view, emit
+
+
+def register(cluster_sub: Any, sub: Callable[..., argparse.ArgumentParser]) -> None:
+    peers = cluster_sub.add_parser(
+        "peers", help="add or remove a Raft voter (one at a time)",
+        description="Add or remove a Raft voter, one server at a time, through the leader.",
+    )
+    peers_sub = peers.add_subparsers(
+        dest="peers_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    p = sub(peers_sub, "add", cmd_peers_add,
+            "make an agent started with --join-as-voter a voter (it catches up first)")
+    p.add_argument("address", metavar="HOST:PORT", help="the agent's advertised address")
+    p = sub(peers_sub, "remove", cmd_peers_remove, "remove a voter (the leader steps down if it is the one)")
+    p.add_argument("address", metavar="HOST:PORT", help="the voter's advertised address")
+
+
+def cmd_peers_add(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        status = c.add_voter(args.address)
+    return _report(args, status, f"added {args.address}")
+
+
+def cmd_peers_remove(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        status = c.remove_voter(args.address)
+    return _report(args, status, f"removed {args.address}")
+
+
+def _report(args: argparse.Namespace, status: Any, done: str) -> int:
+    if args.output == "json":
+        _print_json(status.to_dict())
+    else:
+        voters = ", ".join(v.address for v in status.voters if v.role != "learner")
+        sys.stdout.write(f"{done}; voters: {voters}\n")
+        emit(cluster_status_view(status))
+    return 0
