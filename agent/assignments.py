@@ -29,7 +29,7 @@ AGENT_STOPPING = "agent stopping"
 
 
 def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
-             tls: TlsConfig | None = None) -> RunSpec:
+             tls: TlsConfig | None = None, shard_key_file: str = "") -> RunSpec:
     """What the runner starts for an assignment. A torch job's member runs
     `lepton.agent.torch_task`, which starts the node's workers the way torchrun would."""
     s = a.spec
@@ -53,6 +53,8 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             "env": env, "cwd": s.workdir, "dataset": s.torch.dataset,
             "data_dir": data_dir, "servers": list(servers),
             "grace_s": s.grace_s or DEFAULT_GRACE_S,
+            # The path (not the secret) so the job can read this node's encrypted shards.
+            "shard_key_file": shard_key_file,
         }
         argv, shell = (sys.executable, "-m", "lepton.agent.torch_task", json.dumps(launch)), ""
     return RunSpec(
@@ -83,8 +85,9 @@ class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
     def __init__(self, node_id: str, addresses: list[str], data_dir: str = "", *,
-                 tls: TlsConfig | None = None):
+                 tls: TlsConfig | None = None, shard_key_file: str = ""):
         self._node_id = node_id
+        self._shard_key_file = shard_key_file
         self._addresses = list(addresses)
         self._data_dir = data_dir
         self._tls = tls
@@ -122,7 +125,7 @@ class AssignmentLoop:
                 async for aset in call:
                     backoff = MIN_BACKOFF_S
                     specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
-                                      tls=self._tls)
+                                      tls=self._tls, shard_key_file=self._shard_key_file)
                              for a in aset.assignments]
                     sentence = self._runner.reconcile(specs, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)

@@ -152,8 +152,11 @@ class Agent:
         from lepton.agent.service import add_to_server as add_agent_service
 
         targets = self.config.peers or self.config.join or [self.address]
-        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls)
-        self.runner = TaskRunner(self.data_dir, self.assignments.on_event)
+        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls,
+                                          shard_key_file=self.config.shard_key_file)
+        self.runner = TaskRunner(self.data_dir, self.assignments.on_event,
+                                 log_max_bytes=self.config.task_log_max_bytes,
+                                 retention_s=self.config.task_retention_s)
         self.assignments.attach(self.runner)
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)
@@ -162,7 +165,7 @@ class Agent:
 
         self.data = DataNode(
             self.data_dir, self.node_id, self.config.listen, targets, on_bytes=self.agent_metrics.shard_bytes,
-            tls=self.tls,
+            tls=self.tls, shard_key_file=self.config.shard_key_file,
         )
         services.append(self.data.add_to_server(self.server))
         register_service(

@@ -1,7 +1,8 @@
 """The agent's data plane in one object: shard store, side channel, puller, Shards service.
 
 The daemon makes one `DataNode`, registers it with its gRPC server, and closes it on stop.
-The store's quota comes from `LEPTON_SHARD_QUOTA_BYTES` (unset: only the disk limits).
+The store's quota comes from `LEPTON_SHARD_QUOTA_BYTES` (unset: only the disk limits). With
+a shard key file (the cluster secret) new blobs are encrypted at rest (docs/data.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from lepton.agent.heartbeat import CoordinatorLink
+from lepton.agent.shard_crypto import ShardCipher
 from lepton.agent.shard_service import ShardService, add_to_server
 from lepton.agent.shards import ShardStore
 from lepton.agent.transfer import ByteCounter, Puller, SideChannel
@@ -48,14 +50,33 @@ def quota_from_env(env=os.environ) -> int | None:
     return int(raw)
 
 
+def load_cipher(shard_key_file: str, tls: TlsConfig | None = None) -> ShardCipher | None:
+    """The shard cipher from the cluster secret's file, or None (no encryption at rest).
+    Raises InvalidArgument for a missing, unreadable or malformed file. Logs the key id,
+    never the secret."""
+    if not shard_key_file:
+        return None
+    from lepton.common import cluster_secret
+
+    cipher = ShardCipher.from_file(shard_key_file)
+    if cluster_secret.loosely_readable(shard_key_file):
+        logger.warning("shard key file %s can be read by group or others: chmod 600 it", shard_key_file)
+    if tls is None:
+        logger.warning("shards are encrypted at rest, but cross the network in plaintext without --tls-dir")
+    logger.info("shards are encrypted at rest (AES-256-GCM, key id %s)", cipher.key_id)
+    return cipher
+
+
 class DataNode:
     def __init__(
         self, data_dir: Path, node_id: str, listen: str, coordinators: list[str],
-        on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None,
+        on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None, shard_key_file: str = "",
     ):
         self.node_id = node_id
         self._on_bytes = on_bytes  # shard bytes in/out, for metrics
-        self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env())
+        cipher = load_cipher(shard_key_file, tls=tls)
+        # Raises FailedPrecondition when the store was sealed with another key, or without one now.
+        self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env(), cipher=cipher)
         host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Its own flag (not a fixed port) so several agents can share a host; port 0 turns it off.
     p.add_argument("--metrics-listen", dest="metrics_listen",
                    help="HOST:PORT for Prometheus /metrics (default 127.0.0.1:9100; port 0: off)")
+    p.add_argument("--shard-key-file", dest="shard_key_file",
+                   help="the cluster secret (lepton-ctl secret init): encrypt shards at rest")
+    p.add_argument("--task-log-max-bytes", dest="task_log_max_bytes",
+                   help="rotate a task attempt's output past this size, e.g. 64MiB (default 256MiB; 0: no cap)")
+    p.add_argument("--task-retention", dest="task_retention_s", type=float,
+                   help="seconds to keep finished attempts' folders after their exit is reported "
+                        "(default 86400; 0: forever)")
     return p
 
 

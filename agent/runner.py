@@ -8,13 +8,16 @@ agent re-adopts the attempts that still run and reports the ones that ended mean
 
 Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
   output.log     stdout+stderr of the task (one open file for both, so their order holds)
+  output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
+  rotation.json  also maps the offsets readers use onto these two files)
   run.json       spec, pid (= pgid = sid), process start time, boot id, deadline. Written
                  before the spawn with pid 0 (intent), then again with the pid.
   stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
   exit.json      {"rc": N}, the shell's `$?`, written by the wrapper when the command ends
   reported.json  the EXITED event as reported: its presence means "done, never again"
 The folder itself is the record that the attempt ran: it is made exclusively before
-anything starts and never removed here, so an attempt never runs twice on this node.
+anything starts, so an attempt never runs twice on this node. With a retention, `sweep`
+deletes it once its exit is reported and the coordinator no longer wants the attempt.
 `data_dir/runner.json` keeps the newest leader term seen, for fencing across restarts.
 
 Choices:
@@ -50,6 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lepton.agent import task_logs
 from lepton.agent import task_proc as tp
 from lepton.agent.task_spec import (
     TASK_ID_RE,
@@ -61,11 +65,15 @@ from lepton.agent.task_spec import (
 )
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
-__all__ = ["RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
+__all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
+
+Chunk = task_logs.Chunk
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # exit / deadline checks, and follow()'s tail interval
+LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
+SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
 GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
@@ -119,7 +127,17 @@ class TaskRunner:
         on_event: Callable[[TaskEvent], None],
         *,
         base_env: Mapping[str, str] | None = None,
+        log_max_bytes: int = 0,
+        retention_s: float = 0.0,
+        log_check_s: float = LOG_CHECK_S,
+        sweep_s: float = SWEEP_S,
     ):
+        """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
+        (0: keep forever). Raises InvalidArgument for negative or non-finite values."""
+        for name, value in (("log_max_bytes", log_max_bytes), ("retention_s", retention_s),
+                            ("log_check_s", log_check_s), ("sweep_s", sweep_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise InvalidArgument(f"{name} must be a finite number >= 0, not {value!r}")
         self._root = Path(data_dir) / "tasks"
         self._term_path = Path(data_dir) / "runner.json"
         self._on_event = on_event
@@ -128,6 +146,14 @@ class TaskRunner:
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
         self._boot = tp.boot_id()
+        self._outputs = task_logs.OutputLogs(int(log_max_bytes))
+        self._retention_s = retention_s
+        self._log_check_s = log_check_s
+        self._sweep_s = sweep_s
+        # The attempts the last accepted desired set named; None until one came. The sweep
+        # keeps these: an attempt the coordinator still wants must still read "ran here".
+        self._desired: set[tuple[str, int]] | None = None
+        self._sweeper: asyncio.Task[int] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -162,10 +188,13 @@ class TaskRunner:
         """Stop watching. Does not signal any task: they outlive the agent, and the next
         `start()` (in this process or a new one) re-adopts them."""
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        sweeper, self._sweeper = self._sweeper, None
+        for task in (watcher, sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._outputs.close()
         self._live.clear()
 
     # ---- commands ----------------------------------------------------------------------
@@ -263,36 +292,49 @@ class TaskRunner:
         """Where the attempt's output goes (it may not exist). Raises InvalidArgument for bad ids."""
         return self._attempt_dir(task_id, attempt) / "output.log"
 
-    async def follow(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
-        """Output chunks (at most CHUNK_BYTES) from byte `offset`. Without `follow`, what is
-        there now; with it, tails until this runner has seen the attempt exit and the file
-        is drained. Raises (on first iteration) InvalidArgument for bad ids or offset,
-        NotFound when the attempt never ran on this node."""
+    async def output(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[Chunk]:
+        """Output chunks (data at most CHUNK_BYTES) from stream offset `offset` (see
+        `task_logs`: offsets count rotated-away output too). Without `follow`, what is there
+        now: from 0, output.log.1 then output.log, after a note when older output was dropped.
+        With it, tails until this runner has seen the attempt exit and the output is drained.
+        Raises (on first iteration) InvalidArgument for bad ids or offset, NotFound when the
+        attempt never ran on this node, or its folder was deleted by the retention."""
         att_dir = self._attempt_dir(task_id, attempt)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"offset must be an integer >= 0, not {offset!r}")
         if not att_dir.is_dir():
-            raise NotFound(f"attempt {attempt} of task {task_id} never ran on this node")
+            raise NotFound(f"attempt {attempt} of task {task_id} has no output on this node "
+                           "(it never ran here, or the task retention deleted it)")
         key = (task_id, attempt)
-        f = None
-        try:
-            while True:
-                # Decide "done" before reading, so bytes written just before exit are drained.
-                done = not follow or key not in self._live
-                if f is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        f = open(att_dir / "output.log", "rb", buffering=0)  # noqa: SIM115
-                        f.seek(offset)
-                chunk = f.read(CHUNK_BYTES) if f is not None else b""
-                if chunk:
-                    yield chunk
-                elif done:
-                    return
-                else:
-                    await asyncio.sleep(POLL_S)
-        finally:
-            if f is not None:
-                f.close()
+        async for chunk in task_logs.read_output(
+                self._outputs, att_dir, offset, keep_following=lambda: follow and key in self._live,
+                chunk_bytes=CHUNK_BYTES, poll_s=POLL_S):
+            yield chunk
+
+    async def follow(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
+        """`output` as bytes alone (notes included)."""
+        async for chunk in self.output(task_id, attempt, offset=offset, follow=follow):
+            yield chunk.data
+
+    async def sweep(self) -> int:
+        """Delete the attempt folders the retention allows: exit reported more than
+        `retention_s` ago, not running, and not in the last desired set (the coordinator
+        forgets an attempt only once it has its exit; until then it must stay "ran here").
+        Nothing before the first desired set. Returns how many were deleted."""
+        if not self._retention_s or self._desired is None:
+            return 0
+        keep = set(self._live) | self._desired
+        removed, freed, touched = await asyncio.to_thread(
+            task_logs.sweep_finished, self._root, self._retention_s, keep, time.time())
+        for att_dir in removed:
+            self._outputs.forget(att_dir)
+        for task_dir in touched:  # here, not in the thread: launch() makes these on the loop
+            with contextlib.suppress(OSError):
+                task_dir.rmdir()  # only when empty
+        if removed:
+            logger.info("retention: deleted %d finished attempt folder(s) reported over %gs ago (%.1f MiB)",
+                        len(removed), self._retention_s, freed / (1 << 20))
+        return len(removed)
 
     def reconcile(self, desired: Iterable[RunSpec], term: int) -> str:
         """Make the running set match `desired`: launch the attempts not running (and never
@@ -321,6 +363,7 @@ class TaskRunner:
                 rejected += 1
                 continue
             want[(spec.task_id, spec.attempt)] = spec
+        self._desired = set(want)
         stopped = 0
         for key, att in list(self._live.items()):
             if key not in want and not att.stop_reason:
@@ -421,13 +464,30 @@ class TaskRunner:
         return True
 
     async def _watch(self) -> None:
+        next_logs = next_sweep = time.monotonic()
         while True:
             await asyncio.sleep(POLL_S)
+            now = time.monotonic()
+            check_logs = now >= next_logs
+            if check_logs:
+                next_logs = now + self._log_check_s
             for att in list(self._live.values()):
                 try:
                     self._check(att)
+                    if check_logs and att.key in self._live:
+                        self._outputs.check(att.dir)
                 except Exception:  # keep watching the others
                     logger.exception("watching task %s attempt %d failed", *att.key)
+            if self._retention_s and now >= next_sweep and (self._sweeper is None or self._sweeper.done()):
+                next_sweep = now + self._sweep_s
+                self._sweeper = asyncio.create_task(self._sweep_logged(), name="task-retention")
+
+    async def _sweep_logged(self) -> int:
+        try:
+            return await self.sweep()
+        except Exception:  # the next sweep tries again
+            logger.exception("retention sweep failed")
+            return 0
 
     def _check(self, att: _Attempt) -> None:
         exited, code = self._poll_exit(att)
@@ -499,6 +559,7 @@ class TaskRunner:
         self._live.pop(att.key, None)
         if att.proc is not None:
             _OWN_CHILDREN.pop(att.pid, None)
+        self._outputs.finished(att.dir)
         if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
         exit_path = att.dir / "exit.json"

@@ -19,12 +19,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if request.offset > 1 << 50:
             raise InvalidArgument("offset is out of range")
         attempt = request.attempt or latest_attempt(self._runner, request.task_id)
-        offset = request.offset
-        async for chunk in self._runner.follow(
-            request.task_id, attempt, offset=offset, follow=request.follow
+        # Offsets are the runner's stream offsets: exact across output rotations (see
+        # agent/task_logs.py); a note chunk's offset is where the output resumes.
+        async for chunk in self._runner.output(
+            request.task_id, attempt, offset=request.offset, follow=request.follow
         ):
-            yield agent_pb2.LogChunk(data=chunk, offset=offset)
-            offset += len(chunk)
+            yield agent_pb2.LogChunk(data=chunk.data, offset=chunk.offset, note=chunk.note)
 
 
 def latest_attempt(runner: TaskRunner, task_id: str) -> int:

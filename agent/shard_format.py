@@ -228,3 +228,35 @@ def concat_shards(paths: list[Path], out: str | Path) -> int:
 def iter_rows(paths: list[Path]) -> Iterator[np.ndarray]:
     for p in paths:
         yield np.load(p, mmap_mode="r", allow_pickle=False)
+
+
+def array_from_buffer(buf: bytearray, what: str = "buffer") -> np.ndarray:
+    """A read-only array over the .npy image in `buf` (a decrypted shard), without a copy.
+    Raises InvalidArgument when it is not a .npy image of plain data."""
+    reader = _BufferReader(buf)
+    try:
+        version = np.lib.format.read_magic(reader)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(reader)
+    except ValueError as err:
+        raise InvalidArgument(f"{what} is not a .npy file: {err}") from None
+    if dtype.hasobject:
+        raise InvalidArgument(f"{what} holds Python objects")
+    arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=reader.pos)
+    arr = arr.reshape(shape, order="F" if fortran else "C")
+    arr.flags.writeable = False
+    return arr
+
+
+class _BufferReader:
+    """Just enough of a file over a buffer for numpy's header reader (no copy of the data)."""
+
+    def __init__(self, buf: bytearray):
+        self._view = memoryview(buf)
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self.pos + n)
+        data = bytes(self._view[self.pos:end])
+        self.pos = end
+        return data

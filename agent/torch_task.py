@@ -27,8 +27,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +115,20 @@ def shard_assignment(shard_ids: list[str], world: int) -> list[list[str]]:
     return [shard_ids[r::world] for r in range(world)]
 
 
-def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
-    """Paths of each local rank's shards, fetched into this node's store when missing."""
+def scratch_root(job_dir: Path) -> str:
+    """Where encrypted shards are decrypted for the workers: memory (/dev/shm) when there is
+    one, so plaintext does not land on the disk the encryption protects; else the job dir."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else str(job_dir)
+
+
+def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...], ...]:
+    """Paths of each local rank's shards, fetched into this node's store when missing. The
+    node's encrypted shards are decrypted into `scratch` (private; the caller removes it)."""
     dataset = launch.get("dataset", "")
     if not dataset:
         return ()
+    from lepton.agent.shard_crypto import ShardCipher
     from lepton.agent.shards import ShardStore
     from lepton.agent.transfer import Puller
     from lepton.client import Client
@@ -132,7 +143,10 @@ def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
         ds = client.dataset(dataset)
     per_rank = shard_assignment([s.id for s in ds.shards], world)
     mine = [per_rank[node_rank * nproc + i] for i in range(nproc)]
-    store = ShardStore(Path(launch["data_dir"]) / "shards")
+    key_file = launch.get("shard_key_file", "")
+    cipher = ShardCipher.from_file(key_file) if key_file else None
+    # The agent's live store: leave its writes in progress alone (clean_tmp=False).
+    store = ShardStore(Path(launch["data_dir"]) / "shards", cipher=cipher, clean_tmp=False)
     by_id = {s.id: s for s in ds.shards}
     missing = [sid for ranks in mine for sid in ranks if not store.has(sid)]
     if missing:
@@ -146,7 +160,7 @@ def local_shards(launch: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
         if result.failed:
             sid, why = next(iter(result.failed.items()))
             raise OSError(f"cannot fetch shard {sid[:12]}: {why}")
-    return tuple(tuple(str(store.path(sid)) for sid in ranks) for ranks in mine)
+    return tuple(tuple(str(store.plain_path(sid, scratch)) for sid in ranks) for ranks in mine)
 
 
 async def _copy_output(log_dir: Path, nranks: int, done: asyncio.Event) -> None:
@@ -174,12 +188,21 @@ async def _copy_output(log_dir: Path, nranks: int, done: asyncio.Event) -> None:
 
 async def run(launch: dict[str, Any]) -> int:
     job_dir = Path(launch["data_dir"]) / "jobs" / launch["job_id"]
+    job_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"lepton-shards-{launch['job_id']}-", dir=scratch_root(job_dir)))
+    try:
+        return await _run(launch, job_dir, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # decrypted shards live only as long as the job
+
+
+async def _run(launch: dict[str, Any], job_dir: Path, scratch: Path) -> int:
     log_dir = job_dir / f"restart-{launch['restart_count']}" / f"node-{launch['node_rank']}"
     checkpoints = job_dir / "checkpoints"
     log_dir.mkdir(parents=True, exist_ok=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
     try:
-        shards = await asyncio.to_thread(local_shards, launch)
+        shards = await asyncio.to_thread(local_shards, launch, scratch)
         if launch["node_rank"] == 0 and launch.get("servers"):
             print(f"lepton: {await asyncio.to_thread(fetch_checkpoint, launch, checkpoints)}", flush=True)
     except Exception as err:  # noqa: BLE001 - any failure to stage data fails this attempt

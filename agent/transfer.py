@@ -17,6 +17,13 @@ from the next replica; the whole hash is checked at the end; nothing is stored u
 matches. Memory: one CHUNK buffer per transfer.
 
 `ReadShard` (gRPC streaming) carries the same frames, for peers without the side channel.
+
+Shards encrypted at rest (`agent/shard_crypto.py`) travel as plaintext frames too: the
+holder decrypts and authenticates each chunk before it sends it (no `sendfile` then), so a
+chunk that fails authentication is never sent; the stream stops there, the holder
+quarantines its copy, and the puller resumes from the next replica. The wire carries the
+same checkpoints either way, and the receiver seals with its own store's key. Confidentiality
+on the wire is TLS's job (`--tls-dir`). Why this design: docs/data.md.
 """
 
 from __future__ import annotations
@@ -146,10 +153,13 @@ class SideChannel:
             self._send(conn, *ticket)
 
     def _send(self, conn: socket.socket, shard_id: str, offset: int) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.store.encrypted(shard_id):
+            self._send_sealed(conn, shard_id, offset)
+            return
         size = self.store.size(shard_id)
         digests = self.store.checkpoints(shard_id)
         ends = checkpoint_offsets(size)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with open(self.store.path(shard_id), "rb") as f:
             for i, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
                 if start < offset:
@@ -161,6 +171,16 @@ class SideChannel:
                     raise OSError("the blob is shorter than its size")
                 if self.on_bytes is not None:
                     self.on_bytes("out", end - start)
+        conn.sendall(FRAME.pack(END, 0, bytes(32)))
+
+    def _send_sealed(self, conn: socket.socket, shard_id: str, offset: int) -> None:
+        """Each chunk decrypted and authenticated before it is sent. A chunk that fails
+        raises ShardCorrupt (the store has quarantined the blob) and ends the stream early."""
+        for start, data, digest in self.store.read_chunks(shard_id, offset, reuse=True):
+            conn.sendall(FRAME.pack(start, len(data), digest))
+            conn.sendall(data)
+            if self.on_bytes is not None:
+                self.on_bytes("out", len(data))
         conn.sendall(FRAME.pack(END, 0, bytes(32)))
 
     def close(self) -> None:

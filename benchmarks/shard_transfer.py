@@ -8,7 +8,9 @@
 
 Both data dirs go under `--dir` (default: /dev/shm when present, so the disk's own speed
 does not hide the transfer's; pass a disk path to include it). Each measurement is the best
-of `--repeat`. Prints one JSON object with raw_tcp_GBps, shard_GBps and ratio.
+of `--repeat`. `--encrypt`: both agents encrypt shards at rest (a fresh cluster secret), so
+A decrypts and authenticates every chunk before sending it and B seals what it stores.
+Prints one JSON object with raw_tcp_GBps, shard_GBps, ratio and encrypt.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
 
+from lepton.agent.shard_crypto import ShardCipher  # noqa: E402
 from lepton.agent.shards import ShardStore  # noqa: E402
+from lepton.common import cluster_secret  # noqa: E402
 from lepton.v1 import datasets_pb2 as dpb  # noqa: E402
 from lepton.v1.datasets_pb2_grpc import ShardsStub  # noqa: E402
 
@@ -61,8 +65,8 @@ def raw_tcp(total: int) -> float:
     return total / dt / 1e9
 
 
-def make_shards(root: Path, count: int, size: int) -> list[tuple[str, int]]:
-    store = ShardStore(root)
+def make_shards(root: Path, count: int, size: int, key_file: str = "") -> list[tuple[str, int]]:
+    store = ShardStore(root, cipher=ShardCipher.from_file(key_file) if key_file else None)
     rng = np.random.default_rng(0)
     out = []
     for _ in range(count):
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--shard-mib", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ap.add_argument("--encrypt", action="store_true", help="shards encrypted at rest on both agents")
     args = ap.parse_args()
     total = int(args.gib * (1 << 30))
     count = max(1, -(-total // (args.shard_mib * MiB)))
@@ -89,9 +94,12 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="lepton-bench-shards-", dir=args.dir)
     a = b = None
     try:
-        shards = make_shards(Path(root) / "a" / "shards", count, args.shard_mib * MiB)
-        a = Agent(name="a", root=root)
-        b = Agent("--join", a.address, name="b", root=root)
+        key: list[str] = []
+        if args.encrypt:
+            key = ["--shard-key-file", str(cluster_secret.create(Path(root) / "cluster.secret"))]
+        shards = make_shards(Path(root) / "a" / "shards", count, args.shard_mib * MiB, *key[1:])
+        a = Agent(*key, name="a", root=root)
+        b = Agent("--join", a.address, *key, name="b", root=root)
         req = dpb.PullShardsRequest(shards=[
             dpb.ShardSource(shard_id=sid, size=size, sources=[a.address]) for sid, size in shards])
         best = 0.0
@@ -113,6 +121,7 @@ def main() -> None:
             "shards": count,
             "storage": args.dir or tempfile.gettempdir(),
             "cpus": os.cpu_count(),
+            "encrypt": args.encrypt,
         })
     finally:
         for agent in (b, a):

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_security.register(top, common)
     cli_certs.register(top, common)
+    from . import cli_secret  # the cluster secret: shard encryption at rest
+
+    cli_secret.register(top, common)
     cli_top.register(top, common)
     cli_ml.register(top, common)
 

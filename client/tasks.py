@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.sizes import parse_size
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
@@ -53,42 +53,6 @@ WAIT_CHUNK_S = 60.0
 # over on its agent but not yet in the coordinator's state (doubling up to the maximum).
 LOG_POLL_INITIAL_S = 0.2
 LOG_POLL_MAX_S = 1.0
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-_SIZE_UNITS: dict[str, int] = {"": 1, "b": 1}
-for _i, _letter in enumerate("kmgtpe", start=1):
-    _SIZE_UNITS[_letter] = _SIZE_UNITS[_letter + "i"] = _SIZE_UNITS[_letter + "ib"] = 1024**_i
-    _SIZE_UNITS[_letter + "b"] = 1000**_i
-
-
-def parse_size(value: int | float | str, what: str = "size") -> int:
-    """Bytes from an int or a string such as `512MiB`, `2G`, `1.5GiB`, `100MB`, `4096`.
-
-    `K`/`Ki`/`KiB`, `M`/`Mi`/`MiB`, `G`, `T`, `P`, `E` (any case) are powers of 1024; `KB`,
-    `MB`, `GB`, ... are powers of 1000. Fractions round to the nearest byte. Raises
-    InvalidArgument for anything else, negative sizes included.
-    """
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be a size, not {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise InvalidArgument(f"{what} must not be negative, got {value}")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value < 0:
-            raise InvalidArgument(f"{what} must be a size >= 0, got {value}")
-        return round(value)
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{what} must be an int or a string, not {type(value).__name__}")
-    m = _SIZE_RE.match(value)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _SIZE_UNITS:
-        hint = "must not be negative" if value.strip().startswith("-") else "is not a size"
-        raise InvalidArgument(
-            f"{what} {value!r} {hint} (expected bytes, or a number and a unit: 512MiB, 2G, 1.5GiB)"
-        )
-    return round(float(m.group(1)) * _SIZE_UNITS[unit])
-
 
 def _number(value: Any, what: str, *, integer: bool = False) -> Any:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -434,7 +398,8 @@ class TaskMethods:
             number = attempt or _latest_run(task)
             if number:
                 address = self._attempt_address(task, number)
-                yield from self._agent_logs(address, task_id, number, follow=False, offset=0)
+                for data, _ in self._agent_logs(address, task_id, number, follow=False, offset=0):
+                    yield data
             return
 
         number, offset = attempt or first or task.attempt, 0
@@ -450,8 +415,9 @@ class TaskMethods:
             live = current and not task.done
             try:
                 address = self._attempt_address(task, number)
-                for chunk in self._agent_logs(address, task_id, number, follow=live, offset=offset):
-                    offset += len(chunk)
+                chunks = self._agent_logs(address, task_id, number, follow=live, offset=offset)
+                for chunk, resume_at in chunks:
+                    offset = resume_at  # the agent's offsets: exact across its output rotations
                     pause.reset()
                     yield chunk
             except NotFound as e:
@@ -488,14 +454,16 @@ class TaskMethods:
 
     def _agent_logs(
         self, address: str, task_id: str, attempt: int, *, follow: bool, offset: int
-    ) -> Iterator[bytes]:
+    ) -> Iterator[tuple[bytes, int]]:
+        """(data, the offset to resume at after it) for each chunk the agent sends. Offsets are
+        the agent's: output it rotated away still counts, and its notes take none."""
         req = apb.StreamLogsRequest(task_id=task_id, attempt=attempt, follow=follow, offset=offset)
         call = self._conn(address).stub(AgentStub).StreamLogs(req)
         self._streams.add(call)  # so that close() ends it
         try:
             for chunk in call:
                 if chunk.data:
-                    yield chunk.data
+                    yield chunk.data, chunk.offset if chunk.note else chunk.offset + len(chunk.data)
         except grpc.RpcError as err:
             if self._closed or err.code() == grpc.StatusCode.CANCELLED:
                 return

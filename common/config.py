@@ -7,6 +7,7 @@ Each field carries a comment saying why it exists or why its default is what it 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.common.errors import InvalidArgument
+from lepton.common.sizes import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +25,8 @@ else:  # pragma: no cover
 
 DEFAULT_PORT = 7070
 ENV_PREFIX = "LEPTON_"
+MIN_TASK_LOG_BYTES = 4096  # below a disk block, every rotation would copy whole blocks for nothing
+SIZE_FIELDS = ("task_log_max_bytes",)  # also take "256MiB"; parsed in __post_init__
 
 
 def split_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -111,6 +115,15 @@ class AgentConfig:
     # Prometheus /metrics. Loopback by default: metrics name nodes and addresses. 9100 is the
     # port deploy/ exposes; port 0 turns it off (several agents on one host, tests).
     metrics_listen: str = "127.0.0.1:9100"
+    # The cluster secret's file (`lepton-ctl secret init`); set: shards are encrypted at rest
+    # with a key derived from it. The same file on every agent; only its path is ever logged.
+    shard_key_file: str = ""
+    # Per task attempt, output.log is rotated to output.log.1 past this many bytes ("256MiB"
+    # works), so one chatty task cannot fill the disk: about 2x this per attempt. 0: no cap.
+    task_log_max_bytes: int = 256 << 20
+    # Finished attempts' folders (output, workdir) are deleted this long after their exit was
+    # reported: a day leaves time to read the output of last night's runs. 0: keep forever.
+    task_retention_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -144,6 +157,17 @@ class AgentConfig:
             raise InvalidArgument("memory_bytes must be > 0")
         if self.fake_gpus is not None and not 0 <= self.fake_gpus <= 64:
             raise InvalidArgument("fake_gpus must be between 0 and 64")
+        self.task_log_max_bytes = parse_size(self.task_log_max_bytes, "task_log_max_bytes")
+        if 0 < self.task_log_max_bytes < MIN_TASK_LOG_BYTES:
+            raise InvalidArgument(f"task_log_max_bytes must be 0 (no cap) or at least {MIN_TASK_LOG_BYTES}")
+        if not 0 <= self.task_retention_s < math.inf:
+            raise InvalidArgument("task_retention_s must be >= 0 (0: keep forever)")
+        if self.shard_key_file:
+            from lepton.common import cluster_secret
+
+            # Absolute, so a task (a torch job reading shards) finds it from any directory.
+            self.shard_key_file = os.path.abspath(self.shard_key_file)
+            cluster_secret.read(self.shard_key_file)  # a bad file fails the start, naming it
         self.log_level = self.log_level.upper()
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise InvalidArgument(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
@@ -181,7 +205,7 @@ class AgentConfig:
 def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
     """Turn a string (env var) or TOML value into the field's type."""
     kind = str(f.type)
-    if raw is None or not isinstance(raw, str):
+    if raw is None or not isinstance(raw, str) or f.name in SIZE_FIELDS:
         return raw
     if kind.startswith("bool"):
         if raw.strip().lower() in ("1", "true", "yes", "on"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import grpc
 import psutil
@@ -128,6 +129,39 @@ def test_logs_follow_streams_live_output(agents):
         assert data.decode().splitlines() == ["line 1", "line 2", "line 3", "oops"]
     out = run_ctl("logs", t.id, server=node.address, check=True)
     assert "line 3" in out.stdout
+
+
+# 8 blocks of 128 KiB (1 MiB) of numbered lines; after each, the task waits until the agent
+# has rotated its output.log (it shrinks below a block), so the cap is seen to hold throughout.
+CAPPED_WRITER = """
+import os, sys, time
+for b in range(8):
+    os.write(1, b"".join(b"%03d-%05d ".ljust(63, b".") % (b, i) + b"\\n" for i in range(2048)))
+    deadline = time.monotonic() + 30
+    while os.stat("output.log").st_size >= 128 * 1024:
+        if time.monotonic() > deadline:
+            sys.exit(3)
+        time.sleep(0.01)
+"""
+
+
+def test_task_output_is_capped_and_still_readable(agents):
+    node = agents("solo", "--task-log-max-bytes", "64KiB")
+    last = b"007-02047 ".ljust(63, b".") + b"\n"
+    with Client(node.address) as c:
+        t = c.submit([sys.executable, "-c", CAPPED_WRITER])
+        followed = b"".join(c.logs(t.id, follow=True))
+        assert c.wait(t.id, timeout=60).state == "succeeded"
+        att = node.data_dir / "tasks" / t.id / "1"
+        sizes = {f.name: f.stat().st_size for f in att.iterdir() if f.name.startswith("output.log")}
+        assert sizes.keys() == {"output.log", "output.log.1"}
+        assert sum(sizes.values()) <= 2 * 128 * 1024 + 64 * 1024, sizes
+        assert followed.endswith(last)  # a follower left behind gets notes, and goes on
+        kept = b"".join(c.logs(t.id))
+        assert kept.startswith(b"[lepton: output rotated: ") and kept.endswith(last)
+        assert len(kept) < 2 * 128 * 1024 + 64 * 1024 + 100
+    out = run_ctl("logs", t.id, server=node.address, check=True)
+    assert out.stdout.encode() == kept
 
 
 def test_run_streams_and_exits_with_the_task_code(agents):

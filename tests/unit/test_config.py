@@ -36,6 +36,11 @@ def test_lists_and_labels_parse():
         ({"fake_gpus": 100}, "fake_gpus"),
         ({"log_level": "chatty"}, "log_level"),
         ({"metrics_listen": "9100"}, "metrics_listen"),
+        ({"task_log_max_bytes": "lots"}, "task_log_max_bytes"),
+        ({"task_log_max_bytes": -1}, "task_log_max_bytes"),
+        ({"task_log_max_bytes": 100}, "task_log_max_bytes"),
+        ({"task_retention_s": -1}, "task_retention_s"),
+        ({"task_retention_s": float("nan")}, "task_retention_s"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(kwargs, fragment):
@@ -56,3 +61,20 @@ def test_bad_file_and_env_values(tmp_path):
 
 def test_parse_labels_mapping_passthrough():
     assert parse_labels({"a": 1}) == {"a": "1"}
+
+
+def test_task_disk_settings_take_sizes_from_every_layer(tmp_path):
+    from lepton.agent.main import build_parser
+
+    defaults = AgentConfig()
+    assert (defaults.task_log_max_bytes, defaults.task_retention_s) == (256 << 20, 86400.0)
+    f = tmp_path / "agent.toml"
+    f.write_text('task_log_max_bytes = "1GiB"\ntask_retention_s = 60\n')
+    assert load_config(env={}, config_file=str(f)).task_log_max_bytes == 1 << 30
+    env = {"LEPTON_TASK_LOG_MAX_BYTES": "64KiB", "LEPTON_TASK_RETENTION_S": "0"}
+    cfg = load_config(env=env, config_file=str(f))
+    assert (cfg.task_log_max_bytes, cfg.task_retention_s) == (64 << 10, 0.0)
+    flags = vars(build_parser().parse_args(["--task-log-max-bytes", "0", "--task-retention", "3600"]))
+    cfg = load_config(flags, env=env)
+    assert (cfg.task_log_max_bytes, cfg.task_retention_s) == (0, 3600.0)
+    assert AgentConfig(task_log_max_bytes=8192).task_log_max_bytes == 8192

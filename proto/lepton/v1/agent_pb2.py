@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/agent.proto\x12\tlepton.v1\"U\n\x11StreamLogsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"(\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x32J\n\x05\x41gent\x12\x41\n\nStreamLogs\x12\x1c.lepton.v1.StreamLogsRequest\x1a\x13.lepton.v1.LogChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/agent.proto\x12\tlepton.v1\"U\n\x11StreamLogsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"6\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04note\x18\x03 \x01(\x08\x32J\n\x05\x41gent\x12\x41\n\nStreamLogs\x12\x1c.lepton.v1.StreamLogsRequest\x1a\x13.lepton.v1.LogChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMLOGSREQUEST']._serialized_start=36
   _globals['_STREAMLOGSREQUEST']._serialized_end=121
   _globals['_LOGCHUNK']._serialized_start=123
-  _globals['_LOGCHUNK']._serialized_end=163
-  _globals['_AGENT']._serialized_start=165
-  _globals['_AGENT']._serialized_end=239
+  _globals['_LOGCHUNK']._serialized_end=177
+  _globals['_AGENT']._serialized_start=179
+  _globals['_AGENT']._serialized_end=253
 # @@protoc_insertion_point(module_scope)

@@ -17,9 +17,11 @@ class StreamLogsRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("data", "offset")
+    __slots__ = ("data", "offset", "note")
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    note: bool
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., note: _Optional[bool] = ...) -> None: ...

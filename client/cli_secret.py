@@ -1,0 +1,60 @@
+"""lepton-ctl's cluster secret commands: `secret init` (make one) and `secret id` (which key).
+
+The secret encrypts shards at rest (`lepton-agent --shard-key-file`); see docs/operations.md.
+They work on local files and never call the cluster, and never print the secret itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ._cli_common import _Parser, _print_json
+
+__all__ = ["register"]
+
+
+def _key_id(path: str) -> str:
+    from lepton.agent.shard_crypto import ShardCipher
+
+    return ShardCipher.from_file(path).key_id
+
+
+def cmd_secret_init(args: argparse.Namespace) -> int:
+    from lepton.common import cluster_secret
+
+    path = cluster_secret.create(args.out)  # AlreadyExists when there is one: never overwritten
+    key_id = _key_id(str(path))
+    if args.output == "json":
+        _print_json({"secret_file": str(path), "key_id": key_id})
+    else:
+        sys.stdout.write(f"created the cluster secret {path} (mode 0600, key id {key_id})\n")
+        sys.stdout.write("copy it to every agent and start each with --shard-key-file FILE; "
+                         "losing it loses the encrypted shards\n")
+    return 0
+
+
+def cmd_secret_id(args: argparse.Namespace) -> int:
+    key_id = _key_id(args.file)
+    if args.output == "json":
+        _print_json({"secret_file": args.file, "key_id": key_id})
+    else:
+        sys.stdout.write(f"{key_id}\n")
+    return 0
+
+
+def register(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add `secret init|id` to lepton-ctl's subcommands."""
+    secret = top.add_parser("secret", help="the cluster secret (shard encryption at rest)")
+    sub = secret.add_subparsers(dest="secret_command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    help_ = "write a new cluster secret (32 random bytes, base64) to FILE, mode 0600; never overwrites"
+    p = sub.add_parser("init", help=help_, description=help_, parents=[common])
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    p.set_defaults(func=cmd_secret_init)
+
+    help_ = "print the key id of the secret in FILE (agents log it; stores record it)"
+    p = sub.add_parser("id", help=help_, description=help_, parents=[common])
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_secret_id)

@@ -1,0 +1,65 @@
+"""The cluster secret: 32 random bytes, base64 text in a file only the agent's user reads.
+
+Made once by `lepton-ctl secret init --out FILE` and copied to every agent
+(`--shard-key-file`, `LEPTON_SHARD_KEY_FILE`, `shard_key_file` in the TOML file). The
+shard-at-rest key is derived from it (`lepton.agent.shard_crypto`). Nothing here ever logs
+or prints the secret itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from lepton.common.durable import fsync_dir
+from lepton.common.errors import AlreadyExists, InvalidArgument
+
+SECRET_BYTES = 32
+
+
+def create(path: str | os.PathLike[str]) -> Path:
+    """Write a new secret to `path` (mode 0600, never over an existing file: losing the old
+    one would make every encrypted shard unreadable). Raises AlreadyExists, OSError."""
+    path = Path(path)
+    text = base64.b64encode(secrets.token_bytes(SECRET_BYTES)) + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(f"{path} already exists; a cluster secret is never overwritten") from None
+    try:
+        os.write(fd, text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.absolute().parent)
+    return path
+
+
+def read(path: str | os.PathLike[str]) -> bytes:
+    """The secret's 32 bytes. Raises InvalidArgument naming the file and what is wrong
+    (missing, unreadable, not base64, wrong length) but never its content."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InvalidArgument(f"shard key file {path}: no such file (make one with lepton-ctl secret init)") from None
+    except OSError as err:
+        raise InvalidArgument(f"shard key file {path}: cannot read it: {err.strerror}") from None
+    try:
+        secret = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(f"shard key file {path}: not base64 text (make one with lepton-ctl secret init)") from None
+    if len(secret) != SECRET_BYTES:
+        raise InvalidArgument(f"shard key file {path}: holds {len(secret)} bytes, not {SECRET_BYTES}")
+    return secret
+
+
+def loosely_readable(path: str | os.PathLike[str]) -> bool:
+    """True when group or others may read the file (the agent warns about it)."""
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+    except OSError:
+        return False
