@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lepton.client import Client
-from tests.integration.cluster import run_ctl
+from tests.integration.cluster import run_ctl, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +20,8 @@ def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
     y = (x[:, 0] + x[:, 1] > 0).astype("int64")
     np.savez(tmp_path / "d.npz", x=x, y=y)
     with Client(node.address) as c:
+        # The agent is up before its node registers: placing a replica needs it ready.
+        wait_until(lambda: any(n.state == "ready" for n in c.nodes()), what="node ready")
         c.put_dataset(tmp_path / "d.npz", "lin", shards=2, replicas=1)
     out = run_ctl("train", "--algorithm", "logreg", "--dataset", "lin", "--epochs", "5",
                   "--lr", "0.1", "--out", "lin-model", server=node.address, timeout=240)
