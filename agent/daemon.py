@@ -166,6 +166,8 @@ class Agent:
         self.data = DataNode(
             self.data_dir, self.node_id, self.config.listen, targets, on_bytes=self.agent_metrics.shard_bytes,
             tls=self.tls, shard_key_file=self.config.shard_key_file,
+            inventory_interval_s=self.config.shard_inventory_interval_s,
+            orphan_grace_s=self.config.shard_orphan_grace_s,
         )
         services.append(self.data.add_to_server(self.server))
         register_service(
@@ -185,10 +187,12 @@ class Agent:
             self._usage,
             interval_s=self.config.heartbeat_interval_s,
             on_leader_silent=self.assignments.leader_silent,
+            on_registered=self.data.inventory.wake,  # a returning node's blobs get re-listed
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
         self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
+        self._tasks.append(asyncio.create_task(self.data.inventory.run(), name="shard-inventory"))
         self._write_runtime_file()
 
     def _start_metrics(self) -> None:

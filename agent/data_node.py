@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from lepton.agent.heartbeat import CoordinatorLink
+from lepton.agent.inventory import InventoryReporter
 from lepton.agent.shard_crypto import ShardCipher
 from lepton.agent.shard_service import ShardService, add_to_server
 from lepton.agent.shards import ShardStore
@@ -71,6 +72,7 @@ class DataNode:
     def __init__(
         self, data_dir: Path, node_id: str, listen: str, coordinators: list[str],
         on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None, shard_key_file: str = "",
+        inventory_interval_s: float = 300.0, orphan_grace_s: float = 600.0,
     ):
         self.node_id = node_id
         self._on_bytes = on_bytes  # shard bytes in/out, for metrics
@@ -84,6 +86,8 @@ class DataNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self.store.on_quarantine = self._on_quarantine
+        self.inventory = InventoryReporter(self.store, self._link, node_id,
+                                           interval_s=inventory_interval_s, grace_s=orphan_grace_s)
         logger.info(
             "shard store %s: %d shards, %d bytes, side channel on port %d",
             self.store.root, len(self.store.list()), self.store.used_bytes, self.side.port,
@@ -121,3 +125,4 @@ class DataNode:
             task.cancel()
         self.side.close()
         self.puller.close()
+        await self._link.close()

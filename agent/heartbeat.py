@@ -106,6 +106,7 @@ class Heartbeater:
         interval_s: float,
         on_term: Callable[[int], None] | None = None,
         on_leader_silent: Callable[[], None] | None = None,
+        on_registered: Callable[[], None] | None = None,
     ):
         self._link = link
         self._make_registration = make_registration
@@ -114,6 +115,7 @@ class Heartbeater:
         self._on_term = on_term
         # Other streams to the same leader (assignments) cannot tell it hung: tell them.
         self._on_leader_silent = on_leader_silent
+        self._on_registered = on_registered  # the shard inventory reports at once
         self._registered = False
         self._stream = None  # the HeartbeatStream call, while open
         self._reader: asyncio.Task[None] | None = None
@@ -145,6 +147,8 @@ class Heartbeater:
             self._registered = True
             if resp.heartbeat_interval_ms:
                 self.interval_s = resp.heartbeat_interval_ms / 1000
+            if self._on_registered is not None:
+                self._on_registered()
             return f"registered with the coordinator at {self._link.address}"
         if self._stream is None:
             self._stream = self._link.open_stream("HeartbeatStream")

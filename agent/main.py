@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-retention", dest="task_retention_s", type=float,
                    help="seconds to keep finished attempts' folders after their exit is reported "
                         "(default 86400; 0: forever)")
+    p.add_argument("--shard-inventory-interval", dest="shard_inventory_interval_s", type=float,
+                   help="seconds between reports of this node's shards to the leader (default 300)")
+    p.add_argument("--shard-orphan-grace", dest="shard_orphan_grace_s", type=float,
+                   help="seconds an orphan blob (no dataset needs it here) is kept before it is "
+                        "deleted (default 600; 0: never sweep)")
     return p
 
 

@@ -356,6 +356,9 @@ class ShardStore:
             raise InvalidArgument(f"shard size {size} is out of range")
         with self._lock:
             if shard_id in self._sizes:
+                # Touched under the lock: the orphan sweep (`sweep`) spares it for a grace.
+                with contextlib.suppress(OSError):
+                    os.utime(self._blob_path(shard_id, shard_id in self._sealed))
                 raise AlreadyExists(f"shard {shard_id[:12]} is already stored")
             used = sum(self._sizes.values()) + self._reserved
             if self.quota_bytes is not None and used + size > self.quota_bytes:
@@ -386,17 +389,44 @@ class ShardStore:
             if sealed:
                 self._sealed.add(writer.shard_id)
 
+    def modified_at(self, shard_id: str) -> float | None:
+        """When the blob was written or last touched (wall-clock seconds); None: absent."""
+        try:
+            return self.path(shard_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def sweep(self, shard_id: str, min_age_s: float, now: float) -> bool:
+        """Delete the blob only if it was written or touched at least `min_age_s` before
+        `now` (wall clock). Atomic with `writer()`, which touches a blob it finds stored."""
+        with self._lock:
+            if shard_id not in self._sizes:
+                return False
+            try:
+                mtime = self._blob_path(shard_id, shard_id in self._sealed).stat().st_mtime
+            except FileNotFoundError:
+                mtime = 0.0
+            if now - mtime < min_age_s:
+                return False
+            self._sizes.pop(shard_id)
+            self._sealed.discard(shard_id)
+        self._unlink(shard_id)
+        return True
+
     def delete(self, shard_id: str) -> bool:
         with self._lock:
             present = self._sizes.pop(check_shard_id(shard_id), None) is not None
             self._sealed.discard(shard_id)
+        self._unlink(shard_id)
+        return present
+
+    def _unlink(self, shard_id: str) -> None:
         plain = self._blob_path(shard_id, False)
         for p in (plain, self._blob_path(shard_id, True), plain.with_suffix(".sums")):
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
-        return present
 
     def quarantine(self, shard_id: str, why: str) -> None:
         logger.error("shard %s is corrupt (%s): removed from the store", shard_id[:12], why)

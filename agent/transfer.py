@@ -308,7 +308,11 @@ class Puller:
         try:
             writer: ShardWriter | None = self.store.writer(shard_id, size)
         except AlreadyExists:
-            return 0
+            # A copy the table may not list (a node back after DOWN): the leader lists it
+            # once this returns, so re-hash it first; a corrupt one is removed: fetch it.
+            if self.store.verify(shard_id):
+                return 0
+            writer = None
         errors: list[str] = []
         received = 0
         try:

@@ -156,6 +156,7 @@ POLICY: dict[str, Rule] = {
         "DeleteDataset": USER,  # own datasets; the handler checks the owner
         "ReleaseShards": USER,  # a failed put cleans up after itself
         "DropReplica": NODE_ONLY,
+        "ReportInventory": NODE_ONLY,  # an agent's blobs; the answer drives its orphan sweep
     }),
     **_svc("lepton.v1.Shards", {
         "WriteShard": USER_OR_NODE,

@@ -124,6 +124,14 @@ class AgentConfig:
     # Finished attempts' folders (output, workdir) are deleted this long after their exit was
     # reported: a day leaves time to read the output of last night's runs. 0: keep forever.
     task_retention_s: float = 24 * 3600.0
+    # How often the agent reports its shards to the leader (a digest; the listing only when
+    # something changed), which re-lists a returning node's copies and finds orphans. It
+    # also reports at every (re-)registration. Minutes: nothing here is urgent.
+    shard_inventory_interval_s: float = 300.0
+    # A blob no dataset needs on this node (a deleted dataset's, a dropped replica, a crashed
+    # put's) is deleted once the leader says so and its file is this old: longer than a put
+    # takes from upload to commit. 0: never sweep.
+    shard_orphan_grace_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -162,6 +170,10 @@ class AgentConfig:
             raise InvalidArgument(f"task_log_max_bytes must be 0 (no cap) or at least {MIN_TASK_LOG_BYTES}")
         if not 0 <= self.task_retention_s < math.inf:
             raise InvalidArgument("task_retention_s must be >= 0 (0: keep forever)")
+        if not 0 < self.shard_inventory_interval_s <= 24 * 3600:
+            raise InvalidArgument("shard_inventory_interval_s must be > 0 and at most a day")
+        if not 0 <= self.shard_orphan_grace_s <= 30 * 24 * 3600:
+            raise InvalidArgument("shard_orphan_grace_s must be between 0 (no sweeping) and 30 days")
         if self.shard_key_file:
             from lepton.common import cluster_secret
 

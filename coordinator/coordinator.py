@@ -65,6 +65,14 @@ class Coordinator:
             self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader
         )
         self.state.add_listener(self.replication.wake)
+        from lepton.coordinator.reconcile import Reconciler
+
+        self.reconciler = Reconciler(
+            self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader,
+            term=self.consensus.term, monotonic=time.monotonic,
+        )
+        self.state.add_listener(self.reconciler.on_node_change)
+        self.consensus.add_leadership_listener(self.reconciler.on_leadership)
         self.consensus.add_leadership_listener(self.liveness.on_leadership)
         self.consensus.add_leadership_listener(self.scheduling.wake)
         self.consensus.add_leadership_listener(self.ctx.hub.wake_all)
@@ -127,7 +135,7 @@ class Coordinator:
         from lepton.coordinator.dataset_api import DatasetService
         from lepton.coordinator.dataset_api import add_to_server as add_datasets
 
-        names.append(add_datasets(DatasetService(self.ctx, self.agent_pool), server))
+        names.append(add_datasets(DatasetService(self.ctx, self.agent_pool, self.reconciler), server))
         from lepton.coordinator.security_api import SecurityService
         from lepton.coordinator.security_api import add_to_server as add_security
 
@@ -145,6 +153,7 @@ class Coordinator:
             asyncio.create_task(self._liveness_loop(), name="liveness"),
             asyncio.create_task(self.scheduling.run(), name="scheduling"),
             asyncio.create_task(self.replication.run(), name="replication"),
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self.audit.run(), name="audit"),
         ]
 

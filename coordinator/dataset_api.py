@@ -5,7 +5,9 @@ Putting a dataset takes three steps, so that the coordinator never carries shard
 node and has the others pull it from there (`Shards.WriteShard`, `Shards.PullShards`);
 `CommitDataset` checks with every named node that its copies are stored, then commits
 the manifest. A put that fails before the commit leaves no dataset; its uploaded blobs are
-removed with `ReleaseShards` (only those no dataset references).
+removed with `ReleaseShards` (only those no dataset references). `PlanPut` and
+`CommitDataset` hold the put's shard ids so that the orphan sweep leaves them alone, and
+`ReportInventory` hands agents' inventories to the Reconciler (`coordinator/reconcile.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from lepton.coordinator.datasets import (
     check_dataset_name,
     copy_dataset,
 )
+from lepton.coordinator.reconcile import Reconciler
 from lepton.coordinator.replication import AgentPool, pick_nodes, ready_nodes, stored_bytes
+from lepton.coordinator.security_state import check_node_caller
 from lepton.coordinator.service import CoordinatorContext
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1 import datasets_pb2_grpc, state_pb2
@@ -36,6 +40,8 @@ logger = logging.getLogger(__name__)
 MAX_SHAPE_DIMS = 8
 MAX_SHARD_SIZE = 1 << 40
 STAT_TIMEOUT_S = 30.0
+MAX_INVENTORY_PAGE = 5000  # about 400 KB a page: far below gRPC's 4 MiB message limit
+MAX_GRACE_MS = 30 * 24 * 3600 * 1000
 
 
 def check_shard_meta(s: dpb.Shard, *, replicas: bool) -> None:
@@ -62,9 +68,10 @@ def _replication(value: int) -> int:
 
 
 class DatasetService(datasets_pb2_grpc.DatasetsServicer):
-    def __init__(self, ctx: CoordinatorContext, pool: AgentPool):
+    def __init__(self, ctx: CoordinatorContext, pool: AgentPool, reconciler: Reconciler | None = None):
         self._ctx = ctx
         self._pool = pool
+        self._reconciler = reconciler
         self._gc: set[asyncio.Task[None]] = set()
 
     @property
@@ -91,6 +98,8 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             chosen = pick_nodes(list(nodes), r, load, s.size)
             out.placements.append(dpb.ShardPlacement(
                 shard_id=s.id, node_ids=chosen, addresses=[nodes[n].address for n in chosen]))
+        if self._reconciler is not None:  # its blobs land before the commit: not orphans
+            self._reconciler.holds.hold(request.name, [s.id for s in request.shards])
         return out
 
     @rpc_boundary
@@ -104,10 +113,17 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         for s in ds.shards:
             check_shard_meta(s, replicas=True)
         await self._ctx.read()
-        await self._check_stored(ds)
-        old = self._sm.datasets.datasets.get(ds.name)
-        old = copy_dataset(old) if old is not None else None
-        result = await self._ctx.commit(state_pb2.Command(put_dataset=state_pb2.PutDatasetCmd(dataset=ds)))
+        holds = self._reconciler.holds if self._reconciler is not None else None
+        if holds is not None:  # not swept between the check below and the commit
+            holds.hold(ds.name, [s.id for s in ds.shards])
+        try:
+            await self._check_stored(ds)
+            old = self._sm.datasets.datasets.get(ds.name)
+            old = copy_dataset(old) if old is not None else None
+            result = await self._ctx.commit(state_pb2.Command(put_dataset=state_pb2.PutDatasetCmd(dataset=ds)))
+        finally:
+            if holds is not None:  # committed: referenced now; failed: the client releases
+                holds.release(ds.name)
         if old is not None:  # the replaced version's blobs, unless still used
             self._spawn_gc(_placements(old))
         logger.info("dataset %s v%d: %d shards, %d bytes", result.name, result.version,
@@ -191,6 +207,25 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             logger.warning("shard %s lost its copy on %s: %s", request.shard_id[:12], request.node_id,
                            request.reason)
         return dpb.DropReplicaResponse()
+
+    @rpc_boundary
+    async def ReportInventory(self, request, context):
+        v.require_id(request.node_id, "node_id")
+        check_node_caller(self._sm, request.node_id)
+        if request.digest and (len(request.digest) != 64 or request.digest.strip("0123456789abcdef")):
+            raise InvalidArgument("digest must be a SHA-256 hex digest")
+        if len(request.shards) > MAX_INVENTORY_PAGE:
+            raise InvalidArgument(f"{len(request.shards)} shards in one page; at most {MAX_INVENTORY_PAGE}")
+        if request.grace_ms > MAX_GRACE_MS:
+            raise InvalidArgument(f"grace_ms {request.grace_ms} is more than 30 days")
+        for s in request.shards:
+            check_shard_id(s.id)
+            if s.size > MAX_SHARD_SIZE:
+                raise InvalidArgument(f"shard {s.id[:12]}: size {s.size} is too large")
+        if self._reconciler is None:
+            raise FailedPrecondition("this coordinator does not reconcile inventories")
+        await self._ctx.read()
+        return self._reconciler.report(request)
 
     # -- garbage ---------------------------------------------------------------------------
     def _spawn_gc(self, where: dict[str, set[str]]) -> None:

@@ -54,6 +54,8 @@ class DatasetTable:
         self._sm = sm
         self.datasets: dict[str, datasets_pb2.Dataset] = {}
         self.by_shard: dict[str, set[str]] = {}  # shard id -> names of datasets holding it
+        # Bumped by every change (local, not replicated): the leader's inventory cache key.
+        self.changes = 0
 
     # -- derived index -----------------------------------------------------------------
     def _index(self, ds: datasets_pb2.Dataset, add: bool) -> None:
@@ -69,6 +71,7 @@ class DatasetTable:
     def rebuild(self, datasets: list[datasets_pb2.Dataset]) -> None:
         self.datasets = {d.name: copy_dataset(d) for d in datasets}
         self.by_shard = {}
+        self.changes += 1
         for ds in self.datasets.values():
             self._index(ds, True)
 
@@ -126,6 +129,7 @@ class DatasetTable:
             shard.replicas.extend(live)
         if old is not None:
             self._index(old, False)
+        self.changes += 1
         self.datasets[new.name] = new
         self._index(new, True)
         return copy_dataset(new)
@@ -133,6 +137,7 @@ class DatasetTable:
     def delete(self, c: state_pb2.DeleteDatasetCmd, at_ms: int) -> datasets_pb2.Dataset:
         ds = self.get(c.name)
         self._index(ds, False)
+        self.changes += 1
         del self.datasets[c.name]
         return ds
 
@@ -147,6 +152,7 @@ class DatasetTable:
                 if rc.node_id not in shard.replicas:
                     shard.replicas.append(rc.node_id)
                     changed += 1
+        self.changes += 1
         return changed
 
     def drop_replicas(self, c: state_pb2.DropReplicasCmd, at_ms: int) -> int:
@@ -156,10 +162,12 @@ class DatasetTable:
                 if rc.node_id in shard.replicas:
                     shard.replicas.remove(rc.node_id)
                     changed += 1
+        self.changes += 1
         return changed
 
     def node_gone(self, node_id: str, reason: str, at_ms: int) -> None:
         """The node is down or left: its copies no longer count."""
+        self.changes += 1
         for ds in self.datasets.values():
             for shard in ds.shards:
                 if node_id in shard.replicas:

@@ -145,6 +145,46 @@ class DropReplicaResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ShardEntry(_message.Message):
+    __slots__ = ("id", "size")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    size: int
+    def __init__(self, id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ReportInventoryRequest(_message.Message):
+    __slots__ = ("node_id", "digest", "count", "shards", "first", "last", "grace_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    digest: str
+    count: int
+    shards: _containers.RepeatedCompositeFieldContainer[ShardEntry]
+    first: bool
+    last: bool
+    grace_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., digest: _Optional[str] = ..., count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardEntry, _Mapping]]] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+
+class ReportInventoryResponse(_message.Message):
+    __slots__ = ("send_listing", "orphans", "term", "held", "orphans_withheld")
+    SEND_LISTING_FIELD_NUMBER: _ClassVar[int]
+    ORPHANS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    ORPHANS_WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    send_listing: bool
+    orphans: _containers.RepeatedScalarFieldContainer[str]
+    term: int
+    held: int
+    orphans_withheld: bool
+    def __init__(self, send_listing: _Optional[bool] = ..., orphans: _Optional[_Iterable[str]] = ..., term: _Optional[int] = ..., held: _Optional[int] = ..., orphans_withheld: _Optional[bool] = ...) -> None: ...
+
 class WriteShardRequest(_message.Message):
     __slots__ = ("shard_id", "size", "data")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]

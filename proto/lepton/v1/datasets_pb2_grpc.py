@@ -71,6 +71,11 @@ class DatasetsStub:
                 request_serializer=lepton_dot_v1_dot_datasets__pb2.DropReplicaRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_datasets__pb2.DropReplicaResponse.FromString,
                 _registered_method=True)
+        self.ReportInventory = channel.unary_unary(
+                '/lepton.v1.Datasets/ReportInventory',
+                request_serializer=lepton_dot_v1_dot_datasets__pb2.ReportInventoryRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_datasets__pb2.ReportInventoryResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetsServicer:
@@ -124,6 +129,15 @@ class DatasetsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportInventory(self, request, context):
+        """An agent's inventory (at registration and every few minutes): a digest first, the
+        listing in pages only when the leader asks. Answers say which blobs no dataset needs
+        on that node (the agent deletes them once older than its grace).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_DatasetsServicer_to_server(servicer, server):
                     servicer.DropReplica,
                     request_deserializer=lepton_dot_v1_dot_datasets__pb2.DropReplicaRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_datasets__pb2.DropReplicaResponse.SerializeToString,
+            ),
+            'ReportInventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportInventory,
+                    request_deserializer=lepton_dot_v1_dot_datasets__pb2.ReportInventoryRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_datasets__pb2.ReportInventoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +373,33 @@ class Datasets:
             '/lepton.v1.Datasets/DropReplica',
             lepton_dot_v1_dot_datasets__pb2.DropReplicaRequest.SerializeToString,
             lepton_dot_v1_dot_datasets__pb2.DropReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportInventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Datasets/ReportInventory',
+            lepton_dot_v1_dot_datasets__pb2.ReportInventoryRequest.SerializeToString,
+            lepton_dot_v1_dot_datasets__pb2.ReportInventoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
