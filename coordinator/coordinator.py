@@ -11,6 +11,7 @@ import grpc
 
 from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
+from lepton.common.loops import run_cycles
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
 from lepton.coordinator.liveness import Liveness, LivenessTimings
 from lepton.coordinator.log_store import FileLogStore
@@ -165,15 +166,5 @@ class Coordinator:
         await self.consensus.stop()
 
     async def _liveness_loop(self) -> None:
-        last = ""
-        while True:
-            try:
-                sentence = await self.liveness.run_cycle()
-                if sentence != last:
-                    logger.info("liveness: %s", sentence)
-                    last = sentence
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("liveness cycle failed")
-            await asyncio.sleep(self.config.liveness_interval_s)
+        await run_cycles("liveness", self.liveness.run_cycle, interval_s=self.config.liveness_interval_s,
+                         logger=logger)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from lepton.common.errors import LeptonError, NotFound
+from lepton.common.loops import run_cycles
 from lepton.coordinator.state_machine import ClusterStateMachine, NodeChange
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 
@@ -332,20 +333,5 @@ class Reconciler:
         return [s for s, size in shards.items() if resp.present.get(s) == size]
 
     async def run(self) -> None:
-        last = ""
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wakeup.clear()
-            try:
-                sentence = await self.run_cycle()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("reconcile cycle failed")
-                continue
-            if sentence != last:
-                logger.info("reconcile: %s", sentence)
-                last = sentence
+        await run_cycles("reconcile", self.run_cycle, interval_s=self._interval_s, wakeup=self._wakeup,
+                         logger=logger)

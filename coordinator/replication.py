@@ -18,6 +18,7 @@ import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import LeptonError, from_rpc_error
+from lepton.common.loops import run_cycles
 from lepton.coordinator.state_machine import ClusterStateMachine
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 from lepton.v1.datasets_pb2_grpc import ShardsStub
@@ -164,20 +165,5 @@ class ReplicationLoop:
         return [state_pb2.ReplicaChange(shard_id=s, node_id=node.id) for s in resp.pulled]
 
     async def run(self) -> None:
-        last = ""
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wakeup.clear()
-            try:
-                sentence = await self.run_cycle()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("replication cycle failed")
-                continue
-            if sentence != last:
-                logger.info("replication: %s", sentence)
-                last = sentence
+        await run_cycles("replication", self.run_cycle, interval_s=self._interval_s, wakeup=self._wakeup,
+                         logger=logger)

@@ -1,0 +1,42 @@
+"""The driver shared by the leader's control loops (`run_cycle()` returns a sentence)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+
+async def run_cycles(
+    what: str,
+    run_cycle: Callable[[], Awaitable[str]],
+    *,
+    interval_s: float,
+    wakeup: asyncio.Event | None = None,
+    logger: logging.Logger,
+) -> None:
+    """Run `run_cycle` forever: after each, wait `interval_s` or until `wakeup` is set.
+
+    The sentence is logged at INFO only when it changes, so a steady loop logs once. A cycle
+    that raises is logged with its traceback and the loop goes on; cancellation ends it.
+    """
+    last = ""
+    while True:
+        if wakeup is None:
+            await asyncio.sleep(interval_s)
+        else:
+            try:
+                await asyncio.wait_for(wakeup.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+            wakeup.clear()
+        try:
+            sentence = await run_cycle()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s cycle failed", what)
+            continue
+        if sentence != last:
+            logger.info("%s: %s", what, sentence)
+            last = sentence
