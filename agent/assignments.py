@@ -165,6 +165,9 @@ class AssignmentLoop:
                 )
             try:
                 await self._report_link.call("ReportTaskEvents", req, 10.0)
+                for e in pending:
+                    if e.kind is TaskEventKind.EXITED:
+                        self._runner.acknowledge(e.task_id, e.attempt)
                 pending = []
                 self._full_report_due = False
                 backoff = MIN_BACKOFF_S

@@ -154,7 +154,7 @@ class Agent:
         targets = self.config.peers or self.config.join or [self.address]
         self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls,
                                           shard_key_file=self.config.shard_key_file)
-        self.runner = TaskRunner(self.data_dir, self.assignments.on_event,
+        self.runner = TaskRunner(self.data_dir, self.assignments.on_event, acknowledged_by_caller=True,
                                  log_max_bytes=self.config.task_log_max_bytes,
                                  retention_s=self.config.task_retention_s)
         self.assignments.attach(self.runner)

@@ -24,8 +24,9 @@ Choices:
 - Events go to `on_event` synchronously: from `launch`/`reconcile` (STARTED, or EXITED for a
   spawn failure), from `start` (attempts that ended while no runner watched), and from the
   watcher task (every other EXITED). `on_event` must not block; its exceptions are logged.
-- EXITED is at-least-once: `reported.json` is written after `on_event` returns, so an agent
-  that dies in between reports it again after restart (the coordinator takes repeats as
+- EXITED is at-least-once: `reported.json` is written once the coordinator has taken the
+  event (`acknowledge`; or when `on_event` returns, without `acknowledged_by_caller`), so an
+  agent that dies in between reports it again after restart (the coordinator takes repeats as
   idempotent). STARTED is sent once, by the runner that spawned the attempt; a re-adopted
   attempt sends no new STARTED (it shows in `running()`, which reconciliation reports carry).
 - Exit codes: the wrapper sees the shell's `$?`, so 128+N is reported as -N (killed by
@@ -131,9 +132,12 @@ class TaskRunner:
         retention_s: float = 0.0,
         log_check_s: float = LOG_CHECK_S,
         sweep_s: float = SWEEP_S,
+        acknowledged_by_caller: bool = False,
     ):
         """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
-        (0: keep forever). Raises InvalidArgument for negative or non-finite values."""
+        (0: keep forever). `acknowledged_by_caller`: an EXITED counts as reported only once
+        `acknowledge()` is called (after the coordinator took it), not when `on_event`
+        returns. Raises InvalidArgument for negative or non-finite values."""
         for name, value in (("log_max_bytes", log_max_bytes), ("retention_s", retention_s),
                             ("log_check_s", log_check_s), ("sweep_s", sweep_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -141,6 +145,8 @@ class TaskRunner:
         self._root = Path(data_dir) / "tasks"
         self._term_path = Path(data_dir) / "runner.json"
         self._on_event = on_event
+        # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
+        self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
         self._base_env = dict(base_env) if base_env is not None else None
         self._live: dict[tuple[str, int], _Attempt] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -588,18 +594,33 @@ class TaskRunner:
                                         exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))
 
     def _report(self, att_dir: Path, event: TaskEvent) -> None:
-        """Emit EXITED, then mark it reported (at-least-once across crashes)."""
-        self._emit(event)
+        """Emit EXITED, then mark it reported (at-least-once across crashes): at once, or,
+        with `acknowledged_by_caller`, when `acknowledge` says the coordinator has it."""
         doc = asdict(event)
         doc["kind"] = event.kind.value
-        try:
-            # Not fsync'd: lost in a power loss, it only means one more (idempotent) report.
-            tp.write_json_atomic(att_dir / "reported.json", doc, mode=0o644, durable=False)
-        except OSError as err:
-            logger.warning("cannot mark task %s attempt %d reported: %s", event.task_id, event.attempt, err)
+        if self._acks_due is not None:
+            self._acks_due[(event.task_id, event.attempt)] = (att_dir, doc)
+        self._emit(event)
+        if self._acks_due is None:
+            _mark_reported(att_dir, doc)
+
+    def acknowledge(self, task_id: str, attempt: int) -> None:
+        """The coordinator has taken this attempt's EXITED event: never report it again. A
+        crash before this reports it again after restart (the coordinator takes repeats as
+        idempotent), so an exit is never lost between the queue and the coordinator."""
+        if self._acks_due is not None and (due := self._acks_due.pop((task_id, attempt), None)):
+            _mark_reported(*due)
 
     def _emit(self, event: TaskEvent) -> None:
         try:
             self._on_event(event)
         except Exception:
             logger.exception("on_event failed for %s", event)
+
+
+def _mark_reported(att_dir: Path, doc: dict) -> None:
+    try:
+        # Not fsync'd: lost in a power loss, it only means one more (idempotent) report.
+        tp.write_json_atomic(att_dir / "reported.json", doc, mode=0o644, durable=False)
+    except OSError as err:
+        logger.warning("cannot mark task %s attempt %d reported: %s", doc["task_id"], doc["attempt"], err)

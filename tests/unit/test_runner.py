@@ -487,3 +487,19 @@ def test_runner_module_does_not_import_torch():
     code = "import sys, lepton.agent.runner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_an_exit_the_coordinator_never_took_is_reported_again_after_a_restart(node):
+    r1 = await node.runner(acknowledged_by_caller=True)
+    r1.launch(sh("t", "exit 3"))
+    r1.launch(sh("u", "exit 4"))
+    await node.exited("t")
+    await node.exited("u")
+    r1.acknowledge("u", 1)  # the report of t never reached the coordinator (the agent died)
+    assert not (node.data_dir / "tasks/t/1/reported.json").exists()
+    assert (node.data_dir / "tasks/u/1/reported.json").exists()
+    await r1.stop()
+
+    await node.runner(acknowledged_by_caller=True)
+    assert [e.exit_code for e in node.of("t", kind=TaskEventKind.EXITED)] == [3, 3]
+    assert len(node.of("u", kind=TaskEventKind.EXITED)) == 1
