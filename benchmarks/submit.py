@@ -7,7 +7,9 @@ Phases against the same cluster:
   calls per second this machine's Python gRPC client and server sustain, i.e. the ceiling
   for one-task-per-call submissions;
 - with `--batch B` > 0 (default 50): the same clients submitting B tasks per SubmitTasks
-  call (one log entry each), as `Client.submit_many` does: tasks per second.
+  call (one log entry each), as `Client.submit_many` does: tasks per second;
+- with `--client-threads T` > 0 (default 16): T threads sharing one real `lepton.client.Client`,
+  each calling `submit()` in a loop. Concurrent submits share calls (client/_coalesce.py).
 Submissions are acknowledged only once committed (fsync'd on a majority). The tasks carry
 a label constraint no node has, so they stay pending and the benchmark measures the
 control plane, not process start-up.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit, free_port  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from lepton.client import Client  # noqa: E402
 from lepton.common.errors import from_rpc_error  # noqa: E402
 from lepton.common.grpc_util import CHANNEL_OPTIONS  # noqa: E402
 from lepton.v1 import coordinator_pb2, coordinator_pb2_grpc, tasks_pb2  # noqa: E402
@@ -129,7 +133,32 @@ async def closed_loop(sub: Submitter, clients: int, seconds: float, *, batch: in
     return doc
 
 
-async def run(voters: int, rate: float, clients: int, seconds: float, batch: int) -> dict:
+def shared_client(addresses: list[str], threads: int, seconds: float) -> dict:
+    """`threads` threads, one Client, submit() in a closed loop (blocking: run in a thread)."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    with Client(",".join(addresses)) as c:
+        c.submit(["true"], constraints={"bench": "nowhere"})  # find the leader first
+        stop_at = time.perf_counter() + seconds
+
+        def loop(mine: list[float]) -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                c.submit(["true"], name="bench", cpu=0.1, constraints={"bench": "nowhere"})
+                mine.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=loop, args=(lat,)) for lat in latencies]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.perf_counter() - start
+    flat = [x for lat in latencies for x in lat]
+    return {"threads": threads, "submits_per_s": round(len(flat) / wall, 1),
+            "p50_ms": pct(flat, 0.5), "p99_ms": pct(flat, 0.99)}
+
+
+async def run(voters: int, rate: float, clients: int, seconds: float, batch: int, threads: int) -> dict:
     ports = [free_port() for _ in range(voters)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     peers = ["--peers", ",".join(addrs)] if voters > 1 else []
@@ -145,6 +174,8 @@ async def run(voters: int, rate: float, clients: int, seconds: float, batch: int
                "unary_ceiling_per_s": ceiling["submits_per_s"]}
         if batch:
             doc["batched"] = await closed_loop(sub, clients, seconds, batch=batch)
+        if threads:
+            doc["shared_client"] = await asyncio.to_thread(shared_client, addrs, threads, seconds)
         return doc
     finally:
         await sub.close()
@@ -159,8 +190,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16, help="concurrency of the closed-loop phase")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=50, help="tasks per SubmitTasks call (0: skip)")
+    p.add_argument("--client-threads", type=int, default=16,
+                   help="threads sharing one lepton Client (0: skip)")
     args = p.parse_args()
-    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds, args.batch)))
+    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds, args.batch,
+                         args.client_threads)))
 
 
 if __name__ == "__main__":

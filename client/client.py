@@ -151,6 +151,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
         self._current = self._addresses[0]
         self._conns: dict[str, _Conn] = {}
         self._lock = threading.Lock()
+        self._coalescer = None  # TaskMethods.submit's (client/_coalesce.py), made on first use
         # Open streams (and agent log calls), cancelled by close().
         self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False

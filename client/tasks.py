@@ -36,6 +36,7 @@ from lepton.v1 import tasks_pb2
 from lepton.v1.agent_pb2_grpc import AgentStub
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
+from ._coalesce import Coalescer
 from ._transport import transport_failure
 from ._util import require_id
 from .types import TaskInfo, task_state_to_proto
@@ -223,11 +224,23 @@ class TaskMethods:
             owner=owner,
             request_id=request_id,
         )
-        req = cpb.SubmitTaskRequest(spec=spec)
-        # Safe to repeat only with a request id: the leader answers a repeat with the task
-        # the first one made.
-        resp = self._unary(CoordinatorStub, "SubmitTask", req, idempotent=bool(spec.request_id))
-        return TaskInfo.from_proto(resp)
+        if not spec.request_id:  # not safe to repeat, so not to batch either: alone
+            return TaskInfo.from_proto(self._unary(CoordinatorStub, "SubmitTask",
+                                                   cpb.SubmitTaskRequest(spec=spec), idempotent=False))
+        # Threads submitting at once share calls (`_coalesce`); a lone caller's is its own.
+        return TaskInfo.from_proto(self._submitter().submit(spec))
+
+    def _submitter(self) -> Coalescer:
+        with self._lock:
+            if self._coalescer is None:
+                # Safe to repeat: with a request id, the leader answers a repeat with the
+                # task the first one made.
+                self._coalescer = Coalescer(
+                    lambda spec: self._unary(CoordinatorStub, "SubmitTask", cpb.SubmitTaskRequest(spec=spec)),
+                    lambda specs: self._unary(CoordinatorStub, "SubmitTasks",
+                                              cpb.SubmitTasksRequest(specs=specs)).tasks,
+                )
+            return self._coalescer
 
     def submit_many(self, tasks: Sequence[Mapping[str, Any]], *, batch: int = 1000) -> list[TaskInfo]:
         """Submit many tasks, `batch` per call; returns them in order, once stored.

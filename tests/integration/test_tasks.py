@@ -228,6 +228,31 @@ def test_a_batch_is_stored_in_order_idempotently_and_refused_whole(agents):
         assert len(c.list()) == 1504
 
 
+def test_threads_sharing_a_client_each_get_their_own_task(agents):
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = agents("solo")
+    with Client(node.address) as c:
+        def submit(i: int):
+            if i == 99:  # refused by the server alone: the others in its batch still land
+                return c.submit(["true"], name="bad", env={"1BAD": "x"})
+            return c.submit(["true"], name=f"n{i}", constraints={"zone": "none"}, request_id=f"r{i}")
+
+        def outcome(i: int):
+            try:
+                return submit(i).name
+            except InvalidArgument as err:
+                return err.message
+
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(outcome, range(400)))
+        assert got[:99] + got[100:] == [f"n{i}" for i in range(400) if i != 99]
+        assert "env name" in got[99]
+        stored = c.list()
+        assert sorted(t.name for t in stored) == sorted(f"n{i}" for i in range(400) if i != 99)
+        assert len({t.id for t in stored}) == 399
+
+
 def test_bad_specs_are_rejected_and_nothing_is_stored(agents):
     node = agents("solo")
     with Client(node.address) as c:
