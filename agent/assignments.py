@@ -29,9 +29,10 @@ AGENT_STOPPING = "agent stopping"
 
 
 def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
-             tls: TlsConfig | None = None, shard_key_file: str = "") -> RunSpec:
+             tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0) -> RunSpec:
     """What the runner starts for an assignment. A torch job's member runs
-    `lepton.agent.torch_task`, which starts the node's workers the way torchrun would."""
+    `lepton.agent.torch_task`, which starts the node's workers the way torchrun would
+    (`log_max_bytes`: the cap of each rank's log there, the same as task output's; 0: none)."""
     s = a.spec
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
     if servers:
@@ -55,6 +56,7 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             "grace_s": s.grace_s or DEFAULT_GRACE_S,
             # The path (not the secret) so the job can read this node's encrypted shards.
             "shard_key_file": shard_key_file,
+            "log_max_bytes": log_max_bytes,
         }
         argv, shell = (sys.executable, "-m", "lepton.agent.torch_task", json.dumps(launch)), ""
     return RunSpec(
@@ -85,9 +87,10 @@ class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
     def __init__(self, node_id: str, addresses: list[str], data_dir: str = "", *,
-                 tls: TlsConfig | None = None, shard_key_file: str = ""):
+                 tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0):
         self._node_id = node_id
         self._shard_key_file = shard_key_file
+        self._log_max_bytes = log_max_bytes
         self._addresses = list(addresses)
         self._data_dir = data_dir
         self._tls = tls
@@ -125,7 +128,8 @@ class AssignmentLoop:
                 async for aset in call:
                     backoff = MIN_BACKOFF_S
                     specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
-                                      tls=self._tls, shard_key_file=self._shard_key_file)
+                                      tls=self._tls, shard_key_file=self._shard_key_file,
+                                      log_max_bytes=self._log_max_bytes)
                              for a in aset.assignments]
                     sentence = self._runner.reconcile(specs, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)

@@ -147,16 +147,19 @@ class Agent:
             self.coordinator = Coordinator(self.config, self.node_id, tls=self.tls)
             services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
-        from lepton.agent.runner import TaskRunner
+        from lepton.agent.runner import SWEEP_S, TaskRunner
         from lepton.agent.service import AgentService
         from lepton.agent.service import add_to_server as add_agent_service
 
         targets = self.config.peers or self.config.join or [self.address]
         self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls,
-                                          shard_key_file=self.config.shard_key_file)
+                                          shard_key_file=self.config.shard_key_file,
+                                          log_max_bytes=self.config.task_log_max_bytes)
+        # Sweep at least as often as the retention (a short one is for tests and small disks).
         self.runner = TaskRunner(self.data_dir, self.assignments.on_event, acknowledged_by_caller=True,
                                  log_max_bytes=self.config.task_log_max_bytes,
-                                 retention_s=self.config.task_retention_s)
+                                 retention_s=self.config.task_retention_s,
+                                 sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)))
         self.assignments.attach(self.runner)
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)

@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-key-file", dest="shard_key_file",
                    help="the cluster secret (lepton-ctl secret init): encrypt shards at rest")
     p.add_argument("--task-log-max-bytes", dest="task_log_max_bytes",
-                   help="rotate a task attempt's output past this size, e.g. 64MiB (default 256MiB; 0: no cap)")
+                   help="rotate a task attempt's output, and each torch rank's log, past this size, "
+                        "e.g. 64MiB (default 256MiB; 0: no cap)")
     p.add_argument("--task-retention", dest="task_retention_s", type=float,
-                   help="seconds to keep finished attempts' folders after their exit is reported "
+                   help="seconds to keep finished attempts' (and torch jobs') folders after their exit is reported "
                         "(default 86400; 0: forever)")
     p.add_argument("--shard-inventory-interval", dest="shard_inventory_interval_s", type=float,
                    help="seconds between reports of this node's shards to the leader (default 300)")

@@ -326,9 +326,15 @@ class TaskRunner:
         """Delete the attempt folders the retention allows: exit reported more than
         `retention_s` ago, not running, and not in the last desired set (the coordinator
         forgets an attempt only once it has its exit; until then it must stay "ran here").
-        Nothing before the first desired set. Returns how many were deleted."""
+        Nothing before the first desired set. Returns how many were deleted. Torch jobs'
+        folders (`jobs/<job id>`) go by the same rules (`task_logs.sweep_jobs`)."""
         if not self._retention_s or self._desired is None:
             return 0
+        jobs, jobs_freed = await task_logs.sweep_jobs(
+            self._root.parent / "jobs", self._root, self._retention_s,
+            lambda: set(self._live) | (self._desired or set()), time.time())
+        if jobs:
+            logger.info("retention: deleted %d finished job folder(s) (%.1f MiB)", jobs, jobs_freed / (1 << 20))
         keep = set(self._live) | self._desired
         removed, freed, touched = await asyncio.to_thread(
             task_logs.sweep_finished, self._root, self._retention_s, keep, time.time())

@@ -25,7 +25,11 @@ the loop, never sees one without the other.
 
 Retention (`sweep_finished`, in a thread): attempt folders whose exit was reported
 (`reported.json`) more than the retention ago are deleted, unless the runner says to keep
-them (running, or still in the coordinator's desired set: see `TaskRunner.sweep`).
+them (running, or still in the coordinator's desired set: see `TaskRunner.sweep`). The
+same rules hold for torch jobs' folders (`sweep_jobs`: `jobs/<job id>/`, with the rank
+logs, error files and checkpoint staging of every restart): one goes when no member
+attempt of the job is running or desired here and all of them were reported over the
+retention ago. Members are known by their ids, `<job id>-<rank>`.
 """
 
 from __future__ import annotations
@@ -390,3 +394,89 @@ def sweep_finished(root: Path, retention_s: float, keep: Collection[tuple[str, i
             removed.append(att_dir)
         touched.append(task_dir)
     return removed, freed, touched
+
+
+def job_of(task_id: str) -> str:
+    """The job a member task id `<job>-<rank>` (coordinator.jobs.member_id) belongs to, or ""."""
+    job, dash, rank = task_id.rpartition("-")
+    return job if dash and job and rank.isdigit() else ""
+
+
+def finished_jobs(jobs_root: Path, tasks_root: Path, retention_s: float, keep: Collection[tuple[str, int]],
+                  now: float) -> list[Path]:
+    """The job folders under `jobs_root` (jobs/<job id>) that may go: no member attempt of
+    the job in `keep` (running or still desired here), and every member attempt folder under
+    `tasks_root` reported, like the folder itself, over `retention_s` ago. A restart reuses
+    the job folder, but brings a desired (then running) attempt first. Blocking: run it in a
+    thread. Removes what a cut-short deletion left. Errors are logged, never raised."""
+    try:
+        entries = list(jobs_root.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        logger.warning("retention: cannot list %s: %s", jobs_root, err)
+        return []
+    kept = {job_of(task_id) for task_id, _ in keep}
+    members: dict[str, list[Path]] = {}
+    try:
+        for task_dir in tasks_root.iterdir():
+            if job := job_of(task_dir.name):
+                members.setdefault(job, []).append(task_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as err:  # without the members' records, nothing can be judged finished
+        logger.warning("retention: cannot list %s: %s", tasks_root, err)
+        return []
+    found: list[Path] = []
+    for job_dir in entries:
+        name = job_dir.name
+        if name.startswith("."):
+            if name.endswith(TRASH_SUFFIX):  # a sweep cut short
+                shutil.rmtree(job_dir, ignore_errors=True)
+            continue
+        if name in kept or not job_dir.is_dir():
+            continue
+        try:
+            newest = job_dir.stat().st_mtime  # a restart adds restart-<n> to it
+            for task_dir in members.get(name, ()):
+                for att_dir in task_dir.iterdir():
+                    if att_dir.name.isdigit():
+                        # Missing: running, or its exit is not reported yet.
+                        newest = max(newest, (att_dir / "reported.json").stat().st_mtime)
+        except OSError:
+            continue
+        if now - newest >= retention_s:
+            found.append(job_dir)
+    return found
+
+
+async def sweep_jobs(jobs_root: Path, tasks_root: Path, retention_s: float,
+                     keep: Callable[[], Collection[tuple[str, int]]], now: float) -> tuple[int, int]:
+    """Delete the job folders `finished_jobs` finds (rank logs, error files, checkpoint
+    staging). `keep()` is asked again on the event loop just before each folder is moved
+    away: a member attempt launched meanwhile (launch() runs on the loop too) keeps it.
+    Returns (folders deleted, bytes freed)."""
+    found = await asyncio.to_thread(finished_jobs, jobs_root, tasks_root, retention_s, keep(), now)
+    if not found:
+        return 0, 0
+    kept = {job_of(task_id) for task_id, _ in keep()}
+    trash: list[Path] = []
+    for job_dir in found:
+        if job_dir.name in kept:
+            continue
+        moved = job_dir.with_name(f".{job_dir.name}{TRASH_SUFFIX}")
+        try:
+            os.rename(job_dir, moved)  # at once, on the loop: a torch task never sees half of it
+        except OSError as err:
+            logger.warning("retention: cannot remove %s: %s", job_dir, err)
+            continue
+        trash.append(moved)
+    return len(trash), await asyncio.to_thread(_delete_all, trash)
+
+
+def _delete_all(paths: list[Path]) -> int:
+    freed = 0
+    for path in paths:
+        freed += _disk_use(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return freed

@@ -7,7 +7,11 @@ each in its own session and process group, and waits for them.
 
 - Output: each worker's stdout and stderr share one pipe (so their order holds); the
   launcher prefixes every line with `[rank R] ` and appends it to `log_dir/rank_<R>.log`.
-  A line longer than `MAX_LINE_BYTES` is cut into several prefixed pieces.
+  A line longer than `MAX_LINE_BYTES` is cut into several prefixed pieces. With
+  `log_max_bytes`, a rank's log is rotated between two lines once the next would take it
+  past the cap: closed, renamed over `rank_<R>.log.1`, reopened empty (`RankLog`), so a
+  rank keeps at most about 2x the cap on disk. `on_log_rotate(path)` is called just
+  before the rename, when the file is complete: a reader can finish it then.
 - Error files: `log_dir/rank_<R>.error.json` is the worker's TORCHELASTIC_ERROR_FILE, where
   torch's `@record` decorator writes the exception that killed it; a stale one is removed
   before the worker starts, and the failing rank's one goes into the result.
@@ -34,7 +38,7 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ __all__ = [
     "FAILED_TO_START_CODE",
     "LaunchResult",
     "NodeLaunch",
+    "RankLog",
     "TorchLauncher",
     "WorkerExit",
     "run_node",
@@ -80,6 +85,7 @@ class NodeLaunch:
     shards: tuple[tuple[str, ...], ...] = ()
     checkpoint_dir: str = ""
     grace_s: float = 10.0
+    log_max_bytes: int = 0  # rotate each rank's log past this (0: no cap)
 
     def validate(self) -> None:
         """Raises ValueError when the spec cannot be launched as it is."""
@@ -90,6 +96,9 @@ class NodeLaunch:
                              f"({self.nproc_per_node}), not {len(self.shards)}")
         if not math.isfinite(self.grace_s) or self.grace_s < 0:
             raise ValueError(f"grace_s must be a finite number >= 0, not {self.grace_s!r}")
+        if isinstance(self.log_max_bytes, bool) or not isinstance(self.log_max_bytes, int) \
+                or self.log_max_bytes < 0:
+            raise ValueError(f"log_max_bytes must be an integer >= 0, not {self.log_max_bytes!r}")
         if isinstance(self.nproc_per_node, bool) or not isinstance(self.nproc_per_node, int) \
                 or self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be an integer >= 1, not {self.nproc_per_node!r}")
@@ -191,11 +200,13 @@ class TorchLauncher:
     """One node's workers of one job attempt: `await start()`, then `await wait()`.
     `stop()` tears them down from outside (job cancelled, a peer node failed)."""
 
-    def __init__(self, spec: NodeLaunch, *, base_env: Mapping[str, str] | None = None):
+    def __init__(self, spec: NodeLaunch, *, base_env: Mapping[str, str] | None = None,
+                 on_log_rotate: Callable[[Path], None] | None = None):
         """`base_env`: the agent's environment for workers (default: this process's).
-        Raises ValueError for an invalid spec."""
+        `on_log_rotate(path)`: see `RankLog`. Raises ValueError for an invalid spec."""
         spec.validate()
         self.spec = spec
+        self._on_log_rotate = on_log_rotate
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._workers: list[_Worker] = []
         self._started = False
@@ -236,7 +247,7 @@ class TorchLauncher:
         env = spec.worker_env(self._base_env, local_rank)
         with contextlib.suppress(FileNotFoundError):
             spec.error_path(local_rank).unlink()  # a stale one would be blamed on this attempt
-        log = open(spec.log_path(local_rank), "ab", buffering=0)  # noqa: SIM115 (closed by the pump)
+        log = RankLog(spec.log_path(local_rank), spec.log_max_bytes, self._on_log_rotate)  # closed by the pump
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
@@ -376,7 +387,87 @@ async def run_node(spec: NodeLaunch, *, base_env: Mapping[str, str] | None = Non
     return await launcher.wait()
 
 
-async def _pump(stream: asyncio.StreamReader, log: Any, prefix: bytes) -> None:
+class RankLog:
+    """One rank's log file, appended to in whole lines. With `max_bytes` (0: no cap), before
+    a line that would take it past the cap, the file is rotated: `on_rotate(path)` (the file
+    is complete: a reader may finish it), close, rename over `<name>.1`, reopen empty. Only
+    a single line longer than the cap (at most MAX_LINE_BYTES + prefix) makes a file exceed
+    it. Raises OSError from the constructor when the file cannot be opened."""
+
+    def __init__(self, path: Path, max_bytes: int = 0, on_rotate: Callable[[Path], None] | None = None):
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.rotations = 0
+        self._on_rotate = on_rotate
+        self._file: Any = None
+        self._size = 0
+        self._failing = False  # warned about a failed write: once until one succeeds
+        self._open()
+
+    def _open(self) -> None:
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed by close/_rotate)
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def write_lines(self, lines: Sequence[bytes]) -> None:
+        """Append these lines (each ending with a newline), rotating between two of them."""
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if self.max_bytes and self._size + size + len(line) > self.max_bytes and self._size + size:
+                self._write(b"".join(batch))
+                batch, size = [], 0
+                self._rotate()
+            batch.append(line)
+            size += len(line)
+        if batch:
+            self._write(b"".join(batch))
+
+    def _write(self, data: bytes) -> None:
+        if self._file is None:  # a failed reopen: try again, the disk may have room now
+            try:
+                self._open()
+            except OSError:
+                return  # warned about already
+        try:
+            view = memoryview(data)
+            while view:  # FileIO may write less than asked (a full disk, a signal)
+                n = self._file.write(view)
+                self._size += n
+                view = view[n:]
+            self._failing = False
+        except OSError as err:  # a full disk must not stop the job, nor the draining of its pipe
+            if not self._failing:
+                self._failing = True
+                logger.warning("cannot write %s: %s (dropping its output until it works again)",
+                               self.path, err)
+
+    def _rotate(self) -> None:
+        if self._on_rotate is not None:
+            try:
+                self._on_rotate(self.path)
+            except Exception:  # the reader's trouble must not stop the job's output
+                logger.exception("on_rotate failed for %s", self.path)
+        self.close()
+        try:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except OSError as err:
+            # Cannot keep it: drop it rather than let it grow past the cap.
+            logger.warning("cannot rotate %s (%s): truncating it", self.path, err)
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, 0)
+        self.rotations += 1
+        try:
+            self._open()
+        except OSError as err:
+            logger.warning("cannot reopen %s after rotating it: %s", self.path, err)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+async def _pump(stream: asyncio.StreamReader, log: RankLog, prefix: bytes) -> None:
     """Copy `stream` to `log` line by line, each line prefixed; closes `log` at the end."""
     pending = b""
     try:
@@ -393,18 +484,11 @@ async def _pump(stream: asyncio.StreamReader, log: Any, prefix: bytes) -> None:
                 lines.append(pending[:MAX_LINE_BYTES])
                 pending = pending[MAX_LINE_BYTES:]
             if lines:
-                _write(log, b"".join(prefix + line + b"\n" for line in lines))
+                log.write_lines([prefix + line + b"\n" for line in lines])
         if pending:
-            _write(log, prefix + pending + b"\n")
+            log.write_lines([prefix + pending + b"\n"])
     finally:
         log.close()
-
-
-def _write(log: Any, data: bytes) -> None:
-    try:
-        log.write(data)
-    except OSError as err:  # a full disk must not stop the job, nor the draining of its pipe
-        logger.warning("cannot write %s: %s", getattr(log, "name", "log"), err)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -8,7 +8,9 @@ any task, and the agent's own process never imports torch. This process:
    into the node's shard store, straight from a peer holding them;
 2. runs `TorchLauncher`: the node's workers with torchrun's exact environment;
 3. copies every worker's rank-prefixed output to its stdout, live, so `lepton-ctl logs`
-   shows all ranks (`--rank K` filters by the prefix);
+   shows all ranks (`--rank K` filters by the prefix). The rank logs it reads are capped
+   like task output (`log_max_bytes`, the agent's `--task-log-max-bytes`): see
+   `RankLogTail`;
 4. exits 0 when every worker succeeded, else with the first failing worker's code. The
    coordinator then stops the whole gang at once and restarts it (a new rendezvous,
    TORCHELASTIC_RESTART_COUNT + 1) while `max_restarts` allows.
@@ -31,6 +33,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,8 @@ logger = logging.getLogger("lepton.agent.torch_task")
 
 
 CHECKPOINT_SYNC_S = 1.0
+COPY_POLL_S = 0.1
+COPY_BYTES = 1 << 20
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -163,27 +168,90 @@ def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...]
     return tuple(tuple(str(store.plain_path(sid, scratch)) for sid in ranks) for ranks in mine)
 
 
-async def _copy_output(log_dir: Path, nranks: int, done: asyncio.Event) -> None:
-    """Tail every rank's log file to stdout until the workers are done and drained."""
-    offsets: dict[Path, int] = {}
-    out = sys.stdout.buffer
+@dataclass
+class _Tailed:
+    fd: int
+    ino: int
+    pos: int = 0
+
+
+class RankLogTail:
+    """Copies the node's rank logs (`log_dir/rank_*.log`) to `out`, every line once, across
+    the launcher's rotations. Each file is held open (readable after its rename) and known
+    by its inode: when the path names another file, the held one is read to its end, then
+    the new one from its start. The launcher also calls `drain` just before each rotation,
+    so several rotations between two polls lose nothing either. Lines are copied whole;
+    a partial last line waits for the next poll unless `final`."""
+
+    def __init__(self, log_dir: Path, out: Any):
+        self._log_dir = Path(log_dir)
+        self._out = out
+        self._files: dict[str, _Tailed] = {}  # by file name: the launcher's paths may be spelled otherwise
+
+    def poll(self, final: bool = False) -> None:
+        for path in sorted(self._log_dir.glob("rank_*.log")):
+            self._follow(path, final)
+
+    def drain(self, path: Path) -> None:
+        """`on_log_rotate`: `path` is complete and about to be renamed away: copy all of it."""
+        self._follow(Path(path), True)
+
+    def close(self) -> None:
+        for t in self._files.values():
+            os.close(t.fd)
+        self._files.clear()
+
+    def _follow(self, path: Path, whole: bool) -> None:
+        t = self._files.get(path.name) or self._open(path)
+        try:
+            while t is not None:
+                try:
+                    rotated = os.stat(path).st_ino != t.ino
+                except FileNotFoundError:
+                    rotated = False  # renamed, not reopened yet: the held file is still the newest
+                # Renamed away means closed by the launcher: the held file is complete.
+                self._copy(t, whole or rotated)
+                if not rotated:
+                    return
+                os.close(t.fd)
+                del self._files[path.name]
+                t = self._open(path)
+        finally:
+            self._out.flush()
+
+    def _open(self, path: Path) -> _Tailed | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        t = self._files[path.name] = _Tailed(fd, os.fstat(fd).st_ino)
+        return t
+
+    def _copy(self, t: _Tailed, whole: bool) -> None:
+        if os.fstat(t.fd).st_size < t.pos:
+            t.pos = 0  # cut in place (the launcher could not rename it): all of it is new
+        while True:
+            data = os.pread(t.fd, COPY_BYTES, t.pos)
+            if not data:
+                return
+            cut = len(data) if whole else data.rfind(b"\n") + 1
+            if not cut and len(data) == COPY_BYTES:
+                cut = len(data)  # no line end in a whole chunk: do not stall on it
+            if cut:
+                self._out.write(data[:cut])
+                t.pos += cut
+            if cut < len(data):
+                return  # a partial line: the rest of it comes later
+
+
+async def _copy_output(tail: RankLogTail, done: asyncio.Event) -> None:
+    """Poll `tail` until the workers are done and drained, then copy what is left."""
     while True:
         finished = done.is_set()
-        for path in sorted(log_dir.glob("rank_*.log")):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offsets.get(path, 0))
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            cut = data.rfind(b"\n") + 1 if not finished else len(data)
-            if cut:
-                out.write(data[:cut])
-                out.flush()
-                offsets[path] = offsets.get(path, 0) + cut
+        tail.poll(final=finished)
         if finished:
             return
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(COPY_POLL_S)
 
 
 async def run(launch: dict[str, Any]) -> int:
@@ -226,13 +294,23 @@ async def _run(launch: dict[str, Any], job_dir: Path, scratch: Path) -> int:
         shards=shards,
         checkpoint_dir=str(checkpoints),
         grace_s=launch.get("grace_s", 10.0),
+        log_max_bytes=int(launch.get("log_max_bytes", 0)),
     )
-    launcher = TorchLauncher(spec)
+    tail = RankLogTail(log_dir, sys.stdout.buffer)
+    try:
+        return await _launch(launch, spec, tail, checkpoints)
+    finally:
+        tail.close()
+
+
+async def _launch(launch: dict[str, Any], spec: NodeLaunch, tail: RankLogTail, checkpoints: Path) -> int:
+    # The tail finishes each rank log before the launcher rotates it away.
+    launcher = TorchLauncher(spec, on_log_rotate=tail.drain)
     loop = asyncio.get_running_loop()
     # The agent stops a node of a failed gang with SIGTERM: pass it on to the workers.
     loop.add_signal_handler(signal.SIGTERM, launcher.stop, "stopped by the agent")
     done = asyncio.Event()
-    copier = asyncio.create_task(_copy_output(log_dir, launch["nproc_per_node"], done))
+    copier = asyncio.create_task(_copy_output(tail, done))
     syncer = None
     if launch["node_rank"] == 0 and launch.get("servers"):
         syncer = asyncio.create_task(sync_checkpoints(launch, checkpoints, done))

@@ -120,9 +120,11 @@ class AgentConfig:
     shard_key_file: str = ""
     # Per task attempt, output.log is rotated to output.log.1 past this many bytes ("256MiB"
     # works), so one chatty task cannot fill the disk: about 2x this per attempt. 0: no cap.
+    # Torch jobs' rank logs (rank_<R>.log -> .log.1) are capped the same way.
     task_log_max_bytes: int = 256 << 20
     # Finished attempts' folders (output, workdir) are deleted this long after their exit was
     # reported: a day leaves time to read the output of last night's runs. 0: keep forever.
+    # A torch job's folder (jobs/<id>) goes once all its attempts here are that old.
     task_retention_s: float = 24 * 3600.0
     # How often the agent reports its shards to the leader (a digest; the listing only when
     # something changed), which re-lists a returning node's copies and finds orphans. It

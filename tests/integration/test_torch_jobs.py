@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,50 @@ def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_pat
         assert done.restart_count >= 1
         out = b"".join(c.job_logs(job.id, rank=0)).decode()
         assert "resumed from checkpoint" in out, out[-2000:]
+
+
+# ~1 MiB of output from rank 0, through a 64 KiB cap. After each 64 KiB the worker looks at
+# its own rank logs (the launcher may lag, never overshoot) and says the largest it saw.
+CHATTY = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    job_dir = os.path.dirname(os.environ["LEPTON_CHECKPOINT_DIR"])
+    logs = os.path.join(job_dir, "restart-0", "node-0")
+    largest, names = 0, set()
+    for block in range(16):
+        sys.stdout.write("".join(f"block {block:02d} line {i:04d} ".ljust(63, ".") + "\\n" for i in range(1024)))
+        sys.stdout.flush()
+        for name in os.listdir(logs):
+            names.add(name)
+            largest = max(largest, os.stat(os.path.join(logs, name)).st_size)
+    print(f"job dir {job_dir} rank logs: largest {largest} bytes, files {sorted(names)}", flush=True)
+    dist.destroy_process_group()
+    print("LAST LINE", flush=True)
+""")
+
+
+@pytest.mark.timeout(300)
+def test_rank_logs_are_capped_and_the_job_folder_is_swept(agents, tmp_path):
+    node = agents("node-a", "--task-log-max-bytes", "64KiB", "--task-retention", "1")
+    script = tmp_path / "chatty.py"
+    script.write_text(CHATTY)
+    out = run_ctl("run", "--nodes", "1", "--nproc-per-node", "1", "--cpu", "0.5", "--",
+                  sys.executable, str(script), server=node.address, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "[rank 0] LAST LINE", lines[-5:]
+    report = next(line for line in lines if " rank logs: largest " in line)
+    largest = int(report.split(" largest ")[1].split()[0])
+    assert 0 < largest <= 64 * 1024, report
+    assert "'rank_0.log', 'rank_0.log.1']" in report, report  # it rotated, and kept one old file
+    job_dir = Path(report.split("job dir ")[1].split()[0])
+    assert job_dir.parent == node.data_dir / "jobs", report
+    # Finished and reported, past the 1 s retention: the sweep deletes the job's folder.
+    wait_until(lambda: not job_dir.exists(), timeout=60, what=f"{job_dir} to be swept")
+    wait_until(lambda: "retention: deleted 1 finished job folder" in node.log_path.read_text(),
+               timeout=30, what="the sweep's log line")

@@ -229,3 +229,71 @@ def test_bad_runner_settings_are_refused(tmp_path):
     for kw in ({"log_max_bytes": -1}, {"retention_s": float("inf")}, {"sweep_s": float("nan")}):
         with pytest.raises(InvalidArgument):
             TaskRunner(tmp_path, lambda e: None, **kw)
+
+
+def test_job_of_reads_member_ids():
+    assert task_logs.job_of("train-0") == "train"
+    assert task_logs.job_of("a-1-12") == "a-1"  # job "a-1", rank 12
+    for not_a_member in ("train", "train-", "-0", "train-x", "train-0a"):
+        assert task_logs.job_of(not_a_member) == "", not_a_member
+
+
+async def test_retention_deletes_only_finished_old_job_folders(node, caplog):
+    r = await node.runner(retention_s=3600, sweep_s=3600)
+    tasks, jobs = node.data_dir / "tasks", node.data_dir / "jobs"
+    quick = {t: sh(t, "true") for t in ("old-0", "old-1", "wanted-0", "recent-0", "unreported-0",
+                                        "half-0", "half-1")}
+    running = sh("running-0", "echo ready; sleep 1000")
+    r.reconcile([*quick.values(), running], term=1)
+    for t in quick:
+        await node.exited(t)
+    await node.output_has("running-0", "ready")
+    for t in ("old-0", "old-1", "wanted-0", "unreported-0", "half-0"):
+        backdate(tasks / t / "1/reported.json", 7200)
+    for job in ("old", "wanted", "recent", "unreported", "half", "running", "orphan", "fresh"):
+        logs = jobs / job / "restart-0" / "node-0"
+        logs.mkdir(parents=True)
+        (logs / "rank_0.log").write_bytes(b"[rank 0] hi\n")
+        (jobs / job / "checkpoints").mkdir()
+        if job != "fresh":  # "fresh": made just now, with no member attempt (yet) here
+            backdate(jobs / job, 7200)
+    (jobs / ".cut.deleting/restart-0").mkdir(parents=True)  # a sweep cut short
+
+    caplog.set_level("INFO", logger="lepton.agent.runner")
+    await r.sweep()  # all members still in the desired set: only the folders without members go
+    assert not (jobs / "orphan").exists() and not (jobs / ".cut.deleting").exists()
+    assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "old", "recent", "running",
+                                                      "unreported", "wanted"]
+
+    r.reconcile([quick["wanted-0"], running], term=1)
+    (tasks / "unreported-0/1/reported.json").unlink()  # as if the agent died before marking it
+    (tasks / "half-1/1/reported.json").unlink()
+    await r.sweep()
+    # Every member of "old" reported over an hour ago, none wanted or running: gone, whole.
+    assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "recent", "running",
+                                                      "unreported", "wanted"]
+    assert [m for m in caplog.messages if m.startswith("retention: deleted 1 finished job folder")]
+    # A later sweep deletes no more: the old attempts went too, the rest stays.
+    await r.sweep()
+    assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "recent", "running",
+                                                      "unreported", "wanted"]
+    assert r.reconcile([], term=1).startswith("started 0, stopped 1")
+    await node.exited("running-0")
+
+
+async def test_a_member_launched_during_the_job_sweep_keeps_the_folder(tmp_path):
+    jobs, tasks = tmp_path / "jobs", tmp_path / "tasks"
+    (jobs / "j" / "restart-0").mkdir(parents=True)
+    tasks.mkdir()
+    backdate(jobs / "j", 7200)
+    asked: list[int] = []
+
+    def keep():  # the thread's view: nothing; the loop's, a moment later: j-0 attempt 2 runs
+        asked.append(1)
+        return set() if len(asked) == 1 else {("j-0", 2)}
+
+    assert await task_logs.sweep_jobs(jobs, tasks, 3600, keep, time.time()) == (0, 0)
+    assert (jobs / "j" / "restart-0").is_dir() and len(asked) == 2
+    deleted, freed = await task_logs.sweep_jobs(jobs, tasks, 3600, set, time.time())
+    assert deleted == 1 and not (jobs / "j").exists() and list(jobs.iterdir()) == []
+    assert await task_logs.sweep_jobs(tmp_path / "none", tasks, 3600, set, time.time()) == (0, 0)

@@ -196,6 +196,8 @@ def test_bad_specs_raise(tmp_path):
         TorchLauncher(spec(tmp_path, "", shards=(("a",),)))  # 1 list for 2 local ranks
     with pytest.raises(ValueError):
         TorchLauncher(spec(tmp_path, "", grace_s=-1))
+    with pytest.raises(ValueError):
+        TorchLauncher(spec(tmp_path, "", log_max_bytes=-1))
 
 
 async def test_stale_error_file_is_removed_and_shards_per_rank(tmp_path):
