@@ -208,6 +208,8 @@ class Agent:
         # The heartbeater starts after the metrics server; look it up at scrape time.
         self.agent_metrics.track_heartbeat_lag(
             lambda: self.heartbeater.answer_age_s() if self.heartbeater is not None else float("nan"))
+        self.agent_metrics.track_heartbeat_interval(
+            lambda: self.heartbeater.interval_s if self.heartbeater is not None else float("nan"))
         c = self.coordinator
         if c is not None:
             metrics = CoordinatorMetrics(self.metrics_registry)

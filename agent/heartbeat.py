@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 MIN_BACKOFF_S = 0.1
 # The leader answers every second beat; this many intervals of silence mean it is gone.
+# Counted in the interval the leader hands out, so it stretches with the heartbeat budget.
 ANSWER_TIMEOUT_BEATS = 3.5
 MIN_ANSWER_TIMEOUT_S = 2.0  # a busy leader may answer late; don't flap below this
 # Capped low: after a failover an agent must find the new leader within the grace period.
@@ -123,6 +124,7 @@ class Heartbeater:
         self._left = False  # the leader has this node as left
         self._last_answer = 0.0  # loop time of the leader's last answer on the stream
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # cuts run()'s wait short: stopping, a shorter interval
         self.node_id = make_registration().node_id
 
     def answer_age_s(self) -> float:
@@ -145,8 +147,7 @@ class Heartbeater:
         if not self._registered:
             resp = await self._link.call("RegisterNode", self._make_registration(), timeout)
             self._registered = True
-            if resp.heartbeat_interval_ms:
-                self.interval_s = resp.heartbeat_interval_ms / 1000
+            self._adopt_interval(resp.heartbeat_interval_ms)
             if self._on_registered is not None:
                 self._on_registered()
             return f"registered with the coordinator at {self._link.address}"
@@ -194,6 +195,7 @@ class Heartbeater:
                 if resp is grpc.aio.EOF:
                     raise Unavailable(f"{self._link.address} closed the heartbeat stream")
                 self._last_answer = asyncio.get_running_loop().time()
+                self._adopt_interval(resp.heartbeat_interval_ms)
                 if self._on_term is not None:
                     self._on_term(resp.term)
                 if resp.state == common_pb2.NODE_STATE_LEFT:
@@ -205,6 +207,16 @@ class Heartbeater:
                 self._broken = self._link.failed(rpc_err)
         except LeptonError as err:
             self._broken = err
+
+    def _adopt_interval(self, interval_ms: int) -> None:
+        """Beat as often as the leader asks (its heartbeat budget stretches the interval in
+        a large cluster). A shorter interval cuts the current wait short."""
+        if not interval_ms or interval_ms / 1000 == self.interval_s:
+            return
+        old, self.interval_s = self.interval_s, interval_ms / 1000
+        logger.info("heartbeat: interval now %.3fs (was %.3fs), as the leader asks", self.interval_s, old)
+        if self.interval_s < old:
+            self._wake.set()
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
@@ -221,7 +233,7 @@ class Heartbeater:
             try:
                 sentence = await self.run_cycle()
                 backoff = MIN_BACKOFF_S
-                delay = self.interval_s if self._registered else 0.0
+                delay = None if self._registered else 0.0  # None: the current interval
             except LeptonError as err:
                 sentence = f"coordinator call failed ({err.code.name}: {err.message}); retrying"
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -233,10 +245,22 @@ class Heartbeater:
             if sentence != last:
                 logger.info("heartbeat: %s", sentence)
                 last = sentence
+            await self._pause(delay)
+
+    async def _pause(self, delay: float | None) -> None:
+        """Wait `delay` seconds (None: the heartbeat interval, re-read whenever the leader
+        shortens it, so a shrinking cluster's agents speed up at once), or until stopped."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not self._stopping.is_set():
+            remaining = start + (self.interval_s if delay is None else delay) - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
-                pass
+                return
 
     async def drain(self, timeout: float = 3.0) -> bool:
         """Ask the leader to place nothing more here (a graceful stop begins)."""
@@ -256,7 +280,7 @@ class Heartbeater:
 
     async def leave(self, timeout: float = 3.0) -> bool:
         """Tell the coordinator we are leaving (SIGTERM). Tries each address once."""
-        self._stopping.set()
+        self.stop()
         self._drop_stream()
         # Even when not known to be registered: a registration may have been in flight.
         req = coordinator_pb2.LeaveNodeRequest(node_id=self.node_id)
@@ -275,6 +299,7 @@ class Heartbeater:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
 
     async def close(self) -> None:
         self._drop_stream()

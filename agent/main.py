@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")
     p.add_argument("--down-after", dest="down_after_s", type=float, help="seconds (default 3)")
     p.add_argument("--failover-grace", dest="failover_grace_s", type=float, help="seconds (default 3)")
+    p.add_argument("--max-heartbeats-per-s", dest="max_heartbeats_per_s", type=float,
+                   help="the leader's heartbeat budget: above it agents are told to beat less "
+                        "often and detection slows in proportion (default 2000)")
     p.add_argument("--raft-heartbeat", dest="raft_heartbeat_s", type=float, help="seconds (default 0.1)")
     p.add_argument("--election-timeout", dest="election_timeout_s", type=float,
                    help="seconds; drawn from [T, 2T) (default 1)")

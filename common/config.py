@@ -80,7 +80,7 @@ class AgentConfig:
     join_as_voter: bool = False
     # Free-form key=value labels that task constraints match against.
     labels: dict[str, str] = field(default_factory=dict)
-    # 1 s keeps detection in seconds while 5,000 agents stay well under a core.
+    # 1 s keeps detection in seconds; past max_heartbeats_per_s the leader stretches it.
     heartbeat_interval_s: float = 1.0
     # A node that misses two heartbeats is suspect: not scheduled on, not yet failed.
     suspect_after_s: float = 2.0
@@ -90,6 +90,12 @@ class AgentConfig:
     failover_grace_s: float = 3.0
     # How often the leader looks for silent nodes; bounds detection latency beyond down_after.
     liveness_interval_s: float = 0.2
+    # The leader's heartbeat budget (Nomad's max_heartbeats_per_second): past this times
+    # heartbeat_interval_s live nodes, agents are told to beat every
+    # live_nodes / max_heartbeats_per_s seconds and suspect/down stretch by the same factor.
+    # 2,000/s is ~0.6 cores of the leader's Python (~0.3 ms a beat, benchmarks/heartbeats.py)
+    # and keeps second-level detection up to 2,000 nodes; beyond, it grows linearly.
+    max_heartbeats_per_s: float = 2000.0
     # Raft leader heartbeat; ~10x below the election timeout keeps elections rare.
     raft_heartbeat_s: float = 0.1
     # Raft election timeout, drawn from [this, 2x this): failover takes about this long.
@@ -157,6 +163,8 @@ class AgentConfig:
             raise InvalidArgument("need 0 < suspect_after_s <= down_after_s")
         if self.down_after_s < self.heartbeat_interval_s:
             raise InvalidArgument("down_after_s must be at least one heartbeat interval")
+        if not 0 < self.max_heartbeats_per_s < math.inf:
+            raise InvalidArgument("max_heartbeats_per_s must be a number > 0")
         if not 0 < self.raft_heartbeat_s < self.election_timeout_s:
             raise InvalidArgument("need 0 < raft_heartbeat_s < election_timeout_s")
         if self.snapshot_every < 1:

@@ -25,6 +25,11 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
+    # Calls the server has not yet taken off its queue: past 1,000 (waiting 30 s) or 3,000,
+    # gRPC refuses new ones. Thousands of agents open their streams at once after a failover
+    # (benchmarks/heartbeats.py: ~1 in 5 of 5,000 refused): let them queue instead.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 50_000),
 ]
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

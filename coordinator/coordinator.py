@@ -39,7 +39,8 @@ class Coordinator:
         self.liveness = Liveness(
             self.state,
             self._propose,
-            LivenessTimings(config.suspect_after_s, config.down_after_s, config.failover_grace_s),
+            LivenessTimings(config.suspect_after_s, config.down_after_s, config.failover_grace_s,
+                            config.heartbeat_interval_s, config.max_heartbeats_per_s),
             monotonic=time.monotonic,
             wall_ms=wall_ms,
         )

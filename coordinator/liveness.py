@@ -3,11 +3,18 @@
 5,000 agents at 1 Hz are 5,000 dictionary writes a second here, not 5,000 log entries.
 A new leader starts with empty timers and gives every node `failover_grace_s` before it
 may be declared down.
+
+The heartbeat budget (Nomad's `max_heartbeats_per_second`): the leader hands every agent
+`interval = max(heartbeat_interval_s, live_nodes / max_heartbeats_per_s)`, so its
+heartbeat cost stays bounded as the cluster grows, and stretches the suspect/down
+thresholds by the same factor, so a node is never suspected for beating as slowly as it
+was told to.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,11 +27,75 @@ logger = logging.getLogger(__name__)
 Propose = Callable[[state_pb2.Command], Awaitable[object]]
 
 
+# The factor moves in steps of a twentieth (50 ms at a 1 s base; rounded up: still within
+# budget), so each node joining or leaving a large cluster does not change every agent's
+# interval (each change costs an extra answer per stream and a hold of the thresholds).
+FACTOR_STEPS = 20
+
+
 @dataclass(frozen=True, slots=True)
 class LivenessTimings:
     suspect_after_s: float
     down_after_s: float
     failover_grace_s: float
+    heartbeat_interval_s: float = 1.0  # the base interval, handed out while within budget
+    max_heartbeats_per_s: float = math.inf  # the leader's budget; inf: never stretch
+
+
+def budget_factor(live_nodes: int, heartbeat_interval_s: float, max_heartbeats_per_s: float) -> float:
+    """How many base intervals each agent should wait between beats so that `live_nodes`
+    agents send at most `max_heartbeats_per_s` beats a second: 1.0 while they fit.
+
+    interval = heartbeat_interval_s * factor = max(heartbeat_interval_s,
+    live_nodes / max_heartbeats_per_s), rounded up to a twentieth of the base interval.
+    """
+    need = live_nodes / (max_heartbeats_per_s * heartbeat_interval_s)
+    if need <= 1.0:
+        return 1.0
+    return math.ceil(need * FACTOR_STEPS - 1e-9) / FACTOR_STEPS
+
+
+def scaled_thresholds(timings: LivenessTimings, factor: float) -> tuple[float, float]:
+    """(suspect_after_s, down_after_s) for agents told to beat every `factor` base intervals."""
+    return timings.suspect_after_s * factor, timings.down_after_s * factor
+
+
+class HeartbeatBudget:
+    """The current factor, and the one thresholds use: after a change they keep the larger
+    of the old and new factor for one grace period (the old down_after), the time agents
+    need to hear the new interval and beat at it. Pure: the caller passes the clock."""
+
+    def __init__(self, timings: LivenessTimings):
+        self._timings = timings
+        self.factor = 1.0
+        self._held = 1.0  # the factor before the last change(s), honoured until _held_until
+        self._held_until = -math.inf
+
+    @property
+    def interval_s(self) -> float:
+        return self._timings.heartbeat_interval_s * self.factor
+
+    def update(self, live_nodes: int, now: float) -> bool:
+        """Recompute for `live_nodes` beating nodes; True when the interval changed."""
+        factor = budget_factor(live_nodes, self._timings.heartbeat_interval_s,
+                               self._timings.max_heartbeats_per_s)
+        if factor == self.factor:
+            return False
+        held = self.threshold_factor(now)  # a change inside a grace keeps the larger one
+        self._held = held
+        self._held_until = now + held * self._timings.down_after_s
+        self.factor = factor
+        return True
+
+    def threshold_factor(self, now: float) -> float:
+        return max(self.factor, self._held) if now < self._held_until else self.factor
+
+    def reset(self, live_nodes: int) -> None:
+        """A new leadership: the factor of the node table, no grace (timers restart anyway,
+        and agents already beat at what the previous leader computed from the same table)."""
+        self.factor = budget_factor(live_nodes, self._timings.heartbeat_interval_s,
+                                    self._timings.max_heartbeats_per_s)
+        self._held, self._held_until = self.factor, -math.inf
 
 
 @dataclass(slots=True)
@@ -58,13 +129,26 @@ class Liveness:
         self._seen: dict[str, _Seen] = {}
         self._leader = False
         self._since = monotonic()  # when this node became leader; silence counts from here
+        self.budget = HeartbeatBudget(timings)
+        # What the API hands agents (RegisterNode, heartbeat answers); an attribute because
+        # the heartbeat stream reads it on every beat.
+        self.interval_ms = _ms(self.budget.interval_s)
 
     def on_leadership(self, is_leader: bool, term: int) -> None:
         """Soft state belongs to one leadership: forget it on every change."""
         self._leader = is_leader
         self._seen.clear()
         self._since = self._monotonic()
-        logger.info("liveness: %s in term %d; timers reset", "leading" if is_leader else "following", term)
+        self.budget.reset(self._live_nodes())
+        self.interval_ms = _ms(self.budget.interval_s)
+        logger.info("liveness: %s in term %d; timers reset; heartbeat interval %.2fs",
+                    "leading" if is_leader else "following", term, self.budget.interval_s)
+
+    def _live_nodes(self) -> int:
+        """Nodes expected to heartbeat: ready or suspect (suspects still count, so a brief
+        partition does not shrink everyone's interval and then grow it back)."""
+        live = (NodeState.READY.proto, NodeState.SUSPECT.proto)
+        return sum(1 for node in self._state.nodes.values() if node.state in live)
 
     def last_seen(self, node_id: str) -> tuple[int, common_pb2.Usage | None]:
         """(wall ms of the last heartbeat, its usage), or (0, None) if none since leading."""
@@ -102,7 +186,10 @@ class Liveness:
         if not self._leader:
             return "not the leader: nothing to check"
         now = self._monotonic()
-        in_grace = now - self._since < self._timings.failover_grace_s
+        factor = self.budget.threshold_factor(now)
+        suspect_after, down_after = scaled_thresholds(self._timings, factor)
+        # Scaled too: agents find a hung leader after 3.5 of their (stretched) intervals.
+        in_grace = now - self._since < self._timings.failover_grace_s * factor
         suspects: list[str] = []
         downs: list[str] = []
         live = 0
@@ -113,16 +200,24 @@ class Liveness:
                 continue
             seen = self._seen.get(node.id)
             silent = now - (seen.at if seen else self._since)
-            if state == NodeState.SUSPECT and silent >= self._timings.down_after_s and not in_grace:
+            if state == NodeState.SUSPECT and silent >= down_after and not in_grace:
                 await self._transition(node, NodeState.DOWN, f"no heartbeat for {silent:.1f}s")
                 downs.append(node.name or node.id)
-            elif state == NodeState.READY and silent >= self._timings.suspect_after_s:
+            elif state == NodeState.READY and silent >= suspect_after:
                 await self._transition(node, NodeState.SUSPECT, f"no heartbeat for {silent:.1f}s")
                 suspects.append(node.name or node.id)
             elif state == NodeState.SUSPECT:
                 waiting += 1
             else:
                 live += 1
+        # After the decisions: a larger factor reaches the thresholds (here, now) before any
+        # agent hears of the longer interval (answers read interval_ms); a smaller one is
+        # held by the budget for a grace period.
+        if self.budget.update(live + waiting + len(suspects), now):
+            self.interval_ms = _ms(self.budget.interval_s)
+            logger.info("liveness: %d live nodes; heartbeat interval now %.2fs (budget %g/s)",
+                        live + waiting + len(suspects), self.budget.interval_s,
+                        self._timings.max_heartbeats_per_s)
         if not suspects and not downs:
             sentence = f"{live} nodes heartbeating"
             if waiting:
@@ -145,3 +240,7 @@ class Liveness:
             logger.info("node %s: %s", node.id, err)
             return
         logger.warning("node %s (%s) is %s: %s", node.name, node.id, state.value, reason)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

@@ -189,10 +189,15 @@ class ClusterCollector:
         m = GaugeMetricFamily("lepton_heartbeat_age_max_seconds",
                               "Longest time since a live node's last heartbeat (leader only)")
         m.add_metric([], max(ages, default=0.0))
+        # The interval agents are told now: the heartbeat budget stretches it in a large cluster.
+        interval_s = getattr(self._liveness, "interval_ms", 0) / 1000 or self._interval_s
         late = GaugeMetricFamily("lepton_heartbeat_late_nodes",
                                  "Live nodes silent for more than two heartbeat intervals")
-        late.add_metric([], sum(1 for a in ages if a > 2 * self._interval_s))
-        return [m, late]
+        late.add_metric([], sum(1 for a in ages if a > 2 * interval_s))
+        assigned = GaugeMetricFamily("lepton_heartbeat_interval_assigned_seconds",
+                                     "The heartbeat interval this voter hands agents (its budget's)")
+        assigned.add_metric([], interval_s)
+        return [m, late, assigned]
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -269,6 +274,9 @@ class AgentMetrics:
         self.heartbeat_lag = Gauge(
             "lepton_agent_heartbeat_lag_seconds",
             "Seconds since the leader last answered this agent's heartbeats (NaN: never)", registry=r)
+        self.heartbeat_interval = Gauge(
+            "lepton_agent_heartbeat_interval_seconds",
+            "The heartbeat interval this agent uses (the leader's, stretched by its budget)", registry=r)
         self.auth_refused = Counter(
             "lepton_auth_refused", "Calls refused by this node's auth interceptor", ["code"], registry=r)
         self.tasks_running = Gauge("lepton_agent_tasks_running", "Task attempts running here", registry=r)
@@ -292,6 +300,10 @@ class AgentMetrics:
     def track_heartbeat_lag(self, lag_s: Callable[[], float]) -> None:
         """Read the heartbeat lag at scrape time (`Heartbeater.answer_age_s`; any thread)."""
         self.heartbeat_lag.set_function(lag_s)
+
+    def track_heartbeat_interval(self, interval_s: Callable[[], float]) -> None:
+        """Read the heartbeat interval in use at scrape time (`Heartbeater.interval_s`)."""
+        self.heartbeat_interval.set_function(interval_s)
 
     def on_auth_event(self, event: Any) -> None:
         """An AuthInterceptor `on_event` hook (chained with the audit one)."""

@@ -46,6 +46,7 @@ class CoordinatorContext:
         self.consensus = consensus
         self.liveness = liveness
         self.wall_ms = wall_ms
+        # The configured base; agents are told liveness.interval_ms (the heartbeat budget's).
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.propose_timeout_s = propose_timeout_s
         self.hub = TaskHub()
@@ -107,8 +108,9 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         node = await self._ctx.commit(cmd)
         await self._ctx.liveness.heartbeat(request.node_id, common_pb2.Usage())
         logger.info("registered node %s (%s) at %s", node.name, node.id, node.address)
+        # The leader's interval, stretched by the heartbeat budget in a large cluster.
         return coordinator_pb2.RegisterNodeResponse(
-            node=node, heartbeat_interval_ms=self._ctx.heartbeat_interval_ms
+            node=node, heartbeat_interval_ms=self._ctx.liveness.interval_ms
         )
 
     def _check_beat(self, request) -> None:
@@ -120,7 +122,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.HeartbeatResponse(
             state=node.state,
             draining=node.draining,
-            heartbeat_interval_ms=self._ctx.heartbeat_interval_ms,
+            heartbeat_interval_ms=self._ctx.liveness.interval_ms,
             term=self._ctx.consensus.term(),
         )
 
@@ -133,7 +135,8 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
 
     @rpc_boundary
     async def HeartbeatStream(self, request_iterator, context):
-        # Answer every second beat, and at once when something the agent acts on changed.
+        # Answer every second beat, and at once when something the agent acts on changed
+        # (state, drain, term, the interval the heartbeat budget hands out).
         # The answers are how an agent notices a leader that stopped (SIGSTOP, a hung
         # host): gRPC keepalive does not break a stream that is still being written to.
         # A reply per beat would cost the leader ~20% more per beat; this is the hot path
@@ -153,7 +156,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
             self._ctx.require_leader()
             node = await liveness.heartbeat(request.node_id, request.usage)
             count += 1
-            key = (node.state, node.draining, consensus.term())
+            key = (node.state, node.draining, consensus.term(), liveness.interval_ms)
             if key != last or count % 2 == 0:
                 last = key
                 yield self._beat_response(node)

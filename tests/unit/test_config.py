@@ -32,6 +32,8 @@ def test_lists_and_labels_parse():
         ({"peers": "a:1,b:2"}, "use 1, 3 or 5"),
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s"),
         ({"suspect_after_s": 5, "down_after_s": 3}, "suspect_after_s"),
+        ({"max_heartbeats_per_s": 0}, "max_heartbeats_per_s"),
+        ({"max_heartbeats_per_s": float("inf")}, "max_heartbeats_per_s"),
         ({"labels": "novalue"}, "key=value"),
         ({"fake_gpus": 100}, "fake_gpus"),
         ({"log_level": "chatty"}, "log_level"),
