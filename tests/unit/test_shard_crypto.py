@@ -17,24 +17,11 @@ from lepton.agent.shards import CHUNK, KEY_ID_FILE, ShardCorrupt, ShardStore
 from lepton.common import cluster_secret
 from lepton.common.config import load_config
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from tests.unit.test_shards import blob, put  # the same helpers
 
 KEY = sc.ShardCipher(bytes(range(32)))
 OTHER = sc.ShardCipher(bytes(range(1, 33)))
 SLOT = CHUNK + sc.TAG  # one sealed full chunk on disk
-
-
-def blob(n: int, seed: int = 0) -> tuple[str, bytes]:
-    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-    return hashlib.sha256(data).hexdigest(), data
-
-
-def put(store: ShardStore, data: bytes, step: int = 1 << 20) -> str:
-    sid = hashlib.sha256(data).hexdigest()
-    with store.writer(sid, len(data)) as w:
-        for i in range(0, len(data), step):
-            w.write(data[i : i + step])
-        w.commit()
-    return sid
 
 
 def read_all(store: ShardStore, sid: str) -> bytes:
