@@ -16,7 +16,7 @@ import sys
 import grpc
 
 from lepton.agent.heartbeat import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
-from lepton.agent.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
+from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
 from lepton.v1 import coordinator_pb2, tasks_pb2
@@ -31,7 +31,7 @@ AGENT_STOPPING = "agent stopping"
 def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
              tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0) -> RunSpec:
     """What the runner starts for an assignment. A torch job's member runs
-    `lepton.agent.torch_task`, which starts the node's workers the way torchrun would
+    `lepton.workloads.torch_task`, which starts the node's workers the way torchrun would
     (`log_max_bytes`: the cap of each rank's log there, the same as task output's; 0: none)."""
     s = a.spec
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
@@ -58,7 +58,7 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             "shard_key_file": shard_key_file,
             "log_max_bytes": log_max_bytes,
         }
-        argv, shell = (sys.executable, "-m", "lepton.agent.torch_task", json.dumps(launch)), ""
+        argv, shell = (sys.executable, "-m", "lepton.workloads.torch_task", json.dumps(launch)), ""
     return RunSpec(
         task_id=a.task_id,
         attempt=a.attempt,

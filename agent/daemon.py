@@ -23,7 +23,7 @@ from lepton.common.config import AgentConfig
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
-from lepton.coordinator.service import VERSION
+from lepton.common.version import VERSION
 from lepton.v1 import agent_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Agent:
         # one process in tests never share or collide on metric names.
         from prometheus_client import CollectorRegistry
 
-        from lepton.coordinator.metrics import AgentMetrics
+        from lepton.agent.metrics import AgentMetrics
 
         self.metrics_registry = CollectorRegistry()
         self.agent_metrics = AgentMetrics(self.metrics_registry)
@@ -147,9 +147,9 @@ class Agent:
             self.coordinator = Coordinator(self.config, self.node_id, tls=self.tls)
             services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
-        from lepton.agent.runner import SWEEP_S, TaskRunner
         from lepton.agent.service import AgentService
         from lepton.agent.service import add_to_server as add_agent_service
+        from lepton.agent.tasks.runner import SWEEP_S, TaskRunner
 
         targets = self.config.peers or self.config.join or [self.address]
         self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls,
@@ -201,7 +201,7 @@ class Agent:
     def _start_metrics(self) -> None:
         """Wire the metric hooks and serve /metrics on `metrics_listen` (port 0: not served).
         Raises OSError when the port is taken."""
-        from lepton.coordinator.metrics import CoordinatorMetrics, start_metrics_server
+        from lepton.agent.metrics import CoordinatorMetrics, start_metrics_server
 
         runner = self.runner
         self.agent_metrics.track_running(lambda: len(runner.running()))

@@ -16,12 +16,12 @@ import grpc
 
 from lepton.agent.heartbeat import CoordinatorLink
 from lepton.agent.inventory import InventoryReporter
-from lepton.agent.shard_crypto import ShardCipher
-from lepton.agent.shard_service import ShardService, add_to_server
-from lepton.agent.shards import ShardStore
-from lepton.agent.transfer import ByteCounter, Puller, SideChannel
 from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import InvalidArgument, LeptonError
+from lepton.dataplane.shard_crypto import ShardCipher
+from lepton.dataplane.shard_service import ShardService, add_to_server
+from lepton.dataplane.shards import ShardStore
+from lepton.dataplane.transfer import ByteCounter, Puller, SideChannel
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1 import datasets_pb2_grpc
 

@@ -24,8 +24,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from lepton.agent.shards import ShardStore
 from lepton.common.errors import LeptonError
+from lepton.dataplane.shards import ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 
 logger = logging.getLogger(__name__)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lepton.agent.runner import TaskRunner
+from lepton.agent.tasks.runner import TaskRunner
+from lepton.common import validation as v
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import register_service, rpc_boundary
-from lepton.coordinator import validation as v
 from lepton.v1 import agent_pb2, agent_pb2_grpc
 
 
@@ -20,7 +20,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise InvalidArgument("offset is out of range")
         attempt = request.attempt or latest_attempt(self._runner, request.task_id)
         # Offsets are the runner's stream offsets: exact across output rotations (see
-        # agent/task_logs.py); a note chunk's offset is where the output resumes.
+        # agent/tasks/task_logs.py); a note chunk's offset is where the output resumes.
         async for chunk in self._runner.output(
             request.task_id, attempt, offset=request.offset, follow=request.follow
         ):

@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, free_port  # noqa: E402
 
-from lepton.agent.torch_env import python_argv  # noqa: E402
-from lepton.agent.torch_launcher import NodeLaunch, run_node  # noqa: E402
+from lepton.workloads.torch_env import python_argv  # noqa: E402
+from lepton.workloads.torch_launcher import NodeLaunch, run_node  # noqa: E402
 
 NNODES, NPROC = 2, 2
 

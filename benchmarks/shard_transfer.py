@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
 
-from lepton.agent.shard_crypto import ShardCipher  # noqa: E402
-from lepton.agent.shards import ShardStore  # noqa: E402
 from lepton.common import cluster_secret  # noqa: E402
+from lepton.dataplane.shard_crypto import ShardCipher  # noqa: E402
+from lepton.dataplane.shards import ShardStore  # noqa: E402
 from lepton.v1 import datasets_pb2 as dpb  # noqa: E402
 from lepton.v1.datasets_pb2_grpc import ShardsStub  # noqa: E402
 

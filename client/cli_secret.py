@@ -16,7 +16,7 @@ __all__ = ["register"]
 
 
 def _key_id(path: str) -> str:
-    from lepton.agent.shard_crypto import ShardCipher
+    from lepton.dataplane.shard_crypto import ShardCipher
 
     return ShardCipher.from_file(path).key_id
 

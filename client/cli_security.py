@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.table import Table
 
+from lepton.common.errors import Internal, error_for_code
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
@@ -141,7 +142,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_save(args: argparse.Namespace) -> int:
-    from lepton.coordinator import backup
+    from lepton.common import backup
 
     resp = _call(args, "SaveSnapshot", spb.SaveSnapshotRequest())
     path = backup.save(resp.data, resp.index, resp.term, resp.cluster_id, args.file, overwrite=args.overwrite)
@@ -156,15 +157,27 @@ def cmd_snapshot_save(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_restore(args: argparse.Namespace) -> int:
-    from lepton.coordinator.restore import restore
+    # The restore rewrites a stopped voter's Raft folder with the coordinator's storage code;
+    # it runs as its own process so the client never imports the coordinator (the layers).
+    import json
+    import subprocess
 
-    result = restore(args.file, args.data_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lepton.coordinator.restore", args.file, args.data_dir],
+        capture_output=True, text=True, check=False,
+    )
+    try:
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise Internal(f"snapshot restore failed: {(proc.stderr or proc.stdout).strip()[-500:]}") from None
+    if proc.returncode != 0:
+        raise error_for_code(doc.get("code", ""), doc.get("message", "snapshot restore failed"))
     if args.output == "json":
-        _print_json(result.to_dict())
+        _print_json(doc)
         return 0
-    sys.stdout.write(f"restored cluster {result.cluster_id} at index {result.index} into {result.data_dir}\n")
-    if result.moved_aside:
-        sys.stdout.write(f"the previous raft folder is kept as {result.moved_aside}\n")
+    sys.stdout.write(f"restored cluster {doc['cluster_id']} at index {doc['index']} into {doc['data_dir']}\n")
+    if doc["moved_aside"]:
+        sys.stdout.write(f"the previous raft folder is kept as {doc['moved_aside']}\n")
     sys.stdout.write("start the agent as before; see docs/operations.md for clusters of several voters\n")
     return 0
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from lepton.agent.shards import CHUNK, ShardStore
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
-from lepton.coordinator.datasets import DEFAULT_REPLICATION, check_dataset_name
+from lepton.common.validation import DEFAULT_REPLICATION, check_dataset_name
+from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .client import _Conn
 
 np = LazyModule("numpy")
-fmt = LazyModule("lepton.agent.shard_format")
+fmt = LazyModule("lepton.dataplane.shard_format")
 
 __all__ = ["DataMethods", "DatasetInfo", "ShardInfo"]
 
@@ -321,7 +321,7 @@ class DataMethods:
                 s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
                 for s in ds.shards
             }
-            from lepton.agent.transfer import Puller
+            from lepton.dataplane.transfer import Puller
 
             # The side channel, with the client's certificate when TLS is on.
             puller = Puller(store, tls=getattr(self, "_tls", None))

@@ -88,7 +88,7 @@ class Algorithm:
         ds = getattr(dataset, "name", dataset)
         name = name or f"{ds}-{self.algorithm}-{uuid.uuid4().hex[:6]}"
         p = self.params
-        argv = [sys.executable, "-m", "lepton.agent.recipes.cluster", "train", "--model-name", name,
+        argv = [sys.executable, "-m", "lepton.workloads.recipes.cluster", "train", "--model-name", name,
                 "--algorithm", self.algorithm, "--epochs", str(p["epochs"]),
                 "--batch-size", str(p["batch_size"]), "--lr", str(p["learning_rate"]),
                 "--hidden", str(p["hidden"]), "--seed", str(p["seed"])]
@@ -115,7 +115,7 @@ class Algorithm:
 
     def _run(self, what: str, model: Model | str, dataset: Any, extra: list[str],
              timeout: float | None) -> str:
-        argv = [sys.executable, "-m", "lepton.agent.recipes.cluster", what,
+        argv = [sys.executable, "-m", "lepton.workloads.recipes.cluster", what,
                 "--model", getattr(model, "name", model), "--dataset", getattr(dataset, "name", dataset),
                 *extra]
         task = self.client.submit(argv, name=what, cpu=1)

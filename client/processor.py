@@ -7,7 +7,7 @@
 
 Each step that needs dataset-wide statistics (mean/std, min/max, median, duplicates) gets
 a map-reduce pass first: every holder computes its shard's partial (`Shards.ShardStats`,
-after the earlier steps), this process merges them exactly (`lepton.agent.process`), and
+after the earlier steps), this process merges them exactly (`lepton.dataplane.process`), and
 the next pass carries the result. Then every holder transforms its shard into a new one
 stored where it is (`Shards.TransformShard`), and the new dataset is committed; the
 replication loop brings it to the replication factor. Why an agent RPC and not a task:
@@ -26,8 +26,8 @@ from typing import Any
 
 import grpc
 
-from lepton.agent import process as proc
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable
+from lepton.dataplane import process as proc
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
 

@@ -2,7 +2,7 @@
 
 Made once by `lepton-ctl secret init --out FILE` and copied to every agent
 (`--shard-key-file`, `LEPTON_SHARD_KEY_FILE`, `shard_key_file` in the TOML file). The
-shard-at-rest key is derived from it (`lepton.agent.shard_crypto`). Nothing here ever logs
+shard-at-rest key is derived from it (`lepton.dataplane.shard_crypto`). Nothing here ever logs
 or prints the secret itself.
 """
 

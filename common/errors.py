@@ -123,3 +123,11 @@ def from_rpc_error(err: grpc.RpcError) -> LeptonError:
     exc = cls(details)
     exc.code = code
     return exc
+
+
+def error_for_code(code_name: str, message: str) -> LeptonError:
+    """The LeptonError for a status code's name ("NOT_FOUND"), as a process boundary reports it."""
+    for code, cls in _BY_CODE.items():
+        if code.name == code_name:
+            return cls(message)
+    return Internal(message)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lepton.common.errors import DeadlineExceeded, FailedPrecondition, NotLeader, Unavailable
-from lepton.coordinator.log_store import Entry, LogStore, Snapshot
+from lepton.coordinator.storage.log_store import Entry, LogStore, Snapshot
 
 logger = logging.getLogger(__name__)
 

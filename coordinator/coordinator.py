@@ -12,12 +12,12 @@ import grpc
 from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
 from lepton.common.loops import run_cycles
+from lepton.coordinator.api.service import CoordinatorContext, CoordinatorService, add_to_server
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
-from lepton.coordinator.liveness import Liveness, LivenessTimings
-from lepton.coordinator.log_store import FileLogStore
-from lepton.coordinator.scheduling import SchedulingLoop
-from lepton.coordinator.service import CoordinatorContext, CoordinatorService, add_to_server
-from lepton.coordinator.state_machine import ClusterStateMachine
+from lepton.coordinator.loops.liveness import Liveness, LivenessTimings
+from lepton.coordinator.loops.scheduling import SchedulingLoop
+from lepton.coordinator.state.state_machine import ClusterStateMachine
+from lepton.coordinator.storage.log_store import FileLogStore
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,14 @@ class Coordinator:
             free_port=self._free_port,
         )
         self.ctx.scheduling = self.scheduling
-        from lepton.coordinator.replication import AgentPool, ReplicationLoop
+        from lepton.coordinator.loops.replication import AgentPool, ReplicationLoop
 
         self.agent_pool = AgentPool(tls=tls)
         self.replication = ReplicationLoop(
             self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader
         )
         self.state.add_listener(self.replication.wake)
-        from lepton.coordinator.reconcile import Reconciler
+        from lepton.coordinator.loops.reconcile import Reconciler
 
         self.reconciler = Reconciler(
             self.state, self._propose, self.agent_pool, is_leader=self.consensus.is_leader,
@@ -82,7 +82,7 @@ class Coordinator:
         self.state.tasks.listeners.append(self.scheduling.on_task_change)
         self.state.add_listener(self.scheduling.wake)
         self._tasks: list[asyncio.Task[None]] = []
-        from lepton.coordinator.security_api import AuditBatcher, Bootstrap
+        from lepton.coordinator.api.security_api import AuditBatcher, Bootstrap
 
         self.audit = AuditBatcher(self._propose, self.consensus.is_leader)  # the interceptor's on_event
         self.bootstrap = Bootstrap(self.ctx, Path(config.data_dir), auth=getattr(config, "auth", False))
@@ -134,12 +134,12 @@ class Coordinator:
         """Register the coordinator's services; returns their names (for reflection)."""
         add_to_server(CoordinatorService(self.ctx), server)
         names = ["lepton.v1.Coordinator"]
-        from lepton.coordinator.dataset_api import DatasetService
-        from lepton.coordinator.dataset_api import add_to_server as add_datasets
+        from lepton.coordinator.api.dataset_api import DatasetService
+        from lepton.coordinator.api.dataset_api import add_to_server as add_datasets
 
         names.append(add_datasets(DatasetService(self.ctx, self.agent_pool, self.reconciler), server))
-        from lepton.coordinator.security_api import SecurityService
-        from lepton.coordinator.security_api import add_to_server as add_security
+        from lepton.coordinator.api.security_api import SecurityService
+        from lepton.coordinator.api.security_api import add_to_server as add_security
 
         names.append(add_security(SecurityService(self.ctx, self._term_of), server))
         if not isinstance(self.consensus, SingleVoterConsensus):

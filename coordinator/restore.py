@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lepton.common import backup
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from lepton.coordinator import backup
-from lepton.coordinator.log_store import FileLogStore, Snapshot
-from lepton.coordinator.state_machine import ClusterStateMachine
+from lepton.coordinator.state.state_machine import ClusterStateMachine
+from lepton.coordinator.storage.log_store import FileLogStore, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +99,33 @@ def restore(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> R
         os.close(fd)
     logger.info("restored %s into %s: cluster %s, index %d, term %d", path, d, b.cluster_id, b.index, b.term)
     return RestoreResult(str(d), b.index, b.term, b.cluster_id, moved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lepton.coordinator.restore FILE DATA_DIR`: the offline restore as its
+    own process, so `lepton-ctl snapshot restore` runs the coordinator's storage code without
+    the client importing it. Prints the result as JSON; an error as one JSON line
+    (`{"code": ..., "message": ...}`) on stdout with exit status 1."""
+    import json
+    import sys
+
+    from lepton.common.errors import LeptonError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m lepton.coordinator.restore FILE DATA_DIR", file=sys.stderr)
+        return 2
+    try:
+        result = restore(args[0], args[1])
+    except LeptonError as err:
+        print(json.dumps({"code": err.code.name, "message": err.message}))
+        return 1
+    except OSError as err:
+        print(json.dumps({"code": "FAILED_PRECONDITION", "message": f"cannot restore into {args[1]}: {err}"}))
+        return 1
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

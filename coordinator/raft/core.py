@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Mapping
 
 from lepton.common.errors import NotLeader
-from lepton.coordinator.log_store import Entry, LogStore, Snapshot
 from lepton.coordinator.raft.leader import LeaderMixin
 from lepton.coordinator.raft.membership import MembershipMixin, is_config
 from lepton.coordinator.raft.messages import (
@@ -40,6 +39,7 @@ from lepton.coordinator.raft.messages import (
     VoteResponse,
 )
 from lepton.coordinator.raft.progress import PeerState, Progress
+from lepton.coordinator.storage.log_store import Entry, LogStore, Snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import NotLeader
-from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -26,6 +25,7 @@ from lepton.coordinator.raft.messages import (
     TimeoutNow,
 )
 from lepton.coordinator.raft.progress import PeerState, Progress
+from lepton.coordinator.storage.log_store import Entry, Snapshot
 
 logger = logging.getLogger(__name__)
 

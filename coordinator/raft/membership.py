@@ -29,9 +29,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import AlreadyExists, FailedPrecondition, NotFound, NotLeader
-from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import Config, Message, Role, TimeoutNow
 from lepton.coordinator.raft.progress import Progress
+from lepton.coordinator.storage.log_store import Entry, Snapshot
 
 logger = logging.getLogger(__name__)
 

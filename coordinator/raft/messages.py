@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from lepton.coordinator.log_store import Entry, LogStore, Snapshot
+from lepton.coordinator.storage.log_store import Entry, LogStore, Snapshot
 
 
 class Role(str, Enum):

@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
 from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
-from lepton.coordinator.log_store import LogStore
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.membership import is_config
 from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
 from lepton.coordinator.raft.node_membership import VoterChanges
 from lepton.coordinator.raft.transport import GrpcTransport, Transport
+from lepton.coordinator.storage.log_store import LogStore
 
 logger = logging.getLogger(__name__)
 

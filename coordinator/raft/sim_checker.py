@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from lepton.coordinator.log_store import Entry
 from lepton.coordinator.raft.core import RaftCore
+from lepton.coordinator.storage.log_store import Entry
 
 
 class InvariantViolation(AssertionError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from lepton.coordinator.log_store import CompactedError, Entry, Snapshot
+from lepton.coordinator.storage.log_store import CompactedError, Entry, Snapshot
 
 
 class _Log:

@@ -20,7 +20,6 @@ import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.grpc_util import MAX_MESSAGE_BYTES
-from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -32,6 +31,7 @@ from lepton.coordinator.raft.messages import (
     VoteRequest,
     VoteResponse,
 )
+from lepton.coordinator.storage.log_store import Entry, Snapshot
 from lepton.v1 import raft_pb2, raft_pb2_grpc, state_pb2
 
 logger = logging.getLogger(__name__)

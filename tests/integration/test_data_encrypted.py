@@ -14,11 +14,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from lepton.agent import shard_crypto as sc
-from lepton.agent.shards import CHUNK, KEY_ID_FILE, ShardStore
-from lepton.agent.transfer import Puller
 from lepton.client import Client
 from lepton.common.errors import Unavailable
+from lepton.dataplane import shard_crypto as sc
+from lepton.dataplane.shards import CHUNK, KEY_ID_FILE, ShardStore
+from lepton.dataplane.transfer import Puller
 from tests.integration.cluster import AgentProcess, run_ctl, wait_until
 
 pytestmark = pytest.mark.integration

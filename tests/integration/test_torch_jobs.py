@@ -110,9 +110,9 @@ def test_two_agent_ddp_ends_like_one_process(two_nodes, tmp_path):
     import numpy as np
     import torch
 
-    from lepton.agent.recipes import train
-    from lepton.agent.recipes.cluster import get_file
-    from lepton.agent.recipes.data import write_shard
+    from lepton.workloads.recipes import train
+    from lepton.workloads.recipes.cluster import get_file
+    from lepton.workloads.recipes.data import write_shard
 
     n, b = 64, 8
     rng = np.random.default_rng(3)
@@ -121,7 +121,7 @@ def test_two_agent_ddp_ends_like_one_process(two_nodes, tmp_path):
     args = ["--algorithm", "mlp", "--epochs", "2", "--lr", "0.05", "--seed", "5", "--hidden", "8"]
     with Client(two_nodes.address, timeout=60) as c:
         c.put_dataset(tmp_path / "all.npz", "ddp-data", shards=2)  # shard r -> rank r
-        job = c.submit_job([sys.executable, "-m", "lepton.agent.recipes.cluster", "train",
+        job = c.submit_job([sys.executable, "-m", "lepton.workloads.recipes.cluster", "train",
                             "--model-name", "ddp-model", *args, "--batch-size", str(b)],
                            nodes=2, nproc_per_node=1, cpu=0.5, dataset="ddp-data")
         done = c.wait_job(job.id, timeout=180)
@@ -166,7 +166,7 @@ def test_kill_9_of_an_agent_mid_training_resumes_from_checkpoint(agents, tmp_pat
         x, y = rows(np.random.default_rng(0), 12_000)
         np.savez(tmp_path / "big.npz", x=x, y=y)
         c.put_dataset(tmp_path / "big.npz", "big", shards=4)
-        job = c.submit_job([sys.executable, "-m", "lepton.agent.recipes.train", "--algorithm", "mlp",
+        job = c.submit_job([sys.executable, "-m", "lepton.workloads.recipes.train", "--algorithm", "mlp",
                             "--epochs", "12", "--batch-size", "64", "--hidden", "32"],
                            nodes=2, nproc_per_node=1, cpu=0.5, dataset="big", max_restarts=2)
         wait_until(lambda: any(d.name == f"ckpt-{job.id}" for d in c.datasets()), timeout=120,

@@ -6,7 +6,7 @@ predict on the result; logreg (regression) and cnn in one process each.
 Data: synthetic and separable (scikit-learn is not installed): 6 features, 3 classes given
 by the argmax of a fixed linear map. Each rank has its own shard of N rows; the 1-process
 reference reads one shard built by interleaving the ranks' shards in blocks of the per-rank
-batch (see lepton.agent.recipes.train's docstring for why that makes the runs equal).
+batch (see lepton.workloads.recipes.train's docstring for why that makes the runs equal).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lepton.agent.recipes import evaluate as evaluate_mod  # noqa: E402
-from lepton.agent.recipes import predict as predict_mod  # noqa: E402
-from lepton.agent.recipes import train as train_mod  # noqa: E402
-from lepton.agent.recipes.data import write_shard  # noqa: E402
-from lepton.agent.torch_env import python_argv  # noqa: E402
-from lepton.agent.torch_launcher import LaunchResult, NodeLaunch, run_node  # noqa: E402
+from lepton.workloads.recipes import evaluate as evaluate_mod  # noqa: E402
+from lepton.workloads.recipes import predict as predict_mod  # noqa: E402
+from lepton.workloads.recipes import train as train_mod  # noqa: E402
+from lepton.workloads.recipes.data import write_shard  # noqa: E402
+from lepton.workloads.torch_env import python_argv  # noqa: E402
+from lepton.workloads.torch_launcher import LaunchResult, NodeLaunch, run_node  # noqa: E402
 
 N, B, EPOCHS = 96, 8, 3  # rows per rank, per-rank batch, epochs
 TRAIN = ["--algorithm", "mlp", "--epochs", str(EPOCHS), "--lr", "0.05", "--seed", "7", "--hidden", "16"]
@@ -51,7 +51,7 @@ def make_rows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
 def launch(tmp: Path, name: str, args: list[str], *, nproc: int, shards: tuple[tuple[str, ...], ...],
            restart_count: int = 0, checkpoint_dir: str = "") -> LaunchResult:
     spec = NodeLaunch(
-        job_id=name, argv=tuple(python_argv("lepton.agent.recipes.train", args, module=True)),
+        job_id=name, argv=tuple(python_argv("lepton.workloads.recipes.train", args, module=True)),
         nproc_per_node=nproc, node_rank=0, nnodes=1, master_addr="127.0.0.1", master_port=free_port(),
         log_dir=tmp / "logs" / f"{name}-{restart_count}", restart_count=restart_count, max_restarts=1,
         env={"OMP_NUM_THREADS": "1"}, shards=shards, checkpoint_dir=checkpoint_dir, grace_s=5.0)
@@ -140,7 +140,7 @@ def test_killed_run_resumes_from_checkpoint(data, two_rank_model):
 
 def test_evaluate_and_predict(data, two_rank_model, tmp_path, monkeypatch):
     test_shard = str(data / "test.npz")
-    proc = subprocess.run([sys.executable, "-m", "lepton.agent.recipes.evaluate", "--model",
+    proc = subprocess.run([sys.executable, "-m", "lepton.workloads.recipes.evaluate", "--model",
                            str(two_rank_model), "--shards", test_shard],
                           capture_output=True, text=True, timeout=WAIT_S)
     assert proc.returncode == 0, proc.stderr
@@ -191,7 +191,7 @@ def test_logreg_regression_and_cnn_in_one_process(tmp_path, monkeypatch):
 
 
 def test_shard_layouts_and_errors(tmp_path):
-    from lepton.agent.recipes.data import load_shards, read_shard, shards_from_env
+    from lepton.workloads.recipes.data import load_shards, read_shard, shards_from_env
 
     x = np.arange(12, dtype=np.float64).reshape(4, 3)
     write_shard(tmp_path / "a.npz", x, np.array([0, 1, 2, 1]))

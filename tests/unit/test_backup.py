@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
+from lepton.common import backup
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lepton.coordinator import backup
-from lepton.coordinator.state_machine import ClusterStateMachine
+from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.v1 import common_pb2, state_pb2
 
 CLUSTER = "c-1f2e3d"

@@ -12,15 +12,15 @@ import threading
 import grpc
 import pytest
 
-from lepton.agent.shard_service import ShardService, add_to_server
-from lepton.agent.shards import CHUNK, ShardStore
-from lepton.agent.transfer import TOKEN_BYTES, Puller, SideChannel
 from lepton.common import tls
 from lepton.common.channels import TlsConfig, client_tls, make_channel
 from lepton.common.config import AgentConfig, load_config
 from lepton.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lepton.coordinator.raft.messages import VoteRequest
 from lepton.coordinator.raft.transport import GrpcTransport, add_raft_servicer
+from lepton.dataplane.shard_service import ShardService, add_to_server
+from lepton.dataplane.shards import CHUNK, ShardStore
+from lepton.dataplane.transfer import TOKEN_BYTES, Puller, SideChannel
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.coordinator.consensus import SingleVoterConsensus
-from lepton.coordinator.log_store import FileLogStore
+from lepton.coordinator.storage.log_store import FileLogStore
 
 
 class CountingMachine:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
-from lepton.coordinator.datasets import check_dataset_name
-from lepton.coordinator.replication import ReplicationLoop
-from lepton.coordinator.state_machine import ClusterStateMachine, NodeState
+from lepton.common.validation import check_dataset_name
+from lepton.coordinator.loops.replication import ReplicationLoop
+from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lepton.coordinator.state_machine import ClusterStateMachine, NodeState
+from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lepton.common.errors import NotFound
-from lepton.coordinator.liveness import (
+from lepton.coordinator.loops.liveness import (
     HeartbeatBudget,
     Liveness,
     LivenessTimings,
     budget_factor,
     scaled_thresholds,
 )
-from lepton.coordinator.state_machine import ClusterStateMachine, NodeState
+from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState
 from lepton.v1 import common_pb2, state_pb2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lepton.coordinator.log_store import (
+from lepton.coordinator.storage.log_store import (
     CompactedError,
     Entry,
     FileLogStore,

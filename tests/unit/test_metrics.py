@@ -11,12 +11,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from lepton.coordinator.consensus import ConsensusStatus, VoterStatus
-from lepton.coordinator.metrics import (
+from lepton.agent.metrics import (
     AgentMetrics,
     CoordinatorMetrics,
     start_metrics_server,
 )
+from lepton.coordinator.consensus import ConsensusStatus, VoterStatus
 from lepton.v1 import common_pb2, tasks_pb2
 
 NOW_MS = 1_000_000

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lepton.coordinator.log_store import FileLogStore
 from lepton.coordinator.raft.messages import Config
 from lepton.coordinator.raft.node import RaftConsensus
 from lepton.coordinator.raft.transport import add_raft_servicer
+from lepton.coordinator.storage.log_store import FileLogStore
 from tests.unit.test_consensus_contract import (  # noqa: F401 - collected here with our fixture
     CountingMachine,
     test_concurrent_proposals_apply_once_each_in_one_order,

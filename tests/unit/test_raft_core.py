@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 
 from lepton.common.errors import NotLeader
-from lepton.coordinator.log_store import Entry, MemoryLogStore
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.messages import (
     AppendRequest,
@@ -23,6 +22,7 @@ from lepton.coordinator.raft.messages import (
     VoteRequest,
     persist,
 )
+from lepton.coordinator.storage.log_store import Entry, MemoryLogStore
 
 CFG = Config(heartbeat_interval=0.1, election_timeout=1.0)
 

@@ -7,7 +7,6 @@ import random
 import pytest
 
 from lepton.common.errors import AlreadyExists, FailedPrecondition, NotFound, NotLeader
-from lepton.coordinator.log_store import MemoryLogStore
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.membership import decode_config, encode_config, is_config
 from lepton.coordinator.raft.messages import (
@@ -19,6 +18,7 @@ from lepton.coordinator.raft.messages import (
     SnapshotRequest,
     TimeoutNow,
 )
+from lepton.coordinator.storage.log_store import MemoryLogStore
 from tests.unit.test_raft_core import CFG, Net
 
 
@@ -234,7 +234,7 @@ def test_commands_that_look_like_a_configuration_are_refused() -> None:
 
 
 def test_file_store_keeps_the_snapshot_configuration(tmp_path) -> None:
-    from lepton.coordinator.log_store import FileLogStore, Snapshot
+    from lepton.coordinator.storage.log_store import FileLogStore, Snapshot
 
     store = FileLogStore(tmp_path / "raft")
     store.save_snapshot(Snapshot(3, 1, b"state", encode_config({"n1": "a:1"})))
@@ -247,8 +247,8 @@ def test_file_store_keeps_the_snapshot_configuration(tmp_path) -> None:
 
 
 def test_install_snapshot_carries_the_configuration_over_the_wire() -> None:
-    from lepton.coordinator.log_store import Snapshot
     from lepton.coordinator.raft.transport import from_proto, to_proto
+    from lepton.coordinator.storage.log_store import Snapshot
 
     m = SnapshotRequest("a", "b", 7, Snapshot(50, 6, b"state", encode_config({"a": "a", "b": "b"})))
     assert from_proto(to_proto(m)) == m

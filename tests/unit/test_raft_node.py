@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from lepton.common.errors import NotLeader
-from lepton.coordinator.log_store import FileLogStore
 from lepton.coordinator.raft.messages import Config
 from lepton.coordinator.raft.node import RaftConsensus
 from lepton.coordinator.raft.transport import add_raft_servicer
+from lepton.coordinator.storage.log_store import FileLogStore
 
 CFG = Config(heartbeat_interval=0.05, election_timeout=0.5)  # robust on a loaded machine
 

@@ -17,9 +17,9 @@ from lepton.common.errors import (
     NotFound,
     NotLeader,
 )
-from lepton.coordinator.log_store import FileLogStore
 from lepton.coordinator.raft.node import RaftConsensus
 from lepton.coordinator.raft.transport import add_raft_servicer
+from lepton.coordinator.storage.log_store import FileLogStore
 from tests.unit.test_raft_node import CFG, ListStateMachine
 
 

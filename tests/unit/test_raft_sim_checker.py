@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lepton.coordinator.log_store import Entry
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.sim_checker import Checker, InvariantViolation
 from lepton.coordinator.raft.sim_storage import SimLogStore
 from lepton.coordinator.raft.simulation import SimulationFailure, run_seed
+from lepton.coordinator.storage.log_store import Entry
 
 
 class AnyLogWinsCore(RaftCore):

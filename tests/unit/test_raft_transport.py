@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lepton.coordinator.log_store import Entry, Snapshot
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -16,6 +15,7 @@ from lepton.coordinator.raft.messages import (
     VoteResponse,
 )
 from lepton.coordinator.raft.transport import from_proto, to_proto
+from lepton.coordinator.storage.log_store import Entry, Snapshot
 from lepton.v1 import raft_pb2
 
 MESSAGES = [

@@ -9,8 +9,8 @@ import io
 import os
 from pathlib import Path
 
-from lepton.agent.torch_launcher import RankLog, TorchLauncher
-from lepton.agent.torch_task import RankLogTail, _copy_output
+from lepton.workloads.torch_launcher import RankLog, TorchLauncher
+from lepton.workloads.torch_task import RankLogTail, _copy_output
 from tests.unit.test_torch_launcher import bounded, spec
 
 CAP = 4096

@@ -11,9 +11,8 @@ import time
 import pytest
 
 from lepton.agent.inventory import InventoryReporter, digest
-from lepton.agent.shards import ShardStore
 from lepton.common.errors import NotFound
-from lepton.coordinator.reconcile import (
+from lepton.coordinator.loops.reconcile import (
     PLAN_TTL_S,
     Reconciler,
     ShardView,
@@ -21,7 +20,8 @@ from lepton.coordinator.reconcile import (
     classify,
     plan_reconcile,
 )
-from lepton.coordinator.state_machine import NodeState
+from lepton.coordinator.state.state_machine import NodeState
+from lepton.dataplane.shards import ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1 import state_pb2
 from tests.unit.test_datasets import World, replicas

@@ -15,14 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lepton.agent.runner import (
+from lepton.agent.tasks.runner import (
     FAILED_TO_START_CODE,
     RunSpec,
     TaskEvent,
     TaskEventKind,
     TaskRunner,
 )
-from lepton.agent.task_proc import shell_status_to_exit_code
+from lepton.agent.tasks.task_proc import shell_status_to_exit_code
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 WAIT_S = 20.0
@@ -484,7 +484,7 @@ def test_shell_status_mapping():
 def test_runner_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, lepton.agent.runner; print('torch' in sys.modules)"
+    code = "import sys, lepton.agent.tasks.runner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from lepton.common import backup
 from lepton.common.auth import Role, hash_token, new_token, token_id
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lepton.coordinator import backup
-from lepton.coordinator.log_store import FileLogStore
 from lepton.coordinator.restore import restore
-from lepton.coordinator.state_machine import ClusterStateMachine
+from lepton.coordinator.state.state_machine import ClusterStateMachine
+from lepton.coordinator.storage.log_store import FileLogStore
 from lepton.v1 import security_pb2, state_pb2
 
 

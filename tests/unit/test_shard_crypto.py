@@ -11,12 +11,12 @@ import struct
 import numpy as np
 import pytest
 
-from lepton.agent import shard_crypto as sc
-from lepton.agent import shard_format as fmt
-from lepton.agent.shards import CHUNK, KEY_ID_FILE, ShardCorrupt, ShardStore
 from lepton.common import cluster_secret
 from lepton.common.config import load_config
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from lepton.dataplane import shard_crypto as sc
+from lepton.dataplane import shard_format as fmt
+from lepton.dataplane.shards import CHUNK, KEY_ID_FILE, ShardCorrupt, ShardStore
 from tests.unit.test_shards import blob, put  # the same helpers
 
 KEY = sc.ShardCipher(bytes(range(32)))

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from lepton.agent import shard_format as fmt
-from lepton.agent.shards import CHUNK, ShardCorrupt, ShardStore, checkpoint_offsets
 from lepton.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from lepton.dataplane import shard_format as fmt
+from lepton.dataplane.shards import CHUNK, ShardCorrupt, ShardStore, checkpoint_offsets
 
 
 def blob(n: int, seed: int = 0) -> tuple[str, bytes]:

@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from lepton.agent import shard_crypto as sc
-from lepton.agent.shard_crypto import ShardCipher
-from lepton.agent.shard_service import ShardService, add_to_server
-from lepton.agent.shards import CHUNK, ShardStore
-from lepton.agent.transfer import TOKEN_BYTES, Puller, SideChannel
 from lepton.common.errors import InvalidArgument, Unavailable
+from lepton.dataplane import shard_crypto as sc
+from lepton.dataplane.shard_crypto import ShardCipher
+from lepton.dataplane.shard_service import ShardService, add_to_server
+from lepton.dataplane.shards import CHUNK, ShardStore
+from lepton.dataplane.transfer import TOKEN_BYTES, Puller, SideChannel
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
 

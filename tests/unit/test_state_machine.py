@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lepton.common.errors import FailedPrecondition, NotFound
-from lepton.coordinator.state_machine import ClusterStateMachine, NodeState, can_transition
+from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState, can_transition
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 

@@ -1,4 +1,4 @@
-"""Output caps and retention (agent/task_logs.py) on a real TaskRunner and real children.
+"""Output caps and retention (agent/tasks/task_logs.py) on a real TaskRunner and real children.
 Children pace themselves on what the runner does (a rotation, a reader's ack file), so
 nothing here depends on timing; waits are bounded polls."""
 
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from lepton.agent import task_logs
-from lepton.agent.runner import Chunk, RunSpec, TaskRunner
+from lepton.agent.tasks import task_logs
+from lepton.agent.tasks.runner import Chunk, RunSpec, TaskRunner
 from tests.unit.test_runner import WAIT_S, Node, sh, wait_until
 
 CAP = 4096
@@ -193,7 +193,7 @@ async def test_retention_deletes_only_reported_unwanted_old_attempts(node, caplo
     r.reconcile([quick["wanted"], running], term=1)
     (tasks / "unreported/1/reported.json").unlink()  # as if the agent died before marking it
     (tasks / "old/.7.deleting/x").mkdir(parents=True)  # a sweep cut short
-    caplog.set_level("INFO", logger="lepton.agent.runner")
+    caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
     assert await r.sweep() == 1
     assert not (tasks / "old").exists()  # the attempt, the leftover and the empty task folder
     for name in ("wanted", "unreported", "recent", "running"):
@@ -259,7 +259,7 @@ async def test_retention_deletes_only_finished_old_job_folders(node, caplog):
             backdate(jobs / job, 7200)
     (jobs / ".cut.deleting/restart-0").mkdir(parents=True)  # a sweep cut short
 
-    caplog.set_level("INFO", logger="lepton.agent.runner")
+    caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
     await r.sweep()  # all members still in the desired set: only the folders without members go
     assert not (jobs / "orphan").exists() and not (jobs / ".cut.deleting").exists()
     assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "old", "recent", "running",

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from lepton.agent import torch_env
-from lepton.agent.torch_launcher import NodeLaunch, run_node
+from lepton.workloads import torch_env
+from lepton.workloads.torch_launcher import NodeLaunch, run_node
 
 DUMP = """import json, os, sys
 with open(os.path.join(sys.argv[1], "env_" + os.environ["RANK"] + ".json"), "w") as f:
@@ -125,8 +125,8 @@ def test_python_argv_like_torchrun():
 
 
 def test_modules_do_not_import_torch():
-    code = ("import sys, lepton.agent.torch_env, lepton.agent.torch_launcher, lepton.agent.recipes, "
-            "lepton.agent.recipes.data; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys, lepton.workloads.torch_env, lepton.workloads.torch_launcher, lepton.workloads.recipes, "
+            "lepton.workloads.recipes.data; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lepton.agent.torch_env import python_argv
-from lepton.agent.torch_launcher import (
+from lepton.workloads.torch_env import python_argv
+from lepton.workloads.torch_launcher import (
     FAILED_TO_START_CODE,
     MAX_LINE_BYTES,
     NodeLaunch,

@@ -1,0 +1,632 @@
+"""Runs the task attempts the coordinator wants on this machine, and reports on them.
+
+The leader pushes a *desired set* of attempts; `TaskRunner.reconcile` starts what is
+missing and stops what is no longer wanted (level-triggered). Tasks outlive the agent: each
+runs in its own session under a tiny /bin/sh wrapper (see `task_proc.WRAPPER_SCRIPT`), with
+stdout and stderr on one file, and the wrapper records the exit status itself. A restarted
+agent re-adopts the attempts that still run and reports the ones that ended meanwhile.
+
+Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
+  output.log     stdout+stderr of the task (one open file for both, so their order holds)
+  output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
+  rotation.json  also maps the offsets readers use onto these two files)
+  run.json       spec, pid (= pgid = sid), process start time, boot id, deadline. Written
+                 before the spawn with pid 0 (intent), then again with the pid.
+  stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
+  exit.json      {"rc": N}, the shell's `$?`, written by the wrapper when the command ends
+  reported.json  the EXITED event as reported: its presence means "done, never again"
+The folder itself is the record that the attempt ran: it is made exclusively before
+anything starts, so an attempt never runs twice on this node. With a retention, `sweep`
+deletes it once its exit is reported and the coordinator no longer wants the attempt.
+`data_dir/runner.json` keeps the newest leader term seen, for fencing across restarts.
+
+Choices:
+- Events go to `on_event` synchronously: from `launch`/`reconcile` (STARTED, or EXITED for a
+  spawn failure), from `start` (attempts that ended while no runner watched), and from the
+  watcher task (every other EXITED). `on_event` must not block; its exceptions are logged.
+- EXITED is at-least-once: `reported.json` is written once the coordinator has taken the
+  event (`acknowledge`; or when `on_event` returns, without `acknowledged_by_caller`), so an
+  agent that dies in between reports it again after restart (the coordinator takes repeats as
+  idempotent). STARTED is sent once, by the runner that spawned the attempt; a re-adopted
+  attempt sends no new STARTED (it shows in `running()`, which reconciliation reports carry).
+- Exit codes: the wrapper sees the shell's `$?`, so 128+N is reported as -N (killed by
+  signal N), like subprocess; a task that calls exit(130) itself reads as -2. When the
+  wrapper itself was SIGKILLed (no exit.json), the code is that of the wrapper (-9).
+- GPUs: with `gpu_indices`, CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES are both the
+  comma-joined indices. Without, both are set to "" (no GPU visible), so a CPU task cannot
+  touch GPUs given to others, unless spec.env names a value for them explicitly.
+- When the wrapper ends, whatever is left in its process group is SIGKILLed (like a
+  container): a task's background processes die with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lepton.agent.tasks import task_logs
+from lepton.agent.tasks import task_proc as tp
+from lepton.agent.tasks.task_spec import (
+    TASK_ID_RE,
+    RunningTask,
+    RunSpec,
+    TaskEvent,
+    TaskEventKind,
+    validate_ids,
+)
+from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
+
+__all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
+
+Chunk = task_logs.Chunk
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1  # exit / deadline checks, and follow()'s tail interval
+LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
+SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
+CHUNK_BYTES = 64 * 1024
+FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
+GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+
+# This process's unreaped task children, by pid, shared by every runner in the process: a
+# runner restarted in-process (tests, an agent reload) takes its Popen back to reap it, and
+# a Popen is never garbage-collected while its child runs (which would warn, and queue the
+# pid for subprocess's own reaping behind our back).
+_OWN_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _wall_to_mono(wall: float) -> float:
+    return time.monotonic() + (wall - time.time())
+
+
+def _mono_to_wall(mono: float) -> float:
+    return time.time() + (mono - time.monotonic())
+
+
+@dataclass
+class _Attempt:
+    """The runner's view of one live attempt."""
+
+    spec: RunSpec
+    dir: Path
+    pid: int  # the wrapper's pid; also the process group and session id
+    start: float  # the wrapper's start time (see task_proc.ProcInfo), against pid reuse
+    boot: str
+    started_at_ms: int
+    deadline: float = 0.0  # monotonic; 0 = none
+    proc: subprocess.Popen[bytes] | None = None  # our own child; None when re-adopted
+    stop_reason: str = ""
+    kill_at: float = 0.0  # monotonic
+    killed: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.spec.task_id, self.spec.attempt
+
+
+class TaskRunner:
+    """Starts, watches, stops and re-adopts this node's task attempts. See the module doc."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        on_event: Callable[[TaskEvent], None],
+        *,
+        base_env: Mapping[str, str] | None = None,
+        log_max_bytes: int = 0,
+        retention_s: float = 0.0,
+        log_check_s: float = LOG_CHECK_S,
+        sweep_s: float = SWEEP_S,
+        acknowledged_by_caller: bool = False,
+    ):
+        """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
+        (0: keep forever). `acknowledged_by_caller`: an EXITED counts as reported only once
+        `acknowledge()` is called (after the coordinator took it), not when `on_event`
+        returns. Raises InvalidArgument for negative or non-finite values."""
+        for name, value in (("log_max_bytes", log_max_bytes), ("retention_s", retention_s),
+                            ("log_check_s", log_check_s), ("sweep_s", sweep_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise InvalidArgument(f"{name} must be a finite number >= 0, not {value!r}")
+        self._root = Path(data_dir) / "tasks"
+        self._term_path = Path(data_dir) / "runner.json"
+        self._on_event = on_event
+        # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
+        self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
+        self._base_env = dict(base_env) if base_env is not None else None
+        self._live: dict[tuple[str, int], _Attempt] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._max_term = 0
+        self._boot = tp.boot_id()
+        self._outputs = task_logs.OutputLogs(int(log_max_bytes))
+        self._retention_s = retention_s
+        self._log_check_s = log_check_s
+        self._sweep_s = sweep_s
+        # The attempts the last accepted desired set named; None until one came. The sweep
+        # keeps these: an attempt the coordinator still wants must still read "ran here".
+        self._desired: set[tuple[str, int]] | None = None
+        self._sweeper: asyncio.Task[int] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-adopt the attempts a previous agent process left running, report those that
+        ended unreported, and start watching. A no-op when already started.
+        Raises OSError when the data dir cannot be made or read."""
+        if self._watcher is not None:
+            return
+        self._root.mkdir(parents=True, exist_ok=True)
+        doc = tp.read_json(self._term_path) or {}
+        self._max_term = max(self._max_term, int(doc.get("term", 0)))
+        adopted = ended = 0
+        for task_dir in sorted(self._root.iterdir()):
+            if not task_dir.is_dir() or not TASK_ID_RE.fullmatch(task_dir.name):
+                continue
+            for att_dir in sorted(task_dir.iterdir()):
+                if not att_dir.is_dir() or not att_dir.name.isdigit() or (att_dir / "reported.json").exists():
+                    continue
+                try:
+                    if self._recover(task_dir.name, int(att_dir.name), att_dir):
+                        adopted += 1
+                    else:
+                        ended += 1
+                except Exception:  # one bad record must not stop the agent
+                    logger.exception("cannot recover attempt %s", att_dir)
+        self._watcher = asyncio.create_task(self._watch(), name="task-runner")
+        logger.info("task runner started: re-adopted %d running attempt(s), reported %d that ended "
+                    "while no agent watched", adopted, ended)
+
+    async def stop(self) -> None:
+        """Stop watching. Does not signal any task: they outlive the agent, and the next
+        `start()` (in this process or a new one) re-adopts them."""
+        watcher, self._watcher = self._watcher, None
+        sweeper, self._sweeper = self._sweeper, None
+        for task in (watcher, sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._outputs.close()
+        self._live.clear()
+
+    # ---- commands ----------------------------------------------------------------------
+
+    def launch(self, spec: RunSpec) -> None:
+        """Start this attempt; a no-op while it runs. A spawn failure is not raised: it is an
+        EXITED event (reason "failed to start: ...", exit code 127).
+        Raises InvalidArgument for a bad spec, FailedPrecondition when the runner is not
+        started or this attempt ever ran on this node before, OSError when the data dir
+        cannot take the attempt's folder."""
+        spec.validate()
+        if self._watcher is None:
+            raise FailedPrecondition("task runner is not started")
+        if (spec.task_id, spec.attempt) in self._live:
+            return
+        att_dir = self._attempt_dir(spec.task_id, spec.attempt)
+        att_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            att_dir.mkdir()  # exclusive: the durable "this attempt ran here" mark
+        except FileExistsError:
+            raise FailedPrecondition(
+                f"attempt {spec.attempt} of task {spec.task_id} already ran on this node") from None
+        tp.fsync_dir(att_dir.parent)  # ...durable through a power loss too
+        try:
+            command, env, workdir = self._prepare(spec, att_dir)
+        except OSError as err:
+            self._fail_start(spec, att_dir, str(err))
+            return
+        run: dict[str, Any] = {
+            "spec": spec.to_json(), "pid": 0, "start": 0, "boot_id": self._boot, "started_at_ms": 0,
+            "deadline": time.time() + spec.timeout_s if spec.timeout_s > 0 else 0,
+        }
+        try:
+            tp.write_json_atomic(att_dir / "run.json", run)  # intent: lets a restart find an orphan
+            log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as err:
+            self._fail_start(spec, att_dir, f"cannot write {att_dir}: {err}")
+            return
+        try:
+            proc = subprocess.Popen(
+                tp.wrapper_argv(att_dir / "exit.json", command),
+                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,  # one file description
+                cwd=workdir, env=env, start_new_session=True, close_fds=True,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
+            self._fail_start(spec, att_dir, str(err))
+            return
+        finally:
+            os.close(log_fd)
+        info = tp.proc_info(proc.pid)  # our unreaped child: present, if only as a zombie
+        run.update(pid=proc.pid, start=info.start if info else 0.0, started_at_ms=_now_ms())
+        try:
+            tp.write_json_atomic(att_dir / "run.json", run)
+        except OSError as err:
+            # Unrecorded, a restarted agent could not find it: better not to leave it running.
+            tp.signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self._fail_start(spec, att_dir, f"cannot record the pid: {err}")
+            return
+        att = _Attempt(spec=spec, dir=att_dir, pid=proc.pid, start=run["start"], boot=self._boot,
+                       started_at_ms=run["started_at_ms"], proc=proc,
+                       deadline=_wall_to_mono(run["deadline"]) if run["deadline"] else 0.0)
+        _OWN_CHILDREN[proc.pid] = proc
+        self._live[att.key] = att
+        logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
+                    spec.term, proc.pid)
+        self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
+                             pid=proc.pid, at_ms=att.started_at_ms))
+
+    def cancel(self, task_id: str, attempt: int, *, reason: str = "cancelled", grace_s: float | None = None) -> None:
+        """SIGTERM the attempt's whole process group now, SIGKILL it after `grace_s` (default:
+        the spec's). Its EXITED event carries `reason`. A no-op when the attempt is not
+        running; when it is already stopping, the first reason stays and a shorter grace can
+        only bring the SIGKILL forward. Raises InvalidArgument for bad ids or a negative grace."""
+        validate_ids(task_id, attempt)
+        if grace_s is not None and (not math.isfinite(grace_s) or grace_s < 0):
+            raise InvalidArgument(f"grace_s must be a finite number >= 0, not {grace_s!r}")
+        att = self._live.get((task_id, attempt))
+        if att is None:
+            logger.debug("cancel %s/%d: not running", task_id, attempt)
+            return
+        grace = att.spec.grace_s if grace_s is None else grace_s
+        if not att.stop_reason:
+            self._begin_stop(att, reason, grace)
+        elif not att.killed and time.monotonic() + grace < att.kill_at:
+            att.kill_at = time.monotonic() + grace
+            self._persist_stop(att)
+
+    def running(self) -> list[RunningTask]:
+        """The attempts alive now (including those being stopped), sorted by (task, attempt)."""
+        return [RunningTask(a.spec.task_id, a.spec.attempt, a.spec.term, a.pid, a.started_at_ms)
+                for _, a in sorted(self._live.items())]
+
+    def log_path(self, task_id: str, attempt: int) -> Path:
+        """Where the attempt's output goes (it may not exist). Raises InvalidArgument for bad ids."""
+        return self._attempt_dir(task_id, attempt) / "output.log"
+
+    async def output(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[Chunk]:
+        """Output chunks (data at most CHUNK_BYTES) from stream offset `offset` (see
+        `task_logs`: offsets count rotated-away output too). Without `follow`, what is there
+        now: from 0, output.log.1 then output.log, after a note when older output was dropped.
+        With it, tails until this runner has seen the attempt exit and the output is drained.
+        Raises (on first iteration) InvalidArgument for bad ids or offset, NotFound when the
+        attempt never ran on this node, or its folder was deleted by the retention."""
+        att_dir = self._attempt_dir(task_id, attempt)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument(f"offset must be an integer >= 0, not {offset!r}")
+        if not att_dir.is_dir():
+            raise NotFound(f"attempt {attempt} of task {task_id} has no output on this node "
+                           "(it never ran here, or the task retention deleted it)")
+        key = (task_id, attempt)
+        async for chunk in task_logs.read_output(
+                self._outputs, att_dir, offset, keep_following=lambda: follow and key in self._live,
+                chunk_bytes=CHUNK_BYTES, poll_s=POLL_S):
+            yield chunk
+
+    async def follow(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
+        """`output` as bytes alone (notes included)."""
+        async for chunk in self.output(task_id, attempt, offset=offset, follow=follow):
+            yield chunk.data
+
+    async def sweep(self) -> int:
+        """Delete the attempt folders the retention allows: exit reported more than
+        `retention_s` ago, not running, and not in the last desired set (the coordinator
+        forgets an attempt only once it has its exit; until then it must stay "ran here").
+        Nothing before the first desired set. Returns how many were deleted. Torch jobs'
+        folders (`jobs/<job id>`) go by the same rules (`task_logs.sweep_jobs`)."""
+        if not self._retention_s or self._desired is None:
+            return 0
+        jobs, jobs_freed = await task_logs.sweep_jobs(
+            self._root.parent / "jobs", self._root, self._retention_s,
+            lambda: set(self._live) | (self._desired or set()), time.time())
+        if jobs:
+            logger.info("retention: deleted %d finished job folder(s) (%.1f MiB)", jobs, jobs_freed / (1 << 20))
+        keep = set(self._live) | self._desired
+        removed, freed, touched = await asyncio.to_thread(
+            task_logs.sweep_finished, self._root, self._retention_s, keep, time.time())
+        for att_dir in removed:
+            self._outputs.forget(att_dir)
+        for task_dir in touched:  # here, not in the thread: launch() makes these on the loop
+            with contextlib.suppress(OSError):
+                task_dir.rmdir()  # only when empty
+        if removed:
+            logger.info("retention: deleted %d finished attempt folder(s) reported over %gs ago (%.1f MiB)",
+                        len(removed), self._retention_s, freed / (1 << 20))
+        return len(removed)
+
+    def reconcile(self, desired: Iterable[RunSpec], term: int) -> str:
+        """Make the running set match `desired`: launch the attempts not running (and never
+        run here), cancel the running ones not in it. A set from a term older than the newest
+        seen is ignored (fencing). Bad specs are skipped and counted, not raised.
+        Returns a sentence such as "started 2, stopped 1, 3 running".
+        Raises FailedPrecondition when the runner is not started."""
+        if self._watcher is None:
+            raise FailedPrecondition("task runner is not started")
+        if term < self._max_term:
+            logger.warning("ignoring a desired set from term %d: term %d is newer", term, self._max_term)
+            return f"ignored a desired set from term {term}: term {self._max_term} is newer"
+        if term > self._max_term:
+            self._max_term = term
+            try:
+                tp.write_json_atomic(self._term_path, {"term": term}, mode=0o644)
+            except OSError as err:
+                logger.warning("cannot persist term %d: %s", term, err)
+        want: dict[tuple[str, int], RunSpec] = {}
+        rejected = 0
+        for spec in desired:
+            try:
+                spec.validate()
+            except InvalidArgument as err:
+                logger.warning("reconcile: rejecting a spec: %s", err.message)
+                rejected += 1
+                continue
+            want[(spec.task_id, spec.attempt)] = spec
+        self._desired = set(want)
+        stopped = 0
+        for key, att in list(self._live.items()):
+            if key not in want and not att.stop_reason:
+                self.cancel(*key)
+                stopped += 1
+        started = failed = finished = 0
+        for key, spec in want.items():
+            if key in self._live:
+                continue
+            if self._attempt_dir(*key).exists():
+                finished += 1  # ran before; its EXITED event is the coordinator's answer
+                continue
+            try:
+                self.launch(spec)
+            except LeptonError as err:
+                logger.warning("reconcile: cannot launch %s/%d: %s", key[0], key[1], err.message)
+                rejected += 1
+                continue
+            if key in self._live:
+                started += 1
+            else:
+                failed += 1
+        alive = sum(1 for a in self._live.values() if not a.stop_reason)
+        parts = [f"started {started}", f"stopped {stopped}", f"{alive} running"]
+        for n, what in ((failed, "failed to start"), (finished, "already ran"), (rejected, "rejected")):
+            if n:
+                parts.append(f"{n} {what}")
+        sentence = ", ".join(parts)
+        if started or stopped or failed or rejected:
+            logger.info("reconcile (term %d): %s", term, sentence)
+        return sentence
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _attempt_dir(self, task_id: str, attempt: int) -> Path:
+        validate_ids(task_id, attempt)
+        return self._root / task_id / str(attempt)
+
+    def _prepare(self, spec: RunSpec, att_dir: Path) -> tuple[tuple[str, ...], dict[str, str], Path]:
+        """The command, environment and workdir to spawn. Raises OSError saying why not."""
+        env = dict(os.environ if self._base_env is None else self._base_env)
+        env.update(spec.env)
+        env["LEPTON_TASK_ID"] = spec.task_id
+        env["LEPTON_ATTEMPT"] = str(spec.attempt)
+        gpus = ",".join(str(i) for i in spec.gpu_indices)
+        for name in GPU_ENV:
+            env[name] = gpus if spec.gpu_indices else spec.env.get(name, "")
+        workdir = att_dir / spec.workdir if spec.workdir else att_dir  # `/` keeps an absolute one
+        if not workdir.is_dir():
+            raise NotADirectoryError(f"workdir {workdir} is not a directory")
+        if spec.argv:
+            command = (tp.resolve_executable(spec.argv[0], env, workdir), *spec.argv[1:])
+        else:
+            command = ("/bin/sh", "-c", spec.shell)
+        return command, env, workdir
+
+    def _fail_start(self, spec: RunSpec, att_dir: Path, why: str) -> None:
+        reason = f"failed to start: {why}"
+        logger.warning("task %s attempt %d %s", spec.task_id, spec.attempt, reason)
+        with contextlib.suppress(OSError), open(att_dir / "output.log", "ab") as f:
+            f.write(f"lepton: {reason}\n".encode())
+        self._report(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
+                                        exit_code=FAILED_TO_START_CODE, reason=reason, at_ms=_now_ms()))
+
+    def _recover(self, task_id: str, attempt: int, att_dir: Path) -> bool:
+        """Re-adopt one unreported attempt (True) or report how it ended (False)."""
+        run = tp.read_json(att_dir / "run.json")
+        try:
+            spec = RunSpec.from_json(run["spec"]) if run else None
+        except (TypeError, KeyError):
+            spec = None
+        if spec is None or run is None:
+            # Died before the intent was on disk: nothing can have been spawned.
+            self._report(att_dir, TaskEvent(task_id, attempt, 0, TaskEventKind.EXITED, reason="lost", at_ms=_now_ms()))
+            return False
+        self._max_term = max(self._max_term, spec.term)
+        pid, start = int(run.get("pid", 0)), float(run.get("start", 0))
+        same_boot = run.get("boot_id") == self._boot
+        if same_boot and pid == 0:
+            pid = tp.find_wrapper(att_dir / "exit.json")  # the agent died mid-launch
+            info = tp.proc_info(pid)
+            start = info.start if info else 0.0
+        att = _Attempt(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
+                       started_at_ms=int(run.get("started_at_ms", 0)),
+                       deadline=_wall_to_mono(run["deadline"]) if run.get("deadline") else 0.0,
+                       proc=_OWN_CHILDREN.get(pid) if same_boot else None)
+        stop = tp.read_json(att_dir / "stop.json")
+        if stop:
+            att.stop_reason = str(stop.get("reason", "cancelled"))
+            att.kill_at = _wall_to_mono(float(stop.get("kill_at", 0)))
+            att.killed = bool(stop.get("killed", False))
+        exited, code = (True, None) if not same_boot or pid == 0 else self._poll_exit(att)
+        if exited:
+            self._finish(att, code)
+            return False
+        self._live[att.key] = att
+        logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, pid)
+        return True
+
+    async def _watch(self) -> None:
+        next_logs = next_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(POLL_S)
+            now = time.monotonic()
+            check_logs = now >= next_logs
+            if check_logs:
+                next_logs = now + self._log_check_s
+            for att in list(self._live.values()):
+                try:
+                    self._check(att)
+                    if check_logs and att.key in self._live:
+                        self._outputs.check(att.dir)
+                except Exception:  # keep watching the others
+                    logger.exception("watching task %s attempt %d failed", *att.key)
+            if self._retention_s and now >= next_sweep and (self._sweeper is None or self._sweeper.done()):
+                next_sweep = now + self._sweep_s
+                self._sweeper = asyncio.create_task(self._sweep_logged(), name="task-retention")
+
+    async def _sweep_logged(self) -> int:
+        try:
+            return await self.sweep()
+        except Exception:  # the next sweep tries again
+            logger.exception("retention sweep failed")
+            return 0
+
+    def _check(self, att: _Attempt) -> None:
+        exited, code = self._poll_exit(att)
+        if exited:
+            self._finish(att, code)
+            return
+        now = time.monotonic()
+        if not att.stop_reason and att.deadline and now >= att.deadline:
+            logger.info("task %s attempt %d ran past its %gs timeout", *att.key, att.spec.timeout_s)
+            self._begin_stop(att, "timeout", att.spec.grace_s)
+        elif att.stop_reason and not att.killed and now >= att.kill_at:
+            logger.info("task %s attempt %d outlived its grace period; killing it", *att.key)
+            self._kill(att)
+
+    def _poll_exit(self, att: _Attempt) -> tuple[bool, int | None]:
+        """(exited, the wrapper's exit code when we reaped it). Reaps our own children."""
+        if att.proc is not None:
+            try:
+                pid, status = os.waitpid(att.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Reaped elsewhere: exit.json still says how it ended. Popen would take 0.
+                if att.proc.returncode is None:
+                    att.proc.returncode = 0
+                return True, None
+            if pid == 0:
+                return False, None
+            att.proc.returncode = code = os.waitstatus_to_exitcode(status)
+            return True, code
+        info = tp.proc_info(att.pid)
+        if info is None or not tp.same_start(info.start, att.start):
+            return True, None  # gone, or the pid now belongs to someone else
+        if not info.zombie:
+            return False, None
+        try:  # a zombie: ours to reap when this process spawned it under an earlier runner
+            pid, status = os.waitpid(att.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True, None
+        return True, (os.waitstatus_to_exitcode(status) if pid == att.pid else None)
+
+    def _begin_stop(self, att: _Attempt, reason: str, grace: float) -> None:
+        att.stop_reason = reason
+        att.kill_at = time.monotonic() + grace
+        self._persist_stop(att)  # so a restarted agent finishes the job, with this reason
+        if grace <= 0:
+            self._kill(att)
+        else:
+            logger.info("stopping task %s attempt %d (%s): SIGTERM, SIGKILL in %gs", *att.key, reason, grace)
+            self._signal(att, signal.SIGTERM)
+
+    def _kill(self, att: _Attempt) -> None:
+        att.killed = True
+        self._persist_stop(att)
+        self._signal(att, signal.SIGKILL)
+
+    def _signal(self, att: _Attempt, sig: int) -> None:
+        # Our unreaped child's pid cannot be reused; a re-adopted one's is checked first.
+        if att.proc is not None or tp.group_is_ours(att.pid, att.start):
+            tp.signal_group(att.pid, sig)
+
+    def _persist_stop(self, att: _Attempt) -> None:
+        doc = {"reason": att.stop_reason, "kill_at": _mono_to_wall(att.kill_at), "killed": att.killed}
+        try:
+            tp.write_json_atomic(att.dir / "stop.json", doc, durable=False)  # moot after a power loss
+        except OSError as err:
+            logger.warning("cannot record the stop of task %s attempt %d: %s", *att.key, err)
+
+    def _finish(self, att: _Attempt, wait_code: int | None) -> None:
+        """The wrapper is gone: clear its group, work out the exit code and report it."""
+        self._live.pop(att.key, None)
+        if att.proc is not None:
+            _OWN_CHILDREN.pop(att.pid, None)
+        self._outputs.finished(att.dir)
+        if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
+            tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
+        exit_path = att.dir / "exit.json"
+        doc = tp.read_json(exit_path)
+        at_ms = _now_ms()
+        if doc is not None and isinstance(doc.get("rc"), int):
+            code: int | None = tp.shell_status_to_exit_code(doc["rc"])
+            with contextlib.suppress(OSError):
+                at_ms = exit_path.stat().st_mtime_ns // 1_000_000  # when it really ended
+        elif wait_code is not None:
+            code = tp.shell_status_to_exit_code(wait_code)  # the wrapper died too (SIGKILL)
+        elif att.killed:
+            code = -signal.SIGKILL
+        else:
+            code = None
+        if att.stop_reason:
+            reason = att.stop_reason
+        elif code is None:
+            reason = "lost"
+        elif code < 0:
+            reason = f"killed by signal {-code}"
+        else:
+            reason = "exited"
+        logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
+        self._report(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
+                                        exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))
+
+    def _report(self, att_dir: Path, event: TaskEvent) -> None:
+        """Emit EXITED, then mark it reported (at-least-once across crashes): at once, or,
+        with `acknowledged_by_caller`, when `acknowledge` says the coordinator has it."""
+        doc = asdict(event)
+        doc["kind"] = event.kind.value
+        if self._acks_due is not None:
+            self._acks_due[(event.task_id, event.attempt)] = (att_dir, doc)
+        self._emit(event)
+        if self._acks_due is None:
+            _mark_reported(att_dir, doc)
+
+    def acknowledge(self, task_id: str, attempt: int) -> None:
+        """The coordinator has taken this attempt's EXITED event: never report it again. A
+        crash before this reports it again after restart (the coordinator takes repeats as
+        idempotent), so an exit is never lost between the queue and the coordinator."""
+        if self._acks_due is not None and (due := self._acks_due.pop((task_id, attempt), None)):
+            _mark_reported(*due)
+
+    def _emit(self, event: TaskEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            logger.exception("on_event failed for %s", event)
+
+
+def _mark_reported(att_dir: Path, doc: dict) -> None:
+    try:
+        # Not fsync'd: lost in a power loss, it only means one more (idempotent) report.
+        tp.write_json_atomic(att_dir / "reported.json", doc, mode=0o644, durable=False)
+    except OSError as err:
+        logger.warning("cannot mark task %s attempt %d reported: %s", doc["task_id"], doc["attempt"], err)

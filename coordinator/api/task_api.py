@@ -1,0 +1,281 @@
+"""The task half of the Coordinator API: users submit and watch tasks; agents receive
+their desired set and report what happened. Mixed into CoordinatorService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from lepton.common import validation as v
+from lepton.common.auth import effective_owner, require_owner
+from lepton.common.errors import InvalidArgument, NotFound
+from lepton.common.grpc_util import rpc_boundary
+from lepton.coordinator.state.security_state import check_node_caller
+from lepton.coordinator.state.tasks import HOLDING, P, TaskState, copy_task
+from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_REPORT = 1000
+MAX_GANG = 64  # nodes in one job
+MAX_NPROC = 64  # workers per node
+MAX_WAIT_S = 300.0
+MAX_BATCH = 1000  # specs in one SubmitTasks call
+
+
+class TaskHub:
+    """Wakes whoever waits on task changes: WaitTask callers and each node's assignment stream."""
+
+    def __init__(self) -> None:
+        self._node_events: dict[str, set[asyncio.Event]] = {}
+        self._task_changed = asyncio.Condition()
+        self._dirty = False
+
+    def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
+        for node_id in {task.node_id, old_node} - {""}:
+            for event in self._node_events.get(node_id, ()):
+                event.set()
+        self._dirty = True
+        asyncio.get_running_loop().call_soon(self._notify)
+
+    def wake_all(self, *_: object) -> None:
+        """Leadership moved: every stream must re-check whether it may still serve."""
+        for events in self._node_events.values():
+            for event in events:
+                event.set()
+
+    def _notify(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            asyncio.ensure_future(self._notify_waiters())
+
+    async def _notify_waiters(self) -> None:
+        async with self._task_changed:
+            self._task_changed.notify_all()
+
+    def subscribe(self, node_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._node_events.setdefault(node_id, set()).add(event)
+        return event
+
+    def unsubscribe(self, node_id: str, event: asyncio.Event) -> None:
+        self._node_events.get(node_id, set()).discard(event)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        async with self._task_changed:
+            try:
+                await asyncio.wait_for(self._task_changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+class TaskApi:
+    """Expects `self._ctx` (CoordinatorContext) with `.hub` and `.scheduling` set."""
+
+    def _task_view(self, task: tasks_pb2.Task) -> tasks_pb2.Task:
+        out = copy_task(task)
+        if out.state == P[TaskState.PENDING]:
+            reason = self._ctx.scheduling.reasons.get(out.id)
+            if reason:
+                out.reason = reason
+        return out
+
+    @rpc_boundary
+    async def SubmitTask(self, request, context):
+        v.check_task_spec(request.spec)
+        request.spec.owner = effective_owner(request.spec.owner)  # the caller, with auth on
+        cmd = state_pb2.Command(
+            submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
+        )
+        task = await self._ctx.commit(cmd)
+        return self._task_view(task)
+
+    @rpc_boundary
+    async def SubmitTasks(self, request, context):
+        specs = request.specs
+        if not 1 <= len(specs) <= MAX_BATCH:
+            raise InvalidArgument(f"specs must hold 1 to {MAX_BATCH} tasks, not {len(specs)}")
+        for i, spec in enumerate(specs):
+            try:
+                v.check_task_spec(spec)
+            except InvalidArgument as err:
+                raise InvalidArgument(f"specs[{i}]: {err.message}") from None
+        cmd = state_pb2.Command(submit_tasks=state_pb2.SubmitTasksCmd(tasks=[
+            state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=spec) for spec in specs
+        ]))
+        for c in cmd.submit_tasks.tasks:
+            c.spec.owner = effective_owner(c.spec.owner)  # the caller, with auth on
+        tasks = await self._ctx.commit(cmd)
+        return coordinator_pb2.SubmitTasksResponse(tasks=[self._task_view(t) for t in tasks])
+
+    @rpc_boundary
+    async def SubmitJob(self, request, context):
+        spec = request.spec
+        v.check_task_spec(spec)
+        spec.owner = effective_owner(spec.owner)
+        if not 1 <= request.nodes <= MAX_GANG:
+            raise InvalidArgument(f"nodes must be between 1 and {MAX_GANG}, not {request.nodes}")
+        if spec.job_id or spec.gang_size or spec.gang_rank:
+            raise InvalidArgument("job_id, gang_size and gang_rank are set by the coordinator")
+        if spec.max_restarts > v.MAX_RETRIES:
+            raise InvalidArgument(f"max_restarts is {spec.max_restarts}; at most {v.MAX_RETRIES}")
+        await self._ctx.read()
+        if spec.HasField("torch"):
+            self._check_torch(spec, request.nodes)
+        job_id = "j-" + uuid.uuid4().hex[:12]
+        cmd = state_pb2.Command(submit_job=state_pb2.SubmitJobCmd(job_id=job_id, spec=spec, nodes=request.nodes))
+        job = await self._ctx.commit(cmd)
+        return self._job_view(job)
+
+    def _check_torch(self, spec, nodes: int) -> None:
+        """Refuse what could never run, with a reason a person can act on."""
+        nproc = spec.torch.nproc_per_node
+        if not 1 <= nproc <= MAX_NPROC:
+            raise InvalidArgument(f"nproc_per_node must be between 1 and {MAX_NPROC}, not {nproc}")
+        ready = [n for n in self._ctx.state.nodes.values() if n.state == common_pb2.NODE_STATE_READY]
+        if len(ready) < nodes:
+            raise InvalidArgument(f"the job needs {nodes} nodes; the cluster has {len(ready)} ready")
+        cores = max((n.capacity.cpu_logical for n in ready), default=0)
+        if nproc > cores:
+            raise InvalidArgument(f"{nproc} ranks per node need {nproc} cores; the largest node has {cores}")
+        dataset = spec.torch.dataset
+        if dataset:
+            self._ctx.state.datasets.get(dataset)  # NotFound names it
+
+    def _job_view(self, job: tasks_pb2.Job) -> tasks_pb2.Job:
+        out = tasks_pb2.Job()
+        out.CopyFrom(job)
+        del out.tasks[:]
+        out.tasks.extend(self._task_view(t) for t in job.tasks)
+        return out
+
+    @rpc_boundary
+    async def GetJob(self, request, context):
+        v.require_id(request.job_id, "job_id")
+        await self._ctx.read()
+        return self._job_view(self._ctx.state.tasks.job(request.job_id))
+
+    @rpc_boundary
+    async def GetTask(self, request, context):
+        v.require_id(request.task_id, "task_id")
+        await self._ctx.read()
+        return self._task_view(self._ctx.state.tasks.get(request.task_id))
+
+    @rpc_boundary
+    async def ListTasks(self, request, context):
+        wanted = {TaskState.from_proto(s).proto for s in request.states}
+        v.check_text(request.owner, "owner", v.MAX_NAME)
+        await self._ctx.read()
+        tasks = sorted(self._ctx.state.tasks.tasks.values(), key=lambda t: (t.created_at_ms, t.id))
+        out = [
+            self._task_view(t)
+            for t in tasks
+            if (not wanted or t.state in wanted) and (not request.owner or t.spec.owner == request.owner)
+        ]
+        if request.limit:
+            out = out[-request.limit :]  # the newest
+        return coordinator_pb2.ListTasksResponse(tasks=out)
+
+    @rpc_boundary
+    async def CancelTask(self, request, context):
+        v.require_id(request.task_id, "task_id")
+        await self._ctx.read()
+        task = self._ctx.state.tasks.get(request.task_id)  # NotFound before proposing
+        require_owner(task.spec.owner, f"task {task.id}")
+        task = await self._ctx.commit(
+            state_pb2.Command(cancel_task=state_pb2.CancelTaskCmd(task_id=request.task_id))
+        )
+        return self._task_view(task)
+
+    @rpc_boundary
+    async def WaitTask(self, request, context):
+        v.require_id(request.task_id, "task_id")
+        if not 0 <= request.timeout_s <= MAX_WAIT_S:
+            raise InvalidArgument(f"timeout_s must be between 0 and {MAX_WAIT_S:g}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.timeout_s
+        while True:
+            await self._ctx.read()
+            task = self._ctx.state.tasks.get(request.task_id)
+            left = deadline - loop.time()
+            if TaskState.from_proto(task.state).final or left <= 0:
+                return self._task_view(task)
+            await self._ctx.hub.wait_for_change(min(left, 1.0))
+
+    @rpc_boundary
+    async def WatchAssignments(self, request, context):
+        node_id = v.require_id(request.node_id, "node_id")
+        await self._ctx.read()
+        if node_id not in self._ctx.state.nodes:
+            raise NotFound(f'node "{node_id}" is not registered')
+        check_node_caller(self._ctx.state, node_id)
+        changed = self._ctx.hub.subscribe(node_id)
+        try:
+            while True:
+                changed.clear()
+                self._ctx.require_leader()  # a deposed leader ends the stream; agents re-find
+                term = self._ctx.consensus.term()
+                yield tasks_pb2.AssignmentSet(
+                    term=term,
+                    assignments=[
+                        tasks_pb2.Assignment(
+                            task_id=t.id, attempt=t.attempt, spec=t.spec,
+                            gpu_indices=list(t.gpu_indices), term=t.assigned_term,
+                            restart_count=t.restart_count, master_addr=t.master_addr,
+                            master_port=t.master_port,
+                        )
+                        for t in self._ctx.state.tasks.on_node(node_id)
+                        if t.state in HOLDING
+                    ],
+                )
+                await changed.wait()
+        finally:
+            self._ctx.hub.unsubscribe(node_id, changed)
+
+    @rpc_boundary
+    async def ReportTaskEvents(self, request, context):
+        node_id = v.require_id(request.node_id, "node_id")
+        if len(request.events) > MAX_EVENTS_PER_REPORT:
+            raise InvalidArgument(f"{len(request.events)} events; at most {MAX_EVENTS_PER_REPORT} per report")
+        for ev in request.events:
+            v.require_id(ev.task_id, "event.task_id")
+            if ev.attempt < 1:
+                raise InvalidArgument("event.attempt must be >= 1")
+            if ev.kind not in (tasks_pb2.TaskEvent.KIND_STARTED, tasks_pb2.TaskEvent.KIND_EXITED):
+                raise InvalidArgument(f"unknown event kind {ev.kind}")
+            v.check_text(ev.reason, "event.reason", 1024)
+        await self._ctx.read()
+        if node_id not in self._ctx.state.nodes:
+            raise NotFound(f'node "{node_id}" is not registered')
+        check_node_caller(self._ctx.state, node_id)
+        accepted = 0
+        for ev in request.events:
+            if ev.task_id not in self._ctx.state.tasks.tasks:
+                continue  # a task this cluster never had (e.g. the state was wiped)
+            await self._ctx.commit(
+                state_pb2.Command(task_event=state_pb2.TaskEventCmd(node_id=node_id, event=ev))
+            )
+            accepted += 1
+        if request.full_report:
+            accepted += await self._settle(node_id, request.running)
+        return coordinator_pb2.ReportTaskEventsResponse(accepted=accepted)
+
+    async def _settle(self, node_id: str, running) -> int:
+        """A restarted agent's full report: attempts we think run there but it does not
+        are lost. (Attempts it runs that it should not are stopped by its own reconcile.)"""
+        alive = {(a.task_id, a.attempt) for a in running}
+        lost = 0
+        for task in self._ctx.state.tasks.on_node(node_id):
+            if task.state == P[TaskState.RUNNING] and (task.id, task.attempt) not in alive:
+                ev = tasks_pb2.TaskEvent(
+                    task_id=task.id, attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_EXITED,
+                    exit_code=-9, reason="lost: the agent no longer runs it",
+                )
+                await self._ctx.commit(
+                    state_pb2.Command(task_event=state_pb2.TaskEventCmd(node_id=node_id, event=ev))
+                )
+                lost += 1
+        if lost:
+            logger.warning("node %s: %d attempts lost across an agent restart", node_id, lost)
+        return lost

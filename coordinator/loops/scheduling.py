@@ -1,0 +1,278 @@
+"""The leader's scheduling loop: snapshot -> pure `schedule()` -> commit the plan.
+
+Why a pending task waits ("unschedulable: needs 4 gpus, largest node has 0") is
+leader-local soft state: it changes too often to be worth a log entry, and a new leader
+recomputes it on its first cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from lepton.common.errors import FailedPrecondition
+from lepton.coordinator.scheduler import (
+    Allocation,
+    ClusterSnapshot,
+    NodeView,
+    Policy,
+    TaskRequest,
+)
+from lepton.coordinator.state.state_machine import ClusterStateMachine
+from lepton.coordinator.state.tasks import HOLDING
+from lepton.v1 import common_pb2, state_pb2, tasks_pb2
+
+logger = logging.getLogger(__name__)
+
+Commit = Callable[[state_pb2.Command], Awaitable[object]]
+
+
+def cpu_millis(cpu: float) -> int:
+    return int(round(cpu * 1000))
+
+
+def build_snapshot(sm: ClusterStateMachine) -> ClusterSnapshot:
+    """The scheduler's view of the replicated state: schedulable nodes and what holds
+    resources on them. Suspect, down, left and draining nodes take no new work."""
+    nodes = [
+        NodeView(
+            node_id=n.id,
+            cpu_millis=n.capacity.cpu_logical * 1000,
+            memory_bytes=n.capacity.memory_bytes,
+            gpus={g.index: g.memory_total_bytes for g in n.capacity.gpus},
+            labels=dict(n.labels),
+            schedulable=n.state == common_pb2.NODE_STATE_READY and not n.draining,
+        )
+        for n in sm.nodes.values()
+    ]
+    allocations = [
+        _allocation(t)
+        for ids in sm.tasks.by_node.values()
+        for t in (sm.tasks.tasks[i] for i in ids)
+        if t.state in HOLDING
+    ]
+    return ClusterSnapshot.from_tables(nodes, allocations)
+
+
+def _allocation(t: tasks_pb2.Task) -> Allocation:
+    r = t.spec.resources
+    return Allocation(
+        task_id=t.id,
+        node_id=t.node_id,
+        priority=t.spec.priority,
+        cpu_millis=cpu_millis(r.cpu),
+        memory_bytes=r.memory_bytes,
+        gpu_indices=tuple(t.gpu_indices),
+    )
+
+
+def task_request(t: tasks_pb2.Task) -> TaskRequest:
+    r = t.spec.resources
+    return TaskRequest(
+        task_id=t.id,
+        priority=t.spec.priority,
+        submitted_at_ms=t.created_at_ms,
+        cpu_millis=cpu_millis(r.cpu),
+        memory_bytes=r.memory_bytes,
+        gpus=r.gpus,
+        gpu_memory_bytes=r.gpu_memory_bytes,
+        constraints=dict(t.spec.constraints),
+        gang_id=t.spec.job_id or None,
+        gang_size=t.spec.gang_size if t.spec.job_id else 1,
+    )
+
+
+class SchedulingLoop:
+    """Runs `run_cycle()` whenever the state changes, and every `aging_interval_s`."""
+
+    def __init__(
+        self,
+        state: ClusterStateMachine,
+        commit: Commit,
+        *,
+        is_leader: Callable[[], bool],
+        term: Callable[[], int],
+        wall_ms: Callable[[], int],
+        policy: Policy | None = None,
+        free_port: Callable[[str], int] = lambda node_id: 0,
+        aging_interval_s: float = 1.0,
+        max_per_cycle: int = 2000,
+        min_cycle_s: float = 0.02,
+    ):
+        self._state = state
+        self._commit = commit
+        self._is_leader = is_leader
+        self._term = term
+        self._wall_ms = wall_ms
+        self._policy = policy or Policy()
+        self._free_port = free_port  # a node's last reported free port, 0 if unknown
+        self._aging_interval_s = aging_interval_s
+        self._max_per_cycle = max_per_cycle
+        self._min_cycle_s = min_cycle_s  # under a flood of submissions, one plan per this
+        self._wakeup = asyncio.Event()
+        self.reasons: dict[str, str] = {}
+        # What changed since the last cycle decides how much to look at: fresh submissions
+        # alone can only use the room left over, so only they need placing; anything that
+        # frees room (or a node change, or a new leader) calls for a full pass.
+        self._fresh: set[str] = set()
+        self._full = True
+        self._last_full = float("-inf")
+        # The last full pass placed and preempted nothing, and nothing has freed room since:
+        # aging alone reorders only tasks that cannot be placed (preemption goes by base
+        # priority), so the periodic pass is skipped. Under a flood of unplaceable tasks
+        # it was the largest cost on the leader.
+        self._settled = False
+        # Pending tasks' requests, kept between cycles: a spec does not change after
+        # submission, and converting thousands of them each aging pass was a tenth of a
+        # busy leader's CPU. Dropped when a task leaves PENDING (and pruned on full passes).
+        self._requests: dict[str, TaskRequest] = {}
+        # Told each leader cycle's duration in seconds (metrics); settable after construction.
+        self.on_cycle: Callable[[float], None] | None = None
+
+    def wake(self, *_: object) -> None:
+        """Something changed that may free capacity: look at every pending task."""
+        self._full = True
+        self._settled = False
+        self._wakeup.set()
+
+    def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
+        state = task.state
+        if state == tasks_pb2.TASK_STATE_PENDING and not old_node and not task.history:
+            self._fresh.add(task.id)  # a new submission
+        elif state in (tasks_pb2.TASK_STATE_ASSIGNED, tasks_pb2.TASK_STATE_RUNNING):
+            self._requests.pop(task.id, None)
+            return  # our own placements, and starts: no room freed
+        else:
+            self._requests.pop(task.id, None)
+            self._full, self._settled = True, False
+        self._wakeup.set()
+
+    async def run_cycle(self) -> str:
+        """Read a snapshot, decide with the pure scheduler, commit the plan as one command."""
+        if not self._is_leader():
+            self.reasons.clear()
+            return "not the leader: nothing to schedule"
+        table = self._state.tasks
+        fresh, self._fresh = self._fresh, set()
+        now = asyncio.get_running_loop().time()
+        full = self._full or (not self._settled and now - self._last_full >= self._aging_interval_s)
+        if full:
+            self._full, self._last_full = False, now
+            candidates = table.pending
+        else:
+            candidates = fresh & table.pending
+        if not table.pending:
+            self.reasons.clear()
+            return "nothing pending"
+        if not candidates:
+            return "nothing new to place"
+        # Bound one cycle's work (it runs on the event loop): the most urgent first.
+        # Aging only reorders within a priority here; the pure scheduler applies it fully.
+        pending = heapq.nsmallest(
+            self._max_per_cycle,
+            (table.tasks[i] for i in candidates),
+            key=lambda t: (-t.spec.priority, t.created_at_ms, t.id),
+        )
+        attempts = {t.id: t.attempt for t in pending}
+        if full and len(self._requests) > 2 * len(table.pending) + 1000:
+            self._requests = {i: r for i, r in self._requests.items() if i in table.pending}
+        from lepton.coordinator.scheduler import schedule  # numpy: loaded when first needed
+
+        plan = schedule(
+            build_snapshot(self._state),
+            [self._request(t) for t in pending],
+            now_ms=self._wall_ms(),
+            policy=self._policy,
+        )
+        if full:
+            self._settled = not plan.placements and not plan.preemptions
+            self.reasons = dict(plan.unschedulable)
+            if len(candidates) > len(pending):
+                behind = f"waiting: queued behind {len(pending)} more urgent tasks"
+                for task_id in candidates.difference(attempts):
+                    self.reasons[task_id] = behind
+        else:
+            self.reasons.update(plan.unschedulable)
+        if not plan.placements and not plan.preemptions:
+            return plan.summary()
+        cmd = state_pb2.Command(
+            apply_plan=state_pb2.ApplyPlanCmd(
+                term=self._term(),
+                placements=self._with_rendezvous([
+                    state_pb2.PlacementCmd(
+                        task_id=p.task_id, attempt=attempts[p.task_id],
+                        node_id=p.node_id, gpu_indices=list(p.gpu_indices),
+                    )
+                    for p in plan.placements.values()
+                ]),
+                preemptions=[
+                    state_pb2.PreemptionCmd(
+                        task_id=p.task_id, attempt=table.tasks[p.task_id].attempt,
+                        for_task_id=p.for_task_id,
+                    )
+                    for p in plan.preemptions
+                    if p.task_id in table.tasks
+                ],
+            )
+        )
+        try:
+            await self._commit(cmd)
+        except FailedPrecondition as err:  # the state moved on meanwhile; next cycle retries
+            return f"plan dropped ({err.message})"
+        return plan.summary()
+
+    def _request(self, task: tasks_pb2.Task) -> TaskRequest:
+        req = self._requests.get(task.id)
+        if req is None:
+            req = self._requests[task.id] = task_request(task)
+        return req
+
+    def _with_rendezvous(self, placements: list[state_pb2.PlacementCmd]) -> list[state_pb2.PlacementCmd]:
+        """Gang members learn where rank 0 hosts the job's store: rank 0's node, on a port
+        that node reported free in its last heartbeat (soft state, hence chosen here and
+        written into the command)."""
+        tasks = self._state.tasks.tasks
+        taken: dict[str, set[int]] = {}
+        rendezvous: dict[str, tuple[str, int]] = {}
+        for pl in placements:
+            spec = tasks[pl.task_id].spec
+            if spec.job_id and spec.gang_rank == 0:
+                node = self._state.nodes[pl.node_id]
+                port = self._free_port(pl.node_id) or 29500
+                used = taken.setdefault(pl.node_id, set())
+                while port in used:  # two jobs on one node in one plan
+                    port += 1
+                used.add(port)
+                rendezvous[spec.job_id] = (node.address.rpartition(":")[0], port)
+        for pl in placements:
+            job_id = tasks[pl.task_id].spec.job_id
+            if job_id in rendezvous:
+                pl.master_addr, pl.master_port = rendezvous[job_id]
+        return placements
+
+    async def run(self) -> None:
+        last = ""
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._aging_interval_s)
+            except asyncio.TimeoutError:
+                if not self._settled:
+                    self._full = True  # aging: waiting tasks gain priority over time
+            self._wakeup.clear()
+            await asyncio.sleep(self._min_cycle_s)  # let a burst of submissions land in one plan
+            started = time.perf_counter()
+            try:
+                sentence = await self.run_cycle()
+                if self.on_cycle is not None and self._is_leader():
+                    self.on_cycle(time.perf_counter() - started)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("scheduling cycle failed")
+                continue
+            if sentence != last:
+                logger.info("scheduler: %s", sentence)
+                last = sentence

@@ -1,0 +1,151 @@
+"""Multi-node jobs: gangs of tasks that are placed, fail and restart together.
+
+A job of N nodes is N tasks `<job>-<rank>` sharing `spec.job_id`. The scheduler places a
+gang all-or-nothing on distinct nodes. When one member fails (non-zero exit, timeout,
+node lost), every member stops at once: the others drop out of their agents' desired sets,
+so their workers are killed instead of hanging in a collective until it times out. The
+gang then restarts as a whole (attempt + 1, restart_count + 1, a new rendezvous) while
+`max_restarts` allows, else every member fails.
+
+Mixed into `TaskTable`; deterministic like the rest of the state machine.
+"""
+
+from __future__ import annotations
+
+from lepton.common.errors import FailedPrecondition, NotFound
+from lepton.v1 import state_pb2, tasks_pb2
+
+PENDING = tasks_pb2.TASK_STATE_PENDING
+ASSIGNED = tasks_pb2.TASK_STATE_ASSIGNED
+RUNNING = tasks_pb2.TASK_STATE_RUNNING
+SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
+FAILED = tasks_pb2.TASK_STATE_FAILED
+CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def member_id(job_id: str, rank: int) -> str:
+    return f"{job_id}-{rank}"
+
+
+class GangMixin:
+    """Needs from TaskTable: tasks, _changed, _record, copy_task-able state."""
+
+    def _init_jobs(self) -> None:
+        self.jobs: dict[str, list[str]] = {}  # job id -> member task ids by rank
+        self.job_requests: dict[str, str] = {}  # request id -> job id (idempotent submission)
+
+    def _rebuild_jobs(self) -> None:
+        self._init_jobs()
+        for task in sorted(self.tasks.values(), key=lambda t: (t.spec.job_id, t.spec.gang_rank)):
+            if task.spec.job_id:
+                self.jobs.setdefault(task.spec.job_id, []).append(task.id)
+                if task.spec.gang_rank == 0 and task.spec.request_id:
+                    self.job_requests[task.spec.request_id] = task.spec.job_id
+
+    # -- commands --------------------------------------------------------------------
+    def submit_job(self, c: state_pb2.SubmitJobCmd, at_ms: int) -> tasks_pb2.Job:
+        rid = c.spec.request_id
+        if rid and rid in self.job_requests:
+            return self.job(self.job_requests[rid])  # a retried submission
+        if c.job_id in self.jobs or any(member_id(c.job_id, r) in self.tasks for r in range(c.nodes)):
+            raise FailedPrecondition(f'job id "{c.job_id}" is taken')
+        ids = []
+        for rank in range(c.nodes):
+            spec = tasks_pb2.TaskSpec()
+            spec.CopyFrom(c.spec)
+            spec.job_id = c.job_id
+            spec.gang_size = c.nodes
+            spec.gang_rank = rank
+            if rank:
+                spec.request_id = ""  # the job's request id lives on rank 0 only
+            task = tasks_pb2.Task(
+                id=member_id(c.job_id, rank), spec=spec, state=PENDING, attempt=1,
+                created_at_ms=at_ms, reason="waiting for the scheduler",
+            )
+            self.tasks[task.id] = task
+            ids.append(task.id)
+            self._changed(task, "")
+        self.jobs[c.job_id] = ids
+        if rid:
+            self.job_requests[rid] = c.job_id
+        return self.job(c.job_id)
+
+    def _gang_failed(self, failed: tasks_pb2.Task, exit_code: int | None, why: str, at_ms: int) -> None:
+        """One member's attempt is over without success: stop the whole gang, then restart
+        it or fail it."""
+        members = [self.tasks[i] for i in self.jobs.get(failed.spec.job_id, [failed.id])]
+        restarts = max(m.restart_count for m in members)
+        restart = restarts < failed.spec.max_restarts
+        rank = failed.spec.gang_rank
+        for m in members:
+            if m.state in FINAL and not restart:
+                continue
+            old_node = m.node_id
+            own = m.id == failed.id
+            reason = why if own else f"stopped: rank {rank} failed ({why})"
+            if m.node_id:
+                self._record(m, self._outcome(FAILED), exit_code if own else None, reason, at_ms)
+            if own and exit_code is not None:
+                m.has_exit_code, m.exit_code = True, exit_code
+            if restart:
+                m.state = PENDING
+                m.attempt += 1
+                m.restart_count = restarts + 1
+                m.node_id = m.node_address = m.master_addr = ""
+                m.master_port = 0
+                del m.gpu_indices[:]
+                m.started_at_ms = m.assigned_at_ms = m.finished_at_ms = 0
+                m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after rank {rank}: {why}"
+            else:
+                m.state = FAILED
+                m.reason = reason
+                m.finished_at_ms = at_ms
+            self._changed(m, old_node)
+
+    def _cancel_gang(self, task: tasks_pb2.Task, at_ms: int) -> None:
+        """Cancelling one member cancels the job: the rest could only hang."""
+        for member_id_ in self.jobs.get(task.spec.job_id, []):
+            m = self.tasks[member_id_]
+            if m.id == task.id or m.state in FINAL:
+                continue
+            old_node = m.node_id
+            if m.node_id:
+                self._record(m, self._outcome(CANCELLED), None, "cancelled", at_ms)
+            m.state = CANCELLED
+            m.reason = "cancelled"
+            m.finished_at_ms = at_ms
+            self._changed(m, old_node)
+
+    # -- reads -----------------------------------------------------------------------
+    def job(self, job_id: str) -> tasks_pb2.Job:
+        """The job with its members and a derived state; raises NotFound."""
+        ids = self.jobs.get(job_id)
+        if not ids:
+            raise NotFound(f'job "{job_id}" not found')
+        members = [self.tasks[i] for i in ids]
+        states = {m.state for m in members}
+        if FAILED in states:
+            state = FAILED
+        elif CANCELLED in states:
+            state = CANCELLED
+        elif states == {SUCCEEDED}:
+            state = SUCCEEDED
+        elif RUNNING in states:
+            state = RUNNING
+        elif ASSIGNED in states:
+            state = ASSIGNED
+        else:
+            state = PENDING
+        reason = next((m.reason for m in members if m.state == state and m.reason), "")
+        job = tasks_pb2.Job(id=job_id, state=state, reason=reason,
+                            restart_count=max(m.restart_count for m in members))
+        for m in members:
+            job.tasks.append(m)
+        return job
+
+    @staticmethod
+    def _outcome(state: int):
+        from lepton.coordinator.state.tasks import TaskState
+
+        return TaskState.from_proto(state)

@@ -1,0 +1,287 @@
+"""Tasks in the replicated state: the lifecycle and the commands that move it.
+
+Every function here is called from `ClusterStateMachine.apply` and must stay
+deterministic: the time comes from the command, never from a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.coordinator.state.jobs import GangMixin
+from lepton.v1 import common_pb2, state_pb2, tasks_pb2
+
+if TYPE_CHECKING:
+    from lepton.coordinator.state.state_machine import ClusterStateMachine
+
+
+class TaskState(str, Enum):
+    """Lifecycle of a task. Each transition is one log command.
+
+      PENDING   -> ASSIGNED   a committed plan places the attempt on a node
+      ASSIGNED  -> RUNNING    the agent reports the attempt started
+      ASSIGNED | RUNNING -> SUCCEEDED   exit code 0
+      ASSIGNED | RUNNING -> FAILED      non-zero exit, timeout or node lost, no retries left
+      ASSIGNED | RUNNING -> PENDING     the same, with retries left (attempt + 1)
+      ASSIGNED | RUNNING -> PREEMPTED   evicted for a higher priority; the agent stops it
+      PREEMPTED -> PENDING    the evicted attempt has exited (or its node is lost): requeue
+      PENDING | ASSIGNED | RUNNING | PREEMPTED -> CANCELLED   a user cancels
+    SUCCEEDED, FAILED and CANCELLED are final.
+    """
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+
+    @property
+    def proto(self) -> int:
+        return _TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> TaskState:
+        try:
+            return _FROM_PROTO[value]
+        except KeyError:
+            raise InvalidArgument(f"unknown task state {value}") from None
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+_TO_PROTO = {s: getattr(tasks_pb2, f"TASK_STATE_{s.name}") for s in TaskState}
+_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
+P = {s: s.proto for s in TaskState}  # short alias for comparisons below
+
+# States in which an attempt holds resources on a node (the scheduler's allocations).
+HOLDING = (P[TaskState.ASSIGNED], P[TaskState.RUNNING])
+# States in which an attempt may still be alive on a node.
+ON_NODE = (P[TaskState.ASSIGNED], P[TaskState.RUNNING], P[TaskState.PREEMPTED])
+
+# Called with (task, node id it was on before this change, or "").
+TaskListener = Callable[[tasks_pb2.Task, str], None]
+
+
+def copy_task(task: tasks_pb2.Task) -> tasks_pb2.Task:
+    out = tasks_pb2.Task()
+    out.CopyFrom(task)
+    return out
+
+
+class TaskTable(GangMixin):
+    """The tasks part of the state machine, with its derived indexes."""
+
+    def __init__(self, sm: ClusterStateMachine):
+        self._sm = sm
+        self.tasks: dict[str, tasks_pb2.Task] = {}
+        self.by_request: dict[str, str] = {}  # request id -> task id (idempotent submission)
+        self.by_node: dict[str, set[str]] = {}  # node id -> ids of tasks with an attempt there
+        self.pending: set[str] = set()  # ids of PENDING tasks: what the scheduler looks at
+        self.listeners: list[TaskListener] = []
+        self._init_jobs()
+
+    # -- derived indexes -------------------------------------------------------------
+    def _index(self, task: tasks_pb2.Task, old_node: str) -> None:
+        if old_node and old_node != task.node_id or task.state not in ON_NODE:
+            self.by_node.get(old_node, set()).discard(task.id)
+        if task.node_id and task.state in ON_NODE:
+            self.by_node.setdefault(task.node_id, set()).add(task.id)
+        if task.state == P[TaskState.PENDING]:
+            self.pending.add(task.id)
+        else:
+            self.pending.discard(task.id)
+
+    def rebuild(self, tasks: list[tasks_pb2.Task]) -> None:
+        self.tasks = {t.id: copy_task(t) for t in tasks}
+        self.by_request = {
+            t.spec.request_id: t.id for t in tasks if t.spec.request_id and not t.spec.job_id
+        }
+        self.by_node = {}
+        self.pending = set()
+        for task in self.tasks.values():
+            self._index(task, "")
+        self._rebuild_jobs()
+
+    def _changed(self, task: tasks_pb2.Task, old_node: str) -> None:
+        self._index(task, old_node)
+        for listener in list(self.listeners):
+            listener(task, old_node)
+
+    # -- reads -----------------------------------------------------------------------
+    def get(self, task_id: str) -> tasks_pb2.Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f'task "{task_id}" not found')
+        return task
+
+    def on_node(self, node_id: str) -> list[tasks_pb2.Task]:
+        return [self.tasks[t] for t in sorted(self.by_node.get(node_id, ()))]
+
+    # -- commands --------------------------------------------------------------------
+    def submit(self, c: state_pb2.SubmitTaskCmd, at_ms: int) -> tasks_pb2.Task:
+        rid = c.spec.request_id
+        if rid and rid in self.by_request:
+            return copy_task(self.tasks[self.by_request[rid]])  # a retried submission
+        if c.task_id in self.tasks:
+            raise FailedPrecondition(f'task id "{c.task_id}" is taken')
+        task = tasks_pb2.Task(
+            id=c.task_id, spec=c.spec, state=P[TaskState.PENDING], attempt=1,
+            created_at_ms=at_ms, reason="waiting for the scheduler",
+        )
+        self.tasks[task.id] = task
+        if rid:
+            self.by_request[rid] = task.id
+        self._changed(task, "")
+        return copy_task(task)
+
+    def submit_many(self, c: state_pb2.SubmitTasksCmd, at_ms: int) -> list[tasks_pb2.Task]:
+        """All or nothing: a taken (or repeated) task id refuses the whole batch before
+        any is stored. Request ids repeated from earlier, or within the batch, answer
+        with the task the first one made, as in `submit`."""
+        ids = [t.task_id for t in c.tasks]
+        if len(set(ids)) != len(ids):
+            raise FailedPrecondition("a task id appears twice in the batch")
+        for task_id in ids:
+            if task_id in self.tasks:
+                raise FailedPrecondition(f'task id "{task_id}" is taken')
+        return [self.submit(t, at_ms) for t in c.tasks]
+
+    def apply_plan(self, c: state_pb2.ApplyPlanCmd, at_ms: int) -> int:
+        """All or nothing: one stale entry (the state moved since the plan was made)
+        rejects the whole plan, so a gang is never half placed. Returns placements made."""
+        for pre in c.preemptions:
+            task = self.tasks.get(pre.task_id)
+            if task is None or task.attempt != pre.attempt or task.state not in HOLDING:
+                raise FailedPrecondition(f"stale plan: {pre.task_id} is no longer running")
+        for pl in c.placements:
+            task = self.tasks.get(pl.task_id)
+            if task is None or task.attempt != pl.attempt or task.state != P[TaskState.PENDING]:
+                raise FailedPrecondition(f"stale plan: {pl.task_id} is no longer pending")
+            node = self._sm.nodes.get(pl.node_id)
+            if node is None or node.state != common_pb2.NODE_STATE_READY or node.draining:
+                raise FailedPrecondition(f"stale plan: node {pl.node_id} takes no work")
+        for pre in c.preemptions:
+            task = self.tasks[pre.task_id]
+            task.state = P[TaskState.PREEMPTED]
+            task.reason = f"preempted by {pre.for_task_id}"
+            self._changed(task, task.node_id)
+        for pl in c.placements:
+            task = self.tasks[pl.task_id]
+            node = self._sm.nodes[pl.node_id]
+            task.master_addr = pl.master_addr
+            task.master_port = pl.master_port
+            task.state = P[TaskState.ASSIGNED]
+            task.node_id = node.id
+            task.node_address = node.address
+            del task.gpu_indices[:]
+            task.gpu_indices.extend(pl.gpu_indices)
+            task.assigned_at_ms = at_ms
+            task.assigned_term = c.term
+            task.reason = ""
+            self._changed(task, "")
+        return len(c.placements)
+
+    def event(self, c: state_pb2.TaskEventCmd, at_ms: int) -> tasks_pb2.Task:
+        ev = c.event
+        task = self.get(ev.task_id)
+        if ev.attempt != task.attempt or task.node_id != c.node_id:
+            return copy_task(task)  # about an older attempt, or from the wrong node: stale
+        if ev.kind == tasks_pb2.TaskEvent.KIND_STARTED:
+            if task.state == P[TaskState.ASSIGNED]:
+                task.state = P[TaskState.RUNNING]
+                task.started_at_ms = ev.at_ms or at_ms
+                self._changed(task, task.node_id)
+        elif ev.kind == tasks_pb2.TaskEvent.KIND_EXITED:
+            if task.state in HOLDING and ev.requeue and not task.spec.job_id:
+                # Its agent is shutting down gracefully: like a preemption, not a failure.
+                # (A gang member takes the gang path: the whole job restarts.)
+                self._requeue(task, TaskState.PREEMPTED, ev.exit_code, ev.reason or "agent stopping",
+                              ev.at_ms or at_ms)
+            elif task.state in HOLDING:
+                self._attempt_over(task, ev.exit_code, ev.reason, ev.at_ms or at_ms, True)
+            elif task.state == P[TaskState.PREEMPTED]:
+                self._requeue(task, TaskState.PREEMPTED, ev.exit_code, task.reason, ev.at_ms or at_ms)
+        else:
+            raise InvalidArgument(f"unknown task event kind {ev.kind}")
+        return copy_task(task)
+
+    def cancel(self, c: state_pb2.CancelTaskCmd, at_ms: int) -> tasks_pb2.Task:
+        task = self.get(c.task_id)
+        state = TaskState.from_proto(task.state)
+        if state.final:
+            raise FailedPrecondition(f'task "{task.id}" already {state.value}')
+        old_node = task.node_id
+        if task.node_id:
+            self._record(task, TaskState.CANCELLED, None, "cancelled", at_ms)
+        task.state = P[TaskState.CANCELLED]
+        task.reason = "cancelled"
+        task.finished_at_ms = at_ms
+        self._changed(task, old_node)
+        if task.spec.job_id:
+            self._cancel_gang(task, at_ms)
+        return copy_task(task)
+
+    def node_gone(self, node_id: str, reason: str, at_ms: int) -> None:
+        """The node is down or left: its attempts are over; requeue or fail them."""
+        for task in self.on_node(node_id):
+            if task.state == P[TaskState.PREEMPTED]:
+                self._requeue(task, TaskState.PREEMPTED, None, task.reason, at_ms)
+            else:
+                self._attempt_over(task, None, reason, at_ms, False)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _record(self, task, state: TaskState, exit_code: int | None, reason: str, at_ms: int) -> None:
+        task.history.append(tasks_pb2.AttemptRecord(
+            attempt=task.attempt, node_id=task.node_id, state=state.proto,
+            exit_code=exit_code or 0, reason=reason, started_at_ms=task.started_at_ms,
+            finished_at_ms=at_ms,
+        ))
+
+    def _attempt_over(self, task, exit_code: int | None, reason: str, at_ms: int, exited: bool) -> None:
+        old_node = task.node_id
+        if exited:
+            task.has_exit_code = True
+            task.exit_code = exit_code or 0
+        if exited and exit_code == 0:
+            self._record(task, TaskState.SUCCEEDED, 0, reason or "exited", at_ms)
+            task.state = P[TaskState.SUCCEEDED]
+            task.reason = ""
+            task.finished_at_ms = at_ms
+            self._changed(task, old_node)
+            return
+        why = reason or (f"exit code {exit_code}" if exited else "lost")
+        if exited and reason in ("", "exited"):
+            why = f"exit code {exit_code}"
+        if task.spec.job_id:
+            self._gang_failed(task, exit_code if exited else None, why, at_ms)
+            return
+        task.failures += 1
+        if task.failures <= task.spec.max_retries:
+            self._requeue(task, TaskState.FAILED, exit_code, why, at_ms)
+            task.reason = f"retry {task.failures}/{task.spec.max_retries} after {why}"
+            return
+        self._record(task, TaskState.FAILED, exit_code, why, at_ms)
+        task.state = P[TaskState.FAILED]
+        task.reason = why
+        task.finished_at_ms = at_ms
+        self._changed(task, old_node)
+
+    def _requeue(self, task, outcome: TaskState, exit_code: int | None, reason: str, at_ms: int) -> None:
+        old_node = task.node_id
+        self._record(task, outcome, exit_code, reason, at_ms)
+        task.state = P[TaskState.PENDING]
+        task.attempt += 1
+        task.node_id = ""
+        task.node_address = ""
+        del task.gpu_indices[:]
+        task.started_at_ms = 0
+        task.assigned_at_ms = 0
+        task.reason = f"requeued after {reason}"
+        self._changed(task, old_node)

@@ -1,0 +1,620 @@
+"""The shard store: content-addressed blobs in the agent's data dir.
+
+A shard's id is the SHA-256 hex of its bytes. Layout under `<data_dir>/shards`:
+
+    blobs/ab/<id>.npy    the blob (visible only once complete and verified)
+    blobs/ab/<id>.enc    the blob sealed instead, when the store has a cipher (encryption
+                         at rest: chunked AES-256-GCM, see `dataplane/shard_crypto.py`)
+    blobs/ab/<id>.sums   running-hash checkpoints: SHA-256 of the plaintext [0, k*CHUNK) for
+                         each k, then of the whole blob; 32 bytes each (`checkpoint_offsets`)
+    key-id               the id of the key the store seals with (present once it had one)
+    tmp/                 writes in progress; emptied at open (a crash leaves partials here)
+
+A write goes to `tmp/`, is hashed as it arrives (and sealed chunk by chunk), fsync'd, then
+renamed into `blobs/`: a partial or corrupt shard is never visible. The checkpoints let a
+reader verify a stream chunk by chunk and resume from the last good checkpoint, at no extra
+hashing cost. Sizes, offsets and checkpoints are always of the plaintext: the shard id is
+the SHA-256 of the plaintext with encryption on or off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from lepton.common.durable import fsync_dir as _fsync_dir
+from lepton.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LeptonError,
+    NotFound,
+    ResourceExhausted,
+)
+from lepton.dataplane import shard_crypto as sc
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint spacing, the unit of every transfer frame, and the sealed chunk size.
+CHUNK = 4 << 20
+DIGEST = 32
+KEY_ID_FILE = "key-id"
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ShardCorrupt(LeptonError):
+    """The bytes do not hash to the shard's id, or a sealed chunk fails authentication
+    (on disk or in transit)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+def check_shard_id(value: str) -> str:
+    """A shard id is 64 lowercase hex digits (which also keeps it out of path tricks).
+    Raises InvalidArgument."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidArgument(f"shard id {str(value)[:70]!r} is not a SHA-256 hex digest")
+    return value
+
+
+def checkpoint_offsets(size: int) -> list[int]:
+    """Where checkpoints fall: every CHUNK, and the end (once, also for an empty blob)."""
+    offsets = list(range(CHUNK, size, CHUNK))
+    offsets.append(size)
+    return offsets
+
+
+class ShardStore:
+    """Blobs on disk with a byte quota. Thread-safe: transfers run in threads.
+
+    `quota_bytes`: None = only the disk limits; a write that would pass it is refused with
+    ResourceExhausted before a byte is written. `cipher`: seal new blobs (encryption at
+    rest); a store once used with a key refuses to open without it or with another one
+    (FailedPrecondition), rather than finding every blob "corrupt". `clean_tmp=False` for a
+    second process opening a live agent's store (a torch task): leave its writes alone.
+    """
+
+    def __init__(self, root: Path | str, quota_bytes: int | None = None,
+                 cipher: sc.ShardCipher | None = None, *, clean_tmp: bool = True):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.quota_bytes = quota_bytes
+        self.cipher = cipher
+        self._lock = threading.Lock()
+        self._reserved = 0
+        # Told (from any thread) when a corrupt blob is removed: the agent reports it.
+        self.on_quarantine: Callable[[str], None] | None = None
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        if clean_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # partial writes of a crashed process
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[str, int] = {}
+        self._sealed: set[str] = set()
+        for path in self.blobs.glob("*/*.npy"):
+            if _ID_RE.match(path.stem):
+                self._sizes[path.stem] = path.stat().st_size
+        for path in self.blobs.glob(f"*/*{sc.SUFFIX}"):
+            if _ID_RE.match(path.stem):
+                self._sizes[path.stem] = sc.plain_size(path.stat().st_size, CHUNK)
+                self._sealed.add(path.stem)
+        self._check_key()
+
+    def _check_key(self) -> None:
+        marker = self.root / KEY_ID_FILE
+        try:
+            stored = marker.read_text().strip() or None
+        except FileNotFoundError:
+            stored = None
+        if stored is None and self._sealed:  # the marker was lost: the blobs' headers tell
+            ids = (sc.header_key_id(self._blob_path(s, True)) for s in self._sealed)
+            stored = next((k for k in ids if k), None)
+        if self.cipher is None:
+            if stored is not None or self._sealed:
+                raise FailedPrecondition(
+                    f"shard store {self.root} is encrypted (key id {stored or 'unknown'}, {len(self._sealed)} "
+                    "sealed shards): give the cluster secret with --shard-key-file (LEPTON_SHARD_KEY_FILE)")
+            return
+        if stored is not None and stored != self.cipher.key_id:
+            raise FailedPrecondition(
+                f"shard store {self.root} was encrypted with key id {stored}, but the shard key file "
+                f"has key id {self.cipher.key_id}: give the secret the store was written with "
+                "(keys cannot be rotated)")
+        if not marker.exists():
+            _write_atomic(marker, (self.cipher.key_id + "\n").encode())
+            _fsync_dir(self.root)
+        if len(self._sealed) < len(self._sizes):
+            logger.warning("shard store %s: %d shards written before encryption was on stay unencrypted",
+                           self.root, len(self._sizes) - len(self._sealed))
+
+    # -- reads ------------------------------------------------------------------------
+    def path(self, shard_id: str) -> Path:
+        """The blob's file: `.enc` when it is sealed (not a .npy then: see `plain_path`)."""
+        check_shard_id(shard_id)
+        with self._lock:
+            sealed = shard_id in self._sealed
+        return self._blob_path(shard_id, sealed)
+
+    def _blob_path(self, shard_id: str, sealed: bool) -> Path:
+        return self.blobs / shard_id[:2] / f"{shard_id}{sc.SUFFIX if sealed else '.npy'}"
+
+    def has(self, shard_id: str) -> bool:
+        with self._lock:
+            return shard_id in self._sizes
+
+    def encrypted(self, shard_id: str) -> bool:
+        """Whether the stored blob is sealed (reads must decrypt it)."""
+        with self._lock:
+            return shard_id in self._sealed
+
+    def size(self, shard_id: str) -> int:
+        """The plaintext size. Raises NotFound."""
+        with self._lock:
+            size = self._sizes.get(check_shard_id(shard_id))
+        if size is None:
+            raise NotFound(f"shard {shard_id[:12]} is not on this node")
+        return size
+
+    def list(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._sizes)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def checkpoints(self, shard_id: str) -> list[bytes]:
+        """The shard's checkpoint digests (recomputed from the blob if the file is bad)."""
+        size = self.size(shard_id)
+        want = len(checkpoint_offsets(size))
+        sums = self._blob_path(shard_id, False).with_suffix(".sums")
+        try:
+            raw = sums.read_bytes()
+        except OSError:
+            raw = b""
+        if len(raw) == want * DIGEST:
+            return [raw[i : i + DIGEST] for i in range(0, len(raw), DIGEST)]
+        logger.warning("shard %s: checkpoint file missing or bad; recomputing", shard_id[:12])
+        digests = self._hash_checkpoints(shard_id, size)
+        _write_atomic(sums, b"".join(digests))
+        return digests
+
+    def read_chunks(self, shard_id: str, offset: int = 0, *,
+                    reuse: bool = False) -> Iterator[tuple[int, bytes, bytes]]:
+        """(offset, plaintext, checkpoint digest) frames from `offset` (a multiple of CHUNK),
+        each verified before it is yielded: against the stored checkpoint, or for a sealed
+        blob by AES-GCM (which binds it to this shard, position and size). `reuse`: a sealed
+        blob's frames are views of two buffers reused for every frame (no allocation per
+        chunk), each valid only until the next one is asked for.
+
+        Raises NotFound, InvalidArgument (bad offset) and ShardCorrupt; a corrupt shard is
+        removed from the store first."""
+        size = self.size(shard_id)
+        _check_offset(offset, size)
+        digests = self.checkpoints(shard_id)
+        if self.encrypted(shard_id):
+            with self._opened(shard_id, size) as (f, opener):
+                first = -(-offset // CHUNK)  # the chunks that start at or after offset
+                f.seek(opener.file_offset(first))
+                bufs = (bytearray(CHUNK + sc.TAG), bytearray(CHUNK)) if reuse else None
+                for i in range(first, opener.count):
+                    data = self._open_chunk(shard_id, f, opener, i, bufs)
+                    yield opener.span(i)[0], data, digests[i]
+            return
+        h = hashlib.sha256()
+        with open(self.path(shard_id), "rb") as f:
+            if offset:
+                _hash_prefix(f, h, offset)  # the running hash needs the bytes before
+            ends = checkpoint_offsets(size)
+            for i, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+                if start < offset:
+                    continue
+                data = f.read(end - start)
+                h.update(data)
+                if len(data) != end - start or h.digest() != digests[i]:
+                    self.quarantine(shard_id, f"checkpoint at {end} does not match")
+                    raise ShardCorrupt(f"shard {shard_id[:12]} is corrupt on this node (at byte {start})")
+                yield start, data, digests[i]
+
+    def verify(self, shard_id: str) -> bool:
+        """Re-hash the blob (decrypting a sealed one); a corrupt one is removed, a wrong
+        checkpoint file rewritten. False when corrupt or absent."""
+        try:
+            size = self.size(shard_id)
+            digests = self._hash_checkpoints(shard_id, size)
+        except NotFound:
+            return False
+        except ShardCorrupt:
+            return False  # already quarantined
+        if digests[-1].hex() != shard_id:
+            self.quarantine(shard_id, "hash mismatch")
+            return False
+        sums = self._blob_path(shard_id, False).with_suffix(".sums")
+        try:
+            good = sums.read_bytes() == b"".join(digests)
+        except OSError:
+            good = False
+        if not good:  # else every transfer from here would fail at the bad checkpoint
+            logger.warning("shard %s: checkpoint file was wrong; rewritten", shard_id[:12])
+            _write_atomic(sums, b"".join(digests))
+        return True
+
+    def load(self, shard_id: str, *, verify: bool = True):
+        """The shard as a read-only numpy array, its hash checked first: memory-mapped, or
+        for a sealed blob decrypted (and authenticated) into memory; plaintext never
+        touches the disk. Raises NotFound, ShardCorrupt."""
+        import numpy as np
+
+        if self.encrypted(shard_id):
+            from lepton.dataplane.shard_format import array_from_buffer
+
+            return array_from_buffer(self._decrypt_all(shard_id), f"shard {shard_id[:12]}")
+        if verify and not self.verify(shard_id):
+            raise ShardCorrupt(f"shard {shard_id[:12]} is corrupt or missing on this node")
+        return np.load(self.path(shard_id), mmap_mode="r", allow_pickle=False)
+
+    def plain_path(self, shard_id: str, scratch: Path) -> Path:
+        """A plaintext .npy file of the shard, for readers that need a path (torch workers):
+        the blob itself when it is not sealed, else a decrypted private copy (mode 0600) in
+        `scratch`, which the caller removes. Raises NotFound, ShardCorrupt."""
+        size = self.size(shard_id)
+        if not self.encrypted(shard_id):
+            return self.path(shard_id)
+        dest = Path(scratch) / f"{shard_id}.npy"
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with self._opened(shard_id, size) as (f, opener):
+                for i in range(opener.count):
+                    _write_all(fd, memoryview(self._open_chunk(shard_id, f, opener, i)))
+        except BaseException:
+            os.close(fd)
+            dest.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return dest
+
+    # -- sealed blobs -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _opened(self, shard_id: str, size: int):
+        """(file, opener) of a sealed blob, its length and header checked. Raises
+        ShardCorrupt (quarantined first), NotFound."""
+        try:
+            f = open(self.path(shard_id), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise NotFound(f"shard {shard_id[:12]} is not on this node") from None
+        with f:
+            try:
+                if self.cipher is None:
+                    raise sc.SealError("it is sealed and this node has no shard key")
+                length = os.fstat(f.fileno()).st_size
+                if length != sc.sealed_size(size, CHUNK):
+                    raise sc.SealError(f"the file has {length} bytes, not {sc.sealed_size(size, CHUNK)}")
+                opener = self.cipher.opener(shard_id, size, CHUNK, f.read(sc.HEADER.size))
+            except sc.SealError as err:
+                self._corrupt(shard_id, str(err))
+            yield f, opener
+
+    def _open_chunk(self, shard_id: str, f, opener: sc.Opener, index: int, bufs=None):
+        """Chunk `index`'s plaintext: new bytes, or with `bufs` (sealed, plain buffers) a
+        view of the plain one. Raises ShardCorrupt (quarantined first)."""
+        n = opener.sealed_length(index)
+        try:
+            if bufs is None:
+                return opener.open(index, f.read(n))
+            sealed = memoryview(bufs[0])[:n]
+            got = f.readinto(sealed)
+            out = memoryview(bufs[1])[: n - sc.TAG]
+            opener.open_into(index, sealed[:got], out)  # raises before anything is returned
+            return out
+        except sc.SealError as err:
+            self._corrupt(shard_id, str(err))
+
+    def _corrupt(self, shard_id: str, why: str):
+        self.quarantine(shard_id, why)
+        raise ShardCorrupt(f"shard {shard_id[:12]} is corrupt on this node ({why})")
+
+    def _decrypt_all(self, shard_id: str) -> bytearray:
+        size = self.size(shard_id)
+        out = bytearray(size)
+        view = memoryview(out)
+        with self._opened(shard_id, size) as (f, opener):
+            for i in range(opener.count):
+                start, end = opener.span(i)
+                try:
+                    opener.open_into(i, f.read(end - start + sc.TAG), view[start:end])
+                except sc.SealError as err:  # `out` is dropped: no unauthenticated byte escapes
+                    self._corrupt(shard_id, str(err))
+        return out
+
+    def _hash_checkpoints(self, shard_id: str, size: int) -> list[bytes]:
+        if not self.encrypted(shard_id):
+            return _hash_checkpoints(self.path(shard_id), size)
+        h, out = hashlib.sha256(), []
+        with self._opened(shard_id, size) as (f, opener):
+            for i in range(opener.count):
+                h.update(self._open_chunk(shard_id, f, opener, i))
+                out.append(h.digest())
+        return out
+
+    # -- writes -----------------------------------------------------------------------
+    def writer(self, shard_id: str, size: int) -> ShardWriter:
+        """A writer for a new blob of exactly `size` bytes. Raises InvalidArgument,
+        AlreadyExists (already stored; nothing to do) and ResourceExhausted (quota)."""
+        check_shard_id(shard_id)
+        if size < 0 or size > 1 << 44:
+            raise InvalidArgument(f"shard size {size} is out of range")
+        with self._lock:
+            if shard_id in self._sizes:
+                # Touched under the lock: the orphan sweep (`sweep`) spares it for a grace.
+                with contextlib.suppress(OSError):
+                    os.utime(self._blob_path(shard_id, shard_id in self._sealed))
+                raise AlreadyExists(f"shard {shard_id[:12]} is already stored")
+            used = sum(self._sizes.values()) + self._reserved
+            if self.quota_bytes is not None and used + size > self.quota_bytes:
+                raise ResourceExhausted(
+                    f"shard store full: {used} of {self.quota_bytes} bytes used, {size} more needed"
+                )
+            self._reserved += size
+        try:
+            return ShardWriter(self, shard_id, size)
+        except BaseException:
+            self._release(size)
+            raise
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
+
+    def _publish(self, writer: ShardWriter, digests: list[bytes]) -> None:
+        sealed = writer.sealed
+        final = self._blob_path(writer.shard_id, sealed)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self._blob_path(writer.shard_id, False).with_suffix(".sums"), b"".join(digests))
+        os.replace(writer.tmp_path, final)  # the commit point: the blob is now visible
+        _fsync_dir(final.parent)
+        with self._lock:
+            self._reserved -= writer.size
+            self._sizes[writer.shard_id] = writer.size
+            if sealed:
+                self._sealed.add(writer.shard_id)
+
+    def modified_at(self, shard_id: str) -> float | None:
+        """When the blob was written or last touched (wall-clock seconds); None: absent."""
+        try:
+            return self.path(shard_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def sweep(self, shard_id: str, min_age_s: float, now: float) -> bool:
+        """Delete the blob only if it was written or touched at least `min_age_s` before
+        `now` (wall clock). Atomic with `writer()`, which touches a blob it finds stored."""
+        with self._lock:
+            if shard_id not in self._sizes:
+                return False
+            try:
+                mtime = self._blob_path(shard_id, shard_id in self._sealed).stat().st_mtime
+            except FileNotFoundError:
+                mtime = 0.0
+            if now - mtime < min_age_s:
+                return False
+            self._sizes.pop(shard_id)
+            self._sealed.discard(shard_id)
+        self._unlink(shard_id)
+        return True
+
+    def delete(self, shard_id: str) -> bool:
+        with self._lock:
+            present = self._sizes.pop(check_shard_id(shard_id), None) is not None
+            self._sealed.discard(shard_id)
+        self._unlink(shard_id)
+        return present
+
+    def _unlink(self, shard_id: str) -> None:
+        plain = self._blob_path(shard_id, False)
+        for p in (plain, self._blob_path(shard_id, True), plain.with_suffix(".sums")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def quarantine(self, shard_id: str, why: str) -> None:
+        logger.error("shard %s is corrupt (%s): removed from the store", shard_id[:12], why)
+        if self.delete(shard_id) and self.on_quarantine is not None:
+            self.on_quarantine(shard_id)
+
+
+class ShardWriter:
+    """One blob being written: append in order, then `commit()` or `abort()`.
+
+    Hashes as it goes and records the checkpoints; with a cipher, seals each CHUNK as it
+    fills (the plaintext of a partial chunk waits in memory, never on disk). For transfers:
+    `digest()` is the running hash, `mark_verified()` remembers the current point and
+    `rollback()` returns to it (the file truncated), so a stream broken or corrupted
+    mid-way resumes there. Use as a context manager: leaving it without `commit()` aborts.
+    """
+
+    def __init__(self, store: ShardStore, shard_id: str, size: int):
+        self.store = store
+        self.shard_id = shard_id
+        self.size = size
+        self.offset = 0
+        self.tmp_path = store.tmp / f"{shard_id}.{secrets.token_hex(4)}.part"
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._h = hashlib.sha256()
+        self._digests: list[bytes] = []
+        self._next = checkpoint_offsets(size)
+        self._done = False
+        self._sealer = store.cipher.sealer(shard_id, size, CHUNK) if store.cipher is not None else None
+        self._pending = bytearray()  # a sealed blob's unfinished chunk
+        self._chunks = 0  # chunks sealed so far
+        self._file_len = 0
+        if self._sealer is not None:
+            self._out = bytearray(CHUNK + sc.TAG)
+            try:
+                self._append(memoryview(self._sealer.header))
+            except BaseException:
+                os.close(self._fd)
+                self.tmp_path.unlink(missing_ok=True)
+                raise
+        self._verified = self._mark()
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealer is not None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+    def write(self, data) -> None:
+        """Append; raises InvalidArgument past the declared size, ResourceExhausted on ENOSPC."""
+        view = memoryview(data).cast("B")
+        if self.offset + len(view) > self.size:
+            raise InvalidArgument(f"more bytes than the declared {self.size}")
+        while len(view):
+            # Split at checkpoint boundaries so each one is recorded exactly.
+            boundary = self._next[len(self._digests)]
+            part = view[: boundary - self.offset]
+            end = self.offset + len(part)
+            if self._sealer is None:
+                self._append(part)
+            elif end == boundary:  # the chunk is complete: seal it (whole frames: no copy)
+                if self._pending:
+                    self._pending += part
+                self._seal(self._pending or part)
+            else:
+                self._pending += part
+            self._h.update(part)
+            self.offset = end
+            view = view[len(part):]
+            if self.offset == boundary and boundary != self.size:
+                self._digests.append(self._h.digest())
+
+    def _seal(self, chunk) -> None:
+        self._append(self._sealer.seal_into(self._chunks, chunk, self._out))
+        self._chunks += 1
+        del self._pending[:]
+
+    def _append(self, data: memoryview) -> None:
+        _write_all(self._fd, data)
+        self._file_len += len(data)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+    def _mark(self) -> tuple:
+        return (self.offset, self._h.copy(), len(self._digests), self._file_len, self._chunks,
+                bytes(self._pending))
+
+    def mark_verified(self) -> None:
+        self._verified = self._mark()
+
+    def rollback(self) -> int:
+        """Back to the last verified point; returns its offset."""
+        offset, h, n, file_len, chunks, pending = self._verified
+        os.ftruncate(self._fd, file_len)
+        os.lseek(self._fd, file_len, os.SEEK_SET)
+        self.offset, self._h, self._digests = offset, h.copy(), self._digests[:n]
+        self._file_len, self._chunks, self._pending = file_len, chunks, bytearray(pending)
+        return offset
+
+    def commit(self) -> None:
+        """fsync, check the whole hash, rename into place. Raises InvalidArgument
+        (truncated) and ShardCorrupt; either way nothing is stored."""
+        try:
+            if self.offset != self.size:
+                raise InvalidArgument(f"truncated: {self.offset} of {self.size} bytes")
+            if self._h.hexdigest() != self.shard_id:
+                raise ShardCorrupt(f"bytes do not hash to shard {self.shard_id[:12]}")
+            if self._sealer is not None and self._chunks < self._sealer.count:
+                self._seal(self._pending)  # an empty blob's one (empty) chunk
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            self._digests.append(self._h.digest())
+            if self.store.has(self.shard_id):  # another writer finished first: same bytes
+                self.abort()
+                return
+            self.store._publish(self, self._digests)
+            self._done = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        self.store._release(self.size)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _check_offset(offset: int, size: int) -> None:
+    if offset < 0 or offset > size or (offset % CHUNK and offset != size):
+        raise InvalidArgument(f"offset {offset} is not a multiple of {CHUNK} within {size}")
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    try:
+        while len(data):
+            n = os.write(fd, data)
+            data = data[n:]
+    except OSError as err:
+        if err.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise ResourceExhausted(f"no space left for the shard: {err.strerror}") from None
+        raise
+
+
+def _hash_prefix(f, h, length: int) -> None:
+    left = length
+    while left:
+        data = f.read(min(CHUNK, left))
+        if not data:
+            break
+        h.update(data)
+        left -= len(data)
+
+
+def _hash_checkpoints(path: Path, size: int) -> list[bytes]:
+    h = hashlib.sha256()
+    out = []
+    with open(path, "rb") as f:
+        pos = 0
+        for end in checkpoint_offsets(size):
+            data = f.read(end - pos)
+            h.update(data)
+            pos = end
+            out.append(h.digest())
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

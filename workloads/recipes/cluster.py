@@ -1,0 +1,135 @@
+"""The recipes as cluster tasks: models and predictions live in the data plane.
+
+    python -m lepton.workloads.recipes.cluster train --model-name M --algorithm mlp ...
+    python -m lepton.workloads.recipes.cluster evaluate --model M --dataset D
+    python -m lepton.workloads.recipes.cluster predict --model M --dataset D --out P
+
+`train` runs under a torch job (every rank); rank 0 stores the final model (state_dict and
+metadata, as `models.save_model` writes it) as dataset M: the file's bytes as one uint8
+column, so any agent can fetch it, verified, like any shard. `evaluate` and `predict` are
+single tasks that fetch the model and the dataset, and print JSON / store dataset P.
+The cluster is found through LEPTON_SERVER, which agents set for every task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _client():
+    from lepton.client import Client
+
+    servers = os.environ.get("LEPTON_SERVER", "")
+    if not servers:
+        raise SystemExit("LEPTON_SERVER is not set: run this as a Lepton task")
+    # With TLS on, the agent also sets LEPTON_TLS_DIR and LEPTON_CERT_NAME for its tasks.
+    return Client(servers, timeout=60, tls_dir=os.environ.get("LEPTON_TLS_DIR") or None,
+                  cert_name=os.environ.get("LEPTON_CERT_NAME") or None)
+
+
+def put_file(client, name: str, path: Path, *, replicas: int = 2) -> None:
+    """Store a file's bytes as dataset `name` (one shard, one uint8 column)."""
+    from lepton.common.errors import FailedPrecondition
+    from lepton.dataplane import shard_format as fmt
+    from lepton.v1 import datasets_pb2 as dpb
+
+    data = np.frombuffer(path.read_bytes(), dtype=np.uint8).reshape(-1, 1)
+    recs = fmt.make_records(data, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "0.npy"
+        sid, size = fmt.write_shard(recs, shard)
+        meta = dpb.Shard(id=sid, size=size, **fmt.describe(recs))
+        try:
+            client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=replicas)
+        except FailedPrecondition:  # fewer ready nodes than replicas: one copy beats none
+            if replicas == 1:
+                raise
+            client.put_shards(name, [meta], {sid: shard}, source=path.name, replicas=1)
+
+
+def get_file(client, name: str, out: Path) -> Path:
+    """The bytes `put_file` stored under `name`, written to `out`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = Path(tmp) / "m.npz"
+        client.get_dataset(name, arrays)
+        with np.load(arrays) as z:
+            out.write_bytes(np.ascontiguousarray(z["x"]).tobytes())
+    return out
+
+
+def get_shards(client, name: str, tmp: Path) -> list[str]:
+    """Every shard of dataset `name`, fetched into `tmp`; their paths in order."""
+    out = tmp / "data"
+    client.get_dataset(name, out)
+    return [str(p) for p in sorted(out.glob("shard-*.npy"))]
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cluster train", add_help=False)
+    p.add_argument("--model-name", required=True)
+    args, rest = p.parse_known_args(argv)
+    from lepton.workloads.recipes import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.pt"
+        code = train.main([*rest, "--output", str(model)])
+        if code == 0 and os.environ.get("RANK", "0") == "0":
+            with _client() as client:
+                put_file(client, args.model_name, model)
+            print(f"stored model {args.model_name} ({model.stat().st_size} bytes)", flush=True)
+    return code
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cluster evaluate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    args = p.parse_args(argv)
+    from lepton.workloads.recipes import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp, _client() as client:
+        model = get_file(client, args.model, Path(tmp) / "model.pt")
+        shards = get_shards(client, args.dataset, Path(tmp))
+        return evaluate.main(["--model", str(model), "--shards", ",".join(shards)])
+
+
+def cmd_predict(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cluster predict")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from lepton.workloads.recipes import predict
+
+    with tempfile.TemporaryDirectory() as tmp, _client() as client:
+        model = get_file(client, args.model, Path(tmp) / "model.pt")
+        shards = get_shards(client, args.dataset, Path(tmp))
+        preds = Path(tmp) / "predictions.npy"
+        os.environ["LEPTON_SHARDS"] = ",".join(shards)
+        code = predict.main(["--model", str(model), "--output", str(preds)])
+        if code:
+            return code
+        client.put_dataset(preds, args.out, replicas=1)  # derived data: one copy
+        print(json.dumps({"predictions": args.out, "rows": int(len(np.load(preds)))}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+    if not args or args[0] not in commands:
+        print(f"usage: python -m lepton.workloads.recipes.cluster {{{','.join(commands)}}} ...",
+              file=sys.stderr)
+        return 2
+    return commands[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
