@@ -11,11 +11,13 @@ appended or truncated before a `sync()` survives a crash, what came after may no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +46,18 @@ class Snapshot:
 
 class CompactedError(LookupError):
     """The index asked for lies inside the snapshot; its entry is gone."""
+
+
+class CorruptLogError(OSError):
+    """A record before the log's last one fails its checksum: acknowledged entries may be
+    damaged, so the store refuses to open rather than cut them (etcd does the same)."""
+
+
+class StorageFailedError(OSError):
+    """An earlier write or fsync failed; the store refuses everything after it. After a
+    failed fsync the kernel may have dropped the dirty pages, so a retry that "succeeds"
+    would prove nothing (PostgreSQL's fsyncgate): only a restart, which re-reads the
+    file, can tell what is durable."""
 
 
 class LogStore(Protocol):
@@ -214,10 +228,14 @@ class FileLogStore(_IndexedEntries):
 
     Layout in `directory`: `log` (CRC'd records), `hardstate` (JSON), `snapshot` (CRC'd).
     A torn record at the log's tail (a crash mid-write) is cut off on open; a bad record
-    anywhere else is corruption and refuses to open.
+    with a valid one after it is corruption: `CorruptLogError`, naming file and offset.
+    A failed write or fsync poisons the store (`StorageFailedError` from then on).
+    `fsync` is the one call that makes the log durable; tests inject a failing one.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: Callable[[int], None] = os.fsync):
+        self._fsync = fsync
+        self._failure: OSError | None = None
         self._dir = Path(directory)
         self._dir.mkdir(parents=True, exist_ok=True)
         self._log_path = self._dir / "log"
@@ -243,7 +261,8 @@ class FileLogStore(_IndexedEntries):
         return self._term, self._vote
 
     def set_hard_state(self, term: int, voted_for: str) -> None:
-        write_atomic(self._dir / "hardstate", json.dumps({"term": term, "vote": voted_for}).encode())
+        with self._failing_stops_the_store():
+            write_atomic(self._dir / "hardstate", json.dumps({"term": term, "vote": voted_for}).encode())
         self._term, self._vote = term, voted_for
 
     # snapshot ---------------------------------------------------------------------------
@@ -271,10 +290,11 @@ class FileLogStore(_IndexedEntries):
     def save_snapshot(self, snap: Snapshot) -> None:
         header = _HEADER.pack(len(snap.data), _crc(snap.index, snap.term, snap.data), snap.index, snap.term)
         trailer = _TRAILER.pack(len(snap.config), zlib.crc32(snap.config)) + snap.config if snap.config else b""
-        write_atomic(self._dir / "snapshot", header + snap.data + trailer)
-        keep = _entries_after_snapshot(self._entries, self._base(), snap)
-        self._snap = snap
-        self._rewrite_log(keep)
+        with self._failing_stops_the_store():
+            write_atomic(self._dir / "snapshot", header + snap.data + trailer)
+            keep = _entries_after_snapshot(self._entries, self._base(), snap)
+            self._snap = snap
+            self._rewrite_log(keep)
 
     def _rewrite_log(self, keep: list[Entry]) -> None:
         """Replace the log file with exactly `keep`, atomically."""
@@ -290,7 +310,11 @@ class FileLogStore(_IndexedEntries):
 
     # log --------------------------------------------------------------------------------
     def _load_log(self) -> bool:
-        """Read the log file; True when it still holds entries the snapshot covers."""
+        """Read the log file; True when it still holds entries the snapshot covers.
+
+        A bad record is cut only when no valid record follows it: a crash mid-append
+        tears the last write, never one before it. Raises CorruptLogError otherwise.
+        """
         if not self._log_path.exists():
             self._log_path.touch()
             _fsync_dir(self._dir)
@@ -299,39 +323,44 @@ class FileLogStore(_IndexedEntries):
         pos = 0
         base = self._base()
         while pos < len(raw):
-            if pos + _HEADER.size > len(raw):
+            record = _read_record(raw, pos)
+            if record is None:
                 break
-            length, crc, index, term = _HEADER.unpack_from(raw, pos)
-            start = pos + _HEADER.size
-            data = raw[start : start + length]
-            if len(data) != length or _crc(index, term, data) != crc:
-                break
+            index, term, data, end = record
             if index > base:
                 expected = base + len(self._entries) + 1
                 if index != expected:
-                    raise OSError(f"log {self._log_path} skips from {expected - 1} to {index}")
+                    raise CorruptLogError(f"log {self._log_path} skips from {expected - 1} to {index} "
+                                          f"at offset {pos}")
                 self._entries.append(Entry(index, term, data))
                 self._offsets.append(pos)
-            pos = start + length
+            pos = end
         if pos < len(raw):
-            # Only a torn tail is expected; anything with valid records after it is not.
+            later = _next_valid_record(raw, pos + 1)
+            if later is not None:
+                raise CorruptLogError(
+                    f"log {self._log_path} is corrupt at offset {pos} (the record after index "
+                    f"{self.last_index()} fails its checksum; a valid record follows at offset "
+                    f"{later}): refusing to start. Restore this voter from a backup, or remove its "
+                    "data folder and add it back as a new voter")
             logger.warning("log %s: cutting %d bytes of torn tail at offset %d",
                            self._log_path, len(raw) - pos, pos)
             with open(self._log_path, "r+b") as f:
                 f.truncate(pos)
                 f.flush()
-                os.fsync(f.fileno())
+                self._fsync(f.fileno())
         return bool(self._entries) and self._offsets[0] != 0 or (not self._entries and pos > 0)
 
     def append(self, entries: list[Entry]) -> None:
         _check_contiguous(entries, self.last_index())
-        offset = self._file.tell()
-        buf = bytearray()
-        for e in entries:
-            self._offsets.append(offset + len(buf))
-            buf += _HEADER.pack(len(e.data), _crc(e.index, e.term, e.data), e.index, e.term) + e.data
-        self._file.write(buf)
-        self._entries.extend(entries)
+        with self._failing_stops_the_store():
+            offset = self._file.tell()
+            buf = bytearray()
+            for e in entries:
+                buf += _HEADER.pack(len(e.data), _crc(e.index, e.term, e.data), e.index, e.term) + e.data
+            self._file.write(buf)
+            self._offsets.extend(offset + off for off in _record_offsets(entries))
+            self._entries.extend(entries)
 
     def truncate_suffix(self, from_index: int) -> None:
         base = self._base()
@@ -340,17 +369,67 @@ class FileLogStore(_IndexedEntries):
         pos = from_index - base - 1
         if pos >= len(self._entries):
             return
-        self._file.flush()
-        self._file.truncate(self._offsets[pos])
-        self._file.seek(self._offsets[pos])
+        with self._failing_stops_the_store():
+            self._file.flush()
+            self._file.truncate(self._offsets[pos])
+            self._file.seek(self._offsets[pos])
         del self._entries[pos:]
         del self._offsets[pos:]
 
     def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._failing_stops_the_store():
+            self._file.flush()
+            self._fsync(self._file.fileno())
+
+    @contextlib.contextmanager
+    def _failing_stops_the_store(self) -> Iterator[None]:
+        """Refuse once anything failed; turn a new OSError into the store's failure."""
+        if self._failure is not None:
+            raise StorageFailedError(f"log store {self._dir} failed earlier: {self._failure}")
+        try:
+            yield
+        except OSError as err:
+            self._failure = err
+            logger.error("log store %s: write failed, refusing every later write: %s", self._dir, err)
+            raise
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            self._file.close()
+        if self._file.closed:
+            return
+        try:
+            self._file.close()  # flushes; what it could not write was never synced
+        except OSError as err:
+            logger.warning("log store %s: close failed: %s", self._dir, err)
+
+
+def _record_offsets(entries: list[Entry]) -> list[int]:
+    """Each entry's record offset, relative to the first record."""
+    offsets, pos = [], 0
+    for e in entries:
+        offsets.append(pos)
+        pos += _HEADER.size + len(e.data)
+    return offsets
+
+
+def _read_record(raw: bytes, pos: int) -> tuple[int, int, bytes, int] | None:
+    """(index, term, payload, end offset) of a valid record at `pos`, or None."""
+    if pos + _HEADER.size > len(raw):
+        return None
+    length, crc, index, term = _HEADER.unpack_from(raw, pos)
+    start = pos + _HEADER.size
+    if start + length > len(raw):
+        return None
+    data = raw[start : start + length]
+    if _crc(index, term, data) != crc:
+        return None
+    return index, term, data, start + length
+
+
+def _next_valid_record(raw: bytes, start: int) -> int | None:
+    """Offset of the first valid record at or after `start`, or None. A torn tail holds
+    none (zeros or a prefix of one write); a corrupt middle does. A random match needs
+    a 32-bit CRC to agree, so this is safe to ask of garbage."""
+    for pos in range(start, len(raw) - _HEADER.size + 1):
+        if _read_record(raw, pos) is not None:
+            return pos
+    return None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from lepton.coordinator.storage.log_store import (
     CompactedError,
+    CorruptLogError,
     Entry,
     FileLogStore,
     MemoryLogStore,
     Snapshot,
+    StorageFailedError,
 )
 
 
@@ -115,3 +120,97 @@ def test_corrupt_snapshot_refuses_to_open(tmp_path):
     (tmp_path / "snapshot").write_bytes(bytes(raw))
     with pytest.raises(OSError, match="corrupt"):
         FileLogStore(tmp_path)
+
+
+def _record_offset(index):
+    """Byte offset of entry `index`'s record in a log of entries(1, n) (no snapshot)."""
+    return sum(24 + len(f"cmd{i}".encode()) for i in range(1, index))
+
+
+def test_flipped_byte_before_the_last_record_refuses_naming_file_and_offset(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 11))
+    s.sync()
+    s.close()
+    offset = _record_offset(4)
+    raw = bytearray((tmp_path / "log").read_bytes())
+    raw[offset + 24] ^= 0x01  # one bit of entry 4's payload
+    (tmp_path / "log").write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError) as err:
+        FileLogStore(tmp_path)
+    assert str(tmp_path / "log") in str(err.value)
+    assert f"offset {offset} " in str(err.value)
+    # Nothing was cut: the acknowledged entries after it are still in the file.
+    assert (tmp_path / "log").read_bytes() == bytes(raw)
+
+
+def test_flipped_length_field_before_the_last_record_refuses(tmp_path):
+    # A corrupt length makes the record look torn (it runs past the end of the file);
+    # the valid records after it still give the corruption away.
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 11))
+    s.sync()
+    s.close()
+    offset = _record_offset(4)
+    raw = bytearray((tmp_path / "log").read_bytes())
+    raw[offset + 3] ^= 0x10
+    (tmp_path / "log").write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError, match=f"offset {offset} "):
+        FileLogStore(tmp_path)
+
+
+def test_torn_last_record_with_its_full_length_is_cut(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 11))
+    s.sync()
+    s.close()
+    raw = bytearray((tmp_path / "log").read_bytes())
+    raw[-1] ^= 0xFF  # the last record's bytes all arrived, but not as written
+    (tmp_path / "log").write_bytes(bytes(raw))
+    r = FileLogStore(tmp_path)
+    assert r.last_index() == 9
+    assert len((tmp_path / "log").read_bytes()) == _record_offset(10)
+
+
+def test_zeroed_tail_is_cut(tmp_path):
+    s = FileLogStore(tmp_path)
+    s.append(entries(1, 4))
+    s.sync()
+    s.close()
+    with open(tmp_path / "log", "ab") as f:
+        f.write(b"\0" * 4096)  # a file system that extended the file but lost the page
+    assert FileLogStore(tmp_path).last_index() == 3
+
+
+class _FailingFsync:
+    """os.fsync until `fail` is set, then ENOSPC, as a full disk gives."""
+
+    def __init__(self):
+        self.fail = False
+
+    def __call__(self, fd):
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fsync(fd)
+
+
+def test_failed_fsync_poisons_the_store(tmp_path):
+    fsync = _FailingFsync()
+    s = FileLogStore(tmp_path, fsync=fsync)
+    s.append(entries(1, 3))
+    s.sync()
+    s.append(entries(3, 4))
+    fsync.fail = True
+    with pytest.raises(OSError, match="No space"):
+        s.sync()
+    fsync.fail = False  # space freed: a retried fsync would "succeed" and prove nothing
+    with pytest.raises(StorageFailedError, match="failed earlier"):
+        s.sync()
+    with pytest.raises(StorageFailedError):
+        s.append(entries(4, 5))
+    with pytest.raises(StorageFailedError):
+        s.set_hard_state(9, "x")
+    s.close()
+    # A restart re-reads what is on disk and works again.
+    r = FileLogStore(tmp_path)
+    assert r.last_index() >= 2
