@@ -40,11 +40,11 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.validation import MAX_NAME, check_address, check_text, require_id
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._transport import retryable, transport_failure, unreachable_error
-from ._util import require_id as _require_id
 from .data import DataMethods
 from .jobs import JobMethods
 from .tasks import TaskMethods
@@ -86,9 +86,7 @@ def parse_servers(servers: str | Sequence[str]) -> list[str]:
         addr = raw.strip()
         if not addr:
             continue
-        host, sep, port = addr.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidArgument(f"bad server address {addr!r} (expected host:port)")
+        check_address(addr, "server address")
         if addr not in out:
             out.append(addr)
     if not out:
@@ -208,7 +206,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
 
     def node(self, node_id: str, *, timeout: float | None = None) -> NodeInfo:
         """One node by its exact id; NotFound when there is none."""
-        req = cpb.GetNodeRequest(node_id=_require_id(node_id))
+        req = cpb.GetNodeRequest(node_id=require_id(node_id, "node id"))
         return NodeInfo.from_proto(self._unary(CoordinatorStub, "GetNode", req, timeout=timeout))
 
     def find_node(self, ref: str, *, timeout: float | None = None) -> NodeInfo:
@@ -216,7 +214,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
 
         Raises NotFound when nothing matches and InvalidArgument when `ref` is ambiguous.
         """
-        ref = _require_id(ref)
+        check_text(ref, "node id or name", MAX_NAME, required=True)
         nodes = self.nodes(timeout=timeout)
         for n in nodes:
             if n.id == ref:
@@ -238,7 +236,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
 
     def drain(self, node_id: str, enable: bool = True, *, timeout: float | None = None) -> NodeInfo:
         """Stop (`enable=True`) or resume (`False`) placing new work on a node; returns it."""
-        req = cpb.DrainNodeRequest(node_id=_require_id(node_id), enable=enable)
+        req = cpb.DrainNodeRequest(node_id=require_id(node_id, "node id"), enable=enable)
         # Setting a flag to a given value is idempotent: a retry after a lost reply is safe.
         return NodeInfo.from_proto(self._unary(CoordinatorStub, "DrainNode", req, timeout=timeout))
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.common.errors import DeadlineExceeded, InvalidArgument
+from lepton.common.validation import require_id
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
-from ._util import require_id
 from .tasks import build_spec
 from .types import _TASK_STATE_FROM_PROTO as _STATE_NAMES
 from .types import FINAL_TASK_STATES as FINAL
@@ -32,6 +32,7 @@ class JobInfo:
     reason: str
     restart_count: int
     tasks: list[TaskInfo] = field(default_factory=list)
+    owner: str = ""
 
     @property
     def done(self) -> bool:
@@ -50,10 +51,11 @@ class JobInfo:
         return cls(
             id=job.id, state=_STATE_NAMES.get(job.state, "unknown"), reason=job.reason,
             restart_count=job.restart_count, tasks=[TaskInfo.from_proto(t) for t in job.tasks],
+            owner=job.owner,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "reason": self.reason,
+        return {"id": self.id, "state": self.state, "reason": self.reason, "owner": self.owner,
                 "restart_count": self.restart_count, "exit_code": self.exit_code,
                 "tasks": [t.to_dict() for t in self.tasks]}
 

@@ -30,6 +30,7 @@ from lepton.common.errors import (
     from_rpc_error,
 )
 from lepton.common.sizes import parse_size
+from lepton.common.validation import require_id
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
@@ -38,7 +39,6 @@ from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._coalesce import Coalescer
 from ._transport import transport_failure
-from ._util import require_id
 from .types import TaskInfo, task_state_to_proto
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from typing import Any
 
 from lepton.common.errors import InvalidArgument
 from lepton.common.sizes import parse_size
+from lepton.common.validation import check_address
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,14 +52,6 @@ def parse_labels(value: str | Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidArgument(f"label {item!r} is not key=value")
         labels[key.strip()] = val.strip()
     return labels
-
-
-def check_address(value: str, what: str) -> str:
-    """Validate HOST:PORT (IPv6 as [::1]:PORT); return it unchanged."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidArgument(f"{what} {value!r} is not HOST:PORT")
-    return value
 
 
 @dataclass
@@ -147,10 +140,10 @@ class AgentConfig:
         self.labels = parse_labels(self.labels)
         if not self.data_dir:
             raise InvalidArgument("data_dir must not be empty")
-        check_address(self.listen, "listen")
+        check_address(self.listen, "listen", bind=True)
         if self.advertise:
             check_address(self.advertise, "advertise")
-        check_address(self.metrics_listen, "metrics_listen")
+        check_address(self.metrics_listen, "metrics_listen", bind=True)
         for addr in self.peers + self.join:
             check_address(addr, "peer/join address")
         if self.peers and len(self.peers) not in (1, 3, 5):

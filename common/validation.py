@@ -27,8 +27,9 @@ _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
 def require_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
+    """An id (node, task, job, token...): 1-128 of [A-Za-z0-9._-], starting alphanumeric."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument(f"{field} must not be empty")
     if len(value) > MAX_ID:
         raise InvalidArgument(f"{field} is {len(value)} characters; at most {MAX_ID}")
     if not _ID_RE.match(value):
@@ -37,8 +38,9 @@ def require_id(value: str, field: str) -> str:
 
 
 def check_text(value: str, field: str, limit: int = MAX_TEXT, *, required: bool = False) -> str:
-    if required and not value:
-        raise InvalidArgument(f"{field} is required")
+    """At most `limit` characters, none a control character; `required`: not blank either."""
+    if required and not value.strip():
+        raise InvalidArgument(f"{field} must not be empty")
     if len(value) > limit:
         raise InvalidArgument(f"{field} is {len(value)} characters; at most {limit}")
     if any(ord(c) < 32 for c in value):
@@ -46,10 +48,18 @@ def check_text(value: str, field: str, limit: int = MAX_TEXT, *, required: bool 
     return value
 
 
-def check_address(value: str, field: str) -> str:
+def check_address(value: str, field: str, *, bind: bool = False) -> str:
+    """HOST:PORT, an IPv6 host in brackets ([::1]:PORT); returned unchanged.
+
+    Port 0 only with `bind` (a listen address: the OS picks a free port); an address
+    someone dials needs a real port.
+    """
     check_text(value, field, MAX_ADDRESS, required=True)
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    lowest = 0 if bind else 1
+    if (not sep or not host or not (port.isascii() and port.isdigit()) or not lowest <= int(port) <= 65535
+            or any(c.isspace() for c in host)
+            or (":" in host and not (host.startswith("[") and host.endswith("]")))):
         raise InvalidArgument(f"{field} {value!r} is not HOST:PORT")
     return value
 

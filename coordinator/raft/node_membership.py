@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
-from lepton.common.config import check_address
 from lepton.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -26,6 +25,7 @@ from lepton.common.errors import (
     NotLeader,
     Unavailable,
 )
+from lepton.common.validation import check_address
 from lepton.coordinator.raft.membership import ADD, REMOVE
 from lepton.coordinator.raft.messages import Role
 

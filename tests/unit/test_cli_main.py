@@ -113,7 +113,7 @@ def test_unreachable_server_is_one_line_exit_1(capsys: pytest.CaptureFixture[str
 
 def test_bad_server_address(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--server", "nohost", "cluster", "status")
-    assert code == 1 and err == "lepton-ctl: bad server address 'nohost' (expected host:port)\n"
+    assert code == 1 and err == "lepton-ctl: server address 'nohost' is not HOST:PORT\n"
 
 
 def test_not_found_and_ambiguous(server: str, capsys: pytest.CaptureFixture[str]) -> None:
