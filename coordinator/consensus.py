@@ -53,6 +53,7 @@ class ConsensusStatus:
 
 
 LeadershipListener = Callable[[bool, int], None]
+FailureListener = Callable[[Exception], None]
 
 
 class Consensus(ABC):
@@ -63,6 +64,8 @@ class Consensus(ABC):
 
     def __init__(self) -> None:
         self._leadership_listeners: list[LeadershipListener] = []
+        self._failure_listeners: list[FailureListener] = []
+        self.failure: Exception | None = None  # set once the node has stopped for good
 
     @abstractmethod
     async def start(self) -> None:
@@ -119,12 +122,29 @@ class Consensus(ABC):
         """`listener(is_leader, term)` is called on the loop whenever leadership changes."""
         self._leadership_listeners.append(listener)
 
+    def add_failure_listener(self, listener: FailureListener) -> None:
+        """`listener(error)` is called on the loop, once, when this node stops for good
+        because its log store failed (a write or fsync error, a full disk): it no longer
+        votes, leads or acknowledges. The process should stop (crash-stop) and be
+        restarted, which re-reads the log from disk."""
+        self._failure_listeners.append(listener)
+
     def _notify_leadership(self, is_leader: bool, term: int) -> None:
         for listener in list(self._leadership_listeners):
             try:
                 listener(is_leader, term)
             except Exception:
                 logger.exception("leadership listener failed")
+
+    def _notify_failure(self, err: Exception) -> None:
+        if self.failure is not None:
+            return
+        self.failure = err
+        for listener in list(self._failure_listeners):
+            try:
+                listener(err)
+            except Exception:
+                logger.exception("failure listener failed")
 
 
 class SingleVoterConsensus(Consensus):
@@ -207,12 +227,14 @@ class SingleVoterConsensus(Consensus):
                 try:
                     await self._commit(batch)
                 except Exception as err:  # an I/O error: nothing in the batch is acknowledged
-                    logger.exception("log write failed; refusing further writes")
+                    logger.critical("single voter %s: log write failed; no longer leading: %s", self._id, err)
                     self._running = False
                     for _, fut in batch + self._queue:
                         if not fut.done():
                             fut.set_exception(Unavailable(f"log write failed: {err}"))
                     self._queue.clear()
+                    self._notify_leadership(False, self._term)
+                    self._notify_failure(err)
                     return
 
     async def _commit(self, batch: list[tuple[bytes, asyncio.Future[object]]]) -> None:

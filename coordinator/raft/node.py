@@ -256,9 +256,16 @@ class RaftConsensus(VoterChanges, Consensus):
                 await asyncio.sleep(0)
                 self._wakeup.clear()
         except Exception as err:
-            logger.exception("raft %s: loop failed; stopping", self.node_id)
+            # Most likely the log store (a write or fsync error, a full disk). Stop voting
+            # and leading at once; the process must restart (crash-stop), not linger.
+            logger.critical("raft %s: loop failed; no longer voting: %s", self.node_id, err,
+                            exc_info=not isinstance(err, OSError))
             self._running = False
             self._fail_all(Unavailable(f"raft {self.node_id} failed: {err}"))
+            if self._serving_leader:
+                self._serving_leader = False
+                self._notify_leadership(False, self._leader_term)
+            self._notify_failure(err)
             raise
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, at: float) -> None:

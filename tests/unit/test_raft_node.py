@@ -55,6 +55,8 @@ class CountingStore(FileLogStore):
 
 
 class Cluster:
+    make_store = CountingStore  # a test may inject a store whose I/O fails
+
     def __init__(self, root: Path, n: int = 3, snapshot_every: int = 10_000):
         self.root = root
         self.ids = [f"v{i}" for i in range(1, n + 1)]
@@ -76,7 +78,7 @@ class Cluster:
             await self._start_node(i, self.servers[i])
 
     async def _start_node(self, i: str, server: grpc.aio.Server) -> None:
-        store = CountingStore(self.root / i)
+        store = self.make_store(self.root / i)
         sm = ListStateMachine()
         node = RaftConsensus(i, self.voters, store, sm, config=CFG, snapshot_every=self.snapshot_every)
         node.add_leadership_listener(lambda lead, term, i=i: self.events[i].append((lead, term)))
