@@ -184,11 +184,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         sys.stderr.write("no datasets\n")
         return 0
     table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"):
+    for col in ("NAME", "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"):
         table.add_column(col)
     for d in items:
         table.add_row(
             d.name,
+            d.owner or "-",
             str(d.version),
             str(d.rows),
             human_bytes(d.size),
@@ -211,7 +212,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, ds.shape)) or "scalar"
     labels = ds.shards[0].label_dtype if ds.shards else ""
     out.write(
-        f"features {ds.dtype} per row {shape}; labels {labels or 'none'}; source {ds.source or '-'}\n"
+        f"features {ds.dtype} per row {shape}; labels {labels or 'none'}; source {ds.source or '-'}; "
+        f"owner {ds.owner or '-'}\n"
     )
     if ds.under_replicated:
         out.write(f"{ds.under_replicated} shards are under-replicated (being copied)\n")

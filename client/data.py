@@ -74,6 +74,7 @@ class DatasetInfo:
     shards: list[ShardInfo] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)
     under_replicated: int = 0
+    owner: str = ""  # who put it; only the owner and admins may replace or delete it
 
     @classmethod
     def from_proto(cls, ds: dpb.Dataset, view: dpb.DatasetView | None = None) -> DatasetInfo:
@@ -88,6 +89,7 @@ class DatasetInfo:
             [ShardInfo.from_proto(s) for s in ds.shards],
             dict(view.addresses) if view else {},
             view.under_replicated if view else 0,
+            ds.owner,
         )
 
     @property

@@ -18,13 +18,14 @@ import logging
 import grpc
 
 from lepton.common import validation as v
+from lepton.common.auth import Role, current_principal, effective_owner
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.common.validation import DEFAULT_REPLICATION, MAX_REPLICATION, check_dataset_name
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.loops.reconcile import Reconciler
 from lepton.coordinator.loops.replication import AgentPool, pick_nodes, ready_nodes, stored_bytes
-from lepton.coordinator.state.datasets import MAX_SHARDS, copy_dataset
+from lepton.coordinator.state.datasets import MAX_SHARDS, check_owner, copy_dataset
 from lepton.coordinator.state.security_state import check_node_caller
 from lepton.dataplane.shards import check_shard_id
 from lepton.v1 import datasets_pb2 as dpb
@@ -55,6 +56,13 @@ def check_shard_meta(s: dpb.Shard, *, replicas: bool) -> None:
             v.require_id(n, "shard.replicas")
 
 
+def only_owner() -> str:
+    """Whose datasets the caller may replace or delete: its own name, or "" for anyone's
+    (an admin, or auth off, where everything has one owner)."""
+    p = current_principal()
+    return "" if p is None or p.role == Role.ADMIN else p.name
+
+
 def _replication(value: int) -> int:
     r = value or DEFAULT_REPLICATION
     if not 1 <= r <= MAX_REPLICATION:
@@ -82,6 +90,9 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         for s in request.shards:
             check_shard_meta(s, replicas=False)
         await self._ctx.read()
+        old = self._sm.datasets.datasets.get(request.name)
+        if old is not None:  # refused before any bytes are uploaded
+            check_owner(old, only_owner())
         nodes = {n.id: n for n in ready_nodes(self._sm)}
         if len(nodes) < r:
             raise FailedPrecondition(
@@ -107,7 +118,15 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             raise InvalidArgument(f"{len(ds.shards)} shards; at most {MAX_SHARDS}")
         for s in ds.shards:
             check_shard_meta(s, replicas=True)
+        requested_owner = ds.owner
+        ds.owner = effective_owner(requested_owner)  # the caller, with auth on
+        only = only_owner()
         await self._ctx.read()
+        old = self._sm.datasets.datasets.get(ds.name)
+        if old is not None:
+            check_owner(old, only)  # early; applying the command checks it again
+            if not requested_owner:
+                ds.owner = old.owner  # an admin replacing someone's dataset keeps its owner
         holds = self._reconciler.holds if self._reconciler is not None else None
         if holds is not None:  # not swept between the check below and the commit
             holds.hold(ds.name, [s.id for s in ds.shards])
@@ -115,7 +134,8 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             await self._check_stored(ds)
             old = self._sm.datasets.datasets.get(ds.name)
             old = copy_dataset(old) if old is not None else None
-            result = await self._ctx.commit(state_pb2.Command(put_dataset=state_pb2.PutDatasetCmd(dataset=ds)))
+            result = await self._ctx.commit(state_pb2.Command(
+                put_dataset=state_pb2.PutDatasetCmd(dataset=ds, only_owner=only)))
         finally:
             if holds is not None:  # committed: referenced now; failed: the client releases
                 holds.release(ds.name)
@@ -169,10 +189,11 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
     @rpc_boundary
     async def DeleteDataset(self, request, context):
         check_dataset_name(request.name)
+        only = only_owner()
         await self._ctx.read()
-        self._sm.datasets.get(request.name)  # NotFound before proposing
-        ds = await self._ctx.commit(
-            state_pb2.Command(delete_dataset=state_pb2.DeleteDatasetCmd(name=request.name)))
+        check_owner(self._sm.datasets.get(request.name), only)  # NotFound, PermissionDenied first
+        ds = await self._ctx.commit(state_pb2.Command(
+            delete_dataset=state_pb2.DeleteDatasetCmd(name=request.name, only_owner=only)))
         self._spawn_gc(_placements(ds))
         return ds
 

@@ -8,7 +8,7 @@ import logging
 import uuid
 
 from lepton.common import validation as v
-from lepton.common.auth import effective_owner, require_owner
+from lepton.common.auth import Role, current_principal, effective_owner, require_owner
 from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
 from lepton.coordinator.state.security_state import check_node_caller
@@ -22,6 +22,7 @@ MAX_GANG = 64  # nodes in one job
 MAX_NPROC = 64  # workers per node
 MAX_WAIT_S = 300.0
 MAX_BATCH = 1000  # specs in one SubmitTasks call
+REDACTED = "<redacted>"  # what others see instead of a task's env values
 
 
 class TaskHub:
@@ -70,11 +71,21 @@ class TaskHub:
                 pass
 
 
+def may_see_env(owner: str) -> bool:
+    """Env values (often secrets) are for the task's owner and admins only; with auth off
+    everything has one owner."""
+    p = current_principal()
+    return p is None or p.role == Role.ADMIN or (p.role != Role.NODE and p.name == owner)
+
+
 class TaskApi:
     """Expects `self._ctx` (CoordinatorContext) with `.hub` and `.scheduling` set."""
 
     def _task_view(self, task: tasks_pb2.Task) -> tasks_pb2.Task:
         out = copy_task(task)
+        if not may_see_env(out.spec.owner):
+            for name in out.spec.env:
+                out.spec.env[name] = REDACTED
         if out.state == P[TaskState.PENDING]:
             reason = self._ctx.scheduling.reasons.get(out.id)
             if reason:

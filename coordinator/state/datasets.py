@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from lepton.common.validation import MAX_REPLICATION, check_dataset_name
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 
@@ -28,6 +28,16 @@ def copy_dataset(ds: datasets_pb2.Dataset) -> datasets_pb2.Dataset:
     out = datasets_pb2.Dataset()
     out.CopyFrom(ds)
     return out
+
+
+def check_owner(ds: datasets_pb2.Dataset, only_owner: str) -> None:
+    """Raises PermissionDenied naming the owner unless `only_owner` is empty (an admin, or
+    auth off) or owns `ds`. Checked when applied, so a put or delete that raced a change of
+    owner (deleted, then put by someone else) cannot touch the new owner's dataset."""
+    if only_owner and ds.owner != only_owner:
+        raise PermissionDenied(
+            f'dataset "{ds.name}" belongs to {ds.owner or "nobody (made without --auth)"}; '
+            f"{only_owner} may not replace or delete it")
 
 
 class DatasetTable:
@@ -100,6 +110,8 @@ class DatasetTable:
         if len(new.shards) > MAX_SHARDS:
             raise InvalidArgument(f"{len(new.shards)} shards; at most {MAX_SHARDS}")
         old = self.datasets.get(new.name)
+        if old is not None:
+            check_owner(old, c.only_owner)
         new.version = old.version + 1 if old is not None else 1
         new.created_at_ms = at_ms
         new.rows = sum(s.rows for s in new.shards)
@@ -119,6 +131,7 @@ class DatasetTable:
 
     def delete(self, c: state_pb2.DeleteDatasetCmd, at_ms: int) -> datasets_pb2.Dataset:
         ds = self.get(c.name)
+        check_owner(ds, c.only_owner)
         self._index(ds, False)
         self.changes += 1
         del self.datasets[c.name]

@@ -25,7 +25,7 @@ class Shard(_message.Message):
     def __init__(self, id: _Optional[str] = ..., size: _Optional[int] = ..., rows: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., label_dtype: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "version", "replication", "shards", "created_at_ms", "rows", "size", "source")
+    __slots__ = ("name", "version", "replication", "shards", "created_at_ms", "rows", "size", "source", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Dataset(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     replication: int
@@ -42,7 +43,8 @@ class Dataset(_message.Message):
     rows: int
     size: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., source: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ShardPlacement(_message.Message):
     __slots__ = ("shard_id", "node_ids", "addresses")

@@ -39,7 +39,7 @@ class Resources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch")
+    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch", "owner_role", "owner_token_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class TaskSpec(_message.Message):
     GANG_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     TORCH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ROLE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     shell: str
@@ -90,7 +92,9 @@ class TaskSpec(_message.Message):
     gang_rank: int
     max_restarts: int
     torch: TorchSpec
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ...) -> None: ...
+    owner_role: str
+    owner_token_id: str
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
 
 class TorchSpec(_message.Message):
     __slots__ = ("nproc_per_node", "dataset")
@@ -163,21 +167,23 @@ class Task(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., failures: _Optional[int] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., assigned_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., assigned_term: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AttemptRecord, _Mapping]]] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "reason", "restart_count", "tasks")
+    __slots__ = ("id", "state", "reason", "restart_count", "tasks", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: TaskState
     reason: str
     restart_count: int
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., reason: _Optional[str] = ..., restart_count: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., reason: _Optional[str] = ..., restart_count: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "attempt", "spec", "gpu_indices", "term", "restart_count", "master_addr", "master_port")
+    __slots__ = ("task_id", "attempt", "spec", "gpu_indices", "term", "restart_count", "master_addr", "master_port", "task_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +192,7 @@ class Assignment(_message.Message):
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     spec: TaskSpec
@@ -194,7 +201,8 @@ class Assignment(_message.Message):
     restart_count: int
     master_addr: str
     master_port: int
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., term: _Optional[int] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+    task_token: str
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., term: _Optional[int] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., task_token: _Optional[str] = ...) -> None: ...
 
 class AssignmentSet(_message.Message):
     __slots__ = ("term", "assignments")
