@@ -37,20 +37,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 HEARTBEAT_BUCKETS = (0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30)
 
 
-def _enum_names(enum_type: Any, prefix: str) -> dict[int, str]:
-    return {v.number: v.name.removeprefix(prefix).lower() for v in enum_type.values if v.number}
+def _names_by_proto(states: Any) -> dict[int, str]:
+    """{proto value: name}, in proto order (the order the samples come out in)."""
+    return {s.proto: s.value for s in sorted(states, key=lambda s: s.proto)}
 
 
 def _node_states() -> dict[int, str]:
-    from lepton.v1 import common_pb2
+    from lepton.common.states import NodeState
 
-    return _enum_names(common_pb2.NodeState.DESCRIPTOR, "NODE_STATE_")
+    return _names_by_proto(NodeState)
 
 
 def _task_states() -> dict[int, str]:
-    from lepton.v1 import tasks_pb2
+    from lepton.common.states import TaskState
 
-    return _enum_names(tasks_pb2.TaskState.DESCRIPTOR, "TASK_STATE_")
+    return _names_by_proto(TaskState)
 
 
 class ClusterCollector:

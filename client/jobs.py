@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.common.errors import DeadlineExceeded, InvalidArgument
+from lepton.common.states import TaskState
 from lepton.common.validation import require_id
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from .tasks import build_spec
-from .types import _TASK_STATE_FROM_PROTO as _STATE_NAMES
 from .types import FINAL_TASK_STATES as FINAL
 from .types import TaskInfo
 
@@ -49,7 +49,7 @@ class JobInfo:
     @classmethod
     def from_proto(cls, job: tasks_pb2.Job) -> JobInfo:
         return cls(
-            id=job.id, state=_STATE_NAMES.get(job.state, "unknown"), reason=job.reason,
+            id=job.id, state=TaskState.name_of(job.state), reason=job.reason,
             restart_count=job.restart_count, tasks=[TaskInfo.from_proto(t) for t in job.tasks],
             owner=job.owner,
         )

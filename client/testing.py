@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from lepton.common.errors import LEADER_METADATA_KEY
+from lepton.common.states import TaskState
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import agent_pb2_grpc as agrpc
 from lepton.v1 import common_pb2 as pb
@@ -43,7 +44,7 @@ from lepton.v1 import tasks_pb2 as tpb
 
 __all__ = ["FakeAgent", "FakeCoordinator", "make_node", "make_task", "serve"]
 
-FINAL = (tpb.TASK_STATE_SUCCEEDED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED)
+FINAL = tuple(s.proto for s in TaskState if s.final)
 
 
 def make_node(
@@ -402,7 +403,7 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
         with self.lock:
             task = self.tasks[request.task_id]
             if task.state in FINAL:
-                name = tpb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+                name = TaskState.name_of(task.state)
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f'task "{task.id}" already {name}'
                 )

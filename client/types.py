@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton.common.errors import InvalidArgument
+from lepton.common.states import NodeState, TaskState
 from lepton.v1 import common_pb2, coordinator_pb2, tasks_pb2
 
 __all__ = [
@@ -32,16 +32,8 @@ __all__ = [
     "task_state_to_proto",
 ]
 
-# The lowercase names the API speaks, in lifecycle order.
-NODE_STATES: tuple[str, ...] = ("ready", "suspect", "down", "left")
-
-_STATE_FROM_PROTO: dict[int, str] = {
-    common_pb2.NODE_STATE_READY: "ready",
-    common_pb2.NODE_STATE_SUSPECT: "suspect",
-    common_pb2.NODE_STATE_DOWN: "down",
-    common_pb2.NODE_STATE_LEFT: "left",
-}
-_STATE_TO_PROTO: dict[str, int] = {v: k for k, v in _STATE_FROM_PROTO.items()}
+# The lowercase names the API speaks, in lifecycle order (lepton.common.states).
+NODE_STATES: tuple[str, ...] = tuple(s.value for s in NodeState)
 
 _EVENT_KIND_FROM_PROTO: dict[int, str] = {
     coordinator_pb2.NodeEvent.KIND_REGISTERED: "registered",
@@ -52,17 +44,7 @@ _EVENT_KIND_FROM_PROTO: dict[int, str] = {
 
 def state_to_proto(state: str) -> int:
     """`"ready"` → `NODE_STATE_READY`; raises InvalidArgument for anything else."""
-    try:
-        return _STATE_TO_PROTO[state.strip().lower()]
-    except KeyError:
-        raise InvalidArgument(
-            f"unknown node state {state!r} (expected one of {', '.join(NODE_STATES)})"
-        ) from None
-
-
-def _state_name(value: int) -> str:
-    # A newer server may send a state this client does not know; don't crash on it.
-    return _STATE_FROM_PROTO.get(value, "unknown")
+    return NodeState.parse(state).proto
 
 
 def _pct(value: float) -> float:
@@ -174,7 +156,7 @@ class NodeInfo(_DictMixin):
             name=msg.name,
             address=msg.address,
             labels=dict(sorted(msg.labels.items())),
-            state=_state_name(msg.state),
+            state=NodeState.name_of(msg.state),
             draining=msg.draining,
             voter=msg.voter,
             capacity=Capacity.from_proto(msg.capacity),
@@ -268,41 +250,13 @@ class NodeEvent(_DictMixin):
 # -- tasks ----------------------------------------------------------------------------
 
 # The lowercase task states the API speaks, in lifecycle order; the last three are final.
-TASK_STATES: tuple[str, ...] = (
-    "pending",
-    "assigned",
-    "running",
-    "preempted",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-FINAL_TASK_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-
-_TASK_STATE_FROM_PROTO: dict[int, str] = {
-    tasks_pb2.TASK_STATE_PENDING: "pending",
-    tasks_pb2.TASK_STATE_ASSIGNED: "assigned",
-    tasks_pb2.TASK_STATE_RUNNING: "running",
-    tasks_pb2.TASK_STATE_SUCCEEDED: "succeeded",
-    tasks_pb2.TASK_STATE_FAILED: "failed",
-    tasks_pb2.TASK_STATE_CANCELLED: "cancelled",
-    tasks_pb2.TASK_STATE_PREEMPTED: "preempted",
-}
-_TASK_STATE_TO_PROTO: dict[str, int] = {v: k for k, v in _TASK_STATE_FROM_PROTO.items()}
+TASK_STATES: tuple[str, ...] = tuple(s.value for s in TaskState)
+FINAL_TASK_STATES: frozenset[str] = frozenset(s.value for s in TaskState if s.final)
 
 
 def task_state_to_proto(state: str) -> int:
     """`"running"` → `TASK_STATE_RUNNING`; raises InvalidArgument for anything else."""
-    try:
-        return _TASK_STATE_TO_PROTO[state.strip().lower()]
-    except (KeyError, AttributeError):
-        raise InvalidArgument(
-            f"unknown task state {state!r} (expected one of {', '.join(TASK_STATES)})"
-        ) from None
-
-
-def _task_state_name(value: int) -> str:
-    return _TASK_STATE_FROM_PROTO.get(value, "unknown")
+    return TaskState.parse(state).proto
 
 
 @dataclass(frozen=True)
@@ -344,7 +298,7 @@ class AttemptInfo(_DictMixin):
 
     @classmethod
     def from_proto(cls, msg: tasks_pb2.AttemptRecord) -> AttemptInfo:
-        state = _task_state_name(msg.state)
+        state = TaskState.name_of(msg.state)
         # The record has no has_exit_code: 0 is "none" unless the attempt succeeded.
         code: int | None = msg.exit_code
         if code == 0 and state != "succeeded":
@@ -405,7 +359,7 @@ class TaskInfo(_DictMixin):
         return cls(
             id=msg.id,
             name=spec.name,
-            state=_task_state_name(msg.state),
+            state=TaskState.name_of(msg.state),
             attempt=msg.attempt,
             failures=msg.failures,
             node_id=msg.node_id,

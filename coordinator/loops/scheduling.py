@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from lepton.common.errors import FailedPrecondition
+from lepton.common.states import TaskState
 from lepton.coordinator.scheduler import (
     Allocation,
     ClusterSnapshot,
@@ -22,7 +23,7 @@ from lepton.coordinator.scheduler import (
     TaskRequest,
 )
 from lepton.coordinator.state.state_machine import ClusterStateMachine
-from lepton.coordinator.state.tasks import HOLDING
+from lepton.coordinator.state.tasks import HOLDING, P
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
@@ -140,9 +141,9 @@ class SchedulingLoop:
 
     def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
         state = task.state
-        if state == tasks_pb2.TASK_STATE_PENDING and not old_node and not task.history:
+        if state == P[TaskState.PENDING] and not old_node and not task.history:
             self._fresh.add(task.id)  # a new submission
-        elif state in (tasks_pb2.TASK_STATE_ASSIGNED, tasks_pb2.TASK_STATE_RUNNING):
+        elif state in HOLDING:
             self._requests.pop(task.id, None)
             return  # our own placements, and starts: no room freed
         else:

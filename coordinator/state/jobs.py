@@ -13,19 +13,26 @@ Mixed into `TaskTable`; deterministic like the rest of the state machine.
 from __future__ import annotations
 
 from lepton.common.errors import FailedPrecondition, NotFound
+from lepton.common.states import TaskState
 from lepton.v1 import state_pb2, tasks_pb2
-
-PENDING = tasks_pb2.TASK_STATE_PENDING
-ASSIGNED = tasks_pb2.TASK_STATE_ASSIGNED
-RUNNING = tasks_pb2.TASK_STATE_RUNNING
-SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
-FAILED = tasks_pb2.TASK_STATE_FAILED
-CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def member_id(job_id: str, rank: int) -> str:
     return f"{job_id}-{rank}"
+
+
+def _job_state(members: set[TaskState]) -> TaskState:
+    """A job's state from its members': a failure or a cancel wins, then success only when
+    every member succeeded, then the furthest any member got."""
+    for decisive in (TaskState.FAILED, TaskState.CANCELLED):
+        if decisive in members:
+            return decisive
+    if members == {TaskState.SUCCEEDED}:
+        return TaskState.SUCCEEDED
+    for furthest in (TaskState.RUNNING, TaskState.ASSIGNED):
+        if furthest in members:
+            return furthest
+    return TaskState.PENDING
 
 
 class GangMixin:
@@ -60,7 +67,7 @@ class GangMixin:
             if rank:
                 spec.request_id = ""  # the job's request id lives on rank 0 only
             task = tasks_pb2.Task(
-                id=member_id(c.job_id, rank), spec=spec, state=PENDING, attempt=1,
+                id=member_id(c.job_id, rank), spec=spec, state=TaskState.PENDING.proto, attempt=1,
                 created_at_ms=at_ms, reason="waiting for the scheduler",
             )
             self.tasks[task.id] = task
@@ -79,17 +86,17 @@ class GangMixin:
         restart = restarts < failed.spec.max_restarts
         rank = failed.spec.gang_rank
         for m in members:
-            if m.state in FINAL and not restart:
+            if TaskState.from_proto(m.state).final and not restart:
                 continue
             old_node = m.node_id
             own = m.id == failed.id
             reason = why if own else f"stopped: rank {rank} failed ({why})"
             if m.node_id:
-                self._record(m, self._outcome(FAILED), exit_code if own else None, reason, at_ms)
+                self._record(m, TaskState.FAILED, exit_code if own else None, reason, at_ms)
             if own and exit_code is not None:
                 m.has_exit_code, m.exit_code = True, exit_code
             if restart:
-                m.state = PENDING
+                m.state = TaskState.PENDING.proto
                 m.attempt += 1
                 m.restart_count = restarts + 1
                 m.node_id = m.node_address = m.master_addr = ""
@@ -98,7 +105,7 @@ class GangMixin:
                 m.started_at_ms = m.assigned_at_ms = m.finished_at_ms = 0
                 m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after rank {rank}: {why}"
             else:
-                m.state = FAILED
+                m.state = TaskState.FAILED.proto
                 m.reason = reason
                 m.finished_at_ms = at_ms
             self._changed(m, old_node)
@@ -107,12 +114,12 @@ class GangMixin:
         """Cancelling one member cancels the job: the rest could only hang."""
         for member_id_ in self.jobs.get(task.spec.job_id, []):
             m = self.tasks[member_id_]
-            if m.id == task.id or m.state in FINAL:
+            if m.id == task.id or TaskState.from_proto(m.state).final:
                 continue
             old_node = m.node_id
             if m.node_id:
-                self._record(m, self._outcome(CANCELLED), None, "cancelled", at_ms)
-            m.state = CANCELLED
+                self._record(m, TaskState.CANCELLED, None, "cancelled", at_ms)
+            m.state = TaskState.CANCELLED.proto
             m.reason = "cancelled"
             m.finished_at_ms = at_ms
             self._changed(m, old_node)
@@ -124,29 +131,10 @@ class GangMixin:
         if not ids:
             raise NotFound(f'job "{job_id}" not found')
         members = [self.tasks[i] for i in ids]
-        states = {m.state for m in members}
-        if FAILED in states:
-            state = FAILED
-        elif CANCELLED in states:
-            state = CANCELLED
-        elif states == {SUCCEEDED}:
-            state = SUCCEEDED
-        elif RUNNING in states:
-            state = RUNNING
-        elif ASSIGNED in states:
-            state = ASSIGNED
-        else:
-            state = PENDING
+        state = _job_state({TaskState.from_proto(m.state) for m in members}).proto
         reason = next((m.reason for m in members if m.state == state and m.reason), "")
         job = tasks_pb2.Job(id=job_id, state=state, reason=reason,
-                            restart_count=max(m.restart_count for m in members),
-                            owner=members[0].spec.owner)
+                            restart_count=max(m.restart_count for m in members))
         for m in members:
             job.tasks.append(m)
         return job
-
-    @staticmethod
-    def _outcome(state: int):
-        from lepton.coordinator.state.tasks import TaskState
-
-        return TaskState.from_proto(state)

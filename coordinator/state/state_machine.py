@@ -10,65 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
+from lepton.common.states import NodeState, can_transition
 from lepton.coordinator.state.datasets import DatasetTable
 from lepton.coordinator.state.security_state import SecurityTable
 from lepton.coordinator.state.tasks import TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
 
 logger = logging.getLogger(__name__)
-
-
-class NodeState(str, Enum):
-    """Lifecycle of a node in the cluster state.
-
-    Legal transitions (each one a log command):
-      (unknown)            -> READY    register
-      READY                -> SUSPECT  no heartbeat for `suspect_after`
-      SUSPECT              -> DOWN     no heartbeat for `down_after`
-      SUSPECT | DOWN       -> READY    a heartbeat arrives again
-      READY|SUSPECT|DOWN   -> LEFT     graceful leave (SIGTERM)
-      any                  -> READY    re-register (an agent restarts)
-    Draining is a separate flag: a draining node keeps its state but takes no new work.
-    """
-
-    READY = "ready"
-    SUSPECT = "suspect"
-    DOWN = "down"
-    LEFT = "left"
-
-    @property
-    def proto(self) -> int:
-        return _TO_PROTO[self]
-
-    @classmethod
-    def from_proto(cls, value: int) -> NodeState:
-        try:
-            return _FROM_PROTO[value]
-        except KeyError:
-            raise InvalidArgument(f"unknown node state {value}") from None
-
-
-_TO_PROTO = {
-    NodeState.READY: common_pb2.NODE_STATE_READY,
-    NodeState.SUSPECT: common_pb2.NODE_STATE_SUSPECT,
-    NodeState.DOWN: common_pb2.NODE_STATE_DOWN,
-    NodeState.LEFT: common_pb2.NODE_STATE_LEFT,
-}
-_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
-
-_LEGAL: dict[NodeState, set[NodeState]] = {
-    NodeState.READY: {NodeState.SUSPECT, NodeState.LEFT},
-    NodeState.SUSPECT: {NodeState.READY, NodeState.DOWN, NodeState.LEFT},
-    NodeState.DOWN: {NodeState.READY, NodeState.LEFT},
-    NodeState.LEFT: set(),
-}
-
-
-def can_transition(src: NodeState, dst: NodeState) -> bool:
-    return dst in _LEGAL[src]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +97,11 @@ class ClusterStateMachine:
         node.capacity.CopyFrom(c.capacity)
         node.voter = c.voter
         node.version = c.version
-        if node.state == common_pb2.NODE_STATE_LEFT:
+        if node.state == NodeState.LEFT.proto:
             # A node that left (and drained itself on the way out) comes back fresh. A drain
             # survives a crash and restart, though: that one was an operator's.
             node.draining = False
-        node.state = common_pb2.NODE_STATE_READY
+        node.state = NodeState.READY.proto
         node.state_changed_at_ms = at_ms
         node.state_reason = "registered"
         self._emit(coordinator_pb2.NodeEvent.KIND_REGISTERED, node, at_ms)

@@ -7,10 +7,10 @@ deterministic: the time comes from the command, never from a clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.states import TaskState
 from lepton.coordinator.state.jobs import GangMixin
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
@@ -18,46 +18,6 @@ if TYPE_CHECKING:
     from lepton.coordinator.state.state_machine import ClusterStateMachine
 
 
-class TaskState(str, Enum):
-    """Lifecycle of a task. Each transition is one log command.
-
-      PENDING   -> ASSIGNED   a committed plan places the attempt on a node
-      ASSIGNED  -> RUNNING    the agent reports the attempt started
-      ASSIGNED | RUNNING -> SUCCEEDED   exit code 0
-      ASSIGNED | RUNNING -> FAILED      non-zero exit, timeout or node lost, no retries left
-      ASSIGNED | RUNNING -> PENDING     the same, with retries left (attempt + 1)
-      ASSIGNED | RUNNING -> PREEMPTED   evicted for a higher priority; the agent stops it
-      PREEMPTED -> PENDING    the evicted attempt has exited (or its node is lost): requeue
-      PENDING | ASSIGNED | RUNNING | PREEMPTED -> CANCELLED   a user cancels
-    SUCCEEDED, FAILED and CANCELLED are final.
-    """
-
-    PENDING = "pending"
-    ASSIGNED = "assigned"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    PREEMPTED = "preempted"
-
-    @property
-    def proto(self) -> int:
-        return _TO_PROTO[self]
-
-    @classmethod
-    def from_proto(cls, value: int) -> TaskState:
-        try:
-            return _FROM_PROTO[value]
-        except KeyError:
-            raise InvalidArgument(f"unknown task state {value}") from None
-
-    @property
-    def final(self) -> bool:
-        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
-
-
-_TO_PROTO = {s: getattr(tasks_pb2, f"TASK_STATE_{s.name}") for s in TaskState}
-_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 P = {s: s.proto for s in TaskState}  # short alias for comparisons below
 
 # States in which an attempt holds resources on a node (the scheduler's allocations).
