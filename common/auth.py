@@ -525,14 +525,17 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInt
         if not rule.read:
             icpt.emit(AuthEvent(principal, method, _status_of(context, err), False, request))
 
-    def unary_request(behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+    def guard(behavior: Callable[..., Any], unary_request: bool, streaming_response: bool) -> Callable[..., Any]:
+        """`behavior` behind the check; `arg` is the request, or the requests' iterator of a
+        client stream (audited as no request)."""
         if streaming_response and _is_generator(behavior):
 
-            async def agen(request: Any, context: Any) -> Any:
+            async def agen(arg: Any, context: Any) -> Any:
+                request = arg if unary_request else None
                 principal = await check(context, request)
                 err: BaseException | None = None
                 try:
-                    async for item in _iterate(behavior(request, context)):
+                    async for item in _iterate(behavior(arg, context)):
                         yield item
                 except BaseException as e:
                     err = e
@@ -542,11 +545,12 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInt
 
             return agen
 
-        async def coro(request: Any, context: Any) -> Any:
+        async def coro(arg: Any, context: Any) -> Any:
+            request = arg if unary_request else None
             principal = await check(context, request)
             err: BaseException | None = None
             try:
-                result = behavior(request, context)
+                result = behavior(arg, context)
                 return await result if inspect.isawaitable(result) else result
             except BaseException as e:
                 err = e
@@ -556,43 +560,12 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInt
 
         return coro
 
-    def stream_request(behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
-        if streaming_response and _is_generator(behavior):
-
-            async def agen(requests: Any, context: Any) -> Any:
-                principal = await check(context, None)
-                err: BaseException | None = None
-                try:
-                    async for item in _iterate(behavior(requests, context)):
-                        yield item
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    done(principal, context, None, err)
-
-            return agen
-
-        async def coro(requests: Any, context: Any) -> Any:
-            principal = await check(context, None)
-            err: BaseException | None = None
-            try:
-                result = behavior(requests, context)
-                return await result if inspect.isawaitable(result) else result
-            except BaseException as e:
-                err = e
-                raise
-            finally:
-                done(principal, context, None, err)
-
-        return coro
-
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary, False), **kw)
+        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, True, False), **kw)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream, True), **kw)
+        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, True, True), **kw)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary, False), **kw)
-    return grpc.stream_stream_rpc_method_handler(stream_request(handler.stream_stream, True), **kw)
+        return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary, False, False), **kw)
+    return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, False, True), **kw)

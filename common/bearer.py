@@ -24,10 +24,6 @@ def set_default_token(token: str) -> None:
     _DEFAULT = token.strip()
 
 
-def default_token() -> str:
-    return _DEFAULT
-
-
 def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
     out = [(k, v) for k, v in (metadata or ()) if k != "authorization"]
     out.append(("authorization", f"Bearer {token}"))
@@ -49,58 +45,38 @@ class _SyncBearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
     def __init__(self, token: str):
         self._token = token
 
-    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _SyncDetails(d, _with_token(d.metadata, self._token))
+    def _intercept(self, continuation, client_call_details, request_or_iterator):
+        metadata = _with_token(client_call_details.metadata, self._token)
+        return continuation(_SyncDetails(client_call_details, metadata), request_or_iterator)
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept
 
 
-def _aio_details(d: Any, token: str) -> Any:
-    return grpc.aio.ClientCallDetails(
-        d.method, d.timeout, _with_token(d.metadata, token), d.credentials, d.wait_for_ready
-    )
+class _AioBearer:
+    """The token on a grpc.aio call, whatever its shape."""
 
-
-class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str):
         self._token = token
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(_aio_details(client_call_details, self._token), request)
+    async def _intercept(self, continuation, client_call_details, request_or_iterator):
+        d = client_call_details
+        details = grpc.aio.ClientCallDetails(
+            d.method, d.timeout, _with_token(d.metadata, self._token), d.credentials, d.wait_for_ready
+        )
+        return await continuation(details, request_or_iterator)
+
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept
 
 
-class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_aio_details(client_call_details, self._token), request)
-
-
-class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(_aio_details(client_call_details, self._token), request_iterator)
-
-
-class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_aio_details(client_call_details, self._token), request_iterator)
+# grpc.aio files an interceptor under the first of the four interfaces it implements (an
+# if/elif chain), so one class cannot serve them all: one subclass per interface.
+_AIO_BEARERS = [
+    type(f"_AioBearer{base.__name__}", (_AioBearer, base), {})
+    for base in (grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor)
+]
 
 
 def aio_interceptors(token: str | None = None) -> list[Any]:
@@ -109,7 +85,7 @@ def aio_interceptors(token: str | None = None) -> list[Any]:
     token = _DEFAULT if token is None else token.strip()
     if not token:
         return []
-    return [_AioUnaryUnary(token), _AioUnaryStream(token), _AioStreamUnary(token), _AioStreamStream(token)]
+    return [cls(token) for cls in _AIO_BEARERS]
 
 
 def wrap_sync(channel: grpc.Channel, token: str | None = None) -> grpc.Channel:
