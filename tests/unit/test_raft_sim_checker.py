@@ -118,3 +118,11 @@ def test_sim_storage_crash_keeps_synced_writes_and_loses_others() -> None:
     broken.crash(random.Random(0))
     assert broken.last_index() == 0
     assert store.hard_state() == (2, "n1")
+
+
+def test_sim_store_limits_bytes_like_the_real_ones() -> None:
+    s = SimLogStore()
+    s.append([Entry(i, 1, f"cmd{i}".encode()) for i in range(1, 6)])
+    assert len(s.entries(1, 6, max_bytes=1)) == 1  # always at least one
+    assert len(s.entries(1, 6, max_bytes=9)) == 2
+    assert len(s.entries(1, 6)) == 5
