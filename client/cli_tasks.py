@@ -18,7 +18,7 @@ from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonErro
 from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, _print_json
 from .client import Client
 from .render import emit, task_detail, tasks_table
-from .tasks import parse_size
+from .tasks import TASK_OPTIONS, parse_size
 from .types import TASK_STATES, TaskInfo
 
 __all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of"]
@@ -230,27 +230,22 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+# Where an option's dest differs from its TaskOptions field. `--shell` is a flag that joins
+# CMD into `shell` (see submit_kwargs); --label and --env are repeated K=V pairs.
+_OPTION_DEST = {"memory": "mem", "gpu_memory": "gpu_mem", "constraints": "label",
+                "max_retries": "retries", "timeout": "task_timeout"}
+_PAIRS = ("constraints", "env")
+
+
 def submit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`Client.submit` keyword arguments from `submit`/`run` options."""
+    """`Client.submit` keyword arguments (TaskOptions) from `submit`/`run` options."""
     cmd = _command(args)
     kw: dict[str, Any] = {"shell": " ".join(cmd)} if args.shell else {"argv": cmd}
-    return {
-        **kw,
-        "name": args.name,
-        "cpu": args.cpu,
-        "memory": args.mem,
-        "gpus": args.gpus,
-        "gpu_memory": args.gpu_mem,
-        "priority": args.priority,
-        "constraints": parse_key_values(args.label),
-        "env": parse_key_values(args.env),
-        "workdir": args.workdir,
-        "max_retries": args.retries,
-        "timeout": args.task_timeout,
-        "grace": args.grace,
-        "owner": args.owner,
-        "request_id": args.request_id,
-    }
+    for option in TASK_OPTIONS:
+        if option != "shell":
+            value = getattr(args, _OPTION_DEST.get(option, option))
+            kw[option] = parse_key_values(value) if option in _PAIRS else value
+    return kw
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

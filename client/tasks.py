@@ -17,6 +17,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -44,7 +45,7 @@ from .types import TaskInfo, task_state_to_proto
 if TYPE_CHECKING:
     from .client import _Conn
 
-__all__ = ["TaskMethods", "build_spec", "parse_size"]
+__all__ = ["TASK_OPTIONS", "TaskMethods", "TaskOptions", "build_spec", "parse_size"]
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +87,44 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def build_spec(
-    argv: Sequence[str] | None = None,
-    *,
-    shell: str = "",
-    name: str = "",
-    cpu: float = 0.0,
-    memory: int | str = 0,
-    gpus: int = 0,
-    gpu_memory: int | str = 0,
-    priority: int = 0,
-    constraints: Mapping[str, str] | None = None,
-    env: Mapping[str, str] | None = None,
-    workdir: str = "",
-    max_retries: int = 0,
-    timeout: float = 0.0,
-    grace: float = 0.0,
-    owner: str = "",
-    request_id: str | None = None,
-) -> tasks_pb2.TaskSpec:
-    """The TaskSpec `Client.submit` sends, after the checks that need no server.
+@dataclass(frozen=True, kw_only=True)
+class TaskOptions:
+    """A task's options besides its argv: the one list of keywords that `build_spec`,
+    `Client.submit`, the items of `submit_many`, `submit_job` and lepton-ctl's submit/run
+    take (the CLI maps its options onto these fields).
 
-    A `request_id` of None becomes a fresh uuid4 hex, which makes the submission safe to
-    retry; `""` sends none.
+    `shell`: a command line run under `/bin/sh -c` (instead of argv). `memory` and
+    `gpu_memory` (per GPU) take bytes or strings such as `"16GiB"` (see `parse_size`).
+    `constraints`: node labels that must match. `timeout`: seconds the task may run (0: no
+    limit); `grace`: seconds between SIGTERM and SIGKILL when it is stopped (0: 10 s).
+    `request_id` None becomes a fresh uuid4 hex, which makes the submission idempotent (a
+    retry, or a second submit with the same id, returns the same task); `""` sends none.
     """
+
+    shell: str = ""
+    name: str = ""
+    cpu: float = 0.0
+    memory: int | str = 0
+    gpus: int = 0
+    gpu_memory: int | str = 0
+    priority: int = 0
+    constraints: Mapping[str, str] | None = None
+    env: Mapping[str, str] | None = None
+    workdir: str = ""
+    max_retries: int = 0
+    timeout: float = 0.0
+    grace: float = 0.0
+    owner: str = ""
+    request_id: str | None = None
+
+
+TASK_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(TaskOptions))
+
+
+def build_spec(argv: Sequence[str] | None = None, **options: Any) -> tasks_pb2.TaskSpec:
+    """The TaskSpec `Client.submit` sends, after the checks that need no server.
+    `options` are `TaskOptions`' fields; another keyword is a TypeError."""
+    o = TaskOptions(**options)
     if isinstance(argv, (str, bytes)):
         raise InvalidArgument(
             "argv must be a list of strings, not a string; for a command line use shell="
@@ -118,34 +133,33 @@ def build_spec(
     for i, arg in enumerate(args):
         if not isinstance(arg, str):
             raise InvalidArgument(f"argv[{i}] must be a string, not {type(arg).__name__}")
-    _text(shell, "shell")
+    shell = _text(o.shell, "shell")
     if not args and not shell.strip():
         raise InvalidArgument("the command is empty: give argv or shell")
     if args and shell:
         raise InvalidArgument("give argv or shell, not both")
     if args and not args[0]:
         raise InvalidArgument("argv[0] is empty")
-    if request_id is None:
-        request_id = uuid.uuid4().hex
+    request_id = uuid.uuid4().hex if o.request_id is None else o.request_id
     return tasks_pb2.TaskSpec(
-        name=_text(name, "name"),
+        name=_text(o.name, "name"),
         argv=args,
         shell=shell,
-        env=_str_map(env, "env"),
-        workdir=_text(workdir, "workdir"),
+        env=_str_map(o.env, "env"),
+        workdir=_text(o.workdir, "workdir"),
         resources=tasks_pb2.Resources(
-            cpu=float(_non_negative(cpu, "cpu")),
-            memory_bytes=parse_size(memory, "memory"),
-            gpus=_non_negative(gpus, "gpus", integer=True),
-            gpu_memory_bytes=parse_size(gpu_memory, "gpu memory"),
+            cpu=float(_non_negative(o.cpu, "cpu")),
+            memory_bytes=parse_size(o.memory, "memory"),
+            gpus=_non_negative(o.gpus, "gpus", integer=True),
+            gpu_memory_bytes=parse_size(o.gpu_memory, "gpu memory"),
         ),
-        priority=_number(priority, "priority", integer=True),
-        constraints=_str_map(constraints, "constraints"),
-        max_retries=_non_negative(max_retries, "max_retries", integer=True),
-        timeout_s=float(_non_negative(timeout, "timeout")),
-        owner=_text(owner, "owner"),
+        priority=_number(o.priority, "priority", integer=True),
+        constraints=_str_map(o.constraints, "constraints"),
+        max_retries=_non_negative(o.max_retries, "max_retries", integer=True),
+        timeout_s=float(_non_negative(o.timeout, "timeout")),
+        owner=_text(o.owner, "owner"),
         request_id=_text(request_id, "request_id"),
-        grace_s=float(_non_negative(grace, "grace")),
+        grace_s=float(_non_negative(o.grace, "grace")),
     )
 
 
@@ -176,54 +190,14 @@ class TaskMethods:
         def _conn(self, address: str) -> _Conn: ...
         def node(self, node_id: str, *, timeout: float | None = None) -> Any: ...
 
-    def submit(
-        self,
-        argv: Sequence[str] | None = None,
-        *,
-        shell: str = "",
-        name: str = "",
-        cpu: float = 0.0,
-        memory: int | str = 0,
-        gpus: int = 0,
-        gpu_memory: int | str = 0,
-        priority: int = 0,
-        constraints: Mapping[str, str] | None = None,
-        env: Mapping[str, str] | None = None,
-        workdir: str = "",
-        max_retries: int = 0,
-        timeout: float = 0.0,
-        grace: float = 0.0,
-        owner: str = "",
-        request_id: str | None = None,
-    ) -> TaskInfo:
+    def submit(self, argv: Sequence[str] | None = None, **options: Any) -> TaskInfo:
         """Submit a task; returns it once the cluster has stored it (pending).
 
-        Give `argv` (exec'd as is) or `shell` (run under `/bin/sh -c`). `memory` and
-        `gpu_memory` (per GPU) take bytes or strings such as `"16GiB"` (see `parse_size`).
-        `constraints`: node labels that must match. `timeout`: seconds the task may run (0: no
-        limit); `grace`: seconds between SIGTERM and SIGKILL when it is stopped (0: 10 s).
-        `request_id` (default: a fresh uuid4) makes the submission idempotent: a retry after
-        a lost reply, or a second submit with the same id, returns the same task.
+        Give `argv` (exec'd as is) or `shell=` (run under `/bin/sh -c`); the other options
+        are `TaskOptions`' fields (cpu, memory, gpus, priority, max_retries, timeout, ...).
         Obvious mistakes raise InvalidArgument before anything is sent.
         """
-        spec = build_spec(
-            argv,
-            shell=shell,
-            name=name,
-            cpu=cpu,
-            memory=memory,
-            gpus=gpus,
-            gpu_memory=gpu_memory,
-            priority=priority,
-            constraints=constraints,
-            env=env,
-            workdir=workdir,
-            max_retries=max_retries,
-            timeout=timeout,
-            grace=grace,
-            owner=owner,
-            request_id=request_id,
-        )
+        spec = build_spec(argv, **options)
         if not spec.request_id:  # not safe to repeat, so not to batch either: alone
             return TaskInfo.from_proto(self._unary(CoordinatorStub, "SubmitTask",
                                                    cpb.SubmitTaskRequest(spec=spec), idempotent=False))

@@ -266,6 +266,19 @@ def test_submit_shell_and_fresh_request_ids(fake: FakeCoordinator, addr: str) ->
     assert a.id != b.id and a.request_id != b.request_id
 
 
+def test_an_unknown_task_option_is_refused_before_anything_is_sent(
+    fake: FakeCoordinator, addr: str
+) -> None:
+    with Client(addr) as c:
+        with pytest.raises(TypeError, match="memroy"):
+            c.submit(["train"], memroy="1G")
+        with pytest.raises(InvalidArgument, match=r"tasks\[1\]: .*'gpu'"):
+            c.submit_many([{"argv": ["a"]}, {"argv": ["b"], "gpu": 1}])
+        with pytest.raises(TypeError, match="nodes_per_job"):
+            c.submit_job(["train"], nodes_per_job=2)
+    assert not calls(fake, "SubmitTask") and not calls(fake, "SubmitTasks")
+
+
 def test_a_lost_submit_reply_is_retried_with_the_same_request_id(
     fake: FakeCoordinator, addr: str
 ) -> None:
