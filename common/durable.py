@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -15,12 +19,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, rename over `path`, fsync the folder: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o600, exclusive: bool = False,
+                  durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new content into; on a clean exit it replaces `path`
+    whole, on an exception `path` is left as it was. A reader (and, with `durable`, a
+    crash) sees the old file or the whole new one, never a part.
+
+    `mode`: the file's permissions whatever the umask, set before any byte is written
+    (0600 by default: keys, tokens and specs with secrets go through here). `exclusive`:
+    refuse (FileExistsError) when `path` exists, also one made meanwhile. `durable`: fsync
+    the file before it appears and the folder after (False where losing the write to a
+    power cut is harmless and the fsync is not). Raises OSError.
+    """
+    path = Path(path)
+    # A name of its own per write: concurrent writers of one path never share a temp file.
+    # A crash can leave one behind; it is hidden and never read.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails where a file already is
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600,
+                 exclusive: bool = False, durable: bool = True) -> None:
+    """Replace `path` with `data`, all or nothing; the options are `atomic_writer`'s.
+    Raises OSError (FileExistsError: `exclusive` and `path` exists)."""
+    with atomic_writer(path, mode=mode, exclusive=exclusive, durable=durable) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

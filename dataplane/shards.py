@@ -33,6 +33,7 @@ from pathlib import Path
 import grpc
 
 from lepton.common.durable import fsync_dir as _fsync_dir
+from lepton.common.durable import write_atomic
 from lepton.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -131,8 +132,7 @@ class ShardStore:
                 f"has key id {self.cipher.key_id}: give the secret the store was written with "
                 "(keys cannot be rotated)")
         if not marker.exists():
-            _write_atomic(marker, (self.cipher.key_id + "\n").encode())
-            _fsync_dir(self.root)
+            write_atomic(marker, (self.cipher.key_id + "\n").encode(), mode=0o644)
         if len(self._sealed) < len(self._sizes):
             logger.warning("shard store %s: %d shards written before encryption was on stay unencrypted",
                            self.root, len(self._sizes) - len(self._sealed))
@@ -187,7 +187,7 @@ class ShardStore:
             return [raw[i : i + DIGEST] for i in range(0, len(raw), DIGEST)]
         logger.warning("shard %s: checkpoint file missing or bad; recomputing", shard_id[:12])
         digests = self._hash_checkpoints(shard_id, size)
-        _write_atomic(sums, b"".join(digests))
+        write_atomic(sums, b"".join(digests), mode=0o644)
         return digests
 
     def read_chunks(self, shard_id: str, offset: int = 0, *,
@@ -247,7 +247,7 @@ class ShardStore:
             good = False
         if not good:  # else every transfer from here would fail at the bad checkpoint
             logger.warning("shard %s: checkpoint file was wrong; rewritten", shard_id[:12])
-            _write_atomic(sums, b"".join(digests))
+            write_atomic(sums, b"".join(digests), mode=0o644)
         return True
 
     def load(self, shard_id: str, *, verify: bool = True):
@@ -380,7 +380,7 @@ class ShardStore:
         sealed = writer.sealed
         final = self._blob_path(writer.shard_id, sealed)
         final.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self._blob_path(writer.shard_id, False).with_suffix(".sums"), b"".join(digests))
+        write_atomic(self._blob_path(writer.shard_id, False).with_suffix(".sums"), b"".join(digests), mode=0o644)
         os.replace(writer.tmp_path, final)  # the commit point: the blob is now visible
         _fsync_dir(final.parent)
         with self._lock:
@@ -609,12 +609,3 @@ def _hash_checkpoints(path: Path, size: int) -> list[bytes]:
             pos = end
             out.append(h.digest())
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

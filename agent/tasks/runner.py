@@ -64,6 +64,7 @@ from lepton.agent.tasks.task_spec import (
     TaskEventKind,
     validate_ids,
 )
+from lepton.common.durable import fsync_dir
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
 __all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
@@ -223,7 +224,7 @@ class TaskRunner:
         except FileExistsError:
             raise FailedPrecondition(
                 f"attempt {spec.attempt} of task {spec.task_id} already ran on this node") from None
-        tp.fsync_dir(att_dir.parent)  # ...durable through a power loss too
+        fsync_dir(att_dir.parent)  # ...durable through a power loss too
         try:
             command, env, workdir = self._prepare(spec, att_dir)
         except OSError as err:

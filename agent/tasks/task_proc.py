@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from lepton.common.durable import fsync_dir
+from lepton.common.durable import write_atomic
 
 # The wrapper every task runs under. It is the session and process-group leader, so one
 # killpg reaches it and everything the task started. It records the command's status in
@@ -155,19 +155,9 @@ def find_wrapper(exit_path: Path) -> int:
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any], *, mode: int = 0o600, durable: bool = True) -> None:
-    """tmp + rename, all or nothing; with `durable`, fsync'd (file, then folder) too.
-    Raises OSError. Mode 0600 by default: specs carry env secrets."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, (json.dumps(doc, sort_keys=True) + "\n").encode())
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
+    """`doc` as JSON, all or nothing (`write_atomic`). Raises OSError.
+    Mode 0600 by default: specs carry env secrets."""
+    write_atomic(path, (json.dumps(doc, sort_keys=True) + "\n").encode(), mode=mode, durable=durable)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
