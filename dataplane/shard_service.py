@@ -17,6 +17,7 @@ import grpc
 from lepton.common import validation as v
 from lepton.common.errors import AlreadyExists, InvalidArgument
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.tls import peer_identity
 from lepton.dataplane.shards import ShardStore, check_shard_id
 from lepton.dataplane.transfer import ByteCounter, Puller, SideChannel
 from lepton.v1 import datasets_pb2 as dpb
@@ -87,7 +88,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
         check_shard_id(request.shard_id)
         if self._side is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no side channel on this node")
-        return self._side.issue(request.shard_id, request.offset)
+        # With TLS, only the certificate asking may redeem the ticket on the side channel.
+        return self._side.issue(request.shard_id, request.offset, holder=peer_identity(context))
 
     @rpc_boundary
     async def PullShards(self, request, context):

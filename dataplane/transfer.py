@@ -54,7 +54,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
-from lepton.common.tls import identity_from_ssl
+from lepton.common.tls import PeerIdentity, identity_from_ssl
 from lepton.dataplane.shards import CHUNK, ShardCorrupt, ShardStore, ShardWriter, checkpoint_offsets
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
@@ -66,13 +66,27 @@ END = (1 << 64) - 1
 TOKEN_BYTES = 32
 TICKET_TTL_S = 30.0
 MAX_SERVING = 32  # concurrent side-channel streams per node
+MAX_SERVING_PER_PEER = 16  # of those, held by one peer address
+MAX_PENDING = 256  # connections still in the TLS handshake or before their ticket
+MAX_PENDING_PER_PEER = 32
+HANDSHAKE_TIMEOUT_S = 5.0  # to finish the TLS handshake and send the ticket
 IO_TIMEOUT_S = 30.0
 # Told (direction "in"/"out", bytes) as shard bytes move, from any thread (metrics).
 ByteCounter = Callable[[str, int], None]
 
 
 class SideChannel:
-    """The holder's end: a TCP listener that serves shard bytes to token holders."""
+    """The holder's end: a TCP listener that serves shard bytes to token holders.
+
+    A connection proves itself first (the TLS handshake with a cluster certificate, then
+    its ticket) within `HANDSHAKE_TIMEOUT_S`, before it may take one of the `MAX_SERVING`
+    streaming slots: idle or slow connections cost a short-lived thread, never a slot. At
+    most `MAX_PENDING` connections (`MAX_PENDING_PER_PEER` per peer address) wait to prove
+    themselves; past that the oldest waiting one is dropped, so a flood of idle connections
+    is recycled instead of locking newcomers out. One peer holds at most
+    `MAX_SERVING_PER_PEER` slots. With TLS, a ticket is bound to the certificate that asked
+    for it: only that identity can redeem it.
+    """
 
     def __init__(self, store: ShardStore, host: str = "127.0.0.1", on_bytes: ByteCounter | None = None,
                  tls: TlsConfig | None = None):
@@ -80,17 +94,22 @@ class SideChannel:
         # With TLS, every connection must first prove it belongs to the cluster CA.
         self._ssl = tls.server_ssl_context() if tls is not None else None
         self.on_bytes = on_bytes
-        self._tickets: dict[bytes, tuple[str, int, float]] = {}
+        self._tickets: dict[bytes, _Ticket] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_SERVING)
+        # Waiting to prove themselves, oldest first: accepted socket -> (peer host, the socket
+        # to shut down to drop it: the TLS one once wrapped).
+        self._pending: dict[socket.socket, tuple[str, socket.socket]] = {}
+        self._serving: dict[str, int] = {}  # peer host -> slots held
         self._sock = socket.create_server((host, 0), backlog=128)
         self.port = self._sock.getsockname()[1]
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="side-channel", daemon=True)
         self._thread.start()
 
-    def issue(self, shard_id: str, offset: int) -> dpb.TransferTicket:
-        """A one-time ticket for `shard_id` from `offset`. Raises NotFound, InvalidArgument."""
+    def issue(self, shard_id: str, offset: int, holder: PeerIdentity | None = None) -> dpb.TransferTicket:
+        """A one-time ticket for `shard_id` from `offset`, redeemable only by `holder` (the
+        certificate of the OpenTransfer caller) when given. Raises NotFound, InvalidArgument."""
         size = self.store.size(shard_id)
         if offset > size or offset % CHUNK and offset != size:
             raise InvalidArgument(f"offset {offset} is not a multiple of {CHUNK} within {size}")
@@ -98,59 +117,116 @@ class SideChannel:
         now = time.monotonic()
         with self._lock:
             # Forget expired tickets here, so an unused one costs nothing for long.
-            for key in [k for k, (_, _, exp) in self._tickets.items() if exp < now]:
+            for key in [k for k, t in self._tickets.items() if t.expires < now]:
                 del self._tickets[key]
-            self._tickets[_key(token)] = (shard_id, offset, now + TICKET_TTL_S)
+            self._tickets[_key(token)] = _Ticket(shard_id, offset, now + TICKET_TTL_S, holder)
         return dpb.TransferTicket(port=self.port, token=token, size=size, chunk_size=CHUNK)
 
-    def _redeem(self, token: bytes) -> tuple[str, int] | None:
+    def _redeem(self, token: bytes, peer: PeerIdentity | None) -> _Ticket | None:
         with self._lock:
             ticket = self._tickets.pop(_key(token), None)
-        if ticket is None or ticket[2] < time.monotonic():
+        if ticket is None or ticket.expires < time.monotonic():
             return None
-        return ticket[0], ticket[1]
+        if ticket.holder is not None and (peer is None or (peer.name, peer.kind) != (ticket.holder.name,
+                                                                                       ticket.holder.kind)):
+            logger.warning("side channel: refused %s redeeming a ticket issued to %s",
+                           peer.name if peer else "an anonymous peer", ticket.holder.name)
+            return None
+        return ticket
 
     def _accept_loop(self) -> None:
         while not self._closed:
             try:
-                conn, _ = self._sock.accept()
+                conn, addr = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            host = str(addr[0])
+            self._admit(conn, host)
+            threading.Thread(target=self._serve, args=(conn, host), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, self._slots:
-            try:
-                conn.settimeout(IO_TIMEOUT_S)
-                if self._ssl is not None:
-                    self._serve_tls(conn)
-                    return
-                token = _recv_exact(conn, TOKEN_BYTES)
-                ticket = self._redeem(token)
-                if ticket is None:
-                    logger.warning("side channel: refused a connection with a bad or used token")
-                    return
-                shard_id, offset = ticket
-                self._send(conn, shard_id, offset)
-            except (OSError, LeptonError) as err:
-                logger.info("side channel: transfer ended early: %s", err)
+    def _admit(self, conn: socket.socket, host: str) -> None:
+        """Count `conn` as waiting; drop the oldest waiting connection (of this peer first)
+        when over the caps. Dropped ones are shut down, which wakes their thread."""
+        with self._lock:
+            self._pending[conn] = (host, conn)
+            mine = [c for c, (h, _) in self._pending.items() if h == host]
+            victims = mine[: max(0, len(mine) - MAX_PENDING_PER_PEER)]
+            over = len(self._pending) - len(victims) - MAX_PENDING
+            if over > 0:
+                victims += [c for c in self._pending if c not in victims][:over]
+            streams = [self._pending.pop(victim)[1] for victim in victims]
+        for stream in streams:
+            _shutdown(stream)
+        if victims:
+            logger.info("side channel: dropped %d idle connections (from %s)", len(victims), host)
 
-    def _serve_tls(self, raw: socket.socket) -> None:
-        """Handshake (client certificate of the cluster CA required), then serve as usual."""
-        try:
-            conn = self._ssl.wrap_socket(raw, server_side=True)
-        except ssl.SSLError as err:  # no certificate, another CA, plaintext
-            logger.warning("side channel: refused a peer in the TLS handshake: %s", err.reason or err)
-            return
+    def _serve(self, conn: socket.socket, host: str) -> None:
         with conn:
-            if identity_from_ssl(conn) is None:
-                logger.warning("side channel: refused a peer whose certificate carries no identity")
-                return
-            ticket = self._redeem(_recv_exact(conn, TOKEN_BYTES))
-            if ticket is None:
-                logger.warning("side channel: refused a connection with a bad or used token")
-                return
-            self._send(conn, *ticket)
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            stream, ticket = self._prove(conn, host)
+            with self._lock:
+                self._pending.pop(conn, None)
+            with stream:
+                if ticket is None:
+                    return
+                if not self._take_slot(host):
+                    logger.warning("side channel: %s holds too many streams; refused one", host)
+                    return
+                try:
+                    stream.settimeout(IO_TIMEOUT_S)
+                    self._send(stream, ticket.shard_id, ticket.offset)
+                except (OSError, LeptonError) as err:
+                    logger.info("side channel: transfer ended early: %s", err)
+                finally:
+                    self._give_slot(host)
+
+    def _prove(self, conn: socket.socket, host: str) -> tuple[socket.socket, _Ticket | None]:
+        """The TLS handshake (a client certificate of the cluster CA required) and the
+        ticket, under the handshake timeout. Returns the stream to serve on (to close) and
+        the ticket, or None: refused, timed out, or dropped as idle."""
+        stream, peer = conn, None
+        try:
+            if self._ssl is not None:
+                stream = self._ssl.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                with self._lock:  # `conn` is detached now: dropping it must shut `stream`
+                    if conn in self._pending:
+                        self._pending[conn] = (host, stream)
+                try:
+                    stream.do_handshake()
+                except ssl.SSLError as err:  # no certificate, another CA, plaintext
+                    logger.warning("side channel: refused a peer in the TLS handshake: %s", err.reason or err)
+                    return stream, None
+                peer = identity_from_ssl(stream)
+                if peer is None:
+                    logger.warning("side channel: refused a peer whose certificate carries no identity")
+                    return stream, None
+            ticket = self._redeem(_recv_exact(stream, TOKEN_BYTES), peer)
+        except OSError as err:  # timed out, dropped as idle, or gone
+            logger.debug("side channel: a connection from %s ended before its ticket: %s", host, err)
+            return stream, None
+        if ticket is None:
+            logger.warning("side channel: refused a connection with a bad, used or someone else's token")
+        return stream, ticket
+
+    def _take_slot(self, host: str) -> bool:
+        with self._lock:
+            if self._serving.get(host, 0) >= MAX_SERVING_PER_PEER:
+                return False
+            self._serving[host] = self._serving.get(host, 0) + 1
+        if self._slots.acquire(timeout=IO_TIMEOUT_S):
+            return True
+        self._give_slot(host, release=False)
+        return False
+
+    def _give_slot(self, host: str, release: bool = True) -> None:
+        with self._lock:
+            left = self._serving.get(host, 0) - 1
+            if left > 0:
+                self._serving[host] = left
+            else:
+                self._serving.pop(host, None)
+        if release:
+            self._slots.release()
 
     def _send(self, conn: socket.socket, shard_id: str, offset: int) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -190,6 +266,21 @@ class SideChannel:
         except OSError:
             pass
         self._sock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Ticket:
+    shard_id: str
+    offset: int
+    expires: float  # time.monotonic()
+    holder: PeerIdentity | None  # with TLS: the only certificate that may redeem it
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _key(token: bytes) -> bytes:
