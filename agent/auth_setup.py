@@ -28,6 +28,7 @@ from lepton.common.auth import (
     new_token,
     token_id,
 )
+from lepton.common.durable import write_atomic
 from lepton.common.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -37,16 +38,6 @@ logger = logging.getLogger(__name__)
 
 NODE_TOKEN_FILE = "node.token"
 NODE_TOKEN_ENV = "LEPTON_NODE_TOKEN"
-
-
-def _write_0600(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_node_token(data_dir: Path, *, tls_on: bool, may_create: bool, env=os.environ) -> str:
@@ -70,7 +61,7 @@ def load_node_token(data_dir: Path, *, tls_on: bool, may_create: bool, env=os.en
                 f"{NODE_TOKEN_ENV} (several voters: make one with `lepton-ctl tokens node-token FILE`)"
             )
         token, _ = new_token()
-        _write_0600(path, token)
+        write_atomic(path, (token + "\n").encode())  # 0600
         logger.warning("auth: made the cluster node token %s; copy it to every other agent", path)
     try:
         token_id(token)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lepton.common.durable import write_atomic
 from lepton.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -159,9 +160,8 @@ def load_cluster(data_dir: str | Path) -> LocalCluster | None:
 
 def _save_cluster(cluster: LocalCluster) -> None:
     path = Path(cluster.data_dir) / CLUSTER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cluster.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # atomic: `down` never reads half a file
+    # Atomic: `down` never reads half a file, nor an empty one after a crash.
+    write_atomic(path, (json.dumps(cluster.to_dict(), indent=2, sort_keys=True) + "\n").encode())
 
 
 def _create_time(pid: int) -> float:

@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -316,14 +317,7 @@ class TokenTable:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Atomically, 0600 (the hashes are not secrets, but names and roles are private)."""
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_atomic(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, pepper: bytes = b"") -> TokenTable:

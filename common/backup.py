@@ -26,12 +26,11 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton.common.durable import fsync_dir as _fsync_dir
+from lepton.common.durable import write_atomic
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -85,29 +84,13 @@ def save(state_machine_snapshot_bytes: bytes, index: int, term: int, cluster_id:
     p = Path(path)
     created_ms = int(time.time() * 1000) if created_ms is None else created_ms
     data = encode(state_machine_snapshot_bytes, index, term, cluster_id, created_ms)
+    exists = AlreadyExists(f"{p} already exists; choose another name or overwrite")
     if not overwrite and p.exists():
-        raise AlreadyExists(f"{p} already exists; choose another name or overwrite")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)  # 0600
+        raise exists  # before writing it all out
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)  # atomic, and never clobbers a file made meanwhile
-            except FileExistsError:
-                raise AlreadyExists(f"{p} already exists; choose another name or overwrite") from None
-            os.unlink(tmp)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(p.parent)
+        write_atomic(p, data, exclusive=not overwrite)  # exclusive: never clobbers one made meanwhile
+    except FileExistsError:
+        raise exists from None
     logger.info("wrote backup %s: cluster %s, index %d, term %d, %d bytes", p, cluster_id, index, term, len(data))
     return p
 

@@ -15,7 +15,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from lepton.common.durable import fsync_dir
+from lepton.common.durable import write_atomic
 from lepton.common.errors import AlreadyExists, InvalidArgument
 
 SECRET_BYTES = 32
@@ -27,15 +27,9 @@ def create(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     text = base64.b64encode(secrets.token_bytes(SECRET_BYTES)) + b"\n"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_atomic(path, text, exclusive=True)
     except FileExistsError:
         raise AlreadyExists(f"{path} already exists; a cluster secret is never overwritten") from None
-    try:
-        os.write(fd, text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.absolute().parent)
     return path
 
 

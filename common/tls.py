@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from lepton.common.durable import write_atomic
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -91,26 +92,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` 0600 (never readable by others, even briefly); refuses to overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -155,8 +136,11 @@ def init_ca(directory: str | os.PathLike[str], *, common_name: str = "lepton clu
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    try:  # exclusive: a CA made meanwhile is never replaced
+        write_atomic(key_path, _key_pem(key), exclusive=True)
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, exclusive=True)
+    except FileExistsError:
+        raise AlreadyExists(f"a CA already exists in {d}; refusing to overwrite it") from None
     logger.info("created cluster CA in %s", d)
     return cert_path
 
@@ -258,10 +242,12 @@ def issue(
             x509.SubjectAlternativeName(_sans([*hosts, *LOCAL_HOSTS])), critical=False
         )
     cert = builder.sign(ca_key, hashes.SHA256())
-    if overwrite:
-        key_path.unlink(missing_ok=True)
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    try:  # the key 0600 from its first byte; `overwrite` replaces each file whole
+        write_atomic(key_path, _key_pem(key), exclusive=not overwrite)
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644,
+                     exclusive=not overwrite)
+    except FileExistsError:
+        raise AlreadyExists(f"{cert_path} already exists") from None
     logger.info("issued %s certificate %s (%s), valid until %s", kind, name, ou, not_after.date())
     return CertPaths(cert_path, key_path, d / CA_CERT)
 

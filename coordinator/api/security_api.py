@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ import grpc
 
 from lepton.common import validation as v
 from lepton.common.auth import AuthEvent, Role, new_token, token_id
+from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.service import CoordinatorContext
@@ -102,17 +102,6 @@ class AuditBatcher:
             await asyncio.sleep(interval_s)
 
 
-def write_secret_file(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically with mode 0600. Raises OSError."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Bootstrap:
     """What a new leader makes once: the cluster id, and (auth on) the first admin token."""
 
@@ -149,7 +138,7 @@ class Bootstrap:
         if self._auth and not security.tokens:
             token, _ = await create_token(self._ctx, "admin", Role.ADMIN.value)
             path = self._data_dir / ADMIN_TOKEN_FILE
-            write_secret_file(path, token)
+            write_atomic(path, (token + "\n").encode())  # 0600
             logger.warning("auth: no tokens yet; made an admin token in %s (mode 0600). "
                            "Use it to create others, then remove the file", path)
             done.append("admin token")
