@@ -20,6 +20,7 @@ from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir
 from lepton.common.channels import TlsConfig, node_tls
 from lepton.common.config import AgentConfig
+from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
@@ -234,9 +235,7 @@ class Agent:
         doc = {"node_id": self.node_id, "name": self.name, "address": self.address, "pid": os.getpid()}
         if self.metrics_server is not None:
             doc["metrics"] = self.metrics_server.url
-        tmp = self.data_dir / "agent.json.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.data_dir / "agent.json")
+        write_atomic(self.data_dir / "agent.json", json.dumps(doc).encode(), mode=0o644)
 
     async def _stop_tasks(self) -> None:
         """A graceful stop leaves the cluster, which requeues this node's tasks elsewhere:
