@@ -15,7 +15,7 @@ import sys
 
 import grpc
 
-from lepton.agent.heartbeat import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
+from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
@@ -86,19 +86,20 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
 class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
-    def __init__(self, node_id: str, addresses: list[str], data_dir: str = "", *,
+    def __init__(self, node_id: str, link: CoordinatorLink, data_dir: str = "", *,
                  tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0):
         self._node_id = node_id
         self._shard_key_file = shard_key_file
         self._log_max_bytes = log_max_bytes
-        self._addresses = list(addresses)
+        self._addresses = link.addresses  # tasks may use the cluster too (LEPTON_SERVER)
         self._data_dir = data_dir
         self._tls = tls
-        self._watch_link = CoordinatorLink(addresses, tls=tls)
-        self._report_link = CoordinatorLink(addresses, tls=tls)
+        self._link = link  # the agent's one link, shared with the heartbeat
         self._runner: TaskRunner | None = None
         self._call = None  # the WatchAssignments call, while open
+        self._call_address = ""  # where it is open
         self._dropped = False  # we cancelled _call ourselves (grpc raises CancelledError)
+        link.on_leader_change(self._leader_moved)
         self._events: asyncio.Queue[TaskEvent] = asyncio.Queue()
         self._full_report_due = True  # after (re)start the leader settles what we run
 
@@ -110,22 +111,25 @@ class AssignmentLoop:
         """The runner's callback; called on the event loop."""
         self._events.put_nowait(event)
 
-    def leader_silent(self) -> None:
-        """The heartbeat found the leader silent (hung, SIGSTOPped): a server stream from
-        it would wait forever, so drop it and look for the leader elsewhere."""
-        if self._call is not None:
+    def _leader_moved(self, old: str, new: str) -> None:
+        """The link aims elsewhere (the heartbeat found the leader silent, or a call was
+        redirected): a server stream from a hung leader would wait forever, so drop it."""
+        if self._call is not None and self._call_address != new:
             self._dropped = True
             self._call.cancel()
             self._call = None
-            self._watch_link.skip()
 
     async def watch(self) -> None:
         backoff = MIN_BACKOFF_S
         while True:
+            self._dropped = False
+            address = self._link.address
             try:
-                call = self._call = self._watch_link.open_stream_unary("WatchAssignments",
-                    coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
+                call, address = self._link.coordinator.open_stream(
+                    "WatchAssignments", coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
+                self._call, self._call_address = call, address
                 async for aset in call:
+                    self._link.answered()
                     backoff = MIN_BACKOFF_S
                     specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
                                       tls=self._tls, shard_key_file=self._shard_key_file,
@@ -135,15 +139,15 @@ class AssignmentLoop:
                     logger.info("assignments (term %d): %s", aset.term, sentence)
                 raise Unavailable("assignment stream ended")
             except grpc.aio.AioRpcError as rpc_err:
-                err = self._watch_link.failed(rpc_err)
+                self._call = None  # re-aiming below must not cancel it again
+                err = self._link.failed(rpc_err, address)
                 logger.info("assignment stream: %s; retrying", err.message)
             except LeptonError as err:
                 logger.info("assignment stream: %s; retrying", err.message)
             except asyncio.CancelledError:
                 if not self._dropped:
                     raise
-                self._dropped = False
-                logger.info("assignment stream: the leader went silent; looking again")
+                logger.info("assignment stream: the leader moved from %s; looking again", address)
                 continue
             except Exception:
                 logger.exception("assignment loop failed")
@@ -168,7 +172,7 @@ class AssignmentLoop:
                     for r in self._runner.running()
                 )
             try:
-                await self._report_link.call("ReportTaskEvents", req, 10.0)
+                await self._link.coordinator.call("ReportTaskEvents", req, 10.0)
                 for e in pending:
                     if e.kind is TaskEventKind.EXITED:
                         self._runner.acknowledge(e.task_id, e.attempt)
@@ -185,6 +189,3 @@ class AssignmentLoop:
                 logger.exception("task report failed")
                 await asyncio.sleep(backoff)
 
-    async def close(self) -> None:
-        await self._watch_link.close()
-        await self._report_link.close()

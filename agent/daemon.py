@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from lepton.agent.fingerprint import Fingerprinter
-from lepton.agent.heartbeat import CoordinatorLink, Heartbeater
+from lepton.agent.heartbeat import Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir
 from lepton.common.channels import TlsConfig, node_tls
 from lepton.common.config import AgentConfig
@@ -54,6 +54,7 @@ class Agent:
         self.server: grpc.aio.Server | None = None
         self.tls: TlsConfig | None = None  # set in start() when --tls-dir is given
         self.coordinator = None
+        self.link = None  # CoordinatorLink: every call to the leader (set in start())
         self.heartbeater: Heartbeater | None = None
         self.runner = None
         self.assignments = None
@@ -148,12 +149,15 @@ class Agent:
             self.coordinator = Coordinator(self.config, self.node_id, tls=self.tls)
             services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
+        from lepton.agent.link import CoordinatorLink
         from lepton.agent.service import AgentService
         from lepton.agent.service import add_to_server as add_agent_service
         from lepton.agent.tasks.runner import SWEEP_S, TaskRunner
 
         targets = self.config.peers or self.config.join or [self.address]
-        self.assignments = AssignmentLoop(self.node_id, targets, str(self.data_dir), tls=self.tls,
+        # One link for the heartbeat, the task loop and the data node: one view of the leader.
+        self.link = CoordinatorLink(targets, tls=self.tls)
+        self.assignments = AssignmentLoop(self.node_id, self.link, str(self.data_dir), tls=self.tls,
                                           shard_key_file=self.config.shard_key_file,
                                           log_max_bytes=self.config.task_log_max_bytes)
         # Sweep at least as often as the retention (a short one is for tests and small disks).
@@ -168,7 +172,7 @@ class Agent:
         from lepton.agent.data_node import DataNode
 
         self.data = DataNode(
-            self.data_dir, self.node_id, self.config.listen, targets, on_bytes=self.agent_metrics.shard_bytes,
+            self.data_dir, self.node_id, self.config.listen, self.link, on_bytes=self.agent_metrics.shard_bytes,
             tls=self.tls, shard_key_file=self.config.shard_key_file,
             inventory_interval_s=self.config.shard_inventory_interval_s,
             orphan_grace_s=self.config.shard_orphan_grace_s,
@@ -186,11 +190,10 @@ class Agent:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
         self.heartbeater = Heartbeater(
-            CoordinatorLink(targets, tls=self.tls),
+            self.link,
             self._registration,
             self._usage,
             interval_s=self.config.heartbeat_interval_s,
-            on_leader_silent=self.assignments.leader_silent,
             on_registered=self.data.inventory.wake,  # a returning node's blobs get re-listed
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
@@ -273,12 +276,13 @@ class Agent:
         if self.coordinator is not None:
             await self.coordinator.stop()
         if self.heartbeater is not None:
-            await self.heartbeater.close()
+            self.heartbeater.close()
         if self.runner is not None:
             await self.runner.stop()
-            await self.assignments.close()
         if self.data is not None:
             await self.data.close()
+        if self.link is not None:
+            await self.link.close()
         if self.metrics_server is not None:
             # In a thread: shutdown() waits out the HTTP server's poll interval (0.5 s).
             await asyncio.to_thread(self.metrics_server.close)

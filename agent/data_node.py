@@ -14,31 +14,19 @@ from pathlib import Path
 
 import grpc
 
-from lepton.agent.heartbeat import CoordinatorLink
 from lepton.agent.inventory import InventoryReporter
-from lepton.common.channels import TlsConfig, make_channel
+from lepton.agent.link import CoordinatorLink
+from lepton.common.channels import TlsConfig
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.dataplane.shard_crypto import ShardCipher
 from lepton.dataplane.shard_service import ShardService, add_to_server
 from lepton.dataplane.shards import ShardStore
 from lepton.dataplane.transfer import ByteCounter, Puller, SideChannel
 from lepton.v1 import datasets_pb2 as dpb
-from lepton.v1 import datasets_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 QUOTA_ENV = "LEPTON_SHARD_QUOTA_BYTES"
-
-
-class DatasetsLink(CoordinatorLink):
-    """CoordinatorLink's leader finding, for the Datasets service."""
-
-    def _stub(self):  # type: ignore[override]
-        addr = self.address
-        channel = self._channels.get(addr)
-        if channel is None:
-            channel = self._channels[addr] = make_channel(addr, tls=self._tls)
-        return datasets_pb2_grpc.DatasetsStub(channel)
 
 
 def quota_from_env(env=os.environ) -> int | None:
@@ -70,7 +58,7 @@ def load_cipher(shard_key_file: str, tls: TlsConfig | None = None) -> ShardCiphe
 
 class DataNode:
     def __init__(
-        self, data_dir: Path, node_id: str, listen: str, coordinators: list[str],
+        self, data_dir: Path, node_id: str, listen: str, link: CoordinatorLink,
         on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None, shard_key_file: str = "",
         inventory_interval_s: float = 300.0, orphan_grace_s: float = 600.0,
     ):
@@ -82,11 +70,11 @@ class DataNode:
         host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)
-        self._link = DatasetsLink(coordinators, tls=tls)
+        self._datasets = link.datasets  # the agent's one link to the leader, shared
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self.store.on_quarantine = self._on_quarantine
-        self.inventory = InventoryReporter(self.store, self._link, node_id,
+        self.inventory = InventoryReporter(self.store, self._datasets, node_id,
                                            interval_s=inventory_interval_s, grace_s=orphan_grace_s)
         logger.info(
             "shard store %s: %d shards, %d bytes, side channel on port %d",
@@ -113,7 +101,7 @@ class DataNode:
         req = dpb.DropReplicaRequest(shard_id=shard_id, node_id=self.node_id, reason="corrupt on disk")
         for attempt in range(5):
             try:
-                await self._link.call("DropReplica", req, timeout=5)
+                await self._datasets.call("DropReplica", req, timeout=5)
                 logger.info("reported corrupt shard %s to the coordinator", shard_id[:12])
                 return
             except LeptonError as err:
@@ -125,4 +113,3 @@ class DataNode:
             task.cancel()
         self.side.close()
         self.puller.close()
-        await self._link.close()

@@ -1,8 +1,8 @@
-"""The agent's link to the coordinator: register, heartbeat, leave; find the leader itself.
+"""The agent's heartbeat: register, heartbeat on a stream, drain, leave.
 
-Addresses come from --peers/--join (or the agent's own address in dev mode). A follower's
-UNAVAILABLE carries the leader's address; a dead address moves us to the next one; each
-failure backs off exponentially (with jitter) up to `MAX_BACKOFF_S`.
+Calls go through the agent's one CoordinatorLink (lepton.agent.link), which follows the
+leader. A leader that stops answering on the stream is skipped here (the link tells the
+other callers); each failure backs off exponentially (with jitter) up to `MAX_BACKOFF_S`.
 """
 
 from __future__ import annotations
@@ -15,84 +15,16 @@ from collections.abc import Callable
 
 import grpc
 
-from lepton.common.channels import TlsConfig, make_channel
-from lepton.common.errors import LeptonError, NotFound, NotLeader, Unavailable, from_rpc_error
-from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
+from lepton.common.errors import LeptonError, NotFound, Unavailable
+from lepton.v1 import common_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
-MIN_BACKOFF_S = 0.1
 # The leader answers every second beat; this many intervals of silence mean it is gone.
 # Counted in the interval the leader hands out, so it stretches with the heartbeat budget.
 ANSWER_TIMEOUT_BEATS = 3.5
 MIN_ANSWER_TIMEOUT_S = 2.0  # a busy leader may answer late; don't flap below this
-# Capped low: after a failover an agent must find the new leader within the grace period.
-MAX_BACKOFF_S = 1.0
-
-
-class CoordinatorLink:
-    """Calls the coordinator wherever it is, one address at a time."""
-
-    def __init__(self, addresses: list[str], *, tls: TlsConfig | None = None):
-        if not addresses:
-            raise ValueError("no coordinator addresses")
-        self._tls = tls
-        self._addresses = list(dict.fromkeys(addresses))
-        self._current = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    @property
-    def address(self) -> str:
-        return self._addresses[self._current]
-
-    def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
-        addr = self.address
-        channel = self._channels.get(addr)
-        if channel is None:
-            channel = make_channel(addr, tls=self._tls)
-            self._channels[addr] = channel
-        return coordinator_pb2_grpc.CoordinatorStub(channel)
-
-    def skip(self) -> None:
-        """The current address stopped answering: try the next one."""
-        self._current = (self._current + 1) % len(self._addresses)
-
-    def _follow(self, err: LeptonError) -> None:
-        """Point at the leader if the error names one, else at the next address."""
-        if isinstance(err, NotLeader) and err.leader:
-            if err.leader not in self._addresses:
-                self._addresses.append(err.leader)
-            self._current = self._addresses.index(err.leader)
-        else:
-            self._current = (self._current + 1) % len(self._addresses)
-
-    async def call(self, method: str, request, timeout: float):
-        """One attempt at the current address; on failure, re-aim and raise a LeptonError."""
-        try:
-            return await getattr(self._stub(), method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as rpc_err:
-            raise self.failed(rpc_err) from None
-
-    def open_stream(self, method: str):
-        """A bidi stream to the current address."""
-        return getattr(self._stub(), method)()
-
-    def open_stream_unary(self, method: str, request):
-        """A server stream to the current address."""
-        return getattr(self._stub(), method)(request)
-
-    def failed(self, rpc_err: grpc.aio.AioRpcError) -> LeptonError:
-        """Map a failed call; re-aim when the server is gone or not the leader."""
-        err = from_rpc_error(rpc_err)
-        if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.CANCELLED):
-            self._follow(err)
-        return err
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
 
 
 class Heartbeater:
@@ -106,7 +38,6 @@ class Heartbeater:
         *,
         interval_s: float,
         on_term: Callable[[int], None] | None = None,
-        on_leader_silent: Callable[[], None] | None = None,
         on_registered: Callable[[], None] | None = None,
     ):
         self._link = link
@@ -114,11 +45,10 @@ class Heartbeater:
         self._usage = usage
         self.interval_s = interval_s
         self._on_term = on_term
-        # Other streams to the same leader (assignments) cannot tell it hung: tell them.
-        self._on_leader_silent = on_leader_silent
         self._on_registered = on_registered  # the shard inventory reports at once
         self._registered = False
         self._stream = None  # the HeartbeatStream call, while open
+        self._stream_address = ""  # where it is open
         self._reader: asyncio.Task[None] | None = None
         self._broken: LeptonError | None = None  # why the stream failed, seen by the reader
         self._left = False  # the leader has this node as left
@@ -145,40 +75,40 @@ class Heartbeater:
                 return "coordinator does not know this node; registering again"
             raise err
         if not self._registered:
-            resp = await self._link.call("RegisterNode", self._make_registration(), timeout)
+            resp = await self._link.coordinator.call("RegisterNode", self._make_registration(), timeout)
             self._registered = True
             self._adopt_interval(resp.heartbeat_interval_ms)
             if self._on_registered is not None:
                 self._on_registered()
             return f"registered with the coordinator at {self._link.address}"
+        if self._stream is not None and self._stream_address != self._link.address:
+            self._drop_stream()  # another caller found the leader elsewhere: follow it
         if self._stream is None:
-            self._stream = self._link.open_stream("HeartbeatStream")
+            self._stream, self._stream_address = self._link.coordinator.open_stream("HeartbeatStream")
             self._last_answer = asyncio.get_running_loop().time()
-            self._reader = asyncio.create_task(self._read(self._stream), name="heartbeat-reader")
+            self._reader = asyncio.create_task(
+                self._read(self._stream, self._stream_address), name="heartbeat-reader")
+        address = self._stream_address
         silent = asyncio.get_running_loop().time() - self._last_answer
         if silent > max(ANSWER_TIMEOUT_BEATS * self.interval_s, MIN_ANSWER_TIMEOUT_S):
+            # Hung or SIGSTOPped: other streams to it (assignments) cannot tell; moving the
+            # link tells them.
             self._drop_stream()
-            address = self._link.address
-            self._link.skip()
-            if self._on_leader_silent is not None:
-                self._on_leader_silent()
+            self._link.skip(address)
             raise Unavailable(f"{address} has not answered heartbeats for {silent:.1f}s")
         req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
         try:
             await asyncio.wait_for(self._stream.write(req), timeout)
         except asyncio.TimeoutError:
             self._drop_stream()
-            address = self._link.address
-            self._link.skip()
-            if self._on_leader_silent is not None:
-                self._on_leader_silent()
+            self._link.skip(address)
             raise Unavailable(f"{address} took no heartbeat in {timeout:.1f}s") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # The reader sees the same failure and records why; report it next cycle.
             await asyncio.sleep(0)
             err, self._broken = self._broken, None
             self._drop_stream()
-            raise err or Unavailable(f"{self._link.address} closed the heartbeat stream") from None
+            raise err or Unavailable(f"{address} closed the heartbeat stream") from None
         if self._left:
             self._left = False
             self._registered = False
@@ -186,15 +116,16 @@ class Heartbeater:
             return "coordinator has this node as left; registering again"
         return "heartbeat ok"
 
-    async def _read(self, stream) -> None:
+    async def _read(self, stream, address: str) -> None:
         """Consume the leader's answers (sent on change only). A broken stream is recorded
         for run_cycle; gRPC keepalive notices a leader that went silent."""
         try:
             while True:
                 resp = await stream.read()
                 if resp is grpc.aio.EOF:
-                    raise Unavailable(f"{self._link.address} closed the heartbeat stream")
+                    raise Unavailable(f"{address} closed the heartbeat stream")
                 self._last_answer = asyncio.get_running_loop().time()
+                self._link.answered()
                 self._adopt_interval(resp.heartbeat_interval_ms)
                 if self._on_term is not None:
                     self._on_term(resp.term)
@@ -204,7 +135,7 @@ class Heartbeater:
             raise
         except grpc.aio.AioRpcError as rpc_err:
             if rpc_err.code() != grpc.StatusCode.CANCELLED or not self._stopping.is_set():
-                self._broken = self._link.failed(rpc_err)
+                self._broken = self._link.failed(rpc_err, address)
         except LeptonError as err:
             self._broken = err
 
@@ -269,7 +200,7 @@ class Heartbeater:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             try:
-                await self._link.call("DrainNode", req, max(0.1, deadline - loop.time()))
+                await self._link.coordinator.call("DrainNode", req, max(0.1, deadline - loop.time()))
                 return True
             except NotFound:
                 return False
@@ -288,7 +219,7 @@ class Heartbeater:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             try:
-                await self._link.call("LeaveNode", req, max(0.1, deadline - loop.time()))
+                await self._link.coordinator.call("LeaveNode", req, max(0.1, deadline - loop.time()))
                 return True
             except NotFound:
                 return False  # never registered: nothing to leave
@@ -301,6 +232,6 @@ class Heartbeater:
         self._stopping.set()
         self._wake.set()
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Drop the stream; the link is the daemon's to close."""
         self._drop_stream()
-        await self._link.close()

@@ -50,7 +50,7 @@ class InventoryReporter:
     def __init__(self, store: ShardStore, link, node_id: str, *, interval_s: float, grace_s: float,
                  wall: Callable[[], float] = time.time):
         self._store = store
-        self._link = link  # a DatasetsLink: follows the leader
+        self._link = link  # the Datasets service through the agent's link (follows the leader)
         self.node_id = node_id
         self.interval_s = interval_s
         self.grace_s = grace_s
