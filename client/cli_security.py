@@ -107,17 +107,17 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 def cmd_tokens_node_token(args: argparse.Namespace) -> int:
     """Offline: a fresh cluster node token for agents without TLS (lepton.agent.auth_setup)."""
-    import os
-
     from lepton.common.auth import new_token
+    from lepton.common.durable import write_atomic
 
     path = Path(args.file)
     if path.exists():
         raise UsageError(f"{path} already exists")
     token, _ = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    try:
+        write_atomic(path, (token + "\n").encode(), exclusive=True)  # 0600, fsync'd
+    except FileExistsError:  # made since the check above
+        raise UsageError(f"{path} already exists") from None
     sys.stderr.write(f"wrote a node token to {path} (0600); copy it to <data-dir>/node.token on every agent\n")
     return 0
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from lepton.common.durable import atomic_writer
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
 from lepton.common.validation import DEFAULT_REPLICATION, check_dataset_name
 from lepton.dataplane.shards import CHUNK, ShardStore
@@ -349,9 +350,8 @@ class DataMethods:
         if suffix not in (".npy", ".npz"):
             out.mkdir(parents=True, exist_ok=True)
             for i, p in enumerate(paths):
-                tmp = out / f".shard-{i:05d}.npy.tmp"
-                shutil.copyfile(p, tmp)
-                os.replace(tmp, out / f"shard-{i:05d}.npy")
+                with open(p, "rb") as src, atomic_writer(out / f"shard-{i:05d}.npy", mode=0o644) as dst:
+                    shutil.copyfileobj(src, dst)
             return
         joined = work / "joined.npy"
         if paths:

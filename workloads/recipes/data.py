@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton.common.durable import atomic_writer
+
 __all__ = [
     "SHARDS_ENV",
     "load_shards",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 SHARDS_ENV = "LEPTON_SHARDS"
+# What tasks write (shards, models, predictions): readable by the agent that uploads it.
+OUTPUT_MODE = 0o644
 
 
 def parse_shards(value: str) -> list[str]:
@@ -52,7 +56,7 @@ def shards_from_env(env: Mapping[str, str] | None = None) -> list[str]:
 
 def write_shard(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray | None = None) -> None:
     """Write one shard (layout by suffix, see the module doc); each file atomically
-    (tmp + rename). Raises ValueError when x and y disagree in length, OSError."""
+    (`atomic_writer`). Raises ValueError when x and y disagree in length, OSError."""
     x = np.asarray(x)
     if y is not None:
         y = np.asarray(y)
@@ -61,18 +65,14 @@ def write_shard(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray | Non
     path = Path(path)
     if path.suffix == ".npz":
         arrays = {"x": x} if y is None else {"x": x, "y": y}
-        _atomic(path, lambda f: np.savez(f, **arrays))
+        with atomic_writer(path, mode=OUTPUT_MODE) as f:
+            np.savez(f, **arrays)
         return
-    _atomic(Path(f"{path}.x.npy"), lambda f: np.save(f, x))
+    with atomic_writer(f"{path}.x.npy", mode=OUTPUT_MODE) as f:
+        np.save(f, x)
     if y is not None:
-        _atomic(Path(f"{path}.y.npy"), lambda f: np.save(f, y))
-
-
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+        with atomic_writer(f"{path}.y.npy", mode=OUTPUT_MODE) as f:
+            np.save(f, y)
 
 
 def read_shard(path: str | os.PathLike[str], *, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lepton.common.durable import atomic_writer
 from lepton.workloads.recipes import ALGORITHMS
+from lepton.workloads.recipes.data import OUTPUT_MODE
 
 __all__ = ["MODEL_FORMAT", "build_model", "load_model", "run_model", "save_atomic", "save_model"]
 
@@ -79,25 +81,12 @@ def build_model(algorithm: str, input_shape: Sequence[int], output_dim: int, *, 
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save to a temp file, fsync, rename: a reader sees the old file or the whole new
-    one, also after a crash. Raises OSError."""
+    """torch.save through `atomic_writer`: a reader sees the old file or the whole new one,
+    also after a crash. Raises OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_writer(path, mode=OUTPUT_MODE) as f:
+        torch.save(obj, f)
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 import torch
 
-from lepton.workloads.recipes.data import load_shards, parse_shards, shards_from_env
+from lepton.common.durable import atomic_writer
+from lepton.workloads.recipes.data import OUTPUT_MODE, load_shards, parse_shards, shards_from_env
 from lepton.workloads.recipes.models import load_model, run_model
 
 __all__ = ["main", "predict"]
@@ -58,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    tmp = f"{args.output}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_writer(args.output, mode=OUTPUT_MODE) as f:
         np.save(f, pred)
-    os.replace(tmp, args.output)
     print(json.dumps({"examples": int(len(pred)), "output": args.output}), flush=True)
     return 0
 
