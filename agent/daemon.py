@@ -226,7 +226,17 @@ class Agent:
             c.scheduling.on_cycle = metrics.scheduling_cycle.observe
             self.coordinator_metrics = metrics
         host, _, port = self.config.metrics_listen.rpartition(":")
-        self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry)
+        self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry,
+                                                   **self._metrics_tls())
+
+    def _metrics_tls(self) -> dict[str, str]:
+        """With --tls-dir, /metrics is HTTPS with this node's certificate, and scrapers must
+        present a client certificate of the cluster CA (like every gRPC client)."""
+        if self.tls is None:
+            return {}
+        d = Path(self.tls.dir)
+        return {"certfile": str(d / f"{self.tls.name}.crt"), "keyfile": str(d / f"{self.tls.name}.key"),
+                "client_cafile": str(d / "ca.crt")}
 
     async def _set_health(self, status) -> None:
         result = self._health.set("", status)

@@ -318,11 +318,12 @@ class MetricsServer:
     port: int
     _httpd: Any
     _thread: threading.Thread
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -352,4 +353,4 @@ def start_metrics_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                       client_auth_required=bool(client_cafile))
     httpd, thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry(), **kwargs)
     logger.info("serving metrics on %s:%d/metrics", host, port)
-    return MetricsServer(host, port, httpd, thread)
+    return MetricsServer(host, port, httpd, thread, tls=bool(certfile))

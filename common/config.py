@@ -196,6 +196,14 @@ class AgentConfig:
                     f"refusing to listen on {self.listen} without TLS: give --tls-dir DIR "
                     "(see lepton-ctl certs init), or --insecure to accept plaintext"
                 )
+            metrics_host, _, metrics_port = self.metrics_listen.rpartition(":")
+            if self.metrics_listen and metrics_port != "0" and not is_loopback(metrics_host):
+                # /metrics names nodes, addresses and load: the same rule as --listen.
+                raise InvalidArgument(
+                    f"refusing to serve metrics on {self.metrics_listen} without TLS: give --tls-dir DIR "
+                    "(scrapers then need a client certificate of the cluster CA), a loopback "
+                    "--metrics-listen, or --insecure to accept plaintext"
+                )
 
     @property
     def advertise_address(self) -> str:
