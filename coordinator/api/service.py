@@ -39,15 +39,12 @@ class CoordinatorContext:
         liveness: Liveness,
         *,
         wall_ms,
-        heartbeat_interval_ms: int,
         propose_timeout_s: float = 10.0,
     ):
         self.state = state
         self.consensus = consensus
         self.liveness = liveness
         self.wall_ms = wall_ms
-        # The configured base; agents are told liveness.interval_ms (the heartbeat budget's).
-        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.propose_timeout_s = propose_timeout_s
         self.hub = TaskHub()
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
