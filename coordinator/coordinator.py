@@ -43,12 +43,15 @@ class Coordinator:
                             config.heartbeat_interval_s, config.max_heartbeats_per_s),
             monotonic=time.monotonic,
             wall_ms=wall_ms,
+            self_id=node_id,
+            cycle_interval_s=config.liveness_interval_s,
         )
         self.ctx = CoordinatorContext(
             self.state,
             self.consensus,
             self.liveness,
             wall_ms=wall_ms,
+            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
         )
         self.scheduling = SchedulingLoop(
             self.state,

@@ -1,8 +1,18 @@
 """Node liveness: heartbeats are leader-local soft state; only transitions are commands.
 
 5,000 agents at 1 Hz are 5,000 dictionary writes a second here, not 5,000 log entries.
-A new leader starts with empty timers and gives every node `failover_grace_s` before it
-may be declared down.
+A new leader starts with empty timers. A node it has not heard from yet is given the
+failover grace (`common.failover.failover_grace_s`: the time an agent needs to notice a
+frozen leader and find the new one, or the configured grace if longer) before it may be
+suspected or declared down. The leader never suspects its own node. A cycle that would
+declare down more than `MASS_DOWN_FRACTION` of the nodes at once says more about the
+leader (paused, cut off) than about them: it waits one grace instead. A loop that stalled
+itself (SIGSTOP, a long GC) restarts its timers the same way.
+
+Marking a node down does not end its attempts: each runs under a lease its agent renews
+with every answer from the leader, and kills itself when the lease runs out. The leader
+commits `NodeLostCmd` (requeue the node's attempts) only `fence_wait_s` after marking the
+node down, when every attempt there is dead whatever happened to its agent.
 
 The heartbeat budget (Nomad's `max_heartbeats_per_second`): the leader hands every agent
 `interval = max(heartbeat_interval_s, live_nodes / max_heartbeats_per_s)`, so its
@@ -19,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lepton.common.errors import FailedPrecondition, NotFound
+from lepton.common.failover import failover_grace_s, fence_wait_s
 from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState
 from lepton.v1 import common_pb2, state_pb2
 
@@ -31,6 +42,12 @@ Propose = Callable[[state_pb2.Command], Awaitable[object]]
 # budget), so each node joining or leaving a large cluster does not change every agent's
 # interval (each change costs an extra answer per stream and a hold of the thresholds).
 FACTOR_STEPS = 20
+# A cycle that would declare down more than this share of the watched nodes (and more than
+# one) waits one grace first: that many silent at once is most likely the leader's problem.
+MASS_DOWN_FRACTION = 0.5
+# A gap between cycles this many intervals long (and half suspect_after) means this loop,
+# not the nodes, was stopped (SIGSTOP, a long GC): every node looks as silent as it was.
+STALL_CYCLES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +123,8 @@ class _Seen:
 
 
 class Liveness:
-    """Tracks heartbeats on the leader and proposes READY/SUSPECT/DOWN transitions."""
+    """Tracks heartbeats on the leader and proposes READY/SUSPECT/DOWN transitions, and
+    the requeue of a down node's attempts once they have fenced themselves."""
 
     def __init__(
         self,
@@ -117,6 +135,8 @@ class Liveness:
         monotonic: Callable[[], float],
         wall_ms: Callable[[], int],
         on_heartbeat: Callable[[str], None] | None = None,
+        self_id: str = "",
+        cycle_interval_s: float = 0.0,
     ):
         self._state = state
         # Told each accepted heartbeat's node id (metrics); a callback keeps this module
@@ -126,9 +146,17 @@ class Liveness:
         self._timings = timings
         self._monotonic = monotonic
         self._wall_ms = wall_ms
+        self._self_id = self_id  # this voter's own node: its agent may beat at the old leader
+        # How often run_cycle is called; 0: unknown (fake clocks), no stall detection.
+        self._cycle_interval_s = cycle_interval_s
         self._seen: dict[str, _Seen] = {}
         self._leader = False
-        self._since = monotonic()  # when this node became leader; silence counts from here
+        self._since = monotonic()  # when the timers (re)started; silence counts from here
+        self._last_cycle = 0.0  # monotonic time of the last cycle; 0: none this leadership
+        self._hold_until = -math.inf  # a mass down is waiting until then
+        self._held = False  # the current run of mass-down cycles has had its wait
+        # Down nodes with attempts on them -> when the fence wait started (this leadership).
+        self._down_at: dict[str, float] = {}
         self.budget = HeartbeatBudget(timings)
         # What the API hands agents (RegisterNode, heartbeat answers); an attribute because
         # the heartbeat stream reads it on every beat.
@@ -137,12 +165,29 @@ class Liveness:
     def on_leadership(self, is_leader: bool, term: int) -> None:
         """Soft state belongs to one leadership: forget it on every change."""
         self._leader = is_leader
-        self._seen.clear()
-        self._since = self._monotonic()
+        self._restart_timers()
+        self._down_at.clear()
         self.budget.reset(self._live_nodes())
         self.interval_ms = _ms(self.budget.interval_s)
-        logger.info("liveness: %s in term %d; timers reset; heartbeat interval %.2fs",
-                    "leading" if is_leader else "following", term, self.budget.interval_s)
+        logger.info("liveness: %s in term %d; timers reset; heartbeat interval %.2fs, failover grace %.1fs",
+                    "leading" if is_leader else "following", term, self.budget.interval_s, self.grace_s(1.0))
+
+    def _restart_timers(self) -> None:
+        self._seen.clear()
+        self._since = self._monotonic()
+        self._last_cycle = 0.0
+        self._hold_until, self._held = -math.inf, False
+
+    def grace_s(self, factor: float) -> float:
+        """The failover grace for agents beating every `factor` base intervals: what an agent
+        needs to leave a frozen leader and reach this one (common.failover), or the
+        configured grace when that is longer."""
+        derived = failover_grace_s(self._timings.heartbeat_interval_s * factor)
+        return max(derived, self._timings.failover_grace_s * factor)
+
+    def fence_wait_s(self, factor: float) -> float:
+        """How long after marking a node down its attempts are requeued (common.failover)."""
+        return fence_wait_s(self._timings.heartbeat_interval_s * factor)
 
     def _live_nodes(self) -> int:
         """Nodes expected to heartbeat: ready or suspect (suspects still count, so a brief
@@ -179,7 +224,8 @@ class Liveness:
         return node
 
     async def run_cycle(self) -> str:
-        """Read the node table, decide who went silent, commit the transitions.
+        """Read the node table, decide who went silent, commit the transitions, and requeue
+        the attempts of nodes down for longer than the fence wait.
 
         Returns a short sentence saying what it did; it is logged and asserted in tests.
         """
@@ -188,21 +234,36 @@ class Liveness:
         now = self._monotonic()
         factor = self.budget.threshold_factor(now)
         suspect_after, down_after = scaled_thresholds(self._timings, factor)
-        # Scaled too: agents find a hung leader after 3.5 of their (stretched) intervals.
-        in_grace = now - self._since < self._timings.failover_grace_s * factor
+        grace = self.grace_s(factor)
+        stall_after = max(STALL_CYCLES * self._cycle_interval_s, suspect_after / 2)
+        if self._cycle_interval_s and self._last_cycle and now - self._last_cycle > stall_after:
+            # Every node looks silent for as long as this loop did not run: not their fault.
+            logger.warning("liveness: this leader's own loop stalled for %.1fs; timers restart "
+                           "with a %.1fs grace", now - self._last_cycle, grace)
+            self._restart_timers()
+            now = self._since
+        self._last_cycle = now
+        # A node not heard from since the timers started is counted as if its last beat came
+        # down_after before the grace ends: suspect shortly before, down no earlier.
+        unseen_since = self._since + grace - down_after
+        in_grace = now < self._since + grace
         suspects: list[str] = []
-        downs: list[str] = []
+        due: list[common_pb2.Node] = []  # suspects silent for down_after
         live = 0
-        waiting = 0  # suspect, but not (yet) allowed or due to be declared down
+        waiting = 0  # suspect, but not (yet) due to be declared down
+        me = 0  # 1 when this leader's own node is among the live
         for node in list(self._state.nodes.values()):
             state = NodeState.from_proto(node.state)
             if state in (NodeState.LEFT, NodeState.DOWN):
                 continue
+            if node.id == self._self_id:  # this leader is alive by definition
+                live += 1
+                me = 1
+                continue
             seen = self._seen.get(node.id)
-            silent = now - (seen.at if seen else self._since)
-            if state == NodeState.SUSPECT and silent >= down_after and not in_grace:
-                await self._transition(node, NodeState.DOWN, f"no heartbeat for {silent:.1f}s")
-                downs.append(node.name or node.id)
+            silent = now - (seen.at if seen else unseen_since)
+            if state == NodeState.SUSPECT and silent >= down_after:
+                due.append(node)
             elif state == NodeState.READY and silent >= suspect_after:
                 await self._transition(node, NodeState.SUSPECT, f"no heartbeat for {silent:.1f}s")
                 suspects.append(node.name or node.id)
@@ -210,27 +271,90 @@ class Liveness:
                 waiting += 1
             else:
                 live += 1
+        beating = live + waiting + len(suspects) + len(due)
+        downs = await self._mark_down(due, beating - me, now, grace, down_after)
+        waiting += len(due) - len(downs)
+        requeued = await self._requeue_lost(now, factor)
         # After the decisions: a larger factor reaches the thresholds (here, now) before any
         # agent hears of the longer interval (answers read interval_ms); a smaller one is
         # held by the budget for a grace period.
-        if self.budget.update(live + waiting + len(suspects), now):
+        if self.budget.update(beating - len(downs), now):
             self.interval_ms = _ms(self.budget.interval_s)
             logger.info("liveness: %d live nodes; heartbeat interval now %.2fs (budget %g/s)",
-                        live + waiting + len(suspects), self.budget.interval_s,
-                        self._timings.max_heartbeats_per_s)
-        if not suspects and not downs:
+                        beating - len(downs), self.budget.interval_s, self._timings.max_heartbeats_per_s)
+        if not suspects and not downs and not requeued:
             sentence = f"{live} nodes heartbeating"
             if waiting:
                 sentence += f", {waiting} suspect"
+            if now < self._hold_until:
+                sentence += " (mass down: waiting)"
             return sentence + (" (failover grace)" if in_grace else "")
         parts = []
         if suspects:
             parts.append(f"suspect: {', '.join(suspects)}")
         if downs:
             parts.append(f"down: {', '.join(downs)}")
-        return "marked " + "; ".join(parts)
+        if requeued:
+            parts.append(f"requeued the attempts of: {', '.join(requeued)}")
+        return "marked " + "; ".join(parts) if suspects or downs else "; ".join(parts)
 
-    async def _transition(self, node: common_pb2.Node, state: NodeState, reason: str) -> None:
+    async def _mark_down(self, due: list[common_pb2.Node], watched: int, now: float, grace: float,
+                         down_after: float) -> list[str]:
+        """Declare `due` down, unless that is more than MASS_DOWN_FRACTION of the `watched`
+        nodes at once: then wait one grace first (once per run of such cycles)."""
+        if not due:
+            self._held = False
+            return []
+        if now < self._hold_until:
+            return []
+        limit = max(1, int(MASS_DOWN_FRACTION * watched))
+        if len(due) > limit:
+            if not self._held:
+                self._held, self._hold_until = True, now + grace
+                logger.warning("liveness: %d of %d nodes silent for %.1fs at once: more likely this "
+                               "leader's problem than theirs; waiting %.1fs before declaring any down",
+                               len(due), watched, down_after, grace)
+                return []
+            logger.warning("liveness: %d of %d nodes still silent after waiting; declaring them down",
+                           len(due), watched)
+        else:
+            self._held = False
+        downs = []
+        for node in due:
+            silent = now - (self._seen[node.id].at if node.id in self._seen else self._since)
+            if await self._transition(node, NodeState.DOWN, f"no heartbeat for {silent:.1f}s"):
+                self._down_at[node.id] = now
+            downs.append(node.name or node.id)
+        return downs
+
+    async def _requeue_lost(self, now: float, factor: float) -> list[str]:
+        """Commit NodeLostCmd for each node down (with attempts on it) for the fence wait: by
+        then every attempt there has killed itself, so a replacement never overlaps it."""
+        wait = self.fence_wait_s(factor)
+        tasks_on = self._state.tasks.by_node
+        requeued = []
+        for node in list(self._state.nodes.values()):
+            if node.state != NodeState.DOWN.proto or not tasks_on.get(node.id):
+                self._down_at.pop(node.id, None)
+                continue
+            # Down before this leadership: the wait starts now (when it began is unknown here).
+            since = self._down_at.setdefault(node.id, now)
+            if now - since < wait:
+                continue
+            cmd = state_pb2.Command(node_lost=state_pb2.NodeLostCmd(
+                node_id=node.id, reason=f"node_lost: down for {now - since:.0f}s"))
+            try:
+                await self._propose(cmd)
+            except FailedPrecondition as err:  # it came back meanwhile: its attempts live on
+                logger.info("node %s: %s", node.id, err)
+                continue
+            self._down_at.pop(node.id, None)
+            logger.warning("node %s (%s) down for %.1fs (past the attempts' lease): its attempts "
+                           "are requeued", node.name, node.id, now - since)
+            requeued.append(node.name or node.id)
+        return requeued
+
+    async def _transition(self, node: common_pb2.Node, state: NodeState, reason: str) -> bool:
         cmd = state_pb2.Command(
             set_node_state=state_pb2.SetNodeStateCmd(node_id=node.id, state=state.proto, reason=reason)
         )
@@ -238,8 +362,9 @@ class Liveness:
             await self._propose(cmd)
         except FailedPrecondition as err:  # it left or re-registered meanwhile: nothing to do
             logger.info("node %s: %s", node.id, err)
-            return
+            return False
         logger.warning("node %s (%s) is %s: %s", node.name, node.id, state.value, reason)
+        return True
 
 
 def _ms(seconds: float) -> int:

@@ -120,11 +120,19 @@ class ClusterStateMachine:
         node.state_reason = c.reason
         self._emit(coordinator_pb2.NodeEvent.KIND_STATE_CHANGED, node, at_ms)
         if dst == NodeState.DOWN:
-            self.tasks.node_gone(node.id, "node_lost", at_ms)
+            # Its attempts stay until NodeLostCmd: they may still run until their lease ends.
             self.datasets.node_gone(node.id, "node_lost", at_ms)
         elif dst == NodeState.LEFT:
             self.tasks.node_gone(node.id, "node left", at_ms)
             self.datasets.node_gone(node.id, "node left", at_ms)
+        return _copy(node)
+
+    def _node_lost(self, c: state_pb2.NodeLostCmd, at_ms: int) -> common_pb2.Node:
+        """Requeue a down node's attempts (see coordinator/loops/liveness.py: the fence wait)."""
+        node = self._get(c.node_id)
+        if node.state != NodeState.DOWN.proto:
+            raise FailedPrecondition(f"node {c.node_id} is {NodeState.from_proto(node.state).value}, not down")
+        self.tasks.node_gone(node.id, c.reason or "node_lost", at_ms)
         return _copy(node)
 
     def _set_drain(self, c: state_pb2.SetDrainCmd, at_ms: int) -> common_pb2.Node:
@@ -180,6 +188,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "register_node": ClusterStateMachine._register,
     "set_node_state": ClusterStateMachine._set_state,
     "set_drain": ClusterStateMachine._set_drain,
+    "node_lost": ClusterStateMachine._node_lost,
     "submit_task": lambda sm, c, at: sm.tasks.submit(c, at),
     "submit_tasks": lambda sm, c, at: sm.tasks.submit_many(c, at),
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),

@@ -25,6 +25,10 @@ HOLDING = (P[TaskState.ASSIGNED], P[TaskState.RUNNING])
 # States in which an attempt may still be alive on a node.
 ON_NODE = (P[TaskState.ASSIGNED], P[TaskState.RUNNING], P[TaskState.PREEMPTED])
 
+# Requeues of one task after losing its node, before a further loss fails it: a task that
+# keeps taking its nodes down (a kernel panic, out of memory) is not rescheduled forever.
+MAX_NODE_LOSSES = 3
+
 # Called with (task, node id it was on before this change, or "").
 TaskListener = Callable[[tasks_pb2.Task, str], None]
 
@@ -189,12 +193,28 @@ class TaskTable(GangMixin):
         return copy_task(task)
 
     def node_gone(self, node_id: str, reason: str, at_ms: int) -> None:
-        """The node is down or left: its attempts are over; requeue or fail them."""
+        """The node left, or is lost (down past its attempts' lease): its attempts are over.
+
+        Losing the node is not the task's failure: the attempt is requeued without counting
+        one, up to MAX_NODE_LOSSES times; past that the task fails, saying so. (A gang
+        member takes the gang path: the whole job restarts, within max_restarts.)"""
         for task in self.on_node(node_id):
             if task.state == P[TaskState.PREEMPTED]:
                 self._requeue(task, TaskState.PREEMPTED, None, task.reason, at_ms)
-            else:
+            elif task.spec.job_id:
                 self._attempt_over(task, None, reason, at_ms, False)
+            elif task.node_losses < MAX_NODE_LOSSES:
+                task.node_losses += 1
+                self._requeue(task, TaskState.FAILED, None, reason, at_ms)
+                task.reason = f"requeued after {reason} (node loss {task.node_losses}/{MAX_NODE_LOSSES})"
+            else:
+                old_node = task.node_id
+                why = f"{reason}: its node was lost {MAX_NODE_LOSSES + 1} times (node-loss budget spent)"
+                self._record(task, TaskState.FAILED, None, why, at_ms)
+                task.state = P[TaskState.FAILED]
+                task.reason = why
+                task.finished_at_ms = at_ms
+                self._changed(task, old_node)
 
     # -- helpers ---------------------------------------------------------------------
     def _record(self, task, state: TaskState, exit_code: int | None, reason: str, at_ms: int) -> None:

@@ -90,6 +90,8 @@ def test_a_lost_node_restarts_the_gang():
     w.place(on=("a", "b"))
     w.apply(set_node_state=state_pb2.SetNodeStateCmd(node_id="b", state=NodeState.SUSPECT.proto))
     w.apply(set_node_state=state_pb2.SetNodeStateCmd(node_id="b", state=NodeState.DOWN.proto))
+    assert w.job().restart_count == 0  # down: its member may still run until its lease ends
+    w.apply(node_lost=state_pb2.NodeLostCmd(node_id="b", reason="node_lost"))
     job = w.job()
     assert job.restart_count == 1 and job.state == tasks_pb2.TASK_STATE_PENDING
     assert "node_lost" in w.task("j1-1").history[0].reason

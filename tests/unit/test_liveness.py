@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lepton.common.errors import NotFound
+from lepton.common.failover import attempt_lease_s, failover_grace_s, fence_wait_s
 from lepton.coordinator.loops.liveness import (
     HeartbeatBudget,
     Liveness,
@@ -13,7 +14,7 @@ from lepton.coordinator.loops.liveness import (
     scaled_thresholds,
 )
 from lepton.coordinator.state.state_machine import ClusterStateMachine, NodeState
-from lepton.v1 import common_pb2, state_pb2
+from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 
 class Clock:
@@ -31,7 +32,7 @@ def world():
     index = [0]
 
     async def propose(cmd: state_pb2.Command):
-        index[0] += 1
+        index[0] = sm.applied_index + 1
         return sm.apply(index[0], cmd.SerializeToString())
 
     live = Liveness(sm, propose, LivenessTimings(2.0, 3.0, 3.0), monotonic=clock, wall_ms=lambda: int(clock.t * 1000))
@@ -44,6 +45,15 @@ def world():
     return sm, clock, live
 
 
+def world_propose(sm):
+    async def propose(cmd: state_pb2.Command):
+        result = sm.apply(sm.applied_index + 1, cmd.SerializeToString())
+        if isinstance(result, Exception):
+            raise result
+        return result
+    return propose
+
+
 def state(sm, node_id):
     return NodeState.from_proto(sm.nodes[node_id].state)
 
@@ -53,6 +63,10 @@ async def test_silent_node_goes_suspect_then_down_and_comes_back(world):
     await live.heartbeat("a", common_pb2.Usage())
     await live.heartbeat("b", common_pb2.Usage())
     assert await live.run_cycle() == "2 nodes heartbeating (failover grace)"
+    clock.t += live.grace_s(1.0)
+    await live.heartbeat("a", common_pb2.Usage())
+    await live.heartbeat("b", common_pb2.Usage())
+    assert await live.run_cycle() == "2 nodes heartbeating"
     clock.t += 2.5
     await live.heartbeat("a", common_pb2.Usage())
     assert await live.run_cycle() == "marked suspect: b"
@@ -65,17 +79,120 @@ async def test_silent_node_goes_suspect_then_down_and_comes_back(world):
     assert state(sm, "b") == NodeState.READY
 
 
-async def test_new_leader_gives_a_grace_period_before_down(world):
+def test_the_failover_grace_is_the_sum_an_agent_needs():
+    # detection (3 beats + 1) + find (2 x (1 s backoff + 1 s first answer)) + 1 beat
+    assert failover_grace_s(1.0) == 4.0 + 4.0 + 1.0
+    assert failover_grace_s(3.0) == 12.0 + 8.0 + 3.0  # stretched by the heartbeat budget
+    # An attempt outlives a failover (grace + one answer deadline); the leader waits past it.
+    assert attempt_lease_s(1.0) == 12.0 and fence_wait_s(1.0) == 15.0
+
+
+async def test_new_leader_gives_a_grace_period_before_suspect_or_down(world):
     sm, clock, live = world
-    clock.t += 2.1
-    assert await live.run_cycle() == "marked suspect: a, b"
-    clock.t += 0.5  # 2.6 s silent: suspect, and still inside the grace period
-    assert await live.run_cycle() == "0 nodes heartbeating, 2 suspect (failover grace)"
-    live.on_leadership(True, 2)  # a failover restarts every timer
-    clock.t += 2.9
-    assert await live.run_cycle() == "0 nodes heartbeating, 2 suspect (failover grace)"
+    grace = live.grace_s(1.0)
+    assert grace == failover_grace_s(1.0) > 3.0  # the derived sum beats the configured 3 s
+    clock.t += grace - 1.1  # not heard from: suspect 1 s (down_after - suspect_after) before the end
+    assert await live.run_cycle() == "2 nodes heartbeating (failover grace)"
     clock.t += 0.2
-    assert await live.run_cycle() == "marked down: a, b"
+    assert await live.run_cycle() == "marked suspect: a, b"
+    live.on_leadership(True, 2)  # a failover restarts every timer
+    clock.t += grace - 0.1
+    assert await live.run_cycle() == "0 nodes heartbeating, 2 suspect (failover grace)"
+    await live.heartbeat("a", common_pb2.Usage())
+    clock.t += 0.2
+    assert await live.run_cycle() == "marked down: b"
+    assert state(sm, "a") == NodeState.READY
+
+
+async def test_the_leader_never_suspects_its_own_node(world):
+    sm, clock, _ = world
+    live = Liveness(sm, world_propose(sm), LivenessTimings(2.0, 3.0, 3.0), monotonic=clock,
+                    wall_ms=lambda: int(clock.t * 1000), self_id="a")
+    live.on_leadership(True, 3)
+    for _ in range(10):  # a never beats here (its agent talks to the old leader)
+        clock.t += 3.0
+        await live.heartbeat("b", common_pb2.Usage())
+        assert await live.run_cycle() in ("2 nodes heartbeating", "2 nodes heartbeating (failover grace)")
+    assert state(sm, "a") == NodeState.READY
+
+
+async def test_many_nodes_silent_at_once_wait_one_grace(world):
+    sm, clock, live = world
+    for name in ("c", "d"):
+        register(sm, name)
+    grace = live.grace_s(1.0)
+    clock.t += grace
+    await beat(live, "a", "b", "c", "d")
+    assert await live.run_cycle() == "4 nodes heartbeating"
+    clock.t += 2.1  # three of four go silent together (the leader's own trouble, most likely)
+    await beat(live, "a")
+    assert await live.run_cycle() == "marked suspect: b, c, d"
+    clock.t += 1.0
+    await beat(live, "a")
+    assert await live.run_cycle() == "1 nodes heartbeating, 3 suspect (mass down: waiting)"
+    clock.t += grace - 0.5
+    await beat(live, "a", "c")  # c was fine after all
+    assert await live.run_cycle() == "2 nodes heartbeating, 2 suspect (mass down: waiting)"
+    assert state(sm, "b") == NodeState.SUSPECT
+    clock.t += 0.6  # the wait is over: those still silent are down
+    await beat(live, "a", "c")
+    assert await live.run_cycle() == "marked down: b, d"
+    assert state(sm, "c") == NodeState.READY
+
+
+async def test_a_stalled_leader_loop_restarts_the_timers(world):
+    sm, clock, _ = world
+    live = Liveness(sm, world_propose(sm), LivenessTimings(2.0, 3.0, 3.0), monotonic=clock,
+                    wall_ms=lambda: int(clock.t * 1000), cycle_interval_s=0.2)
+    live.on_leadership(True, 3)
+    clock.t += live.grace_s(1.0)
+    await beat(live, "a", "b")
+    assert await live.run_cycle() == "2 nodes heartbeating"
+    clock.t += 5.0  # SIGSTOP: no cycle ran, no beat was read
+    assert await live.run_cycle() == "2 nodes heartbeating (failover grace)"
+    assert state(sm, "a") == state(sm, "b") == NodeState.READY
+
+
+async def test_a_down_nodes_attempts_are_requeued_only_after_the_fence_wait(world):
+    sm, clock, live = world
+    spec = tasks_pb2.TaskSpec(argv=["sleep", "60"])
+    await world_propose(sm)(state_pb2.Command(submit_task=state_pb2.SubmitTaskCmd(task_id="t1", spec=spec)))
+    await world_propose(sm)(state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=1, placements=[
+        state_pb2.PlacementCmd(task_id="t1", attempt=1, node_id="b")])))
+    clock.t += live.grace_s(1.0)
+    await beat(live, "a", "b")
+    assert await live.run_cycle() == "2 nodes heartbeating"
+    clock.t += 2.1
+    await beat(live, "a")
+    assert await live.run_cycle() == "marked suspect: b"
+    clock.t += 1.0
+    await beat(live, "a")
+    assert await live.run_cycle() == "marked down: b"
+    assert sm.tasks.get("t1").state == tasks_pb2.TASK_STATE_ASSIGNED  # its lease still runs
+    clock.t += live.fence_wait_s(1.0) - 0.1
+    await beat(live, "a")
+    assert await live.run_cycle() == "1 nodes heartbeating"
+    assert sm.tasks.get("t1").node_id == "b"
+    clock.t += 0.2
+    await beat(live, "a")
+    assert await live.run_cycle() == "requeued the attempts of: b"
+    task = sm.tasks.get("t1")
+    assert task.state == tasks_pb2.TASK_STATE_PENDING and task.failures == 0 and task.node_losses == 1
+    # A failover forgets when b went down: the new leader waits the whole fence again.
+    await world_propose(sm)(state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=2, placements=[
+        state_pb2.PlacementCmd(task_id="t1", attempt=2, node_id="a")])))
+    await world_propose(sm)(state_pb2.Command(set_node_state=state_pb2.SetNodeStateCmd(
+        node_id="a", state=NodeState.SUSPECT.proto)))
+    await world_propose(sm)(state_pb2.Command(set_node_state=state_pb2.SetNodeStateCmd(
+        node_id="a", state=NodeState.DOWN.proto)))
+    live.on_leadership(True, 4)
+    assert await live.run_cycle() == "0 nodes heartbeating (failover grace)"
+    clock.t += live.fence_wait_s(1.0) - 0.1
+    assert (await live.run_cycle()).startswith("0 nodes heartbeating")
+    await live.heartbeat("a", common_pb2.Usage())  # back before the wait ended: nothing requeued
+    clock.t += 1.0
+    assert await live.run_cycle() == "1 nodes heartbeating"
+    assert sm.tasks.get("t1").node_id == "a" and sm.tasks.get("t1").attempt == 2
 
 
 async def test_followers_do_nothing_and_unknown_nodes_are_refused(world):
@@ -123,7 +240,7 @@ def test_budget_holds_the_larger_factor_for_a_grace_period_after_a_change():
 
 
 def register(sm, node_id: str) -> None:
-    sm.apply(len(sm.nodes) + 100, state_pb2.Command(register_node=state_pb2.RegisterNodeCmd(
+    sm.apply(sm.applied_index + 1, state_pb2.Command(register_node=state_pb2.RegisterNodeCmd(
         node_id=node_id, name=node_id, address="127.0.0.1:1",
         capacity=common_pb2.Capacity(cpu_logical=1, memory_bytes=1))).SerializeToString())
 
@@ -133,11 +250,9 @@ def budgeted():
     """Base interval 1 s, suspect 2 s, down 3 s, and a budget of 2 beats/s: two nodes fit."""
     sm = ClusterStateMachine()
     clock = Clock()
-    index = [1000]
 
     async def propose(cmd: state_pb2.Command):
-        index[0] += 1
-        return sm.apply(index[0], cmd.SerializeToString())
+        return sm.apply(sm.applied_index + 1, cmd.SerializeToString())
 
     live = Liveness(sm, propose, LivenessTimings(2.0, 3.0, 0.0, 1.0, 2.0), monotonic=clock,
                     wall_ms=lambda: int(clock.t * 1000))
@@ -159,15 +274,19 @@ async def test_a_new_leader_takes_the_interval_of_the_node_table(budgeted):
         register(sm, name)
     live.on_leadership(True, 2)
     assert live.interval_ms == 3000  # 6 nodes at 2 beats/s
-    # Silent since the failover: suspect after 2 x 3 s, not 2 s.
-    clock.t += 5.9
-    assert await live.run_cycle() == "6 nodes heartbeating"
-    clock.t += 0.1
+    # Silent since the failover: the grace stretches too (23 s at 3 s beats), and suspect
+    # comes 3 x 1 s (down_after - suspect_after, stretched) before it ends.
+    grace = live.grace_s(3.0)
+    assert grace == failover_grace_s(3.0) == 23.0
+    clock.t += grace - 3.1
+    assert await live.run_cycle() == "6 nodes heartbeating (failover grace)"
+    clock.t += 0.2
     assert await live.run_cycle() == "marked suspect: a, b, c, d, e, f"
 
 
 async def test_nodes_told_to_beat_less_often_are_not_suspected(budgeted):
     sm, clock, live, _ = budgeted
+    clock.t += live.grace_s(2.0)  # past the grace even at the stretched interval below
     await beat(live, "a", "b")
     register(sm, "c")  # 3 nodes > 2 beats/s: everyone is told 1.5 s
     await beat(live, "c")
@@ -192,6 +311,7 @@ async def test_a_shrinking_interval_causes_no_burst_of_suspects(budgeted):
     for name in ("c", "d", "e", "f"):
         register(sm, name)
     live.on_leadership(True, 2)  # 6 nodes: 3 s
+    clock.t += live.grace_s(3.0)
     await beat(live, "a", "b", "c", "d", "e", "f")
     clock.t += 0.1
     for name in ("c", "d", "e", "f"):  # four leave: the base interval again...

@@ -160,3 +160,32 @@ def test_a_batch_of_submissions_is_stored_whole_or_not_at_all():
     err = sm.apply(3, submit_batch(("t-e", ""), ("t-e", "")))
     assert isinstance(err, FailedPrecondition) and "twice" in err.message
     assert sorted(sm.tasks.tasks) == ["t-a", "t-b"] and "r4" not in sm.tasks.by_request
+
+
+def test_a_lost_node_requeues_its_attempts_without_a_failure_until_the_budget_is_spent():
+    from lepton.coordinator.state.tasks import MAX_NODE_LOSSES
+
+    sm = ClusterStateMachine()
+    index = iter(range(1, 1000))
+    sm.apply(next(index), register("n1"))
+    spec = tasks_pb2.TaskSpec(argv=["sleep", "60"], max_retries=0)
+    sm.apply(next(index), state_pb2.Command(submit_task=state_pb2.SubmitTaskCmd(task_id="t1", spec=spec)).SerializeToString())
+    lost = state_pb2.Command(node_lost=state_pb2.NodeLostCmd(node_id="n1", reason="node_lost")).SerializeToString()
+    for loss in range(1, MAX_NODE_LOSSES + 2):
+        sm.apply(next(index), register("n1"))  # back, and placed again
+        sm.apply(next(index), state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=1, placements=[
+            state_pb2.PlacementCmd(task_id="t1", attempt=loss, node_id="n1")])).SerializeToString())
+        assert isinstance(sm.apply(next(index), lost), FailedPrecondition)  # not down: it lives on
+        sm.apply(next(index), set_state("n1", NodeState.SUSPECT))
+        sm.apply(next(index), set_state("n1", NodeState.DOWN))
+        # Down is not yet lost: the attempt may run until its lease ends.
+        assert sm.tasks.get("t1").state == tasks_pb2.TASK_STATE_ASSIGNED
+        sm.apply(next(index), lost)
+        task = sm.tasks.get("t1")
+        assert task.failures == 0 and task.node_losses == min(loss, MAX_NODE_LOSSES)
+        if loss <= MAX_NODE_LOSSES:
+            assert task.state == tasks_pb2.TASK_STATE_PENDING and task.attempt == loss + 1
+            assert f"node loss {loss}/{MAX_NODE_LOSSES}" in task.reason
+    assert task.state == tasks_pb2.TASK_STATE_FAILED
+    assert task.reason.startswith("node_lost") and "budget spent" in task.reason
+    assert sm.tasks.on_node("n1") == []

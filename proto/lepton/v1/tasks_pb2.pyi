@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_DISCONNECT_STOP: _ClassVar[OnDisconnect]
+    ON_DISCONNECT_KEEP: _ClassVar[OnDisconnect]
+
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
@@ -17,6 +22,8 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_FAILED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
     TASK_STATE_PREEMPTED: _ClassVar[TaskState]
+ON_DISCONNECT_STOP: OnDisconnect
+ON_DISCONNECT_KEEP: OnDisconnect
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_PENDING: TaskState
 TASK_STATE_ASSIGNED: TaskState
@@ -39,7 +46,7 @@ class Resources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch", "owner_role", "owner_token_id")
+    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch", "on_disconnect", "owner_role", "owner_token_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +79,7 @@ class TaskSpec(_message.Message):
     GANG_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     TORCH_FIELD_NUMBER: _ClassVar[int]
+    ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     OWNER_ROLE_FIELD_NUMBER: _ClassVar[int]
     OWNER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -92,9 +100,10 @@ class TaskSpec(_message.Message):
     gang_rank: int
     max_restarts: int
     torch: TorchSpec
+    on_disconnect: OnDisconnect
     owner_role: str
     owner_token_id: str
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
 
 class TorchSpec(_message.Message):
     __slots__ = ("nproc_per_node", "dataset")
@@ -123,7 +132,7 @@ class AttemptRecord(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "state", "attempt", "failures", "node_id", "node_address", "gpu_indices", "has_exit_code", "exit_code", "reason", "created_at_ms", "assigned_at_ms", "started_at_ms", "finished_at_ms", "assigned_term", "history", "restart_count", "master_addr", "master_port")
+    __slots__ = ("id", "spec", "state", "attempt", "failures", "node_id", "node_address", "gpu_indices", "has_exit_code", "exit_code", "reason", "created_at_ms", "assigned_at_ms", "started_at_ms", "finished_at_ms", "assigned_term", "history", "restart_count", "master_addr", "master_port", "node_losses")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +153,7 @@ class Task(_message.Message):
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    NODE_LOSSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     state: TaskState
@@ -164,7 +174,8 @@ class Task(_message.Message):
     restart_count: int
     master_addr: str
     master_port: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., failures: _Optional[int] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., assigned_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., assigned_term: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AttemptRecord, _Mapping]]] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+    node_losses: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., failures: _Optional[int] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., assigned_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., assigned_term: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AttemptRecord, _Mapping]]] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., node_losses: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "reason", "restart_count", "tasks", "owner")
