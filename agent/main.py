@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT for Prometheus /metrics (default 127.0.0.1:9100; port 0: off)")
     p.add_argument("--shard-key-file", dest="shard_key_file",
                    help="the cluster secret (lepton-ctl secret init): encrypt shards at rest")
+    p.add_argument("--peer-secret-file", dest="peer_secret_file",
+                   help="voters only: a secret (lepton-ctl secret init) that proves Raft calls "
+                        "without TLS; needed by the voters of a multi-voter cluster with --auth and no --tls-dir")
     p.add_argument("--task-log-max-bytes", dest="task_log_max_bytes",
                    help="rotate a task attempt's output, and each torch rank's log, past this size, "
                         "e.g. 64MiB (default 256MiB; 0: no cap)")

@@ -148,7 +148,10 @@ POLICY: dict[str, Rule] = {
         "ReportTaskEvents": NODE_ONLY,
     }),
     **_svc("lepton.v1.Agent", {"StreamLogs": VIEW}),
-    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY, "Stream": NODE_ONLY, "Probe": NODE_READ}),
+    # Nodes, and of them only members of the receiver's Raft configuration speaking as
+    # themselves (lepton.coordinator.raft.peer_auth). Probe is not a read here so that its
+    # refusals, too, are counted and audited.
+    **_svc("lepton.v1.Raft", {"Send": NODE_ONLY, "Stream": NODE_ONLY, "Probe": NODE_ONLY}),
     **_svc("lepton.v1.Datasets", {
         "PlanPut": USER,
         "CommitDataset": USER,

@@ -33,21 +33,21 @@ def create(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def read(path: str | os.PathLike[str]) -> bytes:
-    """The secret's 32 bytes. Raises InvalidArgument naming the file and what is wrong
-    (missing, unreadable, not base64, wrong length) but never its content."""
+def read(path: str | os.PathLike[str], *, what: str = "shard key file") -> bytes:
+    """The secret's 32 bytes. Raises InvalidArgument naming the file (`what` says which
+    one) and what is wrong (missing, unreadable, not base64, wrong length), never its content."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
-        raise InvalidArgument(f"shard key file {path}: no such file (make one with lepton-ctl secret init)") from None
+        raise InvalidArgument(f"{what} {path}: no such file (make one with lepton-ctl secret init)") from None
     except OSError as err:
-        raise InvalidArgument(f"shard key file {path}: cannot read it: {err.strerror}") from None
+        raise InvalidArgument(f"{what} {path}: cannot read it: {err.strerror}") from None
     try:
         secret = base64.b64decode(raw.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidArgument(f"shard key file {path}: not base64 text (make one with lepton-ctl secret init)") from None
+        raise InvalidArgument(f"{what} {path}: not base64 text (make one with lepton-ctl secret init)") from None
     if len(secret) != SECRET_BYTES:
-        raise InvalidArgument(f"shard key file {path}: holds {len(secret)} bytes, not {SECRET_BYTES}")
+        raise InvalidArgument(f"{what} {path}: holds {len(secret)} bytes, not {SECRET_BYTES}")
     return secret
 
 

@@ -117,6 +117,10 @@ class AgentConfig:
     # The cluster secret's file (`lepton-ctl secret init`); set: shards are encrypted at rest
     # with a key derived from it. The same file on every agent; only its path is ever logged.
     shard_key_file: str = ""
+    # Voters only (`lepton-ctl secret init`, a different file from shard_key_file, which
+    # workers hold too): proves Raft calls between voters when there is no TLS. Needed by
+    # voters of a multi-voter cluster with --auth and no --tls-dir (lepton.coordinator.raft.peer_auth).
+    peer_secret_file: str = ""
     # Per task attempt, output.log is rotated to output.log.1 past this many bytes ("256MiB"
     # works), so one chatty task cannot fill the disk: about 2x this per attempt. 0: no cap.
     # Torch jobs' rank logs (rank_<R>.log -> .log.1) are capped the same way.
@@ -183,6 +187,11 @@ class AgentConfig:
             # Absolute, so a task (a torch job reading shards) finds it from any directory.
             self.shard_key_file = os.path.abspath(self.shard_key_file)
             cluster_secret.read(self.shard_key_file)  # a bad file fails the start, naming it
+        if self.peer_secret_file:
+            from lepton.common import cluster_secret
+
+            self.peer_secret_file = os.path.abspath(self.peer_secret_file)
+            cluster_secret.read(self.peer_secret_file, what="peer secret file")
         self.log_level = self.log_level.upper()
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise InvalidArgument(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")

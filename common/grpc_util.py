@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -95,70 +96,139 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
 def register_service(server: grpc.aio.Server, servicer: Any, service: Any) -> None:
     """Register `servicer` for the proto `service` descriptor, parsing requests ourselves.
 
-    grpc's own deserializer turns a malformed request into INTERNAL; parsing inside the
-    handler lets us answer INVALID_ARGUMENT and say which message did not parse.
+    Every service goes through here (ours, Raft, Health, reflection): grpc's own
+    deserializer turns a malformed request into INTERNAL, and a generated handler turns
+    any exception into UNKNOWN with a traceback in the log. Here a request that does not
+    parse is INVALID_ARGUMENT naming the message, a LeptonError is its status, a method
+    the servicer leaves to the generated base class is a quiet UNIMPLEMENTED, and a
+    server-streaming method may be an async generator or a coroutine that writes with
+    `context.write` (grpc_health's Watch).
     """
     from google.protobuf import message_factory
-    from google.protobuf.message import DecodeError
 
     handlers = {}
     for method in service.methods:
         request_cls = message_factory.GetMessageClass(method.input_type)
         impl = getattr(servicer, method.name)
-
-        def parse(raw: bytes, cls: Any = request_cls) -> Any:
-            try:
-                return cls.FromString(raw)
-            except (DecodeError, RuntimeWarning, ValueError) as err:
-                raise _Malformed(f"malformed {cls.DESCRIPTOR.name}: {err}") from None
-
-        if method.client_streaming and method.server_streaming:
-
-            async def bidi(raw_iter: Any, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
-                async def requests() -> AsyncIterator[Any]:
-                    async for raw in raw_iter:
-                        try:
-                            yield parse(raw)
-                        except _Malformed as err:  # seen by the servicer's own boundary
-                            raise InvalidArgument(str(err)) from None
-
-                try:
-                    async for item in impl(requests(), context):
-                        yield item
-                except LeptonError as err:  # servicers without their own boundary
-                    await _abort(context, err)
-
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                bidi, response_serializer=_serialize
-            )
-        elif method.client_streaming:
-            raise NotImplementedError(f"client-streaming {method.full_name} is not supported")
+        if _unimplemented(impl):
+            impl = _answer_unimplemented(method.full_name)
+        if method.client_streaming:
+            handler = _client_streaming(impl, request_cls, method.server_streaming)
         elif method.server_streaming:
-
-            async def stream(raw: bytes, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
-                try:
-                    request = parse(raw)
-                except _Malformed as err:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                async for item in impl(request, context):
-                    yield item
-
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                stream, response_serializer=_serialize
-            )
+            handler = grpc.unary_stream_rpc_method_handler(_server_streaming(impl, request_cls),
+                                                           response_serializer=_serialize)
         else:
-
-            async def unary(raw: bytes, context: Any, impl: Any = impl, parse: Any = parse) -> Any:
-                try:
-                    request = parse(raw)
-                except _Malformed as err:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                return await impl(request, context)
-
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                unary, response_serializer=_serialize
-            )
+            handler = grpc.unary_unary_rpc_method_handler(_unary(impl, request_cls),
+                                                          response_serializer=_serialize)
+        handlers[method.name] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _parse(raw: bytes, cls: Any) -> Any:
+    """Raises _Malformed for bytes that are not a `cls`."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return cls.FromString(raw)
+    except (DecodeError, RuntimeWarning, ValueError) as err:
+        raise _Malformed(f"malformed {cls.DESCRIPTOR.name}: {err}") from None
+
+
+async def _fail(context: Any, err: BaseException, name: str) -> None:
+    """The status for an exception that left a handler: INVALID_ARGUMENT for a request
+    that did not parse, a LeptonError's own code, else INTERNAL (a bug: logged once)."""
+    if isinstance(err, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    if isinstance(err, LeptonError):
+        await _abort(context, err)
+    logger.exception("%s failed", name)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
+
+
+def _unary(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
+    async def unary(raw: bytes, context: Any) -> Any:
+        try:
+            result = impl(_parse(raw, cls), context)
+            return await result if inspect.isawaitable(result) else result
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+            await _fail(context, err, impl.__name__)
+
+    return unary
+
+
+def _server_streaming(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
+    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+        try:
+            result = impl(_parse(raw, cls), context)
+            if inspect.isawaitable(result):  # writes its answers with context.write
+                await result
+                return
+            async for item in _as_async(result):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+            await _fail(context, err, impl.__name__)
+
+    return stream
+
+
+def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool) -> grpc.RpcMethodHandler:
+    async def requests(raw_iter: Any) -> AsyncIterator[Any]:
+        async for raw in raw_iter:
+            try:
+                yield _parse(raw, cls)
+            except _Malformed as err:  # seen by the servicer's own boundary, if it has one
+                raise InvalidArgument(str(err)) from None
+
+    if server_streaming:
+
+        async def bidi(raw_iter: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in _as_async(impl(requests(raw_iter), context)):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+                await _fail(context, err, impl.__name__)
+
+        return grpc.stream_stream_rpc_method_handler(bidi, response_serializer=_serialize)
+
+    async def collect(raw_iter: Any, context: Any) -> Any:
+        try:
+            result = impl(requests(raw_iter), context)
+            return await result if inspect.isawaitable(result) else result
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+            await _fail(context, err, impl.__name__)
+
+    return grpc.stream_unary_rpc_method_handler(collect, response_serializer=_serialize)
+
+
+async def _as_async(items: Any) -> AsyncIterator[Any]:
+    """Async-iterate an async or a plain iterable (a sync servicer's stream)."""
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def _unimplemented(impl: Any) -> bool:
+    """Whether `impl` is the generated base class's stub (raises NotImplementedError)."""
+    return getattr(getattr(impl, "__func__", impl), "__module__", "").endswith("_pb2_grpc")
+
+
+def _answer_unimplemented(name: str) -> Callable[..., Any]:
+    async def unimplemented(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented")
+
+    unimplemented.__name__ = name
+    return unimplemented
 
 
 class _Malformed(Exception):

@@ -11,6 +11,7 @@ import grpc
 
 from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
+from lepton.common.errors import FailedPrecondition
 from lepton.common.loops import run_cycles
 from lepton.coordinator.api.service import CoordinatorContext, CoordinatorService, add_to_server
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
@@ -113,7 +114,26 @@ class Coordinator:
             ),
             snapshot_every=config.snapshot_every,
             tls=self.tls,
+            peer_key=self._peer_key(config),
+            contacts=config.join,
         )
+
+    def _peer_key(self, config: AgentConfig) -> bytes | None:
+        """The key that proves our Raft calls without TLS (`raft.peer_auth`); None with
+        TLS (certificates prove them) unless a peer secret is given anyway. Raises
+        FailedPrecondition for --auth without TLS and without a peer secret: a worker's node
+        token would otherwise be enough to write the Raft log."""
+        from lepton.common import cluster_secret
+        from lepton.coordinator.raft.peer_auth import peer_key
+
+        if config.peer_secret_file:
+            return peer_key(cluster_secret.read(config.peer_secret_file, what="peer secret file"))
+        if getattr(config, "auth", False) and self.tls is None:
+            raise FailedPrecondition(
+                "--auth without --tls-dir on a multi-voter cluster: give every voter the same "
+                "--peer-secret-file (make it with lepton-ctl secret init --out FILE; workers must not have it)"
+            )
+        return None
 
     def _free_port(self, node_id: str) -> int:
         _, usage = self.liveness.last_seen(node_id)
@@ -147,7 +167,7 @@ class Coordinator:
         if not isinstance(self.consensus, SingleVoterConsensus):
             from lepton.coordinator.raft.transport import add_raft_servicer
 
-            add_raft_servicer(server, self.consensus)
+            add_raft_servicer(server, self.consensus, tls=self.tls, peer_key=self.consensus.peer_key)
             names.append("lepton.v1.Raft")
         return names
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
@@ -58,9 +58,13 @@ class RaftConsensus(VoterChanges, Consensus):
         transport: Transport | None = None,
         rng: random.Random | None = None,
         tls: TlsConfig | None = None,
+        peer_key: bytes | None = None,
+        contacts: Sequence[str] = (),
     ):
         super().__init__()
         self.node_id = node_id
+        self.peer_key = peer_key  # proves us to the other voters without TLS (peer_auth)
+        self._contacts = tuple(contacts)  # --join: who may speak Raft to us before we have a configuration
         self._voters = dict(voters)
         self._store = store
         self._sm = state_machine
@@ -104,7 +108,8 @@ class RaftConsensus(VoterChanges, Consensus):
         if self._transport is None:
             others = {p: a for p, a in self._voters.items() if p != self.node_id}
             self._transport = GrpcTransport(others, on_peer_lost=self._peer_lost, tls=self._tls,
-                                            resolve=self._address_of)
+                                            resolve=self._address_of, me=self.node_id,
+                                            peer_key=self.peer_key)
         self._running = True
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
         logger.info("raft %s: started at term %d, log %d..%d", self.node_id, self._core.term,
@@ -219,6 +224,13 @@ class RaftConsensus(VoterChanges, Consensus):
         core = self._core
         address = core.address_of(peer) if core is not None else ""
         return address or (peer if ":" in peer else "")
+
+    def raft_members(self) -> set[str]:
+        """Who may speak Raft to us: the voters of our configuration and the learner we
+        replicate to; before we have any configuration, the bootstrap voters and --join."""
+        core = self._core
+        members = set(core.voters) | set(core.learners) if core is not None else set()
+        return members or set(self._voters) | set(self._contacts)
 
     def receive(self, messages: list[Message]) -> None:
         """Called by the Raft servicer: queue messages for the loop."""

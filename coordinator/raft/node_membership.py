@@ -28,6 +28,7 @@ from lepton.common.errors import (
 from lepton.common.validation import check_address
 from lepton.coordinator.raft.membership import ADD, REMOVE
 from lepton.coordinator.raft.messages import Role
+from lepton.coordinator.raft.peer_auth import peer_metadata
 
 if TYPE_CHECKING:
     from lepton.coordinator.raft.core import RaftCore
@@ -42,6 +43,7 @@ class VoterChanges:
     """Mixed into `RaftConsensus`, whose attributes it uses (declared below)."""
 
     node_id: str
+    peer_key: bytes | None
     _tls: TlsConfig | None
     _wakeup: asyncio.Event
     _member_ops: deque[tuple[str, str, asyncio.Future[None] | None]]
@@ -101,14 +103,15 @@ class VoterChanges:
         channel = make_channel(address, tls=self._tls)
         try:
             stub = raft_pb2_grpc.RaftStub(channel)
-            await stub.Probe(raft_pb2.RaftProbeRequest(to_id=address), timeout=PROBE_TIMEOUT_S)
+            await stub.Probe(raft_pb2.RaftProbeRequest(to_id=address), timeout=PROBE_TIMEOUT_S,
+                             metadata=peer_metadata(self.node_id, self.peer_key))
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 raise FailedPrecondition(
                     f"{address} runs no Raft node: start that agent with --join-as-voter"
                 ) from None
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
                 raise FailedPrecondition(f"{address} refused: {err.details()}") from None
             raise FailedPrecondition(f"cannot reach a Raft node at {address} ({code.name})") from None
         finally:

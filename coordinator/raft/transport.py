@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
-from lepton.common.grpc_util import MAX_MESSAGE_BYTES
+from lepton.common.errors import FailedPrecondition, PermissionDenied
+from lepton.common.grpc_util import MAX_MESSAGE_BYTES, register_service, rpc_boundary
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -31,6 +32,7 @@ from lepton.coordinator.raft.messages import (
     VoteRequest,
     VoteResponse,
 )
+from lepton.coordinator.raft.peer_auth import PeerCheck, peer_metadata
 from lepton.coordinator.storage.log_store import Entry, Snapshot
 from lepton.v1 import raft_pb2, raft_pb2_grpc, state_pb2
 
@@ -113,57 +115,73 @@ class Receiver(Protocol):
     def receive(self, messages: list[Message]) -> None:
         """Queue messages for the core; must not block."""
 
+    def raft_members(self) -> Collection[str]:
+        """The addresses that may speak Raft to this server now (`peer_auth`)."""
 
-class RaftServicer(raft_pb2_grpc.RaftServicer):
-    def __init__(self, node: Receiver):
+
+class RaftServicer:
+    """The `Raft` service, registered through `register_service` like every other one.
+    Each call is first checked by `PeerCheck`: a member of our configuration, as itself."""
+
+    def __init__(self, node: Receiver, peers: PeerCheck):
         self._node = node
+        self._peers = peers
 
+    @rpc_boundary
     async def Send(  # noqa: N802 - gRPC method name
         self, request: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftBatchAck:
-        await self._deliver(request, context)
+        sender = await self._peers.caller(context, "Raft.Send")
+        self._deliver(request, sender)
         return raft_pb2.RaftBatchAck()
 
+    @rpc_boundary
     async def Stream(  # noqa: N802 - gRPC method name
         self, request_iterator, context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftBatchAck:
+        sender = await self._peers.caller(context, "Raft.Stream")
         async for batch in request_iterator:
-            await self._deliver(batch, context)
+            self._deliver(batch, sender)
         return raft_pb2.RaftBatchAck()
 
+    @rpc_boundary
     async def Probe(  # noqa: N802 - gRPC method name
         self, request: raft_pb2.RaftProbeRequest, context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftProbeResponse:
         """A leader checks a server it is asked to add runs Raft, at the address given."""
+        await self._peers.caller(context, "Raft.Probe")
         me = self._node.node_id
         if request.to_id and request.to_id != me:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is {me}, not {request.to_id}")
+            raise FailedPrecondition(f"this is {me}, not {request.to_id}")
         info = getattr(self._node, "probe_info", None)
         if info is None:
             return raft_pb2.RaftProbeResponse(node_id=me)
-        try:
-            term, last, voter = info()
-        except Exception as err:  # noqa: BLE001 - not running: say so
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        term, last, voter = info()  # Unavailable when not running
         return raft_pb2.RaftProbeResponse(node_id=me, term=term, last_index=last, voter=voter)
 
-    async def _deliver(self, batch: raft_pb2.RaftBatch, context: grpc.aio.ServicerContext) -> None:
+    def _deliver(self, batch: raft_pb2.RaftBatch, sender: str) -> None:
+        """Raises FailedPrecondition (not for us), PermissionDenied (not from the caller)."""
         me = self._node.node_id
         msgs = []
         for pb in batch.messages:
             if pb.to_id != me:
                 # A peer configured with the wrong address for us: say so, loudly.
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is {me}, not {pb.to_id}")
+                raise FailedPrecondition(f"this is {me}, not {pb.to_id}")
+            if sender and pb.from_id != sender:
+                raise PermissionDenied(f"Raft: {sender} may not send a message from {pb.from_id or 'nobody'}")
             m = from_proto(pb)
             if m is not None:
                 msgs.append(m)
         self._node.receive(msgs)
 
 
-def add_raft_servicer(server: grpc.aio.Server, node: Receiver) -> None:
-    """Register the Raft service for `node` (a RaftConsensus) on an existing server.
-    Call before `server.start()`."""
-    raft_pb2_grpc.add_RaftServicer_to_server(RaftServicer(node), server)
+def add_raft_servicer(server: grpc.aio.Server, node: Receiver, *, tls: TlsConfig | None = None,
+                      peer_key: bytes | None = None) -> None:
+    """Register the Raft service for `node` (a RaftConsensus) on an existing server; calls
+    are checked against `node.raft_members()` with `tls` and/or `peer_key` (see
+    `peer_auth`). Call before `server.start()`."""
+    peers = PeerCheck(node.raft_members, tls=tls, key=peer_key)
+    register_service(server, RaftServicer(node, peers), raft_pb2.DESCRIPTOR.services_by_name["Raft"])
 
 
 # -- client side -----------------------------------------------------------------------
@@ -177,8 +195,9 @@ class Transport(Protocol):
 class _PeerSender:
     def __init__(self, peer: str, address: str, *, max_queue: int, rpc_timeout: float,
                  max_batch_bytes: int, on_lost: Callable[[str], None] | None = None,
-                 tls: TlsConfig | None = None):
+                 tls: TlsConfig | None = None, metadata: tuple[tuple[str, str], ...] = ()):
         self.peer = peer
+        self._metadata = metadata  # who we are, for the receiver's PeerCheck
         self.address = address
         self._queue: deque[Message] = deque()
         self._max_queue = max_queue
@@ -215,7 +234,7 @@ class _PeerSender:
                     batch.messages.append(pb)
                 try:
                     if call is None or call.done():
-                        call = self._stub.Stream()
+                        call = self._stub.Stream(metadata=self._metadata)
                     # A write completes once gRPC has taken the batch; flow control makes it
                     # wait for a slow peer while the queue (bounded) piles up behind it.
                     await call.write(batch)
@@ -269,6 +288,7 @@ async def _ended_with(call) -> str:
 
 class GrpcTransport:
     """Sends to voters by their advertised host:port. Create and use on the event loop.
+    `me` (our address) and `peer_key` go with every call for the receiver's `PeerCheck`.
 
     A message to a peer not in `addresses` (a voter added later, a learner, a leader
     outside our configuration) gets a sender at `resolve(peer)`, when that is given.
@@ -284,15 +304,14 @@ class GrpcTransport:
         on_peer_lost: Callable[[str], None] | None = None,
         tls: TlsConfig | None = None,
         resolve: Callable[[str], str] | None = None,
+        me: str = "",
+        peer_key: bytes | None = None,
     ):
         self._resolve = resolve
         self._sender_args = dict(max_queue=max_queue, rpc_timeout=rpc_timeout,
-                                 max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls)
-        self._senders = {
-            peer: _PeerSender(peer, addr, max_queue=max_queue, rpc_timeout=rpc_timeout,
-                              max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls)
-            for peer, addr in addresses.items()
-        }
+                                 max_batch_bytes=max_batch_bytes, on_lost=on_peer_lost, tls=tls,
+                                 metadata=peer_metadata(me, peer_key) if me else ())
+        self._senders = {peer: _PeerSender(peer, addr, **self._sender_args) for peer, addr in addresses.items()}
 
     def send(self, messages: list[Message]) -> None:
         for m in messages:

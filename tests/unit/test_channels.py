@@ -156,6 +156,9 @@ async def test_raft_transport_over_mtls(ca):
         def receive(self, messages):
             received.extend(messages)
 
+        def raft_members(self):
+            return {"me"}  # no PeerCheck here (tls not given): tests/unit/test_raft_peer_auth.py
+
     server = grpc.aio.server()
     port = server.add_secure_port("127.0.0.1:0", TlsConfig(str(ca), "n2").server_credentials())
     node = Node()

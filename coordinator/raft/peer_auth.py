@@ -1,0 +1,151 @@
+"""Who may speak Raft: a member of this server's current configuration, as itself.
+
+Raft ids are advertised addresses. Every Raft call carries the sender's address in
+`lepton-raft-from` metadata, and every message in it must be from that address. The
+receiver accepts it only when the address is a member (a voter, or the leader's learner; a
+server with no configuration yet: the `--join` addresses it was given) and the caller proves
+it is that member:
+
+- with TLS, the caller's node certificate must be the one the server listening at that
+  address presents: we dial the address ourselves and read its certificate (cached per
+  address; a different caller makes us look again at most every `RECHECK_S`). A worker's or
+  a user's certificate, valid as it is, never matches a voter's address.
+- without TLS, `lepton-raft-mac` is an HMAC-SHA256 of the address under a key derived from
+  the voters' peer secret (`--peer-secret-file`), which workers do not hold.
+
+With neither (auth off, no TLS, no peer secret) nothing is checked: anyone may call anything.
+Refusals are PermissionDenied; the interceptor counts and audits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from lepton.common import tls as _tls
+from lepton.common.channels import TlsConfig
+from lepton.common.errors import PermissionDenied
+
+logger = logging.getLogger(__name__)
+
+FROM_HEADER = "lepton-raft-from"
+MAC_HEADER = "lepton-raft-mac"
+RECHECK_S = 2.0  # at most one dial per address this often, whoever calls
+DIAL_TIMEOUT_S = 3.0
+_KEY_INFO = b"lepton raft peer key v1"
+
+
+def peer_key(secret: bytes) -> bytes:
+    """The MAC key for Raft calls, derived from the voters' peer secret (never used as is)."""
+    return hmac.new(secret, _KEY_INFO, hashlib.sha256).digest()
+
+
+def _mac(key: bytes, address: str) -> str:
+    return hmac.new(key, b"raft-from\0" + address.encode(), hashlib.sha256).hexdigest()
+
+
+def peer_metadata(me: str, key: bytes | None) -> tuple[tuple[str, str], ...]:
+    """What a Raft call from `me` sends: its address, and its MAC when there is a key."""
+    if key is None:
+        return ((FROM_HEADER, me),)
+    return ((FROM_HEADER, me), (MAC_HEADER, _mac(key, me)))
+
+
+class PeerCheck:
+    """The receiving side. `members()`: the addresses that may speak Raft to us now."""
+
+    def __init__(self, members: Callable[[], Collection[str]], *, tls: TlsConfig | None,
+                 key: bytes | None):
+        self._members = members
+        self._tls = tls
+        self._key = key
+        self._ssl: ssl.SSLContext | None = None
+        self._bound: dict[str, tuple[str, float]] = {}  # address -> (certificate name, checked at)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._tls is not None or self._key is not None
+
+    async def caller(self, context: Any, method: str) -> str:
+        """The member address the call speaks for ("" when nothing is checked).
+        Raises PermissionDenied naming what is missing."""
+        meta = _metadata(context)
+        address = meta.get(FROM_HEADER, "")
+        if not self.enabled:
+            return ""
+        if not address:
+            raise PermissionDenied(f"{method}: Raft calls must name their sender ({FROM_HEADER})")
+        if address not in self._members():
+            raise PermissionDenied(f"{method}: {address} is not a member of this server's Raft configuration")
+        if self._key is not None and not hmac.compare_digest(meta.get(MAC_HEADER, ""), _mac(self._key, address)):
+            raise PermissionDenied(f"{method}: the call does not prove the Raft peer secret")
+        if self._tls is not None:
+            ident = _tls.peer_identity(context)
+            if ident is None or ident.kind != "node":
+                raise PermissionDenied(f"{method}: only the node certificate of a Raft member may call it")
+            holder = await self._holder(address, ident.name)
+            if holder != ident.name:
+                raise PermissionDenied(
+                    f"{method}: certificate {ident.name} is not the one serving {address}"
+                    + (f" ({holder})" if holder else "")
+                )
+        return address
+
+    async def _holder(self, address: str, claimed: str) -> str:
+        """The certificate name the server at `address` presents; looked up again when it
+        differs from `claimed` and the last look is RECHECK_S old."""
+        name, at = self._bound.get(address, ("", -RECHECK_S))
+        if name == claimed:
+            return name
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            name, at = self._bound.get(address, ("", -RECHECK_S))
+            if name == claimed or time.monotonic() - at < RECHECK_S:
+                return name
+            name = await self._dial(address)
+            self._bound[address] = (name, time.monotonic())
+            return name
+
+    async def _dial(self, address: str) -> str:
+        """The name in the certificate served at `address`, "" when unreachable or none."""
+        assert self._tls is not None
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        if self._ssl is None:
+            self._ssl = self._tls.client_ssl_context()
+            self._ssl.set_alpn_protocols(["h2"])
+        writer = None
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port), ssl=self._ssl, server_hostname=host),
+                DIAL_TIMEOUT_S,
+            )
+            ident = _tls.identity_from_ssl(writer.get_extra_info("ssl_object"))
+        except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as err:
+            logger.warning("raft: cannot check the certificate served at %s: %s", address, err)
+            return ""
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        return ident.name if ident is not None and ident.kind == "node" else ""
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in (FROM_HEADER, MAC_HEADER) and isinstance(value, str):
+            if key in out:  # two of them: ambiguous, so neither counts
+                out[key] = "\0"
+            else:
+                out[key] = value
+    return out
