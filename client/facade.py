@@ -1,5 +1,5 @@
-"""The small objects users of the product's first description expect, each a thin layer
-over `Client` and the real cluster (see ../shared/ARCHITECTURE.md, "Python facade"):
+"""Task-level objects for scripts that think in tasks, models and datasets rather than
+RPCs, each a thin layer over `Client` and the real cluster:
 
     sched = Scheduler(c); sched.submit_task("prep", ["python", "prep.py"], priority=1)
     results = sched.execute_tasks()

@@ -1,7 +1,8 @@
 """The one exception hierarchy of Lepton, and its mapping to and from gRPC status codes.
 
-Domain code raises these. Only the gRPC boundary converts: servers with `to_status`
-(see `lepton.common.grpc_util.map_errors`), clients with `from_rpc_error`.
+Domain code raises these; each carries its gRPC status `code`. Only the gRPC boundary
+converts: servers in `lepton.common.grpc_util` (`rpc_boundary`, `register_service`) abort
+with the error's code and message, clients turn a status back into one with `from_rpc_error`.
 """
 
 from __future__ import annotations

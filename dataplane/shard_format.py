@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -223,11 +222,6 @@ def concat_shards(paths: list[Path], out: str | Path) -> int:
                 while chunk := src.read(8 << 20):
                     f.write(chunk)
     return rows
-
-
-def iter_rows(paths: list[Path]) -> Iterator[np.ndarray]:
-    for p in paths:
-        yield np.load(p, mmap_mode="r", allow_pickle=False)
 
 
 def array_from_buffer(buf: bytearray, what: str = "buffer") -> np.ndarray:
