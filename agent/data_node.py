@@ -16,6 +16,7 @@ import grpc
 
 from lepton.agent.inventory import InventoryReporter
 from lepton.agent.link import CoordinatorLink
+from lepton.agent.node_directory import NodeDirectory
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.dataplane.shard_crypto import ShardCipher
@@ -71,6 +72,7 @@ class DataNode:
         self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)
         self._datasets = link.datasets  # the agent's one link to the leader, shared
+        self._nodes = NodeDirectory(link.coordinator)  # PullShards sources: node ids, looked up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self.store.on_quarantine = self._on_quarantine
@@ -83,7 +85,8 @@ class DataNode:
 
     def add_to_server(self, server: grpc.aio.Server) -> str:
         self._loop = asyncio.get_running_loop()
-        service = ShardService(self.store, self.side, self.puller, self.node_id, on_bytes=self._on_bytes)
+        service = ShardService(self.store, self.side, self.puller, self.node_id, on_bytes=self._on_bytes,
+                               resolve_nodes=self._nodes.addresses)
         return add_to_server(service, server)
 
     def _on_quarantine(self, shard_id: str) -> None:

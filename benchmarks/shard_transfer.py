@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -100,8 +101,9 @@ def main() -> None:
         shards = make_shards(Path(root) / "a" / "shards", count, args.shard_mib * MiB, *key[1:])
         a = Agent(*key, name="a", root=root)
         b = Agent("--join", a.address, *key, name="b", root=root)
+        a_id = json.loads((a.data_dir / "agent.json").read_text())["node_id"]  # sources are node ids
         req = dpb.PullShardsRequest(shards=[
-            dpb.ShardSource(shard_id=sid, size=size, sources=[a.address]) for sid, size in shards])
+            dpb.ShardSource(shard_id=sid, size=size, source_nodes=[a_id]) for sid, size in shards])
         best = 0.0
         with grpc.insecure_channel(b.address) as ch:
             stub = ShardsStub(ch)

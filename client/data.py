@@ -260,7 +260,7 @@ class DataMethods:
             for addr in p.addresses[1:]:
                 asks.setdefault(addr, []).append(
                     dpb.ShardSource(
-                        shard_id=p.shard_id, size=metas[p.shard_id].size, sources=[p.addresses[0]]
+                        shard_id=p.shard_id, size=metas[p.shard_id].size, source_nodes=[p.node_ids[0]]
                     )
                 )
 

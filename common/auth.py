@@ -129,7 +129,7 @@ POLICY: dict[str, Rule] = {
         # The agent leaves on SIGTERM; an admin may retire a dead node's entry.
         "LeaveNode": ADMIN_OR_NODE,
         "DrainNode": ADMIN,
-        "GetNode": VIEW,
+        "GetNode": VIEW_OR_NODE,  # agents resolve PullShards source node ids to addresses
         "ListNodes": VIEW,
         "GetClusterStatus": VIEW,
         "AddVoter": ADMIN,  # change the voter set: admins only, audited

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from lepton.common import validation as v
-from lepton.common.errors import AlreadyExists, InvalidArgument
+from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.common.tls import peer_identity
 from lepton.dataplane.shards import ShardStore, check_shard_id
@@ -29,17 +29,24 @@ MAX_IDS = 10_000
 MAX_SOURCES = 16
 MAX_SPEC = 64 * 1024
 
+# Node ids -> their addresses in the cluster's node table. Raises FailedPrecondition naming
+# an id that is not a node of the cluster.
+ResolveNodes = Callable[[list[str]], Awaitable[dict[str, str]]]
+
 
 class ShardService(datasets_pb2_grpc.ShardsServicer):
     def __init__(
         self, store: ShardStore, side: SideChannel | None, puller: Puller, node_id: str = "",
-        on_bytes: ByteCounter | None = None,
+        on_bytes: ByteCounter | None = None, resolve_nodes: ResolveNodes | None = None,
     ):
         self._store = store
         self._on_bytes = on_bytes  # uploads in, ReadShard out (metrics)
         self._side = side
         self._puller = puller
         self._node_id = node_id
+        # PullShards sources come from the node table, never from the caller: a named
+        # address would make this agent send its credentials wherever a caller points it.
+        self._resolve_nodes = resolve_nodes
 
     @rpc_boundary
     async def WriteShard(self, request_iterator, context):
@@ -95,14 +102,17 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
     async def PullShards(self, request, context):
         if len(request.shards) > MAX_IDS:
             raise InvalidArgument(f"{len(request.shards)} shards; at most {MAX_IDS} per call")
-        items = []
         for s in request.shards:
             check_shard_id(s.shard_id)
-            if not s.sources or len(s.sources) > MAX_SOURCES:
-                raise InvalidArgument(f"shard {s.shard_id[:12]}: give 1-{MAX_SOURCES} sources")
-            for addr in s.sources:
-                v.check_address(addr, "source")
-            items.append((s.shard_id, s.size, list(s.sources)))
+            if not s.source_nodes or len(s.source_nodes) > MAX_SOURCES:
+                raise InvalidArgument(f"shard {s.shard_id[:12]}: give 1-{MAX_SOURCES} source nodes")
+            for node_id in s.source_nodes:
+                v.require_id(node_id, "source_nodes")
+        if self._resolve_nodes is None:
+            raise FailedPrecondition("this node cannot look source nodes up (no coordinator link)")
+        # Every source resolved before any connection: one outside the cluster refuses the call.
+        addresses = await self._resolve_nodes(sorted({n for s in request.shards for n in s.source_nodes}))
+        items = [(s.shard_id, s.size, [addresses[n] for n in s.source_nodes]) for s in request.shards]
         result = await asyncio.to_thread(self._puller.pull_many, items)
         if result.pulled:
             logger.info("pulled %d shards (%d bytes) from peers", len(result.pulled), result.bytes)

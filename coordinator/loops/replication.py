@@ -133,7 +133,7 @@ class ReplicationLoop:
             for target in free[: want - len(holders)]:
                 load[target] += shard.size
                 per_target[target].append(datasets_pb2.ShardSource(
-                    shard_id=shard.id, size=shard.size, sources=[h.address for h in holders]))
+                    shard_id=shard.id, size=shard.size, source_nodes=[h.id for h in holders]))
         if not per_target:
             return f"{len(wanted)} shards under-replicated, none can be copied now ({stuck} with no live copy)"
         results = await asyncio.gather(*(

@@ -244,14 +244,14 @@ class TransferTicket(_message.Message):
     def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class ShardSource(_message.Message):
-    __slots__ = ("shard_id", "size", "sources")
+    __slots__ = ("shard_id", "size", "source_nodes")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODES_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     size: int
-    sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_id: _Optional[str] = ..., size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    source_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., size: _Optional[int] = ..., source_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PullShardsRequest(_message.Message):
     __slots__ = ("shards",)

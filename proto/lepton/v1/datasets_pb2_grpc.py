@@ -491,7 +491,8 @@ class ShardsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullShards(self, request, context):
-        """Fetch these shards from peers (tried in order; a bad copy moves on to the next).
+        """Fetch these shards from peers (tried in order; a bad copy moves on to the next). Peers
+        are named by node id; an id that is not a node of the cluster refuses the whole call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
