@@ -226,7 +226,6 @@ class CoordinatorMetrics:
             "lepton_heartbeat_interval_seconds",
             "Time between consecutive heartbeats of one node, as the leader sees them",
             buckets=HEARTBEAT_BUCKETS, registry=r)
-        self._last_beat: dict[str, float] = {}
         self._collector: ClusterCollector | None = None
 
     def attach(self, **sources: Any) -> ClusterCollector:
@@ -249,16 +248,12 @@ class CoordinatorMetrics:
         if since:
             self.scheduling_latency.observe(max(0.0, (task.assigned_at_ms - since) / 1000))
 
-    def observe_heartbeat(self, node_id: str, now_s: float | None = None) -> None:
-        """Call on each heartbeat the leader receives (Liveness.heartbeat)."""
-        now_s = time.monotonic() if now_s is None else now_s
-        last = self._last_beat.get(node_id)
-        self._last_beat[node_id] = now_s
-        if last is not None:
-            self.heartbeat_interval.observe(max(0.0, now_s - last))
-
-    def forget_node(self, node_id: str) -> None:
-        self._last_beat.pop(node_id, None)
+    def observe_heartbeat(self, node_id: str, interval_s: float | None) -> None:
+        """`Liveness.on_heartbeat`: `interval_s` since the node's previous beat, None for its
+        first this leadership. Liveness keeps the last beats (and drops them when leadership
+        changes), so nothing here grows with the nodes ever seen."""
+        if interval_s is not None:
+            self.heartbeat_interval.observe(max(0.0, interval_s))
 
 class AgentMetrics:
     """An agent's own metrics (every node): shard traffic, heartbeat lag, tasks, auth."""

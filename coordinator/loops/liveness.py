@@ -134,12 +134,13 @@ class Liveness:
         *,
         monotonic: Callable[[], float],
         wall_ms: Callable[[], int],
-        on_heartbeat: Callable[[str], None] | None = None,
+        on_heartbeat: Callable[[str, float | None], None] | None = None,
         self_id: str = "",
         cycle_interval_s: float = 0.0,
     ):
         self._state = state
-        # Told each accepted heartbeat's node id (metrics); a callback keeps this module
+        # Told each accepted heartbeat's node id and the seconds since that node's previous
+        # one this leadership (None: its first), for metrics; a callback keeps this module
         # free of Prometheus. Settable after construction.
         self.on_heartbeat = on_heartbeat
         self._propose = propose
@@ -208,9 +209,11 @@ class Liveness:
         node = self._state.nodes.get(node_id)
         if node is None:
             raise NotFound(f'node "{node_id}" is not registered')
-        self._seen[node_id] = _Seen(self._monotonic(), self._wall_ms(), usage)
+        previous = self._seen.get(node_id)
+        now = self._monotonic()
+        self._seen[node_id] = _Seen(now, self._wall_ms(), usage)
         if self.on_heartbeat is not None:
-            self.on_heartbeat(node_id)
+            self.on_heartbeat(node_id, now - previous.at if previous else None)
         state = NodeState.from_proto(node.state)
         if state in (NodeState.SUSPECT, NodeState.DOWN):
             cmd = state_pb2.Command(

@@ -205,6 +205,21 @@ async def test_followers_do_nothing_and_unknown_nodes_are_refused(world):
         await live.heartbeat("ghost", common_pb2.Usage())
 
 
+async def test_heartbeat_hook_gets_the_interval_since_the_nodes_last_beat(world):
+    sm, clock, live = world
+    seen: list[tuple[str, float | None]] = []
+    live.on_heartbeat = lambda node_id, interval: seen.append((node_id, interval))
+    for step in (0.0, 1.0, 1.5):
+        clock.t += step
+        await live.heartbeat("a", common_pb2.Usage())
+    await live.heartbeat("b", common_pb2.Usage())
+    assert seen == [("a", None), ("a", 1.0), ("a", 1.5), ("b", None)]
+    live.on_leadership(True, 2)  # a new leadership forgets the last beats: no stale gap
+    clock.t += 600
+    await live.heartbeat("a", common_pb2.Usage())
+    assert seen[-1] == ("a", None)
+
+
 # The heartbeat budget: interval = max(base, live / budget), thresholds stretched alike.
 
 def test_budget_factor_is_one_within_budget_and_proportional_beyond():

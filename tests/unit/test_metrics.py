@@ -121,8 +121,8 @@ def test_hooks_feed_histograms(served):
     m.on_task_change(assigned, old_node="")
     m.on_task_change(assigned, old_node="n1")  # not a new assignment
     m.on_task_change(tasks_pb2.Task(id="u", state=tasks_pb2.TASK_STATE_RUNNING), old_node="")
-    for t in (0.0, 1.0, 2.5):
-        m.observe_heartbeat("n1", now_s=t)
+    for interval in (None, 1.0, 1.5):
+        m.observe_heartbeat("n1", interval)
     got = _scrape(served(m.registry).url)
     assert got[("lepton_scheduling_latency_seconds_count", ())] == 1
     assert got[("lepton_scheduling_latency_seconds_sum", ())] == pytest.approx(0.25)
