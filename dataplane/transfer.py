@@ -84,8 +84,8 @@ class SideChannel:
     most `MAX_PENDING` connections (`MAX_PENDING_PER_PEER` per peer address) wait to prove
     themselves; past that the oldest waiting one is dropped, so a flood of idle connections
     is recycled instead of locking newcomers out. One peer holds at most
-    `MAX_SERVING_PER_PEER` slots. With TLS, a ticket is bound to the certificate that asked
-    for it: only that identity can redeem it.
+    `MAX_SERVING_PER_PEER` slots (its further streams wait for its own to end). With TLS, a
+    ticket is bound to the certificate that asked for it: only that identity can redeem it.
     """
 
     def __init__(self, store: ShardStore, host: str = "127.0.0.1", on_bytes: ByteCounter | None = None,
@@ -101,6 +101,7 @@ class SideChannel:
         # to shut down to drop it: the TLS one once wrapped).
         self._pending: dict[socket.socket, tuple[str, socket.socket]] = {}
         self._serving: dict[str, int] = {}  # peer host -> slots held
+        self._slot_freed = threading.Condition(self._lock)  # a peer gave a slot back
         self._sock = socket.create_server((host, 0), backlog=128)
         self.port = self._sock.getsockname()[1]
         self._closed = False
@@ -170,7 +171,7 @@ class SideChannel:
                 if ticket is None:
                     return
                 if not self._take_slot(host):
-                    logger.warning("side channel: %s holds too many streams; refused one", host)
+                    logger.warning("side channel: no streaming slot for %s within %gs", host, IO_TIMEOUT_S)
                     return
                 try:
                     stream.settimeout(IO_TIMEOUT_S)
@@ -209,22 +210,29 @@ class SideChannel:
         return stream, ticket
 
     def _take_slot(self, host: str) -> bool:
-        with self._lock:
-            if self._serving.get(host, 0) >= MAX_SERVING_PER_PEER:
-                return False
+        """Wait (at most IO_TIMEOUT_S) until `host` holds fewer than its share of slots and
+        one is free; False when none came."""
+        deadline = time.monotonic() + IO_TIMEOUT_S
+        with self._slot_freed:
+            while self._serving.get(host, 0) >= MAX_SERVING_PER_PEER:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return False
+                self._slot_freed.wait(left)
             self._serving[host] = self._serving.get(host, 0) + 1
-        if self._slots.acquire(timeout=IO_TIMEOUT_S):
+        if self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return True
         self._give_slot(host, release=False)
         return False
 
     def _give_slot(self, host: str, release: bool = True) -> None:
-        with self._lock:
+        with self._slot_freed:
             left = self._serving.get(host, 0) - 1
             if left > 0:
                 self._serving[host] = left
             else:
                 self._serving.pop(host, None)
+            self._slot_freed.notify_all()
         if release:
             self._slots.release()
 

@@ -87,3 +87,15 @@ def test_a_ticket_is_redeemed_only_by_its_holder(ca, tmp_path):
         assert len(_redeem_as(ca, "alice", ticket.port, ticket.token)) > 0  # frames flow
     finally:
         holder.stop()
+
+
+def test_a_peer_over_its_share_of_slots_waits_for_its_own(nodes, tmp_path, monkeypatch):  # noqa: F811
+    from lepton.dataplane import transfer
+
+    monkeypatch.setattr(transfer, "MAX_SERVING_PER_PEER", 1)
+    src = nodes("src")
+    shards = [put(src.store, 2 * CHUNK + i, seed=i) for i in range(4)]
+    dst = ShardStore(tmp_path / "dst")
+    result = Puller(dst, transport="socket").pull_many(
+        [(sid, len(data), [src.address]) for sid, data in shards], parallel=4)
+    assert (sorted(result.pulled), result.failed) == (sorted(sid for sid, _ in shards), {})
