@@ -1,13 +1,15 @@
-"""Durable file writes, shared by every component that must survive a crash."""
+"""Durable file writes (and the reads that go with them), shared by every component that
+must survive a crash."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,3 +64,13 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
     Raises OSError (FileExistsError: `exclusive` and `path` exists)."""
     with atomic_writer(path, mode=mode, exclusive=exclusive, durable=durable) as f:
         f.write(data)
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object
+    (a file someone else writes, or one torn by a crash before it was fsync'd)."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lepton.common.durable import read_json
 from lepton.workloads import torch_env
 
 __all__ = [
@@ -321,7 +321,7 @@ class TorchLauncher:
         await self._drain()
         ordered = tuple(exits[r] for r in sorted(exits))
         if failed is not None:
-            error = _read_error(spec.error_path(failed.local_rank))
+            error = read_json(spec.error_path(failed.local_rank))
             how = (f"killed by signal {-failed.exit_code}" if failed.exit_code < 0
                    else f"exited with code {failed.exit_code}")
             return LaunchResult(False, f"rank {failed.rank} {how}", ordered, failed.rank,
@@ -494,11 +494,3 @@ async def _pump(stream: asyncio.StreamReader, log: RankLog, prefix: bytes) -> No
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _read_error(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None

@@ -64,7 +64,7 @@ from lepton.agent.tasks.task_spec import (
     TaskEventKind,
     validate_ids,
 )
-from lepton.common.durable import fsync_dir
+from lepton.common.durable import fsync_dir, read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
 __all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
@@ -171,7 +171,7 @@ class TaskRunner:
         if self._watcher is not None:
             return
         self._root.mkdir(parents=True, exist_ok=True)
-        doc = tp.read_json(self._term_path) or {}
+        doc = read_json(self._term_path) or {}
         self._max_term = max(self._max_term, int(doc.get("term", 0)))
         adopted = ended = 0
         for task_dir in sorted(self._root.iterdir()):
@@ -443,7 +443,7 @@ class TaskRunner:
 
     def _recover(self, task_id: str, attempt: int, att_dir: Path) -> bool:
         """Re-adopt one unreported attempt (True) or report how it ended (False)."""
-        run = tp.read_json(att_dir / "run.json")
+        run = read_json(att_dir / "run.json")
         try:
             spec = RunSpec.from_json(run["spec"]) if run else None
         except (TypeError, KeyError):
@@ -463,7 +463,7 @@ class TaskRunner:
                        started_at_ms=int(run.get("started_at_ms", 0)),
                        deadline=_wall_to_mono(run["deadline"]) if run.get("deadline") else 0.0,
                        proc=_OWN_CHILDREN.get(pid) if same_boot else None)
-        stop = tp.read_json(att_dir / "stop.json")
+        stop = read_json(att_dir / "stop.json")
         if stop:
             att.stop_reason = str(stop.get("reason", "cancelled"))
             att.kill_at = _wall_to_mono(float(stop.get("kill_at", 0)))
@@ -576,7 +576,7 @@ class TaskRunner:
         if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
         exit_path = att.dir / "exit.json"
-        doc = tp.read_json(exit_path)
+        doc = read_json(exit_path)
         at_ms = _now_ms()
         if doc is not None and isinstance(doc.get("rc"), int):
             code: int | None = tp.shell_status_to_exit_code(doc["rc"])

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import TASK_ID_RE
+from lepton.common.durable import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def load_rotation(att_dir: Path) -> Rotation:
     """The attempt's map as on disk. When output.log.1 is not the file the map names (the
     agent died in the middle of a rotation, or the map was lost), it is repaired assuming
     the cut was made: offsets may then be off by one rotation, but no output is lost."""
-    doc = tp.read_json(att_dir / STATE) or {}
+    doc = read_json(att_dir / STATE) or {}
     try:
         rot = Rotation(**{k: int(doc.get(k, 0)) for k in Rotation.__dataclass_fields__})
     except (TypeError, ValueError):

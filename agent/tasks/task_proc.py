@@ -158,12 +158,3 @@ def write_json_atomic(path: Path, doc: dict[str, Any], *, mode: int = 0o600, dur
     """`doc` as JSON, all or nothing (`write_atomic`). Raises OSError.
     Mode 0600 by default: specs carry env secrets."""
     write_atomic(path, (json.dumps(doc, sort_keys=True) + "\n").encode(), mode=mode, durable=durable)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when it is missing or unreadable (torn, bad)."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lepton.common import durable
-from lepton.common.durable import atomic_writer, write_atomic
+from lepton.common.durable import atomic_writer, read_json, write_atomic
 
 
 @pytest.fixture
@@ -98,3 +98,14 @@ def test_not_durable_skips_the_fsyncs(tmp_path: Path, monkeypatch) -> None:
     seen = _record_fsyncs(monkeypatch)
     write_atomic(tmp_path / "reported.json", b"{}", durable=False)
     assert seen == [] and (tmp_path / "reported.json").read_bytes() == b"{}"
+
+
+def test_read_json_is_none_for_what_a_crash_or_a_stranger_may_leave(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    assert read_json(path) is None  # missing
+    path.write_bytes(b'{"pid": 4')  # torn
+    assert read_json(path) is None
+    path.write_bytes(b"[1, 2]")  # not an object
+    assert read_json(path) is None
+    write_atomic(path, b'{"pid": 42}')
+    assert read_json(path) == {"pid": 42}
