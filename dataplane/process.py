@@ -23,6 +23,7 @@ import base64
 import hashlib
 import io
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -277,22 +278,21 @@ def transform_shard(store: ShardStore, shard_id: str, spec: dict, seed: int) -> 
     if store.cipher is not None:  # encrypted at rest: the plaintext never touches the disk
         data = fmt.shard_bytes(recs)
         sid, size = hashlib.sha256(data).hexdigest(), len(data)
-        try:
-            with store.writer(sid, size) as w:
-                w.write(data)
-                w.commit()
-        except AlreadyExists:
-            pass  # the same rows are already stored here
-        report["rows_in"], report["rows_out"] = rows_in, len(recs)
-        return dpb.Shard(id=sid, size=size, **fmt.describe(recs)), report
-    with tempfile.NamedTemporaryFile(dir=store.tmp, suffix=".npy") as tmp:
-        sid, size = fmt.write_shard(recs, tmp.name)
-        try:
-            with store.writer(sid, size) as w, open(tmp.name, "rb") as f:
-                while chunk := f.read(4 << 20):
-                    w.write(chunk)
-                w.commit()
-        except AlreadyExists:
-            pass  # the same rows are already stored here
+        _store(store, sid, size, [data])
+    else:
+        with tempfile.NamedTemporaryFile(dir=store.tmp, suffix=".npy") as tmp:
+            sid, size = fmt.write_shard(recs, tmp.name)
+            with open(tmp.name, "rb") as f:
+                _store(store, sid, size, iter(lambda: f.read(4 << 20), b""))
     report["rows_in"], report["rows_out"] = rows_in, len(recs)
     return dpb.Shard(id=sid, size=size, **fmt.describe(recs)), report
+
+
+def _store(store: ShardStore, shard_id: str, size: int, chunks: Iterable[bytes]) -> None:
+    try:
+        with store.writer(shard_id, size) as w:
+            for chunk in chunks:
+                w.write(chunk)
+            w.commit()
+    except AlreadyExists:
+        pass  # the same rows are already stored here
