@@ -5,7 +5,6 @@ idle connections cannot stop, and metrics that refuse plaintext on a non-loopbac
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -88,8 +87,9 @@ def test_owners_and_redacted_env(cluster, tmp_path):
 
 def test_pull_sources_come_from_the_node_table(cluster):
     voter, worker, ctl, d = cluster
-    stub = ShardsStub(make_channel(worker.address, tls=TlsConfig(d, "admin"), aio=False))
-    with socket.create_server(("127.0.0.1", 0)) as bait:
+    channel = make_channel(worker.address, tls=TlsConfig(d, "admin"), aio=False)
+    stub = ShardsStub(channel)
+    with channel, socket.create_server(("127.0.0.1", 0)) as bait:
         bait.setblocking(False)
         outside = f"127.0.0.1:{bait.getsockname()[1]}"
         for sources, code, words in (([outside], grpc.StatusCode.INVALID_ARGUMENT, "source_nodes"),
@@ -104,11 +104,16 @@ def test_pull_sources_come_from_the_node_table(cluster):
 
 
 def test_idle_side_channel_connections_do_not_stop_a_transfer(cluster, tmp_path):
-    voter, worker, ctl, _ = cluster
+    voter, worker, ctl, d = cluster
     np.save(tmp_path / "x.npy", np.arange(4000, dtype=np.float32).reshape(1000, 4))
-    ctl("alice", "data", "put", str(tmp_path / "x.npy"), "--name", "x", "--replicas", "2", check=True)
-    ports = [int(m) for m in re.findall(r"side channel on port (\d+)", voter.log() + worker.log())]
-    assert len(ports) == 2
+    put = ctl("alice", "-o", "json", "data", "put", str(tmp_path / "x.npy"), "--name", "x",
+              "--replicas", "2", check=True)
+    shard_id = json.loads(put.stdout)["shards"][0]["id"]
+    ports = []  # each agent's side channel: where its tickets point
+    for agent in (voter, worker):
+        with make_channel(agent.address, tls=TlsConfig(d, "admin"), aio=False) as ch:
+            ticket = ShardsStub(ch).OpenTransfer(dpb.OpenTransferRequest(shard_id=shard_id), timeout=30)
+        ports.append(ticket.port)
     with idle_connections(ports[0]), idle_connections(ports[1]):
         out = ctl("alice", "data", "get", "x", str(tmp_path / "y.npy"))
         assert out.returncode == 0, out.stderr
