@@ -117,10 +117,12 @@ class Client(TaskMethods, JobMethods, DataMethods):
     `connect_timeout`: give up sooner when no server at all can be reached for this long
     (default: the whole `timeout`); a CLI wants "cannot reach" fast, a job wants patience.
     `tls_dir`: a TLS folder (`lepton-ctl certs init`); every connection then uses mutual TLS
-    with the certificate `cert_name` from it (default: `admin` if there is one, else the
-    only user certificate there). Raises FailedPrecondition when there is none to use.
+    with the certificate `cert_name` from it (default: `$LEPTON_CERT_NAME`, else `admin` if
+    there is one, else the only user certificate there). Raises FailedPrecondition when
+    there is none to use. Default `$LEPTON_TLS_DIR`, "" for plaintext.
     `token`: an API token (`lepton-ctl tokens create`) sent on every call; default
-    `$LEPTON_TOKEN`, "" for none.
+    `$LEPTON_TOKEN`, "" for none. Inside a task, the agent sets all three: the task's own
+    credential (its submitter's rights) and a TLS folder without any node identity.
 
     Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
     `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`.
@@ -139,6 +141,9 @@ class Client(TaskMethods, JobMethods, DataMethods):
         token: str | None = None,
     ):
         self._addresses = parse_servers(servers)
+        if tls_dir is None:
+            tls_dir = os.environ.get("LEPTON_TLS_DIR", "")
+            cert_name = cert_name or os.environ.get("LEPTON_CERT_NAME") or None
         self._tls: TlsConfig | None = client_tls(tls_dir, cert_name) if tls_dir else None
         # Sent as `authorization: Bearer <token>` on every call; None: $LEPTON_TOKEN.
         self._token = (os.environ.get("LEPTON_TOKEN", "") if token is None else token).strip()

@@ -13,6 +13,13 @@ Identity is carried in the certificate subject:
     O  = lepton
     OU = node                      an agent (server and client: EKU serverAuth+clientAuth)
     OU = user:<role>               a person or tool, role admin|user|viewer (EKU clientAuth)
+    OU = task                      what tasks connect with (`task.crt`, EKU clientAuth): it
+                                   carries NO identity, so every call needs a token too (the
+                                   task's own credential); see `ensure_task_cert`
+
+gRPC's Python servers either require a client certificate or ask for none (there is no
+"verify if presented"), so a task, which must not hold its node's key, needs a certificate
+of its own to connect at all; the shared task certificate is that, and no more.
 
 A user certificate cannot serve (no serverAuth), so it cannot impersonate a node to another
 node. Keys are ECDSA P-256, signatures SHA-256. Only holders of `ca.key` can mint identities:
@@ -47,7 +54,8 @@ logger = logging.getLogger(__name__)
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 ORGANIZATION = "lepton"
-KINDS = ("node", "user")
+KINDS = ("node", "user", "task")
+TASK_CERT = "task"  # the task certificate's file name and CN
 USER_ROLES = ("admin", "user", "viewer")
 CA_DAYS = 3650
 CERT_DAYS = 365
@@ -205,7 +213,7 @@ def issue(
     if not overwrite and (cert_path.exists() or key_path.exists()):
         raise AlreadyExists(f"{cert_path} already exists")
     key = ec.generate_private_key(ec.SECP256R1())
-    ou = "node" if kind == "node" else f"user:{role}"
+    ou = f"user:{role}" if kind == "user" else kind
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou),
@@ -302,6 +310,27 @@ def ensure_node_cert(directory: str | os.PathLike[str], name: str, hosts: Sequen
         )
     logger.warning("node certificate %s: %s; issuing a new one from the CA", name, problem)
     return issue(d, name, kind="node", hosts=hosts, overwrite=True)
+
+
+def ensure_task_cert(directory: str | os.PathLike[str]) -> CertPaths | None:
+    """The task certificate (`task.crt`/`task.key`, OU=task) in `directory`, issued from the
+    CA when missing or unusable and the CA key is here; None when it cannot be had (the
+    caller says what tasks lose). Never raises for a missing file."""
+    d = Path(directory)
+    paths = CertPaths(d / f"{TASK_CERT}.crt", d / f"{TASK_CERT}.key", d / CA_CERT)
+    try:
+        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        ca_cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+        ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if (paths.key.exists() and [str(o.value) for o in ous] == ["task"]
+                and cert.not_valid_after_utc - _now() >= RENEW_BEFORE):
+            return paths
+    except Exception:  # noqa: BLE001 - missing, unreadable, foreign: issue a new one below
+        pass
+    if not (d / CA_KEY).exists() or not (d / CA_CERT).exists():
+        return None
+    return issue(d, TASK_CERT, kind="task", overwrite=True)
 
 
 # -- reading identities ------------------------------------------------------------------

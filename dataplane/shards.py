@@ -132,7 +132,7 @@ class ShardStore:
                 f"has key id {self.cipher.key_id}: give the secret the store was written with "
                 "(keys cannot be rotated)")
         if not marker.exists():
-            write_atomic(marker, (self.cipher.key_id + "\n").encode(), mode=0o644)
+            write_atomic(marker, (self.cipher.key_id + "\n").encode())
         if len(self._sealed) < len(self._sizes):
             logger.warning("shard store %s: %d shards written before encryption was on stay unencrypted",
                            self.root, len(self._sizes) - len(self._sealed))
@@ -187,7 +187,7 @@ class ShardStore:
             return [raw[i : i + DIGEST] for i in range(0, len(raw), DIGEST)]
         logger.warning("shard %s: checkpoint file missing or bad; recomputing", shard_id[:12])
         digests = self._hash_checkpoints(shard_id, size)
-        write_atomic(sums, b"".join(digests), mode=0o644)
+        write_atomic(sums, b"".join(digests))
         return digests
 
     def read_chunks(self, shard_id: str, offset: int = 0, *,
@@ -247,7 +247,7 @@ class ShardStore:
             good = False
         if not good:  # else every transfer from here would fail at the bad checkpoint
             logger.warning("shard %s: checkpoint file was wrong; rewritten", shard_id[:12])
-            write_atomic(sums, b"".join(digests), mode=0o644)
+            write_atomic(sums, b"".join(digests))
         return True
 
     def load(self, shard_id: str, *, verify: bool = True):
@@ -380,7 +380,7 @@ class ShardStore:
         sealed = writer.sealed
         final = self._blob_path(writer.shard_id, sealed)
         final.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._blob_path(writer.shard_id, False).with_suffix(".sums"), b"".join(digests), mode=0o644)
+        write_atomic(self._blob_path(writer.shard_id, False).with_suffix(".sums"), b"".join(digests))
         os.replace(writer.tmp_path, final)  # the commit point: the blob is now visible
         _fsync_dir(final.parent)
         with self._lock:
@@ -450,7 +450,7 @@ class ShardWriter:
         self.size = size
         self.offset = 0
         self.tmp_path = store.tmp / f"{shard_id}.{secrets.token_hex(4)}.part"
-        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._h = hashlib.sha256()
         self._digests: list[bytes] = []
         self._next = checkpoint_offsets(size)

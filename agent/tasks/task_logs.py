@@ -140,7 +140,7 @@ def _copy(src: Path, dst: Path, start: int, stop: int | None, *, sync: bool) -> 
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if start == 0 else os.O_APPEND)
     fin = os.open(src, os.O_RDONLY)
     try:
-        fout = os.open(dst, flags, 0o644)
+        fout = os.open(dst, flags, 0o600)
         try:
             end = os.fstat(fin).st_size if stop is None else stop
             pos = start
@@ -186,7 +186,7 @@ class OutputLogs:
         self._maps[att_dir] = rot
         try:
             # Not fsync'd: after a power loss, load_rotation repairs a stale map.
-            tp.write_json_atomic(att_dir / STATE, asdict(rot), mode=0o644, durable=False)
+            tp.write_json_atomic(att_dir / STATE, asdict(rot), durable=False)
         except OSError as err:
             logger.warning("cannot record the output rotation of %s: %s", att_dir, err)
 

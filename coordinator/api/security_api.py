@@ -8,15 +8,17 @@ the leader's soft-state helpers around it: the audit batcher and first-leadershi
   audited only when refused (heartbeats and Raft would drown the log); calls answered
   UNAVAILABLE (a follower redirecting, no leader) did nothing and are not audited.
   A follower drops the events it sees: the call is redirected and audited at the leader.
-- At first leadership the cluster gets its id (`SetClusterIdCmd`, a random hex string) and,
-  with auth on and no token ever made, an initial admin token written to
-  `<data-dir>/admin.token` (0600).
+- At first leadership the cluster gets its id (`SetClusterIdCmd`, a random hex string), the
+  key task credentials are signed with (`SetTaskTokenKeyCmd`, see
+  `lepton.coordinator.state.task_tokens`) and, with auth on and no token ever made, an
+  initial admin token written to `<data-dir>/admin.token` (0600).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.audit import record_from_event
+from lepton.coordinator.state import task_tokens
 from lepton.coordinator.state.security_state import MAX_AUDIT_BATCH, PEOPLE_ROLES, record_to_proto
 from lepton.v1 import security_pb2 as spb
 from lepton.v1 import state_pb2
@@ -135,6 +138,10 @@ class Bootstrap:
             cid = await self._ctx.commit(state_pb2.Command(
                 set_cluster_id=state_pb2.SetClusterIdCmd(cluster_id=uuid.uuid4().hex)))
             done.append(f"cluster id {cid}")
+        if not security.task_token_key:
+            await self._ctx.commit(state_pb2.Command(set_task_token_key=state_pb2.SetTaskTokenKeyCmd(
+                key=secrets.token_bytes(task_tokens.KEY_BYTES))))
+            done.append("task token key")
         if self._auth and not security.tokens:
             token, _ = await create_token(self._ctx, "admin", Role.ADMIN.value)
             path = self._data_dir / ADMIN_TOKEN_FILE

@@ -8,10 +8,10 @@ import logging
 import uuid
 
 from lepton.common import validation as v
-from lepton.common.auth import Role, current_principal, effective_owner, require_owner
+from lepton.common.auth import Role, current_principal, require_owner
 from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
-from lepton.coordinator.state.security_state import check_node_caller
+from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
 from lepton.coordinator.state.tasks import HOLDING, P, TaskState, copy_task
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
 
@@ -95,7 +95,7 @@ class TaskApi:
     @rpc_boundary
     async def SubmitTask(self, request, context):
         v.check_task_spec(request.spec)
-        request.spec.owner = effective_owner(request.spec.owner)  # the caller, with auth on
+        stamp_owner(request.spec, self._ctx.state)  # the caller, with auth on
         cmd = state_pb2.Command(
             submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
         )
@@ -116,7 +116,7 @@ class TaskApi:
             state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=spec) for spec in specs
         ]))
         for c in cmd.submit_tasks.tasks:
-            c.spec.owner = effective_owner(c.spec.owner)  # the caller, with auth on
+            stamp_owner(c.spec, self._ctx.state)  # the caller, with auth on
         tasks = await self._ctx.commit(cmd)
         return coordinator_pb2.SubmitTasksResponse(tasks=[self._task_view(t) for t in tasks])
 
@@ -124,7 +124,7 @@ class TaskApi:
     async def SubmitJob(self, request, context):
         spec = request.spec
         v.check_task_spec(spec)
-        spec.owner = effective_owner(spec.owner)
+        stamp_owner(spec, self._ctx.state)
         if not 1 <= request.nodes <= MAX_GANG:
             raise InvalidArgument(f"nodes must be between 1 and {MAX_GANG}, not {request.nodes}")
         if spec.job_id or spec.gang_size or spec.gang_rank:
@@ -235,6 +235,7 @@ class TaskApi:
                             gpu_indices=list(t.gpu_indices), term=t.assigned_term,
                             restart_count=t.restart_count, master_addr=t.master_addr,
                             master_port=t.master_port,
+                            task_token=self._ctx.state.security.task_token(t),
                         )
                         for t in self._ctx.state.tasks.on_node(node_id)
                         if t.state in HOLDING

@@ -1,4 +1,5 @@
-"""Security in the replicated state: API tokens (hashes only), the audit log, the cluster id.
+"""Security in the replicated state: API tokens (hashes only), the audit log, the cluster id,
+and the key task credentials are signed with (`task_tokens`).
 
 Called from `ClusterStateMachine.apply` and therefore deterministic: times come from the
 commands, never from a clock, and nothing here makes a token (the leader does, and only
@@ -9,11 +10,21 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from collections.abc import Callable
 
-from lepton.common.auth import Principal, Role, current_principal, hash_token, token_id
+from lepton.common.auth import (
+    Principal,
+    Role,
+    current_principal,
+    effective_owner,
+    hash_token,
+    token_id,
+)
 from lepton.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from lepton.coordinator.audit import DEFAULT_KEEP, AuditLog, AuditRecord
-from lepton.v1 import security_pb2, state_pb2
+from lepton.coordinator.state import task_tokens
+from lepton.v1 import security_pb2, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +51,19 @@ def _copy(token: security_pb2.ApiToken) -> security_pb2.ApiToken:
 
 
 class SecurityTable:
-    """Tokens by id, the audit log (`keep` newest records) and the cluster id."""
+    """Tokens by id, the audit log (`keep` newest records), the cluster id and the task token
+    key. `find_task(id)`: the state's task (None when unknown), and `holding(task)`: whether
+    its current attempt holds its node; task credentials are checked against them."""
 
-    def __init__(self, keep: int = DEFAULT_KEEP):
+    def __init__(self, keep: int = DEFAULT_KEEP, *,
+                 find_task: Callable[[str], tasks_pb2.Task | None] = lambda task_id: None,
+                 holding: Callable[[tasks_pb2.Task], bool] = lambda task: False):
         self.tokens: dict[str, security_pb2.ApiToken] = {}
         self.audit = AuditLog(keep)
         self.cluster_id = ""
+        self.task_token_key = b""
+        self._find_task = find_task
+        self._holding = holding
 
     # -- commands (deterministic) ------------------------------------------------------
     def create_token(self, c: state_pb2.CreateTokenCmd, at_ms: int) -> security_pb2.ApiToken:
@@ -86,7 +104,20 @@ class SecurityTable:
             self.cluster_id = c.cluster_id
         return self.cluster_id
 
+    def set_task_token_key(self, c: state_pb2.SetTaskTokenKeyCmd, at_ms: int) -> int:
+        """The first key wins (a second leader racing is ignored); returns its length.
+        Raises InvalidArgument for a key of the wrong size."""
+        if len(c.key) != task_tokens.KEY_BYTES:
+            raise InvalidArgument(f"a task token key is {task_tokens.KEY_BYTES} bytes, not {len(c.key)}")
+        if not self.task_token_key:
+            self.task_token_key = bytes(c.key)
+        return len(self.task_token_key)
+
     # -- reads -------------------------------------------------------------------------
+    def task_token(self, task: tasks_pb2.Task) -> str:
+        """The credential for `task`'s current attempt ("" before the key exists)."""
+        return task_tokens.mint(self.task_token_key, task)
+
     def list_tokens(self) -> list[security_pb2.ApiToken]:
         """Copies without their hashes, by name then id."""
         out = []
@@ -98,8 +129,11 @@ class SecurityTable:
 
     def lookup(self, token: str, now_ms: int | None = None) -> Principal | None:
         """The principal a bearer token stands for, or None (malformed, unknown, revoked).
-        Compares in constant time even for unknown ids."""
-        del now_ms  # tokens in the state do not expire (yet)
+        Compares in constant time even for unknown ids. Task credentials: `task_tokens`."""
+        if task_tokens.is_task_token(token):
+            now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+            return task_tokens.lookup(self.task_token_key, token, self._find_task, self.tokens,
+                                      self._holding, now_ms)
         try:
             tid = token_id(token)
         except InvalidArgument:
@@ -117,6 +151,7 @@ class SecurityTable:
             snap.tokens.append(self.tokens[tid])
         snap.audit.extend(record_to_proto(r) for r in self.audit)
         snap.cluster_id = self.cluster_id
+        snap.task_token_key = self.task_token_key
 
     def rebuild(self, snap: state_pb2.StateSnapshot) -> None:
         self.tokens = {t.id: _copy(t) for t in snap.tokens}
@@ -125,6 +160,7 @@ class SecurityTable:
             self.audit.append(record_from_proto(rec))
         self.audit.dropped = 0
         self.cluster_id = snap.cluster_id
+        self.task_token_key = snap.task_token_key
 
 
 def check_node_caller(state: object, node_id: str) -> None:
@@ -139,3 +175,21 @@ def check_node_caller(state: object, node_id: str) -> None:
     if p.name == node_id or (node is not None and node.name and p.name == node.name):
         return
     raise PermissionDenied(f"node {p.name} may not act for node {node_id}")
+
+
+def stamp_owner(spec: tasks_pb2.TaskSpec, state) -> None:
+    """Record the submitter on a new task's spec, whatever the client sent: the owner (the
+    caller; an admin may name anyone), the caller's role and the token it used (a task's
+    credential passes on its own submitter's). Its attempts' credentials act with that role
+    and stop working when that token is revoked. Raises PermissionDenied when a non-admin
+    names another owner."""
+    spec.owner = effective_owner(spec.owner)
+    p = current_principal()
+    role = p.role.value if p is not None and p.role.value in PEOPLE_ROLES else ""
+    spec.owner_role = role
+    spec.owner_token_id = ""
+    if p is not None and role and p.via == "token":
+        spec.owner_token_id = p.token_id
+    elif p is not None and role and p.via == "task":
+        parent = state.tasks.tasks.get(task_tokens.task_of(p.token_id))
+        spec.owner_token_id = parent.spec.owner_token_id if parent is not None else ""

@@ -15,7 +15,7 @@ from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonErro
 from lepton.common.states import NodeState, can_transition
 from lepton.coordinator.state.datasets import DatasetTable
 from lepton.coordinator.state.security_state import SecurityTable
-from lepton.coordinator.state.tasks import TaskTable
+from lepton.coordinator.state.tasks import HOLDING, TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class ClusterStateMachine:
         self.nodes: dict[str, common_pb2.Node] = {}
         self.tasks = TaskTable(self)
         self.datasets = DatasetTable(self)
-        self.security = SecurityTable()  # tokens, audit log, cluster id
+        # Tokens, audit log, cluster id; task credentials are checked against the tasks.
+        self.security = SecurityTable(find_task=lambda task_id: self.tasks.tasks.get(task_id),
+                                      holding=lambda task: task.state in HOLDING)
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -203,4 +205,5 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "revoke_token": lambda sm, c, at: sm.security.revoke_token(c, at),
     "append_audit": lambda sm, c, at: sm.security.append_audit(c, at),
     "set_cluster_id": lambda sm, c, at: sm.security.set_cluster_id(c, at),
+    "set_task_token_key": lambda sm, c, at: sm.security.set_task_token_key(c, at),
 }
