@@ -79,3 +79,10 @@ def test_audit_records_env_names_never_values():
             assert "hunter2" not in text and "s3cr3t-value" not in text, text
     as_dict = audit.summarize_request("x", {"spec": {"env": {"K": "s3cr3t-value"}}})
     assert "s3cr3t-value" not in as_dict
+
+
+def test_a_job_carries_its_submitters_name():
+    w = World()
+    spec = tasks_pb2.TaskSpec(name="j", argv=["true"], owner="alice")
+    job = w.apply(submit_job=state_pb2.SubmitJobCmd(job_id="j-1", spec=spec, nodes=2))
+    assert job.owner == "alice" and w.sm.tasks.job("j-1").owner == "alice"
