@@ -14,11 +14,14 @@ The cluster is found through LEPTON_SERVER, which agents set for every task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,31 +90,38 @@ def cmd_train(argv: list[str]) -> int:
     return code
 
 
-def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cluster evaluate")
+def _model_and_dataset_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
-    args = p.parse_args(argv)
-    from lepton.workloads.recipes import evaluate
+    return p
 
+
+@contextlib.contextmanager
+def _fetched(args: argparse.Namespace) -> Iterator[tuple[Any, Path, Path, list[str]]]:
+    """(client, scratch folder, model file, shard paths): `--model` and `--dataset` fetched
+    into a scratch folder that is gone afterwards."""
     with tempfile.TemporaryDirectory() as tmp, _client() as client:
         model = get_file(client, args.model, Path(tmp) / "model.pt")
-        shards = get_shards(client, args.dataset, Path(tmp))
+        yield client, Path(tmp), model, get_shards(client, args.dataset, Path(tmp))
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    args = _model_and_dataset_parser("cluster evaluate").parse_args(argv)
+    from lepton.workloads.recipes import evaluate
+
+    with _fetched(args) as (_, _, model, shards):
         return evaluate.main(["--model", str(model), "--shards", ",".join(shards)])
 
 
 def cmd_predict(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cluster predict")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
+    p = _model_and_dataset_parser("cluster predict")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from lepton.workloads.recipes import predict
 
-    with tempfile.TemporaryDirectory() as tmp, _client() as client:
-        model = get_file(client, args.model, Path(tmp) / "model.pt")
-        shards = get_shards(client, args.dataset, Path(tmp))
-        preds = Path(tmp) / "predictions.npy"
+    with _fetched(args) as (client, tmp, model, shards):
+        preds = tmp / "predictions.npy"
         os.environ["LEPTON_SHARDS"] = ",".join(shards)
         code = predict.main(["--model", str(model), "--output", str(preds)])
         if code:
