@@ -30,14 +30,14 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_certs_issue(args: argparse.Namespace) -> int:
     from lepton.common import tls
 
-    if args.kind == "user" and args.host:
+    if args.kind != "node" and args.host:
         sys.stderr.write("lepton-ctl: --host applies to node certificates only\n")
         return 2
     paths = tls.issue(
         args.dir, args.name, kind=args.kind, role=args.role, hosts=args.host or (),
         days=args.days, overwrite=args.force,
     )
-    identity = "node" if args.kind == "node" else f"user:{args.role}"
+    identity = f"user:{args.role}" if args.kind == "user" else args.kind
     if args.output == "json":
         _print_json({"name": args.name, "identity": identity, "cert": str(paths.cert),
                      "key": str(paths.key), "ca_cert": str(paths.ca)})
@@ -58,7 +58,8 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder (made 0700)")
     p.set_defaults(func=cmd_certs_init)
 
-    help_ = "issue a node or user certificate signed by the CA in DIR"
+    help_ = ("issue a node, user or task certificate signed by the CA in DIR (task: what tasks "
+             "connect with; it carries no identity, so name it `task`)")
     p = sub.add_parser("issue", help=help_, description=help_, parents=[common])
     p.add_argument("name", metavar="NAME", help="node id or user name (the certificate's CN)")
     p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder holding the CA")

@@ -129,6 +129,9 @@ class AgentConfig:
     # reported: a day leaves time to read the output of last night's runs. 0: keep forever.
     # A torch job's folder (jobs/<id>) goes once all its attempts here are that old.
     task_retention_s: float = 24 * 3600.0
+    # Run tasks as this OS user (the agent must be root): they cannot read the data dir,
+    # the node's key or its tokens (lepton.agent.task_identity). "": as the agent's user.
+    task_user: str = ""
     # How often the agent reports its shards to the leader (a digest; the listing only when
     # something changed), which re-lists a returning node's copies and finds orphans. It
     # also reports at every (re-)registration. Minutes: nothing here is urgent.
