@@ -159,7 +159,8 @@ class SideChannel:
         for stream in streams:
             _shutdown(stream)
         if victims:
-            logger.info("side channel: dropped %d idle connections (from %s)", len(victims), host)
+            # Debug: a flood would otherwise write a line per connection.
+            logger.debug("side channel: dropped %d idle connections (from %s)", len(victims), host)
 
     def _serve(self, conn: socket.socket, host: str) -> None:
         with conn:
@@ -194,6 +195,8 @@ class SideChannel:
                         self._pending[conn] = (host, stream)
                 try:
                     stream.do_handshake()
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                    raise ConnectionError("closed during the TLS handshake") from None  # or dropped as idle
                 except ssl.SSLError as err:  # no certificate, another CA, plaintext
                     logger.warning("side channel: refused a peer in the TLS handshake: %s", err.reason or err)
                     return stream, None
