@@ -19,6 +19,7 @@ from lepton.agent.link import CoordinatorLink
 from lepton.agent.node_directory import NodeDirectory
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import InvalidArgument, LeptonError
+from lepton.common.served_certs import coordinators_only
 from lepton.dataplane.shard_crypto import ShardCipher
 from lepton.dataplane.shard_service import ShardService, add_to_server
 from lepton.dataplane.shards import ShardStore
@@ -73,6 +74,7 @@ class DataNode:
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)
         self._datasets = link.datasets  # the agent's one link to the leader, shared
         self._nodes = NodeDirectory(link.coordinator)  # PullShards sources: node ids, looked up
+        self._coordinators_only = coordinators_only(tls, lambda: link.addresses)  # who may order deletes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self.store.on_quarantine = self._on_quarantine
@@ -86,7 +88,7 @@ class DataNode:
     def add_to_server(self, server: grpc.aio.Server) -> str:
         self._loop = asyncio.get_running_loop()
         service = ShardService(self.store, self.side, self.puller, self.node_id, on_bytes=self._on_bytes,
-                               resolve_nodes=self._nodes.addresses)
+                               resolve_nodes=self._nodes.addresses, coordinators_only=self._coordinators_only)
         return add_to_server(service, server)
 
     def _on_quarantine(self, shard_id: str) -> None:

@@ -17,6 +17,7 @@ import grpc
 from lepton.common import validation as v
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.served_certs import CoordinatorCheck
 from lepton.common.tls import peer_identity
 from lepton.dataplane.shards import ShardStore, check_shard_id
 from lepton.dataplane.transfer import ByteCounter, Puller, SideChannel
@@ -38,8 +39,11 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
     def __init__(
         self, store: ShardStore, side: SideChannel | None, puller: Puller, node_id: str = "",
         on_bytes: ByteCounter | None = None, resolve_nodes: ResolveNodes | None = None,
+        coordinators_only: CoordinatorCheck | None = None,
     ):
         self._store = store
+        # A node may order deletes and pulls here only if it is a coordinator (node restriction).
+        self._coordinators_only = coordinators_only
         self._on_bytes = on_bytes  # uploads in, ReadShard out (metrics)
         self._side = side
         self._puller = puller
@@ -100,6 +104,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
 
     @rpc_boundary
     async def PullShards(self, request, context):
+        if self._coordinators_only is not None:
+            await self._coordinators_only("PullShards")
         if len(request.shards) > MAX_IDS:
             raise InvalidArgument(f"{len(request.shards)} shards; at most {MAX_IDS} per call")
         for s in request.shards:
@@ -136,6 +142,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
 
     @rpc_boundary
     async def DeleteShards(self, request, context):
+        if self._coordinators_only is not None:
+            await self._coordinators_only("DeleteShards")
         _check_ids(request.shard_ids)
         deleted = sum(self._store.delete(s) for s in request.shard_ids)
         if deleted:

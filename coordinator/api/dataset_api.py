@@ -214,6 +214,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         check_shard_id(request.shard_id)
         v.require_id(request.node_id, "node_id")
         v.check_text(request.reason, "reason", 256)
+        check_node_caller(self._sm, request.node_id)  # a node drops only its own copies
         cmd = state_pb2.DropReplicasCmd(
             replicas=[state_pb2.ReplicaChange(shard_id=request.shard_id, node_id=request.node_id)],
             reason=request.reason,

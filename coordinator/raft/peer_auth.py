@@ -8,7 +8,7 @@ it is that member:
 
 - with TLS, the caller's node certificate must be the one the server listening at that
   address presents: we dial the address ourselves and read its certificate (cached per
-  address; a different caller makes us look again at most every `RECHECK_S`). A worker's or
+  address, `lepton.common.served_certs`). A worker's or
   a user's certificate, valid as it is, never matches a voter's address.
 - without TLS, `lepton-raft-mac` is an HMAC-SHA256 of the address under a key derived from
   the voters' peer secret (`--peer-secret-file`), which workers do not hold.
@@ -19,26 +19,21 @@ Refusals are PermissionDenied; the interceptor counts and audits them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-import ssl
-import time
 from collections.abc import Callable, Collection
 from typing import Any
 
 from lepton.common import tls as _tls
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import PermissionDenied
+from lepton.common.served_certs import ServedCertificates
 
 logger = logging.getLogger(__name__)
 
 FROM_HEADER = "lepton-raft-from"
 MAC_HEADER = "lepton-raft-mac"
-RECHECK_S = 2.0  # at most one dial per address this often, whoever calls
-DIAL_TIMEOUT_S = 3.0
 _KEY_INFO = b"lepton raft peer key v1"
 
 
@@ -64,15 +59,12 @@ class PeerCheck:
     def __init__(self, members: Callable[[], Collection[str]], *, tls: TlsConfig | None,
                  key: bytes | None):
         self._members = members
-        self._tls = tls
         self._key = key
-        self._ssl: ssl.SSLContext | None = None
-        self._bound: dict[str, tuple[str, float]] = {}  # address -> (certificate name, checked at)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._served = ServedCertificates(tls) if tls is not None else None
 
     @property
     def enabled(self) -> bool:
-        return self._tls is not None or self._key is not None
+        return self._served is not None or self._key is not None
 
     async def caller(self, context: Any, method: str) -> str:
         """The member address the call speaks for ("" when nothing is checked).
@@ -87,57 +79,17 @@ class PeerCheck:
             raise PermissionDenied(f"{method}: {address} is not a member of this server's Raft configuration")
         if self._key is not None and not hmac.compare_digest(meta.get(MAC_HEADER, ""), _mac(self._key, address)):
             raise PermissionDenied(f"{method}: the call does not prove the Raft peer secret")
-        if self._tls is not None:
+        if self._served is not None:
             ident = _tls.peer_identity(context)
             if ident is None or ident.kind != "node":
                 raise PermissionDenied(f"{method}: only the node certificate of a Raft member may call it")
-            holder = await self._holder(address, ident.name)
+            holder = await self._served.serves(address, ident.name)
             if holder != ident.name:
                 raise PermissionDenied(
                     f"{method}: certificate {ident.name} is not the one serving {address}"
                     + (f" ({holder})" if holder else "")
                 )
         return address
-
-    async def _holder(self, address: str, claimed: str) -> str:
-        """The certificate name the server at `address` presents; looked up again when it
-        differs from `claimed` and the last look is RECHECK_S old."""
-        name, at = self._bound.get(address, ("", -RECHECK_S))
-        if name == claimed:
-            return name
-        lock = self._locks.setdefault(address, asyncio.Lock())
-        async with lock:
-            name, at = self._bound.get(address, ("", -RECHECK_S))
-            if name == claimed or time.monotonic() - at < RECHECK_S:
-                return name
-            name = await self._dial(address)
-            self._bound[address] = (name, time.monotonic())
-            return name
-
-    async def _dial(self, address: str) -> str:
-        """The name in the certificate served at `address`, "" when unreachable or none."""
-        assert self._tls is not None
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
-        if self._ssl is None:
-            self._ssl = self._tls.client_ssl_context()
-            self._ssl.set_alpn_protocols(["h2"])
-        writer = None
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, int(port), ssl=self._ssl, server_hostname=host),
-                DIAL_TIMEOUT_S,
-            )
-            ident = _tls.identity_from_ssl(writer.get_extra_info("ssl_object"))
-        except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as err:
-            logger.warning("raft: cannot check the certificate served at %s: %s", address, err)
-            return ""
-        finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-        return ident.name if ident is not None and ident.kind == "node" else ""
 
 
 def _metadata(context: Any) -> dict[str, str]:
