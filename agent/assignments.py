@@ -17,6 +17,7 @@ import grpc
 
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
+from lepton.agent.tasks.task_spec import FENCED
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
 from lepton.v1 import coordinator_pb2, tasks_pb2
@@ -70,6 +71,7 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
         gpu_indices=tuple(a.gpu_indices),
         timeout_s=s.timeout_s,
         grace_s=s.grace_s or DEFAULT_GRACE_S,
+        keep_on_disconnect=s.on_disconnect == tasks_pb2.ON_DISCONNECT_KEEP,
     )
 
 
@@ -79,7 +81,8 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
     return tasks_pb2.TaskEvent(
         task_id=ev.task_id, attempt=ev.attempt, kind=kind, exit_code=ev.exit_code or 0,
         reason=ev.reason[:1024], at_ms=ev.at_ms, term=ev.term,
-        requeue=ev.kind == TaskEventKind.EXITED and ev.reason == AGENT_STOPPING,
+        # Stopped by the agent's graceful stop, or by its lease (fenced): not the task's failure.
+        requeue=ev.kind == TaskEventKind.EXITED and ev.reason in (AGENT_STOPPING, FENCED),
     )
 
 

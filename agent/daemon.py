@@ -161,7 +161,12 @@ class Agent:
                                           shard_key_file=self.config.shard_key_file,
                                           log_max_bytes=self.config.task_log_max_bytes)
         # Sweep at least as often as the retention (a short one is for tests and small disks).
+        from lepton.agent.tasks.lease import AttemptLease
+
+        # Renewed by every answer from the leader; attempts kill themselves once it runs out.
+        self.attempt_lease = AttemptLease(self.data_dir)
         self.runner = TaskRunner(self.data_dir, self.assignments.on_event, acknowledged_by_caller=True,
+                                 lease_path=self.attempt_lease.path if self.attempt_lease.enabled else None,
                                  log_max_bytes=self.config.task_log_max_bytes,
                                  retention_s=self.config.task_retention_s,
                                  sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)))
@@ -194,13 +199,27 @@ class Agent:
             self._registration,
             self._usage,
             interval_s=self.config.heartbeat_interval_s,
-            on_registered=self.data.inventory.wake,  # a returning node's blobs get re-listed
+            on_term=lambda _term: self._leader_answered(),
+            on_registered=self._registered,
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
         self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
         self._tasks.append(asyncio.create_task(self.data.inventory.run(), name="shard-inventory"))
         self._write_runtime_file()
+
+    def _leader_answered(self) -> None:
+        """The leader answered (a heartbeat, a registration): the attempts may run on for
+        the lease, sized for the interval it hands out (common/failover.py)."""
+        from lepton.common.failover import attempt_lease_s
+
+        heartbeater = self.heartbeater
+        interval = heartbeater.interval_s if heartbeater is not None else self.config.heartbeat_interval_s
+        self.attempt_lease.renew(attempt_lease_s(interval))
+
+    def _registered(self) -> None:
+        self._leader_answered()
+        self.data.inventory.wake()  # a returning node's blobs get re-listed
 
     def _start_metrics(self) -> None:
         """Wire the metric hooks and serve /metrics on `metrics_listen` (port 0: not served).

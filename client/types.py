@@ -320,7 +320,7 @@ class TaskInfo(_DictMixin):
 
     `state` is one of `TASK_STATES` (`unknown` only from a newer server). `attempt` counts
     from 1 and grows on each requeue; `failures` counts failed attempts (a preemption is not
-    one). `node_id`/`node_address`/`gpu_indices` are the current (or last) attempt's
+    one, nor is a lost node: `node_losses` counts those). `node_id`/`node_address`/`gpu_indices` are the current (or last) attempt's
     placement, empty while pending. `exit_code` is None until an attempt exited. `reason`
     says why a pending task waits, or why a task failed. `command` is the argv list, or the
     shell string when the task runs under `/bin/sh -c`. Times are Unix ms; 0: not yet.
@@ -331,6 +331,7 @@ class TaskInfo(_DictMixin):
     state: str
     attempt: int
     failures: int
+    node_losses: int
     node_id: str
     node_address: str
     gpu_indices: list[int]
@@ -362,6 +363,7 @@ class TaskInfo(_DictMixin):
             state=TaskState.name_of(msg.state),
             attempt=msg.attempt,
             failures=msg.failures,
+            node_losses=msg.node_losses,
             node_id=msg.node_id,
             node_address=msg.node_address,
             gpu_indices=list(msg.gpu_indices),

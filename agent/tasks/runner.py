@@ -61,6 +61,7 @@ from lepton.agent.tasks.task_spec import (
     RunningTask,
     RunSpec,
     TaskEvent,
+    FENCED,
     TaskEventKind,
     validate_ids,
 )
@@ -134,17 +135,21 @@ class TaskRunner:
         log_check_s: float = LOG_CHECK_S,
         sweep_s: float = SWEEP_S,
         acknowledged_by_caller: bool = False,
+        lease_path: Path | None = None,
     ):
         """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
         (0: keep forever). `acknowledged_by_caller`: an EXITED counts as reported only once
         `acknowledge()` is called (after the coordinator took it), not when `on_event`
-        returns. Raises InvalidArgument for negative or non-finite values."""
+        returns. `lease_path`: the node's attempt lease (lease.py); each attempt not marked
+        keep_on_disconnect kills itself once it runs out (None: attempts never fence).
+        Raises InvalidArgument for negative or non-finite values."""
         for name, value in (("log_max_bytes", log_max_bytes), ("retention_s", retention_s),
                             ("log_check_s", log_check_s), ("sweep_s", sweep_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise InvalidArgument(f"{name} must be a finite number >= 0, not {value!r}")
         self._root = Path(data_dir) / "tasks"
         self._term_path = Path(data_dir) / "runner.json"
+        self._lease_path = lease_path
         self._on_event = on_event
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
@@ -242,7 +247,8 @@ class TaskRunner:
             return
         try:
             proc = subprocess.Popen(
-                tp.wrapper_argv(att_dir / "exit.json", command),
+                tp.wrapper_argv(att_dir / "exit.json", command,
+                                None if spec.keep_on_disconnect else self._lease_path),
                 stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,  # one file description
                 cwd=workdir, env=env, start_new_session=True, close_fds=True,
             )
@@ -590,6 +596,8 @@ class TaskRunner:
             code = None
         if att.stop_reason:
             reason = att.stop_reason
+        elif (att.dir / tp.FENCED_MARK).exists():
+            reason = FENCED  # its watchdog: the lease ran out; the leader requeues it
         elif code is None:
             reason = "lost"
         elif code < 0:

@@ -26,10 +26,29 @@ from lepton.common.durable import write_atomic
 # survives them. A signal that came before the command was forked skips it. One that lands
 # within the instant of the fork itself can be lost to the command: SIGKILL after the grace
 # period is the backstop.
-WRAPPER_SCRIPT = """x=$1; shift
+# Self-fencing: with a lease file ($2, see lease.py), a watchdog in the same process group
+# compares its expiry with /proc/uptime every second; once it has run out (the agent is
+# dead, hung or cut off from the leader), it leaves a `fenced` mark and SIGKILLs the whole
+# group, wrapper included. It needs nothing from the agent, so it works after a kill -9.
+WRAPPER_SCRIPT = """x=$1; lease=$2; shift 2
 rc=
 trap 'rc=143' TERM; trap 'rc=130' INT; trap 'rc=129' HUP
+w=
+if [ -n "$lease" ]; then
+  ( while sleep 1; do
+      exp=; { read exp < "$lease"; } 2>/dev/null
+      case $exp in ''|*[!0-9]*) exp=0;; esac
+      read up _ < /proc/uptime
+      if [ "${up%.*}${up#*.}" -ge "$exp" ]; then
+        : > "${x%/*}/fenced"
+        echo "lepton: fenced: this node lost the leader past the attempt's lease; killing the attempt" >&2
+        kill -KILL 0
+      fi
+    done ) &
+  w=$!
+fi
 [ -n "$rc" ] || { "$@"; rc=$?; }
+[ -z "$w" ] || kill "$w" 2>/dev/null
 printf '{"rc": %d}\\n' "$rc" > "$x.tmp" && mv -f "$x.tmp" "$x"
 exit "$rc"
 """
@@ -39,9 +58,13 @@ _MAX_SIGNAL = int(getattr(signal, "SIGRTMAX", 64))
 _HAVE_PROC = os.path.isdir("/proc/self")
 
 
-def wrapper_argv(exit_path: Path, command: tuple[str, ...]) -> list[str]:
-    """The argv to spawn: /bin/sh running WRAPPER_SCRIPT, then the task's own argv."""
-    return ["/bin/sh", "-c", WRAPPER_SCRIPT, WRAPPER_NAME, str(exit_path), *command]
+FENCED_MARK = "fenced"  # in the attempt's folder: its watchdog killed it (lease ran out)
+
+
+def wrapper_argv(exit_path: Path, command: tuple[str, ...], lease_path: Path | None = None) -> list[str]:
+    """The argv to spawn: /bin/sh running WRAPPER_SCRIPT, then the task's own argv. With
+    `lease_path`, the attempt kills itself once that lease runs out (see lease.py)."""
+    return ["/bin/sh", "-c", WRAPPER_SCRIPT, WRAPPER_NAME, str(exit_path), str(lease_path or ""), *command]
 
 
 def shell_status_to_exit_code(rc: int) -> int:

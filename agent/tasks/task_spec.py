@@ -39,6 +39,8 @@ class RunSpec:
     gpu_indices: tuple[int, ...] = ()  # -> CUDA_/NVIDIA_VISIBLE_DEVICES; none: both ""
     timeout_s: float = 0  # 0 = none; persisted, so it holds across agent restarts
     grace_s: float = 10.0  # SIGTERM -> wait grace -> SIGKILL
+    # Run on when this node loses the leader past the attempt lease (default: killed then).
+    keep_on_disconnect: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON or protos become tuples; env is copied so the caller cannot change it.
@@ -64,6 +66,8 @@ class RunSpec:
         for i in self.gpu_indices:
             if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                 raise InvalidArgument(f"task {self.task_id}: bad GPU index {i!r}")
+        if not isinstance(self.keep_on_disconnect, bool):
+            raise InvalidArgument(f"task {self.task_id}: keep_on_disconnect must be a bool")
         for name in ("timeout_s", "grace_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -79,6 +83,11 @@ class RunSpec:
         """Raises TypeError/KeyError when `doc` lacks required fields; ignores unknown ones."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+# The EXITED reason of an attempt its watchdog killed when the node's attempt lease ran out:
+# not the task's failure (the agent reports it for requeue).
+FENCED = "fenced: this node lost the leader past the attempt's lease"
 
 
 class TaskEventKind(str, enum.Enum):

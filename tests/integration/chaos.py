@@ -1,0 +1,91 @@
+"""The leader-freeze chaos scenario, shared by test_raft_cluster (a few rounds) and
+benchmarks/chaos.py (20 rounds, figures as JSON).
+
+3 voters + 2 workers. Each round submits tasks that run across the fault, then stops the
+leader with SIGSTOP for 2-8 s and continues it once a new leader is elected. Figures: how
+many tasks were acknowledged, lost (acknowledged, then missing), failed (not succeeded),
+overlapped (their completion recorded more than once), and the nodes marked down that were
+not a frozen leader (from the voters' logs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from lepton.client import Client, LeptonError
+from tests.integration.cluster import leader_of, servers, start_voters, wait_until
+
+TASKS_PER_ROUND = 4
+DOWN_LINE = re.compile(r"node (\S+) \(\S+\) is down: ")
+
+
+def submit_retrying(c: Client, request_id: str, **kw) -> str:
+    """Submit until acknowledged (the same request id: never stored twice)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return c.submit(request_id=request_id, **kw).id
+        except LeptonError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def freeze_the_leader(start, workdir: Path, rounds: int, seed: int = 1) -> dict:
+    """Run `rounds` leader freezes; returns the figures. `start` is the agents fixture."""
+    rng = random.Random(seed)
+    voters = start_voters(start, 3)
+    workers = [start(f"worker-{i}", "--join", servers(voters), "--labels", "pool=work", "--cpus", "8")
+               for i in (1, 2)]
+    ran = workdir / "ran"
+    acked: list[str] = []
+    frozen: set[str] = set()
+    freezes: list[float] = []
+    with Client(servers(voters), timeout=30) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 5, timeout=60, what="5 nodes")
+        for round_ in range(rounds):
+            freeze = rng.uniform(2.0, 8.0)
+            batch = [submit_retrying(c, f"freeze-{round_}-{i}", constraints={"pool": "work"}, cpu=0.1,
+                                     max_retries=0,
+                                     shell=f'sleep {freeze + 3:.1f}; echo "$LEPTON_TASK_ID $LEPTON_ATTEMPT" >> {ran}')
+                     for i in range(TASKS_PER_ROUND)]
+            acked += batch
+            wait_until(lambda b=batch: all(t.state == "running" for t in c.list() if t.id in b),
+                       timeout=60, what="the round's tasks running")
+            victim = leader_of(c, voters)
+            frozen.add(victim.name)
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(freeze)
+            finally:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+            freezes.append(round(freeze, 1))
+            wait_until(lambda: c.cluster_status().leader and
+                       len([n for n in c.nodes() if n.state == "ready"]) == 5,
+                       timeout=60, what="a leader and 5 ready nodes after the freeze")
+        tasks = wait_until(lambda: (ts := [t for t in c.list() if t.id in set(acked)]) and
+                           all(t.done for t in ts) and len(ts) == len(acked) and ts,
+                           timeout=120, what="every acknowledged task to finish")
+    completions = Counter(line.split()[0] for line in ran.read_text().splitlines())
+    down = set()
+    for agent in [*voters, *workers]:
+        down |= set(DOWN_LINE.findall(agent.log_path.read_text(errors="replace")))
+    return {
+        "rounds": rounds,
+        "faults": len(freezes),
+        "freeze_s": freezes,
+        "acked": len(acked),
+        "lost": len(set(acked) - {t.id for t in tasks}),
+        "failed": sum(t.state != "succeeded" for t in tasks),
+        "failed_reasons": sorted({t.reason for t in tasks if t.state != "succeeded"}),
+        "overlaps": sum(n > 1 for n in completions.values()),
+        "never_completed": len(set(acked) - set(completions)),
+        "requeued": sum(t.attempt > 1 for t in tasks),
+        "wrongly_down": sorted(down - frozen),
+    }

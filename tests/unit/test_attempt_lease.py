@@ -1,0 +1,78 @@
+"""Self-fencing attempts: a wrapper whose node lease ran out kills its own process group,
+with no agent involved (the agent may be dead); keep_on_disconnect opts out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lepton.agent.tasks.lease import AttemptLease, supported
+from lepton.agent.tasks.runner import RunSpec, TaskEventKind
+from lepton.agent.tasks.task_spec import FENCED
+from lepton.common.errors import InvalidArgument
+from tests.unit.test_runner import Node, gone, wait_until
+
+pytestmark = pytest.mark.skipif(not supported(), reason="needs /proc/uptime and CLOCK_BOOTTIME")
+
+
+async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out(tmp_path):
+    lease = AttemptLease(tmp_path)
+    lease.renew(2.0)
+    assert 0 < lease.remaining_s() <= 2.0
+    node = Node(tmp_path)
+    runner = await node.runner(lease_path=lease.path)
+    try:
+        runner.launch(RunSpec("fenced", 1, 1, shell="sleep 60 & sleep 60"))
+        runner.launch(RunSpec("kept", 1, 1, shell="sleep 60", keep_on_disconnect=True))
+        pids = {r.task_id: r.pid for r in runner.running()}
+        # Renewals keep it alive (the agent hears from the leader)...
+        for _ in range(3):
+            await asyncio.sleep(1.0)
+            lease.renew(2.0)
+        assert not node.of("fenced", kind=TaskEventKind.EXITED)
+        # ...then the agent stops renewing (killed, hung, cut off): the watchdog kills the group.
+        ev = await node.exited("fenced")
+        assert ev.reason == FENCED and ev.exit_code == -9
+        assert gone(pids["fenced"])
+        assert "lepton: fenced" in node.log("fenced")
+        assert lease.remaining_s() < 0
+        assert not gone(pids["kept"]) and not node.of("kept", kind=TaskEventKind.EXITED)
+    finally:
+        runner.cancel("kept", 1, grace_s=0)
+        await node.exited("kept")
+        await runner.stop()
+
+
+async def test_the_watchdog_needs_no_agent(tmp_path):
+    """The runner stops watching (as in kill -9 of the agent): the attempt still dies."""
+    lease = AttemptLease(tmp_path)
+    lease.renew(1.0)
+    node = Node(tmp_path)
+    runner = await node.runner(lease_path=lease.path)
+    runner.launch(RunSpec("orphan", 1, 1, shell="sleep 60"))
+    pid = runner.running()[0].pid
+    await runner.stop()  # nobody watches or signals it from here on
+    await wait_until(lambda: gone(pid), "the orphan to kill itself")
+    assert (tmp_path / "tasks" / "orphan" / "1" / "fenced").exists()
+    # A later runner reports how it ended: fenced, for requeue.
+    runner = await node.runner(lease_path=lease.path)
+    try:
+        ev = await node.exited("orphan")
+        assert ev.reason == FENCED
+    finally:
+        await runner.stop()
+
+
+async def test_no_lease_file_means_no_watchdog_and_bad_specs_are_refused(tmp_path):
+    node = Node(tmp_path)
+    runner = await node.runner()
+    try:
+        runner.launch(RunSpec("plain", 1, 1, shell="sleep 2; echo done"))
+        ev = await node.exited("plain")
+        assert ev.exit_code == 0 and "done" in node.log("plain")
+        assert not (tmp_path / "tasks" / "plain" / "1" / "fenced").exists()
+    finally:
+        await runner.stop()
+    with pytest.raises(InvalidArgument):
+        RunSpec("bad", 1, 1, shell="true", keep_on_disconnect="yes").validate()
