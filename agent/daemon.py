@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from lepton.agent.identity import load_or_create_node_id, lock_data_dir
 from lepton.common.channels import TlsConfig, node_tls
 from lepton.common.config import AgentConfig
 from lepton.common.durable import write_atomic
-from lepton.common.errors import InvalidArgument
+from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
 from lepton.common.version import VERSION
@@ -32,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 def free_port(host: str) -> int:
     """A TCP port free on this host right now (a job's rank 0 may host its store there)."""
-    import socket
-
     try:
         with socket.socket() as s:
             s.bind((host.strip("[]") if host not in ("", "0.0.0.0") else "", 0))
@@ -67,6 +66,8 @@ class Agent:
         )
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._stopped = asyncio.Event()
+        self.failed = asyncio.Event()  # set when the log store failed: run_agent exits
+        self.failure: Exception | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # One registry per agent (not prometheus_client's global one), so agents started in
         # one process in tests never share or collide on metric names.
@@ -125,12 +126,17 @@ class Agent:
 
             interceptors.append(server_interceptor(self))
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        if self.tls is None:
-            port = self.server.add_insecure_port(self.config.listen)
-        else:  # clients must present a certificate of the cluster CA
-            port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
+        listen = self.config.listen
+        check_bindable(listen, "--listen")  # gRPC's own error names neither cause nor flag
+        try:
+            if self.tls is None:
+                port = self.server.add_insecure_port(listen)
+            else:  # clients must present a certificate of the cluster CA
+                port = self.server.add_secure_port(listen, self.tls.server_credentials())
+        except RuntimeError:  # taken between the check and here
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise OSError(f"cannot listen on {listen}; choose another address with --listen (LEPTON_LISTEN)")
         host = self.address.rpartition(":")[0]
         self.address = f"{host}:{port}"
         self._check_topology()
@@ -147,6 +153,7 @@ class Agent:
 
             self.config.advertise = self.address  # the real port, when --listen said 0
             self.coordinator = Coordinator(self.config, self.node_id, tls=self.tls)
+            self.coordinator.consensus.add_failure_listener(self._storage_failed)
             services += self.coordinator.add_to_server(self.server)
         from lepton.agent.assignments import AssignmentLoop
         from lepton.agent.link import CoordinatorLink
@@ -188,7 +195,7 @@ class Agent:
             reflection.aio.ReflectionServicer(services),
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
         )
-        self._start_metrics()  # before serving: a taken port fails the start cleanly
+        self._start_metrics()
         await self.server.start()
         if self.coordinator is not None:
             await self.coordinator.start()  # after the server: Raft peers must reach us
@@ -222,8 +229,9 @@ class Agent:
         self.data.inventory.wake()  # a returning node's blobs get re-listed
 
     def _start_metrics(self) -> None:
-        """Wire the metric hooks and serve /metrics on `metrics_listen` (port 0: not served).
-        Raises OSError when the port is taken."""
+        """Wire the metric hooks and serve /metrics on `metrics_listen` (empty or port 0:
+        not served). A port that cannot be bound is a warning: metrics are not worth a
+        dead agent."""
         from lepton.agent.metrics import CoordinatorMetrics, start_metrics_server
 
         runner = self.runner
@@ -244,9 +252,16 @@ class Agent:
             c.liveness.on_heartbeat = metrics.observe_heartbeat
             c.scheduling.on_cycle = metrics.scheduling_cycle.observe
             self.coordinator_metrics = metrics
+        if not self.config.metrics_listen:
+            return
         host, _, port = self.config.metrics_listen.rpartition(":")
-        self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry,
-                                                   **self._metrics_tls())
+        try:
+            self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry,
+                                                       **self._metrics_tls())
+        except OSError as err:
+            logger.warning("metrics: cannot serve on %s (%s); running without /metrics "
+                           "(choose another address with --metrics-listen)",
+                           self.config.metrics_listen, err.strerror or err)
 
     def _metrics_tls(self) -> dict[str, str]:
         """With --tls-dir, /metrics is HTTPS with this node's certificate, and scrapers must
@@ -256,6 +271,19 @@ class Agent:
         d = Path(self.tls.dir)
         return {"certfile": str(d / f"{self.tls.name}.crt"), "keyfile": str(d / f"{self.tls.name}.key"),
                 "client_cafile": str(d / "ca.crt")}
+
+    def _storage_failed(self, err: Exception) -> None:
+        """The log store failed (consensus stopped for good): stop looking alive at once,
+        then `run_agent` exits (crash-stop; systemd restarts the agent, which re-reads
+        the log). No graceful leave: the node's tasks keep running for the restart."""
+        logger.critical("log store failed (%s): this voter no longer votes; NOT_SERVING, exiting", err)
+        self.failure = err
+        self.agent_metrics.storage_failed.set(1)
+        for task in self._tasks:
+            if task.get_name() == "heartbeat":
+                task.cancel()  # or the leader would go on seeing a ready node
+        asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.failed.set()
 
     async def _set_health(self, status) -> None:
         result = self._health.set("", status)
@@ -289,11 +317,13 @@ class Agent:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # give the exit reports a moment to reach the leader
 
-    async def stop(self) -> None:
-        """Graceful: leave the cluster (state LEFT, not DOWN), drain RPCs, stop the coordinator."""
+    async def stop(self, *, leave: bool = True) -> None:
+        """Graceful: leave the cluster (state LEFT, not DOWN), drain RPCs, stop the coordinator.
+        `leave=False` (crash-stop): tasks keep running and the node is not marked LEFT."""
         logger.info("stopping")
-        await self._stop_tasks()
-        if self.heartbeater is not None:
+        if leave:
+            await self._stop_tasks()
+        if leave and self.heartbeater is not None:
             left = await self.heartbeater.leave()
             logger.info("left the cluster" if left else "could not tell the coordinator we left")
         for task in self._tasks:
@@ -331,5 +361,30 @@ async def run_agent(config: AgentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.start()
-    await stop.wait()
-    await agent.stop()
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if agent.failure is None:
+        await agent.stop()
+        return
+    await agent.stop(leave=False)
+    raise Unavailable(f"the Raft log store in {agent.data_dir / 'raft'} failed ({agent.failure}); "
+                      "stopped without leaving the cluster. Fix the disk (free space), then restart: "
+                      "the log is re-read and this voter catches up")
+
+
+def check_bindable(address: str, flag: str) -> None:
+    """Raise OSError naming `address`, the reason and `flag` when it cannot be bound now."""
+    host, _, port = address.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            s.bind(sockaddr)
+    except OSError as err:
+        raise OSError(f"cannot listen on {address}: {err.strerror or err}; "
+                      f"choose another address with {flag}") from None

@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TLS folder (lepton-ctl certs init): mTLS on every connection")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="allow plaintext on a non-loopback --listen")
-    # Its own flag (not a fixed port) so several agents can share a host; port 0 turns it off.
+    # Off unless given: any fixed port would clash when several agents share a host.
     p.add_argument("--metrics-listen", dest="metrics_listen",
-                   help="HOST:PORT for Prometheus /metrics (default 127.0.0.1:9100; port 0: off)")
+                   help="HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)")
     p.add_argument("--shard-key-file", dest="shard_key_file",
                    help="the cluster secret (lepton-ctl secret init): encrypt shards at rest")
     p.add_argument("--peer-secret-file", dest="peer_secret_file",

@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per process, served on `/metrics` (port 9100 by default).
+"""Prometheus metrics: one registry per process, served on `/metrics` when `--metrics-listen` asks.
 
 Two kinds of metric live here:
 
@@ -276,6 +276,10 @@ class AgentMetrics:
         self.auth_refused = Counter(
             "lepton_auth_refused", "Calls refused by this node's auth interceptor", ["code"], registry=r)
         self.tasks_running = Gauge("lepton_agent_tasks_running", "Task attempts running here", registry=r)
+        # Set just before a voter whose log store failed exits (crash-stop): alert on it, and
+        # on the process restarting (its health is NOT_SERVING meanwhile).
+        self.storage_failed = Gauge(
+            "lepton_storage_failed", "1 once this voter's log store failed a write or fsync", registry=r)
         for direction in ("in", "out"):
             self.shard_bytes_total.labels(direction)  # present at 0 from the start
 
@@ -326,7 +330,7 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+def start_metrics_server(host: str, port: int,
                          registry: CollectorRegistry | None = None, *,
                          certfile: str | None = None, keyfile: str | None = None,
                          client_cafile: str | None = None) -> MetricsServer | None:

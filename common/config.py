@@ -111,9 +111,12 @@ class AgentConfig:
     tls_dir: str = ""
     # Allow plaintext on a non-loopback --listen; without it such an agent refuses to start.
     insecure: bool = False
-    # Prometheus /metrics. Loopback by default: metrics name nodes and addresses. 9100 is the
-    # port deploy/ exposes; port 0 turns it off (several agents on one host, tests).
-    metrics_listen: str = "127.0.0.1:9100"
+    # Prometheus /metrics HOST:PORT; empty (or port 0): not served. Off unless asked, since
+    # every fixed default clashes with something: 9100 is node_exporter's, and a port
+    # derived from --listen (7071) is the next agent's gRPC port on a shared host. Use a
+    # loopback host: metrics name nodes and addresses. A port that cannot be bound is a
+    # warning, not a dead agent.
+    metrics_listen: str = ""
     # The cluster secret's file (`lepton-ctl secret init`); set: shards are encrypted at rest
     # with a key derived from it. The same file on every agent; only its path is ever logged.
     shard_key_file: str = ""
@@ -150,7 +153,8 @@ class AgentConfig:
         check_address(self.listen, "listen", bind=True)
         if self.advertise:
             check_address(self.advertise, "advertise")
-        check_address(self.metrics_listen, "metrics_listen", bind=True)
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "metrics_listen", bind=True)
         for addr in self.peers + self.join:
             check_address(addr, "peer/join address")
         if self.peers and len(self.peers) not in (1, 3, 5):

@@ -58,11 +58,9 @@ class AgentProcess:
         runtime = self.data_dir / "agent.json"
         if runtime.exists():
             runtime.unlink()  # stale after a kill -9
-        # Metrics off unless a test asks (its --metrics-listen comes later and wins): many
-        # agents on one host must not fight over the default port 9100.
+        # Metrics keep their default (off) unless a test asks: agents sharing a host coexist.
         cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
-               "--listen", self.address, "--name", self.name, "--metrics-listen", "127.0.0.1:0",
-               *FAST, *self.args]
+               "--listen", self.address, "--name", self.name, *FAST, *self.args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
