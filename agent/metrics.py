@@ -30,7 +30,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9100
 # A scrape must not hang on a busy loop; a stale-free partial answer beats none.
 SAMPLE_TIMEOUT_S = 2.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
