@@ -17,14 +17,11 @@ import grpc
 
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.common.errors import LeptonError, NotFound, Unavailable
+from lepton.common.failover import answer_deadline_s
 from lepton.v1 import common_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
-# The leader answers every second beat; this many intervals of silence mean it is gone.
-# Counted in the interval the leader hands out, so it stretches with the heartbeat budget.
-ANSWER_TIMEOUT_BEATS = 3.5
-MIN_ANSWER_TIMEOUT_S = 2.0  # a busy leader may answer late; don't flap below this
 
 
 class Heartbeater:
@@ -90,7 +87,10 @@ class Heartbeater:
                 self._read(self._stream, self._stream_address), name="heartbeat-reader")
         address = self._stream_address
         silent = asyncio.get_running_loop().time() - self._last_answer
-        if silent > max(ANSWER_TIMEOUT_BEATS * self.interval_s, MIN_ANSWER_TIMEOUT_S):
+        # The leader answers every second beat: a silence past the answer deadline (in the
+        # interval it hands out) means it is gone. The new leader's failover grace is sized
+        # on the same numbers (common/failover.py).
+        if silent > answer_deadline_s(self.interval_s):
             # Hung or SIGSTOPped: other streams to it (assignments) cannot tell; moving the
             # link tells them.
             self._drop_stream()

@@ -26,14 +26,13 @@ import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
 from lepton.common.errors import LeptonError, NotLeader, from_rpc_error
+from lepton.common.failover import MAX_BACKOFF_S, MIN_BACKOFF_S  # noqa: F401 - re-exported to callers
 from lepton.v1 import coordinator_pb2_grpc, datasets_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# Callers retry a failed call after a jittered exponential backoff between these bounds.
-MIN_BACKOFF_S = 0.1
-# Capped low: after a failover an agent must find the new leader within the grace period.
-MAX_BACKOFF_S = 1.0
+# Callers retry a failed call after a jittered exponential backoff between MIN_BACKOFF_S and
+# MAX_BACKOFF_S: capped low, as the new leader's failover grace counts on it (common/failover).
 
 # Failures that say "try elsewhere": the server is gone, hung, or not the leader.
 _REAIM_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)

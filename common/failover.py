@@ -18,9 +18,10 @@ ANSWER_EVERY_BEATS = 2
 ANSWER_SLACK_BEATS = 1
 # Never less than this: a busy leader may answer late; don't flap below it.
 MIN_ANSWER_DEADLINE_S = 2.0
-# A fresh stream's first beat is answered at once: a leader that does not answer it within
-# this (or one interval, if longer) is not the leader, or is frozen.
-MIN_FIRST_ANSWER_S = 1.0
+# One try at an address while finding the new leader: open a stream, beat, read the answer
+# (a voter that does not lead answers at once, naming the leader); the agent's loop looks
+# again one interval later. At least this long on a loaded host.
+MIN_TRY_S = 1.0
 # The agent's retry backoff doubles from MIN to MAX (with jitter below it). Capped low so
 # that finding the new leader stays within the grace below.
 MIN_BACKOFF_S = 0.1
@@ -40,23 +41,25 @@ def answer_deadline_s(interval_s: float) -> float:
     return max(MIN_ANSWER_DEADLINE_S, (ANSWER_EVERY_BEATS + ANSWER_SLACK_BEATS) * interval_s)
 
 
-def first_answer_deadline_s(interval_s: float) -> float:
-    """How long a fresh stream may wait for the answer to its first beat."""
-    return max(MIN_FIRST_ANSWER_S, interval_s)
+def try_s(interval_s: float) -> float:
+    """One try at an address: the beat, its answer, and the loop's next look."""
+    return max(MIN_TRY_S, interval_s)
 
 
 def failover_grace_s(interval_s: float) -> float:
     """The time an agent needs, from the leader freezing, to beat at the new leader:
 
       detection  the answer deadline, plus one interval (the deadline is checked per beat)
-      find       FIND_TRIES x (one full backoff + a first answer, or one interval)
+      find       FIND_TRIES x (one full backoff + one try)
       + one interval for the first beat to reach the new leader.
 
-    A new leader counts this from its election, which is after the freeze, so it is an
-    upper bound. 9 s at the default 1 s interval.
+    A new leader counts this from its election, which is after the freeze. Not covered: an
+    agent that finds no voter knowing the leader and comes back to the frozen one pays
+    another answer deadline; if that is most agents at once, the leader's mass-down wait
+    (coordinator/loops/liveness.py) absorbs it. 9 s at the default 1 s interval.
     """
     detection = answer_deadline_s(interval_s) + interval_s
-    find = FIND_TRIES * (MAX_BACKOFF_S + max(interval_s, first_answer_deadline_s(interval_s)))
+    find = FIND_TRIES * (MAX_BACKOFF_S + try_s(interval_s))
     return detection + find + interval_s
 
 
