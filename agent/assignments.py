@@ -16,6 +16,7 @@ import sys
 import grpc
 
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
+from lepton.agent.task_identity import task_env
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
 from lepton.agent.tasks.task_spec import FENCED
 from lepton.common.channels import TlsConfig
@@ -38,11 +39,10 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
     if servers:
         env.setdefault("LEPTON_SERVER", ",".join(servers))  # tasks may use the cluster too
-    if tls is not None:
-        # The cluster refuses plaintext: tasks connect as this node. They run as the agent's
-        # user, who can read these files anyway, so this grants nothing new.
-        for key, value in tls.env().items():
-            env.setdefault(key, value)
+    # Never this node's identity: the attempt's own credential (its submitter's rights) and,
+    # with TLS, the CA and the identity-less task certificate (lepton.agent.task_identity).
+    for key, value in task_env(data_dir, tls_on=tls is not None, token=a.task_token).items():
+        env.setdefault(key, value)
     if s.job_id:
         env.update(LEPTON_JOB_ID=s.job_id, LEPTON_GANG_RANK=str(s.gang_rank),
                    LEPTON_GANG_SIZE=str(s.gang_size), LEPTON_RESTART_COUNT=str(a.restart_count))

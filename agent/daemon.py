@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from lepton.agent.fingerprint import Fingerprinter
 from lepton.agent.heartbeat import Heartbeater
-from lepton.agent.identity import load_or_create_node_id, lock_data_dir
+from lepton.agent.identity import load_or_create_node_id, lock_data_dir, secure_data_dir
+from lepton.agent.tasks.task_user import SEARCH_ONLY, TaskUser
 from lepton.common.channels import TlsConfig, node_tls
 from lepton.common.config import AgentConfig
 from lepton.common.durable import write_atomic
@@ -45,7 +46,15 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.data_dir = Path(config.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fixed = secure_data_dir(self.data_dir)  # refuses one others can write
+        if fixed:
+            logger.warning("data dir %s: made %d files and folders private (no group or other access)",
+                           self.data_dir, fixed)
+        self.task_user = TaskUser.resolve(config.task_user) if config.task_user else None
+        if self.task_user is not None:
+            self.task_user.check_reachable(self.data_dir)
+            os.chmod(self.data_dir, SEARCH_ONLY)  # the task user passes through to its own folder
         self._lock_fd = lock_data_dir(self.data_dir)
         self.node_id = load_or_create_node_id(self.data_dir)
         self.name = config.name or self.node_id
@@ -120,6 +129,12 @@ class Agent:
 
     async def start(self) -> None:
         self.tls = self._setup_tls()
+        if self.tls is not None:  # what tasks connect with: never this node's key
+            from lepton.agent.task_identity import prepare_task_tls
+
+            task_user = self.task_user
+            prepare_task_tls(self.tls, self.data_dir,
+                             owner=(task_user.uid, task_user.gid) if task_user is not None else None)
         interceptors = []
         if self.config.auth:  # every call authenticated and checked (lepton.agent.auth_setup)
             from lepton.agent.auth_setup import server_interceptor
@@ -176,7 +191,8 @@ class Agent:
                                  lease_path=self.attempt_lease.path if self.attempt_lease.enabled else None,
                                  log_max_bytes=self.config.task_log_max_bytes,
                                  retention_s=self.config.task_retention_s,
-                                 sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)))
+                                 sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)),
+                                 task_user=self.task_user)
         self.assignments.attach(self.runner)
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)
@@ -295,7 +311,7 @@ class Agent:
         doc = {"node_id": self.node_id, "name": self.name, "address": self.address, "pid": os.getpid()}
         if self.metrics_server is not None:
             doc["metrics"] = self.metrics_server.url
-        write_atomic(self.data_dir / "agent.json", json.dumps(doc).encode(), mode=0o644)
+        write_atomic(self.data_dir / "agent.json", json.dumps(doc).encode())
 
     async def _stop_tasks(self) -> None:
         """A graceful stop leaves the cluster, which requeues this node's tasks elsewhere:
@@ -355,6 +371,7 @@ class Agent:
 
 
 async def run_agent(config: AgentConfig) -> None:
+    os.umask(0o077)  # every file and folder the agent (and its tasks) make: private
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,6 +37,11 @@ Choices:
   touch GPUs given to others, unless spec.env names a value for them explicitly.
 - When the wrapper ends, whatever is left in its process group is SIGKILLed (like a
   container): a task's background processes die with it.
+- Environment: a task gets only `INHERITED_ENV` of the agent's environment (PATH, HOME,
+  locale, time zone, temp dir, library paths), then its spec's env, then `LEPTON_TASK_ID`,
+  `LEPTON_ATTEMPT` and the GPU variables. Never the rest: the agent's environment may hold
+  its node token (`LEPTON_NODE_TOKEN`) or other secrets. An explicit `base_env` replaces
+  the inherited part as given.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from lepton.agent.tasks.task_spec import (
     TaskEventKind,
     validate_ids,
 )
+from lepton.agent.tasks.task_user import TaskUser
 from lepton.common.durable import fsync_dir, read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
@@ -80,6 +86,8 @@ SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
 GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+# What a task inherits from the agent's environment (LC_* too); nothing else passes.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH")
 
 # This process's unreaped task children, by pid, shared by every runner in the process: a
 # runner restarted in-process (tests, an agent reload) takes its Popen back to reap it, and
@@ -136,6 +144,7 @@ class TaskRunner:
         sweep_s: float = SWEEP_S,
         acknowledged_by_caller: bool = False,
         lease_path: Path | None = None,
+        task_user: TaskUser | None = None,
     ):
         """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
         (0: keep forever). `acknowledged_by_caller`: an EXITED counts as reported only once
@@ -154,6 +163,7 @@ class TaskRunner:
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
         self._base_env = dict(base_env) if base_env is not None else None
+        self._task_user = task_user  # run tasks' commands as this OS user (see `task_user`)
         self._live: dict[tuple[str, int], _Attempt] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
@@ -241,7 +251,7 @@ class TaskRunner:
         }
         try:
             tp.write_json_atomic(att_dir / "run.json", run)  # intent: lets a restart find an orphan
-            log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as err:
             self._fail_start(spec, att_dir, f"cannot write {att_dir}: {err}")
             return
@@ -369,7 +379,7 @@ class TaskRunner:
         if term > self._max_term:
             self._max_term = term
             try:
-                tp.write_json_atomic(self._term_path, {"term": term}, mode=0o644)
+                tp.write_json_atomic(self._term_path, {"term": term})
             except OSError as err:
                 logger.warning("cannot persist term %d: %s", term, err)
         want: dict[tuple[str, int], RunSpec] = {}
@@ -423,20 +433,26 @@ class TaskRunner:
 
     def _prepare(self, spec: RunSpec, att_dir: Path) -> tuple[tuple[str, ...], dict[str, str], Path]:
         """The command, environment and workdir to spawn. Raises OSError saying why not."""
-        env = dict(os.environ if self._base_env is None else self._base_env)
+        env = inherited_env(os.environ) if self._base_env is None else dict(self._base_env)
         env.update(spec.env)
         env["LEPTON_TASK_ID"] = spec.task_id
         env["LEPTON_ATTEMPT"] = str(spec.attempt)
         gpus = ",".join(str(i) for i in spec.gpu_indices)
         for name in GPU_ENV:
             env[name] = gpus if spec.gpu_indices else spec.env.get(name, "")
-        workdir = att_dir / spec.workdir if spec.workdir else att_dir  # `/` keeps an absolute one
+        base = att_dir
+        if self._task_user is not None:  # its own folder; the attempt's records stay the agent's
+            base = self._task_user.workdir(att_dir)
+            env.update(self._task_user.env(base))
+        workdir = base / spec.workdir if spec.workdir else base  # `/` keeps an absolute one
         if not workdir.is_dir():
             raise NotADirectoryError(f"workdir {workdir} is not a directory")
         if spec.argv:
             command = (tp.resolve_executable(spec.argv[0], env, workdir), *spec.argv[1:])
         else:
             command = ("/bin/sh", "-c", spec.shell)
+        if self._task_user is not None:
+            command = (*self._task_user.argv_prefix(), *command)
         return command, env, workdir
 
     def _fail_start(self, spec: RunSpec, att_dir: Path, why: str) -> None:
@@ -633,9 +649,14 @@ class TaskRunner:
             logger.exception("on_event failed for %s", event)
 
 
+def inherited_env(agent_env: Mapping[str, str]) -> dict[str, str]:
+    """The part of the agent's environment every task gets: `INHERITED_ENV` and `LC_*`."""
+    return {k: v for k, v in agent_env.items() if k in INHERITED_ENV or k.startswith("LC_")}
+
+
 def _mark_reported(att_dir: Path, doc: dict) -> None:
     try:
         # Not fsync'd: lost in a power loss, it only means one more (idempotent) report.
-        tp.write_json_atomic(att_dir / "reported.json", doc, mode=0o644, durable=False)
+        tp.write_json_atomic(att_dir / "reported.json", doc, durable=False)
     except OSError as err:
         logger.warning("cannot mark task %s attempt %d reported: %s", doc["task_id"], doc["attempt"], err)

@@ -51,7 +51,7 @@ def test_tls_cluster_registers_runs_and_moves_shards(tls_cluster, tmp_path):
     out = run_ctl("--tls-dir", d, "run", "--label", "role=worker", "--", sys.executable, "-c", TASK,
                   server=voter.address)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["hi", "2", worker.node_id]
+    assert out.stdout.split() == ["hi", "2", "task"]  # the task certificate, never the node's
 
     # Shards: put copies them agent to agent, get pulls them to the client, both over the
     # TLS side channel.

@@ -139,12 +139,15 @@ async def test_environment_layers_and_gpus(node):
     assert node.log("own") == "base base own 1 [-1] []\n"
 
 
-async def test_agent_environment_is_the_default_base(node, monkeypatch):
+async def test_only_the_allow_listed_agent_environment_is_inherited(node, monkeypatch):
+    monkeypatch.setenv("LEPTON_NODE_TOKEN", "lep_secret")  # what a task must never see
     monkeypatch.setenv("LEPTON_TEST_MARKER", "from-agent")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setenv("TZ", "UTC")
     r = await node.runner()
-    r.launch(sh("t", 'echo "$LEPTON_TEST_MARKER"'))
+    r.launch(sh("t", 'echo "[$LEPTON_NODE_TOKEN] [$LEPTON_TEST_MARKER] $LC_TIME $TZ"; [ -n "$PATH" ] && echo path'))
     await node.exited("t")
-    assert node.log("t") == "from-agent\n"
+    assert node.log("t") == "[] [] C UTC\npath\n"
 
 
 async def test_cancel_kills_the_whole_process_group(node):

@@ -1,0 +1,204 @@
+"""Issue 12, tasks: a task never holds its node's identity. With TLS and --auth, a user's
+task on a worker started with --task-user nobody cannot read the node's key, data dir or
+token, gets no TLS folder with a node identity, acts as its submitter (a user: no admin
+tokens, no DeleteShards, no DropReplica), and its credential dies with the attempt. Also
+the data dir's modes under umask 000, and an agent refusing a data dir others can write."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lepton.client import Client
+from lepton.common.errors import Unauthenticated
+from tests.integration.cluster import AgentProcess, free_port, run_ctl, wait_until
+
+pytestmark = pytest.mark.integration
+
+# Runs inside the task (as nobody, on the worker) and prints one JSON line of findings.
+PROBE = r"""
+import contextlib, io, json, os
+import grpc
+from lepton.client import Client, cli
+from lepton.common.channels import TlsConfig
+from lepton.v1 import datasets_pb2 as dpb, datasets_pb2_grpc as dgrpc
+
+def readable(path):
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+
+def listable(path):
+    try:
+        os.listdir(path)
+        return True
+    except OSError:
+        return False
+
+out = {"uid": os.getuid(), "env": sorted(os.environ),
+       "tls_dir": os.environ.get("LEPTON_TLS_DIR", ""), "cert_name": os.environ.get("LEPTON_CERT_NAME", ""),
+       "tls_files": sorted(os.listdir(os.environ["LEPTON_TLS_DIR"])),
+       "token_kind": os.environ.get("LEPTON_TOKEN", "")[:5],
+       "node_key": readable(os.environ["NODE_KEY"]), "data_dir": listable(os.environ["NODE_DATA"]),
+       "node_id_file": readable(os.path.join(os.environ["NODE_DATA"], "node_id"))}
+with Client(os.environ["LEPTON_SERVER"]) as c:  # LEPTON_TOKEN and the task TLS folder, from the env
+    out["nodes"] = len(c.nodes())
+# lepton-ctl, in this process: the venv's interpreter may sit where nobody cannot exec it.
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = cli.main(["--server", os.environ["LEPTON_SERVER"], "tokens", "create", "--role", "admin", "--name", "evil"])
+out["mint_admin"] = [code, err.getvalue().strip()]
+tls = TlsConfig.from_env()
+md = [("authorization", "Bearer " + os.environ["LEPTON_TOKEN"])]
+for name, addr, method, req in [
+        ("delete_shards_voter", os.environ["LEPTON_SERVER"], "DeleteShards", dpb.DeleteShardsRequest(shard_ids=["a" * 64])),
+        ("delete_shards_worker", os.environ["WORKER"], "DeleteShards", dpb.DeleteShardsRequest(shard_ids=["a" * 64])),
+        ("drop_replica", os.environ["LEPTON_SERVER"], "DropReplica",
+         dpb.DropReplicaRequest(shard_id="a" * 64, node_id=os.environ["NODE_ID"], reason="x"))]:
+    with grpc.secure_channel(addr, tls.channel_credentials()) as ch:
+        stub = dgrpc.ShardsStub(ch) if method == "DeleteShards" else dgrpc.DatasetsStub(ch)
+        try:
+            getattr(stub, method)(req, metadata=md, timeout=10)
+            out[name] = "ALLOWED"
+        except grpc.RpcError as err:
+            out[name] = err.code().name
+out["token"] = os.environ["LEPTON_TOKEN"]
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture
+def secure_cluster():
+    """A voter and a worker with TLS and --auth; the worker runs tasks as nobody. Their root
+    is 0711 under /tmp, like /var/lib (pytest's own base folder is 0700 and shared by other
+    sessions). Returns (voter, worker, tls dir)."""
+    root = Path(tempfile.mkdtemp(prefix="lepton-task-identity-"))
+    os.chmod(root, 0o711)
+    started: list[AgentProcess] = []
+    try:
+        d = str(root / "tls")  # 0700: the node keys in it are the agents' alone
+        run_ctl("certs", "init", "--dir", d, server="-", check=True)
+        run_ctl("certs", "issue", "admin", "--kind", "user", "--role", "admin", "--dir", d, server="-", check=True)
+        voter = AgentProcess(root, "voter", ["--tls-dir", d, "--auth"]).start()
+        started.append(voter)
+        worker = AgentProcess(root, "worker", ["--join", voter.address, "--tls-dir", d, "--auth",
+                                               "--labels", "role=worker", "--task-user", "nobody"]).start()
+        started.append(worker)
+        with Client(voter.address, tls_dir=d) as admin:
+            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 2, what="both nodes ready")
+        yield voter, worker, d
+    finally:
+        for agent in started:
+            agent.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _output(admin: Client, task_id: str) -> str:
+    return b"".join(admin.logs(task_id)).decode()
+
+
+def test_a_task_acts_as_its_submitter_and_never_as_its_node(secure_cluster):
+    voter, worker, d = secure_cluster
+    alice = run_ctl("--tls-dir", d, "tokens", "create", "--role", "user", "--name", "alice",
+                    server=voter.address, check=True).stdout.strip()
+    env = {"NODE_KEY": os.path.join(d, f"{worker.node_id}.key"), "NODE_DATA": str(worker.data_dir),
+           "NODE_ID": worker.node_id, "WORKER": worker.address}
+    with Client(voter.address, tls_dir=d, token=alice) as c:  # the token wins over the cert
+        task = c.submit([sys.executable, "-c", PROBE], cpu=0.1, env=env, constraints={"role": "worker"})
+        assert task.owner == "alice"
+        done = c.wait(task.id, timeout=120)
+    with Client(voter.address, tls_dir=d) as admin:  # workers take certificates, not user tokens
+        text = _output(admin, task.id)
+    assert done.state == "succeeded", text
+    found = json.loads(text.strip().splitlines()[-1])
+
+    assert found["uid"] == 65534  # nobody
+    assert not found["node_key"] and not found["data_dir"] and not found["node_id_file"]
+    assert "LEPTON_NODE_TOKEN" not in found["env"]
+    assert found["tls_dir"] == str(worker.data_dir / "task-tls") and found["cert_name"] == "task"
+    assert found["tls_files"] == ["ca.crt", "task.crt", "task.key"]  # no node certificate or key
+    assert found["token_kind"] == "lept_"
+    assert found["nodes"] == 2  # the credential works while the attempt runs...
+    code, err = found["mint_admin"]
+    assert code == 1 and "needs role admin; alice has role user" in err
+    assert found["delete_shards_voter"] == "PERMISSION_DENIED"
+    assert found["delete_shards_worker"] in ("PERMISSION_DENIED", "UNAUTHENTICATED")
+    assert found["drop_replica"] == "PERMISSION_DENIED"
+
+    # ...and stops with it.
+    with Client(voter.address, tls_dir=d, token=found["token"]) as c, pytest.raises(Unauthenticated):
+        c.nodes()
+
+
+def test_data_dir_is_private_whatever_the_umask(tmp_path):
+    voter = AgentProcess(tmp_path, "voter")  # its folder 0755, from the usual umask
+    old = os.umask(0)  # everything the agent makes, under umask 000
+    try:
+        voter.start()
+    finally:
+        os.umask(old)
+    try:
+        _run_one_task_and_check_modes(voter)
+    finally:
+        voter.stop()
+
+
+def _run_one_task_and_check_modes(voter: AgentProcess) -> None:
+    with Client(voter.address) as c:
+        task = c.submit(["/bin/sh", "-c", "echo hi > out.txt; echo done"], cpu=0.1)
+        assert c.wait(task.id, timeout=60).state == "succeeded"
+    assert stat.S_IMODE(voter.data_dir.stat().st_mode) == 0o700
+    loose = []
+    for folder, dirs, files in os.walk(voter.data_dir):
+        for name in (*dirs, *files):
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+            if mode & 0o077 and not stat.S_ISLNK(mode):
+                loose.append(f"{os.path.join(folder, name)} {stat.S_IMODE(mode):o}")
+    assert not loose
+    assert any(f.endswith("out.txt") for _, _, fs in os.walk(voter.data_dir) for f in fs)
+
+
+def test_agent_refuses_a_data_dir_others_can_write(tmp_path):
+    data = tmp_path / "open"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(data),
+           "--listen", f"127.0.0.1:{free_port()}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"lepton-agent: data dir {data} can be written by others (mode 0777): "
+        "chmod 700 it or choose another --data-dir"]
+    assert not (data / "node_id").exists()  # refused before anything was written
+
+
+def test_task_user_that_cannot_reach_the_data_dir_is_refused(tmp_path):
+    parent = tmp_path / "closed"
+    parent.mkdir(mode=0o700)
+    cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(parent / "d"),
+           "--listen", f"127.0.0.1:{free_port()}", "--task-user", "nobody"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"lepton-agent: --task-user nobody: nobody cannot pass through {parent} (mode 0700) "
+        "to the data dir: chmod o+x it or move the data dir"]
+
+
+def test_unknown_task_user_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(tmp_path / "d"),
+           "--listen", f"127.0.0.1:{free_port()}", "--task-user", "no-such-user-here"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == ["lepton-agent: --task-user no-such-user-here: no such user on this machine"]
+
