@@ -62,11 +62,11 @@ from typing import Any
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import (
+    FENCED,
     TASK_ID_RE,
     RunningTask,
     RunSpec,
     TaskEvent,
-    FENCED,
     TaskEventKind,
     validate_ids,
 )
