@@ -5,6 +5,10 @@ Every call must end with a clean status code (never UNKNOWN, never INTERNAL), th
 stay up, and a refused call must leave the cluster state as it was (nodes, tasks, datasets
 and the commit index, read before and after).
 
+`test_every_reflected_method` also asks each agent's reflection service what it serves (a
+Raft node waiting to join included, so Raft and Health are reached too) and feeds every
+method malformed and random bytes: no UNKNOWN or INTERNAL, and no traceback in the log.
+
 Two kinds of input: raw bytes sent with no serializer (`channel.unary_unary(path)`), and
 well-typed random messages built from the proto descriptors (hypothesis). Typed requests are
 defused where a success would have side effects outside the test: every TaskSpec carries
@@ -16,6 +20,7 @@ adds never change state behind the test's back.
 from __future__ import annotations
 
 import os
+import random
 import string
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +29,17 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub
-from tests.integration.cluster import AgentProcess
+from tests.integration.cluster import AgentProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +49,7 @@ SERVICES = [
     datasets_pb2.DESCRIPTOR.services_by_name["Datasets"],
     datasets_pb2.DESCRIPTOR.services_by_name["Shards"],
     raft_pb2.DESCRIPTOR.services_by_name["Raft"],  # not served by a single voter: UNIMPLEMENTED
-]
+]  # test_every_reflected_method reaches a Raft node
 METHODS: list[MethodDescriptor] = [m for s in SERVICES for m in s.methods]
 BAD_CODES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # The outcome of a call we cut short is unknown by definition: no before/after comparison.
@@ -279,6 +288,45 @@ def test_fuzz_typed_messages(target, data):
     count = data.draw(st.integers(1, 3)) if method.client_streaming else 1
     messages = [_defuse(method, data.draw(REQUESTS[method.full_name], label="request")) for _ in range(count)]
     target.check(method, [m.SerializeToString() for m in messages], "a typed random request")
+
+
+# -- every method the agents serve, as reflection lists them -------------------------------------
+@pytest.fixture(scope="module")
+def raft_node(target, tmp_path_factory):
+    """A Raft node waiting to be added as a voter: it serves Raft, unlike a single voter."""
+    agent = AgentProcess(tmp_path_factory.mktemp("fuzz-raft"), "fuzz-raft",
+                         [*SLOW, "--join", target.agent.address, "--join-as-voter"]).start()
+    joined = Target(agent)
+    try:
+        # Registered before any test compares the target's node table.
+        wait_until(lambda: agent.node_id in {n[0] for n in target.state()[0]}, timeout=60,
+                   what="the Raft node to register")
+        yield joined
+    finally:
+        joined.channel.close()
+        agent.stop()
+
+
+def reflected_methods(channel: grpc.Channel) -> list[MethodDescriptor]:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    pool = DescriptorPool(database)
+    return [m for name in database.get_services() for m in pool.FindServiceByName(name).methods]
+
+
+def test_every_reflected_method(target, raft_node):
+    rng = random.Random(12)
+    for agent in (target, raft_node):
+        methods = reflected_methods(agent.channel)
+        services = {m.containing_service.full_name for m in methods}
+        assert {"grpc.health.v1.Health", "lepton.v1.Shards"} <= services, services
+        payloads = [*MALFORMED.values(), *(rng.randbytes(rng.randint(1, 512)) for _ in range(20))]
+        for method in methods:
+            for payload in payloads:
+                code, details = agent.call(method, [payload, payload] if method.client_streaming else [payload])
+                assert code not in BAD_CODES, f"{path_of(method)} answered {code.name}: {details}"
+            agent.alive()
+        assert "Traceback" not in agent.agent.log_path.read_text(errors="replace"), agent.agent.log()
+    assert "lepton.v1.Raft" in services  # the Raft node's
 
 
 # -- standard services and the end state ----------------------------------------------------
