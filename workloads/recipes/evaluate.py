@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from lepton.workloads.recipes.data import load_shards, parse_shards, shards_from_env, task_of_labels
+from lepton.common.durable import write_atomic
+from lepton.workloads.recipes.data import (
+    OUTPUT_MODE,
+    load_shards,
+    parse_shards,
+    shards_from_env,
+    task_of_labels,
+)
 from lepton.workloads.recipes.models import load_model, run_model
 
 __all__ = ["evaluate", "main"]
@@ -64,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(doc, sort_keys=True)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        write_atomic(args.output, (text + "\n").encode(), mode=OUTPUT_MODE)
     print(text, flush=True)
     return 0
 
