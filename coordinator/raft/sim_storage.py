@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from lepton.coordinator.storage.log_store import CompactedError, Entry, Snapshot, _limit_bytes
+from lepton.coordinator.storage.log_store import CompactedError, Entry, Snapshot, limit_bytes
 
 
 class _Log:
@@ -93,7 +93,7 @@ class SimLogStore:
             raise CompactedError(lo)
         if hi > m.last() + 1 or lo > hi:
             raise IndexError((lo, hi))
-        return _limit_bytes(m.entries[lo - m.base - 1 : hi - m.base - 1], max_bytes)
+        return limit_bytes(m.entries[lo - m.base - 1 : hi - m.base - 1], max_bytes)
 
     def append(self, entries: list[Entry]) -> None:
         self._mem.append(entries)

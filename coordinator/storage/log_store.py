@@ -146,7 +146,7 @@ class _IndexedEntries:
             raise CompactedError(lo)
         if hi > self.last_index() + 1 or lo > hi:
             raise IndexError((lo, hi))
-        return _limit_bytes(self._entries[lo - base - 1 : hi - base - 1], max_bytes)
+        return limit_bytes(self._entries[lo - base - 1 : hi - base - 1], max_bytes)
 
     def snapshot(self) -> Snapshot | None:
         return self._snap
@@ -189,7 +189,9 @@ class MemoryLogStore(_IndexedEntries):
         pass
 
 
-def _limit_bytes(out: list[Entry], max_bytes: int | None) -> list[Entry]:
+def limit_bytes(out: list[Entry], max_bytes: int | None) -> list[Entry]:
+    """The leading entries of `out` within `max_bytes` of data, at least one (None: all).
+    Shared by every `LogStore`, the simulation's included."""
     if max_bytes is None or not out:
         return out
     total = 0
