@@ -52,7 +52,6 @@ class Coordinator:
             self.consensus,
             self.liveness,
             wall_ms=wall_ms,
-            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
         )
         self.scheduling = SchedulingLoop(
             self.state,
