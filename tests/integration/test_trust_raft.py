@@ -11,16 +11,24 @@ import json
 import grpc
 import pytest
 
+from lepton.common import cluster_secret
 from lepton.common.channels import TlsConfig, make_channel
 from lepton.coordinator.raft.messages import AppendRequest, VoteRequest
-from lepton.coordinator.raft.peer_auth import FROM_HEADER
+from lepton.coordinator.raft.peer_auth import FROM_HEADER, peer_key, peer_metadata
 from lepton.coordinator.raft.transport import to_proto
 from lepton.coordinator.storage.log_store import Entry
 from lepton.v1 import common_pb2, coordinator_pb2, datasets_pb2, raft_pb2, state_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
 from lepton.v1.raft_pb2_grpc import RaftStub
-from tests.integration.cluster import run_ctl, servers, start_voters, wait_until
+from tests.integration.cluster import (
+    AgentProcess,
+    free_port,
+    run_ctl,
+    servers,
+    start_voters,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -172,3 +180,51 @@ def test_a_node_acts_only_for_itself(cluster):
             channel.close()
     nodes = json.loads(run_ctl("--tls-dir", d, "-o", "json", "nodes", "list", server=srv, check=True).stdout)
     assert {n["id"]: n["state"] for n in nodes}[other] == "ready"
+
+
+def test_without_tls_the_peer_secret_keeps_node_token_holders_off_raft(agents, tmp_path):
+    """No TLS: every agent holds the node token, only voters the peer secret. A worker (the
+    node token, even the shard secret) cannot speak Raft; a voter without the peer secret
+    refuses to start."""
+    token_file, peer_secret, shard_secret = (str(tmp_path / n) for n in ("node.token", "peer.key", "shard.key"))
+    run_ctl("tokens", "node-token", token_file, server="-", check=True)
+    for path in (peer_secret, shard_secret):
+        run_ctl("secret", "init", "--out", path, server="-", check=True)
+    for name in ("voter-1", "voter-2", "voter-3", "worker", "no-secret"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "node.token").write_text(open(token_file).read())
+        (tmp_path / name / "node.token").chmod(0o600)
+
+    port = free_port()
+    refused = AgentProcess(tmp_path, "no-secret", ["--peers", f"127.0.0.1:{port},127.0.0.1:1,127.0.0.1:2",
+                                                   "--auth"], port=port)
+    with pytest.raises(AssertionError, match="--peer-secret-file"):
+        refused.start()
+
+    voters = start_voters(agents, 3, "--auth", "--peer-secret-file", peer_secret)
+    srv = servers(voters)
+    agents("worker", "--join", srv, "--auth", "--shard-key-file", shard_secret)
+    admin = wait_until(lambda: [p for v in voters if (p := v.data_dir / "admin.token").exists()],
+                       timeout=60, what="the bootstrap admin token")[0]
+    admin_token = admin.read_text().strip()
+
+    def status() -> dict:
+        out = run_ctl("--token", admin_token, "-o", "json", "cluster", "status", server=srv, check=True)
+        return json.loads(out.stdout)
+
+    leader, term = status()["leader"], int(status()["term"])
+    node_token = open(token_file).read().strip()
+    shard_key = peer_key(cluster_secret.read(shard_secret))
+    for v in voters:
+        channel = make_channel(v.address, aio=False, token=node_token)
+        try:
+            send = RaftStub(channel).Send
+            batch = raft_pb2.RaftBatch(messages=[to_proto(AppendRequest(
+                leader, v.address, term + FORGED_TERM_JUMP, 0, 0, [], 0))])
+            for metadata in (((FROM_HEADER, leader),), peer_metadata(leader, shard_key)):
+                assert _code(send, batch, metadata=metadata, timeout=10) == DENIED, (v.name, metadata)
+        finally:
+            channel.close()
+    assert int(status()["term"]) < term + FORGED_TERM_JUMP
+    run_ctl("--token", admin_token, "submit", "--name", "after", "--label", "zone=none", "--", "true",
+            server=srv, check=True)  # the voters still replicate, with the peer secret
