@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds (default 1)")
     p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")
     p.add_argument("--down-after", dest="down_after_s", type=float, help="seconds (default 3)")
-    p.add_argument("--failover-grace", dest="failover_grace_s", type=float, help="seconds (default 3)")
+    p.add_argument("--failover-grace", dest="failover_grace_s", type=float,
+                   help="seconds (default 3); a floor: the grace derived from the heartbeat timings "
+                   "(9 s at a 1 s interval) applies when longer")
     p.add_argument("--max-heartbeats-per-s", dest="max_heartbeats_per_s", type=float,
                    help="the leader's heartbeat budget: above it agents are told to beat less "
                         "often and detection slows in proportion (default 2000)")

@@ -1,15 +1,17 @@
 """What every lepton-ctl command module shares: the parser class, option types, the global
-options, making the client, printing JSON."""
+options, making the client, printing a result (JSON or for eyes)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
-from .render import dump_json
+from .render import dump_json, emit
 
 PROG = "lepton-ctl"
 # When no server can be reached at all, say so after this long rather than the full
@@ -121,5 +123,30 @@ def tls_options(args: argparse.Namespace) -> dict[str, Any]:
             "token": getattr(args, "token", None)}
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(dump_json(obj) + "\n")
+def wants_json(args: argparse.Namespace) -> bool:
+    """`-o json`: print the result as JSON (and nothing meant for eyes, such as progress)."""
+    return args.output == "json"
+
+
+def print_result(args: argparse.Namespace, doc: Any, human: str | Callable[[], Any], *,
+                 empty: str = "", line: bool = False) -> int:
+    """The one output switch of lepton-ctl; returns 0, the command's exit code.
+
+    `-o json` prints `doc` in the JSON format (`render.dump_json`), or with `line` as one
+    compact line (JSON Lines, for streams). Otherwise `empty` (as "no tasks") goes to stderr
+    when `doc` is empty, else `human` is shown. A function is called only then (its
+    lookups serve the human form alone) for what to show. Text is written as it is; a
+    rich table or view goes through `render.emit`; None shows nothing more.
+    """
+    if wants_json(args):
+        sys.stdout.write((json.dumps(doc, sort_keys=True) if line else dump_json(doc)) + "\n")
+        return 0
+    if empty and not doc:
+        sys.stderr.write(f"{empty}\n")
+        return 0
+    shown = human() if callable(human) else human
+    if isinstance(shown, str):
+        sys.stdout.write(shown)
+    elif shown is not None:
+        emit(shown)
+    return 0

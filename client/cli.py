@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 failed, 2 usage, 130 interrupted. An error is one line on st
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,11 +25,10 @@ from ._cli_common import (
     _Parser,
     _positive_float,
     _positive_int,
-    _print_json,
+    print_result,
 )
 from .render import (
     cluster_status_view,
-    emit,
     make_console,
     node_detail,
     node_event_line,
@@ -155,44 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_nodes_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         nodes = sort_nodes(c.nodes(states=args.state))
-    if args.output == "json":
-        _print_json([n.to_dict() for n in nodes])
-    elif not nodes:
-        sys.stderr.write("no nodes\n")
-    else:
-        emit(nodes_table(nodes))
-    return 0
+    return print_result(args, [n.to_dict() for n in nodes], lambda: nodes_table(nodes),
+                        empty="no nodes")
 
 
 def cmd_nodes_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
         node = c.find_node(args.node)
-    if args.output == "json":
-        _print_json(node.to_dict())
-    else:
-        emit(node_detail(node))
-    return 0
+    return print_result(args, node.to_dict(), lambda: node_detail(node))
 
 
 def cmd_nodes_drain(args: argparse.Namespace) -> int:
     with _client(args) as c:
         node = c.drain(c.find_node(args.node).id, enable=not args.undo)
-    if args.output == "json":
-        _print_json(node.to_dict())
-    else:
-        what = "is draining" if node.draining else "is no longer draining"
-        sys.stdout.write(f"node {node.name} ({short_id(node.id)}) {what}\n")
-    return 0
+    what = "is draining" if node.draining else "is no longer draining"
+    return print_result(args, node.to_dict(), f"node {node.name} ({short_id(node.id)}) {what}\n")
 
 
 def cmd_nodes_watch(args: argparse.Namespace) -> int:
     with _client(args) as c, c.watch_nodes() as watch:
         for event in watch:
-            if args.output == "json":
-                # One compact object per line (JSON Lines), so it streams through `jq`.
-                sys.stdout.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
-            else:
-                sys.stdout.write(node_event_line(event) + "\n")
+            # One compact object per line (JSON Lines), so it streams through `jq`.
+            print_result(args, event.to_dict(), node_event_line(event) + "\n", line=True)
             sys.stdout.flush()
     return 0
 
@@ -200,11 +182,7 @@ def cmd_nodes_watch(args: argparse.Namespace) -> int:
 def cmd_cluster_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         status = c.cluster_status()
-    if args.output == "json":
-        _print_json(status.to_dict())
-    else:
-        emit(cluster_status_view(status))
-    return 0
+    return print_result(args, status.to_dict(), lambda: cluster_status_view(status))
 
 
 def cmd_local_up(args: argparse.Namespace) -> int:
@@ -215,40 +193,38 @@ def cmd_local_up(args: argparse.Namespace) -> int:
             err.print(f"[dim]{msg}…[/dim]")
 
     cluster = local.up(args.data_dir, args.agents, args.voters, wait=args.wait, progress=progress)
-    if args.output == "json":
-        _print_json(cluster.to_dict())
-        return 0
-    out = sys.stdout
+    return print_result(args, cluster.to_dict(), lambda: _local_up_text(cluster, args.data_dir))
+
+
+def _local_up_text(cluster: local.LocalCluster, data_dir: str) -> str:
     noun = "voter" if cluster.voters == 1 else "voters"
-    out.write(
-        f"started {len(cluster.agents)} agent(s) in {args.data_dir} ({cluster.voters} {noun})\n"
-    )
+    lines = [f"started {len(cluster.agents)} agent(s) in {data_dir} ({cluster.voters} {noun})"]
     width = max(len(a.name) for a in cluster.agents)
     for a in cluster.agents:
-        out.write(f"  {a.name:<{width}}  {a.address:<21}  pid {a.pid:<7}  log {a.log}\n")
+        lines.append(f"  {a.name:<{width}}  {a.address:<21}  pid {a.pid:<7}  log {a.log}")
         if a.metrics:
-            out.write(f"  {'':<{width}}  metrics {a.metrics}\n")
-    out.write(f"servers: {cluster.servers}\n")
-    out.write(f"export LEPTON_SERVER={cluster.servers}\n")
-    return 0
+            lines.append(f"  {'':<{width}}  metrics {a.metrics}")
+    lines += [f"servers: {cluster.servers}", f"export LEPTON_SERVER={cluster.servers}"]
+    return "".join(line + "\n" for line in lines)
 
 
 def cmd_local_down(args: argparse.Namespace) -> int:
     result = local.down(args.data_dir, wipe=args.wipe)
-    if args.output == "json":
-        _print_json(result.to_dict())
-        return 0
+    return print_result(args, result.to_dict(), lambda: _local_down_text(result, args.data_dir))
+
+
+def _local_down_text(result: local.DownResult, data_dir: str) -> str:
     if not result.found:
-        sys.stdout.write(f"no local cluster running in {args.data_dir}\n")
+        text = f"no local cluster running in {data_dir}\n"
     else:
         n = len(result.stopped) + len(result.killed)
         killed = (
             f" ({len(result.killed)} killed after {local.STOP_GRACE_S:g}s)" if result.killed else ""
         )
-        sys.stdout.write(f"stopped {n} agent(s){killed}\n")
+        text = f"stopped {n} agent(s){killed}\n"
     if result.wiped:
-        sys.stdout.write(f"removed data dirs: {', '.join(result.wiped)}\n")
-    return 0
+        text += f"removed data dirs: {', '.join(result.wiped)}\n"
+    return text
 
 
 # -- entry point ----------------------------------------------------------------------

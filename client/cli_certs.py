@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._cli_common import _Parser, _print_json
+from ._cli_common import _Parser, print_result
 
 __all__ = ["register"]
 
@@ -19,12 +19,9 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     from lepton.common import tls
 
     cert = tls.init_ca(args.dir)  # AlreadyExists when there is one: never overwritten
-    if args.output == "json":
-        _print_json({"ca_cert": str(cert), "ca_key": str(cert.with_name(tls.CA_KEY))})
-    else:
-        sys.stdout.write(f"created the cluster CA in {args.dir} ({tls.CA_CERT}, {tls.CA_KEY})\n")
-        sys.stdout.write(f"keep {tls.CA_KEY} where certificates are issued, not on every node\n")
-    return 0
+    return print_result(args, {"ca_cert": str(cert), "ca_key": str(cert.with_name(tls.CA_KEY))},
+                        f"created the cluster CA in {args.dir} ({tls.CA_CERT}, {tls.CA_KEY})\n"
+                        f"keep {tls.CA_KEY} where certificates are issued, not on every node\n")
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
@@ -38,12 +35,9 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
         days=args.days, overwrite=args.force,
     )
     identity = f"user:{args.role}" if args.kind == "user" else args.kind
-    if args.output == "json":
-        _print_json({"name": args.name, "identity": identity, "cert": str(paths.cert),
-                     "key": str(paths.key), "ca_cert": str(paths.ca)})
-    else:
-        sys.stdout.write(f"issued {identity} certificate {args.name}: {paths.cert}, {paths.key}\n")
-    return 0
+    return print_result(args, {"name": args.name, "identity": identity, "cert": str(paths.cert),
+                               "key": str(paths.key), "ca_cert": str(paths.ca)},
+                        f"issued {identity} certificate {args.name}: {paths.cert}, {paths.key}\n")
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:

@@ -16,9 +16,16 @@ from rich.table import Table
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import CLI_CONNECT_TIMEOUT_S, _Parser, _positive_int, _print_json, tls_options
+from ._cli_common import (
+    CLI_CONNECT_TIMEOUT_S,
+    _Parser,
+    _positive_int,
+    print_result,
+    tls_options,
+    wants_json,
+)
 from .data import DatasetInfo
-from .render import age, emit, human_bytes, make_console, short_id
+from .render import age, human_bytes, make_console, short_id
 
 __all__ = ["data_client", "register"]
 
@@ -102,7 +109,7 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
 @contextmanager
 def _progress(args: argparse.Namespace, what: str) -> Iterator[Callable[[int, int], None] | None]:
     console = make_console(sys.stderr)
-    if args.output == "json" or not console.is_terminal:
+    if wants_json(args) or not console.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -149,40 +156,24 @@ def cmd_put(args: argparse.Namespace) -> int:
             label=args.label,
             progress=progress,
         )
-    if args.output == "json":
-        _print_json(ds.to_dict())
-    else:
-        sys.stdout.write(_summary(ds) + "\n")
-    return 0
+    return print_result(args, ds.to_dict(), _summary(ds) + "\n")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as c, _progress(args, "get") as progress:
         ds = c.get_dataset(args.name, args.out, progress=progress)
-    if args.output == "json":
-        _print_json(
-            {
-                "name": ds.name,
-                "version": ds.version,
-                "rows": ds.rows,
-                "size": ds.size,
-                "out": args.out,
-            }
-        )
-    else:
-        sys.stdout.write(f"wrote {ds.rows} rows of {ds.name} v{ds.version} to {args.out}\n")
-    return 0
+    doc = {"name": ds.name, "version": ds.version, "rows": ds.rows, "size": ds.size, "out": args.out}
+    return print_result(args, doc, f"wrote {ds.rows} rows of {ds.name} v{ds.version} to {args.out}\n")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
         items = c.datasets()
-    if args.output == "json":
-        _print_json([d.to_dict() for d in items])
-        return 0
-    if not items:
-        sys.stderr.write("no datasets\n")
-        return 0
+    return print_result(args, [d.to_dict() for d in items], lambda: _datasets_table(items),
+                        empty="no datasets")
+
+
+def _datasets_table(items: list[DatasetInfo]) -> Table:
     table = Table(box=None, pad_edge=False)
     for col in ("NAME", "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"):
         table.add_column(col)
@@ -197,16 +188,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
             age(d.created_at_ms),
             d.source,
         )
-    emit(table)
-    return 0
+    return table
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
         ds = c.dataset(args.name)
-    if args.output == "json":
-        _print_json(ds.to_dict())
-        return 0
+    return print_result(args, ds.to_dict(), lambda: _dataset_detail(ds))
+
+
+def _dataset_detail(ds: DatasetInfo) -> Table:
+    """Writes the summary lines, returns the shards table."""
     out = sys.stdout
     out.write(_summary(ds) + "\n")
     shape = "x".join(map(str, ds.shape)) or "scalar"
@@ -223,18 +215,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     for i, s in enumerate(ds.shards):
         where = ", ".join(ds.addresses.get(n, short_id(n)) for n in s.replicas) or "-"
         table.add_row(str(i), s.id[:12], str(s.rows), human_bytes(s.size), where)
-    emit(table)
-    return 0
+    return table
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as c:
         ds = c.delete_dataset(args.name)
-    if args.output == "json":
-        _print_json(ds.to_dict())
-    else:
-        sys.stdout.write(f"removed dataset {ds.name} v{ds.version}\n")
-    return 0
+    return print_result(args, ds.to_dict(), f"removed dataset {ds.name} v{ds.version}\n")
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -244,13 +231,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     with _client(args) as c:
         proc = DataProcessor(c, seed=args.seed)
         ds, report = proc.run(args.name, steps, out=args.out)
-    if args.output == "json":
-        _print_json({"dataset": ds.to_dict(), "report": report})
-    else:
-        sys.stdout.write(_summary(ds) + "\n")
-        for key, value in sorted(report.items()):
-            sys.stdout.write(f"  {key}: {value}\n")
-    return 0
+    return print_result(args, {"dataset": ds.to_dict(), "report": report},
+                        _summary(ds) + "\n" + "".join(f"  {k}: {v}\n" for k, v in sorted(report.items())))
 
 
 def main(argv: list[str] | None = None) -> int:

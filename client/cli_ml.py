@@ -11,11 +11,9 @@ across agents (DDP, gloo on CPU, nccl on GPUs); models are stored in the cluster
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from ._cli_common import _client, _positive_int, _print_json
+from ._cli_common import _client, _positive_int, print_result
 from .facade import ALGORITHMS, Algorithm
 
 
@@ -54,26 +52,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   nproc_per_node=args.nproc_per_node, seed=args.seed,
                                   max_restarts=args.max_restarts)
         model = algo.train_model(args.dataset, name=args.out)
-    if args.output == "json":
-        _print_json({"model": model.name, "algorithm": model.algorithm, "job": model.job_id})
-    else:
-        sys.stdout.write(f"{model.name}\n")
-    return 0
+    return print_result(args, {"model": model.name, "algorithm": model.algorithm, "job": model.job_id},
+                        f"{model.name}\n")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     with _client(args) as c:
         metrics = Algorithm(c).evaluate_model(args.model, args.dataset)
-    if args.output == "json":
-        _print_json(metrics)
-    else:
-        sys.stdout.write(" ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
-                                  for k, v in sorted(metrics.items())) + "\n")
-    return 0
+    return print_result(args, metrics, " ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                                for k, v in sorted(metrics.items())) + "\n")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as c:
         out = Algorithm(c).predict(args.model, args.dataset, args.out)
-    sys.stdout.write(json.dumps({"predictions": out}) + "\n" if args.output == "json" else f"{out}\n")
-    return 0
+    return print_result(args, {"predictions": out}, f"{out}\n", line=True)

@@ -7,10 +7,9 @@ They work on local files and never call the cluster, and never print the secret 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from ._cli_common import _Parser, _print_json
+from ._cli_common import _Parser, print_result
 
 __all__ = ["register"]
 
@@ -26,22 +25,15 @@ def cmd_secret_init(args: argparse.Namespace) -> int:
 
     path = cluster_secret.create(args.out)  # AlreadyExists when there is one: never overwritten
     key_id = _key_id(str(path))
-    if args.output == "json":
-        _print_json({"secret_file": str(path), "key_id": key_id})
-    else:
-        sys.stdout.write(f"created the cluster secret {path} (mode 0600, key id {key_id})\n")
-        sys.stdout.write("copy it to every agent and start each with --shard-key-file FILE; "
-                         "losing it loses the encrypted shards\n")
-    return 0
+    return print_result(args, {"secret_file": str(path), "key_id": key_id},
+                        f"created the cluster secret {path} (mode 0600, key id {key_id})\n"
+                        "copy it to every agent and start each with --shard-key-file FILE; "
+                        "losing it loses the encrypted shards\n")
 
 
 def cmd_secret_id(args: argparse.Namespace) -> int:
     key_id = _key_id(args.file)
-    if args.output == "json":
-        _print_json({"secret_file": args.file, "key_id": key_id})
-    else:
-        sys.stdout.write(f"{key_id}\n")
-    return 0
+    return print_result(args, {"secret_file": args.file, "key_id": key_id}, f"{key_id}\n")
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:

@@ -23,8 +23,8 @@ from lepton.common.errors import Internal, error_for_code
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
-from ._cli_common import UsageError, _client, _Parser, _print_json
-from .render import emit, when
+from ._cli_common import UsageError, _client, _Parser, print_result
+from .render import when
 
 __all__ = ["parse_since", "register"]
 
@@ -70,39 +70,30 @@ def _call(args: argparse.Namespace, method: str, request: Any, *, idempotent: bo
 # -- commands -------------------------------------------------------------------------
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     resp = _call(args, "CreateToken", spb.CreateTokenRequest(name=args.name, role=args.role), idempotent=False)
-    if args.output == "json":
-        _print_json({"token": resp.token, **_token_dict(resp.info)})
-        return 0
-    sys.stdout.write(resp.token + "\n")
-    sys.stderr.write(f"created token {resp.token_id} for {args.name} ({args.role}); "
-                     "it is shown only this once\n")
-    return 0
+    def human() -> None:
+        sys.stdout.write(resp.token + "\n")
+        sys.stderr.write(f"created token {resp.token_id} for {args.name} ({args.role}); "
+                         "it is shown only this once\n")
+
+    return print_result(args, {"token": resp.token, **_token_dict(resp.info)}, human)
 
 
 def cmd_tokens_ls(args: argparse.Namespace) -> int:
     tokens = _call(args, "ListTokens", spb.ListTokensRequest()).tokens
-    if args.output == "json":
-        _print_json([_token_dict(t) for t in tokens])
-        return 0
-    if not tokens:
-        sys.stderr.write("no tokens\n")
-        return 0
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "ROLE", "CREATED", "STATE"):
-        table.add_column(col)
-    for t in tokens:
-        table.add_row(t.id, t.name, t.role, when(t.created_at_ms), "revoked" if t.revoked else "active")
-    emit(table)
-    return 0
+    def table() -> Table:
+        out = Table(box=None, pad_edge=False)
+        for col in ("ID", "NAME", "ROLE", "CREATED", "STATE"):
+            out.add_column(col)
+        for t in tokens:
+            out.add_row(t.id, t.name, t.role, when(t.created_at_ms), "revoked" if t.revoked else "active")
+        return out
+
+    return print_result(args, [_token_dict(t) for t in tokens], table, empty="no tokens")
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     t = _call(args, "RevokeToken", spb.RevokeTokenRequest(token_id=args.id))
-    if args.output == "json":
-        _print_json(_token_dict(t))
-    else:
-        sys.stdout.write(f"revoked token {t.id} ({t.name}, {t.role})\n")
-    return 0
+    return print_result(args, _token_dict(t), f"revoked token {t.id} ({t.name}, {t.role})\n")
 
 
 def cmd_tokens_node_token(args: argparse.Namespace) -> int:
@@ -125,20 +116,16 @@ def cmd_tokens_node_token(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else 0
     records = _call(args, "ListAudit", spb.ListAuditRequest(since_ms=since, limit=args.limit)).records
-    if args.output == "json":
-        _print_json([_audit_dict(r) for r in records])
-        return 0
-    if not records:
-        sys.stderr.write("no audit records\n")
-        return 0
-    table = Table(box=None, pad_edge=False)
-    for col in ("TIME", "WHO", "ROLE", "METHOD", "RESULT", "REQUEST"):
-        table.add_column(col, overflow="fold" if col == "REQUEST" else "ellipsis")
-    for r in records:
-        table.add_row(_iso(r.at_ms), r.principal, r.role or "-", r.method.rpartition(".")[2],
-                      r.code, r.request if len(r.request) <= 120 else r.request[:117] + "...")
-    emit(table)
-    return 0
+    def table() -> Table:
+        out = Table(box=None, pad_edge=False)
+        for col in ("TIME", "WHO", "ROLE", "METHOD", "RESULT", "REQUEST"):
+            out.add_column(col, overflow="fold" if col == "REQUEST" else "ellipsis")
+        for r in records:
+            out.add_row(_iso(r.at_ms), r.principal, r.role or "-", r.method.rpartition(".")[2],
+                        r.code, r.request if len(r.request) <= 120 else r.request[:117] + "...")
+        return out
+
+    return print_result(args, [_audit_dict(r) for r in records], table, empty="no audit records")
 
 
 def cmd_snapshot_save(args: argparse.Namespace) -> int:
@@ -148,12 +135,8 @@ def cmd_snapshot_save(args: argparse.Namespace) -> int:
     path = backup.save(resp.data, resp.index, resp.term, resp.cluster_id, args.file, overwrite=args.overwrite)
     doc = {"file": str(path), "index": resp.index, "term": resp.term, "cluster_id": resp.cluster_id,
            "bytes": path.stat().st_size}
-    if args.output == "json":
-        _print_json(doc)
-    else:
-        sys.stdout.write(f"saved cluster {resp.cluster_id} at index {resp.index} (term {resp.term}) "
-                         f"to {path}, {doc['bytes']} bytes\n")
-    return 0
+    return print_result(args, doc, f"saved cluster {resp.cluster_id} at index {resp.index} "
+                                   f"(term {resp.term}) to {path}, {doc['bytes']} bytes\n")
 
 
 def cmd_snapshot_restore(args: argparse.Namespace) -> int:
@@ -172,14 +155,12 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
         raise Internal(f"snapshot restore failed: {(proc.stderr or proc.stdout).strip()[-500:]}") from None
     if proc.returncode != 0:
         raise error_for_code(doc.get("code", ""), doc.get("message", "snapshot restore failed"))
-    if args.output == "json":
-        _print_json(doc)
-        return 0
-    sys.stdout.write(f"restored cluster {doc['cluster_id']} at index {doc['index']} into {doc['data_dir']}\n")
-    if doc["moved_aside"]:
-        sys.stdout.write(f"the previous raft folder is kept as {doc['moved_aside']}\n")
-    sys.stdout.write("start the agent as before; see docs/operations.md for clusters of several voters\n")
-    return 0
+    def human() -> str:
+        moved = f"the previous raft folder is kept as {doc['moved_aside']}\n" if doc["moved_aside"] else ""
+        return (f"restored cluster {doc['cluster_id']} at index {doc['index']} into {doc['data_dir']}\n"
+                f"{moved}start the agent as before; see docs/operations.md for clusters of several voters\n")
+
+    return print_result(args, doc, human)
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ from typing import Any, BinaryIO
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 
-from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, _print_json
+from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, print_result
 from .client import Client
-from .render import emit, task_detail, tasks_table
+from .render import task_detail, tasks_table
 from .tasks import TASK_OPTIONS, parse_size
 from .types import TASK_STATES, TaskInfo
 
@@ -297,18 +297,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         specs = sweep_kwargs(kw, args.sweep)
         with _client(args) as c:
             tasks = c.submit_many(specs)
-        if args.output == "json":
-            _print_json([t.to_dict() for t in tasks])
-        else:
-            sys.stdout.write("".join(t.id + "\n" for t in tasks))
-        return 0
+        return print_result(args, [t.to_dict() for t in tasks], "".join(t.id + "\n" for t in tasks))
     with _client(args) as c:
         task = c.submit(**kw)
-    if args.output == "json":
-        _print_json(task.to_dict())
-    else:
-        sys.stdout.write(task.id + "\n")
-    return 0
+    return print_result(args, task.to_dict(), task.id + "\n")
 
 
 def exit_code_of(task: TaskInfo) -> int:
@@ -484,35 +476,20 @@ def _node_names(c: Client, tasks: Sequence[TaskInfo]) -> Mapping[str, str]:
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         tasks = c.tasks(states=args.state, owner=args.owner, limit=args.limit)
-        names = _node_names(c, tasks) if args.output != "json" else {}
-    if args.output == "json":
-        _print_json([t.to_dict() for t in tasks])
-    elif not tasks:
-        sys.stderr.write("no tasks\n")
-    else:
-        emit(tasks_table(tasks, names))
-    return 0
+        return print_result(args, [t.to_dict() for t in tasks],
+                            lambda: tasks_table(tasks, _node_names(c, tasks)), empty="no tasks")
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
         task = c.find_task(args.task)
-        names = _node_names(c, [task]) if args.output != "json" else {}
-    if args.output == "json":
-        _print_json(task.to_dict())
-    else:
-        emit(task_detail(task, names))
-    return 0
+        return print_result(args, task.to_dict(), lambda: task_detail(task, _node_names(c, [task])))
 
 
 def cmd_tasks_cancel(args: argparse.Namespace) -> int:
     with _client(args) as c:
         task = c.cancel(c.find_task(args.task).id)
-    if args.output == "json":
-        _print_json(task.to_dict())
-    else:
-        sys.stdout.write(f"task {task.id} {task.state}\n")
-    return 0
+    return print_result(args, task.to_dict(), f"task {task.id} {task.state}\n")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

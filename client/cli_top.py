@@ -23,7 +23,7 @@ from rich.text import Text
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import UsageError, _client, _positive_float, _print_json
+from ._cli_common import UsageError, _client, _positive_float, print_result, wants_json
 from .client import Client
 from .render import emit, human_bytes, make_console, short_id, sort_nodes
 
@@ -181,17 +181,13 @@ def top_view(frame: dict[str, Any], *, interval: float | None = None, note: str 
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    if args.output == "json" and not args.once:
+    if wants_json(args) and not args.once:
         raise UsageError("-o json needs --once (a live view has no JSON form)")
     interval = max(args.interval, MIN_INTERVAL_S)
     with _client(args) as c:
         frame = collect(c)  # the first call fails fast with the usual one-line error
         if args.once:
-            if args.output == "json":
-                _print_json(frame)
-            else:
-                emit(top_view(frame))
-            return 0
+            return print_result(args, frame, lambda: top_view(frame))
         try:
             _live(c, frame, interval)
         except KeyboardInterrupt:

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._cli_common import _client, _Parser, _print_json
-from .render import cluster_status_view, emit
+from ._cli_common import _client, _Parser, print_result
+from .render import cluster_status_view
 
 
 def register(cluster_sub: Any, sub: Callable[..., argparse.ArgumentParser]) -> None:
@@ -39,10 +39,9 @@ def cmd_peers_remove(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, status: Any, done: str) -> int:
-    if args.output == "json":
-        _print_json(status.to_dict())
-    else:
+    def human() -> Any:
         voters = ", ".join(v.address for v in status.voters if v.role != "learner")
         sys.stdout.write(f"{done}; voters: {voters}\n")
-        emit(cluster_status_view(status))
-    return 0
+        return cluster_status_view(status)
+
+    return print_result(args, status.to_dict(), human)

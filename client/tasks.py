@@ -99,6 +99,9 @@ class TaskOptions:
     limit); `grace`: seconds between SIGTERM and SIGKILL when it is stopped (0: 10 s).
     `request_id` None becomes a fresh uuid4 hex, which makes the submission idempotent (a
     retry, or a second submit with the same id, returns the same task); `""` sends none.
+    `on_disconnect`: `"stop"` (default): an attempt whose node loses the leader past its
+    lease is killed there before the leader starts a replacement; `"keep"`: it runs on, and
+    may overlap its replacement (for work that must never be stopped).
     """
 
     shell: str = ""
@@ -116,6 +119,7 @@ class TaskOptions:
     grace: float = 0.0
     owner: str = ""
     request_id: str | None = None
+    on_disconnect: str = "stop"
 
 
 TASK_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(TaskOptions))
@@ -160,7 +164,17 @@ def build_spec(argv: Sequence[str] | None = None, **options: Any) -> tasks_pb2.T
         owner=_text(o.owner, "owner"),
         request_id=_text(request_id, "request_id"),
         grace_s=float(_non_negative(o.grace, "grace")),
+        on_disconnect=_on_disconnect(o.on_disconnect),
     )
+
+
+ON_DISCONNECT = {"stop": tasks_pb2.ON_DISCONNECT_STOP, "keep": tasks_pb2.ON_DISCONNECT_KEEP}
+
+
+def _on_disconnect(value: object) -> int:
+    if value not in ON_DISCONNECT:
+        raise InvalidArgument(f"on_disconnect must be one of {', '.join(ON_DISCONNECT)}, not {value!r}")
+    return ON_DISCONNECT[value]
 
 
 class _Pause:

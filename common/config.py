@@ -79,7 +79,9 @@ class AgentConfig:
     suspect_after_s: float = 2.0
     # Declared down (its work is requeued) after this long without a heartbeat.
     down_after_s: float = 3.0
-    # After a failover no node can be declared down before this, since the new leader has no timers yet.
+    # A floor for the failover grace (no node suspected or down before it after a failover):
+    # the leader derives one from the agents' timings (common/failover.py; 9 s at a 1 s
+    # interval) and uses the longer of the two.
     failover_grace_s: float = 3.0
     # How often the leader looks for silent nodes; bounds detection latency beyond down_after.
     liveness_interval_s: float = 0.2

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 
 import pytest
 from rich.console import Console
 
 from lepton.client import NodeInfo
+from lepton.client._cli_common import print_result
 from lepton.client.render import (
     ago,
     cluster_status_view,
+    dump_json,
     emit,
     human_bytes,
     node_detail,
@@ -195,3 +198,37 @@ def test_emit_off_a_terminal_has_no_trailing_spaces() -> None:
     text = buf.getvalue()
     assert text.endswith("\n") and "\x1b[" not in text
     assert all(line == line.rstrip() for line in text.splitlines())
+
+
+# -- print_result: the one switch between -o json and the human form --------------------
+
+
+def _printed(capsys: pytest.CaptureFixture[str], output: str, doc: object, human: object,
+             **kw: object) -> tuple[str, str]:
+    assert print_result(argparse.Namespace(output=output), doc, human, **kw) == 0
+    got = capsys.readouterr()
+    return got.out, got.err
+
+
+def test_print_result_json_never_builds_the_human_form(capsys: pytest.CaptureFixture[str]) -> None:
+    def human() -> str:
+        raise AssertionError("built for -o json")
+
+    doc = {"b": [1, {"d": 2, "c": 3}], "a": "x"}
+    assert _printed(capsys, "json", doc, human) == (dump_json(doc) + "\n", "")
+    assert _printed(capsys, "json", doc, human, line=True) == (
+        '{"a": "x", "b": [1, {"c": 3, "d": 2}]}\n', "")
+    assert _printed(capsys, "json", [], human, empty="no tasks") == ("[]\n", "")
+
+
+def test_print_result_human_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _printed(capsys, "table", {"id": 1}, "t-1 [bold]x[/bold]\n") == ("t-1 [bold]x[/bold]\n", "")
+    assert _printed(capsys, "table", {"id": 1}, lambda: "as is\n") == ("as is\n", "")
+    assert _printed(capsys, "table", [], lambda: "unused", empty="no tasks") == ("", "no tasks\n")
+    out, _ = _printed(capsys, "table", [1], lambda: nodes_table([node(node_id="a", name="a")], NOW))
+    assert out.split("\n")[0].split()[:2] == ["ID", "NAME"] and "\x1b[" not in out
+
+    def writes_its_own() -> None:
+        print("line one")
+
+    assert _printed(capsys, "table", {"x": 1}, writes_its_own) == ("line one\n", "")

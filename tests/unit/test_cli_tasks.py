@@ -102,6 +102,7 @@ def test_submit_options_become_submit_kwargs() -> None:
             "--grace", "5",
             "--owner", "ada",
             "--request-id", "job-1",
+            "--on-disconnect", "keep",
             "--",
             "python", "train.py", "--lr", "0.1",
         ]
@@ -123,6 +124,7 @@ def test_submit_options_become_submit_kwargs() -> None:
         "grace": 5.0,
         "owner": "ada",
         "request_id": "job-1",
+        "on_disconnect": "keep",
     }
     assert args.timeout == 10.0  # the call budget is untouched by the task's --timeout
 

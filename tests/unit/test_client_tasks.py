@@ -33,6 +33,7 @@ TASK_KEYS = {
     "state",
     "attempt",
     "failures",
+    "node_losses",
     "node_id",
     "node_address",
     "gpu_indices",
@@ -175,6 +176,7 @@ def test_parse_size_message_names_the_field() -> None:
         ({"argv": ["true"], "env": {"A": 1}}, "env must map"),
         ({"argv": ["true"], "constraints": {"": "x"}}, "constraints must map"),
         ({"argv": ["true"], "priority": 1.5}, "priority must be an integer"),
+        ({"argv": ["true"], "on_disconnect": "pause"}, "on_disconnect must be one of stop, keep"),
     ],
 )
 def test_bad_submissions_fail_before_any_rpc(
@@ -241,6 +243,7 @@ def test_submit_sends_the_whole_spec(fake: FakeCoordinator, addr: str) -> None:
             timeout=3600,
             grace=30,
             owner="ada",
+            on_disconnect="keep",
         )
     (req,) = calls(fake, "SubmitTask")
     spec = req.spec
@@ -252,6 +255,7 @@ def test_submit_sends_the_whole_spec(fake: FakeCoordinator, addr: str) -> None:
         "WANDB_MODE": "offline"
     }
     assert (spec.max_retries, spec.timeout_s, spec.grace_s) == (2, 3600.0, 30.0)
+    assert spec.on_disconnect == tpb.ON_DISCONNECT_KEEP
     assert len(spec.request_id) == 32 and int(spec.request_id, 16) >= 0  # a uuid4 hex
     assert t.id.startswith("t-") and t.state == "pending" and t.attempt == 1
     assert t.command == ["python", "train.py", "--lr", "0.1"] and not t.shell
