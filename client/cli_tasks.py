@@ -137,6 +137,13 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--owner", default="", help="who the task is for (tasks list --owner)")
     g.add_argument(
+        "--on-disconnect",
+        choices=("stop", "keep"),
+        default="stop",
+        help="when its node loses the leader past the attempt lease: stop the attempt there "
+        "(default) or keep it running (it may then overlap its replacement)",
+    )
+    g.add_argument(
         "--request-id",
         metavar="ID",
         default=None,
