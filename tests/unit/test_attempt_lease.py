@@ -76,3 +76,20 @@ async def test_no_lease_file_means_no_watchdog_and_bad_specs_are_refused(tmp_pat
         await runner.stop()
     with pytest.raises(InvalidArgument):
         RunSpec("bad", 1, 1, shell="true", keep_on_disconnect="yes").validate()
+
+
+def test_the_spec_option_reaches_the_runner_and_a_fenced_exit_asks_for_a_requeue():
+    from lepton.agent.assignments import run_spec, to_proto
+    from lepton.agent.tasks.runner import TaskEvent
+    from lepton.v1 import tasks_pb2
+
+    def assignment(on_disconnect: int) -> tasks_pb2.Assignment:
+        return tasks_pb2.Assignment(task_id="t1", attempt=1, term=1, spec=tasks_pb2.TaskSpec(
+            argv=["true"], on_disconnect=on_disconnect))
+
+    assert run_spec(assignment(tasks_pb2.ON_DISCONNECT_KEEP)).keep_on_disconnect
+    assert not run_spec(assignment(tasks_pb2.ON_DISCONNECT_STOP)).keep_on_disconnect
+    fenced = TaskEvent("t1", 1, 1, TaskEventKind.EXITED, exit_code=-9, reason=FENCED)
+    assert to_proto(fenced).requeue
+    killed = TaskEvent("t1", 1, 1, TaskEventKind.EXITED, exit_code=-9, reason="killed by signal 9")
+    assert not to_proto(killed).requeue
