@@ -162,15 +162,17 @@ POLICY: dict[str, Rule] = {
         "DropReplica": NODE_ONLY,
         "ReportInventory": NODE_ONLY,  # an agent's blobs; the answer drives its orphan sweep
     }),
+    # Nodes read each other's shards; of writes, a node certificate may only be ordered by a
+    # coordinator to pull or delete (the handler checks it is one: node restriction).
     **_svc("lepton.v1.Shards", {
-        "WriteShard": USER_OR_NODE,
+        "WriteShard": USER,
         "ReadShard": VIEW_OR_NODE,
         "OpenTransfer": VIEW_OR_NODE,
         "PullShards": USER_OR_NODE,
         "StatShards": VIEW_OR_NODE,
         "DeleteShards": ADMIN_OR_NODE,
-        "ShardStats": USER_OR_NODE,  # reads, but costs CPU on the node
-        "TransformShard": USER_OR_NODE,
+        "ShardStats": USER,  # reads, but costs CPU on the node
+        "TransformShard": USER,
     }),
     # Tokens, the audit log and backups: admins only (the state holds only token hashes).
     **_svc("lepton.v1.Security", {

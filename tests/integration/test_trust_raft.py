@@ -174,8 +174,14 @@ def test_a_node_acts_only_for_itself(cluster):
             shards = ShardsStub(channel)
             assert _code(shards.DeleteShards, datasets_pb2.DeleteShardsRequest(shard_ids=["0" * 64]),
                          timeout=10) == expected, caller
-            if expected == DENIED:
+            if expected == DENIED:  # nor write anything there
+                blank = "0" * 64
                 assert _code(shards.PullShards, datasets_pb2.PullShardsRequest(), timeout=10) == DENIED
+                assert _code(shards.WriteShard, iter([datasets_pb2.WriteShardRequest(shard_id=blank, size=1)]),
+                             timeout=10) == DENIED
+                assert _code(shards.TransformShard, datasets_pb2.TransformShardRequest(shard_id=blank),
+                             timeout=10) == DENIED
+                assert _code(shards.ShardStats, datasets_pb2.ShardStatsRequest(shard_id=blank), timeout=10) == DENIED
         finally:
             channel.close()
     nodes = json.loads(run_ctl("--tls-dir", d, "-o", "json", "nodes", "list", server=srv, check=True).stdout)
