@@ -92,7 +92,7 @@ def test_bad_input_is_refused_and_changes_nothing(agents):
         channel = grpc.insecure_channel(voter.address)
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         cases = [
-            (stub.GetNode, coordinator_pb2.GetNodeRequest(node_id=""), "required"),
+            (stub.GetNode, coordinator_pb2.GetNodeRequest(node_id=""), "must not be empty"),
             (stub.GetNode, coordinator_pb2.GetNodeRequest(node_id="x" * 5000), "at most"),
             (stub.DrainNode, coordinator_pb2.DrainNodeRequest(node_id="../etc"), "letters"),
             (stub.RegisterNode, coordinator_pb2.RegisterNodeRequest(node_id="n-1", address="nowhere"), "HOST:PORT"),
