@@ -22,6 +22,7 @@ from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
 from lepton.v1.raft_pb2_grpc import RaftStub
 from tests.integration.cluster import (
+    RAFT_FAST,
     AgentProcess,
     free_port,
     run_ctl,
@@ -234,3 +235,28 @@ def test_without_tls_the_peer_secret_keeps_node_token_holders_off_raft(agents, t
     assert int(status()["term"]) < term + FORGED_TERM_JUMP
     run_ctl("--token", admin_token, "submit", "--name", "after", "--label", "zone=none", "--", "true",
             server=srv, check=True)  # the voters still replicate, with the peer secret
+
+
+def test_a_voter_joins_and_takes_over_with_tls_and_auth(agents, tmp_path):
+    """The peer check lets a real change through: a server waiting to join trusts its --join
+    addresses, answers the leader's probe, catches up and votes; with the old leader dead
+    every commit needs it."""
+    d = str(tmp_path / "tls")
+    run_ctl("certs", "init", "--dir", d, server="-", check=True)
+    run_ctl("certs", "issue", "admin", "--kind", "user", "--role", "admin", "--dir", d, server="-", check=True)
+    voters = start_voters(agents, 3, "--tls-dir", d, "--auth")
+    extra = agents("extra", "--join", servers(voters), "--join-as-voter", "--tls-dir", d, "--auth", *RAFT_FAST)
+    srv = servers(voters)
+    wait_until(lambda: run_ctl("--tls-dir", d, "cluster", "status", server=srv).returncode == 0,
+               timeout=60, what="a leader")
+    out = run_ctl("--tls-dir", d, "-o", "json", "cluster", "peers", "add", extra.address, server=srv, check=True)
+    assert extra.address in {v["address"] for v in json.loads(out.stdout)["voters"]}
+    old = next(v for v in voters if v.address == _status(d, srv)["leader"])
+    old.kill9()
+    everyone = servers([v for v in voters if v is not old] + [extra])
+
+    def submitted() -> bool:
+        return run_ctl("--tls-dir", d, "submit", "--name", "after", "--label", "zone=none", "--", "true",
+                       server=everyone).returncode == 0
+
+    wait_until(submitted, timeout=90, what="a commit with the new voter's help")
