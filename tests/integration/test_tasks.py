@@ -67,10 +67,11 @@ def test_preemption_evicts_lower_priority_and_requeues_it(agents, tmp_path):
         c.cancel(low.id)
 
 
-def test_a_lost_nodes_attempt_fences_itself_before_its_replacement_starts(agents, tmp_path):
-    """kill -9 of an agent whose task writes a token every 100 ms: the attempt kills itself
-    when its lease runs out, before the leader requeues it (no failure counted); the
-    replacement's first token comes after the old attempt's last one."""
+@pytest.mark.parametrize("fault", ["kill9", "hang"])
+def test_a_lost_nodes_attempt_fences_itself_before_its_replacement_starts(agents, tmp_path, fault):
+    """kill -9 (or SIGSTOP: hung) of an agent whose task writes a token every 100 ms: the
+    attempt kills itself when its lease runs out, before the leader requeues it (no failure
+    counted); the replacement's first token comes after the old attempt's last one."""
     voter = agents("voter", "--labels", "pool=control")
     a = agents("worker-a", "--join", voter.address, "--labels", "pool=gpu")
     b = agents("worker-b", "--join", voter.address, "--labels", "pool=gpu")
@@ -85,7 +86,10 @@ def test_a_lost_nodes_attempt_fences_itself_before_its_replacement_starts(agents
         survivor = b if victim is a else a
         old_pid = attempt_pid(victim, t.id, 1)
         wait_until(lambda: tokens.exists() and tokens.read_text().count("\n") > 3, what="tokens")
-        victim.kill9()
+        if fault == "kill9":
+            victim.kill9()
+        else:
+            os.kill(victim.proc.pid, signal.SIGSTOP)
         moved = wait_until(lambda: (x := c.get(t.id)).attempt == 2 and x.state == "running" and x,
                            timeout=60, what="the replacement on the other node")
         assert node_of[moved.node_id].name == survivor.name
@@ -100,7 +104,10 @@ def test_a_lost_nodes_attempt_fences_itself_before_its_replacement_starts(agents
             times[attempt].append(float(at))
         assert max(times["1"]) < min(times["2"]), "the two attempts overlapped"
         assert (victim.data_dir / "tasks" / t.id / "1" / "fenced").exists()
-        victim.start()  # it reports the fenced attempt; the replacement is untouched
+        if fault == "kill9":
+            victim.start()  # it reports the fenced attempt; the replacement is untouched
+        else:
+            os.kill(victim.proc.pid, signal.SIGCONT)
         wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 3, what="victim back")
         assert c.get(t.id).attempt == 2 and c.get(t.id).state == "running"
         c.cancel(t.id)
