@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import select
 import socket
 import ssl
 import struct
@@ -97,9 +98,8 @@ class SideChannel:
         self._tickets: dict[bytes, _Ticket] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_SERVING)
-        # Waiting to prove themselves, oldest first: accepted socket -> (peer host, the socket
-        # to shut down to drop it: the TLS one once wrapped).
-        self._pending: dict[socket.socket, tuple[str, socket.socket]] = {}
+        # Waiting to prove themselves, oldest first, by accepted socket.
+        self._pending: dict[socket.socket, _Pending] = {}
         self._serving: dict[str, int] = {}  # peer host -> slots held
         self._slot_freed = threading.Condition(self._lock)  # a peer gave a slot back
         self._sock = socket.create_server((host, 0), backlog=128)
@@ -149,13 +149,16 @@ class SideChannel:
         """Count `conn` as waiting; drop the oldest waiting connection (of this peer first)
         when over the caps. Dropped ones are shut down, which wakes their thread."""
         with self._lock:
-            self._pending[conn] = (host, conn)
-            mine = [c for c, (h, _) in self._pending.items() if h == host]
+            self._pending[conn] = _Pending(host, conn)
+            # Silent ones first (an idle flood never speaks; a puller speaks at once), then
+            # the oldest: a connection that arrived late in the backlog spares the puller.
+            order = sorted(self._pending, key=lambda c: self._pending[c].spoke)
+            mine = [c for c in order if self._pending[c].host == host]
             victims = mine[: max(0, len(mine) - MAX_PENDING_PER_PEER)]
             over = len(self._pending) - len(victims) - MAX_PENDING
             if over > 0:
-                victims += [c for c in self._pending if c not in victims][:over]
-            streams = [self._pending.pop(victim)[1] for victim in victims]
+                victims += [c for c in order if c not in victims][:over]
+            streams = [self._pending.pop(victim).stream for victim in victims]
         for stream in streams:
             _shutdown(stream)
         if victims:
@@ -188,11 +191,16 @@ class SideChannel:
         the ticket, or None: refused, timed out, or dropped as idle."""
         stream, peer = conn, None
         try:
+            if not _readable(conn, HANDSHAKE_TIMEOUT_S):
+                raise TimeoutError("nothing sent")
+            with self._lock:
+                if conn in self._pending:
+                    self._pending[conn].spoke = True
             if self._ssl is not None:
                 stream = self._ssl.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
                 with self._lock:  # `conn` is detached now: dropping it must shut `stream`
                     if conn in self._pending:
-                        self._pending[conn] = (host, stream)
+                        self._pending[conn].stream = stream
                 try:
                     stream.do_handshake()
                 except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
@@ -285,6 +293,19 @@ class _Ticket:
     offset: int
     expires: float  # time.monotonic()
     holder: PeerIdentity | None  # with TLS: the only certificate that may redeem it
+
+
+@dataclass(slots=True)
+class _Pending:
+    host: str
+    stream: socket.socket  # what to shut down to drop it: the TLS socket once wrapped
+    spoke: bool = False  # sent its first bytes (the TLS hello or the ticket)
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    poller = select.poll()  # not select(): an agent's descriptors may pass 1024
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 
 import pytest
 
@@ -99,3 +100,24 @@ def test_a_peer_over_its_share_of_slots_waits_for_its_own(nodes, tmp_path, monke
     result = Puller(dst, transport="socket").pull_many(
         [(sid, len(data), [src.address]) for sid, data in shards], parallel=4)
     assert (sorted(result.pulled), result.failed) == (sorted(sid for sid, _ in shards), {})
+
+
+def test_a_flood_arriving_during_a_transfer_does_not_stop_it(nodes, tmp_path):  # noqa: F811
+    src = nodes("src")
+    shards = [put(src.store, CHUNK + i, seed=i) for i in range(8)]
+    opened: list[socket.socket] = []
+
+    def flood() -> None:
+        for _ in range(IDLE):
+            opened.append(socket.create_connection(("127.0.0.1", src.side.port), timeout=10))
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        result = Puller(ShardStore(tmp_path / "dst"), transport="socket").pull_many(
+            [(sid, len(data), [src.address]) for sid, data in shards], parallel=4)
+    finally:
+        flooder.join()
+        for s in opened:
+            s.close()
+    assert (len(result.pulled), result.failed) == (len(shards), {})
