@@ -113,3 +113,19 @@ def coordinators_only(tls: Any, addresses: Callable[[], list[str]]) -> Coordinat
                                    "only the leader may order it")
 
     return check
+
+
+async def check_caller_serves(served: ServedCertificates | None, address: str) -> None:
+    """When a node certificate is the caller, `address` must be where it serves (a node
+    registering may not claim another's address: the leader sends that address shard
+    deletes and pulls meant for it). Skipped without TLS (`served` None) and for people.
+    Raises PermissionDenied."""
+    from lepton.common.auth import Role, current_principal
+
+    p = current_principal()
+    if served is None or p is None or p.role != Role.NODE or p.via != "certificate":
+        return
+    holder = await served.serves(address, p.name)
+    if holder != p.name:
+        raise PermissionDenied(f"node {p.name} may not register {address}: the certificate served there is "
+                               + (holder or "not reachable or not a node's"))

@@ -53,6 +53,10 @@ class Coordinator:
             self.liveness,
             wall_ms=wall_ms,
         )
+        if tls is not None:  # a node registers only an address it serves (node restriction)
+            from lepton.common.served_certs import ServedCertificates
+
+            self.ctx.served = ServedCertificates(tls)
         self.scheduling = SchedulingLoop(
             self.state,
             self._propose,

@@ -15,6 +15,7 @@ import grpc
 from lepton.common import validation as v
 from lepton.common.errors import LeptonError, NotLeader, ResourceExhausted
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.served_certs import ServedCertificates, check_caller_serves
 from lepton.common.version import VERSION
 from lepton.coordinator.api.task_api import TaskApi, TaskHub
 from lepton.coordinator.consensus import Consensus
@@ -48,6 +49,7 @@ class CoordinatorContext:
         self.propose_timeout_s = propose_timeout_s
         self.hub = TaskHub()
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
+        self.served: ServedCertificates | None = None  # with TLS: who serves which address
 
     def require_leader(self) -> None:
         if not self.consensus.is_leader():
@@ -91,6 +93,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         v.check_capacity(request.capacity)
         v.check_text(request.version, "version", v.MAX_VERSION)
         check_node_caller(self._ctx.state, request.node_id)
+        await check_caller_serves(self._ctx.served, request.address)
         cmd = state_pb2.Command(
             register_node=state_pb2.RegisterNodeCmd(
                 node_id=request.node_id,

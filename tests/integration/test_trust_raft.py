@@ -150,6 +150,10 @@ def test_a_node_acts_only_for_itself(cluster):
             "RegisterNode": lambda: coordinator.RegisterNode(coordinator_pb2.RegisterNodeRequest(
                 node_id=other, name="evil", address=worker.address,
                 capacity=common_pb2.Capacity(cpu_logical=1, memory_bytes=1 << 30)), timeout=10),
+            "RegisterNode at another's address": lambda: coordinator.RegisterNode(
+                coordinator_pb2.RegisterNodeRequest(node_id=worker.node_id, name="worker", address=victim.address,
+                                                    capacity=common_pb2.Capacity(cpu_logical=1, memory_bytes=1 << 30)),
+                timeout=10),
             "LeaveNode": lambda: coordinator.LeaveNode(coordinator_pb2.LeaveNodeRequest(node_id=other), timeout=10),
             "WatchAssignments": lambda: coordinator.WatchAssignments(
                 coordinator_pb2.WatchAssignmentsRequest(node_id=other), timeout=10),
