@@ -141,6 +141,69 @@ def test_a_task_acts_as_its_submitter_and_never_as_its_node(secure_cluster):
         c.nodes()
 
 
+# Without TLS: exits 0 only when the task sees no node token (environment or file) and its
+# own credential works as its submitter; what it found goes to stdout either way.
+PLAIN_PROBE = r"""
+import contextlib, io, json, os, sys
+from lepton.client import Client, cli
+
+def readable(path):
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
+
+found = {"env_token": "LEPTON_NODE_TOKEN" in os.environ, "uid": os.getuid(),
+         "token_file": readable(os.path.join(os.environ["NODE_DATA"], "node.token"))}
+with Client(os.environ["LEPTON_SERVER"]) as c:
+    found["nodes"] = len(c.nodes())
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    found["mint_admin"] = cli.main(["--server", os.environ["LEPTON_SERVER"], "tokens", "create",
+                                    "--role", "admin", "--name", "evil"])
+print(json.dumps(found), err.getvalue().strip(), flush=True)
+ok = (not found["env_token"] and not found["token_file"] and found["uid"] == 65534
+      and found["nodes"] == 2 and found["mint_admin"] == 1 and "needs role admin" in err.getvalue())
+sys.exit(0 if ok else 3)
+"""
+
+
+def test_without_tls_a_task_never_sees_the_node_token(monkeypatch):
+    root = Path(tempfile.mkdtemp(prefix="lepton-task-identity-"))
+    os.chmod(root, 0o711)
+    started: list[AgentProcess] = []
+    try:
+        voter = AgentProcess(root, "voter", ["--auth"]).start()
+        started.append(voter)
+        token_file = voter.data_dir / "node.token"
+        wait_until(lambda: (voter.data_dir / "admin.token").exists(), what="the bootstrap admin token")
+        admin = (voter.data_dir / "admin.token").read_text().strip()
+        worker_dir = root / "worker"
+        worker_dir.mkdir(mode=0o700)
+        shutil.copy(token_file, worker_dir / "node.token")
+        # The agent's own environment holds the node token too: tasks must not inherit it.
+        monkeypatch.setenv("LEPTON_NODE_TOKEN", token_file.read_text().strip())
+        worker = AgentProcess(root, "worker", ["--auth", "--join", voter.address, "--labels", "role=worker",
+                                               "--task-user", "nobody"]).start()
+        started.append(worker)
+        monkeypatch.delenv("LEPTON_NODE_TOKEN")
+        with Client(voter.address, token=admin) as c:
+            wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, what="both nodes ready")
+        alice = run_ctl("--token", admin, "tokens", "create", "--role", "user", "--name", "alice",
+                        server=voter.address, check=True).stdout.strip()
+        with Client(voter.address, token=alice) as c:
+            task = c.submit([sys.executable, "-c", PLAIN_PROBE], cpu=0.1, env={"NODE_DATA": str(worker.data_dir)},
+                            constraints={"role": "worker"})
+            done = c.wait(task.id, timeout=120)
+        # Workers take no user tokens without TLS, so the output stays there: the exit code says.
+        assert (done.state, done.exit_code) == ("succeeded", 0), done
+    finally:
+        for agent in started:
+            agent.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_data_dir_is_private_whatever_the_umask(tmp_path):
     voter = AgentProcess(tmp_path, "voter")  # its folder 0755, from the usual umask
     old = os.umask(0)  # everything the agent makes, under umask 000
