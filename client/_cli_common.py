@@ -10,6 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from lepton.common.errors import LeptonError
+from lepton.common.sizes import parse_size
+
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
 from .render import dump_json, emit
 
@@ -32,24 +35,57 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_float(text: str) -> float:
+# -- option types: argparse `type=` functions, one-line messages ------------------------
+
+
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    """Bytes, or a size such as 512MiB (`parse_size`)."""
+    try:
+        return parse_size(text)
+    except LeptonError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def _global_options(

@@ -14,45 +14,15 @@ from typing import Any
 
 from rich.table import Table
 
-from lepton.common.errors import LeptonError
-
-from ._cli_common import (
-    CLI_CONNECT_TIMEOUT_S,
-    _Parser,
-    _positive_int,
-    print_result,
-    tls_options,
-    wants_json,
-)
+from ._cli_common import _client, _Parser, _positive_int, _size, print_result, wants_json
 from .data import DatasetInfo
 from .render import age, human_bytes, make_console, short_id
 
-__all__ = ["data_client", "register"]
+__all__ = ["register"]
 
 
-def data_client(servers: Any, *, timeout: float, connect_timeout: float | None = None, **tls: Any):
-    """The client the data commands use (`tls`: `tls_dir`, `cert_name`)."""
-    from .client import Client
-
-    return Client(servers, timeout=timeout, connect_timeout=connect_timeout, **tls)
-
-
-def _client(args: argparse.Namespace):
-    return data_client(
-        args.server,
-        timeout=args.timeout,
-        connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S),
-        **tls_options(args),
-    )
-
-
-def _size(text: str) -> int:
-    from .tasks import parse_size
-
-    try:
-        value = parse_size(text)
-    except LeptonError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
+def _positive_size(text: str) -> int:
+    value = _size(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
@@ -77,7 +47,7 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
-        "--shard-size", metavar="SIZE", type=_size, help="bytes per shard (default 64MiB)"
+        "--shard-size", metavar="SIZE", type=_positive_size, help="bytes per shard (default 64MiB)"
     )
     g.add_argument("--shards", metavar="K", type=_positive_int, help="this many shards of equal rows")
     p.add_argument(
@@ -234,35 +204,3 @@ def cmd_process(args: argparse.Namespace) -> int:
     return print_result(args, {"dataset": ds.to_dict(), "report": report},
                         _summary(ds) + "\n" + "".join(f"  {k}: {v}\n" for k, v in sorted(report.items())))
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lepton.client.cli_data data ...`: the data commands on their own, until
-    they are hooked into lepton-ctl (same options, output and exit codes)."""
-    import logging
-
-    from ._cli_common import PROG, _global_options
-
-    parser = _Parser(prog=PROG)
-    _global_options(parser, defaults=True)
-    common = _Parser(add_help=False)
-    _global_options(common, defaults=False)
-    top = parser.add_subparsers(
-        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    register(top, common)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except LeptonError as e:
-        sys.stderr.write(f"{PROG}: {' '.join((e.message or type(e).__name__).split())}\n")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,10 +15,22 @@ from typing import Any, BinaryIO
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 
-from ._cli_common import PROG, UsageError, _client, _global_options, _Parser, print_result
+from ._cli_common import (
+    PROG,
+    UsageError,
+    _client,
+    _global_options,
+    _int,
+    _non_negative_float,
+    _non_negative_int,
+    _Parser,
+    _positive_int,
+    _size,
+    print_result,
+)
 from .client import Client
 from .render import task_detail, tasks_table
-from .tasks import TASK_OPTIONS, parse_size
+from .tasks import TASK_OPTIONS
 from .types import TASK_STATES, TaskInfo
 
 __all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of"]
@@ -32,47 +44,6 @@ Sub = Callable[..., argparse.ArgumentParser]
 
 
 # -- option types -----------------------------------------------------------------------
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except LeptonError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):  # NaN fails the first test
-        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
