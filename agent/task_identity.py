@@ -34,7 +34,11 @@ def prepare_task_tls(tls: TlsConfig, data_dir: Path, *, owner: tuple[int, int] |
     uid/gid; None: the agent's user, whom tasks run as). Logs what tasks lose when there is no task certificate. Raises OSError."""
     out = Path(data_dir) / TASK_TLS_DIR
     out.mkdir(exist_ok=True)
-    paths = _tls.ensure_task_cert(tls.dir)
+    try:
+        paths = _tls.ensure_task_cert(tls.dir)
+    except OSError as err:  # a read-only TLS folder: tasks lose the cluster, not the agent
+        logger.warning("cannot issue the task certificate in %s: %s", tls.dir, err)
+        paths = None
     names = [_tls.CA_CERT]
     if paths is None:
         logger.warning("no task certificate in %s and no CA key to issue one: tasks cannot reach the "
