@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,12 @@ class ClusterCollector:
         for v in st.voters:
             lag.add_metric([v.address or v.id], v.lag)
         out.append(lag)
+        check = getattr(self._consensus, "peer_check", None)  # Raft's PeerCheck, when served
+        if check is not None:
+            refused = CounterMetricFamily("lepton_raft_peer_refused",
+                                          "Raft calls refused: not from a member speaking as itself")
+            refused.add_metric([], check.refused)
+            out.append(refused)
         return out
 
     def _sample_heartbeats(self) -> list[Metric]:

@@ -64,6 +64,7 @@ class RaftConsensus(VoterChanges, Consensus):
         super().__init__()
         self.node_id = node_id
         self.peer_key = peer_key  # proves us to the other voters without TLS (peer_auth)
+        self.peer_check = None  # the Raft servicer's PeerCheck, set when it is registered
         self._contacts = tuple(contacts)  # --join: who may speak Raft to us before we have a configuration
         self._voters = dict(voters)
         self._store = store

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 FROM_HEADER = "lepton-raft-from"
 MAC_HEADER = "lepton-raft-mac"
+LOG_EVERY_S = 10.0
 _KEY_INFO = b"lepton raft peer key v1"
 
 
@@ -61,6 +63,8 @@ class PeerCheck:
         self._members = members
         self._key = key
         self._served = ServedCertificates(tls) if tls is not None else None
+        self.refused = 0  # calls refused, for lepton_raft_peer_refused_total
+        self._logged_at = -LOG_EVERY_S
 
     @property
     def enabled(self) -> bool:
@@ -74,22 +78,35 @@ class PeerCheck:
         if not self.enabled:
             return ""
         if not address:
-            raise PermissionDenied(f"{method}: Raft calls must name their sender ({FROM_HEADER})")
-        if address not in self._members():
-            raise PermissionDenied(f"{method}: {address} is not a member of this server's Raft configuration")
+            raise self.deny(f"{method}: Raft calls must name their sender ({FROM_HEADER})")
+        self.still_member(address, method)
         if self._key is not None and not hmac.compare_digest(meta.get(MAC_HEADER, ""), _mac(self._key, address)):
-            raise PermissionDenied(f"{method}: the call does not prove the Raft peer secret")
+            raise self.deny(f"{method}: the call does not prove the Raft peer secret")
         if self._served is not None:
             ident = _tls.peer_identity(context)
             if ident is None or ident.kind != "node":
-                raise PermissionDenied(f"{method}: only the node certificate of a Raft member may call it")
+                raise self.deny(f"{method}: only the node certificate of a Raft member may call it")
             holder = await self._served.serves(address, ident.name)
             if holder != ident.name:
-                raise PermissionDenied(
-                    f"{method}: certificate {ident.name} is not the one serving {address}"
-                    + (f" ({holder})" if holder else "")
-                )
+                raise self.deny(f"{method}: certificate {ident.name} is not the one serving {address}"
+                                + (f" ({holder})" if holder else ""))
         return address
+
+    def still_member(self, address: str, method: str) -> None:
+        """Raises PermissionDenied once `address` is not a member (checked per batch on a
+        long-lived stream, so a removed voter's open stream stops counting)."""
+        if self.enabled and address not in self._members():
+            raise self.deny(f"{method}: {address} is not a member of this server's Raft configuration")
+
+    def deny(self, message: str) -> PermissionDenied:
+        """Count a refusal and log it (at most every LOG_EVERY_S: callers cannot flood the
+        log); returns the error to raise."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            self._logged_at = now
+            logger.warning("raft: refused %s (%d refused so far)", message, self.refused)
+        return PermissionDenied(message)
 
 
 def _metadata(context: Any) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Protocol
 import grpc
 
 from lepton.common.channels import TlsConfig, make_channel
-from lepton.common.errors import FailedPrecondition, PermissionDenied
+from lepton.common.errors import FailedPrecondition
 from lepton.common.grpc_util import MAX_MESSAGE_BYTES, register_service, rpc_boundary
 from lepton.coordinator.raft.messages import (
     AppendRequest,
@@ -141,6 +141,8 @@ class RaftServicer:
     ) -> raft_pb2.RaftBatchAck:
         sender = await self._peers.caller(context, "Raft.Stream")
         async for batch in request_iterator:
+            if sender:
+                self._peers.still_member(sender, "Raft.Stream")
             self._deliver(batch, sender)
         return raft_pb2.RaftBatchAck()
 
@@ -168,7 +170,7 @@ class RaftServicer:
                 # A peer configured with the wrong address for us: say so, loudly.
                 raise FailedPrecondition(f"this is {me}, not {pb.to_id}")
             if sender and pb.from_id != sender:
-                raise PermissionDenied(f"Raft: {sender} may not send a message from {pb.from_id or 'nobody'}")
+                raise self._peers.deny(f"Raft: {sender} may not send a message from {pb.from_id or 'nobody'}")
             m = from_proto(pb)
             if m is not None:
                 msgs.append(m)
@@ -181,6 +183,8 @@ def add_raft_servicer(server: grpc.aio.Server, node: Receiver, *, tls: TlsConfig
     are checked against `node.raft_members()` with `tls` and/or `peer_key` (see
     `peer_auth`). Call before `server.start()`."""
     peers = PeerCheck(node.raft_members, tls=tls, key=peer_key)
+    if hasattr(node, "peer_check"):
+        node.peer_check = peers  # its refusals are a metric (lepton_raft_peer_refused_total)
     register_service(server, RaftServicer(node, peers), raft_pb2.DESCRIPTOR.services_by_name["Raft"])
 
 

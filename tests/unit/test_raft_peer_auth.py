@@ -34,6 +34,7 @@ class Node:
         self.node_id = node_id
         self.members = members
         self.received: list = []
+        self.peer_check = None  # set by add_raft_servicer, as on RaftConsensus
 
     def receive(self, messages):
         self.received.extend(messages)
@@ -129,6 +130,7 @@ async def test_tls_only_the_member_serving_an_address_speaks_for_it(ca):
         node.members = {address}
         assert await _code(legit.Send(_batch(member, address), metadata=as_member)) \
             == grpc.StatusCode.PERMISSION_DENIED
+        assert node.peer_check.refused >= 10  # every refusal above is counted (a metric)
     finally:
         await transport.close()
         for ch in channels:
@@ -154,10 +156,28 @@ async def test_without_tls_the_peer_secret_proves_the_sender():
             assert await _code(stub.Send(_batch(member, address), metadata=metadata)) \
                 == grpc.StatusCode.PERMISSION_DENIED
         assert len(node.received) == before
+
+        # A long-lived stream stops counting once its sender leaves the configuration.
+        stream = stub.Stream(metadata=peer_metadata(member, key))
+        await stream.write(_batch(member, address))
+        await _until(lambda: len(node.received) == before + 1)
+        node.members.discard(member)
+        await stream.write(_batch(member, address))
+        await stream.done_writing()
+        assert await _code(stream) == grpc.StatusCode.PERMISSION_DENIED
+        assert len(node.received) == before + 1
     finally:
         await transport.close()
         await channel.close()
         await server.stop(0)
+
+
+async def _until(predicate, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
 
 
 async def test_malformed_raft_requests_are_invalid_argument():
@@ -174,3 +194,17 @@ async def test_malformed_raft_requests_are_invalid_argument():
     finally:
         await channel.close()
         await server.stop(0)
+
+
+def test_refusals_are_exported_as_a_metric():
+    from types import SimpleNamespace
+
+    from lepton.agent.metrics import ClusterCollector
+
+    consensus = SimpleNamespace(
+        status=lambda: SimpleNamespace(term=1, commit_index=2, applied_index=2, voters=[]),
+        is_leader=lambda: False,
+        peer_check=SimpleNamespace(refused=3),
+    )
+    metrics = {m.name: m for m in ClusterCollector(consensus=consensus)._sample_raft()}
+    assert [s.value for s in metrics["lepton_raft_peer_refused"].samples if s.name.endswith("_total")] == [3]
