@@ -3,8 +3,8 @@
 Each state is a lowercase name (what the API, the CLI, logs and metrics speak) tied to its
 value in the lepton.v1 enums (`NODE_STATE_READY`, `TASK_STATE_RUNNING`, ...). The values
 are read from the generated enums, and a state there without a member here (or the other
-way round) fails at import. Each enum's docstring is its lifecycle; `NodeState`'s moves are
-also the table the state machine checks (`can_transition`).
+way round) fails at import. Beside them, the moves each may make: `can_transition` for
+nodes (the state machine checks it), `TASK_MOVES` for tasks.
 """
 
 from __future__ import annotations
@@ -72,18 +72,8 @@ class NodeState(_ProtoState):
 
 
 class TaskState(_ProtoState):
-    """Lifecycle of a task, members in lifecycle order. Each transition is one log command.
-
-      PENDING   -> ASSIGNED   a committed plan places the attempt on a node
-      ASSIGNED  -> RUNNING    the agent reports the attempt started
-      ASSIGNED | RUNNING -> SUCCEEDED   exit code 0
-      ASSIGNED | RUNNING -> FAILED      non-zero exit, timeout or node lost, no retries left
-      ASSIGNED | RUNNING -> PENDING     the same, with retries left (attempt + 1)
-      ASSIGNED | RUNNING -> PREEMPTED   evicted for a higher priority; the agent stops it
-      PREEMPTED -> PENDING    the evicted attempt has exited (or its node is lost): requeue
-      PENDING | ASSIGNED | RUNNING | PREEMPTED -> CANCELLED   a user cancels
-    SUCCEEDED, FAILED and CANCELLED are final.
-    """
+    """Lifecycle of a task, members in lifecycle order; its moves are `TASK_MOVES`.
+    SUCCEEDED, FAILED and CANCELLED are final, except that a gang restarts as a whole."""
 
     PENDING = "pending"
     ASSIGNED = "assigned"
@@ -109,6 +99,26 @@ _NODE_MOVES: dict[NodeState, frozenset[NodeState]] = {
 
 def can_transition(src: NodeState, dst: NodeState) -> bool:
     return dst in _NODE_MOVES[src]
+
+
+# Every move a task makes, each one a log command; the state machine makes no other
+# (tests/unit/test_task_moves.py walks it at random and checks each move against this).
+_T = TaskState
+TASK_MOVES: dict[TaskState, frozenset[TaskState]] = {
+    # placed by a committed plan; cancelled; a gang member restarted or failed with its gang
+    _T.PENDING: frozenset({_T.ASSIGNED, _T.CANCELLED, _T.PENDING, _T.FAILED}),
+    # started; exited 0; failed with no retries (or node losses) left; requeued (a retry, a
+    # lost node, its agent stopping); evicted for a higher priority; cancelled
+    _T.ASSIGNED: frozenset({_T.RUNNING, _T.SUCCEEDED, _T.FAILED, _T.PENDING, _T.PREEMPTED,
+                            _T.CANCELLED}),
+    _T.RUNNING: frozenset({_T.SUCCEEDED, _T.FAILED, _T.PENDING, _T.PREEMPTED, _T.CANCELLED}),
+    # the evicted attempt exited (or its node is lost): requeued; cancelled; its gang failed
+    _T.PREEMPTED: frozenset({_T.PENDING, _T.CANCELLED, _T.FAILED}),
+    # final, but a gang restarts whole: a member that had succeeded runs again
+    _T.SUCCEEDED: frozenset({_T.PENDING}),
+    _T.FAILED: frozenset(),
+    _T.CANCELLED: frozenset(),
+}
 
 
 # Per class: a str Enum member hashes as its name, and node and task names may one day meet.
