@@ -203,7 +203,7 @@ class Agent:
             self.data_dir, self.node_id, self.config.listen, self.link, on_bytes=self.agent_metrics.shard_bytes,
             tls=self.tls, shard_key_file=self.config.shard_key_file,
             inventory_interval_s=self.config.shard_inventory_interval_s,
-            orphan_grace_s=self.config.shard_orphan_grace_s,
+            orphan_grace_s=self.config.shard_orphan_grace_s, reserve_bytes=self.config.shard_reserve_bytes,
         )
         services.append(self.data.add_to_server(self.server))
         register_service(

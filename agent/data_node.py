@@ -62,13 +62,14 @@ class DataNode:
     def __init__(
         self, data_dir: Path, node_id: str, listen: str, link: CoordinatorLink,
         on_bytes: ByteCounter | None = None, tls: TlsConfig | None = None, shard_key_file: str = "",
-        inventory_interval_s: float = 300.0, orphan_grace_s: float = 600.0,
+        inventory_interval_s: float = 300.0, orphan_grace_s: float = 600.0, reserve_bytes: int = 0,
     ):
         self.node_id = node_id
         self._on_bytes = on_bytes  # shard bytes in/out, for metrics
         cipher = load_cipher(shard_key_file, tls=tls)
         # Raises FailedPrecondition when the store was sealed with another key, or without one now.
-        self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env(), cipher=cipher)
+        self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env(), cipher=cipher,
+                                reserve_bytes=reserve_bytes)
         host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)

@@ -11,9 +11,11 @@ Each cycle (at start, when the agent (re-)registers, and every `interval_s`):
    and whose grace has now passed.
 
 An orphan is deleted only when the answer comes from a term no older than the newest this
-agent has seen and the blob's file was written or touched at least `grace_s` ago (an upload
-or pull that finds it already stored touches it; `ShardStore.sweep` checks the age under
-the store's lock). `grace_s` 0 turns sweeping off; the reports still re-list copies.
+agent has seen and the blob was stored or touched at least `grace_s` ago (an upload or pull
+that finds it already stored touches it; `ShardStore.sweep` checks the age under the
+store's lock). Ages are monotonic, never file times: a wall-clock jump sweeps nothing early,
+and blobs found at start count from then (a restart delays sweeping by up to one grace).
+`grace_s` 0 turns sweeping off; the reports still re-list copies.
 """
 
 from __future__ import annotations
@@ -48,15 +50,15 @@ class InventoryReporter:
     one report; `run()` repeats it."""
 
     def __init__(self, store: ShardStore, link, node_id: str, *, interval_s: float, grace_s: float,
-                 wall: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic):
         self._store = store
         self._link = link  # the Datasets service through the agent's link (follows the leader)
         self.node_id = node_id
         self.interval_s = interval_s
         self.grace_s = grace_s
-        self._wall = wall
+        self._clock = clock
         self._term = 0  # the newest term an answer came from
-        self._young: dict[str, float] = {}  # orphans waiting for their grace: id -> due (wall)
+        self._young: dict[str, float] = {}  # orphans waiting for their grace: id -> due (clock)
         self._wakeup = asyncio.Event()
 
     def wake(self) -> None:
@@ -87,7 +89,7 @@ class InventoryReporter:
                 n_swept, n_kept, n_held = await self._judged(await self._call(req), [s for s, _ in chunk])
                 swept, kept, held, pages = swept + n_swept, kept + n_kept, held + n_held, pages + 1
         else:
-            now = self._wall()
+            now = self._clock()
             due = [s for s, at in sorted(self._young.items()) if at <= now][:PAGE]
             sizes = self._store.list()
             due = [s for s in due if s in sizes]
@@ -111,7 +113,7 @@ class InventoryReporter:
         if stale or resp.orphans_withheld:
             # A deposed leader's view (it may miss a newer dataset), or a new leader not yet
             # judging: keep everything, and ask about waiting orphans again later, not at once.
-            later = self._wall() + max(1.0, min(self.grace_s, self.interval_s))
+            later = self._clock() + max(1.0, min(self.grace_s, self.interval_s))
             for shard_id in asked:
                 if shard_id in self._young:
                     self._young[shard_id] = max(self._young[shard_id], later)
@@ -122,18 +124,17 @@ class InventoryReporter:
                 self._young.pop(shard_id, None)  # wanted (again)
         if self.grace_s <= 0:
             return 0, len(orphans), resp.held
-        now = self._wall()
         swept = await asyncio.to_thread(
-            lambda: [s for s in sorted(orphans) if self._store.sweep(s, self.grace_s, now)])
+            lambda: [s for s in sorted(orphans) if self._store.sweep(s, self.grace_s)])
         for shard_id in swept:
             self._young.pop(shard_id, None)
         kept = 0
         for shard_id in orphans.difference(swept):
-            mtime = self._store.modified_at(shard_id)
-            if mtime is None:
+            age = self._store.age_s(shard_id)
+            if age is None:
                 self._young.pop(shard_id, None)
             else:
-                self._young[shard_id] = mtime + self.grace_s
+                self._young[shard_id] = self._clock() + self.grace_s - age
                 kept += 1
         if swept:
             logger.info("swept %d orphan blobs (no dataset needs them here): %s", len(swept),
@@ -155,7 +156,7 @@ class InventoryReporter:
                 logger.exception("inventory cycle failed")
                 sentence, delay = "inventory cycle crashed", min(RETRY_S, self.interval_s)
             if self._young:  # come back when the first waiting orphan is due
-                delay = min(delay, max(0.1, min(self._young.values()) - self._wall()))
+                delay = min(delay, max(0.1, min(self._young.values()) - self._clock()))
             if sentence != last:
                 logger.info("inventory: %s", sentence)
                 last = sentence

@@ -27,7 +27,7 @@ else:  # pragma: no cover
 DEFAULT_PORT = 7070
 ENV_PREFIX = "LEPTON_"
 MIN_TASK_LOG_BYTES = 4096  # below a disk block, every rotation would copy whole blocks for nothing
-SIZE_FIELDS = ("task_log_max_bytes",)  # also take "256MiB"; parsed in __post_init__
+SIZE_FIELDS = ("task_log_max_bytes", "shard_reserve_bytes")  # also take "256MiB"; parsed in __post_init__
 
 
 def split_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -142,9 +142,14 @@ class AgentConfig:
     # also reports at every (re-)registration. Minutes: nothing here is urgent.
     shard_inventory_interval_s: float = 300.0
     # A blob no dataset needs on this node (a deleted dataset's, a dropped replica, a crashed
-    # put's) is deleted once the leader says so and its file is this old: longer than a put
-    # takes from upload to commit. 0: never sweep.
+    # put's) is deleted once the leader says so and it was stored or touched this long ago
+    # (a monotonic age: blobs found at start count from then): longer than a put takes from
+    # upload to commit. 0: never sweep.
     shard_orphan_grace_s: float = 600.0
+    # Free space shard writes leave on the data dir's file system ("2GiB" works): the room
+    # of the Raft log and snapshots (a voter that cannot write its log stops) and of task
+    # output. A put that would cut into it is refused (RESOURCE_EXHAUSTED). 0: none.
+    shard_reserve_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -190,6 +195,7 @@ class AgentConfig:
             raise InvalidArgument("shard_inventory_interval_s must be > 0 and at most a day")
         if not 0 <= self.shard_orphan_grace_s <= 30 * 24 * 3600:
             raise InvalidArgument("shard_orphan_grace_s must be between 0 (no sweeping) and 30 days")
+        self.shard_reserve_bytes = parse_size(self.shard_reserve_bytes, "shard_reserve_bytes")
         if self.shard_key_file:
             from lepton.common import cluster_secret
 

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,19 +79,27 @@ def checkpoint_offsets(size: int) -> list[int]:
 class ShardStore:
     """Blobs on disk with a byte quota. Thread-safe: transfers run in threads.
 
-    `quota_bytes`: None = only the disk limits; a write that would pass it is refused with
-    ResourceExhausted before a byte is written. `cipher`: seal new blobs (encryption at
-    rest); a store once used with a key refuses to open without it or with another one
-    (FailedPrecondition), rather than finding every blob "corrupt". `clean_tmp=False` for a
-    second process opening a live agent's store (a torch task): leave its writes alone.
+    `quota_bytes`: None = only the disk limits; a write that would pass it, or leave under
+    `reserve_bytes` free on the disk (the Raft log's and task output's room; `free_bytes`
+    measures), is refused with ResourceExhausted before a byte is written. Ages (the orphan
+    grace) run on the monotonic `clock`, from when this process stored, touched or found
+    each blob: a wall-clock jump changes nothing; a restart only delays sweeping.
+    `cipher`: seal new blobs (encryption at rest); a store once used with a key refuses to
+    open without it or with another one (FailedPrecondition), rather than finding every blob
+    "corrupt". `clean_tmp=False` for a second process opening a live agent's store (a torch
+    task): leave its writes alone.
     """
 
     def __init__(self, root: Path | str, quota_bytes: int | None = None,
-                 cipher: sc.ShardCipher | None = None, *, clean_tmp: bool = True):
+                 cipher: sc.ShardCipher | None = None, *, clean_tmp: bool = True, reserve_bytes: int = 0,
+                 free_bytes: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic):
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.quota_bytes = quota_bytes
+        self.reserve_bytes = reserve_bytes
+        self._free_bytes = free_bytes or (lambda: shutil.disk_usage(self.root).free)
+        self._clock = clock
         self.cipher = cipher
         self._lock = threading.Lock()
         self._reserved = 0
@@ -109,6 +118,9 @@ class ShardStore:
             if _ID_RE.match(path.stem):
                 self._sizes[path.stem] = sc.plain_size(path.stat().st_size, CHUNK)
                 self._sealed.add(path.stem)
+        # Found at open: as if stored now (file times follow the wall clock; see the class).
+        opened = clock()
+        self._touched: dict[str, float] = dict.fromkeys(self._sizes, opened)
         self._check_key()
 
     def _check_key(self) -> None:
@@ -357,14 +369,21 @@ class ShardStore:
         with self._lock:
             if shard_id in self._sizes:
                 # Touched under the lock: the orphan sweep (`sweep`) spares it for a grace.
-                with contextlib.suppress(OSError):
-                    os.utime(self._blob_path(shard_id, shard_id in self._sealed))
+                self._touched[shard_id] = self._clock()
                 raise AlreadyExists(f"shard {shard_id[:12]} is already stored")
             used = sum(self._sizes.values()) + self._reserved
             if self.quota_bytes is not None and used + size > self.quota_bytes:
                 raise ResourceExhausted(
                     f"shard store full: {used} of {self.quota_bytes} bytes used, {size} more needed"
                 )
+            if self.reserve_bytes:
+                # Writes in progress have not taken their space yet: count them as taken.
+                free = self._free_bytes() - self._reserved
+                if free - size < self.reserve_bytes:
+                    raise ResourceExhausted(
+                        f"shard store {self.root}: {size} more bytes would leave {max(0, free - size)} free on "
+                        f"its disk, under the {self.reserve_bytes} kept for the Raft log and task output "
+                        "(--shard-reserve)")
             self._reserved += size
         try:
             return ShardWriter(self, shard_id, size)
@@ -386,30 +405,28 @@ class ShardStore:
         with self._lock:
             self._reserved -= writer.size
             self._sizes[writer.shard_id] = writer.size
+            self._touched[writer.shard_id] = self._clock()
             if sealed:
                 self._sealed.add(writer.shard_id)
 
-    def modified_at(self, shard_id: str) -> float | None:
-        """When the blob was written or last touched (wall-clock seconds); None: absent."""
-        try:
-            return self.path(shard_id).stat().st_mtime
-        except FileNotFoundError:
-            return None
+    def age_s(self, shard_id: str) -> float | None:
+        """Seconds (on the store's monotonic clock) since the blob was stored or touched,
+        or found at open; None: absent."""
+        with self._lock:
+            touched = self._touched.get(shard_id) if shard_id in self._sizes else None
+            return None if touched is None else self._clock() - touched
 
-    def sweep(self, shard_id: str, min_age_s: float, now: float) -> bool:
-        """Delete the blob only if it was written or touched at least `min_age_s` before
-        `now` (wall clock). Atomic with `writer()`, which touches a blob it finds stored."""
+    def sweep(self, shard_id: str, min_age_s: float) -> bool:
+        """Delete the blob only if it was stored or touched (or found at open) at least
+        `min_age_s` ago. Atomic with `writer()`, which touches a blob it finds stored."""
         with self._lock:
             if shard_id not in self._sizes:
                 return False
-            try:
-                mtime = self._blob_path(shard_id, shard_id in self._sealed).stat().st_mtime
-            except FileNotFoundError:
-                mtime = 0.0
-            if now - mtime < min_age_s:
+            if self._clock() - self._touched.get(shard_id, self._clock()) < min_age_s:
                 return False
             self._sizes.pop(shard_id)
             self._sealed.discard(shard_id)
+            self._touched.pop(shard_id, None)
         self._unlink(shard_id)
         return True
 
@@ -417,6 +434,7 @@ class ShardStore:
         with self._lock:
             present = self._sizes.pop(check_shard_id(shard_id), None) is not None
             self._sealed.discard(shard_id)
+            self._touched.pop(shard_id, None)
         self._unlink(shard_id)
         return present
 

@@ -207,22 +207,22 @@ class FakeLeader:
                                            term=self.term)
 
 
-def put_blob(store: ShardStore, data: bytes, age_s: float = 0.0) -> str:
+def put_blob(store: ShardStore, data: bytes) -> str:
     sid = hashlib.sha256(data).hexdigest()
     with store.writer(sid, len(data)) as w:
         w.write(data)
         w.commit()
-    if age_s:
-        t = time.time() - age_s
-        os.utime(store.path(sid), (t, t))
     return sid
 
 
 async def test_reporter_sweeps_old_orphans_and_rechecks_young_ones(tmp_path):
-    store = ShardStore(tmp_path / "s")
-    old, young, kept = put_blob(store, b"old", 100), put_blob(store, b"young"), put_blob(store, b"kept", 100)
+    clock = Clock()
+    store = ShardStore(tmp_path / "s", clock=clock)
+    old, kept = put_blob(store, b"old"), put_blob(store, b"kept")
+    clock.t += 100
+    young = put_blob(store, b"young")
     leader = FakeLeader(orphans={old, young})
-    rep = InventoryReporter(store, leader, "n1", interval_s=60, grace_s=30)
+    rep = InventoryReporter(store, leader, "n1", interval_s=60, grace_s=30, clock=clock)
     assert await rep.run_cycle() == "3 shards; swept 1 orphans, 1 within their grace"
     assert leader.requests[0].count == 3 and leader.requests[1].grace_ms == 30_000
     assert not store.has(old) and store.has(young) and store.has(kept)
@@ -231,30 +231,31 @@ async def test_reporter_sweeps_old_orphans_and_rechecks_young_ones(tmp_path):
     assert await rep.run_cycle() == "2 shards; swept 0 orphans, 1 within their grace"
     assert len(leader.requests[-1].shards) == 2
     assert await rep.run_cycle() == "2 shards" and len(leader.requests[-1].shards) == 0
-    t = time.time() - 100
-    os.utime(store.path(young), (t, t))
-    rep._young[young] = 0.0  # due now
+    assert rep._young[young] == clock.t + 30  # due once its grace has passed
+    clock.t += 30
     assert await rep.run_cycle() == "2 shards; swept 1 orphans"
     assert [s.id for s in leader.requests[-1].shards] == [young] and not store.has(young)
     assert store.has(kept)
 
 
 async def test_reporter_ignores_stale_terms_and_touched_blobs_and_grace_zero(tmp_path):
-    store = ShardStore(tmp_path / "s")
-    sid = put_blob(store, b"x", 100)
-    rep = InventoryReporter(store, FakeLeader(orphans={sid}, term=5), "n1", interval_s=60, grace_s=30)
+    clock = Clock()
+    store = ShardStore(tmp_path / "s", clock=clock)
+    sid = put_blob(store, b"x")
+    clock.t += 100
+    rep = InventoryReporter(store, FakeLeader(orphans={sid}, term=5), "n1", interval_s=60, grace_s=30,
+                            clock=clock)
     rep._term = 6  # a newer leader was seen: this answer may miss a newer dataset
     await rep.run_cycle()
     assert store.has(sid)
     # An upload (or pull) that finds the blob stored touches it: spared for another grace.
     with pytest.raises(Exception, match="already stored"):
         store.writer(sid, 1)
-    assert not store.sweep(sid, 30, time.time())
-    t = time.time() - 100
-    os.utime(store.path(sid), (t, t))
-    off = InventoryReporter(store, FakeLeader(orphans={sid}), "n1", interval_s=60, grace_s=0)
+    assert not store.sweep(sid, 30)
+    clock.t += 100
+    off = InventoryReporter(store, FakeLeader(orphans={sid}), "n1", interval_s=60, grace_s=0, clock=clock)
     assert await off.run_cycle() == "1 shards; swept 0 orphans, 1 within their grace"
-    assert store.has(sid) and store.sweep(sid, 30, time.time()) and not store.has(sid)
+    assert store.has(sid) and store.sweep(sid, 30) and not store.has(sid)
 
 
 def test_digest_is_order_sensitive_and_stable():
@@ -263,10 +264,12 @@ def test_digest_is_order_sensitive_and_stable():
 
 
 async def test_reporter_backs_off_while_a_new_leader_withholds_verdicts(tmp_path):
-    store = ShardStore(tmp_path / "s")
-    sid = put_blob(store, b"w", 100)
+    clock = Clock()
+    store = ShardStore(tmp_path / "s", clock=clock)
+    sid = put_blob(store, b"w")
+    clock.t += 100
     leader = FakeLeader(orphans={sid})
-    rep = InventoryReporter(store, leader, "n1", interval_s=60, grace_s=30)
+    rep = InventoryReporter(store, leader, "n1", interval_s=60, grace_s=30, clock=clock)
     rep._young[sid] = 0.0  # due now
 
     async def withheld(method, req, timeout):
@@ -274,4 +277,25 @@ async def test_reporter_backs_off_while_a_new_leader_withholds_verdicts(tmp_path
 
     leader.call = withheld
     assert await rep.run_cycle() == "1 shards"
-    assert store.has(sid) and rep._young[sid] >= time.time() + 29  # asked again later, not at once
+    assert store.has(sid) and rep._young[sid] >= clock.t + 29  # asked again later, not at once
+
+
+async def test_a_wall_clock_jump_sweeps_no_orphan_early(tmp_path, monkeypatch):
+    store = ShardStore(tmp_path / "s")  # the real clocks
+    sid = put_blob(store, b"new orphan")
+    day_ahead = time.time() + 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: day_ahead)  # the wall clock moved forward a day
+    os.utime(store.path(sid), (day_ahead - 7 * 24 * 3600,) * 2)  # and its file looks a week old
+    rep = InventoryReporter(store, FakeLeader(orphans={sid}), "n1", interval_s=60, grace_s=600)
+    assert await rep.run_cycle() == "1 shards; swept 0 orphans, 1 within their grace"
+    assert store.has(sid)
+
+
+async def test_blobs_found_at_start_count_as_new(tmp_path):
+    clock = Clock()
+    sid = put_blob(ShardStore(tmp_path / "s", clock=clock), b"from before a restart")
+    clock.t += 10_000
+    store = ShardStore(tmp_path / "s", clock=clock)  # the restarted agent's
+    assert store.age_s(sid) == 0 and not store.sweep(sid, 600)
+    clock.t += 600
+    assert store.sweep(sid, 600) and not store.has(sid)

@@ -96,6 +96,20 @@ def test_quota_refuses_before_writing(tmp_path):
         store.writer(blob(1000)[0], 1000)
 
 
+def test_reserve_keeps_disk_space_free_for_the_log(tmp_path):
+    free = [10_000]  # what the file system has left
+    store = ShardStore(tmp_path, reserve_bytes=6_000, free_bytes=lambda: free[0])
+    sid, data = blob(3_000)
+    writer = store.writer(sid, len(data))  # 10,000 - 3,000 leaves 7,000: over the reserve
+    other, more = blob(1_500, seed=1)
+    with pytest.raises(ResourceExhausted, match="kept for the Raft log") as err:
+        store.writer(other, len(more))  # the first write's 3,000 count as taken already
+    assert str(tmp_path) in str(err.value) and "--shard-reserve" in str(err.value)
+    writer.abort()
+    free[0] = 7_500
+    put(store, more)  # 7,500 - 1,500 = 6,000: exactly the reserve is still free
+
+
 def test_corruption_on_disk_is_detected_when_read(tmp_path):
     store = ShardStore(tmp_path)
     sid, data = blob(CHUNK + 10)
