@@ -109,8 +109,10 @@ class SideChannel:
         self._thread.start()
 
     def issue(self, shard_id: str, offset: int, holder: PeerIdentity | None = None) -> dpb.TransferTicket:
-        """A one-time ticket for `shard_id` from `offset`, redeemable only by `holder` (the
-        certificate of the OpenTransfer caller) when given. Raises NotFound, InvalidArgument."""
+        """A one-time ticket for `shard_id` from `offset`. With TLS, `holder` is the identity
+        of the OpenTransfer caller's certificate (None for one that names nobody, the task
+        certificate), and only a certificate with that identity redeems the ticket.
+        Raises NotFound, InvalidArgument."""
         size = self.store.size(shard_id)
         if offset > size or offset % CHUNK and offset != size:
             raise InvalidArgument(f"offset {offset} is not a multiple of {CHUNK} within {size}")
@@ -128,10 +130,10 @@ class SideChannel:
             ticket = self._tickets.pop(_key(token), None)
         if ticket is None or ticket.expires < time.monotonic():
             return None
-        if ticket.holder is not None and (peer is None or (peer.name, peer.kind) != (ticket.holder.name,
-                                                                                       ticket.holder.kind)):
+        if peer != ticket.holder:  # with TLS: only the certificate that asked for it
             logger.warning("side channel: refused %s redeeming a ticket issued to %s",
-                           peer.name if peer else "an anonymous peer", ticket.holder.name)
+                           peer.name if peer else "a certificate without identity",
+                           ticket.holder.name if ticket.holder else "a certificate without identity")
             return None
         return ticket
 
@@ -208,10 +210,9 @@ class SideChannel:
                 except ssl.SSLError as err:  # no certificate, another CA, plaintext
                     logger.warning("side channel: refused a peer in the TLS handshake: %s", err.reason or err)
                     return stream, None
+                # None for the task certificate (it names nobody): its tickets were asked for
+                # with it, under the submitter's token, and only it can redeem them.
                 peer = identity_from_ssl(stream)
-                if peer is None:
-                    logger.warning("side channel: refused a peer whose certificate carries no identity")
-                    return stream, None
             ticket = self._redeem(_recv_exact(stream, TOKEN_BYTES), peer)
         except OSError as err:  # timed out, dropped as idle, or gone
             logger.debug("side channel: a connection from %s ended before its ticket: %s", host, err)

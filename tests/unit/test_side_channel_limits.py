@@ -28,6 +28,7 @@ def ca(tmp_path_factory):
     tls.issue(d, "n1", kind="node")
     for name in ("alice", "bob"):
         tls.issue(d, name, kind="user", role="user")
+    tls.issue(d, "task", kind="task")  # names nobody: what tasks connect with
     return d
 
 
@@ -86,6 +87,16 @@ def test_a_ticket_is_redeemed_only_by_its_holder(ca, tmp_path):
         assert _redeem_as(ca, "alice", stolen.port, stolen.token) == b""  # one try only: spent
         ticket = holder.side.issue(sid, 0, holder=alice)
         assert len(_redeem_as(ca, "alice", ticket.port, ticket.token)) > 0  # frames flow
+        # A ticket asked for with the task certificate: a named certificate cannot use it,
+        # the task certificate can.
+        anonymous = holder.side.issue(sid, 0, holder=None)
+        assert _redeem_as(ca, "bob", anonymous.port, anonymous.token) == b""
+        anonymous = holder.side.issue(sid, 0, holder=None)
+        assert len(_redeem_as(ca, "task", anonymous.port, anonymous.token)) > 0
+        # End to end: a task pulls over the side channel with its certificate.
+        dst = ShardStore(tmp_path / "dst")
+        assert Puller(dst, transport="socket", tls=TlsConfig(str(ca), "task")).pull(
+            sid, CHUNK + 1, [holder.address]) == CHUNK + 1
     finally:
         holder.stop()
 
