@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lepton.common.errors import LeptonError
+from lepton.common.states import TaskState
 
 from ._cli_common import UsageError, _client, _positive_float, print_result, wants_json
 from .client import Client
@@ -33,7 +34,7 @@ __all__ = ["collect", "register", "top_view"]
 
 # Below this a refresh costs the leader more than a person can read.
 MIN_INTERVAL_S = 0.2
-ACTIVE_STATES = ["running", "assigned"]
+ACTIVE_STATES = [TaskState.RUNNING.value, TaskState.ASSIGNED.value]
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from lepton.common.errors import FailedPrecondition
-from lepton.common.states import TaskState
+from lepton.common.states import NodeState, TaskState
 from lepton.coordinator.scheduler import (
     Allocation,
     ClusterSnapshot,
@@ -24,7 +24,7 @@ from lepton.coordinator.scheduler import (
 )
 from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.coordinator.state.tasks import HOLDING, P
-from lepton.v1 import common_pb2, state_pb2, tasks_pb2
+from lepton.v1 import state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_snapshot(sm: ClusterStateMachine) -> ClusterSnapshot:
             memory_bytes=n.capacity.memory_bytes,
             gpus={g.index: g.memory_total_bytes for g in n.capacity.gpus},
             labels=dict(n.labels),
-            schedulable=n.state == common_pb2.NODE_STATE_READY and not n.draining,
+            schedulable=n.state == NodeState.READY.proto and not n.draining,
         )
         for n in sm.nodes.values()
     ]
