@@ -134,7 +134,8 @@ class GangMixin:
         state = _job_state({TaskState.from_proto(m.state) for m in members}).proto
         reason = next((m.reason for m in members if m.state == state and m.reason), "")
         job = tasks_pb2.Job(id=job_id, state=state, reason=reason,
-                            restart_count=max(m.restart_count for m in members))
+                            restart_count=max(m.restart_count for m in members),
+                            owner=members[0].spec.owner)
         for m in members:
             job.tasks.append(m)
         return job
