@@ -10,7 +10,8 @@ Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
   output.log     stdout+stderr of the task (one open file for both, so their order holds)
   output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
   rotation.json  also maps the offsets readers use onto these two files)
-  run.json       spec, pid (= pgid = sid), process start time, boot id, deadline. Written
+  run.json       spec, pid (= pgid = sid), process start time, boot id, deadline (on
+                 CLOCK_MONOTONIC: one clock for every process of this boot). Written
                  before the spawn with pid 0 (intent), then again with the pid.
   stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
   exit.json      {"rc": N}, the shell's `$?`, written by the wrapper when the command ends
@@ -100,12 +101,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _wall_to_mono(wall: float) -> float:
-    return time.monotonic() + (wall - time.time())
-
-
-def _mono_to_wall(mono: float) -> float:
-    return time.time() + (mono - time.monotonic())
+def _recorded_mono(doc: dict, key: str) -> float:
+    """A time recorded as `<key>_mono` (time.monotonic(), CLOCK_MONOTONIC on Linux: the same
+    for every process of a boot, and a wall-clock jump moves it not at all; the attempt's boot
+    id says which boot), or as wall time `<key>` by an older agent. 0: none."""
+    if doc.get(f"{key}_mono"):
+        return float(doc[f"{key}_mono"])
+    wall = float(doc.get(key) or 0)
+    return time.monotonic() + (wall - time.time()) if wall else 0.0
 
 
 @dataclass
@@ -142,12 +145,13 @@ class TaskRunner:
         retention_s: float = 0.0,
         log_check_s: float = LOG_CHECK_S,
         sweep_s: float = SWEEP_S,
+        clock: Callable[[], float] = time.monotonic,
         acknowledged_by_caller: bool = False,
         lease_path: Path | None = None,
         task_user: TaskUser | None = None,
     ):
         """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
-        (0: keep forever). `acknowledged_by_caller`: an EXITED counts as reported only once
+        (0: keep forever), aged on `clock` (monotonic). `acknowledged_by_caller`: an EXITED counts as reported only once
         `acknowledge()` is called (after the coordinator took it), not when `on_event`
         returns. `lease_path`: the node's attempt lease (lease.py); each attempt not marked
         keep_on_disconnect kills itself once it runs out (None: attempts never fence).
@@ -170,6 +174,7 @@ class TaskRunner:
         self._boot = tp.boot_id()
         self._outputs = task_logs.OutputLogs(int(log_max_bytes))
         self._retention_s = retention_s
+        self._ages = task_logs.FirstSeen(clock)  # when each finished attempt was first seen
         self._log_check_s = log_check_s
         self._sweep_s = sweep_s
         # The attempts the last accepted desired set named; None until one came. The sweep
@@ -247,7 +252,7 @@ class TaskRunner:
             return
         run: dict[str, Any] = {
             "spec": spec.to_json(), "pid": 0, "start": 0, "boot_id": self._boot, "started_at_ms": 0,
-            "deadline": time.time() + spec.timeout_s if spec.timeout_s > 0 else 0,
+            "deadline_mono": time.monotonic() + spec.timeout_s if spec.timeout_s > 0 else 0,
         }
         try:
             tp.write_json_atomic(att_dir / "run.json", run)  # intent: lets a restart find an orphan
@@ -279,7 +284,7 @@ class TaskRunner:
             return
         att = _Attempt(spec=spec, dir=att_dir, pid=proc.pid, start=run["start"], boot=self._boot,
                        started_at_ms=run["started_at_ms"], proc=proc,
-                       deadline=_wall_to_mono(run["deadline"]) if run["deadline"] else 0.0)
+                       deadline=run["deadline_mono"])
         _OWN_CHILDREN[proc.pid] = proc
         self._live[att.key] = att
         logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
@@ -340,8 +345,8 @@ class TaskRunner:
             yield chunk.data
 
     async def sweep(self) -> int:
-        """Delete the attempt folders the retention allows: exit reported more than
-        `retention_s` ago, not running, and not in the last desired set (the coordinator
+        """Delete the attempt folders the retention allows: exit reported (as first seen by
+        this runner, on its monotonic clock) more than `retention_s` ago, not running, and not in the last desired set (the coordinator
         forgets an attempt only once it has its exit; until then it must stay "ran here").
         Nothing before the first desired set. Returns how many were deleted. Torch jobs'
         folders (`jobs/<job id>`) go by the same rules (`task_logs.sweep_jobs`)."""
@@ -349,12 +354,13 @@ class TaskRunner:
             return 0
         jobs, jobs_freed = await task_logs.sweep_jobs(
             self._root.parent / "jobs", self._root, self._retention_s,
-            lambda: set(self._live) | (self._desired or set()), time.time())
+            lambda: set(self._live) | (self._desired or set()), self._ages)
         if jobs:
             logger.info("retention: deleted %d finished job folder(s) (%.1f MiB)", jobs, jobs_freed / (1 << 20))
         keep = set(self._live) | self._desired
         removed, freed, touched = await asyncio.to_thread(
-            task_logs.sweep_finished, self._root, self._retention_s, keep, time.time())
+            task_logs.sweep_finished, self._root, self._retention_s, keep, self._ages)
+        self._ages.forget_unseen()
         for att_dir in removed:
             self._outputs.forget(att_dir)
         for task_dir in touched:  # here, not in the thread: launch() makes these on the loop
@@ -483,12 +489,12 @@ class TaskRunner:
             start = info.start if info else 0.0
         att = _Attempt(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
                        started_at_ms=int(run.get("started_at_ms", 0)),
-                       deadline=_wall_to_mono(run["deadline"]) if run.get("deadline") else 0.0,
+                       deadline=_recorded_mono(run, "deadline"),
                        proc=_OWN_CHILDREN.get(pid) if same_boot else None)
         stop = read_json(att_dir / "stop.json")
         if stop:
             att.stop_reason = str(stop.get("reason", "cancelled"))
-            att.kill_at = _wall_to_mono(float(stop.get("kill_at", 0)))
+            att.kill_at = _recorded_mono(stop, "kill_at")
             att.killed = bool(stop.get("killed", False))
         exited, code = (True, None) if not same_boot or pid == 0 else self._poll_exit(att)
         if exited:
@@ -583,7 +589,7 @@ class TaskRunner:
             tp.signal_group(att.pid, sig)
 
     def _persist_stop(self, att: _Attempt) -> None:
-        doc = {"reason": att.stop_reason, "kill_at": _mono_to_wall(att.kill_at), "killed": att.killed}
+        doc = {"reason": att.stop_reason, "kill_at_mono": att.kill_at, "killed": att.killed}
         try:
             tp.write_json_atomic(att.dir / "stop.json", doc, durable=False)  # moot after a power loss
         except OSError as err:

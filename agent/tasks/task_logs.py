@@ -42,6 +42,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import asdict, dataclass
@@ -350,11 +351,34 @@ def _disk_use(path: Path) -> int:
     return total
 
 
+class FirstSeen:
+    """Ages on a monotonic clock since this process first saw each key (a reported attempt's
+    folder, a job folder). File times follow the wall clock, which can jump a day; these
+    cannot. What a restarted agent finds counts from its first sweep: a restart delays a
+    deletion by up to one retention, never hastens one. One sweep at a time uses it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._first: dict[str, float] = {}
+        self._seen: set[str] = set()
+
+    def age_s(self, key: str) -> float:
+        now = self._clock()
+        self._seen.add(key)
+        return now - self._first.setdefault(key, now)
+
+    def forget_unseen(self) -> None:
+        """Drop the keys not asked about since the last call (deleted, or wanted again)."""
+        self._first = {k: t for k, t in self._first.items() if k in self._seen}
+        self._seen = set()
+
+
 def sweep_finished(root: Path, retention_s: float, keep: Collection[tuple[str, int]],
-                   now: float) -> tuple[list[Path], int, list[Path]]:
-    """Delete the attempt folders under `root` (tasks/<id>/<n>) reported over `retention_s`
-    ago and not in `keep`. Blocking: run it in a thread. Returns (the folders deleted, bytes
-    freed, the task folders that may now be empty). Errors are logged, never raised."""
+                   ages: FirstSeen) -> tuple[list[Path], int, list[Path]]:
+    """Delete the attempt folders under `root` (tasks/<id>/<n>) whose reported exit `ages`
+    has known for over `retention_s`, and not in `keep`. Blocking: run it in a thread.
+    Returns (the folders deleted, bytes freed, the task folders that may now be empty).
+    Errors are logged, never raised."""
     removed: list[Path] = []
     freed = 0
     touched: list[Path] = []
@@ -376,11 +400,9 @@ def sweep_finished(root: Path, retention_s: float, keep: Collection[tuple[str, i
                 continue
             if not name.isdigit() or (task_dir.name, int(name)) in keep:
                 continue
-            try:
-                reported = (att_dir / "reported.json").stat().st_mtime
-            except OSError:
+            if not (att_dir / "reported.json").exists():
                 continue  # running, or its exit is not reported yet: the report needs these files
-            if now - reported < retention_s:
+            if ages.age_s(str(att_dir)) < retention_s:
                 continue
             trash = task_dir / f".{name}{TRASH_SUFFIX}"
             try:
@@ -404,10 +426,10 @@ def job_of(task_id: str) -> str:
 
 
 def finished_jobs(jobs_root: Path, tasks_root: Path, retention_s: float, keep: Collection[tuple[str, int]],
-                  now: float) -> list[Path]:
+                  ages: FirstSeen) -> list[Path]:
     """The job folders under `jobs_root` (jobs/<job id>) that may go: no member attempt of
     the job in `keep` (running or still desired here), and every member attempt folder under
-    `tasks_root` reported, like the folder itself, over `retention_s` ago. A restart reuses
+    `tasks_root` reported, and the folder itself seen, over `retention_s` ago. A restart reuses
     the job folder, but brings a desired (then running) attempt first. Blocking: run it in a
     thread. Removes what a cut-short deletion left. Errors are logged, never raised."""
     try:
@@ -438,26 +460,27 @@ def finished_jobs(jobs_root: Path, tasks_root: Path, retention_s: float, keep: C
         if name in kept or not job_dir.is_dir():
             continue
         try:
-            newest = job_dir.stat().st_mtime  # a restart adds restart-<n> to it
+            youngest = ages.age_s(f"job {job_dir}")
             for task_dir in members.get(name, ()):
                 for att_dir in task_dir.iterdir():
                     if att_dir.name.isdigit():
-                        # Missing: running, or its exit is not reported yet.
-                        newest = max(newest, (att_dir / "reported.json").stat().st_mtime)
+                        if not (att_dir / "reported.json").exists():
+                            raise FileNotFoundError(att_dir)  # running, or not reported yet
+                        youngest = min(youngest, ages.age_s(str(att_dir)))
         except OSError:
             continue
-        if now - newest >= retention_s:
+        if youngest >= retention_s:
             found.append(job_dir)
     return found
 
 
 async def sweep_jobs(jobs_root: Path, tasks_root: Path, retention_s: float,
-                     keep: Callable[[], Collection[tuple[str, int]]], now: float) -> tuple[int, int]:
+                     keep: Callable[[], Collection[tuple[str, int]]], ages: FirstSeen) -> tuple[int, int]:
     """Delete the job folders `finished_jobs` finds (rank logs, error files, checkpoint
     staging). `keep()` is asked again on the event loop just before each folder is moved
     away: a member attempt launched meanwhile (launch() runs on the loop too) keeps it.
     Returns (folders deleted, bytes freed)."""
-    found = await asyncio.to_thread(finished_jobs, jobs_root, tasks_root, retention_s, keep(), now)
+    found = await asyncio.to_thread(finished_jobs, jobs_root, tasks_root, retention_s, keep(), ages)
     if not found:
         return 0, 0
     kept = {job_of(task_id) for task_id, _ in keep()}

@@ -301,6 +301,19 @@ async def test_timeout_holds_across_restart(node):
     assert ev.reason == "timeout"
 
 
+async def test_a_wall_clock_jump_times_out_nothing_early(node, monkeypatch):
+    r1 = await node.runner()
+    r1.launch(RunSpec(task_id="t", attempt=1, term=1, argv=("sleep", "1000"), timeout_s=3600))
+    await r1.stop()
+    day_ahead = time.time() + 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: day_ahead)  # the wall clock moved forward a day
+    r2 = await node.runner()  # re-adopts it: an hour's deadline is still about an hour away
+    [att] = r2._live.values()
+    assert att.deadline > time.monotonic() + 3000 and not att.stop_reason
+    r2.cancel("t", 1, grace_s=0)
+    assert (await node.exited("t")).reason == "cancelled"
+
+
 async def test_stop_in_progress_is_finished_after_restart(node):
     r1 = await node.runner()
     r1.launch(sh("t", 'trap "" TERM; echo ready; while :; do sleep 1; done'))

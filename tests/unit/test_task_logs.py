@@ -172,26 +172,35 @@ async def test_a_truncation_by_someone_else_is_skipped_with_a_note(node):
         Chunk(7, b"[lepton: output truncated: 7 earlier bytes dropped]\n", note=True), Chunk(7, b"after\n")]
 
 
-def backdate(path, seconds: float) -> None:
-    t = time.time() - seconds
-    os.utime(path, (t, t))
+class Clock:
+    """The runner's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
 
 
 async def test_retention_deletes_only_reported_unwanted_old_attempts(node, caplog):
-    r = await node.runner(retention_s=3600, sweep_s=3600)
+    clock = Clock()
+    r = await node.runner(retention_s=3600, sweep_s=3600, clock=clock)
     tasks = node.data_dir / "tasks"
     quick = {name: sh(name, f"echo {name}") for name in ("old", "wanted", "unreported", "recent")}
     running = sh("running", "echo ready; sleep 1000")
-    r.reconcile([*quick.values(), running], term=1)
-    for name in quick:
+    r.reconcile([quick["old"], quick["wanted"], quick["unreported"], running], term=1)
+    for name in ("old", "wanted", "unreported"):
         await node.exited(name)
     await node.output_has("running", "ready")
-    for name in ("old", "wanted", "unreported"):
-        backdate(tasks / name / "1/reported.json", 7200)
     assert await r.sweep() == 0  # all still in the desired set
 
     r.reconcile([quick["wanted"], running], term=1)
     (tasks / "unreported/1/reported.json").unlink()  # as if the agent died before marking it
+    assert await r.sweep() == 0  # old's reported exit is first seen now
+    clock.t += 7200
+    r.reconcile([quick["wanted"], running, quick["recent"]], term=1)
+    await node.exited("recent")
+    r.reconcile([quick["wanted"], running], term=1)
     (tasks / "old/.7.deleting/x").mkdir(parents=True)  # a sweep cut short
     caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
     assert await r.sweep() == 1
@@ -203,23 +212,38 @@ async def test_retention_deletes_only_reported_unwanted_old_attempts(node, caplo
     await node.exited("running")
 
 
-async def test_retention_waits_for_a_desired_set_and_sweeps_periodically(node):
-    r = await node.runner(retention_s=3600, sweep_s=3600)
+async def test_a_wall_clock_jump_deletes_no_attempt_early(node, monkeypatch):
+    r = await node.runner(retention_s=3600, sweep_s=3600)  # the real clocks
     r.launch(sh("t", "true"))
     await node.exited("t")
-    backdate(node.data_dir / "tasks/t/1/reported.json", 7200)
+    r.reconcile([], term=1)
+    assert await r.sweep() == 0
+    day_ahead = time.time() + 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: day_ahead)  # the wall clock moved forward a day
+    assert await r.sweep() == 0 and (node.data_dir / "tasks/t/1").is_dir()
+
+
+async def test_retention_waits_for_a_desired_set_and_sweeps_periodically(node):
+    clock = Clock()
+    r = await node.runner(retention_s=3600, sweep_s=3600, clock=clock)
+    r.launch(sh("t", "true"))
+    await node.exited("t")
+    assert await r.sweep() == 0  # no desired set yet
     await r.stop()
     # A restarted runner does not know yet what the coordinator still wants: it keeps all.
-    r2 = await node.runner(retention_s=3600, sweep_s=0.05)
+    # What it finds then counts from its own first look: a restart delays, never hastens.
+    r2 = await node.runner(retention_s=3600, sweep_s=0.05, clock=clock)
     assert await r2.sweep() == 0
     r2.reconcile([], term=1)
+    assert await r2.sweep() == 0
+    clock.t += 7200
     await wait_until(lambda: not (node.data_dir / "tasks/t").exists(), "the periodic sweep", WAIT_S)
     await r2.stop()
-    r3 = await node.runner(sweep_s=0.05)  # retention 0: keeps forever
+    r3 = await node.runner(sweep_s=0.05, clock=clock)  # retention 0: keeps forever
     r3.launch(sh("u", "true"))
     await node.exited("u")
-    backdate(node.data_dir / "tasks/u/1/reported.json", 10**6)
     r3.reconcile([], term=1)
+    clock.t += 10**6
     assert await r3.sweep() == 0 and (node.data_dir / "tasks/u/1").is_dir()
 
 
@@ -239,40 +263,51 @@ def test_job_of_reads_member_ids():
 
 
 async def test_retention_deletes_only_finished_old_job_folders(node, caplog):
-    r = await node.runner(retention_s=3600, sweep_s=3600)
+    clock = Clock()
+    r = await node.runner(retention_s=3600, sweep_s=3600, clock=clock)
     tasks, jobs = node.data_dir / "tasks", node.data_dir / "jobs"
     quick = {t: sh(t, "true") for t in ("old-0", "old-1", "wanted-0", "recent-0", "unreported-0",
                                         "half-0", "half-1")}
     running = sh("running-0", "echo ready; sleep 1000")
-    r.reconcile([*quick.values(), running], term=1)
+    early = [spec for t, spec in quick.items() if t != "recent-0"]
+    r.reconcile([*early, running], term=1)
     for t in quick:
-        await node.exited(t)
+        if t != "recent-0":
+            await node.exited(t)
     await node.output_has("running-0", "ready")
-    for t in ("old-0", "old-1", "wanted-0", "unreported-0", "half-0"):
-        backdate(tasks / t / "1/reported.json", 7200)
-    for job in ("old", "wanted", "recent", "unreported", "half", "running", "orphan", "fresh"):
+
+    def job_folder(job: str) -> None:
         logs = jobs / job / "restart-0" / "node-0"
         logs.mkdir(parents=True)
         (logs / "rank_0.log").write_bytes(b"[rank 0] hi\n")
         (jobs / job / "checkpoints").mkdir()
-        if job != "fresh":  # "fresh": made just now, with no member attempt (yet) here
-            backdate(jobs / job, 7200)
+
+    for job in ("old", "wanted", "recent", "unreported", "half", "running", "orphan"):
+        job_folder(job)
     (jobs / ".cut.deleting/restart-0").mkdir(parents=True)  # a sweep cut short
 
     caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
-    await r.sweep()  # all members still in the desired set: only the folders without members go
-    assert not (jobs / "orphan").exists() and not (jobs / ".cut.deleting").exists()
-    assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "old", "recent", "running",
+    await r.sweep()  # all members still in the desired set; the rest is first seen now
+    assert not (jobs / ".cut.deleting").exists()
+    assert sorted(p.name for p in jobs.iterdir()) == ["half", "old", "orphan", "recent", "running",
                                                       "unreported", "wanted"]
-
     r.reconcile([quick["wanted-0"], running], term=1)
     (tasks / "unreported-0/1/reported.json").unlink()  # as if the agent died before marking it
     (tasks / "half-1/1/reported.json").unlink()
     await r.sweep()
-    # Every member of "old" reported over an hour ago, none wanted or running: gone, whole.
+    assert len(list(jobs.iterdir())) == 7  # nothing is old yet
+
+    clock.t += 7200
+    job_folder("fresh")  # made just now, with no member attempt (yet) here
+    r.reconcile([quick["wanted-0"], running, quick["recent-0"]], term=1)
+    await node.exited("recent-0")
+    r.reconcile([quick["wanted-0"], running], term=1)
+    await r.sweep()
+    # Every member of "old" reported over an hour ago, none wanted or running: gone, whole;
+    # and "orphan", which has no member here at all. "recent" has a member reported just now.
     assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "recent", "running",
                                                       "unreported", "wanted"]
-    assert [m for m in caplog.messages if m.startswith("retention: deleted 1 finished job folder")]
+    assert [m for m in caplog.messages if m.startswith("retention: deleted 2 finished job folder")]
     # A later sweep deletes no more: the old attempts went too, the rest stays.
     await r.sweep()
     assert sorted(p.name for p in jobs.iterdir()) == ["fresh", "half", "recent", "running",
@@ -285,15 +320,18 @@ async def test_a_member_launched_during_the_job_sweep_keeps_the_folder(tmp_path)
     jobs, tasks = tmp_path / "jobs", tmp_path / "tasks"
     (jobs / "j" / "restart-0").mkdir(parents=True)
     tasks.mkdir()
-    backdate(jobs / "j", 7200)
+    clock = Clock()
+    ages = task_logs.FirstSeen(clock)
+    assert task_logs.finished_jobs(jobs, tasks, 3600, set(), ages) == []  # first seen now
+    clock.t += 7200
     asked: list[int] = []
 
     def keep():  # the thread's view: nothing; the loop's, a moment later: j-0 attempt 2 runs
         asked.append(1)
         return set() if len(asked) == 1 else {("j-0", 2)}
 
-    assert await task_logs.sweep_jobs(jobs, tasks, 3600, keep, time.time()) == (0, 0)
+    assert await task_logs.sweep_jobs(jobs, tasks, 3600, keep, ages) == (0, 0)
     assert (jobs / "j" / "restart-0").is_dir() and len(asked) == 2
-    deleted, freed = await task_logs.sweep_jobs(jobs, tasks, 3600, set, time.time())
+    deleted, freed = await task_logs.sweep_jobs(jobs, tasks, 3600, set, ages)
     assert deleted == 1 and not (jobs / "j").exists() and list(jobs.iterdir()) == []
-    assert await task_logs.sweep_jobs(tmp_path / "none", tasks, 3600, set, time.time()) == (0, 0)
+    assert await task_logs.sweep_jobs(tmp_path / "none", tasks, 3600, set, ages) == (0, 0)
