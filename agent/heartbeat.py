@@ -36,6 +36,7 @@ class Heartbeater:
         interval_s: float,
         on_term: Callable[[int], None] | None = None,
         on_registered: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._link = link
         self._make_registration = make_registration
@@ -49,17 +50,18 @@ class Heartbeater:
         self._reader: asyncio.Task[None] | None = None
         self._broken: LeptonError | None = None  # why the stream failed, seen by the reader
         self._left = False  # the leader has this node as left
-        self._last_answer = 0.0  # loop time of the leader's last answer on the stream
+        self._clock = clock  # monotonic; injectable so tests need not wait out a silence
+        self._last_answer = 0.0  # clock() of the leader's last answer on the stream
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # cuts run()'s wait short: stopping, a shorter interval
         self.node_id = make_registration().node_id
 
     def answer_age_s(self) -> float:
         """Seconds since the leader last answered on the heartbeat stream; NaN before the
-        first answer. Safe from any thread (the loop's clock is time.monotonic)."""
+        first answer. Safe from any thread."""
         if not self._last_answer:
             return float("nan")
-        return max(0.0, time.monotonic() - self._last_answer)
+        return max(0.0, self._clock() - self._last_answer)
 
     async def run_cycle(self) -> str:
         """Register if needed, else send one heartbeat. Raises LeptonError on failure."""
@@ -82,11 +84,11 @@ class Heartbeater:
             self._drop_stream()  # another caller found the leader elsewhere: follow it
         if self._stream is None:
             self._stream, self._stream_address = self._link.coordinator.open_stream("HeartbeatStream")
-            self._last_answer = asyncio.get_running_loop().time()
+            self._last_answer = self._clock()
             self._reader = asyncio.create_task(
                 self._read(self._stream, self._stream_address), name="heartbeat-reader")
         address = self._stream_address
-        silent = asyncio.get_running_loop().time() - self._last_answer
+        silent = self._clock() - self._last_answer
         # The leader answers every second beat: a silence past the answer deadline (in the
         # interval it hands out) means it is gone. The new leader's failover grace is sized
         # on the same numbers (common/failover.py).
@@ -124,7 +126,7 @@ class Heartbeater:
                 resp = await stream.read()
                 if resp is grpc.aio.EOF:
                     raise Unavailable(f"{address} closed the heartbeat stream")
-                self._last_answer = asyncio.get_running_loop().time()
+                self._last_answer = self._clock()
                 self._link.answered()
                 self._adopt_interval(resp.heartbeat_interval_ms)
                 if self._on_term is not None:

@@ -1,0 +1,153 @@
+"""The leader's scheduling loop against a real state machine and a fake commit (no Raft, no
+agents): what it commits, the sentence each cycle returns, and when it skips a pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton.common.errors import FailedPrecondition
+from lepton.common.states import TaskState
+from lepton.coordinator.loops.scheduling import SchedulingLoop
+from lepton.coordinator.state.state_machine import ClusterStateMachine
+from lepton.v1 import common_pb2, state_pb2, tasks_pb2
+
+TERM = 7
+
+
+class World:
+    """A state machine wired to a loop the way Coordinator wires them; commits apply at once."""
+
+    def __init__(self, **loop_options):
+        self.sm = ClusterStateMachine()
+        self.leader = True
+        self.committed: list[state_pb2.Command] = []
+        self.refuse: Exception | None = None  # the next commit raises this
+        self.free_ports: dict[str, int] = {}
+        self.loop = SchedulingLoop(
+            self.sm, self.commit, is_leader=lambda: self.leader, term=lambda: TERM,
+            wall_ms=lambda: 10_000, free_port=lambda node_id: self.free_ports.get(node_id, 0),
+            **loop_options)
+        self.sm.tasks.listeners.append(self.loop.on_task_change)
+        self.sm.add_listener(self.loop.wake)
+
+    async def commit(self, cmd: state_pb2.Command):
+        if self.refuse is not None:
+            err, self.refuse = self.refuse, None
+            raise err
+        self.committed.append(cmd)
+        return self.apply(cmd)
+
+    def apply(self, cmd: state_pb2.Command):
+        result = self.sm.apply(self.sm.applied_index + 1, cmd.SerializeToString())
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def node(self, node_id: str, cpus: int = 4, gpus: int = 0) -> None:
+        cap = common_pb2.Capacity(cpu_logical=cpus, memory_bytes=8 << 30, gpus=[
+            common_pb2.Gpu(index=i, memory_total_bytes=80 << 30) for i in range(gpus)])
+        self.apply(state_pb2.Command(at_ms=1000, register_node=state_pb2.RegisterNodeCmd(
+            node_id=node_id, name=node_id, address=f"10.0.0.{len(self.sm.nodes) + 1}:7000", capacity=cap)))
+
+    def submit(self, task_id: str, *, cpu: float = 1.0, gpus: int = 0, priority: int = 0) -> None:
+        spec = tasks_pb2.TaskSpec(argv=["true"], priority=priority,
+                                  resources=tasks_pb2.Resources(cpu=cpu, gpus=gpus))
+        self.apply(state_pb2.Command(at_ms=1000, submit_tasks=state_pb2.SubmitTasksCmd(
+            tasks=[state_pb2.SubmitTaskCmd(task_id=task_id, spec=spec)])))
+
+    def state(self, task_id: str) -> TaskState:
+        return TaskState.from_proto(self.sm.tasks.tasks[task_id].state)
+
+
+@pytest.fixture
+def world():
+    return World(aging_interval_s=0.0)  # every cycle may age: only `settled` skips a pass
+
+
+async def test_a_follower_schedules_nothing_and_keeps_no_reasons(world):
+    world.node("n1", cpus=1)
+    world.submit("big", cpu=8)
+    await world.loop.run_cycle()
+    assert "big" in world.loop.reasons
+    world.leader = False
+    assert await world.loop.run_cycle() == "not the leader: nothing to schedule"
+    assert world.loop.reasons == {}
+    world.node("n2", cpus=16)  # room now, but a follower must not place it
+    assert await world.loop.run_cycle() == "not the leader: nothing to schedule"
+    assert world.committed == [] and world.state("big") == TaskState.PENDING
+
+
+async def test_a_placement_is_committed_as_one_plan_in_the_leaders_term(world):
+    world.node("n1")
+    assert await world.loop.run_cycle() == "nothing pending"
+    world.submit("t1")
+    world.submit("t2")
+    assert await world.loop.run_cycle() == "placed 2 of 2 tasks, preempted 0, 0 unschedulable"
+    assert len(world.committed) == 1
+    plan = world.committed[0].apply_plan
+    assert plan.term == TERM
+    assert sorted((p.task_id, p.attempt, p.node_id) for p in plan.placements) == [
+        ("t1", 1, "n1"), ("t2", 1, "n1")]
+    assert world.state("t1") == world.state("t2") == TaskState.ASSIGNED
+    assert await world.loop.run_cycle() == "nothing pending"
+    assert len(world.committed) == 1
+
+
+async def test_an_unplaceable_task_says_why_and_settles_until_room_is_freed(world):
+    world.node("n1", cpus=4)
+    world.submit("gpu-task", gpus=2)
+    sentence = await world.loop.run_cycle()
+    assert sentence == "placed 0 of 1 tasks, preempted 0, 1 unschedulable"
+    assert "gpu" in world.loop.reasons["gpu-task"]
+    # Nothing changed: the aging pass is skipped (settled), so nothing is recomputed.
+    assert await world.loop.run_cycle() == "nothing new to place"
+    assert world.committed == []
+    world.node("n2", gpus=2)  # a node change frees room: a full pass again
+    assert await world.loop.run_cycle() == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert world.committed[0].apply_plan.placements[0].node_id == "n2"
+    assert list(world.committed[0].apply_plan.placements[0].gpu_indices) == [0, 1]
+
+
+async def test_a_fresh_submission_is_placed_without_a_full_pass():
+    world = World(aging_interval_s=3600.0)  # no aging pass during the test
+    world.node("n1", cpus=2)
+    world.submit("wide", cpu=64)
+    await world.loop.run_cycle()  # the first cycle is a full pass
+    assert "wide" in world.loop.reasons
+    world.submit("narrow", cpu=1)
+    assert await world.loop.run_cycle() == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert world.state("narrow") == TaskState.ASSIGNED and world.state("wide") == TaskState.PENDING
+    assert "wide" in world.loop.reasons  # kept: only a full pass recomputes it
+
+
+async def test_a_plan_the_state_refuses_is_dropped_and_retried(world):
+    world.node("n1")
+    world.submit("t1")
+    world.refuse = FailedPrecondition("task t1 moved on")
+    assert await world.loop.run_cycle() == "plan dropped (task t1 moved on)"
+    assert world.state("t1") == TaskState.PENDING and world.committed == []
+    assert await world.loop.run_cycle() == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert world.state("t1") == TaskState.ASSIGNED
+
+
+async def test_one_cycle_looks_at_the_most_urgent_tasks_only():
+    world = World(aging_interval_s=0.0, max_per_cycle=1)
+    world.node("n1", cpus=1)
+    world.submit("low", cpu=4, priority=0)
+    world.submit("high", cpu=4, priority=10)
+    await world.loop.run_cycle()
+    assert world.loop.reasons["low"] == "waiting: queued behind 1 more urgent tasks"
+    assert world.loop.reasons["high"] != world.loop.reasons["low"]
+
+
+async def test_gang_members_learn_where_rank_0_hosts_the_store(world):
+    world.node("n1")
+    world.node("n2")
+    world.free_ports["n1"] = world.free_ports["n2"] = 41000
+    spec = tasks_pb2.TaskSpec(argv=["true"], resources=tasks_pb2.Resources(cpu=4))
+    world.apply(state_pb2.Command(at_ms=1000, submit_job=state_pb2.SubmitJobCmd(job_id="j1", spec=spec, nodes=2)))
+    assert await world.loop.run_cycle() == "placed 2 of 2 tasks, preempted 0, 0 unschedulable"
+    placements = world.committed[0].apply_plan.placements
+    rank0 = next(p for p in placements if world.sm.tasks.tasks[p.task_id].spec.gang_rank == 0)
+    host = world.sm.nodes[rank0.node_id].address.rpartition(":")[0]
+    assert {(p.master_addr, p.master_port) for p in placements} == {(host, 41000)}
