@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lepton.client import Client, LeptonError
 from tests.integration.cluster import RAFT_FAST, free_port, servers, wait_until
@@ -33,6 +36,18 @@ def test_voter_whose_disk_fills_exits_and_the_others_keep_committing(agents, tin
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     voters = [agents(f"voter-{i + 1}", "--peers", peers, *RAFT_FAST, port=port) for i, port in enumerate(ports)]
     victim = voters[2]
+    statuses: list[int] = []  # what the victim's gRPC health says, as it changes
+    channel = grpc.insecure_channel(victim.address)
+
+    def watch_health() -> None:
+        try:
+            for answer in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+                statuses.append(answer.status)
+        except grpc.RpcError:
+            pass  # the victim went away
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
     payload = "x" * 2000  # a large entry, so the disk fills in a few dozen commands
     acked: list[str] = []
     with Client(servers(voters), timeout=20) as c:
@@ -59,6 +74,10 @@ def test_voter_whose_disk_fills_exits_and_the_others_keep_committing(agents, tin
             submit(i)
             i += 1
         assert victim.proc.wait(30) != 0
+        watcher.join(30)
+        channel.close()
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert statuses[-2:] == [serving, not_serving], statuses  # it said so before it went
         log = victim.log()
         assert "log store" in log and "No space left on device" in log and "Traceback" not in log
         # The other two go on committing without it.
