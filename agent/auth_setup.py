@@ -1,9 +1,8 @@
 """`--auth` on an agent: the server interceptor, and how agents authenticate to each other.
 
-- People and tools: bearer tokens, checked by **voters** against the token hashes in the
-  replicated state (`SecurityTable.lookup`), or a user certificate with TLS on. Workers hold
-  no state: they accept no user tokens, only node credentials and certificates (so with TLS
-  off, `lepton-ctl logs` for a task on a worker needs TLS and a user certificate).
+- People, tools and tasks: bearer tokens, checked by **voters** against the replicated
+  state (`SecurityTable.lookup`), or a user certificate with TLS on. Workers hold no state:
+  they ask a voter about a token and keep the answer a few seconds (`token_cache`).
 - Agents: their node certificate with `--tls-dir`. Without TLS, a cluster **node token**
   shared by every agent: `<data-dir>/node.token` (or `LEPTON_NODE_TOKEN`). A one-voter
   cluster makes it at first start; copy it to every other agent's data dir (0600) before
@@ -18,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lepton.agent.token_cache import TokenCache
 from lepton.common import bearer
 from lepton.common.auth import (
     AuthEvent,
@@ -29,7 +29,7 @@ from lepton.common.auth import (
     token_id,
 )
 from lepton.common.durable import write_atomic
-from lepton.common.errors import FailedPrecondition, InvalidArgument
+from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 
 if TYPE_CHECKING:
     from lepton.agent.daemon import Agent
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 NODE_TOKEN_FILE = "node.token"
 NODE_TOKEN_ENV = "LEPTON_NODE_TOKEN"
+INTROSPECT_TIMEOUT_S = 3.0
+PEOPLE_ROLES = (Role.ADMIN.value, Role.USER.value, Role.VIEWER.value)
 
 
 def load_node_token(data_dir: Path, *, tls_on: bool, may_create: bool, env=os.environ) -> str:
@@ -80,12 +82,20 @@ def server_interceptor(agent: Agent) -> AuthInterceptor:
         bearer.set_default_token(node_token)
     node_hash = hash_token(node_token) if node_token else ""
     node_tid = token_id(node_token) if node_token else ""
+    cache = TokenCache(lambda token: introspect(agent, token))
+
+    def is_node_token(token: str) -> bool:
+        return bool(node_hash) and hmac.compare_digest(hash_token(token), node_hash)
 
     def lookup(token: str) -> Principal | None:
-        if node_hash and hmac.compare_digest(hash_token(token), node_hash):
+        if is_node_token(token):
             return Principal("node", Role.NODE, via="token", token_id=node_tid)
         coordinator = agent.coordinator  # voters: the tokens in the replicated state
-        return coordinator.state.security.lookup(token) if coordinator is not None else None
+        return coordinator.state.security.lookup(token) if coordinator is not None else cache.lookup(token)
+
+    async def resolve(token: str) -> None:
+        if agent.coordinator is None and not is_node_token(token):
+            await cache.resolve(token)  # a worker: ask a voter, unless it answered lately
 
     def on_event(event: AuthEvent) -> None:
         agent.agent_metrics.on_auth_event(event)
@@ -94,4 +104,28 @@ def server_interceptor(agent: Agent) -> AuthInterceptor:
             coordinator.audit.on_event(event)
 
     logger.info("auth on: %s", "tokens and certificates" if agent.tls is not None else "tokens (no TLS)")
-    return AuthInterceptor(lookup, use_certificates=True, allow_node_tokens=bool(node_token), on_event=on_event)
+    return AuthInterceptor(lookup, use_certificates=True, allow_node_tokens=bool(node_token), on_event=on_event,
+                           resolve_token=resolve)
+
+
+async def introspect(agent: Agent, token: str) -> Principal | None:
+    """A voter's answer about `token`, through the agent's link to the leader (following a
+    redirect or two). Raises a LeptonError when no voter answers."""
+    from lepton.agent.link import ServiceLink
+    from lepton.v1 import security_pb2
+    from lepton.v1.security_pb2_grpc import SecurityStub
+
+    if agent.link is None:
+        raise FailedPrecondition("the agent is still starting")
+    service = ServiceLink(agent.link, SecurityStub)
+    last: LeptonError | None = None
+    for _ in range(3):
+        try:
+            answer = await service.call("Introspect", security_pb2.IntrospectRequest(token=token), INTROSPECT_TIMEOUT_S)
+        except LeptonError as err:
+            last = err
+            continue
+        if not answer.valid or answer.role not in PEOPLE_ROLES:
+            return None
+        return Principal(answer.name, Role(answer.role), via=answer.via or "token", token_id=answer.token_id)
+    raise last

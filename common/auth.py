@@ -31,7 +31,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -181,6 +181,7 @@ POLICY: dict[str, Rule] = {
         "RevokeToken": ADMIN,
         "ListAudit": Rule(Role.ADMIN, read=True),
         "SaveSnapshot": ADMIN,  # changes nothing, but a copy of everything: audited
+        "Introspect": NODE_READ,  # a worker asking who a caller's token stands for
     }),
     **_svc("grpc.health.v1.Health", {"Check": PUBLIC, "Watch": PUBLIC, "List": PUBLIC}),
     **_svc("grpc.reflection.v1alpha.ServerReflection", {"ServerReflectionInfo": VIEW_OR_NODE}),
@@ -399,6 +400,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     token whose role is node (for clusters without TLS); off by default, since a node
     token is a bearer secret while a node certificate is bound to a key. `on_event` is
     called for every refusal and, after it finished, for every non-read call (audit).
+    `resolve_token(token)`: awaited before `token_lookup` is asked, so a lookup that must
+    call out (a worker asking a voter) can fill the cache `token_lookup` reads.
     Refusals: UNAUTHENTICATED (no, malformed or unknown credentials), PERMISSION_DENIED
     (role too low), each naming the method and the role needed.
     """
@@ -411,8 +414,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         use_certificates: bool = True,
         allow_node_tokens: bool = False,
         on_event: Callable[[AuthEvent], None] | None = None,
+        resolve_token: Callable[[str], Awaitable[None]] | None = None,
     ):
         self._lookup = token_lookup
+        self._resolve = resolve_token
         self._policy = POLICY if policy is None else policy
         self._use_certs = use_certificates
         self._allow_node_tokens = allow_node_tokens
@@ -426,6 +431,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, method, rule_for(method, self._policy), self)
 
     # -- deciding ---------------------------------------------------------------------
+    async def resolve(self, metadata: Iterable[tuple[str, Any]]) -> None:
+        """Let `resolve_token` prepare the lookup of the bearer token sent, if any."""
+        if self._resolve is None:
+            return
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
+        if len(values) == 1 and isinstance(values[0], str):
+            scheme, _, token = values[0].strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                await self._resolve(token.strip())
+
     def authenticate(self, method: str, metadata: Iterable[tuple[str, Any]], context: Any) -> Principal | None:
         """The caller, or None (no credentials). Raises _Denied for bad credentials."""
         values = [v for k, v in (metadata or ()) if k == "authorization"]
@@ -511,6 +526,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInt
     """The same handler, with the check (and the principal set) in front of its behaviour."""
 
     async def check(context: Any, request: Any) -> Principal | None:
+        await icpt.resolve(context.invocation_metadata())
         try:
             principal = icpt.authorize(method, rule, context)
         except _Denied as denied:

@@ -44,6 +44,7 @@ MAX_PENDING_AUDIT = 20_000
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10_000
 ADMIN_TOKEN_FILE = "admin.token"
+MAX_INTROSPECT_CHARS = 1024  # longer than any token this cluster makes
 
 Propose = Callable[[state_pb2.Command], Awaitable[object]]
 
@@ -209,6 +210,18 @@ class SecurityService:
             since_ms=max(request.since_ms, 0), limit=request.limit or DEFAULT_AUDIT_LIMIT
         )
         return spb.ListAuditResponse(records=[record_to_proto(r) for r in records])
+
+    @rpc_boundary
+    async def Introspect(self, request, context):
+        """Who `request.token` stands for, as this cluster's state says now (after a read
+        barrier: a revocation committed before the call is seen)."""
+        if len(request.token) > MAX_INTROSPECT_CHARS:
+            return spb.IntrospectResponse(valid=False)
+        await self._ctx.read()
+        p = self._ctx.state.security.lookup(request.token)
+        if p is None:
+            return spb.IntrospectResponse(valid=False)
+        return spb.IntrospectResponse(valid=True, name=p.name, role=p.role.value, via=p.via, token_id=p.token_id)
 
     @rpc_boundary
     async def SaveSnapshot(self, request, context):

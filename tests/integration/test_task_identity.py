@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lepton.client import Client
@@ -139,6 +140,31 @@ def test_a_task_acts_as_its_submitter_and_never_as_its_node(secure_cluster):
     # ...and stops with it.
     with Client(voter.address, tls_dir=d, token=found["token"]) as c, pytest.raises(Unauthenticated):
         c.nodes()
+
+    # Workers hold no tokens: they ask a voter. With the certificate tasks get (it names
+    # nobody), alice's token reads her task's output there and puts a copy of a dataset there.
+    task_tls = str(worker.data_dir / "task-tls")
+    with Client(voter.address, tls_dir=task_tls, cert_name="task", token=alice) as c:
+        assert '"uid": 65534' in b"".join(c.logs(task.id)).decode()
+    data = Path(d).parent / "a.npy"
+    np.save(data, np.arange(400, dtype=np.float32).reshape(100, 4))
+    as_alice = ("--tls-dir", task_tls, "--cert-name", "task", "--token", alice)
+    put = run_ctl(*as_alice, "-o", "json", "data", "put", str(data), "--name", "a", "--replicas", "2",
+                  server=voter.address)
+    assert put.returncode == 0, put.stderr
+    assert [len(s["replicas"]) for s in json.loads(put.stdout)["shards"]] == [2]
+    # Revoked, the worker stops taking it once its answer about it is a few seconds old.
+    run_ctl("--tls-dir", d, "tokens", "revoke", alice.split("_")[1], server=voter.address, check=True)
+
+    def worker_refuses() -> bool:
+        with Client(voter.address, tls_dir=task_tls, cert_name="task", token=alice) as c:
+            try:
+                b"".join(c.logs(task.id))
+            except Unauthenticated:
+                return True
+        return False
+
+    wait_until(worker_refuses, timeout=60, what="the worker refusing the revoked token")
 
 
 # Without TLS: exits 0 only when the task sees no node token (environment or file) and its

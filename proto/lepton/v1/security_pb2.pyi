@@ -107,3 +107,23 @@ class SaveSnapshotResponse(_message.Message):
     term: int
     cluster_id: str
     def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+
+class IntrospectRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class IntrospectResponse(_message.Message):
+    __slots__ = ("valid", "name", "role", "via", "token_id")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    name: str
+    role: str
+    via: str
+    token_id: str
+    def __init__(self, valid: _Optional[bool] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., via: _Optional[str] = ..., token_id: _Optional[str] = ...) -> None: ...

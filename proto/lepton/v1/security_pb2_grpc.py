@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class SecurityStub:
-    """Admin only (lepton.common.auth.POLICY).
-    """
+    """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
         """Constructor.
@@ -60,11 +59,15 @@ class SecurityStub:
                 request_serializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotResponse.FromString,
                 _registered_method=True)
+        self.Introspect = channel.unary_unary(
+                '/lepton.v1.Security/Introspect',
+                request_serializer=lepton_dot_v1_dot_security__pb2.IntrospectRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_security__pb2.IntrospectResponse.FromString,
+                _registered_method=True)
 
 
 class SecurityServicer:
-    """Admin only (lepton.common.auth.POLICY).
-    """
+    """Missing associated documentation comment in .proto file."""
 
     def CreateToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -92,6 +95,14 @@ class SecurityServicer:
 
     def SaveSnapshot(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Introspect(self, request, context):
+        """Nodes only: who a bearer token stands for. Workers hold no tokens; they ask a voter
+        (and cache the answer a few seconds) so people's and tasks' tokens work there too.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -124,6 +135,11 @@ def add_SecurityServicer_to_server(servicer, server):
                     request_deserializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotResponse.SerializeToString,
             ),
+            'Introspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Introspect,
+                    request_deserializer=lepton_dot_v1_dot_security__pb2.IntrospectRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_security__pb2.IntrospectResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lepton.v1.Security', rpc_method_handlers)
@@ -133,8 +149,7 @@ def add_SecurityServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Security:
-    """Admin only (lepton.common.auth.POLICY).
-    """
+    """Missing associated documentation comment in .proto file."""
 
     @staticmethod
     def CreateToken(request,
@@ -261,6 +276,33 @@ class Security:
             '/lepton.v1.Security/SaveSnapshot',
             lepton_dot_v1_dot_security__pb2.SaveSnapshotRequest.SerializeToString,
             lepton_dot_v1_dot_security__pb2.SaveSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Introspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Security/Introspect',
+            lepton_dot_v1_dot_security__pb2.IntrospectRequest.SerializeToString,
+            lepton_dot_v1_dot_security__pb2.IntrospectResponse.FromString,
             options,
             channel_credentials,
             insecure,
