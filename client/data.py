@@ -326,8 +326,8 @@ class DataMethods:
             }
             from lepton.dataplane.transfer import Puller
 
-            # The side channel, with the client's certificate when TLS is on.
-            puller = Puller(store, tls=getattr(self, "_tls", None))
+            # The side channel, with the client's certificate when TLS is on, and its token.
+            puller = Puller(store, tls=getattr(self, "_tls", None), token=getattr(self, "_token", None))
             try:
                 result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)
             finally:

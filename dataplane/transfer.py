@@ -351,6 +351,8 @@ class Puller:
 
     `transport`: "auto" (side channel, else gRPC streaming), "socket" or "grpc".
     `on_corrupt(address, shard_id)` is told which peer served a bad copy.
+    `token`: the bearer token its gRPC calls (OpenTransfer, ReadShard) send; None: the
+    process default (an agent's node token), as `make_channel`.
     """
 
     def __init__(
@@ -361,6 +363,7 @@ class Puller:
         on_corrupt: Callable[[str, str], None] | None = None,
         on_bytes: ByteCounter | None = None,
         tls: TlsConfig | None = None,
+        token: str | None = None,
     ):
         if transport not in ("auto", "socket", "grpc"):
             raise InvalidArgument(f"unknown transport {transport!r}")
@@ -368,6 +371,7 @@ class Puller:
         self.transport = transport
         self.on_corrupt = on_corrupt or functools.partial(_ask_to_verify, tls=tls)
         self._tls = tls
+        self._token = token
         self._ssl = tls.client_ssl_context() if tls is not None else None
         self.on_bytes = on_bytes
         self._channels: dict[str, grpc.Channel] = {}
@@ -383,7 +387,7 @@ class Puller:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = make_channel(address, tls=self._tls, aio=False)
+                ch = self._channels[address] = make_channel(address, tls=self._tls, aio=False, token=self._token)
         return ShardsStub(ch)
 
     def pull_many(

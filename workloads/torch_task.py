@@ -155,7 +155,7 @@ def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...]
     by_id = {s.id: s for s in ds.shards}
     missing = [sid for ranks in mine for sid in ranks if not store.has(sid)]
     if missing:
-        puller = Puller(store, tls=tls)
+        puller = Puller(store, tls=tls, token=os.environ.get("LEPTON_TOKEN"))  # the task's credential
         try:
             items = [(sid, by_id[sid].size, [ds.addresses[n] for n in by_id[sid].replicas
                                              if n in ds.addresses]) for sid in missing]

@@ -230,6 +230,30 @@ def test_without_tls_a_task_never_sees_the_node_token(monkeypatch):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_token_alone_moves_data_through_a_worker(agents, tmp_path):
+    """No certificates at all: alice's token puts a dataset with a copy on the worker and
+    gets it back, the worker asking the voter who she is (what tasks do with their own)."""
+    voter = agents("voter", "--auth")
+    wait_until(lambda: (voter.data_dir / "admin.token").exists(), what="the bootstrap admin token")
+    admin = (voter.data_dir / "admin.token").read_text().strip()
+    (tmp_path / "worker").mkdir(mode=0o700)
+    shutil.copy(voter.data_dir / "node.token", tmp_path / "worker" / "node.token")
+    agents("worker", "--auth", "--join", voter.address)
+    with Client(voter.address, token=admin) as c:
+        wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, what="both nodes ready")
+    alice = run_ctl("--token", admin, "tokens", "create", "--role", "user", "--name", "alice",
+                    server=voter.address, check=True).stdout.strip()
+    x = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    np.save(tmp_path / "x.npy", x)
+    put = run_ctl("--token", alice, "-o", "json", "data", "put", str(tmp_path / "x.npy"), "--name", "x",
+                  "--replicas", "2", server=voter.address)
+    assert put.returncode == 0, put.stderr
+    assert [len(s["replicas"]) for s in json.loads(put.stdout)["shards"]] == [2]
+    got = run_ctl("--token", alice, "data", "get", "x", str(tmp_path / "y.npy"), server=voter.address)
+    assert got.returncode == 0, got.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npy")["x"], x)
+
+
 def test_data_dir_is_private_whatever_the_umask(tmp_path):
     voter = AgentProcess(tmp_path, "voter")  # its folder 0755, from the usual umask
     old = os.umask(0)  # everything the agent makes, under umask 000
