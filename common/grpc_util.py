@@ -70,7 +70,7 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except LeptonError as err:
                 await _abort(context, err)
-            except (grpc.aio.AbortError, GeneratorExit):
+            except (grpc.aio.BaseError, GeneratorExit):  # grpc's own: an abort, a call already over
                 raise
             except Exception:
                 logger.exception("%s failed", method.__name__)
@@ -84,7 +84,7 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
             return await method(self, request, context)
         except LeptonError as err:
             await _abort(context, err)
-        except grpc.aio.AbortError:
+        except grpc.aio.BaseError:  # grpc's own: an abort, a call already over
             raise
         except Exception:
             logger.exception("%s failed", method.__name__)
@@ -150,7 +150,7 @@ def _unary(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
         try:
             result = impl(_parse(raw, cls), context)
             return await result if inspect.isawaitable(result) else result
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except (grpc.aio.BaseError, asyncio.CancelledError):
             raise
         except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
             await _fail(context, err, impl.__name__)
@@ -167,7 +167,7 @@ def _server_streaming(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
                 return
             async for item in _as_async(result):
                 yield item
-        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+        except (grpc.aio.BaseError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
             await _fail(context, err, impl.__name__)
@@ -189,7 +189,7 @@ def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool
             try:
                 async for item in _as_async(impl(requests(raw_iter), context)):
                     yield item
-            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+            except (grpc.aio.BaseError, asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
                 await _fail(context, err, impl.__name__)
@@ -200,7 +200,7 @@ def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool
         try:
             result = impl(requests(raw_iter), context)
             return await result if inspect.isawaitable(result) else result
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except (grpc.aio.BaseError, asyncio.CancelledError):
             raise
         except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
             await _fail(context, err, impl.__name__)
