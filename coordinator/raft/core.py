@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from lepton.common.errors import NotLeader
 from lepton.coordinator.raft.leader import LeaderMixin
-from lepton.coordinator.raft.membership import MembershipMixin, is_config
+from lepton.coordinator.raft.membership import Configuration, MembershipMixin, is_config
 from lepton.coordinator.raft.messages import (
     AppendRequest,
     AppendResponse,
@@ -38,7 +38,7 @@ from lepton.coordinator.raft.messages import (
     VoteRequest,
     VoteResponse,
 )
-from lepton.coordinator.raft.progress import PeerState, Progress
+from lepton.coordinator.raft.progress import PeerState, ProgressTracker
 from lepton.coordinator.storage.log_store import Entry, LogStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,10 @@ class RaftCore(LeaderMixin, MembershipMixin):
         self._applied = self._snap_index  # highest index handed out in a Ready
         self._stable_last = last  # highest index known durable here (the leader's own vote)
         self._unstable_from = last + 1  # entries from here on are not yet handed to persist
-        self._prs: dict[str, Progress] = {}
-        self._init_config(peers, snap)
+        self._tracker = ProgressTracker()  # leader: each peer's replication progress
+        self._conf = Configuration(node_id, peers, snap)  # who votes
+        self._conf.set(*self._conf.initial())
+        self._scan_config(self._log)
         self._votes: dict[str, bool] = {}
         self._msgs: list[Message] = []
         self._hs_dirty = False
@@ -144,7 +146,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         return self._log[off - 1] if 0 < off <= len(self._log) else None
 
     def leader_address(self) -> str:
-        return self._addresses.get(self.leader, "")
+        return self._conf.addresses.get(self.leader, "")
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """Leader only ({} otherwise): id -> (match index, lag behind our last index), for
@@ -153,7 +155,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
             return {}
         last = self.last_index()
         out = {self.id: (self._stable_last, last - self._stable_last)}
-        for p, pr in self._prs.items():
+        for p, pr in self._tracker.prs.items():
             out[p] = (pr.match, last - pr.match)
         return out
 
@@ -170,7 +172,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         cfg = self._cfg
         if self.role is not _LEADER:
             if now >= self._election_deadline:
-                if self.id in self._voters:
+                if self.id in self._conf.voters:
                     self._campaign(pre=cfg.pre_vote)
                 else:  # not a voter (yet, or any more): never disrupt the voters
                     self._election_deadline = now + self._election_timeout()
@@ -178,7 +180,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if now >= self._hb_deadline:
             self._hb_deadline = now + cfg.heartbeat_interval
             self._broadcast_heartbeat()
-            for p, pr in self._prs.items():
+            for p, pr in self._tracker.prs.items():
                 # A lost append or snapshot would stall a peer forever: probe again.
                 stalled = (pr.state is PeerState.REPLICATE and pr.inflight) or (
                     pr.state is PeerState.SNAPSHOT
@@ -193,11 +195,9 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if now >= self._cq_deadline:
             self._cq_deadline = now + cfg.election_timeout
             if cfg.check_quorum:
-                prs = self._prs
-                active = (self.id in self._voters) + sum(1 for p in self._others if prs[p].recent_active)
-                for pr in self._prs.values():
-                    pr.recent_active = False
-                if active < self._quorum:
+                conf = self._conf
+                active = (self.id in conf.voters) + self._tracker.recently_active(conf.others)
+                if active < conf.quorum:
                     logger.info("%s: CheckQuorum failed in term %d; stepping down", self.id, self.term)
                     self._become_follower(self.term, "")
 
@@ -271,7 +271,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if index > self._applied:
             raise ValueError(f"cannot snapshot at {index}: only {self._applied} applied")
         term = self.term_at(index)
-        snap = Snapshot(index, term, data, self._config_compacted(index))
+        snap = Snapshot(index, term, data, self._conf.compacted(index))
         del self._log[: index - self._snap_index]
         self._snap_index, self._snap_term, self._snapshot = index, term, snap
         self._snap_pending, self._snap_install = snap, False
@@ -299,14 +299,15 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if self._in_ready:
             raise RuntimeError("ready() called twice without advance()")
         if self.role is _LEADER:
+            tracker = self._tracker
             if self._bcast:
                 self._bcast = False
                 self._dirty.clear()
-                for p in self._targets:
-                    self._send_append(p, self._prs[p])
+                for p in tracker.targets:
+                    self._send_append(p, tracker[p])
             elif self._dirty:
                 for p in sorted(self._dirty):  # sorted: deterministic message order
-                    self._send_append(p, self._prs[p])
+                    self._send_append(p, tracker[p])
                 self._dirty.clear()
             if self._hb_now:
                 self._hb_now = False
@@ -367,9 +368,9 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if term > self.term:
             self.term, self.voted_for, self._hs_dirty = term, "", True
         if self.role is _LEADER:
-            if self._change is not None:
+            if self._conf.change is not None:
                 self._fail_change("leadership was lost")
-            self._prs, self._targets = {}, []
+            self._tracker.clear()
             self._transferee = ""
             self._bcast = self._hb_now = False
             self._dirty.clear()
@@ -402,12 +403,12 @@ class RaftCore(LeaderMixin, MembershipMixin):
         logger.debug("%s: %s for term %d", self.id, self.role.value, term)
         self._votes = {self.id: True}
         self._election_deadline = self._now + self._election_timeout()
-        if self._quorum == 1:  # we are the only voter (_campaign is for voters only)
+        if self._conf.quorum == 1:  # we are the only voter (_campaign is for voters only)
             self._won(pre)
             return
         li = self.last_index()
         lt = self.term_at(li)
-        for p in self._others:
+        for p in self._conf.others:
             self._send(VoteRequest(self.id, p, term, li, lt, pre, transfer))
 
     def _won(self, pre: bool) -> None:
@@ -417,8 +418,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         logger.info("%s: leader in term %d", self.id, self.term)
         self.role, self.leader = _LEADER, self.id
         last = self.last_index()
-        self._prs = {p: Progress(next=last + 1, last_ack=self._now) for p in self._others}
-        self._targets = list(self._others)
+        self._tracker.reset(self._conf.others, last + 1, self._now)
         self._hb_deadline = self._now + self._cfg.heartbeat_interval
         self._cq_deadline = self._now + self._cfg.election_timeout
         self._transferee = ""
@@ -453,17 +453,18 @@ class RaftCore(LeaderMixin, MembershipMixin):
                 return
         elif self.role is not _CAND or m.term != self.term:
             return
-        if m.frm not in self._voters:
+        conf = self._conf
+        if m.frm not in conf.voters:
             return  # only our configuration's voters make our majority
         self._votes.setdefault(m.frm, m.granted)
         granted = sum(1 for v in self._votes.values() if v)
-        if granted >= self._quorum:
+        if granted >= conf.quorum:
             self._won(m.pre_vote)
-        elif len(self._votes) - granted > len(self._voters) - self._quorum:
+        elif len(self._votes) - granted > len(conf.voters) - conf.quorum:
             self._become_follower(self.term, "")
 
     def _on_timeout_now(self, m: TimeoutNow) -> None:
-        if self.role is _FOLLOWER and m.frm == self.leader and self.id in self._voters:
+        if self.role is _FOLLOWER and m.frm == self.leader and self.id in self._conf.voters:
             logger.info("%s: campaigning at once (leadership transfer from %s)", self.id, m.frm)
             self._campaign(pre=False, transfer=True)
 

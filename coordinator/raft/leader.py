@@ -2,8 +2,10 @@
 leadership transfer. Majorities count the voters of the current configuration only (a
 learner is replicated to but not counted; a leader removing itself does not count itself).
 
-Kept apart only for size; `LeaderMixin` has no state of its own and is meaningless without
-`RaftCore`, whose attributes it uses (declared below for type checkers).
+The state it works on has owners: each peer's replication progress and the majority
+arithmetic over it are the `ProgressTracker`'s (progress.py), who votes is the
+`Configuration`'s (membership.py). `LeaderMixin` holds the leader's steps; it is
+meaningless without `RaftCore`, whose attributes it uses (declared below for type checkers).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from lepton.coordinator.raft.messages import (
     SnapshotRequest,
     TimeoutNow,
 )
-from lepton.coordinator.raft.progress import PeerState, Progress
+from lepton.coordinator.raft.progress import PeerState, Progress, ProgressTracker
 from lepton.coordinator.storage.log_store import Entry, Snapshot
+
+if TYPE_CHECKING:
+    from lepton.coordinator.raft.membership import Configuration
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +42,13 @@ class LeaderMixin:
     role: Role
     _cfg: Config
     _now: float
-    _prs: dict[str, Progress]
+    _tracker: ProgressTracker
+    _conf: Configuration
     _dirty: set[str]
     _bcast: bool
     _snap_index: int
     _snapshot: Snapshot | None
     _stable_last: int
-    _quorum: int
-    _voters: dict[str, str]
-    _others: list[str]
-    _targets: list[str]
     _read_seq: int
     _pending_reads: deque[list]
     _ready_reads: list[tuple[object, int]]
@@ -86,18 +88,18 @@ class LeaderMixin:
             raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
         if to == self.id:
             return
-        if to not in self._voters:
+        if to not in self._conf.voters:
             raise ValueError(f"unknown voter {to!r}")
         self._transferee = to
         self._transfer_deadline = self._now + self._cfg.election_timeout
-        if self._prs[to].match == self.last_index():
+        if self._tracker[to].match == self.last_index():
             self._send(TimeoutNow(self.id, to, self.term))
         self._bcast = True
 
     def _on_append_response(self, m: AppendResponse) -> None:
         if self.role is not Role.LEADER:
             return
-        pr = self._prs.get(m.frm)
+        pr = self._tracker.get(m.frm)
         if pr is None:
             return  # no longer a voter or learner
         pr.recent_active = True
@@ -105,7 +107,7 @@ class LeaderMixin:
             if m.index > pr.match:
                 pr.match = m.index
                 pr.last_ack = self._now
-                if m.frm in self._voters:
+                if m.frm in self._conf.voters:
                     self._maybe_commit()
                 else:
                     self._learner_progress(m.frm)
@@ -147,7 +149,7 @@ class LeaderMixin:
     def _on_heartbeat_response(self, m: HeartbeatResponse) -> None:
         if self.role is not Role.LEADER:
             return
-        pr = self._prs.get(m.frm)
+        pr = self._tracker.get(m.frm)
         if pr is None:
             return
         pr.recent_active = True
@@ -206,19 +208,18 @@ class LeaderMixin:
         self._send(SnapshotRequest(self.id, p, self.term, snap))
 
     def _broadcast_heartbeat(self) -> None:
-        for p in self._targets:
-            pr = self._prs[p]
+        tracker = self._tracker
+        for p in tracker.targets:
+            pr = tracker[p]
             commit = min(pr.match, self.commit)
             pr.sent_commit = max(pr.sent_commit, commit)
             self._send(Heartbeat(self.id, p, self.term, commit, self._read_seq))
 
     def _maybe_commit(self) -> None:
-        prs = self._prs
-        matches = [prs[p].match for p in self._others]
-        if self.id in self._voters:
-            matches.append(self._stable_last)
-        matches.sort(reverse=True)
-        q = matches[self._quorum - 1]
+        conf = self._conf
+        # A leader that removed itself keeps leading without counting itself.
+        own = self._stable_last if self.id in conf.voters else None
+        q = self._tracker.quorum_match(conf.others, own, conf.quorum)
         # Only own-term entries are committed by counting (Raft paper figure 8).
         if q > self.commit and self.term_at(q) == self.term:
             self.commit = q
@@ -234,11 +235,10 @@ class LeaderMixin:
         reads = self._pending_reads
         if not reads:
             return
-        need = self._quorum - (self.id in self._voters)  # acks from other voters
+        conf = self._conf
+        need = conf.quorum - (self.id in conf.voters)  # acks from other voters
         if need:
-            prs = self._prs
-            acks = sorted((prs[p].read_ack for p in self._others), reverse=True)
-            confirmed = acks[need - 1]
+            confirmed = self._tracker.quorum_read_ack(conf.others, need)
         else:
             confirmed = self._read_seq
         while reads and reads[0][1] <= confirmed and reads[0][2] is not None:

@@ -18,7 +18,10 @@ any simulated command), and inside every snapshot (`Snapshot.config`). The rules
 - a leader outside the configuration it appended keeps leading without counting itself,
   and steps down (handing leadership to a caught-up voter) once that entry commits.
 
-`MembershipMixin` is `RaftCore`'s half that does this; it has no state of its own.
+`Configuration` owns this state (etcd-raft's confchange and tracker.Config): the voters,
+the configuration entries still in the log, the snapshot's, and the leader's one pending
+change. `MembershipMixin` is `RaftCore`'s half that acts on it: the leader's change
+requests and the moments a configuration takes effect.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from lepton.common.errors import AlreadyExists, FailedPrecondition, NotFound, NotLeader
 from lepton.coordinator.raft.messages import Config, Message, Role, TimeoutNow
-from lepton.coordinator.raft.progress import Progress
+from lepton.coordinator.raft.progress import ProgressTracker
 from lepton.coordinator.storage.log_store import Entry, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,97 @@ def decode_config(data: bytes) -> dict[str, str]:
     return doc
 
 
+class Configuration:
+    """Who votes now (the latest configuration in the log, committed or not), what to fall
+    back to when entries are truncated or compacted, and the leader's pending change."""
+
+    def __init__(self, node_id: str, peers: Mapping[str, str], snap: Snapshot | None):
+        self._id = node_id
+        self.bootstrap = dict(peers)  # the voters before any configuration entry
+        self.addresses = dict(peers)  # every voter's and learner's address ever seen
+        # (index, voters) of the configuration the snapshot carries; None: none yet.
+        self._snap: tuple[int, dict[str, str]] | None = (
+            (snap.index, decode_config(snap.config)) if snap is not None and snap.config else None)
+        self._entries: list[tuple[int, dict[str, str]]] = []  # configuration entries in the log
+        self.voters: dict[str, str] = {}
+        self.index = 0  # of the entry that set the voters (0: bootstrap)
+        self.quorum = 0
+        self.others: list[str] = []  # voters other than this node: whom a candidate asks
+        self._set_once = False
+        # Leader-local: the change requested and not yet appended, as (op, id).
+        self.change: tuple[str, str] | None = None
+        self.learner_seen = 0.0  # when the learner's match index last grew
+        self.change_error = ""  # why the last change failed ("" if it did not)
+
+    def initial(self) -> tuple[dict[str, str], int]:
+        """The configuration before the log's entries: the snapshot's, else the bootstrap."""
+        return (self._snap[1], self._snap[0]) if self._snap is not None else (self.bootstrap, 0)
+
+    def set(self, voters: Mapping[str, str], index: int) -> None:
+        """`voters`, set by the entry at `index`, take effect."""
+        old = self.voters if self._set_once else None
+        self._set_once = True
+        self.voters = dict(voters)
+        self.index = index
+        self.addresses.update(voters)
+        self.quorum = len(voters) // 2 + 1
+        self.others = sorted(p for p in voters if p != self._id)
+        if old is not None and old != self.voters:
+            logger.info("%s: voters now %s (entry %d)", self._id, sorted(voters), index)
+
+    def appended(self, entries: list[Entry]) -> list[tuple[dict[str, str], int]]:
+        """`entries` were appended to the log: the configurations among them, in order
+        (the last takes effect)."""
+        found = []
+        for e in entries:
+            if e.data[:1] == b"\x00" and is_config(e.data):
+                voters = decode_config(e.data)
+                self._entries.append((e.index, voters))
+                found.append((voters, e.index))
+        return found
+
+    def truncated(self, from_index: int) -> tuple[dict[str, str], int] | None:
+        """Entries from `from_index` on were removed: the configuration to fall back to,
+        or None when none of them was a configuration."""
+        entries = self._entries
+        if not entries or entries[-1][0] < from_index:
+            return None
+        while entries and entries[-1][0] >= from_index:
+            entries.pop()
+        index, voters = self.at_or_before(from_index - 1)
+        logger.info("%s: configuration entry truncated; back to %s", self._id, sorted(voters))
+        return voters, index
+
+    def at_or_before(self, index: int) -> tuple[int, dict[str, str]]:
+        for at, voters in reversed(self._entries):
+            if at <= index:
+                return at, voters
+        if self._snap is not None:
+            return self._snap
+        return 0, self.bootstrap
+
+    def compacted(self, snap_index: int) -> bytes:
+        """The log up to `snap_index` becomes a snapshot: returns the configuration it
+        must carry, and forgets the entries it covers."""
+        _, voters = self.at_or_before(snap_index)
+        self._snap = (snap_index, voters)
+        self._entries = [c for c in self._entries if c[0] > snap_index]
+        return encode_config(voters)
+
+    def installed(self, snap: Snapshot) -> tuple[dict[str, str], int] | None:
+        """The whole log was replaced by `snap`: the configuration that takes effect, or
+        None when the current one still holds."""
+        self._entries = []
+        if snap.config:
+            self._snap = (snap.index, decode_config(snap.config))
+            return self._snap[1], snap.index
+        if self.index > snap.index:  # a snapshot from before configurations
+            self._snap = None
+            return self.bootstrap, 0
+        self._snap = (snap.index, dict(self.voters))  # ours holds, but its entry is gone
+        return None
+
+
 class MembershipMixin:
     id: str
     term: int
@@ -67,24 +161,11 @@ class MembershipMixin:
     _cfg: Config
     _now: float
     _log: list[Entry]
-    _prs: dict[str, Progress]
+    _conf: Configuration
+    _tracker: ProgressTracker
     _bcast: bool
     _dirty: set[str]
     _transferee: str
-    _snap_index: int
-    _addresses: dict[str, str]
-    # Configuration state, owned here.
-    _bootstrap: dict[str, str]
-    _voters: dict[str, str]
-    _others: list[str]  # voters other than this node: whom a candidate asks
-    _targets: list[str]  # leader: whom it replicates to (other voters and the learner)
-    _quorum: int
-    _conf_index: int  # index of the entry that set the configuration (0: bootstrap)
-    _conf_log: list[tuple[int, dict[str, str]]]  # configuration entries in the log
-    _snap_conf: dict[str, str] | None  # the snapshot's configuration
-    _change: tuple[str, str] | None  # leader: requested, not yet appended
-    _learner_seen: float  # leader: when the learner's match index last grew
-    change_error: str  # why the last change failed ("" if it did not)
 
     if TYPE_CHECKING:  # provided by RaftCore
 
@@ -98,111 +179,60 @@ class MembershipMixin:
     @property
     def voters(self) -> list[str]:
         """The current configuration (the latest in the log, committed or not)."""
-        return sorted(self._voters)
+        return sorted(self._conf.voters)
 
     @property
     def learners(self) -> list[str]:
         """Leader only: the server catching up before it is added."""
-        ch = self._change
-        return [ch[1]] if ch is not None and ch[0] == ADD and ch[1] in self._prs else []
+        ch = self._conf.change
+        return [ch[1]] if ch is not None and ch[0] == ADD and ch[1] in self._tracker else []
 
     @property
     def config_index(self) -> int:
-        return self._conf_index
+        return self._conf.index
 
     @property
     def is_voter(self) -> bool:
-        return self.id in self._voters
+        return self.id in self._conf.voters
+
+    @property
+    def change_error(self) -> str:
+        """Why the last change failed ("" if it did not)."""
+        return self._conf.change_error
 
     def pending_change(self) -> tuple[str, str] | None:
         """Leader: the change requested and not yet appended as an entry, as (op, id)."""
-        return self._change
+        return self._conf.change
 
     def address_of(self, node_id: str) -> str:
-        return self._addresses.get(node_id, "")
+        return self._conf.addresses.get(node_id, "")
 
-    # -- configuration tracking ------------------------------------------------------
-    def _init_config(self, peers: Mapping[str, str], snap: Snapshot | None) -> None:
-        self._bootstrap = dict(peers)
-        self._addresses = dict(peers)
-        self._snap_conf = decode_config(snap.config) if snap is not None and snap.config else None
-        self._conf_log = []
-        self._change = None
-        self._learner_seen = 0.0
-        self.change_error = ""
-        self._targets = []
-        self._set_config(self._snap_conf if self._snap_conf is not None else self._bootstrap, self._snap_index
-                         if self._snap_conf is not None else 0)
-        self._scan_config(self._log)
-
+    # -- a configuration takes effect -------------------------------------------------
     def _scan_config(self, entries: list[Entry]) -> None:
-        """`entries` were just appended to the log: the last configuration among them
-        takes effect now."""
-        for e in entries:
-            if e.data[:1] == b"\x00" and is_config(e.data):
-                voters = decode_config(e.data)
-                self._conf_log.append((e.index, voters))
-                self._set_config(voters, e.index)
+        """`entries` were just appended to the log."""
+        for voters, index in self._conf.appended(entries):
+            self._set_config(voters, index)
 
     def _config_truncated(self, from_index: int) -> None:
-        """Entries from `from_index` on were removed: fall back to the configuration before."""
-        log = self._conf_log
-        if not log or log[-1][0] < from_index:
-            return
-        while log and log[-1][0] >= from_index:
-            log.pop()
-        index, voters = self._config_at_or_before(from_index - 1)
-        logger.info("%s: configuration entry truncated; back to %s", self.id, sorted(voters))
-        self._set_config(voters, index)
-
-    def _config_at_or_before(self, index: int) -> tuple[int, dict[str, str]]:
-        for at, voters in reversed(self._conf_log):
-            if at <= index:
-                return at, voters
-        if self._snap_conf is not None:
-            return self._snap_index, self._snap_conf
-        return 0, self._bootstrap
-
-    def _config_compacted(self, snap_index: int) -> bytes:
-        """The log up to `snap_index` becomes a snapshot: returns the configuration it
-        must carry, and forgets the entries it covers."""
-        _, voters = self._config_at_or_before(snap_index)
-        self._snap_conf = voters
-        self._conf_log = [c for c in self._conf_log if c[0] > snap_index]
-        return encode_config(voters)
+        back = self._conf.truncated(from_index)
+        if back is not None:
+            self._set_config(*back)
 
     def _config_installed(self, snap: Snapshot) -> None:
-        """The whole log was replaced by `snap`."""
-        self._conf_log = []
-        if snap.config:
-            self._snap_conf = decode_config(snap.config)
-            self._set_config(self._snap_conf, snap.index)
-        elif self._conf_index > snap.index:  # a snapshot from before configurations
-            self._snap_conf = None
-            self._set_config(self._bootstrap, 0)
-        else:  # ours still holds at its index, but its entry is gone with the log
-            self._snap_conf = dict(self._voters)
+        now = self._conf.installed(snap)
+        if now is not None:
+            self._set_config(*now)
 
     def _set_config(self, voters: Mapping[str, str], index: int) -> None:
-        old = getattr(self, "_voters", None)
-        self._voters = dict(voters)
-        self._conf_index = index
-        self._addresses.update(voters)
-        self._quorum = len(voters) // 2 + 1
-        self._others = sorted(p for p in voters if p != self.id)
-        if old is not None and old != self._voters:
-            logger.info("%s: voters now %s (entry %d)", self.id, sorted(voters), index)
+        """The one place a configuration takes effect; a leader replicates to the new
+        voters (and its learner) from here on."""
+        conf = self._conf
+        conf.set(voters, index)
         if self.role is Role.LEADER:
-            for p in self._others:
-                if p not in self._prs:
-                    self._prs[p] = Progress(next=self.last_index() + 1, last_ack=self._now)
-            keep = set(self._others) | set(self.learners)
-            for p in [p for p in self._prs if p not in keep]:
-                del self._prs[p]
-                self._dirty.discard(p)
-            if self._transferee and self._transferee not in self._voters:
+            dropped = self._tracker.track(conf.others + self.learners, self.last_index() + 1, self._now)
+            self._dirty.difference_update(dropped)
+            if self._transferee and self._transferee not in conf.voters:
                 self._transferee = ""  # proposals would wait for a transfer that cannot happen
-            self._targets = sorted(self._prs)
             self._bcast = True
 
     # -- leader: changes -------------------------------------------------------------
@@ -213,14 +243,14 @@ class MembershipMixin:
         Raises NotLeader, AlreadyExists, FailedPrecondition (a change is in progress)."""
         self._enter(self._now)
         self._check_change()
-        if node_id in self._voters:
+        conf = self._conf
+        if node_id in conf.voters:
             raise AlreadyExists(f"{node_id} is already a voter")
-        self._change = (ADD, node_id)
-        self.change_error = ""
-        self._addresses[node_id] = address
-        self._learner_seen = self._now
-        self._prs[node_id] = Progress(next=self.last_index() + 1, last_ack=self._now)
-        self._targets = sorted(self._prs)
+        conf.change = (ADD, node_id)
+        conf.change_error = ""
+        conf.addresses[node_id] = address
+        conf.learner_seen = self._now
+        self._tracker.add(node_id, self.last_index() + 1, self._now)
         self._bcast = True
         logger.info("%s: catching up %s (%s) as a learner", self.id, node_id, address)
 
@@ -230,18 +260,19 @@ class MembershipMixin:
         in progress, or it is the last voter)."""
         self._enter(self._now)
         self._check_change()
-        if node_id not in self._voters:
+        conf = self._conf
+        if node_id not in conf.voters:
             raise NotFound(f"{node_id} is not a voter")
-        if len(self._voters) == 1:
+        if len(conf.voters) == 1:
             raise FailedPrecondition(f"{node_id} is the last voter; the cluster needs one")
-        self._change = (REMOVE, node_id)
-        self.change_error = ""
+        conf.change = (REMOVE, node_id)
+        conf.change_error = ""
         self._maybe_change()
 
     def abort_change(self, reason: str) -> bool:
         """Drop a change not yet appended (the caller gave up). True when one was dropped."""
         self._enter(self._now)
-        if self._change is None:
+        if self._conf.change is None:
             return False
         self._fail_change(reason)
         return True
@@ -249,34 +280,35 @@ class MembershipMixin:
     def _check_change(self) -> None:
         if self.role is not Role.LEADER:
             raise NotLeader(f"{self.id} is not the leader", leader=self.leader_address())
-        if self._change is not None or self._conf_index > self.commit:
+        if self._conf.change is not None or self._conf.index > self.commit:
             raise FailedPrecondition("a voter change is already in progress; retry when it is done")
 
     def _fail_change(self, reason: str) -> None:
-        op, node_id = self._change  # type: ignore[misc]
-        self._change = None
-        self.change_error = reason
+        conf = self._conf
+        op, node_id = conf.change  # type: ignore[misc]
+        conf.change = None
+        conf.change_error = reason
         logger.info("%s: %s %s abandoned: %s", self.id, op, node_id, reason)
-        if op == ADD and node_id not in self._voters and self._prs.pop(node_id, None) is not None:
-            self._targets = sorted(self._prs)
+        if op == ADD and node_id not in conf.voters and self._tracker.remove(node_id):
             self._dirty.discard(node_id)
 
     def _maybe_change(self) -> None:
         """Append the requested configuration once the rules allow (see the module doc)."""
-        ch = self._change
+        conf = self._conf
+        ch = conf.change
         if ch is None or self.role is not Role.LEADER:
             return
-        if self.commit < self.term_start_index or self._conf_index > self.commit:
+        if self.commit < self.term_start_index or conf.index > self.commit:
             return
         op, node_id = ch
         if op == ADD:
-            pr = self._prs[node_id]
+            pr = self._tracker[node_id]
             if pr.match < self.term_start_index or self.last_index() - pr.match > self._cfg.learner_slack:
                 return
-            voters = {**self._voters, node_id: self._addresses[node_id]}
+            voters = {**conf.voters, node_id: conf.addresses[node_id]}
         else:
-            voters = {p: a for p, a in self._voters.items() if p != node_id}
-        self._change = None
+            voters = {p: a for p, a in conf.voters.items() if p != node_id}
+        conf.change = None
         index = self.last_index() + 1
         entry = Entry(index, self.term, encode_config(voters))
         self._log.append(entry)
@@ -285,27 +317,28 @@ class MembershipMixin:
 
     def _learner_progress(self, node_id: str) -> None:
         """The learner's match index grew."""
-        ch = self._change
+        ch = self._conf.change
         if ch is not None and ch[1] == node_id and ch[0] == ADD:
-            self._learner_seen = self._now
+            self._conf.learner_seen = self._now
             self._maybe_change()
 
     def _learner_tick(self, now: float) -> None:
-        ch = self._change
+        ch = self._conf.change
         if ch is not None and ch[0] == ADD:
             limit = self._cfg.learner_timeout or 10 * self._cfg.election_timeout
-            if now - self._learner_seen >= limit:
+            if now - self._conf.learner_seen >= limit:
                 self._fail_change(f"{ch[1]} did not catch up within {limit:.3g}s "
                                   "(unreachable, or not running a Raft node)")
 
     def _maybe_resign(self) -> None:
         """A leader that removed itself leaves once that is committed, handing over to
         the most caught-up voter so the cluster need not wait for an election timeout."""
-        if self.id in self._voters or self.commit < self._conf_index:
+        conf, tracker = self._conf, self._tracker
+        if self.id in conf.voters or self.commit < conf.index:
             return
-        logger.info("%s: removed from the voters (entry %d committed); stepping down", self.id, self._conf_index)
+        logger.info("%s: removed from the voters (entry %d committed); stepping down", self.id, conf.index)
         last = self.last_index()
-        best = max(self._others, key=lambda p: self._prs[p].match, default="")
-        if best and self._prs[best].match == last:
+        best = max(conf.others, key=lambda p: tracker[p].match, default="")
+        if best and tracker[best].match == last:
             self._send(TimeoutNow(self.id, best, self.term))
         self._become_follower(self.term, "")

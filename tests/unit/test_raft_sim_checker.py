@@ -31,7 +31,7 @@ class StaleQuorumCore(RaftCore):
 
     def _set_config(self, voters, index) -> None:  # type: ignore[no-untyped-def]
         super()._set_config(voters, index)
-        self._quorum = len(self._bootstrap) // 2 + 1
+        self._conf.quorum = len(self._conf.bootstrap) // 2 + 1
 
 
 def _first_failure(seeds: range, **kwargs: object) -> SimulationFailure:
