@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-orphan-grace", dest="shard_orphan_grace_s", type=float,
                    help="seconds an orphan blob (no dataset needs it here) is kept before it is "
                         "deleted (default 600; 0: never sweep)")
+    p.add_argument("--max-spec-bytes", dest="max_spec_bytes",
+                   help="voters: the largest task or job spec a submission may carry, e.g. 512KiB "
+                        "(default 1MiB, at most 3MiB)")
     p.add_argument("--shard-reserve", dest="shard_reserve_bytes",
                    help="free space shard writes leave on the disk for the Raft log and task output, "
                         "e.g. 10GiB (default 2GiB; 0: none)")

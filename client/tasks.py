@@ -31,7 +31,7 @@ from lepton.common.errors import (
     from_rpc_error,
 )
 from lepton.common.sizes import parse_size
-from lepton.common.validation import require_id
+from lepton.common.validation import require_id, spec_batches
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
@@ -252,8 +252,7 @@ class TaskMethods:
             except InvalidArgument as err:
                 raise InvalidArgument(f"tasks[{i}]: {err.message}") from None
         out: list[TaskInfo] = []
-        for lo in range(0, len(specs), batch):
-            chunk = specs[lo:lo + batch]
+        for chunk in spec_batches(specs, batch):  # by count and bytes: one log entry each
             req = cpb.SubmitTasksRequest(specs=chunk)
             idempotent = all(s.request_id for s in chunk)
             resp = self._unary(CoordinatorStub, "SubmitTasks", req, idempotent=idempotent)

@@ -17,7 +17,7 @@ from typing import Any
 
 from lepton.common.errors import InvalidArgument
 from lepton.common.sizes import parse_size
-from lepton.common.validation import check_address
+from lepton.common.validation import DEFAULT_MAX_SPEC_BYTES, check_address, check_spec_bytes_setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +27,7 @@ else:  # pragma: no cover
 DEFAULT_PORT = 7070
 ENV_PREFIX = "LEPTON_"
 MIN_TASK_LOG_BYTES = 4096  # below a disk block, every rotation would copy whole blocks for nothing
-SIZE_FIELDS = ("task_log_max_bytes", "shard_reserve_bytes")  # also take "256MiB"; parsed in __post_init__
+SIZE_FIELDS = ("task_log_max_bytes", "shard_reserve_bytes", "max_spec_bytes")  # also take "256MiB"; parsed in __post_init__
 
 
 def split_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -150,6 +150,10 @@ class AgentConfig:
     # of the Raft log and snapshots (a voter that cannot write its log stops) and of task
     # output. A put that would cut into it is refused (RESOURCE_EXHAUSTED). 0: none.
     shard_reserve_bytes: int = 2 << 30
+    # Voters: the largest task or job spec (serialized; "1MiB" works) a submission may carry.
+    # Far below gRPC's 16 MiB message limit so every log entry reaches a follower in one
+    # message and the state stays small (lepton.common.validation's size caps); at most 3MiB.
+    max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -196,6 +200,7 @@ class AgentConfig:
         if not 0 <= self.shard_orphan_grace_s <= 30 * 24 * 3600:
             raise InvalidArgument("shard_orphan_grace_s must be between 0 (no sweeping) and 30 days")
         self.shard_reserve_bytes = parse_size(self.shard_reserve_bytes, "shard_reserve_bytes")
+        self.max_spec_bytes = check_spec_bytes_setting(parse_size(self.max_spec_bytes, "max_spec_bytes"))
         if self.shard_key_file:
             from lepton.common import cluster_secret
 

@@ -6,6 +6,7 @@ changes nothing and tells its sender why.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 
@@ -91,12 +92,38 @@ def check_capacity(cap: common_pb2.Capacity) -> None:
 
 
 MAX_ARGV = 1024
-MAX_ARG = 64 * 1024
 MAX_ENV = 256
 MAX_PRIORITY = 1_000_000
 MAX_RETRIES = 100
 MAX_CPU = 4096.0
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# -- size caps (issue 14): the one home of every byte limit on what the log holds ---------
+# gRPC's message limit (grpc_util.MAX_MESSAGE_BYTES, 16 MiB) is the envelope. Everything a
+# leader appends stays far below it, so an AppendEntries (1 MiB of payload plus at most one
+# entry) always reaches a follower, and a state larger than any message travels in chunks.
+MAX_ENTRY_BYTES = 4 << 20  # the largest command a leader proposes (Raft refuses bigger ones)
+DEFAULT_MAX_SPEC_BYTES = 1 << 20  # a task or job spec, serialized; --max-spec-bytes
+MAX_SPEC_BYTES_CEILING = 3 << 20  # what --max-spec-bytes may be raised to: a spec and its command fit an entry
+MAX_BATCH_SPEC_BYTES = 3 << 20  # SubmitTasks: all specs together (one log entry)
+# Linux refuses exec (E2BIG) for a single argv or env string ("KEY=value") of 32 pages or
+# more, and for argv plus env (strings, NULs and pointers) past ARG_MAX (a quarter of
+# RLIMIT_STACK, as sysconf reports it). EXEC_MARGIN leaves room for what the agent adds
+# to a task's environment (LEPTON_*, PATH, CUDA_VISIBLE_DEVICES, torch's rendezvous).
+MAX_ARG_STRLEN = 128 << 10
+EXEC_MARGIN = 128 << 10
+_ARG_MAX_FALLBACK = 2 << 20  # Linux's default (8 MiB stack / 4) when sysconf cannot say
+
+
+def exec_args_limit() -> int:
+    """Bytes a task's argv and env may take together, by this host's ARG_MAX less the margin."""
+    try:
+        arg_max = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        arg_max = -1
+    if arg_max <= 0:
+        arg_max = _ARG_MAX_FALLBACK
+    return max(arg_max - EXEC_MARGIN, 64 << 10)
 
 
 def _finite(value: float, field: str, lo: float, hi: float) -> None:
@@ -104,8 +131,73 @@ def _finite(value: float, field: str, lo: float, hi: float) -> None:
         raise InvalidArgument(f"{field} must be between {lo:g} and {hi:g}, not {value}")
 
 
-def check_task_spec(spec) -> None:
-    """Every field of a TaskSpec; raises InvalidArgument naming the first bad one."""
+def _exec_string(value: str, field: str) -> int:
+    """Bytes `value` takes in exec's argument area (its NUL and pointer included)."""
+    size = len(value.encode("utf-8", "surrogatepass")) + 1
+    if size > MAX_ARG_STRLEN or "\0" in value:
+        raise InvalidArgument(
+            f"{field} is {size - 1} bytes or holds a NUL byte; exec allows at most {MAX_ARG_STRLEN - 1} bytes a string"
+        )
+    return size + 8
+
+
+def check_exec_size(spec) -> None:
+    """argv (or shell) and env fit what exec allows, or the task could only fail with E2BIG."""
+    total = 0
+    for i, arg in enumerate(spec.argv):
+        total += _exec_string(arg, f"argv[{i}]")
+    if spec.shell:
+        total += _exec_string(spec.shell, "shell")
+    for key, value in spec.env.items():
+        total += _exec_string(f"{key}={value}", f"env {key}")
+    limit = exec_args_limit()
+    if total > limit:
+        raise InvalidArgument(f"argv and env take {total} bytes; exec allows at most {limit} (ARG_MAX less a margin)")
+
+
+def check_spec_size(spec, limit: int = DEFAULT_MAX_SPEC_BYTES, what: str = "spec") -> int:
+    """A serialized spec is at most `limit` bytes (RESOURCE_EXHAUSTED's cousin: InvalidArgument
+    naming the cap). Returns its size, for batch totals."""
+    size = spec.ByteSize()
+    if size > limit:
+        raise InvalidArgument(f"the {what} is {size} bytes; at most {limit} (the cluster's --max-spec-bytes)")
+    return size
+
+
+def spec_batches(specs: list, max_count: int, max_bytes: int = MAX_BATCH_SPEC_BYTES) -> list[list]:
+    """`specs` cut into runs of at most `max_count` specs and `max_bytes` serialized bytes
+    (a spec larger than that alone in its run: the server names its own cap)."""
+    out: list[list] = []
+    run: list = []
+    size = 0
+    for spec in specs:
+        n = spec.ByteSize()
+        if run and (len(run) >= max_count or size + n > max_bytes):
+            out.append(run)
+            run, size = [], 0
+        run.append(spec)
+        size += n
+    if run:
+        out.append(run)
+    return out
+
+
+def check_spec_bytes_setting(value: int, field: str = "max_spec_bytes") -> int:
+    if not 1024 <= value <= MAX_SPEC_BYTES_CEILING:
+        raise InvalidArgument(f"{field} must be between 1024 and {MAX_SPEC_BYTES_CEILING}, not {value}")
+    return value
+
+
+def check_entry_size(size: int) -> None:
+    """What a leader appends fits one message to a follower; bigger commands are refused
+    before anything is logged."""
+    if size > MAX_ENTRY_BYTES:
+        raise InvalidArgument(f"the command is {size} bytes; a log entry holds at most {MAX_ENTRY_BYTES}")
+
+
+def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
+    """Every field of a TaskSpec, then its size against `max_bytes`; raises InvalidArgument
+    naming the first bad one."""
     check_text(spec.name, "name", MAX_NAME)
     if not spec.argv and not spec.shell:
         raise InvalidArgument("the command is empty: give argv or shell")
@@ -115,18 +207,12 @@ def check_task_spec(spec) -> None:
         raise InvalidArgument(f"argv has {len(spec.argv)} items; at most {MAX_ARGV}")
     if spec.argv and not spec.argv[0]:
         raise InvalidArgument("argv[0] is empty")
-    for i, arg in enumerate(spec.argv):
-        if len(arg) > MAX_ARG or "\0" in arg:
-            raise InvalidArgument(f"argv[{i}] is longer than {MAX_ARG} or holds a NUL byte")
-    if len(spec.shell) > MAX_ARG or "\0" in spec.shell:
-        raise InvalidArgument(f"shell is longer than {MAX_ARG} or holds a NUL byte")
     if len(spec.env) > MAX_ENV:
         raise InvalidArgument(f"env has {len(spec.env)} entries; at most {MAX_ENV}")
-    for key, value in spec.env.items():
+    for key in spec.env:
         if not _ENV_KEY_RE.match(key):
             raise InvalidArgument(f"env name {key[:40]!r} is not a valid variable name")
-        if len(value) > MAX_ARG or "\0" in value:
-            raise InvalidArgument(f"env {key} is longer than {MAX_ARG} or holds a NUL byte")
+    check_exec_size(spec)
     check_text(spec.workdir, "workdir", 4096)
     r = spec.resources
     _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
@@ -144,6 +230,7 @@ def check_task_spec(spec) -> None:
     check_text(spec.owner, "owner", MAX_NAME)
     if spec.request_id:
         require_id(spec.request_id, "request_id")
+    check_spec_size(spec, max_bytes)
 
 
 MAX_DATASET_NAME = 128

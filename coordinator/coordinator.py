@@ -52,6 +52,7 @@ class Coordinator:
             self.consensus,
             self.liveness,
             wall_ms=wall_ms,
+            max_spec_bytes=config.max_spec_bytes,
         )
         if tls is not None:  # a node registers only an address it serves (node restriction)
             from lepton.common.served_certs import ServedCertificates

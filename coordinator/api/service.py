@@ -41,12 +41,14 @@ class CoordinatorContext:
         *,
         wall_ms,
         propose_timeout_s: float = 10.0,
+        max_spec_bytes: int = v.DEFAULT_MAX_SPEC_BYTES,
     ):
         self.state = state
         self.consensus = consensus
         self.liveness = liveness
         self.wall_ms = wall_ms
         self.propose_timeout_s = propose_timeout_s
+        self.max_spec_bytes = max_spec_bytes
         self.hub = TaskHub()
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
         self.served: ServedCertificates | None = None  # with TLS: who serves which address
@@ -60,9 +62,9 @@ class CoordinatorContext:
         """Stamp, propose, wait for the commit; raise the state machine's error if any."""
         self.require_leader()
         cmd.at_ms = self.wall_ms()
-        result = await self.consensus.propose(
-            cmd.SerializeToString(), timeout=self.propose_timeout_s
-        )
+        data = cmd.SerializeToString()
+        v.check_entry_size(len(data))  # before anything is logged
+        result = await self.consensus.propose(data, timeout=self.propose_timeout_s)
         if isinstance(result, LeptonError):
             raise result
         return result

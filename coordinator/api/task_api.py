@@ -94,7 +94,7 @@ class TaskApi:
 
     @rpc_boundary
     async def SubmitTask(self, request, context):
-        v.check_task_spec(request.spec)
+        v.check_task_spec(request.spec, self._ctx.max_spec_bytes)
         stamp_owner(request.spec, self._ctx.state)  # the caller, with auth on
         cmd = state_pb2.Command(
             submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
@@ -107,11 +107,18 @@ class TaskApi:
         specs = request.specs
         if not 1 <= len(specs) <= MAX_BATCH:
             raise InvalidArgument(f"specs must hold 1 to {MAX_BATCH} tasks, not {len(specs)}")
+        total = 0
         for i, spec in enumerate(specs):
             try:
-                v.check_task_spec(spec)
+                v.check_task_spec(spec, self._ctx.max_spec_bytes)
             except InvalidArgument as err:
                 raise InvalidArgument(f"specs[{i}]: {err.message}") from None
+            total += spec.ByteSize()
+        if total > v.MAX_BATCH_SPEC_BYTES:  # one log entry holds the whole batch
+            raise InvalidArgument(
+                f"the {len(specs)} specs take {total} bytes; one SubmitTasks carries at most "
+                f"{v.MAX_BATCH_SPEC_BYTES} (send fewer at a time)"
+            )
         cmd = state_pb2.Command(submit_tasks=state_pb2.SubmitTasksCmd(tasks=[
             state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=spec) for spec in specs
         ]))
@@ -123,7 +130,7 @@ class TaskApi:
     @rpc_boundary
     async def SubmitJob(self, request, context):
         spec = request.spec
-        v.check_task_spec(spec)
+        v.check_task_spec(spec, self._ctx.max_spec_bytes)
         stamp_owner(spec, self._ctx.state)
         if not 1 <= request.nodes <= MAX_GANG:
             raise InvalidArgument(f"nodes must be between 1 and {MAX_GANG}, not {request.nodes}")

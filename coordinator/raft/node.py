@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
+from lepton.common.validation import check_entry_size
 from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.membership import is_config
@@ -141,6 +142,7 @@ class RaftConsensus(VoterChanges, Consensus):
 
     # -- Consensus -------------------------------------------------------------------
     async def propose(self, command: bytes, *, timeout: float) -> object:
+        check_entry_size(len(command))  # every entry must reach a follower in one message
         core = self._require_running()
         if core.role is not Role.LEADER:
             raise NotLeader(f"{self.node_id} is not the leader", leader=core.leader_address())

@@ -159,7 +159,8 @@ class RaftServicer:
         if info is None:
             return raft_pb2.RaftProbeResponse(node_id=me)
         term, last, voter = info()  # Unavailable when not running
-        return raft_pb2.RaftProbeResponse(node_id=me, term=term, last_index=last, voter=voter)
+        return raft_pb2.RaftProbeResponse(node_id=me, term=term, last_index=last, voter=voter,
+                                          members=sorted(self._node.raft_members()))
 
     def _deliver(self, batch: raft_pb2.RaftBatch, sender: str) -> None:
         """Raises FailedPrecondition (not for us), PermissionDenied (not from the caller)."""
@@ -182,7 +183,7 @@ def add_raft_servicer(server: grpc.aio.Server, node: Receiver, *, tls: TlsConfig
     """Register the Raft service for `node` (a RaftConsensus) on an existing server; calls
     are checked against `node.raft_members()` with `tls` and/or `peer_key` (see
     `peer_auth`). Call before `server.start()`."""
-    peers = PeerCheck(node.raft_members, tls=tls, key=peer_key)
+    peers = PeerCheck(node.raft_members, tls=tls, key=peer_key, vouch=getattr(node, "vouch_for", None))
     if hasattr(node, "peer_check"):
         node.peer_check = peers  # its refusals are a metric (lepton_raft_peer_refused_total)
     register_service(server, RaftServicer(node, peers), raft_pb2.DESCRIPTOR.services_by_name["Raft"])
@@ -230,12 +231,7 @@ class _PeerSender:
             await asyncio.sleep(0)  # let the rest of this turn's messages join the batch
             self._wakeup.clear()
             while self._queue:
-                batch = raft_pb2.RaftBatch()
-                size = 0
-                while self._queue and (size < self._max_batch_bytes or not batch.messages):
-                    pb = to_proto(self._queue.popleft())
-                    size += pb.ByteSize()
-                    batch.messages.append(pb)
+                batch = take_batch(self._queue, self._max_batch_bytes)
                 try:
                     if call is None or call.done():
                         call = self._stub.Stream(metadata=self._metadata)
@@ -275,6 +271,23 @@ class _PeerSender:
             except asyncio.CancelledError:
                 pass
         await self._channel.close()
+
+
+def take_batch(queue: deque[Message], max_bytes: int) -> raft_pb2.RaftBatch:
+    """The oldest messages of `queue` (taken off it) that fit `max_bytes` together, at
+    least one: a message never exceeds the limit on its own, since the core caps entries
+    (validation.MAX_ENTRY_BYTES) and sends snapshots in chunks."""
+    batch = raft_pb2.RaftBatch()
+    size = 0
+    while queue:
+        pb = to_proto(queue[0])
+        n = pb.ByteSize() + 5  # the field's tag and length inside the batch
+        if batch.messages and size + n > max_bytes:
+            break  # full: this message opens the next batch
+        queue.popleft()
+        size += n
+        batch.messages.append(pb)
+    return batch
 
 
 async def _ended_with(call) -> str:
