@@ -24,7 +24,7 @@ def test_two_agents_on_one_host_with_default_metrics_both_register(agents):
     voter = agents("voter")
     agents("worker", "--join", voter.address)
     with Client(voter.address) as c:
-        wait_until(lambda: _ready(c, "voter") and _ready(c, "worker"), what="both nodes ready")
+        wait_until(lambda: _ready(c, "voter") and _ready(c, "worker"), timeout=60, what="both nodes ready")
 
 
 def test_taken_metrics_port_is_a_warning_and_the_agent_runs(agents):
@@ -34,7 +34,7 @@ def test_taken_metrics_port_is_a_warning_and_the_agent_runs(agents):
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         agent = agents("solo", "--metrics-listen", address)
         with Client(agent.address) as c:
-            wait_until(lambda: _ready(c, "solo"), what="the agent registered")
+            wait_until(lambda: _ready(c, "solo"), timeout=60, what="the agent registered")
         log = agent.log()
         assert f"cannot serve on {address}" in log and "--metrics-listen" in log
         assert agent.proc.poll() is None
