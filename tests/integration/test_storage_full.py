@@ -51,7 +51,7 @@ def test_voter_whose_disk_fills_exits_and_the_others_keep_committing(agents, tin
     payload = "x" * 2000  # a large entry, so the disk fills in a few dozen commands
     acked: list[str] = []
     with Client(servers(voters), timeout=20) as c:
-        wait_until(lambda: c.cluster_status().leader, what="a leader")
+        wait_until(lambda: c.cluster_status().leader, timeout=60, what="a leader")
         st = os.statvfs(tiny_raft_dir)
         filler = st.f_bavail * st.f_frsize - FREE_LEFT
         with open(tiny_raft_dir / "filler", "wb") as f:
@@ -89,4 +89,4 @@ def test_voter_whose_disk_fills_exits_and_the_others_keep_committing(agents, tin
         (tiny_raft_dir / "filler").unlink()
         victim.start()
         wait_until(lambda: next(v for v in c.cluster_status().voters
-                                if v.address == victim.address).lag == 0, what="the voter caught up")
+                                if v.address == victim.address).lag == 0, timeout=60, what="the voter caught up")
