@@ -18,6 +18,14 @@ def test_layering_defaults_file_env_flags(tmp_path):
     assert cfg.suspect_after_s == 2.0  # default
 
 
+def test_defaults_coexist_on_one_host():
+    cfg = AgentConfig()
+    assert cfg.metrics_listen == ""  # no fixed metrics port: 9100 is node_exporter's
+    assert cfg.shard_reserve_bytes == 2 << 30  # room kept free for the Raft log
+    assert load_config({"shard_reserve_bytes": "10GiB"}, env={}).shard_reserve_bytes == 10 << 30
+    assert load_config({}, env={"LEPTON_SHARD_RESERVE_BYTES": "0"}).shard_reserve_bytes == 0
+
+
 def test_lists_and_labels_parse():
     cfg = AgentConfig(peers="a:1, b:2,c:3", labels="zone=a, gpu=h100")
     assert cfg.peers == ["a:1", "b:2", "c:3"]
@@ -43,6 +51,8 @@ def test_lists_and_labels_parse():
         ({"task_log_max_bytes": 100}, "task_log_max_bytes"),
         ({"task_retention_s": -1}, "task_retention_s"),
         ({"task_retention_s": float("nan")}, "task_retention_s"),
+        ({"shard_reserve_bytes": "-1GiB"}, "shard_reserve_bytes"),
+        ({"shard_reserve_bytes": "plenty"}, "shard_reserve_bytes"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(kwargs, fragment):
