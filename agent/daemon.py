@@ -385,7 +385,10 @@ async def run_agent(config: AgentConfig) -> None:
     if agent.failure is None:
         await agent.stop()
         return
-    await agent.stop(leave=False)
+    try:  # bounded: a sick disk must not keep a node that cannot vote alive
+        await asyncio.wait_for(agent.stop(leave=False), config.shutdown_grace_s + 10)
+    except Exception:  # noqa: BLE001 - exiting anyway; the line below says why
+        logger.exception("crash-stop: stopping cleanly failed")
     raise Unavailable(f"the Raft log store in {agent.data_dir / 'raft'} failed ({agent.failure}); "
                       "stopped without leaving the cluster. Fix the disk (free space), then restart: "
                       "the log is re-read and this voter catches up")
