@@ -254,6 +254,41 @@ def test_a_token_alone_moves_data_through_a_worker(agents, tmp_path):
     assert np.array_equal(np.load(tmp_path / "y.npy")["x"], x)
 
 
+def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tmp_path):
+    """Over TLS and --auth, a user's two-node torch job fetches its shards from the other
+    node, stores its model, and the user reads it back: every call with the task's (or the
+    user's) token and the certificate that names nobody. Torch jobs cannot run under
+    --task-user yet, so the job runs on the voter and a second worker without it."""
+    from lepton.workloads.recipes.cluster import get_file
+    from tests.integration.test_torch_jobs import rows
+
+    voter, worker, d = secure_cluster
+    other = AgentProcess(voter.data_dir.parent, "other", ["--join", voter.address, "--tls-dir", d, "--auth"])
+    other.start()
+    try:
+        with Client(voter.address, tls_dir=d) as admin:
+            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 3, what="three nodes ready")
+            admin.drain(worker.node_id)  # its tasks run as nobody
+        alice = run_ctl("--tls-dir", d, "tokens", "create", "--role", "user", "--name", "alice",
+                        server=voter.address, check=True).stdout.strip()
+        x, y = rows(np.random.default_rng(3), 64)
+        np.savez(tmp_path / "all.npz", x=x, y=y)
+        task_tls = str(worker.data_dir / "task-tls")
+        with Client(voter.address, tls_dir=task_tls, cert_name="task", token=alice, timeout=60) as c:
+            c.put_dataset(tmp_path / "all.npz", "ddp-data", shards=2)
+            job = c.submit_job([sys.executable, "-m", "lepton.workloads.recipes.cluster", "train",
+                                "--model-name", "ddp-model", "--algorithm", "mlp", "--epochs", "1",
+                                "--hidden", "8", "--batch-size", "8"],
+                               nodes=2, nproc_per_node=1, cpu=0.5, dataset="ddp-data")
+            done = c.wait_job(job.id, timeout=240)
+            assert done.state == "succeeded", (done.reason, b"".join(c.job_logs(job.id)).decode()[-3000:])
+            assert c.dataset("ddp-model").owner == "alice"  # stored by the job, as its submitter
+            model = get_file(c, "ddp-model", tmp_path / "model.pt")
+        assert model.stat().st_size > 0
+    finally:
+        other.stop()
+
+
 def test_data_dir_is_private_whatever_the_umask(tmp_path):
     voter = AgentProcess(tmp_path, "voter")  # its folder 0755, from the usual umask
     old = os.umask(0)  # everything the agent makes, under umask 000
