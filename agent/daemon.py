@@ -26,18 +26,29 @@ from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
+from lepton.common.validation import join_host_port, split_host_port
 from lepton.common.version import VERSION
 from lepton.v1 import agent_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
 
+def _bind_probe(host: str, port: int) -> int:
+    """Bind `host` (unbracketed; a name, IPv4 or IPv6) and `port` (0: any) in the host's own
+    address family, as gRPC or torch's store would, then let go; the port bound. Raises OSError."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and torch do
+        s.bind(sockaddr)
+        return s.getsockname()[1]
+
+
 def free_port(host: str) -> int:
-    """A TCP port free on this host right now (a job's rank 0 may host its store there)."""
+    """A TCP port free on `host` right now (a job's rank 0 may host its store there); 0 when
+    none can be bound there."""
     try:
-        with socket.socket() as s:
-            s.bind((host.strip("[]") if host not in ("", "0.0.0.0") else "", 0))
-            return s.getsockname()[1]
+        return _bind_probe(host, 0)
     except OSError:
         return 0
 
@@ -103,7 +114,7 @@ class Agent:
 
     def _usage(self):
         usage = self.fingerprint.usage()
-        usage.free_port = free_port(self.address.rpartition(":")[0])
+        usage.free_port = free_port(split_host_port(self.address)[0])
         return usage
 
     def _registration(self) -> coordinator_pb2.RegisterNodeRequest:
@@ -121,9 +132,9 @@ class Agent:
         """This node's certificate (issued from the CA when it has none), or None: no TLS."""
         if not self.config.tls_dir:
             return None
-        hosts = [self.address.rpartition(":")[0].strip("[]")]
-        listen_host = self.config.listen.rpartition(":")[0].strip("[]")
-        if listen_host not in ("", "0.0.0.0", "::"):
+        hosts = [split_host_port(self.address)[0]]
+        listen_host = split_host_port(self.config.listen)[0]
+        if listen_host not in ("0.0.0.0", "::"):
             hosts.append(listen_host)
         return node_tls(self.config.tls_dir, self.node_id, hosts)
 
@@ -152,8 +163,7 @@ class Agent:
             port = 0
         if port == 0:
             raise OSError(f"cannot listen on {listen}; choose another address with --listen (LEPTON_LISTEN)")
-        host = self.address.rpartition(":")[0]
-        self.address = f"{host}:{port}"
+        self.address = join_host_port(split_host_port(self.address)[0], port)
         self._check_topology()
         role = "voter" if self.is_voter else "worker"
         set_node_context(self.name, role)
@@ -270,9 +280,9 @@ class Agent:
             self.coordinator_metrics = metrics
         if not self.config.metrics_listen:
             return
-        host, _, port = self.config.metrics_listen.rpartition(":")
+        host, port = split_host_port(self.config.metrics_listen)
         try:
-            self.metrics_server = start_metrics_server(host.strip("[]"), int(port), self.metrics_registry,
+            self.metrics_server = start_metrics_server(host, port, self.metrics_registry,
                                                        **self._metrics_tls())
         except OSError as err:
             logger.warning("metrics: cannot serve on %s (%s); running without /metrics "
@@ -396,15 +406,11 @@ async def run_agent(config: AgentConfig) -> None:
 
 def check_bindable(address: str, flag: str) -> None:
     """Raise OSError naming `address`, the reason and `flag` when it cannot be bound now."""
-    host, _, port = address.rpartition(":")
-    if int(port) == 0:
+    host, port = split_host_port(address, flag)
+    if port == 0:
         return
     try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
-            s.bind(sockaddr)
+        _bind_probe(host, port)
     except OSError as err:
         raise OSError(f"cannot listen on {address}: {err.strerror or err}; "
                       f"choose another address with {flag}") from None

@@ -20,6 +20,7 @@ from lepton.agent.node_directory import NodeDirectory
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.common.served_certs import coordinators_only
+from lepton.common.validation import split_host_port
 from lepton.dataplane.shard_crypto import ShardCipher
 from lepton.dataplane.shard_service import ShardService, add_to_server
 from lepton.dataplane.shards import ShardStore
@@ -70,8 +71,7 @@ class DataNode:
         # Raises FailedPrecondition when the store was sealed with another key, or without one now.
         self.store = ShardStore(Path(data_dir) / "shards", quota_bytes=quota_from_env(), cipher=cipher,
                                 reserve_bytes=reserve_bytes)
-        host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
-        self.side = SideChannel(self.store, host, on_bytes=on_bytes, tls=tls)
+        self.side = SideChannel(self.store, split_host_port(listen)[0], on_bytes=on_bytes, tls=tls)
         self.puller = Puller(self.store, on_bytes=on_bytes, tls=tls)
         self._datasets = link.datasets  # the agent's one link to the leader, shared
         self._nodes = NodeDirectory(link.coordinator)  # PullShards sources: node ids, looked up

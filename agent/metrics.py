@@ -28,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from lepton.common.validation import join_host_port
+
 logger = logging.getLogger(__name__)
 
 # A scrape must not hang on a busy loop; a stale-free partial answer beats none.
@@ -326,8 +328,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{join_host_port(self.host, self.port)}/metrics"
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -356,5 +357,5 @@ def start_metrics_server(host: str, port: int,
         kwargs.update(certfile=certfile, keyfile=keyfile, client_cafile=client_cafile,
                       client_auth_required=bool(client_cafile))
     httpd, thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry(), **kwargs)
-    logger.info("serving metrics on %s:%d/metrics", host, port)
+    logger.info("serving metrics on %s/metrics", join_host_port(host, port))
     return MetricsServer(host, port, httpd, thread, tls=bool(certfile))

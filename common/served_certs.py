@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lepton.common import tls as _tls
-from lepton.common.errors import PermissionDenied
+from lepton.common.errors import InvalidArgument, PermissionDenied
+from lepton.common.validation import split_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +59,18 @@ class ServedCertificates:
             return seen
 
     async def _dial(self, address: str) -> str:
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
         if self._ssl is None:
             self._ssl = self._tls.client_ssl_context()
             self._ssl.set_alpn_protocols(["h2"])  # what a gRPC server expects
         writer = None
         try:
+            host, port = split_host_port(address)
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, int(port), ssl=self._ssl, server_hostname=host),
+                asyncio.open_connection(host, port, ssl=self._ssl, server_hostname=host),
                 DIAL_TIMEOUT_S,
             )
             ident = _tls.identity_from_ssl(writer.get_extra_info("ssl_object"))
-        except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as err:
+        except (OSError, ValueError, InvalidArgument, asyncio.TimeoutError, ssl.SSLError) as err:
             logger.warning("cannot check the certificate served at %s: %s", address, err)
             return ""
         finally:

@@ -49,6 +49,29 @@ def check_text(value: str, field: str, limit: int = MAX_TEXT, *, required: bool 
     return value
 
 
+def split_host_port(address: str, field: str = "address") -> tuple[str, int]:
+    """HOST:PORT as (host, port), an IPv6 host without its brackets: "[::1]:80" is ("::1", 80).
+
+    The one parser of addresses. Raises InvalidArgument naming `field` unless `address` is
+    a non-empty host (an IPv6 one in brackets: "::1:80" is ambiguous), ':' and a port 0-65535.
+    """
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not sep or not host or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535
+            or any(c.isspace() or c in "[]" for c in host) or (":" in host and not bracketed)):
+        raise InvalidArgument(f"{field} {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of split_host_port: "host:port", an IPv6 host in brackets ("[::1]:80")."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
 def check_address(value: str, field: str, *, bind: bool = False) -> str:
     """HOST:PORT, an IPv6 host in brackets ([::1]:PORT); returned unchanged.
 
@@ -56,12 +79,9 @@ def check_address(value: str, field: str, *, bind: bool = False) -> str:
     someone dials needs a real port.
     """
     check_text(value, field, MAX_ADDRESS, required=True)
-    host, sep, port = value.rpartition(":")
-    lowest = 0 if bind else 1
-    if (not sep or not host or not (port.isascii() and port.isdigit()) or not lowest <= int(port) <= 65535
-            or any(c.isspace() for c in host)
-            or (":" in host and not (host.startswith("[") and host.endswith("]")))):
-        raise InvalidArgument(f"{field} {value!r} is not HOST:PORT")
+    _, port = split_host_port(value, field)
+    if port == 0 and not bind:
+        raise InvalidArgument(f"{field} {value!r} is not HOST:PORT with a port 1-65535 (0 only for a listen address)")
     return value
 
 

@@ -56,6 +56,7 @@ from lepton.common.errors import (
     from_rpc_error,
 )
 from lepton.common.tls import PeerIdentity, identity_from_ssl
+from lepton.common.validation import join_host_port, split_host_port
 from lepton.dataplane.shards import CHUNK, ShardCorrupt, ShardStore, ShardWriter, checkpoint_offsets
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
@@ -494,7 +495,7 @@ class Puller:
     def _fetch_socket(self, source: str, ticket, writer: ShardWriter, progress) -> None:
         if ticket.size != writer.size:
             raise ShardCorrupt(f"{source} has {ticket.size} bytes, not {writer.size}")
-        host = source.rpartition(":")[0].strip("[]")
+        host = split_host_port(source, "source")[0]
         buf = bytearray(CHUNK)
         with self._connect(host, ticket.port) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -523,7 +524,7 @@ class Puller:
         peer = identity_from_ssl(tls_sock)
         if peer is None or peer.kind != "node":
             tls_sock.close()
-            raise ConnectionError(f"side channel at {host}:{port} is not a cluster node")
+            raise ConnectionError(f"side channel at {join_host_port(host, port)} is not a cluster node")
         return tls_sock
 
     def _fetch_grpc(self, source: str, writer: ShardWriter, progress) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from lepton.common.errors import FailedPrecondition
 from lepton.common.states import NodeState, TaskState
+from lepton.common.validation import split_host_port
 from lepton.coordinator.scheduler import (
     Allocation,
     ClusterSnapshot,
@@ -247,7 +248,8 @@ class SchedulingLoop:
                 while port in used:  # two jobs on one node in one plan
                     port += 1
                 used.add(port)
-                rendezvous[spec.job_id] = (node.address.rpartition(":")[0], port)
+                # The bare host: torch reads MASTER_ADDR as one, so an IPv6 one without brackets.
+                rendezvous[spec.job_id] = (split_host_port(node.address)[0], port)
         for pl in placements:
             job_id = tasks[pl.task_id].spec.job_id
             if job_id in rendezvous:

@@ -43,11 +43,12 @@ class World:
             raise result
         return result
 
-    def node(self, node_id: str, cpus: int = 4, gpus: int = 0) -> None:
+    def node(self, node_id: str, cpus: int = 4, gpus: int = 0, address: str = "") -> None:
         cap = common_pb2.Capacity(cpu_logical=cpus, memory_bytes=8 << 30, gpus=[
             common_pb2.Gpu(index=i, memory_total_bytes=80 << 30) for i in range(gpus)])
+        address = address or f"10.0.0.{len(self.sm.nodes) + 1}:7000"
         self.apply(state_pb2.Command(at_ms=1000, register_node=state_pb2.RegisterNodeCmd(
-            node_id=node_id, name=node_id, address=f"10.0.0.{len(self.sm.nodes) + 1}:7000", capacity=cap)))
+            node_id=node_id, name=node_id, address=address, capacity=cap)))
 
     def submit(self, task_id: str, *, cpu: float = 1.0, gpus: int = 0, priority: int = 0) -> None:
         spec = tasks_pb2.TaskSpec(argv=["true"], priority=priority,
@@ -140,14 +141,18 @@ async def test_one_cycle_looks_at_the_most_urgent_tasks_only():
     assert world.loop.reasons["high"] != world.loop.reasons["low"]
 
 
-async def test_gang_members_learn_where_rank_0_hosts_the_store(world):
-    world.node("n1")
-    world.node("n2")
+@pytest.mark.parametrize("addresses, hosts", [
+    (("10.0.0.1:7000", "10.0.0.2:7000"), {"n1": "10.0.0.1", "n2": "10.0.0.2"}),
+    # MASTER_ADDR is a bare host to torch: an IPv6 node's brackets belong to HOST:PORT only.
+    (("[fd00::1]:7000", "[fd00::2]:7000"), {"n1": "fd00::1", "n2": "fd00::2"}),
+])
+async def test_gang_members_learn_where_rank_0_hosts_the_store(world, addresses, hosts):
+    world.node("n1", address=addresses[0])
+    world.node("n2", address=addresses[1])
     world.free_ports["n1"] = world.free_ports["n2"] = 41000
     spec = tasks_pb2.TaskSpec(argv=["true"], resources=tasks_pb2.Resources(cpu=4))
     world.apply(state_pb2.Command(at_ms=1000, submit_job=state_pb2.SubmitJobCmd(job_id="j1", spec=spec, nodes=2)))
     assert await world.loop.run_cycle() == "placed 2 of 2 tasks, preempted 0, 0 unschedulable"
     placements = world.committed[0].apply_plan.placements
     rank0 = next(p for p in placements if world.sm.tasks.tasks[p.task_id].spec.gang_rank == 0)
-    host = world.sm.nodes[rank0.node_id].address.rpartition(":")[0]
-    assert {(p.master_addr, p.master_port) for p in placements} == {(host, 41000)}
+    assert {(p.master_addr, p.master_port) for p in placements} == {(hosts[rank0.node_id], 41000)}

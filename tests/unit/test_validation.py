@@ -7,7 +7,13 @@ import pytest
 
 from lepton.common.config import AgentConfig
 from lepton.common.errors import InvalidArgument
-from lepton.common.validation import check_address, check_text, require_id
+from lepton.common.validation import (
+    check_address,
+    check_text,
+    join_host_port,
+    require_id,
+    split_host_port,
+)
 
 # -- check_address ---------------------------------------------------------------------------
 
@@ -55,6 +61,37 @@ def test_client_server_list_uses_the_same_rule() -> None:
     assert parse_servers("[::1]:7070, a:1") == ["[::1]:7070", "a:1"]
     with pytest.raises(InvalidArgument, match="server address 'host:0' is not HOST:PORT"):
         parse_servers("host:0")
+
+
+# -- split_host_port / join_host_port ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, host, port",
+    [
+        ("127.0.0.1:7070", "127.0.0.1", 7070),
+        ("node-1.example:0", "node-1.example", 0),
+        ("[::1]:7070", "::1", 7070),  # brackets are syntax, not part of the host
+        ("[::]:65535", "::", 65535),
+        ("[fe80::1%eth0]:80", "fe80::1%eth0", 80),
+    ],
+)
+def test_split_host_port_unbrackets_ipv6_and_join_puts_them_back(address: str, host: str, port: int) -> None:
+    assert split_host_port(address) == (host, port)
+    assert join_host_port(host, port) == address
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "host", "host:", ":7070", "[]:1", "::1:7070", "[::1:7070", "::1]:7070", "[a]b]:1",
+            "host:http", "host:70000", "host:000070000", "host:-1", "host:²", "a b:1", "1" * 5000 + ":" + "1" * 5000]
+)
+def test_split_host_port_refuses_what_is_not_host_port(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match="^--peers .* is not HOST:PORT$"):
+        split_host_port(bad, "--peers")
+
+
+def test_join_host_port_leaves_a_bracketed_host_alone() -> None:
+    assert join_host_port("[::1]", 80) == "[::1]:80"
 
 
 # -- require_id ------------------------------------------------------------------------------
