@@ -52,6 +52,7 @@ class VoterChanges:
     if TYPE_CHECKING:
 
         def _require_running(self) -> RaftCore: ...
+        def raft_members(self) -> set[str]: ...
         async def _wait(self, fut: asyncio.Future, timeout: float, what: str) -> object: ...
 
     async def add_voter(self, address: str, *, timeout: float) -> None:
@@ -88,6 +89,26 @@ class VoterChanges:
         """(term, last log index, is a voter): what the `Raft.Probe` RPC answers."""
         core = self._require_running()
         return core.term, core.last_index(), core.is_voter
+
+    async def vouch_for(self, address: str) -> bool:
+        """Whether a member we know counts `address` among its members: the Raft peer
+        check asks when a proven sender is missing from our configuration (we may have
+        missed the change that added it). Any member's yes counts: members are trusted."""
+        from lepton.v1 import raft_pb2, raft_pb2_grpc
+
+        for member in sorted(self.raft_members() - {self.node_id, address}):
+            channel = make_channel(member, tls=self._tls)
+            try:
+                resp = await raft_pb2_grpc.RaftStub(channel).Probe(
+                    raft_pb2.RaftProbeRequest(to_id=member), timeout=PROBE_TIMEOUT_S,
+                    metadata=peer_metadata(self.node_id, self.peer_key))
+            except grpc.aio.AioRpcError:
+                continue  # down, or it does not know us either: ask the next
+            finally:
+                await channel.close()
+            if address in resp.members:
+                return True
+        return False
 
     # -- internals -------------------------------------------------------------------
     def _leader_core(self) -> RaftCore:

@@ -23,19 +23,20 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from lepton.common import tls as _tls
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import PermissionDenied
-from lepton.common.served_certs import ServedCertificates
+from lepton.common.served_certs import RECHECK_S, ServedCertificates
 
 logger = logging.getLogger(__name__)
 
 FROM_HEADER = "lepton-raft-from"
 MAC_HEADER = "lepton-raft-mac"
 LOG_EVERY_S = 10.0
+VOUCH_TTL_S = 30.0  # a sender our members vouched for counts this long (we catch up meanwhile)
 _KEY_INFO = b"lepton raft peer key v1"
 
 
@@ -59,9 +60,13 @@ class PeerCheck:
     """The receiving side. `members()`: the addresses that may speak Raft to us now."""
 
     def __init__(self, members: Callable[[], Collection[str]], *, tls: TlsConfig | None,
-                 key: bytes | None):
+                 key: bytes | None, vouch: Callable[[str], Awaitable[bool]] | None = None):
         self._members = members
         self._key = key
+        # Asks the members we know whether a sender we do not know is one of theirs (we
+        # may have missed a configuration change); answers kept VOUCH_TTL_S.
+        self._vouch = vouch
+        self._vouched: dict[str, tuple[bool, float]] = {}  # address -> (yes, asked at)
         self._served = ServedCertificates(tls) if tls is not None else None
         self.refused = 0  # calls refused, for lepton_raft_peer_refused_total
         self._logged_at = -LOG_EVERY_S
@@ -79,7 +84,9 @@ class PeerCheck:
             return ""
         if not address:
             raise self.deny(f"{method}: Raft calls must name their sender ({FROM_HEADER})")
-        self.still_member(address, method)
+        member = self._is_member(address)
+        if not member and self._vouch is None:
+            raise self._not_member(address, method)
         if self._key is not None and not hmac.compare_digest(meta.get(MAC_HEADER, ""), _mac(self._key, address)):
             raise self.deny(f"{method}: the call does not prove the Raft peer secret")
         if self._served is not None:
@@ -90,13 +97,39 @@ class PeerCheck:
             if holder != ident.name:
                 raise self.deny(f"{method}: certificate {ident.name} is not the one serving {address}"
                                 + (f" ({holder})" if holder else ""))
+        # Proven to be `address`; if we do not know it, ask the members we know (only now,
+        # so a caller that proves nothing cannot make us ask anyone).
+        if not member and not await self._vouched_for(address):
+            raise self._not_member(address, method)
         return address
 
     def still_member(self, address: str, method: str) -> None:
         """Raises PermissionDenied once `address` is not a member (checked per batch on a
         long-lived stream, so a removed voter's open stream stops counting)."""
-        if self.enabled and address not in self._members():
-            raise self.deny(f"{method}: {address} is not a member of this server's Raft configuration")
+        if self.enabled and not self._is_member(address):
+            raise self._not_member(address, method)
+
+    def _is_member(self, address: str) -> bool:
+        if address in self._members():
+            return True
+        yes, at = self._vouched.get(address, (False, 0.0))
+        return yes and time.monotonic() - at < VOUCH_TTL_S
+
+    def _not_member(self, address: str, method: str) -> PermissionDenied:
+        return self.deny(f"{method}: {address} is not a member of this server's Raft configuration")
+
+    async def _vouched_for(self, address: str) -> bool:
+        """Whether a member we know counts `address` as one of its members; a "no" is
+        asked again only after RECHECK_S."""
+        yes, at = self._vouched.get(address, (False, float("-inf")))
+        age = time.monotonic() - at
+        if self._vouch is None or (yes and age < VOUCH_TTL_S) or (not yes and age < RECHECK_S):
+            return yes and age < VOUCH_TTL_S
+        yes = await self._vouch(address)
+        self._vouched[address] = (yes, time.monotonic())
+        if yes:
+            logger.info("raft: %s is a member by our members' configuration, not yet by ours", address)
+        return yes
 
     def deny(self, message: str) -> PermissionDenied:
         """Count a refusal and log it (at most every LOG_EVERY_S: callers cannot flood the

@@ -208,3 +208,42 @@ def test_refusals_are_exported_as_a_metric():
     )
     metrics = {m.name: m for m in ClusterCollector(consensus=consensus)._sample_raft()}
     assert [s.value for s in metrics["lepton_raft_peer_refused"].samples if s.name.endswith("_total")] == [3]
+
+
+async def test_a_sender_we_do_not_know_counts_when_our_members_vouch_for_it():
+    """A member that missed a configuration change asks the members it knows, but only about
+    a sender that proved itself, and not again for every call."""
+    key = peer_key(b"k" * 32)
+    known, newcomer, stranger = "127.0.0.1:7201", "127.0.0.1:7202", "127.0.0.1:7203"
+    asked: list[str] = []
+
+    class Behind(Node):
+        async def vouch_for(self, address):
+            asked.append(address)
+            return address == newcomer
+
+    node = Behind("", {known})
+    server, address = await _serve(None, node, peer_key=key)
+    node.members.add(address)
+    channel = make_channel(address)
+    stub = raft_pb2_grpc.RaftStub(channel)
+    try:
+        assert await _code(stub.Send(_batch(newcomer, address), metadata=peer_metadata(newcomer, key))) \
+            == grpc.StatusCode.OK
+        assert await _code(stub.Send(_batch(newcomer, address), metadata=peer_metadata(newcomer, key))) \
+            == grpc.StatusCode.OK
+        assert asked == [newcomer]  # the answer is kept
+        wrong = peer_key(b"w" * 32)
+        assert await _code(stub.Send(_batch(stranger, address), metadata=peer_metadata(stranger, wrong))) \
+            == grpc.StatusCode.PERMISSION_DENIED
+        assert asked == [newcomer]  # an unproven sender makes us ask nobody
+        for _ in range(3):
+            assert await _code(stub.Send(_batch(stranger, address), metadata=peer_metadata(stranger, key))) \
+                == grpc.StatusCode.PERMISSION_DENIED
+        assert asked == [newcomer, stranger]  # a "no" is not asked again at once
+        assert [m.frm for m in node.received] == [newcomer, newcomer]
+        probe = await stub.Probe(raft_pb2.RaftProbeRequest(to_id=address), metadata=peer_metadata(known, key))
+        assert set(probe.members) == {known, address}  # what a member behind would ask
+    finally:
+        await channel.close()
+        await server.stop(0)
