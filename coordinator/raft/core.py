@@ -8,8 +8,8 @@ queues them (which is what batches many proposals into one fsync).
 Implements leader election with randomised timeouts, PreVote, CheckQuorum with a leader
 lease, log replication with batched and pipelined AppendEntries, fast backtracking with
 conflict-term hints, commit counting for own-term entries only (plus a no-op on election),
-ReadIndex, snapshots (local compaction and InstallSnapshot), leadership transfer and
-single-server changes of the voter set (`membership.py`).
+ReadIndex, snapshots (local compaction; InstallSnapshot in chunks, `snapshot_transfer.py`),
+leadership transfer and single-server changes of the voter set (`membership.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lepton.coordinator.raft.messages import (
     Message,
     Ready,
     Role,
+    SnapshotAck,
     SnapshotRequest,
     SoftState,
     TimeoutNow,
@@ -39,6 +40,7 @@ from lepton.coordinator.raft.messages import (
     VoteResponse,
 )
 from lepton.coordinator.raft.progress import PeerState, ProgressTracker
+from lepton.coordinator.raft.snapshot_transfer import SnapshotAssembly, SnapshotSender
 from lepton.coordinator.storage.log_store import Entry, LogStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class RaftCore(LeaderMixin, MembershipMixin):
         self._stable_last = last  # highest index known durable here (the leader's own vote)
         self._unstable_from = last + 1  # entries from here on are not yet handed to persist
         self._tracker = ProgressTracker()  # leader: each peer's replication progress
+        self._snap_sender = SnapshotSender(self._cfg.snapshot_chunk_bytes)  # leader: snapshots in chunks
+        self._snap_assembly = SnapshotAssembly()  # follower: the chunks of one it is being sent
         self._conf = Configuration(node_id, peers, snap)  # who votes
         self._conf.set(*self._conf.initial())
         self._scan_config(self._log)
@@ -371,6 +375,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
             if self._conf.change is not None:
                 self._fail_change("leadership was lost")
             self._tracker.clear()
+            self._snap_sender.clear()
             self._transferee = ""
             self._bcast = self._hb_now = False
             self._dirty.clear()
@@ -534,16 +539,37 @@ class RaftCore(LeaderMixin, MembershipMixin):
             return
         if self.term_at(s.index) == s.term:
             self.commit = s.index  # our log already holds it: just fast-forward
-        else:
-            logger.info("%s: installing snapshot at %d (term %d)", self.id, s.index, s.term)
-            self._log = []
-            self._snap_index, self._snap_term, self._snapshot = s.index, s.term, s
-            self._config_installed(s)
-            self._snap_pending, self._snap_install = s, True
-            self.commit = self._applied = s.index
-            self._unstable_from = s.index + 1
-            self._stable_last = min(self._stable_last, s.index)
-        self._send(AppendResponse(self.id, m.frm, self.term, True, s.index))
+            self._snap_assembly.reset()
+            self._send(AppendResponse(self.id, m.frm, self.term, True, s.index))
+            return
+        got = self._snap_assembly.add(m)
+        if isinstance(got, int):  # more to come: ask for the bytes from `got` on
+            self._send(SnapshotAck(self.id, m.frm, self.term, s.index, got))
+            return
+        logger.info("%s: installing snapshot at %d (term %d, %d bytes)", self.id, got.index, got.term, len(got.data))
+        self._log = []
+        self._snap_index, self._snap_term, self._snapshot = got.index, got.term, got
+        self._config_installed(got)
+        self._snap_pending, self._snap_install = got, True
+        self.commit = self._applied = got.index
+        self._unstable_from = got.index + 1
+        self._stable_last = min(self._stable_last, got.index)
+        self._send(AppendResponse(self.id, m.frm, self.term, True, got.index))
+
+    def _on_snapshot_ack(self, m: SnapshotAck) -> None:
+        """Leader: send the chunk the follower asks for, if it is still being sent that one."""
+        if self.role is not _LEADER:
+            return
+        pr = self._tracker.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if pr.state is not PeerState.SNAPSHOT or pr.snapshot_index != m.index:
+            return  # stale: the transfer ended or another began
+        chunk = self._snap_sender.next_chunk(self.id, m.frm, self.term, m.index, m.offset)
+        if chunk is not None:
+            pr.last_ack = self._now  # progress: the stall timeout counts from here
+            self._send(chunk)
 
     _handlers = {
         VoteRequest: _on_vote_request,
@@ -553,6 +579,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         Heartbeat: _on_heartbeat,
         HeartbeatResponse: LeaderMixin._on_heartbeat_response,
         SnapshotRequest: _on_snapshot,
+        SnapshotAck: _on_snapshot_ack,
         TimeoutNow: _on_timeout_now,
     }
 

@@ -23,7 +23,6 @@ from lepton.coordinator.raft.messages import (
     HeartbeatResponse,
     Message,
     Role,
-    SnapshotRequest,
     TimeoutNow,
 )
 from lepton.coordinator.raft.progress import PeerState, Progress, ProgressTracker
@@ -31,6 +30,7 @@ from lepton.coordinator.storage.log_store import Entry, Snapshot
 
 if TYPE_CHECKING:
     from lepton.coordinator.raft.membership import Configuration
+    from lepton.coordinator.raft.snapshot_transfer import SnapshotSender
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class LeaderMixin:
     _bcast: bool
     _snap_index: int
     _snapshot: Snapshot | None
+    _snap_sender: SnapshotSender
     _stable_last: int
     _read_seq: int
     _pending_reads: deque[list]
@@ -205,7 +206,7 @@ class LeaderMixin:
         pr.state = PeerState.SNAPSHOT
         pr.snapshot_index = snap.index
         pr.last_ack = self._now
-        self._send(SnapshotRequest(self.id, p, self.term, snap))
+        self._send(self._snap_sender.start(self.id, p, self.term, snap))  # chunk by chunk
 
     def _broadcast_heartbeat(self) -> None:
         tracker = self._tracker

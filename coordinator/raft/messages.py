@@ -46,6 +46,7 @@ class Config:
     max_msg_bytes: int = 1 << 20  # payload bytes per AppendEntries (at least one entry)
     max_inflight: int = 64  # AppendEntries in flight per follower while replicating
     max_apply_bytes: int = 16 << 20  # committed payload handed out per Ready
+    snapshot_chunk_bytes: int = 1 << 20  # InstallSnapshot data per message (snapshot_transfer.py)
     noop_data: bytes = b""  # payload of the entry a new leader appends (an empty Command)
     # A learner is added as a voter once its match index is this close to the leader's
     # last index; dropped (the change fails) when it makes no progress for learner_timeout
@@ -56,8 +57,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
-        if self.max_inflight < 1 or self.max_msg_bytes < 1:
-            raise ValueError("max_inflight and max_msg_bytes must be >= 1")
+        if self.max_inflight < 1 or self.max_msg_bytes < 1 or self.snapshot_chunk_bytes < 1:
+            raise ValueError("max_inflight, max_msg_bytes and snapshot_chunk_bytes must be >= 1")
         if self.learner_slack < 0 or self.learner_timeout < 0:
             raise ValueError("learner_slack and learner_timeout must be >= 0")
 
@@ -134,10 +135,27 @@ class HeartbeatResponse:
 
 @dataclass(slots=True)
 class SnapshotRequest:
+    """One chunk of InstallSnapshot (`snapshot_transfer.py`): `snapshot` carries the
+    snapshot's index, term and configuration, and as `data` only the bytes at `offset`;
+    `done`: the last chunk, which installs the whole."""
+
     frm: str
     to: str
     term: int
     snapshot: Snapshot
+    offset: int = 0
+    done: bool = True
+
+
+@dataclass(slots=True)
+class SnapshotAck:
+    """A follower got a chunk of the snapshot at `index` and wants the bytes from `offset`."""
+
+    frm: str
+    to: str
+    term: int
+    index: int
+    offset: int
 
 
 @dataclass(slots=True)
@@ -157,6 +175,7 @@ Message = (
     | Heartbeat
     | HeartbeatResponse
     | SnapshotRequest
+    | SnapshotAck
     | TimeoutNow
 )
 

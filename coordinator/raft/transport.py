@@ -27,6 +27,7 @@ from lepton.coordinator.raft.messages import (
     Heartbeat,
     HeartbeatResponse,
     Message,
+    SnapshotAck,
     SnapshotRequest,
     TimeoutNow,
     VoteRequest,
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 _PB = raft_pb2
 _KINDS = frozenset(
     {AppendRequest, AppendResponse, Heartbeat, HeartbeatResponse, VoteRequest, VoteResponse,
-     SnapshotRequest, TimeoutNow}
+     SnapshotRequest, SnapshotAck, TimeoutNow}
 )
 
 
@@ -75,6 +76,9 @@ def to_proto(m: Message) -> raft_pb2.RaftMessage:
         s = m.snapshot
         pb.snapshot.index, pb.snapshot.term, pb.snapshot.data = s.index, s.term, s.data
         pb.snapshot.config = s.config
+        pb.snapshot.offset, pb.snapshot.more = m.offset, not m.done
+    elif kind is SnapshotAck:
+        pb.snapshot_ack.index, pb.snapshot_ack.offset = m.index, m.offset
     else:
         pb.timeout_now.SetInParent()
     return pb
@@ -102,7 +106,9 @@ def from_proto(pb: raft_pb2.RaftMessage) -> Message | None:
         return VoteResponse(frm, to, term, pb.vote_response.granted, pb.vote_response.pre_vote)
     if body == "snapshot":
         s = pb.snapshot
-        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data, s.config))
+        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data, s.config), s.offset, not s.more)
+    if body == "snapshot_ack":
+        return SnapshotAck(frm, to, term, pb.snapshot_ack.index, pb.snapshot_ack.offset)
     if body == "timeout_now":
         return TimeoutNow(frm, to, term)
     return None

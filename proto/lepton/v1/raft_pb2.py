@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lepton.v1 import state_pb2 as lepton_dot_v1_dot_state__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lepton/v1/raft.proto\x12\tlepton.v1\x1a\x15lepton/v1/state.proto\"\\\n\x0fRaftVoteRequest\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"5\n\x10RaftVoteResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"p\n\x11RaftAppendRequest\x12\x12\n\nprev_index\x18\x01 \x01(\x04\x12\x11\n\tprev_term\x18\x02 \x01(\x04\x12$\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x13.lepton.v1.LogEntry\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x04\"[\n\x12RaftAppendResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\",\n\rRaftHeartbeat\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x04\x12\x0b\n\x03\x63tx\x18\x02 \x01(\x04\"$\n\x15RaftHeartbeatResponse\x12\x0b\n\x03\x63tx\x18\x01 \x01(\x04\"P\n\x13RaftSnapshotRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\"\x10\n\x0eRaftTimeoutNow\"\xe4\x03\n\x0bRaftMessage\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12*\n\x04vote\x18\n \x01(\x0b\x32\x1a.lepton.v1.RaftVoteRequestH\x00\x12\x34\n\rvote_response\x18\x0b \x01(\x0b\x32\x1b.lepton.v1.RaftVoteResponseH\x00\x12.\n\x06\x61ppend\x18\x0c \x01(\x0b\x32\x1c.lepton.v1.RaftAppendRequestH\x00\x12\x38\n\x0f\x61ppend_response\x18\r \x01(\x0b\x32\x1d.lepton.v1.RaftAppendResponseH\x00\x12-\n\theartbeat\x18\x0e \x01(\x0b\x32\x18.lepton.v1.RaftHeartbeatH\x00\x12>\n\x12heartbeat_response\x18\x0f \x01(\x0b\x32 .lepton.v1.RaftHeartbeatResponseH\x00\x12\x32\n\x08snapshot\x18\x10 \x01(\x0b\x32\x1e.lepton.v1.RaftSnapshotRequestH\x00\x12\x30\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x19.lepton.v1.RaftTimeoutNowH\x00\x42\x06\n\x04\x62ody\"5\n\tRaftBatch\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lepton.v1.RaftMessage\"\x0e\n\x0cRaftBatchAck\"!\n\x10RaftProbeRequest\x12\r\n\x05to_id\x18\x01 \x01(\t\"f\n\x11RaftProbeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x12\n\nlast_index\x18\x03 \x01(\x04\x12\r\n\x05voter\x18\x04 \x01(\x08\x12\x0f\n\x07members\x18\x05 \x03(\t2\xbc\x01\n\x04Raft\x12\x35\n\x04Send\x12\x14.lepton.v1.RaftBatch\x1a\x17.lepton.v1.RaftBatchAck\x12\x39\n\x06Stream\x12\x14.lepton.v1.RaftBatch\x1a\x17.lepton.v1.RaftBatchAck(\x01\x12\x42\n\x05Probe\x12\x1b.lepton.v1.RaftProbeRequest\x1a\x1c.lepton.v1.RaftProbeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lepton/v1/raft.proto\x12\tlepton.v1\x1a\x15lepton/v1/state.proto\"\\\n\x0fRaftVoteRequest\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"5\n\x10RaftVoteResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"p\n\x11RaftAppendRequest\x12\x12\n\nprev_index\x18\x01 \x01(\x04\x12\x11\n\tprev_term\x18\x02 \x01(\x04\x12$\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x13.lepton.v1.LogEntry\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x04\"[\n\x12RaftAppendResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\",\n\rRaftHeartbeat\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x04\x12\x0b\n\x03\x63tx\x18\x02 \x01(\x04\"$\n\x15RaftHeartbeatResponse\x12\x0b\n\x03\x63tx\x18\x01 \x01(\x04\"n\n\x13RaftSnapshotRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04more\x18\x06 \x01(\x08\"0\n\x0fRaftSnapshotAck\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x10\n\x0eRaftTimeoutNow\"\x98\x04\n\x0bRaftMessage\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12*\n\x04vote\x18\n \x01(\x0b\x32\x1a.lepton.v1.RaftVoteRequestH\x00\x12\x34\n\rvote_response\x18\x0b \x01(\x0b\x32\x1b.lepton.v1.RaftVoteResponseH\x00\x12.\n\x06\x61ppend\x18\x0c \x01(\x0b\x32\x1c.lepton.v1.RaftAppendRequestH\x00\x12\x38\n\x0f\x61ppend_response\x18\r \x01(\x0b\x32\x1d.lepton.v1.RaftAppendResponseH\x00\x12-\n\theartbeat\x18\x0e \x01(\x0b\x32\x18.lepton.v1.RaftHeartbeatH\x00\x12>\n\x12heartbeat_response\x18\x0f \x01(\x0b\x32 .lepton.v1.RaftHeartbeatResponseH\x00\x12\x32\n\x08snapshot\x18\x10 \x01(\x0b\x32\x1e.lepton.v1.RaftSnapshotRequestH\x00\x12\x30\n\x0btimeout_now\x18\x11 \x01(\x0b\x32\x19.lepton.v1.RaftTimeoutNowH\x00\x12\x32\n\x0csnapshot_ack\x18\x12 \x01(\x0b\x32\x1a.lepton.v1.RaftSnapshotAckH\x00\x42\x06\n\x04\x62ody\"5\n\tRaftBatch\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lepton.v1.RaftMessage\"\x0e\n\x0cRaftBatchAck\"!\n\x10RaftProbeRequest\x12\r\n\x05to_id\x18\x01 \x01(\t\"U\n\x11RaftProbeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x12\n\nlast_index\x18\x03 \x01(\x04\x12\r\n\x05voter\x18\x04 \x01(\x08\x32\xbc\x01\n\x04Raft\x12\x35\n\x04Send\x12\x14.lepton.v1.RaftBatch\x1a\x17.lepton.v1.RaftBatchAck\x12\x39\n\x06Stream\x12\x14.lepton.v1.RaftBatch\x1a\x17.lepton.v1.RaftBatchAck(\x01\x12\x42\n\x05Probe\x12\x1b.lepton.v1.RaftProbeRequest\x1a\x1c.lepton.v1.RaftProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,19 +45,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAFTHEARTBEATRESPONSE']._serialized_start=460
   _globals['_RAFTHEARTBEATRESPONSE']._serialized_end=496
   _globals['_RAFTSNAPSHOTREQUEST']._serialized_start=498
-  _globals['_RAFTSNAPSHOTREQUEST']._serialized_end=578
-  _globals['_RAFTTIMEOUTNOW']._serialized_start=580
-  _globals['_RAFTTIMEOUTNOW']._serialized_end=596
-  _globals['_RAFTMESSAGE']._serialized_start=599
-  _globals['_RAFTMESSAGE']._serialized_end=1083
-  _globals['_RAFTBATCH']._serialized_start=1085
-  _globals['_RAFTBATCH']._serialized_end=1138
-  _globals['_RAFTBATCHACK']._serialized_start=1140
-  _globals['_RAFTBATCHACK']._serialized_end=1154
-  _globals['_RAFTPROBEREQUEST']._serialized_start=1156
-  _globals['_RAFTPROBEREQUEST']._serialized_end=1189
-  _globals['_RAFTPROBERESPONSE']._serialized_start=1191
-  _globals['_RAFTPROBERESPONSE']._serialized_end=1293
-  _globals['_RAFT']._serialized_start=1296
-  _globals['_RAFT']._serialized_end=1484
+  _globals['_RAFTSNAPSHOTREQUEST']._serialized_end=608
+  _globals['_RAFTSNAPSHOTACK']._serialized_start=610
+  _globals['_RAFTSNAPSHOTACK']._serialized_end=658
+  _globals['_RAFTTIMEOUTNOW']._serialized_start=660
+  _globals['_RAFTTIMEOUTNOW']._serialized_end=676
+  _globals['_RAFTMESSAGE']._serialized_start=679
+  _globals['_RAFTMESSAGE']._serialized_end=1215
+  _globals['_RAFTBATCH']._serialized_start=1217
+  _globals['_RAFTBATCH']._serialized_end=1270
+  _globals['_RAFTBATCHACK']._serialized_start=1272
+  _globals['_RAFTBATCHACK']._serialized_end=1286
+  _globals['_RAFTPROBEREQUEST']._serialized_start=1288
+  _globals['_RAFTPROBEREQUEST']._serialized_end=1321
+  _globals['_RAFTPROBERESPONSE']._serialized_start=1323
+  _globals['_RAFTPROBERESPONSE']._serialized_end=1408
+  _globals['_RAFT']._serialized_start=1411
+  _globals['_RAFT']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

@@ -66,23 +66,35 @@ class RaftHeartbeatResponse(_message.Message):
     def __init__(self, ctx: _Optional[int] = ...) -> None: ...
 
 class RaftSnapshotRequest(_message.Message):
-    __slots__ = ("index", "term", "data", "config")
+    __slots__ = ("index", "term", "data", "config", "offset", "more")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     data: bytes
     config: bytes
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ..., config: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    more: bool
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ..., config: _Optional[bytes] = ..., offset: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class RaftSnapshotAck(_message.Message):
+    __slots__ = ("index", "offset")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    offset: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class RaftTimeoutNow(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("from_id", "to_id", "term", "vote", "vote_response", "append", "append_response", "heartbeat", "heartbeat_response", "snapshot", "timeout_now")
+    __slots__ = ("from_id", "to_id", "term", "vote", "vote_response", "append", "append_response", "heartbeat", "heartbeat_response", "snapshot", "timeout_now", "snapshot_ack")
     FROM_ID_FIELD_NUMBER: _ClassVar[int]
     TO_ID_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +106,7 @@ class RaftMessage(_message.Message):
     HEARTBEAT_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_NOW_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ACK_FIELD_NUMBER: _ClassVar[int]
     from_id: str
     to_id: str
     term: int
@@ -105,7 +118,8 @@ class RaftMessage(_message.Message):
     heartbeat_response: RaftHeartbeatResponse
     snapshot: RaftSnapshotRequest
     timeout_now: RaftTimeoutNow
-    def __init__(self, from_id: _Optional[str] = ..., to_id: _Optional[str] = ..., term: _Optional[int] = ..., vote: _Optional[_Union[RaftVoteRequest, _Mapping]] = ..., vote_response: _Optional[_Union[RaftVoteResponse, _Mapping]] = ..., append: _Optional[_Union[RaftAppendRequest, _Mapping]] = ..., append_response: _Optional[_Union[RaftAppendResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., snapshot: _Optional[_Union[RaftSnapshotRequest, _Mapping]] = ..., timeout_now: _Optional[_Union[RaftTimeoutNow, _Mapping]] = ...) -> None: ...
+    snapshot_ack: RaftSnapshotAck
+    def __init__(self, from_id: _Optional[str] = ..., to_id: _Optional[str] = ..., term: _Optional[int] = ..., vote: _Optional[_Union[RaftVoteRequest, _Mapping]] = ..., vote_response: _Optional[_Union[RaftVoteResponse, _Mapping]] = ..., append: _Optional[_Union[RaftAppendRequest, _Mapping]] = ..., append_response: _Optional[_Union[RaftAppendResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., snapshot: _Optional[_Union[RaftSnapshotRequest, _Mapping]] = ..., timeout_now: _Optional[_Union[RaftTimeoutNow, _Mapping]] = ..., snapshot_ack: _Optional[_Union[RaftSnapshotAck, _Mapping]] = ...) -> None: ...
 
 class RaftBatch(_message.Message):
     __slots__ = ("messages",)
@@ -124,15 +138,13 @@ class RaftProbeRequest(_message.Message):
     def __init__(self, to_id: _Optional[str] = ...) -> None: ...
 
 class RaftProbeResponse(_message.Message):
-    __slots__ = ("node_id", "term", "last_index", "voter", "members")
+    __slots__ = ("node_id", "term", "last_index", "voter")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
-    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     term: int
     last_index: int
     voter: bool
-    members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., voter: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., voter: _Optional[bool] = ...) -> None: ...
