@@ -198,35 +198,28 @@ class Heartbeater:
     async def drain(self, timeout: float = 3.0) -> bool:
         """Ask the leader to place nothing more here (a graceful stop begins)."""
         req = coordinator_pb2.DrainNodeRequest(node_id=self.node_id, enable=True)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            try:
-                await self._link.coordinator.call("DrainNode", req, max(0.1, deadline - loop.time()))
-                return True
-            except NotFound:
-                return False
-            except LeptonError as err:
-                logger.info("drain: %s", err.message)
-                await asyncio.sleep(0.05)
-        return False
+        return await self._ask_until("DrainNode", req, timeout)
 
     async def leave(self, timeout: float = 3.0) -> bool:
         """Tell the coordinator we are leaving (SIGTERM). Tries each address once."""
         self.stop()
         self._drop_stream()
         # Even when not known to be registered: a registration may have been in flight.
-        req = coordinator_pb2.LeaveNodeRequest(node_id=self.node_id)
+        return await self._ask_until("LeaveNode", coordinator_pb2.LeaveNodeRequest(node_id=self.node_id), timeout)
+
+    async def _ask_until(self, method: str, req, timeout: float) -> bool:
+        """Call `method` until it succeeds (True) or `timeout` seconds pass (False); NotFound
+        (this node was never registered: nothing to drain or leave) is False at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             try:
-                await self._link.coordinator.call("LeaveNode", req, max(0.1, deadline - loop.time()))
+                await self._link.coordinator.call(method, req, max(0.1, deadline - loop.time()))
                 return True
             except NotFound:
-                return False  # never registered: nothing to leave
+                return False
             except LeptonError as err:
-                logger.info("leave: %s", err.message)
+                logger.info("%s: %s", method, err.message)
                 await asyncio.sleep(0.05)
         return False
 
