@@ -6,7 +6,8 @@ localhost, and a host's SAN fits every agent on that host. So we dial the addres
 (mutual TLS, the cluster CA) and read the certificate served there: only the process that
 listens at the address and holds that certificate's key presents it. Answers are cached
 per address; a caller whose name differs from the cached one makes us look again at most
-every `RECHECK_S`, so callers cannot make us dial in a loop.
+every `RECHECK_S`, so callers cannot make us dial in a loop; a match is looked at again
+after `CONFIRMED_S`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 RECHECK_S = 2.0
 DIAL_TIMEOUT_S = 3.0
+CONFIRMED_S = 300.0  # a match is trusted this long, then looked at again (addresses move)
 
 # Called with the method's name; raises PermissionDenied.
 CoordinatorCheck = Callable[[str], Awaitable[None]]
@@ -41,18 +43,21 @@ class ServedCertificates:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def known(self, address: str) -> str:
-        """The name last seen served at `address` ("" if none yet); no dialling."""
-        return self._seen.get(address, ("", 0.0))[0]
+        """The name seen served at `address` within CONFIRMED_S ("" if none); no dialling."""
+        name, at = self._seen.get(address, ("", float("-inf")))
+        return name if time.monotonic() - at < CONFIRMED_S else ""
 
     async def serves(self, address: str, name: str) -> str:
         """The node certificate name served at `address` ("" when unreachable or not a
-        node's), looked up again when it is not `name` and the last look is old enough."""
-        seen, _ = self._seen.get(address, ("", 0.0))
-        if seen == name:
+        node's), looked up again when it is not `name` and the last look is RECHECK_S old,
+        or when it is and the last look is CONFIRMED_S old."""
+        seen, at = self._seen.get(address, ("", float("-inf")))
+        if seen == name and time.monotonic() - at < CONFIRMED_S:
             return seen
         async with self._locks.setdefault(address, asyncio.Lock()):
-            seen, at = self._seen.get(address, ("", -RECHECK_S))
-            if seen == name or (address in self._seen and time.monotonic() - at < RECHECK_S):
+            seen, at = self._seen.get(address, ("", float("-inf")))
+            age = time.monotonic() - at
+            if (seen == name and age < CONFIRMED_S) or (seen != name and age < RECHECK_S):
                 return seen
             seen = await self._dial(address)
             self._seen[address] = (seen, time.monotonic())
