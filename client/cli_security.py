@@ -67,6 +67,25 @@ def _call(args: argparse.Namespace, method: str, request: Any, *, idempotent: bo
         return c._unary(SecurityStub, method, request, idempotent=idempotent)
 
 
+def join_snapshot_chunks(chunks: list[spb.SaveSnapshotResponse]) -> spb.SaveSnapshotResponse:
+    """SaveSnapshot's stream as one response; Internal unless the chunks are one whole
+    snapshot, in order (never a partial backup)."""
+    if not chunks:
+        raise Internal("SaveSnapshot sent nothing")
+    head = chunks[0]
+    data = bytearray()
+    for c in chunks:
+        if (c.index, c.term, c.cluster_id, c.total_bytes) != (head.index, head.term, head.cluster_id, head.total_bytes) \
+                or c.offset != len(data):
+            raise Internal(f"SaveSnapshot sent a chunk at offset {c.offset} of index {c.index}; expected "
+                           f"offset {len(data)} of index {head.index}")
+        data += c.data
+    if len(data) != head.total_bytes:
+        raise Internal(f"SaveSnapshot sent {len(data)} of {head.total_bytes} bytes")
+    return spb.SaveSnapshotResponse(data=bytes(data), index=head.index, term=head.term,
+                                    cluster_id=head.cluster_id, total_bytes=head.total_bytes)
+
+
 # -- commands -------------------------------------------------------------------------
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     resp = _call(args, "CreateToken", spb.CreateTokenRequest(name=args.name, role=args.role), idempotent=False)
@@ -131,7 +150,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_snapshot_save(args: argparse.Namespace) -> int:
     from lepton.common import backup
 
-    resp = _call(args, "SaveSnapshot", spb.SaveSnapshotRequest())
+    def fetch(conn: Any, attempt_timeout: float) -> list[spb.SaveSnapshotResponse]:
+        return list(conn.stub(SecurityStub).SaveSnapshot(spb.SaveSnapshotRequest(), timeout=attempt_timeout))
+
+    with _client(args) as c:  # a broken stream starts over, on the leader
+        resp = join_snapshot_chunks(c._call(fetch, what="SaveSnapshot", idempotent=True, timeout=None))
     path = backup.save(resp.data, resp.index, resp.term, resp.cluster_id, args.file, overwrite=args.overwrite)
     doc = {"file": str(path), "index": resp.index, "term": resp.term, "cluster_id": resp.cluster_id,
            "bytes": path.stat().st_size}

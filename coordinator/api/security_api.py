@@ -230,12 +230,16 @@ class SecurityService:
             await self._ctx.commit(state_pb2.Command(
                 set_cluster_id=state_pb2.SetClusterIdCmd(cluster_id=uuid.uuid4().hex)))
         await self._ctx.read()
-        # No await from here on: one consistent copy at the applied index.
+        # No await until the copy is taken: one consistent state at the applied index.
         index = state.applied_index
         data = state.snapshot()
-        return spb.SaveSnapshotResponse(
-            data=data, index=index, term=self._term_of(index), cluster_id=state.security.cluster_id
-        )
+        term, cluster_id = self._term_of(index), state.security.cluster_id
+        # In chunks: the state may exceed any single message (issue 14).
+        for offset in range(0, max(len(data), 1), v.STREAM_CHUNK_BYTES):
+            yield spb.SaveSnapshotResponse(
+                data=data[offset:offset + v.STREAM_CHUNK_BYTES], index=index, term=term,
+                cluster_id=cluster_id, offset=offset, total_bytes=len(data),
+            )
 
 
 def add_to_server(service: SecurityService, server: grpc.aio.Server) -> str:

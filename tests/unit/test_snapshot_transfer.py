@@ -3,6 +3,10 @@ catching up through a snapshot many chunks long, with chunks lost on the way."""
 
 from __future__ import annotations
 
+import pytest
+
+from lepton.client.cli_security import join_snapshot_chunks
+from lepton.common.errors import Internal
 from lepton.coordinator.raft.messages import AppendResponse, Config, SnapshotAck, SnapshotRequest
 from lepton.coordinator.raft.snapshot_transfer import (
     SnapshotAssembly,
@@ -11,6 +15,7 @@ from lepton.coordinator.raft.snapshot_transfer import (
 )
 from lepton.coordinator.raft.transport import from_proto, to_proto
 from lepton.coordinator.storage.log_store import Snapshot
+from lepton.v1 import security_pb2 as spb
 from tests.unit.test_raft_core import Net
 
 SNAP = Snapshot(40, 3, bytes(range(256)) * 4, b"cfg")  # 1024 bytes
@@ -131,3 +136,22 @@ def test_a_lagging_follower_installs_a_snapshot_of_many_chunks_despite_losses() 
     assert len(sent) <= 16 + 3
     replies = [m for rd in net.readies["n3"] for m in rd.messages if isinstance(m, AppendResponse)]
     assert any(r.success and r.index >= 11 for r in replies)
+
+
+def _save_chunks(data: bytes, size: int) -> list:
+    return [spb.SaveSnapshotResponse(data=data[o:o + size], index=9, term=2, cluster_id="c", offset=o,
+                                      total_bytes=len(data)) for o in range(0, max(len(data), 1), size)]
+
+
+def test_snapshot_save_joins_the_stream_and_refuses_a_partial_one() -> None:
+    data = bytes(range(256)) * 40
+    whole = join_snapshot_chunks(_save_chunks(data, 1000))
+    assert (whole.data, whole.index, whole.term, whole.cluster_id) == (data, 9, 2, "c")
+    assert join_snapshot_chunks(_save_chunks(b"", 1000)).data == b""
+    parts = _save_chunks(data, 1000)
+    with pytest.raises(Internal, match="sent 10000 of 10240 bytes"):
+        join_snapshot_chunks(parts[:-1])
+    with pytest.raises(Internal, match="offset 2000"):
+        join_snapshot_chunks(parts[:1] + parts[2:])
+    with pytest.raises(Internal, match="sent nothing"):
+        join_snapshot_chunks([])

@@ -97,16 +97,20 @@ class SaveSnapshotRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SaveSnapshotResponse(_message.Message):
-    __slots__ = ("data", "index", "term", "cluster_id")
+    __slots__ = ("data", "index", "term", "cluster_id", "offset", "total_bytes")
     DATA_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     index: int
     term: int
     cluster_id: str
-    def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+    offset: int
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ..., cluster_id: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class IntrospectRequest(_message.Message):
     __slots__ = ("token",)

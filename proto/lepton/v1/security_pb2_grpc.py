@@ -54,7 +54,7 @@ class SecurityStub:
                 request_serializer=lepton_dot_v1_dot_security__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_security__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
-        self.SaveSnapshot = channel.unary_unary(
+        self.SaveSnapshot = channel.unary_stream(
                 '/lepton.v1.Security/SaveSnapshot',
                 request_serializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotResponse.FromString,
@@ -130,7 +130,7 @@ def add_SecurityServicer_to_server(servicer, server):
                     request_deserializer=lepton_dot_v1_dot_security__pb2.ListAuditRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_security__pb2.ListAuditResponse.SerializeToString,
             ),
-            'SaveSnapshot': grpc.unary_unary_rpc_method_handler(
+            'SaveSnapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.SaveSnapshot,
                     request_deserializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_security__pb2.SaveSnapshotResponse.SerializeToString,
@@ -270,7 +270,7 @@ class Security:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/lepton.v1.Security/SaveSnapshot',
