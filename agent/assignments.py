@@ -86,6 +86,26 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
     )
 
 
+class AssignmentChunks:
+    """Joins an assignment set sent in chunks (`AssignmentSet.more`): acting on part of a
+    set would stop the tasks of the parts still to come."""
+
+    def __init__(self) -> None:
+        self._parts: list[tasks_pb2.Assignment] = []
+        self._term = 0
+
+    def add(self, aset: tasks_pb2.AssignmentSet) -> list[tasks_pb2.Assignment] | None:
+        """The whole set once `aset` completes it, else None."""
+        if aset.term != self._term:
+            self._parts = []  # a new leader's set: what came before is not part of it
+            self._term = aset.term
+        self._parts.extend(aset.assignments)
+        if aset.more:
+            return None
+        whole, self._parts = self._parts, []
+        return whole
+
+
 class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
@@ -131,13 +151,17 @@ class AssignmentLoop:
                 call, address = self._link.coordinator.open_stream(
                     "WatchAssignments", coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
                 self._call, self._call_address = call, address
+                whole = AssignmentChunks()  # per stream: a broken one drops its partial set
                 async for aset in call:
                     self._link.answered()
                     backoff = MIN_BACKOFF_S
+                    assignments = whole.add(aset)
+                    if assignments is None:
+                        continue  # a set sent in chunks: act only once it is whole
                     specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
                                       tls=self._tls, shard_key_file=self._shard_key_file,
                                       log_max_bytes=self._log_max_bytes)
-                             for a in aset.assignments]
+                             for a in assignments]
                     sentence = self._runner.reconcile(specs, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)
                 raise Unavailable("assignment stream ended")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 
 from lepton.common.errors import InvalidArgument
 from lepton.v1 import common_pb2
@@ -185,22 +186,28 @@ def check_spec_size(spec, limit: int = DEFAULT_MAX_SPEC_BYTES, what: str = "spec
     return size
 
 
-def spec_batches(specs: list, max_count: int, max_bytes: int = MAX_BATCH_SPEC_BYTES) -> list[list]:
-    """`specs` cut into runs of at most `max_count` specs and `max_bytes` serialized bytes
-    (a spec larger than that alone in its run: the server names its own cap)."""
+def batches_by_size(messages: Sequence, max_bytes: int, max_count: int = sys.maxsize) -> list[list]:
+    """Protobuf `messages` cut, in order, into runs of at most `max_count` messages and
+    `max_bytes` serialized bytes (one larger than that alone in its run)."""
     out: list[list] = []
     run: list = []
     size = 0
-    for spec in specs:
-        n = spec.ByteSize()
+    for m in messages:
+        n = m.ByteSize()
         if run and (len(run) >= max_count or size + n > max_bytes):
             out.append(run)
             run, size = [], 0
-        run.append(spec)
+        run.append(m)
         size += n
     if run:
         out.append(run)
     return out
+
+
+def spec_batches(specs: Sequence, max_count: int, max_bytes: int = MAX_BATCH_SPEC_BYTES) -> list[list]:
+    """SubmitTasks calls for `specs`: each within the server's count and byte caps (a spec
+    over the byte cap goes alone; the server names its own cap)."""
+    return batches_by_size(specs, max_bytes, max_count)
 
 
 def check_spec_bytes_setting(value: int, field: str = "max_spec_bytes") -> int:

@@ -234,20 +234,21 @@ class TaskApi:
                 changed.clear()
                 self._ctx.require_leader()  # a deposed leader ends the stream; agents re-find
                 term = self._ctx.consensus.term()
-                yield tasks_pb2.AssignmentSet(
-                    term=term,
-                    assignments=[
-                        tasks_pb2.Assignment(
-                            task_id=t.id, attempt=t.attempt, spec=t.spec,
-                            gpu_indices=list(t.gpu_indices), term=t.assigned_term,
-                            restart_count=t.restart_count, master_addr=t.master_addr,
-                            master_port=t.master_port,
-                            task_token=self._ctx.state.security.task_token(t),
-                        )
-                        for t in self._ctx.state.tasks.on_node(node_id)
-                        if t.state in HOLDING
-                    ],
-                )
+                assignments = [
+                    tasks_pb2.Assignment(
+                        task_id=t.id, attempt=t.attempt, spec=t.spec,
+                        gpu_indices=list(t.gpu_indices), term=t.assigned_term,
+                        restart_count=t.restart_count, master_addr=t.master_addr,
+                        master_port=t.master_port,
+                        task_token=self._ctx.state.security.task_token(t),
+                    )
+                    for t in self._ctx.state.tasks.on_node(node_id)
+                    if t.state in HOLDING
+                ]
+                # In chunks when large: the set may exceed any single message (issue 14).
+                chunks = v.batches_by_size(assignments, v.STREAM_CHUNK_BYTES) or [[]]
+                for k, chunk in enumerate(chunks):
+                    yield tasks_pb2.AssignmentSet(term=term, assignments=chunk, more=k < len(chunks) - 1)
                 await changed.wait()
         finally:
             self._ctx.hub.unsubscribe(node_id, changed)

@@ -216,12 +216,14 @@ class Assignment(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., term: _Optional[int] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., task_token: _Optional[str] = ...) -> None: ...
 
 class AssignmentSet(_message.Message):
-    __slots__ = ("term", "assignments")
+    __slots__ = ("term", "assignments", "more")
     TERM_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     term: int
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
-    def __init__(self, term: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, term: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("task_id", "attempt", "kind", "exit_code", "reason", "at_ms", "term", "requeue")
