@@ -64,16 +64,6 @@ _BACKOFF_MAX_S = 1.0
 _ATTEMPT_FRACTION = 1 / 3
 _ATTEMPT_MIN_S = 1.0
 
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    # gRPC's own reconnect backoff starts at 1 s and grows to 2 min; during a failover that
-    # would make our short retries hit a channel still parked in TRANSIENT_FAILURE.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # We retry ourselves, knowing which calls are idempotent; no second layer underneath.
-    ("grpc.enable_retries", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-]
 
 T = TypeVar("T")
 
@@ -289,7 +279,7 @@ class Client(TaskMethods, JobMethods, DataMethods):
             self._check_open()
             conn = self._conns.get(address)
             if conn is None:
-                conn = _Conn(address, make_channel(address, tls=self._tls, aio=False, options=_CHANNEL_OPTIONS, token=self._token))
+                conn = _Conn(address, make_channel(address, tls=self._tls, aio=False, token=self._token))
                 self._conns[address] = conn
             return conn
 

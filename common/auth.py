@@ -31,7 +31,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -41,6 +41,7 @@ import grpc
 
 from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, PermissionDenied
+from lepton.common.grpc_util import as_async_iter
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,22 @@ def token_id(token: str) -> str:
     return m.group(1)
 
 
+_NO_HASH = "sha256:" + "0" * 64  # what an unknown id's token is compared against
+
+
+def match_token(token: str, records: Mapping[str, Any], pepper: bytes = b"") -> Any | None:
+    """The record in `records` (by token id; anything with `hash` and `revoked`) that `token`
+    proves, or None: malformed, unknown, a wrong secret or revoked. The hash is compared even
+    for unknown ids, so timing tells nothing about which ids exist."""
+    try:
+        tid = token_id(token)
+    except InvalidArgument:
+        return None
+    record = records.get(tid)
+    ok = hmac.compare_digest(hash_token(token, pepper), record.hash if record is not None else _NO_HASH)
+    return record if record is not None and ok and not record.revoked else None
+
+
 @dataclass(slots=True)
 class TokenRecord:
     """What is stored per token: never the token itself."""
@@ -288,15 +305,8 @@ class TokenTable:
 
     def lookup(self, token: str, now_ms: int | None = None) -> Principal | None:
         """The principal a token stands for, or None (malformed, unknown, revoked, expired)."""
-        try:
-            tid = token_id(token)
-        except InvalidArgument:
-            return None
-        record = self._records.get(tid)
-        expected = record.hash if record is not None else "sha256:" + "0" * 64
-        # Compared even for unknown ids, so timing tells nothing about which ids exist.
-        ok = hmac.compare_digest(hash_token(token, self._pepper), expected)
-        if record is None or not ok or record.revoked:
+        record = match_token(token, self._records, self._pepper)
+        if record is None:
             return None
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if record.expires_ms and now_ms >= record.expires_ms:
@@ -512,16 +522,6 @@ def _is_generator(fn: Callable[..., Any]) -> bool:
     return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
 
 
-async def _iterate(gen: Any) -> Any:
-    """Async-iterate an async or a plain generator (a sync servicer's stream)."""
-    if hasattr(gen, "__aiter__"):
-        async for item in gen:
-            yield item
-    else:
-        for item in gen:
-            yield item
-
-
 def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInterceptor) -> grpc.RpcMethodHandler:
     """The same handler, with the check (and the principal set) in front of its behaviour."""
 
@@ -550,7 +550,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rule: Rule, icpt: AuthInt
                 principal = await check(context, request)
                 err: BaseException | None = None
                 try:
-                    async for item in _iterate(behavior(arg, context)):
+                    async for item in as_async_iter(behavior(arg, context)):
                         yield item
                 except BaseException as e:
                     err = e

@@ -74,10 +74,11 @@ def make_channel(
     *,
     tls: TlsConfig | None = None,
     aio: bool = True,
-    options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
     token: str | None = None,
 ) -> Any:
-    """A `grpc.aio.Channel` (or a sync `grpc.Channel` with `aio=False`) to `address`.
+    """A `grpc.aio.Channel` (or a sync `grpc.Channel` with `aio=False`) to `address`, with
+    grpc_util.CHANNEL_OPTIONS: every client of the cluster (agents, voters, lepton-ctl and
+    the client library, tasks) dials with the same limits, reconnect backoff and keepalive.
 
     `token`: a bearer token sent on every call (`None`: the process default of
     `lepton.common.bearer`, set by an agent without TLS; "": none).
@@ -85,16 +86,15 @@ def make_channel(
     """
     from lepton.common import bearer
 
+    options = list(CHANNEL_OPTIONS)
     if not aio:
         if tls is None:
-            return bearer.wrap_sync(grpc.insecure_channel(address, options=list(options)), token)
-        return bearer.wrap_sync(
-            grpc.secure_channel(address, tls.channel_credentials(), options=list(options)), token
-        )
+            return bearer.wrap_sync(grpc.insecure_channel(address, options=options), token)
+        return bearer.wrap_sync(grpc.secure_channel(address, tls.channel_credentials(), options=options), token)
     kw = {"interceptors": icpt} if (icpt := bearer.aio_interceptors(token)) else {}
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=list(options), **kw)
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=list(options), **kw)
+        return grpc.aio.insecure_channel(address, options=options, **kw)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options, **kw)
 
 
 def _user_certs(d: Path) -> list[str]:

@@ -32,13 +32,20 @@ SERVER_OPTIONS = [
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 50_000),
 ]
+# Every channel's options (channels.make_channel): agents, voters, lepton-ctl, the client
+# library and tasks alike. No server sends more than MAX_MESSAGE_BYTES, so no client needs
+# a larger receive limit.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Fail fast and reconnect quickly: leader failover should cost ~a second, not 20.
+    # Fail fast and reconnect quickly: leader failover should cost ~a second, not 20 (gRPC's
+    # own backoff starts at 1 s and grows to 2 min, so short retries would hit a channel
+    # still parked in TRANSIENT_FAILURE).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # No second layer of retries: the client and the agent's link retry themselves, knowing
+    # which calls are idempotent.
     ("grpc.enable_retries", 0),
     # Keepalive finds dead connections that nothing writes to. Gentle on purpose: a busy
     # leader that cannot answer a ping within a second would otherwise see thousands of
@@ -165,7 +172,7 @@ def _server_streaming(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
             if inspect.isawaitable(result):  # writes its answers with context.write
                 await result
                 return
-            async for item in _as_async(result):
+            async for item in as_async_iter(result):
                 yield item
         except (grpc.aio.BaseError, asyncio.CancelledError, GeneratorExit):
             raise
@@ -187,7 +194,7 @@ def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool
 
         async def bidi(raw_iter: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in _as_async(impl(requests(raw_iter), context)):
+                async for item in as_async_iter(impl(requests(raw_iter), context)):
                     yield item
             except (grpc.aio.BaseError, asyncio.CancelledError, GeneratorExit):
                 raise
@@ -208,7 +215,7 @@ def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool
     return grpc.stream_unary_rpc_method_handler(collect, response_serializer=_serialize)
 
 
-async def _as_async(items: Any) -> AsyncIterator[Any]:
+async def as_async_iter(items: Any) -> AsyncIterator[Any]:
     """Async-iterate an async or a plain iterable (a sync servicer's stream)."""
     if hasattr(items, "__aiter__"):
         async for item in items:

@@ -8,7 +8,6 @@ its HMAC hash enters the log). `lookup` is the `AuthInterceptor`'s token lookup 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +17,7 @@ from lepton.common.auth import (
     Role,
     current_principal,
     effective_owner,
-    hash_token,
-    token_id,
+    match_token,
 )
 from lepton.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from lepton.coordinator.audit import DEFAULT_KEEP, AuditLog, AuditRecord
@@ -29,7 +27,6 @@ from lepton.v1 import security_pb2, state_pb2, tasks_pb2
 logger = logging.getLogger(__name__)
 
 PEOPLE_ROLES = (Role.ADMIN.value, Role.USER.value, Role.VIEWER.value)
-_ZERO_HASH = "sha256:" + "0" * 64
 MAX_AUDIT_BATCH = 5_000
 
 
@@ -134,14 +131,8 @@ class SecurityTable:
             now_ms = int(time.time() * 1000) if now_ms is None else now_ms
             return task_tokens.lookup(self.task_token_key, token, self._find_task, self.tokens,
                                       self._holding, now_ms)
-        try:
-            tid = token_id(token)
-        except InvalidArgument:
-            return None
-        record = self.tokens.get(tid)
-        expected = record.hash if record is not None else _ZERO_HASH
-        ok = hmac.compare_digest(hash_token(token), expected)
-        if record is None or not ok or record.revoked:
+        record = match_token(token, self.tokens)
+        if record is None:
             return None
         return Principal(record.name, Role(record.role), via="token", token_id=record.id)
 

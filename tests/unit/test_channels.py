@@ -176,3 +176,34 @@ async def test_raft_transport_over_mtls(ca):
     finally:
         await transport.close()
         await server.stop(0)
+
+
+def test_every_channel_the_clients_too_dials_with_the_one_set_of_options(monkeypatch) -> None:
+    """One home for channel options (grpc_util.CHANNEL_OPTIONS): agents' aio channels and
+    the client library's sync ones get the same limits, backoff and keepalive."""
+    from lepton.client.client import Client
+    from lepton.common.grpc_util import CHANNEL_OPTIONS
+
+    seen: list[list] = []
+    real_sync, real_aio = grpc.insecure_channel, grpc.aio.insecure_channel
+
+    def spy(real):
+        def channel(address, options=None, **kw):
+            seen.append(list(options))
+            return real(address, options=options, **kw)
+        return channel
+
+    monkeypatch.setattr(grpc, "insecure_channel", spy(real_sync))
+    monkeypatch.setattr(grpc.aio, "insecure_channel", spy(real_aio))
+    async def aio_channel() -> None:
+        await make_channel("127.0.0.1:1").close()
+
+    make_channel("127.0.0.1:1", aio=False).close()
+    asyncio.run(aio_channel())
+    client = Client("127.0.0.1:1", tls_dir="", token="")
+    try:
+        client._conn("127.0.0.1:1")
+    finally:
+        client.close()
+    assert seen == [list(CHANNEL_OPTIONS)] * 3
+    assert ("grpc.keepalive_time_ms", 10_000) in CHANNEL_OPTIONS
