@@ -35,6 +35,7 @@ import grpc
 
 from lepton.common.errors import LEADER_METADATA_KEY
 from lepton.common.states import TaskState
+from lepton.common.validation import join_host_port, split_host_port
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import agent_pb2_grpc as agrpc
 from lepton.v1 import common_pb2 as pb
@@ -509,10 +510,9 @@ def serve(
         agrpc.add_AgentServicer_to_server(servicer, server)
     if agent is not None:
         agrpc.add_AgentServicer_to_server(agent, server)
-    host = address.rpartition(":")[0]
     port = server.add_insecure_port(address)
     server.start()
     try:
-        yield f"{host}:{port}"
+        yield join_host_port(split_host_port(address)[0], port)
     finally:
         server.stop(grace=None)

@@ -149,10 +149,10 @@ def node_tls(tls_dir: str, node_id: str, hosts: Sequence[str]) -> TlsConfig:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` (from HOST:PORT) only accepts connections from this machine."""
+    """Whether `host` (bare, as validation.split_host_port gives it) only accepts
+    connections from this machine."""
     import ipaddress
 
-    host = host.strip("[]")
     if host.lower() == "localhost":
         return True
     try:

@@ -17,7 +17,13 @@ from typing import Any
 
 from lepton.common.errors import InvalidArgument
 from lepton.common.sizes import parse_size
-from lepton.common.validation import DEFAULT_MAX_SPEC_BYTES, check_address, check_spec_bytes_setting
+from lepton.common.validation import (
+    DEFAULT_MAX_SPEC_BYTES,
+    check_address,
+    check_spec_bytes_setting,
+    join_host_port,
+    split_host_port,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -218,15 +224,14 @@ class AgentConfig:
         if not self.tls_dir and not self.insecure:
             from lepton.common.channels import is_loopback
 
-            host = self.listen.rpartition(":")[0]
-            if not is_loopback(host):
+            if not is_loopback(split_host_port(self.listen)[0]):
                 # Anyone who can reach the port could join, submit or read: say so up front.
                 raise InvalidArgument(
                     f"refusing to listen on {self.listen} without TLS: give --tls-dir DIR "
                     "(see lepton-ctl certs init), or --insecure to accept plaintext"
                 )
-            metrics_host, _, metrics_port = self.metrics_listen.rpartition(":")
-            if self.metrics_listen and metrics_port != "0" and not is_loopback(metrics_host):
+            metrics_host, metrics_port = split_host_port(self.metrics_listen) if self.metrics_listen else ("", 0)
+            if metrics_port != 0 and not is_loopback(metrics_host):
                 # /metrics names nodes, addresses and load: the same rule as --listen.
                 raise InvalidArgument(
                     f"refusing to serve metrics on {self.metrics_listen} without TLS: give --tls-dir DIR "
@@ -238,12 +243,12 @@ class AgentConfig:
     def advertise_address(self) -> str:
         if self.advertise:
             return self.advertise
-        host, _, port = self.listen.rpartition(":")
-        if host in ("0.0.0.0", "[::]", "::"):
+        host, port = split_host_port(self.listen)
+        if host in ("0.0.0.0", "::"):
             import socket
 
             host = socket.gethostname()
-        return f"{host}:{port}"
+        return join_host_port(host, port)
 
     @property
     def dev_mode(self) -> bool:

@@ -134,3 +134,16 @@ def test_required_text_may_not_be_blank() -> None:
     with pytest.raises(InvalidArgument, match="name must not be empty"):
         check_text("  ", "name", required=True)
     assert check_text("", "name") == ""
+
+
+def test_agent_config_reads_ipv6_listen_addresses() -> None:
+    import socket
+
+    assert AgentConfig(listen="[::1]:7070").advertise_address == "[::1]:7070"
+    assert AgentConfig(listen="[::]:7070", insecure=True).advertise_address == f"{socket.gethostname()}:7070"
+    AgentConfig(listen="[::1]:7070", metrics_listen="[::1]:9100")  # loopback: no TLS needed
+    with pytest.raises(InvalidArgument, match=r"refusing to listen on \[::\]:7070 without TLS"):
+        AgentConfig(listen="[::]:7070")
+    with pytest.raises(InvalidArgument, match=r"refusing to serve metrics on \[::\]:9100 without TLS"):
+        AgentConfig(listen="[::1]:7070", metrics_listen="[::]:9100")
+    AgentConfig(listen="[::1]:7070", metrics_listen="[::]:0")  # port 0: metrics off
