@@ -97,7 +97,7 @@ def secure_cluster():
                                                "--labels", "role=worker", "--task-user", "nobody"]).start()
         started.append(worker)
         with Client(voter.address, tls_dir=d) as admin:
-            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 2, what="both nodes ready")
+            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 2, timeout=60, what="both nodes ready")
         yield voter, worker, d
     finally:
         for agent in started:
@@ -203,7 +203,7 @@ def test_without_tls_a_task_never_sees_the_node_token(monkeypatch):
         voter = AgentProcess(root, "voter", ["--auth"]).start()
         started.append(voter)
         token_file = voter.data_dir / "node.token"
-        wait_until(lambda: (voter.data_dir / "admin.token").exists(), what="the bootstrap admin token")
+        wait_until(lambda: (voter.data_dir / "admin.token").exists(), timeout=60, what="the bootstrap admin token")
         admin = (voter.data_dir / "admin.token").read_text().strip()
         worker_dir = root / "worker"
         worker_dir.mkdir(mode=0o700)
@@ -215,7 +215,7 @@ def test_without_tls_a_task_never_sees_the_node_token(monkeypatch):
         started.append(worker)
         monkeypatch.delenv("LEPTON_NODE_TOKEN")
         with Client(voter.address, token=admin) as c:
-            wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, what="both nodes ready")
+            wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, timeout=60, what="both nodes ready")
         alice = run_ctl("--token", admin, "tokens", "create", "--role", "user", "--name", "alice",
                         server=voter.address, check=True).stdout.strip()
         with Client(voter.address, token=alice) as c:
@@ -234,13 +234,13 @@ def test_a_token_alone_moves_data_through_a_worker(agents, tmp_path):
     """No certificates at all: alice's token puts a dataset with a copy on the worker and
     gets it back, the worker asking the voter who she is (what tasks do with their own)."""
     voter = agents("voter", "--auth")
-    wait_until(lambda: (voter.data_dir / "admin.token").exists(), what="the bootstrap admin token")
+    wait_until(lambda: (voter.data_dir / "admin.token").exists(), timeout=60, what="the bootstrap admin token")
     admin = (voter.data_dir / "admin.token").read_text().strip()
     (tmp_path / "worker").mkdir(mode=0o700)
     shutil.copy(voter.data_dir / "node.token", tmp_path / "worker" / "node.token")
     agents("worker", "--auth", "--join", voter.address)
     with Client(voter.address, token=admin) as c:
-        wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, what="both nodes ready")
+        wait_until(lambda: sum(n.state == "ready" for n in c.nodes()) == 2, timeout=60, what="both nodes ready")
     alice = run_ctl("--token", admin, "tokens", "create", "--role", "user", "--name", "alice",
                     server=voter.address, check=True).stdout.strip()
     x = np.arange(4000, dtype=np.float32).reshape(1000, 4)
@@ -267,7 +267,7 @@ def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tm
     other.start()
     try:
         with Client(voter.address, tls_dir=d) as admin:
-            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 3, what="three nodes ready")
+            wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 3, timeout=60, what="three nodes ready")
             admin.drain(worker.node_id)  # its tasks run as nobody
         alice = run_ctl("--tls-dir", d, "tokens", "create", "--role", "user", "--name", "alice",
                         server=voter.address, check=True).stdout.strip()
