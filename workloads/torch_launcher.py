@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.common.durable import read_json
+from lepton.common.validation import join_host_port
 from lepton.workloads import torch_env
 
 __all__ = [
@@ -238,9 +239,10 @@ class TorchLauncher:
         except BaseException:
             await self._kill_all_now()
             raise
-        logger.info("job %s node %d/%d attempt %d: started %d worker(s) (ranks %d..%d), master %s:%d",
+        logger.info("job %s node %d/%d attempt %d: started %d worker(s) (ranks %d..%d), master %s",
                     spec.job_id, spec.node_rank, spec.nnodes, spec.restart_count, spec.nproc_per_node,
-                    spec.rank(0), spec.rank(spec.nproc_per_node - 1), spec.master_addr, spec.master_port)
+                    spec.rank(0), spec.rank(spec.nproc_per_node - 1),
+                    join_host_port(spec.master_addr, spec.master_port))
 
     async def _spawn(self, local_rank: int) -> _Worker:
         spec = self.spec
