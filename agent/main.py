@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-spec-bytes", dest="max_spec_bytes",
                    help="voters: the largest task or job spec a submission may carry, e.g. 512KiB "
                         "(default 1MiB, at most 3MiB)")
+    p.add_argument("--max-submit-inflight", dest="max_submit_inflight", type=int,
+                   help="voters: user-submitted tasks the leader has in flight before it sheds more "
+                        "with RESOURCE_EXHAUSTED and a retry hint (default 4000)")
     p.add_argument("--shard-reserve", dest="shard_reserve_bytes",
                    help="free space shard writes leave on the disk for the Raft log and task output, "
                         "e.g. 10GiB (default 2GiB; 0: none)")

@@ -7,7 +7,9 @@
 Every call goes to the leader. The client starts with the address that answered last, follows
 a follower's `lepton-leader` hint straight to the leader, moves on to the next address when
 one cannot be reached, and backs off (50 ms doubling to 1 s) until the call's time budget is
-spent. Failures surface only as `lepton.common.errors.LeptonError` subclasses.
+spent. A call the leader sheds (RESOURCE_EXHAUSTED with `retry-after-ms`, nothing done) is
+sent again after that hint, within the budget. Failures surface only as
+`lepton.common.errors.LeptonError` subclasses.
 
 New RPCs slot in as one method each: build the request, call `self._unary(Stub, "Method",
 req, idempotent=...)` (or `self._stream(...)` for a server stream such as following task
@@ -37,6 +39,7 @@ from lepton.common.errors import (
     LeptonError,
     NotFound,
     NotLeader,
+    Overloaded,
     Unavailable,
     from_rpc_error,
 )
@@ -427,6 +430,16 @@ class Client(TaskMethods, JobMethods, DataMethods):
                     continue
                 suffix = "" if idempotent else "; its outcome is unknown"
                 raise DeadlineExceeded(f"{what}: no answer from {addr} within {budget:g}s{suffix}")
+            if isinstance(exc, Overloaded):
+                # Shed by the leader's admission before anything was done: always safe to
+                # send again, after its hint (jittered, so shed clients do not return at once).
+                pause = exc.retry_after_ms / 1000 * random.uniform(1.0, 1.5)
+                if time.monotonic() + pause >= deadline:
+                    raise exc
+                log.debug("%s: shed by %s; retrying in %.2fs", what, addr, pause)
+                last = exc
+                time.sleep(pause)
+                continue
             if isinstance(exc, Unavailable) and idempotent:
                 # No leader yet (election), or this server is stopping: wait, try the next.
                 log.debug("%s: %s unavailable: %s", what, addr, exc.message)

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from lepton.common.errors import LEADER_METADATA_KEY
+from lepton.common.errors import LEADER_METADATA_KEY, RETRY_AFTER_METADATA_KEY
 from lepton.common.states import TaskState
 from lepton.common.validation import join_host_port, split_host_port
 from lepton.v1 import agent_pb2 as apb
@@ -143,6 +143,10 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
         self.leader_hint: str = ""
         # Fail this many next calls with a server-side UNAVAILABLE (e.g. no leader yet).
         self.fail_unavailable: int = 0
+        # Shed this many next calls as the leader's admission does (RESOURCE_EXHAUSTED with
+        # `retry-after-ms`); with shed_hint_ms None, refuse them as a quota does (no hint).
+        self.shed_next: int = 0
+        self.shed_hint_ms: int | None = 20
         # Sleep this long before answering.
         self.delay_s: float = 0.0
         self.status = cpb.ClusterStatus(
@@ -170,6 +174,9 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
             fail = self.fail_unavailable > 0
             if fail:
                 self.fail_unavailable -= 1
+            shed = self.shed_next > 0
+            if shed:
+                self.shed_next -= 1
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.leader_hint:
@@ -177,6 +184,10 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader")
         if fail:
             context.abort(grpc.StatusCode.UNAVAILABLE, "no leader elected yet")
+        if shed:
+            if self.shed_hint_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(self.shed_hint_ms)),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy (fake)")
 
     def _get(self, node_id: str, context: grpc.ServicerContext) -> pb.Node:
         with self.lock:

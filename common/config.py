@@ -160,6 +160,9 @@ class AgentConfig:
     # Far below gRPC's 16 MiB message limit so every log entry reaches a follower in one
     # message and the state stays small (lepton.common.validation's size caps); at most 3MiB.
     max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES
+    # Voters: user-submitted tasks the leader has in flight (proposed, not yet applied)
+    # before it sheds more with RESOURCE_EXHAUSTED and a retry hint (coordinator/api/admission.py).
+    max_submit_inflight: int = 4000
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)
@@ -206,6 +209,8 @@ class AgentConfig:
         if not 0 <= self.shard_orphan_grace_s <= 30 * 24 * 3600:
             raise InvalidArgument("shard_orphan_grace_s must be between 0 (no sweeping) and 30 days")
         self.shard_reserve_bytes = parse_size(self.shard_reserve_bytes, "shard_reserve_bytes")
+        if not 1 <= self.max_submit_inflight <= 10_000_000:
+            raise InvalidArgument("max_submit_inflight must be between 1 and 10,000,000")
         self.max_spec_bytes = check_spec_bytes_setting(parse_size(self.max_spec_bytes, "max_spec_bytes"))
         if self.shard_key_file:
             from lepton.common import cluster_secret

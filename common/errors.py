@@ -46,6 +46,15 @@ class ResourceExhausted(LeptonError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Overloaded(ResourceExhausted):
+    """The leader shed this call before doing anything (admission): safe to send again
+    after `retry_after_ms`. A quota refusal is a plain ResourceExhausted: retrying won't help."""
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class Unavailable(LeptonError):
     """The server cannot serve this now (starting, stopping, no quorum). Retrying may help."""
 
@@ -86,6 +95,8 @@ class Internal(LeptonError):
 
 # Trailing metadata key a follower sets so clients can go straight to the leader.
 LEADER_METADATA_KEY = "lepton-leader"
+# Trailing metadata key of a shed call (Overloaded): milliseconds to wait before retrying.
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 
 _BY_CODE: dict[grpc.StatusCode, type[LeptonError]] = {
     cls.code: cls
@@ -110,12 +121,17 @@ def from_rpc_error(err: grpc.RpcError) -> LeptonError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     leader = ""
+    retry_after = ""
     try:
         for key, value in err.trailing_metadata() or ():
             if key == LEADER_METADATA_KEY:
                 leader = value
+            elif key == RETRY_AFTER_METADATA_KEY:
+                retry_after = value
     except Exception:  # noqa: BLE001 - some RpcErrors carry no metadata at all
         pass
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after.isdigit():
+        return Overloaded(details, int(retry_after))
     if code == grpc.StatusCode.UNAVAILABLE and leader:
         exc: LeptonError = NotLeader(details, leader="")
         exc.leader = leader

@@ -11,7 +11,14 @@ from typing import Any
 
 import grpc
 
-from lepton.common.errors import LEADER_METADATA_KEY, InvalidArgument, LeptonError, NotLeader
+from lepton.common.errors import (
+    LEADER_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    InvalidArgument,
+    LeptonError,
+    NotLeader,
+    Overloaded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ CHANNEL_OPTIONS = [
 async def _abort(context: grpc.aio.ServicerContext, err: LeptonError) -> None:
     if isinstance(err, NotLeader) and err.leader:
         context.set_trailing_metadata(((LEADER_METADATA_KEY, err.leader),))
+    elif isinstance(err, Overloaded):
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(err.retry_after_ms)),))
     await context.abort(err.code, err.message)
 
 

@@ -54,6 +54,7 @@ class Coordinator:
             wall_ms=wall_ms,
             max_spec_bytes=config.max_spec_bytes,
         )
+        self.ctx.admission.max_tasks = config.max_submit_inflight
         if tls is not None:  # a node registers only an address it serves (node restriction)
             from lepton.common.served_certs import ServedCertificates
 

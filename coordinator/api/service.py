@@ -17,6 +17,7 @@ from lepton.common.errors import LeptonError, NotLeader, ResourceExhausted
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.common.served_certs import ServedCertificates, check_caller_serves
 from lepton.common.version import VERSION
+from lepton.coordinator.api.admission import SubmitAdmission
 from lepton.coordinator.api.task_api import TaskApi, TaskHub
 from lepton.coordinator.consensus import Consensus
 from lepton.coordinator.loops.liveness import Liveness
@@ -50,6 +51,7 @@ class CoordinatorContext:
         self.propose_timeout_s = propose_timeout_s
         self.max_spec_bytes = max_spec_bytes
         self.hub = TaskHub()
+        self.admission = SubmitAdmission()  # bounds user submissions in flight
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
         self.served: ServedCertificates | None = None  # with TLS: who serves which address
 

@@ -99,7 +99,8 @@ class TaskApi:
         cmd = state_pb2.Command(
             submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
         )
-        task = await self._ctx.commit(cmd)
+        with self._ctx.admission.admit(1, request.ByteSize()):  # sheds a flood
+            task = await self._ctx.commit(cmd)
         return self._task_view(task)
 
     @rpc_boundary
@@ -124,7 +125,8 @@ class TaskApi:
         ]))
         for c in cmd.submit_tasks.tasks:
             stamp_owner(c.spec, self._ctx.state)  # the caller, with auth on
-        tasks = await self._ctx.commit(cmd)
+        with self._ctx.admission.admit(len(specs), total):  # sheds a flood
+            tasks = await self._ctx.commit(cmd)
         return coordinator_pb2.SubmitTasksResponse(tasks=[self._task_view(t) for t in tasks])
 
     @rpc_boundary
@@ -143,7 +145,8 @@ class TaskApi:
             self._check_torch(spec, request.nodes)
         job_id = "j-" + uuid.uuid4().hex[:12]
         cmd = state_pb2.Command(submit_job=state_pb2.SubmitJobCmd(job_id=job_id, spec=spec, nodes=request.nodes))
-        job = await self._ctx.commit(cmd)
+        with self._ctx.admission.admit(request.nodes, request.nodes * spec.ByteSize()):
+            job = await self._ctx.commit(cmd)
         return self._job_view(job)
 
     def _check_torch(self, spec, nodes: int) -> None:
