@@ -98,6 +98,15 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             raise FailedPrecondition(
                 f"replication {r} needs {r} ready nodes; {len(nodes)} ready (use a lower --replicas)"
             )
+        # The commit records every shard and its replicas in one log entry: refuse now, before
+        # any upload, a dataset whose record could never be logged (validation.MAX_ENTRY_BYTES).
+        node_id_bytes = max(len(n) for n in nodes) + 2
+        record = sum(s.ByteSize() + 2 for s in request.shards) + len(request.shards) * r * node_id_bytes
+        if record > v.MAX_ENTRY_BYTES - (64 << 10):
+            raise InvalidArgument(
+                f"{len(request.shards)} shards make a dataset record of about {record} bytes; a log entry "
+                f"holds at most {v.MAX_ENTRY_BYTES} (use fewer, bigger shards)"
+            )
         load = stored_bytes(self._sm)
         out = dpb.PlanPutResponse(replication=r)
         for s in request.shards:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import re
 
+import grpc
 import pytest
 
 from lepton.client import Client
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import MAX_MESSAGE_BYTES
+from lepton.v1 import datasets_pb2 as dpb
+from lepton.v1.datasets_pb2_grpc import DatasetsStub
 from tests.integration.cluster import leader_of, run_ctl, servers, start_voters, wait_until
 
 pytestmark = pytest.mark.integration
@@ -63,6 +66,13 @@ def test_over_cap_requests_are_refused_and_the_log_keeps_committing(agents):
             return all(v.match_index >= status.commit_index for v in s.voters)
 
         wait_until(replicated, what="every voter to hold the new entry")
+        # A dataset whose record could never be one log entry is refused before any upload.
+        shards = [dpb.Shard(id=f"{i:064x}", size=1, rows=1, dtype="<f4") for i in range(60_000)]
+        with grpc.insecure_channel(leader_of(c, voters).address) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                DatasetsStub(ch).PlanPut(dpb.PlanPutRequest(name="huge", shards=shards), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "a log entry holds at most 4194304 (use fewer, bigger shards)" in err.value.details()
 
 
 def test_a_voter_that_was_down_catches_up_through_a_snapshot_over_16_mib(agents):
