@@ -138,13 +138,15 @@ class RaftProbeRequest(_message.Message):
     def __init__(self, to_id: _Optional[str] = ...) -> None: ...
 
 class RaftProbeResponse(_message.Message):
-    __slots__ = ("node_id", "term", "last_index", "voter")
+    __slots__ = ("node_id", "term", "last_index", "voter", "members")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     term: int
     last_index: int
     voter: bool
-    def __init__(self, node_id: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., voter: _Optional[bool] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., voter: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
