@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_security  # tokens, audit, snapshot
 
     cli_security.register(top, common)
+    from . import cli_quota  # per-user limits
+
+    cli_quota.register(top, common)
     cli_certs.register(top, common)
     from . import cli_secret  # the cluster secret: shard encryption at rest
 

@@ -183,6 +183,8 @@ POLICY: dict[str, Rule] = {
         "ListAudit": Rule(Role.ADMIN, read=True),
         "SaveSnapshot": ADMIN,  # changes nothing, but a copy of everything: audited
         "Introspect": NODE_READ,  # a worker asking who a caller's token stands for
+        "SetQuota": ADMIN,  # `lepton-ctl quota set`
+        "ListQuotas": Rule(Role.ADMIN, read=True),
     }),
     **_svc("grpc.health.v1.Health", {"Check": PUBLIC, "Watch": PUBLIC, "List": PUBLIC}),
     **_svc("grpc.reflection.v1alpha.ServerReflection", {"ServerReflectionInfo": VIEW_OR_NODE}),

@@ -33,6 +33,7 @@ from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.audit import record_from_event
 from lepton.coordinator.state import task_tokens
+from lepton.coordinator.state.quotas import MAX_LISTED, check_quota_request
 from lepton.coordinator.state.security_state import MAX_AUDIT_BATCH, PEOPLE_ROLES, record_to_proto
 from lepton.v1 import security_pb2 as spb
 from lepton.v1 import state_pb2
@@ -222,6 +223,24 @@ class SecurityService:
         if p is None:
             return spb.IntrospectResponse(valid=False)
         return spb.IntrospectResponse(valid=True, name=p.name, role=p.role.value, via=p.via, token_id=p.token_id)
+
+    @rpc_boundary
+    async def SetQuota(self, request, context):
+        v.check_text(request.quota.user, "quota.user", v.MAX_NAME, required=True)
+        check_quota_request(request.quota, request.unlimited)  # before anything is proposed
+        cmd = state_pb2.Command(set_quota=state_pb2.SetQuotaCmd(
+            quota=request.quota, unlimited=request.unlimited))
+        view = await self._ctx.commit(cmd)
+        logger.info("quota of %s: %s", request.quota.user, view.quota)
+        return view
+
+    @rpc_boundary
+    async def ListQuotas(self, request, context):
+        v.check_text(request.user, "user", v.MAX_NAME)
+        await self._ctx.read()
+        quotas = self._ctx.state.quotas
+        users = [request.user] if request.user else sorted(quotas.quotas)[:MAX_LISTED]
+        return spb.ListQuotasResponse(quotas=[quotas.view(u) for u in users])
 
     @rpc_boundary
     async def SaveSnapshot(self, request, context):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 from lepton.common.states import NodeState, can_transition
 from lepton.coordinator.state.datasets import DatasetTable
+from lepton.coordinator.state.quotas import QuotaTable
 from lepton.coordinator.state.security_state import SecurityTable
 from lepton.coordinator.state.tasks import HOLDING, TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
@@ -49,6 +50,7 @@ class ClusterStateMachine:
         # Tokens, audit log, cluster id; task credentials are checked against the tasks.
         self.security = SecurityTable(find_task=lambda task_id: self.tasks.tasks.get(task_id),
                                       holding=lambda task: task.state in HOLDING)
+        self.quotas = QuotaTable(self)  # checked before submissions below (_HANDLERS)
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -168,6 +170,7 @@ class ClusterStateMachine:
         for name in sorted(self.datasets.datasets):
             snap.datasets.append(self.datasets.datasets[name])
         self.security.fill(snap)
+        self.quotas.fill(snap)
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes, index: int) -> None:
@@ -177,6 +180,7 @@ class ClusterStateMachine:
         self.tasks.rebuild(list(snap.tasks))
         self.datasets.rebuild(list(snap.datasets))
         self.security.rebuild(snap)
+        self.quotas.rebuild(snap)
         self.applied_index = index
 
 
@@ -191,17 +195,20 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "set_node_state": ClusterStateMachine._set_state,
     "set_drain": ClusterStateMachine._set_drain,
     "node_lost": ClusterStateMachine._node_lost,
-    "submit_task": lambda sm, c, at: sm.tasks.submit(c, at),
-    "submit_tasks": lambda sm, c, at: sm.tasks.submit_many(c, at),
+    # Quota checks return None, then the command applies; a refusal raises first.
+    "submit_task": lambda sm, c, at: sm.quotas.check_tasks([c.spec]) or sm.tasks.submit(c, at),
+    "submit_tasks": lambda sm, c, at: sm.quotas.check_tasks(t.spec for t in c.tasks)
+    or sm.tasks.submit_many(c, at),
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
-    "submit_job": lambda sm, c, at: sm.tasks.submit_job(c, at),
-    "put_dataset": lambda sm, c, at: sm.datasets.put(c, at),
+    "submit_job": lambda sm, c, at: sm.quotas.check_job(c) or sm.tasks.submit_job(c, at),
+    "put_dataset": lambda sm, c, at: sm.quotas.check_dataset(c) or sm.datasets.put(c, at),
     "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
     "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),
     "drop_replicas": lambda sm, c, at: sm.datasets.drop_replicas(c, at),
-    "create_token": lambda sm, c, at: sm.security.create_token(c, at),
+    "create_token": lambda sm, c, at: sm.quotas.check_token(c) or sm.security.create_token(c, at),
+    "set_quota": lambda sm, c, at: sm.quotas.set(c, at),
     "revoke_token": lambda sm, c, at: sm.security.revoke_token(c, at),
     "append_audit": lambda sm, c, at: sm.security.append_audit(c, at),
     "set_cluster_id": lambda sm, c, at: sm.security.set_cluster_id(c, at),

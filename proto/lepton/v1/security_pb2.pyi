@@ -131,3 +131,47 @@ class IntrospectResponse(_message.Message):
     via: str
     token_id: str
     def __init__(self, valid: _Optional[bool] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., via: _Optional[str] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("user", "pending_tasks", "dataset_bytes", "tokens")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    pending_tasks: int
+    dataset_bytes: int
+    tokens: int
+    def __init__(self, user: _Optional[str] = ..., pending_tasks: _Optional[int] = ..., dataset_bytes: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class QuotaView(_message.Message):
+    __slots__ = ("quota", "pending_tasks", "dataset_bytes", "tokens")
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    quota: Quota
+    pending_tasks: int
+    dataset_bytes: int
+    tokens: int
+    def __init__(self, quota: _Optional[_Union[Quota, _Mapping]] = ..., pending_tasks: _Optional[int] = ..., dataset_bytes: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("quota", "unlimited")
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    UNLIMITED_FIELD_NUMBER: _ClassVar[int]
+    quota: Quota
+    unlimited: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, quota: _Optional[_Union[Quota, _Mapping]] = ..., unlimited: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListQuotasRequest(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    def __init__(self, user: _Optional[str] = ...) -> None: ...
+
+class ListQuotasResponse(_message.Message):
+    __slots__ = ("quotas",)
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    quotas: _containers.RepeatedCompositeFieldContainer[QuotaView]
+    def __init__(self, quotas: _Optional[_Iterable[_Union[QuotaView, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class SecurityStub:
                 request_serializer=lepton_dot_v1_dot_security__pb2.IntrospectRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_security__pb2.IntrospectResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/lepton.v1.Security/SetQuota',
+                request_serializer=lepton_dot_v1_dot_security__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_security__pb2.QuotaView.FromString,
+                _registered_method=True)
+        self.ListQuotas = channel.unary_unary(
+                '/lepton.v1.Security/ListQuotas',
+                request_serializer=lepton_dot_v1_dot_security__pb2.ListQuotasRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_security__pb2.ListQuotasResponse.FromString,
+                _registered_method=True)
 
 
 class SecurityServicer:
@@ -107,6 +117,20 @@ class SecurityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Admins: set or lift a user's limits; returns the quota as it now is. A refusal over a
+        quota is RESOURCE_EXHAUSTED naming the quota and its value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQuotas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +163,16 @@ def add_SecurityServicer_to_server(servicer, server):
                     servicer.Introspect,
                     request_deserializer=lepton_dot_v1_dot_security__pb2.IntrospectRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_security__pb2.IntrospectResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=lepton_dot_v1_dot_security__pb2.SetQuotaRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_security__pb2.QuotaView.SerializeToString,
+            ),
+            'ListQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuotas,
+                    request_deserializer=lepton_dot_v1_dot_security__pb2.ListQuotasRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_security__pb2.ListQuotasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +337,60 @@ class Security:
             '/lepton.v1.Security/Introspect',
             lepton_dot_v1_dot_security__pb2.IntrospectRequest.SerializeToString,
             lepton_dot_v1_dot_security__pb2.IntrospectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Security/SetQuota',
+            lepton_dot_v1_dot_security__pb2.SetQuotaRequest.SerializeToString,
+            lepton_dot_v1_dot_security__pb2.QuotaView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Security/ListQuotas',
+            lepton_dot_v1_dot_security__pb2.ListQuotasRequest.SerializeToString,
+            lepton_dot_v1_dot_security__pb2.ListQuotasResponse.FromString,
             options,
             channel_credentials,
             insecure,
