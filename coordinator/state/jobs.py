@@ -36,7 +36,7 @@ def _job_state(members: set[TaskState]) -> TaskState:
 
 
 class GangMixin:
-    """Needs from TaskTable: tasks, _changed, _record, copy_task-able state."""
+    """Needs from TaskTable: tasks, _changed, _record, _finish, copy_task-able state."""
 
     def _init_jobs(self) -> None:
         self.jobs: dict[str, list[str]] = {}  # job id -> member task ids by rank
@@ -91,23 +91,21 @@ class GangMixin:
             old_node = m.node_id
             own = m.id == failed.id
             reason = why if own else f"stopped: rank {rank} failed ({why})"
-            if m.node_id:
-                self._record(m, TaskState.FAILED, exit_code if own else None, reason, at_ms)
             if own and exit_code is not None:
                 m.has_exit_code, m.exit_code = True, exit_code
-            if restart:
-                m.state = TaskState.PENDING.proto
-                m.attempt += 1
-                m.restart_count = restarts + 1
-                m.node_id = m.node_address = m.master_addr = ""
-                m.master_port = 0
-                del m.gpu_indices[:]
-                m.started_at_ms = m.assigned_at_ms = m.finished_at_ms = 0
-                m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after rank {rank}: {why}"
-            else:
-                m.state = TaskState.FAILED.proto
-                m.reason = reason
-                m.finished_at_ms = at_ms
+            if not restart:
+                self._finish(m, TaskState.FAILED, exit_code if own else None, reason, at_ms)
+                continue
+            if m.node_id:
+                self._record(m, TaskState.FAILED, exit_code if own else None, reason, at_ms)
+            m.state = TaskState.PENDING.proto
+            m.attempt += 1
+            m.restart_count = restarts + 1
+            m.node_id = m.node_address = m.master_addr = ""
+            m.master_port = 0
+            del m.gpu_indices[:]
+            m.started_at_ms = m.assigned_at_ms = m.finished_at_ms = 0
+            m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after rank {rank}: {why}"
             self._changed(m, old_node)
 
     def _cancel_gang(self, task: tasks_pb2.Task, at_ms: int) -> None:
@@ -116,13 +114,7 @@ class GangMixin:
             m = self.tasks[member_id_]
             if m.id == task.id or TaskState.from_proto(m.state).final:
                 continue
-            old_node = m.node_id
-            if m.node_id:
-                self._record(m, TaskState.CANCELLED, None, "cancelled", at_ms)
-            m.state = TaskState.CANCELLED.proto
-            m.reason = "cancelled"
-            m.finished_at_ms = at_ms
-            self._changed(m, old_node)
+            self._finish(m, TaskState.CANCELLED, None, "cancelled", at_ms)
 
     # -- reads -----------------------------------------------------------------------
     def job(self, job_id: str) -> tasks_pb2.Job:

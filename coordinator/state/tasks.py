@@ -181,13 +181,7 @@ class TaskTable(GangMixin):
         state = TaskState.from_proto(task.state)
         if state.final:
             raise FailedPrecondition(f'task "{task.id}" already {state.value}')
-        old_node = task.node_id
-        if task.node_id:
-            self._record(task, TaskState.CANCELLED, None, "cancelled", at_ms)
-        task.state = P[TaskState.CANCELLED]
-        task.reason = "cancelled"
-        task.finished_at_ms = at_ms
-        self._changed(task, old_node)
+        self._finish(task, TaskState.CANCELLED, None, "cancelled", at_ms)
         if task.spec.job_id:
             self._cancel_gang(task, at_ms)
         return copy_task(task)
@@ -208,13 +202,8 @@ class TaskTable(GangMixin):
                 self._requeue(task, TaskState.FAILED, None, reason, at_ms)
                 task.reason = f"requeued after {reason} (node loss {task.node_losses}/{MAX_NODE_LOSSES})"
             else:
-                old_node = task.node_id
                 why = f"{reason}: its node was lost {MAX_NODE_LOSSES + 1} times (node-loss budget spent)"
-                self._record(task, TaskState.FAILED, None, why, at_ms)
-                task.state = P[TaskState.FAILED]
-                task.reason = why
-                task.finished_at_ms = at_ms
-                self._changed(task, old_node)
+                self._finish(task, TaskState.FAILED, None, why, at_ms)
 
     # -- helpers ---------------------------------------------------------------------
     def _record(self, task, state: TaskState, exit_code: int | None, reason: str, at_ms: int) -> None:
@@ -224,17 +213,24 @@ class TaskTable(GangMixin):
             finished_at_ms=at_ms,
         ))
 
-    def _attempt_over(self, task, exit_code: int | None, reason: str, at_ms: int, exited: bool) -> None:
+    def _finish(self, task, state: TaskState, exit_code: int | None, reason: str, at_ms: int,
+                shown: str | None = None) -> None:
+        """End `task` in the final `state`: its attempt, if it had a node, goes to the history
+        with `reason`; the task shows `shown` (default: `reason`)."""
         old_node = task.node_id
+        if task.node_id:
+            self._record(task, state, exit_code, reason, at_ms)
+        task.state = state.proto
+        task.reason = reason if shown is None else shown
+        task.finished_at_ms = at_ms
+        self._changed(task, old_node)
+
+    def _attempt_over(self, task, exit_code: int | None, reason: str, at_ms: int, exited: bool) -> None:
         if exited:
             task.has_exit_code = True
             task.exit_code = exit_code or 0
         if exited and exit_code == 0:
-            self._record(task, TaskState.SUCCEEDED, 0, reason or "exited", at_ms)
-            task.state = P[TaskState.SUCCEEDED]
-            task.reason = ""
-            task.finished_at_ms = at_ms
-            self._changed(task, old_node)
+            self._finish(task, TaskState.SUCCEEDED, 0, reason or "exited", at_ms, shown="")
             return
         why = reason or (f"exit code {exit_code}" if exited else "lost")
         if exited and reason in ("", "exited"):
@@ -247,11 +243,7 @@ class TaskTable(GangMixin):
             self._requeue(task, TaskState.FAILED, exit_code, why, at_ms)
             task.reason = f"retry {task.failures}/{task.spec.max_retries} after {why}"
             return
-        self._record(task, TaskState.FAILED, exit_code, why, at_ms)
-        task.state = P[TaskState.FAILED]
-        task.reason = why
-        task.finished_at_ms = at_ms
-        self._changed(task, old_node)
+        self._finish(task, TaskState.FAILED, exit_code, why, at_ms)
 
     def _requeue(self, task, outcome: TaskState, exit_code: int | None, reason: str, at_ms: int) -> None:
         old_node = task.node_id
