@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from lepton.common.errors import DeadlineExceeded, LeptonError, Unavailable
+from lepton.common.validation import MAX_BATCH_SPEC_BYTES
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -40,14 +41,18 @@ class Coalescer(Generic[S, R]):
     """`submit(spec)` from any number of threads; one call on the wire at a time.
 
     `send_one(spec) -> result` and `send_many(specs) -> results` (same order) raise
-    LeptonError. `submit` returns the spec's result or raises its error.
+    LeptonError. `submit` returns the spec's result or raises its error. With `size_of`, a
+    call also carries at most `max_bytes` of specs (the server's cap on one SubmitTasks).
     """
 
     def __init__(self, send_one: Callable[[S], R], send_many: Callable[[Sequence[S]], Sequence[R]],
-                 *, max_batch: int = MAX_BATCH):
+                 *, max_batch: int = MAX_BATCH, size_of: Callable[[S], int] | None = None,
+                 max_bytes: int = MAX_BATCH_SPEC_BYTES):
         self._send_one = send_one
         self._send_many = send_many
         self._max_batch = max_batch
+        self._size_of = size_of
+        self._max_bytes = max_bytes
         self._cond = threading.Condition()
         self._queue: list[_Item[S, R]] = []
         self._busy = False  # a thread is sending; the others wait their turn
@@ -64,7 +69,7 @@ class Coalescer(Generic[S, R]):
                     break
                 # Our turn to send: the oldest queued first (perhaps not ours, past max_batch).
                 self._busy = True
-                batch, self._queue = self._queue[:self._max_batch], self._queue[self._max_batch:]
+                batch = self._take()
             try:
                 self._send(batch)
             finally:
@@ -74,6 +79,17 @@ class Coalescer(Generic[S, R]):
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value]
+
+    def _take(self) -> list[_Item[S, R]]:
+        """The oldest queued items that fit one call (at least one). Under the lock."""
+        n = total = 0
+        for it in self._queue[:self._max_batch]:
+            size = self._size_of(it.spec) if self._size_of is not None else 0
+            if n and total + size > self._max_bytes:
+                break
+            n, total = n + 1, total + size
+        batch, self._queue = self._queue[:n], self._queue[n:]
+        return batch
 
     def _send(self, batch: list[_Item[S, R]]) -> None:
         try:

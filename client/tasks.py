@@ -227,6 +227,7 @@ class TaskMethods:
                     lambda spec: self._unary(CoordinatorStub, "SubmitTask", cpb.SubmitTaskRequest(spec=spec)),
                     lambda specs: self._unary(CoordinatorStub, "SubmitTasks",
                                               cpb.SubmitTasksRequest(specs=specs)).tasks,
+                    size_of=lambda spec: spec.ByteSize(),  # batches within the server's byte cap too
                 )
             return self._coalescer
 

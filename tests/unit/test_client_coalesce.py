@@ -100,6 +100,13 @@ def test_batches_respect_the_size_limit():
     assert [len(call) for call in wire.calls] == [1, 4, 4, 4, 3]
 
 
+def test_batches_respect_the_byte_limit():
+    wire = Wire()
+    c = Coalescer(wire.one, wire.many, size_of=lambda spec: 10, max_bytes=25)
+    assert run_16(c, wire) == [f"task-{i}" for i in range(16)]
+    assert [len(call) for call in wire.calls] == [1, 2, 2, 2, 2, 2, 2, 2, 1]
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_results_reach_the_right_threads(n):
     wire = Wire()
