@@ -84,13 +84,10 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except LeptonError as err:
-                await _abort(context, err)
             except (grpc.aio.BaseError, GeneratorExit):  # grpc's own: an abort, a call already over
                 raise
-            except Exception:
-                logger.exception("%s failed", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+            except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+                await _fail(context, err, method.__name__)
 
         return stream_wrapper
 
@@ -98,13 +95,10 @@ def rpc_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
             return await method(self, request, context)
-        except LeptonError as err:
-            await _abort(context, err)
         except grpc.aio.BaseError:  # grpc's own: an abort, a call already over
             raise
-        except Exception:
-            logger.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+        except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
+            await _fail(context, err, method.__name__)
 
     return unary_wrapper
 

@@ -79,3 +79,50 @@ async def test_errors_from_a_servicer_without_its_own_boundary_keep_their_status
     finally:
         await channel.close()
         await server.stop(0)
+
+
+async def test_rpc_boundary_gives_lepton_errors_their_status_and_bugs_internal(caplog):
+    """rpc_boundary, unary and streaming: a LeptonError is its own status (a follower's
+    leader hint in the trailers), anything else INTERNAL with one traceback logged."""
+    from lepton.common.errors import LEADER_METADATA_KEY, NotLeader
+    from lepton.common.grpc_util import rpc_boundary
+
+    class Servicer(health_pb2_grpc.HealthServicer):
+        @rpc_boundary
+        async def Check(self, request, context):  # noqa: N802 - gRPC method name
+            if request.service == "follower":
+                raise NotLeader(leader="10.0.0.9:7070")
+            raise RuntimeError("a bug")
+
+        @rpc_boundary
+        async def Watch(self, request, context):  # noqa: N802 - gRPC method name
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            if request.service == "gone":
+                raise NotFound("no such service")
+            raise RuntimeError("a streaming bug")
+
+    server, address = await _server(Servicer())
+    channel = make_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    caplog.set_level(logging.ERROR)
+    try:
+        call = stub.Check(health_pb2.HealthCheckRequest(service="follower"))
+        assert await _code(call) == grpc.StatusCode.UNAVAILABLE
+        assert (LEADER_METADATA_KEY, "10.0.0.9:7070") in tuple(await call.trailing_metadata())
+        assert not caplog.records
+        call = stub.Check(health_pb2.HealthCheckRequest(service="x"))
+        assert await _code(call) == grpc.StatusCode.INTERNAL
+        assert await call.details() == "internal error in Check"
+        for service, want in (("gone", grpc.StatusCode.NOT_FOUND), ("x", grpc.StatusCode.INTERNAL)):
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=service))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            try:
+                await watch.read()
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == want, service
+            else:
+                raise AssertionError(f"{service}: the stream did not fail")
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == ["Check failed", "Watch failed"]
+    finally:
+        await channel.close()
+        await server.stop(0)
