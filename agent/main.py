@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-reserve", dest="shard_reserve_bytes",
                    help="free space shard writes leave on the disk for the Raft log and task output, "
                         "e.g. 10GiB (default 2GiB; 0: none)")
+    p.add_argument("--gc-keep-finished", dest="gc_keep_finished", type=int,
+                   help="voters: finished tasks and jobs the state keeps, newest first (default 5000)")
+    p.add_argument("--gc-max-age", dest="gc_max_age_s", type=float,
+                   help="voters: seconds a finished task or job stays in the state (default 86400; 0: no limit)")
+    p.add_argument("--gc-history", dest="gc_history", type=int,
+                   help="voters: summaries of collected tasks kept for tasks show (default 20000)")
+    p.add_argument("--gc-interval", dest="gc_interval_s", type=float,
+                   help="voters: seconds between the leader's garbage collections (default 60)")
     return p
 
 

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_voters  # cluster peers add|remove
 
     cli_voters.register(cluster_sub, sub)
+    from . import cli_gc  # cluster gc
+
+    cli_gc.register(cluster_sub, sub)
 
     loc = top.add_parser(
         "local", help="a cluster of agent processes on this machine, for development"

@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from lepton.common.errors import Internal, error_for_code
+from lepton.common.paging import walk_pages
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
@@ -98,7 +99,12 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_ls(args: argparse.Namespace) -> int:
-    tokens = _call(args, "ListTokens", spb.ListTokensRequest()).tokens
+    def page(token: str) -> tuple[Any, str]:
+        resp = _call(args, "ListTokens", spb.ListTokensRequest(page_token=token))
+        return resp.tokens, resp.next_page_token
+
+    tokens = list(walk_pages(page))
+
     def table() -> Table:
         out = Table(box=None, pad_edge=False)
         for col in ("ID", "NAME", "ROLE", "CREATED", "STATE"):

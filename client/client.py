@@ -43,6 +43,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.paging import walk_pages
 from lepton.common.validation import MAX_NAME, check_address, check_text, require_id
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
@@ -198,9 +199,14 @@ class Client(TaskMethods, JobMethods, DataMethods):
         self, states: Sequence[str] | None = None, *, timeout: float | None = None
     ) -> list[NodeInfo]:
         """Every node, or those in one of `states` (`ready`, `suspect`, `down`, `left`)."""
-        req = cpb.ListNodesRequest(states=[state_to_proto(s) for s in states or ()])
-        resp = self._unary(CoordinatorStub, "ListNodes", req, timeout=timeout)
-        return [NodeInfo.from_proto(n) for n in resp.nodes]
+        wanted = [state_to_proto(s) for s in states or ()]
+
+        def fetch(token: str) -> tuple[Sequence[Any], str]:
+            req = cpb.ListNodesRequest(states=wanted, page_token=token)
+            resp = self._unary(CoordinatorStub, "ListNodes", req, timeout=timeout)
+            return resp.nodes, resp.next_page_token
+
+        return [NodeInfo.from_proto(n) for n in walk_pages(fetch)]
 
     def node(self, node_id: str, *, timeout: float | None = None) -> NodeInfo:
         """One node by its exact id; NotFound when there is none."""
@@ -252,6 +258,21 @@ class Client(TaskMethods, JobMethods, DataMethods):
         req = cpb.AddVoterRequest(address=address)
         resp = self._unary(CoordinatorStub, "AddVoter", req, idempotent=False, timeout=timeout)
         return ClusterStatusInfo.from_proto(resp)
+
+    def collect_garbage(
+        self, keep_finished: int | None = None, max_age_s: float | None = None, *, timeout: float | None = None
+    ) -> dict[str, int]:
+        """Admin: garbage-collect finished tasks and jobs now, by the cluster's retention,
+        narrowed by `keep_finished` (the newest N kept) and `max_age_s` when given. Returns
+        counts: tasks_collected, jobs_collected, finished_kept, history_size."""
+        req = cpb.CollectGarbageRequest()
+        if keep_finished is not None:
+            req.keep_finished = keep_finished
+        if max_age_s is not None:
+            req.max_age_s = max_age_s
+        # A repeat after a lost reply collects nothing more (the same retention, later).
+        resp = self._unary(CoordinatorStub, "CollectGarbage", req, idempotent=True, timeout=timeout)
+        return {f.name: getattr(resp, f.name) for f in resp.DESCRIPTOR.fields}
 
     def remove_voter(self, address: str, *, timeout: float | None = None) -> ClusterStatusInfo:
         """Admin: remove voter `address` (the leader included); returns the status once

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import grpc
 
 from lepton.common.durable import atomic_writer
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
+from lepton.common.paging import walk_pages
 from lepton.common.validation import DEFAULT_REPLICATION, check_dataset_name
 from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.v1 import datasets_pb2 as dpb
@@ -124,8 +125,12 @@ class DataMethods:
 
     def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
         """Every dataset (without shard lists)."""
-        resp = self._unary(DatasetsStub, "ListDatasets", dpb.ListDatasetsRequest(), timeout=timeout)
-        return [DatasetInfo.from_proto(d) for d in resp.datasets]
+        def fetch(token: str) -> tuple[Sequence[dpb.Dataset], str]:
+            req = dpb.ListDatasetsRequest(page_token=token)
+            resp = self._unary(DatasetsStub, "ListDatasets", req, timeout=timeout)
+            return resp.datasets, resp.next_page_token
+
+        return [DatasetInfo.from_proto(d) for d in walk_pages(fetch)]
 
     def delete_dataset(self, name: str, *, timeout: float | None = None) -> DatasetInfo:
         """Remove the manifest; blobs no other dataset uses are deleted from the agents."""

@@ -30,6 +30,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.common.sizes import parse_size
 from lepton.common.validation import require_id, spec_batches
 from lepton.v1 import agent_pb2 as apb
@@ -271,19 +272,37 @@ class TaskMethods:
         owner: str | None = None,
         limit: int = 0,
         *,
+        id_prefix: str = "",
         timeout: float | None = None,
     ) -> list[TaskInfo]:
-        """Tasks, oldest first; only those in one of `states` and of `owner` when given.
-        `limit` > 0 keeps the newest `limit` of them. Also callable as `list(...)`."""
+        """Tasks, oldest first; only those in one of `states`, of `owner` and whose id
+        starts with `id_prefix` when given. `limit` > 0 keeps the newest `limit` of them.
+        Pages through the server's answers (`timeout` is per page). Also callable as
+        `list(...)`."""
         if isinstance(states, str):
             states = [states]
-        req = cpb.ListTasksRequest(
+        limit = _non_negative(limit, "limit", integer=True)
+        base = cpb.ListTasksRequest(
             states=[task_state_to_proto(s) for s in states or ()],
             owner=_text(owner or "", "owner"),
-            limit=_non_negative(limit, "limit", integer=True),
+            id_prefix=_text(id_prefix, "id_prefix"),
+            newest_first=bool(limit),  # the newest `limit`: walk from the newest end
         )
-        resp = self._unary(CoordinatorStub, "ListTasks", req, timeout=timeout)
-        return [TaskInfo.from_proto(t) for t in resp.tasks]
+        out: list[TaskInfo] = []
+
+        def fetch(token: str) -> tuple[Sequence[tasks_pb2.Task], str]:
+            req = cpb.ListTasksRequest()
+            req.CopyFrom(base)
+            req.page_token = token
+            req.page_size = min(limit - len(out), MAX_PAGE) if limit else 0
+            resp = self._unary(CoordinatorStub, "ListTasks", req, timeout=timeout)
+            return resp.tasks, resp.next_page_token
+
+        for task in walk_pages(fetch):
+            out.append(TaskInfo.from_proto(task))
+            if limit and len(out) >= limit:
+                break
+        return out[::-1] if limit else out
 
     def find_task(self, ref: str, *, timeout: float | None = None) -> TaskInfo:
         """The task `ref` names: its exact id, else a unique id prefix (`t-` may be left out).
@@ -291,19 +310,20 @@ class TaskMethods:
         Raises NotFound when nothing matches and InvalidArgument when `ref` is ambiguous.
         """
         ref = require_id(ref, "task id")
+        missing = NotFound(f'task "{ref}" not found')
         try:
             return self.get(ref, timeout=timeout)
-        except (NotFound, InvalidArgument):
+        except NotFound as err:
+            missing = err  # it may say the task was garbage-collected, and what became of it
+        except InvalidArgument:
             pass  # not an exact id (a prefix, or with characters no id has): look it up
-        matches = [
-            t
-            for t in self.tasks(timeout=timeout)
-            if t.id.startswith(ref) or t.id.startswith("t-" + ref)
-        ]
+        matches = self.tasks(id_prefix=ref, timeout=timeout)
+        if not ref.startswith("t-"):
+            matches += self.tasks(id_prefix="t-" + ref, timeout=timeout)
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise NotFound(f'task "{ref}" not found')
+            raise missing
         listed = ", ".join(sorted(t.id for t in matches)[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
         raise InvalidArgument(f'task "{ref}" is ambiguous: matches {listed}{more}')

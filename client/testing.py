@@ -33,7 +33,8 @@ from typing import Any
 
 import grpc
 
-from lepton.common.errors import LEADER_METADATA_KEY, RETRY_AFTER_METADATA_KEY
+from lepton.common.errors import LEADER_METADATA_KEY, RETRY_AFTER_METADATA_KEY, LeptonError
+from lepton.common.paging import MAX_PAGE, decode_token, page_size, take_page
 from lepton.common.states import TaskState
 from lepton.common.validation import join_host_port, split_host_port
 from lepton.v1 import agent_pb2 as apb
@@ -397,17 +398,30 @@ class FakeCoordinator(cgrpc.CoordinatorServicer):
 
     def ListTasks(self, request: cpb.ListTasksRequest, context: grpc.ServicerContext) -> Any:
         self._enter("ListTasks", request, context)
+        try:  # pages as the coordinator's (coordinator/api/task_api.py) do
+            after = decode_token(request.page_token, (int, str))
+            size = page_size(request.page_size)
+        except LeptonError as err:
+            context.abort(err.code, err.message)
+        legacy = request.limit and not (request.page_size or after)
         with self.lock:
-            tasks = sorted(self.tasks.values(), key=lambda t: (t.created_at_ms, t.id))
-            out = [
-                t
-                for t in tasks
-                if (not request.states or t.state in request.states)
-                and (not request.owner or t.spec.owner == request.owner)
-            ]
-            if request.limit:
-                out = out[-request.limit :]
-            return cpb.ListTasksResponse(tasks=out)
+
+            def select(key: tuple[int, str]) -> tpb.Task | None:
+                t = self.tasks[key[1]]
+                ok = (not request.states or t.state in request.states) and (
+                    not request.owner or t.spec.owner == request.owner
+                ) and t.id.startswith(request.id_prefix)
+                return t if ok else None
+
+            keys = sorted((t.created_at_ms, t.id) for t in self.tasks.values())
+            out, token = take_page(
+                keys, after, size=min(request.limit, MAX_PAGE) if legacy else size,
+                select=select, size_of=lambda t: t.ByteSize(),
+                reverse=request.newest_first or bool(legacy),
+            )
+            if legacy:
+                return cpb.ListTasksResponse(tasks=out[::-1])
+            return cpb.ListTasksResponse(tasks=out, next_page_token=token)
 
     def CancelTask(self, request: cpb.CancelTaskRequest, context: grpc.ServicerContext) -> Any:
         self._enter("CancelTask", request, context)

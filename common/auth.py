@@ -145,6 +145,7 @@ POLICY: dict[str, Rule] = {
         "WaitTask": VIEW,
         "SubmitJob": USER,  # a gang of tasks; owner checked like SubmitTask
         "GetJob": VIEW,
+        "CollectGarbage": ADMIN,  # `lepton-ctl cluster gc`
         "WatchAssignments": NODE_READ,
         "ReportTaskEvents": NODE_ONLY,
     }),

@@ -156,6 +156,14 @@ class AgentConfig:
     # of the Raft log and snapshots (a voter that cannot write its log stops) and of task
     # output. A put that would cut into it is refused (RESOURCE_EXHAUSTED). 0: none.
     shard_reserve_bytes: int = 2 << 30
+    # Garbage collection of finished tasks and jobs (voters; the leader's, like Nomad's job
+    # GC): the state keeps at most gc_keep_finished of them (a job counts once) and none
+    # finished more than gc_max_age_s ago (0: no age limit), checked every gc_interval_s.
+    # What goes leaves a summary in a history of at most gc_history (`tasks show` reads it).
+    gc_keep_finished: int = 5_000
+    gc_max_age_s: float = 24 * 3600.0
+    gc_history: int = 20_000
+    gc_interval_s: float = 60.0
     # Voters: the largest task or job spec (serialized; "1MiB" works) a submission may carry.
     # Far below gRPC's 16 MiB message limit so every log entry reaches a follower in one
     # message and the state stays small (lepton.common.validation's size caps); at most 3MiB.
@@ -209,6 +217,12 @@ class AgentConfig:
         if not 0 <= self.shard_orphan_grace_s <= 30 * 24 * 3600:
             raise InvalidArgument("shard_orphan_grace_s must be between 0 (no sweeping) and 30 days")
         self.shard_reserve_bytes = parse_size(self.shard_reserve_bytes, "shard_reserve_bytes")
+        if not 0 <= self.gc_keep_finished <= 10_000_000 or not 0 <= self.gc_history <= 10_000_000:
+            raise InvalidArgument("gc_keep_finished and gc_history must be between 0 and 10,000,000")
+        if not 0 <= self.gc_max_age_s < math.inf:
+            raise InvalidArgument("gc_max_age_s must be >= 0 (0: no age limit)")
+        if not 0 < self.gc_interval_s <= 24 * 3600:
+            raise InvalidArgument("gc_interval_s must be > 0 and at most a day")
         if not 1 <= self.max_submit_inflight <= 10_000_000:
             raise InvalidArgument("max_submit_inflight must be between 1 and 10,000,000")
         self.max_spec_bytes = check_spec_bytes_setting(parse_size(self.max_spec_bytes, "max_spec_bytes"))

@@ -95,6 +95,14 @@ class Coordinator:
         self.audit = AuditBatcher(self._propose, self.consensus.is_leader)  # the interceptor's on_event
         self.bootstrap = Bootstrap(self.ctx, Path(config.data_dir), auth=getattr(config, "auth", False))
         self.consensus.add_leadership_listener(self.bootstrap.on_leadership)
+        from lepton.coordinator.loops.gc import GarbageCollector, Retention
+
+        self.gc = GarbageCollector(
+            self.state, self._propose,
+            Retention(config.gc_keep_finished, config.gc_max_age_s, config.gc_history, config.gc_interval_s),
+            is_leader=self.consensus.is_leader, wall_ms=wall_ms,
+        )
+        self.ctx.gc = self.gc
 
     def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
         """One voter: a local log. Several: Raft, with each voter known by its advertised
@@ -184,6 +192,7 @@ class Coordinator:
             asyncio.create_task(self.replication.run(), name="replication"),
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self.audit.run(), name="audit"),
+            asyncio.create_task(self.gc.run(), name="gc"),
         ]
 
     async def stop(self) -> None:

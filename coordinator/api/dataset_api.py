@@ -21,6 +21,7 @@ from lepton.common import validation as v
 from lepton.common.auth import Role, current_principal, effective_owner
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.paging import decode_token, page_size, take_page
 from lepton.common.validation import DEFAULT_REPLICATION, MAX_REPLICATION, check_dataset_name
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.loops.reconcile import Reconciler
@@ -187,13 +188,19 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
 
     @rpc_boundary
     async def ListDatasets(self, request, context):
+        after = decode_token(request.page_token, (str,))
+        size = page_size(request.page_size)
         await self._ctx.read()
-        out = dpb.ListDatasetsResponse()
-        for name in sorted(self._sm.datasets.datasets):
-            ds = copy_dataset(self._sm.datasets.datasets[name])
+        datasets = self._sm.datasets.datasets
+
+        def select(key):
+            ds = copy_dataset(datasets[key[0]])
             del ds.shards[:]  # `show` has them; a listing stays small
-            out.datasets.append(ds)
-        return out
+            return ds
+
+        page, token = take_page([(name,) for name in sorted(datasets)], after, size=size, select=select,
+                                size_of=lambda ds: ds.ByteSize())
+        return dpb.ListDatasetsResponse(datasets=page, next_page_token=token)
 
     @rpc_boundary
     async def DeleteDataset(self, request, context):

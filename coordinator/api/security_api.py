@@ -30,6 +30,7 @@ from lepton.common.auth import AuthEvent, Role, new_token, token_id
 from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.paging import MAX_PAGE_BYTES, decode_token, page_size, take_page
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.audit import record_from_event
 from lepton.coordinator.state import task_tokens
@@ -189,8 +190,13 @@ class SecurityService:
 
     @rpc_boundary
     async def ListTokens(self, request, context):
+        after = decode_token(request.page_token, (str, str))
+        size = page_size(request.page_size)
         await self._ctx.read()
-        return spb.ListTokensResponse(tokens=self._ctx.state.security.list_tokens())
+        tokens = self._ctx.state.security.list_tokens()  # by name, then id
+        by_key = {(t.name, t.id): t for t in tokens}
+        page, token = take_page(list(by_key), after, size=size, select=by_key.get, size_of=lambda t: t.ByteSize())
+        return spb.ListTokensResponse(tokens=page, next_page_token=token)
 
     @rpc_boundary
     async def RevokeToken(self, request, context):
@@ -210,7 +216,12 @@ class SecurityService:
         records = self._ctx.state.security.audit.query(
             since_ms=max(request.since_ms, 0), limit=request.limit or DEFAULT_AUDIT_LIMIT
         )
-        return spb.ListAuditResponse(records=[record_to_proto(r) for r in records])
+        protos = [record_to_proto(r) for r in records]
+        start, used = len(protos), 0
+        while start and used + protos[start - 1].ByteSize() <= MAX_PAGE_BYTES:  # the newest that fit
+            start -= 1
+            used += protos[start].ByteSize()
+        return spb.ListAuditResponse(records=protos[start:])
 
     @rpc_boundary
     async def Introspect(self, request, context):

@@ -15,6 +15,7 @@ import grpc
 from lepton.common import validation as v
 from lepton.common.errors import LeptonError, NotLeader, ResourceExhausted
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.paging import decode_token, page_size, take_page
 from lepton.common.served_certs import ServedCertificates, check_caller_serves
 from lepton.common.version import VERSION
 from lepton.coordinator.api.admission import SubmitAdmission
@@ -53,6 +54,7 @@ class CoordinatorContext:
         self.hub = TaskHub()
         self.admission = SubmitAdmission()  # bounds user submissions in flight
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
+        self.gc = None  # a GarbageCollector (loops/gc.py), set by the Coordinator
         self.served: ServedCertificates | None = None  # with TLS: who serves which address
 
     def require_leader(self) -> None:
@@ -197,13 +199,20 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
     @rpc_boundary
     async def ListNodes(self, request, context):
         wanted = {NodeState.from_proto(s) for s in request.states}
+        after = decode_token(request.page_token, (str, str))
+        size = page_size(request.page_size)
         await self._ctx.read()
-        nodes = [
-            self._ctx.with_soft_state(n)
-            for n in self._ctx.state.list_nodes()
-            if not wanted or NodeState.from_proto(n.state) in wanted
-        ]
-        return coordinator_pb2.ListNodesResponse(nodes=nodes)
+        nodes = self._ctx.state.nodes
+        by_key = {(n.name, n.id): n for n in nodes.values()}
+
+        def select(key):
+            node = by_key[key]
+            if wanted and NodeState.from_proto(node.state) not in wanted:
+                return None
+            return self._ctx.with_soft_state(self._ctx.state.get_node(node.id))
+
+        page, token = take_page(sorted(by_key), after, size=size, select=select, size_of=lambda n: n.ByteSize())
+        return coordinator_pb2.ListNodesResponse(nodes=page, next_page_token=token)
 
     @rpc_boundary
     async def GetClusterStatus(self, request, context):

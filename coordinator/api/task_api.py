@@ -11,6 +11,7 @@ from lepton.common import validation as v
 from lepton.common.auth import Role, current_principal, require_owner
 from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
+from lepton.common.paging import MAX_PAGE, decode_token, page_size, take_page
 from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
 from lepton.coordinator.state.tasks import HOLDING, P, TaskState, copy_task
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
@@ -187,16 +188,37 @@ class TaskApi:
     async def ListTasks(self, request, context):
         wanted = {TaskState.from_proto(s).proto for s in request.states}
         v.check_text(request.owner, "owner", v.MAX_NAME)
+        v.check_text(request.id_prefix, "id_prefix", v.MAX_NAME)
+        after = decode_token(request.page_token, (int, str))
+        legacy = request.limit and not (request.page_size or after)  # an older client's --limit
+        size = min(request.limit, MAX_PAGE) if legacy else page_size(request.page_size)
         await self._ctx.read()
-        tasks = sorted(self._ctx.state.tasks.tasks.values(), key=lambda t: (t.created_at_ms, t.id))
-        out = [
-            self._task_view(t)
-            for t in tasks
-            if (not wanted or t.state in wanted) and (not request.owner or t.spec.owner == request.owner)
-        ]
-        if request.limit:
-            out = out[-request.limit :]  # the newest
-        return coordinator_pb2.ListTasksResponse(tasks=out)
+        table = self._ctx.state.tasks
+
+        def select(key):
+            t = table.tasks[key[1]]
+            if wanted and t.state not in wanted or request.owner and t.spec.owner != request.owner:
+                return None
+            return self._task_view(t) if t.id.startswith(request.id_prefix) else None
+
+        # No await from here: the walk reads one state.
+        tasks, token = take_page(table.order, after, size=size, select=select, size_of=lambda t: t.ByteSize(),
+                                 reverse=request.newest_first or bool(legacy))
+        if legacy:
+            return coordinator_pb2.ListTasksResponse(tasks=tasks[::-1])
+        return coordinator_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    @rpc_boundary
+    async def CollectGarbage(self, request, context):
+        keep = request.keep_finished if request.HasField("keep_finished") else None
+        max_age = request.max_age_s if request.HasField("max_age_s") else None
+        self._ctx.gc.command(keep, max_age)  # InvalidArgument before anything is proposed
+        done = await self._ctx.gc.collect(keep, max_age)
+        logger.info("garbage collection asked for: %d tasks (%d jobs) collected", done.tasks, done.jobs)
+        return coordinator_pb2.CollectGarbageResponse(
+            tasks_collected=done.tasks, jobs_collected=done.jobs,
+            finished_kept=done.finished_kept, history_size=done.history_size,
+        )
 
     @rpc_boundary
     async def CancelTask(self, request, context):

@@ -12,7 +12,7 @@ Mixed into `TaskTable`; deterministic like the rest of the state machine.
 
 from __future__ import annotations
 
-from lepton.common.errors import FailedPrecondition, NotFound
+from lepton.common.errors import FailedPrecondition
 from lepton.common.states import TaskState
 from lepton.v1 import state_pb2, tasks_pb2
 
@@ -36,7 +36,7 @@ def _job_state(members: set[TaskState]) -> TaskState:
 
 
 class GangMixin:
-    """Needs from TaskTable: tasks, _changed, _record, _finish, copy_task-able state."""
+    """Needs from TaskTable: tasks, _add, _changed, _record, _finish, copy_task-able state."""
 
     def _init_jobs(self) -> None:
         self.jobs: dict[str, list[str]] = {}  # job id -> member task ids by rank
@@ -49,6 +49,14 @@ class GangMixin:
                 self.jobs.setdefault(task.spec.job_id, []).append(task.id)
                 if task.spec.gang_rank == 0 and task.spec.request_id:
                     self.job_requests[task.spec.request_id] = task.spec.job_id
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop a job's entry, before its members are forgotten (garbage collection;
+        retention.py). Its request id is rank 0's."""
+        ids = self.jobs.pop(job_id, [])
+        rid = self.tasks[ids[0]].spec.request_id if ids and ids[0] in self.tasks else ""
+        if rid and self.job_requests.get(rid) == job_id:
+            del self.job_requests[rid]
 
     # -- commands --------------------------------------------------------------------
     def submit_job(self, c: state_pb2.SubmitJobCmd, at_ms: int) -> tasks_pb2.Job:
@@ -70,7 +78,7 @@ class GangMixin:
                 id=member_id(c.job_id, rank), spec=spec, state=TaskState.PENDING.proto, attempt=1,
                 created_at_ms=at_ms, reason="waiting for the scheduler",
             )
-            self.tasks[task.id] = task
+            self._add(task)
             ids.append(task.id)
             self._changed(task, "")
         self.jobs[c.job_id] = ids
@@ -121,7 +129,7 @@ class GangMixin:
         """The job with its members and a derived state; raises NotFound."""
         ids = self.jobs.get(job_id)
         if not ids:
-            raise NotFound(f'job "{job_id}" not found')
+            raise self.history.job_not_found(job_id)  # says so when it was garbage-collected
         members = [self.tasks[i] for i in ids]
         state = _job_state({TaskState.from_proto(m.state) for m in members}).proto
         reason = next((m.reason for m in members if m.state == state and m.reason), "")

@@ -15,6 +15,7 @@ from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonErro
 from lepton.common.states import NodeState, can_transition
 from lepton.coordinator.state.datasets import DatasetTable
 from lepton.coordinator.state.quotas import QuotaTable
+from lepton.coordinator.state.retention import collect
 from lepton.coordinator.state.security_state import SecurityTable
 from lepton.coordinator.state.tasks import HOLDING, TaskTable
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2
@@ -169,6 +170,7 @@ class ClusterStateMachine:
             snap.tasks.append(self.tasks.tasks[task_id])
         for name in sorted(self.datasets.datasets):
             snap.datasets.append(self.datasets.datasets[name])
+        snap.task_history.extend(self.tasks.history.summaries())
         self.security.fill(snap)
         self.quotas.fill(snap)
         return snap.SerializeToString(deterministic=True)
@@ -178,6 +180,7 @@ class ClusterStateMachine:
         snap.ParseFromString(data)
         self.nodes = {n.id: _copy(n) for n in snap.nodes}
         self.tasks.rebuild(list(snap.tasks))
+        self.tasks.history.rebuild(snap.task_history)
         self.datasets.rebuild(list(snap.datasets))
         self.security.rebuild(snap)
         self.quotas.rebuild(snap)
@@ -203,6 +206,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
     "submit_job": lambda sm, c, at: sm.quotas.check_job(c) or sm.tasks.submit_job(c, at),
+    "collect_garbage": lambda sm, c, at: collect(sm.tasks, c, at),
     "put_dataset": lambda sm, c, at: sm.quotas.check_dataset(c) or sm.datasets.put(c, at),
     "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
     "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),

@@ -6,12 +6,14 @@ deterministic: the time comes from the command, never from a clock.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument
 from lepton.common.states import TaskState
 from lepton.coordinator.state.jobs import GangMixin
+from lepton.coordinator.state.retention import TaskHistory
 from lepton.v1 import common_pb2, state_pb2, tasks_pb2
 
 if TYPE_CHECKING:
@@ -49,6 +51,9 @@ class TaskTable(GangMixin):
         self.by_node: dict[str, set[str]] = {}  # node id -> ids of tasks with an attempt there
         self.pending: set[str] = set()  # ids of PENDING tasks: what the scheduler looks at
         self.listeners: list[TaskListener] = []
+        # (created_at_ms, id) of every task, sorted: what ListTasks pages walk.
+        self.order: list[tuple[int, str]] = []
+        self.history = TaskHistory()  # summaries of garbage-collected tasks (retention.py)
         self._init_jobs()
 
     # -- derived indexes -------------------------------------------------------------
@@ -71,7 +76,23 @@ class TaskTable(GangMixin):
         self.pending = set()
         for task in self.tasks.values():
             self._index(task, "")
+        self.order = sorted((t.created_at_ms, t.id) for t in self.tasks.values())
         self._rebuild_jobs()
+
+    def _add(self, task: tasks_pb2.Task) -> None:
+        self.tasks[task.id] = task
+        bisect.insort(self.order, (task.created_at_ms, task.id))
+
+    def forget(self, task_id: str) -> None:
+        """Remove a finished task and its indexes (garbage collection; retention.py)."""
+        task = self.tasks.pop(task_id)
+        rid = task.spec.request_id
+        if rid and self.by_request.get(rid) == task_id:
+            del self.by_request[rid]
+        key = (task.created_at_ms, task.id)
+        pos = bisect.bisect_left(self.order, key)
+        if pos < len(self.order) and self.order[pos] == key:
+            del self.order[pos]
 
     def _changed(self, task: tasks_pb2.Task, old_node: str) -> None:
         self._index(task, old_node)
@@ -82,7 +103,7 @@ class TaskTable(GangMixin):
     def get(self, task_id: str) -> tasks_pb2.Task:
         task = self.tasks.get(task_id)
         if task is None:
-            raise NotFound(f'task "{task_id}" not found')
+            raise self.history.not_found(task_id)  # says so when it was garbage-collected
         return task
 
     def on_node(self, node_id: str) -> list[tasks_pb2.Task]:
@@ -99,7 +120,7 @@ class TaskTable(GangMixin):
             id=c.task_id, spec=c.spec, state=P[TaskState.PENDING], attempt=1,
             created_at_ms=at_ms, reason="waiting for the scheduler",
         )
-        self.tasks[task.id] = task
+        self._add(task)
         if rid:
             self.by_request[rid] = task.id
         self._changed(task, "")

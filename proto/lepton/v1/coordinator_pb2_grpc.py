@@ -131,6 +131,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_tasks__pb2.Job.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/lepton.v1.Coordinator/CollectGarbage',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
         self.WatchAssignments = channel.unary_stream(
                 '/lepton.v1.Coordinator/WatchAssignments',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchAssignmentsRequest.SerializeToString,
@@ -238,13 +243,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A task garbage-collected after its retention: NOT_FOUND saying so, with its summary.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One page (lepton.common.paging): pass next_page_token back for the next.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -273,6 +280,14 @@ class CoordinatorServicer:
 
     def GetJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Admin: garbage-collect finished tasks and jobs now (normally a leader loop does, every
+        gc interval), by the cluster's retention or the narrower one given here.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -388,6 +403,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_tasks__pb2.Job.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.CollectGarbageResponse.SerializeToString,
             ),
             'WatchAssignments': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAssignments,
@@ -913,6 +933,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/GetJob',
             lepton_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
             lepton_dot_v1_dot_tasks__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/CollectGarbage',
+            lepton_dot_v1_dot_coordinator__pb2.CollectGarbageRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -211,6 +211,16 @@ class SetTaskTokenKeyCmd(_message.Message):
     key: bytes
     def __init__(self, key: _Optional[bytes] = ...) -> None: ...
 
+class CollectGarbageCmd(_message.Message):
+    __slots__ = ("keep_finished", "max_age_ms", "history_limit")
+    KEEP_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    keep_finished: int
+    max_age_ms: int
+    history_limit: int
+    def __init__(self, keep_finished: _Optional[int] = ..., max_age_ms: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
+
 class SetQuotaCmd(_message.Message):
     __slots__ = ("quota", "unlimited")
     QUOTA_FIELD_NUMBER: _ClassVar[int]
@@ -220,7 +230,7 @@ class SetQuotaCmd(_message.Message):
     def __init__(self, quota: _Optional[_Union[_security_pb2.Quota, _Mapping]] = ..., unlimited: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "collect_garbage", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +247,7 @@ class Command(_message.Message):
     ADD_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DROP_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NODE_LOST_FIELD_NUMBER: _ClassVar[int]
+    COLLECT_GARBAGE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_AUDIT_FIELD_NUMBER: _ClassVar[int]
@@ -259,13 +270,14 @@ class Command(_message.Message):
     add_replicas: AddReplicasCmd
     drop_replicas: DropReplicasCmd
     node_lost: NodeLostCmd
+    collect_garbage: CollectGarbageCmd
     create_token: CreateTokenCmd
     revoke_token: RevokeTokenCmd
     append_audit: AppendAuditCmd
     set_cluster_id: SetClusterIdCmd
     set_quota: SetQuotaCmd
     set_task_token_key: SetTaskTokenKeyCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ...) -> None: ...
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., collect_garbage: _Optional[_Union[CollectGarbageCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
@@ -282,7 +294,7 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "quotas", "task_token_key")
+    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "task_history", "quotas", "task_token_key")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +303,7 @@ class StateSnapshot(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_HISTORY_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     TASK_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
     index: int
@@ -301,6 +314,7 @@ class StateSnapshot(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[_security_pb2.ApiToken]
     audit: _containers.RepeatedCompositeFieldContainer[_security_pb2.AuditRecord]
     cluster_id: str
+    task_history: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.TaskSummary]
     quotas: _containers.RepeatedCompositeFieldContainer[_security_pb2.Quota]
     task_token_key: bytes
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., task_history: _Optional[_Iterable[_Union[_tasks_pb2.TaskSummary, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ...) -> None: ...

@@ -193,6 +193,34 @@ class Job(_message.Message):
     owner: str
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., reason: _Optional[str] = ..., restart_count: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
+class TaskSummary(_message.Message):
+    __slots__ = ("id", "name", "owner", "job_id", "state", "has_exit_code", "exit_code", "reason", "created_at_ms", "finished_at_ms", "collected_at_ms", "attempt")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    owner: str
+    job_id: str
+    state: TaskState
+    has_exit_code: bool
+    exit_code: int
+    reason: str
+    created_at_ms: int
+    finished_at_ms: int
+    collected_at_ms: int
+    attempt: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., collected_at_ms: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
 class Assignment(_message.Message):
     __slots__ = ("task_id", "attempt", "spec", "gpu_indices", "term", "restart_count", "master_addr", "master_port", "task_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
