@@ -10,6 +10,7 @@ import sys
 from lepton.common.config import load_config
 from lepton.common.errors import LeptonError
 from lepton.common.logs import setup_logging
+from lepton.common.version import VERSION
 
 logger = logging.getLogger("lepton.agent")
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lepton-agent",
         description="Lepton agent: reports this machine's capacity; voters elect the coordinator.",
     )
+    p.add_argument("--version", action="version", version=f"lepton-agent {VERSION}")
     # Every default is None so that only flags actually given override env and file.
     p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
     p.add_argument("--data-dir", dest="data_dir", help="node id, log, shards, task logs (default /var/lib/lepton)")

@@ -35,6 +35,7 @@ from lepton.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from lepton.common.version import VERSION as __version__
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
 from .data import DatasetInfo
@@ -66,6 +67,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "Algorithm",
     "DataProcessor",
     "Model",

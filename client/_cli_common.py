@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -13,14 +12,16 @@ from typing import Any, NoReturn
 from lepton.common.errors import LeptonError
 from lepton.common.sizes import parse_size
 
-from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
-from .render import dump_json, emit
+from .client import CONNECT_TIMEOUT_S, DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from .render import dump_json, dump_yaml, emit
 
 PROG = "lepton-ctl"
 # When no server can be reached at all, say so after this long rather than the full
-# --timeout: at a prompt, "cannot reach" now beats a silent wait (a restarting one-node
-# cluster is still covered).
-CLI_CONNECT_TIMEOUT_S = 2.0
+# --timeout (the client's own default, kept under this name for tools and tests).
+CLI_CONNECT_TIMEOUT_S = CONNECT_TIMEOUT_S
+OUTPUT_FORMATS = ("table", "json", "yaml", "wide")
+# The keys `-q` takes an item's id from, first present wins.
+ID_KEYS = ("id", "name", "user")
 
 
 class UsageError(Exception):
@@ -102,15 +103,29 @@ def _global_options(
     g.add_argument(
         "--server",
         metavar="ADDR[,ADDR...]",
-        default=d(os.environ.get("LEPTON_SERVER") or DEFAULT_SERVER),
-        help=f"coordinator address(es), any voters (default: $LEPTON_SERVER, else {DEFAULT_SERVER})",
+        default=d(None),
+        help="coordinator address(es), any voters (default: $LEPTON_SERVER, else the "
+        f"current context, else {DEFAULT_SERVER})",
+    )
+    g.add_argument(
+        "--context",
+        metavar="NAME",
+        default=d(None),
+        help="use this context of the client config (see 'config get-contexts')",
     )
     g.add_argument(
         "-o",
         "--output",
-        choices=("table", "json"),
+        choices=OUTPUT_FORMATS,
         default=d("table"),
-        help="output format (default: table)",
+        help="output format: table, json, yaml, or wide (a table with more columns)",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=d(False),
+        help="lists: print only the ids, one per line",
     )
     if timeout:
         g.add_argument(
@@ -123,23 +138,27 @@ def _global_options(
     g.add_argument(
         "--debug", action="store_true", default=d(False), help="log to stderr, show tracebacks"
     )
+    # None: not given, so Client() resolves it (environment, then the context).
     g.add_argument(
         "--tls-dir",
         metavar="DIR",
-        default=d(os.environ.get("LEPTON_TLS_DIR") or None),
-        help="connect with mutual TLS using a certificate from DIR (default: $LEPTON_TLS_DIR)",
+        default=d(None),
+        help="connect with mutual TLS using a certificate from DIR (default: $LEPTON_TLS_DIR, "
+        "else the context's)",
     )
     g.add_argument(
         "--cert-name",
         metavar="NAME",
-        default=d(os.environ.get("LEPTON_CERT_NAME") or None),
-        help="which certificate in --tls-dir (default: $LEPTON_CERT_NAME, else admin, else the only user one)",
+        default=d(None),
+        help="which certificate in --tls-dir (default: $LEPTON_CERT_NAME, else the context's, "
+        "else admin, else the only user one)",
     )
     g.add_argument(
         "--token",
         metavar="TOKEN",
-        default=d(os.environ.get("LEPTON_TOKEN") or ""),
-        help="API token sent as 'authorization: Bearer' (default: $LEPTON_TOKEN)",
+        default=d(None),
+        help="API token sent as 'authorization: Bearer' (default: $LEPTON_TOKEN, else the "
+        "context's)",
     )
 
 
@@ -148,6 +167,7 @@ def _client(args: argparse.Namespace) -> Client:
         args.server,
         timeout=args.timeout,
         connect_timeout=min(args.timeout, CLI_CONNECT_TIMEOUT_S),
+        context=getattr(args, "context", None),
         **tls_options(args),
     )
 
@@ -160,21 +180,48 @@ def tls_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def wants_json(args: argparse.Namespace) -> bool:
-    """`-o json`: print the result as JSON (and nothing meant for eyes, such as progress)."""
-    return args.output == "json"
+    """`-o json` or `-o yaml` (or `-q`): print a document for programs, and nothing meant
+    for eyes such as progress."""
+    return args.output in ("json", "yaml") or bool(getattr(args, "quiet", False))
+
+
+def wide(args: argparse.Namespace) -> bool:
+    """`-o wide`: tables show every column."""
+    return getattr(args, "output", "table") == "wide"
+
+
+def ids_of(doc: Any) -> list[str]:
+    """What `-q` prints: each item's id (its name, or user, where it has no id). A
+    UsageError for results without any."""
+    items = doc if isinstance(doc, list) else [doc]
+    out = []
+    for item in items:
+        key = next((k for k in ID_KEYS if isinstance(item, dict) and item.get(k)), None)
+        if key is None:
+            raise UsageError("-q: these results have no ids; use -o json")
+        out.append(str(item[key]))
+    return out
 
 
 def print_result(args: argparse.Namespace, doc: Any, human: str | Callable[[], Any], *,
                  empty: str = "", line: bool = False) -> int:
     """The one output switch of lepton-ctl; returns 0, the command's exit code.
 
-    `-o json` prints `doc` in the JSON format (`render.dump_json`), or with `line` as one
-    compact line (JSON Lines, for streams). Otherwise `empty` (as "no tasks") goes to stderr
-    when `doc` is empty, else `human` is shown. A function is called only then (its
-    lookups serve the human form alone) for what to show. Text is written as it is; a
-    rich table or view goes through `render.emit`; None shows nothing more.
+    `-q` prints the ids in `doc` (`ids_of`), one per line. `-o json` prints `doc` in the
+    JSON format (`render.dump_json`), or with `line` as one compact line (JSON Lines, for
+    streams); `-o yaml` the same document as YAML (with `line`, one document each, `---`
+    before it). Otherwise `empty` (as "no tasks") goes to stderr when `doc` is empty, else
+    `human` is shown. A function is called only then (its lookups serve the human form
+    alone) for what to show; `-o wide` is for it to read (`wide(args)`). Text is written as
+    it is; a rich table or view goes through `render.emit`; None shows nothing more.
     """
-    if wants_json(args):
+    if getattr(args, "quiet", False):
+        sys.stdout.write("".join(i + "\n" for i in ids_of(doc)))
+        return 0
+    if args.output == "yaml":
+        sys.stdout.write(("---\n" if line else "") + dump_yaml(doc))
+        return 0
+    if args.output == "json":
         sys.stdout.write((json.dumps(doc, sort_keys=True) if line else dump_json(doc)) + "\n")
         return 0
     if empty and not doc:

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lepton.common.errors import LeptonError
+from lepton.common.version import VERSION
 
-from . import cli_certs, cli_data, cli_ml, cli_tasks, cli_top, local
+from . import cli_certs, cli_config, cli_data, cli_ml, cli_tasks, cli_top, contexts, local
 from ._cli_common import (
     CLI_CONNECT_TIMEOUT_S,
     PROG,
@@ -26,6 +27,7 @@ from ._cli_common import (
     _positive_float,
     _positive_int,
     print_result,
+    wants_json,
 )
 from .render import (
     cluster_status_view,
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Control a Lepton cluster.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     _global_options(parser, defaults=True)
     common = _Parser(add_help=False)
     _global_options(common, defaults=False)
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_secret.register(top, common)
     cli_top.register(top, common)
     cli_ml.register(top, common)
+    cli_config.register(top, common)
+    cli_config.register_completion(top, lambda: parser)
 
     nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
     nodes_sub = nodes.add_subparsers(
@@ -199,7 +204,19 @@ def cmd_local_up(args: argparse.Namespace) -> int:
             err.print(f"[dim]{msg}…[/dim]")
 
     cluster = local.up(args.data_dir, args.agents, args.voters, wait=args.wait, progress=progress)
+    _switch_context(lambda: contexts.switch_to_local(cluster.servers))
     return print_result(args, cluster.to_dict(), lambda: _local_up_text(cluster, args.data_dir))
+
+
+def _switch_context(change: Callable[[], Any]) -> Any:
+    """A context change after `local up`/`down`; a broken client config costs a warning,
+    not the cluster just started or stopped."""
+    try:
+        return change()
+    except (LeptonError, OSError) as e:
+        msg = e.message if isinstance(e, LeptonError) else str(e)
+        sys.stderr.write(f"{PROG}: warning: the client config was not changed: {msg}\n")
+        return None
 
 
 def _local_up_text(cluster: local.LocalCluster, data_dir: str) -> str:
@@ -210,12 +227,20 @@ def _local_up_text(cluster: local.LocalCluster, data_dir: str) -> str:
         lines.append(f"  {a.name:<{width}}  {a.address:<21}  pid {a.pid:<7}  log {a.log}")
         if a.metrics:
             lines.append(f"  {'':<{width}}  metrics {a.metrics}")
-    lines += [f"servers: {cluster.servers}", f"export LEPTON_SERVER={cluster.servers}"]
+    lines += [f"servers: {cluster.servers}",
+              f"context: {contexts.LOCAL_CONTEXT} (now current: lepton-ctl and Client() use it)"]
+    if cluster.python:  # what `python` in a task is: the agents' --task-path starts there
+        lines.append(f"tasks run python: {cluster.python}")
+    else:
+        lines.append(f"tasks find no `python` on their PATH: {cluster.task_path}")
     return "".join(line + "\n" for line in lines)
 
 
 def cmd_local_down(args: argparse.Namespace) -> int:
     result = local.down(args.data_dir, wipe=args.wipe)
+    back = _switch_context(contexts.switch_from_local) if result.found else None
+    if back is not None and not wants_json(args):
+        sys.stderr.write(f"{PROG}: current context: {back or 'none'}\n")
     return print_result(args, result.to_dict(), lambda: _local_down_text(result, args.data_dir))
 
 

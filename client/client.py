@@ -20,7 +20,6 @@ may be `idempotent`; a submit is not, unless it carries a client-chosen request 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -49,17 +48,28 @@ from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._transport import retryable, transport_failure, unreachable_error
+from .contexts import DEFAULT_SERVER, resolve_connection
 from .data import DataMethods
 from .jobs import JobMethods
 from .tasks import TaskMethods
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, state_to_proto
 
-__all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "NodeWatch", "Stream", "parse_servers"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "DEFAULT_SERVER",
+    "DEFAULT_TIMEOUT",
+    "Client",
+    "NodeWatch",
+    "Stream",
+    "parse_servers",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVER = "127.0.0.1:7070"
 DEFAULT_TIMEOUT = 10.0
+# No server reachable at all for this long: say "cannot reach" rather than wait out the
+# whole budget (a leader election is not this: the voters still answer).
+CONNECT_TIMEOUT_S = 2.0
 
 _BACKOFF_INITIAL_S = 0.05
 _BACKOFF_MAX_S = 1.0
@@ -107,15 +117,20 @@ class Client(TaskMethods, JobMethods, DataMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader
-    is found). `timeout`: the total time budget of one call, retries included.
-    `connect_timeout`: give up sooner when no server at all can be reached for this long
-    (default: the whole `timeout`); a CLI wants "cannot reach" fast, a job wants patience.
+    is found). Left out, as lepton-ctl does (`lepton.client.contexts.resolve_connection`):
+    the context named by `context`, else `$LEPTON_SERVER`, else the current context of the
+    client config file (`lepton-ctl config`), else 127.0.0.1:7070.
+    `timeout`: the total time budget of one call, retries included.
+    `connect_timeout`: give up when no server at all can be reached for this long (default
+    2 s, CONNECT_TIMEOUT_S): "cannot reach" at once, not a long retry. A program that must
+    ride out a whole-cluster restart passes more.
     `tls_dir`: a TLS folder (`lepton-ctl certs init`); every connection then uses mutual TLS
     with the certificate `cert_name` from it (default: `$LEPTON_CERT_NAME`, else `admin` if
     there is one, else the only user certificate there). Raises FailedPrecondition when
-    there is none to use. Default `$LEPTON_TLS_DIR`, "" for plaintext.
+    there is none to use. Default `$LEPTON_TLS_DIR`, else the context's, "" for plaintext.
     `token`: an API token (`lepton-ctl tokens create`) sent on every call; default
-    `$LEPTON_TOKEN`, "" for none. Inside a task, the agent sets all three: the task's own
+    `$LEPTON_TOKEN`, else the context's, "" for none. A context's TLS folder and token are
+    used only with its own servers. Inside a task, the agent sets all three: the task's own
     credential (its submitter's rights) and a TLS folder without any node identity.
 
     Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
@@ -126,25 +141,32 @@ class Client(TaskMethods, JobMethods, DataMethods):
 
     def __init__(
         self,
-        servers: str | Sequence[str],
+        servers: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float | None = None,
         tls_dir: str | None = None,
         cert_name: str | None = None,
         token: str | None = None,
+        context: str | None = None,
     ):
-        self._addresses = parse_servers(servers)
-        if tls_dir is None:
-            tls_dir = os.environ.get("LEPTON_TLS_DIR", "")
-            cert_name = cert_name or os.environ.get("LEPTON_CERT_NAME") or None
-        self._tls: TlsConfig | None = client_tls(tls_dir, cert_name) if tls_dir else None
-        # Sent as `authorization: Bearer <token>` on every call; None: $LEPTON_TOKEN.
-        self._token = (os.environ.get("LEPTON_TOKEN", "") if token is None else token).strip()
+        given = servers if isinstance(servers, str) or servers is None else ",".join(servers)
+        conn = resolve_connection(
+            given, tls_dir=tls_dir, cert_name=cert_name, token=token, context=context
+        )
+        self._addresses = parse_servers(conn.servers)
+        self.servers_source = conn.source  # "--server", "$LEPTON_SERVER", "context 'x'", ...
+        self._tls: TlsConfig | None = (
+            client_tls(conn.tls_dir, conn.cert_name) if conn.tls_dir else None
+        )
+        # Sent as `authorization: Bearer <token>` on every call.
+        self._token = conn.token
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be positive, got {timeout}")
         self._timeout = float(timeout)
-        self._connect_timeout = self._timeout if connect_timeout is None else float(connect_timeout)
+        self._connect_timeout = min(
+            self._timeout, CONNECT_TIMEOUT_S if connect_timeout is None else float(connect_timeout)
+        )
         self._current = self._addresses[0]
         self._conns: dict[str, _Conn] = {}
         self._lock = threading.Lock()

@@ -28,6 +28,7 @@ __all__ = [
     "command_text",
     "duration",
     "dump_json",
+    "dump_yaml",
     "emit",
     "human_bytes",
     "make_console",
@@ -71,6 +72,13 @@ def emit(renderable: Any, file: TextIO | None = None) -> None:
 def dump_json(obj: Any) -> str:
     """The one JSON format of lepton-ctl."""
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def dump_yaml(obj: Any) -> str:
+    """`-o yaml`: the JSON document as YAML (block style, keys sorted; loads back equal)."""
+    import yaml  # only for -o yaml
+
+    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
 def human_bytes(n: int) -> str:

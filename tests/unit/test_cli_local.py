@@ -262,13 +262,21 @@ def test_cli_local_up_and_down(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(local, "agent_command", lambda: agent_cmd)
+    monkeypatch.delenv("LEPTON_SERVER", raising=False)
     root = str(tmp_path / "c")
+    # A context in use before: `local up` switches away from it, `local down` back.
+    assert cli.main(["config", "set-context", "prod", "--server", "10.9.9.9:7070", "--use"]) == 0
     try:
         assert cli.main(["local", "up", "--agents", "2", "--data-dir", root]) == 0
         out = capsys.readouterr().out
         servers = json.loads((tmp_path / "c" / "cluster.json").read_text())["servers"]
         assert f"servers: {servers}\n" in out
-        assert out.endswith(f"export LEPTON_SERVER={servers}\n")
+        assert "context: local (now current" in out
+        assert cli.main(["config", "current-context"]) == 0
+        assert capsys.readouterr().out == "local\n"
+        # No --server, no $LEPTON_SERVER: the local context reaches the new cluster.
+        assert cli.main(["-q", "nodes", "list"]) == 0
+        assert len(capsys.readouterr().out.split()) == 2
         assert cli.main(["local", "up", "--data-dir", root]) == 1
         err = capsys.readouterr().err
         assert (
@@ -284,5 +292,7 @@ def test_cli_local_up_and_down(
         "killed": [],
         "wiped": ["agent-1", "agent-2"],
     }
+    assert cli.main(["config", "current-context"]) == 0
+    assert capsys.readouterr().out == "prod\n"
     assert cli.main(["local", "down", "--data-dir", root]) == 0
     assert capsys.readouterr().out == f"no local cluster running in {root}\n"

@@ -48,12 +48,13 @@ def dead_address() -> str:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def test_server_defaults_to_env_then_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LEPTON_SERVER", raising=False)
-    assert cli.build_parser().parse_args(["nodes", "list"]).server == "127.0.0.1:7070"
+def test_server_is_left_to_the_client_to_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    # $LEPTON_SERVER and contexts are read by Client() (test_contexts.py), not the parser.
     monkeypatch.setenv("LEPTON_SERVER", "a:1,b:2")
     args = cli.build_parser().parse_args(["nodes", "list"])
-    assert (args.server, args.output, args.timeout) == ("a:1,b:2", "table", 10.0)
+    assert (args.server, args.output, args.timeout) == (None, "table", 10.0)
+    with cli._client(args) as c:
+        assert c.addresses == ["a:1", "b:2"]
 
 
 def test_global_options_go_before_or_after_the_command() -> None:
@@ -80,7 +81,7 @@ def test_local_defaults() -> None:
         [],
         ["nodes"],
         ["bogus"],
-        ["-o", "yaml", "nodes", "list"],
+        ["-o", "xml", "nodes", "list"],
         ["--timeout", "0", "nodes", "list"],
         ["--timeout", "soon", "nodes", "list"],
         ["nodes", "show"],
