@@ -122,15 +122,11 @@ def register_service(server: grpc.aio.Server, servicer: Any, service: Any) -> No
         impl = getattr(servicer, method.name)
         if _unimplemented(impl):
             impl = _answer_unimplemented(method.full_name)
-        if method.client_streaming:
-            handler = _client_streaming(impl, request_cls, method.server_streaming)
-        elif method.server_streaming:
-            handler = grpc.unary_stream_rpc_method_handler(_server_streaming(impl, request_cls),
-                                                           response_serializer=_serialize)
-        else:
-            handler = grpc.unary_unary_rpc_method_handler(_unary(impl, request_cls),
-                                                          response_serializer=_serialize)
-        handlers[method.name] = handler
+        # What impl is called with: the parsed request, or an iterator of parsed requests.
+        arg_of = _requests(request_cls) if method.client_streaming else functools.partial(_parse, cls=request_cls)
+        answer = _answer_stream if method.server_streaming else _answer_once
+        make = _HANDLER_MAKERS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(answer(impl, arg_of), response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
@@ -155,24 +151,39 @@ async def _fail(context: Any, err: BaseException, name: str) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
 
 
-def _unary(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
-    async def unary(raw: bytes, context: Any) -> Any:
+def _requests(cls: Any) -> Callable[[Any], AsyncIterator[Any]]:
+    """A client stream's raw messages as parsed requests."""
+    async def requests(raw_iter: Any) -> AsyncIterator[Any]:
+        async for raw in raw_iter:
+            try:
+                yield _parse(raw, cls)
+            except _Malformed as err:  # seen by the servicer's own boundary, if it has one
+                raise InvalidArgument(str(err)) from None
+
+    return requests
+
+
+def _answer_once(impl: Callable[..., Any], arg_of: Callable[[Any], Any]) -> Callable[..., Any]:
+    """One answer: `impl(arg_of(what came), context)`, a coroutine's or a plain method's."""
+    async def answer(received: Any, context: Any) -> Any:
         try:
-            result = impl(_parse(raw, cls), context)
+            result = impl(arg_of(received), context)
             return await result if inspect.isawaitable(result) else result
         except (grpc.aio.BaseError, asyncio.CancelledError):
             raise
         except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
             await _fail(context, err, impl.__name__)
 
-    return unary
+    return answer
 
 
-def _server_streaming(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
-    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+def _answer_stream(impl: Callable[..., Any], arg_of: Callable[[Any], Any]) -> Callable[..., Any]:
+    """A stream of answers: an (async) generator's items, or a coroutine that writes them
+    with context.write (grpc_health's Watch)."""
+    async def stream(received: Any, context: Any) -> AsyncIterator[Any]:
         try:
-            result = impl(_parse(raw, cls), context)
-            if inspect.isawaitable(result):  # writes its answers with context.write
+            result = impl(arg_of(received), context)
+            if inspect.isawaitable(result):
                 await result
                 return
             async for item in as_async_iter(result):
@@ -185,37 +196,13 @@ def _server_streaming(impl: Callable[..., Any], cls: Any) -> Callable[..., Any]:
     return stream
 
 
-def _client_streaming(impl: Callable[..., Any], cls: Any, server_streaming: bool) -> grpc.RpcMethodHandler:
-    async def requests(raw_iter: Any) -> AsyncIterator[Any]:
-        async for raw in raw_iter:
-            try:
-                yield _parse(raw, cls)
-            except _Malformed as err:  # seen by the servicer's own boundary, if it has one
-                raise InvalidArgument(str(err)) from None
-
-    if server_streaming:
-
-        async def bidi(raw_iter: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in as_async_iter(impl(requests(raw_iter), context)):
-                    yield item
-            except (grpc.aio.BaseError, asyncio.CancelledError, GeneratorExit):
-                raise
-            except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
-                await _fail(context, err, impl.__name__)
-
-        return grpc.stream_stream_rpc_method_handler(bidi, response_serializer=_serialize)
-
-    async def collect(raw_iter: Any, context: Any) -> Any:
-        try:
-            result = impl(requests(raw_iter), context)
-            return await result if inspect.isawaitable(result) else result
-        except (grpc.aio.BaseError, asyncio.CancelledError):
-            raise
-        except Exception as err:  # noqa: BLE001 - the boundary: every error gets a status
-            await _fail(context, err, impl.__name__)
-
-    return grpc.stream_unary_rpc_method_handler(collect, response_serializer=_serialize)
+# (client streaming, server streaming) -> grpc's handler for that kind of method.
+_HANDLER_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 async def as_async_iter(items: Any) -> AsyncIterator[Any]:
