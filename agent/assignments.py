@@ -8,6 +8,7 @@ queued and re-sent until a leader accepts them (the state machine ignores repeat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ import sys
 
 import grpc
 
+from lepton.agent.code_cache import CodeCache
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.task_identity import task_env
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
@@ -125,6 +127,53 @@ class AssignmentLoop:
         link.on_leader_change(self._leader_moved)
         self._events: asyncio.Queue[TaskEvent] = asyncio.Queue()
         self._full_report_due = True  # after (re)start the leader settles what we run
+        self._code: CodeCache | None = None  # shipped code, made on first use
+        self._last_set: tuple[list[tasks_pb2.Assignment], int] | None = None
+
+    def _reconcile(self, assignments: list[tasks_pb2.Assignment], term: int) -> str:
+        """Hand the runner the set, less the attempts whose shipped code this node is still
+        fetching (they start when it is here: `_code_arrived`); an attempt whose code could
+        not be fetched fails to start, saying why."""
+        running = {(r.task_id, r.attempt) for r in self._runner.running()}
+        specs, waiting = [], 0
+        for a in assignments:
+            spec = run_spec(a, data_dir=self._data_dir, servers=self._addresses, tls=self._tls,
+                            shard_key_file=self._shard_key_file, log_max_bytes=self._log_max_bytes)
+            digest = a.spec.code_digest
+            if digest and (a.task_id, a.attempt) not in running:
+                try:
+                    tree = self._code_cache().tree(digest)
+                except LeptonError as err:
+                    self._refuse(spec, err.message)
+                    continue
+                if tree is not None:
+                    spec = dataclasses.replace(spec, code_dir=str(tree))
+                elif why := self._code_cache().failure(digest):
+                    self._refuse(spec, why)
+                else:
+                    self._code_cache().fetch(digest, self._code_arrived)
+                    waiting += 1
+                    continue
+            specs.append(spec)
+        sentence = self._runner.reconcile(specs, term)
+        return sentence + (f", {waiting} waiting for their code" if waiting else "")
+
+    def _refuse(self, spec: RunSpec, why: str) -> None:
+        try:
+            self._runner.refuse(spec, why)
+        except LeptonError:
+            pass  # it ran here before: its exit is the answer
+
+    def _code_cache(self) -> CodeCache:
+        if self._code is None:
+            self._code = CodeCache(self._data_dir, self._link.datasets, tls=self._tls)
+        return self._code
+
+    def _code_arrived(self) -> None:
+        """A fetch ended: the last whole set again, now with that code here (or failed)."""
+        if self._last_set is not None and self._runner is not None:
+            sentence = self._reconcile(*self._last_set)
+            logger.info("assignments (term %d, code fetched): %s", self._last_set[1], sentence)
 
     def attach(self, runner: TaskRunner) -> None:
         """The runner reports into this loop (`on_event`), so it is made after it."""
@@ -158,11 +207,8 @@ class AssignmentLoop:
                     assignments = whole.add(aset)
                     if assignments is None:
                         continue  # a set sent in chunks: act only once it is whole
-                    specs = [run_spec(a, data_dir=self._data_dir, servers=self._addresses,
-                                      tls=self._tls, shard_key_file=self._shard_key_file,
-                                      log_max_bytes=self._log_max_bytes)
-                             for a in assignments]
-                    sentence = self._runner.reconcile(specs, aset.term)
+                    self._last_set = (assignments, aset.term)
+                    sentence = self._reconcile(assignments, aset.term)
                     logger.info("assignments (term %d): %s", aset.term, sentence)
                 raise Unavailable("assignment stream ended")
             except grpc.aio.AioRpcError as rpc_err:

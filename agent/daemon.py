@@ -202,7 +202,7 @@ class Agent:
                                  log_max_bytes=self.config.task_log_max_bytes,
                                  retention_s=self.config.task_retention_s,
                                  sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)),
-                                 task_user=self.task_user)
+                                 task_user=self.task_user, task_path=self.config.task_path)
         self.assignments.attach(self.runner)
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)

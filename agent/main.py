@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-user", dest="task_user",
                    help="run tasks as this OS user, e.g. nobody (the agent must run as root): they "
                         "cannot read the data dir, node keys or tokens (default: the agent's user)")
+    p.add_argument("--task-path", dest="task_path",
+                   help="the PATH tasks get, e.g. /opt/venv/bin:/usr/bin (default: the agent's PATH)")
     p.add_argument("--shard-inventory-interval", dest="shard_inventory_interval_s", type=float,
                    help="seconds between reports of this node's shards to the leader (default 300)")
     p.add_argument("--shard-orphan-grace", dest="shard_orphan_grace_s", type=float,

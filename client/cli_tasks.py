@@ -33,7 +33,7 @@ from .render import task_detail, tasks_table
 from .tasks import TASK_OPTIONS
 from .types import TASK_STATES, TaskInfo
 
-__all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of"]
+__all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of", "ship_code"]
 
 # `run` says why its task waits once it has been pending this long.
 PENDING_NOTE_AFTER_S = 2.0
@@ -87,7 +87,14 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--env", metavar="K=V", action="append", type=_key_value, help="environment (repeatable)"
     )
-    g.add_argument("--workdir", metavar="DIR", default="", help="working directory")
+    g.add_argument(
+        "--working-dir", metavar="DIR", default="",
+        help="ship this local folder (.gitignore and .leptonignore respected): the task starts "
+        "in a fresh copy of it, importable as under python -m; stored once per content",
+    )
+    g.add_argument("--workdir", metavar="DIR", default="",
+                   help="the task's working directory on the agent, relative to its folder "
+                   "(the copy of --working-dir when given)")
     g.add_argument(
         "--retries", metavar="R", type=_non_negative_int, default=0, help="retry failed attempts"
     )
@@ -220,7 +227,7 @@ def submit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     cmd = _command(args)
     kw: dict[str, Any] = {"shell": " ".join(cmd)} if args.shell else {"argv": cmd}
     for option in TASK_OPTIONS:
-        if option != "shell":
+        if option not in ("shell", "code_digest"):  # code_digest: from --working-dir (ship_code)
             value = getattr(args, _OPTION_DEST.get(option, option))
             kw[option] = parse_key_values(value) if option in _PAIRS else value
     return kw
@@ -269,15 +276,27 @@ def sweep_kwargs(kw: dict[str, Any], sweep: Sequence[tuple[str, str]]) -> list[d
     return out
 
 
+def ship_code(c: Client, folder: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """`kw` (submit keywords) with the code_digest of `folder` (`--working-dir`, a job
+    file's working_dir; "" for none), stored unless the cluster has it; says on stderr what
+    was shipped, and whether it was uploaded."""
+    if not folder:
+        return kw
+    upload = c.push_code(folder)
+    sys.stderr.write(f"{PROG}: {upload.describe()}\n")
+    return {**kw, "code_digest": upload.digest}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     kw = submit_kwargs(args)
     if args.sweep:
         specs = sweep_kwargs(kw, args.sweep)
         with _client(args) as c:
-            tasks = c.submit_many(specs)
+            digest = ship_code(c, args.working_dir, {}).get("code_digest", "")
+            tasks = c.submit_many([{**s, "code_digest": digest} for s in specs])
         return print_result(args, [t.to_dict() for t in tasks], "".join(t.id + "\n" for t in tasks))
     with _client(args) as c:
-        task = c.submit(**kw)
+        task = c.submit(**ship_code(c, args.working_dir, kw))
     return print_result(args, task.to_dict(), task.id + "\n")
 
 
@@ -392,7 +411,8 @@ def _run_job(args: argparse.Namespace) -> int:
     with _client(args) as c:
         job = c.submit_job(nodes=1 if args.nodes is None else args.nodes,
                            nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node,
-                           max_restarts=args.max_restarts, dataset=args.dataset, **kw)
+                           max_restarts=args.max_restarts, dataset=args.dataset,
+                           **ship_code(c, args.working_dir, kw))
         sys.stderr.write(f"{PROG}: job {job.id}: {len(job.tasks)} node(s)\n")
         try:
             _copy(c.job_logs(job.id, follow=True), _stdout())
@@ -412,7 +432,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_job(args)
     kw = submit_kwargs(args)
     with _client(args) as c:
-        task = c.submit(**kw)
+        task = c.submit(**ship_code(c, args.working_dir, kw))
         notes = RunNotes(task)
         try:
             _copy(c.logs(task.id, follow=True, from_attempt=1, on_task=notes), _stdout())

@@ -48,6 +48,7 @@ from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
 from ._transport import retryable, transport_failure, unreachable_error
+from .code import CodeMethods
 from .contexts import DEFAULT_SERVER, resolve_connection
 from .data import DataMethods
 from .jobs import JobMethods
@@ -113,7 +114,7 @@ class _Conn:
         return stub
 
 
-class Client(TaskMethods, JobMethods, DataMethods):
+class Client(TaskMethods, JobMethods, DataMethods, CodeMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader

@@ -87,7 +87,7 @@ class JobMethods:
             kw["gpus"] = gpus_per_node
         if nproc_per_node and not kw.get("cpu"):
             kw["cpu"] = float(nproc_per_node)  # a worker per core, as the scheduler sees it
-        spec = build_spec(argv, **kw)
+        spec = build_spec(argv, **self._with_code(kw))  # working_dir= too
         spec.max_restarts = max_restarts
         if nproc_per_node:
             spec.torch.CopyFrom(tasks_pb2.TorchSpec(nproc_per_node=nproc_per_node, dataset=dataset))

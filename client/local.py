@@ -46,6 +46,7 @@ __all__ = [
     "agent_command",
     "down",
     "load_cluster",
+    "task_path",
     "up",
 ]
 
@@ -86,6 +87,9 @@ class LocalCluster:
     voters: int
     data_dir: str
     started_at_ms: int = 0
+    # The PATH the agents give tasks (their --task-path), and the `python` found on it.
+    task_path: str = ""
+    python: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +105,8 @@ class LocalCluster:
             voters=int(d.get("voters", 0)),
             data_dir=d.get("data_dir", ""),
             started_at_ms=int(d.get("started_at_ms", 0)),
+            task_path=d.get("task_path", ""),
+            python=d.get("python", ""),
         )
 
 
@@ -110,6 +116,18 @@ def agent_command() -> list[str]:
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
     return [sys.executable, "-m", "lepton.agent.main"]
+
+
+def task_path(env: dict[str, str] | None = None) -> str:
+    """The PATH local agents give tasks: `$LEPTON_TASK_PATH` when set, else the folder of
+    the Python running lepton-ctl (a venv's bin: its `python`, `pip`, `lepton-ctl`), then
+    this PATH. So `python` in a task is the interpreter that has lepton and its packages."""
+    env = dict(os.environ) if env is None else env
+    if env.get("LEPTON_TASK_PATH"):
+        return env["LEPTON_TASK_PATH"]
+    here = os.path.dirname(os.path.abspath(sys.executable))  # not resolved: the venv's bin
+    rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join([here, *rest])
 
 
 def agent_args(
@@ -272,9 +290,11 @@ def up(
         voters=voters,
         data_dir=str(root),
         started_at_ms=int(time.time() * 1000),
+        task_path=task_path(),
     )
+    cluster.python = shutil.which("python", path=cluster.task_path) or ""
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LEPTON_TASK_PATH=cluster.task_path)
 
     def start(i: int) -> None:
         args = agent_args(i, addresses, voters, root, metrics_listen=metrics[i])

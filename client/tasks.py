@@ -33,6 +33,7 @@ from lepton.common.errors import (
 from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.common.sizes import parse_size
 from lepton.common.validation import require_id, spec_batches
+from lepton.dataplane.code_archive import check_digest
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import tasks_pb2
@@ -121,6 +122,9 @@ class TaskOptions:
     owner: str = ""
     request_id: str | None = None
     on_disconnect: str = "stop"
+    # The stored code archive the task starts in (`Client.push_code`); the submit calls
+    # also take `working_dir=FOLDER`, which they pack, store and turn into this.
+    code_digest: str = ""
 
 
 TASK_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(TaskOptions))
@@ -166,7 +170,12 @@ def build_spec(argv: Sequence[str] | None = None, **options: Any) -> tasks_pb2.T
         request_id=_text(request_id, "request_id"),
         grace_s=float(_non_negative(o.grace, "grace")),
         on_disconnect=_on_disconnect(o.on_disconnect),
+        code_digest=_code_digest(o.code_digest),
     )
+
+
+def _code_digest(value: object) -> str:
+    return check_digest(value) if value else ""
 
 
 ON_DISCONNECT = {"stop": tasks_pb2.ON_DISCONNECT_STOP, "keep": tasks_pb2.ON_DISCONNECT_KEEP}
@@ -204,15 +213,19 @@ class TaskMethods:
         def _call(self, attempt: Callable[[_Conn, float], Any], **kw: Any) -> Any: ...
         def _conn(self, address: str) -> _Conn: ...
         def node(self, node_id: str, *, timeout: float | None = None) -> Any: ...
+        def _with_code(self, options: Mapping[str, Any], shipped: dict[str, str] | None = None,
+                       ) -> dict[str, Any]: ...
 
     def submit(self, argv: Sequence[str] | None = None, **options: Any) -> TaskInfo:
         """Submit a task; returns it once the cluster has stored it (pending).
 
         Give `argv` (exec'd as is) or `shell=` (run under `/bin/sh -c`); the other options
         are `TaskOptions`' fields (cpu, memory, gpus, priority, max_retries, timeout, ...).
+        `working_dir=FOLDER`: the task starts in a copy of that folder, packed and stored
+        first unless the cluster has it already (`push_code`).
         Obvious mistakes raise InvalidArgument before anything is sent.
         """
-        spec = build_spec(argv, **options)
+        spec = build_spec(argv, **self._with_code(options))
         if not spec.request_id:  # not safe to repeat, so not to batch either: alone
             return TaskInfo.from_proto(self._unary(CoordinatorStub, "SubmitTask",
                                                    cpb.SubmitTaskRequest(spec=spec), idempotent=False))
@@ -244,11 +257,12 @@ class TaskMethods:
         if not 1 <= batch <= 1000:
             raise InvalidArgument(f"batch must be between 1 and 1000, not {batch}")
         specs = []
+        shipped: dict[str, str] = {}  # each working_dir is packed and stored once
         for i, kwargs in enumerate(tasks):
             if not isinstance(kwargs, Mapping):
                 raise InvalidArgument(f"tasks[{i}] must be a mapping of submit() arguments")
             try:
-                specs.append(build_spec(**kwargs))
+                specs.append(build_spec(**self._with_code(kwargs, shipped)))
             except TypeError as err:
                 raise InvalidArgument(f"tasks[{i}]: {err}") from None
             except InvalidArgument as err:

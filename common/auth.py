@@ -157,7 +157,7 @@ POLICY: dict[str, Rule] = {
     **_svc("lepton.v1.Datasets", {
         "PlanPut": USER,
         "CommitDataset": USER,
-        "GetDataset": VIEW,
+        "GetDataset": VIEW_OR_NODE,  # agents look up the holders of shipped code (--working-dir)
         "ListDatasets": VIEW,
         "DeleteDataset": USER,  # own datasets; the handler checks the owner
         "ReleaseShards": USER,  # a failed put cleans up after itself

@@ -143,6 +143,10 @@ class AgentConfig:
     # Run tasks as this OS user (the agent must be root): they cannot read the data dir,
     # the node's key or its tokens (lepton.agent.task_identity). "": as the agent's user.
     task_user: str = ""
+    # The PATH tasks get (os.pathsep-separated), e.g. a venv's bin first so that `python` in
+    # a task is that venv's; "": the agent's own PATH. A task's own env PATH still wins.
+    # `lepton-ctl local up` sets it to the folder of the Python that runs it, then PATH.
+    task_path: str = ""
     # How often the agent reports its shards to the leader (a digest; the listing only when
     # something changed), which re-lists a returning node's copies and finds orphans. It
     # also reports at every (re-)registration. Minutes: nothing here is urgent.

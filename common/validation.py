@@ -223,6 +223,16 @@ def check_entry_size(size: int) -> None:
         raise InvalidArgument(f"the command is {size} bytes; a log entry holds at most {MAX_ENTRY_BYTES}")
 
 
+_SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256_hex(value: object, what: str) -> str:
+    """64 lowercase hex digits (a content address). Raises InvalidArgument."""
+    if not isinstance(value, str) or not _SHA256_HEX_RE.fullmatch(value):
+        raise InvalidArgument(f"{what} {str(value)[:70]!r} is not a SHA-256 hex digest")
+    return value
+
+
 def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
     """Every field of a TaskSpec, then its size against `max_bytes`; raises InvalidArgument
     naming the first bad one."""
@@ -242,6 +252,8 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
             raise InvalidArgument(f"env name {key[:40]!r} is not a valid variable name")
     check_exec_size(spec)
     check_text(spec.workdir, "workdir", 4096)
+    if spec.code_digest:
+        check_sha256_hex(spec.code_digest, "code_digest")
     r = spec.resources
     _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
     if r.gpus > MAX_GPUS:

@@ -42,7 +42,9 @@ Choices:
   locale, time zone, temp dir, library paths), then its spec's env, then `LEPTON_TASK_ID`,
   `LEPTON_ATTEMPT` and the GPU variables. Never the rest: the agent's environment may hold
   its node token (`LEPTON_NODE_TOKEN`) or other secrets. An explicit `base_env` replaces
-  the inherited part as given.
+  the inherited part as given; `task_path` (--task-path), when set, replaces its PATH.
+- Shipped code (`spec.code_dir`, from --working-dir): the attempt works in `<attempt>/work`,
+  a fresh copy of the node's cached tree (lepton.agent.code_cache), first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lepton.agent.code_cache import copy_code
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import (
@@ -71,7 +74,7 @@ from lepton.agent.tasks.task_spec import (
     TaskEventKind,
     validate_ids,
 )
-from lepton.agent.tasks.task_user import TaskUser
+from lepton.agent.tasks.task_user import WORK_DIR, TaskUser
 from lepton.common.durable import fsync_dir, read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
@@ -149,6 +152,7 @@ class TaskRunner:
         acknowledged_by_caller: bool = False,
         lease_path: Path | None = None,
         task_user: TaskUser | None = None,
+        task_path: str = "",
     ):
         """`log_max_bytes`: rotate output.log past this (0: no cap); `retention_s`: see `sweep`
         (0: keep forever), aged on `clock` (monotonic). `acknowledged_by_caller`: an EXITED counts as reported only once
@@ -168,6 +172,7 @@ class TaskRunner:
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
         self._base_env = dict(base_env) if base_env is not None else None
         self._task_user = task_user  # run tasks' commands as this OS user (see `task_user`)
+        self._task_path = task_path  # the PATH tasks get ("": the agent's)
         self._live: dict[tuple[str, int], _Attempt] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
@@ -232,19 +237,8 @@ class TaskRunner:
         Raises InvalidArgument for a bad spec, FailedPrecondition when the runner is not
         started or this attempt ever ran on this node before, OSError when the data dir
         cannot take the attempt's folder."""
-        spec.validate()
-        if self._watcher is None:
-            raise FailedPrecondition("task runner is not started")
-        if (spec.task_id, spec.attempt) in self._live:
+        if (att_dir := self._claim(spec)) is None:
             return
-        att_dir = self._attempt_dir(spec.task_id, spec.attempt)
-        att_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            att_dir.mkdir()  # exclusive: the durable "this attempt ran here" mark
-        except FileExistsError:
-            raise FailedPrecondition(
-                f"attempt {spec.attempt} of task {spec.task_id} already ran on this node") from None
-        fsync_dir(att_dir.parent)  # ...durable through a power loss too
         try:
             command, env, workdir = self._prepare(spec, att_dir)
         except OSError as err:
@@ -291,6 +285,29 @@ class TaskRunner:
                     spec.term, proc.pid)
         self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
                              pid=proc.pid, at_ms=att.started_at_ms))
+
+    def refuse(self, spec: RunSpec, why: str) -> None:
+        """Record this attempt as failed to start (`why`; e.g. its code could not be
+        fetched) without running anything. Raises as `launch` does."""
+        if (att_dir := self._claim(spec)) is not None:
+            self._fail_start(spec, att_dir, why)
+
+    def _claim(self, spec: RunSpec) -> Path | None:
+        """The attempt's new folder; None while it runs. Raises as `launch` does."""
+        spec.validate()
+        if self._watcher is None:
+            raise FailedPrecondition("task runner is not started")
+        if (spec.task_id, spec.attempt) in self._live:
+            return None
+        att_dir = self._attempt_dir(spec.task_id, spec.attempt)
+        att_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            att_dir.mkdir()  # exclusive: the durable "this attempt ran here" mark
+        except FileExistsError:
+            raise FailedPrecondition(
+                f"attempt {spec.attempt} of task {spec.task_id} already ran on this node") from None
+        fsync_dir(att_dir.parent)  # ...durable through a power loss too
+        return att_dir
 
     def cancel(self, task_id: str, attempt: int, *, reason: str = "cancelled", grace_s: float | None = None) -> None:
         """SIGTERM the attempt's whole process group now, SIGKILL it after `grace_s` (default:
@@ -440,6 +457,8 @@ class TaskRunner:
     def _prepare(self, spec: RunSpec, att_dir: Path) -> tuple[tuple[str, ...], dict[str, str], Path]:
         """The command, environment and workdir to spawn. Raises OSError saying why not."""
         env = inherited_env(os.environ) if self._base_env is None else dict(self._base_env)
+        if self._task_path:  # the operator's PATH for tasks (--task-path); the spec's still wins
+            env["PATH"] = self._task_path
         env.update(spec.env)
         env["LEPTON_TASK_ID"] = spec.task_id
         env["LEPTON_ATTEMPT"] = str(spec.attempt)
@@ -450,6 +469,9 @@ class TaskRunner:
         if self._task_user is not None:  # its own folder; the attempt's records stay the agent's
             base = self._task_user.workdir(att_dir)
             env.update(self._task_user.env(base))
+        if spec.code_dir:  # --working-dir: a fresh copy of the node's tree, importable
+            base = copy_code(Path(spec.code_dir), att_dir / WORK_DIR, self._task_user)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(base), env.get("PYTHONPATH")) if p)
         workdir = base / spec.workdir if spec.workdir else base  # `/` keeps an absolute one
         if not workdir.is_dir():
             raise NotADirectoryError(f"workdir {workdir} is not a directory")
