@@ -87,8 +87,8 @@ def test_a_voter_that_was_down_catches_up_through_a_snapshot_over_16_mib(agents)
         big = [big_task(c, i, constraints={"pool": "big"}).id for i in range(30)]
         for i in range(20):  # enough entries after them that a snapshot holds them all
             c.submit(["true"], constraints={"pool": "none"}, name=f"small-{i}")
-        running = lambda: {t.id for t in c.tasks() if t.state == "running"}  # noqa: E731
-        wait_until(lambda: running() >= set(big), timeout=120,
+        # One by one: a list of them all would itself pass 16 MiB without pagination.
+        wait_until(lambda: all(c.get(t).state == "running" for t in big), timeout=120,
                    what="all 30 big tasks running on the worker (its set came in chunks)")
         assert "assignments (term" in worker.log_path.read_text()
 
@@ -112,9 +112,8 @@ def test_snapshot_save_and_restore_round_trip_a_state_over_16_mib(agents, tmp_pa
     voter = agents("voter")
     srv = voter.address
     with Client(srv, timeout=60) as c:
-        for i in range(22):
-            big_task(c, i, constraints={"pool": "none"})
-        before = sorted((t.id, t.state) for t in c.tasks())
+        ids = [big_task(c, i, constraints={"pool": "none"}).id for i in range(22)]
+        before = [(t, c.get(t).state) for t in ids]  # one by one: all at once is over 16 MiB
     backup = tmp_path / "big.lbk"
     saved = json.loads(run_ctl("-o", "json", "snapshot", "save", str(backup), server=srv, check=True).stdout)
     assert saved["bytes"] > MAX_MESSAGE_BYTES and backup.stat().st_size == saved["bytes"]
@@ -124,4 +123,4 @@ def test_snapshot_save_and_restore_round_trip_a_state_over_16_mib(agents, tmp_pa
     voter.start()
     with Client(srv, timeout=60) as c:
         wait_until(lambda: c.cluster_status().leader, what="the voter to lead again")
-        assert sorted((t.id, t.state) for t in c.tasks()) == before
+        assert [(t, c.get(t).state) for t in ids] == before
