@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from lepton.common import tls as _tls
@@ -31,35 +32,44 @@ TLS_CA_ENV = "LEPTON_TLS_CA"
 def prepare_task_tls(tls: TlsConfig, data_dir: Path, *, owner: tuple[int, int] | None = None) -> Path:
     """Fill `<data_dir>/task-tls` with the CA certificate and the task certificate (issued
     when the CA key is here), 0600 in a 0700 folder owned by `owner` (the task user's
-    uid/gid; None: the agent's user, whom tasks run as). Logs what tasks lose when there is no task certificate. Raises OSError."""
+    uid/gid; None: the agent's user, whom tasks run as). Logs what tasks lose when there is
+    no task certificate. Raises OSError."""
     out = Path(data_dir) / TASK_TLS_DIR
     out.mkdir(exist_ok=True)
-    try:
-        paths = _tls.ensure_task_cert(tls.dir)
-    except OSError as err:  # a read-only TLS folder: tasks lose the cluster, not the agent
-        logger.warning("cannot issue the task certificate in %s: %s", tls.dir, err)
-        paths = None
-    names = [_tls.CA_CERT]
-    if paths is None:
-        logger.warning("no task certificate in %s and no CA key to issue one: tasks cannot reach the "
-                       "cluster over TLS. Issue one (lepton-ctl certs issue task --kind task --dir D) "
-                       "and copy task.crt and task.key there", tls.dir)
-    else:
-        names += [paths.cert.name, paths.key.name]
-    for name in os.listdir(out):
-        if name not in names:
-            (out / name).unlink()
-    for name in names:
-        tmp = out / f".{name}.tmp"
-        shutil.copyfile(Path(tls.dir) / name, tmp)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, out / name)
+    # Agents sharing a TLS folder with the CA key may issue at once: copy until a matching pair.
+    for _ in range(5):
+        paths = _task_cert(tls)
+        names = [_tls.CA_CERT] + ([paths.cert.name, paths.key.name] if paths is not None else [])
+        for name in os.listdir(out):
+            if name not in names:
+                (out / name).unlink()
+        for name in names:
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(Path(tls.dir) / name, tmp)
+            if owner is not None:
+                os.chown(tmp, *owner)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, out / name)
+        if paths is None or _tls.task_cert_usable(out):
+            break
+        time.sleep(0.1)
     if owner is not None:
         os.chown(out, *owner)
     os.chmod(out, 0o700)
     return out
+
+
+def _task_cert(tls: TlsConfig) -> _tls.CertPaths | None:
+    try:
+        paths = _tls.ensure_task_cert(tls.dir)
+    except OSError as err:  # a read-only TLS folder: tasks lose the cluster, not the agent
+        logger.warning("cannot issue the task certificate in %s: %s", tls.dir, err)
+        return None
+    if paths is None:
+        logger.warning("no task certificate in %s and no CA key to issue one: tasks cannot reach the "
+                       "cluster over TLS. Issue one (lepton-ctl certs issue task --kind task --dir D) "
+                       "and copy task.crt and task.key there", tls.dir)
+    return paths
 
 
 def task_env(data_dir: str, *, tls_on: bool, token: str) -> dict[str, str]:

@@ -270,11 +270,7 @@ def _problem(d: Path, name: str, hosts: Sequence[str]) -> str:
         cert.verify_directly_issued_by(ca_cert)
     except Exception:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError (key type)
         return "not issued by this CA"
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    if not _same_key(key, cert):
         return "key does not match certificate"
     if cert.not_valid_after_utc - _now() < RENEW_BEFORE:
         return f"expires {cert.not_valid_after_utc.date()}"
@@ -312,22 +308,33 @@ def ensure_node_cert(directory: str | os.PathLike[str], name: str, hosts: Sequen
     return issue(d, name, kind="node", hosts=hosts, overwrite=True)
 
 
+def _same_key(key: Any, cert: x509.Certificate) -> bool:
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
+
+def task_cert_usable(directory: str | os.PathLike[str]) -> bool:
+    """Whether `directory` holds a task certificate of its CA (OU=task, not expiring within
+    RENEW_BEFORE) with the key that matches it."""
+    d = Path(directory)
+    try:
+        cert = x509.load_pem_x509_certificate((d / f"{TASK_CERT}.crt").read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate((d / CA_CERT).read_bytes()))
+        key = serialization.load_pem_private_key((d / f"{TASK_CERT}.key").read_bytes(), password=None)
+    except Exception:  # noqa: BLE001 - missing, unreadable, foreign, another key type
+        return False
+    ous = [str(o.value) for o in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    return ous == ["task"] and cert.not_valid_after_utc - _now() >= RENEW_BEFORE and _same_key(key, cert)
+
+
 def ensure_task_cert(directory: str | os.PathLike[str]) -> CertPaths | None:
     """The task certificate (`task.crt`/`task.key`, OU=task) in `directory`, issued from the
     CA when missing or unusable and the CA key is here; None when it cannot be had (the
-    caller says what tasks lose). Never raises for a missing file."""
+    caller says what tasks lose). Never raises for a missing file; OSError when it cannot
+    write one."""
     d = Path(directory)
-    paths = CertPaths(d / f"{TASK_CERT}.crt", d / f"{TASK_CERT}.key", d / CA_CERT)
-    try:
-        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
-        ca_cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
-        cert.verify_directly_issued_by(ca_cert)
-        ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-        if (paths.key.exists() and [str(o.value) for o in ous] == ["task"]
-                and cert.not_valid_after_utc - _now() >= RENEW_BEFORE):
-            return paths
-    except Exception:  # noqa: BLE001 - missing, unreadable, foreign: issue a new one below
-        pass
+    if task_cert_usable(d):
+        return CertPaths(d / f"{TASK_CERT}.crt", d / f"{TASK_CERT}.key", d / CA_CERT)
     if not (d / CA_KEY).exists() or not (d / CA_CERT).exists():
         return None
     return issue(d, TASK_CERT, kind="task", overwrite=True)
