@@ -68,8 +68,15 @@ class GarbageCollector:
         return bool(doomed) or len(self._state.tasks.history) > c.history_limit
 
     async def collect(self, keep_finished: int | None = None, max_age_s: float | None = None) -> Collected:
-        """Propose a collection now (the leader only); returns what it did."""
-        return await self._commit(self.command(keep_finished, max_age_s))
+        """Collect now (the leader only), in as many commands as it takes (each collects
+        at most retention.MAX_PER_COMMAND tasks); returns what they did in all."""
+        cmd = self.command(keep_finished, max_age_s)
+        tasks = jobs = 0
+        while True:
+            done = await self._commit(cmd)
+            tasks, jobs = tasks + done.tasks, jobs + done.jobs
+            if not done.more:
+                return Collected(tasks, jobs, done.finished_kept, done.history_size)
 
     async def run_cycle(self) -> str:
         if not self._is_leader():
@@ -77,7 +84,7 @@ class GarbageCollector:
         cmd = self.command()
         if not self.due(cmd):
             return "nothing to collect"
-        done = await self._commit(cmd)
+        done = await self.collect()
         return (f"collected {done.tasks} finished tasks ({done.jobs} jobs); {done.finished_kept} "
                 f"finished kept, {done.history_size} in the history")
 

@@ -27,14 +27,20 @@ if TYPE_CHECKING:
     from lepton.coordinator.state.tasks import TaskTable
 
 
+# Tasks one command collects at most (a job whole): a large backlog goes over several
+# commands, so no single apply holds the leader's event loop for long.
+MAX_PER_COMMAND = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Collected:
-    """What one collection did."""
+    """What one collection did; `more`: it stopped at MAX_PER_COMMAND with work left."""
 
     tasks: int
     jobs: int
     finished_kept: int
     history_size: int
+    more: bool = False
 
 
 class TaskHistory:
@@ -89,7 +95,7 @@ class TaskHistory:
         if s is None or s.job_id != job_id:
             return NotFound(f'job "{job_id}" not found')
         return NotFound(f'job "{job_id}" was garbage-collected (collected_at_ms={s.collected_at_ms}); '
-                        f'its members\' summaries: tasks show {job_id}-RANK')
+                        f"its members' summaries: tasks show {member_id(job_id, 'RANK')}")
 
 
 def summarize(task: tasks_pb2.Task, at_ms: int) -> tasks_pb2.TaskSummary:
@@ -138,14 +144,22 @@ def collect(table: TaskTable, c: state_pb2.CollectGarbageCmd, at_ms: int) -> Col
     """The command: remove what `select` picks, summarize it, trim the history."""
     max_age = c.max_age_ms if c.HasField("max_age_ms") else None
     doomed, kept = select(table, c.keep_finished, max_age, at_ms)
-    tasks = jobs = 0
-    for _finished_at, unit_id, task_ids in reversed(doomed):  # oldest first into the history
+    gone: list[str] = []
+    jobs = 0
+    oldest_first = doomed[::-1]
+    for n, (_finished_at, unit_id, task_ids) in enumerate(oldest_first):
+        if gone and len(gone) + len(task_ids) > MAX_PER_COMMAND:
+            more = len(oldest_first) - n
+            break
         if unit_id in table.jobs:
             table.forget_job(unit_id)
             jobs += 1
         for task_id in task_ids:
             table.history.add(summarize(table.tasks[task_id], at_ms))
-            table.forget(task_id)
-            tasks += 1
+        gone.extend(task_ids)
+    else:
+        more = 0
+    table.forget(gone)
     table.history.trim(c.history_limit)
-    return Collected(tasks=tasks, jobs=jobs, finished_kept=kept, history_size=len(table.history))
+    return Collected(tasks=len(gone), jobs=jobs, finished_kept=kept + more, history_size=len(table.history),
+                     more=bool(more))

@@ -83,16 +83,15 @@ class TaskTable(GangMixin):
         self.tasks[task.id] = task
         bisect.insort(self.order, (task.created_at_ms, task.id))
 
-    def forget(self, task_id: str) -> None:
-        """Remove a finished task and its indexes (garbage collection; retention.py)."""
-        task = self.tasks.pop(task_id)
-        rid = task.spec.request_id
-        if rid and self.by_request.get(rid) == task_id:
-            del self.by_request[rid]
-        key = (task.created_at_ms, task.id)
-        pos = bisect.bisect_left(self.order, key)
-        if pos < len(self.order) and self.order[pos] == key:
-            del self.order[pos]
+    def forget(self, task_ids: list[str]) -> None:
+        """Remove finished tasks and their indexes (garbage collection; retention.py)."""
+        for task_id in task_ids:
+            task = self.tasks.pop(task_id)
+            rid = task.spec.request_id
+            if rid and self.by_request.get(rid) == task_id:
+                del self.by_request[rid]
+        # One pass, not a deletion per task: each would move the rest of the list.
+        self.order = [key for key in self.order if key[1] in self.tasks]
 
     def _changed(self, task: tasks_pb2.Task, old_node: str) -> None:
         self._index(task, old_node)

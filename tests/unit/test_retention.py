@@ -183,3 +183,19 @@ def test_the_snapshot_shrinks_under_churn():
         sizes.append(len(w.sm.snapshot()))
     assert len(w.sm.tasks.tasks) == 50 and len(w.sm.tasks.history) == 100
     assert sizes[2] <= sizes[0] * 1.1  # bounded, not growing with every round
+
+
+def test_a_large_backlog_goes_over_several_commands_oldest_first(monkeypatch):
+    from lepton.coordinator.state import retention
+
+    monkeypatch.setattr(retention, "MAX_PER_COMMAND", 2)
+    w = finished_world(5)
+    steps = []
+    while True:
+        done = w.gc(keep=0)
+        steps.append((done.tasks, done.finished_kept, done.more))
+        if not done.more:
+            break
+    assert steps == [(2, 3, True), (2, 1, True), (1, 0, False)]
+    assert [s.id for s in w.sm.tasks.history.summaries()] == ["t0", "t1", "t2", "t3", "t4"]
+    assert not w.sm.tasks.order
