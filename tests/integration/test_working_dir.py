@@ -1,0 +1,75 @@
+"""The first job, as a new user runs it: `local up --agents 2` from a shell whose PATH does not
+hold the venv, a fresh HOME and no LEPTON_SERVER, then `run --working-dir . -- python train.py`
+from a folder with a script that imports numpy and a helper module beside it. The script's
+output comes back and the exit code is 0; a second run does not upload the folder again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CTL = str(Path(sys.executable).with_name("lepton-ctl"))
+TRAIN = """\
+import numpy as np
+import helper
+from pkg import mod
+print("sum", int(np.arange(5).sum()), helper.NAME, mod.VALUE)
+"""
+
+
+def user_shell_env(home: Path) -> dict[str, str]:
+    """A shell that never activated the venv: system PATH, its own HOME, no cluster set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if p != venv_bin)
+    env["HOME"] = str(home)
+    env.pop("XDG_CONFIG_HOME", None)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def ctl(*args: str, cwd: Path, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CTL, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_working_dir_ships_the_folder_once_and_runs_the_venv_python(tmp_path):
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "train.py").write_text(TRAIN)
+    (project / "helper.py").write_text('NAME = "helper-ok"\n')
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "pkg" / "mod.py").write_text("VALUE = 7\n")
+    (project / ".gitignore").write_text("data/\n")
+    (project / "data").mkdir()
+    (project / "data" / "huge.bin").write_bytes(b"\0" * (1 << 20))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = user_shell_env(home)
+    cluster_dir = str(tmp_path / "cluster")
+    up = ctl("local", "up", "--agents", "2", "--data-dir", cluster_dir, cwd=project, env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"tasks run python: {Path(sys.executable).parent / 'python'}" in up.stdout
+        first = ctl("run", "--working-dir", ".", "--", "python", "train.py", cwd=project, env=env)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == "sum 10 helper-ok 7\n"
+        assert "(uploaded)" in first.stderr, first.stderr
+        assert "KiB" in first.stderr  # data/ (1 MiB) stayed home: .gitignore
+        second = ctl("run", "--working-dir", ".", "--", "python", "train.py", cwd=project, env=env)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout == "sum 10 helper-ok 7\n"
+        assert "already stored, not uploaded again" in second.stderr, second.stderr
+        # A changed file is a new archive: uploaded, and what runs is the new code.
+        (project / "helper.py").write_text('NAME = "changed"\n')
+        third = ctl("run", "--working-dir", ".", "--", "python", "train.py", cwd=project, env=env)
+        assert third.returncode == 0, third.stderr
+        assert third.stdout == "sum 10 changed 7\n" and "(uploaded)" in third.stderr
+    finally:
+        down = ctl("local", "down", "--data-dir", cluster_dir, "--wipe", cwd=project, env=env)
+        assert down.returncode == 0, down.stderr
