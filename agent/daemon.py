@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.common.grpc_util import SERVER_OPTIONS, register_service
 from lepton.common.logs import set_node_context
+from lepton.common.sockets import bind_tcp
 from lepton.common.validation import join_host_port, split_host_port
 from lepton.common.version import VERSION
 from lepton.v1 import agent_pb2, coordinator_pb2
@@ -33,22 +33,12 @@ from lepton.v1 import agent_pb2, coordinator_pb2
 logger = logging.getLogger(__name__)
 
 
-def _bind_probe(host: str, port: int) -> int:
-    """Bind `host` (unbracketed; a name, IPv4 or IPv6) and `port` (0: any) in the host's own
-    address family, as gRPC or torch's store would, then let go; the port bound. Raises OSError."""
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and torch do
-        s.bind(sockaddr)
-        return s.getsockname()[1]
-
-
 def free_port(host: str) -> int:
     """A TCP port free on `host` right now (a job's rank 0 may host its store there); 0 when
     none can be bound there."""
     try:
-        return _bind_probe(host, 0)
+        with bind_tcp(host, 0) as s:
+            return s.getsockname()[1]
     except OSError:
         return 0
 
@@ -410,7 +400,7 @@ def check_bindable(address: str, flag: str) -> None:
     if port == 0:
         return
     try:
-        _bind_probe(host, port)
+        bind_tcp(host, port).close()
     except OSError as err:
         raise OSError(f"cannot listen on {address}: {err.strerror or err}; "
                       f"choose another address with {flag}") from None

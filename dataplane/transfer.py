@@ -55,6 +55,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.sockets import bind_tcp
 from lepton.common.tls import PeerIdentity, identity_from_ssl
 from lepton.common.validation import join_host_port, split_host_port
 from lepton.dataplane.shards import CHUNK, ShardCorrupt, ShardStore, ShardWriter, checkpoint_offsets
@@ -103,7 +104,8 @@ class SideChannel:
         self._pending: dict[socket.socket, _Pending] = {}
         self._serving: dict[str, int] = {}  # peer host -> slots held
         self._slot_freed = threading.Condition(self._lock)  # a peer gave a slot back
-        self._sock = socket.create_server((host, 0), backlog=128)
+        self._sock = bind_tcp(host, 0)  # the host's own family: an IPv6 --listen works too
+        self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="side-channel", daemon=True)

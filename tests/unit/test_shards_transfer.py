@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lepton.common.errors import InvalidArgument, Unavailable
+from lepton.common.validation import join_host_port
 from lepton.dataplane import shard_crypto as sc
 from lepton.dataplane.shard_crypto import ShardCipher
 from lepton.dataplane.shard_service import ShardService, add_to_server
@@ -25,21 +26,21 @@ from lepton.v1.datasets_pb2_grpc import ShardsStub
 class Node:
     """A Shards server on its own event loop thread."""
 
-    def __init__(self, store: ShardStore):
+    def __init__(self, store: ShardStore, host: str = "127.0.0.1"):
         self.store = store
         self.sent: list[int] = []  # shard bytes that left this node (side channel or gRPC)
-        self.side = SideChannel(store, on_bytes=self._count)
+        self.side = SideChannel(store, host, on_bytes=self._count)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.server, port = self._run(self._start())
-        self.address = f"127.0.0.1:{port}"
+        self.server, port = self._run(self._start(host))
+        self.address = join_host_port(host, port)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
-    async def _start(self):
+    async def _start(self, host: str):
         server = grpc.aio.server()
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(join_host_port(host, 0))
         add_to_server(ShardService(self.store, self.side, Puller(self.store), "n", on_bytes=self._count), server)
         await server.start()
         return server, port
@@ -58,8 +59,8 @@ class Node:
 def nodes(tmp_path):
     made: list[Node] = []
 
-    def make(name: str, cipher=None) -> Node:
-        made.append(Node(ShardStore(tmp_path / name, cipher=cipher)))
+    def make(name: str, cipher=None, host: str = "127.0.0.1") -> Node:
+        made.append(Node(ShardStore(tmp_path / name, cipher=cipher), host))
         return made[-1]
 
     yield make
@@ -94,6 +95,30 @@ def test_pull_verifies_and_stores(nodes, tmp_path, transport):
     assert with_puller.pull(sid, len(data), [src.address], progress=seen.append) == len(data)
     assert dst.path(sid).read_bytes() == data and sum(seen) == len(data)
     assert with_puller.pull(sid, len(data), [src.address]) == 0  # already there
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("transport", ["socket", "grpc"])
+def test_a_node_listening_on_ipv6_serves_its_shards(nodes, tmp_path, transport):
+    """--listen [::1]:PORT: the side channel binds in the host's family (a plain socket is
+    IPv4 only), and the puller dials "[::1]:PORT" and the side channel's bare ::1."""
+    src = nodes("src", host="::1")
+    assert src.address.startswith("[::1]:") and src.side._sock.family == socket.AF_INET6
+    sid, data = put(src.store, CHUNK + 3)
+    dst = ShardStore(tmp_path / "dst")
+    assert Puller(dst, transport=transport).pull(sid, len(data), [src.address]) == len(data)
+    assert dst.path(sid).read_bytes() == data
+    if transport == "socket":
+        assert sum(src.sent) == len(data)
 
 
 @pytest.mark.parametrize("transport", ["socket", "grpc"])
