@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1MiB, at most 3MiB)")
     p.add_argument("--max-submit-inflight", dest="max_submit_inflight", type=int,
                    help="voters: user-submitted tasks the leader has in flight before it sheds more "
-                        "with RESOURCE_EXHAUSTED and a retry hint (default 4000)")
+                        "with RESOURCE_EXHAUSTED and a retry hint (default 2000)")
     p.add_argument("--shard-reserve", dest="shard_reserve_bytes",
                    help="free space shard writes leave on the disk for the Raft log and task output, "
                         "e.g. 10GiB (default 2GiB; 0: none)")

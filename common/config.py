@@ -174,7 +174,7 @@ class AgentConfig:
     max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES
     # Voters: user-submitted tasks the leader has in flight (proposed, not yet applied)
     # before it sheds more with RESOURCE_EXHAUSTED and a retry hint (coordinator/api/admission.py).
-    max_submit_inflight: int = 4000
+    max_submit_inflight: int = 2000
 
     def __post_init__(self) -> None:
         self.peers = split_list(self.peers)

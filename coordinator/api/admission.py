@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 from lepton.common.errors import Overloaded
 
-# Defaults: ~4 full SubmitTasks calls, or many single submits, at once; bytes well under
+# Defaults: two full SubmitTasks calls, or many single submits, at once; bytes well under
 # what the leader may buffer for followers.
-DEFAULT_MAX_TASKS = 4000
+DEFAULT_MAX_TASKS = 2000
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 RETRY_MIN_MS = 50
 RETRY_MAX_MS = 5000
