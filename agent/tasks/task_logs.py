@@ -51,6 +51,7 @@ from pathlib import Path
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import TASK_ID_RE
 from lepton.common.durable import read_json
+from lepton.common.job_ids import job_of  # a member task's job: the jobs/<job id> folder
 
 logger = logging.getLogger(__name__)
 
@@ -419,10 +420,6 @@ def sweep_finished(root: Path, retention_s: float, keep: Collection[tuple[str, i
     return removed, freed, touched
 
 
-def job_of(task_id: str) -> str:
-    """The job a member task id `<job>-<rank>` (coordinator.jobs.member_id) belongs to, or ""."""
-    job, dash, rank = task_id.rpartition("-")
-    return job if dash and job and rank.isdigit() else ""
 
 
 def finished_jobs(jobs_root: Path, tasks_root: Path, retention_s: float, keep: Collection[tuple[str, int]],

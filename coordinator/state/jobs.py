@@ -1,8 +1,9 @@
 """Multi-node jobs: gangs of tasks that are placed, fail and restart together.
 
-A job of N nodes is N tasks `<job>-<rank>` sharing `spec.job_id`. The scheduler places a
-gang all-or-nothing on distinct nodes. When one member fails (non-zero exit, timeout,
-node lost), every member stops at once: the others drop out of their agents' desired sets,
+A job of N nodes is N tasks `member_id(job, rank)` (`t-<hex>-<rank>` for job `j-<hex>`,
+lepton.common.job_ids) sharing `spec.job_id`; "rank" here is the member's node index.
+The scheduler places a gang all-or-nothing on distinct nodes. When one member fails
+(non-zero exit, timeout, node lost), every member stops at once: the others drop out of their agents' desired sets,
 so their workers are killed instead of hanging in a collective until it times out. The
 gang then restarts as a whole (attempt + 1, restart_count + 1, a new rendezvous) while
 `max_restarts` allows, else every member fails.
@@ -13,12 +14,11 @@ Mixed into `TaskTable`; deterministic like the rest of the state machine.
 from __future__ import annotations
 
 from lepton.common.errors import FailedPrecondition
+from lepton.common.job_ids import member_id
 from lepton.common.states import TaskState
 from lepton.v1 import state_pb2, tasks_pb2
 
-
-def member_id(job_id: str, rank: int) -> str:
-    return f"{job_id}-{rank}"
+__all__ = ["GangMixin", "member_id"]
 
 
 def _job_state(members: set[TaskState]) -> TaskState:
@@ -98,7 +98,8 @@ class GangMixin:
                 continue
             old_node = m.node_id
             own = m.id == failed.id
-            reason = why if own else f"stopped: rank {rank} failed ({why})"
+            # "node K": the member's index. "rank" means a worker's global rank everywhere.
+            reason = why if own else f"stopped: node {rank} failed ({why})"
             if own and exit_code is not None:
                 m.has_exit_code, m.exit_code = True, exit_code
             if not restart:
@@ -113,7 +114,7 @@ class GangMixin:
             m.master_port = 0
             del m.gpu_indices[:]
             m.started_at_ms = m.assigned_at_ms = m.finished_at_ms = 0
-            m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after rank {rank}: {why}"
+            m.reason = f"restart {restarts + 1}/{m.spec.max_restarts} after node {rank}: {why}"
             self._changed(m, old_node)
 
     def _cancel_gang(self, task: tasks_pb2.Task, at_ms: int) -> None:

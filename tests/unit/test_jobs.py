@@ -65,7 +65,7 @@ def test_a_failed_rank_restarts_every_member_with_a_new_attempt():
     job = w.job()
     assert job.state == tasks_pb2.TASK_STATE_PENDING and job.restart_count == 1
     assert all(t.attempt == 2 and not t.node_id and not t.master_port for t in job.tasks)
-    assert "rank 1" in w.task("j1-0").history[0].reason
+    assert "node 1" in w.task("j1-0").history[0].reason
     assert w.sm.tasks.by_node.get("a", set()) == set()  # rank 0 leaves node a's desired set
     # A late exit report about the old attempt changes nothing.
     w.apply(task_event=state_pb2.TaskEventCmd(node_id="a", event=tasks_pb2.TaskEvent(
@@ -81,7 +81,7 @@ def test_without_restarts_every_member_fails():
     job = w.job()
     assert job.state == tasks_pb2.TASK_STATE_FAILED
     assert {t.state for t in job.tasks} == {tasks_pb2.TASK_STATE_FAILED}
-    assert w.task("j1-1").reason.startswith("stopped: rank 0 failed")
+    assert w.task("j1-1").reason.startswith("stopped: node 0 failed")
 
 
 def test_a_lost_node_restarts_the_gang():
@@ -125,3 +125,11 @@ def test_plans_place_gangs_whole_and_snapshots_keep_jobs():
     other.restore(w.sm.snapshot(), w.index)
     assert other.tasks.job("j1") == w.job()
     assert other.snapshot() == w.sm.snapshot()
+
+
+def test_members_of_a_j_job_are_t_tasks_so_no_id_names_both():
+    w = World()
+    job = w.apply(submit_job=state_pb2.SubmitJobCmd(job_id="j-0a1b", nodes=2, spec=tasks_pb2.TaskSpec(
+        argv=["train"])))
+    assert [t.id for t in job.tasks] == ["t-0a1b-0", "t-0a1b-1"]
+    assert w.sm.tasks.job("j-0a1b").id == "j-0a1b" and "j-0a1b" not in w.sm.tasks.tasks

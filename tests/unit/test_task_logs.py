@@ -335,3 +335,12 @@ async def test_a_member_launched_during_the_job_sweep_keeps_the_folder(tmp_path)
     deleted, freed = await task_logs.sweep_jobs(jobs, tasks, 3600, set, ages)
     assert deleted == 1 and not (jobs / "j").exists() and list(jobs.iterdir()) == []
     assert await task_logs.sweep_jobs(tmp_path / "none", tasks, 3600, set, ages) == (0, 0)
+
+
+def test_job_of_maps_member_task_ids_to_their_job():
+    from lepton.common.job_ids import member_id
+
+    assert member_id("j-abc123", 1) == "t-abc123-1"
+    assert task_logs.job_of(member_id("j-abc123", 1)) == "j-abc123"
+    assert task_logs.job_of("j-abc123-0") == "j-abc123"  # a member named before t- ids
+    assert task_logs.job_of("t-123456789012") == ""  # a plain task whose hex is all digits
