@@ -36,8 +36,8 @@ def _limit(parse: Callable[[str], int]) -> Callable[[str], int | str]:
         if text.strip().lower() == UNLIMITED:
             return UNLIMITED
         value = parse(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0 or 'unlimited': {text!r}")
+        if not 0 <= value < 1 << 64:  # a uint64 on the wire; the server has its own maximum
+            raise argparse.ArgumentTypeError(f"must be between 0 and 2^64-1, or 'unlimited': {text!r}")
         return value
 
     return read

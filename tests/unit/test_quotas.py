@@ -142,3 +142,19 @@ def test_quotas_survive_a_snapshot() -> None:
     err = other.apply(w.index + 2, state_pb2.Command(at_ms=1, submit_task=state_pb2.SubmitTaskCmd(
         task_id="t-2", spec=tasks_pb2.TaskSpec(argv=["true"], owner="alice"))).SerializeToString())
     assert isinstance(err, ResourceExhausted)
+
+
+# -- lepton-ctl quota: what is refused before anything is sent ---------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["quota", "set", "alice"], "give at least one of"),
+    (["quota", "set", "alice", "--tokens", "-1"], "must be between 0 and 2^64-1"),
+    (["quota", "set", "alice", "--pending-tasks", "many"], "not an integer"),
+    (["quota", "set", "alice", "--dataset-bytes", "99999999999999999999GiB"], "2^64-1"),
+])
+def test_quota_cli_refuses_bad_values_in_one_line(capsys, argv, words) -> None:
+    from lepton.client import cli
+
+    code = cli.main(["--server", "127.0.0.1:1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
