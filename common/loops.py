@@ -14,11 +14,13 @@ async def run_cycles(
     interval_s: float,
     wakeup: asyncio.Event | None = None,
     logger: logging.Logger,
+    log: Callable[[str], None] | None = None,
 ) -> None:
     """Run `run_cycle` forever: after each, wait `interval_s` or until `wakeup` is set.
 
-    The sentence is logged at INFO only when it changes, so a steady loop logs once. A cycle
-    that raises is logged with its traceback and the loop goes on; cancellation ends it.
+    The sentence is logged only when it changes, so a steady loop logs once: at INFO as
+    "what: sentence", or by `log` when given (which may say nothing of routine ones). A
+    cycle that raises is logged with its traceback and the loop goes on; cancellation ends it.
     """
     last = ""
     while True:
@@ -38,5 +40,8 @@ async def run_cycles(
             logger.exception("%s cycle failed", what)
             continue
         if sentence != last:
-            logger.info("%s: %s", what, sentence)
+            if log is None:
+                logger.info("%s: %s", what, sentence)
+            else:
+                log(sentence)
             last = sentence

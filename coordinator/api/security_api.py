@@ -30,6 +30,7 @@ from lepton.common.auth import AuthEvent, Role, new_token, token_id
 from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, LeptonError
 from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.common.loops import run_cycles
 from lepton.common.paging import MAX_PAGE_BYTES, decode_token, page_size, take_page
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.audit import record_from_event
@@ -94,18 +95,11 @@ class AuditBatcher:
         return f"wrote {len(batch)} audit records"
 
     async def run(self, interval_s: float = AUDIT_INTERVAL_S) -> None:
-        last = ""
-        while True:
-            try:
-                sentence = await self.run_cycle()
-                if sentence != last and not sentence.startswith(("wrote", "nothing", "not the leader")):
-                    logger.warning("audit: %s", sentence)
-                last = sentence
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("audit cycle failed")
-            await asyncio.sleep(interval_s)
+        def warn_of_losses(sentence: str) -> None:  # batches written are routine: no line
+            if not sentence.startswith(("wrote", "nothing", "not the leader")):
+                logger.warning("audit: %s", sentence)
+
+        await run_cycles("audit", self.run_cycle, interval_s=interval_s, logger=logger, log=warn_of_losses)
 
 
 class Bootstrap:
