@@ -2,8 +2,8 @@
 which servers and credentials a `Client` (and so `lepton-ctl`) uses.
 
 The file is `config.toml` in the user's config dir (`platformdirs`, e.g.
-`~/.config/lepton/config.toml`; `$LEPTON_CONFIG` names another), mode 0600 since it may
-hold tokens:
+`~/.config/lepton/config.toml`; `$LEPTON_CLIENT_CONFIG` names another, not
+`$LEPTON_CONFIG`, which is the agent's), mode 0600 since it may hold tokens:
 
     current_context = "local"
     previous_context = "prod"        # where `local down` switches back to
@@ -55,7 +55,7 @@ __all__ = [
 
 DEFAULT_SERVER = "127.0.0.1:7070"
 LOCAL_CONTEXT = "local"
-CONFIG_ENV = "LEPTON_CONFIG"
+CONFIG_ENV = "LEPTON_CLIENT_CONFIG"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _CONTEXT_KEYS = ("servers", "tls_dir", "cert_name", "token")
 _TOP_KEYS = ("current_context", "previous_context", "contexts")
@@ -115,7 +115,7 @@ def config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(CONFIG_ENV):
         return Path(env[CONFIG_ENV])
-    import platformdirs  # only when there is no $LEPTON_CONFIG
+    import platformdirs  # only when there is no $LEPTON_CLIENT_CONFIG
 
     return Path(platformdirs.user_config_dir("lepton", appauthor=False)) / "config.toml"
 
