@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -208,14 +209,7 @@ class DataMethods:
             ),
         )
         placed = {p.shard_id: p for p in plan.placements}
-        total = sum(m.size for m in metas) * plan.replication
-        done = [0]
-
-        def tick(n: int) -> None:
-            done[0] += n
-            if progress is not None:
-                progress(done[0], total)
-
+        tick = _progress_counter(progress, sum(m.size for m in metas) * plan.replication)
         nodes_used = {n for p in plan.placements for n in p.node_ids}
         try:
             uniq = {m.id: m for m in metas}
@@ -318,13 +312,7 @@ class DataMethods:
         work = Path(tempfile.mkdtemp(prefix=".lepton-get-", dir=parent))
         try:
             store = ShardStore(work / "store")
-            total, done = ds.size, [0]
-
-            def tick(n: int) -> None:
-                done[0] += n
-                if progress is not None:
-                    progress(done[0], total)
-
+            tick = _progress_counter(progress, ds.size)
             items = {
                 s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
                 for s in ds.shards
@@ -372,6 +360,22 @@ class DataMethods:
         else:
             tmp = joined
         shutil.move(str(tmp), str(out))
+
+
+def _progress_counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """`tick(n)`: n more bytes moved; tells `progress` (done, total). Called from the upload
+    and pull threads at once, so the count is kept under a lock."""
+    lock = threading.Lock()
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+    return tick
 
 
 def _agent_error(address: str, err: grpc.RpcError) -> LeptonError:
