@@ -267,6 +267,7 @@ class Agent:
             c.state.tasks.listeners.append(metrics.on_task_change)
             c.liveness.on_heartbeat = metrics.observe_heartbeat
             c.scheduling.on_cycle = metrics.scheduling_cycle.observe
+            c.ctx.admission.on_shed = metrics.submissions_shed.inc
             self.coordinator_metrics = metrics
         if not self.config.metrics_listen:
             return

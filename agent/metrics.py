@@ -233,6 +233,10 @@ class CoordinatorMetrics:
             "lepton_heartbeat_interval_seconds",
             "Time between consecutive heartbeats of one node, as the leader sees them",
             buckets=HEARTBEAT_BUCKETS, registry=r)
+        self.submissions_shed = Counter(
+            "lepton_submissions_shed",
+            "User submissions the leader shed (admission: RESOURCE_EXHAUSTED with a retry hint)",
+            registry=r)
         self._collector: ClusterCollector | None = None
 
     def attach(self, **sources: Any) -> ClusterCollector:

@@ -45,7 +45,8 @@ class SubmitAdmission:
         self.tasks = 0  # in flight now
         self.bytes = 0
         self.calls = 0
-        self.shed = 0  # refused so far (a counter, for metrics and tests)
+        self.shed = 0  # refused so far
+        self.on_shed: Callable[[], object] | None = None  # a metrics hook
         self._commit_s = 0.05  # running estimate of one admitted call's time to commit
 
     def retry_after_ms(self) -> int:
@@ -59,6 +60,8 @@ class SubmitAdmission:
     def admit(self, tasks: int, nbytes: int) -> Iterator[None]:
         if self.calls and (self.tasks + tasks > self.max_tasks or self.bytes + nbytes > self.max_bytes):
             self.shed += 1
+            if self.on_shed is not None:
+                self.on_shed()
             raise Overloaded(
                 f"the leader is busy: {self.calls} submissions ({self.tasks} tasks, {self.bytes} "
                 f"bytes) in flight, at most {self.max_tasks} tasks or {self.max_bytes} bytes; retry "

@@ -38,6 +38,19 @@ def test_admits_within_bounds_and_sheds_past_them() -> None:
     assert (gate.calls, gate.tasks, gate.bytes, gate.shed) == (0, 0, 0, 1)
 
 
+def test_each_shed_reaches_the_metrics_hook() -> None:
+    from lepton.agent.metrics import CoordinatorMetrics
+
+    metrics = CoordinatorMetrics()
+    gate = SubmitAdmission(max_tasks=1, max_bytes=100)
+    gate.on_shed = metrics.submissions_shed.inc
+    with gate.admit(1, 1):
+        for _ in range(3):
+            with pytest.raises(Overloaded), gate.admit(1, 1):
+                pass
+    assert metrics.registry.get_sample_value("lepton_submissions_shed_total") == 3
+
+
 def test_bytes_bound_sheds_too() -> None:
     gate = SubmitAdmission(max_tasks=1000, max_bytes=100)
     with gate.admit(1, 90), pytest.raises(Overloaded):
