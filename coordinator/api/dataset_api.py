@@ -94,6 +94,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         old = self._sm.datasets.datasets.get(request.name)
         if old is not None:  # refused before any bytes are uploaded
             check_owner(old, only_owner())
+        self._sm.quotas.check_dataset_bytes(effective_owner(""), request.name, sum(s.size for s in request.shards))
         nodes = {n.id: n for n in ready_nodes(self._sm)}
         if len(nodes) < r:
             raise FailedPrecondition(

@@ -98,6 +98,8 @@ class TaskApi:
     async def SubmitTask(self, request, context):
         v.check_task_spec(request.spec, self._ctx.max_spec_bytes)
         stamp_owner(request.spec, self._ctx.state)  # the caller, with auth on
+        # Quotas: refused here without a log entry; applying the command checks again.
+        self._ctx.state.quotas.check_tasks([request.spec])
         cmd = state_pb2.Command(
             submit_task=state_pb2.SubmitTaskCmd(task_id="t-" + uuid.uuid4().hex[:12], spec=request.spec)
         )
@@ -131,6 +133,7 @@ class TaskApi:
             ]))
             for c in cmd.submit_tasks.tasks:
                 stamp_owner(c.spec, self._ctx.state)  # the caller, with auth on
+            self._ctx.state.quotas.check_tasks(c.spec for c in cmd.submit_tasks.tasks)
             tasks = await self._ctx.commit(cmd)
         return coordinator_pb2.SubmitTasksResponse(tasks=[self._task_view(t) for t in tasks])
 
@@ -150,6 +153,7 @@ class TaskApi:
             self._check_torch(spec, request.nodes)
         job_id = "j-" + uuid.uuid4().hex[:12]
         cmd = state_pb2.Command(submit_job=state_pb2.SubmitJobCmd(job_id=job_id, spec=spec, nodes=request.nodes))
+        self._ctx.state.quotas.check_job(cmd.submit_job)
         with self._ctx.admission.admit(request.nodes, request.nodes * spec.ByteSize()):
             job = await self._ctx.commit(cmd)
         return self._job_view(job)

@@ -114,17 +114,18 @@ class QuotaTable:
             self.check_tasks([tasks_pb2.TaskSpec(owner=c.spec.owner)], count=c.nodes)
 
     def check_dataset(self, c: state_pb2.PutDatasetCmd) -> None:
-        """A new version replaces the old one's bytes."""
-        user = c.dataset.owner
+        self.check_dataset_bytes(c.dataset.owner, c.dataset.name, sum(s.size for s in c.dataset.shards))
+
+    def check_dataset_bytes(self, user: str, name: str, size: int) -> None:
+        """A dataset `name` of `size` bytes; a new version replaces the old one's bytes."""
         limit = self._limit(user, "dataset_bytes")
         if limit is None:
             return
-        size = sum(s.size for s in c.dataset.shards)
-        used = self._dataset_bytes(user, but=c.dataset.name)
+        used = self._dataset_bytes(user, but=name)
         if used + size > limit:
             raise ResourceExhausted(
                 f'quota dataset_bytes of user "{user}" is {limit}: {used} used by other datasets, '
-                f'"{c.dataset.name}" adds {size}'
+                f'"{name}" adds {size}'
             )
 
     def check_token(self, c: state_pb2.CreateTokenCmd) -> None:

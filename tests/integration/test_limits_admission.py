@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 
+import numpy as np
 import pytest
 
 from lepton.client import Client, ResourceExhausted
@@ -17,7 +18,7 @@ from tests.integration.test_auth import admin_token, ctl, new_token
 pytestmark = pytest.mark.integration
 
 
-def test_quota_refuses_a_user_over_it_naming_it(agents):
+def test_quota_refuses_a_user_over_it_naming_it(agents, tmp_path):
     voter = agents("voter", "--auth")
     srv = voter.address
     admin = admin_token(voter)
@@ -47,12 +48,20 @@ def test_quota_refuses_a_user_over_it_naming_it(agents):
     assert again.returncode == 1 and len(lines) == 1, again.stderr
     assert 'quota tokens of user "alice" is 1' in lines[0]
 
+    # Datasets: refused at planning, before any shard is uploaded.
+    ctl(srv, admin, "quota", "set", "alice", "--dataset-bytes", "1KiB", check=True)
+    np.save(tmp_path / "big.npy", np.zeros((100, 4), dtype=np.float32))  # 1600 bytes of rows
+    put = ctl(srv, alice, "data", "put", str(tmp_path / "big.npy"), "--name", "big", "--replicas", "1")
+    lines = put.stderr.strip().splitlines()
+    assert put.returncode == 1 and len(lines) == 1, put.stderr
+    assert 'quota dataset_bytes of user "alice" is 1024' in lines[0]
+
     ctl(srv, admin, "quota", "set", "alice", "--pending-tasks", "unlimited", check=True)
     with Client(srv, token=alice) as c:
         c.submit(**nowhere)
     table = json.loads(ctl(srv, admin, "-o", "json", "quota", "show", check=True).stdout)
     assert table == [{"user": "alice", "pending_tasks": {"limit": None, "used": 4},
-                      "dataset_bytes": {"limit": None, "used": 0}, "tokens": {"limit": 1, "used": 1}}]
+                      "dataset_bytes": {"limit": 1024, "used": 0}, "tokens": {"limit": 1, "used": 1}}]
 
 
 class ShedCounter(logging.Handler):
