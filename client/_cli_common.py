@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from lepton.common.errors import LeptonError
@@ -26,6 +29,46 @@ ID_KEYS = ("id", "name", "user")
 
 class UsageError(Exception):
     """A usage mistake found after parsing; lepton-ctl prints it in one line and exits 2."""
+
+
+# `kill`, `timeout`, a closed terminal, a supervisor stopping us: treated as Ctrl-C is.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: every command handles it as Ctrl-C (`run` cancels its
+    task, or with --detach leaves it running; `logs -f` stops). `str()`: the signal's name."""
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """How a command was stopped, for its last line: `interrupted` or `terminated (SIGTERM)`."""
+    return f"terminated ({exc})" if isinstance(exc, Terminated) else "interrupted"
+
+
+@contextmanager
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `Terminated` in the main thread. The first one
+    only: later ones are ignored so the clean-up it starts (cancelling a task) is not itself
+    cut short; SIGKILL and Ctrl-C still end the process. A signal already ignored (nohup)
+    stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signal.Signals(signum).name)
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in before.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class _Parser(argparse.ArgumentParser):

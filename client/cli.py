@@ -27,7 +27,9 @@ from ._cli_common import (
     _positive_float,
     _positive_int,
     print_result,
+    stop_signals_as_interrupt,
     wants_json,
+    wide,
 )
 from .render import (
     cluster_status_view,
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_nodes_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         nodes = sort_nodes(c.nodes(states=args.state))
-    return print_result(args, [n.to_dict() for n in nodes], lambda: nodes_table(nodes),
+    return print_result(args, [n.to_dict() for n in nodes], lambda: nodes_table(nodes, wide=wide(args)),
                         empty="no nodes")
 
 
@@ -286,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else f"{PROG}: %(message)s",
     )
     try:
-        return args.func(args)
+        with stop_signals_as_interrupt():
+            return args.func(args)
     except UsageError as e:
         sys.stderr.write(f"{PROG}: {_one_line(str(e))}\n")
         return 2

@@ -26,8 +26,11 @@ from ._cli_common import (
     _Parser,
     _positive_int,
     _size,
+    interrupt_reason,
     print_result,
+    wide,
 )
+from .cli_watch import watch_tasks
 from .client import Client
 from .render import task_detail, tasks_table
 from .tasks import TASK_OPTIONS
@@ -156,11 +159,17 @@ def add_commands(top: Any, sub: Sub) -> None:
         top,
         "run",
         cmd_run,
-        "submit a task, stream its output, exit with its exit code (Ctrl-C cancels it)",
+        "submit a task, stream its output, exit with its exit code (Ctrl-C, SIGTERM or "
+        "SIGHUP cancels it)",
         parents=(spec_common,),
     )
     _spec_options(p)
     _job_options(p)
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="on Ctrl-C, SIGTERM or SIGHUP stop following but leave the task running",
+    )
 
     tasks = top.add_parser("tasks", help="list, show and cancel tasks")
     tasks_sub = tasks.add_subparsers(
@@ -176,6 +185,12 @@ def add_commands(top: Any, sub: Sub) -> None:
     p.add_argument("--owner", help="only tasks of this owner")
     p.add_argument(
         "--limit", metavar="N", type=_positive_int, default=0, help="only the newest N tasks"
+    )
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="then print each task that appears or changes, until Ctrl-C",
     )
     p = sub(tasks_sub, "show", cmd_tasks_show, "show one task in full, with its attempts")
     p.add_argument("task", metavar="ID", help="task id or unique id prefix")
@@ -417,8 +432,8 @@ def _run_job(args: argparse.Namespace) -> int:
         try:
             _copy(c.job_logs(job.id, follow=True), _stdout())
             final = c.wait_job(job.id)
-        except KeyboardInterrupt:
-            return _interrupted(c, job.tasks[0].id)
+        except KeyboardInterrupt as e:
+            return _interrupted(c, job.tasks[0].id, e, detach=args.detach, shown=f"job {job.id}")
     if final.state != "succeeded":
         sys.stderr.write(f"{PROG}: job {final.id} {final.state}: {final.reason}\n")
     if final.state == "cancelled":
@@ -437,8 +452,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             _copy(c.logs(task.id, follow=True, from_attempt=1, on_task=notes), _stdout())
             final = notes.last if notes.last.done else c.wait(task.id)
-        except KeyboardInterrupt:
-            return _interrupted(c, task.id)
+        except KeyboardInterrupt as e:
+            return _interrupted(c, task.id, e, detach=args.detach)
         except LeptonError as e:
             raise LeptonError(
                 f"lost track of task {task.id}: {e.message} "
@@ -449,14 +464,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code_of(final)
 
 
-def _interrupted(c: Client, task_id: str) -> int:
-    try:
-        c.cancel(task_id)
-        note = f"interrupted: cancelled task {task_id}"
-    except FailedPrecondition:
-        note = f"interrupted; task {task_id} had already ended"
-    except LeptonError as e:
-        note = f"interrupted; could not cancel task {task_id}: {e.message}"
+def _interrupted(
+    c: Client, task_id: str, why: BaseException, *, detach: bool, shown: str = ""
+) -> int:
+    """`run` stopped by Ctrl-C, SIGTERM or SIGHUP: cancel what it started, or with
+    --detach leave it running and say how to follow it."""
+    how, shown = interrupt_reason(why), shown or f"task {task_id}"
+    if detach:
+        ref = shown.split()[-1]
+        note = f"{how}; detached: {shown} keeps running ('{PROG} logs -f {ref}')"
+    else:
+        try:
+            c.cancel(task_id)
+            note = f"{how}: cancelled {shown}"
+        except FailedPrecondition:
+            note = f"{how}; {shown} had already ended"
+        except LeptonError as e:
+            note = f"{how}; could not cancel {shown}: {e.message}"
     sys.stderr.write(f"{PROG}: {' '.join(note.split())}\n")
     return CANCELLED_EXIT
 
@@ -473,9 +497,16 @@ def _node_names(c: Client, tasks: Sequence[TaskInfo]) -> Mapping[str, str]:
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
+        if args.watch:
+            return watch_tasks(
+                args,
+                lambda: c.tasks(states=args.state, owner=args.owner, limit=args.limit),
+                lambda ts: _node_names(c, ts),
+            )
         tasks = c.tasks(states=args.state, owner=args.owner, limit=args.limit)
         return print_result(args, [t.to_dict() for t in tasks],
-                            lambda: tasks_table(tasks, _node_names(c, tasks)), empty="no tasks")
+                            lambda: tasks_table(tasks, _node_names(c, tasks), wide=wide(args)),
+                            empty="no tasks")
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:

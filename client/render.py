@@ -19,6 +19,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .tables import FitTable
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, TaskInfo
 
 __all__ = [
@@ -62,7 +63,7 @@ def emit(renderable: Any, file: TextIO | None = None) -> None:
     spaces at line ends, so the output diffs and greps cleanly."""
     console = make_console(file)
     if console.is_terminal:
-        console.print(renderable)
+        console.print(renderable, crop=False)  # a FitTable may be wider than the terminal
         return
     with console.capture() as cap:
         console.print(renderable)
@@ -142,38 +143,32 @@ def sort_nodes(nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
     return sorted(nodes, key=lambda n: (n.name, n.id))
 
 
-def _table(*headers: str) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", show_lines=False)
-    for h in headers:
-        table.add_column(h, no_wrap=True)
-    return table
+def _table(*headers: str, keep: Sequence[str] = ("ID",), optional: Sequence[str] = (),
+           wide: bool = False, header: bool = True) -> FitTable:
+    """A table that fits the terminal and never cuts its `keep` columns (`tables.FitTable`);
+    cells are plain text (Text), never rich markup: names and labels are data."""
+    return FitTable(headers, keep=keep, optional=optional, wide=wide, header=header)
 
 
-def _row(table: Table, *cells: str) -> None:
-    # Text, not str: node names and labels are data, never rich markup.
-    table.add_row(*(Text(c) for c in cells))
+def _row(table: FitTable, *cells: str) -> None:
+    table.add_row(*cells)
 
 
-def nodes_table(nodes: Sequence[NodeInfo], now_ms: int | None = None) -> Table:
-    """`nodes list`: one row per node."""
-    table = _table(
-        "ID",
-        "NAME",
-        "ADDRESS",
-        "STATE",
-        "VOTER",
-        "CPU",
-        "MEMORY",
-        "GPUS",
-        "CPU%",
-        "MEM%",
-        "LAST SEEN",
-    )
+# Columns `nodes list` leaves out first when the terminal is narrow; -o wide adds the last 3.
+_NODE_OPTIONAL = ("MEM%", "CPU%", "MEMORY", "CPU", "VOTER", "GPUS", "LAST SEEN")
+_NODE_WIDE = ("DISK", "VERSION", "LABELS")
+
+
+def nodes_table(nodes: Sequence[NodeInfo], now_ms: int | None = None, *, wide: bool = False) -> FitTable:
+    """`nodes list`: one row per node; full ids and addresses at any width."""
+    headers = ["ID", "NAME", "ADDRESS", "STATE", "VOTER", "CPU", "MEMORY", "GPUS", "CPU%",
+               "MEM%", "LAST SEEN"]
+    table = _table(*headers, *(_NODE_WIDE if wide else ()), keep=("ID", "ADDRESS"),
+                   optional=_NODE_OPTIONAL, wide=wide)
     for n in nodes:
         cap, usage = n.capacity, n.usage
-        _row(
-            table,
-            short_id(n.id),
+        cells = [
+            n.id,
             n.name,
             n.address,
             n.display_state,
@@ -184,7 +179,11 @@ def nodes_table(nodes: Sequence[NodeInfo], now_ms: int | None = None) -> Table:
             f"{usage.cpu_percent:.0f}%" if usage else "-",
             _pct(usage.memory_used_bytes, cap.memory_bytes) if usage else "-",
             ago(n.last_heartbeat_ms, now_ms),
-        )
+        ]
+        if wide:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
+            cells += [human_bytes(cap.disk_bytes), n.version or "-", labels]
+        _row(table, *cells)
     return table
 
 
@@ -251,9 +250,9 @@ def cluster_status_view(s: ClusterStatusInfo) -> Group:
         ("Nodes", f"{s.node_count}" + (f" ({by_state})" if by_state else "")),
         ("Version", s.version or "-"),
     ]
-    voters = _table("VOTER", "ADDRESS", "ROLE", "MATCH", "LAG")
+    voters = _table("VOTER", "ADDRESS", "ROLE", "MATCH", "LAG", keep=("VOTER", "ADDRESS"))
     for v in s.voters:
-        _row(voters, short_id(v.id), v.address, v.role, str(v.match_index), str(v.lag))
+        _row(voters, v.id, v.address, v.role, str(v.match_index), str(v.lag))
     return Group(_kv(rows), Text(""), voters)
 
 
@@ -261,7 +260,7 @@ def node_event_line(e: NodeEvent) -> str:
     """`nodes watch` (table): one line per event."""
     stamp = datetime.fromtimestamp(e.at_ms / 1000).strftime("%H:%M:%S") if e.at_ms else "-"
     n = e.node
-    return f"{stamp}  {e.kind:<13}  {n.name} ({short_id(n.id)})  {n.display_state}"
+    return f"{stamp}  {e.kind:<13}  {n.name} ({n.id})  {n.display_state}"
 
 
 # -- tasks ------------------------------------------------------------------------------
@@ -288,15 +287,27 @@ def _exit(code: int | None) -> str:
     return "-" if code is None else str(code)
 
 
+# Columns `tasks list` leaves out first when the terminal is narrow; -o wide adds the last 3.
+_TASK_OPTIONAL = ("PRIO", "ATTEMPT", "EXIT", "AGE", "NODE")
+_TASK_WIDE = ("OWNER", "RESOURCES", "COMMAND")
+
+
 def tasks_table(
-    tasks: Sequence[TaskInfo], names: Mapping[str, str] | None = None, now_ms: int | None = None
-) -> Table:
-    """`tasks list`: one row per task. `names`: node id → node name, where known."""
+    tasks: Sequence[TaskInfo],
+    names: Mapping[str, str] | None = None,
+    now_ms: int | None = None,
+    *,
+    wide: bool = False,
+    header: bool = True,
+) -> FitTable:
+    """`tasks list`: one row per task, full ids at any width. `names`: node id → node
+    name, where known. `header=False` for the rows `tasks list -w` adds."""
     names = names or {}
-    table = _table("ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "REASON")
+    headers = ["ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "REASON"]
+    table = _table(*headers, *(_TASK_WIDE if wide else ()), optional=_TASK_OPTIONAL, wide=wide,
+                   header=header)
     for t in tasks:
-        _row(
-            table,
+        cells = [
             t.id,
             t.name or "-",
             t.state,
@@ -305,8 +316,11 @@ def tasks_table(
             str(t.attempt),
             _exit(t.exit_code),
             age(t.created_at_ms, now_ms),
-            truncate(t.reason, REASON_WIDTH) if t.reason else "",
-        )
+            (t.reason if wide else truncate(t.reason, REASON_WIDTH)) if t.reason else "",
+        ]
+        if wide:
+            cells += [t.owner or "-", _resources(t), command_text(t)]
+        _row(table, *cells)
     return table
 
 

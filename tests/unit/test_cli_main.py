@@ -219,7 +219,7 @@ def test_nodes_list_table(server: str, capsys: pytest.CaptureFixture[str]) -> No
         "LAST",
         "SEEN",
     ]
-    assert lines[1].split()[:5] == ["aaaa2222ffff", "agent-1", "127.0.0.1:7070", "suspect", "no"]
+    assert lines[1].split()[:5] == ["aaaa2222ffff0000", "agent-1", "127.0.0.1:7070", "suspect", "no"]
 
 
 def test_empty_nodes_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -108,9 +108,9 @@ def test_nodes_table_columns_and_cells() -> None:
         "SEEN",
     ]
     first = lines[1]
-    for cell in ("0123456789ab ", "agent-1", "yes", "15.6 GiB", "37%", "51%", "3s ago"):
+    for cell in ("0123456789abcdef ", "agent-1", "yes", "15.6 GiB", "37%", "51%", "3s ago"):
         assert cell in first
-    assert "0123456789abc" not in first  # ids are cut to 12
+    assert "0123456789abcdef" in first  # ids in full, never cut
     second = lines[2]
     assert "ready (draining)" in second and "no" in second
     assert second.split()[-3:] == ["-", "-", "-"]  # no usage, never seen
@@ -184,7 +184,7 @@ def test_node_event_line() -> None:
         "-",
         "state_changed",
         "agent-4",
-        "(0123456789ab)",
+        "(0123456789abcdef)",
         "down",
     ]
 

@@ -1,0 +1,159 @@
+"""lepton-ctl's conventions (issue 16): --version, completion, -o yaml|wide, -q, tables that
+never cut ids at 80 columns, tasks list -w, SIGTERM/SIGHUP handled as Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from importlib import resources
+
+import pytest
+import yaml
+
+import lepton.client
+from lepton.agent import main as agent_main
+from lepton.client import cli
+from lepton.client._cli_common import Terminated, stop_signals_as_interrupt
+from lepton.client.cli_watch import watch_tasks
+from lepton.client.testing import FakeCoordinator, make_node, make_task, serve
+from lepton.client.types import TaskInfo
+from lepton.common.version import VERSION
+from lepton.v1 import tasks_pb2 as tpb
+
+NODE_IDS = ["46a58a0c62aa11ff", "46a58a0c62bb11ff", "46a58a0c62cc11ff"]
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    f = FakeCoordinator()
+    names = ["agent-1", "a-rather-long-node-name-for-a-narrow-terminal", "agent-3"]
+    for node_id, name in zip(NODE_IDS, names, strict=True):
+        f.add_node(make_node(node_id, name))
+    f.add_task(make_task("t-0123456789abcdef01", name="train-with-a-long-name", state=tpb.TASK_STATE_RUNNING))
+    f.add_task(make_task("t-0123456789abcdef02", argv=["python", "x.py"]))
+    with serve(f) as address:
+        yield address
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "--version") == (0, f"lepton-ctl {VERSION}\n", "")
+    with pytest.raises(SystemExit) as exit_:
+        agent_main.build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"lepton-agent {VERSION}\n"
+    assert lepton.client.__version__ == VERSION
+    assert resources.files("lepton.client").joinpath("py.typed").is_file()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_script(capsys: pytest.CaptureFixture[str], shell: str) -> None:
+    code, out, _ = run(capsys, "completion", shell)
+    assert code == 0
+    for word in ("nodes", "tasks", "config", "use-context", "--output"):
+        assert word in out
+    checker = shutil.which(shell)
+    if checker:  # the script at least parses in its shell
+        subprocess.run([checker, "-n"], input=out, text=True, check=True)
+
+
+def test_yaml_is_the_json_document(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for what in (["nodes", "list"], ["tasks", "list"], ["nodes", "show", "agent-1"]):
+        _, as_json, _ = run(capsys, "--server", server, "-o", "json", *what)
+        code, as_yaml, _ = run(capsys, "--server", server, "-o", "yaml", *what)
+        assert code == 0 and yaml.safe_load(as_yaml) == json.loads(as_json)
+
+
+def test_quiet_prints_only_ids(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--server", server, "nodes", "list", "-q")
+    assert code == 0 and sorted(out.splitlines()) == NODE_IDS
+    code, out, _ = run(capsys, "--server", server, "-q", "tasks", "list")
+    assert code == 0 and out == "t-0123456789abcdef01\nt-0123456789abcdef02\n"
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.mark.parametrize("what", [["nodes", "list"], ["tasks", "list"], ["-o", "wide", "nodes", "list"]])
+def test_80_column_tables_keep_full_ids(
+    server: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, what: list[str]
+) -> None:
+    # A real terminal of 80 columns, as rich sees one.
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "25")
+    code, out, _ = run(capsys, "--server", server, *what)
+    text = strip_ansi(out)
+    assert code == 0 and "…" not in text
+    ids = NODE_IDS if "nodes" in what else ["t-0123456789abcdef01", "t-0123456789abcdef02"]
+    for full in ids:
+        assert full in text
+    if what == ["nodes", "list"]:
+        assert text.count("127.0.0.1:7070") == 3  # addresses whole too
+        assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_wide_adds_columns(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    head = run(capsys, "--server", server, "-o", "wide", "tasks", "list")[1].splitlines()[0]
+    assert head.split()[-3:] == ["OWNER", "RESOURCES", "COMMAND"]
+    head = run(capsys, "--server", server, "-o", "wide", "nodes", "list")[1].splitlines()[0]
+    assert head.split()[-3:] == ["DISK", "VERSION", "LABELS"]
+
+
+def _task(task_id: str, state: int) -> TaskInfo:
+    return TaskInfo.from_proto(make_task(task_id, state=state))
+
+
+def _args(output: str = "table", quiet: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(output=output, quiet=quiet)
+
+
+def test_watch_prints_the_list_then_only_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    looks = iter([
+        [_task("t-a", tpb.TASK_STATE_PENDING), _task("t-b", tpb.TASK_STATE_RUNNING)],
+        [_task("t-a", tpb.TASK_STATE_PENDING), _task("t-b", tpb.TASK_STATE_RUNNING)],
+        [_task("t-a", tpb.TASK_STATE_RUNNING), _task("t-b", tpb.TASK_STATE_RUNNING),
+         _task("t-c", tpb.TASK_STATE_PENDING)],
+    ])
+    assert watch_tasks(_args(), lambda: next(looks), lambda ts: {}, interval=0, rounds=3) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "NAME", "STATE"]
+    assert [line.split()[0] for line in lines[1:]] == ["t-a", "t-b", "t-a", "t-c"]
+    assert lines[3].split()[2] == "running"
+
+    looks = iter([[_task("t-a", tpb.TASK_STATE_PENDING)], [_task("t-a", tpb.TASK_STATE_SUCCEEDED)]])
+    watch_tasks(_args("json"), lambda: next(looks), lambda ts: {}, interval=0, rounds=2)
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["id"], d["state"]) for d in docs] == [("t-a", "pending"), ("t-a", "succeeded")]
+
+
+def test_sigterm_and_sighup_raise_as_ctrl_c_does() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with pytest.raises(KeyboardInterrupt) as caught, stop_signals_as_interrupt():
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert isinstance(caught.value, Terminated) and str(caught.value) == sig.name
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
+
+
+def test_an_ignored_sighup_stays_ignored() -> None:
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # nohup
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, before)
