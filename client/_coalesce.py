@@ -9,7 +9,8 @@ that submit at once get most of the batched rate without batching themselves.
 A batch is stored whole or not at all. If it is refused for one spec (InvalidArgument,
 FailedPrecondition, ...), each is sent again alone, so every caller gets its own answer;
 their request ids make the retries safe. A transient failure (no leader, a deadline) is
-every caller's answer, as it would have been for calls of their own.
+every caller's answer, as it would have been for calls of their own, and so is a shed call
+(Overloaded) that its retries within the budget did not get through.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from lepton.common.errors import DeadlineExceeded, LeptonError, Unavailable
+from lepton.common.errors import DeadlineExceeded, LeptonError, Overloaded, Unavailable
 from lepton.common.validation import MAX_BATCH_SPEC_BYTES
 
 S = TypeVar("S")
@@ -98,8 +99,8 @@ class Coalescer(Generic[S, R]):
             else:
                 try:
                     results = self._send_many([i.spec for i in batch])
-                except (Unavailable, DeadlineExceeded):
-                    raise
+                except (Unavailable, DeadlineExceeded, Overloaded):
+                    raise  # every caller's answer: sending each alone would only add load
                 except LeptonError:  # refused for one of them: let each hear its own answer
                     for it in batch:
                         _settle(it, lambda it=it: self._send_one(it.spec))

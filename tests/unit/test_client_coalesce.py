@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lepton.client._coalesce import Coalescer
-from lepton.common.errors import InvalidArgument, Unavailable
+from lepton.common.errors import InvalidArgument, Overloaded, Unavailable
 
 
 class Wire:
@@ -91,6 +91,22 @@ def test_a_transient_failure_is_every_callers_answer_without_retries():
     got = run_16(c, wire)
     assert all(isinstance(g, Unavailable) for g in got)
     assert len(wire.calls) == 2
+
+
+class ShedWire(Wire):
+    """The leader shed every call, and the client's retries ran out of budget."""
+
+    def _record(self, specs: list[int]) -> None:
+        super()._record(specs)
+        raise Overloaded("the leader is busy", 5000)
+
+
+def test_a_shed_batch_is_every_callers_answer_not_sent_again_one_by_one():
+    wire = ShedWire()
+    c = Coalescer(wire.one, wire.many)
+    got = run_16(c, wire)
+    assert all(isinstance(g, Overloaded) for g in got)
+    assert len(wire.calls) == 2  # more calls would only add to the leader's load
 
 
 def test_batches_respect_the_size_limit():
