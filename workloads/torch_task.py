@@ -64,7 +64,8 @@ def _client(launch: dict[str, Any]):
     from lepton.common.channels import TlsConfig
 
     tls = TlsConfig.from_env()
-    return Client(launch["servers"], timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name)
+    # A rank rides out a coordinator restart: the whole budget, not the CLI's quick 2 s.
+    return Client(launch["servers"], timeout=30, connect_timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name)
 
 
 def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
@@ -144,7 +145,7 @@ def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...]
 
     # The agent puts its TLS folder and certificate name in every task's environment.
     tls = TlsConfig.from_env()
-    with Client(launch["servers"], timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name) as client:
+    with Client(launch["servers"], timeout=30, connect_timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name) as client:
         ds = client.dataset(dataset)
     per_rank = shard_assignment([s.id for s in ds.shards], world)
     mine = [per_rank[node_rank * nproc + i] for i in range(nproc)]

@@ -33,7 +33,8 @@ def _client():
     if not servers:
         raise SystemExit("LEPTON_SERVER is not set: run this as a Lepton task")
     # With TLS on, the agent also sets LEPTON_TLS_DIR and LEPTON_CERT_NAME for its tasks.
-    return Client(servers, timeout=60, tls_dir=os.environ.get("LEPTON_TLS_DIR") or None,
+    # A job rides out a coordinator restart: the whole budget, not the CLI's quick 2 s.
+    return Client(servers, timeout=60, connect_timeout=60, tls_dir=os.environ.get("LEPTON_TLS_DIR") or None,
                   cert_name=os.environ.get("LEPTON_CERT_NAME") or None)
 
 
