@@ -9,14 +9,12 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
-
 from lepton.common.errors import FailedPrecondition
 
 from ._cli_common import _Parser, print_result
 from .client import parse_servers
 from .contexts import Context, check_context_name, config_path, load_config, save_config
+from .tables import FitTable
 
 __all__ = ["COMPLETION_SHELLS", "register", "register_completion"]
 
@@ -71,14 +69,12 @@ def cmd_completion(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
-def _contexts_table(contexts: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for h in ("CURRENT", "NAME", "SERVERS", "TLS", "TOKEN"):
-        table.add_column(h, overflow="fold")
+def _contexts_table(contexts: list[dict[str, Any]]) -> FitTable:
+    table = FitTable(("CURRENT", "NAME", "SERVERS", "TLS", "TOKEN"), keep=("NAME",))
     for c in contexts:
         tls = c["tls_dir"] + (f" ({c['cert_name']})" if c["cert_name"] else "") or "-"
-        table.add_row(*(Text(v) for v in ("*" if c["current"] else "", c["name"],
-                                          c["servers"], tls, "yes" if c["token"] else "-")))
+        table.add_row("*" if c["current"] else "", c["name"], c["servers"], tls,
+                      "yes" if c["token"] else "-")
     return table
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from ._cli_common import _client, _Parser, _positive_int, _size, print_result, wants_json
 from .data import DatasetInfo
 from .render import age, human_bytes, make_console, short_id
+from .tables import FitTable
 
 __all__ = ["register"]
 
@@ -143,10 +144,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         empty="no datasets")
 
 
-def _datasets_table(items: list[DatasetInfo]) -> Table:
-    table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"):
-        table.add_column(col)
+def _datasets_table(items: list[DatasetInfo]) -> FitTable:
+    # A dataset's name is its id: never cut; the least needed columns go first.
+    table = FitTable(("NAME", "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"),
+                     keep=("NAME",), optional=("SOURCE", "AGE", "REPLICAS", "ROWS"))
     for d in items:
         table.add_row(
             d.name,

@@ -26,6 +26,7 @@ from lepton.v1.security_pb2_grpc import SecurityStub
 
 from ._cli_common import UsageError, _client, _Parser, print_result
 from .render import when
+from .tables import FitTable
 
 __all__ = ["parse_since", "register"]
 
@@ -105,10 +106,8 @@ def cmd_tokens_ls(args: argparse.Namespace) -> int:
 
     tokens = list(walk_pages(page))
 
-    def table() -> Table:
-        out = Table(box=None, pad_edge=False)
-        for col in ("ID", "NAME", "ROLE", "CREATED", "STATE"):
-            out.add_column(col)
+    def table() -> FitTable:
+        out = FitTable(("ID", "NAME", "ROLE", "CREATED", "STATE"))  # ids never cut
         for t in tokens:
             out.add_row(t.id, t.name, t.role, when(t.created_at_ms), "revoked" if t.revoked else "active")
         return out
