@@ -41,6 +41,19 @@ MAX_INVENTORY_PAGE = 5000  # about 400 KB a page: far below gRPC's 4 MiB message
 MAX_GRACE_MS = 30 * 24 * 3600 * 1000
 
 
+_SHARD_RECORD_FLOOR = 68  # a shard's least bytes in a record: its 64-hex id, tags and lengths
+
+
+def _check_record_size(shards: int, record: int) -> None:
+    """The commit records every shard and its replicas in one log entry: refuse at PlanPut,
+    before any upload, a dataset whose record could never be logged (MAX_ENTRY_BYTES)."""
+    if record > v.MAX_ENTRY_BYTES - (64 << 10):
+        raise InvalidArgument(
+            f"{shards} shards make a dataset record of at least {record} bytes; a log entry holds at "
+            f"most {v.MAX_ENTRY_BYTES} (use fewer, bigger shards)"
+        )
+
+
 def check_shard_meta(s: dpb.Shard, *, replicas: bool) -> None:
     """Raises InvalidArgument naming the shard and the bad field."""
     check_shard_id(s.id)
@@ -88,6 +101,8 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         r = _replication(request.replication)
         if len(request.shards) > MAX_SHARDS:
             raise InvalidArgument(f"{len(request.shards)} shards; at most {MAX_SHARDS}")
+        # First by count alone: checking each of tens of thousands of shards holds the loop.
+        _check_record_size(len(request.shards), len(request.shards) * (_SHARD_RECORD_FLOOR + 3 * r))
         for s in request.shards:
             check_shard_meta(s, replicas=False)
         await self._ctx.read()
@@ -100,15 +115,8 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             raise FailedPrecondition(
                 f"replication {r} needs {r} ready nodes; {len(nodes)} ready (use a lower --replicas)"
             )
-        # The commit records every shard and its replicas in one log entry: refuse now, before
-        # any upload, a dataset whose record could never be logged (validation.MAX_ENTRY_BYTES).
         node_id_bytes = max(len(n) for n in nodes) + 2
-        record = sum(s.ByteSize() + 2 for s in request.shards) + len(request.shards) * r * node_id_bytes
-        if record > v.MAX_ENTRY_BYTES - (64 << 10):
-            raise InvalidArgument(
-                f"{len(request.shards)} shards make a dataset record of about {record} bytes; a log entry "
-                f"holds at most {v.MAX_ENTRY_BYTES} (use fewer, bigger shards)"
-            )
+        _check_record_size(len(request.shards), request.ByteSize() + len(request.shards) * r * node_id_bytes)
         load = stored_bytes(self._sm)
         out = dpb.PlanPutResponse(replication=r)
         for s in request.shards:

@@ -14,7 +14,10 @@ import pytest
 from lepton.client import Client
 from lepton.common.errors import InvalidArgument
 from lepton.common.grpc_util import MAX_MESSAGE_BYTES
+from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import datasets_pb2 as dpb
+from lepton.v1 import tasks_pb2
+from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub
 from tests.integration.cluster import leader_of, run_ctl, servers, start_voters, wait_until
 
@@ -27,6 +30,19 @@ BIG_ARGS = ["x" * 120_000] * 7
 
 def big_task(c: Client, i: int, **options):
     return c.submit(["sh", "-c", "sleep 600", f"big-{i}", *BIG_ARGS], cpu=0.01, **options)
+
+
+def refusal_on_leader(c: Client, call) -> grpc.RpcError:
+    """The error `call(channel)` gets from the leader (asked again if leadership moved)."""
+    def attempt():
+        with grpc.insecure_channel(c.cluster_status().leader) as ch:
+            try:
+                call(ch)
+            except grpc.RpcError as err:
+                return None if err.code() == grpc.StatusCode.UNAVAILABLE else err
+        raise AssertionError("the call was not refused")
+
+    return wait_until(attempt, timeout=60, what="an answer from the leader")
 
 
 def test_over_cap_requests_are_refused_and_the_log_keeps_committing(agents):
@@ -66,13 +82,20 @@ def test_over_cap_requests_are_refused_and_the_log_keeps_committing(agents):
             return all(v.match_index >= status.commit_index for v in s.voters)
 
         wait_until(replicated, what="every voter to hold the new entry")
+        # Four allowed specs, too many bytes for one SubmitTasks (one log entry).
+        spec = tasks_pb2.TaskSpec(argv=["sh", "-c", "true", *BIG_ARGS], constraints={"pool": "none"})
+        err = refusal_on_leader(c, lambda ch: CoordinatorStub(ch).SubmitTasks(
+            cpb.SubmitTasksRequest(specs=[spec] * 4), timeout=60))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one SubmitTasks carries at most 3145728" in err.details()
         # A dataset whose record could never be one log entry is refused before any upload.
         shards = [dpb.Shard(id=f"{i:064x}", size=1, rows=1, dtype="<f4") for i in range(60_000)]
-        with grpc.insecure_channel(leader_of(c, voters).address) as ch:
-            with pytest.raises(grpc.RpcError) as err:
-                DatasetsStub(ch).PlanPut(dpb.PlanPutRequest(name="huge", shards=shards), timeout=60)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "a log entry holds at most 4194304 (use fewer, bigger shards)" in err.value.details()
+        err = refusal_on_leader(c, lambda ch: DatasetsStub(ch).PlanPut(
+            dpb.PlanPutRequest(name="huge", shards=shards), timeout=60))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "a log entry holds at most 4194304 (use fewer, bigger shards)" in err.details()
+        # submit_many cuts the same four into calls that fit.
+        assert len(c.submit_many([dict(argv=["sh", "-c", "true", *BIG_ARGS], constraints={"pool": "none"})] * 4)) == 4
 
 
 def test_a_voter_that_was_down_catches_up_through_a_snapshot_over_16_mib(agents):
