@@ -16,6 +16,7 @@ from lepton.common.errors import LeptonError
 from lepton.common.sizes import parse_size
 
 from .client import CONNECT_TIMEOUT_S, DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from .contexts import resolve_connection
 from .render import dump_json, dump_yaml, emit
 
 PROG = "lepton-ctl"
@@ -213,6 +214,22 @@ def _client(args: argparse.Namespace) -> Client:
         context=getattr(args, "context", None),
         **tls_options(args),
     )
+
+
+def unreachable_hint(args: argparse.Namespace) -> str:
+    """Where the servers that could not be reached came from, for "cannot reach" errors:
+    a new user's first failure should say what to change."""
+    try:
+        conn = resolve_connection(getattr(args, "server", None), context=getattr(args, "context", None))
+    except LeptonError:
+        return ""
+    if conn.source == "the default":
+        return f"; no cluster there? '{PROG} local up' starts one, --server or a context names one"
+    if conn.source.startswith("context"):
+        return f"; servers of {conn.source} ('{PROG} config get-contexts')"
+    if conn.source == "$LEPTON_SERVER":
+        return "; servers from $LEPTON_SERVER"
+    return ""
 
 
 def tls_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ._cli_common import (
     _positive_int,
     print_result,
     stop_signals_as_interrupt,
+    unreachable_hint,
     wants_json,
     wide,
 )
@@ -296,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except LeptonError as e:
-        return _fail(e.message or type(e).__name__)
+        hint = unreachable_hint(args) if e.message.startswith("cannot reach") else ""
+        return _fail((e.message or type(e).__name__) + hint)
     except BrokenPipeError:
         # `lepton-ctl nodes list | head -1`: the reader left; stop quietly, and keep Python
         # from complaining again when it flushes stdout at exit.

@@ -127,3 +127,12 @@ def test_local_contexts_switch_back() -> None:
     assert switch_from_local() == "prod"
     assert load_config().current_context == "prod"
     assert switch_from_local() is None  # not on local: left alone
+
+
+def test_cannot_reach_says_where_the_servers_came_from(capsys: pytest.CaptureFixture[str]) -> None:
+    _save(Context("gone", "127.0.0.1:1"), current="gone")
+    code, _, err = run(capsys, "nodes", "list")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("lepton-ctl: cannot reach 127.0.0.1:1") and "servers of context 'gone'" in err
+    code, _, err = run(capsys, "--server", "127.0.0.1:1", "nodes", "list")
+    assert code == 1 and err == "lepton-ctl: cannot reach 127.0.0.1:1 (connection refused)\n"
