@@ -208,6 +208,9 @@ def cmd_local_up(args: argparse.Namespace) -> int:
 
     cluster = local.up(args.data_dir, args.agents, args.voters, wait=args.wait, progress=progress)
     _switch_context(lambda: contexts.switch_to_local(cluster.servers))
+    if os.environ.get("LEPTON_SERVER"):
+        sys.stderr.write(f"{PROG}: note: $LEPTON_SERVER is set and wins over the local context; "
+                         "unset it to use this cluster\n")
     return print_result(args, cluster.to_dict(), lambda: _local_up_text(cluster, args.data_dir))
 
 

@@ -212,7 +212,7 @@ def resolve_connection(
     ctx: Context | None = None
     if context:
         ctx = load_config(path).get(check_context_name(context))
-    if servers:
+    if servers is not None:  # given, even empty: parse_servers then says "no server"
         source = "--server"
     elif ctx is not None:
         servers, source = ctx.servers, f"context {ctx.name!r}"

@@ -19,7 +19,7 @@ from lepton.client.contexts import (
     switch_to_local,
 )
 from lepton.client.testing import FakeCoordinator, make_node, serve
-from lepton.common.errors import FailedPrecondition, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,9 @@ def test_resolution_order_flag_then_env_then_context(monkeypatch: pytest.MonkeyP
         resolve_connection(context="nope")
 
 
-def test_client_with_no_arguments_uses_the_current_context() -> None:
+def test_client_with_no_arguments_uses_the_current_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     fake = FakeCoordinator()
     fake.add_node(make_node("aaaa1111ffff0000", "agent-1"))
     with serve(fake) as address:
@@ -85,6 +87,11 @@ def test_client_with_no_arguments_uses_the_current_context() -> None:
         with Client() as c:
             assert [n.name for n in c.nodes()] == ["agent-1"]
             assert c.servers_source == "context 'here'"
+        monkeypatch.setenv("LEPTON_SERVER", "a:1,b:2")
+        with Client() as c:
+            assert c.addresses == ["a:1", "b:2"] and c.servers_source == "$LEPTON_SERVER"
+    with pytest.raises(InvalidArgument, match="no server address given"):
+        Client([])  # given but empty: not a silent fallback
 
 
 def test_unreachable_server_fails_fast_in_the_client() -> None:
