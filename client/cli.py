@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     cli_tasks.add_commands(top, sub)
+    from . import cli_jobs  # jobs list|show|cancel|logs, apply -f
+
+    cli_jobs.register(top, common)
     cli_data.register(top, common)
     from . import cli_security  # tokens, audit, snapshot
 

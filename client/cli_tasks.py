@@ -145,8 +145,10 @@ def add_commands(top: Any, sub: Sub) -> None:
     spec_common = _Parser(add_help=False)
     _global_options(spec_common, defaults=False, timeout=False)
 
-    p = sub(top, "submit", cmd_submit, "submit a task; prints its id", parents=(spec_common,))
+    p = sub(top, "submit", cmd_submit, "submit a task, or with --nodes a job; prints its id",
+            parents=(spec_common,))
     _spec_options(p)
+    _job_options(p)
     p.add_argument(
         "--sweep",
         metavar="K=V1,V2,...",
@@ -303,6 +305,10 @@ def ship_code(c: Client, folder: str, kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if _is_job(args):
+        from .cli_jobs import cmd_submit_job  # it imports this module
+
+        return cmd_submit_job(args)
     kw = submit_kwargs(args)
     if args.sweep:
         specs = sweep_kwargs(kw, args.sweep)

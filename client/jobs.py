@@ -1,7 +1,8 @@
-"""Multi-node jobs (gangs), torch.distributed ones in particular: submit, get, wait, logs.
+"""Multi-node jobs (gangs), torch.distributed ones in particular: submit, list, get,
+cancel, wait, logs.
 
-Mixed into `Client`. A job of N nodes is N gang members (tasks `<job>-<rank>`) that the
-cluster places all-or-nothing and restarts together.
+Mixed into `Client`. A job `j-<hex>` of N nodes is N gang members (tasks `t-<hex>-<node>`,
+lepton.common.job_ids) that the cluster places all-or-nothing and restarts together.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton.common.errors import DeadlineExceeded, InvalidArgument
+from lepton.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.job_ids import JOB_PREFIX, is_job_id, job_of
 from lepton.common.states import TaskState
 from lepton.common.validation import require_id
 from lepton.v1 import coordinator_pb2 as cpb
@@ -33,6 +35,18 @@ class JobInfo:
     restart_count: int
     tasks: list[TaskInfo] = field(default_factory=list)
     owner: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.tasks[0].name if self.tasks else ""
+
+    @property
+    def nodes(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def created_at_ms(self) -> int:
+        return self.tasks[0].created_at_ms if self.tasks else 0
 
     @property
     def done(self) -> bool:
@@ -55,13 +69,24 @@ class JobInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "reason": self.reason, "owner": self.owner,
-                "restart_count": self.restart_count, "exit_code": self.exit_code,
-                "tasks": [t.to_dict() for t in self.tasks]}
+        return {"id": self.id, "name": self.name, "state": self.state, "reason": self.reason,
+                "owner": self.owner, "nodes": self.nodes, "restart_count": self.restart_count,
+                "exit_code": self.exit_code, "tasks": [t.to_dict() for t in self.tasks]}
+
+
+def check_shards_for_ranks(ds: Any, nodes: int, nproc_per_node: int) -> None:
+    """Refuse, before launch, a job whose dataset has fewer shards than it has ranks: shard
+    i goes to global rank i % world, so a rank would start with no data at all."""
+    ranks = nodes * nproc_per_node
+    if len(ds.shards) < ranks:
+        raise FailedPrecondition(
+            f'dataset "{ds.name}" has {len(ds.shards)} shard(s) for {ranks} ranks ({nodes} '
+            f"node(s) x {nproc_per_node}): every rank needs one; use fewer nodes or store it "
+            f"in more shards (data put --shards {ranks})")
 
 
 class JobMethods:
-    """Job calls of `Client` (needs `_unary`, `logs`)."""
+    """Job calls of `Client` (needs `_unary`, `logs`, `tasks`, `cancel`, `dataset`)."""
 
     def submit_job(
         self,
@@ -93,6 +118,8 @@ class JobMethods:
             spec.torch.CopyFrom(tasks_pb2.TorchSpec(nproc_per_node=nproc_per_node, dataset=dataset))
         elif dataset:
             raise InvalidArgument("dataset needs a torch job (nproc_per_node > 0)")
+        if dataset:
+            check_shards_for_ranks(self.dataset(dataset), nodes, nproc_per_node)  # NotFound too
         req = cpb.SubmitJobRequest(spec=spec, nodes=nodes)
         resp = self._unary(CoordinatorStub, "SubmitJob", req, idempotent=bool(spec.request_id))
         return JobInfo.from_proto(resp)
@@ -100,6 +127,58 @@ class JobMethods:
     def job(self, job_id: str, *, timeout: float | None = None) -> JobInfo:
         req = cpb.GetJobRequest(job_id=require_id(job_id, "job id"))
         return JobInfo.from_proto(self._unary(CoordinatorStub, "GetJob", req, timeout=timeout))
+
+    def jobs(self, states: Sequence[str] | None = None, owner: str | None = None, *,
+             timeout: float | None = None) -> list[JobInfo]:
+        """Jobs, oldest first; only those in one of `states` and of `owner` when given.
+        Read from the task list (a job is its members), then each job as the leader sees it."""
+        if isinstance(states, str):
+            states = [states]
+        ids = dict.fromkeys(t.job_id for t in self.tasks(owner=owner, timeout=timeout) if t.job_id)
+        out = []
+        for job_id in ids:
+            try:
+                job = self.job(job_id, timeout=timeout)
+            except NotFound:
+                continue  # collected since the list was read
+            if not states or job.state in states:
+                out.append(job)
+        return out
+
+    def find_job(self, ref: str, *, timeout: float | None = None) -> JobInfo:
+        """The job `ref` names: its id, a unique id prefix (`j-` may be left out), or one of
+        its member tasks' ids. NotFound when nothing matches, InvalidArgument when several do."""
+        ref = require_id(ref, "job id")
+        if job_of(ref):
+            ref = job_of(ref)
+        try:
+            return self.job(ref, timeout=timeout)
+        except NotFound as err:
+            missing = err  # it may say the job was garbage-collected
+        except InvalidArgument:
+            missing = NotFound(f'job "{ref}" not found')
+        prefix = ref if is_job_id(ref) else JOB_PREFIX + ref
+        matches = [j for j in self.jobs(timeout=timeout) if j.id.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise missing
+        listed = ", ".join(j.id for j in matches[:5])
+        raise InvalidArgument(f'job "{ref}" is ambiguous: matches {listed}'
+                              + (f" and {len(matches) - 5} more" if len(matches) > 5 else ""))
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> JobInfo:
+        """Cancel every member of the job (cancelling one cancels its gang). Returns the job;
+        FailedPrecondition when it had already ended."""
+        job = self.job(job_id, timeout=timeout)
+        live = [t for t in job.tasks if not t.done]
+        if not live:
+            raise FailedPrecondition(f'job "{job.id}" is already {job.state}')
+        try:
+            self.cancel(live[0].id, timeout=timeout)
+        except FailedPrecondition:
+            pass  # that member ended meanwhile; the look below says what the job is now
+        return self.job(job.id, timeout=timeout)
 
     def wait_job(self, job_id: str, timeout: float | None = None, poll: float = 0.25) -> JobInfo:
         """Until the job is finished; DeadlineExceeded if `timeout` passes first."""

@@ -30,6 +30,7 @@ from lepton.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from lepton.common.job_ids import is_job_id
 from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.common.sizes import parse_size
 from lepton.common.validation import require_id, spec_batches
@@ -324,6 +325,8 @@ class TaskMethods:
         Raises NotFound when nothing matches and InvalidArgument when `ref` is ambiguous.
         """
         ref = require_id(ref, "task id")
+        if is_job_id(ref):  # jobs are j-..., tasks (job members too) t-...: never both
+            raise InvalidArgument(f'"{ref}" is a job id, not a task id: see jobs show|cancel|logs')
         missing = NotFound(f'task "{ref}" not found')
         try:
             return self.get(ref, timeout=timeout)

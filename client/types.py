@@ -353,6 +353,8 @@ class TaskInfo(_DictMixin):
     started_at_ms: int
     finished_at_ms: int
     history: list[AttemptInfo]
+    job_id: str = ""  # the job this task is a member of (node `gang_rank`), "" for none
+    gang_rank: int = 0
 
     @classmethod
     def from_proto(cls, msg: tasks_pb2.Task) -> TaskInfo:
@@ -385,6 +387,8 @@ class TaskInfo(_DictMixin):
             started_at_ms=msg.started_at_ms,
             finished_at_ms=msg.finished_at_ms,
             history=[AttemptInfo.from_proto(h) for h in msg.history],
+            job_id=spec.job_id,
+            gang_rank=spec.gang_rank,
         )
 
     @property

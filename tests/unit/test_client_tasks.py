@@ -55,6 +55,8 @@ TASK_KEYS = {
     "started_at_ms",
     "finished_at_ms",
     "history",
+    "job_id",
+    "gang_rank",
 }
 ATTEMPT_KEYS = {
     "attempt",
