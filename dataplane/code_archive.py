@@ -5,10 +5,10 @@ only on the files' names, contents and executable bits (mtimes, owners and gzip'
 time are zeroed), so the same folder always gives the same SHA-256: the archive's digest is
 its blob id in the shard store, and an unchanged folder is never uploaded twice.
 
-What is left out, git's way (`pathspec.GitIgnoreSpec`): `.git/`, `__pycache__/` and `*.pyc`
-always; the patterns of every `.gitignore` in the folder (each for the folder it sits in,
-deeper ones winning); then the root's `.leptonignore` (last, so `!name` there brings back
-what a .gitignore left out). Symbolic links are kept as links when they point inside the
+What is left out, git's way (`pathspec.GitIgnoreSpec`): `.git/`, `__pycache__/`, `*.pyc`,
+`.venv/` and `.lepton-local/` always; the patterns of every `.gitignore` in the folder
+(each for the folder it sits in, deeper ones winning); then the root's `.leptonignore`
+(last, so `!name` there brings back what a .gitignore left out). Symbolic links are kept as links when they point inside the
 folder; one that points out is an error. Sockets, FIFOs and devices are skipped.
 
 `unpack` refuses anything that could write outside its destination: absolute names, `..`,
@@ -39,7 +39,8 @@ WARN_ARCHIVE_BYTES = 10 << 20
 MAX_MEMBERS = 100_000
 MAX_UNPACKED_BYTES = 1 << 30
 LEPTONIGNORE = ".leptonignore"
-ALWAYS_IGNORED = (".git/", "__pycache__/", "*.pyc")
+# Never shipped: git's store, bytecode, a virtualenv, `lepton-ctl local up`'s data dir.
+ALWAYS_IGNORED = (".git/", "__pycache__/", "*.pyc", ".venv/", ".lepton-local/")
 # The dataset a code archive is stored as (one shard, whose id is the digest).
 DATASET_PREFIX = "code-"
 ARCHIVE_DTYPE = "tar.gz"  # the shard's dtype: not an array

@@ -62,6 +62,8 @@ def test_a_changed_file_or_exec_bit_changes_the_digest(project, tmp_path):
 
 def test_ignore_rules_gitignore_nested_and_leptonignore(project, tmp_path):
     write(project, ".git/HEAD")
+    write(project, ".venv/bin/python")
+    write(project, ".lepton-local/agent-1/agent.log")
     write(project, "pkg/__pycache__/mod.cpython-311.pyc")
     write(project, "stray.pyc")
     write(project, "data/big.bin")
