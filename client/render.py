@@ -357,6 +357,7 @@ def task_detail(
         ("Constraints", ", ".join(f"{k}={v}" for k, v in t.constraints.items()) or "<none>"),
         ("Env", ", ".join(f"{k}={v}" for k, v in t.env.items()) or "<none>"),
         ("Workdir", t.workdir or "-"),
+        ("Code", t.code_digest[:12] if t.code_digest else "-"),
         ("Timeout", f"{t.timeout_s:g}s" if t.timeout_s else "none"),
         ("Grace", f"{t.grace_s:g}s" if t.grace_s else "default"),
         ("Retries", retries),

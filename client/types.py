@@ -355,6 +355,7 @@ class TaskInfo(_DictMixin):
     history: list[AttemptInfo]
     job_id: str = ""  # the job this task is a member of (node `gang_rank`), "" for none
     gang_rank: int = 0
+    code_digest: str = ""  # the shipped folder it runs in (--working-dir), "" for none
 
     @classmethod
     def from_proto(cls, msg: tasks_pb2.Task) -> TaskInfo:
@@ -389,6 +390,7 @@ class TaskInfo(_DictMixin):
             history=[AttemptInfo.from_proto(h) for h in msg.history],
             job_id=spec.job_id,
             gang_rank=spec.gang_rank,
+            code_digest=spec.code_digest,
         )
 
     @property

@@ -57,6 +57,7 @@ TASK_KEYS = {
     "history",
     "job_id",
     "gang_rank",
+    "code_digest",
 }
 ATTEMPT_KEYS = {
     "attempt",
