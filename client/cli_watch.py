@@ -16,6 +16,7 @@ from typing import Any
 
 from ._cli_common import print_result, wide
 from .render import tasks_table
+from .tables import FitTable
 from .types import TaskInfo
 
 __all__ = ["WATCH_INTERVAL_S", "watch_tasks"]
@@ -40,6 +41,7 @@ def watch_tasks(
     that many looks, else only Ctrl-C, SIGTERM or SIGHUP do (exit 130, from lepton-ctl's
     main)."""
     seen: dict[str, tuple[Any, ...]] = {}
+    widths: dict[str, int] = {}  # the columns so far, so later rows line up under them
     first = True
     looked = 0
     while True:
@@ -47,7 +49,7 @@ def watch_tasks(
         changed = [t for t in tasks if seen.get(t.id) != _looks(t)]
         seen.update((t.id, _looks(t)) for t in tasks)
         if changed or first:
-            _show(args, changed, names, header=first)
+            _show(args, changed, names, widths, header=first)
             sys.stdout.flush()
         first = False
         looked += 1
@@ -60,6 +62,7 @@ def _show(
     args: argparse.Namespace,
     tasks: Sequence[TaskInfo],
     names: Callable[[Sequence[TaskInfo]], Mapping[str, str]],
+    widths: dict[str, int],
     *,
     header: bool,
 ) -> None:
@@ -67,9 +70,10 @@ def _show(
         for t in tasks:  # one document per task: a stream, not one growing list
             print_result(args, t.to_dict(), "", line=True)
         return
-    print_result(
-        args,
-        [t.to_dict() for t in tasks],
-        lambda: tasks_table(tasks, names(tasks), wide=wide(args), header=header),
-        empty="no tasks yet" if header else "",
-    )
+    def table() -> FitTable:
+        out = tasks_table(tasks, names(tasks), wide=wide(args), header=header)
+        out.min_widths = dict(widths)
+        widths.update(out.natural_widths())
+        return out
+
+    print_result(args, [t.to_dict() for t in tasks], table, empty="no tasks yet" if header else "")

@@ -44,6 +44,8 @@ class FitTable:
         self.wide = wide
         self.header = header
         self.rows: list[list[str]] = []
+        # Least widths per header, so rows printed later line up under an earlier table.
+        self.min_widths: dict[str, int] = {}
 
     def add_row(self, *cells: str) -> None:
         if len(cells) != len(self.headers):
@@ -51,7 +53,12 @@ class FitTable:
         self.rows.append(list(cells))
 
     def _natural(self, i: int) -> int:
-        return max([cell_len(self.headers[i])] + [cell_len(r[i]) for r in self.rows])
+        cells = [cell_len(self.headers[i])] + [cell_len(r[i]) for r in self.rows]
+        return max(cells + [self.min_widths.get(self.headers[i], 0)])
+
+    def natural_widths(self) -> dict[str, int]:
+        """Each column's unwrapped width (for `min_widths` of a later table)."""
+        return {h: self._natural(i) for i, h in enumerate(self.headers)}
 
     def _width(self, shown: Sequence[int], *, folded: int | None = None) -> int:
         """The width of columns `shown`, ordinary ones folded to at most `folded`."""
@@ -81,7 +88,8 @@ class FitTable:
                 width = self._natural(i)
                 table.add_column(self.headers[i], no_wrap=True, min_width=width, max_width=width)
             else:
-                table.add_column(self.headers[i], overflow="fold")
+                table.add_column(self.headers[i], overflow="fold",
+                                 min_width=self.min_widths.get(self.headers[i]))
         for row in self.rows:
             table.add_row(*(Text(row[i]) for i in shown))
         # rich's last resort, when wrapping is not enough, cuts every column alike: give it

@@ -131,6 +131,9 @@ def test_watch_prints_the_list_then_only_changes(capsys: pytest.CaptureFixture[s
     assert lines[0].split()[:3] == ["ID", "NAME", "STATE"]
     assert [line.split()[0] for line in lines[1:]] == ["t-a", "t-b", "t-a", "t-c"]
     assert lines[3].split()[2] == "running"
+    # Later rows line up under the first listing's columns.
+    assert lines[3].index("running") == lines[4].index("pending") == lines[0].index("STATE")
+    assert lines[3].index("1 ") == lines[0].index("ATTEMPT")
 
     looks = iter([[_task("t-a", tpb.TASK_STATE_PENDING)], [_task("t-a", tpb.TASK_STATE_SUCCEEDED)]])
     watch_tasks(_args("json"), lambda: next(looks), lambda ts: {}, interval=0, rounds=2)
