@@ -14,7 +14,7 @@ from lepton.agent.tasks.runner import FAILED_TO_START_CODE, RunSpec
 from lepton.common.errors import NotFound
 from lepton.dataplane.code_archive import pack_folder, unpack
 from tests.unit import test_runner
-from tests.unit.test_runner import Node
+from tests.unit.test_runner import Node, wait_until
 
 DIGEST = "ab" * 32
 node = test_runner.node  # the runner tests' fixture: a data dir, its runners cleaned up
@@ -121,3 +121,75 @@ async def test_cache_keeps_trees_across_restarts_and_clears_partial_fetches(tmp_
     again = CodeCache(tmp_path, GoneDatasets())
     assert again.tree(DIGEST) == cache.root / "trees" / DIGEST
     assert not (again.root / "tmp" / DIGEST).exists()
+
+
+# -- the assignment loop holds attempts back while their code comes --------------------------
+
+
+class FakeCode:
+    """The loop's code cache: trees appear when a test says so."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.fetches: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.ready: set[str] = set()
+        self.done = None
+
+    def tree(self, digest: str) -> Path | None:
+        return self.root / digest if digest in self.ready else None
+
+    def failure(self, digest: str) -> str:
+        return self.failed.get(digest, "")
+
+    def fetch(self, digest: str, on_done) -> None:
+        self.fetches.append(digest)
+        self.done = on_done
+
+
+async def test_attempts_wait_for_their_code_then_start_with_it(tmp_path):
+    from lepton.v1 import tasks_pb2
+    from tests.unit.test_assignment_loop import A, FakeRunner, World
+
+    class Runner(FakeRunner):
+        def __init__(self):
+            super().__init__()
+            self.specs: list = []
+            self.refused: list[tuple[str, str]] = []
+
+        def reconcile(self, specs, term):
+            self.specs.append(list(specs))
+            return super().reconcile(specs, term)
+
+        def refuse(self, spec, why):
+            self.refused.append((spec.task_id, why))
+
+    world = World(tmp_path)
+    world.runner = Runner()
+    world.loop.attach(world.runner)
+    code = world.loop._code = FakeCode(tmp_path / "trees")
+    later, broken = "cd" * 32, "ef" * 32
+    code.failed[broken] = "cannot fetch code efefefefefef: gone"
+
+    def assignment(task_id: str, digest: str = "") -> tasks_pb2.Assignment:
+        return tasks_pb2.Assignment(task_id=task_id, attempt=1, term=3,
+                                    spec=tasks_pb2.TaskSpec(argv=["python", "train.py"], code_digest=digest))
+
+    try:
+        world.start(world.loop.watch())
+        stream = await world.stream_at(A)
+        stream.push(tasks_pb2.AssignmentSet(term=3, assignments=[
+            assignment("plain"), assignment("shipped", later), assignment("broken", broken)]))
+        await wait_until(lambda: world.runner.reconciled, "the first reconcile")
+        # "shipped" waits for its code; "broken" is refused with the reason and stays wanted.
+        assert world.runner.reconciled[0] == ([("plain", 1), ("broken", 1)], 3)
+        assert code.fetches == [later]
+        assert world.runner.refused == [("broken", "cannot fetch code efefefefefef: gone")]
+        code.ready.add(later)
+        code.done()  # the fetch ended: the same set again, now with the code
+        assert world.runner.reconciled[-1] == ([("plain", 1), ("shipped", 1), ("broken", 1)], 3)
+        shipped = next(s for s in world.runner.specs[-1] if s.task_id == "shipped")
+        assert shipped.code_dir == str(tmp_path / "trees" / later)
+    finally:
+        await world.stop()
+
