@@ -530,7 +530,8 @@ def cmd_tasks_cancel(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.task.startswith("j-"):
-            _copy(c.job_logs(args.task, follow=args.follow, rank=args.rank), _stdout())
+            job_id = c.find_job(args.task).id  # a unique prefix too
+            _copy(c.job_logs(job_id, follow=args.follow, rank=args.rank), _stdout())
             return 0
         if args.rank is not None:
             raise InvalidArgument("--rank is for jobs (ids starting j-)")

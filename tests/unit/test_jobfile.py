@@ -59,3 +59,11 @@ def test_an_unreadable_or_broken_file_is_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("command = [")
     with pytest.raises(InvalidArgument, match="not valid TOML"):
         jobfile.load(str(tmp_path / "bad.toml"))
+
+
+def test_the_readme_and_the_cli_reference_show_the_checked_example():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for doc in ("README.md", "docs/cli.md"):
+        assert f"```toml\n{jobfile.example()}```" in (root / doc).read_text(), doc
