@@ -127,7 +127,10 @@ MAX_ENTRY_BYTES = 4 << 20  # the largest command a leader proposes (Raft refuses
 DEFAULT_MAX_SPEC_BYTES = 1 << 20  # a task or job spec, serialized; --max-spec-bytes
 MAX_SPEC_BYTES_CEILING = 3 << 20  # what --max-spec-bytes may be raised to: a spec and its command fit an entry
 MAX_BATCH_SPEC_BYTES = 3 << 20  # SubmitTasks: all specs together (one log entry)
-STREAM_CHUNK_BYTES = 1 << 20  # a state-sized answer (SaveSnapshot, an assignment set) goes in chunks of this
+STREAM_CHUNK_BYTES = 1 << 20  # a state-sized answer (SaveSnapshot) goes in chunks of this
+# A node's assignment set goes whole up to this, as older agents (which act on every
+# message) read it; only a larger one, which no single message could carry, is cut.
+ASSIGNMENT_CHUNK_BYTES = 8 << 20
 # Linux refuses exec (E2BIG) for a single argv or env string ("KEY=value") of 32 pages or
 # more, and for argv plus env (strings, NULs and pointers) past ARG_MAX (a quarter of
 # RLIMIT_STACK, as sysconf reports it). EXEC_MARGIN leaves room for what the agent adds

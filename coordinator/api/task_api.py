@@ -279,7 +279,7 @@ class TaskApi:
                     if t.state in HOLDING
                 ]
                 # In chunks when large: the set may exceed any single message (issue 14).
-                chunks = v.batches_by_size(assignments, v.STREAM_CHUNK_BYTES) or [[]]
+                chunks = v.batches_by_size(assignments, v.ASSIGNMENT_CHUNK_BYTES) or [[]]
                 for k, chunk in enumerate(chunks):
                     yield tasks_pb2.AssignmentSet(term=term, assignments=chunk, more=k < len(chunks) - 1)
                 await changed.wait()

@@ -40,14 +40,22 @@ class SnapshotSender:
     def start(self, frm: str, to: str, term: int, snap: Snapshot) -> SnapshotRequest:
         """Begin sending `snap` to `to`: its first chunk."""
         self._out[to] = snap
-        return snapshot_chunk(frm, to, term, snap, 0, self.chunk_bytes)
+        return self._chunk(frm, to, term, snap, 0)
 
     def next_chunk(self, frm: str, to: str, term: int, index: int, offset: int) -> SnapshotRequest | None:
         """The chunk `to` asks for, or None when it is not being sent that snapshot."""
         snap = self._out.get(to)
         if snap is None or snap.index != index or not 0 <= offset < len(snap.data):
             return None
-        return snapshot_chunk(frm, to, term, snap, offset, self.chunk_bytes)
+        return self._chunk(frm, to, term, snap, offset)
+
+    def _chunk(self, frm: str, to: str, term: int, snap: Snapshot, offset: int) -> SnapshotRequest:
+        chunk = snapshot_chunk(frm, to, term, snap, offset, self.chunk_bytes)
+        if chunk.done:
+            # Nothing more is asked for after the last chunk (it is sent only once the rest
+            # is acknowledged); a lost one restarts the transfer, which starts over here.
+            self._out.pop(to, None)
+        return chunk
 
     def forget(self, peer: str) -> None:
         self._out.pop(peer, None)

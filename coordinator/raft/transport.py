@@ -74,9 +74,11 @@ def to_proto(m: Message) -> raft_pb2.RaftMessage:
         pb.vote_response.granted, pb.vote_response.pre_vote = m.granted, m.pre_vote
     elif kind is SnapshotRequest:
         s = m.snapshot
-        pb.snapshot.index, pb.snapshot.term, pb.snapshot.data = s.index, s.term, s.data
-        pb.snapshot.config = s.config
-        pb.snapshot.offset, pb.snapshot.more = m.offset, not m.done
+        whole = m.offset == 0 and m.done  # as every version reads it; chunks apart (raft.proto)
+        body = pb.snapshot if whole else pb.snapshot_chunk
+        body.index, body.term, body.data, body.config = s.index, s.term, s.data, s.config
+        if not whole:
+            body.offset, body.more = m.offset, not m.done
     elif kind is SnapshotAck:
         pb.snapshot_ack.index, pb.snapshot_ack.offset = m.index, m.offset
     else:
@@ -106,6 +108,9 @@ def from_proto(pb: raft_pb2.RaftMessage) -> Message | None:
         return VoteResponse(frm, to, term, pb.vote_response.granted, pb.vote_response.pre_vote)
     if body == "snapshot":
         s = pb.snapshot
+        return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data, s.config))
+    if body == "snapshot_chunk":
+        s = pb.snapshot_chunk
         return SnapshotRequest(frm, to, term, Snapshot(s.index, s.term, s.data, s.config), s.offset, not s.more)
     if body == "snapshot_ack":
         return SnapshotAck(frm, to, term, pb.snapshot_ack.index, pb.snapshot_ack.offset)

@@ -18,11 +18,12 @@ def chunked(term: int, *pairs: tuple[str, int], per: int) -> list[tasks_pb2.Assi
 
 
 def test_the_leader_cuts_a_large_set_to_fit_and_keeps_its_order() -> None:
-    big = tasks_pb2.TaskSpec(argv=["echo", "x" * 300_000])  # a large-but-allowed spec
+    big = tasks_pb2.TaskSpec(argv=["echo", "x" * 900_000])  # a large-but-allowed spec
     sets = [tasks_pb2.Assignment(task_id=f"t{i}", attempt=1, spec=big) for i in range(40)]
-    runs = v.batches_by_size(sets, v.STREAM_CHUNK_BYTES)
-    assert len(runs) > 1 and all(sum(a.ByteSize() for a in r) <= v.STREAM_CHUNK_BYTES for r in runs)
+    runs = v.batches_by_size(sets, v.ASSIGNMENT_CHUNK_BYTES)
+    assert len(runs) > 1 and all(sum(a.ByteSize() for a in r) <= v.ASSIGNMENT_CHUNK_BYTES for r in runs)
     assert [a.task_id for r in runs for a in r] == [f"t{i}" for i in range(40)]
+    assert len(v.batches_by_size(sets[:8], v.ASSIGNMENT_CHUNK_BYTES)) == 1  # 7 MB: whole, as before
     assert v.batches_by_size([], v.STREAM_CHUNK_BYTES) == []
 
 

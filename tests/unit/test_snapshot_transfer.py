@@ -73,25 +73,30 @@ def test_sender_serves_what_the_follower_asks_for() -> None:
     assert first.offset == 0 and len(first.snapshot.data) == 500 and not first.done
     nxt = s.next_chunk("n1", "n2", 3, 40, 500)
     assert nxt is not None and nxt.offset == 500 and not nxt.done
-    last = s.next_chunk("n1", "n2", 3, 40, 1000)
-    assert last is not None and last.snapshot.data == SNAP.data[1000:] and last.done
     assert s.next_chunk("n1", "n2", 3, 39, 500) is None  # another snapshot's index
     assert s.next_chunk("n1", "n2", 3, 40, 1024) is None  # past the end
     assert s.next_chunk("n1", "n3", 3, 40, 0) is None  # not sending to n3
+    last = s.next_chunk("n1", "n2", 3, 40, 1000)
+    assert last is not None and last.snapshot.data == SNAP.data[1000:] and last.done
+    assert s.next_chunk("n1", "n2", 3, 40, 0) is None  # the last chunk went: the snapshot is let go
+    s.start("n1", "n2", 3, SNAP)
     s.forget("n2")
     assert s.next_chunk("n1", "n2", 3, 40, 0) is None
+    assert s.start("n1", "n2", 3, Snapshot(41, 3, b"small", b"")).done  # one chunk: kept by no one
+    assert s.next_chunk("n1", "n2", 3, 41, 0) is None
 
 
 def test_chunk_messages_cross_the_wire() -> None:
-    m = chunks(SNAP, 300)[1]
-    back = from_proto(to_proto(m))
-    assert back == m
+    for m in chunks(SNAP, 300):
+        pb = to_proto(m)
+        assert pb.WhichOneof("body") == "snapshot_chunk"  # an older follower ignores these
+        assert from_proto(pb) == m
     ack = SnapshotAck("n2", "n1", 3, 40, 600)
     assert from_proto(to_proto(ack)) == ack
-    # An older leader's single message (no offset, no `more`) is a whole snapshot.
-    pb = to_proto(SnapshotRequest("n1", "n2", 3, SNAP))
-    pb.snapshot.ClearField("offset")
-    assert from_proto(pb).done
+    # A snapshot in one chunk goes as the whole-snapshot message every version reads.
+    whole = SnapshotRequest("n1", "n2", 3, SNAP)
+    pb = to_proto(whole)
+    assert pb.WhichOneof("body") == "snapshot" and from_proto(pb) == whole
 
 
 def test_a_lagging_follower_installs_a_snapshot_of_many_chunks_despite_losses() -> None:

@@ -94,7 +94,7 @@ class RaftTimeoutNow(_message.Message):
     def __init__(self) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("from_id", "to_id", "term", "vote", "vote_response", "append", "append_response", "heartbeat", "heartbeat_response", "snapshot", "timeout_now", "snapshot_ack")
+    __slots__ = ("from_id", "to_id", "term", "vote", "vote_response", "append", "append_response", "heartbeat", "heartbeat_response", "snapshot", "timeout_now", "snapshot_ack", "snapshot_chunk")
     FROM_ID_FIELD_NUMBER: _ClassVar[int]
     TO_ID_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class RaftMessage(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_NOW_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ACK_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_CHUNK_FIELD_NUMBER: _ClassVar[int]
     from_id: str
     to_id: str
     term: int
@@ -119,7 +120,8 @@ class RaftMessage(_message.Message):
     snapshot: RaftSnapshotRequest
     timeout_now: RaftTimeoutNow
     snapshot_ack: RaftSnapshotAck
-    def __init__(self, from_id: _Optional[str] = ..., to_id: _Optional[str] = ..., term: _Optional[int] = ..., vote: _Optional[_Union[RaftVoteRequest, _Mapping]] = ..., vote_response: _Optional[_Union[RaftVoteResponse, _Mapping]] = ..., append: _Optional[_Union[RaftAppendRequest, _Mapping]] = ..., append_response: _Optional[_Union[RaftAppendResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., snapshot: _Optional[_Union[RaftSnapshotRequest, _Mapping]] = ..., timeout_now: _Optional[_Union[RaftTimeoutNow, _Mapping]] = ..., snapshot_ack: _Optional[_Union[RaftSnapshotAck, _Mapping]] = ...) -> None: ...
+    snapshot_chunk: RaftSnapshotRequest
+    def __init__(self, from_id: _Optional[str] = ..., to_id: _Optional[str] = ..., term: _Optional[int] = ..., vote: _Optional[_Union[RaftVoteRequest, _Mapping]] = ..., vote_response: _Optional[_Union[RaftVoteResponse, _Mapping]] = ..., append: _Optional[_Union[RaftAppendRequest, _Mapping]] = ..., append_response: _Optional[_Union[RaftAppendResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[RaftHeartbeat, _Mapping]] = ..., heartbeat_response: _Optional[_Union[RaftHeartbeatResponse, _Mapping]] = ..., snapshot: _Optional[_Union[RaftSnapshotRequest, _Mapping]] = ..., timeout_now: _Optional[_Union[RaftTimeoutNow, _Mapping]] = ..., snapshot_ack: _Optional[_Union[RaftSnapshotAck, _Mapping]] = ..., snapshot_chunk: _Optional[_Union[RaftSnapshotRequest, _Mapping]] = ...) -> None: ...
 
 class RaftBatch(_message.Message):
     __slots__ = ("messages",)
