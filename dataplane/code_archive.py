@@ -50,6 +50,23 @@ def dataset_name(digest: str) -> str:
     return DATASET_PREFIX + check_digest(digest)
 
 
+def check_code_dataset(name: str, shard_ids: list[str]) -> None:
+    """A dataset named `code-<sha256>` holds exactly that one blob, so that nobody can put
+    other bytes under the name a folder's archive will have. Raises InvalidArgument."""
+    digest = name[len(DATASET_PREFIX):]
+    if name.startswith(DATASET_PREFIX) and _looks_like_digest(digest) and shard_ids != [digest]:
+        raise InvalidArgument(f"dataset {name[:20]}...: names code-<sha256> are kept for code "
+                              "archives (--working-dir), whose one shard has that id")
+
+
+def _looks_like_digest(text: str) -> bool:
+    try:
+        check_sha256_hex(text, "")
+    except InvalidArgument:
+        return False
+    return True
+
+
 def check_digest(value: object) -> str:
     """A code digest: 64 lowercase hex digits (a SHA-256). Raises InvalidArgument."""
     return check_sha256_hex(value, "code digest")

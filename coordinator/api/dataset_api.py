@@ -28,6 +28,7 @@ from lepton.coordinator.loops.reconcile import Reconciler
 from lepton.coordinator.loops.replication import AgentPool, pick_nodes, ready_nodes, stored_bytes
 from lepton.coordinator.state.datasets import MAX_SHARDS, check_owner, copy_dataset
 from lepton.coordinator.state.security_state import check_node_caller
+from lepton.dataplane.code_archive import check_code_dataset
 from lepton.dataplane.shards import check_shard_id
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1 import datasets_pb2_grpc, state_pb2
@@ -105,6 +106,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         _check_record_size(len(request.shards), len(request.shards) * (_SHARD_RECORD_FLOOR + 3 * r))
         for s in request.shards:
             check_shard_meta(s, replicas=False)
+        check_code_dataset(request.name, [s.id for s in request.shards])  # before any upload
         await self._ctx.read()
         old = self._sm.datasets.datasets.get(request.name)
         if old is not None:  # refused before any bytes are uploaded
@@ -137,6 +139,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
             raise InvalidArgument(f"{len(ds.shards)} shards; at most {MAX_SHARDS}")
         for s in ds.shards:
             check_shard_meta(s, replicas=True)
+        check_code_dataset(ds.name, [s.id for s in ds.shards])
         requested_owner = ds.owner
         ds.owner = effective_owner(requested_owner)  # the caller, with auth on
         only = only_owner()

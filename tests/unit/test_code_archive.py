@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument
-from lepton.dataplane.code_archive import link_problem, pack_folder, unpack
+from lepton.dataplane.code_archive import check_code_dataset, link_problem, pack_folder, unpack
 
 
 def write(root: Path, rel: str, text: str = "x") -> Path:
@@ -193,3 +193,13 @@ def test_unpack_caps_and_garbage(tmp_path):
 ])
 def test_link_problem(name, target, links, ok):
     assert (link_problem(name, target, links) == "") is ok
+
+
+def test_code_dataset_names_hold_only_their_own_archive():
+    digest = "ab" * 32
+    check_code_dataset(f"code-{digest}", [digest])
+    check_code_dataset("code-review", ["cd" * 32, "ef" * 32])  # not a digest: any dataset
+    check_code_dataset("digits", ["cd" * 32])
+    for shards in ([], ["cd" * 32], [digest, "cd" * 32]):
+        with pytest.raises(InvalidArgument, match="kept for code archives"):
+            check_code_dataset(f"code-{digest}", shards)
