@@ -344,9 +344,13 @@ async def test_agent_death_between_spawn_and_pid_record_is_recovered(node):
 async def test_exit_while_no_runner_was_alive_is_reported_on_start(node):
     r1 = await node.runner()
     r1.launch(sh("t", "while [ ! -f go ]; do sleep 0.02; done; exit 7"))
+    [t] = r1.running()
     await r1.stop()
     (node.data_dir / "tasks/t/1/go").touch()
-    await wait_until(lambda: (node.data_dir / "tasks/t/1/exit.json").exists(), "the wrapper to record the exit")
+    # The wrapper writes exit.json and only then exits: until it has, a new runner rightly
+    # re-adopts it as running (and reports the exit later, not at start).
+    await wait_until(lambda: (node.data_dir / "tasks/t/1/exit.json").exists() and gone(t.pid),
+                     "the wrapper to record the exit and end")
 
     r2 = await node.runner()
     [ev] = node.of("t", kind=TaskEventKind.EXITED)
