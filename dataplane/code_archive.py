@@ -144,7 +144,7 @@ def pack_folder(
     warnings: list[str] = []
     content = sum(size for _, _, size in entries)
     if content > MAX_UNPACKED_BYTES:
-        raise InvalidArgument(_too_big(root, f"holds {_size_text(content)} to ship", MAX_UNPACKED_BYTES))
+        raise InvalidArgument(_too_big(root, f"holds {_size_text(content)} of files to ship; at most {_size_text(MAX_UNPACKED_BYTES)}"))
     digest = hashlib.sha256()
     written = [0]
     with open(out, "wb") as raw:
@@ -160,9 +160,9 @@ def pack_folder(
     return Archive(Path(out), digest.hexdigest(), written[0], files, content, warnings)
 
 
-def _too_big(root: Path, what: str, cap: int) -> str:
-    return (f"--working-dir {root} {what}; at most {_size_text(cap)}: list large files and "
-            f"folders (data, checkpoints, environments) in {root / LEPTONIGNORE} or .gitignore")
+def _too_big(root: Path, what: str) -> str:
+    return (f"--working-dir {root} {what}: list large files and folders (data, checkpoints, "
+            f"environments) in {root / LEPTONIGNORE} or .gitignore")
 
 
 class _Hashing(io.RawIOBase):
@@ -177,7 +177,7 @@ class _Hashing(io.RawIOBase):
     def write(self, data) -> int:
         self._written[0] += len(data)
         if self._written[0] > self._cap:
-            raise InvalidArgument(_too_big(self._root, "packs to more than that", self._cap))
+            raise InvalidArgument(_too_big(self._root, f"packs to more than {_size_text(self._cap)}, the most it may"))
         self._digest.update(data)
         return self._raw.write(data)
 

@@ -83,7 +83,7 @@ def test_ignore_rules_gitignore_nested_and_leptonignore(project, tmp_path):
 
 def test_size_cap_refuses_with_what_to_do_and_a_warning_below_it(project, tmp_path):
     write(project, "weights.bin", os.urandom(64 * 1024).hex())
-    with pytest.raises(InvalidArgument, match="at most 16.0 KiB.*.leptonignore"):
+    with pytest.raises(InvalidArgument, match="packs to more than 16.0 KiB, the most it may: .*.leptonignore"):
         pack_folder(project, tmp_path / "a.tgz", max_bytes=16 * 1024)
     archive = pack_folder(project, tmp_path / "b.tgz", warn_bytes=1024)
     assert len(archive.warnings) == 1 and ".leptonignore" in archive.warnings[0]
