@@ -150,7 +150,8 @@ async def run(args: argparse.Namespace) -> dict:
     metrics = [free_port() for _ in range(3)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     peers = ",".join(addrs)
-    off = ["--max-submit-inflight", "10000000"] if args.no_admission else []
+    bound = 10_000_000 if args.no_admission else args.max_submit_inflight
+    off = ["--max-submit-inflight", str(bound)] if bound else []
     voters = [Agent("--peers", peers, "--metrics-listen", f"127.0.0.1:{m}", "--log-level", "INFO", *off,
                     name=f"v{i + 1}", port=p) for i, (p, m) in enumerate(zip(ports, metrics, strict=True))]
     root = voters[0].root
@@ -201,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict:
                 for v, s in zip(voters, log_start, strict=True)]
         return {
             "tasks": args.tasks, "clients": args.clients, "run": args.run,
-            "admission": not args.no_admission,
+            "admission": not args.no_admission, "max_submit_inflight": bound or "default",
             "leader_changes": sum(len(LEADING.findall(text)) for text in logs),
             "nodes_marked_down": len({m.group(1) for text in logs for m in MARKED.finditer(text)}),
             "heartbeat_p50_ms": pct(probe.latencies, 0.5),
@@ -231,6 +232,8 @@ def main() -> None:
     p.add_argument("--run", action="store_true", help="let the tasks run on the workers")
     p.add_argument("--no-admission", action="store_true",
                    help="baseline: bound the leader's submit queue so high it never sheds")
+    p.add_argument("--max-submit-inflight", type=int, default=0,
+                   help="the voters' --max-submit-inflight (0: their default)")
     p.add_argument("--probe-interval", type=float, default=0.2, help="seconds between probe beats")
     p.add_argument("--settle", type=float, default=3.0, help="seconds before the burst")
     emit(asyncio.run(run(p.parse_args())))
