@@ -19,6 +19,7 @@ from .cli_tasks import _copy, _stdout, ship_code, submit_kwargs, sweep_kwargs
 from .client import Client
 from .jobs import JobInfo
 from .render import age, task_detail, tasks_table, truncate
+from .tables import FitTable
 from .types import TASK_STATES
 
 __all__ = ["cmd_submit_job", "job_options_of", "register"]
@@ -77,12 +78,10 @@ def cmd_submit_job(args: argparse.Namespace) -> int:
 # -- jobs list|show|cancel|logs ---------------------------------------------------------
 
 
-def jobs_table(jobs: list[JobInfo], now_ms: int | None = None) -> Table:
-    """`jobs list`: one row per job, ids never cut."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for header in ("ID", "NAME", "STATE", "NODES", "RESTARTS", "AGE", "REASON"):
-        table.add_column(header, no_wrap=header in ("ID", "STATE"),
-                         overflow="fold" if header == "REASON" else "ellipsis")
+def jobs_table(jobs: list[JobInfo], now_ms: int | None = None) -> FitTable:
+    """`jobs list`: one row per job, ids never cut (tables.FitTable)."""
+    table = FitTable(("ID", "NAME", "STATE", "NODES", "RESTARTS", "AGE", "REASON"),
+                     optional=("RESTARTS", "AGE", "NODES"))
     for j in jobs:
         table.add_row(j.id, j.name or "-", j.state, str(j.nodes), str(j.restart_count),
                       age(j.created_at_ms, now_ms), truncate(j.reason, 60) if j.reason else "")

@@ -160,3 +160,19 @@ def test_an_ignored_sighup_stays_ignored() -> None:
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_jobs_table_keeps_full_ids_when_narrow() -> None:
+    from rich.console import Console
+
+    from lepton.client.cli_jobs import jobs_table
+    from lepton.client.jobs import JobInfo
+
+    job_id = "j-0123456789abcdef0123"
+    members = [_task("t-0123456789abcdef01", tpb.TASK_STATE_FAILED)]
+    job = JobInfo(job_id, "failed", "rank 1 exited with code 3 " * 4, 2, members)
+    console = Console(width=24, color_system=None, record=True)
+    with console.capture() as cap:
+        console.print(jobs_table([job]), crop=False)
+    text = cap.get()
+    assert job_id in text
