@@ -26,7 +26,7 @@ from lepton.common.states import TaskState
 
 from ._cli_common import UsageError, _client, _positive_float, print_result, wants_json
 from .client import Client
-from .render import emit, human_bytes, make_console, short_id, sort_nodes
+from .render import emit, human_bytes, make_console, sort_nodes
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def top_view(frame: dict[str, Any], *, interval: float | None = None, note: str 
             f" (+{n['tasks_assigned']})" if n["tasks_assigned"] else ""
         )
         table.add_row(
-            Text(short_id(n["id"])),
+            Text(n["id"]),  # whole, as in every table
             Text(n["name"]),  # data, never rich markup
             Text(state, style=_state_style(n["state"])),
             _cell(n["cpu_percent"]),
