@@ -38,7 +38,6 @@ from .render import (
     node_detail,
     node_event_line,
     nodes_table,
-    short_id,
     sort_nodes,
 )
 from .types import NODE_STATES
@@ -184,7 +183,7 @@ def cmd_nodes_drain(args: argparse.Namespace) -> int:
     with _client(args) as c:
         node = c.drain(c.find_node(args.node).id, enable=not args.undo)
     what = "is draining" if node.draining else "is no longer draining"
-    return print_result(args, node.to_dict(), f"node {node.name} ({short_id(node.id)}) {what}\n")
+    return print_result(args, node.to_dict(), f"node {node.name} ({node.id}) {what}\n")
 
 
 def cmd_nodes_watch(args: argparse.Namespace) -> int:

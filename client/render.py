@@ -280,7 +280,7 @@ def command_text(t: TaskInfo) -> str:
 
 
 def _node_ref(node_id: str, names: Mapping[str, str]) -> str:
-    return names.get(node_id) or short_id(node_id) if node_id else "-"
+    return names.get(node_id) or node_id if node_id else "-"
 
 
 def _exit(code: int | None) -> str:
@@ -342,7 +342,7 @@ def task_detail(
     state = t.state + (f": {t.reason}" if t.reason and t.reason != t.state else "")
     node = "-"
     if t.node_id:
-        node = f"{_node_ref(t.node_id, names)} ({short_id(t.node_id)})"
+        node = f"{_node_ref(t.node_id, names)} ({t.node_id})"
         if t.node_address:
             node += f" at {t.node_address}"
     retries = f"{t.max_retries} ({t.failures} failed attempt{'s' if t.failures != 1 else ''})"

@@ -244,7 +244,7 @@ def test_nodes_drain_and_undo(
 ) -> None:
     assert run(capsys, "--server", server, "nodes", "drain", "bbbb") == (
         0,
-        "node agent-3 (bbbb3333ffff) is draining\n",
+        "node agent-3 (bbbb3333ffff0000) is draining\n",
         "",
     )
     assert fake.nodes["bbbb3333ffff0000"].draining

@@ -417,7 +417,7 @@ def test_tasks_list_table(some_tasks: str, capsys: pytest.CaptureFixture[str]) -
     assert row[:8] == ["t-aaa222", "-", "pending", "0", "-", "2", "3", "4s"]
     assert lines[2].endswith("…") and len(" ".join(row[8:])) == 60  # reason truncated
     assert lines[3].split()[:8] == ["t-bbb333", "-", "running", "0", "agent-1", "1", "-", "3s"]
-    assert lines[4].split()[4] == "gone00000000"  # a node not known by name: short id
+    assert lines[4].split()[4] == "gone0000000000000"  # a node not known by name: its whole id
 
 
 def test_tasks_list_filters_and_json(
