@@ -45,7 +45,8 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-dir", dest="ctx_tls_dir", metavar="DIR", help='"" for plaintext')
     p.add_argument("--cert-name", dest="ctx_cert_name", metavar="NAME")
     p.add_argument("--token", dest="ctx_token", metavar="TOKEN",
-                   help="API token (the file is 0600; the token is never printed)")
+                   help="API token, or - to read it from stdin (kept out of the shell's "
+                   "history); the file is 0600 and the token is never printed")
     p.add_argument("--use", action="store_true", help="also make it the current context")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p = sub("delete-context", cmd_delete_context, "delete a context")
@@ -110,6 +111,8 @@ def cmd_set_context(args: argparse.Namespace) -> int:
         ctx = Context(name, servers="")
     changes = {k: getattr(args, f"ctx_{k}") for k in ("servers", "tls_dir", "cert_name", "token")}
     changes = {k: v for k, v in changes.items() if v is not None}
+    if changes.get("token") == "-":
+        changes["token"] = sys.stdin.readline().strip()
     if "servers" in changes:
         changes["servers"] = ",".join(parse_servers(changes["servers"]))
     ctx = replace(ctx, **changes)

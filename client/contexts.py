@@ -24,6 +24,7 @@ Resolution, per setting: an explicit argument (a flag) > a context named explici
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -52,6 +53,8 @@ __all__ = [
     "switch_from_local",
     "switch_to_local",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "127.0.0.1:7070"
 LOCAL_CONTEXT = "local"
@@ -155,11 +158,23 @@ def load_config(path: Path | None = None) -> ClientConfig:
         if not fields["servers"]:
             raise FailedPrecondition(f"{where}: servers is missing")
         contexts[name] = Context(name=name, **fields)
+    if any(c.token for c in contexts.values()):
+        _warn_if_readable_by_others(path)
     return ClientConfig(
         contexts=contexts,
         current_context=_text(doc, "current_context", str(path)),
         previous_context=_text(doc, "previous_context", str(path)),
     )
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("%s holds tokens and is readable by others (mode %o): chmod 600 it",
+                    path, mode & 0o777)
 
 
 def _toml(value: str) -> str:

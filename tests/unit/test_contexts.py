@@ -3,6 +3,7 @@ commands, and Client() with no arguments. (tests/conftest.py gives each test its
 
 from __future__ import annotations
 
+import io
 import stat
 
 import pytest
@@ -143,3 +144,15 @@ def test_cannot_reach_says_where_the_servers_came_from(capsys: pytest.CaptureFix
     assert err.startswith("lepton-ctl: cannot reach 127.0.0.1:1") and "servers of context 'gone'" in err
     code, _, err = run(capsys, "--server", "127.0.0.1:1", "nodes", "list")
     assert code == 1 and err == "lepton-ctl: cannot reach 127.0.0.1:1 (connection refused)\n"
+
+
+def test_token_from_stdin_and_a_warning_for_a_readable_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\n"))
+    assert run(capsys, "config", "set-context", "a", "--server", "a:1", "--token", "-")[0] == 0
+    assert load_config().get("a").token == "from-stdin"
+    assert not caplog.records
+    config_path().chmod(0o644)
+    load_config()
+    assert "readable by others" in caplog.text
