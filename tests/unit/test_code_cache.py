@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from lepton.agent.code_cache import RETRY_AFTER_S, CodeCache, copy_code
 from lepton.agent.tasks.runner import FAILED_TO_START_CODE, RunSpec
 from lepton.common.errors import NotFound
@@ -193,3 +195,16 @@ async def test_attempts_wait_for_their_code_then_start_with_it(tmp_path):
     finally:
         await world.stop()
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_copy_code_belongs_to_the_task_user(tmp_path):
+    from lepton.agent.tasks.task_user import TaskUser
+
+    tree = tree_of(tmp_path)
+    os.symlink("helper.py", tree / "alias.py")
+    user = TaskUser("nobody", 65534, 65534, "/nonexistent", "/usr/bin/setpriv")
+    dest = copy_code(tree, tmp_path / "work", user)
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [dest, *dest.rglob("*")]}
+    assert owners == {(65534, 65534)}
+    assert os.readlink(dest / "alias.py") == "helper.py"  # a link stays a link
