@@ -183,7 +183,7 @@ def top_view(frame: dict[str, Any], *, interval: float | None = None, note: str 
 
 def cmd_top(args: argparse.Namespace) -> int:
     if wants_json(args) and not args.once:
-        raise UsageError("-o json needs --once (a live view has no JSON form)")
+        raise UsageError("-o json, -o yaml and -q need --once (a live view has no such form)")
     interval = max(args.interval, MIN_INTERVAL_S)
     with _client(args) as c:
         frame = collect(c)  # the first call fails fast with the usual one-line error
