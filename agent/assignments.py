@@ -175,6 +175,11 @@ class AssignmentLoop:
             sentence = self._reconcile(*self._last_set)
             logger.info("assignments (term %d, code fetched): %s", self._last_set[1], sentence)
 
+    async def close(self) -> None:
+        """Stop the code fetches in flight (the watch and report tasks are the caller's)."""
+        if self._code is not None:
+            await self._code.close()
+
     def attach(self, runner: TaskRunner) -> None:
         """The runner reports into this loop (`on_event`), so it is made after it."""
         self._runner = runner

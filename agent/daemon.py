@@ -355,6 +355,8 @@ class Agent:
             self.heartbeater.close()
         if self.runner is not None:
             await self.runner.stop()
+        if self.assignments is not None:
+            await self.assignments.close()  # code fetches in flight
         if self.data is not None:
             await self.data.close()
         if self.link is not None:
