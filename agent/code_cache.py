@@ -14,12 +14,13 @@ Each attempt then gets a copy of its tree as `<attempt>/work` (the task user's, 
 --task-user), its working directory and the head of its PYTHONPATH: the task may write there
 freely and the next attempt starts clean. A fetch that fails is remembered for
 RETRY_AFTER_S: the attempts that need it meanwhile fail to start with its reason.
-Trees are kept until the data dir is cleaned (no eviction yet).
+A tree no attempt started from for UNUSED_TREE_S (a week) is deleted when the agent starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -36,6 +37,10 @@ from lepton.v1 import datasets_pb2 as dpb
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 10.0
+# A tree no attempt started from for this long is deleted when the agent starts (a later
+# attempt that needs it fetches it again). Its folder's mtime says when it was last used:
+# a wall-clock jump can only cost a fetch.
+UNUSED_TREE_S = 7 * 86400.0
 MANIFEST_TRIES = 5
 
 
@@ -57,11 +62,27 @@ class CodeCache:
         shutil.rmtree(self._tmp, ignore_errors=True)
         for folder in (self.root, self._trees, self._tmp):
             folder.mkdir(mode=0o700, exist_ok=True)
+        self._forget_unused()
+
+    def _forget_unused(self) -> None:
+        cutoff = time.time() - UNUSED_TREE_S
+        gone = 0
+        for tree in self._trees.iterdir():
+            with contextlib.suppress(OSError):
+                if tree.stat().st_mtime < cutoff:
+                    shutil.rmtree(tree)
+                    gone += 1
+        if gone:
+            logger.info("code cache: deleted %d tree(s) unused for %d days", gone, UNUSED_TREE_S // 86400)
 
     def tree(self, digest: str) -> Path | None:
         """The unpacked tree of `digest` when this node has it."""
         path = self._trees / ca.check_digest(digest)
-        return path if path.is_dir() else None
+        if not path.is_dir():
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: see UNUSED_TREE_S
+        return path
 
     def failure(self, digest: str) -> str:
         """Why the last fetch of `digest` failed, while that is recent; else ""."""

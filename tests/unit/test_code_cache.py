@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from lepton.agent.code_cache import RETRY_AFTER_S, CodeCache, copy_code
+from lepton.agent.code_cache import RETRY_AFTER_S, UNUSED_TREE_S, CodeCache, copy_code
 from lepton.agent.tasks.runner import FAILED_TO_START_CODE, RunSpec
 from lepton.common.errors import NotFound
 from lepton.dataplane.code_archive import pack_folder, unpack
@@ -120,8 +121,15 @@ async def test_cache_keeps_trees_across_restarts_and_clears_partial_fetches(tmp_
     cache = CodeCache(tmp_path, GoneDatasets())
     (cache.root / "trees" / DIGEST).mkdir()
     (cache.root / "tmp" / DIGEST).mkdir()
+    old = "cd" * 32
+    (cache.root / "trees" / old).mkdir()
+    long_ago = time.time() - UNUSED_TREE_S - 60
+    os.utime(cache.root / "trees" / old, (long_ago, long_ago))
+    os.utime(cache.root / "trees" / DIGEST, (long_ago, long_ago))
+    assert cache.tree(DIGEST) is not None  # used now: kept
     again = CodeCache(tmp_path, GoneDatasets())
     assert again.tree(DIGEST) == cache.root / "trees" / DIGEST
+    assert again.tree(old) is None  # unused for a week: deleted at start
     assert not (again.root / "tmp" / DIGEST).exists()
 
 
