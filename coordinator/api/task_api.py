@@ -112,6 +112,7 @@ class TaskApi:
         specs = request.specs
         if not 1 <= len(specs) <= MAX_BATCH:
             raise InvalidArgument(f"specs must hold 1 to {MAX_BATCH} tasks, not {len(specs)}")
+        self._ctx.require_leader()  # a follower redirects before the costly part too
         # Shed a flood before the costly part: checking each spec, then applying the batch.
         with self._ctx.admission.admit(len(specs), request.ByteSize()):
             total = 0
