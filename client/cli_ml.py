@@ -11,9 +11,13 @@ across agents (DDP, gloo on CPU, nccl on GPUs); models are stored in the cluster
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from typing import Any
 
-from ._cli_common import _client, _positive_int, print_result
+from lepton.common.errors import LeptonError
+
+from ._cli_common import PROG, _client, _positive_int, print_result, wants_json
 from .facade import ALGORITHMS, Algorithm
 
 
@@ -44,6 +48,8 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Says the job id at once, streams the ranks' output (epochs, losses) as `run` does,
+    then prints the model's name. Ctrl-C cancels the job."""
     with _client(args) as c:
         algo = Algorithm(c)
         algo.select_algorithm(args.algorithm)
@@ -51,7 +57,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   epochs=args.epochs, nodes=args.nodes, hidden=args.hidden,
                                   nproc_per_node=args.nproc_per_node, seed=args.seed,
                                   max_restarts=args.max_restarts)
-        model = algo.train_model(args.dataset, name=args.out)
+        # Nodes as asked, or a one-line refusal: the command line says what it wants.
+        job, name = algo.start_training(args.dataset, name=args.out, fit_nodes=False)
+        sys.stderr.write(f"{PROG}: job {job.id}: training {args.algorithm} model {name} on "
+                         f"{job.nodes} node(s) ('{PROG} jobs show {job.id}')\n")
+        sys.stderr.flush()
+        # The output goes to stderr when stdout is for JSON, so stdout stays parseable.
+        out = sys.stderr if wants_json(args) else sys.stdout
+        try:
+            for line in c.job_logs(job.id, follow=True):
+                out.write(line.decode(errors="replace"))
+                out.flush()
+            model = algo.finish_training(job.id, name)
+        except KeyboardInterrupt:
+            with contextlib.suppress(LeptonError):
+                c.cancel_job(job.id)
+            sys.stderr.write(f"{PROG}: interrupted: cancelled job {job.id}\n")
+            return 130
     return print_result(args, {"model": model.name, "algorithm": model.algorithm, "job": model.job_id},
                         f"{model.name}\n")
 

@@ -13,19 +13,27 @@ RPCs, each a thin layer over `Client` and the real cluster:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lepton.common.errors import FailedPrecondition, InvalidArgument
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .client import Client
+from .jobs import JobInfo
 from .types import TaskInfo
 
 ALGORITHMS = ("logreg", "mlp", "cnn")
+# The file name a trained model is stored from (the dataset's `source`): what tells a
+# model from a dataset before anything runs.
+MODEL_FILE = "model.pt"
+
+log = logging.getLogger("lepton")
 
 
 class Scheduler:
@@ -81,27 +89,54 @@ class Algorithm:
             raise InvalidArgument(f"unknown parameters: {', '.join(sorted(unknown))}")
         self.params.update(params)
 
-    def train_model(self, dataset: Any, *, name: str | None = None, timeout: float | None = None) -> Model:
-        """Train on `dataset` (a name or DatasetInfo) as a torch job; returns the Model."""
+    def start_training(self, dataset: Any, *, name: str | None = None,
+                       fit_nodes: bool = True) -> tuple[JobInfo, str]:
+        """Check and submit the training job without waiting: (the job, the model's name).
+        Refuses at once (one line) an unknown dataset, a model given as the dataset, and a
+        model name that is taken. With fewer shards than ranks (each rank needs a shard) it
+        trains on as many nodes as the shards allow and says so on the `lepton` logger, or
+        with `fit_nodes=False` refuses (FailedPrecondition)."""
         if not self.algorithm:
             raise FailedPrecondition("select_algorithm() first")
-        ds = getattr(dataset, "name", dataset)
-        name = name or f"{ds}-{self.algorithm}-{uuid.uuid4().hex[:6]}"
+        ds_name = getattr(dataset, "name", dataset)
+        ds = self.client.dataset(ds_name)  # NotFound: 'dataset "x" not found'
+        if is_model(ds):
+            raise InvalidArgument(f'"{ds_name}" is a model, not a dataset to train on')
+        name = name or f"{ds_name}-{self.algorithm}-{uuid.uuid4().hex[:6]}"
+        with contextlib.suppress(NotFound):
+            self.client.dataset(name)
+            raise FailedPrecondition(f'"{name}" already exists: choose another model name')
         p = self.params
+        nodes, nproc = int(p["nodes"]), int(p["nproc_per_node"])
+        if fit_nodes and nproc <= len(ds.shards) < nodes * nproc:
+            fit = len(ds.shards) // nproc
+            log.warning("dataset %s has %d shard(s): training on %d node(s) instead of %d",
+                        ds_name, len(ds.shards), fit, nodes)
+            nodes = fit
         argv = [sys.executable, "-m", "lepton.workloads.recipes.cluster", "train", "--model-name", name,
                 "--algorithm", self.algorithm, "--epochs", str(p["epochs"]),
                 "--batch-size", str(p["batch_size"]), "--lr", str(p["learning_rate"]),
                 "--hidden", str(p["hidden"]), "--seed", str(p["seed"])]
-        job = self.client.submit_job(argv, nodes=int(p["nodes"]), nproc_per_node=int(p["nproc_per_node"]),
-                                     dataset=ds, max_restarts=int(p.get("max_restarts", 1)),
+        job = self.client.submit_job(argv, nodes=nodes, nproc_per_node=nproc, dataset=ds_name,
+                                     max_restarts=int(p.get("max_restarts", 1)),
                                      name=f"train-{self.algorithm}")
-        done = self.client.wait_job(job.id, timeout=timeout)
+        return job, name
+
+    def train_model(self, dataset: Any, *, name: str | None = None, timeout: float | None = None) -> Model:
+        """Train on `dataset` (a name or DatasetInfo) as a torch job; returns the Model."""
+        job, name = self.start_training(dataset, name=name)
+        return self.finish_training(job.id, name, timeout=timeout)
+
+    def finish_training(self, job_id: str, name: str, *, timeout: float | None = None) -> Model:
+        """Wait for a job `start_training` submitted; the Model, or FailedPrecondition saying
+        in one line why it failed (the job's logs have the rest)."""
+        done = self.client.wait_job(job_id, timeout=timeout)
         if done.state != "succeeded":
-            lines = b"".join(self.client.job_logs(job.id)).decode(errors="replace").splitlines()
-            last = next((ln for ln in reversed(lines) if ln.strip() and "Traceback" not in ln), "")
-            raise FailedPrecondition(f"training job {job.id} {done.state}: {done.reason}"
-                                     + (f" ({last.strip()[:300]})" if last else ""))
-        return Model(name=name, algorithm=self.algorithm, job_id=job.id)
+            text = b"".join(self.client.job_logs(job_id)).decode(errors="replace")
+            log.debug("training job %s output:\n%s", job_id, text)  # lepton-ctl --debug shows it
+            raise FailedPrecondition(f"training job {job_id} {done.state}: {done.reason}"
+                                     + _last_line(text, f"lepton-ctl logs {job_id}"))
+        return Model(name=name, algorithm=self.algorithm, job_id=job_id)
 
     def evaluate_model(self, model: Model | str, dataset: Any, *, timeout: float | None = None) -> dict:
         """Metrics on `dataset`: accuracy and loss (classification) or mse (regression)."""
@@ -115,12 +150,40 @@ class Algorithm:
 
     def _run(self, what: str, model: Model | str, dataset: Any, extra: list[str],
              timeout: float | None) -> str:
+        model_name, ds_name = getattr(model, "name", model), getattr(dataset, "name", dataset)
+        self._check_model_and_dataset(model_name, ds_name)
         argv = [sys.executable, "-m", "lepton.workloads.recipes.cluster", what,
-                "--model", getattr(model, "name", model), "--dataset", getattr(dataset, "name", dataset),
-                *extra]
+                "--model", model_name, "--dataset", ds_name, *extra]
         task = self.client.submit(argv, name=what, cpu=1)
         done = self.client.wait(task.id, timeout=timeout)
         text = b"".join(self.client.logs(task.id)).decode(errors="replace")
         if done.state != "succeeded":
-            raise FailedPrecondition(f"{what} task {task.id} {done.state}: {done.reason}: {text[-500:]}")
+            log.debug("%s task %s output:\n%s", what, task.id, text)  # lepton-ctl --debug shows it
+            raise FailedPrecondition(f"{what} task {task.id} {done.state}: {done.reason}"
+                                     + _last_line(text, f"lepton-ctl logs {task.id}"))
         return text
+
+    def _check_model_and_dataset(self, model: str, dataset: str) -> None:
+        """One-line refusals before anything runs: what is missing, or which is which."""
+        try:
+            found = self.client.dataset(model)
+        except NotFound:
+            raise NotFound(f'model "{model}" not found') from None
+        if not is_model(found):
+            raise InvalidArgument(f'"{model}" is a dataset, not a model (train one with '
+                                  f"lepton-ctl train --out NAME)")
+        if is_model(self.client.dataset(dataset)):  # NotFound: 'dataset "x" not found'
+            raise InvalidArgument(f'"{dataset}" is a model, not a dataset')
+
+
+def is_model(ds: Any) -> bool:
+    """Whether a stored dataset holds a model (recipes.cluster stores it from MODEL_FILE)."""
+    return ds.source == MODEL_FILE
+
+
+def _last_line(output: str, more: str) -> str:
+    """`: <the output's last telling line> (more: <more>)`, never a traceback's frames."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    frames = ("File ", "Traceback", "During handling", "^", "~")
+    last = next((ln for ln in reversed(lines) if not ln.startswith(frames)), "")
+    return (f" ({last[:300]})" if last else "") + f" (more: {more})"

@@ -68,6 +68,15 @@ def _client(launch: dict[str, Any]):
     return Client(launch["servers"], timeout=30, connect_timeout=30, tls_dir=tls and tls.dir, cert_name=tls and tls.name)
 
 
+NO_CHECKPOINT = "no stored checkpoint"
+
+
+def say(text: str) -> None:
+    """A launcher message: a `lepton:` line on the task's stderr, never in its stdout (the
+    job's own output)."""
+    print(f"lepton: {text}", file=sys.stderr, flush=True)
+
+
 def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
     """Bring the job's newest stored checkpoint here unless a newer one is already here."""
     from lepton.client import NotFound
@@ -77,7 +86,7 @@ def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
         try:
             ds = client.dataset(checkpoint_dataset(launch["job_id"]))
         except NotFound:
-            return "no stored checkpoint"
+            return NO_CHECKPOINT
         m = _CHECKPOINT_RE.match(ds.source)
         local = newest_checkpoint(ckpt_dir)
         if m is None:
@@ -105,7 +114,7 @@ async def sync_checkpoints(launch: dict[str, Any], ckpt_dir: Path, done: asyncio
             try:
                 await asyncio.to_thread(store_checkpoint, launch, newest)
                 stored = newest.name
-                print(f"lepton: stored checkpoint {newest.name}", flush=True)
+                say(f"stored checkpoint {newest.name}")
             except Exception as err:  # noqa: BLE001 - keep training; try again next round
                 logger.warning("cannot store checkpoint %s: %s", newest.name, err)
         if finished:
@@ -273,9 +282,13 @@ async def _run(launch: dict[str, Any], job_dir: Path, scratch: Path) -> int:
     try:
         shards = await asyncio.to_thread(local_shards, launch, scratch)
         if launch["node_rank"] == 0 and launch.get("servers"):
-            print(f"lepton: {await asyncio.to_thread(fetch_checkpoint, launch, checkpoints)}", flush=True)
+            found = await asyncio.to_thread(fetch_checkpoint, launch, checkpoints)
+            if found == NO_CHECKPOINT:
+                logger.info("job %s: %s", launch["job_id"], found)  # the usual first start
+            else:
+                say(found)
     except Exception as err:  # noqa: BLE001 - any failure to stage data fails this attempt
-        print(f"lepton: cannot stage the dataset: {err}", flush=True)
+        say(f"cannot stage the dataset: {err}")
         return 1
     spec = NodeLaunch(
         job_id=launch["job_id"],
@@ -319,7 +332,7 @@ async def _launch(launch: dict[str, Any], spec: NodeLaunch, tail: RankLogTail, c
         await launcher.start()
         result = await launcher.wait()
     except OSError as err:
-        print(f"lepton: failed to start the workers: {err}", flush=True)
+        say(f"failed to start the workers: {err}")
         return 127
     finally:
         done.set()
@@ -329,7 +342,7 @@ async def _launch(launch: dict[str, Any], spec: NodeLaunch, tail: RankLogTail, c
     if result.ok:
         return 0
     detail = f": {result.error_message}" if result.error_message else ""
-    print(f"lepton: node {spec.node_rank}: {result.reason}{detail}", flush=True)
+    say(f"node {spec.node_rank}: {result.reason}{detail}")  # reason: "rank R ...", R global
     code = result.failed_code
     if code is None:
         return 143

@@ -107,3 +107,31 @@ def test_a_job_file_with_an_unknown_key_is_refused_naming_it(tmp_path):
     out = run_ctl("apply", "-f", str(tmp_path / "job.toml"), server="127.0.0.1:1", timeout=30)
     assert out.returncode == 1 and len(out.stderr.splitlines()) == 1
     assert "unknown key 'nodez'" in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(600)  # a torch training job on a shared machine
+def test_the_python_facade_trains_a_one_shard_dataset_asked_for_two_nodes(two_nodes, tmp_path, caplog):
+    """README "From Python": nodes=2 on a 1-shard dataset trains on the one node its shard
+    allows (saying so) instead of failing a rank with no data; the CLI, asked explicitly,
+    refuses in one line before launching."""
+    import numpy as np
+
+    from lepton.client import Algorithm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype("float32")
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype("int64"))
+    srv = two_nodes.address
+    with Client(srv) as c:
+        c.put_dataset(tmp_path / "d.npz", "one-shard", shards=1, replicas=1)
+        refused = ctl(srv, "train", "--algorithm", "logreg", "--dataset", "one-shard", "--nodes", "2",
+                      "--out", "m")
+        assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+        assert 'dataset "one-shard" has 1 shard(s) for 2 ranks' in refused.stderr
+        algo = Algorithm(c)
+        algo.select_algorithm("logreg")
+        algo.configure_parameters(batch_size=32, learning_rate=0.1, epochs=1, nodes=2)
+        with caplog.at_level("WARNING", logger="lepton"):
+            model = algo.train_model("one-shard", timeout=240)
+        assert "training on 1 node(s) instead of 2" in caplog.text
+        assert c.job(model.job_id).nodes == 1 and c.dataset(model.name).source == "model.pt"

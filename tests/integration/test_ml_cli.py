@@ -13,6 +13,7 @@ from tests.integration.cluster import run_ctl, wait_until
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(600)  # three torch tasks, then each pre-launch check, on a shared machine
 def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
     node = agents("solo")
     rng = np.random.default_rng(0)
@@ -26,7 +27,11 @@ def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
     out = run_ctl("train", "--algorithm", "logreg", "--dataset", "lin", "--epochs", "5",
                   "--lr", "0.1", "--out", "lin-model", server=node.address, timeout=240)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "lin-model"
+    # The job id at once on stderr, the ranks' epoch losses streamed, the model's name last.
+    assert out.stderr.startswith("lepton-ctl: job j-"), out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "lin-model"
+    assert "[rank 0] epoch 5/5 loss " in out.stdout
+    assert "no stored checkpoint" not in out.stdout + out.stderr
     ev = run_ctl("-o", "json", "evaluate", "lin-model", "--dataset", "lin", server=node.address,
                  timeout=240)
     assert ev.returncode == 0, ev.stderr
@@ -38,6 +43,26 @@ def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
     with Client(node.address) as c:
         assert c.dataset("lin-pred").rows == 400
     bad = run_ctl("evaluate", "no-such-model", "--dataset", "lin", server=node.address, timeout=240)
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 1 and bad.stderr == 'lepton-ctl: model "no-such-model" not found\n'
+    # Each pre-launch check answers in one line, before anything runs.
+    checks = {
+        ("evaluate", "lin", "--dataset", "lin"): '"lin" is a dataset, not a model',
+        ("evaluate", "lin-model", "--dataset", "lin-model"): '"lin-model" is a model, not a dataset',
+        ("train", "--algorithm", "mlp", "--dataset", "lin-model", "--out", "m2"):
+            '"lin-model" is a model, not a dataset',
+        ("train", "--algorithm", "mlp", "--dataset", "nope", "--out", "m2"): 'dataset "nope" not found',
+        ("train", "--algorithm", "mlp", "--dataset", "lin", "--out", "lin-model"):
+            '"lin-model" already exists',
+        ("train", "--algorithm", "mlp", "--dataset", "lin", "--nproc-per-node", "3", "--out", "m3"):
+            'dataset "lin" has 2 shard(s) for 3 ranks',
+    }
+    with Client(node.address) as c:
+        before = len(c.tasks())
+    for argv, says in checks.items():
+        refused = run_ctl(*argv, server=node.address, timeout=240)
+        assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    with Client(node.address) as c:
+        assert len(c.tasks()) == before  # nothing was submitted
     usage = run_ctl("train", "--algorithm", "nope", "--dataset", "lin", "--out", "m", server=node.address)
     assert usage.returncode == 2

@@ -64,7 +64,7 @@ def test_a_failed_rank_restarts_the_whole_gang(two_nodes, tmp_path):
         assert done.state == "succeeded", done.reason
         assert done.restart_count == 1
         rank0 = next(t for t in done.tasks if t.id.endswith("-0"))
-        assert "rank 1" in rank0.history[0].reason  # stopped because rank 1 failed
+        assert "node 1 failed" in rank0.history[0].reason  # stopped because node 1 (rank 1) failed
         text = b"".join(c.job_logs(job.id, rank=1)).decode()
         assert "restart=1" in text
 
@@ -80,7 +80,12 @@ def test_without_restarts_a_failed_rank_fails_the_job(two_nodes, tmp_path):
         assert done.exit_code == 3
         by_rank = {t.id[-1]: t for t in done.tasks}
         assert by_rank["1"].reason == "exit code 3"
-        assert by_rank["0"].reason.startswith("stopped: rank 1 failed")
+        assert by_rank["0"].reason == "stopped: node 1 failed (exit code 3)"
+        # One numbering: the member is "node 1", the worker its global "rank 1"; the
+        # launcher's line is on the task's stderr, the user's stdout has only the job's own.
+        text = b"".join(c.job_logs(job.id)).decode()
+        assert "lepton: node 1: rank 1 exited with code 3" in text, text
+        assert "no stored checkpoint" not in text
 
 
 def test_impossible_jobs_are_rejected(two_nodes):

@@ -79,10 +79,11 @@ def cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cluster train", add_help=False)
     p.add_argument("--model-name", required=True)
     args, rest = p.parse_known_args(argv)
+    from lepton.client.facade import MODEL_FILE
     from lepton.workloads.recipes import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model.pt"
+        model = Path(tmp) / MODEL_FILE  # its name marks the stored dataset as a model
         code = train.main([*rest, "--output", str(model)])
         if code == 0 and os.environ.get("RANK", "0") == "0":
             with _client() as client:
