@@ -1,7 +1,8 @@
 """The first job, as a new user runs it: `local up --agents 2` from a shell whose PATH does not
 hold the venv, a fresh HOME and no LEPTON_SERVER, then `run --working-dir . -- python train.py`
 from a folder with a script that imports numpy and a helper module beside it. The script's
-output comes back and the exit code is 0; a second run does not upload the folder again."""
+output comes back and the exit code is 0; a second run does not upload the folder again.
+And from Python: `submit(..., working_dir=)`, and an archive gone before a node fetched it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from lepton.client import Client
+from tests.integration.cluster import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +77,29 @@ def test_run_working_dir_ships_the_folder_once_and_runs_the_venv_python(tmp_path
     finally:
         down = ctl("local", "down", "--data-dir", cluster_dir, "--wipe", cwd=project, env=env)
         assert down.returncode == 0, down.stderr
+
+
+def test_python_client_ships_code_and_a_lost_archive_fails_the_start_with_why(agents, tmp_path):
+    node = agents("solo")
+    project = tmp_path / "py-project"
+    project.mkdir()
+    (project / "main.py").write_text("import helper\nprint(helper.GREETING)\n")
+    (project / "helper.py").write_text('GREETING = "shipped from python"\n')
+    with Client(node.address) as c:
+        wait_until(lambda: any(n.state == "ready" for n in c.nodes()), what="node ready")
+        # One ready node: the archive is stored with one copy (two cannot be placed).
+        task = c.submit([sys.executable, "main.py"], working_dir=project)
+        assert c.wait(task.id, timeout=120).state == "succeeded"
+        assert b"".join(c.logs(task.id)) == b"shipped from python\n"
+        assert c.get(task.id).code_digest == c.push_code(project).digest
+        assert not c.push_code(project).uploaded
+        # Another folder, stored then removed before any node fetched it: the attempt
+        # fails to start and says why, with the shell's 127.
+        (project / "helper.py").write_text('GREETING = "never fetched"\n')
+        upload = c.push_code(project)
+        c.delete_dataset(upload.dataset)
+        lost = c.submit([sys.executable, "main.py"], code_digest=upload.digest)
+        done = c.wait(lost.id, timeout=120)
+        assert (done.state, done.exit_code) == ("failed", 127)
+        assert f"cannot fetch code {upload.digest[:12]}" in done.reason
+        assert "does not store it" in done.reason
