@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import random
 import sys
 
@@ -20,7 +21,7 @@ from lepton.agent.code_cache import CodeCache
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.task_identity import task_env
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
-from lepton.agent.tasks.task_spec import FENCED
+from lepton.agent.tasks.task_spec import FENCED, TASK_ID_RE
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
 from lepton.v1 import coordinator_pb2, tasks_pb2
@@ -33,10 +34,14 @@ AGENT_STOPPING = "agent stopping"
 
 
 def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] = (),
-             tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0) -> RunSpec:
+             tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0,
+             node_store: bool = True) -> RunSpec:
     """What the runner starts for an assignment. A torch job's member runs
     `lepton.workloads.torch_task`, which starts the node's workers the way torchrun would
-    (`log_max_bytes`: the cap of each rank's log there, the same as task output's; 0: none)."""
+    (`log_max_bytes`: the cap of each rank's log there, the same as task output's; 0: none),
+    in the job's folder the runner makes (`RunSpec.job_dir`). `node_store`: tasks run as the
+    agent's user and may read the node's shard store and key in place; without it (a
+    --task-user) a job fetches its shards into a store of its own with its credential."""
     s = a.spec
     argv, shell, env = tuple(s.argv), s.shell, dict(s.env)
     if servers:
@@ -48,17 +53,19 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
     if s.job_id:
         env.update(LEPTON_JOB_ID=s.job_id, LEPTON_GANG_RANK=str(s.gang_rank),
                    LEPTON_GANG_SIZE=str(s.gang_size), LEPTON_RESTART_COUNT=str(a.restart_count))
+    job_dir = ""
     if s.HasField("torch"):
+        job_dir = os.path.join(os.path.abspath(data_dir), "jobs", s.job_id) if TASK_ID_RE.fullmatch(s.job_id) else ""
         launch = {
             "job_id": s.job_id, "argv": list(s.argv) or ["/bin/sh", "-c", s.shell],
             "nproc_per_node": s.torch.nproc_per_node, "node_rank": s.gang_rank,
             "nnodes": s.gang_size, "master_addr": a.master_addr, "master_port": a.master_port,
             "restart_count": a.restart_count, "max_restarts": s.max_restarts,
             "env": env, "cwd": s.workdir, "dataset": s.torch.dataset,
-            "data_dir": data_dir, "servers": list(servers),
+            "data_dir": data_dir, "job_dir": job_dir, "node_store": node_store, "servers": list(servers),
             "grace_s": s.grace_s or DEFAULT_GRACE_S,
             # The path (not the secret) so the job can read this node's encrypted shards.
-            "shard_key_file": shard_key_file,
+            "shard_key_file": shard_key_file if node_store else "",
             "log_max_bytes": log_max_bytes,
         }
         argv, shell = (sys.executable, "-m", "lepton.workloads.torch_task", json.dumps(launch)), ""
@@ -74,6 +81,7 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
         timeout_s=s.timeout_s,
         grace_s=s.grace_s or DEFAULT_GRACE_S,
         keep_on_disconnect=s.on_disconnect == tasks_pb2.ON_DISCONNECT_KEEP,
+        job_dir=job_dir,
     )
 
 
@@ -112,8 +120,11 @@ class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
     def __init__(self, node_id: str, link: CoordinatorLink, data_dir: str = "", *,
-                 tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0):
+                 tls: TlsConfig | None = None, shard_key_file: str = "", log_max_bytes: int = 0,
+                 node_store: bool = True):
+        """`node_store`: see `run_spec` (False when tasks run as a --task-user)."""
         self._node_id = node_id
+        self._node_store = node_store
         self._shard_key_file = shard_key_file
         self._log_max_bytes = log_max_bytes
         self._addresses = link.addresses  # tasks may use the cluster too (LEPTON_SERVER)
@@ -138,7 +149,8 @@ class AssignmentLoop:
         specs, waiting = [], 0
         for a in assignments:
             spec = run_spec(a, data_dir=self._data_dir, servers=self._addresses, tls=self._tls,
-                            shard_key_file=self._shard_key_file, log_max_bytes=self._log_max_bytes)
+                            shard_key_file=self._shard_key_file, log_max_bytes=self._log_max_bytes,
+                            node_store=self._node_store)
             digest = a.spec.code_digest
             if digest and (a.task_id, a.attempt) not in running:
                 try:

@@ -181,7 +181,8 @@ class Agent:
         self.link = CoordinatorLink(targets, tls=self.tls)
         self.assignments = AssignmentLoop(self.node_id, self.link, str(self.data_dir), tls=self.tls,
                                           shard_key_file=self.config.shard_key_file,
-                                          log_max_bytes=self.config.task_log_max_bytes)
+                                          log_max_bytes=self.config.task_log_max_bytes,
+                                          node_store=self.task_user is None)
         # Sweep at least as often as the retention (a short one is for tests and small disks).
         from lepton.agent.tasks.lease import AttemptLease
 

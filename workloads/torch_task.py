@@ -5,7 +5,10 @@ task attempt, so it gets a process group, an output file, timeouts and cancellat
 any task, and the agent's own process never imports torch. This process:
 
 1. fetches the shards its ranks read (dataset shard i goes to global rank i % world size)
-   into the node's shard store, straight from a peer holding them;
+   into the node's shard store, straight from a peer holding them; when it runs as a
+   --task-user (`node_store` false: the node's store and key are not its to read), into a
+   store of its own in its scratch folder instead, with its own credential, this node
+   serving its copies like any peer;
 2. runs `TorchLauncher`: the node's workers with torchrun's exact environment;
 3. copies every worker's rank-prefixed output to its stdout, live, so `lepton-ctl logs`
    shows all ranks (`--rank K` filters by the prefix). The rank logs it reads are capped
@@ -138,8 +141,9 @@ def scratch_root(job_dir: Path) -> str:
 
 
 def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...], ...]:
-    """Paths of each local rank's shards, fetched into this node's store when missing. The
-    node's encrypted shards are decrypted into `scratch` (private; the caller removes it)."""
+    """Paths of each local rank's shards, fetched into this node's store when missing (or,
+    without `node_store`, into a store of the task's own in `scratch`). The node's encrypted
+    shards are decrypted into `scratch` (private; the caller removes it)."""
     dataset = launch.get("dataset", "")
     if not dataset:
         return ()
@@ -158,10 +162,13 @@ def local_shards(launch: dict[str, Any], scratch: Path) -> tuple[tuple[str, ...]
         ds = client.dataset(dataset)
     per_rank = shard_assignment([s.id for s in ds.shards], world)
     mine = [per_rank[node_rank * nproc + i] for i in range(nproc)]
-    key_file = launch.get("shard_key_file", "")
-    cipher = ShardCipher.from_file(key_file) if key_file else None
-    # The agent's live store: leave its writes in progress alone (clean_tmp=False).
-    store = ShardStore(Path(launch["data_dir"]) / "shards", cipher=cipher, clean_tmp=False)
+    if launch.get("node_store", True):
+        key_file = launch.get("shard_key_file", "")
+        cipher = ShardCipher.from_file(key_file) if key_file else None
+        # The agent's live store: leave its writes in progress alone (clean_tmp=False).
+        store = ShardStore(Path(launch["data_dir"]) / "shards", cipher=cipher, clean_tmp=False)
+    else:  # plaintext, private to this attempt (in memory when /dev/shm is there)
+        store = ShardStore(scratch / "store")
     by_id = {s.id: s for s in ds.shards}
     missing = [sid for ranks in mine for sid in ranks if not store.has(sid)]
     if missing:
@@ -265,7 +272,8 @@ async def _copy_output(tail: RankLogTail, done: asyncio.Event) -> None:
 
 
 async def run(launch: dict[str, Any]) -> int:
-    job_dir = Path(launch["data_dir"]) / "jobs" / launch["job_id"]
+    # Made by the agent (the task user's when there is one); older agents left it to us.
+    job_dir = Path(launch.get("job_dir") or Path(launch["data_dir"]) / "jobs" / launch["job_id"])
     job_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"lepton-shards-{launch['job_id']}-", dir=scratch_root(job_dir)))
     try:

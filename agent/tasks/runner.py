@@ -33,18 +33,10 @@ Choices:
 - Exit codes: the wrapper sees the shell's `$?`, so 128+N is reported as -N (killed by
   signal N), like subprocess; a task that calls exit(130) itself reads as -2. When the
   wrapper itself was SIGKILLed (no exit.json), the code is that of the wrapper (-9).
-- GPUs: with `gpu_indices`, CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES are both the
-  comma-joined indices. Without, both are set to "" (no GPU visible), so a CPU task cannot
-  touch GPUs given to others, unless spec.env names a value for them explicitly.
 - When the wrapper ends, whatever is left in its process group is SIGKILLed (like a
   container): a task's background processes die with it.
-- Environment: a task gets only `INHERITED_ENV` of the agent's environment (PATH, HOME,
-  locale, time zone, temp dir, library paths), then its spec's env, then `LEPTON_TASK_ID`,
-  `LEPTON_ATTEMPT` and the GPU variables. Never the rest: the agent's environment may hold
-  its node token (`LEPTON_NODE_TOKEN`) or other secrets. An explicit `base_env` replaces
-  the inherited part as given; `task_path` (--task-path), when set, replaces its PATH.
-- Shipped code (`spec.code_dir`, from --working-dir): the attempt works in `<attempt>/work`,
-  a fresh copy of the node's cached tree (lepton.agent.code_cache), first on PYTHONPATH.
+- What an attempt is spawned with (command, environment, GPUs, --task-user, shipped code)
+  is built by `attempt_env`.
 """
 
 from __future__ import annotations
@@ -62,9 +54,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.agent.code_cache import copy_code
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
+from lepton.agent.tasks.attempt_env import AttemptEnv
+from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.task_spec import (
     FENCED,
     TASK_ID_RE,
@@ -74,7 +67,7 @@ from lepton.agent.tasks.task_spec import (
     TaskEventKind,
     validate_ids,
 )
-from lepton.agent.tasks.task_user import WORK_DIR, TaskUser
+from lepton.agent.tasks.task_user import TaskUser
 from lepton.common.durable import fsync_dir, read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
@@ -89,9 +82,6 @@ LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
-GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
-# What a task inherits from the agent's environment (LC_* too); nothing else passes.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH")
 
 # This process's unreaped task children, by pid, shared by every runner in the process: a
 # runner restarted in-process (tests, an agent reload) takes its Popen back to reap it, and
@@ -170,22 +160,14 @@ class TaskRunner:
         self._on_event = on_event
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
-        self._base_env = dict(base_env) if base_env is not None else None
-        self._task_user = task_user  # run tasks' commands as this OS user (see `task_user`)
-        self._task_path = task_path  # the PATH tasks get ("": the agent's)
+        self._spawn_env = AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user)
         self._live: dict[tuple[str, int], _Attempt] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
         self._boot = tp.boot_id()
         self._outputs = task_logs.OutputLogs(int(log_max_bytes))
-        self._retention_s = retention_s
-        self._ages = task_logs.FirstSeen(clock)  # when each finished attempt was first seen
         self._log_check_s = log_check_s
-        self._sweep_s = sweep_s
-        # The attempts the last accepted desired set named; None until one came. The sweep
-        # keeps these: an attempt the coordinator still wants must still read "ran here".
-        self._desired: set[tuple[str, int]] | None = None
-        self._sweeper: asyncio.Task[int] | None = None
+        self._retention = Retention(self._root, self._outputs, retention_s, sweep_s, clock, lambda: self._live)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -220,12 +202,11 @@ class TaskRunner:
         """Stop watching. Does not signal any task: they outlive the agent, and the next
         `start()` (in this process or a new one) re-adopts them."""
         watcher, self._watcher = self._watcher, None
-        sweeper, self._sweeper = self._sweeper, None
-        for task in (watcher, sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self._retention.stop()
         await self._outputs.close()
         self._live.clear()
 
@@ -240,7 +221,7 @@ class TaskRunner:
         if (att_dir := self._claim(spec)) is None:
             return
         try:
-            command, env, workdir = self._prepare(spec, att_dir)
+            command, env, workdir = self._spawn_env.prepare(spec, att_dir)
         except OSError as err:
             self._fail_start(spec, att_dir, str(err))
             return
@@ -362,31 +343,9 @@ class TaskRunner:
             yield chunk.data
 
     async def sweep(self) -> int:
-        """Delete the attempt folders the retention allows: exit reported (as first seen by
-        this runner, on its monotonic clock) more than `retention_s` ago, not running, and not in the last desired set (the coordinator
-        forgets an attempt only once it has its exit; until then it must stay "ran here").
-        Nothing before the first desired set. Returns how many were deleted. Torch jobs'
-        folders (`jobs/<job id>`) go by the same rules (`task_logs.sweep_jobs`)."""
-        if not self._retention_s or self._desired is None:
-            return 0
-        jobs, jobs_freed = await task_logs.sweep_jobs(
-            self._root.parent / "jobs", self._root, self._retention_s,
-            lambda: set(self._live) | (self._desired or set()), self._ages)
-        if jobs:
-            logger.info("retention: deleted %d finished job folder(s) (%.1f MiB)", jobs, jobs_freed / (1 << 20))
-        keep = set(self._live) | self._desired
-        removed, freed, touched = await asyncio.to_thread(
-            task_logs.sweep_finished, self._root, self._retention_s, keep, self._ages)
-        self._ages.forget_unseen()
-        for att_dir in removed:
-            self._outputs.forget(att_dir)
-        for task_dir in touched:  # here, not in the thread: launch() makes these on the loop
-            with contextlib.suppress(OSError):
-                task_dir.rmdir()  # only when empty
-        if removed:
-            logger.info("retention: deleted %d finished attempt folder(s) reported over %gs ago (%.1f MiB)",
-                        len(removed), self._retention_s, freed / (1 << 20))
-        return len(removed)
+        """Delete the attempt (and torch job) folders the retention allows (see `retention`).
+        Returns how many attempt folders were deleted."""
+        return await self._retention.sweep()
 
     def reconcile(self, desired: Iterable[RunSpec], term: int) -> str:
         """Make the running set match `desired`: launch the attempts not running (and never
@@ -415,7 +374,7 @@ class TaskRunner:
                 rejected += 1
                 continue
             want[(spec.task_id, spec.attempt)] = spec
-        self._desired = set(want)
+        self._retention.desired = set(want)  # kept: the coordinator still wants them
         stopped = 0
         for key, att in list(self._live.items()):
             if key not in want and not att.stop_reason:
@@ -453,35 +412,6 @@ class TaskRunner:
     def _attempt_dir(self, task_id: str, attempt: int) -> Path:
         validate_ids(task_id, attempt)
         return self._root / task_id / str(attempt)
-
-    def _prepare(self, spec: RunSpec, att_dir: Path) -> tuple[tuple[str, ...], dict[str, str], Path]:
-        """The command, environment and workdir to spawn. Raises OSError saying why not."""
-        env = inherited_env(os.environ) if self._base_env is None else dict(self._base_env)
-        if self._task_path:  # the operator's PATH for tasks (--task-path); the spec's still wins
-            env["PATH"] = self._task_path
-        env.update(spec.env)
-        env["LEPTON_TASK_ID"] = spec.task_id
-        env["LEPTON_ATTEMPT"] = str(spec.attempt)
-        gpus = ",".join(str(i) for i in spec.gpu_indices)
-        for name in GPU_ENV:
-            env[name] = gpus if spec.gpu_indices else spec.env.get(name, "")
-        base = att_dir
-        if self._task_user is not None:  # its own folder; the attempt's records stay the agent's
-            base = self._task_user.workdir(att_dir)
-            env.update(self._task_user.env(base))
-        if spec.code_dir:  # --working-dir: a fresh copy of the node's tree, importable
-            base = copy_code(Path(spec.code_dir), att_dir / WORK_DIR, self._task_user)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(base), env.get("PYTHONPATH")) if p)
-        workdir = base / spec.workdir if spec.workdir else base  # `/` keeps an absolute one
-        if not workdir.is_dir():
-            raise NotADirectoryError(f"workdir {workdir} is not a directory")
-        if spec.argv:
-            command = (tp.resolve_executable(spec.argv[0], env, workdir), *spec.argv[1:])
-        else:
-            command = ("/bin/sh", "-c", spec.shell)
-        if self._task_user is not None:
-            command = (*self._task_user.argv_prefix(), *command)
-        return command, env, workdir
 
     def _fail_start(self, spec: RunSpec, att_dir: Path, why: str) -> None:
         reason = f"failed to start: {why}"
@@ -527,7 +457,7 @@ class TaskRunner:
         return True
 
     async def _watch(self) -> None:
-        next_logs = next_sweep = time.monotonic()
+        next_logs = time.monotonic()
         while True:
             await asyncio.sleep(POLL_S)
             now = time.monotonic()
@@ -541,16 +471,7 @@ class TaskRunner:
                         self._outputs.check(att.dir)
                 except Exception:  # keep watching the others
                     logger.exception("watching task %s attempt %d failed", *att.key)
-            if self._retention_s and now >= next_sweep and (self._sweeper is None or self._sweeper.done()):
-                next_sweep = now + self._sweep_s
-                self._sweeper = asyncio.create_task(self._sweep_logged(), name="task-retention")
-
-    async def _sweep_logged(self) -> int:
-        try:
-            return await self.sweep()
-        except Exception:  # the next sweep tries again
-            logger.exception("retention sweep failed")
-            return 0
+            self._retention.tick(now)
 
     def _check(self, att: _Attempt) -> None:
         exited, code = self._poll_exit(att)
@@ -675,11 +596,6 @@ class TaskRunner:
             self._on_event(event)
         except Exception:
             logger.exception("on_event failed for %s", event)
-
-
-def inherited_env(agent_env: Mapping[str, str]) -> dict[str, str]:
-    """The part of the agent's environment every task gets: `INHERITED_ENV` and `LC_*`."""
-    return {k: v for k, v in agent_env.items() if k in INHERITED_ENV or k.startswith("LC_")}
 
 
 def _mark_reported(att_dir: Path, doc: dict) -> None:

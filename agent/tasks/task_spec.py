@@ -44,6 +44,9 @@ class RunSpec:
     # Shipped code (`--working-dir`): this node's unpacked tree of it, copied afresh into
     # the attempt's `work` folder, which becomes the base of `workdir` and heads PYTHONPATH.
     code_dir: str = ""
+    # A torch job's folder on this node (`<data dir>/jobs/<job id>`), shared by the job's
+    # attempts here: made before the start, and given to the task user when there is one.
+    job_dir: str = ""
 
     def __post_init__(self) -> None:
         # Lists from JSON or protos become tuples; env is copied so the caller cannot change it.
@@ -58,9 +61,10 @@ class RunSpec:
             raise InvalidArgument(f"term must be an integer >= 0, not {self.term!r}")
         if not self.argv and not self.shell:
             raise InvalidArgument(f"task {self.task_id}: neither argv nor shell is set")
-        texts = [*self.argv, self.shell, self.workdir, self.code_dir, *self.env.values()]
+        texts = [*self.argv, self.shell, self.workdir, self.code_dir, self.job_dir, *self.env.values()]
         if not all(isinstance(t, str) for t in texts) or any("\0" in t for t in texts):
-            raise InvalidArgument(f"task {self.task_id}: argv, shell, workdir, code_dir and env values must be strings without NUL")
+            raise InvalidArgument(f"task {self.task_id}: argv, shell, workdir, code_dir, job_dir and env values "
+                                  "must be strings without NUL")
         if self.argv and not self.argv[0]:
             raise InvalidArgument(f"task {self.task_id}: argv[0] is empty")
         for key in self.env:

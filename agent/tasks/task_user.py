@@ -71,6 +71,18 @@ class TaskUser:
         os.chown(work, self.uid, self.gid)
         return work
 
+    def give_folder(self, folder: Path) -> None:
+        """Make `folder` (in a folder of the data dir) this user's, with everything in it
+        (written there before under another owner), and let it pass the folder above.
+        Raises OSError."""
+        os.chmod(folder.parent, SEARCH_ONLY)
+        if folder.stat().st_uid != self.uid:
+            for top, dirs, files in os.walk(folder):
+                for name in (*dirs, *files):
+                    os.lchown(os.path.join(top, name), self.uid, self.gid)
+        os.chown(folder, self.uid, self.gid)
+        os.chmod(folder, 0o700)
+
     def env(self, work: Path) -> dict[str, str]:
         home = self.home if os.path.isdir(self.home) else str(work)  # nobody's is /nonexistent
         return {"HOME": home, "USER": self.name, "LOGNAME": self.name}

@@ -79,6 +79,27 @@ print(json.dumps(out), flush=True)
 """
 
 
+def _others_can_exec(path: str) -> bool:
+    real = Path(os.path.realpath(path))
+    return bool(real.stat().st_mode & 0o001) and all(p.stat().st_mode & 0o001 for p in real.parents)
+
+
+def nobody_python_argv(module: str) -> list[str]:
+    """argv running `python -m module` that a task's own processes can start as nobody.
+    Torch workers are started by the task (not by setpriv, which runs as root until its
+    exec): an interpreter under a 0700 /root (pyenv) is not theirs to exec. Then the
+    system's python of the same version, with this venv's site-packages."""
+    if _others_can_exec(sys.executable):
+        return [sys.executable, "-m", module]
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.path.exists(system) or not _others_can_exec(system):
+        pytest.skip(f"no interpreter nobody may exec ({sys.executable} is under a folder closed to others)")
+    site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+    boot = (f"import runpy, site, sys; [site.addsitedir(d) for d in {site_dirs!r}]; "
+            f"sys.argv[0] = {module!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [system, "-c", boot]
+
+
 @pytest.fixture
 def secure_cluster():
     """A voter and a worker with TLS and --auth; the worker runs tasks as nobody. Their root
@@ -255,20 +276,21 @@ def test_a_token_alone_moves_data_through_a_worker(agents, tmp_path):
 
 
 def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tmp_path):
-    """Over TLS and --auth, a user's two-node torch job fetches its shards from the other
-    node, stores its model, and the user reads it back: every call with the task's (or the
-    user's) token and the certificate that names nobody. Torch jobs cannot run under
-    --task-user yet, so the job runs on the voter and a second worker without it."""
+    """Over TLS and --auth, a user's two-node torch job runs as nobody on two workers: it
+    fetches its shards (into a store of its own: the node's is not nobody's to read), writes
+    its rank logs and checkpoints in the job folder the agent gave it, stores its model, and
+    the user reads it back: every call with the task's (or the user's) token and the
+    certificate that names nobody."""
     from lepton.workloads.recipes.cluster import get_file
     from tests.integration.test_torch_jobs import rows
 
     voter, worker, d = secure_cluster
-    other = AgentProcess(voter.data_dir.parent, "other", ["--join", voter.address, "--tls-dir", d, "--auth"])
+    other = AgentProcess(voter.data_dir.parent, "other", ["--join", voter.address, "--tls-dir", d, "--auth",
+                                                          "--labels", "role=worker", "--task-user", "nobody"])
     other.start()
     try:
         with Client(voter.address, tls_dir=d) as admin:
             wait_until(lambda: sum(n.state == "ready" for n in admin.nodes()) == 3, timeout=60, what="three nodes ready")
-            admin.drain(worker.node_id)  # its tasks run as nobody
         alice = run_ctl("--tls-dir", d, "tokens", "create", "--role", "user", "--name", "alice",
                         server=voter.address, check=True).stdout.strip()
         x, y = rows(np.random.default_rng(3), 64)
@@ -276,15 +298,20 @@ def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tm
         task_tls = str(worker.data_dir / "task-tls")
         with Client(voter.address, tls_dir=task_tls, cert_name="task", token=alice, timeout=60) as c:
             c.put_dataset(tmp_path / "all.npz", "ddp-data", shards=2)
-            job = c.submit_job([sys.executable, "-m", "lepton.workloads.recipes.cluster", "train",
+            job = c.submit_job([*nobody_python_argv("lepton.workloads.recipes.cluster"), "train",
                                 "--model-name", "ddp-model", "--algorithm", "mlp", "--epochs", "1",
                                 "--hidden", "8", "--batch-size", "8"],
-                               nodes=2, nproc_per_node=1, cpu=0.5, dataset="ddp-data")
+                               nodes=2, nproc_per_node=1, cpu=0.5, dataset="ddp-data",
+                               constraints={"role": "worker"})
             done = c.wait_job(job.id, timeout=240)
             assert done.state == "succeeded", (done.reason, b"".join(c.job_logs(job.id)).decode()[-3000:])
             assert c.dataset("ddp-model").owner == "alice"  # stored by the job, as its submitter
             model = get_file(c, "ddp-model", tmp_path / "model.pt")
         assert model.stat().st_size > 0
+        for node in (worker, other):  # the job's folder is nobody's; the node's store stays the agent's
+            job_dir = node.data_dir / "jobs" / job.id
+            assert job_dir.stat().st_uid == 65534 and any(job_dir.glob("restart-0/node-*/rank_*.log"))
+            assert (node.data_dir / "shards").stat().st_uid == 0
     finally:
         other.stop()
 

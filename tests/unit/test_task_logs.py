@@ -202,7 +202,7 @@ async def test_retention_deletes_only_reported_unwanted_old_attempts(node, caplo
     await node.exited("recent")
     r.reconcile([quick["wanted"], running], term=1)
     (tasks / "old/.7.deleting/x").mkdir(parents=True)  # a sweep cut short
-    caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
+    caplog.set_level("INFO", logger="lepton.agent.tasks.retention")
     assert await r.sweep() == 1
     assert not (tasks / "old").exists()  # the attempt, the leftover and the empty task folder
     for name in ("wanted", "unreported", "recent", "running"):
@@ -286,7 +286,7 @@ async def test_retention_deletes_only_finished_old_job_folders(node, caplog):
         job_folder(job)
     (jobs / ".cut.deleting/restart-0").mkdir(parents=True)  # a sweep cut short
 
-    caplog.set_level("INFO", logger="lepton.agent.tasks.runner")
+    caplog.set_level("INFO", logger="lepton.agent.tasks.retention")
     await r.sweep()  # all members still in the desired set; the rest is first seen now
     assert not (jobs / ".cut.deleting").exists()
     assert sorted(p.name for p in jobs.iterdir()) == ["half", "old", "orphan", "recent", "running",
