@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -111,6 +112,8 @@ def cmd_set_context(args: argparse.Namespace) -> int:
         ctx = Context(name, servers="")
     changes = {k: getattr(args, f"ctx_{k}") for k in ("servers", "tls_dir", "cert_name", "token")}
     changes = {k: v for k, v in changes.items() if v is not None}
+    if changes.get("tls_dir"):  # used from any folder later: stored absolute
+        changes["tls_dir"] = os.path.abspath(os.path.expanduser(changes["tls_dir"]))
     if changes.get("token") == "-":
         changes["token"] = sys.stdin.readline().strip()
     if "servers" in changes:

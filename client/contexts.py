@@ -202,7 +202,7 @@ def save_config(config: ClientConfig, path: Path | None = None) -> Path:
 @dataclass(frozen=True)
 class Connection:
     """What a client connects to and with; `source` says where the servers came from
-    (for messages such as "cannot reach ... (servers from context 'local')")."""
+    ("--server", "context 'local'", "$LEPTON_SERVER", "the default"), for messages."""
 
     servers: str
     tls_dir: str

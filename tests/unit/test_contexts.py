@@ -4,6 +4,7 @@ commands, and Client() with no arguments. (tests/conftest.py gives each test its
 from __future__ import annotations
 
 import io
+import os
 import stat
 
 import pytest
@@ -110,7 +111,8 @@ def test_config_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "config", "current-context")
     assert code == 1 and "no current context" in err
     assert run(capsys, "config", "set-context", "a", "--server", "a:1", "--token", "tok")[0] == 0
-    assert run(capsys, "config", "set-context", "b", "--server", "b:1,b:2")[0] == 0
+    assert run(capsys, "config", "set-context", "b", "--server", "b:1,b:2", "--tls-dir", "rel")[0] == 0
+    assert load_config().get("b").tls_dir == os.path.abspath("rel")  # stored absolute
     code, _, err = run(capsys, "config", "set-context", "c")
     assert code == 1 and "needs --server" in err
     assert run(capsys, "config", "use-context", "a")[0] == 0
