@@ -2,11 +2,13 @@
 
     from lepton.client import Client, NotFound
 
-    with Client("127.0.0.1:7070") as c:
+    with Client() as c:  # as lepton-ctl: $LEPTON_SERVER, else the current context
         print(c.cluster_status().leader)
         task = c.submit(["python", "train.py"], gpus=1, memory="16GiB")
         print(c.wait(task.id).state)
 
+`Client("10.0.0.1:7070,10.0.0.2:7070")` names the servers; `Client(context="prod")` a
+context of the client config (`lepton-ctl config`, `lepton.client.contexts`).
 Exceptions are the ones of `lepton.common.errors`, re-exported here for convenience.
 """
 
