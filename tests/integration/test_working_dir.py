@@ -7,6 +7,7 @@ And from Python: `submit(..., working_dir=)`, and an archive gone before a node 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,16 @@ from pathlib import Path
 import pytest
 
 from lepton.client import Client
-from tests.integration.cluster import wait_until
+from tests.integration.cluster import run_ctl, wait_until
 
 pytestmark = pytest.mark.integration
 
 CTL = str(Path(sys.executable).with_name("lepton-ctl"))
+# What the agents-fixture tests' tasks run: an interpreter any user may exec (a root agent's
+# tasks may run as nobody, who cannot reach a pyenv under /root); they import only the
+# shipped folder.
+ANY_USER_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                        if os.access(p, os.X_OK)), sys.executable)
 TRAIN = """\
 import numpy as np
 import helper
@@ -88,7 +94,7 @@ def test_python_client_ships_code_and_a_lost_archive_fails_the_start_with_why(ag
     with Client(node.address) as c:
         wait_until(lambda: any(n.state == "ready" for n in c.nodes()), what="node ready")
         # One ready node: the archive is stored with one copy (two cannot be placed).
-        task = c.submit([sys.executable, "main.py"], working_dir=project)
+        task = c.submit([ANY_USER_PYTHON, "main.py"], working_dir=project)
         assert c.wait(task.id, timeout=120).state == "succeeded"
         assert b"".join(c.logs(task.id)) == b"shipped from python\n"
         assert c.get(task.id).code_digest == c.push_code(project).digest
@@ -98,8 +104,33 @@ def test_python_client_ships_code_and_a_lost_archive_fails_the_start_with_why(ag
         (project / "helper.py").write_text('GREETING = "never fetched"\n')
         upload = c.push_code(project)
         c.delete_dataset(upload.dataset)
-        lost = c.submit([sys.executable, "main.py"], code_digest=upload.digest)
+        lost = c.submit([ANY_USER_PYTHON, "main.py"], code_digest=upload.digest)
         done = c.wait(lost.id, timeout=120)
         assert (done.state, done.exit_code) == ("failed", 127)
         assert f"cannot fetch code {upload.digest[:12]}" in done.reason
         assert "does not store it" in done.reason
+
+
+def test_with_auth_a_worker_fetches_a_users_code_as_itself(agents, tmp_path):
+    """--auth: the worker asks the leader for the archive's holders (GetDataset, open to
+    nodes) and pulls it with its node token; the user's token is never on the node."""
+    voter = agents("voter", "--auth")
+    token_path = voter.data_dir / "admin.token"
+    wait_until(token_path.exists, what="the bootstrap admin token")
+    admin = token_path.read_text().strip()
+    (tmp_path / "worker").mkdir()  # the worker's data dir (the agents fixture's root is tmp_path)
+    shutil.copy(voter.data_dir / "node.token", tmp_path / "worker" / "node.token")
+    agents("worker", "--auth", "--join", voter.address, "--labels", "role=worker")
+    project = tmp_path / "authed"
+    project.mkdir()
+    (project / "main.py").write_text("import helper\nprint(helper.WHO)\n")
+    (project / "helper.py").write_text('WHO = "alice via the worker"\n')
+    with Client(voter.address, token=admin) as ad:
+        wait_until(lambda: sum(n.state == "ready" for n in ad.nodes()) == 2, what="both nodes ready")
+    alice = run_ctl("--token", admin, "tokens", "create", "--role", "user", "--name", "alice",
+                    server=voter.address, check=True).stdout.strip()
+    with Client(voter.address, token=alice) as c:
+        task = c.submit([ANY_USER_PYTHON, "main.py"], working_dir=project, constraints={"role": "worker"})
+        done = c.wait(task.id, timeout=120)
+        assert done.state == "succeeded", done.reason
+        assert b"".join(c.logs(task.id)) == b"alice via the worker\n"
