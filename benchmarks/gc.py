@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -72,8 +74,10 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=6 * 3600.0, help="give up waiting after this")
     args = p.parse_args()
 
+    root = tempfile.mkdtemp(prefix="lepton-bench-")
+    os.chmod(root, 0o711)  # a --task-user (nobody, for an agent run as root) must pass through
     agent = Agent("--cpus", str(args.cpus), "--gc-keep-finished", str(args.keep),
-                  "--gc-history", str(args.history), "--gc-interval", "86400")
+                  "--gc-history", str(args.history), "--gc-interval", "86400", root=root)
     out: dict = {"tasks": args.tasks, "finish": args.finish, "wave": args.wave, "agent_cpus": args.cpus, "task_cpu": args.cpu,
                  "keep_finished": args.keep, "history": args.history}
     try:
@@ -114,7 +118,7 @@ def main() -> None:
         out["restore_round_trip"] = round_trip(agent, after, kept)
     finally:
         agent.stop()
-    emit(out)
+        emit(out)  # what was measured, even when a later step failed
 
 
 def round_trip(agent: Agent, saved: dict, kept: list[str]) -> bool:
