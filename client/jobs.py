@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from lepton.common.job_ids import JOB_PREFIX, is_job_id, job_of
+from lepton.common.job_ids import JOB_PREFIX, is_job_id, job_of, job_summary
 from lepton.common.states import TaskState
 from lepton.common.validation import require_id
 from lepton.v1 import coordinator_pb2 as cpb
@@ -74,6 +74,15 @@ class JobInfo:
                 "exit_code": self.exit_code, "tasks": [t.to_dict() for t in self.tasks]}
 
 
+def _state(name: str) -> TaskState:
+    """A member's TaskState; a state this client does not know (a newer server's) counts as
+    pending: neither final nor running."""
+    try:
+        return TaskState(name)
+    except ValueError:
+        return TaskState.PENDING
+
+
 def check_shards_for_ranks(ds: Any, nodes: int, nproc_per_node: int) -> None:
     """Refuse, before launch, a job whose dataset has fewer shards than it has ranks: shard
     i goes to global rank i % world, so a rank would start with no data at all."""
@@ -130,19 +139,22 @@ class JobMethods:
 
     def jobs(self, states: Sequence[str] | None = None, owner: str | None = None, *,
              timeout: float | None = None) -> list[JobInfo]:
-        """Jobs, oldest first; only those in one of `states` and of `owner` when given.
-        Read from the task list (a job is its members), then each job as the leader sees it."""
+        """Jobs, oldest first; only those in one of `states` and of `owner` when given. Read
+        from one walk of the task list: a job is its members (the leader derives GetJob's
+        state the same way, common/job_ids.job_summary)."""
         if isinstance(states, str):
             states = [states]
-        ids = dict.fromkeys(t.job_id for t in self.tasks(owner=owner, timeout=timeout) if t.job_id)
+        members: dict[str, list[TaskInfo]] = {}
+        for t in self.tasks(owner=owner, timeout=timeout):
+            if t.job_id:
+                members.setdefault(t.job_id, []).append(t)
         out = []
-        for job_id in ids:
-            try:
-                job = self.job(job_id, timeout=timeout)
-            except NotFound:
-                continue  # collected since the list was read
-            if not states or job.state in states:
-                out.append(job)
+        for job_id, tasks in members.items():
+            tasks.sort(key=lambda t: t.gang_rank)
+            state, reason, restarts = job_summary(
+                [(_state(t.state), t.reason, t.restart_count) for t in tasks])
+            if not states or state.value in states:
+                out.append(JobInfo(job_id, state.value, reason, restarts, tasks, tasks[0].owner))
         return out
 
     def find_job(self, ref: str, *, timeout: float | None = None) -> JobInfo:

@@ -355,6 +355,7 @@ class TaskInfo(_DictMixin):
     history: list[AttemptInfo]
     job_id: str = ""  # the job this task is a member of (node `gang_rank`), "" for none
     gang_rank: int = 0
+    restart_count: int = 0  # a member's: how often its job restarted as a whole
     code_digest: str = ""  # the shipped folder it runs in (--working-dir), "" for none
 
     @classmethod
@@ -390,6 +391,7 @@ class TaskInfo(_DictMixin):
             history=[AttemptInfo.from_proto(h) for h in msg.history],
             job_id=spec.job_id,
             gang_rank=spec.gang_rank,
+            restart_count=msg.restart_count,
             code_digest=spec.code_digest,
         )
 

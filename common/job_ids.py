@@ -8,6 +8,10 @@ both a job and a task. Ids of other shapes (tests, states written before this co
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
+from lepton.common.states import TaskState
+
 JOB_PREFIX = "j-"
 TASK_PREFIX = "t-"
 
@@ -32,3 +36,25 @@ def job_of(task_id: str) -> str:
     if job.startswith(TASK_PREFIX) and len(job) > len(TASK_PREFIX):
         return JOB_PREFIX + job[len(TASK_PREFIX):]
     return "" if job == TASK_PREFIX.rstrip("-") else job
+
+
+def job_state(members: Collection[TaskState]) -> TaskState:
+    """A job's state from its members': a failure or a cancel wins, then success only when
+    every member succeeded, then the furthest any member got."""
+    for decisive in (TaskState.FAILED, TaskState.CANCELLED):
+        if decisive in members:
+            return decisive
+    if set(members) == {TaskState.SUCCEEDED}:
+        return TaskState.SUCCEEDED
+    for furthest in (TaskState.RUNNING, TaskState.ASSIGNED):
+        if furthest in members:
+            return furthest
+    return TaskState.PENDING
+
+
+def job_summary(members: Sequence[tuple[TaskState, str, int]]) -> tuple[TaskState, str, int]:
+    """(state, reason, restart count) of a job from its members' (state, reason, restart
+    count) in node order: the coordinator's GetJob and the client's job list agree."""
+    state = job_state({s for s, _, _ in members})
+    reason = next((r for s, r, _ in members if s == state and r), "")
+    return state, reason, max((n for _, _, n in members), default=0)

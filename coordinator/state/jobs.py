@@ -14,25 +14,11 @@ Mixed into `TaskTable`; deterministic like the rest of the state machine.
 from __future__ import annotations
 
 from lepton.common.errors import FailedPrecondition
-from lepton.common.job_ids import member_id
+from lepton.common.job_ids import job_summary, member_id
 from lepton.common.states import TaskState
 from lepton.v1 import state_pb2, tasks_pb2
 
 __all__ = ["GangMixin", "member_id"]
-
-
-def _job_state(members: set[TaskState]) -> TaskState:
-    """A job's state from its members': a failure or a cancel wins, then success only when
-    every member succeeded, then the furthest any member got."""
-    for decisive in (TaskState.FAILED, TaskState.CANCELLED):
-        if decisive in members:
-            return decisive
-    if members == {TaskState.SUCCEEDED}:
-        return TaskState.SUCCEEDED
-    for furthest in (TaskState.RUNNING, TaskState.ASSIGNED):
-        if furthest in members:
-            return furthest
-    return TaskState.PENDING
 
 
 class GangMixin:
@@ -132,10 +118,9 @@ class GangMixin:
         if not ids:
             raise self.history.job_not_found(job_id)  # says so when it was garbage-collected
         members = [self.tasks[i] for i in ids]
-        state = _job_state({TaskState.from_proto(m.state) for m in members}).proto
-        reason = next((m.reason for m in members if m.state == state and m.reason), "")
-        job = tasks_pb2.Job(id=job_id, state=state, reason=reason,
-                            restart_count=max(m.restart_count for m in members),
+        state, reason, restarts = job_summary(
+            [(TaskState.from_proto(m.state), m.reason, m.restart_count) for m in members])
+        job = tasks_pb2.Job(id=job_id, state=state.proto, reason=reason, restart_count=restarts,
                             owner=members[0].spec.owner)
         for m in members:
             job.tasks.append(m)

@@ -58,6 +58,7 @@ TASK_KEYS = {
     "job_id",
     "gang_rank",
     "code_digest",
+    "restart_count",
 }
 ATTEMPT_KEYS = {
     "attempt",

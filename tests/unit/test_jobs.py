@@ -133,3 +133,14 @@ def test_members_of_a_j_job_are_t_tasks_so_no_id_names_both():
         argv=["train"])))
     assert [t.id for t in job.tasks] == ["t-0a1b-0", "t-0a1b-1"]
     assert w.sm.tasks.job("j-0a1b").id == "j-0a1b" and "j-0a1b" not in w.sm.tasks.tasks
+
+
+def test_job_summary_is_the_one_rule_for_a_jobs_state():
+    from lepton.common.job_ids import job_summary
+    from lepton.common.states import TaskState as S
+
+    assert job_summary([(S.RUNNING, "", 0), (S.FAILED, "exit code 3", 1)]) == (S.FAILED, "exit code 3", 1)
+    assert job_summary([(S.SUCCEEDED, "", 0), (S.RUNNING, "", 0)]) == (S.RUNNING, "", 0)
+    assert job_summary([(S.SUCCEEDED, "", 2)] * 2) == (S.SUCCEEDED, "", 2)
+    assert job_summary([(S.PENDING, "waiting", 0), (S.ASSIGNED, "", 0)])[0] == S.ASSIGNED
+    assert job_summary([(S.CANCELLED, "cancelled", 0), (S.PENDING, "", 0)])[:2] == (S.CANCELLED, "cancelled")
