@@ -152,6 +152,7 @@ async def run(args: argparse.Namespace) -> dict:
     peers = ",".join(addrs)
     bound = 10_000_000 if args.no_admission else args.max_submit_inflight
     off = ["--max-submit-inflight", str(bound)] if bound else []
+    off += ["--task-user", "none"]  # tasks as our own user: the data dirs are private temp dirs
     voters = [Agent("--peers", peers, "--metrics-listen", f"127.0.0.1:{m}", "--log-level", "INFO", *off,
                     name=f"v{i + 1}", port=p) for i, (p, m) in enumerate(zip(ports, metrics, strict=True))]
     root = voters[0].root
@@ -159,7 +160,7 @@ async def run(args: argparse.Namespace) -> dict:
     probe = Probe(addrs)
     beating = None
     try:
-        workers = [Agent("--join", peers, "--labels", "pool=work", name=f"w{i + 1}", root=root) for i in range(2)]
+        workers = [Agent("--join", peers, "--labels", "pool=work", "--task-user", "none", name=f"w{i + 1}", root=root) for i in range(2)]
         await probe.register()
         beating = asyncio.ensure_future(probe.beat_forever(args.probe_interval))
         leader = next(i for i, a in enumerate(addrs) if a == probe.leader)
