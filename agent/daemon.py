@@ -53,6 +53,9 @@ class Agent:
             logger.warning("data dir %s: made %d files and folders private (no group or other access)",
                            self.data_dir, fixed)
         self.task_user = TaskUser.resolve(config.task_user) if config.task_user else None
+        if self.task_user is None and os.geteuid() == 0:
+            logger.warning("tasks run as root (--task-user none): they can read this node's keys, tokens "
+                           "and data dir; leave --task-user unset (nobody) or name a user to keep them out")
         if self.task_user is not None:
             self.task_user.check_reachable(self.data_dir)
             os.chmod(self.data_dir, SEARCH_ONLY)  # the task user passes through to its own folder

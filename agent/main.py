@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to keep finished attempts' (and torch jobs') folders after their exit is reported "
                         "(default 86400; 0: forever)")
     p.add_argument("--task-user", dest="task_user",
-                   help="run tasks as this OS user, e.g. nobody (the agent must run as root): they "
-                        "cannot read the data dir, node keys or tokens (default: the agent's user)")
+                   help="run tasks as this OS user (the agent must run as root): they cannot read "
+                        "the data dir, node keys or tokens (default: nobody when the agent runs as "
+                        "root, else the agent's user; none: as the agent's user)")
     p.add_argument("--task-path", dest="task_path",
                    help="the PATH tasks get, e.g. /opt/venv/bin:/usr/bin (default: the agent's PATH)")
     p.add_argument("--shard-inventory-interval", dest="shard_inventory_interval_s", type=float,

@@ -23,7 +23,10 @@ class Agent:
     """One real `lepton-agent` in its own temp data dir."""
 
     def __init__(self, *args: str, name: str = "bench", port: int | None = None, root: str | None = None):
-        self.root = root or tempfile.mkdtemp(prefix="lepton-bench-")
+        if root is None:
+            root = tempfile.mkdtemp(prefix="lepton-bench-")
+            os.chmod(root, 0o711)  # a root agent's tasks run as nobody, who must pass to their folders
+        self.root = root
         self.data_dir = Path(self.root) / name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"

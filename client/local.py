@@ -295,6 +295,10 @@ def up(
     cluster.python = shutil.which("python", path=cluster.task_path) or ""
     procs: dict[str, subprocess.Popen[bytes]] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1", LEPTON_TASK_PATH=cluster.task_path)
+    if not env.get("LEPTON_TASK_USER"):
+        # A local cluster runs your own code on your own files, as you: even as root, not as
+        # the agents' default task user (nobody), who could not reach them.
+        env["LEPTON_TASK_USER"] = "none"
 
     def start(i: int) -> None:
         args = agent_args(i, addresses, voters, root, metrics_listen=metrics[i])

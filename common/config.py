@@ -31,6 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PORT = 7070
+DEFAULT_TASK_USER = "nobody"  # what tasks run as when the agent is root and --task-user is unset
 ENV_PREFIX = "LEPTON_"
 MIN_TASK_LOG_BYTES = 4096  # below a disk block, every rotation would copy whole blocks for nothing
 SIZE_FIELDS = ("task_log_max_bytes", "shard_reserve_bytes", "max_spec_bytes")  # also take "256MiB"; parsed in __post_init__
@@ -141,8 +142,10 @@ class AgentConfig:
     # A torch job's folder (jobs/<id>) goes once all its attempts here are that old.
     task_retention_s: float = 24 * 3600.0
     # Run tasks as this OS user (the agent must be root): they cannot read the data dir,
-    # the node's key or its tokens (lepton.agent.task_identity). "": as the agent's user.
-    task_user: str = ""
+    # the node's key or its tokens (lepton.agent.task_identity). Unset: `nobody` when the
+    # agent runs as root (resolved in __post_init__, so the effective config says which),
+    # else the agent's own user. "" or "none": as the agent's user (an opt-out as root).
+    task_user: str | None = None
     # The PATH tasks get (os.pathsep-separated), e.g. a venv's bin first so that `python` in
     # a task is that venv's; "": the agent's own PATH. A task's own env PATH still wins.
     # `lepton-ctl local up` sets it to the folder of the Python that runs it, then PATH.
@@ -177,6 +180,10 @@ class AgentConfig:
     max_submit_inflight: int = 2000
 
     def __post_init__(self) -> None:
+        if self.task_user is None:  # the default: a root agent never lends root to tasks
+            self.task_user = DEFAULT_TASK_USER if os.geteuid() == 0 else ""
+        elif self.task_user.strip().lower() in ("", "none"):
+            self.task_user = ""
         self.peers = split_list(self.peers)
         self.join = split_list(self.join)
         self.labels = parse_labels(self.labels)

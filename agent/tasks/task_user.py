@@ -55,7 +55,8 @@ class TaskUser:
                     or (st.st_gid == self.gid and st.st_mode & 0o010)):
                 raise FailedPrecondition(
                     f"--task-user {self.name}: {self.name} cannot pass through {folder} "
-                    f"(mode {st.st_mode & 0o7777:04o}) to the data dir: chmod o+x it or move the data dir")
+                    f"(mode {st.st_mode & 0o7777:04o}) to the data dir: chmod o+x it, move the data dir, "
+                    "or run tasks as the agent's user with --task-user none")
 
     def argv_prefix(self) -> tuple[str, ...]:
         """What runs the task's command as this user: no groups of the agent's, no root."""

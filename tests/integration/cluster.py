@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,11 +46,57 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out waiting for {what} (last error: {last_exc})")
 
 
+def others_can_pass(path: Path) -> bool:
+    """Whether a user with no rights of its own (a task user) can reach `path`."""
+    real = Path(os.path.realpath(path))
+    return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
+
+
+def others_can_exec(program: str) -> bool:
+    """Whether a process of a task user (not root, no groups) may exec `program`."""
+    real = Path(os.path.realpath(program))
+    return bool(real.stat().st_mode & 0o001) and others_can_pass(real.parent)
+
+
+_PASSABLE_ROOT: Path | None = None
+
+
+def passable_folder(name: str) -> Path:
+    """A new 0700 folder in this session's 0711 folder under the temp dir (removed at exit)."""
+    global _PASSABLE_ROOT
+    if _PASSABLE_ROOT is None:
+        _PASSABLE_ROOT = Path(tempfile.mkdtemp(prefix="lepton-agents-"))
+        os.chmod(_PASSABLE_ROOT, 0o711)
+        atexit.register(shutil.rmtree, _PASSABLE_ROOT, True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_PASSABLE_ROOT))
+
+
+def passable_data_dir(root: Path, name: str) -> Path:
+    """`root/name` as a data dir an agent running tasks as nobody (the default as root) may
+    use: pytest's base folder is 0700 (and reset so by every session sharing it), so when
+    `root` is not passable the folder lives in this session's 0711 folder under the temp
+    dir, and `root/name` links there (tests keep naming it under their tmp_path; what a test
+    put there before moves along). Returns the real folder."""
+    link = root / name
+    if link.is_symlink():
+        return Path(os.path.realpath(link))
+    root.mkdir(parents=True, exist_ok=True)
+    if others_can_pass(root):
+        link.mkdir(exist_ok=True)
+        return link
+    real = passable_folder(name)
+    if link.is_dir():
+        for entry in link.iterdir():
+            shutil.move(str(entry), str(real / entry.name))
+        link.rmdir()
+    link.symlink_to(real)
+    return real
+
+
 class AgentProcess:
     def __init__(self, root: Path, name: str, args: list[str] | None = None, port: int | None = None):
         self.name = name
-        self.data_dir = root / name
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = passable_data_dir(root, name)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.args = list(args or [])

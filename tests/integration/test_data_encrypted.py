@@ -21,7 +21,8 @@ from lepton.dataplane.shards import CHUNK, KEY_ID_FILE, ShardStore
 from lepton.dataplane.transfer import Puller
 from tests.integration.cluster import AgentProcess, run_ctl, wait_until
 
-pytestmark = pytest.mark.integration
+# Torch workers are started from inside the task: see tasks_exec_python (conftest).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("tasks_exec_python")]
 
 NPY_MAGIC = b"\x93NUMPY"
 

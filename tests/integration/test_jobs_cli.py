@@ -13,7 +13,8 @@ import pytest
 from lepton.client import Client
 from tests.integration.cluster import run_ctl, wait_until
 
-pytestmark = pytest.mark.integration
+# Torch workers are started from inside the task: see tasks_exec_python (conftest).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("tasks_exec_python")]
 
 # No torch needed: the launcher gives each worker torchrun's environment all the same.
 SCRIPT = textwrap.dedent("""

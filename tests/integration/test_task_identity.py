@@ -20,7 +20,7 @@ import pytest
 
 from lepton.client import Client
 from lepton.common.errors import Unauthenticated
-from tests.integration.cluster import AgentProcess, free_port, run_ctl, wait_until
+from tests.integration.cluster import AgentProcess, free_port, others_can_exec, run_ctl, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -79,20 +79,15 @@ print(json.dumps(out), flush=True)
 """
 
 
-def _others_can_exec(path: str) -> bool:
-    real = Path(os.path.realpath(path))
-    return bool(real.stat().st_mode & 0o001) and all(p.stat().st_mode & 0o001 for p in real.parents)
-
-
 def nobody_python_argv(module: str) -> list[str]:
     """argv running `python -m module` that a task's own processes can start as nobody.
     Torch workers are started by the task (not by setpriv, which runs as root until its
     exec): an interpreter under a 0700 /root (pyenv) is not theirs to exec. Then the
     system's python of the same version, with this venv's site-packages."""
-    if _others_can_exec(sys.executable):
+    if others_can_exec(sys.executable):
         return [sys.executable, "-m", module]
     system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    if not os.path.exists(system) or not _others_can_exec(system):
+    if not os.path.exists(system) or not others_can_exec(system):
         pytest.skip(f"no interpreter nobody may exec ({sys.executable} is under a folder closed to others)")
     site_dirs = [p for p in sys.path if p.endswith("site-packages")]
     boot = (f"import runpy, site, sys; [site.addsitedir(d) for d in {site_dirs!r}]; "
@@ -317,7 +312,9 @@ def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tm
 
 
 def test_data_dir_is_private_whatever_the_umask(tmp_path):
-    voter = AgentProcess(tmp_path, "voter")  # its folder 0755, from the usual umask
+    # Without a task user: with one (the default as root) the folders on the way to a
+    # task's own are 0711 by design (test_a_task_acts_as_its_submitter_... covers those).
+    voter = AgentProcess(tmp_path, "voter", ["--task-user", "none"])  # its folder 0755, from the usual umask
     old = os.umask(0)  # everything the agent makes, under umask 000
     try:
         voter.start()
@@ -358,16 +355,42 @@ def test_agent_refuses_a_data_dir_others_can_write(tmp_path):
     assert not (data / "node_id").exists()  # refused before anything was written
 
 
-def test_task_user_that_cannot_reach_the_data_dir_is_refused(tmp_path):
+@pytest.mark.parametrize("flags", [["--task-user", "nobody"], []], ids=["explicit", "default-as-root"])
+def test_task_user_that_cannot_reach_the_data_dir_is_refused(tmp_path, flags):
+    if not flags and os.geteuid() != 0:
+        pytest.skip("the default task user is nobody only for a root agent")
     parent = tmp_path / "closed"
     parent.mkdir(mode=0o700)
     cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(parent / "d"),
-           "--listen", f"127.0.0.1:{free_port()}", "--task-user", "nobody"]
+           "--listen", f"127.0.0.1:{free_port()}", *flags]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [
         f"lepton-agent: --task-user nobody: nobody cannot pass through {parent} (mode 0700) "
-        "to the data dir: chmod o+x it or move the data dir"]
+        "to the data dir: chmod o+x it, move the data dir, or run tasks as the agent's user with --task-user none"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the default task user is nobody only for a root agent")
+def test_a_root_agent_runs_tasks_as_nobody_by_default(agents, tmp_path):
+    voter = agents("voter")
+    log = voter.log_path.read_text()
+    assert '"task_user": "nobody"' in log  # the effective config, resolved at start
+    assert "tasks run as root" not in log
+    with Client(voter.address) as c:
+        task = c.submit(["/bin/sh", "-c", f"id -u > {tmp_path}/uid; cat {voter.data_dir}/node_id"], cpu=0.1)
+        done = c.wait(task.id, timeout=60)
+    assert (tmp_path / "uid").read_text().strip() == "65534"
+    assert (done.state, done.exit_code) == ("failed", 1)  # the node's files are not nobody's to read
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the opt-out matters for a root agent")
+def test_opting_out_as_root_is_warned_and_tasks_run_as_root(agents):
+    voter = agents("voter", "--task-user", "none")
+    assert "tasks run as root (--task-user none): they can read this node's keys" in voter.log_path.read_text()
+    with Client(voter.address) as c:
+        task = c.submit(["/bin/sh", "-c", "id -u"], cpu=0.1)
+        assert c.wait(task.id, timeout=60).state == "succeeded"
+        assert b"".join(c.logs(task.id)).decode().strip() == "0"
 
 
 def test_unknown_task_user_is_refused(tmp_path):

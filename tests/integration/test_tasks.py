@@ -149,10 +149,12 @@ def test_logs_follow_streams_live_output(agents):
 # has rotated its output.log (it shrinks below a block), so the cap is seen to hold throughout.
 CAPPED_WRITER = """
 import os, sys, time
+# The attempt's folder holds output.log; a task user's task works in its `work` folder below.
+log = "output.log" if os.path.exists("output.log") else "../output.log"
 for b in range(8):
     os.write(1, b"".join(b"%03d-%05d ".ljust(63, b".") % (b, i) + b"\\n" for i in range(2048)))
     deadline = time.monotonic() + 30
-    while os.stat("output.log").st_size >= 128 * 1024:
+    while os.stat(log).st_size >= 128 * 1024:
         if time.monotonic() > deadline:
             sys.exit(3)
         time.sleep(0.01)

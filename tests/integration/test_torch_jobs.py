@@ -11,7 +11,8 @@ import pytest
 from lepton.client import Client, InvalidArgument, NotFound
 from tests.integration.cluster import run_ctl, wait_until
 
-pytestmark = pytest.mark.integration
+# Torch workers are started from inside the task: see tasks_exec_python (conftest).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("tasks_exec_python")]
 
 SCRIPT = textwrap.dedent("""
     import os, sys

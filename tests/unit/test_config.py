@@ -90,3 +90,15 @@ def test_task_disk_settings_take_sizes_from_every_layer(tmp_path):
     cfg = load_config(flags, env=env)
     assert (cfg.task_log_max_bytes, cfg.task_retention_s) == (0, 3600.0)
     assert AgentConfig(task_log_max_bytes=8192).task_log_max_bytes == 8192
+
+
+def test_task_user_defaults_to_nobody_for_root_and_none_opts_out(monkeypatch):
+    import lepton.common.config as config
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert load_config({}, env={}).task_user == "nobody"
+    assert load_config({}, env={"LEPTON_TASK_USER": "none"}).task_user == ""  # env "" is unset: "none" says it
+    assert load_config({"task_user": ""}, env={"LEPTON_TASK_USER": "svc"}).task_user == ""  # --task-user ''
+    assert load_config({"task_user": "svc"}, env={}).task_user == "svc"
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    assert load_config({}, env={}).task_user == ""  # not root: tasks run as the agent's user
