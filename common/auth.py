@@ -25,21 +25,17 @@ import contextvars
 import hashlib
 import hmac
 import inspect
-import json
 import logging
-import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from lepton.common.durable import write_atomic
 from lepton.common.errors import InvalidArgument, PermissionDenied
 from lepton.common.grpc_util import as_async_iter
 
@@ -256,98 +252,6 @@ def match_token(token: str, records: Mapping[str, Any], pepper: bytes = b"") -> 
     return record if record is not None and ok and not record.revoked else None
 
 
-@dataclass(slots=True)
-class TokenRecord:
-    """What is stored per token: never the token itself."""
-
-    id: str
-    hash: str
-    name: str
-    role: str
-    created_ms: int = 0
-    expires_ms: int = 0  # 0 = never
-    revoked: bool = False
-
-
-class TokenTable:
-    """Tokens by id, in memory, with JSON persistence (0600). `lookup` is the interceptor's
-    `token_lookup`. The lead may move the records into the replicated state; the lookup
-    contract (token -> Principal | None, constant-time compare) stays."""
-
-    def __init__(self, records: Iterable[TokenRecord] = (), *, pepper: bytes = b""):
-        self._pepper = pepper
-        self._records: dict[str, TokenRecord] = {r.id: r for r in records}
-
-    def create(self, name: str, role: Role | str, *, now_ms: int | None = None,
-               ttl_s: float = 0) -> tuple[str, TokenRecord]:
-        """Make a token for `name` with `role`; returns (token, record). Raises InvalidArgument."""
-        role = Role.parse(role.value if isinstance(role, Role) else role)
-        if not name or len(name) > 128:
-            raise InvalidArgument("token name must be 1-128 characters")
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        token, token_hash = new_token(self._pepper)
-        record = TokenRecord(token_id(token), token_hash, name, role.value, now_ms,
-                             now_ms + int(ttl_s * 1000) if ttl_s > 0 else 0)
-        self._records[record.id] = record
-        return token, record
-
-    def add(self, record: TokenRecord) -> None:
-        Role.parse(record.role)
-        self._records[record.id] = record
-
-    def revoke(self, tid: str) -> bool:
-        """Revoke by id; returns whether such a token existed."""
-        record = self._records.get(tid)
-        if record is None:
-            return False
-        record.revoked = True
-        return True
-
-    def records(self) -> list[TokenRecord]:
-        return sorted(self._records.values(), key=lambda r: (r.name, r.id))
-
-    def lookup(self, token: str, now_ms: int | None = None) -> Principal | None:
-        """The principal a token stands for, or None (malformed, unknown, revoked, expired)."""
-        record = match_token(token, self._records, self._pepper)
-        if record is None:
-            return None
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if record.expires_ms and now_ms >= record.expires_ms:
-            return None
-        return Principal(record.name, Role(record.role), via="token", token_id=record.id)
-
-    __call__ = lookup
-
-    def to_json(self) -> str:
-        return json.dumps({"tokens": [asdict(r) for r in self.records()]}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str, *, pepper: bytes = b"") -> TokenTable:
-        """Raises InvalidArgument on a malformed document."""
-        try:
-            doc = json.loads(text)
-            records = [TokenRecord(**r) for r in doc["tokens"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise InvalidArgument(f"token file is malformed: {err}") from None
-        table = cls(pepper=pepper)
-        for r in records:
-            table.add(r)
-        return table
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically, 0600 (the hashes are not secrets, but names and roles are private)."""
-        write_atomic(path, self.to_json().encode())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, pepper: bytes = b"") -> TokenTable:
-        """Raises InvalidArgument if the file is missing or malformed."""
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise InvalidArgument(f"cannot read token file {path}: {err.strerror}") from None
-        return cls.from_json(text, pepper=pepper)
-
-
 # -- the caller, for handlers ------------------------------------------------------------------
 _CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "lepton_principal", default=None
@@ -408,7 +312,7 @@ class _Denied(Exception):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call and checks it against `policy` before the handler runs.
 
-    `token_lookup(token) -> Principal | None` (e.g. `TokenTable.lookup`). Certificates are
+    `token_lookup(token) -> Principal | None` (the replicated security state's lookup). Certificates are
     honoured when the server uses mTLS (`use_certificates`). `allow_node_tokens`: accept a
     token whose role is node (for clusters without TLS); off by default, since a node
     token is a bearer secret while a node certificate is bound to a key. `on_event` is
