@@ -61,7 +61,8 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             "nproc_per_node": s.torch.nproc_per_node, "node_rank": s.gang_rank,
             "nnodes": s.gang_size, "master_addr": a.master_addr, "master_port": a.master_port,
             "restart_count": a.restart_count, "max_restarts": s.max_restarts,
-            "env": env, "cwd": s.workdir, "dataset": s.torch.dataset,
+            "env": env, "dataset": s.torch.dataset,  # no cwd: workers start where the runner put
+            # this member (its workdir, resolved once; a relative one applied again would nest)
             "data_dir": data_dir, "job_dir": job_dir, "node_store": node_store, "servers": list(servers),
             "grace_s": s.grace_s or DEFAULT_GRACE_S,
             # The path (not the secret) so the job can read this node's encrypted shards.

@@ -311,7 +311,6 @@ async def _run(launch: dict[str, Any], job_dir: Path, scratch: Path) -> int:
         max_restarts=launch["max_restarts"],
         run_id=f"{launch['job_id']}-{launch['restart_count']}",
         env=launch.get("env", {}),
-        cwd=launch.get("cwd") or None,
         dataset=launch.get("dataset", ""),
         shards=shards,
         checkpoint_dir=str(checkpoints),

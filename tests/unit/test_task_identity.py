@@ -88,3 +88,13 @@ def test_the_job_folder_is_made_for_the_task_user(tmp_path):
     assert (job.parent.stat().st_mode & 0o777, job.stat().st_mode & 0o777) == (0o711, 0o700)
     owners = {p.stat().st_uid for p in (job, job / "restart-0", job / "restart-0" / "rank_0.log")}
     assert owners == {nobody.pw_uid}
+
+
+def test_a_torch_members_workers_start_in_its_resolved_workdir(tmp_path):
+    # The runner resolves a relative workdir once and starts the member there; the launch
+    # carries no cwd of its own, which the workers would apply again (work/sub/sub).
+    a = _torch_assignment("j-abc")
+    a.spec.workdir = "sub"
+    spec = run_spec(a, data_dir=str(tmp_path))
+    assert spec.workdir == "sub"
+    assert "cwd" not in json.loads(spec.argv[-1])
