@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -78,6 +78,34 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: {message} (see '{self.prog} --help')\n")
         sys.exit(2)
+
+
+# -- declaring subcommands: the one way every CLI module does it -------------------------
+
+def command(
+    group: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+    *,
+    description: str | bool = True,
+) -> argparse.ArgumentParser:
+    """Add subcommand `name` to `group` (what `command_group` returns, or lepton-ctl's top
+    level), run by `func`. `help` is its line in the parent's --help and the opening of its
+    own (`description`: other text for that, or False for none); `parents` are usually the
+    global options (`_global_options(..., defaults=False)`). Returns it, for its options."""
+    text = help if description is True else description or None
+    p = group.add_parser(name, help=help, description=text, parents=list(parents))
+    p.set_defaults(func=func)
+    return p
+
+
+def command_group(top: Any, name: str, help: str, *, description: str | None = None) -> Any:
+    """Add `name` to `top` as a group of subcommands (`lepton-ctl NAME COMMAND`, one of
+    them required); returns the group, for `command`."""
+    p = top.add_parser(name, help=help, description=description)
+    return p.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True, parser_class=_Parser)
 
 
 # -- option types: argparse `type=` functions, one-line messages ------------------------

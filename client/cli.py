@@ -26,6 +26,8 @@ from ._cli_common import (
     _Parser,
     _positive_float,
     _positive_int,
+    command,
+    command_group,
     print_result,
     stop_signals_as_interrupt,
     unreachable_hint,
@@ -58,18 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
 
-    def sub(
-        group: Any,
-        name: str,
-        func: Callable[[argparse.Namespace], int],
-        help: str,
-        parents: Sequence[argparse.ArgumentParser] = (common,),
-    ) -> argparse.ArgumentParser:
-        p = group.add_parser(name, help=help, description=help, parents=list(parents))
-        p.set_defaults(func=func)
-        return p
-
-    cli_tasks.add_commands(top, sub)
+    cli_tasks.add_commands(top, common)
     from . import cli_jobs  # jobs list|show|cancel|logs, apply -f
 
     cli_jobs.register(top, common)
@@ -89,52 +80,43 @@ def build_parser() -> argparse.ArgumentParser:
     cli_config.register(top, common)
     cli_config.register_completion(top, lambda: parser)
 
-    nodes = top.add_parser("nodes", help="list, show, drain and watch nodes")
-    nodes_sub = nodes.add_subparsers(
-        dest="nodes_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    p = sub(nodes_sub, "list", cmd_nodes_list, "list the nodes of the cluster")
+    nodes_sub = command_group(top, "nodes", "list, show, drain and watch nodes")
+    p = command(nodes_sub, "list", cmd_nodes_list, "list the nodes of the cluster", [common])
     p.add_argument(
         "--state",
         action="append",
         choices=NODE_STATES,
         help="only nodes in this state (repeatable)",
     )
-    p = sub(nodes_sub, "show", cmd_nodes_show, "show one node in full")
+    p = command(nodes_sub, "show", cmd_nodes_show, "show one node in full", [common])
     p.add_argument("node", metavar="ID", help="node id, unique id prefix, or name")
-    p = sub(
+    p = command(
         nodes_sub,
         "drain",
         cmd_nodes_drain,
         "stop placing new work on a node (it keeps what it runs)",
+        [common],
     )
     p.add_argument("node", metavar="ID", help="node id, unique id prefix, or name")
     p.add_argument(
         "--undo", action="store_true", help="end the drain: the node takes new work again"
     )
-    sub(nodes_sub, "watch", cmd_nodes_watch, "print node changes as they happen (Ctrl-C stops)")
+    command(nodes_sub, "watch", cmd_nodes_watch, "print node changes as they happen (Ctrl-C stops)", [common])
 
-    cluster = top.add_parser("cluster", help="the coordinator and its voters")
-    cluster_sub = cluster.add_subparsers(
-        dest="cluster_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    sub(
-        cluster_sub, "status", cmd_cluster_status, "leader, term, log progress, voters, node counts"
+    cluster_sub = command_group(top, "cluster", "the coordinator and its voters")
+    command(
+        cluster_sub, "status", cmd_cluster_status, "leader, term, log progress, voters, node counts",
+        [common],
     )
     from . import cli_voters  # cluster peers add|remove
 
-    cli_voters.register(cluster_sub, sub)
+    cli_voters.register(cluster_sub, common)
     from . import cli_gc  # cluster gc
 
-    cli_gc.register(cluster_sub, sub)
+    cli_gc.register(cluster_sub, common)
 
-    loc = top.add_parser(
-        "local", help="a cluster of agent processes on this machine, for development"
-    )
-    loc_sub = loc.add_subparsers(
-        dest="local_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    p = sub(loc_sub, "up", cmd_local_up, "start N agents on loopback and wait until they are ready")
+    loc_sub = command_group(top, "local", "a cluster of agent processes on this machine, for development")
+    p = command(loc_sub, "up", cmd_local_up, "start N agents on loopback and wait until they are ready", [common])
     p.add_argument(
         "--agents", metavar="N", type=_positive_int, default=3, help="number of agents (default: 3)"
     )
@@ -155,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=local.DEFAULT_WAIT_S,
         help="how long to wait for the agents to be ready (default: %(default)g)",
     )
-    p = sub(loc_sub, "down", cmd_local_down, "stop the local cluster's agents")
+    p = command(loc_sub, "down", cmd_local_down, "stop the local cluster's agents", [common])
     p.add_argument(
         "--data-dir", metavar="DIR", default=local.DEFAULT_DATA_DIR, help="default: %(default)s"
     )

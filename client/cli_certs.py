@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._cli_common import _Parser, print_result
+from ._cli_common import command, command_group, print_result
 
 __all__ = ["register"]
 
@@ -44,17 +44,14 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `certs init|issue` to lepton-ctl's subcommands."""
     from lepton.common import tls
 
-    certs = top.add_parser("certs", help="the cluster CA and its certificates (mTLS)")
-    sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True,
-                               parser_class=_Parser)
-    help_ = "create the cluster CA (ca.crt, ca.key) in DIR; refuses to overwrite one"
-    p = sub.add_parser("init", help=help_, description=help_, parents=[common])
+    sub = command_group(top, "certs", "the cluster CA and its certificates (mTLS)")
+    p = command(sub, "init", cmd_certs_init,
+                "create the cluster CA (ca.crt, ca.key) in DIR; refuses to overwrite one", [common])
     p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder (made 0700)")
-    p.set_defaults(func=cmd_certs_init)
 
-    help_ = ("issue a node, user or task certificate signed by the CA in DIR (task: what tasks "
-             "connect with; it carries no identity, so name it `task`)")
-    p = sub.add_parser("issue", help=help_, description=help_, parents=[common])
+    p = command(sub, "issue", cmd_certs_issue,
+                "issue a node, user or task certificate signed by the CA in DIR (task: what tasks "
+                "connect with; it carries no identity, so name it `task`)", [common])
     p.add_argument("name", metavar="NAME", help="node id or user name (the certificate's CN)")
     p.add_argument("--dir", required=True, metavar="DIR", help="the TLS folder holding the CA")
     p.add_argument("--kind", choices=tls.KINDS, default="node", help="default: node")
@@ -65,4 +62,3 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
                         "localhost, 127.0.0.1 and ::1 are always included)")
     p.add_argument("--days", type=int, default=tls.CERT_DAYS, help="validity (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing certificate of that name")
-    p.set_defaults(func=cmd_certs_issue)

@@ -12,7 +12,7 @@ from typing import Any
 
 from lepton.common.errors import FailedPrecondition
 
-from ._cli_common import _Parser, print_result
+from ._cli_common import command, command_group, print_result
 from .client import parse_servers
 from .contexts import Context, check_context_name, config_path, load_config, save_config
 from .tables import FitTable
@@ -23,23 +23,13 @@ COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
-    cfg = top.add_parser("config", help="contexts: named clusters to talk to (kubectl-style)")
-    cfg_sub = cfg.add_subparsers(
-        dest="config_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-
-    def sub(name: str, func: Any, help: str, parents: tuple = (common,)) -> argparse.ArgumentParser:
-        p = cfg_sub.add_parser(name, help=help, description=help, parents=list(parents))
-        p.set_defaults(func=func)
-        return p
-
-    sub("get-contexts", cmd_get_contexts, "list the contexts; * marks the current one")
-    sub("current-context", cmd_current_context, "print the current context's name")
-    p = sub("use-context", cmd_use_context, "make a context the current one")
+    cfg_sub = command_group(top, "config", "contexts: named clusters to talk to (kubectl-style)")
+    command(cfg_sub, "get-contexts", cmd_get_contexts, "list the contexts; * marks the current one", [common])
+    command(cfg_sub, "current-context", cmd_current_context, "print the current context's name", [common])
+    p = command(cfg_sub, "use-context", cmd_use_context, "make a context the current one", [common])
     p.add_argument("name", metavar="NAME")
     # Its own --server/--tls-dir/--cert-name/--token (what to store), so not the globals.
-    p = sub("set-context", cmd_set_context, "create a context, or change the settings given",
-            parents=())
+    p = command(cfg_sub, "set-context", cmd_set_context, "create a context, or change the settings given")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--server", dest="ctx_servers", metavar="ADDR[,ADDR...]",
                    help="coordinator address(es); required for a new context")
@@ -50,18 +40,18 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
                    "history); the file is 0600 and the token is never printed")
     p.add_argument("--use", action="store_true", help="also make it the current context")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    p = sub("delete-context", cmd_delete_context, "delete a context")
+    p = command(cfg_sub, "delete-context", cmd_delete_context, "delete a context", [common])
     p.add_argument("name", metavar="NAME")
 
 
 def register_completion(top: Any, parser_of: Any) -> None:
     """`completion SHELL`; `parser_of()` gives the whole parser (built after this)."""
-    p = top.add_parser("completion", help="print a shell completion script",
-                       description="Print a completion script: "
-                       "'source <(lepton-ctl completion bash)' in ~/.bashrc; for zsh, "
-                       "'lepton-ctl completion zsh > \"${fpath[1]}/_lepton-ctl\"'.")
+    p = command(top, "completion", lambda args: cmd_completion(args, parser_of()),
+                "print a shell completion script",
+                description="Print a completion script: "
+                "'source <(lepton-ctl completion bash)' in ~/.bashrc; for zsh, "
+                "'lepton-ctl completion zsh > \"${fpath[1]}/_lepton-ctl\"'.")
     p.add_argument("shell", choices=COMPLETION_SHELLS)
-    p.set_defaults(func=lambda args: cmd_completion(args, parser_of()))
 
 
 def cmd_completion(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

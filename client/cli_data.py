@@ -14,7 +14,15 @@ from typing import Any
 
 from rich.table import Table
 
-from ._cli_common import _client, _Parser, _positive_int, _size, print_result, wants_json
+from ._cli_common import (
+    _client,
+    _positive_int,
+    _size,
+    command,
+    command_group,
+    print_result,
+    wants_json,
+)
 from .data import DatasetInfo
 from .render import age, human_bytes, make_console, short_id
 from .tables import FitTable
@@ -31,17 +39,10 @@ def _positive_size(text: str) -> int:
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `data ...` to lepton-ctl's subcommands `top`; `common` holds the global options."""
-    data = top.add_parser("data", help="datasets: put, get, list, show, remove, process")
-    sub = data.add_subparsers(
-        dest="data_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
+    sub = command_group(top, "data", "datasets: put, get, list, show, remove, process")
 
-    def cmd(
-        name: str, func: Callable[[argparse.Namespace], int], help: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.set_defaults(func=func)
-        return p
+    def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        return command(sub, name, func, help, [common])
 
     p = cmd("put", cmd_put, "split a .npy/.npz/.csv file into shards and store them on the agents")
     p.add_argument("file", metavar="FILE")

@@ -7,15 +7,14 @@ with (--gc-keep-finished, --gc-max-age); this runs it at once, optionally narrow
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
-from ._cli_common import _client, _non_negative_float, _non_negative_int, print_result
+from ._cli_common import _client, _non_negative_float, _non_negative_int, command, print_result
 
 
-def register(cluster_sub: Any, sub: Callable[..., argparse.ArgumentParser]) -> None:
-    p = sub(cluster_sub, "gc", cmd_cluster_gc,
-            "garbage-collect finished tasks and jobs now (admin), keeping their summaries")
+def register(cluster_sub: Any, common: argparse.ArgumentParser) -> None:
+    p = command(cluster_sub, "gc", cmd_cluster_gc,
+                "garbage-collect finished tasks and jobs now (admin), keeping their summaries", [common])
     p.add_argument("--keep", metavar="N", type=_non_negative_int, default=None,
                    help="keep at most the newest N finished tasks and jobs (default: the cluster's setting; "
                         "never more than it)")

@@ -14,7 +14,7 @@ from rich.console import Group
 from rich.table import Table
 
 from . import jobfile
-from ._cli_common import UsageError, _client, _Parser, print_result
+from ._cli_common import UsageError, _client, command, command_group, print_result
 from .cli_tasks import _copy, _stdout, ship_code, submit_kwargs, sweep_kwargs
 from .client import Client
 from .jobs import JobInfo
@@ -27,30 +27,24 @@ __all__ = ["cmd_submit_job", "job_options_of", "register"]
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `jobs` and `apply` to lepton-ctl's subcommands `top`."""
-
-    def sub(group: Any, name: str, func: Any, text: str) -> argparse.ArgumentParser:
-        p = group.add_parser(name, parents=[common], help=text, description=text)
-        p.set_defaults(func=func)
-        return p
-
-    jobs = top.add_parser("jobs", help="list, show, cancel and follow multi-node jobs")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="COMMAND", required=True,
-                                   parser_class=_Parser)
-    p = sub(jobs_sub, "list", cmd_jobs_list, "list jobs, oldest first")
+    jobs_sub = command_group(top, "jobs", "list, show, cancel and follow multi-node jobs")
+    p = command(jobs_sub, "list", cmd_jobs_list, "list jobs, oldest first", [common])
     p.add_argument("--state", action="append", choices=TASK_STATES,
                    help="only jobs in this state (repeatable)")
     p.add_argument("--owner", help="only jobs of this owner")
-    p = sub(jobs_sub, "show", cmd_jobs_show, "show one job with its member tasks")
+    p = command(jobs_sub, "show", cmd_jobs_show, "show one job with its member tasks", [common])
     p.add_argument("job", metavar="JOB", help="job id, unique id prefix, or a member task's id")
-    p = sub(jobs_sub, "cancel", cmd_jobs_cancel, "cancel a job: every member is stopped")
+    p = command(jobs_sub, "cancel", cmd_jobs_cancel, "cancel a job: every member is stopped", [common])
     p.add_argument("job", metavar="JOB", help="job id or unique id prefix")
-    p = sub(jobs_sub, "logs", cmd_jobs_logs, "print a job's output, every rank's lines interleaved")
+    p = command(jobs_sub, "logs", cmd_jobs_logs, "print a job's output, every rank's lines interleaved",
+                [common])
     p.add_argument("job", metavar="JOB", help="job id or unique id prefix")
     p.add_argument("-f", "--follow", action="store_true", help="stream new output until the job ends")
     p.add_argument("--rank", metavar="R", type=int, default=None,
                    help="global rank R only (its lines start with [rank R])")
 
-    p = sub(top, "apply", cmd_apply, "submit the task or job a job file describes; prints its id")
+    p = command(top, "apply", cmd_apply, "submit the task or job a job file describes; prints its id",
+                [common])
     p.add_argument("-f", "--file", dest="job_file", metavar="FILE", required=True,
                    help="a job file (TOML; keys as the submit flags, see docs/cli.md)")
 

@@ -17,14 +17,14 @@ from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import PROG, _client, _positive_int, print_result, wants_json
+from ._cli_common import PROG, _client, _positive_int, command, print_result, wants_json
 from .facade import ALGORITHMS, Algorithm
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add train/evaluate/predict to lepton-ctl's subcommands `top`."""
-    p = top.add_parser("train", parents=[common], help="train a built-in model with DDP across agents")
-    p.set_defaults(func=cmd_train)
+    p = command(top, "train", cmd_train, "train a built-in model with DDP across agents", [common],
+                description=False)
     p.add_argument("--algorithm", required=True, choices=ALGORITHMS)
     p.add_argument("--dataset", required=True, metavar="NAME")
     p.add_argument("--epochs", type=_positive_int, default=10)
@@ -39,8 +39,7 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
 
     for name, func, text in (("evaluate", cmd_evaluate, "accuracy and loss (or mse) of a model"),
                              ("predict", cmd_predict, "batch inference into a new dataset")):
-        p = top.add_parser(name, parents=[common], help=text)
-        p.set_defaults(func=func)
+        p = command(top, name, func, text, [common], description=False)
         p.add_argument("model", metavar="MODEL")
         p.add_argument("--dataset", required=True, metavar="NAME")
         if name == "predict":

@@ -21,7 +21,7 @@ from rich.table import Table
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
-from ._cli_common import UsageError, _client, _int, _Parser, _size, print_result
+from ._cli_common import UsageError, _client, _int, _size, command, command_group, print_result
 
 __all__ = ["register"]
 
@@ -91,18 +91,14 @@ def cmd_quota_show(args: argparse.Namespace) -> int:
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `quota set` and `quota show` to lepton-ctl's subcommands `top`."""
-    group = top.add_parser("quota", help="per-user limits: pending tasks, dataset bytes, tokens (admin)")
-    sub = group.add_subparsers(dest="quota_command", metavar="COMMAND", required=True, parser_class=_Parser)
-    help_set = "set or lift a user's limits; limits not named keep their value"
-    p = sub.add_parser("set", help=help_set, description=help_set, parents=[common])
-    p.set_defaults(func=cmd_quota_set)
+    sub = command_group(top, "quota", "per-user limits: pending tasks, dataset bytes, tokens (admin)")
+    p = command(sub, "set", cmd_quota_set, "set or lift a user's limits; limits not named keep their value",
+                [common])
     p.add_argument("user", metavar="USER", help="the principal name (a token's --name, a certificate's name)")
     p.add_argument("--pending-tasks", dest="pending_tasks", type=_limit(_int), metavar="N",
                    help="tasks waiting to be placed, or 'unlimited'")
     p.add_argument("--dataset-bytes", dest="dataset_bytes", type=_limit(_size), metavar="B",
                    help="total size of the user's datasets (e.g. 50GiB), or 'unlimited'")
     p.add_argument("--tokens", type=_limit(_int), metavar="N", help="API tokens not revoked, or 'unlimited'")
-    help_show = "each user's limits and use (USER: one user's)"
-    p = sub.add_parser("show", help=help_show, description=help_show, parents=[common])
-    p.set_defaults(func=cmd_quota_show)
+    p = command(sub, "show", cmd_quota_show, "each user's limits and use (USER: one user's)", [common])
     p.add_argument("user", metavar="USER", nargs="?")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._cli_common import _Parser, print_result
+from ._cli_common import command, command_group, print_result
 
 __all__ = ["register"]
 
@@ -38,15 +38,12 @@ def cmd_secret_id(args: argparse.Namespace) -> int:
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `secret init|id` to lepton-ctl's subcommands."""
-    secret = top.add_parser("secret", help="the cluster secret (shard encryption at rest)")
-    sub = secret.add_subparsers(dest="secret_command", metavar="COMMAND", required=True,
-                                parser_class=_Parser)
-    help_ = "write a new cluster secret (32 random bytes, base64) to FILE, mode 0600; never overwrites"
-    p = sub.add_parser("init", help=help_, description=help_, parents=[common])
+    sub = command_group(top, "secret", "the cluster secret (shard encryption at rest)")
+    p = command(sub, "init", cmd_secret_init,
+                "write a new cluster secret (32 random bytes, base64) to FILE, mode 0600; never overwrites",
+                [common])
     p.add_argument("--out", required=True, metavar="FILE", help="where to write it")
-    p.set_defaults(func=cmd_secret_init)
 
-    help_ = "print the key id of the secret in FILE (agents log it; stores record it)"
-    p = sub.add_parser("id", help=help_, description=help_, parents=[common])
+    p = command(sub, "id", cmd_secret_id,
+                "print the key id of the secret in FILE (agents log it; stores record it)", [common])
     p.add_argument("file", metavar="FILE")
-    p.set_defaults(func=cmd_secret_id)

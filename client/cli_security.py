@@ -24,7 +24,7 @@ from lepton.common.paging import walk_pages
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
-from ._cli_common import UsageError, _client, _Parser, print_result
+from ._cli_common import UsageError, _client, command, command_group, print_result
 from .render import when
 from .tables import FitTable
 
@@ -194,16 +194,10 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `tokens`, `audit` and `snapshot` to lepton-ctl's subcommands `top`."""
 
-    def group(name: str, help: str) -> Any:
-        p = top.add_parser(name, help=help)
-        return p.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True, parser_class=_Parser)
-
     def cmd(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.set_defaults(func=func)
-        return p
+        return command(sub, name, func, help, [common])
 
-    tokens = group("tokens", "API tokens: create, list, revoke (admin)")
+    tokens = command_group(top, "tokens", "API tokens: create, list, revoke (admin)")
     p = cmd(tokens, "create", cmd_tokens_create, "make a token; prints it once, alone on stdout")
     p.add_argument("--role", required=True, choices=("admin", "user", "viewer"))
     p.add_argument("--name", required=True, help="who the token is for (the owner of what it submits)")
@@ -214,13 +208,11 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
             "write a fresh cluster node token to FILE (offline; for agents without TLS)")
     p.add_argument("file", metavar="FILE")
 
-    p = top.add_parser("audit", help="who changed what, when, with what result (admin)",
-                       description="who changed what, when, with what result (admin)", parents=[common])
-    p.set_defaults(func=cmd_audit)
+    p = cmd(top, "audit", cmd_audit, "who changed what, when, with what result (admin)")
     p.add_argument("--since", metavar="T", help="a duration (10m, 2h, 1d) or an ISO time")
     p.add_argument("--limit", type=int, default=1000, help="the newest N records (default 1000)")
 
-    snap = group("snapshot", "online backup and offline restore of the cluster state")
+    snap = command_group(top, "snapshot", "online backup and offline restore of the cluster state")
     p = cmd(snap, "save", cmd_snapshot_save, "save a consistent copy of the cluster state to FILE (admin)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")

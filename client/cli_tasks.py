@@ -26,6 +26,8 @@ from ._cli_common import (
     _Parser,
     _positive_int,
     _size,
+    command,
+    command_group,
     interrupt_reason,
     print_result,
     wide,
@@ -42,8 +44,6 @@ __all__ = ["PENDING_NOTE_AFTER_S", "add_commands", "exit_code_of", "ship_code"]
 PENDING_NOTE_AFTER_S = 2.0
 # A cancelled task (and Ctrl-C) exits with this, like a shell's SIGINT.
 CANCELLED_EXIT = 130
-
-Sub = Callable[..., argparse.ArgumentParser]
 
 
 # -- option types -----------------------------------------------------------------------
@@ -138,15 +138,15 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_commands(top: Any, sub: Sub) -> None:
-    """Add the task commands to lepton-ctl's subcommands `top`, made with `sub`."""
+def add_commands(top: Any, common: argparse.ArgumentParser) -> None:
+    """Add the task commands to lepton-ctl's subcommands `top`; `common` holds the global options."""
     # submit/run take a --timeout of their own (the task's limit): their parsers get the
     # global options without it.
     spec_common = _Parser(add_help=False)
     _global_options(spec_common, defaults=False, timeout=False)
 
-    p = sub(top, "submit", cmd_submit, "submit a task, or with --nodes a job; prints its id",
-            parents=(spec_common,))
+    p = command(top, "submit", cmd_submit, "submit a task, or with --nodes a job; prints its id",
+                parents=(spec_common,))
     _spec_options(p)
     _job_options(p)
     p.add_argument(
@@ -157,7 +157,7 @@ def add_commands(top: Any, sub: Sub) -> None:
         help="one task per combination of values (repeatable); {K} in the command and the "
         "name takes each value. All are stored in one call, or none; prints one id per line",
     )
-    p = sub(
+    p = command(
         top,
         "run",
         cmd_run,
@@ -173,11 +173,8 @@ def add_commands(top: Any, sub: Sub) -> None:
         help="on Ctrl-C, SIGTERM or SIGHUP stop following but leave the task running",
     )
 
-    tasks = top.add_parser("tasks", help="list, show and cancel tasks")
-    tasks_sub = tasks.add_subparsers(
-        dest="tasks_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    p = sub(tasks_sub, "list", cmd_tasks_list, "list tasks, oldest first")
+    tasks_sub = command_group(top, "tasks", "list, show and cancel tasks")
+    p = command(tasks_sub, "list", cmd_tasks_list, "list tasks, oldest first", [common])
     p.add_argument(
         "--state",
         action="append",
@@ -194,12 +191,12 @@ def add_commands(top: Any, sub: Sub) -> None:
         action="store_true",
         help="then print each task that appears or changes, until Ctrl-C",
     )
-    p = sub(tasks_sub, "show", cmd_tasks_show, "show one task in full, with its attempts")
+    p = command(tasks_sub, "show", cmd_tasks_show, "show one task in full, with its attempts", [common])
     p.add_argument("task", metavar="ID", help="task id or unique id prefix")
-    p = sub(tasks_sub, "cancel", cmd_tasks_cancel, "cancel a task (its attempt is stopped)")
+    p = command(tasks_sub, "cancel", cmd_tasks_cancel, "cancel a task (its attempt is stopped)", [common])
     p.add_argument("task", metavar="ID", help="task id or unique id prefix")
 
-    p = sub(top, "logs", cmd_logs, "print a task's or a job's output (stdout and stderr)")
+    p = command(top, "logs", cmd_logs, "print a task's or a job's output (stdout and stderr)", [common])
     p.add_argument("task", metavar="TASK", help="task id or unique id prefix, or a job id (j-...)")
     p.add_argument("--rank", metavar="K", type=int, default=None,
                    help="a job's rank K only (its lines start with [rank K])")

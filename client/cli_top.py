@@ -24,7 +24,7 @@ from rich.text import Text
 from lepton.common.errors import LeptonError
 from lepton.common.states import TaskState
 
-from ._cli_common import UsageError, _client, _positive_float, print_result, wants_json
+from ._cli_common import UsageError, _client, _positive_float, command, print_result, wants_json
 from .client import Client
 from .render import emit, human_bytes, make_console, sort_nodes
 
@@ -39,9 +39,8 @@ ACTIVE_STATES = [TaskState.RUNNING.value, TaskState.ASSIGNED.value]
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `top` to lepton-ctl's subcommands `top`; `common` holds the global options."""
-    help = "live view of nodes and their load (CPU, memory, GPUs, tasks); Ctrl-C stops"
-    p = top.add_parser("top", help=help, description=help, parents=[common])
-    p.set_defaults(func=cmd_top)
+    p = command(top, "top", cmd_top, "live view of nodes and their load (CPU, memory, GPUs, tasks); Ctrl-C stops",
+                [common])
     p.add_argument(
         "--interval", metavar="SECONDS", type=_positive_float, default=1.0,
         help="seconds between refreshes (default: 1)",

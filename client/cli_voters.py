@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from ._cli_common import _client, _Parser, print_result
+from ._cli_common import _client, command, command_group, print_result
 from .render import cluster_status_view
 
 
-def register(cluster_sub: Any, sub: Callable[..., argparse.ArgumentParser]) -> None:
-    peers = cluster_sub.add_parser(
-        "peers", help="add or remove a Raft voter (one at a time)",
+def register(cluster_sub: Any, common: argparse.ArgumentParser) -> None:
+    peers_sub = command_group(
+        cluster_sub, "peers", "add or remove a Raft voter (one at a time)",
         description="Add or remove a Raft voter, one server at a time, through the leader.",
     )
-    peers_sub = peers.add_subparsers(
-        dest="peers_command", metavar="COMMAND", required=True, parser_class=_Parser
-    )
-    p = sub(peers_sub, "add", cmd_peers_add,
-            "make an agent started with --join-as-voter a voter (it catches up first)")
+    p = command(peers_sub, "add", cmd_peers_add,
+                "make an agent started with --join-as-voter a voter (it catches up first)", [common])
     p.add_argument("address", metavar="HOST:PORT", help="the agent's advertised address")
-    p = sub(peers_sub, "remove", cmd_peers_remove, "remove a voter (the leader steps down if it is the one)")
+    p = command(peers_sub, "remove", cmd_peers_remove, "remove a voter (the leader steps down if it is the one)",
+                [common])
     p.add_argument("address", metavar="HOST:PORT", help="the voter's advertised address")
 
 

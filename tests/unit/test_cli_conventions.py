@@ -176,3 +176,30 @@ def test_jobs_table_keeps_full_ids_when_narrow() -> None:
         console.print(jobs_table([job]), crop=False)
     text = cap.get()
     assert job_id in text
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield path, parser
+    for group in groups:
+        for name, child in group.choices.items():
+            yield from _leaves(child, (*path, name))
+
+
+def test_subcommands_are_declared_one_way() -> None:
+    """Issue 11: every CLI module declares its commands with `_cli_common.command` and
+    `command_group`: each leaf runs a function and takes the global options (`completion`
+    talks to no cluster; set-context stores its own --server, so it has only -o)."""
+    leaves = dict(_leaves(cli.build_parser()))
+    assert ("tasks", "list") in leaves and ("cluster", "peers", "add") in leaves
+    for path, p in leaves.items():
+        assert callable(p.get_default("func")), path
+        options = {o for a in p._actions for o in a.option_strings}
+        assert "-o" in options or path == ("completion",), path
+        if path not in (("completion",), ("config", "set-context")):
+            assert "--server" in options and "--context" in options, path
+    sources = resources.files("lepton.client")
+    for module in sources.iterdir():
+        if module.name.startswith("cli") and module.name.endswith(".py"):
+            assert ".add_parser(" not in module.read_text(), f"{module.name}: use _cli_common.command"
