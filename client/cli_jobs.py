@@ -93,7 +93,7 @@ def job_detail(job: JobInfo, now_ms: int | None = None) -> Group:
     head.add_row("Restarts", str(job.restart_count))
     parts: list[Any] = [head]
     if job.tasks:
-        parts += ["", "Members:", tasks_table(job.tasks, {}, now_ms), "",
+        parts += ["", "Members:", tasks_table(job.tasks, {}, now_ms, job_column=False), "",
                   "Member spec (node 0):", task_detail(job.tasks[0], {}, now_ms)]
     return Group(*parts)
 

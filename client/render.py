@@ -299,13 +299,18 @@ def tasks_table(
     *,
     wide: bool = False,
     header: bool = True,
+    job_column: bool = True,
 ) -> FitTable:
     """`tasks list`: one row per task, full ids at any width. `names`: node id → node
-    name, where known. `header=False` for the rows `tasks list -w` adds."""
+    name, where known. `header=False` for the rows `tasks list -w` adds. JOB names the job
+    a task is a member of (its rank ends the task id), as sacct shows a step's job: always
+    there, so rows `-w` adds later line up, and never cut, as ids are not; `job_column=False`
+    where every row is of one job (`jobs show`)."""
     names = names or {}
-    headers = ["ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "REASON"]
-    table = _table(*headers, *(_TASK_WIDE if wide else ()), optional=_TASK_OPTIONAL, wide=wide,
-                   header=header)
+    headers = ["ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE",
+               *(["JOB"] if job_column else []), "REASON"]
+    table = _table(*headers, *(_TASK_WIDE if wide else ()), keep=("ID", "JOB"), optional=_TASK_OPTIONAL,
+                   wide=wide, header=header)
     for t in tasks:
         cells = [
             t.id,
@@ -316,6 +321,7 @@ def tasks_table(
             str(t.attempt),
             _exit(t.exit_code),
             age(t.created_at_ms, now_ms),
+            *([t.job_id or "-"] if job_column else []),
             (t.reason if wide else truncate(t.reason, REASON_WIDTH)) if t.reason else "",
         ]
         if wide:
@@ -350,6 +356,7 @@ def task_detail(
         ("ID", t.id),
         ("Name", t.name or "-"),
         ("State", state),
+        *([("Job", f"{t.job_id} (rank {t.gang_rank})")] if t.job_id else []),
         ("Owner", t.owner or "-"),
         ("Priority", str(t.priority)),
         ("Command", ("sh -c: " if t.shell else "") + command_text(t)),

@@ -203,3 +203,34 @@ def test_subcommands_are_declared_one_way() -> None:
     for module in sources.iterdir():
         if module.name.startswith("cli") and module.name.endswith(".py"):
             assert ".add_parser(" not in module.read_text(), f"{module.name}: use _cli_common.command"
+
+
+def test_tasks_list_marks_job_members(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: a job's members are listed with their job's id (JOB), whole even at 80
+    columns; -o json has it as `job_id` (and the rank as `gang_rank`)."""
+    f = FakeCoordinator()
+    f.add_task(make_task("t-0123456789abcdef01", name="alone"))
+    for rank in (0, 1):
+        member = make_task(f"t-0123456789ab-{rank}", name="train-with-a-long-name",
+                           reason="unschedulable: " + "x" * 80)
+        member.spec.job_id, member.spec.gang_rank = "j-0123456789ab", rank
+        f.add_task(member)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    with serve(f) as address:
+        code, out, _ = run(capsys, "--server", address, "tasks", "list")
+        lines = strip_ansi(out).splitlines()
+        assert code == 0 and "JOB" in lines[0].split()
+        job_at = lines[0].index("JOB")
+        # Long names and reasons wrap onto lines of their own; a row starts with its id.
+        jobs = {line.split()[0]: line[job_at:].split()[0] for line in lines[1:] if line.startswith("t-")}
+        assert jobs == {"t-0123456789abcdef01": "-", "t-0123456789ab-0": "j-0123456789ab",
+                        "t-0123456789ab-1": "j-0123456789ab"}
+        _, out, _ = run(capsys, "--server", address, "tasks", "show", "t-0123456789ab-1")
+        assert "j-0123456789ab (rank 1)" in strip_ansi(out)
+        code, out, _ = run(capsys, "--server", address, "-o", "json", "tasks", "list")
+    members = {d["id"]: (d["job_id"], d["gang_rank"]) for d in json.loads(out)}
+    assert members == {"t-0123456789abcdef01": ("", 0), "t-0123456789ab-0": ("j-0123456789ab", 0),
+                       "t-0123456789ab-1": ("j-0123456789ab", 1)}

@@ -410,12 +410,12 @@ def test_tasks_list_table(some_tasks: str, capsys: pytest.CaptureFixture[str]) -
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == [
-        "ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "REASON"
+        "ID", "NAME", "STATE", "PRIO", "NODE", "ATTEMPT", "EXIT", "AGE", "JOB", "REASON"
     ]  # fmt: skip
-    assert lines[1].split() == ["t-aaa111", "train", "pending", "7", "-", "1", "-", "5s"]
+    assert lines[1].split() == ["t-aaa111", "train", "pending", "7", "-", "1", "-", "5s", "-"]
     row = lines[2].split()
-    assert row[:8] == ["t-aaa222", "-", "pending", "0", "-", "2", "3", "4s"]
-    assert lines[2].endswith("…") and len(" ".join(row[8:])) == 60  # reason truncated
+    assert row[:9] == ["t-aaa222", "-", "pending", "0", "-", "2", "3", "4s", "-"]
+    assert lines[2].endswith("…") and len(" ".join(row[9:])) == 60  # reason truncated
     assert lines[3].split()[:8] == ["t-bbb333", "-", "running", "0", "agent-1", "1", "-", "3s"]
     assert lines[4].split()[4] == "gone0000000000000"  # a node not known by name: its whole id
 
