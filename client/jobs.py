@@ -161,8 +161,11 @@ class JobMethods:
         """The job `ref` names: its id, a unique id prefix (`j-` may be left out), or one of
         its member tasks' ids. NotFound when nothing matches, InvalidArgument when several do."""
         ref = require_id(ref, "job id")
-        if job_of(ref):
-            ref = job_of(ref)
+        # A job id is no member's id, though `j-8296` (an all-digit prefix) reads as member
+        # 8296 of a job "j" to `job_of`, which knows task ids named before t- ids.
+        member_of = job_of(ref)
+        if member_of and f"{member_of}-" != JOB_PREFIX:
+            ref = member_of
         try:
             return self.job(ref, timeout=timeout)
         except NotFound as err:
