@@ -16,13 +16,6 @@ TASKS = 2_000
 ACTIVE = ["pending", "assigned", "running"]
 
 
-@pytest.fixture(autouse=True)
-def _agent_config_env(monkeypatch):
-    # tests/conftest.py points $LEPTON_CONFIG at a client config file, but lepton-agent reads
-    # the same variable as its own config file: the agents here must not see it.
-    monkeypatch.delenv("LEPTON_CONFIG", raising=False)
-
-
 def ctl_json(server: str, *args: str) -> dict:
     return json.loads(run_ctl("-o", "json", *args, server=server, check=True).stdout)
 
