@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
+from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
@@ -84,8 +85,12 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
 
 def cmd_quota_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        resp = c._unary(SecurityStub, "ListQuotas", spb.ListQuotasRequest(user=args.user or ""))
-    views = list(resp.quotas)
+        def page(token: str) -> tuple[Any, str]:
+            req = spb.ListQuotasRequest(user=args.user or "", page_size=MAX_PAGE, page_token=token)
+            resp = c._unary(SecurityStub, "ListQuotas", req)
+            return resp.quotas, resp.next_page_token
+
+        views = list(walk_pages(page))
     return print_result(args, [view_dict(v) for v in views], lambda: _table(views), empty="no quotas")
 
 

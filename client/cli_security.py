@@ -20,7 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from lepton.common.errors import Internal, error_for_code
-from lepton.common.paging import walk_pages
+from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
 
@@ -138,8 +138,23 @@ def cmd_tokens_node_token(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: give 0 (all) or more")
     since = parse_since(args.since) if args.since else 0
-    records = _call(args, "ListAudit", spb.ListAuditRequest(since_ms=since, limit=args.limit)).records
+    records: list[spb.AuditRecord] = []
+    with _client(args) as c:
+        def page(token: str) -> tuple[Any, str]:  # newest first
+            size = min(args.limit - len(records), MAX_PAGE) if args.limit else MAX_PAGE
+            req = spb.ListAuditRequest(since_ms=since, page_size=size, page_token=token)
+            resp = c._unary(SecurityStub, "ListAudit", req)
+            return resp.records, resp.next_page_token
+
+        for record in walk_pages(page):
+            records.append(record)
+            if len(records) == args.limit:
+                break
+    records.reverse()  # shown oldest first, the newest at the bottom
+
     def table() -> Table:
         out = Table(box=None, pad_edge=False)
         for col in ("TIME", "WHO", "ROLE", "METHOD", "RESULT", "REQUEST"):
@@ -210,7 +225,7 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
 
     p = cmd(top, "audit", cmd_audit, "who changed what, when, with what result (admin)")
     p.add_argument("--since", metavar="T", help="a duration (10m, 2h, 1d) or an ISO time")
-    p.add_argument("--limit", type=int, default=1000, help="the newest N records (default 1000)")
+    p.add_argument("--limit", type=int, default=1000, help="the newest N records (default 1000; 0: all)")
 
     snap = command_group(top, "snapshot", "online backup and offline restore of the cluster state")
     p = cmd(snap, "save", cmd_snapshot_save, "save a consistent copy of the cluster state to FILE (admin)")

@@ -254,19 +254,34 @@ def retain(records: Iterable[AuditRecord], keep: int) -> list[AuditRecord]:
 
 class AuditLog:
     """The last `keep` records, oldest first. Deterministic: applying the same records in
-    the same order gives the same log on every replica."""
+    the same order gives the same log on every replica.
 
-    def __init__(self, keep: int = DEFAULT_KEEP):
+    Each record has a sequence number, its place among every record ever appended: the
+    oldest kept is `first_seq`, the newest `first_seq + len - 1`. Numbers never move as
+    retention drops records, so ListAudit's page tokens name records by them."""
+
+    def __init__(self, keep: int = DEFAULT_KEEP, first_seq: int = 0):
         if keep < 1:
             raise InvalidArgument("audit retention must keep at least 1 record")
         self.keep = keep
         self._records: deque[AuditRecord] = deque(maxlen=keep)
         self.dropped = 0  # records pushed out by retention since start/restore
+        self.first_seq = first_seq
 
     def append(self, record: AuditRecord) -> None:
         if len(self._records) == self.keep:
             self.dropped += 1
+            self.first_seq += 1
         self._records.append(record)
+
+    def record_at(self, seq: int) -> AuditRecord | None:
+        """The record with sequence number `seq`, None when not (or no longer) kept."""
+        pos = seq - self.first_seq
+        return self._records[pos] if 0 <= pos < len(self._records) else None
+
+    def seqs(self) -> range:
+        """The sequence numbers of the kept records, oldest first."""
+        return range(self.first_seq, self.first_seq + len(self._records))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -287,7 +302,8 @@ class AuditLog:
         return out[-limit:] if limit > 0 else out
 
     def snapshot(self) -> bytes:
-        return json.dumps({"keep": self.keep, "records": [r.to_dict() for r in self._records]},
+        return json.dumps({"keep": self.keep, "first_seq": self.first_seq,
+                           "records": [r.to_dict() for r in self._records]},
                           sort_keys=True, separators=(",", ":")).encode()
 
     def restore(self, data: bytes) -> None:
@@ -295,7 +311,12 @@ class AuditLog:
         try:
             doc = json.loads(data)
             records = [AuditRecord.from_dict(r) for r in doc["records"]]
-        except (ValueError, KeyError, TypeError) as err:
+            first_seq = doc.get("first_seq", 0)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise InvalidArgument(f"malformed audit snapshot: {err}") from None
-        self._records = deque(retain(records, self.keep) if records else [], maxlen=self.keep)
+        if type(first_seq) is not int or first_seq < 0:
+            raise InvalidArgument(f"malformed audit snapshot: first_seq {first_seq!r}")
+        kept = retain(records, self.keep) if records else []
+        self._records = deque(kept, maxlen=self.keep)
+        self.first_seq = first_seq + len(records) - len(kept)  # retention here drops the oldest
         self.dropped = 0

@@ -204,6 +204,23 @@ class SecurityService:
 
     @rpc_boundary
     async def ListAudit(self, request, context):
+        """Pages newest first by sequence number; an older client's `limit` (no page_size,
+        no page_token) gets the newest `limit` in one answer, oldest first, as before."""
+        if request.page_size or request.page_token:
+            after = decode_token(request.page_token, (int,))
+            size = page_size(request.page_size)
+            await self._ctx.read()
+            log = self._ctx.state.security.audit
+            since_ms = max(request.since_ms, 0)
+
+            def select(key: tuple[int, ...]) -> spb.AuditRecord | None:
+                record = log.record_at(key[0])
+                return record_to_proto(record) if record and record.at_ms >= since_ms else None
+
+            keys = [(seq,) for seq in log.seqs()]
+            records, token = take_page(keys, after, size=size, select=select,
+                                       size_of=lambda r: r.ByteSize(), reverse=True)
+            return spb.ListAuditResponse(records=records, next_page_token=token)
         if request.limit > MAX_AUDIT_LIMIT:
             raise InvalidArgument(f"limit is {request.limit}; at most {MAX_AUDIT_LIMIT}")
         await self._ctx.read()
@@ -242,10 +259,16 @@ class SecurityService:
     @rpc_boundary
     async def ListQuotas(self, request, context):
         v.check_text(request.user, "user", v.MAX_NAME)
+        after = decode_token(request.page_token, (str,))
         await self._ctx.read()
         quotas = self._ctx.state.quotas
-        users = [request.user] if request.user else sorted(quotas.quotas)[:MAX_LISTED]
-        return spb.ListQuotasResponse(quotas=[quotas.view(u) for u in users])
+        if request.user:
+            return spb.ListQuotasResponse(quotas=[quotas.view(request.user)])
+        # An older client (no page_size, no token) gets up to MAX_LISTED in one answer.
+        size = page_size(request.page_size) if request.page_size or after else MAX_LISTED
+        page, token = take_page([(u,) for u in sorted(quotas.quotas)], after, size=size,
+                                select=lambda key: quotas.view(key[0]), size_of=lambda q: q.ByteSize())
+        return spb.ListQuotasResponse(quotas=page, next_page_token=token)
 
     @rpc_boundary
     async def SaveSnapshot(self, request, context):

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 LIMITS = ("pending_tasks", "dataset_bytes", "tokens")
 MAX_LIMIT = 1 << 62
-MAX_LISTED = 1000  # quotas in one ListQuotas answer (~100 bytes each)
+MAX_LISTED = 1000  # quotas in an older client's ListQuotas answer (no page_size; ~100 bytes each)
 
 
 def _copy(q: security_pb2.Quota) -> security_pb2.Quota:

@@ -141,13 +141,14 @@ class SecurityTable:
         for tid in sorted(self.tokens):
             snap.tokens.append(self.tokens[tid])
         snap.audit.extend(record_to_proto(r) for r in self.audit)
+        snap.audit_first_seq = self.audit.first_seq
         snap.cluster_id = self.cluster_id
         snap.task_token_key = self.task_token_key
 
     def rebuild(self, snap: state_pb2.StateSnapshot) -> None:
         self.tokens = {t.id: _copy(t) for t in snap.tokens}
-        self.audit = AuditLog(self.audit.keep)
-        for rec in snap.audit:
+        self.audit = AuditLog(self.audit.keep, first_seq=snap.audit_first_seq)
+        for rec in snap.audit:  # a smaller keep here drops the oldest, counting them
             self.audit.append(record_from_proto(rec))
         self.audit.dropped = 0
         self.cluster_id = snap.cluster_id

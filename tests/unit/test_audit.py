@@ -109,9 +109,11 @@ def test_retention_keeps_the_last_n_and_snapshots():
     assert [r.at_ms for r in log] == [2, 3, 4] and log.dropped == 2
     assert [r.at_ms for r in log.query(denied_only=True)] == [2, 4]
     assert [r.at_ms for r in log.query(since_ms=3, limit=1)] == [4]
+    assert (log.first_seq, list(log.seqs()), log.record_at(4).at_ms, log.record_at(1)) == (2, [2, 3, 4], 4, None)
     other = AuditLog(keep=2)
     other.restore(log.snapshot())
     assert [r.at_ms for r in other] == [3, 4]
+    assert other.first_seq == 3 and other.record_at(3).at_ms == 3  # sequence numbers survive
     assert audit.retain(list(log), 1) == [list(log)[-1]]
     with pytest.raises(InvalidArgument):
         AuditLog(keep=0)

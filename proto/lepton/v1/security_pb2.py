@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lepton/v1/security.proto\x12\tlepton.v1\"\x7f\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x15\n\rrevoked_at_ms\x18\x07 \x01(\x03\"\x8b\x01\n\x0b\x41uditRecord\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04\x63ode\x18\x06 \x01(\t\x12\x0f\n\x07request\x18\x07 \x01(\t\x12\x10\n\x08token_id\x18\x08 \x01(\t\"0\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"Y\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12!\n\x04info\x18\x03 \x01(\x0b\x32\x13.lepton.v1.ApiToken\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.lepton.v1.ApiToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"3\n\x10ListAuditRequest\x12\x10\n\x08since_ms\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\"<\n\x11ListAuditResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\"\x15\n\x13SaveSnapshotRequest\"z\n\x14SaveSnapshotResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"^\n\x12IntrospectResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\"\x91\x01\n\x05Quota\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x1a\n\rpending_tasks\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rdataset_bytes\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x06tokens\x18\x04 \x01(\x04H\x02\x88\x01\x01\x42\x10\n\x0e_pending_tasksB\x10\n\x0e_dataset_bytesB\t\n\x07_tokens\"j\n\tQuotaView\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x15\n\rpending_tasks\x18\x02 \x01(\x04\x12\x15\n\rdataset_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\"E\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x11\n\tunlimited\x18\x02 \x03(\t\"!\n\x11ListQuotasRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\":\n\x12ListQuotasResponse\x12$\n\x06quotas\x18\x01 \x03(\x0b\x32\x14.lepton.v1.QuotaView2\xd5\x04\n\x08Security\x12L\n\x0b\x43reateToken\x12\x1d.lepton.v1.CreateTokenRequest\x1a\x1e.lepton.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.lepton.v1.ListTokensRequest\x1a\x1d.lepton.v1.ListTokensResponse\x12\x41\n\x0bRevokeToken\x12\x1d.lepton.v1.RevokeTokenRequest\x1a\x13.lepton.v1.ApiToken\x12\x46\n\tListAudit\x12\x1b.lepton.v1.ListAuditRequest\x1a\x1c.lepton.v1.ListAuditResponse\x12Q\n\x0cSaveSnapshot\x12\x1e.lepton.v1.SaveSnapshotRequest\x1a\x1f.lepton.v1.SaveSnapshotResponse0\x01\x12I\n\nIntrospect\x12\x1c.lepton.v1.IntrospectRequest\x1a\x1d.lepton.v1.IntrospectResponse\x12<\n\x08SetQuota\x12\x1a.lepton.v1.SetQuotaRequest\x1a\x14.lepton.v1.QuotaView\x12I\n\nListQuotas\x12\x1c.lepton.v1.ListQuotasRequest\x1a\x1d.lepton.v1.ListQuotasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lepton/v1/security.proto\x12\tlepton.v1\"\x7f\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x15\n\rrevoked_at_ms\x18\x07 \x01(\x03\"\x8b\x01\n\x0b\x41uditRecord\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04\x63ode\x18\x06 \x01(\t\x12\x0f\n\x07request\x18\x07 \x01(\t\x12\x10\n\x08token_id\x18\x08 \x01(\t\"0\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"Y\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12!\n\x04info\x18\x03 \x01(\x0b\x32\x13.lepton.v1.ApiToken\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.lepton.v1.ApiToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"Z\n\x10ListAuditRequest\x12\x10\n\x08since_ms\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"U\n\x11ListAuditResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x15\n\x13SaveSnapshotRequest\"z\n\x14SaveSnapshotResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"^\n\x12IntrospectResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\"\x91\x01\n\x05Quota\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x1a\n\rpending_tasks\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rdataset_bytes\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x06tokens\x18\x04 \x01(\x04H\x02\x88\x01\x01\x42\x10\n\x0e_pending_tasksB\x10\n\x0e_dataset_bytesB\t\n\x07_tokens\"j\n\tQuotaView\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x15\n\rpending_tasks\x18\x02 \x01(\x04\x12\x15\n\rdataset_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\"E\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x11\n\tunlimited\x18\x02 \x03(\t\"H\n\x11ListQuotasRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x12ListQuotasResponse\x12$\n\x06quotas\x18\x01 \x03(\x0b\x32\x14.lepton.v1.QuotaView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd5\x04\n\x08Security\x12L\n\x0b\x43reateToken\x12\x1d.lepton.v1.CreateTokenRequest\x1a\x1e.lepton.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.lepton.v1.ListTokensRequest\x1a\x1d.lepton.v1.ListTokensResponse\x12\x41\n\x0bRevokeToken\x12\x1d.lepton.v1.RevokeTokenRequest\x1a\x13.lepton.v1.ApiToken\x12\x46\n\tListAudit\x12\x1b.lepton.v1.ListAuditRequest\x1a\x1c.lepton.v1.ListAuditResponse\x12Q\n\x0cSaveSnapshot\x12\x1e.lepton.v1.SaveSnapshotRequest\x1a\x1f.lepton.v1.SaveSnapshotResponse0\x01\x12I\n\nIntrospect\x12\x1c.lepton.v1.IntrospectRequest\x1a\x1d.lepton.v1.IntrospectResponse\x12<\n\x08SetQuota\x12\x1a.lepton.v1.SetQuotaRequest\x1a\x14.lepton.v1.QuotaView\x12I\n\nListQuotas\x12\x1c.lepton.v1.ListQuotasRequest\x1a\x1d.lepton.v1.ListQuotasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKETOKENREQUEST']._serialized_start=595
   _globals['_REVOKETOKENREQUEST']._serialized_end=633
   _globals['_LISTAUDITREQUEST']._serialized_start=635
-  _globals['_LISTAUDITREQUEST']._serialized_end=686
-  _globals['_LISTAUDITRESPONSE']._serialized_start=688
-  _globals['_LISTAUDITRESPONSE']._serialized_end=748
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=750
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=771
-  _globals['_SAVESNAPSHOTRESPONSE']._serialized_start=773
-  _globals['_SAVESNAPSHOTRESPONSE']._serialized_end=895
-  _globals['_INTROSPECTREQUEST']._serialized_start=897
-  _globals['_INTROSPECTREQUEST']._serialized_end=931
-  _globals['_INTROSPECTRESPONSE']._serialized_start=933
-  _globals['_INTROSPECTRESPONSE']._serialized_end=1027
-  _globals['_QUOTA']._serialized_start=1030
-  _globals['_QUOTA']._serialized_end=1175
-  _globals['_QUOTAVIEW']._serialized_start=1177
-  _globals['_QUOTAVIEW']._serialized_end=1283
-  _globals['_SETQUOTAREQUEST']._serialized_start=1285
-  _globals['_SETQUOTAREQUEST']._serialized_end=1354
-  _globals['_LISTQUOTASREQUEST']._serialized_start=1356
-  _globals['_LISTQUOTASREQUEST']._serialized_end=1389
-  _globals['_LISTQUOTASRESPONSE']._serialized_start=1391
-  _globals['_LISTQUOTASRESPONSE']._serialized_end=1449
-  _globals['_SECURITY']._serialized_start=1452
-  _globals['_SECURITY']._serialized_end=2049
+  _globals['_LISTAUDITREQUEST']._serialized_end=725
+  _globals['_LISTAUDITRESPONSE']._serialized_start=727
+  _globals['_LISTAUDITRESPONSE']._serialized_end=812
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=814
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=835
+  _globals['_SAVESNAPSHOTRESPONSE']._serialized_start=837
+  _globals['_SAVESNAPSHOTRESPONSE']._serialized_end=959
+  _globals['_INTROSPECTREQUEST']._serialized_start=961
+  _globals['_INTROSPECTREQUEST']._serialized_end=995
+  _globals['_INTROSPECTRESPONSE']._serialized_start=997
+  _globals['_INTROSPECTRESPONSE']._serialized_end=1091
+  _globals['_QUOTA']._serialized_start=1094
+  _globals['_QUOTA']._serialized_end=1239
+  _globals['_QUOTAVIEW']._serialized_start=1241
+  _globals['_QUOTAVIEW']._serialized_end=1347
+  _globals['_SETQUOTAREQUEST']._serialized_start=1349
+  _globals['_SETQUOTAREQUEST']._serialized_end=1418
+  _globals['_LISTQUOTASREQUEST']._serialized_start=1420
+  _globals['_LISTQUOTASREQUEST']._serialized_end=1492
+  _globals['_LISTQUOTASRESPONSE']._serialized_start=1494
+  _globals['_LISTQUOTASRESPONSE']._serialized_end=1577
+  _globals['_SECURITY']._serialized_start=1580
+  _globals['_SECURITY']._serialized_end=2177
 # @@protoc_insertion_point(module_scope)

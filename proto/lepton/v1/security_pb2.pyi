@@ -85,18 +85,24 @@ class RevokeTokenRequest(_message.Message):
     def __init__(self, token_id: _Optional[str] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
-    __slots__ = ("since_ms", "limit")
+    __slots__ = ("since_ms", "limit", "page_size", "page_token")
     SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     since_ms: int
     limit: int
-    def __init__(self, since_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, since_ms: _Optional[int] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "next_page_token")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SaveSnapshotRequest(_message.Message):
     __slots__ = ()
@@ -171,13 +177,19 @@ class SetQuotaRequest(_message.Message):
     def __init__(self, quota: _Optional[_Union[Quota, _Mapping]] = ..., unlimited: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListQuotasRequest(_message.Message):
-    __slots__ = ("user",)
+    __slots__ = ("user", "page_size", "page_token")
     USER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     user: str
-    def __init__(self, user: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, user: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListQuotasResponse(_message.Message):
-    __slots__ = ("quotas",)
+    __slots__ = ("quotas", "next_page_token")
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaView]
-    def __init__(self, quotas: _Optional[_Iterable[_Union[QuotaView, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, quotas: _Optional[_Iterable[_Union[QuotaView, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

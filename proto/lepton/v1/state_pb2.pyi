@@ -294,7 +294,7 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "task_history", "quotas", "task_token_key")
+    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "task_history", "quotas", "task_token_key", "audit_first_seq")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class StateSnapshot(_message.Message):
     TASK_HISTORY_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     TASK_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
@@ -317,4 +318,5 @@ class StateSnapshot(_message.Message):
     task_history: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.TaskSummary]
     quotas: _containers.RepeatedCompositeFieldContainer[_security_pb2.Quota]
     task_token_key: bytes
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., task_history: _Optional[_Iterable[_Union[_tasks_pb2.TaskSummary, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ...) -> None: ...
+    audit_first_seq: int
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., task_history: _Optional[_Iterable[_Union[_tasks_pb2.TaskSummary, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ..., audit_first_seq: _Optional[int] = ...) -> None: ...
