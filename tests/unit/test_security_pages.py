@@ -114,3 +114,41 @@ def test_quota_pages_walk_every_user_once_by_name():
     for bad in ("x", paging.encode_token((5,)), paging.encode_token(("a", "b"))):
         with pytest.raises(InvalidArgument, match="page_token"):
             _call(svc, "ListQuotas", security_pb2.ListQuotasRequest(page_token=bad))
+
+
+class _PagesClient:
+    """lepton-ctl's client, answered by a SecurityService in this process."""
+
+    def __init__(self, svc: SecurityService):
+        self.svc, self.calls = svc, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _unary(self, stub, method, request, **kwargs):
+        self.calls += 1
+        return _call(self.svc, method, request)
+
+
+def test_the_cli_walks_every_page(monkeypatch, capsys):
+    import json
+
+    from lepton.client import cli, cli_quota, cli_security
+
+    svc, _ = _service()
+    fake = _PagesClient(svc)
+    for module in (cli_security, cli_quota):
+        monkeypatch.setattr(module, "_client", lambda args: fake)
+    assert cli.main(["--server", "127.0.0.1:1", "-o", "json", "audit", "--limit", "1500"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["principal"] for r in records] == [f"p{i}" for i in range(RECORDS - 1500, RECORDS)]  # oldest first
+    assert fake.calls == 2
+    assert cli.main(["--server", "127.0.0.1:1", "-o", "json", "audit", "--limit", "0"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == KEEP
+    assert cli.main(["--server", "127.0.0.1:1", "-o", "json", "quota", "show"]) == 0
+    assert [q["user"] for q in json.loads(capsys.readouterr().out)] == [f"u{u:04d}" for u in range(USERS)]
+    assert cli.main(["--server", "127.0.0.1:1", "audit", "--limit", "-1"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
