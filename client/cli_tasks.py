@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -426,11 +428,15 @@ def _is_job(args: argparse.Namespace) -> bool:
 
 def _run_job(args: argparse.Namespace) -> int:
     kw = submit_kwargs(args)
+    job_kw = {"nodes": 1 if args.nodes is None else args.nodes,
+              "nproc_per_node": args.nproc_per_node, "gpus_per_node": args.gpus_per_node,
+              "max_restarts": args.max_restarts, "dataset": args.dataset}
     with _client(args) as c:
-        job = c.submit_job(nodes=1 if args.nodes is None else args.nodes,
-                           nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node,
-                           max_restarts=args.max_restarts, dataset=args.dataset,
-                           **ship_code(c, args.working_dir, kw))
+        job, stopped = _submit_for_run(
+            c, args, kw, lambda kw: c.submit_job(**job_kw, **kw),
+            lambda job: (job.tasks[0].id, f"job {job.id}"))
+        if job is None:
+            return stopped
         sys.stderr.write(f"{PROG}: job {job.id}: {len(job.tasks)} node(s)\n")
         try:
             _copy(c.job_logs(job.id, follow=True), _stdout())
@@ -450,7 +456,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_job(args)
     kw = submit_kwargs(args)
     with _client(args) as c:
-        task = c.submit(**ship_code(c, args.working_dir, kw))
+        task, stopped = _submit_for_run(c, args, kw, lambda kw: c.submit(**kw),
+                                        lambda task: (task.id, f"task {task.id}"))
+        if task is None:
+            return stopped
         notes = RunNotes(task)
         try:
             _copy(c.logs(task.id, follow=True, from_attempt=1, on_task=notes), _stdout())
@@ -465,6 +474,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     if final.state != "succeeded":
         sys.stderr.write(f"{PROG}: {end_note(final)}\n")
     return exit_code_of(final)
+
+
+# Tests only: seconds `run` waits after its submission returns, still inside the window
+# where a stop signal is handled as if the answer had not come back (test_cli_signals).
+HOLD_AFTER_SUBMIT_ENV = "LEPTON_CTL_TEST_HOLD_AFTER_SUBMIT_S"
+
+
+def _submit_for_run(
+    c: Client, args: argparse.Namespace, kw: dict[str, Any],
+    send: Callable[[dict[str, Any]], Any], ref: Callable[[Any], tuple[str, str]],
+) -> tuple[Any, int]:
+    """`send(kw)` for `run` (after shipping --working-dir), safe against Ctrl-C, SIGTERM or
+    SIGHUP on the way: the server may have stored the task or job though its answer never
+    came back. The call carries a request id, and sending the same spec again with it
+    returns what the first call stored (or stores it now), which `_interrupted` then cancels
+    (or with --detach names). Returns (what send returned, 0), or (None, exit code) when
+    stopped. `ref(result)`: the task id to cancel and how to name it."""
+    if kw.get("request_id") is None:
+        kw = {**kw, "request_id": uuid.uuid4().hex}  # known here, to look the call up by
+    try:
+        kw = ship_code(c, args.working_dir, kw)
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"{PROG}: {interrupt_reason(e)} while shipping the code; nothing submitted\n")
+        return None, CANCELLED_EXIT
+    try:
+        result = send(kw)
+        if hold := float(os.environ.get(HOLD_AFTER_SUBMIT_ENV) or 0):
+            time.sleep(hold)
+        return result, 0
+    except KeyboardInterrupt as e:
+        stopped = e
+    how = interrupt_reason(stopped)
+    if not kw["request_id"]:  # --request-id '': nothing to look it up by
+        sys.stderr.write(f"{PROG}: {how} while submitting; it may have been stored "
+                         f"without a request id ('{PROG} tasks list')\n")
+        return None, CANCELLED_EXIT
+    try:
+        task_id, shown = ref(send(kw))  # the same request id: what the first call stored
+    except LeptonError as e:
+        sys.stderr.write(f"{PROG}: {how} while submitting; could not look up request id "
+                         f"{kw['request_id']}: {' '.join(e.message.split())}\n")
+        return None, CANCELLED_EXIT
+    return None, _interrupted(c, task_id, stopped, detach=args.detach, shown=shown)
 
 
 def _interrupted(

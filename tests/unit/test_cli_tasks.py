@@ -323,6 +323,34 @@ def test_ctrl_c_during_run_cancels_the_task_and_exits_130(
     assert fake.tasks[task_id].state == tpb.TASK_STATE_CANCELLED
 
 
+def test_ctrl_c_while_shipping_the_code_submits_nothing(
+    fake: FakeCoordinator, server: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, tmp_path,
+) -> None:
+    def ship_code(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_tasks, "ship_code", ship_code)
+    code, out, err = run(capsys, "--server", server, "run", "--working-dir", str(tmp_path),
+                         "--", "true")
+    assert (code, out, fake.tasks) == (130, "", {})
+    assert err == "lepton-ctl: interrupted while shipping the code; nothing submitted\n"
+
+
+def test_ctrl_c_during_a_submission_without_request_id_says_it_may_be_stored(
+    fake: FakeCoordinator, server: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Held after the call, as if its answer had not come: with no request id to look the
+    # task up by, `run` cannot cancel it and says so.
+    monkeypatch.setenv(cli_tasks.HOLD_AFTER_SUBMIT_ENV, "30")
+    when_submitted(fake, lambda _task_id: _thread.interrupt_main())
+    code, _, err = run(capsys, "--server", server, "run", "--request-id", "", "--", "true")
+    assert code == 130
+    assert err == ("lepton-ctl: interrupted while submitting; it may have been stored without "
+                   "a request id ('lepton-ctl tasks list')\n")
+
+
 def test_run_that_loses_the_cluster_names_the_task(
     fake: FakeCoordinator, agent: FakeAgent, server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
