@@ -5,6 +5,8 @@ from __future__ import annotations
 import _thread
 import io
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -337,6 +339,26 @@ def test_ctrl_c_while_shipping_the_code_submits_nothing(
     assert err == "lepton-ctl: interrupted while shipping the code; nothing submitted\n"
 
 
+def test_ctrl_c_while_the_submission_is_on_the_wire_cancels_what_it_stored(
+    fake: FakeCoordinator, server: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake.delay_s = 0.5  # each call waits in the server: the interrupt lands mid-call
+
+    def interrupt_mid_call() -> None:
+        deadline = time.monotonic() + 10
+        while not any(m == "SubmitTask" for m, _ in fake.calls) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_mid_call, daemon=True).start()
+    code, _, err = run(capsys, "--server", server, "run", "--", "sleep", "100")
+    (task_id,) = fake.tasks  # the second send found the first one's task
+    assert [m for m, _ in fake.calls].count("SubmitTask") == 2  # stopped inside the first
+    assert code == 130
+    assert err == f"lepton-ctl: interrupted: cancelled task {task_id}\n"
+    assert fake.tasks[task_id].state == tpb.TASK_STATE_CANCELLED
+
+
 def test_ctrl_c_during_a_submission_without_request_id_says_it_may_be_stored(
     fake: FakeCoordinator, server: str, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -344,7 +366,8 @@ def test_ctrl_c_during_a_submission_without_request_id_says_it_may_be_stored(
     # Held after the call, as if its answer had not come: with no request id to look the
     # task up by, `run` cannot cancel it and says so.
     monkeypatch.setenv(cli_tasks.HOLD_AFTER_SUBMIT_ENV, "30")
-    when_submitted(fake, lambda _task_id: _thread.interrupt_main())
+    # A real SIGINT: it wakes the hold's sleep (interrupt_main would wait for it to end).
+    when_submitted(fake, lambda _task_id: os.kill(os.getpid(), signal.SIGINT))
     code, _, err = run(capsys, "--server", server, "run", "--request-id", "", "--", "true")
     assert code == 130
     assert err == ("lepton-ctl: interrupted while submitting; it may have been stored without "
