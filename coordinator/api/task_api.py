@@ -86,7 +86,7 @@ class TaskApi:
     def _task_view(self, task: tasks_pb2.Task) -> tasks_pb2.Task:
         out = copy_task(task)
         if not may_see_env(out.spec.owner):
-            for name in out.spec.env:
+            for name in list(out.spec.env):  # not while iterating the map itself
                 out.spec.env[name] = REDACTED
         if out.state == P[TaskState.PENDING]:
             reason = self._ctx.scheduling.reasons.get(out.id)
