@@ -55,7 +55,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lepton-demo-"))
     step("starting 3 local agents (3 voters elect the coordinator)")
     up = ctl("local", "up", "--agents", "3", "--data-dir", str(tmp / "cluster"))
-    servers = next(line.split("=", 1)[1].strip() for line in up.splitlines() if "LEPTON_SERVER=" in line)
+    servers = next(line.split(":", 1)[1].strip() for line in up.splitlines() if line.startswith("servers:"))
     try:
         ctl("--server", servers, "cluster", "status")
         ctl("--server", servers, "nodes", "list")
