@@ -278,6 +278,7 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
 
 MAX_DATASET_NAME = 128
 MAX_REPLICATION = 16
+MAX_DATASET_SCHEMA = 64 << 10  # Dataset.schema: the input's JSON description (data put)
 DEFAULT_REPLICATION = 2
 
 

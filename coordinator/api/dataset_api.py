@@ -135,6 +135,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         check_dataset_name(ds.name)
         ds.replication = _replication(ds.replication)
         v.check_text(ds.source, "source", 1024)
+        v.check_text(ds.schema, "schema", v.MAX_DATASET_SCHEMA)
         if len(ds.shards) > MAX_SHARDS:
             raise InvalidArgument(f"{len(ds.shards)} shards; at most {MAX_SHARDS}")
         for s in ds.shards:

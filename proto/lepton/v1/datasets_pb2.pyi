@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DatasetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATASET_KIND_DATA: _ClassVar[DatasetKind]
+    DATASET_KIND_MODEL: _ClassVar[DatasetKind]
+    DATASET_KIND_CHECKPOINT: _ClassVar[DatasetKind]
+DATASET_KIND_DATA: DatasetKind
+DATASET_KIND_MODEL: DatasetKind
+DATASET_KIND_CHECKPOINT: DatasetKind
 
 class Shard(_message.Message):
     __slots__ = ("id", "size", "rows", "dtype", "shape", "label_dtype", "replicas")
@@ -25,7 +35,14 @@ class Shard(_message.Message):
     def __init__(self, id: _Optional[str] = ..., size: _Optional[int] = ..., rows: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., label_dtype: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "version", "replication", "shards", "created_at_ms", "rows", "size", "source", "owner")
+    __slots__ = ("name", "version", "replication", "shards", "created_at_ms", "rows", "size", "source", "owner", "schema", "kind", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +52,9 @@ class Dataset(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     replication: int
@@ -44,7 +64,10 @@ class Dataset(_message.Message):
     size: int
     source: str
     owner: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., source: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    schema: str
+    kind: DatasetKind
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., source: _Optional[str] = ..., owner: _Optional[str] = ..., schema: _Optional[str] = ..., kind: _Optional[_Union[DatasetKind, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardPlacement(_message.Message):
     __slots__ = ("shard_id", "node_ids", "addresses")
