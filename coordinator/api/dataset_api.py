@@ -26,7 +26,12 @@ from lepton.common.validation import DEFAULT_REPLICATION, MAX_REPLICATION, check
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.loops.reconcile import Reconciler
 from lepton.coordinator.loops.replication import AgentPool, pick_nodes, ready_nodes, stored_bytes
-from lepton.coordinator.state.datasets import MAX_SHARDS, check_owner, copy_dataset
+from lepton.coordinator.state.datasets import (
+    MAX_SHARDS,
+    check_kind_and_labels,
+    check_owner,
+    copy_dataset,
+)
 from lepton.coordinator.state.security_state import check_node_caller
 from lepton.dataplane.code_archive import check_code_dataset
 from lepton.dataplane.shards import check_shard_id
@@ -136,6 +141,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         ds.replication = _replication(ds.replication)
         v.check_text(ds.source, "source", 1024)
         v.check_text(ds.schema, "schema", v.MAX_DATASET_SCHEMA)
+        check_kind_and_labels(ds)
         if len(ds.shards) > MAX_SHARDS:
             raise InvalidArgument(f"{len(ds.shards)} shards; at most {MAX_SHARDS}")
         for s in ds.shards:

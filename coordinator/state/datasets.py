@@ -11,10 +11,11 @@ entry with that id. A node that goes DOWN or LEFT is removed from every replica 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from lepton.common.validation import MAX_REPLICATION, check_dataset_name
+from lepton.common.validation import MAX_REPLICATION, check_dataset_name, check_labels
 from lepton.v1 import common_pb2, datasets_pb2, state_pb2
 
 if TYPE_CHECKING:
@@ -22,6 +23,21 @@ if TYPE_CHECKING:
 
 MAX_SHARDS = 100_000
 _LIVE = (common_pb2.NODE_STATE_READY, common_pb2.NODE_STATE_SUSPECT)
+# How models and checkpoints were stored before datasets had a kind: a model from the file
+# "model.pt", a job's checkpoint as "ckpt-<job id>" from "epoch_NNNNNN.pt".
+_LEGACY_MODEL_SOURCE = "model.pt"
+_LEGACY_CHECKPOINT = re.compile(r"^ckpt-.+$"), re.compile(r"^epoch_\d+\.pt$")
+
+
+def derive_kind(ds: datasets_pb2.Dataset) -> None:
+    """Give a dataset recorded before kinds existed (kind unset: data) the kind its name and
+    source say; deterministic, so every replica derives the same when applying old entries."""
+    if ds.kind != datasets_pb2.DATASET_KIND_DATA:
+        return
+    if ds.source == _LEGACY_MODEL_SOURCE:
+        ds.kind = datasets_pb2.DATASET_KIND_MODEL
+    elif _LEGACY_CHECKPOINT[0].match(ds.name) and _LEGACY_CHECKPOINT[1].match(ds.source):
+        ds.kind = datasets_pb2.DATASET_KIND_CHECKPOINT
 
 
 def copy_dataset(ds: datasets_pb2.Dataset) -> datasets_pb2.Dataset:
@@ -38,6 +54,13 @@ def check_owner(ds: datasets_pb2.Dataset, only_owner: str) -> None:
         raise PermissionDenied(
             f'dataset "{ds.name}" belongs to {ds.owner or "nobody (made without --auth)"}; '
             f"{only_owner} may not replace or delete it")
+
+
+def check_kind_and_labels(ds: datasets_pb2.Dataset) -> None:
+    """Raises InvalidArgument for a kind this version does not know or labels past the limits."""
+    if ds.kind not in datasets_pb2.DatasetKind.values():
+        raise InvalidArgument(f"unknown dataset kind {ds.kind}")
+    check_labels(ds.labels)
 
 
 class DatasetTable:
@@ -66,6 +89,7 @@ class DatasetTable:
         self.by_shard = {}
         self.changes += 1
         for ds in self.datasets.values():
+            derive_kind(ds)  # a snapshot from before kinds
             self._index(ds, True)
 
     # -- reads -------------------------------------------------------------------------
@@ -105,6 +129,8 @@ class DatasetTable:
         are not live are left out."""
         new = copy_dataset(c.dataset)
         check_dataset_name(new.name)
+        check_kind_and_labels(new)
+        derive_kind(new)
         if not 1 <= new.replication <= MAX_REPLICATION:
             raise InvalidArgument(f"replication must be 1-{MAX_REPLICATION}")
         if len(new.shards) > MAX_SHARDS:
