@@ -384,6 +384,9 @@ async def run_agent(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from lepton.agent.wakeups import install_dump
+
+    install_dump(loop, agent.data_dir)  # LEPTON_COUNT_WAKEUPS=1 only
     await agent.start()
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     from lepton.agent.daemon import run_agent
+    from lepton.agent.wakeups import count_wakeups_if_asked
 
+    count_wakeups_if_asked()
     try:
         asyncio.run(run_agent(config))
     except LeptonError as err:

@@ -1,12 +1,22 @@
-"""Idle RSS and CPU of one agent (a dev-mode voter, so the coordinator is included).
+"""Idle RSS, CPU and wake-ups of an agent: a dev-mode voter (its coordinator included), then
+a worker joined to it.
 
-Prints one JSON object: rss_mb (at the end), cpu_percent (of one core, averaged over the
-window), seconds. Target (issue 2): RSS <= 60 MB, CPU <= 1 %.
+Prints one JSON object with one entry per measured process (`voter`: alone; `worker`, and
+`voter_with_worker`: the voter watching it, over the same window):
+- cpu_percent: of one core, averaged over the window; rss_mb / uss_mb: at the end.
+- loop_wakeups_per_s: the asyncio loop's select() returns that could have slept, counted by
+  the agent itself (LEPTON_COUNT_WAKEUPS=1, lepton.agent.wakeups; read via SIGUSR1).
+- thread_wakeups_per_s: voluntary context switches of all its threads (/proc/PID/task/*/
+  status): every time any thread (gRPC's pollers, the loop) slept and woke.
+Targets (issue 15): CPU <= 1 %, RSS <= 60 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,32 +26,88 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
 
+SETTLE_S = 3.0  # past start-up: registration, first inventory, the first usage samples
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--worker", action="store_true", help="measure a worker joined to a voter instead")
-    args = p.parse_args()
-    voter = Agent(name="voter")
-    agent = Agent("--join", voter.address, name="worker") if args.worker else voter
-    try:
-        proc = psutil.Process(agent.proc.pid)
-        time.sleep(2.0)  # past start-up
-        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
-        time.sleep(args.seconds)
-        cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
-        mem = proc.memory_full_info()
-        emit({
-            "role": "worker" if args.worker else "voter",
-            "seconds": round(t1 - t0, 1),
-            "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+
+def thread_wakeups(pid: int) -> int:
+    """Voluntary context switches summed over the process's threads (0 where /proc lacks them)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue  # the thread ended
+    return total
+
+
+def loop_wakeups(agent: Agent) -> int:
+    """Ask the agent for its loop's count (SIGUSR1) and read it."""
+    dump = agent.data_dir / "loop_wakeups.json"
+    before = dump.stat().st_mtime_ns if dump.exists() else 0
+    os.kill(agent.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if dump.exists() and dump.stat().st_mtime_ns != before:
+            try:
+                return json.loads(dump.read_text())["wakeups"]
+            except (ValueError, KeyError):
+                pass  # replaced as we read: read again
+        time.sleep(0.02)
+    raise RuntimeError(f"{agent.data_dir.name} wrote no loop_wakeups.json (LEPTON_COUNT_WAKEUPS unset?)")
+
+
+class Sample:
+    """CPU time, loop and thread wake-ups of one agent at one moment."""
+
+    def __init__(self, agent: Agent):
+        self.proc = psutil.Process(agent.proc.pid)
+        self.loop = loop_wakeups(agent)
+        self.cpu = sum(self.proc.cpu_times()[:2])
+        self.threads = thread_wakeups(agent.proc.pid)
+        self.at = time.monotonic()
+
+    def since(self, start: Sample) -> dict:
+        window = self.at - start.at
+        mem = self.proc.memory_full_info()
+        return {
+            "seconds": round(window, 1),
+            "cpu_percent": round(100 * (self.cpu - start.cpu) / window, 2),
+            "loop_wakeups_per_s": round((self.loop - start.loop - 1) / window, 2),  # less our SIGUSR1
+            "thread_wakeups_per_s": round((self.threads - start.threads) / window, 1),
             "rss_mb": round(mem.rss / 2**20, 1),
             "uss_mb": round(mem.uss / 2**20, 1),
-            "threads": proc.num_threads(),
-        })
+            "threads": self.proc.num_threads(),
+        }
+
+
+def measure(agents: dict[str, Agent], seconds: float) -> dict[str, dict]:
+    time.sleep(SETTLE_S)
+    starts = {name: Sample(a) for name, a in agents.items()}
+    time.sleep(seconds)
+    return {name: Sample(a).since(starts[name]) for name, a in agents.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=30.0, help="each measuring window")
+    p.add_argument("--role", choices=("voter", "worker", "both"), default="both")
+    args = p.parse_args()
+    os.environ["LEPTON_COUNT_WAKEUPS"] = "1"  # the agents inherit it
+    voter = Agent(name="voter")
+    worker = None
+    out: dict = {"targets": {"cpu_percent": 1.0, "rss_mb": 60.0}}
+    try:
+        if args.role in ("voter", "both"):
+            out.update(measure({"voter": voter}, args.seconds))
+        if args.role in ("worker", "both"):
+            worker = Agent("--join", voter.address, name="worker", root=voter.root)
+            out.update(measure({"worker": worker, "voter_with_worker": voter}, args.seconds))
+        emit(out)
     finally:
-        if agent is not voter:
-            agent.stop()
+        if worker is not None:
+            worker.stop()
         voter.stop()
 
 
