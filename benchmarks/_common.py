@@ -22,7 +22,9 @@ def free_port() -> int:
 class Agent:
     """One real `lepton-agent` in its own temp data dir."""
 
-    def __init__(self, *args: str, name: str = "bench", port: int | None = None, root: str | None = None):
+    def __init__(self, *args: str, name: str = "bench", port: int | None = None, root: str | None = None,
+                 python_args: tuple[str, ...] = ()):
+        """`python_args` go to the interpreter before `-m lepton.agent.main` (e.g. cProfile)."""
         if root is None:
             root = tempfile.mkdtemp(prefix="lepton-bench-")
             os.chmod(root, 0o711)  # a root agent's tasks run as nobody, who must pass to their folders
@@ -31,7 +33,7 @@ class Agent:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         # Metrics off (several agents per host; 9100 may be taken); `args` may turn them on.
-        cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, *python_args, "-m", "lepton.agent.main", "--data-dir", str(self.data_dir),
                "--listen", self.address, "--name", name, "--log-level", "WARNING",
                "--metrics-listen", "127.0.0.1:0", *args]
         self.data_dir.mkdir(parents=True, exist_ok=True)
