@@ -19,6 +19,9 @@ from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
 logger = logging.getLogger(__name__)
 
 MAX_EVENTS_PER_REPORT = 1000
+# Events in one log entry: a whole report (1,000 events of at most ~1.1 KiB) fits, well
+# under the entry cap (MAX_ENTRY_BYTES); a node's many lost attempts are cut to fit.
+EVENTS_ENTRY_BYTES = 2 << 20
 MAX_GANG = 64  # nodes in one job
 MAX_NPROC = 64  # workers per node
 MAX_WAIT_S = 300.0
@@ -303,14 +306,9 @@ class TaskApi:
         if node_id not in self._ctx.state.nodes:
             raise NotFound(f'node "{node_id}" is not registered')
         check_node_caller(self._ctx.state, node_id)
-        accepted = 0
-        for ev in request.events:
-            if ev.task_id not in self._ctx.state.tasks.tasks:
-                continue  # a task this cluster never had (e.g. the state was wiped)
-            await self._ctx.commit(
-                state_pb2.Command(task_event=state_pb2.TaskEventCmd(node_id=node_id, event=ev))
-            )
-            accepted += 1
+        # Not the events about tasks this cluster never had (e.g. the state was wiped).
+        known = [ev for ev in request.events if ev.task_id in self._ctx.state.tasks.tasks]
+        accepted = await self._commit_events(node_id, known)
         if request.full_report:
             accepted += await self._settle(node_id, request.running)
         return coordinator_pb2.ReportTaskEventsResponse(accepted=accepted)
@@ -319,17 +317,24 @@ class TaskApi:
         """A restarted agent's full report: attempts we think run there but it does not
         are lost. (Attempts it runs that it should not are stopped by its own reconcile.)"""
         alive = {(a.task_id, a.attempt) for a in running}
-        lost = 0
-        for task in self._ctx.state.tasks.on_node(node_id):
-            if task.state == P[TaskState.RUNNING] and (task.id, task.attempt) not in alive:
-                ev = tasks_pb2.TaskEvent(
-                    task_id=task.id, attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_EXITED,
-                    exit_code=-9, reason="lost: the agent no longer runs it",
-                )
-                await self._ctx.commit(
-                    state_pb2.Command(task_event=state_pb2.TaskEventCmd(node_id=node_id, event=ev))
-                )
-                lost += 1
+        lost = [
+            tasks_pb2.TaskEvent(
+                task_id=task.id, attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_EXITED,
+                exit_code=-9, reason="lost: the agent no longer runs it",
+            )
+            for task in self._ctx.state.tasks.on_node(node_id)
+            if task.state == P[TaskState.RUNNING] and (task.id, task.attempt) not in alive
+        ]
         if lost:
-            logger.warning("node %s: %d attempts lost across an agent restart", node_id, lost)
-        return lost
+            await self._commit_events(node_id, lost)
+            logger.warning("node %s: %d attempts lost across an agent restart", node_id, len(lost))
+        return len(lost)
+
+    async def _commit_events(self, node_id: str, events: list[tasks_pb2.TaskEvent]) -> int:
+        """One command for all of `events` (one Raft round), cut only where a batch would
+        pass the entry cap; returns how many were about tasks the state has."""
+        taken = 0
+        for batch in v.batches_by_size(events, EVENTS_ENTRY_BYTES):
+            cmd = state_pb2.Command(task_events=state_pb2.TaskEventsCmd(node_id=node_id, events=batch))
+            taken += await self._ctx.commit(cmd)
+        return taken

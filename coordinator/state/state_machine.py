@@ -204,6 +204,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     or sm.tasks.submit_many(c, at),
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
+    "task_events": lambda sm, c, at: sm.tasks.events(c, at),
     "cancel_task": lambda sm, c, at: sm.tasks.cancel(c, at),
     "submit_job": lambda sm, c, at: sm.quotas.check_job(c) or sm.tasks.submit_job(c, at),
     "collect_garbage": lambda sm, c, at: collect(sm.tasks, c, at),

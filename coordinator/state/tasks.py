@@ -31,6 +31,8 @@ ON_NODE = (P[TaskState.ASSIGNED], P[TaskState.RUNNING], P[TaskState.PREEMPTED])
 # keeps taking its nodes down (a kernel panic, out of memory) is not rescheduled forever.
 MAX_NODE_LOSSES = 3
 
+_EVENT_KINDS = (tasks_pb2.TaskEvent.KIND_STARTED, tasks_pb2.TaskEvent.KIND_EXITED)
+
 # Called with (task, node id it was on before this change, or "").
 TaskListener = Callable[[tasks_pb2.Task, str], None]
 
@@ -173,10 +175,23 @@ class TaskTable(GangMixin):
         return len(c.placements)
 
     def event(self, c: state_pb2.TaskEventCmd, at_ms: int) -> tasks_pb2.Task:
-        ev = c.event
+        return copy_task(self._event(c.node_id, c.event, at_ms))
+
+    def events(self, c: state_pb2.TaskEventsCmd, at_ms: int) -> int:
+        """A report's events in order, each as `event` alone: one about a task this cluster
+        no longer has (collected since) or of an unknown kind is skipped, not the batch.
+        Returns how many were about a task it has."""
+        taken = 0
+        for ev in c.events:
+            if ev.task_id in self.tasks and ev.kind in _EVENT_KINDS:
+                self._event(c.node_id, ev, at_ms)
+                taken += 1
+        return taken
+
+    def _event(self, node_id: str, ev: tasks_pb2.TaskEvent, at_ms: int) -> tasks_pb2.Task:
         task = self.get(ev.task_id)
-        if ev.attempt != task.attempt or task.node_id != c.node_id:
-            return copy_task(task)  # about an older attempt, or from the wrong node: stale
+        if ev.attempt != task.attempt or task.node_id != node_id:
+            return task  # about an older attempt, or from the wrong node: stale
         if ev.kind == tasks_pb2.TaskEvent.KIND_STARTED:
             if task.state == P[TaskState.ASSIGNED]:
                 task.state = P[TaskState.RUNNING]
@@ -194,7 +209,7 @@ class TaskTable(GangMixin):
                 self._requeue(task, TaskState.PREEMPTED, ev.exit_code, task.reason, ev.at_ms or at_ms)
         else:
             raise InvalidArgument(f"unknown task event kind {ev.kind}")
-        return copy_task(task)
+        return task
 
     def cancel(self, c: state_pb2.CancelTaskCmd, at_ms: int) -> tasks_pb2.Task:
         task = self.get(c.task_id)

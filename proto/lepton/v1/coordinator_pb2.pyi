@@ -108,10 +108,12 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class WatchAssignmentsRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "deltas")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    deltas: bool
+    def __init__(self, node_id: _Optional[str] = ..., deltas: _Optional[bool] = ...) -> None: ...
 
 class ReportTaskEventsRequest(_message.Message):
     __slots__ = ("node_id", "events", "running", "full_report")

@@ -28,7 +28,7 @@ from lepton.v1 import security_pb2 as lepton_dot_v1_dot_security__pb2
 from lepton.v1 import tasks_pb2 as lepton_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/state.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x18lepton/v1/datasets.proto\x1a\x18lepton/v1/security.proto\x1a\x15lepton/v1/tasks.proto\"\xef\x01\n\x0fRegisterNodeCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.lepton.v1.RegisterNodeCmd.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fSetNodeStateCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0bNodeLostCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0bSetDrainCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"C\n\rSubmitTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\"9\n\x0eSubmitTasksCmd\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.lepton.v1.SubmitTaskCmd\"\x80\x01\n\x0cPlacementCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x13\n\x0bmaster_addr\x18\x05 \x01(\t\x12\x13\n\x0bmaster_port\x18\x06 \x01(\r\"P\n\x0cSubmitJobCmd\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\x12\r\n\x05nodes\x18\x03 \x01(\r\"F\n\rPreemptionCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_task_id\x18\x03 \x01(\t\"x\n\x0c\x41pplyPlanCmd\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12+\n\nplacements\x18\x02 \x03(\x0b\x32\x17.lepton.v1.PlacementCmd\x12-\n\x0bpreemptions\x18\x03 \x03(\x0b\x32\x18.lepton.v1.PreemptionCmd\"D\n\x0cTaskEventCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.lepton.v1.TaskEvent\" \n\rCancelTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"H\n\rPutDatasetCmd\x12#\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x12.lepton.v1.Dataset\x12\x12\n\nonly_owner\x18\x02 \x01(\t\"4\n\x10\x44\x65leteDatasetCmd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nonly_owner\x18\x02 \x01(\t\"2\n\rReplicaChange\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x0e\x41\x64\x64ReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\"M\n\x0f\x44ropReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\x12\x0e\n\x06reason\x18\x02 \x01(\t\"f\n\x0e\x43reateTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x12\n\ntoken_hash\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\"\"\n\x0eRevokeTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\"9\n\x0e\x41ppendAuditCmd\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\"%\n\x0fSetClusterIdCmd\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"!\n\x12SetTaskTokenKeyCmd\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"i\n\x11\x43ollectGarbageCmd\x12\x15\n\rkeep_finished\x18\x01 \x01(\r\x12\x17\n\nmax_age_ms\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rhistory_limit\x18\x03 \x01(\rB\r\n\x0b_max_age_ms\"A\n\x0bSetQuotaCmd\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x11\n\tunlimited\x18\x02 \x03(\t\"\xe8\x08\n\x07\x43ommand\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x33\n\rregister_node\x18\n \x01(\x0b\x32\x1a.lepton.v1.RegisterNodeCmdH\x00\x12\x34\n\x0eset_node_state\x18\x0b \x01(\x0b\x32\x1a.lepton.v1.SetNodeStateCmdH\x00\x12+\n\tset_drain\x18\x0c \x01(\x0b\x32\x16.lepton.v1.SetDrainCmdH\x00\x12\x1f\n\x04noop\x18\r \x01(\x0b\x32\x0f.lepton.v1.NoopH\x00\x12/\n\x0bsubmit_task\x18\x0e \x01(\x0b\x32\x18.lepton.v1.SubmitTaskCmdH\x00\x12-\n\napply_plan\x18\x0f \x01(\x0b\x32\x17.lepton.v1.ApplyPlanCmdH\x00\x12-\n\ntask_event\x18\x10 \x01(\x0b\x32\x17.lepton.v1.TaskEventCmdH\x00\x12/\n\x0b\x63\x61ncel_task\x18\x11 \x01(\x0b\x32\x18.lepton.v1.CancelTaskCmdH\x00\x12-\n\nsubmit_job\x18\x12 \x01(\x0b\x32\x17.lepton.v1.SubmitJobCmdH\x00\x12\x31\n\x0csubmit_tasks\x18\x13 \x01(\x0b\x32\x19.lepton.v1.SubmitTasksCmdH\x00\x12/\n\x0bput_dataset\x18\x14 \x01(\x0b\x32\x18.lepton.v1.PutDatasetCmdH\x00\x12\x35\n\x0e\x64\x65lete_dataset\x18\x15 \x01(\x0b\x32\x1b.lepton.v1.DeleteDatasetCmdH\x00\x12\x31\n\x0c\x61\x64\x64_replicas\x18\x16 \x01(\x0b\x32\x19.lepton.v1.AddReplicasCmdH\x00\x12\x33\n\rdrop_replicas\x18\x17 \x01(\x0b\x32\x1a.lepton.v1.DropReplicasCmdH\x00\x12+\n\tnode_lost\x18\x18 \x01(\x0b\x32\x16.lepton.v1.NodeLostCmdH\x00\x12\x37\n\x0f\x63ollect_garbage\x18\x19 \x01(\x0b\x32\x1c.lepton.v1.CollectGarbageCmdH\x00\x12\x31\n\x0c\x63reate_token\x18\x1e \x01(\x0b\x32\x19.lepton.v1.CreateTokenCmdH\x00\x12\x31\n\x0crevoke_token\x18\x1f \x01(\x0b\x32\x19.lepton.v1.RevokeTokenCmdH\x00\x12\x31\n\x0c\x61ppend_audit\x18  \x01(\x0b\x32\x19.lepton.v1.AppendAuditCmdH\x00\x12\x34\n\x0eset_cluster_id\x18! \x01(\x0b\x32\x1a.lepton.v1.SetClusterIdCmdH\x00\x12+\n\tset_quota\x18\" \x01(\x0b\x32\x16.lepton.v1.SetQuotaCmdH\x00\x12;\n\x12set_task_token_key\x18( \x01(\x0b\x32\x1d.lepton.v1.SetTaskTokenKeyCmdH\x00\x42\x04\n\x02op\"\x06\n\x04Noop\"8\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\x0c\"\xf3\x02\n\rStateSnapshot\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x1e\n\x05nodes\x18\x03 \x03(\x0b\x32\x0f.lepton.v1.Node\x12\x1e\n\x05tasks\x18\x04 \x03(\x0b\x32\x0f.lepton.v1.Task\x12$\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x12.lepton.v1.Dataset\x12#\n\x06tokens\x18\x06 \x03(\x0b\x32\x13.lepton.v1.ApiToken\x12%\n\x05\x61udit\x18\x07 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\x12\x12\n\ncluster_id\x18\x08 \x01(\t\x12,\n\x0ctask_history\x18\t \x03(\x0b\x32\x16.lepton.v1.TaskSummary\x12 \n\x06quotas\x18\x0c \x03(\x0b\x32\x10.lepton.v1.Quota\x12\x16\n\x0etask_token_key\x18\x14 \x01(\x0c\x12\x17\n\x0f\x61udit_first_seq\x18\x15 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lepton/v1/state.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x18lepton/v1/datasets.proto\x1a\x18lepton/v1/security.proto\x1a\x15lepton/v1/tasks.proto\"\xef\x01\n\x0fRegisterNodeCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.lepton.v1.RegisterNodeCmd.LabelsEntry\x12%\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x13.lepton.v1.Capacity\x12\r\n\x05voter\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fSetNodeStateCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.lepton.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0bNodeLostCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0bSetDrainCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"C\n\rSubmitTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\"9\n\x0eSubmitTasksCmd\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.lepton.v1.SubmitTaskCmd\"\x80\x01\n\x0cPlacementCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x13\n\x0bmaster_addr\x18\x05 \x01(\t\x12\x13\n\x0bmaster_port\x18\x06 \x01(\r\"P\n\x0cSubmitJobCmd\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.lepton.v1.TaskSpec\x12\r\n\x05nodes\x18\x03 \x01(\r\"F\n\rPreemptionCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_task_id\x18\x03 \x01(\t\"x\n\x0c\x41pplyPlanCmd\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12+\n\nplacements\x18\x02 \x03(\x0b\x32\x17.lepton.v1.PlacementCmd\x12-\n\x0bpreemptions\x18\x03 \x03(\x0b\x32\x18.lepton.v1.PreemptionCmd\"D\n\x0cTaskEventCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.lepton.v1.TaskEvent\"F\n\rTaskEventsCmd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.lepton.v1.TaskEvent\" \n\rCancelTaskCmd\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"H\n\rPutDatasetCmd\x12#\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x12.lepton.v1.Dataset\x12\x12\n\nonly_owner\x18\x02 \x01(\t\"4\n\x10\x44\x65leteDatasetCmd\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nonly_owner\x18\x02 \x01(\t\"2\n\rReplicaChange\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"<\n\x0e\x41\x64\x64ReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\"M\n\x0f\x44ropReplicasCmd\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.lepton.v1.ReplicaChange\x12\x0e\n\x06reason\x18\x02 \x01(\t\"f\n\x0e\x43reateTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x12\n\ntoken_hash\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\"\"\n\x0eRevokeTokenCmd\x12\x10\n\x08token_id\x18\x01 \x01(\t\"9\n\x0e\x41ppendAuditCmd\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\"%\n\x0fSetClusterIdCmd\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"!\n\x12SetTaskTokenKeyCmd\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"i\n\x11\x43ollectGarbageCmd\x12\x15\n\rkeep_finished\x18\x01 \x01(\r\x12\x17\n\nmax_age_ms\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rhistory_limit\x18\x03 \x01(\rB\r\n\x0b_max_age_ms\"A\n\x0bSetQuotaCmd\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.lepton.v1.Quota\x12\x11\n\tunlimited\x18\x02 \x03(\t\"\x99\t\n\x07\x43ommand\x12\r\n\x05\x61t_ms\x18\x01 \x01(\x03\x12\x33\n\rregister_node\x18\n \x01(\x0b\x32\x1a.lepton.v1.RegisterNodeCmdH\x00\x12\x34\n\x0eset_node_state\x18\x0b \x01(\x0b\x32\x1a.lepton.v1.SetNodeStateCmdH\x00\x12+\n\tset_drain\x18\x0c \x01(\x0b\x32\x16.lepton.v1.SetDrainCmdH\x00\x12\x1f\n\x04noop\x18\r \x01(\x0b\x32\x0f.lepton.v1.NoopH\x00\x12/\n\x0bsubmit_task\x18\x0e \x01(\x0b\x32\x18.lepton.v1.SubmitTaskCmdH\x00\x12-\n\napply_plan\x18\x0f \x01(\x0b\x32\x17.lepton.v1.ApplyPlanCmdH\x00\x12-\n\ntask_event\x18\x10 \x01(\x0b\x32\x17.lepton.v1.TaskEventCmdH\x00\x12/\n\x0b\x63\x61ncel_task\x18\x11 \x01(\x0b\x32\x18.lepton.v1.CancelTaskCmdH\x00\x12-\n\nsubmit_job\x18\x12 \x01(\x0b\x32\x17.lepton.v1.SubmitJobCmdH\x00\x12\x31\n\x0csubmit_tasks\x18\x13 \x01(\x0b\x32\x19.lepton.v1.SubmitTasksCmdH\x00\x12/\n\x0bput_dataset\x18\x14 \x01(\x0b\x32\x18.lepton.v1.PutDatasetCmdH\x00\x12\x35\n\x0e\x64\x65lete_dataset\x18\x15 \x01(\x0b\x32\x1b.lepton.v1.DeleteDatasetCmdH\x00\x12\x31\n\x0c\x61\x64\x64_replicas\x18\x16 \x01(\x0b\x32\x19.lepton.v1.AddReplicasCmdH\x00\x12\x33\n\rdrop_replicas\x18\x17 \x01(\x0b\x32\x1a.lepton.v1.DropReplicasCmdH\x00\x12+\n\tnode_lost\x18\x18 \x01(\x0b\x32\x16.lepton.v1.NodeLostCmdH\x00\x12\x37\n\x0f\x63ollect_garbage\x18\x19 \x01(\x0b\x32\x1c.lepton.v1.CollectGarbageCmdH\x00\x12/\n\x0btask_events\x18\x1a \x01(\x0b\x32\x18.lepton.v1.TaskEventsCmdH\x00\x12\x31\n\x0c\x63reate_token\x18\x1e \x01(\x0b\x32\x19.lepton.v1.CreateTokenCmdH\x00\x12\x31\n\x0crevoke_token\x18\x1f \x01(\x0b\x32\x19.lepton.v1.RevokeTokenCmdH\x00\x12\x31\n\x0c\x61ppend_audit\x18  \x01(\x0b\x32\x19.lepton.v1.AppendAuditCmdH\x00\x12\x34\n\x0eset_cluster_id\x18! \x01(\x0b\x32\x1a.lepton.v1.SetClusterIdCmdH\x00\x12+\n\tset_quota\x18\" \x01(\x0b\x32\x16.lepton.v1.SetQuotaCmdH\x00\x12;\n\x12set_task_token_key\x18( \x01(\x0b\x32\x1d.lepton.v1.SetTaskTokenKeyCmdH\x00\x42\x04\n\x02op\"\x06\n\x04Noop\"8\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\x0c\"\xf3\x02\n\rStateSnapshot\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x1e\n\x05nodes\x18\x03 \x03(\x0b\x32\x0f.lepton.v1.Node\x12\x1e\n\x05tasks\x18\x04 \x03(\x0b\x32\x0f.lepton.v1.Task\x12$\n\x08\x64\x61tasets\x18\x05 \x03(\x0b\x32\x12.lepton.v1.Dataset\x12#\n\x06tokens\x18\x06 \x03(\x0b\x32\x13.lepton.v1.ApiToken\x12%\n\x05\x61udit\x18\x07 \x03(\x0b\x32\x16.lepton.v1.AuditRecord\x12\x12\n\ncluster_id\x18\x08 \x01(\t\x12,\n\x0ctask_history\x18\t \x03(\x0b\x32\x16.lepton.v1.TaskSummary\x12 \n\x06quotas\x18\x0c \x03(\x0b\x32\x10.lepton.v1.Quota\x12\x16\n\x0etask_token_key\x18\x14 \x01(\x0c\x12\x17\n\x0f\x61udit_first_seq\x18\x15 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,38 +61,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYPLANCMD']._serialized_end=1097
   _globals['_TASKEVENTCMD']._serialized_start=1099
   _globals['_TASKEVENTCMD']._serialized_end=1167
-  _globals['_CANCELTASKCMD']._serialized_start=1169
-  _globals['_CANCELTASKCMD']._serialized_end=1201
-  _globals['_PUTDATASETCMD']._serialized_start=1203
-  _globals['_PUTDATASETCMD']._serialized_end=1275
-  _globals['_DELETEDATASETCMD']._serialized_start=1277
-  _globals['_DELETEDATASETCMD']._serialized_end=1329
-  _globals['_REPLICACHANGE']._serialized_start=1331
-  _globals['_REPLICACHANGE']._serialized_end=1381
-  _globals['_ADDREPLICASCMD']._serialized_start=1383
-  _globals['_ADDREPLICASCMD']._serialized_end=1443
-  _globals['_DROPREPLICASCMD']._serialized_start=1445
-  _globals['_DROPREPLICASCMD']._serialized_end=1522
-  _globals['_CREATETOKENCMD']._serialized_start=1524
-  _globals['_CREATETOKENCMD']._serialized_end=1626
-  _globals['_REVOKETOKENCMD']._serialized_start=1628
-  _globals['_REVOKETOKENCMD']._serialized_end=1662
-  _globals['_APPENDAUDITCMD']._serialized_start=1664
-  _globals['_APPENDAUDITCMD']._serialized_end=1721
-  _globals['_SETCLUSTERIDCMD']._serialized_start=1723
-  _globals['_SETCLUSTERIDCMD']._serialized_end=1760
-  _globals['_SETTASKTOKENKEYCMD']._serialized_start=1762
-  _globals['_SETTASKTOKENKEYCMD']._serialized_end=1795
-  _globals['_COLLECTGARBAGECMD']._serialized_start=1797
-  _globals['_COLLECTGARBAGECMD']._serialized_end=1902
-  _globals['_SETQUOTACMD']._serialized_start=1904
-  _globals['_SETQUOTACMD']._serialized_end=1969
-  _globals['_COMMAND']._serialized_start=1972
-  _globals['_COMMAND']._serialized_end=3100
-  _globals['_NOOP']._serialized_start=3102
-  _globals['_NOOP']._serialized_end=3108
-  _globals['_LOGENTRY']._serialized_start=3110
-  _globals['_LOGENTRY']._serialized_end=3166
-  _globals['_STATESNAPSHOT']._serialized_start=3169
-  _globals['_STATESNAPSHOT']._serialized_end=3540
+  _globals['_TASKEVENTSCMD']._serialized_start=1169
+  _globals['_TASKEVENTSCMD']._serialized_end=1239
+  _globals['_CANCELTASKCMD']._serialized_start=1241
+  _globals['_CANCELTASKCMD']._serialized_end=1273
+  _globals['_PUTDATASETCMD']._serialized_start=1275
+  _globals['_PUTDATASETCMD']._serialized_end=1347
+  _globals['_DELETEDATASETCMD']._serialized_start=1349
+  _globals['_DELETEDATASETCMD']._serialized_end=1401
+  _globals['_REPLICACHANGE']._serialized_start=1403
+  _globals['_REPLICACHANGE']._serialized_end=1453
+  _globals['_ADDREPLICASCMD']._serialized_start=1455
+  _globals['_ADDREPLICASCMD']._serialized_end=1515
+  _globals['_DROPREPLICASCMD']._serialized_start=1517
+  _globals['_DROPREPLICASCMD']._serialized_end=1594
+  _globals['_CREATETOKENCMD']._serialized_start=1596
+  _globals['_CREATETOKENCMD']._serialized_end=1698
+  _globals['_REVOKETOKENCMD']._serialized_start=1700
+  _globals['_REVOKETOKENCMD']._serialized_end=1734
+  _globals['_APPENDAUDITCMD']._serialized_start=1736
+  _globals['_APPENDAUDITCMD']._serialized_end=1793
+  _globals['_SETCLUSTERIDCMD']._serialized_start=1795
+  _globals['_SETCLUSTERIDCMD']._serialized_end=1832
+  _globals['_SETTASKTOKENKEYCMD']._serialized_start=1834
+  _globals['_SETTASKTOKENKEYCMD']._serialized_end=1867
+  _globals['_COLLECTGARBAGECMD']._serialized_start=1869
+  _globals['_COLLECTGARBAGECMD']._serialized_end=1974
+  _globals['_SETQUOTACMD']._serialized_start=1976
+  _globals['_SETQUOTACMD']._serialized_end=2041
+  _globals['_COMMAND']._serialized_start=2044
+  _globals['_COMMAND']._serialized_end=3221
+  _globals['_NOOP']._serialized_start=3223
+  _globals['_NOOP']._serialized_end=3229
+  _globals['_LOGENTRY']._serialized_start=3231
+  _globals['_LOGENTRY']._serialized_end=3287
+  _globals['_STATESNAPSHOT']._serialized_start=3290
+  _globals['_STATESNAPSHOT']._serialized_end=3661
 # @@protoc_insertion_point(module_scope)

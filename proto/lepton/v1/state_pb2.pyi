@@ -129,6 +129,14 @@ class TaskEventCmd(_message.Message):
     event: _tasks_pb2.TaskEvent
     def __init__(self, node_id: _Optional[str] = ..., event: _Optional[_Union[_tasks_pb2.TaskEvent, _Mapping]] = ...) -> None: ...
 
+class TaskEventsCmd(_message.Message):
+    __slots__ = ("node_id", "events")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    events: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.TaskEvent]
+    def __init__(self, node_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[_tasks_pb2.TaskEvent, _Mapping]]] = ...) -> None: ...
+
 class CancelTaskCmd(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -230,7 +238,7 @@ class SetQuotaCmd(_message.Message):
     def __init__(self, quota: _Optional[_Union[_security_pb2.Quota, _Mapping]] = ..., unlimited: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "collect_garbage", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "collect_garbage", "task_events", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +256,7 @@ class Command(_message.Message):
     DROP_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NODE_LOST_FIELD_NUMBER: _ClassVar[int]
     COLLECT_GARBAGE_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVENTS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_AUDIT_FIELD_NUMBER: _ClassVar[int]
@@ -271,13 +280,14 @@ class Command(_message.Message):
     drop_replicas: DropReplicasCmd
     node_lost: NodeLostCmd
     collect_garbage: CollectGarbageCmd
+    task_events: TaskEventsCmd
     create_token: CreateTokenCmd
     revoke_token: RevokeTokenCmd
     append_audit: AppendAuditCmd
     set_cluster_id: SetClusterIdCmd
     set_quota: SetQuotaCmd
     set_task_token_key: SetTaskTokenKeyCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., collect_garbage: _Optional[_Union[CollectGarbageCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ...) -> None: ...
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., collect_garbage: _Optional[_Union[CollectGarbageCmd, _Mapping]] = ..., task_events: _Optional[_Union[TaskEventsCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()

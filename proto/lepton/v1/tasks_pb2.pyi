@@ -245,15 +245,29 @@ class Assignment(_message.Message):
     task_token: str
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., term: _Optional[int] = ..., restart_count: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., task_token: _Optional[str] = ...) -> None: ...
 
+class AssignmentRemoval(_message.Message):
+    __slots__ = ("task_id", "attempt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
 class AssignmentSet(_message.Message):
-    __slots__ = ("term", "assignments", "more")
+    __slots__ = ("term", "assignments", "more", "version", "delta", "removed")
     TERM_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     term: int
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     more: bool
-    def __init__(self, term: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    version: int
+    delta: bool
+    removed: _containers.RepeatedCompositeFieldContainer[AssignmentRemoval]
+    def __init__(self, term: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., more: _Optional[bool] = ..., version: _Optional[int] = ..., delta: _Optional[bool] = ..., removed: _Optional[_Iterable[_Union[AssignmentRemoval, _Mapping]]] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("task_id", "attempt", "kind", "exit_code", "reason", "at_ms", "term", "requeue")
