@@ -42,7 +42,12 @@ if TYPE_CHECKING:
 np = LazyModule("numpy")
 fmt = LazyModule("lepton.dataplane.shard_format")
 
-__all__ = ["DataMethods", "DatasetInfo", "ShardInfo"]
+__all__ = ["KINDS", "DataMethods", "DatasetInfo", "ShardInfo"]
+
+# What a dataset holds: users' data, a trained model, a job's internal checkpoint.
+KINDS = {dpb.DATASET_KIND_DATA: "data", dpb.DATASET_KIND_MODEL: "model",
+         dpb.DATASET_KIND_CHECKPOINT: "checkpoint"}
+_KIND_CODES = {name: code for code, name in KINDS.items()}
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,8 @@ class DatasetInfo:
     addresses: dict[str, str] = field(default_factory=dict)
     under_replicated: int = 0
     owner: str = ""  # who put it; only the owner and admins may replace or delete it
+    kind: str = "data"  # "data" | "model" | "checkpoint" (KINDS)
+    labels: dict[str, str] = field(default_factory=dict)  # a model's recipe, metrics, source
 
     @classmethod
     def from_proto(cls, ds: dpb.Dataset, view: dpb.DatasetView | None = None) -> DatasetInfo:
@@ -93,6 +100,8 @@ class DatasetInfo:
             dict(view.addresses) if view else {},
             view.under_replicated if view else 0,
             ds.owner,
+            KINDS.get(ds.kind, str(ds.kind)),
+            dict(ds.labels),
         )
 
     @property
@@ -124,14 +133,16 @@ class DataMethods:
         view = self._unary(DatasetsStub, "GetDataset", req, timeout=timeout)
         return DatasetInfo.from_proto(view.dataset, view)
 
-    def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
-        """Every dataset (without shard lists)."""
+    def datasets(self, *, kind: str | None = None, timeout: float | None = None) -> list[DatasetInfo]:
+        """Every dataset (without shard lists), or those of one kind ("data", "model",
+        "checkpoint")."""
         def fetch(token: str) -> tuple[Sequence[dpb.Dataset], str]:
             req = dpb.ListDatasetsRequest(page_token=token)
             resp = self._unary(DatasetsStub, "ListDatasets", req, timeout=timeout)
             return resp.datasets, resp.next_page_token
 
-        return [DatasetInfo.from_proto(d) for d in walk_pages(fetch)]
+        found = [DatasetInfo.from_proto(d) for d in walk_pages(fetch)]
+        return found if kind is None else [d for d in found if d.kind == kind]
 
     def delete_dataset(self, name: str, *, timeout: float | None = None) -> DatasetInfo:
         """Remove the manifest; blobs no other dataset uses are deleted from the agents."""
@@ -197,8 +208,13 @@ class DataMethods:
         replicas: int = DEFAULT_REPLICATION,
         source: str = "",
         progress: Callable[[int, int], None] | None = None,
+        kind: str = "data",
+        labels: dict[str, str] | None = None,
     ) -> DatasetInfo:
-        """Store already-made shard files (id -> path) and commit the dataset."""
+        """Store already-made shard files (id -> path) and commit the dataset (of `kind`,
+        with `labels`)."""
+        if kind not in _KIND_CODES:
+            raise InvalidArgument(f"unknown dataset kind {kind!r}; known: {', '.join(_KIND_CODES)}")
         plan = self._unary(
             DatasetsStub,
             "PlanPut",
@@ -221,7 +237,8 @@ class DataMethods:
                     )
                 )
             self._replicate(plan, uniq, tick)
-            ds = dpb.Dataset(name=name, replication=plan.replication, source=source)
+            ds = dpb.Dataset(name=name, replication=plan.replication, source=source,
+                             kind=_KIND_CODES[kind], labels=labels or {})
             for m in metas:
                 s = ds.shards.add()
                 s.CopyFrom(m)
