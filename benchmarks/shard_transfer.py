@@ -93,6 +93,7 @@ def main() -> None:
     raw = max(raw_tcp(count * args.shard_mib * MiB) for _ in range(args.repeat))
 
     root = tempfile.mkdtemp(prefix="lepton-bench-shards-", dir=args.dir)
+    os.chmod(root, 0o711)  # a root agent's task user (nobody) must pass to its data dir
     a = b = None
     try:
         key: list[str] = []

@@ -30,6 +30,7 @@ import numpy as np
 
 from lepton.common.errors import AlreadyExists, InvalidArgument
 from lepton.dataplane import shard_format as fmt
+from lepton.dataplane.shard_hash import content_id
 from lepton.dataplane.shards import ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 
@@ -277,7 +278,7 @@ def transform_shard(store: ShardStore, shard_id: str, spec: dict, seed: int) -> 
     recs = fmt.make_records(x, y)
     if store.cipher is not None:  # encrypted at rest: the plaintext never touches the disk
         data = fmt.shard_bytes(recs)
-        sid, size = hashlib.sha256(data).hexdigest(), len(data)
+        sid, size = content_id(data), len(data)
         _store(store, sid, size, [data])
     else:
         with tempfile.NamedTemporaryFile(dir=store.tmp, suffix=".npy") as tmp:

@@ -18,8 +18,8 @@ secret in headers and error messages without revealing anything about the key.
 Chunk i's nonce is `prefix || i (u32) || last (u8)`; its AAD is the header, the shard id,
 i and the last flag. So a chunk cannot be altered, swapped, reordered, dropped, appended
 to, or moved to another shard or position without failing authentication, and the header
-(the size included) is bound to every chunk. The shard id stays the SHA-256 of the
-plaintext: content addressing is the same with encryption on or off.
+(the size included) is bound to every chunk. The shard id stays the hash of the
+plaintext (`shard_hash.py`): content addressing is the same with encryption on or off.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lepton.common import cluster_secret
 from lepton.common.errors import InvalidArgument
+from lepton.dataplane.shard_hash import id_bytes
 
 MAGIC = b"LPS1"
 VERSION = 1
@@ -103,7 +104,7 @@ class ShardCipher:
         return f"ShardCipher(key_id={self.key_id})"
 
     def _aead(self, shard_id: str, salt: bytes) -> AESGCM:
-        return AESGCM(_hkdf(self._master, _BLOB_INFO + bytes.fromhex(shard_id), salt=salt))
+        return AESGCM(_hkdf(self._master, _BLOB_INFO + id_bytes(shard_id), salt=salt))
 
     def sealer(self, shard_id: str, size: int, chunk: int) -> Sealer:
         """A new blob's header and chunk sealer (fresh salt and nonce prefix)."""
@@ -134,7 +135,7 @@ class _Blob:
         self._aead = aead
         self.header = header
         self._prefix = header[-8:-1]
-        self._bound = header + bytes.fromhex(shard_id)
+        self._bound = header + id_bytes(shard_id)
         self.size = size
         self.chunk = chunk
         self.count = chunk_count(size, chunk)

@@ -12,7 +12,6 @@ Pure numpy; used by the client (put/get) and the agent (processing).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton.common.errors import InvalidArgument
+from lepton.dataplane.shard_hash import new_hash
 
 FEATURE_KEYS = ("x", "X", "features", "data", "inputs")
 LABEL_KEYS = ("y", "Y", "labels", "label", "target", "targets")
@@ -157,7 +157,7 @@ def plan_shards(rows: int, row_bytes: int, *, shard_size: int | None = None,
 class _HashingFile(io.RawIOBase):
     def __init__(self, f):
         self._f = f
-        self.h = hashlib.sha256()
+        self.h = new_hash()
         self.size = 0
 
     def writable(self) -> bool:
@@ -171,13 +171,13 @@ class _HashingFile(io.RawIOBase):
 
 
 def write_shard(records: np.ndarray, path: str | Path) -> tuple[str, int]:
-    """Save `records` as a .npy file at `path`; returns (sha256 hex, size)."""
+    """Save `records` as a .npy file at `path`; returns (shard id, size)."""
     with open(path, "wb") as f:
         hf = _HashingFile(f)
         np.save(hf, np.ascontiguousarray(records), allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-    return hf.h.hexdigest(), hf.size
+    return hf.h.shard_id(), hf.size
 
 
 def shard_bytes(records: np.ndarray) -> bytes:

@@ -1,11 +1,13 @@
 """The shard store: content-addressed blobs in the agent's data dir.
 
-A shard's id is the SHA-256 hex of its bytes. Layout under `<data_dir>/shards`:
+A shard's id is the hash of its bytes: `b3-<hex>` (BLAKE3) for new shards, plain `<hex>`
+(SHA-256) for older ones (`dataplane/shard_hash.py`). Layout under `<data_dir>/shards`:
 
-    blobs/ab/<id>.npy    the blob (visible only once complete and verified)
+    blobs/ab/<id>.npy    the blob (visible only once complete and verified); ab: the first
+                         two hex digits of the digest
     blobs/ab/<id>.enc    the blob sealed instead, when the store has a cipher (encryption
                          at rest: chunked AES-256-GCM, see `dataplane/shard_crypto.py`)
-    blobs/ab/<id>.sums   running-hash checkpoints: SHA-256 of the plaintext [0, k*CHUNK) for
+    blobs/ab/<id>.sums   running-hash checkpoints: hash of the plaintext [0, k*CHUNK) for
                          each k, then of the whole blob; 32 bytes each (`checkpoint_offsets`)
     key-id               the id of the key the store seals with (present once it had one)
     tmp/                 writes in progress; emptied at open (a crash leaves partials here)
@@ -14,16 +16,14 @@ A write goes to `tmp/`, is hashed as it arrives (and sealed chunk by chunk), fsy
 renamed into `blobs/`: a partial or corrupt shard is never visible. The checkpoints let a
 reader verify a stream chunk by chunk and resume from the last good checkpoint, at no extra
 hashing cost. Sizes, offsets and checkpoints are always of the plaintext: the shard id is
-the SHA-256 of the plaintext with encryption on or off.
+the hash of the plaintext with encryption on or off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -44,14 +44,20 @@ from lepton.common.errors import (
     ResourceExhausted,
 )
 from lepton.dataplane import shard_crypto as sc
+from lepton.dataplane.shard_hash import (
+    DIGEST,
+    ContentHash,
+    check_shard_id,
+    digest_hex,
+    hash_for,
+    is_shard_id,
+)
 
 logger = logging.getLogger(__name__)
 
 # Checkpoint spacing, the unit of every transfer frame, and the sealed chunk size.
 CHUNK = 4 << 20
-DIGEST = 32
 KEY_ID_FILE = "key-id"
-_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ShardCorrupt(LeptonError):
@@ -59,14 +65,6 @@ class ShardCorrupt(LeptonError):
     (on disk or in transit)."""
 
     code = grpc.StatusCode.DATA_LOSS
-
-
-def check_shard_id(value: str) -> str:
-    """A shard id is 64 lowercase hex digits (which also keeps it out of path tricks).
-    Raises InvalidArgument."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise InvalidArgument(f"shard id {str(value)[:70]!r} is not a SHA-256 hex digest")
-    return value
 
 
 def checkpoint_offsets(size: int) -> list[int]:
@@ -112,10 +110,10 @@ class ShardStore:
         self._sizes: dict[str, int] = {}
         self._sealed: set[str] = set()
         for path in self.blobs.glob("*/*.npy"):
-            if _ID_RE.match(path.stem):
+            if is_shard_id(path.stem):
                 self._sizes[path.stem] = path.stat().st_size
         for path in self.blobs.glob(f"*/*{sc.SUFFIX}"):
-            if _ID_RE.match(path.stem):
+            if is_shard_id(path.stem):
                 self._sizes[path.stem] = sc.plain_size(path.stat().st_size, CHUNK)
                 self._sealed.add(path.stem)
         # Found at open: as if stored now (file times follow the wall clock; see the class).
@@ -158,7 +156,7 @@ class ShardStore:
         return self._blob_path(shard_id, sealed)
 
     def _blob_path(self, shard_id: str, sealed: bool) -> Path:
-        return self.blobs / shard_id[:2] / f"{shard_id}{sc.SUFFIX if sealed else '.npy'}"
+        return self.blobs / digest_hex(shard_id)[:2] / f"{shard_id}{sc.SUFFIX if sealed else '.npy'}"
 
     def has(self, shard_id: str) -> bool:
         with self._lock:
@@ -224,7 +222,7 @@ class ShardStore:
                     data = self._open_chunk(shard_id, f, opener, i, bufs)
                     yield opener.span(i)[0], data, digests[i]
             return
-        h = hashlib.sha256()
+        h = hash_for(shard_id)
         with open(self.path(shard_id), "rb") as f:
             if offset:
                 _hash_prefix(f, h, offset)  # the running hash needs the bytes before
@@ -249,7 +247,7 @@ class ShardStore:
             return False
         except ShardCorrupt:
             return False  # already quarantined
-        if digests[-1].hex() != shard_id:
+        if digests[-1].hex() != digest_hex(shard_id):
             self.quarantine(shard_id, "hash mismatch")
             return False
         sums = self._blob_path(shard_id, False).with_suffix(".sums")
@@ -351,8 +349,8 @@ class ShardStore:
 
     def _hash_checkpoints(self, shard_id: str, size: int) -> list[bytes]:
         if not self.encrypted(shard_id):
-            return _hash_checkpoints(self.path(shard_id), size)
-        h, out = hashlib.sha256(), []
+            return _hash_checkpoints(self.path(shard_id), size, hash_for(shard_id))
+        h, out = hash_for(shard_id), []
         with self._opened(shard_id, size) as (f, opener):
             for i in range(opener.count):
                 h.update(self._open_chunk(shard_id, f, opener, i))
@@ -469,7 +467,7 @@ class ShardWriter:
         self.offset = 0
         self.tmp_path = store.tmp / f"{shard_id}.{secrets.token_hex(4)}.part"
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._h = hashlib.sha256()
+        self._h = hash_for(shard_id)
         self._digests: list[bytes] = []
         self._next = checkpoint_offsets(size)
         self._done = False
@@ -556,7 +554,7 @@ class ShardWriter:
         try:
             if self.offset != self.size:
                 raise InvalidArgument(f"truncated: {self.offset} of {self.size} bytes")
-            if self._h.hexdigest() != self.shard_id:
+            if not self._h.matches(self.shard_id):
                 raise ShardCorrupt(f"bytes do not hash to shard {self.shard_id[:12]}")
             if self._sealer is not None and self._chunks < self._sealer.count:
                 self._seal(self._pending)  # an empty blob's one (empty) chunk
@@ -606,7 +604,7 @@ def _write_all(fd: int, data: memoryview) -> None:
         raise
 
 
-def _hash_prefix(f, h, length: int) -> None:
+def _hash_prefix(f, h: ContentHash, length: int) -> None:
     left = length
     while left:
         data = f.read(min(CHUNK, left))
@@ -616,8 +614,7 @@ def _hash_prefix(f, h, length: int) -> None:
         left -= len(data)
 
 
-def _hash_checkpoints(path: Path, size: int) -> list[bytes]:
-    h = hashlib.sha256()
+def _hash_checkpoints(path: Path, size: int, h: ContentHash) -> list[bytes]:
     out = []
     with open(path, "rb") as f:
         pos = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from lepton.common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from lepton.dataplane import shard_hash
 from tests.integration.cluster import wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,8 +27,11 @@ def ctl(server: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def content_id(path) -> str:
+    """The id of the blob's bytes, under the hash its name (the shard id) says."""
+    h = shard_hash.hash_for(path.stem)
+    h.update(path.read_bytes())
+    return h.shard_id()
 
 
 def blobs(agent) -> set[str]:
@@ -139,13 +142,13 @@ def test_corrupt_replica_is_detected_and_the_other_copy_used(agents, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy")["x"], x)
     del c.dataset
     # The bad holder dropped its copy and told the leader; replication restores 2 copies.
-    wait_until(lambda: not path.exists() or sha256(path) == shard.id, what="corrupt copy removed")
+    wait_until(lambda: not path.exists() or content_id(path) == shard.id, what="corrupt copy removed")
     s = wait_until(lambda: (s := c.dataset("d").shards[0]) and len(s.replicas) == 2 and s,
                    what="re-replicated after corruption")
     for a in [voter, *workers]:
         copy = next((a.data_dir / "shards" / "blobs").glob(f"*/{shard.id}.npy"), None)
         assert (copy is not None) == (a.node_id in s.replicas)
-        assert copy is None or sha256(copy) == shard.id
+        assert copy is None or content_id(copy) == shard.id
     c.close()
 
 
