@@ -1,4 +1,4 @@
-"""lepton-ctl's data commands: `data put|get|ls|show|rm|process`. Reference: docs/data.md.
+"""lepton-ctl's data commands: `data put|get|ls|show|rm|process|split`. Reference: docs/data.md.
 
 Hooked into lepton-ctl with `register(top, common)`. On a terminal, put and get show a
 progress bar (bytes, rate, ETA) on stderr; `-o json` or a pipe keeps them quiet.
@@ -39,7 +39,7 @@ def _positive_size(text: str) -> int:
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `data ...` to lepton-ctl's subcommands `top`; `common` holds the global options."""
-    sub = command_group(top, "data", "datasets: put, get, list, show, remove, process")
+    sub = command_group(top, "data", "datasets: put, get, list, show, remove, process, split")
 
     def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         return command(sub, name, func, help, [common])
@@ -76,6 +76,14 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="NAME2", help="name of the new dataset")
     p.add_argument("--seed", type=int, default=0, help="seed for random augmentation")
+
+    p = cmd("split", cmd_split, "split a dataset into new ones by fractions, on the agents holding it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--fractions", required=True, help="one per output, summing to 1, e.g. 0.8,0.2")
+    p.add_argument("--out", required=True, metavar="A,B", help="names of the new datasets, one per fraction")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same split (default 0)")
+    p.add_argument("--stratify", action="store_true",
+                   help="keep each integer label's share in every output (up to rounding)")
 
 
 @contextmanager
@@ -206,3 +214,18 @@ def cmd_process(args: argparse.Namespace) -> int:
     return print_result(args, {"dataset": ds.to_dict(), "report": report},
                         _summary(ds) + "\n" + "".join(f"  {k}: {v}\n" for k, v in sorted(report.items())))
 
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from lepton.common.errors import InvalidArgument
+
+    from .processor import DataProcessor
+
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--fractions must be numbers separated by commas, not {args.fractions!r}") from None
+    outs = [o.strip() for o in args.out.split(",")]
+    with _client(args) as c:
+        parts = DataProcessor(c).split_data(args.name, fractions, outs, stratify=args.stratify, seed=args.seed)
+    return print_result(args, [d.to_dict() for d in parts], "".join(_summary(d) + "\n" for d in parts))

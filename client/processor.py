@@ -26,7 +26,8 @@ from typing import Any
 
 import grpc
 
-from lepton.common.errors import InvalidArgument, LeptonError, Unavailable
+from lepton.common.errors import AlreadyExists, InvalidArgument, LeptonError, NotFound, Unavailable
+from lepton.common.validation import check_dataset_name
 from lepton.dataplane import process as proc
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
@@ -141,6 +142,67 @@ class DataProcessor:
         if not steps:
             raise InvalidArgument("choose at least one augmentation")
         return self._named(ds, steps, out, "aug")
+
+    def split_data(self, ds: DatasetInfo | str, fractions: list[float], outs: list[str], *,
+                   stratify: bool = False, seed: int | None = None) -> list[DatasetInfo]:
+        """Split a dataset into new datasets `outs`, one per fraction (e.g. [0.8, 0.2]): every
+        row goes to exactly one, sizes by the fractions up to rounding (per label when
+        `stratify`), the same rows for the same seed (default: the processor's) and dataset
+        version. Cut on the holders (`TransformShard`); nothing is committed unless every part
+        was cut, and the parts committed before a failure are removed. Raises InvalidArgument,
+        AlreadyExists (an output name is taken), NotFound, Unavailable."""
+        name = ds if isinstance(ds, str) else ds.name
+        seed = self.seed if seed is None else seed
+        fractions = proc.check_split([float(f) for f in fractions], seed)
+        if len(outs) != len(fractions):
+            raise InvalidArgument(f"{len(fractions)} fractions but {len(outs)} output names")
+        if len(set(outs)) != len(outs) or name in outs:
+            raise InvalidArgument(f"output names must differ from each other and from {name}: {','.join(outs)}")
+        for out in outs:
+            check_dataset_name(out)
+        info = self.client.dataset(name)
+        for out in outs:  # checked before any work; a put racing the split would still win
+            try:
+                self.client.dataset(out)
+            except NotFound:
+                continue
+            raise AlreadyExists(f"dataset {out} exists; choose another name or remove it first")
+        if stratify:
+            parts = self._map(info, "ShardStats", lambda j: dpb.ShardStatsRequest(
+                shard_id=info.shards[j].id, spec=json.dumps({"kind": "labels", "index": j})))
+            counts = [json.loads(p.stats)["labels"] for p in parts]
+        else:
+            counts = [{"0": s.rows} for s in info.shards]
+        strata, alloc = proc.plan_split(counts, fractions, seed)
+        how = f"fractions {','.join(f'{f:g}' for f in fractions)}, seed {seed}{', stratified' if stratify else ''}"
+        made: list[dpb.Dataset] = []
+        for k, out in enumerate(outs):
+            results = self._map(info, "TransformShard", lambda j, k=k: dpb.TransformShardRequest(
+                shard_id=info.shards[j].id, spec=json.dumps({"index": j, "split": {
+                    "seed": seed, "part": k, "counts": alloc[j].tolist(), "strata": strata if stratify else None}})))
+            new = dpb.Dataset(name=out, replication=info.replication,
+                              source=f"split {name} v{info.version}: part {k + 1} of {len(outs)}, {how}"[:1024])
+            kept = [r.shard for r in results if r.shard.rows] or [results[0].shard]  # no empty shards
+            new.shards.extend(kept)
+            made.append(new)
+        return self._commit_all(made)
+
+    def _commit_all(self, made: list[dpb.Dataset]) -> list[DatasetInfo]:
+        """Commit every dataset or none: the ones committed before a failure are removed."""
+        done: list[DatasetInfo] = []
+        try:
+            for new in made:
+                done.append(self.client.commit_dataset(new))
+        except BaseException:
+            for d in done:
+                try:
+                    self.client.delete_dataset(d.name)
+                except LeptonError as err:
+                    log.warning("could not remove %s after a failed split: %s", d.name, err.message)
+            nodes = sorted({n for new in made for s in new.shards for n in s.replicas})
+            self.client._release([s.id for new in made for s in new.shards], nodes)
+            raise
+        return done
 
     def _named(self, ds: DatasetInfo | str, steps: list[dict], out: str | None, tag: str) -> DatasetInfo:
         name = ds if isinstance(ds, str) else ds.name

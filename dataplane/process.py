@@ -85,6 +85,8 @@ def partial_stats(x: np.ndarray, y: np.ndarray | None, kind: str) -> dict:
         return {"values": _b64(c)}
     if kind == "rowhash":
         return {"hashes": row_hashes(c, y)}
+    if kind == "labels":
+        return {"labels": label_counts(y)}
     raise InvalidArgument(f"unknown statistic {kind!r}")
 
 
@@ -121,6 +123,12 @@ def merge_stats(parts: list[dict], kind: str) -> dict:
             before.append(sorted(seen.intersection(hs)))
             seen.update(hs)
         return {"seen_before": before}
+    if kind == "labels":
+        total: dict[str, int] = {}
+        for p in parts:
+            for label, n in p["labels"].items():
+                total[label] = total.get(label, 0) + n
+        return {"labels": total}
     raise InvalidArgument(f"unknown statistic {kind!r}")
 
 
@@ -246,6 +254,107 @@ def _augment(x, y, step, rng):
     raise InvalidArgument(f"augment needs noise, flip, shift or mixup: {step}")
 
 
+# -- split ---------------------------------------------------------------------------------
+# A split is planned at the client and cut on the holders. For each stratum (a label, or all
+# rows) the client rounds each part's size (largest remainder), then deals those rows out to
+# the shards with a seeded multivariate hypergeometric draw: shard j gets a[j, s, k] of
+# stratum s's rows for part k. Each holder permutes its stratum's rows with a generator
+# seeded by (seed, shard, stratum) and cuts the permutation at those counts, so every part
+# call on any replica picks the same rows: disjoint, covering, and a uniformly random split
+# (a hypergeometric deal plus a local permutation is a global permutation). Rows keep their
+# order within a part.
+
+MAX_PARTS = 16
+MAX_STRATA = 1000
+MAX_SEED = 2**63 - 1
+
+
+def check_split(fractions: list[float], seed: int) -> list[float]:
+    """Raises InvalidArgument unless 2..16 positive fractions sum to 1 and 0 <= seed < 2**63."""
+    if not 2 <= len(fractions) <= MAX_PARTS:
+        raise InvalidArgument(f"give 2 to {MAX_PARTS} fractions, not {len(fractions)}")
+    if not all(np.isfinite(f) and f > 0 for f in fractions):
+        raise InvalidArgument(f"fractions must be positive numbers: {fractions}")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise InvalidArgument(f"fractions must sum to 1, not {sum(fractions):g}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidArgument(f"seed must be between 0 and {MAX_SEED}, not {seed}")
+    return [float(f) for f in fractions]
+
+
+def label_counts(y: np.ndarray | None) -> dict[str, int]:
+    """Rows per label (keys are the labels as decimal text). Raises InvalidArgument for no
+    labels, labels that are not integers, or more than MAX_STRATA of them."""
+    if y is None:
+        raise InvalidArgument("stratify needs labels; the dataset has none")
+    if y.dtype.kind not in "biu":
+        raise InvalidArgument(f"stratify needs integer (class) labels, not {y.dtype}")
+    values, counts = np.unique(y, return_counts=True)
+    if len(values) > MAX_STRATA:
+        raise InvalidArgument(f"{len(values)} distinct labels in one shard; stratify takes at most {MAX_STRATA}")
+    return {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}
+
+
+def part_sizes(rows: int, fractions: list[float]) -> np.ndarray:
+    """`rows` cut by `fractions`: floors, then one more row to the largest remainders."""
+    exact = rows * np.asarray(fractions, dtype=np.float64)
+    sizes = np.floor(exact).astype(np.int64)
+    extra = rows - int(sizes.sum())
+    sizes[np.argsort(-(exact - sizes), kind="stable")[:extra]] += 1
+    return sizes
+
+
+def plan_split(shard_counts: list[dict[str, int]], fractions: list[float], seed: int) -> tuple[list[str], np.ndarray]:
+    """(strata, a) with a[j, s, k] the rows of stratum s that shard j gives to part k, from
+    each shard's rows per stratum. Pure and deterministic in its arguments."""
+    strata = sorted({k for c in shard_counts for k in c}, key=int)
+    if len(strata) > MAX_STRATA:
+        raise InvalidArgument(f"{len(strata)} distinct labels; stratify takes at most {MAX_STRATA}")
+    rng = np.random.default_rng([seed, 0])
+    alloc = np.zeros((len(shard_counts), len(strata), len(fractions)), dtype=np.int64)
+    for s, key in enumerate(strata):
+        have = [int(c.get(key, 0)) for c in shard_counts]
+        left = part_sizes(sum(have), fractions)
+        for j, n in enumerate(have):
+            if n:
+                alloc[j, s] = rng.multivariate_hypergeometric(left, n, method="marginals")
+                left -= alloc[j, s]
+    return strata, alloc
+
+
+def split_rows(recs: np.ndarray, split: dict, shard_index: int) -> np.ndarray:
+    """The row numbers (ascending) of this shard that go to part split["part"].
+    split: {"seed", "part", "counts": [[rows per part] per stratum], "strata": labels or None}.
+    Raises InvalidArgument when the plan does not fit the shard."""
+    try:
+        seed, part = int(split["seed"]), int(split["part"])
+        counts = np.asarray(split["counts"], dtype=np.int64)
+        strata = split.get("strata")
+    except (KeyError, TypeError, ValueError) as err:
+        raise InvalidArgument(f"bad split spec: {err}") from None
+    if counts.ndim != 2 or not 0 <= part < counts.shape[1] or (counts < 0).any() or not 0 <= seed <= MAX_SEED:
+        raise InvalidArgument("bad split spec: counts must be [[rows per part] per stratum] and part one of them")
+    if strata is None:
+        groups = [np.arange(len(recs))]
+    else:
+        if "y" not in (recs.dtype.names or ()):
+            raise InvalidArgument("a stratified split needs labels; this shard has none")
+        y = np.asarray(recs["y"]).astype(np.int64)
+        order = np.argsort(y, kind="stable")
+        values = np.array([int(k) for k in strata], dtype=np.int64)
+        lo, hi = np.searchsorted(y[order], values, "left"), np.searchsorted(y[order], values, "right")
+        groups = [order[a:b] for a, b in zip(lo, hi, strict=True)]
+    if len(groups) != len(counts) or [len(g) for g in groups] != counts.sum(axis=1).tolist() \
+            or sum(len(g) for g in groups) != len(recs):
+        raise InvalidArgument("the split plan does not match the shard's rows")
+    picked = []
+    for s, rows in enumerate(groups):
+        perm = np.random.default_rng([seed, 1, shard_index, s]).permutation(rows)
+        bounds = np.concatenate([[0], np.cumsum(counts[s])])
+        picked.append(perm[bounds[part]:bounds[part + 1]])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
 # -- the agent's side ------------------------------------------------------------------------
 
 
@@ -270,12 +379,23 @@ def shard_stats(store: ShardStore, shard_id: str, spec: dict) -> dict:
 
 
 def transform_shard(store: ShardStore, shard_id: str, spec: dict, seed: int) -> tuple[dpb.Shard, dict]:
-    """Apply the steps; store the result as a new shard here. Returns (meta, report)."""
+    """Apply the steps (or, with spec["split"], keep one part of a split); store the result as
+    a new shard here. Returns (meta, report)."""
+    if "split" in spec:
+        recs = store.load(shard_id)
+        out = recs[split_rows(recs, spec["split"], int(spec.get("index", 0)))]  # dtype kept exactly
+        return _save(store, out), {"rows_in": len(recs), "rows_out": len(out)}
     x, y = _load(store, shard_id)
     rows_in = len(x)
     idx = int(spec.get("index", 0))
     x, y, report = apply_steps(x, y, check_steps(spec["steps"]), rng=_seed(seed, idx), shard_index=idx)
     recs = fmt.make_records(x, y)
+    report["rows_in"], report["rows_out"] = rows_in, len(recs)
+    return _save(store, recs), report
+
+
+def _save(store: ShardStore, recs: np.ndarray) -> dpb.Shard:
+    """Store `recs` as a shard here (sealed in memory when the store encrypts)."""
     if store.cipher is not None:  # encrypted at rest: the plaintext never touches the disk
         data = fmt.shard_bytes(recs)
         sid, size = content_id(data), len(data)
@@ -285,8 +405,7 @@ def transform_shard(store: ShardStore, shard_id: str, spec: dict, seed: int) -> 
             sid, size = fmt.write_shard(recs, tmp.name)
             with open(tmp.name, "rb") as f:
                 _store(store, sid, size, iter(lambda: f.read(4 << 20), b""))
-    report["rows_in"], report["rows_out"] = rows_in, len(recs)
-    return dpb.Shard(id=sid, size=size, **fmt.describe(recs)), report
+    return dpb.Shard(id=sid, size=size, **fmt.describe(recs))
 
 
 def _store(store: ShardStore, shard_id: str, size: int, chunks: Iterable[bytes]) -> None:
