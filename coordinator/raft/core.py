@@ -50,6 +50,7 @@ FAST_ELECTION_FRACTION = 0.15
 
 _FOLLOWER, _PRE, _CAND, _LEADER = Role.FOLLOWER, Role.PRE_CANDIDATE, Role.CANDIDATE, Role.LEADER
 _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
+_EAGER = frozenset((AppendRequest, Heartbeat))  # a leader may send them before its fsync
 
 
 class RaftCore(LeaderMixin, MembershipMixin):
@@ -326,6 +327,14 @@ class RaftCore(LeaderMixin, MembershipMixin):
             rd.entries = self._log[self._unstable_from - self._snap_index - 1 :]
             rd.must_sync = True
         rd.messages, self._msgs = self._msgs, []
+        if self.role is _LEADER and rd.hard_state is None and rd.snapshot is None:
+            # A leader's appends and heartbeats need nothing of this Ready on its disk: it
+            # counts itself towards a commit only once its own entries are synced
+            # (`_stable_last`), so they may go before its fsync. Anything else waits.
+            eager = [m for m in rd.messages if type(m) in _EAGER]
+            if eager:
+                rd.eager_messages = eager
+                rd.messages = [m for m in rd.messages if type(m) not in _EAGER]
         if self.commit > self._applied:
             rd.committed = self._slice(self._applied + 1, self.commit + 1, self._cfg.max_apply_bytes)
         rd.read_states, self._ready_reads = self._ready_reads, []

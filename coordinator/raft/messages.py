@@ -193,6 +193,8 @@ class SoftState:
 class Ready:
     """Work the driver must do, in this order, then call `RaftCore.advance()`:
 
+    0. send `eager_messages` (a leader's appends and heartbeats: they may go before its own
+       fsync, Raft dissertation 10.2.1, so the followers' fsyncs overlap the leader's);
     1. persist (see `persist()`): hard state; snapshot; truncate the store from
        entries[0].index if it holds that index, then append `entries`; `sync()` if must_sync;
     2. send `messages` (they may depend on step 1, so never before it completes);
@@ -207,6 +209,7 @@ class Ready:
     install: bool = False
     entries: list[Entry] = field(default_factory=list)
     must_sync: bool = False
+    eager_messages: list[Message] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     committed: list[Entry] = field(default_factory=list)
     read_states: list[tuple[object, int]] = field(default_factory=list)

@@ -331,6 +331,8 @@ class RaftConsensus(VoterChanges, Consensus):
                 fut.set_exception(err)
 
     async def _handle(self, core: RaftCore, rd: Ready) -> None:
+        if rd.eager_messages:  # the leader's appends: the followers' fsyncs overlap ours
+            self._transport.send(rd.eager_messages)  # type: ignore[union-attr]
         if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
             # OSError escapes: the store is unusable and nothing of this Ready may go out.
             await asyncio.to_thread(persist, self._store, rd)

@@ -427,6 +427,8 @@ class Simulation:
                 break
             rd = core.ready()
             self._observe(node, rd)
+            for m in rd.eager_messages:  # before the disk: a crash meanwhile loses the writes
+                self._send(m)
             persist(node.store, rd, sync=False)
             if rd.must_sync and node.disk > 0:
                 node.busy = True

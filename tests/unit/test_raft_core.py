@@ -53,6 +53,7 @@ class Net:
         while core.has_ready():
             rd = core.ready()
             self.readies[i].append(rd)
+            self.outbox.extend(rd.eager_messages)
             persist(self.stores[i], rd)
             self.outbox.extend(rd.messages)
             self.applied[i].extend(rd.committed)
@@ -339,3 +340,36 @@ def test_inputs_between_ready_and_advance_are_refused() -> None:
     with pytest.raises(RuntimeError):
         n1.tick(net.now)
     n1.advance(rd)
+
+
+def test_leader_appends_go_before_its_fsync_but_it_counts_itself_only_after() -> None:
+    net = Net()
+    n1 = net.elect("n1")
+    index, _ = n1.propose(b"x")
+    rd = n1.ready()
+    assert rd.entries and rd.must_sync
+    # The appends may leave before the leader's own write (the followers' fsyncs overlap it)...
+    assert {m.to for m in rd.eager_messages if isinstance(m, AppendRequest)} == {"n2", "n3"}
+    assert not any(isinstance(m, AppendRequest) for m in rd.messages)
+    # ...but the leader's entry is not yet its own vote: one follower's ack is not enough
+    # until the leader has synced and advanced.
+    assert n1.progress()["n1"][0] == index - 1
+    persist(net.stores["n1"], rd)
+    n1.advance(rd)
+    n1.step(AppendResponse("n2", "n1", n1.term, True, index), net.now)
+    assert n1.commit_index == index
+
+
+def test_only_a_leader_sends_before_its_disk() -> None:
+    net = Net(config=Config(heartbeat_interval=0.1, election_timeout=1.0, pre_vote=False))
+    n1 = net.cores["n1"]
+    net.timeout("n1")  # a candidate: its vote for itself must be durable before it asks
+    rd = n1.ready()
+    assert rd.hard_state == (1, "n1") and not rd.eager_messages
+    assert {type(m).__name__ for m in rd.messages} == {"VoteRequest"}
+    n1.advance(rd)
+    n2 = net.cores["n2"]
+    n2.step(AppendRequest("n1", "n2", 1, 0, 0, [Entry(1, 1, b"a")], 0), net.now)
+    rd = n2.ready()  # a follower acknowledges only what it has synced
+    assert not rd.eager_messages and isinstance(rd.messages[0], AppendResponse)
+    n2.advance(rd)
