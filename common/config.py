@@ -90,7 +90,8 @@ class AgentConfig:
     # the leader derives one from the agents' timings (common/failover.py; 9 s at a 1 s
     # interval) and uses the longer of the two.
     failover_grace_s: float = 3.0
-    # How often the leader looks for silent nodes; bounds detection latency beyond down_after.
+    # The least time between the leader's liveness cycles (a burst of node changes makes one).
+    # The loop sleeps until the next node could turn suspect or down, so detection is on time.
     liveness_interval_s: float = 0.2
     # The leader's heartbeat budget (Nomad's max_heartbeats_per_second): past this times
     # heartbeat_interval_s live nodes, agents are told to beat every

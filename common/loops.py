@@ -13,10 +13,12 @@ async def run_cycles(
     *,
     interval_s: float,
     wakeup: asyncio.Event | None = None,
+    gather_s: float = 0.0,
     logger: logging.Logger,
     log: Callable[[str], None] | None = None,
 ) -> None:
-    """Run `run_cycle` forever: after each, wait `interval_s` or until `wakeup` is set.
+    """Run `run_cycle` forever: after each, wait `interval_s` or until `wakeup` is set
+    (then `gather_s` more, so a burst of wake-ups makes one cycle).
 
     The sentence is logged only when it changes, so a steady loop logs once: at INFO as
     "what: sentence", or by `log` when given (which may say nothing of routine ones). A
@@ -29,6 +31,8 @@ async def run_cycles(
         else:
             try:
                 await asyncio.wait_for(wakeup.wait(), interval_s)
+                if gather_s > 0:
+                    await asyncio.sleep(gather_s)
             except asyncio.TimeoutError:
                 pass
             wakeup.clear()

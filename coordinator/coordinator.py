@@ -12,7 +12,6 @@ import grpc
 from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
 from lepton.common.errors import FailedPrecondition
-from lepton.common.loops import run_cycles
 from lepton.coordinator.api.service import CoordinatorContext, CoordinatorService, add_to_server
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
 from lepton.coordinator.loops.liveness import Liveness, LivenessTimings
@@ -187,7 +186,7 @@ class Coordinator:
     async def start(self) -> None:
         await self.consensus.start()
         self._tasks = [
-            asyncio.create_task(self._liveness_loop(), name="liveness"),
+            asyncio.create_task(self.liveness.run(), name="liveness"),
             asyncio.create_task(self.scheduling.run(), name="scheduling"),
             asyncio.create_task(self.replication.run(), name="replication"),
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
@@ -201,7 +200,3 @@ class Coordinator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.agent_pool.close()
         await self.consensus.stop()
-
-    async def _liveness_loop(self) -> None:
-        await run_cycles("liveness", self.liveness.run_cycle, interval_s=self.config.liveness_interval_s,
-                         logger=logger)

@@ -42,7 +42,8 @@ from lepton.v1 import state_pb2
 
 logger = logging.getLogger(__name__)
 
-AUDIT_INTERVAL_S = 0.5
+AUDIT_INTERVAL_S = 0.5  # records gather this long into one commit
+AUDIT_IDLE_S = 60.0  # with nothing recorded the loop sleeps (a record wakes it)
 MAX_PENDING_AUDIT = 20_000
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10_000
@@ -63,6 +64,7 @@ class AuditBatcher:
         self._propose = propose
         self._is_leader = is_leader
         self._pending: list[spb.AuditRecord] = []
+        self._recorded = asyncio.Event()  # wakes run(): no polling while nothing happens
         self.dropped = 0
 
     def on_event(self, event: AuthEvent) -> None:
@@ -78,6 +80,7 @@ class AuditBatcher:
             self.dropped += 1
             return
         self._pending.append(record_to_proto(record_from_event(event)))
+        self._recorded.set()
 
     async def run_cycle(self) -> str:
         if not self._is_leader():
@@ -87,6 +90,8 @@ class AuditBatcher:
             return "nothing to write"
         batch = self._pending[:MAX_AUDIT_BATCH]
         del self._pending[:MAX_AUDIT_BATCH]
+        if self._pending:
+            self._recorded.set()  # the rest in the next cycle
         try:
             await self._propose(state_pb2.Command(append_audit=state_pb2.AppendAuditCmd(records=batch)))
         except LeptonError as err:
@@ -99,7 +104,8 @@ class AuditBatcher:
             if not sentence.startswith(("wrote", "nothing", "not the leader")):
                 logger.warning("audit: %s", sentence)
 
-        await run_cycles("audit", self.run_cycle, interval_s=interval_s, logger=logger, log=warn_of_losses)
+        await run_cycles("audit", self.run_cycle, interval_s=AUDIT_IDLE_S, wakeup=self._recorded,
+                         gather_s=interval_s, logger=logger, log=warn_of_losses)
 
 
 class Bootstrap:

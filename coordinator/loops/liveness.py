@@ -14,6 +14,11 @@ with every answer from the leader, and kills itself when the lease runs out. The
 commits `NodeLostCmd` (requeue the node's attempts) only `fence_wait_s` after marking the
 node down, when every attempt there is dead whatever happened to its agent.
 
+The loop sleeps until something can be due (`next_due`: the soonest moment a node could
+turn suspect or down, a held mass down or a fence wait end), woken early by node changes
+and leadership, and at least every `IDLE_WAKE_S`: an idle leader does not poll. Heartbeats
+do not wake it; a beat only moves its node's deadline later.
+
 The heartbeat budget (Nomad's `max_heartbeats_per_second`): the leader hands every agent
 `interval = max(heartbeat_interval_s, live_nodes / max_heartbeats_per_s)`, so its
 heartbeat cost stays bounded as the cluster grows, and stretches the suspect/down
@@ -23,6 +28,7 @@ was told to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -45,9 +51,13 @@ FACTOR_STEPS = 20
 # A cycle that would declare down more than this share of the watched nodes (and more than
 # one) waits one grace first: that many silent at once is most likely the leader's problem.
 MASS_DOWN_FRACTION = 0.5
-# A gap between cycles this many intervals long (and half suspect_after) means this loop,
-# not the nodes, was stopped (SIGSTOP, a long GC): every node looks as silent as it was.
+# Waking this many cycle intervals (and half suspect_after) past the moment the loop meant
+# to means this loop, not the nodes, was stopped (SIGSTOP, a long GC): every node looks as
+# silent as it was.
 STALL_CYCLES = 5
+# With nothing due (no other node, not the leader), the loop still cycles this often: a
+# guard against a missed wake-up, not a poll.
+IDLE_WAKE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,11 @@ class HeartbeatBudget:
     def threshold_factor(self, now: float) -> float:
         return max(self.factor, self._held) if now < self._held_until else self.factor
 
+    @property
+    def held_until(self) -> float:
+        """When the thresholds drop to the current factor (-inf: not held)."""
+        return self._held_until
+
     def reset(self, live_nodes: int) -> None:
         """A new leadership: the factor of the node table, no grace (timers restart anyway,
         and agents already beat at what the previous leader computed from the same table)."""
@@ -148,12 +163,17 @@ class Liveness:
         self._monotonic = monotonic
         self._wall_ms = wall_ms
         self._self_id = self_id  # this voter's own node: its agent may beat at the old leader
-        # How often run_cycle is called; 0: unknown (fake clocks), no stall detection.
+        # The least time between cycles (a burst of node changes is one cycle); 0: unknown
+        # (tests calling run_cycle themselves), no stall detection.
         self._cycle_interval_s = cycle_interval_s
         self._seen: dict[str, _Seen] = {}
         self._leader = False
         self._since = monotonic()  # when the timers (re)started; silence counts from here
         self._last_cycle = 0.0  # monotonic time of the last cycle; 0: none this leadership
+        self.wake_at = 0.0  # when the loop next cycles unless woken (set by each cycle)
+        self.cycles = 0  # run() cycles, for tests: an idle leader's count stays small
+        self._wakeup = asyncio.Event()  # a node changed or leadership moved: cycle soon
+        state.add_listener(lambda _change: self.wake())
         self._hold_until = -math.inf  # a mass down is waiting until then
         self._held = False  # the current run of mass-down cycles has had its wait
         # Down nodes with attempts on them -> when the fence wait started (this leadership).
@@ -172,6 +192,12 @@ class Liveness:
         self.interval_ms = _ms(self.budget.interval_s)
         logger.info("liveness: %s in term %d; timers reset; heartbeat interval %.2fs, failover grace %.1fs",
                     "leading" if is_leader else "following", term, self.budget.interval_s, self.grace_s(1.0))
+        self.wake()
+
+    def wake(self) -> None:
+        """Something may have changed what is due (a node joined, left or changed state;
+        leadership moved): cycle soon, not at the deadline computed before."""
+        self._wakeup.set()
 
     def _restart_timers(self) -> None:
         self._seen.clear()
@@ -233,16 +259,17 @@ class Liveness:
         Returns a short sentence saying what it did; it is logged and asserted in tests.
         """
         if not self._leader:
+            self.wake_at = self._monotonic() + IDLE_WAKE_S  # leadership wakes the loop
             return "not the leader: nothing to check"
         now = self._monotonic()
         factor = self.budget.threshold_factor(now)
         suspect_after, down_after = scaled_thresholds(self._timings, factor)
         grace = self.grace_s(factor)
         stall_after = max(STALL_CYCLES * self._cycle_interval_s, suspect_after / 2)
-        if self._cycle_interval_s and self._last_cycle and now - self._last_cycle > stall_after:
+        if self._cycle_interval_s and self._last_cycle and now - self.wake_at > stall_after:
             # Every node looks silent for as long as this loop did not run: not their fault.
             logger.warning("liveness: this leader's own loop stalled for %.1fs; timers restart "
-                           "with a %.1fs grace", now - self._last_cycle, grace)
+                           "with a %.1fs grace", now - self.wake_at, grace)
             self._restart_timers()
             now = self._since
         self._last_cycle = now
@@ -285,6 +312,7 @@ class Liveness:
             self.interval_ms = _ms(self.budget.interval_s)
             logger.info("liveness: %d live nodes; heartbeat interval now %.2fs (budget %g/s)",
                         beating - len(downs), self.budget.interval_s, self._timings.max_heartbeats_per_s)
+        self.wake_at = max(min(self.next_due(now), now + IDLE_WAKE_S), now + self._cycle_interval_s)
         if not suspects and not downs and not requeued:
             sentence = f"{live} nodes heartbeating"
             if waiting:
@@ -300,6 +328,66 @@ class Liveness:
         if requeued:
             parts.append(f"requeued the attempts of: {', '.join(requeued)}")
         return "marked " + "; ".join(parts) if suspects or downs else "; ".join(parts)
+
+    def next_due(self, now: float) -> float:
+        """The soonest moment a cycle may have something to decide, unless a node changes or
+        leadership moves first (those wake the loop): a READY node's suspect deadline, a
+        SUSPECT one's down deadline (not before a held mass down ends), the end of the
+        budget's hold on the thresholds, a down node's fence wait. inf: nothing pending (a
+        follower; a leader alone). A beat only moves its node's deadline later, so a
+        deadline passed in a cycle that finds the node heard from is harmless."""
+        if not self._leader:
+            return math.inf
+        factor = self.budget.threshold_factor(now)
+        suspect_after, down_after = scaled_thresholds(self._timings, factor)
+        unseen_since = self._since + self.grace_s(factor) - down_after  # as in run_cycle
+        due = [self.budget.held_until] if self.budget.held_until > now else []
+        tasks_on = self._state.tasks.by_node
+        for node in self._state.nodes.values():
+            if node.id == self._self_id:
+                continue
+            if node.state in (NodeState.READY.proto, NodeState.SUSPECT.proto):
+                seen = self._seen.get(node.id)
+                last = seen.at if seen else unseen_since
+                if node.state == NodeState.READY.proto:
+                    due.append(last + suspect_after)
+                else:
+                    due.append(max(last + down_after, self._hold_until))
+            elif node.state == NodeState.DOWN.proto and tasks_on.get(node.id):
+                due.append(self._down_at.get(node.id, now) + self.fence_wait_s(factor))
+        return min(due, default=math.inf)
+
+    async def run(self) -> None:
+        """Cycle whenever something may be due (`wake_at`, set by each cycle from
+        `next_due`), or soon after `wake()`: never twice within the cycle interval. Each
+        new sentence is logged once."""
+        last = ""
+        while True:
+            await self._sleep_until_due()
+            self._wakeup.clear()  # a change during the cycle wakes the next one
+            self.cycles += 1
+            try:
+                sentence = await self.run_cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("liveness cycle failed")
+                self.wake_at = self._monotonic() + max(self._cycle_interval_s, 1.0)
+                continue
+            if sentence != last:
+                logger.info("liveness: %s", sentence)
+                last = sentence
+
+    async def _sleep_until_due(self) -> None:
+        while (delay := self.wake_at - self._monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+            except asyncio.TimeoutError:
+                return
+            # Woken: due now, but a burst of changes waits out the cycle interval together.
+            self.wake_at = min(self.wake_at, self._last_cycle + self._cycle_interval_s)
+            if self._monotonic() < self.wake_at:
+                self._wakeup.clear()
 
     async def _mark_down(self, due: list[common_pb2.Node], watched: int, now: float, grace: float,
                          down_after: float) -> list[str]:

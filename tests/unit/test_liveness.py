@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
+
 import pytest
 
 from lepton.common.errors import NotFound
@@ -193,6 +197,75 @@ async def test_a_down_nodes_attempts_are_requeued_only_after_the_fence_wait(worl
     clock.t += 1.0
     assert await live.run_cycle() == "1 nodes heartbeating"
     assert sm.tasks.get("t1").node_id == "a" and sm.tasks.get("t1").attempt == 2
+
+
+async def test_next_due_is_the_soonest_deadline_any_node_can_reach(world):
+    sm, clock, live = world
+    grace = live.grace_s(1.0)
+    # Not heard from since the leadership began: suspect 1 s before the grace ends.
+    assert live.next_due(clock.t) == pytest.approx(100.0 + grace - 3.0 + 2.0)
+    clock.t += 1.0
+    await beat(live, "a", "b")
+    assert live.next_due(clock.t) == pytest.approx(clock.t + 2.0)  # suspect_after past the beats
+    clock.t += grace
+    await beat(live, "a")
+    assert await live.run_cycle() == "marked suspect: b"
+    b_last = clock.t - grace  # b's last beat
+    clock.t += 0.5
+    await beat(live, "a")
+    # b is due down 3 s after its last beat; a is due suspect 2 s after its own.
+    assert live.next_due(clock.t) == pytest.approx(min(b_last + 3.0, clock.t + 2.0))
+    live.on_leadership(False, 2)
+    assert live.next_due(clock.t) == float("inf")  # a follower has nothing due
+
+
+async def test_next_due_waits_for_a_down_nodes_fence_and_ignores_the_leaders_own_node(world):
+    sm, clock, _ = world
+    live = Liveness(sm, world_propose(sm), LivenessTimings(2.0, 3.0, 3.0), monotonic=clock,
+                    wall_ms=lambda: int(clock.t * 1000), self_id="a")
+    live.on_leadership(True, 2)
+    spec = tasks_pb2.TaskSpec(argv=["sleep", "60"])
+    await world_propose(sm)(state_pb2.Command(submit_task=state_pb2.SubmitTaskCmd(task_id="t1", spec=spec)))
+    await world_propose(sm)(state_pb2.Command(apply_plan=state_pb2.ApplyPlanCmd(term=2, placements=[
+        state_pb2.PlacementCmd(task_id="t1", attempt=1, node_id="b")])))
+    clock.t += live.grace_s(1.0) + 5.0  # b never beat: suspect, then down
+    assert await live.run_cycle() == "marked suspect: b"
+    assert await live.run_cycle() == "marked down: b"
+    down_at = clock.t
+    # Only b's fence remains (a is this leader: never due).
+    assert live.next_due(clock.t) == pytest.approx(down_at + live.fence_wait_s(1.0))
+    clock.t = live.next_due(clock.t)
+    assert await live.run_cycle() == "requeued the attempts of: b"
+    assert live.next_due(clock.t) == float("inf")
+
+
+async def test_an_idle_leader_sleeps_until_a_node_changes(monkeypatch):
+    """Counts cycles, not time: the old loop cycled every 0.2 s whatever happened."""
+    monkeypatch.setattr("lepton.coordinator.loops.liveness.IDLE_WAKE_S", 3600.0)
+    sm = ClusterStateMachine()
+    live = Liveness(sm, world_propose(sm), LivenessTimings(2.0, 3.0, 3.0), monotonic=time.monotonic,
+                    wall_ms=lambda: int(time.time() * 1000), self_id="me", cycle_interval_s=0.2)
+    register(sm, "me")
+    live.on_leadership(True, 1)
+    runner = asyncio.create_task(live.run())
+    try:
+        await until(lambda: live.cycles >= 1)
+        await asyncio.sleep(1.0)  # five cycles' worth of the old polling
+        assert live.cycles == 1  # alone: nothing can be due
+        register(sm, "b")  # a node joins: the loop wakes for it
+        await until(lambda: live.cycles >= 2)
+        assert live.next_due(time.monotonic()) < math.inf
+        assert live.wake_at == pytest.approx(live.next_due(time.monotonic()), abs=0.5)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 async def test_followers_do_nothing_and_unknown_nodes_are_refused(world):

@@ -68,3 +68,35 @@ async def test_the_audit_loop_warns_of_lost_records_only(caplog):
         await asyncio.gather(task, return_exceptions=True)
     lines = [r.getMessage() for r in caplog.records if r.name.endswith("security_api")]
     assert lines == ["audit: lost 1 audit records: no quorum"]
+
+
+async def test_an_idle_audit_loop_sleeps_until_a_record_comes(monkeypatch):
+    """Counts cycles, not time: it used to cycle every interval with nothing to write."""
+    monkeypatch.setattr("lepton.coordinator.api.security_api.AUDIT_IDLE_S", 3600.0)
+    proposed: list[object] = []
+
+    async def propose(cmd):
+        proposed.append(cmd)
+
+    batcher = AuditBatcher(propose, is_leader=lambda: True)
+    cycles = [0]
+    real_cycle = batcher.run_cycle
+
+    async def counted_cycle():
+        cycles[0] += 1
+        return await real_cycle()
+
+    batcher.run_cycle = counted_cycle
+    task = asyncio.create_task(batcher.run(interval_s=0.001))
+    try:
+        await asyncio.sleep(0.5)  # 500 intervals
+        assert cycles[0] == 0
+        alice = Principal("alice", Role.USER, via="token")
+        for method in ("SubmitTask", "CancelTask"):
+            batcher.on_event(AuthEvent(alice, f"/lepton.v1.Coordinator/{method}", grpc.StatusCode.OK, False))
+        await _until(lambda: len(proposed) == 1)
+        await asyncio.sleep(0.2)
+        assert cycles[0] == 1 and len(proposed[0].append_audit.records) == 2  # one batch
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
