@@ -1,8 +1,12 @@
 """The agent's task loop with the leader: receive the desired set, report what happened.
 
-Level-triggered: the leader sends the node's whole desired set on connect and on every
-change; the runner starts what is missing and stops what is no longer wanted. Events are
-queued and re-sent until a leader accepts them (the state machine ignores repeats).
+Level-triggered: every stream starts with the node's whole desired set (again after a
+reconnect, a new leader or term); the runner starts what is missing and stops what is no
+longer wanted. After it the leader sends only changes (deltas: attempts added, attempts
+removed), which the loop applies to the set it holds and hands the runner as a change, so
+a task's state change costs O(1) here, not O(tasks on the node). A delta that does not
+follow the set before it drops the stream, and the next one starts whole. Events are queued
+and re-sent until a leader accepts them (the state machine ignores repeats).
 """
 
 from __future__ import annotations
@@ -117,6 +121,55 @@ class AssignmentChunks:
         return whole
 
 
+@dataclasses.dataclass
+class SetChange:
+    """What one complete message asks of the runner: the whole set (`removed` None), or
+    attempts to add and (task, attempt)s to stop."""
+
+    assignments: list[tasks_pb2.Assignment]
+    term: int
+    removed: list[tuple[str, int]] | None = None
+
+
+class DesiredSet:
+    """The node's desired set as one stream's messages build it: a whole set (joined from
+    its chunks) replaces it, a delta changes it. Raises Unavailable for a delta that does
+    not follow the set before it (the stream is then dropped; the next starts whole)."""
+
+    def __init__(self) -> None:
+        self._chunks = AssignmentChunks()
+        self.by_task: dict[str, tasks_pb2.Assignment] = {}
+        self.version = 0
+        self.term = 0
+        self.has_whole = False
+
+    def add(self, aset: tasks_pb2.AssignmentSet) -> SetChange | None:
+        """The change `aset` completes, or None while a whole set is still in pieces."""
+        if not aset.delta:
+            whole = self._chunks.add(aset)
+            if whole is None:
+                return None
+            self.by_task = {a.task_id: a for a in whole}
+            self.version, self.term, self.has_whole = aset.version, aset.term, True
+            return SetChange(whole, aset.term)
+        if not self.has_whole or aset.version != self.version + 1 or aset.term != self.term:
+            raise Unavailable(f"assignment delta {aset.version} (term {aset.term}) does not follow "
+                              f"set {self.version} (term {self.term})")
+        self.version = aset.version
+        removed = []
+        for r in aset.removed:  # first: a task's new attempt may come in the same delta
+            held = self.by_task.get(r.task_id)
+            if held is not None and held.attempt == r.attempt:
+                del self.by_task[r.task_id]
+            removed.append((r.task_id, r.attempt))
+        for a in aset.assignments:
+            held = self.by_task.get(a.task_id)
+            if held is not None and held.attempt != a.attempt:
+                removed.append((held.task_id, held.attempt))  # a new attempt replaces it
+            self.by_task[a.task_id] = a
+        return SetChange(list(aset.assignments), aset.term, removed)
+
+
 class AssignmentLoop:
     """Watches this node's assignments and reports task events, wherever the leader is."""
 
@@ -140,19 +193,21 @@ class AssignmentLoop:
         self._events: asyncio.Queue[TaskEvent] = asyncio.Queue()
         self._full_report_due = True  # after (re)start the leader settles what we run
         self._code: CodeCache | None = None  # shipped code, made on first use
-        self._last_set: tuple[list[tasks_pb2.Assignment], int] | None = None
+        self._desired: DesiredSet | None = None  # the current stream's
 
-    def _reconcile(self, assignments: list[tasks_pb2.Assignment], term: int) -> str:
-        """Hand the runner the set, less the attempts whose shipped code this node is still
-        fetching (they start when it is here: `_code_arrived`); an attempt whose code could
-        not be fetched fails to start, saying why."""
-        running = {(r.task_id, r.attempt) for r in self._runner.running()}
+    def _reconcile(self, change: SetChange) -> str:
+        """Hand the runner the set or change, less the attempts whose shipped code this node
+        is still fetching (they start when it is here: `_code_arrived`); an attempt whose
+        code could not be fetched fails to start, saying why."""
+        running: set[tuple[str, int]] | None = None  # looked up once, only for shipped code
         specs, waiting = [], 0
-        for a in assignments:
+        for a in change.assignments:
             spec = run_spec(a, data_dir=self._data_dir, servers=self._addresses, tls=self._tls,
                             shard_key_file=self._shard_key_file, log_max_bytes=self._log_max_bytes,
                             node_store=self._node_store)
             digest = a.spec.code_digest
+            if digest and running is None:
+                running = {(r.task_id, r.attempt) for r in self._runner.running()}
             if digest and (a.task_id, a.attempt) not in running:
                 try:
                     tree = self._code_cache().tree(digest)
@@ -168,7 +223,10 @@ class AssignmentLoop:
                     waiting += 1
                     continue
             specs.append(spec)
-        sentence = self._runner.reconcile(specs, term)
+        if change.removed is None:
+            sentence = self._runner.reconcile(specs, change.term)
+        else:
+            sentence = self._runner.reconcile(specs, change.term, removed=change.removed)
         return sentence + (f", {waiting} waiting for their code" if waiting else "")
 
     def _refuse(self, spec: RunSpec, why: str) -> None:
@@ -183,10 +241,11 @@ class AssignmentLoop:
         return self._code
 
     def _code_arrived(self) -> None:
-        """A fetch ended: the last whole set again, now with that code here (or failed)."""
-        if self._last_set is not None and self._runner is not None:
-            sentence = self._reconcile(*self._last_set)
-            logger.info("assignments (term %d, code fetched): %s", self._last_set[1], sentence)
+        """A fetch ended: the whole set held again, now with that code here (or failed)."""
+        desired = self._desired
+        if desired is not None and desired.has_whole and self._runner is not None:
+            sentence = self._reconcile(SetChange(list(desired.by_task.values()), desired.term))
+            logger.info("assignments (term %d, code fetched): %s", desired.term, sentence)
 
     async def close(self) -> None:
         """Stop the code fetches in flight (the watch and report tasks are the caller's)."""
@@ -216,24 +275,31 @@ class AssignmentLoop:
             address = self._link.address
             try:
                 call, address = self._link.coordinator.open_stream(
-                    "WatchAssignments", coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id))
+                    "WatchAssignments",
+                    coordinator_pb2.WatchAssignmentsRequest(node_id=self._node_id, deltas=True))
                 self._call, self._call_address = call, address
-                whole = AssignmentChunks()  # per stream: a broken one drops its partial set
+                # Per stream: a broken one drops its partial set; the next starts whole.
+                self._desired = desired = DesiredSet()
                 async for aset in call:
                     self._link.answered()
                     backoff = MIN_BACKOFF_S
-                    assignments = whole.add(aset)
-                    if assignments is None:
+                    change = desired.add(aset)
+                    if change is None:
                         continue  # a set sent in chunks: act only once it is whole
-                    self._last_set = (assignments, aset.term)
-                    sentence = self._reconcile(assignments, aset.term)
-                    logger.info("assignments (term %d): %s", aset.term, sentence)
+                    sentence = self._reconcile(change)
+                    if change.removed is None:
+                        logger.info("assignments (term %d, whole set): %s", aset.term, sentence)
+                    else:  # the runner logs what it started and stopped
+                        logger.debug("assignments (term %d, delta %d): %s", aset.term, aset.version, sentence)
                 raise Unavailable("assignment stream ended")
             except grpc.aio.AioRpcError as rpc_err:
                 self._call = None  # re-aiming below must not cancel it again
                 err = self._link.failed(rpc_err, address)
                 logger.info("assignment stream: %s; retrying", err.message)
             except LeptonError as err:
+                if self._call is not None:  # e.g. a delta out of order: this stream is done
+                    self._call.cancel()
+                    self._call = None
                 logger.info("assignment stream: %s; retrying", err.message)
             except asyncio.CancelledError:
                 if not self._dropped:

@@ -347,10 +347,14 @@ class TaskRunner:
         Returns how many attempt folders were deleted."""
         return await self._retention.sweep()
 
-    def reconcile(self, desired: Iterable[RunSpec], term: int) -> str:
+    def reconcile(self, desired: Iterable[RunSpec], term: int, *,
+                  removed: Iterable[tuple[str, int]] | None = None) -> str:
         """Make the running set match `desired`: launch the attempts not running (and never
         run here), cancel the running ones not in it. A set from a term older than the newest
         seen is ignored (fencing). Bad specs are skipped and counted, not raised.
+        With `removed`, `desired` is a change to the last set, not the whole set (the
+        leader's deltas): cancel the `removed` (task, attempt)s, launch `desired`, leave the
+        rest; the work is O(change), not O(set).
         Returns a sentence such as "started 2, stopped 1, 3 running".
         Raises FailedPrecondition when the runner is not started."""
         if self._watcher is None:
@@ -374,12 +378,18 @@ class TaskRunner:
                 rejected += 1
                 continue
             want[(spec.task_id, spec.attempt)] = spec
-        self._retention.desired = set(want)  # kept: the coordinator still wants them
-        stopped = 0
-        for key, att in list(self._live.items()):
-            if key not in want and not att.stop_reason:
-                self.cancel(*key)
-                stopped += 1
+        if removed is None:
+            self._retention.desired = set(want)  # kept: the coordinator still wants them
+            stop = [key for key, att in self._live.items() if key not in want and not att.stop_reason]
+        else:
+            removed = list(removed)
+            stop = [key for key in removed if key in self._live and not self._live[key].stop_reason]
+            if self._retention.desired is not None:  # changed in place: the sweep's thread only
+                self._retention.desired.difference_update(removed)  # reads it, under the GIL
+                self._retention.desired.update(want)
+        for key in stop:
+            self.cancel(*key)
+        stopped = len(stop)
         started = failed = finished = 0
         for key, spec in want.items():
             if key in self._live:
@@ -397,8 +407,11 @@ class TaskRunner:
                 started += 1
             else:
                 failed += 1
-        alive = sum(1 for a in self._live.values() if not a.stop_reason)
-        parts = [f"started {started}", f"stopped {stopped}", f"{alive} running"]
+        if removed is None:
+            alive = sum(1 for a in self._live.values() if not a.stop_reason)
+            parts = [f"started {started}", f"stopped {stopped}", f"{alive} running"]
+        else:  # not a walk over every attempt per change: those stopping count too
+            parts = [f"started {started}", f"stopped {stopped}", f"{len(self._live)} live"]
         for n, what in ((failed, "failed to start"), (finished, "already ran"), (rejected, "rejected")):
             if n:
                 parts.append(f"{n} {what}")

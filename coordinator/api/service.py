@@ -19,7 +19,8 @@ from lepton.common.paging import decode_token, page_size, take_page
 from lepton.common.served_certs import ServedCertificates, check_caller_serves
 from lepton.common.version import VERSION
 from lepton.coordinator.api.admission import SubmitAdmission
-from lepton.coordinator.api.task_api import TaskApi, TaskHub
+from lepton.coordinator.api.task_api import TaskApi
+from lepton.coordinator.api.task_hub import TaskHub
 from lepton.coordinator.consensus import Consensus
 from lepton.coordinator.loops.liveness import Liveness
 from lepton.coordinator.state.security_state import check_node_caller

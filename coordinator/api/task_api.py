@@ -1,5 +1,6 @@
 """The task half of the Coordinator API: users submit and watch tasks; agents receive
-their desired set and report what happened. Mixed into CoordinatorService."""
+their desired set (whole, then by change: assignment_stream.py) and report what happened.
+Mixed into CoordinatorService."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from lepton.common.auth import Role, current_principal, require_owner
 from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.grpc_util import rpc_boundary
 from lepton.common.paging import MAX_PAGE, decode_token, page_size, take_page
+from lepton.coordinator.api.assignment_stream import AssignmentStream
 from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
-from lepton.coordinator.state.tasks import HOLDING, P, TaskState, copy_task
+from lepton.coordinator.state.tasks import P, TaskState, copy_task
 from lepton.v1 import common_pb2, coordinator_pb2, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
@@ -28,52 +30,6 @@ MAX_WAIT_S = 300.0
 MAX_BATCH = 1000  # specs in one SubmitTasks call
 YIELD_EVERY = 100  # specs checked between yields to the event loop (~10 ms at most)
 REDACTED = "<redacted>"  # what others see instead of a task's env values
-
-
-class TaskHub:
-    """Wakes whoever waits on task changes: WaitTask callers and each node's assignment stream."""
-
-    def __init__(self) -> None:
-        self._node_events: dict[str, set[asyncio.Event]] = {}
-        self._task_changed = asyncio.Condition()
-        self._dirty = False
-
-    def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
-        for node_id in {task.node_id, old_node} - {""}:
-            for event in self._node_events.get(node_id, ()):
-                event.set()
-        self._dirty = True
-        asyncio.get_running_loop().call_soon(self._notify)
-
-    def wake_all(self, *_: object) -> None:
-        """Leadership moved: every stream must re-check whether it may still serve."""
-        for events in self._node_events.values():
-            for event in events:
-                event.set()
-
-    def _notify(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            asyncio.ensure_future(self._notify_waiters())
-
-    async def _notify_waiters(self) -> None:
-        async with self._task_changed:
-            self._task_changed.notify_all()
-
-    def subscribe(self, node_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._node_events.setdefault(node_id, set()).add(event)
-        return event
-
-    def unsubscribe(self, node_id: str, event: asyncio.Event) -> None:
-        self._node_events.get(node_id, set()).discard(event)
-
-    async def wait_for_change(self, timeout: float) -> None:
-        async with self._task_changed:
-            try:
-                await asyncio.wait_for(self._task_changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
 
 
 def may_see_env(owner: str) -> bool:
@@ -265,30 +221,28 @@ class TaskApi:
         if node_id not in self._ctx.state.nodes:
             raise NotFound(f'node "{node_id}" is not registered')
         check_node_caller(self._ctx.state, node_id)
-        changed = self._ctx.hub.subscribe(node_id)
+        hub = self._ctx.hub
+        watch = hub.subscribe(node_id)
+        stream = AssignmentStream(self._ctx.state, node_id)
         try:
             while True:
-                changed.clear()
+                watch.event.clear()
                 self._ctx.require_leader()  # a deposed leader ends the stream; agents re-find
                 term = self._ctx.consensus.term()
-                assignments = [
-                    tasks_pb2.Assignment(
-                        task_id=t.id, attempt=t.attempt, spec=t.spec,
-                        gpu_indices=list(t.gpu_indices), term=t.assigned_term,
-                        restart_count=t.restart_count, master_addr=t.master_addr,
-                        master_port=t.master_port,
-                        task_token=self._ctx.state.security.task_token(t),
-                    )
-                    for t in self._ctx.state.tasks.on_node(node_id)
-                    if t.state in HOLDING
-                ]
-                # In chunks when large: the set may exceed any single message (issue 14).
-                chunks = v.batches_by_size(assignments, v.ASSIGNMENT_CHUNK_BYTES) or [[]]
-                for k, chunk in enumerate(chunks):
-                    yield tasks_pb2.AssignmentSet(term=term, assignments=chunk, more=k < len(chunks) - 1)
-                await changed.wait()
+                # From here to `sent`, no await: the set and the change number agree.
+                changed, seq = hub.changes(watch)
+                if request.deltas and stream.version and term == stream.term and changed is not None:
+                    kind, sets = "delta", stream.delta(term, changed)
+                else:  # the first set, a new term, a stream too far behind, an older agent
+                    kind, sets = "whole", stream.whole(term)
+                hub.sent(watch, seq)
+                if sets and hub.on_sent is not None:
+                    hub.on_sent(kind, len(sets), sum(len(s.assignments) + len(s.removed) for s in sets))
+                for aset in sets:
+                    yield aset
+                await watch.event.wait()
         finally:
-            self._ctx.hub.unsubscribe(node_id, changed)
+            hub.unsubscribe(watch)
 
     @rpc_boundary
     async def ReportTaskEvents(self, request, context):
