@@ -57,6 +57,8 @@ from typing import Any
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt_env import AttemptEnv
+from lepton.agent.tasks.claims import ClaimLog
+from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.task_spec import (
     FENCED,
@@ -68,7 +70,7 @@ from lepton.agent.tasks.task_spec import (
     validate_ids,
 )
 from lepton.agent.tasks.task_user import TaskUser
-from lepton.common.durable import fsync_dir, read_json
+from lepton.common.durable import read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
 __all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
@@ -77,7 +79,9 @@ Chunk = task_logs.Chunk
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.1  # exit / deadline checks, and follow()'s tail interval
+POLL_S = 0.1  # exit checks of attempts without a pidfd (exit_watch), and follow()'s tail interval
+SCAN_S = 5.0  # every attempt checked anyway (a missed wake-up costs this at most); idle wake-ups
+SETTLE_S = 10.0  # attempt claims made durable in their folders, in a thread (claims.py)
 LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
@@ -119,6 +123,7 @@ class _Attempt:
     stop_reason: str = ""
     kill_at: float = 0.0  # monotonic
     killed: bool = False
+    timer: asyncio.TimerHandle | None = None  # at the deadline or kill_at, whichever is next
 
     @property
     def key(self) -> tuple[str, int]:
@@ -162,6 +167,11 @@ class TaskRunner:
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
         self._spawn_env = AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user)
         self._live: dict[tuple[str, int], _Attempt] = {}
+        self._claims = ClaimLog(self._root)
+        self._settling: asyncio.Task[int] | None = None
+        self._exits = ExitWatch(self._on_exit)
+        self._polled: set[tuple[str, int]] = set()  # live attempts without a pidfd
+        self._sweep_s = sweep_s if retention_s else math.inf
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
         self._boot = tp.boot_id()
@@ -181,6 +191,14 @@ class TaskRunner:
         doc = read_json(self._term_path) or {}
         self._max_term = max(self._max_term, int(doc.get("term", 0)))
         adopted = ended = 0
+        claimed = self._claims.pending()  # what ran since the claims were last settled
+        for (task_id, attempt), term in claimed.items():
+            att_dir = self._attempt_dir(task_id, attempt)
+            if not att_dir.exists():  # a power cut took its folder: it ran, and is over
+                att_dir.mkdir(parents=True)
+                self._report(att_dir, TaskEvent(task_id, attempt, term, TaskEventKind.EXITED,
+                                                reason="lost", at_ms=_now_ms()))
+                ended += 1
         for task_dir in sorted(self._root.iterdir()):
             if not task_dir.is_dir() or not TASK_ID_RE.fullmatch(task_dir.name):
                 continue
@@ -188,7 +206,8 @@ class TaskRunner:
                 if not att_dir.is_dir() or not att_dir.name.isdigit() or (att_dir / "reported.json").exists():
                     continue
                 try:
-                    if self._recover(task_dir.name, int(att_dir.name), att_dir):
+                    key = (task_dir.name, int(att_dir.name))
+                    if self._recover(*key, att_dir, claimed.get(key, 0)):
                         adopted += 1
                     else:
                         ended += 1
@@ -208,7 +227,15 @@ class TaskRunner:
                 await watcher
         await self._retention.stop()
         await self._outputs.close()
+        if self._settling is not None:
+            await asyncio.gather(self._settling, return_exceptions=True)
+            self._settling = None
+        self._exits.close()
+        for att in self._live.values():
+            if att.timer is not None:
+                att.timer.cancel()
         self._live.clear()
+        self._polled.clear()
 
     # ---- commands ----------------------------------------------------------------------
 
@@ -218,8 +245,23 @@ class TaskRunner:
         Raises InvalidArgument for a bad spec, FailedPrecondition when the runner is not
         started or this attempt ever ran on this node before, OSError when the data dir
         cannot take the attempt's folder."""
-        if (att_dir := self._claim(spec)) is None:
+        if (att_dir := self._claim(spec)) is not None:
+            self._start_claimed([(spec, att_dir)])
+
+    def _start_claimed(self, claimed: list[tuple[RunSpec, Path]]) -> None:
+        """Record the claims of these attempts durably, in one batch, then spawn each."""
+        if not claimed:
             return
+        try:
+            self._claims.record((spec.task_id, spec.attempt, spec.term) for spec, _ in claimed)
+        except OSError as err:
+            for spec, att_dir in claimed:
+                self._fail_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
+            return
+        for spec, att_dir in claimed:
+            self._spawn(spec, att_dir)
+
+    def _spawn(self, spec: RunSpec, att_dir: Path) -> None:
         try:
             command, env, workdir = self._spawn_env.prepare(spec, att_dir)
         except OSError as err:
@@ -229,8 +271,11 @@ class TaskRunner:
             "spec": spec.to_json(), "pid": 0, "start": 0, "boot_id": self._boot, "started_at_ms": 0,
             "deadline_mono": time.monotonic() + spec.timeout_s if spec.timeout_s > 0 else 0,
         }
+        # run.json is not fsync'd: it only serves a restart in this boot (the page cache
+        # survives an agent crash); after a power cut every attempt is over, and the claim
+        # (claims.py) says which ran.
         try:
-            tp.write_json_atomic(att_dir / "run.json", run)  # intent: lets a restart find an orphan
+            tp.write_json_atomic(att_dir / "run.json", run, durable=False)  # intent: lets a restart find an orphan
             log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as err:
             self._fail_start(spec, att_dir, f"cannot write {att_dir}: {err}")
@@ -250,7 +295,7 @@ class TaskRunner:
         info = tp.proc_info(proc.pid)  # our unreaped child: present, if only as a zombie
         run.update(pid=proc.pid, start=info.start if info else 0.0, started_at_ms=_now_ms())
         try:
-            tp.write_json_atomic(att_dir / "run.json", run)
+            tp.write_json_atomic(att_dir / "run.json", run, durable=False)
         except OSError as err:
             # Unrecorded, a restarted agent could not find it: better not to leave it running.
             tp.signal_group(proc.pid, signal.SIGKILL)
@@ -261,7 +306,7 @@ class TaskRunner:
                        started_at_ms=run["started_at_ms"], proc=proc,
                        deadline=run["deadline_mono"])
         _OWN_CHILDREN[proc.pid] = proc
-        self._live[att.key] = att
+        self._track(att)
         logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
                     spec.term, proc.pid)
         self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
@@ -283,11 +328,10 @@ class TaskRunner:
         att_dir = self._attempt_dir(spec.task_id, spec.attempt)
         att_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
-            att_dir.mkdir()  # exclusive: the durable "this attempt ran here" mark
+            att_dir.mkdir()  # exclusive: the "this attempt ran here" mark (claims.py: through a power cut)
         except FileExistsError:
             raise FailedPrecondition(
                 f"attempt {spec.attempt} of task {spec.task_id} already ran on this node") from None
-        fsync_dir(att_dir.parent)  # ...durable through a power loss too
         return att_dir
 
     def cancel(self, task_id: str, attempt: int, *, reason: str = "cancelled", grace_s: float | None = None) -> None:
@@ -308,6 +352,7 @@ class TaskRunner:
         elif not att.killed and time.monotonic() + grace < att.kill_at:
             att.kill_at = time.monotonic() + grace
             self._persist_stop(att)
+            self._schedule(att)
 
     def running(self) -> list[RunningTask]:
         """The attempts alive now (including those being stopped), sorted by (task, attempt)."""
@@ -391,6 +436,7 @@ class TaskRunner:
             self.cancel(*key)
         stopped = len(stop)
         started = failed = finished = 0
+        claimed: list[tuple[RunSpec, Path]] = []
         for key, spec in want.items():
             if key in self._live:
                 continue
@@ -398,12 +444,14 @@ class TaskRunner:
                 finished += 1  # ran before; its EXITED event is the coordinator's answer
                 continue
             try:
-                self.launch(spec)
+                if (att_dir := self._claim(spec)) is not None:
+                    claimed.append((spec, att_dir))
             except LeptonError as err:
                 logger.warning("reconcile: cannot launch %s/%d: %s", key[0], key[1], err.message)
                 rejected += 1
-                continue
-            if key in self._live:
+        self._start_claimed(claimed)  # one durable record for all of them, then the spawns
+        for spec, _ in claimed:
+            if (spec.task_id, spec.attempt) in self._live:
                 started += 1
             else:
                 failed += 1
@@ -434,16 +482,18 @@ class TaskRunner:
         self._report(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
                                         exit_code=FAILED_TO_START_CODE, reason=reason, at_ms=_now_ms()))
 
-    def _recover(self, task_id: str, attempt: int, att_dir: Path) -> bool:
-        """Re-adopt one unreported attempt (True) or report how it ended (False)."""
+    def _recover(self, task_id: str, attempt: int, att_dir: Path, claimed_term: int) -> bool:
+        """Re-adopt one unreported attempt (True) or report how it ended (False).
+        `claimed_term`: the term its claim recorded (0: none left)."""
         run = read_json(att_dir / "run.json")
         try:
             spec = RunSpec.from_json(run["spec"]) if run else None
         except (TypeError, KeyError):
             spec = None
         if spec is None or run is None:
-            # Died before the intent was on disk: nothing can have been spawned.
-            self._report(att_dir, TaskEvent(task_id, attempt, 0, TaskEventKind.EXITED, reason="lost", at_ms=_now_ms()))
+            # Died before the intent was written, or a power cut took it: nothing runs now.
+            self._report(att_dir, TaskEvent(task_id, attempt, claimed_term, TaskEventKind.EXITED,
+                                            reason="lost", at_ms=_now_ms()))
             return False
         self._max_term = max(self._max_term, spec.term)
         pid, start = int(run.get("pid", 0)), float(run.get("start", 0))
@@ -465,26 +515,79 @@ class TaskRunner:
         if exited:
             self._finish(att, code)
             return False
-        self._live[att.key] = att
+        self._track(att)
         logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, pid)
         return True
 
+    def _track(self, att: _Attempt) -> None:
+        """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
+        timer at its deadline or SIGKILL time."""
+        self._live[att.key] = att
+        if not self._exits.watch(att.key, att.pid, att.start):
+            self._polled.add(att.key)
+        self._schedule(att)
+
+    def _schedule(self, att: _Attempt) -> None:
+        """(Re)arm the attempt's timer for whichever of its deadline or SIGKILL time is next."""
+        if att.timer is not None:
+            att.timer.cancel()
+            att.timer = None
+        when = (0.0 if att.killed else att.kill_at) if att.stop_reason else att.deadline
+        if when:  # loop.time() is time.monotonic(), the clock of these times
+            att.timer = asyncio.get_running_loop().call_at(when, self._on_wake, att.key)
+
+    def _on_exit(self, key: tuple[str, int]) -> None:
+        """Its pidfd says the wrapper ended."""
+        if (att := self._live.get(key)) is not None:
+            self._check_logged(att)
+            if key in self._live:  # not reapable yet (it should be): poll it from now on
+                self._polled.add(key)
+
+    def _on_wake(self, key: tuple[str, int]) -> None:
+        """Its timer: a deadline or a SIGKILL time has come."""
+        if (att := self._live.get(key)) is not None:
+            att.timer = None
+            self._check_logged(att)
+            if key in self._live and att.timer is None:
+                self._schedule(att)  # the loop may fire a timer a hair early: once more then
+
+    def _check_logged(self, att: _Attempt) -> None:
+        try:
+            self._check(att)
+        except Exception:  # keep watching the others
+            logger.exception("watching task %s attempt %d failed", *att.key)
+
     async def _watch(self) -> None:
-        next_logs = time.monotonic()
+        """Exits and timers come by themselves (`_on_exit`, `_on_wake`); this loop polls the
+        attempts without a pidfd, checks output sizes, scans every attempt now and then
+        (a backstop), and starts retention sweeps and claim settling."""
+        now = time.monotonic()
+        next_logs, next_scan, next_settle = now, now + SCAN_S, now + SETTLE_S
         while True:
-            await asyncio.sleep(POLL_S)
+            if self._polled:
+                wait = POLL_S
+            elif self._live:
+                wait = min(self._log_check_s, SCAN_S, self._sweep_s) or POLL_S
+            else:
+                wait = min(SCAN_S, self._sweep_s)
+            await asyncio.sleep(wait)
             now = time.monotonic()
             check_logs = now >= next_logs
             if check_logs:
                 next_logs = now + self._log_check_s
-            for att in list(self._live.values()):
-                try:
-                    self._check(att)
-                    if check_logs and att.key in self._live:
+            scan = now >= next_scan
+            if scan:
+                next_scan = now + SCAN_S
+            for att in [self._live[k] for k in self._polled] if not (scan or check_logs) else list(self._live.values()):
+                if scan or att.key in self._polled:
+                    self._check_logged(att)
+                if check_logs and att.key in self._live:
+                    with contextlib.suppress(Exception):
                         self._outputs.check(att.dir)
-                except Exception:  # keep watching the others
-                    logger.exception("watching task %s attempt %d failed", *att.key)
             self._retention.tick(now)
+            if now >= next_settle and (self._settling is None or self._settling.done()):
+                next_settle = now + SETTLE_S
+                self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
 
     def _check(self, att: _Attempt) -> None:
         exited, code = self._poll_exit(att)
@@ -533,6 +636,7 @@ class TaskRunner:
         else:
             logger.info("stopping task %s attempt %d (%s): SIGTERM, SIGKILL in %gs", *att.key, reason, grace)
             self._signal(att, signal.SIGTERM)
+        self._schedule(att)
 
     def _kill(self, att: _Attempt) -> None:
         att.killed = True
@@ -554,6 +658,11 @@ class TaskRunner:
     def _finish(self, att: _Attempt, wait_code: int | None) -> None:
         """The wrapper is gone: clear its group, work out the exit code and report it."""
         self._live.pop(att.key, None)
+        self._polled.discard(att.key)
+        self._exits.unwatch(att.key)
+        if att.timer is not None:
+            att.timer.cancel()
+            att.timer = None
         if att.proc is not None:
             _OWN_CHILDREN.pop(att.pid, None)
         self._outputs.finished(att.dir)

@@ -1,0 +1,72 @@
+"""Wake the task runner the moment a task's wrapper ends, instead of polling every attempt.
+
+Each watched process gets a pidfd (Linux 5.3+, `os.pidfd_open`), read by the event loop:
+it becomes readable when the process ends, whoever its parent is, so the runner learns
+of each exit on its own (O(1) per exit, however many attempts run) and reaps or reads it
+at once. Where there is no pidfd (another OS, an old kernel, out of file descriptors)
+`watch` says so and the runner polls that attempt as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Hashable
+
+from lepton.agent.tasks import task_proc as tp
+
+logger = logging.getLogger(__name__)
+
+
+class ExitWatch:
+    """pidfds on the running event loop; `on_exit(key)` is called on it once per ended process."""
+
+    def __init__(self, on_exit: Callable[[Hashable], None]):
+        self._on_exit = on_exit
+        self._fds: dict[Hashable, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._warned = False
+
+    def watch(self, key: Hashable, pid: int, start: float) -> bool:
+        """Call `on_exit(key)` once process `pid` (started at `start`, against pid reuse)
+        ends; at once (soon, on the loop) when it has already ended or the pid is someone
+        else's now. False when it cannot be watched: the caller polls it."""
+        if not hasattr(os, "pidfd_open") or pid <= 0:
+            return False
+        self.unwatch(key)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = -1  # gone already
+        except OSError as err:
+            if not self._warned:  # e.g. EMFILE: this attempt, and others like it, are polled
+                logger.warning("cannot watch task processes by pidfd (%s); polling them", err)
+                self._warned = True
+            return False
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        info = tp.proc_info(pid)
+        if fd < 0 or info is None or not tp.same_start(info.start, start):
+            if fd >= 0:
+                os.close(fd)  # the pid was reused: what we watch has ended
+            loop.call_soon(self._on_exit, key)
+            return True
+        self._fds[key] = fd
+        loop.add_reader(fd, self._fire, key)
+        return True
+
+    def unwatch(self, key: Hashable) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self.unwatch(key)
+
+    def _fire(self, key: Hashable) -> None:
+        self.unwatch(key)
+        self._on_exit(key)
