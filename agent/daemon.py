@@ -272,6 +272,7 @@ class Agent:
             c.liveness.on_heartbeat = metrics.observe_heartbeat
             c.scheduling.on_cycle = metrics.scheduling_cycle.observe
             c.ctx.admission.on_shed = metrics.submissions_shed.inc
+            c.ctx.hub.on_sent = metrics.on_assignments_sent
             self.coordinator_metrics = metrics
         if not self.config.metrics_listen:
             return

@@ -237,6 +237,12 @@ class CoordinatorMetrics:
             "lepton_submissions_shed",
             "User submissions the leader shed (admission: RESOURCE_EXHAUSTED with a retry hint)",
             registry=r)
+        self.assignment_sets_sent = Counter(
+            "lepton_assignment_sets_sent",
+            "Assignment messages the leader sent agents: whole sets (each chunk) and deltas",
+            ["kind"], registry=r)
+        self.assignments_sent = Counter(
+            "lepton_assignments_sent", "Assignments and removals those messages carried", registry=r)
         self._collector: ClusterCollector | None = None
 
     def attach(self, **sources: Any) -> ClusterCollector:
@@ -258,6 +264,11 @@ class CoordinatorMetrics:
             since = max(since, task.history[-1].finished_at_ms)
         if since:
             self.scheduling_latency.observe(max(0.0, (task.assigned_at_ms - since) / 1000))
+
+    def on_assignments_sent(self, kind: str, messages: int, entries: int) -> None:
+        """`TaskHub.on_sent`: a stream sent `messages` of `kind` ("whole" or "delta")."""
+        self.assignment_sets_sent.labels(kind).inc(messages)
+        self.assignments_sent.inc(entries)
 
     def observe_heartbeat(self, node_id: str, interval_s: float | None) -> None:
         """`Liveness.on_heartbeat`: `interval_s` since the node's previous beat, None for its
