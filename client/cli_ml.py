@@ -1,11 +1,13 @@
-"""`lepton-ctl train | evaluate | predict`: the algorithm library from the command line.
+"""`lepton-ctl train | evaluate | predict | models`: the algorithm library from the command line.
 
     lepton-ctl train --algorithm mlp --dataset D --epochs 10 --batch-size 64 --lr 0.05 --nodes 2 --out M
     lepton-ctl evaluate M --dataset D          # {"accuracy": ..., "loss": ...} or {"mse": ...}
     lepton-ctl predict M --dataset D --out P   # predictions become dataset P
+    lepton-ctl models list | show M | rm M     # recipe, metrics, source dataset
 
 A thin layer over `lepton.client.facade.Algorithm`: training is a torch.distributed job
-across agents (DDP, gloo on CPU, nccl on GPUs); models are stored in the cluster as datasets.
+across agents (DDP, gloo on CPU, nccl on GPUs); models are stored in the cluster as datasets
+of kind "model" (safetensors and a JSON config; `lepton.client.models`), apart from data.
 """
 
 from __future__ import annotations
@@ -17,8 +19,19 @@ from typing import Any
 
 from lepton.common.errors import LeptonError
 
-from ._cli_common import PROG, _client, _positive_int, command, print_result, wants_json
+from ._cli_common import (
+    PROG,
+    _client,
+    _positive_int,
+    command,
+    command_group,
+    print_result,
+    wants_json,
+)
 from .facade import ALGORITHMS, Algorithm
+from .models import ModelInfo, delete_model, get_model, list_models
+from .render import age, human_bytes
+from .tables import FitTable
 
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
@@ -44,6 +57,13 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
         p.add_argument("--dataset", required=True, metavar="NAME")
         if name == "predict":
             p.add_argument("--out", required=True, metavar="NAME", help="the predictions dataset")
+
+    models = command_group(top, "models", "trained models: list, show, remove")
+    command(models, "list", cmd_models_list, "list models: algorithm, source dataset, metrics", [common])
+    p = command(models, "show", cmd_models_show, "a model's recipe, metrics and source dataset", [common])
+    p.add_argument("name", metavar="MODEL")
+    p = command(models, "rm", cmd_models_rm, "remove a model", [common])
+    p.add_argument("name", metavar="MODEL")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -88,3 +108,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as c:
         out = Algorithm(c).predict(args.model, args.dataset, args.out)
     return print_result(args, {"predictions": out}, f"{out}\n", line=True)
+
+
+def _pairs(doc: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(doc.items())) or "-"
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        items = list_models(c)
+
+    def table() -> FitTable:
+        t = FitTable(("NAME", "OWNER", "ALGORITHM", "DATASET", "METRICS", "SIZE", "AGE"),
+                     keep=("NAME",), optional=("AGE", "SIZE", "METRICS"))
+        for m in items:
+            t.add_row(m.name, m.owner or "-", m.algorithm or "-", m.dataset or "-", _pairs(m.metrics),
+                      human_bytes(m.size), age(m.created_at_ms))
+        return t
+
+    return print_result(args, [m.to_dict() for m in items], table, empty="no models")
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        m = get_model(c, args.name)
+    return print_result(args, m.to_dict(), _model_detail(m))
+
+
+def _model_detail(m: ModelInfo) -> str:
+    recipe = {k: v for k, v in m.recipe.items() if k != "algorithm"}
+    return (f"model {m.name} v{m.version}: {m.algorithm or '-'} {m.task or ''}".rstrip()
+            + f", {human_bytes(m.size)}, owner {m.owner or '-'}\n"
+            f"trained on dataset {m.dataset or '-'} by job {m.job or '-'}\n"
+            f"recipe: {_pairs(recipe)}\n"
+            f"metrics: {_pairs(m.metrics)}\n"
+            f"input shape {m.input_shape or '-'}; classes {m.classes or '-'}\n")
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        m = delete_model(c, args.name)
+    return print_result(args, m.to_dict(), f"removed model {m.name} v{m.version}\n")

@@ -26,12 +26,13 @@ from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from .client import Client
 from .jobs import JobInfo
+from .models import get_model
 from .types import TaskInfo
 
 ALGORITHMS = ("logreg", "mlp", "cnn")
-# The file name a trained model is stored from (the dataset's `source`): what tells a
-# model from a dataset before anything runs.
-MODEL_FILE = "model.pt"
+# The file name a trained model is stored from (the dataset's `source`). What tells a model
+# from a dataset is the dataset's kind ("model"), set when the training job stores it.
+MODEL_FILE = "model.safetensors"
 
 log = logging.getLogger("lepton")
 
@@ -100,8 +101,8 @@ class Algorithm:
             raise FailedPrecondition("select_algorithm() first")
         ds_name = getattr(dataset, "name", dataset)
         ds = self.client.dataset(ds_name)  # NotFound: 'dataset "x" not found'
-        if is_model(ds):
-            raise InvalidArgument(f'"{ds_name}" is a model, not a dataset to train on')
+        if ds.kind != "data":
+            raise InvalidArgument(f'"{ds_name}" is a {ds.kind}, not a dataset to train on')
         name = name or f"{ds_name}-{self.algorithm}-{uuid.uuid4().hex[:6]}"
         with contextlib.suppress(NotFound):
             self.client.dataset(name)
@@ -114,6 +115,7 @@ class Algorithm:
                         ds_name, len(ds.shards), fit, nodes)
             nodes = fit
         argv = [sys.executable, "-m", "lepton.workloads.recipes.cluster", "train", "--model-name", name,
+                "--source-dataset", ds_name,
                 "--algorithm", self.algorithm, "--epochs", str(p["epochs"]),
                 "--batch-size", str(p["batch_size"]), "--lr", str(p["learning_rate"]),
                 "--hidden", str(p["hidden"]), "--seed", str(p["seed"])]
@@ -165,20 +167,10 @@ class Algorithm:
 
     def _check_model_and_dataset(self, model: str, dataset: str) -> None:
         """One-line refusals before anything runs: what is missing, or which is which."""
-        try:
-            found = self.client.dataset(model)
-        except NotFound:
-            raise NotFound(f'model "{model}" not found') from None
-        if not is_model(found):
-            raise InvalidArgument(f'"{model}" is a dataset, not a model (train one with '
-                                  f"lepton-ctl train --out NAME)")
-        if is_model(self.client.dataset(dataset)):  # NotFound: 'dataset "x" not found'
-            raise InvalidArgument(f'"{dataset}" is a model, not a dataset')
-
-
-def is_model(ds: Any) -> bool:
-    """Whether a stored dataset holds a model (recipes.cluster stores it from MODEL_FILE)."""
-    return ds.source == MODEL_FILE
+        get_model(self.client, model)
+        ds = self.client.dataset(dataset)  # NotFound: 'dataset "x" not found'
+        if ds.kind != "data":
+            raise InvalidArgument(f'"{dataset}" is a {ds.kind}, not a dataset')
 
 
 def _last_line(output: str, more: str) -> str:

@@ -104,7 +104,8 @@ def store_checkpoint(launch: dict[str, Any], path: Path) -> None:
     from lepton.workloads.recipes.cluster import put_file
 
     with _client(launch) as client:
-        put_file(client, checkpoint_dataset(launch["job_id"]), path)  # falls back to 1 copy
+        # Kind "checkpoint": internal, hidden from `data ls` unless --all. Falls back to 1 copy.
+        put_file(client, checkpoint_dataset(launch["job_id"]), path, kind="checkpoint")
 
 
 async def sync_checkpoints(launch: dict[str, Any], ckpt_dir: Path, done: asyncio.Event) -> None:

@@ -27,6 +27,7 @@ from lepton.workloads.recipes import evaluate as evaluate_mod  # noqa: E402
 from lepton.workloads.recipes import predict as predict_mod  # noqa: E402
 from lepton.workloads.recipes import train as train_mod  # noqa: E402
 from lepton.workloads.recipes.data import write_shard  # noqa: E402
+from lepton.workloads.recipes.models import read_config  # noqa: E402
 from lepton.workloads.torch_env import python_argv  # noqa: E402
 from lepton.workloads.torch_launcher import LaunchResult, NodeLaunch, run_node  # noqa: E402
 
@@ -63,7 +64,9 @@ def log_of(tmp: Path, name: str, restart_count: int = 0, rank: int = 0) -> str:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
+    from safetensors.torch import load_file  # models are safetensors: never unpickled
+
+    return load_file(path)
 
 
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
@@ -106,9 +109,12 @@ def test_two_ranks_train_like_one_process(data, two_rank_model):
                     shards=((str(data / "interleaved.npz"),),))
     assert result.ok, (result, log_of(data, "one"))
     assert_same_weights(two_rank_model, one, atol=1e-5)  # float summation order only
-    meta = torch.load(two_rank_model, weights_only=True)
+    meta = read_config(two_rank_model)
     assert meta["hyperparameters"]["world_size"] == 2 and meta["algorithm"] == "mlp"
     assert (meta["task"], meta["num_classes"], meta["input_shape"]) == ("classification", 3, [6])
+    # Accuracy over both ranks' rows: the same model on the same rows as the 1-process run.
+    assert meta["metrics"]["train_accuracy"] == pytest.approx(read_config(one)["metrics"]["train_accuracy"])
+    assert 0.5 < meta["metrics"]["train_accuracy"] <= 1.0
     # The logged epoch losses agree too.
     def losses(name: str) -> list[float]:
         return [float(line.split()[-1]) for line in log_of(data, name).splitlines() if " loss " in line]
@@ -181,7 +187,7 @@ def test_logreg_regression_and_cnn_in_one_process(tmp_path, monkeypatch):
     ckpt = tmp_path / "cnn-ckpt"
     assert train_mod.main(["--algorithm", "cnn", "--epochs", "2", "--batch-size", "16", "--shards",
                            str(tmp_path / "img.npz"), "--output", str(model), "--checkpoint-dir", str(ckpt)]) == 0
-    meta = torch.load(model, weights_only=True)
+    meta = read_config(model)
     assert meta["input_shape"] == [8, 8] and meta["num_classes"] == 2
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000001.pt", "epoch_000002.pt"]
     proba = predict_mod.predict(str(model), [str(tmp_path / "img.npz")], probabilities=True)

@@ -1,24 +1,36 @@
 """The built-in models and the model file the recipes write and read.
 
-Model file (`torch.save` of a dict, loadable with `weights_only=True`):
-  format           "lepton-model/1"
-  algorithm        "logreg" | "mlp" | "cnn"
+Model file: safetensors (https://github.com/huggingface/safetensors), no pickle anywhere:
+  8 bytes     little-endian length N of the header
+  N bytes     the header, JSON: each tensor's dtype, shape and offsets, and `__metadata__`
+              {"format": "lepton-model/2", "config": <the config, JSON text>}
+  the rest    the weights (the state_dict's tensors, raw little-endian)
+Config (JSON; `read_config` reads it without torch):
+  format           "lepton-model/2"
+  architecture     {"name": "logreg" | "mlp" | "cnn", "args": {"input_shape", "output_dim",
+                   "hidden"}}: what `build_model` takes, so loading builds the model from it
+  algorithm        = architecture.name
   task             "classification" | "regression"
   input_shape      list[int], one example's shape (x.shape[1:])
   output_dim       classes (classification) or targets (regression)
   num_classes      = output_dim for classification, 0 for regression
   target_shape     list[int], one label's shape ([] for (n,) labels)
   hidden           the hidden width
+  recipe           the recipe module that trained it ("lepton.workloads.recipes.train")
   hyperparameters  dict: epochs, batch_size, lr, momentum, weight_decay, seed, world_size
-  train_loss       the mean training loss of the last epoch
-  state_dict       the weights (CPU tensors)
+  metrics          dict: train_loss (the last epoch's mean), train_accuracy (classification)
+  train_loss       = metrics.train_loss
+  source_dataset   the dataset it was trained on ("" when trained on local shards)
+Files of the first format (`torch.save`, "lepton-model/1") are refused: retrain.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,15 +39,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from lepton.common.durable import atomic_writer
+from lepton.common.durable import atomic_writer, write_atomic
 from lepton.workloads.recipes import ALGORITHMS
 from lepton.workloads.recipes.data import OUTPUT_MODE
 
-__all__ = ["MODEL_FORMAT", "build_model", "load_model", "run_model", "save_atomic", "save_model"]
+__all__ = ["MODEL_FORMAT", "build_model", "load_model", "read_config", "run_model", "save_atomic", "save_model"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "lepton-model/1"
+MODEL_FORMAT = "lepton-model/2"
+MAX_HEADER = 1 << 20  # a few tensors' entries and the config: far below this
 
 
 class _AddChannel(nn.Module):
@@ -90,27 +103,69 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write the model file (see the module doc) atomically. Raises OSError."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"format": MODEL_FORMAT, **meta, "state_dict": state}, path)
+    """Write the model file (see the module doc) atomically; `meta` is the config without
+    format and architecture. Raises OSError."""
+    from safetensors.torch import save
+
+    config = {"format": MODEL_FORMAT, "architecture": {"name": meta["algorithm"], "args": {
+        "input_shape": list(meta["input_shape"]), "output_dim": int(meta["output_dim"]),
+        "hidden": int(meta.get("hidden", 64))}}, **meta}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(tensors, metadata={"format": MODEL_FORMAT, "config": json.dumps(config, sort_keys=True)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data, mode=OUTPUT_MODE)
+
+
+def read_config(data: bytes | str | os.PathLike[str]) -> dict[str, Any]:
+    """The config of a model file (its bytes or its path), from the safetensors header alone
+    (the weights are not read). Raises ValueError for anything but a Lepton model file,
+    FileNotFoundError."""
+    if not isinstance(data, bytes):
+        with open(data, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            data = head + f.read(min(size, MAX_HEADER))
+    size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    if not 2 <= size <= MAX_HEADER or len(data) < 8 + size or data[8:9] != b"{":
+        if data[:2] == b"PK":  # torch.save's zip: never unpickled here
+            raise ValueError(f"a torch.save (pickle) model file: models are {MODEL_FORMAT} "
+                             f"(safetensors) now; train it again")
+        raise ValueError("not a model file (no safetensors header)")
+    try:
+        header = json.loads(data[8:8 + size])
+        meta = header["__metadata__"]
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, not {MODEL_FORMAT}")
+        config = json.loads(meta["config"])
+        arch = config["architecture"]
+        if not isinstance(arch["args"], dict) or config.get("format") != MODEL_FORMAT:
+            raise ValueError("a malformed architecture")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"not a {MODEL_FORMAT} file: {err}") from err
+    return config
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(the model in eval mode on `device`, its metadata without the weights).
-    Raises FileNotFoundError, ValueError for a file that is not a Lepton model."""
+    """(the model in eval mode on `device`, its config): built from the config's
+    architecture, then the weights loaded. Raises FileNotFoundError, ValueError for a
+    file that is not a Lepton model or whose weights do not fit its architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = Path(path).read_bytes()
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable model file: {err}") from err
-    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a {MODEL_FORMAT} file")
-    meta = {k: v for k, v in doc.items() if k != "state_dict"}
-    model = build_model(meta["algorithm"], meta["input_shape"], int(meta["output_dim"]),
-                        hidden=int(meta.get("hidden", 64)))
-    model.load_state_dict(doc["state_dict"])
-    return model.to(device).eval(), meta
+        config = read_config(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    arch = config["architecture"]
+    try:
+        args = arch["args"]
+        model = build_model(arch["name"], [int(d) for d in args["input_shape"]], int(args["output_dim"]),
+                            hidden=int(args.get("hidden", 64)))
+        model.load_state_dict(load(data), strict=True)
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path}: the weights do not fit the model's architecture: {err}") from err
+    return model.to(device).eval(), config
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", default=None, help="default: $LEPTON_CHECKPOINT_DIR")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--output", default=None, help="the model file rank 0 writes at the end")
+    p.add_argument("--source-dataset", default="", help="the dataset's name, recorded in the model")
     p.add_argument("--backend", default=None, choices=("gloo", "nccl"))
     p.add_argument("--dist-timeout-s", type=float, default=600.0)
     # Fault injection for tests: rank 0 SIGKILLs itself once epoch N's checkpoint is saved.
@@ -273,10 +274,15 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
                 print(f"crash injected after epoch {epoch + 1}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    metrics = {"train_loss": last_loss}
+    if task == "classification":
+        metrics["train_accuracy"] = _accuracy(model, x, y, d)
     meta: dict[str, Any] = {
         "algorithm": args.algorithm, "task": task, "input_shape": input_shape,
         "output_dim": output_dim, "num_classes": output_dim if task == "classification" else 0,
         "target_shape": target_shape, "hidden": args.hidden, "train_loss": last_loss,
+        "recipe": "lepton.workloads.recipes.train", "metrics": metrics,
+        "source_dataset": args.source_dataset,
         "hyperparameters": {
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "momentum": args.momentum, "weight_decay": args.weight_decay, "seed": args.seed,
@@ -287,6 +293,18 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         save_model(args.output, model, meta)
         print(f"model written to {args.output}", flush=True)
     return meta
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, d: Dist, batch_size: int = 4096) -> float:
+    """The trained model's accuracy over every rank's rows (all of them, drop-last aside)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.array(x[i:i + batch_size])).to(d.device)
+        correct += int((model(xb).argmax(dim=1).cpu() == torch.from_numpy(np.array(y[i:i + batch_size]))).sum())
+    hits, rows = d.all_reduce([float(correct), float(len(x))])
+    return hits / rows if rows else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
