@@ -14,6 +14,8 @@ from typing import Any
 
 from rich.table import Table
 
+from lepton.common.errors import InvalidArgument
+
 from ._cli_common import (
     _client,
     _positive_int,
@@ -61,7 +63,8 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("out", metavar="OUT")
 
-    cmd("ls", cmd_ls, "list datasets")
+    p = cmd("ls", cmd_ls, "list datasets (models: lepton-ctl models list)")
+    p.add_argument("--all", action="store_true", help="also models and jobs' internal checkpoints")
     p = cmd("show", cmd_show, "show a dataset and its shards")
     p.add_argument("name", metavar="NAME")
     p = cmd("rm", cmd_rm, "remove a dataset (and blobs no other dataset uses)")
@@ -139,8 +142,16 @@ def cmd_put(args: argparse.Namespace) -> int:
     return print_result(args, ds.to_dict(), _summary(ds) + "\n")
 
 
+def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:
+    """`ds`, or InvalidArgument pointing a model's name to `lepton-ctl models COMMAND`."""
+    if ds.kind == "model":
+        raise InvalidArgument(f'"{ds.name}" is a model, not a dataset (see lepton-ctl models {command} {ds.name})')
+    return ds
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as c, _progress(args, "get") as progress:
+        _not_a_model(c.dataset(args.name), "show")
         ds = c.get_dataset(args.name, args.out, progress=progress)
     doc = {"name": ds.name, "version": ds.version, "rows": ds.rows, "size": ds.size, "out": args.out}
     return print_result(args, doc, f"wrote {ds.rows} rows of {ds.name} v{ds.version} to {args.out}\n")
@@ -148,18 +159,19 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        items = c.datasets()
-    return print_result(args, [d.to_dict() for d in items], lambda: _datasets_table(items),
+        items = c.datasets(kind=None if args.all else "data")
+    return print_result(args, [d.to_dict() for d in items], lambda: _datasets_table(items, args.all),
                         empty="no datasets")
 
 
-def _datasets_table(items: list[DatasetInfo]) -> FitTable:
+def _datasets_table(items: list[DatasetInfo], kinds: bool = False) -> FitTable:
     # A dataset's name is its id: never cut; the least needed columns go first.
-    table = FitTable(("NAME", "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"),
+    headers = ("NAME", "KIND") if kinds else ("NAME",)
+    table = FitTable((*headers, "OWNER", "VERSION", "ROWS", "SIZE", "REPLICAS", "AGE", "SOURCE"),
                      keep=("NAME",), optional=("SOURCE", "AGE", "REPLICAS", "ROWS"))
     for d in items:
         table.add_row(
-            d.name,
+            *((d.name, d.kind) if kinds else (d.name,)),
             d.owner or "-",
             str(d.version),
             str(d.rows),
@@ -173,7 +185,7 @@ def _datasets_table(items: list[DatasetInfo]) -> FitTable:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        ds = c.dataset(args.name)
+        ds = _not_a_model(c.dataset(args.name), "show")
     return print_result(args, ds.to_dict(), lambda: _dataset_detail(ds))
 
 
@@ -200,6 +212,7 @@ def _dataset_detail(ds: DatasetInfo) -> Table:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as c:
+        _not_a_model(c.dataset(args.name), "rm")
         ds = c.delete_dataset(args.name)
     return print_result(args, ds.to_dict(), f"removed dataset {ds.name} v{ds.version}\n")
 
