@@ -39,6 +39,13 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one column: {text!r}")
+    return names
+
+
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `data ...` to lepton-ctl's subcommands `top`; `common` holds the global options."""
     sub = command_group(top, "data", "datasets: put, get, list, show, remove, process, split")
@@ -46,8 +53,9 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         return command(sub, name, func, help, [common])
 
-    p = cmd("put", cmd_put, "split a .npy/.npz/.csv file into shards and store them on the agents")
-    p.add_argument("file", metavar="FILE")
+    p = cmd("put", cmd_put, "cut a .parquet/.arrow/.feather/.npy/.npz/.csv file or URL into shards "
+            "and store them on the agents")
+    p.add_argument("file", metavar="FILE|URL", help="a local path, file://... or any fsspec URL")
     p.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -57,11 +65,18 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replicas", metavar="R", type=_positive_int, default=2, help="copies of each shard (default 2)"
     )
-    p.add_argument("--label", metavar="COL", help="CSV label column (name or index)")
+    p.add_argument("--label", metavar="COL", help="label column of a table (a CSV's may be an index; "
+                   "default: one named label/labels/y/target/class)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--features", metavar="A,B,C", type=_names,
+                   help="feature columns of a table (default: all but the label)")
+    g.add_argument("--features-prefix", metavar="PREFIX", help="feature columns: those starting with PREFIX")
 
-    p = cmd("get", cmd_get, "download a dataset: OUT.npy (records), OUT.npz (x, y) or a directory")
+    p = cmd("get", cmd_get, "download a dataset as OUT.parquet|.arrow|.feather|.npz|.npy|.csv "
+            "(a path or URL): what was put comes back as it was")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", help="the format is the suffix's; a local path or fsspec URL")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     p = cmd("ls", cmd_ls, "list datasets (models: lepton-ctl models list)")
     p.add_argument("--all", action="store_true", help="also models and jobs' internal checkpoints")
@@ -137,6 +152,8 @@ def cmd_put(args: argparse.Namespace) -> int:
             shards=args.shards,
             replicas=args.replicas,
             label=args.label,
+            features=args.features,
+            features_prefix=args.features_prefix,
             progress=progress,
         )
     return print_result(args, ds.to_dict(), _summary(ds) + "\n")
@@ -152,7 +169,7 @@ def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as c, _progress(args, "get") as progress:
         _not_a_model(c.dataset(args.name), "show")
-        ds = c.get_dataset(args.name, args.out, progress=progress)
+        ds = c.get_dataset(args.name, args.out, force=args.force, progress=progress)
     doc = {"name": ds.name, "version": ds.version, "rows": ds.rows, "size": ds.size, "out": args.out}
     return print_result(args, doc, f"wrote {ds.rows} rows of {ds.name} v{ds.version} to {args.out}\n")
 

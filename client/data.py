@@ -11,6 +11,8 @@ pull from; downloads pull from any replica over the verified side channel).
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ import grpc
 from lepton.common.durable import atomic_writer
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
 from lepton.common.paging import walk_pages
-from lepton.common.validation import DEFAULT_REPLICATION, check_dataset_name
+from lepton.common.validation import DEFAULT_REPLICATION, MAX_DATASET_SCHEMA, check_dataset_name
 from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
@@ -85,6 +87,7 @@ class DatasetInfo:
     owner: str = ""  # who put it; only the owner and admins may replace or delete it
     kind: str = "data"  # "data" | "model" | "checkpoint" (KINDS)
     labels: dict[str, str] = field(default_factory=dict)  # a model's recipe, metrics, source
+    schema: str = ""  # what put read (JSON, client/formats.py); "" for derived datasets
 
     @classmethod
     def from_proto(cls, ds: dpb.Dataset, view: dpb.DatasetView | None = None) -> DatasetInfo:
@@ -102,6 +105,7 @@ class DatasetInfo:
             ds.owner,
             KINDS.get(ds.kind, str(ds.kind)),
             dict(ds.labels),
+            ds.schema,
         )
 
     @property
@@ -167,37 +171,49 @@ class DataMethods:
         shards: int | None = None,
         replicas: int = DEFAULT_REPLICATION,
         label: str | None = None,
+        features: Sequence[str] | None = None,
+        features_prefix: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> DatasetInfo:
-        """Split a .npy/.npz/.csv file into shards, store `replicas` copies of each on the
-        agents, then record the dataset (a new version if the name exists).
+        """Cut a .npy/.npz/.csv/.parquet/.arrow/.feather file (a local path or an fsspec
+        URL) into shards, store `replicas` copies of each on the agents, then record the
+        dataset (a new version if the name exists) with a description of the input, so
+        `get_dataset` writes back what came in.
 
+        Tables: `features` (column names) or `features_prefix`, else every column but the
+        label; `label` a column name (for a CSV also an index), else one named
+        label/labels/y/target/class. The input is read in batches and each shard written
+        as it fills: memory holds about one shard, whatever the file's size.
         `progress(done_bytes, total_bytes)` is called as shards are uploaded. Raises
         InvalidArgument (bad input or name), FailedPrecondition (too few ready nodes),
         ResourceExhausted (an agent's store is full), Unavailable. On any failure no
         dataset is recorded and the uploaded blobs are released.
         """
+        from .formats import cut_shards, open_source
+
         check_dataset_name(name)
         if shards is not None and shards < 1 or shard_size is not None and shard_size < 1:
             raise InvalidArgument("shards and shard_size must be positive")
-        x, y = fmt.load_input(path, label=label)
-        row_bytes = max(1, x.dtype.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
-        ranges = fmt.plan_shards(len(x), row_bytes, shard_size=shard_size, shards=shards)
-        with tempfile.TemporaryDirectory(prefix="lepton-put-") as tmp:
-            metas: list[dpb.Shard] = []
-            files: dict[str, Path] = {}
-            for i, (a, b) in enumerate(ranges):
-                recs = fmt.make_records(
-                    np.asarray(x[a:b]), None if y is None else np.asarray(y[a:b])
-                )
-                p = Path(tmp) / f"{i}.npy"
-                sid, size = fmt.write_shard(recs, p)
-                files[sid] = p
-                metas.append(dpb.Shard(id=sid, size=size, **fmt.describe(recs)))
-                del recs
-            return self.put_shards(
-                name, metas, files, replicas=replicas, source=Path(path).name, progress=progress
-            )
+        with open_source(os.fspath(path), features=list(features) if features else None,
+                         features_prefix=features_prefix, label=label) as src, \
+                tempfile.TemporaryDirectory(prefix="lepton-put-") as tmp:
+            dtype = fmt.record_dtype(src.x_dtype, src.row_shape, src.y_dtype)
+            if shards is not None:
+                bounds = fmt.plan_shards(src.rows or 0, 1, shards=shards)
+                sizes: Iterator[int] = iter([b - a for a, b in bounds])
+            else:
+                sizes = itertools.repeat(max(1, (shard_size or 64 << 20) // max(1, dtype.itemsize)))
+            cut = cut_shards(src.batches, dtype, sizes, Path(tmp))
+            if not cut:
+                raise InvalidArgument(f"{src.name}: no rows")
+            schema = json.dumps(src.schema, separators=(",", ":"))
+            if len(schema) > MAX_DATASET_SCHEMA:
+                raise InvalidArgument(f"{src.name}: too many columns to describe "
+                                      f"({len(schema)} bytes of schema; at most {MAX_DATASET_SCHEMA})")
+            metas = [dpb.Shard(id=sid, size=size, **desc) for sid, size, desc, _ in cut]
+            files = {sid: p for sid, _, _, p in cut}
+            return self.put_shards(name, metas, files, replicas=replicas, source=src.name,
+                                   schema=schema, progress=progress)
 
     def put_shards(
         self,
@@ -210,6 +226,7 @@ class DataMethods:
         progress: Callable[[int, int], None] | None = None,
         kind: str = "data",
         labels: dict[str, str] | None = None,
+        schema: str = "",
     ) -> DatasetInfo:
         """Store already-made shard files (id -> path) and commit the dataset (of `kind`,
         with `labels`)."""
@@ -238,7 +255,7 @@ class DataMethods:
                 )
             self._replicate(plan, uniq, tick)
             ds = dpb.Dataset(name=name, replication=plan.replication, source=source,
-                             kind=_KIND_CODES[kind], labels=labels or {})
+                             kind=_KIND_CODES[kind], labels=labels or {}, schema=schema)
             for m in metas:
                 s = ds.shards.add()
                 s.CopyFrom(m)
@@ -311,72 +328,97 @@ class DataMethods:
         name: str,
         out: str | os.PathLike[str],
         *,
+        force: bool = False,
         progress: Callable[[int, int], None] | None = None,
         parallel: int = 4,
     ) -> DatasetInfo:
-        """Download every shard (hash-verified, from any replica) and write `out`: a .npy
-        structured array (fields x, y), a .npz with arrays x and y, or, for a directory,
-        the shard files themselves. `out` appears only when complete.
+        """Download every shard (hash-verified, from any replica) and write `out`, a local
+        path or an fsspec URL, in the format its suffix names (.parquet, .arrow, .feather,
+        .npz, .npy, .csv): what `put_dataset` read comes back as it was (client/format_out.py).
+        An existing `out` is replaced only with `force`; it appears only when complete.
         Raises NotFound, Unavailable (some shard has no good copy), InvalidArgument."""
-        ds = self.dataset(name)
-        out = Path(out)
-        if out.suffix.lower() not in (".npy", ".npz") and out.exists() and not out.is_dir():
-            raise InvalidArgument(
-                f"{out}: not a directory; name a .npy or .npz file or a directory"
-            )
-        parent = out.parent if out.suffix else out
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".lepton-get-", dir=parent))
-        try:
-            store = ShardStore(work / "store")
-            tick = _progress_counter(progress, ds.size)
-            items = {
-                s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
-                for s in ds.shards
-            }
-            from lepton.dataplane.transfer import Puller
+        from .format_out import check_suffix, write_output
+        from .formats import is_local, local_path, remote_fs, suffix_of
 
-            # The side channel, with the client's certificate when TLS is on, and its token.
-            puller = Puller(store, tls=getattr(self, "_tls", None), token=getattr(self, "_token", None))
-            try:
-                result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)
-            finally:
-                puller.close()
-            if result.failed:
-                shard_id, why = next(iter(result.failed.items()))
-                raise Unavailable(
-                    f"dataset {name}: {len(result.failed)} shards could not be fetched "
-                    f"({shard_id[:12]}: {why})"
-                )
-            paths = [store.path(s.id) for s in ds.shards]
-            self._assemble(paths, out, work)
+        url = os.fspath(out)
+        suffix = suffix_of(url)
+        check_suffix(suffix, url)
+        local = is_local(url)
+        fs, remote = (None, "") if local else remote_fs(url)
+        target = local_path(url) if local else None
+        exists = target.exists() if target is not None else fs.exists(remote)
+        if target is not None and target.is_dir():
+            raise InvalidArgument(f"{url} is a directory; name a file")
+        if exists and not force:
+            raise InvalidArgument(f"{url} exists; pass --force to replace it")
+        ds = self.dataset(name)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        # Local: work beside the output, so the finished file is renamed into place.
+        work = Path(tempfile.mkdtemp(prefix=".lepton-get-",
+                                     dir=target.parent if target is not None else None))
+        try:
+            paths = self._pull_all(ds, work / "store", progress, parallel)
+            first = ds.shards[0] if ds.shards else None
+            x_dtype = np.dtype(first.dtype if first else "<f4")
+            y_dtype = np.dtype(first.label_dtype) if first and first.label_dtype else None
+            schema = json.loads(ds.schema) if ds.schema else {}
+            tmp = work / ("out" + suffix)
+            with open(tmp, "wb") as f:
+                write_output(f, suffix, paths, schema, ds.rows, x_dtype,
+                             tuple(first.shape) if first else (), y_dtype)
+            if target is not None:
+                os.replace(tmp, target)
+            else:
+                fs.put_file(str(tmp), remote)
             return ds
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @staticmethod
-    def _assemble(paths: list[Path], out: Path, work: Path) -> None:
-        suffix = out.suffix.lower()
-        if suffix not in (".npy", ".npz"):
-            out.mkdir(parents=True, exist_ok=True)
-            for i, p in enumerate(paths):
-                with open(p, "rb") as src, atomic_writer(out / f"shard-{i:05d}.npy", mode=0o644) as dst:
+    def download_shards(
+        self, name: str, directory: str | os.PathLike[str], *, parallel: int = 4
+    ) -> list[Path]:
+        """The dataset's shard files (records x[, y]) as DIRECTORY/shard-00000.npy ...,
+        in row order; their paths."""
+        ds = self.dataset(name)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".lepton-get-", dir=out))
+        try:
+            written = []
+            for i, p in enumerate(self._pull_all(ds, work / "store", None, parallel)):
+                dest = out / f"shard-{i:05d}.npy"
+                with open(p, "rb") as src, atomic_writer(dest, mode=0o644) as dst:
                     shutil.copyfileobj(src, dst)
-            return
-        joined = work / "joined.npy"
-        if paths:
-            fmt.concat_shards(paths, joined)
-        else:
-            np.save(joined, np.empty(0, dtype=fmt.record_dtype("<f4", ())))
-        tmp = work / ("out" + suffix)
-        if suffix == ".npz":
-            recs = np.load(joined, mmap_mode="r")
-            x, y = fmt.split_arrays(recs)
-            arrays = {"x": x} if y is None else {"x": x, "y": y}
-            np.savez(tmp, **arrays)
-        else:
-            tmp = joined
-        shutil.move(str(tmp), str(out))
+                written.append(dest)
+            return written
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _pull_all(self, ds: DatasetInfo, store_dir: Path,
+                  progress: Callable[[int, int], None] | None, parallel: int) -> list[Path]:
+        """Every shard of `ds` pulled (verified) into a private store; paths in row order."""
+        from lepton.dataplane.transfer import Puller
+
+        store = ShardStore(store_dir)
+        tick = _progress_counter(progress, ds.size)
+        items = {
+            s.id: (s.id, s.size, [ds.addresses[n] for n in s.replicas if n in ds.addresses])
+            for s in ds.shards
+        }
+        # The side channel, with the client's certificate when TLS is on, and its token.
+        puller = Puller(store, tls=getattr(self, "_tls", None), token=getattr(self, "_token", None))
+        try:
+            result = puller.pull_many(list(items.values()), parallel=parallel, progress=tick)
+        finally:
+            puller.close()
+        if result.failed:
+            shard_id, why = next(iter(result.failed.items()))
+            raise Unavailable(
+                f"dataset {ds.name}: {len(result.failed)} shards could not be fetched "
+                f"({shard_id[:12]}: {why})"
+            )
+        return [store.path(s.id) for s in ds.shards]
 
 
 def _progress_counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:

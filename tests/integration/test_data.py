@@ -139,7 +139,7 @@ def test_corrupt_replica_is_detected_and_the_other_copy_used(agents, tmp_path):
     view.shards[0].replicas.sort(key=lambda n: n != bad.node_id)
     c.dataset = lambda name, **kw: view
     c.get_dataset("d", tmp_path / "out.npy")
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy")["x"], x)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), x)
     del c.dataset
     # The bad holder dropped its copy and told the leader; replication restores 2 copies.
     wait_until(lambda: not path.exists() or content_id(path) == shard.id, what="corrupt copy removed")
@@ -171,7 +171,7 @@ def test_kill_9_of_a_holder_re_replicates(agents, tmp_path):
     for s in d.shards:
         assert all(s.id in survivors[n] for n in s.replicas)
     c.get_dataset("d", tmp_path / "out.npy")
-    assert np.load(tmp_path / "out.npy")["x"].shape == (10_000, 4)
+    assert np.load(tmp_path / "out.npy").shape == (10_000, 4)
     c.close()
 
 

@@ -126,7 +126,7 @@ def test_tampered_blob_is_never_served_and_the_cluster_heals(agents, tmp_path):
 
     # A download still returns the right bytes, from the good replicas.
     c.get_dataset("enc", tmp_path / "out.npy")
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy")["x"], x)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), x)
 
     # The leader learnt of both lost replicas and re-replicated them; every copy is sealed
     # and serves the right bytes.
@@ -229,7 +229,7 @@ def test_sealed_shards_over_the_tls_side_channel(agents, tmp_path):
         wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 2, what="2 nodes")
         ds = c.put_dataset(tmp_path / "x.npy", "toy", shards=1, replicas=2)  # the worker pulls it
         c.get_dataset("toy", tmp_path / "y.npy")  # the client pulls it, no key needed
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy")["x"], x)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), x)
     for a in (voter, worker):
         assert [p.suffix for p in blob_files(a)] == [".enc"] and blob_files(a, ds.shards[0].id)
         log = a.log_path.read_text(errors="replace")

@@ -73,7 +73,7 @@ def test_a_node_back_after_down_is_relisted_and_its_surplus_swept(agents, tmp_pa
     assert victim.address in shown["addresses"].values()
     assert "under-replicated" not in ctl(voter.address, "data", "show", "full").stdout
     c.get_dataset("full", tmp_path / "out.npy")
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy")["x"], np.load(tmp_path / "full.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.load(tmp_path / "full.npy"))
     c.close()
 
 

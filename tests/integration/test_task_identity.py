@@ -267,7 +267,7 @@ def test_a_token_alone_moves_data_through_a_worker(agents, tmp_path):
     assert [len(s["replicas"]) for s in json.loads(put.stdout)["shards"]] == [2]
     got = run_ctl("--token", alice, "data", "get", "x", str(tmp_path / "y.npy"), server=voter.address)
     assert got.returncode == 0, got.stderr
-    assert np.array_equal(np.load(tmp_path / "y.npy")["x"], x)
+    assert np.array_equal(np.load(tmp_path / "y.npy"), x)
 
 
 def test_a_torch_job_over_tls_works_with_its_credential_alone(secure_cluster, tmp_path):

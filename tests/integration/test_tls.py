@@ -63,7 +63,7 @@ def test_tls_cluster_registers_runs_and_moves_shards(tls_cluster, tmp_path):
     assert all(len(s["replicas"]) == 2 for s in json.loads(out.stdout)["shards"])
     out = run_ctl("--tls-dir", d, "data", "get", "toy", str(tmp_path / "y.npy"), server=voter.address)
     assert out.returncode == 0, out.stderr
-    assert np.array_equal(np.load(tmp_path / "y.npy")["x"], x)  # a .npy comes back as column "x"
+    assert np.array_equal(np.load(tmp_path / "y.npy"), x)  # a plain .npy comes back as it went in
     assert "refused" not in voter.log() + worker.log()
     _refuses_plaintext_and_foreign_clients(voter.address, tmp_path)
 

@@ -117,7 +117,7 @@ def test_idle_side_channel_connections_do_not_stop_a_transfer(cluster, tmp_path)
     with idle_connections(ports[0]), idle_connections(ports[1]):
         out = ctl("alice", "data", "get", "x", str(tmp_path / "y.npy"))
         assert out.returncode == 0, out.stderr
-    assert np.array_equal(np.load(tmp_path / "y.npy")["x"], np.load(tmp_path / "x.npy"))
+    assert np.array_equal(np.load(tmp_path / "y.npy"), np.load(tmp_path / "x.npy"))
 
 
 def test_plaintext_metrics_on_a_public_address_refuse_to_start(tmp_path):
