@@ -100,7 +100,9 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
         if self._side is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no side channel on this node")
         # With TLS, only the certificate asking may redeem the ticket on the side channel.
-        return self._side.issue(request.shard_id, request.offset, holder=peer_identity(context))
+        v.check_text(request.sealed_key_id, "sealed_key_id", 64)  # only compared with this node's
+        return self._side.issue(request.shard_id, request.offset, holder=peer_identity(context),
+                                sealed_key_id=request.sealed_key_id)
 
     @rpc_boundary
     async def PullShards(self, request, context):

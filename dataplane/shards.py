@@ -24,14 +24,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import grpc
 
 from lepton.common.durable import fsync_dir as _fsync_dir
 from lepton.common.durable import write_atomic
@@ -39,7 +36,6 @@ from lepton.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    LeptonError,
     NotFound,
     ResourceExhausted,
 )
@@ -52,26 +48,17 @@ from lepton.dataplane.shard_hash import (
     hash_for,
     is_shard_id,
 )
+from lepton.dataplane.shard_writer import (
+    CHUNK,
+    ShardCorrupt,
+    ShardWriter,
+    checkpoint_offsets,
+    write_all,
+)
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint spacing, the unit of every transfer frame, and the sealed chunk size.
-CHUNK = 4 << 20
 KEY_ID_FILE = "key-id"
-
-
-class ShardCorrupt(LeptonError):
-    """The bytes do not hash to the shard's id, or a sealed chunk fails authentication
-    (on disk or in transit)."""
-
-    code = grpc.StatusCode.DATA_LOSS
-
-
-def checkpoint_offsets(size: int) -> list[int]:
-    """Where checkpoints fall: every CHUNK, and the end (once, also for an empty blob)."""
-    offsets = list(range(CHUNK, size, CHUNK))
-    offsets.append(size)
-    return offsets
 
 
 class ShardStore:
@@ -286,7 +273,7 @@ class ShardStore:
         try:
             with self._opened(shard_id, size) as (f, opener):
                 for i in range(opener.count):
-                    _write_all(fd, memoryview(self._open_chunk(shard_id, f, opener, i)))
+                    write_all(fd, memoryview(self._open_chunk(shard_id, f, opener, i)))
         except BaseException:
             os.close(fd)
             dest.unlink(missing_ok=True)
@@ -295,6 +282,23 @@ class ShardStore:
         return dest
 
     # -- sealed blobs -----------------------------------------------------------------
+    def sealed_header(self, shard_id: str) -> bytes | None:
+        """A sealed blob's header when it is whole and sealed with this store's key (so
+        its chunks may be sent as they lie, to a peer with the same key), else None: read
+        it through `read_chunks`, which authenticates and quarantines."""
+        try:
+            size = self.size(shard_id)
+            if not self.encrypted(shard_id) or self.cipher is None:
+                return None
+            with open(self.path(shard_id), "rb") as f:
+                if os.fstat(f.fileno()).st_size != sc.sealed_size(size, CHUNK):
+                    return None
+                header = f.read(sc.HEADER.size)
+            self.cipher.opener(shard_id, size, CHUNK, header)  # ours, for this blob and size
+            return header
+        except (OSError, NotFound, sc.SealError):
+            return None
+
     @contextlib.contextmanager
     def _opened(self, shard_id: str, size: int):
         """(file, opener) of a sealed blob, its length and header checked. Raises
@@ -450,158 +454,12 @@ class ShardStore:
             self.on_quarantine(shard_id)
 
 
-class ShardWriter:
-    """One blob being written: append in order, then `commit()` or `abort()`.
-
-    Hashes as it goes and records the checkpoints; with a cipher, seals each CHUNK as it
-    fills (the plaintext of a partial chunk waits in memory, never on disk). For transfers:
-    `digest()` is the running hash, `mark_verified()` remembers the current point and
-    `rollback()` returns to it (the file truncated), so a stream broken or corrupted
-    mid-way resumes there. Use as a context manager: leaving it without `commit()` aborts.
-    """
-
-    def __init__(self, store: ShardStore, shard_id: str, size: int):
-        self.store = store
-        self.shard_id = shard_id
-        self.size = size
-        self.offset = 0
-        self.tmp_path = store.tmp / f"{shard_id}.{secrets.token_hex(4)}.part"
-        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._h = hash_for(shard_id)
-        self._digests: list[bytes] = []
-        self._next = checkpoint_offsets(size)
-        self._done = False
-        self._sealer = store.cipher.sealer(shard_id, size, CHUNK) if store.cipher is not None else None
-        self._pending = bytearray()  # a sealed blob's unfinished chunk
-        self._chunks = 0  # chunks sealed so far
-        self._file_len = 0
-        if self._sealer is not None:
-            self._out = bytearray(CHUNK + sc.TAG)
-            try:
-                self._append(memoryview(self._sealer.header))
-            except BaseException:
-                os.close(self._fd)
-                self.tmp_path.unlink(missing_ok=True)
-                raise
-        self._verified = self._mark()
-
-    @property
-    def sealed(self) -> bool:
-        return self._sealer is not None
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._done:
-            self.abort()
-
-    def write(self, data) -> None:
-        """Append; raises InvalidArgument past the declared size, ResourceExhausted on ENOSPC."""
-        view = memoryview(data).cast("B")
-        if self.offset + len(view) > self.size:
-            raise InvalidArgument(f"more bytes than the declared {self.size}")
-        while len(view):
-            # Split at checkpoint boundaries so each one is recorded exactly.
-            boundary = self._next[len(self._digests)]
-            part = view[: boundary - self.offset]
-            end = self.offset + len(part)
-            if self._sealer is None:
-                self._append(part)
-            elif end == boundary:  # the chunk is complete: seal it (whole frames: no copy)
-                if self._pending:
-                    self._pending += part
-                self._seal(self._pending or part)
-            else:
-                self._pending += part
-            self._h.update(part)
-            self.offset = end
-            view = view[len(part):]
-            if self.offset == boundary and boundary != self.size:
-                self._digests.append(self._h.digest())
-
-    def _seal(self, chunk) -> None:
-        self._append(self._sealer.seal_into(self._chunks, chunk, self._out))
-        self._chunks += 1
-        del self._pending[:]
-
-    def _append(self, data: memoryview) -> None:
-        _write_all(self._fd, data)
-        self._file_len += len(data)
-
-    def digest(self) -> bytes:
-        return self._h.digest()
-
-    def _mark(self) -> tuple:
-        return (self.offset, self._h.copy(), len(self._digests), self._file_len, self._chunks,
-                bytes(self._pending))
-
-    def mark_verified(self) -> None:
-        self._verified = self._mark()
-
-    def rollback(self) -> int:
-        """Back to the last verified point; returns its offset."""
-        offset, h, n, file_len, chunks, pending = self._verified
-        os.ftruncate(self._fd, file_len)
-        os.lseek(self._fd, file_len, os.SEEK_SET)
-        self.offset, self._h, self._digests = offset, h.copy(), self._digests[:n]
-        self._file_len, self._chunks, self._pending = file_len, chunks, bytearray(pending)
-        return offset
-
-    def commit(self) -> None:
-        """fsync, check the whole hash, rename into place. Raises InvalidArgument
-        (truncated) and ShardCorrupt; either way nothing is stored."""
-        try:
-            if self.offset != self.size:
-                raise InvalidArgument(f"truncated: {self.offset} of {self.size} bytes")
-            if not self._h.matches(self.shard_id):
-                raise ShardCorrupt(f"bytes do not hash to shard {self.shard_id[:12]}")
-            if self._sealer is not None and self._chunks < self._sealer.count:
-                self._seal(self._pending)  # an empty blob's one (empty) chunk
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            self._digests.append(self._h.digest())
-            if self.store.has(self.shard_id):  # another writer finished first: same bytes
-                self.abort()
-                return
-            self.store._publish(self, self._digests)
-            self._done = True
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        try:
-            self.tmp_path.unlink()
-        except FileNotFoundError:
-            pass
-        self.store._release(self.size)
-
-
 # -- helpers ---------------------------------------------------------------------------
 
 
 def _check_offset(offset: int, size: int) -> None:
     if offset < 0 or offset > size or (offset % CHUNK and offset != size):
         raise InvalidArgument(f"offset {offset} is not a multiple of {CHUNK} within {size}")
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    try:
-        while len(data):
-            n = os.write(fd, data)
-            data = data[n:]
-    except OSError as err:
-        if err.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise ResourceExhausted(f"no space left for the shard: {err.strerror}") from None
-        raise
 
 
 def _hash_prefix(f, h: ContentHash, length: int) -> None:
@@ -624,3 +482,7 @@ def _hash_checkpoints(path: Path, size: int, h: ContentHash) -> list[bytes]:
             pos = end
             out.append(h.digest())
     return out
+
+
+__all__ = ["CHUNK", "KEY_ID_FILE", "ShardCorrupt", "ShardStore", "ShardWriter", "check_shard_id",
+           "checkpoint_offsets"]

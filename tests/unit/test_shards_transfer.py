@@ -15,7 +15,9 @@ import pytest
 from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.common.validation import join_host_port
 from lepton.dataplane import shard_crypto as sc
+from lepton.dataplane import side_channel
 from lepton.dataplane.shard_crypto import ShardCipher
+from lepton.dataplane.shard_hash import content_id
 from lepton.dataplane.shard_service import ShardService, add_to_server
 from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.dataplane.transfer import TOKEN_BYTES, Puller, SideChannel
@@ -68,9 +70,10 @@ def nodes(tmp_path):
         n.stop()
 
 
-def put(store: ShardStore, n: int, seed: int = 0) -> tuple[str, bytes]:
+def put(store: ShardStore, n: int, seed: int = 0, algo: str = "b3") -> tuple[str, bytes]:
+    """A shard of `n` random bytes, named by BLAKE3 (new shards) or SHA-256 (older ones)."""
     data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-    sid = hashlib.sha256(data).hexdigest()
+    sid = content_id(data) if algo == "b3" else hashlib.sha256(data).hexdigest()
     with store.writer(sid, n) as w:
         w.write(data)
         w.commit()
@@ -85,10 +88,11 @@ def flip(store: ShardStore, sid: str, at: int) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+@pytest.mark.parametrize("algo", ["b3", "sha256"])
 @pytest.mark.parametrize("transport", ["socket", "grpc"])
-def test_pull_verifies_and_stores(nodes, tmp_path, transport):
+def test_pull_verifies_and_stores(nodes, tmp_path, transport, algo):
     src = nodes("src")
-    sid, data = put(src.store, 2 * CHUNK + 7)
+    sid, data = put(src.store, 2 * CHUNK + 7, algo=algo)
     dst = ShardStore(tmp_path / "dst")
     seen = []
     with_puller = Puller(dst, transport=transport)
@@ -121,11 +125,12 @@ def test_a_node_listening_on_ipv6_serves_its_shards(nodes, tmp_path, transport):
         assert sum(src.sent) == len(data)
 
 
+@pytest.mark.parametrize("algo", ["b3", "sha256"])
 @pytest.mark.parametrize("transport", ["socket", "grpc"])
-def test_a_flipped_byte_is_caught_and_fetched_from_the_other_replica(nodes, tmp_path, transport):
+def test_a_flipped_byte_is_caught_and_fetched_from_the_other_replica(nodes, tmp_path, transport, algo):
     bad, good = nodes("bad"), nodes("good")
-    sid, data = put(bad.store, 3 * CHUNK)
-    put(good.store, 3 * CHUNK)
+    sid, data = put(bad.store, 3 * CHUNK, algo=algo)
+    put(good.store, 3 * CHUNK, algo=algo)
     flip(bad.store, sid, CHUNK + 100)  # the second chunk
     dst = ShardStore(tmp_path / "dst")
     received = Puller(dst, transport=transport).pull(sid, len(data), [bad.address, good.address])
@@ -133,6 +138,29 @@ def test_a_flipped_byte_is_caught_and_fetched_from_the_other_replica(nodes, tmp_
     assert received < 2 * len(data)  # resumed at the last good chunk, not from scratch
     # The bad holder re-hashed its copy when told, and dropped it.
     assert not bad.store.has(sid) and good.store.has(sid)
+
+
+def test_a_stream_cut_mid_frame_resumes_on_the_other_replica(nodes, tmp_path, monkeypatch):
+    first, second = nodes("first"), nodes("second")
+    sid, data = put(first.store, 3 * CHUNK)
+    put(second.store, 3 * CHUNK)
+    real, calls = side_channel.send_file, []
+
+    def cut_second_frame(sock, f, offset, count):
+        calls.append(offset)
+        if len(calls) == 2:  # half of the second frame, then the holder dies
+            real(sock, f, offset, count // 2)
+            raise OSError("holder went away")
+        real(sock, f, offset, count)
+
+    monkeypatch.setattr(side_channel, "send_file", cut_second_frame)
+    dst = ShardStore(tmp_path / "dst")
+    received = Puller(dst, transport="socket").pull(sid, len(data), [first.address, second.address])
+    assert dst.path(sid).read_bytes() == data and dst.verify(sid)
+    # The verified first frame was kept; the second replica resumed at the cut frame (the
+    # half frame never reached the file).
+    assert calls == [0, CHUNK, CHUNK, 2 * CHUNK] and received == len(data)
+    assert first.store.has(sid)  # a broken stream is not a corrupt copy
 
 
 def test_every_copy_bad_stores_nothing(nodes, tmp_path):
@@ -198,19 +226,90 @@ def test_sealed_shards_travel_as_verified_plaintext(nodes, tmp_path, transport, 
     assert b"".join(f[1] for f in dst.read_chunks(sid)) == data and dst.verify(sid)
 
 
-@pytest.mark.parametrize("transport", ["socket", "grpc"])
-def test_a_tampered_sealed_chunk_is_never_served(nodes, tmp_path, transport):
+def tamper(store: ShardStore, sid: str, chunk: int) -> None:
+    """Flip a ciphertext byte of sealed chunk `chunk`."""
+    with open(store.path(sid), "r+b") as f:
+        f.seek(sc.HEADER.size + chunk * (CHUNK + sc.TAG) + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def copy_of(src: Node, dst: Node, sid: str, size: int) -> None:
+    """`dst` gets `src`'s copy the way replication makes it (the same seal)."""
+    Puller(dst.store, transport="socket").pull(sid, size, [src.address])
+    assert dst.store.path(sid).read_bytes() == src.store.path(sid).read_bytes()
+
+
+@pytest.mark.parametrize("algo", ["b3", "sha256"])
+def test_with_the_same_key_sealed_chunks_travel_as_they_lie(nodes, tmp_path, algo):
+    src = nodes("src", cipher=KEY)
+    sid, data = put(src.store, 2 * CHUNK + 7, algo=algo)
+    dst = ShardStore(tmp_path / "dst", cipher=KEY)
+    seen: list[int] = []
+    assert Puller(dst, transport="socket").pull(sid, len(data), [src.address], progress=seen.append) == len(data)
+    # Kept byte for byte (header, salt, ciphertext), and it opens and verifies here.
+    assert dst.path(sid).read_bytes() == src.store.path(sid).read_bytes() and sum(seen) == len(data)
+    assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data and dst.verify(sid)
+    # An empty shard: one sealed empty chunk.
+    empty = content_id(b"") if algo == "b3" else hashlib.sha256(b"").hexdigest()
+    with src.store.writer(empty, 0) as w:
+        w.commit()
+    assert Puller(dst, transport="socket").pull(empty, 0, [src.address]) == 0 and dst.verify(empty)
+    assert dst.path(empty).read_bytes() == src.store.path(empty).read_bytes()
+
+
+def test_a_tampered_sealed_chunk_sent_to_a_keyholder_is_refused_there(nodes, tmp_path):
     bad, good = nodes("bad", cipher=KEY), nodes("good", cipher=KEY)
     sid, data = put(bad.store, 3 * CHUNK)
-    put(good.store, 3 * CHUNK)
-    with open(bad.store.path(sid), "r+b") as f:  # a ciphertext byte of the second chunk
-        f.seek(sc.HEADER.size + CHUNK + sc.TAG + 100)
+    copy_of(bad, good, sid, len(data))  # one seal, two replicas
+    tamper(bad.store, sid, 1)
+    dst = ShardStore(tmp_path / "dst", cipher=KEY)
+    received = Puller(dst, transport="socket").pull(sid, len(data), [bad.address, good.address])
+    assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data
+    assert dst.path(sid).read_bytes() == good.store.path(sid).read_bytes()
+    assert received == len(data)  # the same seal: resumed at the tampered chunk
+    # The puller refused it (authentication) and told the holder, which dropped its copy.
+    assert not bad.store.has(sid) and good.store.has(sid)
+
+
+def test_resuming_on_a_replica_with_another_seal_starts_over(nodes, tmp_path):
+    bad, good = nodes("bad", cipher=KEY), nodes("good", cipher=KEY)
+    sid, data = put(bad.store, 3 * CHUNK)
+    put(good.store, 3 * CHUNK)  # sealed on its own: another salt, other ciphertext
+    tamper(bad.store, sid, 1)
+    dst = ShardStore(tmp_path / "dst", cipher=KEY)
+    received = Puller(dst, transport="socket").pull(sid, len(data), [bad.address, good.address])
+    assert dst.path(sid).read_bytes() == good.store.path(sid).read_bytes() and dst.verify(sid)
+    assert received == len(data) + CHUNK  # chunk 0 from bad, then all of good's seal
+
+
+def test_a_forged_sealed_header_is_a_corrupt_copy(nodes, tmp_path):
+    bad, good = nodes("bad", cipher=KEY), nodes("good", cipher=KEY)
+    sid, data = put(bad.store, CHUNK + 5)
+    copy_of(bad, good, sid, len(data))
+    with open(bad.store.path(sid), "r+b") as f:  # a salt byte: the header still parses
+        f.seek(24)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 1]))
     dst = ShardStore(tmp_path / "dst", cipher=KEY)
+    Puller(dst, transport="socket").pull(sid, len(data), [bad.address, good.address])
+    assert dst.path(sid).read_bytes() == good.store.path(sid).read_bytes()
+    assert not bad.store.has(sid)
+
+
+@pytest.mark.parametrize("transport", ["socket", "grpc"])
+def test_a_tampered_sealed_chunk_is_never_served_in_plaintext(nodes, tmp_path, transport):
+    """To a puller without the key (a client's download, another key) or over gRPC, the
+    holder decrypts: a chunk that fails authentication never leaves it."""
+    bad, good = nodes("bad", cipher=KEY), nodes("good", cipher=KEY)
+    sid, data = put(bad.store, 3 * CHUNK)
+    put(good.store, 3 * CHUNK)
+    tamper(bad.store, sid, 1)
+    dst = ShardStore(tmp_path / "dst", cipher=OTHER if transport == "socket" else KEY)
     received = Puller(dst, transport=transport).pull(sid, len(data), [bad.address, good.address])
-    assert b"".join(f[1] for f in dst.read_chunks(sid)) == data
+    assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data
     assert received == len(data)  # resumed at the tampered chunk: nothing fetched twice
     # Only the authenticated first chunk left the bad node; it dropped its copy.
     assert sum(bad.sent) == CHUNK and not bad.store.has(sid) and good.store.has(sid)

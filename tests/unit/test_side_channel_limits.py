@@ -14,7 +14,8 @@ from lepton.common import tls
 from lepton.common.channels import TlsConfig
 from lepton.common.tls import PeerIdentity
 from lepton.dataplane.shards import CHUNK, ShardStore
-from lepton.dataplane.transfer import MAX_SERVING, TOKEN_BYTES, Puller
+from lepton.dataplane.side_channel import MAX_SERVING, TOKEN_BYTES
+from lepton.dataplane.transfer import Puller
 from tests.unit.test_channels import _Holder
 from tests.unit.test_shards_transfer import nodes, put  # noqa: F401 - fixture
 
@@ -102,9 +103,9 @@ def test_a_ticket_is_redeemed_only_by_its_holder(ca, tmp_path):
 
 
 def test_a_peer_over_its_share_of_slots_waits_for_its_own(nodes, tmp_path, monkeypatch):  # noqa: F811
-    from lepton.dataplane import transfer
+    from lepton.dataplane import side_channel
 
-    monkeypatch.setattr(transfer, "MAX_SERVING_PER_PEER", 1)
+    monkeypatch.setattr(side_channel, "MAX_SERVING_PER_PEER", 1)
     src = nodes("src")
     shards = [put(src.store, 2 * CHUNK + i, seed=i) for i in range(4)]
     dst = ShardStore(tmp_path / "dst")

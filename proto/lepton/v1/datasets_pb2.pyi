@@ -253,24 +253,28 @@ class ShardChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class OpenTransferRequest(_message.Message):
-    __slots__ = ("shard_id", "offset")
+    __slots__ = ("shard_id", "offset", "sealed_key_id")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SEALED_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     offset: int
-    def __init__(self, shard_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    sealed_key_id: str
+    def __init__(self, shard_id: _Optional[str] = ..., offset: _Optional[int] = ..., sealed_key_id: _Optional[str] = ...) -> None: ...
 
 class TransferTicket(_message.Message):
-    __slots__ = ("port", "token", "size", "chunk_size")
+    __slots__ = ("port", "token", "size", "chunk_size", "sealed_header")
     PORT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEALED_HEADER_FIELD_NUMBER: _ClassVar[int]
     port: int
     token: bytes
     size: int
     chunk_size: int
-    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    sealed_header: bytes
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., sealed_header: _Optional[bytes] = ...) -> None: ...
 
 class ShardSource(_message.Message):
     __slots__ = ("shard_id", "size", "source_nodes")
