@@ -18,7 +18,7 @@ any task, and the agent's own process never imports torch. This process:
    coordinator then stops the whole gang at once and restarts it (a new rendezvous,
    TORCHELASTIC_RESTART_COUNT + 1) while `max_restarts` allows.
 
-Checkpoints: the recipes' rank 0 writes `epoch_NNNNNN.pt` into LEPTON_CHECKPOINT_DIR
+Checkpoints: the recipes' rank 0 writes `epoch_NNNNNN.safetensors` into LEPTON_CHECKPOINT_DIR
 (`<data dir>/jobs/<job id>/checkpoints`). On the node of rank 0 this process copies each
 new one into the data plane as dataset `ckpt-<job id>` (a new version each time, verified
 and replicated like any shard), and before starting it fetches the newest one from there.
@@ -48,7 +48,7 @@ logger = logging.getLogger("lepton.workloads.torch_task")
 CHECKPOINT_SYNC_S = 1.0
 COPY_POLL_S = 0.1
 COPY_BYTES = 1 << 20
-_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 
 def checkpoint_dataset(job_id: str) -> str:

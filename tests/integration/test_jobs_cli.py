@@ -135,4 +135,4 @@ def test_the_python_facade_trains_a_one_shard_dataset_asked_for_two_nodes(two_no
         with caplog.at_level("WARNING", logger="lepton"):
             model = algo.train_model("one-shard", timeout=240)
         assert "training on 1 node(s) instead of 2" in caplog.text
-        assert c.job(model.job_id).nodes == 1 and c.dataset(model.name).source == "model.pt"
+        assert c.job(model.job_id).nodes == 1 and c.dataset(model.name).kind == "model"

@@ -70,11 +70,11 @@ def test_models_apart_from_data(cluster, tmp_path):
             "metrics": {"train_loss": 0.25, "train_accuracy": 0.875},
             "hyperparameters": {"epochs": 3, "batch_size": 16, "lr": 0.05, "world_size": 1}}
     save_model(tmp_path / "model.safetensors", build_model("mlp", [4], 2, hidden=8), meta)
-    (tmp_path / "epoch_000001.pt").write_bytes(b"checkpoint bytes")
+    (tmp_path / "epoch_000001.safetensors").write_bytes(b"checkpoint bytes")
     with client("alice") as c:
         labels = model_labels(read_config(tmp_path / "model.safetensors"), "j-123")
         put_file(c, "digits-mlp", tmp_path / "model.safetensors", replicas=1, kind="model", labels=labels)
-        put_file(c, "ckpt-j-123", tmp_path / "epoch_000001.pt", replicas=1, kind="checkpoint")
+        put_file(c, "ckpt-j-123", tmp_path / "epoch_000001.safetensors", replicas=1, kind="checkpoint")
         tasks_before = len(c.tasks())
 
     # `data ls` lists data only; --all adds models and checkpoints, with their kind.

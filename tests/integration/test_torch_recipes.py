@@ -131,7 +131,7 @@ def test_killed_run_resumes_from_checkpoint(data, two_rank_model):
     first = launch(data, "resume", [*args, "--crash-after-epoch", "1"], nproc=2, shards=shards,
                    checkpoint_dir=str(ckpt))
     assert not first.ok and first.failed_rank == 0 and first.failed_code == -9, first
-    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000001.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000001.safetensors"]
     assert not out.exists()
 
     second = launch(data, "resume", args, nproc=2, shards=shards, restart_count=1, checkpoint_dir=str(ckpt))
@@ -140,7 +140,7 @@ def test_killed_run_resumes_from_checkpoint(data, two_rank_model):
     assert "resumed from checkpoint: 1 epoch(s) done" in log
     assert "epoch 1/" not in log and f"epoch {EPOCHS}/{EPOCHS}" in log
     # The newest --keep-checkpoints (2) remain; the weights equal the uninterrupted run's.
-    assert sorted(p.name for p in ckpt.iterdir()) == [f"epoch_{EPOCHS - 1:06d}.pt", f"epoch_{EPOCHS:06d}.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"epoch_{EPOCHS - 1:06d}.safetensors", f"epoch_{EPOCHS:06d}.safetensors"]
     assert_same_weights(two_rank_model, out, atol=1e-6)
 
 
@@ -189,7 +189,7 @@ def test_logreg_regression_and_cnn_in_one_process(tmp_path, monkeypatch):
                            str(tmp_path / "img.npz"), "--output", str(model), "--checkpoint-dir", str(ckpt)]) == 0
     meta = read_config(model)
     assert meta["input_shape"] == [8, 8] and meta["num_classes"] == 2
-    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000001.pt", "epoch_000002.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000001.safetensors", "epoch_000002.safetensors"]
     proba = predict_mod.predict(str(model), [str(tmp_path / "img.npz")], probabilities=True)
     assert proba.shape == (128, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
     # Bad input: the cnn model on tabular data.

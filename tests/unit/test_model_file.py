@@ -79,3 +79,32 @@ def test_pickles_and_other_files_are_refused_without_unpickling(tmp_path):
               tmp_path / "wrong", metadata={"format": MODEL_FORMAT, "config": json.dumps(wrong)})
     with pytest.raises(ValueError, match="do not fit the model's architecture"):
         load_model(tmp_path / "wrong")
+
+
+def test_checkpoints_are_safetensors_with_the_optimizer_state(tmp_path):
+    from lepton.workloads.recipes.models import load_checkpoint, save_checkpoint_file
+
+    torch.manual_seed(1)
+    model = build_model("mlp", [4], 2, hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()  # momentum buffers now exist
+    doc = {"format": "x", "epoch": 3, "train_loss": 0.5, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    save_checkpoint_file(tmp_path / "epoch_000003.safetensors", doc)
+    data = (tmp_path / "epoch_000003.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    assert json.loads(data[8:8 + size])["__metadata__"]["format"] == "lepton-checkpoint/2"
+    back = load_checkpoint(tmp_path / "epoch_000003.safetensors")
+    assert (back["epoch"], back["train_loss"]) == (3, 0.5)
+    fresh = torch.optim.SGD(build_model("mlp", [4], 2, hidden=8).parameters(), lr=1.0)
+    fresh.load_state_dict(back["optimizer"])  # the same structure torch wrote
+    assert fresh.param_groups[0]["lr"] == 0.1 and fresh.param_groups[0]["momentum"] == 0.9
+    for i, state in opt.state_dict()["state"].items():
+        assert torch.equal(back["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(back["model"][k], v)
+    buf = io.BytesIO()
+    torch.save(doc, buf)
+    (tmp_path / "old.pt").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="not a lepton-checkpoint/2 file"):
+        load_checkpoint(tmp_path / "old.pt")

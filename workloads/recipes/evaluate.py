@@ -1,5 +1,5 @@
 """Evaluate a saved model on labelled shards: `python -m lepton.workloads.recipes.evaluate
---model model.pt [--shards a.npz,b.npz] [--output metrics.json]`.
+--model model.safetensors [--shards a.npz,b.npz] [--output metrics.json]`.
 
 One process (no torch.distributed); shards default to LEPTON_SHARDS. Prints one JSON object
 on stdout (and writes it to --output when given):

@@ -39,15 +39,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from lepton.common.durable import atomic_writer, write_atomic
+from lepton.common.durable import write_atomic
 from lepton.workloads.recipes import ALGORITHMS
 from lepton.workloads.recipes.data import OUTPUT_MODE
 
-__all__ = ["MODEL_FORMAT", "build_model", "load_model", "read_config", "run_model", "save_atomic", "save_model"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MODEL_FORMAT",
+    "build_model",
+    "load_checkpoint",
+    "load_model",
+    "read_config",
+    "run_model",
+    "save_checkpoint_file",
+    "save_model",
+]
 
 logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "lepton-model/2"
+CHECKPOINT_FORMAT = "lepton-checkpoint/2"
 MAX_HEADER = 1 << 20  # a few tensors' entries and the config: far below this
 
 
@@ -91,15 +102,6 @@ def build_model(algorithm: str, input_shape: Sequence[int], output_dim: int, *, 
                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, output_dim)]
         return nn.Sequential(*layers)
     raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-
-
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save through `atomic_writer`: a reader sees the old file or the whole new one,
-    also after a crash. Raises OSError."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path, mode=OUTPUT_MODE) as f:
-        torch.save(obj, f)
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> None:
@@ -166,6 +168,52 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{path}: the weights do not fit the model's architecture: {err}") from err
     return model.to(device).eval(), config
+
+
+def save_checkpoint_file(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    """Write a training checkpoint as safetensors, atomically: `doc["model"]` (a state_dict)
+    as tensors `model.<key>`, `doc["optimizer"]` (an optimizer's state_dict) as tensors
+    `optimizer.<param index>.<name>` with its param_groups and non-tensor state as JSON in
+    the metadata, and the rest of `doc` (JSON values: epoch, train_loss...) as `meta`."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in doc["model"].items()}
+    other: dict[str, dict[str, Any]] = {}
+    for index, state in doc["optimizer"]["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                other.setdefault(str(index), {})[name] = value
+    meta = {k: v for k, v in doc.items() if k not in ("model", "optimizer")}
+    write_atomic(path, save(tensors, metadata={
+        "format": CHECKPOINT_FORMAT, "meta": json.dumps(meta),
+        "param_groups": json.dumps(doc["optimizer"]["param_groups"]), "optimizer_other": json.dumps(other),
+    }), mode=OUTPUT_MODE)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `save_checkpoint_file` wrote, as the same dict. Raises ValueError for another
+    file (a torch.save one included: never unpickled), OSError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"not a {CHECKPOINT_FORMAT} file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        doc = json.loads(metadata["meta"])
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in json.loads(metadata["optimizer_other"]).items()}
+        doc["model"] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        doc["optimizer"] = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+    except (SafetensorError, KeyError, TypeError) as err:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} file: {err}") from err
+    return doc
 
 
 @torch.no_grad()

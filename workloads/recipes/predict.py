@@ -1,4 +1,4 @@
-"""Predict with a saved model: `python -m lepton.workloads.recipes.predict --model model.pt
+"""Predict with a saved model: `python -m lepton.workloads.recipes.predict --model model.safetensors
 --output predictions.npy [--shards a.npz,b.npz] [--probabilities]`.
 
 One process (no torch.distributed); shards default to LEPTON_SHARDS and need no labels.

@@ -23,9 +23,10 @@ with batch-size W x b on one shard whose k-th block of W x b rows is rank 0's k-
 then rank 1's, ... The models have no dropout, and the initial weights come from --seed
 (DDP broadcasts rank 0's anyway).
 
-Checkpoints: after each epoch rank 0 writes `epoch_<NNNNNN>.pt` (model and optimizer
-state, epochs completed) atomically into the checkpoint dir (--checkpoint-dir, default
-LEPTON_CHECKPOINT_DIR; none: no checkpoints) and keeps the newest --keep-checkpoints. At
+Checkpoints: after each epoch rank 0 writes `epoch_<NNNNNN>.safetensors` (model and
+optimizer state, epochs completed; `models.save_checkpoint_file`: no pickle) atomically
+into the checkpoint dir (--checkpoint-dir, default LEPTON_CHECKPOINT_DIR; none: no
+checkpoints) and keeps the newest --keep-checkpoints. At
 start rank 0 loads the newest readable one and broadcasts it, so only rank 0's node needs
 the dir; training resumes at the next epoch with the same batch order an uninterrupted run
 would have had, so a resumed run ends with the same weights.
@@ -53,12 +54,17 @@ from torch import nn
 
 from lepton.workloads.recipes import ALGORITHMS
 from lepton.workloads.recipes.data import load_shards, parse_shards, shards_from_env, task_of_labels
-from lepton.workloads.recipes.models import build_model, save_atomic, save_model
+from lepton.workloads.recipes.models import (
+    CHECKPOINT_FORMAT,
+    build_model,
+    load_checkpoint,
+    save_checkpoint_file,
+    save_model,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "lepton-checkpoint/1"
-_CKPT_RE = re.compile(r"^epoch_(\d{6,})\.pt$")
+_CKPT_RE = re.compile(r"^epoch_(\d{6,})\.safetensors$")
 
 
 class UsageError(Exception):
@@ -150,20 +156,21 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
     """The newest checkpoint that reads back whole, or None."""
     for epoch, path in checkpoint_paths(ckpt_dir):
         try:
-            doc = torch.load(path, map_location="cpu", weights_only=True)
+            doc = load_checkpoint(path)
         except Exception as err:  # unreadable: try the one before
             logger.warning("skipping checkpoint %s: %s", path, err)
             continue
-        if isinstance(doc, dict) and doc.get("format") == CHECKPOINT_FORMAT and doc.get("epoch") == epoch:
+        if doc.get("epoch") == epoch:
             return doc
         logger.warning("skipping checkpoint %s: not a %s file", path, CHECKPOINT_FORMAT)
     return None
 
 
 def save_checkpoint(ckpt_dir: Path, doc: dict[str, Any], keep: int) -> Path:
-    """Write `epoch_<N>.pt`, then drop all but the newest `keep`. Raises OSError."""
-    path = ckpt_dir / f"epoch_{doc['epoch']:06d}.pt"
-    save_atomic(doc, path)
+    """Write `epoch_<N>.safetensors`, then drop all but the newest `keep`. Raises OSError."""
+    path = ckpt_dir / f"epoch_{doc['epoch']:06d}.safetensors"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint_file(path, doc)
     for _, old in checkpoint_paths(ckpt_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
