@@ -33,6 +33,16 @@ def test_train_evaluate_predict_from_the_command_line(agents, tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "lin-model"
     assert "[rank 0] epoch 5/5 loss " in out.stdout
     assert "no stored checkpoint" not in out.stdout + out.stderr
+    # The job stored a model (and its checkpoints) apart from data, with its recipe and metrics.
+    shown = json.loads(run_ctl("-o", "json", "models", "show", "lin-model", server=node.address).stdout)
+    assert (shown["algorithm"], shown["dataset"], shown["task"]) == ("logreg", "lin", "classification")
+    assert shown["recipe"]["epochs"] == 5 and shown["job"].startswith("j-")
+    assert 0.9 < shown["metrics"]["train_accuracy"] <= 1.0 and shown["metrics"]["train_loss"] > 0
+    listed = json.loads(run_ctl("-o", "json", "data", "ls", server=node.address).stdout)
+    assert [d["name"] for d in listed] == ["lin"]
+    every = {d["name"]: d["kind"] for d in json.loads(
+        run_ctl("-o", "json", "data", "ls", "--all", server=node.address).stdout)}
+    assert every["lin-model"] == "model" and every.get(f"ckpt-{shown['job']}") == "checkpoint", every
     ev = run_ctl("-o", "json", "evaluate", "lin-model", "--dataset", "lin", server=node.address,
                  timeout=240)
     assert ev.returncode == 0, ev.stderr
