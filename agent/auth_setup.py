@@ -98,7 +98,8 @@ def server_interceptor(agent: Agent) -> AuthInterceptor:
             await cache.resolve(token)  # a worker: ask a voter, unless it answered lately
 
     def on_event(event: AuthEvent) -> None:
-        agent.agent_metrics.on_auth_event(event)
+        if agent.agent_metrics is not None:  # metrics served
+            agent.agent_metrics.on_auth_event(event)
         coordinator = agent.coordinator
         if coordinator is not None:
             coordinator.audit.on_event(event)

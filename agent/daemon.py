@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from lepton.agent.fingerprint import Fingerprinter
-from lepton.agent.heartbeat import Heartbeater
+from lepton.agent.heartbeat import USAGE_SAMPLE_S, CachedSample, Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir, secure_data_dir
 from lepton.agent.tasks.task_user import SEARCH_ONLY, TaskUser
 from lepton.common.channels import TlsConfig, node_tls
@@ -82,14 +82,19 @@ class Agent:
         self.failed = asyncio.Event()  # set when the log store failed: run_agent exits
         self.failure: Exception | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        # One registry per agent (not prometheus_client's global one), so agents started in
-        # one process in tests never share or collide on metric names.
-        from prometheus_client import CollectorRegistry
+        # Metrics only when served: an agent without /metrics (the default) neither imports
+        # prometheus_client (~3 MB of its idle RSS) nor feeds the hooks. One registry per
+        # agent (not prometheus_client's global one), so agents started in one process in
+        # tests never share or collide on metric names.
+        self.metrics_registry = None
+        self.agent_metrics = None
+        if serves_metrics(config.metrics_listen):
+            from prometheus_client import CollectorRegistry
 
-        from lepton.agent.metrics import AgentMetrics
+            from lepton.agent.metrics import AgentMetrics
 
-        self.metrics_registry = CollectorRegistry()
-        self.agent_metrics = AgentMetrics(self.metrics_registry)
+            self.metrics_registry = CollectorRegistry()
+            self.agent_metrics = AgentMetrics(self.metrics_registry)
         self.metrics_server = None  # MetricsServer while serving /metrics
         self.coordinator_metrics = None  # CoordinatorMetrics on a voter (auth hooks may feed it)
 
@@ -204,7 +209,8 @@ class Agent:
         from lepton.agent.data_node import DataNode
 
         self.data = DataNode(
-            self.data_dir, self.node_id, self.config.listen, self.link, on_bytes=self.agent_metrics.shard_bytes,
+            self.data_dir, self.node_id, self.config.listen, self.link,
+            on_bytes=self.agent_metrics.shard_bytes if self.agent_metrics is not None else None,
             tls=self.tls, shard_key_file=self.config.shard_key_file,
             inventory_interval_s=self.config.shard_inventory_interval_s,
             orphan_grace_s=self.config.shard_orphan_grace_s, reserve_bytes=self.config.shard_reserve_bytes,
@@ -224,10 +230,13 @@ class Agent:
         self.heartbeater = Heartbeater(
             self.link,
             self._registration,
-            self._usage,
+            CachedSample(self._usage, USAGE_SAMPLE_S),
             interval_s=self.config.heartbeat_interval_s,
             on_term=lambda _term: self._leader_answered(),
             on_registered=self._registered,
+            # While our own coordinator leads, beat into it directly.
+            local=self.coordinator.service.beat if self.coordinator is not None else None,
+            local_address=self.address,
         )
         self._tasks.append(asyncio.create_task(self.heartbeater.run(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
@@ -252,6 +261,8 @@ class Agent:
         """Wire the metric hooks and serve /metrics on `metrics_listen` (empty or port 0:
         not served). A port that cannot be bound is a warning: metrics are not worth a
         dead agent."""
+        if self.agent_metrics is None:
+            return
         from lepton.agent.metrics import CoordinatorMetrics, start_metrics_server
 
         runner = self.runner
@@ -274,8 +285,6 @@ class Agent:
             c.ctx.admission.on_shed = metrics.submissions_shed.inc
             c.ctx.hub.on_sent = metrics.on_assignments_sent
             self.coordinator_metrics = metrics
-        if not self.config.metrics_listen:
-            return
         host, port = split_host_port(self.config.metrics_listen)
         try:
             self.metrics_server = start_metrics_server(host, port, self.metrics_registry,
@@ -300,7 +309,8 @@ class Agent:
         the log). No graceful leave: the node's tasks keep running for the restart."""
         logger.critical("log store failed (%s): this voter no longer votes; NOT_SERVING, exiting", err)
         self.failure = err
-        self.agent_metrics.storage_failed.set(1)
+        if self.agent_metrics is not None:
+            self.agent_metrics.storage_failed.set(1)
         for task in self._tasks:
             if task.get_name() == "heartbeat":
                 task.cancel()  # or the leader would go on seeing a ready node
@@ -403,6 +413,11 @@ async def run_agent(config: AgentConfig) -> None:
     raise Unavailable(f"the Raft log store in {agent.data_dir / 'raft'} failed ({agent.failure}); "
                       "stopped without leaving the cluster. Fix the disk (free space), then restart: "
                       "the log is re-read and this voter catches up")
+
+
+def serves_metrics(metrics_listen: str) -> bool:
+    """Whether --metrics-listen asks for /metrics (empty or port 0: not served)."""
+    return bool(metrics_listen) and split_host_port(metrics_listen)[1] != 0
 
 
 def check_bindable(address: str, flag: str) -> None:

@@ -3,6 +3,10 @@
 Calls go through the agent's one CoordinatorLink (lepton.agent.link), which follows the
 leader. A leader that stops answering on the stream is skipped here (the link tells the
 other callers); each failure backs off exponentially (with jitter) up to `MAX_BACKOFF_S`.
+
+A voter's agent whose own coordinator leads beats in-process (`local`): the same checks and
+answer as the RPC, no stream to itself. The usage it reports is sampled every
+`USAGE_SAMPLE_S` (`CachedSample`), not per beat.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -22,6 +27,31 @@ from lepton.v1 import common_pb2, coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
+# Usage (CPU, memory, disk, GPUs, a free port) is sampled this often, not on every beat: the
+# scheduler and `nodes show` need it fresh to seconds, and a beat should cost next to nothing.
+USAGE_SAMPLE_S = 5.0
+
+T = TypeVar("T")
+LocalBeat = Callable[[coordinator_pb2.HeartbeatRequest], Awaitable[coordinator_pb2.HeartbeatResponse]]
+
+
+class CachedSample(Generic[T]):
+    """`sample()`'s last result, taken again once it is `max_age_s` old."""
+
+    def __init__(self, sample: Callable[[], T], max_age_s: float, clock: Callable[[], float] = time.monotonic):
+        self._sample = sample
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._value: T | None = None
+        self._taken = 0.0
+        self.samples = 0  # how many were taken (tests)
+
+    def __call__(self) -> T:
+        now = self._clock()
+        if self._value is None or now - self._taken >= self._max_age_s:
+            self._value, self._taken = self._sample(), now
+            self.samples += 1
+        return self._value
 
 
 class Heartbeater:
@@ -37,6 +67,8 @@ class Heartbeater:
         on_term: Callable[[int], None] | None = None,
         on_registered: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        local: LocalBeat | None = None,
+        local_address: str = "",
     ):
         self._link = link
         self._make_registration = make_registration
@@ -54,6 +86,11 @@ class Heartbeater:
         self._last_answer = 0.0  # clock() of the leader's last answer on the stream
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # cuts run()'s wait short: stopping, a shorter interval
+        # This voter's own coordinator's heartbeat handling, used while the link aims at
+        # `local_address` (ours): no network round trip to ourselves.
+        self._local = local
+        self._local_address = local_address
+        self.beats = 0  # beats sent (tests count them)
         self.node_id = make_registration().node_id
 
     def answer_age_s(self) -> float:
@@ -80,6 +117,8 @@ class Heartbeater:
             if self._on_registered is not None:
                 self._on_registered()
             return f"registered with the coordinator at {self._link.address}"
+        if self._local is not None and self._link.address == self._local_address:
+            return await self._beat_locally(timeout)
         if self._stream is not None and self._stream_address != self._link.address:
             self._drop_stream()  # another caller found the leader elsewhere: follow it
         if self._stream is None:
@@ -99,6 +138,7 @@ class Heartbeater:
             self._link.skip(address)
             raise Unavailable(f"{address} has not answered heartbeats for {silent:.1f}s")
         req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
+        self.beats += 1
         try:
             await asyncio.wait_for(self._stream.write(req), timeout)
         except asyncio.TimeoutError:
@@ -111,12 +151,43 @@ class Heartbeater:
             err, self._broken = self._broken, None
             self._drop_stream()
             raise err or Unavailable(f"{address} closed the heartbeat stream") from None
+        return self._after_beat()
+
+    async def _beat_locally(self, timeout: float) -> str:
+        """One beat into this voter's own coordinator: its answer (or NotLeader, naming the
+        leader the link then aims at) comes back in-process."""
+        self._drop_stream()  # one opened to ourselves before this coordinator led
+        address = self._local_address
+        req = coordinator_pb2.HeartbeatRequest(node_id=self.node_id, usage=self._usage())
+        self.beats += 1
+        try:
+            resp = await asyncio.wait_for(self._local(req), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"this voter's coordinator took no heartbeat in {timeout:.1f}s") from None
+        except NotFound:
+            self._registered = False  # the cluster forgot us (e.g. its state was wiped)
+            return "coordinator does not know this node; registering again"
+        except LeptonError as err:
+            raise self._link.refused(err, address) from None
+        self._answered(resp)
+        return self._after_beat()
+
+    def _after_beat(self) -> str:
         if self._left:
             self._left = False
             self._registered = False
             self._drop_stream()
             return "coordinator has this node as left; registering again"
         return "heartbeat ok"
+
+    def _answered(self, resp: coordinator_pb2.HeartbeatResponse) -> None:
+        self._last_answer = self._clock()
+        self._link.answered()
+        self._adopt_interval(resp.heartbeat_interval_ms)
+        if self._on_term is not None:
+            self._on_term(resp.term)
+        if resp.state == common_pb2.NODE_STATE_LEFT:
+            self._left = True
 
     async def _read(self, stream, address: str) -> None:
         """Consume the leader's answers (sent on change only). A broken stream is recorded
@@ -126,13 +197,7 @@ class Heartbeater:
                 resp = await stream.read()
                 if resp is grpc.aio.EOF:
                     raise Unavailable(f"{address} closed the heartbeat stream")
-                self._last_answer = self._clock()
-                self._link.answered()
-                self._adopt_interval(resp.heartbeat_interval_ms)
-                if self._on_term is not None:
-                    self._on_term(resp.term)
-                if resp.state == common_pb2.NODE_STATE_LEFT:
-                    self._left = True
+                self._answered(resp)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as rpc_err:

@@ -91,7 +91,11 @@ class CoordinatorLink:
     def failed(self, rpc_err: grpc.aio.AioRpcError, address: str) -> LeptonError:
         """Map a call to `address` that failed; re-aim when that server is gone or is not
         the leader (to the leader it names, else the next address)."""
-        err = from_rpc_error(rpc_err)
+        return self.refused(from_rpc_error(rpc_err), address)
+
+    def refused(self, err: LeptonError, address: str) -> LeptonError:
+        """`address` answered with `err` (here, or in-process for this voter's own
+        coordinator); re-aim as `failed` does. Returns `err`."""
         if err.code not in _REAIM_CODES:
             return err
         if isinstance(err, NotLeader) and err.leader:

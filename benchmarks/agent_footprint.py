@@ -1,8 +1,9 @@
 """Idle RSS, CPU and wake-ups of an agent: a dev-mode voter (its coordinator included), then
 a worker joined to it.
 
-Prints one JSON object with one entry per measured process (`voter`: alone; `worker`, and
-`voter_with_worker`: the voter watching it, over the same window):
+Prints one JSON object with one entry per measured process (`voter`: alone, beside
+`baseline_grpc_idle`: a bare grpc.aio server doing nothing, the floor gRPC's own threads set;
+`worker`, and `voter_with_worker`: the voter watching it, over the same window):
 - cpu_percent: of one core, averaged over the window; rss_mb / uss_mb: at the end.
 - loop_wakeups_per_s: the asyncio loop's select() returns that could have slept, counted by
   the agent itself (LEPTON_COUNT_WAKEUPS=1, lepton.agent.wakeups; read via SIGUSR1).
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
 
 SETTLE_S = 3.0  # past start-up: registration, first inventory, the first usage samples
+IDLE_GRPC_SERVER = """
+import asyncio, grpc
+async def main():
+    server = grpc.aio.server()
+    server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
 
 
 def thread_wakeups(pid: int) -> int:
@@ -42,8 +53,10 @@ def thread_wakeups(pid: int) -> int:
     return total
 
 
-def loop_wakeups(agent: Agent) -> int:
-    """Ask the agent for its loop's count (SIGUSR1) and read it."""
+def loop_wakeups(agent: Agent | subprocess.Popen) -> int:
+    """Ask the agent for its loop's count (SIGUSR1) and read it; 0 for the baseline."""
+    if not isinstance(agent, Agent):
+        return 0
     dump = agent.data_dir / "loop_wakeups.json"
     before = dump.stat().st_mtime_ns if dump.exists() else 0
     os.kill(agent.proc.pid, signal.SIGUSR1)
@@ -61,11 +74,13 @@ def loop_wakeups(agent: Agent) -> int:
 class Sample:
     """CPU time, loop and thread wake-ups of one agent at one moment."""
 
-    def __init__(self, agent: Agent):
-        self.proc = psutil.Process(agent.proc.pid)
+    def __init__(self, agent: Agent | subprocess.Popen):
+        pid = agent.proc.pid if isinstance(agent, Agent) else agent.pid
+        self.proc = psutil.Process(pid)
+        self.counted = isinstance(agent, Agent)
         self.loop = loop_wakeups(agent)
         self.cpu = sum(self.proc.cpu_times()[:2])
-        self.threads = thread_wakeups(agent.proc.pid)
+        self.threads = thread_wakeups(pid)
         self.at = time.monotonic()
 
     def since(self, start: Sample) -> dict:
@@ -74,7 +89,8 @@ class Sample:
         return {
             "seconds": round(window, 1),
             "cpu_percent": round(100 * (self.cpu - start.cpu) / window, 2),
-            "loop_wakeups_per_s": round((self.loop - start.loop - 1) / window, 2),  # less our SIGUSR1
+            # Less the 1 our own SIGUSR1 caused.
+            "loop_wakeups_per_s": round((self.loop - start.loop - 1) / window, 2) if self.counted else None,
             "thread_wakeups_per_s": round((self.threads - start.threads) / window, 1),
             "rss_mb": round(mem.rss / 2**20, 1),
             "uss_mb": round(mem.uss / 2**20, 1),
@@ -82,7 +98,7 @@ class Sample:
         }
 
 
-def measure(agents: dict[str, Agent], seconds: float) -> dict[str, dict]:
+def measure(agents: dict[str, Agent | subprocess.Popen], seconds: float) -> dict[str, dict]:
     time.sleep(SETTLE_S)
     starts = {name: Sample(a) for name, a in agents.items()}
     time.sleep(seconds)
@@ -97,15 +113,18 @@ def main() -> None:
     os.environ["LEPTON_COUNT_WAKEUPS"] = "1"  # the agents inherit it
     voter = Agent(name="voter")
     worker = None
+    grpc_idle = subprocess.Popen([sys.executable, "-c", IDLE_GRPC_SERVER])
     out: dict = {"targets": {"cpu_percent": 1.0, "rss_mb": 60.0}}
     try:
         if args.role in ("voter", "both"):
-            out.update(measure({"voter": voter}, args.seconds))
+            out.update(measure({"voter": voter, "baseline_grpc_idle": grpc_idle}, args.seconds))
         if args.role in ("worker", "both"):
             worker = Agent("--join", voter.address, name="worker", root=voter.root)
             out.update(measure({"worker": worker, "voter_with_worker": voter}, args.seconds))
         emit(out)
     finally:
+        grpc_idle.kill()
+        grpc_idle.wait()
         if worker is not None:
             worker.stop()
         voter.stop()

@@ -54,6 +54,7 @@ class Coordinator:
             max_spec_bytes=config.max_spec_bytes,
         )
         self.ctx.admission.max_tasks = config.max_submit_inflight
+        self.service = CoordinatorService(self.ctx)
         if tls is not None:  # a node registers only an address it serves (node restriction)
             from lepton.common.served_certs import ServedCertificates
 
@@ -166,7 +167,7 @@ class Coordinator:
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         """Register the coordinator's services; returns their names (for reflection)."""
-        add_to_server(CoordinatorService(self.ctx), server)
+        add_to_server(self.service, server)
         names = ["lepton.v1.Coordinator"]
         from lepton.coordinator.api.dataset_api import DatasetService
         from lepton.coordinator.api.dataset_api import add_to_server as add_datasets

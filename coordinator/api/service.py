@@ -135,6 +135,12 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
 
     @rpc_boundary
     async def Heartbeat(self, request, context):
+        return await self.beat(request)
+
+    async def beat(self, request: coordinator_pb2.HeartbeatRequest) -> coordinator_pb2.HeartbeatResponse:
+        """One beat, checked, recorded and answered: the unary RPC's body, and how this
+        voter's own agent beats in-process (its caller is the node itself, so
+        check_node_caller sees no principal, as with auth off). Raises LeptonError."""
         self._check_beat(request)
         check_node_caller(self._ctx.state, request.node_id)
         self._ctx.require_leader()

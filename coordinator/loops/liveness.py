@@ -385,8 +385,10 @@ class Liveness:
             except asyncio.TimeoutError:
                 return
             # Woken: due now, but a burst of changes waits out the cycle interval together.
-            self.wake_at = min(self.wake_at, self._last_cycle + self._cycle_interval_s)
-            if self._monotonic() < self.wake_at:
+            # Never in the past: the stall check measures lateness from it.
+            now = self._monotonic()
+            self.wake_at = max(now, min(self.wake_at, self._last_cycle + self._cycle_interval_s))
+            if now < self.wake_at:
                 self._wakeup.clear()
 
     async def _mark_down(self, due: list[common_pb2.Node], watched: int, now: float, grace: float,

@@ -8,9 +8,9 @@ import asyncio
 import grpc
 import pytest
 
-from lepton.agent.heartbeat import Heartbeater
+from lepton.agent.heartbeat import CachedSample, Heartbeater
 from lepton.agent.link import CoordinatorLink
-from lepton.common.errors import InvalidArgument, NotLeader, Unavailable
+from lepton.common.errors import InvalidArgument, NotFound, NotLeader, Unavailable
 from lepton.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, datasets_pb2_grpc
 from tests.unit.link_fakes import FakeWireLink, refuse, rpc_error, wait_until
 
@@ -100,7 +100,7 @@ def test_a_link_needs_an_address():
 class Beat:
     """A Heartbeater on a fake wire whose every address registers the node."""
 
-    def __init__(self, addresses=(A, B), interval_s=1.0):
+    def __init__(self, addresses=(A, B), interval_s=1.0, local=None):
         self.clock = Clock()
         self.link = FakeWireLink(list(addresses), clock=self.clock)
         self.registered = 0
@@ -111,7 +111,8 @@ class Beat:
         self.hb = Heartbeater(
             self.link, lambda: coordinator_pb2.RegisterNodeRequest(node_id="n1"),
             lambda: common_pb2.Usage(cpu_percent=12.5), interval_s=interval_s,
-            on_term=self.terms.append, on_registered=self._registered, clock=self.clock)
+            on_term=self.terms.append, on_registered=self._registered, clock=self.clock,
+            local=local, local_address=A if local is not None else "")
 
     def _registered(self):
         self.registered += 1
@@ -225,3 +226,78 @@ async def test_leave_tells_the_leader_and_stops_beating():
     assert left == ["n1"] and b.stream().cancelled
     b.link.server(A).handlers["LeaveNode"] = refuse(rpc_error(grpc.StatusCode.NOT_FOUND, "unknown node"))
     assert not await b.hb.leave(timeout=5.0)  # never registered there: nothing to leave
+
+
+# --- a voter's agent beating into its own coordinator ------------------------------------
+
+class OwnCoordinator:
+    """This voter's coordinator as the heartbeat sees it in-process: leads, or names the leader."""
+
+    def __init__(self):
+        self.beats: list[coordinator_pb2.HeartbeatRequest] = []
+        self.error: Exception | None = None
+
+    async def beat(self, req):
+        if self.error is not None:
+            raise self.error
+        self.beats.append(req)
+        return coordinator_pb2.HeartbeatResponse(term=3, heartbeat_interval_ms=1000)
+
+
+async def test_a_voter_beats_into_its_own_leading_coordinator_without_a_stream():
+    own = OwnCoordinator()
+    b = Beat(local=own.beat)
+    await b.beating()
+    assert await b.hb.run_cycle() == "heartbeat ok"
+    assert [(r.node_id, r.usage.cpu_percent) for r in own.beats] == [("n1", 12.5)] * 2
+    assert b.link.server(A).streams == []  # no round trip to ourselves
+    assert b.terms == [3, 3] and b.hb.interval_s == 1.0 and b.hb.answer_age_s() == 0
+
+
+async def test_an_own_coordinator_that_does_not_lead_sends_the_beat_to_the_leader():
+    own = OwnCoordinator()
+    b = Beat(addresses=(A, B, C), local=own.beat)
+    await b.beating()
+    own.error = NotLeader("this voter is not the coordinator", leader=C)
+    with pytest.raises(NotLeader):
+        await b.hb.run_cycle()
+    assert b.link.address == C and b.link.moves == [(A, C)]  # every caller follows
+    assert await b.hb.run_cycle() == "heartbeat ok"
+    assert len(b.stream(C).sent) == 1 and len(own.beats) == 1
+
+
+async def test_an_own_coordinator_that_forgot_the_node_gets_a_new_registration():
+    own = OwnCoordinator()
+    b = Beat(local=own.beat)
+    await b.beating()
+    own.error = NotFound('node "n1" is not registered')
+    assert await b.hb.run_cycle() == "coordinator does not know this node; registering again"
+    own.error = InvalidArgument("usage.gpus lists 99")
+    assert await b.hb.run_cycle() == f"registered with the coordinator at {A}"
+    with pytest.raises(InvalidArgument):
+        await b.hb.run_cycle()
+    assert b.link.address == A  # a refusal is not a reason to look elsewhere
+
+
+def test_usage_is_sampled_once_per_max_age_not_per_beat():
+    clock = Clock()
+    taken = []
+    usage = CachedSample(lambda: taken.append(clock.t) or len(taken), 5.0, clock=clock)
+    for _ in range(10):  # ten beats a second apart
+        usage()
+        clock.t += 1.0
+    assert taken == [1000.0, 1005.0] and usage.samples == 2
+
+
+async def test_an_idle_heartbeat_wakes_only_at_its_interval():
+    """Counts beats, not time: at a 1 s interval, half a second holds at most one beat."""
+    own = OwnCoordinator()
+    b = Beat(local=own.beat)
+    task = asyncio.create_task(b.hb.run())
+    try:
+        await wait_until(lambda: b.hb.beats >= 1, "the first beat")
+        await asyncio.sleep(0.5)
+        assert b.hb.beats == 1 and b.hb.interval_s == 1.0
+    finally:
+        b.hb.stop()
+        await asyncio.gather(task, return_exceptions=True)
