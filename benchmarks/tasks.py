@@ -25,6 +25,7 @@ import pstats
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def spawn_ceiling(count: int) -> float:
 
 def active_tasks(metrics_url: str) -> float | None:
     """Tasks not final yet, by the leader's metrics; None when a scrape had no task counts
-    (the collector can miss a sample while the state changes under it)."""
-    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    (the collector can miss a sample while the state changes under it, or fail: HTTP 500)."""
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    except urllib.error.HTTPError:
+        return None
     counts = [line.rpartition(" ") for line in text.splitlines() if line.startswith("lepton_tasks{")]
     if not counts:
         return None

@@ -26,14 +26,16 @@ class ExitWatch:
     def __init__(self, on_exit: Callable[[Hashable], None]):
         self._on_exit = on_exit
         self._fds: dict[Hashable, int] = {}
+        self.polled: set[Hashable] = set()  # what `watch` could not watch: the caller polls these
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
 
     def watch(self, key: Hashable, pid: int, start: float) -> bool:
         """Call `on_exit(key)` once process `pid` (started at `start`, against pid reuse)
         ends; at once (soon, on the loop) when it has already ended or the pid is someone
-        else's now. False when it cannot be watched: the caller polls it."""
+        else's now. False when it cannot be watched: it is in `polled`, for the caller."""
         if not hasattr(os, "pidfd_open") or pid <= 0:
+            self.polled.add(key)
             return False
         self.unwatch(key)
         try:
@@ -44,6 +46,7 @@ class ExitWatch:
             if not self._warned:  # e.g. EMFILE: this attempt, and others like it, are polled
                 logger.warning("cannot watch task processes by pidfd (%s); polling them", err)
                 self._warned = True
+            self.polled.add(key)
             return False
         loop = self._loop = self._loop or asyncio.get_running_loop()
         info = tp.proc_info(pid)
@@ -57,6 +60,7 @@ class ExitWatch:
         return True
 
     def unwatch(self, key: Hashable) -> None:
+        self.polled.discard(key)
         fd = self._fds.pop(key, None)
         if fd is not None:
             with contextlib.suppress(Exception):  # the loop may be closed already
@@ -66,7 +70,13 @@ class ExitWatch:
     def close(self) -> None:
         for key in list(self._fds):
             self.unwatch(key)
+        self.polled.clear()
 
     def _fire(self, key: Hashable) -> None:
         self.unwatch(key)
         self._on_exit(key)
+
+    def poll_from_now(self, key: Hashable) -> None:
+        """Its pidfd fired but the caller could not reap it yet: poll it."""
+        self.unwatch(key)
+        self.polled.add(key)

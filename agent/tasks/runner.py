@@ -12,12 +12,15 @@ Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
   rotation.json  also maps the offsets readers use onto these two files)
   run.json       spec, pid (= pgid = sid), process start time, boot id, deadline (on
                  CLOCK_MONOTONIC: one clock for every process of this boot). Written
-                 before the spawn with pid 0 (intent), then again with the pid.
+                 before the spawn with pid 0 (intent), then again with the pid; not
+                 fsync'd (it serves a restart in this boot; a power cut ends every attempt).
   stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
   exit.json      {"rc": N}, the shell's `$?`, written by the wrapper when the command ends
   reported.json  the EXITED event as reported: its presence means "done, never again"
 The folder itself is the record that the attempt ran: it is made exclusively before
-anything starts, so an attempt never runs twice on this node. With a retention, `sweep`
+anything starts, and each batch's claims are recorded durably in one file first (claims.py,
+`data_dir/task-claims/`), so an attempt never runs twice on this node, even after a power
+cut. With a retention, `sweep`
 deletes it once its exit is reported and the coordinator no longer wants the attempt.
 `data_dir/runner.json` keeps the newest leader term seen, for fencing across restarts.
 
@@ -36,7 +39,12 @@ Choices:
 - When the wrapper ends, whatever is left in its process group is SIGKILLed (like a
   container): a task's background processes die with it.
 - What an attempt is spawned with (command, environment, GPUs, --task-user, shipped code)
-  is built by `attempt_env`.
+  is built by `attempt_env`; spawns run on a few threads, large batches in the background
+  (spawn.py: the loop keeps serving heartbeats meanwhile; those being spawned count as
+  running, and a cancel meanwhile stops them before or right after they start).
+- No polling: a pidfd per attempt wakes the runner when its wrapper ends (exit_watch.py),
+  deadlines and SIGKILL times are timers; only where no pidfd can be had is an attempt
+  polled (POLL_S), and every attempt is checked every SCAN_S as a backstop.
 """
 
 from __future__ import annotations
@@ -45,23 +53,22 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
+from lepton.agent.tasks.attempt import Attempt, recorded_mono
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.retention import Retention
+from lepton.agent.tasks.spawn import SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
 from lepton.agent.tasks.task_spec import (
-    FENCED,
     TASK_ID_RE,
     RunningTask,
     RunSpec,
@@ -98,38 +105,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _recorded_mono(doc: dict, key: str) -> float:
-    """A time recorded as `<key>_mono` (time.monotonic(), CLOCK_MONOTONIC on Linux: the same
-    for every process of a boot, and a wall-clock jump moves it not at all; the attempt's boot
-    id says which boot), or as wall time `<key>` by an older agent. 0: none."""
-    if doc.get(f"{key}_mono"):
-        return float(doc[f"{key}_mono"])
-    wall = float(doc.get(key) or 0)
-    return time.monotonic() + (wall - time.time()) if wall else 0.0
-
-
-@dataclass
-class _Attempt:
-    """The runner's view of one live attempt."""
-
-    spec: RunSpec
-    dir: Path
-    pid: int  # the wrapper's pid; also the process group and session id
-    start: float  # the wrapper's start time (see task_proc.ProcInfo), against pid reuse
-    boot: str
-    started_at_ms: int
-    deadline: float = 0.0  # monotonic; 0 = none
-    proc: subprocess.Popen[bytes] | None = None  # our own child; None when re-adopted
-    stop_reason: str = ""
-    kill_at: float = 0.0  # monotonic
-    killed: bool = False
-    timer: asyncio.TimerHandle | None = None  # at the deadline or kill_at, whichever is next
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.spec.task_id, self.spec.attempt
-
-
 class TaskRunner:
     """Starts, watches, stops and re-adopts this node's task attempts. See the module doc."""
 
@@ -161,20 +136,20 @@ class TaskRunner:
                 raise InvalidArgument(f"{name} must be a finite number >= 0, not {value!r}")
         self._root = Path(data_dir) / "tasks"
         self._term_path = Path(data_dir) / "runner.json"
-        self._lease_path = lease_path
+        self._boot = tp.boot_id()
         self._on_event = on_event
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
-        self._spawn_env = AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user)
-        self._live: dict[tuple[str, int], _Attempt] = {}
+        self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
+                                lease_path, self._boot)
+        self._spawns = SpawnQueue(self._spawner, self._spawned)  # large batches, in the background
+        self._live: dict[tuple[str, int], Attempt] = {}
         self._claims = ClaimLog(self._root)
         self._settling: asyncio.Task[int] | None = None
         self._exits = ExitWatch(self._on_exit)
-        self._polled: set[tuple[str, int]] = set()  # live attempts without a pidfd
         self._sweep_s = sweep_s if retention_s else math.inf
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
-        self._boot = tp.boot_id()
         self._outputs = task_logs.OutputLogs(int(log_max_bytes))
         self._log_check_s = log_check_s
         self._retention = Retention(self._root, self._outputs, retention_s, sweep_s, clock, lambda: self._live)
@@ -225,17 +200,17 @@ class TaskRunner:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        await self._spawns.close()
         await self._retention.stop()
         await self._outputs.close()
         if self._settling is not None:
             await asyncio.gather(self._settling, return_exceptions=True)
             self._settling = None
         self._exits.close()
+        self._spawner.close()
         for att in self._live.values():
-            if att.timer is not None:
-                att.timer.cancel()
+            att.disarm()
         self._live.clear()
-        self._polled.clear()
 
     # ---- commands ----------------------------------------------------------------------
 
@@ -258,59 +233,30 @@ class TaskRunner:
             for spec, att_dir in claimed:
                 self._fail_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
             return
-        for spec, att_dir in claimed:
-            self._spawn(spec, att_dir)
+        if len(claimed) <= SYNC_SPAWNS:
+            self._spawned(claimed, self._spawner.spawn_all(claimed))
+            return
+        self._spawns.add(claimed)  # many: in the background, a chunk at a time
 
-    def _spawn(self, spec: RunSpec, att_dir: Path) -> None:
-        try:
-            command, env, workdir = self._spawn_env.prepare(spec, att_dir)
-        except OSError as err:
-            self._fail_start(spec, att_dir, str(err))
-            return
-        run: dict[str, Any] = {
-            "spec": spec.to_json(), "pid": 0, "start": 0, "boot_id": self._boot, "started_at_ms": 0,
-            "deadline_mono": time.monotonic() + spec.timeout_s if spec.timeout_s > 0 else 0,
-        }
-        # run.json is not fsync'd: it only serves a restart in this boot (the page cache
-        # survives an agent crash); after a power cut every attempt is over, and the claim
-        # (claims.py) says which ran.
-        try:
-            tp.write_json_atomic(att_dir / "run.json", run, durable=False)  # intent: lets a restart find an orphan
-            log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as err:
-            self._fail_start(spec, att_dir, f"cannot write {att_dir}: {err}")
-            return
-        try:
-            proc = subprocess.Popen(
-                tp.wrapper_argv(att_dir / "exit.json", command,
-                                None if spec.keep_on_disconnect else self._lease_path),
-                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,  # one file description
-                cwd=workdir, env=env, start_new_session=True, close_fds=True,
-            )
-        except (OSError, ValueError, subprocess.SubprocessError) as err:
-            self._fail_start(spec, att_dir, str(err))
-            return
-        finally:
-            os.close(log_fd)
-        info = tp.proc_info(proc.pid)  # our unreaped child: present, if only as a zombie
-        run.update(pid=proc.pid, start=info.start if info else 0.0, started_at_ms=_now_ms())
-        try:
-            tp.write_json_atomic(att_dir / "run.json", run, durable=False)
-        except OSError as err:
-            # Unrecorded, a restarted agent could not find it: better not to leave it running.
-            tp.signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self._fail_start(spec, att_dir, f"cannot record the pid: {err}")
-            return
-        att = _Attempt(spec=spec, dir=att_dir, pid=proc.pid, start=run["start"], boot=self._boot,
-                       started_at_ms=run["started_at_ms"], proc=proc,
-                       deadline=run["deadline_mono"])
-        _OWN_CHILDREN[proc.pid] = proc
-        self._track(att)
-        logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
-                    spec.term, proc.pid)
-        self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
-                             pid=proc.pid, at_ms=att.started_at_ms))
+    def _spawned(self, batch: list[tuple[RunSpec, Path]], results: list[Spawned | str]) -> None:
+        """On the loop, in the batch's order: track what started, report what did not."""
+        for (spec, att_dir), result in zip(batch, results, strict=True):
+            key = (spec.task_id, spec.attempt)
+            stop = self._spawns.done(key)
+            if isinstance(result, str):
+                self._fail_start(spec, att_dir, result)
+                continue
+            proc, run = result.proc, result.run
+            att = Attempt(spec=spec, dir=att_dir, pid=proc.pid, start=run["start"], boot=self._boot,
+                           started_at_ms=run["started_at_ms"], proc=proc, deadline=run["deadline_mono"])
+            _OWN_CHILDREN[proc.pid] = proc
+            self._track(att)
+            logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
+                        spec.term, proc.pid)
+            self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
+                                 pid=proc.pid, at_ms=att.started_at_ms))
+            if stop is not None:  # cancelled while it was being spawned
+                self.cancel(*key, reason=stop[0], grace_s=stop[1])
 
     def refuse(self, spec: RunSpec, why: str) -> None:
         """Record this attempt as failed to start (`why`; e.g. its code could not be
@@ -323,7 +269,7 @@ class TaskRunner:
         spec.validate()
         if self._watcher is None:
             raise FailedPrecondition("task runner is not started")
-        if (spec.task_id, spec.attempt) in self._live:
+        if (spec.task_id, spec.attempt) in self._live or (spec.task_id, spec.attempt) in self._spawns.starting:
             return None
         att_dir = self._attempt_dir(spec.task_id, spec.attempt)
         att_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -342,9 +288,16 @@ class TaskRunner:
         validate_ids(task_id, attempt)
         if grace_s is not None and (not math.isfinite(grace_s) or grace_s < 0):
             raise InvalidArgument(f"grace_s must be a finite number >= 0, not {grace_s!r}")
-        att = self._live.get((task_id, attempt))
+        key = (task_id, attempt)
+        att = self._live.get(key)
         if att is None:
-            logger.debug("cancel %s/%d: not running", task_id, attempt)
+            if (spec := self._spawns.take_back(key)) is not None:  # queued: it never starts
+                self._report(self._attempt_dir(*key), TaskEvent(task_id, attempt, spec.term, TaskEventKind.EXITED,
+                                                                reason=reason, at_ms=_now_ms()))
+            elif key in self._spawns.starting:  # in a spawning thread now
+                self._spawns.stop_when_started.setdefault(key, (reason, grace_s))
+            else:
+                logger.debug("cancel %s/%d: not running", task_id, attempt)
             return
         grace = att.spec.grace_s if grace_s is None else grace_s
         if not att.stop_reason:
@@ -352,12 +305,15 @@ class TaskRunner:
         elif not att.killed and time.monotonic() + grace < att.kill_at:
             att.kill_at = time.monotonic() + grace
             self._persist_stop(att)
-            self._schedule(att)
+            att.arm(self._on_wake)
 
     def running(self) -> list[RunningTask]:
-        """The attempts alive now (including those being stopped), sorted by (task, attempt)."""
-        return [RunningTask(a.spec.task_id, a.spec.attempt, a.spec.term, a.pid, a.started_at_ms)
-                for _, a in sorted(self._live.items())]
+        """The attempts alive now (including those being stopped, and those being started:
+        pid 0), sorted by (task, attempt)."""
+        out = [RunningTask(a.spec.task_id, a.spec.attempt, a.spec.term, a.pid, a.started_at_ms)
+               for a in self._live.values()]
+        out += [RunningTask(s.task_id, s.attempt, s.term, 0, 0) for s in self._spawns.starting.values()]
+        return sorted(out, key=lambda r: (r.task_id, r.attempt))
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         """Where the attempt's output goes (it may not exist). Raises InvalidArgument for bad ids."""
@@ -426,9 +382,11 @@ class TaskRunner:
         if removed is None:
             self._retention.desired = set(want)  # kept: the coordinator still wants them
             stop = [key for key, att in self._live.items() if key not in want and not att.stop_reason]
+            stop += [key for key in self._spawns.starting if key not in want and self._spawns.wanted(key)]
         else:
             removed = list(removed)
-            stop = [key for key in removed if key in self._live and not self._live[key].stop_reason]
+            stop = [key for key in removed if key in self._live and not self._live[key].stop_reason
+                    or self._spawns.wanted(key)]
             if self._retention.desired is not None:  # changed in place: the sweep's thread only
                 self._retention.desired.difference_update(removed)  # reads it, under the GIL
                 self._retention.desired.update(want)
@@ -438,7 +396,7 @@ class TaskRunner:
         started = failed = finished = 0
         claimed: list[tuple[RunSpec, Path]] = []
         for key, spec in want.items():
-            if key in self._live:
+            if key in self._live or key in self._spawns.starting:
                 continue
             if self._attempt_dir(*key).exists():
                 finished += 1  # ran before; its EXITED event is the coordinator's answer
@@ -451,15 +409,16 @@ class TaskRunner:
                 rejected += 1
         self._start_claimed(claimed)  # one durable record for all of them, then the spawns
         for spec, _ in claimed:
-            if (spec.task_id, spec.attempt) in self._live:
+            if (spec.task_id, spec.attempt) in self._live or (spec.task_id, spec.attempt) in self._spawns.starting:
                 started += 1
             else:
                 failed += 1
         if removed is None:
-            alive = sum(1 for a in self._live.values() if not a.stop_reason)
+            alive = sum(1 for a in self._live.values() if not a.stop_reason) + \
+                sum(1 for key in self._spawns.starting if self._spawns.wanted(key))
             parts = [f"started {started}", f"stopped {stopped}", f"{alive} running"]
         else:  # not a walk over every attempt per change: those stopping count too
-            parts = [f"started {started}", f"stopped {stopped}", f"{len(self._live)} live"]
+            parts = [f"started {started}", f"stopped {stopped}", f"{len(self._live) + len(self._spawns.starting)} live"]
         for n, what in ((failed, "failed to start"), (finished, "already ran"), (rejected, "rejected")):
             if n:
                 parts.append(f"{n} {what}")
@@ -502,16 +461,16 @@ class TaskRunner:
             pid = tp.find_wrapper(att_dir / "exit.json")  # the agent died mid-launch
             info = tp.proc_info(pid)
             start = info.start if info else 0.0
-        att = _Attempt(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
+        att = Attempt(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
                        started_at_ms=int(run.get("started_at_ms", 0)),
-                       deadline=_recorded_mono(run, "deadline"),
+                       deadline=recorded_mono(run, "deadline"),
                        proc=_OWN_CHILDREN.get(pid) if same_boot else None)
         stop = read_json(att_dir / "stop.json")
         if stop:
             att.stop_reason = str(stop.get("reason", "cancelled"))
-            att.kill_at = _recorded_mono(stop, "kill_at")
+            att.kill_at = recorded_mono(stop, "kill_at")
             att.killed = bool(stop.get("killed", False))
-        exited, code = (True, None) if not same_boot or pid == 0 else self._poll_exit(att)
+        exited, code = (True, None) if not same_boot or pid == 0 else att.poll_exit()
         if exited:
             self._finish(att, code)
             return False
@@ -519,29 +478,19 @@ class TaskRunner:
         logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, pid)
         return True
 
-    def _track(self, att: _Attempt) -> None:
+    def _track(self, att: Attempt) -> None:
         """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
         timer at its deadline or SIGKILL time."""
         self._live[att.key] = att
-        if not self._exits.watch(att.key, att.pid, att.start):
-            self._polled.add(att.key)
-        self._schedule(att)
-
-    def _schedule(self, att: _Attempt) -> None:
-        """(Re)arm the attempt's timer for whichever of its deadline or SIGKILL time is next."""
-        if att.timer is not None:
-            att.timer.cancel()
-            att.timer = None
-        when = (0.0 if att.killed else att.kill_at) if att.stop_reason else att.deadline
-        if when:  # loop.time() is time.monotonic(), the clock of these times
-            att.timer = asyncio.get_running_loop().call_at(when, self._on_wake, att.key)
+        self._exits.watch(att.key, att.pid, att.start)
+        att.arm(self._on_wake)
 
     def _on_exit(self, key: tuple[str, int]) -> None:
         """Its pidfd says the wrapper ended."""
         if (att := self._live.get(key)) is not None:
             self._check_logged(att)
             if key in self._live:  # not reapable yet (it should be): poll it from now on
-                self._polled.add(key)
+                self._exits.poll_from_now(key)
 
     def _on_wake(self, key: tuple[str, int]) -> None:
         """Its timer: a deadline or a SIGKILL time has come."""
@@ -549,9 +498,9 @@ class TaskRunner:
             att.timer = None
             self._check_logged(att)
             if key in self._live and att.timer is None:
-                self._schedule(att)  # the loop may fire a timer a hair early: once more then
+                att.arm(self._on_wake)  # the loop may fire a timer a hair early: once more then
 
-    def _check_logged(self, att: _Attempt) -> None:
+    def _check_logged(self, att: Attempt) -> None:
         try:
             self._check(att)
         except Exception:  # keep watching the others
@@ -564,7 +513,7 @@ class TaskRunner:
         now = time.monotonic()
         next_logs, next_scan, next_settle = now, now + SCAN_S, now + SETTLE_S
         while True:
-            if self._polled:
+            if self._exits.polled:
                 wait = POLL_S
             elif self._live:
                 wait = min(self._log_check_s, SCAN_S, self._sweep_s) or POLL_S
@@ -578,19 +527,23 @@ class TaskRunner:
             scan = now >= next_scan
             if scan:
                 next_scan = now + SCAN_S
-            for att in [self._live[k] for k in self._polled] if not (scan or check_logs) else list(self._live.values()):
-                if scan or att.key in self._polled:
+            polled = self._exits.polled
+            due = list(self._live.values()) if scan or check_logs else [self._live[k] for k in polled if k in self._live]
+            for att in due:
+                if scan or att.key in polled:
                     self._check_logged(att)
                 if check_logs and att.key in self._live:
-                    with contextlib.suppress(Exception):
+                    try:
                         self._outputs.check(att.dir)
+                    except Exception:  # keep watching the others
+                        logger.exception("checking the output of task %s attempt %d failed", *att.key)
             self._retention.tick(now)
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
 
-    def _check(self, att: _Attempt) -> None:
-        exited, code = self._poll_exit(att)
+    def _check(self, att: Attempt) -> None:
+        exited, code = att.poll_exit()
         if exited:
             self._finish(att, code)
             return
@@ -602,32 +555,7 @@ class TaskRunner:
             logger.info("task %s attempt %d outlived its grace period; killing it", *att.key)
             self._kill(att)
 
-    def _poll_exit(self, att: _Attempt) -> tuple[bool, int | None]:
-        """(exited, the wrapper's exit code when we reaped it). Reaps our own children."""
-        if att.proc is not None:
-            try:
-                pid, status = os.waitpid(att.pid, os.WNOHANG)
-            except ChildProcessError:
-                # Reaped elsewhere: exit.json still says how it ended. Popen would take 0.
-                if att.proc.returncode is None:
-                    att.proc.returncode = 0
-                return True, None
-            if pid == 0:
-                return False, None
-            att.proc.returncode = code = os.waitstatus_to_exitcode(status)
-            return True, code
-        info = tp.proc_info(att.pid)
-        if info is None or not tp.same_start(info.start, att.start):
-            return True, None  # gone, or the pid now belongs to someone else
-        if not info.zombie:
-            return False, None
-        try:  # a zombie: ours to reap when this process spawned it under an earlier runner
-            pid, status = os.waitpid(att.pid, os.WNOHANG)
-        except ChildProcessError:
-            return True, None
-        return True, (os.waitstatus_to_exitcode(status) if pid == att.pid else None)
-
-    def _begin_stop(self, att: _Attempt, reason: str, grace: float) -> None:
+    def _begin_stop(self, att: Attempt, reason: str, grace: float) -> None:
         att.stop_reason = reason
         att.kill_at = time.monotonic() + grace
         self._persist_stop(att)  # so a restarted agent finishes the job, with this reason
@@ -636,61 +564,36 @@ class TaskRunner:
         else:
             logger.info("stopping task %s attempt %d (%s): SIGTERM, SIGKILL in %gs", *att.key, reason, grace)
             self._signal(att, signal.SIGTERM)
-        self._schedule(att)
+        att.arm(self._on_wake)
 
-    def _kill(self, att: _Attempt) -> None:
+    def _kill(self, att: Attempt) -> None:
         att.killed = True
         self._persist_stop(att)
         self._signal(att, signal.SIGKILL)
 
-    def _signal(self, att: _Attempt, sig: int) -> None:
+    def _signal(self, att: Attempt, sig: int) -> None:
         # Our unreaped child's pid cannot be reused; a re-adopted one's is checked first.
         if att.proc is not None or tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, sig)
 
-    def _persist_stop(self, att: _Attempt) -> None:
+    def _persist_stop(self, att: Attempt) -> None:
         doc = {"reason": att.stop_reason, "kill_at_mono": att.kill_at, "killed": att.killed}
         try:
             tp.write_json_atomic(att.dir / "stop.json", doc, durable=False)  # moot after a power loss
         except OSError as err:
             logger.warning("cannot record the stop of task %s attempt %d: %s", *att.key, err)
 
-    def _finish(self, att: _Attempt, wait_code: int | None) -> None:
+    def _finish(self, att: Attempt, wait_code: int | None) -> None:
         """The wrapper is gone: clear its group, work out the exit code and report it."""
         self._live.pop(att.key, None)
-        self._polled.discard(att.key)
         self._exits.unwatch(att.key)
-        if att.timer is not None:
-            att.timer.cancel()
-            att.timer = None
+        att.disarm()
         if att.proc is not None:
             _OWN_CHILDREN.pop(att.pid, None)
         self._outputs.finished(att.dir)
         if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
-        exit_path = att.dir / "exit.json"
-        doc = read_json(exit_path)
-        at_ms = _now_ms()
-        if doc is not None and isinstance(doc.get("rc"), int):
-            code: int | None = tp.shell_status_to_exit_code(doc["rc"])
-            with contextlib.suppress(OSError):
-                at_ms = exit_path.stat().st_mtime_ns // 1_000_000  # when it really ended
-        elif wait_code is not None:
-            code = tp.shell_status_to_exit_code(wait_code)  # the wrapper died too (SIGKILL)
-        elif att.killed:
-            code = -signal.SIGKILL
-        else:
-            code = None
-        if att.stop_reason:
-            reason = att.stop_reason
-        elif (att.dir / tp.FENCED_MARK).exists():
-            reason = FENCED  # its watchdog: the lease ran out; the leader requeues it
-        elif code is None:
-            reason = "lost"
-        elif code < 0:
-            reason = f"killed by signal {-code}"
-        else:
-            reason = "exited"
+        code, reason, at_ms = att.outcome(wait_code, _now_ms())
         logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
         self._report(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
                                         exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))

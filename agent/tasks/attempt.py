@@ -1,0 +1,116 @@
+"""One live task attempt as the runner sees it (`lepton.agent.tasks.runner`): its record,
+whether its wrapper has ended, and how it ended (exit code and reason)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton.agent.tasks import task_proc as tp
+from lepton.agent.tasks.task_spec import FENCED, RunSpec
+from lepton.common.durable import read_json
+
+
+def recorded_mono(doc: dict, key: str) -> float:
+    """A time recorded as `<key>_mono` (time.monotonic(), CLOCK_MONOTONIC on Linux: the same
+    for every process of a boot, and a wall-clock jump moves it not at all; the attempt's boot
+    id says which boot), or as wall time `<key>` by an older agent. 0: none."""
+    if doc.get(f"{key}_mono"):
+        return float(doc[f"{key}_mono"])
+    wall = float(doc.get(key) or 0)
+    return time.monotonic() + (wall - time.time()) if wall else 0.0
+
+
+@dataclass
+class Attempt:
+    """The runner's view of one live attempt."""
+
+    spec: RunSpec
+    dir: Path
+    pid: int  # the wrapper's pid; also the process group and session id
+    start: float  # the wrapper's start time (see task_proc.ProcInfo), against pid reuse
+    boot: str
+    started_at_ms: int
+    deadline: float = 0.0  # monotonic; 0 = none
+    proc: subprocess.Popen[bytes] | None = None  # our own child; None when re-adopted
+    stop_reason: str = ""
+    kill_at: float = 0.0  # monotonic
+    killed: bool = False
+    timer: asyncio.TimerHandle | None = None  # at the deadline or kill_at, whichever is next
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.spec.task_id, self.spec.attempt
+
+    def arm(self, on_time: Callable[[tuple[str, int]], None]) -> None:
+        """(Re)arm the timer for whichever of the deadline or the SIGKILL time is next (none
+        once SIGKILL went out): `on_time(key)` then, on the running loop."""
+        self.disarm()
+        when = (0.0 if self.killed else self.kill_at) if self.stop_reason else self.deadline
+        if when:  # loop.time() is time.monotonic(), the clock of these times
+            self.timer = asyncio.get_running_loop().call_at(when, on_time, self.key)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def poll_exit(self) -> tuple[bool, int | None]:
+        """(exited, the wrapper's exit code when we reaped it). Reaps our own children."""
+        if self.proc is not None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Reaped elsewhere: exit.json still says how it ended. Popen would take 0.
+                if self.proc.returncode is None:
+                    self.proc.returncode = 0
+                return True, None
+            if pid == 0:
+                return False, None
+            self.proc.returncode = code = os.waitstatus_to_exitcode(status)
+            return True, code
+        info = tp.proc_info(self.pid)
+        if info is None or not tp.same_start(info.start, self.start):
+            return True, None  # gone, or the pid now belongs to someone else
+        if not info.zombie:
+            return False, None
+        try:  # a zombie: ours to reap when this process spawned it under an earlier runner
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True, None
+        return True, (os.waitstatus_to_exitcode(status) if pid == self.pid else None)
+
+    def outcome(self, wait_code: int | None, now_ms: int) -> tuple[int | None, str, int]:
+        """(exit code, reason, when it ended in ms) of the ended wrapper; `wait_code`: its own
+        status when we reaped it."""
+        exit_path = self.dir / "exit.json"
+        doc = read_json(exit_path)
+        at_ms = now_ms
+        if doc is not None and isinstance(doc.get("rc"), int):
+            code: int | None = tp.shell_status_to_exit_code(doc["rc"])
+            with contextlib.suppress(OSError):
+                at_ms = exit_path.stat().st_mtime_ns // 1_000_000  # when it really ended
+        elif wait_code is not None:
+            code = tp.shell_status_to_exit_code(wait_code)  # the wrapper died too (SIGKILL)
+        elif self.killed:
+            code = -signal.SIGKILL
+        else:
+            code = None
+        if self.stop_reason:
+            reason = self.stop_reason
+        elif (self.dir / tp.FENCED_MARK).exists():
+            reason = FENCED  # its watchdog: the lease ran out; the leader requeues it
+        elif code is None:
+            reason = "lost"
+        elif code < 0:
+            reason = f"killed by signal {-code}"
+        else:
+            reason = "exited"
+        return code, reason, at_ms
