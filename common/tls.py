@@ -41,13 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lepton.common.durable import write_atomic
 from lepton.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from lepton.common.lazy import deferred
+
+# cryptography loads on first use (~9 MB of RSS): an agent without TLS never needs it.
+x509 = deferred("cryptography.x509")
+hashes = deferred("cryptography.hazmat.primitives.hashes")
+serialization = deferred("cryptography.hazmat.primitives.serialization")
+ec = deferred("cryptography.hazmat.primitives.asymmetric.ec")
+ExtendedKeyUsageOID = deferred("cryptography.x509.oid", "ExtendedKeyUsageOID")
+NameOID = deferred("cryptography.x509.oid", "NameOID")
 
 logger = logging.getLogger(__name__)
 

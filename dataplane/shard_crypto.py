@@ -29,14 +29,16 @@ import secrets
 import struct
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from lepton.common import cluster_secret
 from lepton.common.errors import InvalidArgument
+from lepton.common.lazy import deferred
 from lepton.dataplane.shard_hash import id_bytes
+
+# cryptography loads on first use (~9 MB of RSS): a node without a shard key never needs it.
+_errors = deferred("cryptography.exceptions")
+_hashes = deferred("cryptography.hazmat.primitives.hashes")
+_ciphers = deferred("cryptography.hazmat.primitives.ciphers.aead")
+_kdf = deferred("cryptography.hazmat.primitives.kdf.hkdf")
 
 MAGIC = b"LPS1"
 VERSION = 1
@@ -54,7 +56,7 @@ class SealError(Exception):
 
 
 def _hkdf(key: bytes, info: bytes, *, length: int = 32, salt: bytes | None = None) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+    return _kdf.HKDF(algorithm=_hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
 
 
 def chunk_count(size: int, chunk: int) -> int:
@@ -103,8 +105,8 @@ class ShardCipher:
     def __repr__(self) -> str:
         return f"ShardCipher(key_id={self.key_id})"
 
-    def _aead(self, shard_id: str, salt: bytes) -> AESGCM:
-        return AESGCM(_hkdf(self._master, _BLOB_INFO + id_bytes(shard_id), salt=salt))
+    def _aead(self, shard_id: str, salt: bytes) -> _ciphers.AESGCM:
+        return _ciphers.AESGCM(_hkdf(self._master, _BLOB_INFO + id_bytes(shard_id), salt=salt))
 
     def sealer(self, shard_id: str, size: int, chunk: int) -> Sealer:
         """A new blob's header and chunk sealer (fresh salt and nonce prefix)."""
@@ -131,7 +133,7 @@ class ShardCipher:
 
 
 class _Blob:
-    def __init__(self, aead: AESGCM, header: bytes, shard_id: str, size: int, chunk: int):
+    def __init__(self, aead: _ciphers.AESGCM, header: bytes, shard_id: str, size: int, chunk: int):
         self._aead = aead
         self.header = header
         self._prefix = header[-8:-1]
@@ -181,7 +183,7 @@ class Opener(_Blob):
             raise SealError(f"chunk {index} is truncated")
         try:
             return self._aead.decrypt(nonce, sealed, aad)
-        except InvalidTag:
+        except _errors.InvalidTag:
             raise SealError(f"chunk {index} fails authentication") from None
 
     def open_into(self, index: int, sealed, out: memoryview) -> None:
@@ -191,7 +193,7 @@ class Opener(_Blob):
             raise SealError(f"chunk {index} is truncated")
         try:
             self._aead.decrypt_into(nonce, sealed, aad, out)
-        except InvalidTag:
+        except _errors.InvalidTag:
             raise SealError(f"chunk {index} fails authentication") from None
 
 
