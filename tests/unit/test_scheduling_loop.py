@@ -3,6 +3,8 @@ agents): what it commits, the sentence each cycle returns, and when it skips a p
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from lepton.common.errors import FailedPrecondition
@@ -18,6 +20,7 @@ class World:
     """A state machine wired to a loop the way Coordinator wires them; commits apply at once."""
 
     def __init__(self, **loop_options):
+        loop_options.setdefault("full_pass_spacing", 0.0)  # a loaded test machine must not defer passes
         self.sm = ClusterStateMachine()
         self.leader = True
         self.committed: list[state_pb2.Command] = []
@@ -156,3 +159,59 @@ async def test_gang_members_learn_where_rank_0_hosts_the_store(world, addresses,
     placements = world.committed[0].apply_plan.placements
     rank0 = next(p for p in placements if world.sm.tasks.tasks[p.task_id].spec.gang_rank == 0)
     assert {(p.master_addr, p.master_port) for p in placements} == {(hosts[rank0.node_id], 41000)}
+
+
+def submit_many(world: World, n: int, *, cpu: float = 4.0, priority: int = 0, prefix: str = "t") -> None:
+    spec = tasks_pb2.TaskSpec(argv=["true"], priority=priority, resources=tasks_pb2.Resources(cpu=cpu))
+    world.apply(state_pb2.Command(at_ms=1000, submit_tasks=state_pb2.SubmitTasksCmd(
+        tasks=[state_pb2.SubmitTaskCmd(task_id=f"{prefix}{i:05d}", spec=spec) for i in range(n)])))
+
+
+async def test_a_full_pass_looks_at_the_most_urgent_only_and_the_rest_read_queued_behind():
+    world = World(aging_interval_s=0.0, max_per_cycle=10)
+    world.node("n1", cpus=1)  # nothing fits: every task waits
+    submit_many(world, 3000)
+    submit_many(world, 3, priority=5, prefix="hi")
+    await world.loop.run_cycle()
+    reasons = world.loop.reasons
+    # One entry per task looked at, not 3,003: the most urgent, then the oldest.
+    assert set(dict(reasons)) == {"hi00000", "hi00001", "hi00002"} | {f"t{i:05d}" for i in range(7)}
+    behind = "waiting: queued behind 10 more urgent tasks"
+    assert reasons.get("t02999") == behind and reasons["t02999"] == behind
+    world.leader = False
+    await world.loop.run_cycle()
+    assert world.loop.reasons.get("t02999") is None
+
+
+async def test_the_queue_is_rebuilt_from_a_restored_snapshot():
+    world = World(aging_interval_s=0.0, max_per_cycle=2)
+    world.node("n1", cpus=8)
+    submit_many(world, 2, cpu=1, priority=3, prefix="keep")
+    data, index = world.sm.snapshot(), world.sm.applied_index
+    submit_many(world, 5, cpu=1, priority=9, prefix="gone")  # not in the snapshot
+    world.sm.restore(data, index)  # a new pending set the listeners never saw
+    await world.loop.run_cycle()
+    placed = {p.task_id for p in world.committed[0].apply_plan.placements}
+    assert placed == {"keep00000", "keep00001"}
+
+
+async def test_a_costly_full_pass_spaces_the_next_while_fresh_tasks_are_still_placed():
+    world = World(aging_interval_s=3600.0, full_pass_spacing=1e9, min_cycle_s=0.0)
+    world.node("n1", cpus=1)
+    world.submit("wide", cpu=4)
+    await world.loop.run_cycle()  # full: wide does not fit; the next full pass waits
+    world.node("n2", cpus=8)  # room for wide, but only a full pass would look
+    world.submit("fresh", cpu=1)
+    assert await world.loop.run_cycle() == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert world.state("fresh") == TaskState.ASSIGNED and world.state("wide") == TaskState.PENDING
+    # `run` comes back for the deferred pass without another wake-up.
+    world.loop._full_not_before = asyncio.get_running_loop().time() + 0.05  # as if it cost 50 ms / 1e9
+    runner = asyncio.create_task(world.loop.run())
+    try:
+        for _ in range(1000):  # generous: a loaded machine
+            if world.state("wide") == TaskState.ASSIGNED:
+                break
+            await asyncio.sleep(0.01)
+        assert world.state("wide") == TaskState.ASSIGNED
+    finally:
+        runner.cancel()
