@@ -3,7 +3,9 @@ a worker joined to it.
 
 Prints one JSON object with one entry per measured process (`voter`: alone, beside
 `baseline_grpc_idle`: a bare grpc.aio server doing nothing, the floor gRPC's own threads set;
-`worker`, and `voter_with_worker`: the voter watching it, over the same window):
+`worker`, and `voter_with_worker`: the voter watching it, over the same window; with
+`--role raft`, three voters of one Raft cluster, `raft_0` .. `raft_2`, `raft_heartbeat_s`
+apart):
 - cpu_percent: of one core, averaged over the window; rss_mb / uss_mb: at the end.
 - loop_wakeups_per_s: the asyncio loop's select() returns that could have slept, counted by
   the agent itself (LEPTON_COUNT_WAKEUPS=1, lepton.agent.wakeups; read via SIGUSR1).
@@ -21,12 +23,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Agent, emit  # noqa: E402
+from _common import Agent, emit, free_port  # noqa: E402
 
 SETTLE_S = 3.0  # past start-up: registration, first inventory, the first usage samples
 IDLE_GRPC_SERVER = """
@@ -105,29 +108,47 @@ def measure(agents: dict[str, Agent | subprocess.Popen], seconds: float) -> dict
     return {name: Sample(a).since(starts[name]) for name, a in agents.items()}
 
 
+def raft_cluster(stack: ExitStack, raft_heartbeat_s: float) -> dict[str, Agent]:
+    """Three voters of one Raft cluster (leader and followers: each wakes for Raft beats)."""
+    ports = [free_port() for _ in range(3)]
+    peers = ",".join(f"127.0.0.1:{port}" for port in ports)
+    voters: dict[str, Agent] = {}
+    for i, port in enumerate(ports):
+        root = voters["raft_0"].root if voters else None
+        voters[f"raft_{i}"] = agent = Agent("--peers", peers, "--raft-heartbeat", str(raft_heartbeat_s),
+                                            name=f"raft{i}", port=port, root=root)
+        stack.callback(agent.stop)
+    time.sleep(SETTLE_S)  # an election
+    return voters
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0, help="each measuring window")
-    p.add_argument("--role", choices=("voter", "worker", "both"), default="both")
+    p.add_argument("--role", choices=("voter", "worker", "both", "raft"), default="both")
+    p.add_argument("--raft-heartbeat", type=float, default=0.1, help="with --role raft (the default is 0.1 s)")
     args = p.parse_args()
     os.environ["LEPTON_COUNT_WAKEUPS"] = "1"  # the agents inherit it
-    voter = Agent(name="voter")
-    worker = None
-    grpc_idle = subprocess.Popen([sys.executable, "-c", IDLE_GRPC_SERVER])
     out: dict = {"targets": {"cpu_percent": 1.0, "rss_mb": 60.0}}
-    try:
+    with ExitStack() as stack:
+        grpc_idle = subprocess.Popen([sys.executable, "-c", IDLE_GRPC_SERVER])
+        stack.callback(grpc_idle.wait)
+        stack.callback(grpc_idle.kill)
+        if args.role == "raft":
+            out["raft_heartbeat_s"] = args.raft_heartbeat
+            out.update(measure({**raft_cluster(stack, args.raft_heartbeat), "baseline_grpc_idle": grpc_idle},
+                               args.seconds))
+            emit(out)
+            return
+        voter = Agent(name="voter")
+        stack.callback(voter.stop)  # stopped last: the worker leaves through it
         if args.role in ("voter", "both"):
             out.update(measure({"voter": voter, "baseline_grpc_idle": grpc_idle}, args.seconds))
         if args.role in ("worker", "both"):
             worker = Agent("--join", voter.address, name="worker", root=voter.root)
+            stack.callback(worker.stop)
             out.update(measure({"worker": worker, "voter_with_worker": voter}, args.seconds))
         emit(out)
-    finally:
-        grpc_idle.kill()
-        grpc_idle.wait()
-        if worker is not None:
-            worker.stop()
-        voter.stop()
 
 
 if __name__ == "__main__":
