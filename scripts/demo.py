@@ -83,6 +83,7 @@ def main() -> int:
             preds = algo.predict(model, test, "digits-predictions")
             step(f"batch inference wrote dataset {preds!r}")
         ctl("--server", servers, "data", "ls")
+        ctl("--server", servers, "models", "list")
     finally:
         step("shutting the cluster down")
         subprocess.run([*CTL, "local", "down", "--data-dir", str(tmp / "cluster"), "--wipe"])

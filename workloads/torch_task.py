@@ -90,6 +90,10 @@ def fetch_checkpoint(launch: dict[str, Any], ckpt_dir: Path) -> str:
             ds = client.dataset(checkpoint_dataset(launch["job_id"]))
         except NotFound:
             return NO_CHECKPOINT
+        # Only what this job stored: a name taken first by another user must not seed it.
+        owner = client.job(launch["job_id"]).owner
+        if ds.kind != "checkpoint" or ds.owner != owner:
+            return f"ignoring {ds.name}: kind {ds.kind}, owner {ds.owner or '-'}; not this job's checkpoint"
         m = _CHECKPOINT_RE.match(ds.source)
         local = newest_checkpoint(ckpt_dir)
         if m is None:
