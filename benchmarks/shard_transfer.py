@@ -14,7 +14,7 @@ runs seconds apart on a shared machine (ratios: each repeat's; ratio: the median
 `--encrypt`: both agents encrypt shards at rest with one cluster secret, so A sends its
 sealed chunks as they lie (sendfile) and B authenticates and decrypts each to check it,
 keeping the sealed bytes. Prints one JSON object with raw_tcp_GBps, shard_GBps, ratio,
-ratios and encrypt.
+ratios, the CPU seconds per GiB of puller and holder, and encrypt.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
@@ -58,18 +59,27 @@ c.sendall(b"k")
 """
 
 
-def raw_tcp(total: int) -> float:
+def raw_tcp(total: int) -> tuple[float, float]:
+    """(GB/s, CPU seconds per GiB of sender and receiver together)."""
     proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total)], stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
+    receiver = psutil.Process(proc.pid)
     buf = os.urandom(MiB)
     with socket.create_connection(("127.0.0.1", port)) as s:
+        cpu0 = _cpu_s(receiver) + time.thread_time()
         t0 = time.perf_counter()
         for _ in range(total // MiB):
             s.sendall(buf)
         s.recv(1)
         dt = time.perf_counter() - t0
+        cpu = _cpu_s(receiver) + time.thread_time() - cpu0
     proc.wait(10)
-    return total / dt / 1e9
+    return total / dt / 1e9, cpu / (total / (1 << 30))
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 def make_shards(root: Path, count: int, size: int, key_file: str = "", sha256: bool = False) -> list[tuple[str, int]]:
@@ -111,14 +121,21 @@ def main() -> None:
         a_id = json.loads((a.data_dir / "agent.json").read_text())["node_id"]  # sources are node ids
         req = dpb.PullShardsRequest(shards=[
             dpb.ShardSource(shard_id=sid, size=size, source_nodes=[a_id]) for sid, size in shards])
-        raws, pulls = [], []
+        raws, pulls, cpu_b, cpu_a, cpu_raw = [], [], [], [], []
+        procs = [psutil.Process(agent.proc.pid) for agent in (a, b)]
         with grpc.insecure_channel(b.address) as ch:
             stub = ShardsStub(ch)
             for _ in range(args.repeat):
-                raws.append(raw_tcp(count * args.shard_mib * MiB))
+                rate, cpu = raw_tcp(count * args.shard_mib * MiB)
+                raws.append(rate)
+                cpu_raw.append(cpu)
+                cpu0 = [_cpu_s(p) for p in procs]
                 t0 = time.perf_counter()
                 resp = stub.PullShards(req, timeout=600)
                 dt = time.perf_counter() - t0
+                gib = resp.bytes / (1 << 30)
+                cpu_a.append((_cpu_s(procs[0]) - cpu0[0]) / gib)
+                cpu_b.append((_cpu_s(procs[1]) - cpu0[1]) / gib)
                 if resp.failed or len(resp.pulled) != len(shards):
                     raise SystemExit(f"pull failed: {dict(resp.failed)}")
                 pulls.append(resp.bytes / dt / 1e9)
@@ -129,6 +146,10 @@ def main() -> None:
             "shard_GBps": round(max(pulls), 3),
             "ratio": round(statistics.median(ratios), 3),
             "ratios": [round(x, 3) for x in ratios],
+            # CPU seconds per GiB pulled (median): less at the mercy of a busy machine than rates.
+            "puller_cpu_s_per_GiB": round(statistics.median(cpu_b), 3),
+            "holder_cpu_s_per_GiB": round(statistics.median(cpu_a), 3),
+            "raw_tcp_cpu_s_per_GiB": round(statistics.median(cpu_raw), 3),  # sender + receiver
             "bytes": count * args.shard_mib * MiB,
             "shards": count,
             "storage": args.dir or tempfile.gettempdir(),
