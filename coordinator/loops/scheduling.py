@@ -184,6 +184,10 @@ class SchedulingLoop:
             self._queue.push(task.id, task.spec.priority, task.created_at_ms)
         else:
             self._queue.discard(task.id)
+        if not self._is_leader():
+            # A follower schedules nothing, and a new leader starts with a full pass (wake):
+            # collecting fresh ids here only grew a set nobody emptied, and woke the loop.
+            return
         if state == P[TaskState.PENDING] and not old_node and not task.history:
             self._fresh.add(task.id)  # a new submission
         elif state in HOLDING:

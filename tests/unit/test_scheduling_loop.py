@@ -79,6 +79,12 @@ async def test_a_follower_schedules_nothing_and_keeps_no_reasons(world):
     world.node("n2", cpus=16)  # room now, but a follower must not place it
     assert await world.loop.run_cycle() == "not the leader: nothing to schedule"
     assert world.committed == [] and world.state("big") == TaskState.PENDING
+    world.loop._wakeup.clear()
+    world.submit("later")  # a follower neither wakes for it nor keeps its id as fresh
+    assert not world.loop._wakeup.is_set() and not world.loop._fresh
+    world.leader = True
+    world.loop.wake()  # leadership: a full pass finds it all the same
+    assert await world.loop.run_cycle() == "placed 2 of 2 tasks, preempted 0, 0 unschedulable"
 
 
 async def test_a_placement_is_committed_as_one_plan_in_the_leaders_term(world):
