@@ -24,6 +24,9 @@ from lepton.dataplane.transfer import TOKEN_BYTES, Puller, SideChannel
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import ShardsStub
 
+KEY = ShardCipher(bytes(range(32)))  # shard keys: two nodes with KEY share a cluster secret
+OTHER = ShardCipher(bytes(range(1, 33)))
+
 
 class Node:
     """A Shards server on its own event loop thread."""
@@ -99,6 +102,24 @@ def test_pull_verifies_and_stores(nodes, tmp_path, transport, algo):
     assert with_puller.pull(sid, len(data), [src.address], progress=seen.append) == len(data)
     assert dst.path(sid).read_bytes() == data and sum(seen) == len(data)
     assert with_puller.pull(sid, len(data), [src.address]) == 0  # already there
+
+
+@pytest.mark.parametrize("cipher", [None, KEY], ids=["plain", "sealed"])
+def test_pull_many_fetches_each_shard_once_per_call(nodes, tmp_path, cipher):
+    src = nodes("src", cipher=cipher)
+    shards = [put(src.store, CHUNK * k + 11 * k, seed=k, algo=algo) for k, algo in
+              enumerate(["b3", "sha256", "b3", "b3", "sha256"])]
+    dst = ShardStore(tmp_path / "dst", cipher=cipher)
+    seen: list[int] = []
+    items = [(sid, len(data), [src.address]) for sid, data in shards]
+    result = Puller(dst).pull_many(items, progress=seen.append)
+    total = sum(len(data) for _, data in shards)
+    assert sorted(result.pulled) == sorted(sid for sid, _ in shards) and not result.failed
+    assert result.bytes == total and sum(seen) == total
+    for sid, data in shards:
+        assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data
+    again = Puller(dst).pull_many(items)
+    assert again.bytes == 0 and len(again.pulled) == len(shards)
 
 
 def _has_ipv6_loopback() -> bool:
@@ -210,8 +231,6 @@ def test_tokens_are_one_time(nodes):
 
 # -- shards encrypted at rest ------------------------------------------------------------
 
-KEY = ShardCipher(bytes(range(32)))
-OTHER = ShardCipher(bytes(range(1, 33)))
 
 
 @pytest.mark.parametrize("transport", ["socket", "grpc"])
