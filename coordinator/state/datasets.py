@@ -56,6 +56,13 @@ def check_owner(ds: datasets_pb2.Dataset, only_owner: str) -> None:
             f"{only_owner} may not replace or delete it")
 
 
+def kind_noun(kind: int) -> str:
+    """ "dataset", "model" or "checkpoint", for messages."""
+    if kind == datasets_pb2.DATASET_KIND_DATA:
+        return "dataset"
+    return datasets_pb2.DatasetKind.Name(kind).removeprefix("DATASET_KIND_").lower()
+
+
 def check_kind_and_labels(ds: datasets_pb2.Dataset) -> None:
     """Raises InvalidArgument for a kind this version does not know or labels past the limits."""
     if ds.kind not in datasets_pb2.DatasetKind.values():
@@ -138,6 +145,10 @@ class DatasetTable:
         old = self.datasets.get(new.name)
         if old is not None:
             check_owner(old, c.only_owner)
+            if old.kind != new.kind:  # a model is never silently replaced by data, or back
+                raise FailedPrecondition(
+                    f'"{new.name}" is a {kind_noun(old.kind)}; remove it before putting a '
+                    f"{kind_noun(new.kind)} by that name")
         new.version = old.version + 1 if old is not None else 1
         new.created_at_ms = at_ms
         new.rows = sum(s.rows for s in new.shards)

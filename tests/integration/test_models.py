@@ -113,6 +113,8 @@ def test_models_apart_from_data(cluster, tmp_path):
     one_line_refusal(ctl("alice", "train", "--algorithm", "mlp", "--dataset", "digits-mlp", "--out", "m2"),
                      '"digits-mlp" is a model, not a dataset')
     assert not (tmp_path / "out.npz").exists()
+    one_line_refusal(ctl("alice", "data", "put", str(tmp_path / "d.npz"), "--name", "digits-mlp", "--replicas", "1"),
+                     '"digits-mlp" is a model; remove it before putting a dataset by that name')
     with client("vic") as c:
         assert len(c.tasks()) == tasks_before  # nothing was submitted
         assert c.dataset("digits-mlp").kind == "model"  # data rm left it alone

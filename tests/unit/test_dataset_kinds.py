@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lepton.common.errors import InvalidArgument
+from lepton.common.errors import FailedPrecondition, InvalidArgument
 from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.v1 import datasets_pb2, state_pb2
 from tests.unit.test_datasets import A, B, World
@@ -46,3 +46,15 @@ def test_unknown_kind_and_bad_labels_are_refused():
     assert isinstance(put(w, "x", "", labels={"bad key": "v"}), InvalidArgument)
     assert isinstance(put(w, "x", "", labels={"k": "v" * 300}), InvalidArgument)
     assert w.sm.datasets.datasets == {}
+
+
+def test_a_put_never_changes_a_names_kind():
+    w = World()
+    put(w, "m", "model.safetensors", kind=MODEL)
+    refused = put(w, "m", "d.npz")
+    assert isinstance(refused, FailedPrecondition)
+    assert refused.message == '"m" is a model; remove it before putting a dataset by that name'
+    assert w.sm.datasets.get("m").kind == MODEL and w.sm.datasets.get("m").version == 1
+    assert put(w, "m", "model.safetensors", kind=MODEL).version == 2  # a new version of the same kind
+    put(w, "old", "model.pt")  # derived: a model
+    assert put(w, "old", "model.pt").version == 2
