@@ -32,6 +32,7 @@ ranks is already done) and without `persistent_workers` (workers copy the epoch 
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -120,6 +121,7 @@ class ShardRows:
             self._ys.append(y)
         self.rank, self.world_size = rank, world_size
         self._ends = np.cumsum([len(x) for x in self._xs], dtype=np.int64)
+        self._ends_list = self._ends.tolist()  # for one row at a time: bisect beats numpy
         self.start, self.stop = rank_range(int(self._ends[-1]), rank, world_size)
 
     @property
@@ -135,6 +137,16 @@ class ShardRows:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         return indices + self.start
+
+    def row(self, index: int) -> tuple[np.ndarray, Any]:
+        """(x, y or None) of this rank's row `index` (a copy of x)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"row index {index} out of range for {len(self)} rows")
+        glob = index + self.start
+        s = bisect.bisect_right(self._ends_list, glob)
+        local = glob - (self._ends_list[s - 1] if s else 0)
+        y = self._ys[s]
+        return np.array(self._xs[s][local]), (None if y is None else y[local])
 
     def rows(self, indices: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """(x, y or None) of this rank's rows `indices`, in that order (copies, writable)."""
@@ -162,10 +174,6 @@ class ShardRows:
             if drop_last and len(chunk) < batch_size:
                 return
             yield self.rows(chunk)
-
-
-def _item(x: np.ndarray, y: np.ndarray | None) -> Any:
-    return x[0] if y is None else (x[0], y[0])
 
 
 def _torch_classes() -> dict[str, type]:
@@ -199,7 +207,8 @@ def _torch_classes() -> dict[str, type]:
         def __getitem__(self, i: int) -> Any:
             if not -len(self) <= i < len(self):
                 raise IndexError(i)
-            return _item(*self.rows.rows([int(self.order()[i])]))
+            x, y = self.rows.row(int(self.order()[i]))
+            return x if y is None else (x, y)
 
     class RowIterableDataset(_Epochs, tud.IterableDataset):
         """Iterable: this rank's rows in the epoch's order, each DataLoader worker its slice."""

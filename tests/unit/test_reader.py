@@ -57,6 +57,9 @@ def test_shard_rows_reads_the_global_index_space(tmp_path_factory, sizes, world)
     ids = []
     for rank in range(world):
         rows = ShardRows(paths, rank=rank, world_size=world)
+        for i in range(len(rows)):  # one row at a time: the same row as a batch of one
+            x, y = rows.row(i)
+            assert x[0] == rows.start + i and y == rows.rows([i])[1][0]
         for x, y in rows.iter_batches(4, shuffle=True, seed=1, epoch=2):
             assert y is not None and list(y) == [int(i) % 5 for i in x[:, 0]]  # labels stay with rows
             ids.extend(int(i) for i in x[:, 0])
@@ -103,6 +106,8 @@ def test_bad_shards_are_refused(tmp_path):
         ShardRows([good], rank=2, world_size=2)
     with pytest.raises(IndexError):
         ShardRows([good]).rows([2])
+    with pytest.raises(IndexError):
+        ShardRows([good]).row(-1)
 
 
 def test_plain_npy_and_npz_shards(tmp_path):
