@@ -184,6 +184,34 @@ def test_a_stream_cut_mid_frame_resumes_on_the_other_replica(nodes, tmp_path, mo
     assert first.store.has(sid)  # a broken stream is not a corrupt copy
 
 
+def test_frames_past_the_end_are_a_protocol_error(nodes, tmp_path, monkeypatch):
+    """A holder that keeps sending empty frames at the end (with the right digest) is
+    refused, not followed forever."""
+    src = nodes("src")
+    sid, data = put(src.store, CHUNK + 3)
+    final = src.store.checkpoints(sid)[-1]
+
+    class Padding:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def fileno(self):
+            return self._conn.fileno()
+
+        def sendall(self, frame, flags=0):
+            if side_channel.FRAME.unpack(frame[: side_channel.FRAME.size])[0] == side_channel.END:
+                for _ in range(3):
+                    self._conn.sendall(side_channel.FRAME.pack(len(data), 0, final))
+            self._conn.sendall(frame, flags)
+
+    real = side_channel.SideChannel._send
+    monkeypatch.setattr(side_channel.SideChannel, "_send", lambda self, conn, t: real(self, Padding(conn), t))
+    dst = ShardStore(tmp_path / "dst")
+    with pytest.raises(Unavailable, match="protocol error"):
+        Puller(dst, transport="socket").pull(sid, len(data), [src.address])
+    assert not dst.has(sid)
+
+
 def test_every_copy_bad_stores_nothing(nodes, tmp_path):
     a = nodes("a")
     sid, data = put(a.store, CHUNK + 10)
