@@ -3,7 +3,9 @@ a worker joined to it.
 
 Prints one JSON object with one entry per measured process (`voter`: alone, beside
 `baseline_grpc_idle`: a bare grpc.aio server doing nothing, the floor gRPC's own threads set;
-`worker`, and `voter_with_worker`: the voter watching it, over the same window; with
+`worker`, and `voter_with_worker`: the voter watching it, beside `baseline_grpc_stream`: one
+process holding both ends of a bare grpc.aio bidi stream with a message a second each way,
+what a heartbeat stream costs gRPC's threads alone, over the same window; with
 `--role raft`, three voters of one Raft cluster, `raft_0` .. `raft_2`, `raft_heartbeat_s`
 apart):
 - cpu_percent: of one core, averaged over the window; rss_mb / uss_mb: at the end.
@@ -39,6 +41,32 @@ async def main():
     server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await asyncio.Event().wait()
+asyncio.run(main())
+"""
+# Both ends of one bidi stream in one process: a message a second, answered every second
+# one (as heartbeats are).
+GRPC_STREAM_1HZ = """
+import asyncio, grpc
+async def answer_every_second(requests, context):
+    n = 0
+    async for request in requests:
+        n += 1
+        if n % 2 == 0:
+            yield request
+async def main():
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Idle", {"Beat": grpc.stream_stream_rpc_method_handler(answer_every_second)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    call = grpc.aio.insecure_channel(f"127.0.0.1:{port}").stream_stream("/bench.Idle/Beat")()
+    async def read():
+        async for _ in call:
+            pass
+    reader = asyncio.create_task(read())
+    while True:
+        await call.write(b"beat")
+        await asyncio.sleep(1.0)
 asyncio.run(main())
 """
 
@@ -147,7 +175,11 @@ def main() -> None:
         if args.role in ("worker", "both"):
             worker = Agent("--join", voter.address, name="worker", root=voter.root)
             stack.callback(worker.stop)
-            out.update(measure({"worker": worker, "voter_with_worker": voter}, args.seconds))
+            grpc_stream = subprocess.Popen([sys.executable, "-c", GRPC_STREAM_1HZ])
+            stack.callback(grpc_stream.wait)
+            stack.callback(grpc_stream.kill)
+            out.update(measure({"worker": worker, "voter_with_worker": voter, "baseline_grpc_stream": grpc_stream},
+                               args.seconds))
         emit(out)
 
 
