@@ -54,7 +54,9 @@ def load_cipher(shard_key_file: str, tls: TlsConfig | None = None) -> ShardCiphe
     if cluster_secret.loosely_readable(shard_key_file):
         logger.warning("shard key file %s can be read by group or others: chmod 600 it", shard_key_file)
     if tls is None:
-        logger.warning("shards are encrypted at rest, but cross the network in plaintext without --tls-dir")
+        # Copies between nodes with this key travel sealed; downloads and nodes without it get plaintext.
+        logger.warning("shards are encrypted at rest, but downloads and copies to nodes without this key "
+                       "cross the network in plaintext without --tls-dir")
     logger.info("shards are encrypted at rest (AES-256-GCM, key id %s)", cipher.key_id)
     return cipher
 
