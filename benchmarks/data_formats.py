@@ -35,14 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit  # noqa: E402
 
 MIB = 1 << 20
-# Runs lepton-ctl's main in a fresh process and reports its own time and peak RSS.
+# Runs lepton-ctl's main in a fresh process and reports its own time and peak RSS: VmHWM,
+# since ru_maxrss keeps the forking parent's RSS across exec.
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from lepton.client.cli import main
 t = time.perf_counter()
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "s": time.perf_counter() - t,
-                  "rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+s = time.perf_counter() - t
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": rc, "s": s, "rss_MB": hwm / 1024}), file=sys.stderr)
 """
 
 

@@ -6,7 +6,7 @@ client/formats.py): a plain .npy comes back with its dtype and shape, an .npz wi
 array names and dtypes, a table with its columns, Arrow types and nulls, a CSV with its
 header and columns; rows keep their order. A dataset without a description (made by
 processing) comes back as records x[, y] in a .npy, arrays x[, y] in an .npz, columns
-x[, y] in a table and x0..xN[, y] in a CSV.
+x[, y] in a table and x_0 .. x_k[, y] in a CSV.
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def table_source(f: IO[bytes], name: str, suffix: str, choose: _Choice, batch_by
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering held whole row groups
+        # Neither pre-buffered nor whole column chunks read at once: both held a row group.
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=4 << 20)
         schema, rows = pf.schema_arrow, pf.metadata.num_rows
         null_of = lambda cols: _null_columns(pf, cols)  # noqa: E731
         read = lambda cols, n: pf.iter_batches(batch_size=n, columns=cols)  # noqa: E731
@@ -181,12 +182,15 @@ def table_source(f: IO[bytes], name: str, suffix: str, choose: _Choice, batch_by
             raise InvalidArgument(f"{name}: not an Arrow IPC file (Feather v2); an Arrow "
                                   "stream or Feather v1 file is not read") from None
         schema, fmt = reader.schema, "arrow"
-        stored = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        rows = sum(b.num_rows for b in stored)
-        null_of = lambda cols: {c for c in cols if any(b.column(c).null_count for b in stored)}  # noqa: E731
+        rows = reader.count_rows()
+
+        def stored() -> Iterator[pa.RecordBatch]:  # one at a time; memory-mapped when local
+            return (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+        null_of = lambda cols: {c for b in stored() for c in cols if b.column(c).null_count}  # noqa: E731
 
         def read(cols: list[str], n: int) -> Iterator[pa.RecordBatch]:
-            for b in stored:
+            for b in stored():
                 b = b.select(cols)
                 for at in range(0, b.num_rows, n):
                     yield b.slice(at, n)

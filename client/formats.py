@@ -113,8 +113,14 @@ def open_source(url: str, *, features: list[str] | None = None, features_prefix:
 
                 src = csv_source(f, name, choose, batch_bytes)
             else:
+                import pyarrow as pa
+
                 from .format_tables import table_source
 
+                if is_local(url):  # native reads (no GIL); an Arrow file memory-mapped
+                    path = str(local_path(url))
+                    f = stack.enter_context(pa.memory_map(path) if suffix != ".parquet"
+                                            else pa.OSFile(path))
                 src = table_source(f, name, suffix, choose, batch_bytes)
         except (InvalidArgument, MemoryError):
             raise
