@@ -161,6 +161,8 @@ class DataProcessor:
         for out in outs:
             check_dataset_name(out)
         info = self.client.dataset(name)
+        if info.kind != "data":
+            raise InvalidArgument(f'"{name}" is a {info.kind}, not a dataset to split')
         for out in outs:  # checked before any work; a put racing the split would still win
             try:
                 self.client.dataset(out)

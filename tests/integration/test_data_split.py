@@ -13,6 +13,8 @@ import pytest
 from lepton.client import Client
 from lepton.client.processor import DataProcessor
 from lepton.common.errors import InvalidArgument
+from lepton.dataplane import shard_format as fmt
+from lepton.v1 import datasets_pb2 as dpb
 from tests.integration.cluster import wait_until
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,10 @@ def test_bad_split_is_refused_in_one_line_and_changes_nothing(cluster, tmp_path)
     with pytest.raises(InvalidArgument, match="integer"):
         DataProcessor(c).split_data("floaty", [0.5, 0.5], ["f1", "f2"], stratify=True)
     assert "f1" not in {d.name for d in c.datasets()}
+    # A model is not a dataset to split.
+    recs = fmt.make_records(np.zeros((4, 2), np.float32), None)
+    sid, size = fmt.write_shard(recs, tmp_path / "m.npy")
+    c.put_shards("a-model", [dpb.Shard(id=sid, size=size, **fmt.describe(recs))], {sid: tmp_path / "m.npy"},
+                 replicas=1, kind="model")
+    out = ctl(voter.address, "data", "split", "a-model", "--fractions", "0.5,0.5", "--out", "m1,m2")
+    assert out.returncode == 1 and out.stderr.strip() == 'lepton-ctl: "a-model" is a model, not a dataset to split'
