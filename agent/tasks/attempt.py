@@ -91,12 +91,18 @@ class Attempt:
         """(exit code, reason, when it ended in ms) of the ended wrapper; `wait_code`: its own
         status when we reaped it."""
         exit_path = self.dir / "exit.json"
-        doc = read_json(exit_path)
         at_ms = now_ms
+        if wait_code is not None and wait_code >= 0:
+            # We reaped the wrapper and it exited: its status is the command's `$?`, the same
+            # number exit.json holds (`exit "$rc"`), and the pidfd told us at once: no file to read.
+            doc: dict | None = {"rc": wait_code}
+        else:
+            doc = read_json(exit_path)
+            if doc is not None:
+                with contextlib.suppress(OSError):
+                    at_ms = exit_path.stat().st_mtime_ns // 1_000_000  # when it really ended
         if doc is not None and isinstance(doc.get("rc"), int):
             code: int | None = tp.shell_status_to_exit_code(doc["rc"])
-            with contextlib.suppress(OSError):
-                at_ms = exit_path.stat().st_mtime_ns // 1_000_000  # when it really ended
         elif wait_code is not None:
             code = tp.shell_status_to_exit_code(wait_code)  # the wrapper died too (SIGKILL)
         elif self.killed:
@@ -105,7 +111,7 @@ class Attempt:
             code = None
         if self.stop_reason:
             reason = self.stop_reason
-        elif (self.dir / tp.FENCED_MARK).exists():
+        elif (code is None or code < 0) and (self.dir / tp.FENCED_MARK).exists():
             reason = FENCED  # its watchdog: the lease ran out; the leader requeues it
         elif code is None:
             reason = "lost"

@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import time
@@ -625,7 +627,10 @@ class TaskRunner:
 
 def _mark_reported(att_dir: Path, doc: dict) -> None:
     try:
-        # Not fsync'd: lost in a power loss, it only means one more (idempotent) report.
-        tp.write_json_atomic(att_dir / "reported.json", doc, durable=False)
+        # Only its presence counts, so it is written in place (3 syscalls, not 6) and not
+        # fsync'd: lost in a power loss, it only means one more (idempotent) report.
+        fd = os.open(att_dir / "reported.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(doc, sort_keys=True) + "\n").encode())
     except OSError as err:
         logger.warning("cannot mark task %s attempt %d reported: %s", doc["task_id"], doc["attempt"], err)
