@@ -118,6 +118,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
         self._election_deadline = now + self._election_timeout()
         self._hb_deadline = math.inf
         self._cq_deadline = math.inf
+        self._commit_notify_at = math.inf  # leader: tell followers a commit no append carried
         self._soft = (self.term, self.role, self.leader)
         self._in_ready = False
 
@@ -167,7 +168,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
     def next_deadline(self) -> float:
         """The earliest time at which `tick` has something to do."""
         if self.role is _LEADER:
-            return min(self._hb_deadline, self._cq_deadline)
+            return min(self._hb_deadline, self._cq_deadline, self._commit_notify_at)
         return self._election_deadline
 
     # -- inputs ----------------------------------------------------------------------
@@ -197,6 +198,9 @@ class RaftCore(LeaderMixin, MembershipMixin):
                 logger.info("%s: leadership transfer to %s timed out", self.id, self._transferee)
                 self._transferee = ""
             self._learner_tick(now)
+        if now >= self._commit_notify_at:
+            self._commit_notify_at = math.inf
+            self._bcast = True  # sends the commit to whoever lacks it (nothing to the rest)
         if now >= self._cq_deadline:
             self._cq_deadline = now + cfg.election_timeout
             if cfg.check_quorum:
@@ -309,10 +313,10 @@ class RaftCore(LeaderMixin, MembershipMixin):
                 self._bcast = False
                 self._dirty.clear()
                 for p in tracker.targets:
-                    self._send_append(p, tracker[p])
+                    self._send_append(p, tracker[p], notify_commit=True)
             elif self._dirty:
                 for p in sorted(self._dirty):  # sorted: deterministic message order
-                    self._send_append(p, tracker[p])
+                    self._send_append(p, tracker[p], notify_commit=False)
                 self._dirty.clear()
             if self._hb_now:
                 self._hb_now = False
@@ -387,6 +391,7 @@ class RaftCore(LeaderMixin, MembershipMixin):
             self._snap_sender.clear()
             self._transferee = ""
             self._bcast = self._hb_now = False
+            self._commit_notify_at = math.inf
             self._dirty.clear()
         self._abort_reads()
         if self.role is not _FOLLOWER or self.leader != leader:

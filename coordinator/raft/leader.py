@@ -56,6 +56,7 @@ class LeaderMixin:
     _transferee: str
     _transfer_deadline: float
     _hb_now: bool
+    _commit_notify_at: float
 
     if TYPE_CHECKING:  # provided by RaftCore
 
@@ -168,8 +169,9 @@ class LeaderMixin:
         if pr.match < self.last_index():
             self._dirty.add(m.frm)
 
-    def _send_append(self, p: str, pr: Progress) -> None:
-        """Send what `p` lacks, within its flow-control window; else refresh its commit."""
+    def _send_append(self, p: str, pr: Progress, *, notify_commit: bool) -> None:
+        """Send what `p` lacks, within its flow-control window; else, with notify_commit,
+        refresh its commit (a heartbeat)."""
         last = self.last_index()
         sent = False
         while pr.state is not PeerState.SNAPSHOT:
@@ -193,7 +195,7 @@ class LeaderMixin:
                 break
             pr.next = entries[-1].index + 1
             pr.inflight.append(pr.next - 1)
-        if not sent:
+        if not sent and notify_commit:
             commit = min(pr.match, self.commit)
             if commit > pr.sent_commit:
                 pr.sent_commit = commit
@@ -223,8 +225,12 @@ class LeaderMixin:
         q = self._tracker.quorum_match(conf.others, own, conf.quorum)
         # Only own-term entries are committed by counting (Raft paper figure 8).
         if q > self.commit and self.term_at(q) == self.term:
-            self.commit = q
-            self._bcast = True
+            old, self.commit = self.commit, q
+            delay = self._cfg.commit_notify_delay
+            if delay <= 0 or conf.index > old or self.id not in conf.voters:
+                self._bcast = True  # a committed configuration travels at once (resigning, learners)
+            else:  # the next append carries it, or this deadline sends it
+                self._commit_notify_at = min(self._commit_notify_at, self._now + delay)
             self._maybe_change()  # waits for our term's first commit and the last change's
             if self._pending_reads:
                 for r in self._pending_reads:

@@ -47,6 +47,10 @@ class Config:
     max_inflight: int = 64  # AppendEntries in flight per follower while replicating
     max_apply_bytes: int = 16 << 20  # committed payload handed out per Ready
     snapshot_chunk_bytes: int = 1 << 20  # InstallSnapshot data per message (snapshot_transfer.py)
+    # A new commit index that no append carries reaches the followers this much later (or
+    # sooner, with the next append or heartbeat): under load, appends carry it and a commit
+    # costs no message; 0 tells them at once (a heartbeat and its answer per commit).
+    commit_notify_delay: float = 0.02
     noop_data: bytes = b""  # payload of the entry a new leader appends (an empty Command)
     # A learner is added as a voter once its match index is this close to the leader's
     # last index; dropped (the change fails) when it makes no progress for learner_timeout
@@ -59,8 +63,8 @@ class Config:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
         if self.max_inflight < 1 or self.max_msg_bytes < 1 or self.snapshot_chunk_bytes < 1:
             raise ValueError("max_inflight, max_msg_bytes and snapshot_chunk_bytes must be >= 1")
-        if self.learner_slack < 0 or self.learner_timeout < 0:
-            raise ValueError("learner_slack and learner_timeout must be >= 0")
+        if self.learner_slack < 0 or self.learner_timeout < 0 or self.commit_notify_delay < 0:
+            raise ValueError("learner_slack, learner_timeout and commit_notify_delay must be >= 0")
 
 
 # -- wire messages ---------------------------------------------------------------------

@@ -373,3 +373,49 @@ def test_only_a_leader_sends_before_its_disk() -> None:
     rd = n2.ready()  # a follower acknowledges only what it has synced
     assert not rd.eager_messages and isinstance(rd.messages[0], AppendResponse)
     n2.advance(rd)
+
+
+def test_a_commit_rides_on_the_next_append_or_goes_after_a_short_delay() -> None:
+    net = Net()
+    n1 = net.elect("n1")
+    net.heartbeat("n1")
+    net.deliver()
+    index, _ = n1.propose(b"x")
+    net.drain("n1")  # the append goes out
+    sent, net.outbox = net.outbox, []
+    for m in sent:
+        net.cores[m.to].step(m, net.now)
+    net.drain("n2")
+    net.drain("n3")
+    acks, net.outbox = net.outbox, []
+    for m in acks:
+        n1.step(m, net.now)
+    assert n1.commit_index == index
+    net.drain("n1")
+    assert not [m for m in net.outbox if isinstance(m, Heartbeat)]  # no message per commit
+    assert net.cores["n2"].commit_index < index
+    # A new entry's append carries the commit...
+    n1.propose(b"y")
+    net.drain("n1")
+    appends = [m for m in net.outbox if isinstance(m, AppendRequest)]
+    assert {m.to for m in appends} == {"n2", "n3"} and all(m.commit == index for m in appends)
+    net.outbox.clear()
+    # ...and with nothing to carry it, the commit goes within commit_notify_delay.
+    net2 = Net()
+    leader = net2.elect("n1")
+    i2, _ = leader.propose(b"z")
+    net2.deliver()
+    assert net2.cores["n2"].commit_index < i2
+    assert leader.next_deadline() <= net2.now + CFG.commit_notify_delay
+    net2.now = leader.next_deadline()
+    leader.tick(net2.now)
+    net2.deliver()
+    assert net2.cores["n2"].commit_index == net2.cores["n3"].commit_index == i2
+
+
+def test_commit_notify_delay_zero_tells_followers_at_once() -> None:
+    net = Net(config=Config(heartbeat_interval=0.1, election_timeout=1.0, commit_notify_delay=0.0))
+    n1 = net.elect("n1")
+    index, _ = n1.propose(b"x")
+    net.deliver()
+    assert net.cores["n2"].commit_index == net.cores["n3"].commit_index == index
