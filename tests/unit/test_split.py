@@ -128,3 +128,32 @@ def test_transform_shard_stores_one_part_with_the_dtype_kept(tmp_path, encrypted
         got.append(part)
     assert [len(p) for p in got] == [6, 4]
     assert sorted(np.concatenate(got)["x"][:, 0].tolist()) == list(range(0, 20, 2))
+
+
+def test_a_failed_commit_removes_the_parts_already_committed():
+    from lepton.client.processor import DataProcessor
+    from lepton.common.errors import Unavailable
+    from lepton.v1 import datasets_pb2 as dpb
+
+    class FakeClient:
+        def __init__(self):
+            self.committed, self.deleted, self.released = [], [], []
+
+        def commit_dataset(self, ds):
+            if self.committed:
+                raise Unavailable("leader lost")
+            self.committed.append(ds.name)
+            return type("Info", (), {"name": ds.name})()
+
+        def delete_dataset(self, name):
+            self.deleted.append(name)
+
+        def _release(self, ids, nodes):
+            self.released.append((sorted(ids), nodes))
+
+    made = [dpb.Dataset(name=n, shards=[dpb.Shard(id=f"id-{n}", replicas=["node-1"])]) for n in ("a", "b")]
+    fake = FakeClient()
+    with pytest.raises(Unavailable):
+        DataProcessor(fake)._commit_all(made)
+    assert fake.committed == ["a"] and fake.deleted == ["a"]
+    assert fake.released == [(["id-a", "id-b"], ["node-1"])]
