@@ -182,7 +182,9 @@ class DataProcessor:
             results = self._map(info, "TransformShard", lambda j, k=k: dpb.TransformShardRequest(
                 shard_id=info.shards[j].id, spec=json.dumps({"index": j, "split": {
                     "seed": seed, "part": k, "counts": alloc[j].tolist(), "strata": strata if stratify else None}})))
-            new = dpb.Dataset(name=out, replication=info.replication,
+            # The parts keep the records byte for byte: `data get` of a part writes the
+            # input's format back, as for the whole (the put's description, Dataset.schema).
+            new = dpb.Dataset(name=out, replication=info.replication, schema=info.schema,
                               source=f"split {name} v{info.version}: part {k + 1} of {len(outs)}, {how}"[:1024])
             kept = [r.shard for r in results if r.shard.rows] or [results[0].shard]  # no empty shards
             new.shards.extend(kept)

@@ -202,3 +202,22 @@ def test_memory_urls_in_process(one, tmp_path, capsys):
             assert z["x"].shape == (60, 8) and list(z["y"]) == list(np.arange(60) % 4)
     finally:
         mem.rm("/h6", recursive=True)
+
+
+def test_split_parts_come_back_in_the_input_format(one, tmp_path):
+    from lepton.client.processor import DataProcessor
+
+    _, c = one
+    table = a_table(90).drop(["name"])
+    pq.write_table(table, tmp_path / "t.parquet")
+    c.put_dataset(tmp_path / "t.parquet", "whole", shards=3, replicas=1)
+    DataProcessor(c).split_data("whole", [0.6, 0.4], ["part-a", "part-b"], seed=3)
+    parts = []
+    for name in ("part-a", "part-b"):
+        c.get_dataset(name, tmp_path / f"{name}.parquet")
+        part = pq.read_table(tmp_path / f"{name}.parquet")
+        assert part.schema.equals(table.schema)
+        parts.append(part)
+    assert [len(p) for p in parts] == [54, 36]
+    both = pa.concat_tables(parts).sort_by("id")
+    assert both.equals(table)
