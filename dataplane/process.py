@@ -332,6 +332,8 @@ def split_rows(recs: np.ndarray, split: dict, shard_index: int) -> np.ndarray:
         strata = split.get("strata")
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidArgument(f"bad split spec: {err}") from None
+    if counts.size == 0 and part >= 0:  # no strata: a stratified split of a dataset without rows
+        counts = np.zeros((0, part + 1), dtype=np.int64)
     if counts.ndim != 2 or not 0 <= part < counts.shape[1] or (counts < 0).any() or not 0 <= seed <= MAX_SEED:
         raise InvalidArgument("bad split spec: counts must be [[rows per part] per stratum] and part one of them")
     if strata is None:

@@ -67,6 +67,12 @@ def test_parts_are_disjoint_cover_and_follow_the_fractions(sizes, classes, fract
         assert part.dtype == shards[0].dtype
 
 
+def test_a_dataset_without_rows_splits_into_empty_parts():
+    for stratify in (False, True):
+        parts = _cut(_shards([0, 0], 3), [0.5, 0.5], 1, stratify)
+        assert [len(p) for p in parts] == [0, 0]
+
+
 def test_same_seed_same_split_other_seed_other_split():
     shards = _shards([50, 30, 41], 3)
     a = _cut(shards, [0.7, 0.3], 11, True)
