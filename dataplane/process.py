@@ -330,20 +330,22 @@ def split_rows(recs: np.ndarray, split: dict, shard_index: int) -> np.ndarray:
         seed, part = int(split["seed"]), int(split["part"])
         counts = np.asarray(split["counts"], dtype=np.int64)
         strata = split.get("strata")
-    except (KeyError, TypeError, ValueError) as err:
+        if strata is not None and not isinstance(strata, list):
+            raise TypeError("strata must be a list of labels")
+        values = None if strata is None else np.array([int(k) for k in strata], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise InvalidArgument(f"bad split spec: {err}") from None
     if counts.size == 0 and part >= 0:  # no strata: a stratified split of a dataset without rows
         counts = np.zeros((0, part + 1), dtype=np.int64)
     if counts.ndim != 2 or not 0 <= part < counts.shape[1] or (counts < 0).any() or not 0 <= seed <= MAX_SEED:
         raise InvalidArgument("bad split spec: counts must be [[rows per part] per stratum] and part one of them")
-    if strata is None:
+    if values is None:
         groups = [np.arange(len(recs))]
     else:
         if "y" not in (recs.dtype.names or ()):
             raise InvalidArgument("a stratified split needs labels; this shard has none")
         y = np.asarray(recs["y"]).astype(np.int64)
         order = np.argsort(y, kind="stable")
-        values = np.array([int(k) for k in strata], dtype=np.int64)
         lo, hi = np.searchsorted(y[order], values, "left"), np.searchsorted(y[order], values, "right")
         groups = [order[a:b] for a, b in zip(lo, hi, strict=True)]
     if len(groups) != len(counts) or [len(g) for g in groups] != counts.sum(axis=1).tolist() \

@@ -112,6 +112,11 @@ def test_a_plan_that_does_not_fit_the_shard_is_refused():
         proc.split_rows(recs, {"seed": 0, "part": 2, "counts": [[5, 5]], "strata": None}, 0)
     with pytest.raises(InvalidArgument, match="bad split spec"):
         proc.split_rows(recs, {"part": 0, "counts": [[5, 5]]}, 0)
+    for bad in ({"counts": [[2**70, 0]]}, {"strata": ["9" * 5000]}, {"strata": "01"}, {"counts": {"a": 1}},
+                {"strata": [2**70]}):
+        spec = {"seed": 0, "part": 0, "counts": [[5, 5]], "strata": None, **bad}
+        with pytest.raises(InvalidArgument, match="bad split spec"):
+            proc.split_rows(recs, spec, 0)
 
 
 @pytest.mark.parametrize("encrypted", [False, True])
