@@ -69,6 +69,8 @@ def _cols(x: np.ndarray) -> np.ndarray:
 
 
 def partial_stats(x: np.ndarray, y: np.ndarray | None, kind: str) -> dict:
+    if kind == "labels":  # labels only: no float64 copy of the features
+        return {"labels": label_counts(y)}
     c = _cols(x)
     if kind == "moments":
         ok = ~np.isnan(c)
@@ -85,8 +87,6 @@ def partial_stats(x: np.ndarray, y: np.ndarray | None, kind: str) -> dict:
         return {"values": _b64(c)}
     if kind == "rowhash":
         return {"hashes": row_hashes(c, y)}
-    if kind == "labels":
-        return {"labels": label_counts(y)}
     raise InvalidArgument(f"unknown statistic {kind!r}")
 
 
