@@ -352,6 +352,11 @@ class DataMethods:
         if exists and not force:
             raise InvalidArgument(f"{url} exists; pass --force to replace it")
         ds = self.dataset(name)
+        try:
+            for s in ds.shards[:1]:
+                np.dtype(s.dtype)
+        except TypeError:  # a code archive ("tar.gz"): a blob, not rows
+            raise InvalidArgument(f"dataset {name} holds a {ds.shards[0].dtype} blob, not rows") from None
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
         # Local: work beside the output, so the finished file is renamed into place.
