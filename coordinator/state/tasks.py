@@ -7,6 +7,7 @@ deterministic: the time comes from the command, never from a clock.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ class TaskTable(GangMixin):
         self.by_request: dict[str, str] = {}  # request id -> task id (idempotent submission)
         self.by_node: dict[str, set[str]] = {}  # node id -> ids of tasks with an attempt there
         self.pending: set[str] = set()  # ids of PENDING tasks: what the scheduler looks at
+        self.pending_by_owner: Counter[str] = Counter()  # the pending_tasks quota, without a scan
         self.listeners: list[TaskListener] = []
         # (created_at_ms, id) of every task, sorted: what ListTasks pages walk.
         self.order: list[tuple[int, str]] = []
@@ -65,9 +67,15 @@ class TaskTable(GangMixin):
         if task.node_id and task.state in ON_NODE:
             self.by_node.setdefault(task.node_id, set()).add(task.id)
         if task.state == P[TaskState.PENDING]:
-            self.pending.add(task.id)
-        else:
+            if task.id not in self.pending:
+                self.pending.add(task.id)
+                self.pending_by_owner[task.spec.owner] += 1
+        elif task.id in self.pending:
             self.pending.discard(task.id)
+            owner = task.spec.owner
+            self.pending_by_owner[owner] -= 1
+            if not self.pending_by_owner[owner]:
+                del self.pending_by_owner[owner]
 
     def rebuild(self, tasks: list[tasks_pb2.Task]) -> None:
         self.tasks = {t.id: copy_task(t) for t in tasks}
@@ -76,6 +84,7 @@ class TaskTable(GangMixin):
         }
         self.by_node = {}
         self.pending = set()
+        self.pending_by_owner = Counter()
         for task in self.tasks.values():
             self._index(task, "")
         self.order = sorted((t.created_at_ms, t.id) for t in self.tasks.values())

@@ -158,3 +158,29 @@ def test_quota_cli_refuses_bad_values_in_one_line(capsys, argv, words) -> None:
     code = cli.main(["--server", "127.0.0.1:1", *argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pending_counts_per_owner_are_kept_not_scanned() -> None:
+    """The pending_tasks check reads a count the table keeps (it scanned every pending task
+    of the cluster per submission, on every replica); it agrees with a scan through
+    submissions, cancels and a snapshot restore."""
+    w = World()
+
+    def scanned(sm: ClusterStateMachine) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in sm.tasks.pending:
+            owner = sm.tasks.tasks[i].spec.owner
+            out[owner] = out.get(owner, 0) + 1
+        return out
+
+    tasks = w.submit("alice", 3) + w.submit("bob", 2)
+    w.apply(cancel_task=state_pb2.CancelTaskCmd(task_id=tasks[0].id))
+    w.apply(cancel_task=state_pb2.CancelTaskCmd(task_id=tasks[0].id))  # twice: counted once
+    assert dict(w.sm.tasks.pending_by_owner) == scanned(w.sm) == {"alice": 2, "bob": 2}
+    assert w.quota("alice", pending_tasks=5).pending_tasks == 2
+    other = ClusterStateMachine()
+    other.restore(w.sm.snapshot(), w.index)
+    assert dict(other.tasks.pending_by_owner) == scanned(other)
+    w.apply(cancel_task=state_pb2.CancelTaskCmd(task_id=tasks[3].id))
+    w.apply(cancel_task=state_pb2.CancelTaskCmd(task_id=tasks[4].id))
+    assert dict(w.sm.tasks.pending_by_owner) == scanned(w.sm) == {"alice": 2}
