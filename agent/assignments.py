@@ -199,7 +199,9 @@ class AssignmentLoop:
         """Hand the runner the set or change, less the attempts whose shipped code this node
         is still fetching (they start when it is here: `_code_arrived`); an attempt whose
         code could not be fetched fails to start, saying why."""
-        running: set[tuple[str, int]] | None = None  # looked up once, only for shipped code
+        # Attempts running already need no code. Looked up once, for a whole set with shipped
+        # code only: a delta's attempts are new to this stream (and `launch` skips a live one).
+        running: set[tuple[str, int]] | None = None if change.removed is None else set()
         specs, waiting = [], 0
         for a in change.assignments:
             spec = run_spec(a, data_dir=self._data_dir, servers=self._addresses, tls=self._tls,
