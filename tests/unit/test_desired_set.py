@@ -128,3 +128,32 @@ async def test_the_runner_acts_on_a_change_and_leaves_the_rest(node):  # noqa: F
     # Fenced like a whole set: a change from an older term is ignored.
     assert r.reconcile([], term=4, removed=[("b", 1)]).startswith("ignored")
     assert sorted(t.task_id for t in r.running()) == ["b", "c"]
+
+
+async def test_a_delta_with_shipped_code_waits_for_it_then_starts_with_the_whole_set(tmp_path):
+    from tests.unit.test_code_cache import FakeCode
+
+    class Runner(DeltaRunner):
+        def running(self):
+            raise AssertionError("a delta walked every running attempt")
+
+    world = World(tmp_path)
+    world.runner = Runner()
+    world.loop.attach(world.runner)
+    code = world.loop._code = FakeCode(tmp_path / "trees")
+    digest = "ab" * 32
+    shipped = spec_of("s", 1)
+    shipped.spec.code_digest = digest
+    try:
+        world.start(world.loop.watch())
+        stream = await world.stream_at(A)
+        stream.push(whole(1, ("a", 1)))
+        stream.push(tasks_pb2.AssignmentSet(term=3, version=2, delta=True, assignments=[shipped]))
+        await wait_until(lambda: len(world.runner.changes) == 2, "the delta")
+        assert world.runner.changes[1] == ([], [], 3) and code.fetches == [digest]  # held back
+        code.ready.add(digest)
+        world.runner.running = lambda: []  # a whole reconcile may look
+        code.done()  # here now: the whole set again, with it
+        assert world.runner.changes[2] == ([("a", 1), ("s", 1)], None, 3)
+    finally:
+        await world.stop()
