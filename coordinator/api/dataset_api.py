@@ -215,6 +215,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         def select(key):
             ds = copy_dataset(datasets[key[0]])
             del ds.shards[:]  # `show` has them; a listing stays small
+            ds.ClearField("schema")  # up to 64 KiB each; `data get` reads it from GetDataset
             return ds
 
         page, token = take_page([(name,) for name in sorted(datasets)], after, size=size, select=select,

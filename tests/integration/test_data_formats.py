@@ -5,6 +5,7 @@ bad input and unsafe outputs are refused in one line with nothing changed."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -128,6 +129,11 @@ def test_round_trips_by_suffix(one, tmp_path):
     c.put_dataset(tmp_path / "in.csv", "csv", replicas=1)
     c.get_dataset("csv", tmp_path / "csv-out.csv")
     assert (tmp_path / "csv-out.csv").read_text() == text
+
+    # The description travels with GetDataset only; listings stay small.
+    assert json.loads(c.dataset("tab").schema)["kind"] == "table"
+    assert {d.name: d.schema for d in c.datasets()} == dict.fromkeys(
+        ["arrays", "csv", "fea", "plain", "recs", "tab"], "")
 
 
 def test_refusals_change_nothing(one, tmp_path):
