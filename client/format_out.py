@@ -149,6 +149,9 @@ def _arrow_column(values: np.ndarray, field: Any, nulls: bool) -> Any:
     input had nulls."""
     import pyarrow as pa
 
+    if isinstance(field.type, pa.BaseExtensionType):  # e.g. fixed_shape_tensor: its storage
+        storage = _arrow_column(values, pa.field(field.name, field.type.storage_type), nulls)
+        return pa.ExtensionArray.from_storage(field.type, storage)
     t, sizes = field.type, []
     while pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
         sizes.append(t)
@@ -206,10 +209,11 @@ def _flat_for_csv(arrow, cols) -> tuple[Any, list[dict[str, Any]]]:
 
     fields, out = [], []
     for fld, c in zip(arrow, cols, strict=True):
-        t = fld.type
+        top = fld.type.storage_type if isinstance(fld.type, pa.BaseExtensionType) else fld.type
+        t = top
         while pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
             t = t.value_type
-        if t == fld.type:
+        if t == top:
             fields.append(fld)
             out.append(c)
             continue

@@ -31,14 +31,19 @@ class _Column:
     value: np.dtype  # numpy type of one number of a cell (float64 when nulls need NaN)
     shape: list[int | None]  # a cell's shape; None: a variable list, its width read from data
     nulls: bool
+    tensor: list[int] | None = None  # an Arrow fixed_shape_tensor's shape (storage: one list)
 
     @property
     def width(self) -> int:
         return int(np.prod([d or 0 for d in self.shape], dtype=np.int64)) if self.shape else 1
 
 
-def _column(f: pa.Field, name: str) -> tuple[np.dtype, list[int | None]]:
+def _column(f: pa.Field, name: str) -> tuple[np.dtype, list[int | None], list[int] | None]:
     t, shape = f.type, []
+    tensor = None
+    if isinstance(t, pa.BaseExtensionType):  # read by its storage; a tensor keeps its shape
+        tensor = list(t.shape) if hasattr(t, "shape") else None
+        t = t.storage_type
     while True:
         if pa.types.is_fixed_size_list(t):
             shape.append(t.list_size)
@@ -53,11 +58,13 @@ def _column(f: pa.Field, name: str) -> tuple[np.dtype, list[int | None]]:
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
         raise InvalidArgument(f"{name}: column {f.name!r} is {f.type}, not numbers "
                               "(choose columns with --features or --features-prefix)")
-    return np.dtype(t.to_pandas_dtype()), shape
+    return np.dtype(t.to_pandas_dtype()), shape, tensor
 
 
 def _cells(arr: pa.Array, col: _Column, what: str) -> np.ndarray:
     """A column's rows as an (n, width) array; nulls as NaN."""
+    if isinstance(arr, pa.ExtensionArray):
+        arr = arr.storage
     n = len(arr)
     if not col.shape:
         if arr.null_count and col.value.kind != "f":
@@ -113,7 +120,7 @@ class _Layout:
     @property
     def row_shape(self) -> tuple[int, ...]:
         if len(self.feats) == 1:
-            return tuple(int(d) for d in self.feats[0].shape)
+            return tuple(int(d) for d in (self.feats[0].tensor or self.feats[0].shape))
         return (sum(c.width for c in self.feats),)
 
     def rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray | None]:
@@ -206,11 +213,11 @@ def table_source(f: IO[bytes], name: str, suffix: str, choose: _Choice, batch_by
     has_nulls = null_of([c for c in chosen if not kinds[c][1]])
 
     def column(c: str) -> _Column:
-        value, shape = kinds[c]
+        value, shape, tensor = kinds[c]
         nulls = c in has_nulls
         if nulls and value.kind != "f":
             value = np.dtype(np.float64)
-        return _Column(c, value, list(shape), nulls)
+        return _Column(c, value, list(shape), nulls, tensor)
 
     layout = _Layout([column(c) for c in feat_names], column(label_name) if label_name else None, name)
     order = [c for c in names if c in set(chosen)]

@@ -130,3 +130,18 @@ def test_suffixes_and_urls_refused_clearly(tmp_path):
     (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-8])
     with pytest.raises(InvalidArgument, match="truncated"):
         through_shards(tmp_path, "t.npy", ".npy")
+
+
+def test_fixed_shape_tensor_column_keeps_its_shape(tmp_path):
+    t = pa.fixed_shape_tensor(pa.float32(), (2, 3))
+    cells = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(60, dtype=np.float32)), 6)
+    table = pa.table({"img": pa.ExtensionArray.from_storage(t, cells), "label": pa.array(range(10))})
+    pq.write_table(table, tmp_path / "t.parquet")
+    with open_source(str(tmp_path / "t.parquet")) as src:
+        assert src.row_shape == (2, 3) and src.y_dtype == np.int64
+        x, _ = next(src.batches)
+        np.testing.assert_array_equal(x[1], [[6, 7, 8], [9, 10, 11]])
+    back = pq.read_table(io.BytesIO(through_shards(tmp_path, "t.parquet", ".parquet")))
+    assert back.schema.equals(table.schema) and back.equals(table)
+    header = through_shards(tmp_path, "t.parquet", ".csv").decode().splitlines()[0]
+    assert header == "img_0,img_1,img_2,img_3,img_4,img_5,label"
