@@ -92,9 +92,11 @@ def test_csv_round_trip_and_label_type(tmp_path):
     (tmp_path / "h.csv").write_text("a,target\n1,0.5\n2,1\n")
     with open_source(str(tmp_path / "h.csv")) as src:
         assert src.y_dtype == np.float32 and src.rows == 2
-    (tmp_path / "i.csv").write_text("a,target\n1,2\n2,1\n")
-    with open_source(str(tmp_path / "i.csv")) as src:
-        assert src.y_dtype == np.int64
+    (tmp_path / "i.csv").write_text("f1,f2,label\n1,2,0\n3,,1\n")
+    with open_source(str(tmp_path / "i.csv")) as src:  # empty cells are NaN
+        assert src.y_dtype == np.int64 and src.x_dtype == np.float32
+        x, y = next(src.batches)
+        assert x.shape == (2, 2) and np.isnan(x[1, 1]) and list(y) == [0, 1]
 
 
 @pytest.mark.parametrize("bad, why", [
