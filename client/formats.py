@@ -92,6 +92,9 @@ def remote_fs(url: str) -> tuple[Any, str]:
 @contextmanager
 def open_source(url: str, *, features: list[str] | None = None, features_prefix: str | None = None,
                 label: str | None = None, batch_bytes: int = BATCH_BYTES) -> Iterator[Source]:
+    """The input at `url` (format by suffix) as a `Source` whose batches are read while the
+    context is open. `features`/`features_prefix`/`label` choose a table's columns. Raises
+    InvalidArgument (one line naming the file) for anything it cannot store as it is."""
     suffix = suffix_of(url)
     name = PurePosixPath(urlparse(url).path if "://" in url else url).name
     if suffix not in INPUTS:
