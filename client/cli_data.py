@@ -167,10 +167,6 @@ def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from .format_out import check_suffix
-    from .formats import suffix_of
-
-    check_suffix(suffix_of(args.out), args.out)  # before connecting: a usage error
     with _client(args) as c, _progress(args, "get") as progress:
         _not_a_model(c.dataset(args.name), "show")
         ds = c.get_dataset(args.name, args.out, force=args.force, progress=progress)
@@ -243,6 +239,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     steps = parse_steps(args.steps)
     with _client(args) as c:
+        _not_a_model(c.dataset(args.name), "show")
         proc = DataProcessor(c, seed=args.seed)
         ds, report = proc.run(args.name, steps, out=args.out)
     return print_result(args, {"dataset": ds.to_dict(), "report": report},
@@ -261,5 +258,6 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--fractions must be numbers separated by commas, not {args.fractions!r}") from None
     outs = [o.strip() for o in args.out.split(",")]
     with _client(args) as c:
+        _not_a_model(c.dataset(args.name), "show")
         parts = DataProcessor(c).split_data(args.name, fractions, outs, stratify=args.stratify, seed=args.seed)
     return print_result(args, [d.to_dict() for d in parts], "".join(_summary(d) + "\n" for d in parts))

@@ -105,6 +105,10 @@ def test_models_apart_from_data(cluster, tmp_path):
     one_line_refusal(ctl("alice", "data", "show", "digits-mlp"), '"digits-mlp" is a model, not a dataset')
     one_line_refusal(ctl("alice", "data", "rm", "digits-mlp"), "lepton-ctl models rm digits-mlp")
     one_line_refusal(ctl("alice", "data", "get", "digits-mlp", str(tmp_path / "out.npz")), "is a model")
+    one_line_refusal(ctl("alice", "data", "process", "digits-mlp", "--steps", "normalize", "--out", "x"),
+                     '"digits-mlp" is a model, not a dataset')
+    one_line_refusal(ctl("alice", "data", "split", "digits-mlp", "--fractions", "0.5,0.5", "--out", "a,b"),
+                     '"digits-mlp" is a model, not a dataset')
     one_line_refusal(ctl("alice", "evaluate", "digits", "--dataset", "digits"), '"digits" is a dataset, not a model')
     one_line_refusal(ctl("alice", "predict", "digits", "--dataset", "digits", "--out", "p"),
                      '"digits" is a dataset, not a model')
