@@ -167,6 +167,10 @@ def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    from .format_out import check_suffix
+    from .formats import suffix_of
+
+    check_suffix(suffix_of(args.out), args.out)  # before connecting: a usage error
     with _client(args) as c, _progress(args, "get") as progress:
         _not_a_model(c.dataset(args.name), "show")
         ds = c.get_dataset(args.name, args.out, force=args.force, progress=progress)
