@@ -87,8 +87,9 @@ class TaskHub:
             log.record(task.id)
             for watch in self._watches[node_id]:
                 watch.event.set()
-        self._dirty = True
-        asyncio.get_running_loop().call_soon(self._notify)
+        if not self._dirty:  # one wake-up of the WaitTask callers for a burst of changes
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self._notify)
 
     def wake_all(self, *_: object) -> None:
         """Leadership moved: every stream must re-check whether it may still serve."""
