@@ -6,6 +6,7 @@ changes nothing and tells its sender why.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ MAX_GPUS = 64
 MAX_TEXT = 256
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f]")  # one C scan, not a Python test per character
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
@@ -45,7 +47,7 @@ def check_text(value: str, field: str, limit: int = MAX_TEXT, *, required: bool 
         raise InvalidArgument(f"{field} must not be empty")
     if len(value) > limit:
         raise InvalidArgument(f"{field} is {len(value)} characters; at most {limit}")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL_RE.search(value):
         raise InvalidArgument(f"{field} holds control characters")
     return value
 
@@ -140,6 +142,7 @@ EXEC_MARGIN = 128 << 10
 _ARG_MAX_FALLBACK = 2 << 20  # Linux's default (8 MiB stack / 4) when sysconf cannot say
 
 
+@functools.cache  # sysconf asks the kernel (getrlimit) each time; every submitted spec needs it
 def exec_args_limit() -> int:
     """Bytes a task's argv and env may take together, by this host's ARG_MAX less the margin."""
     try:
