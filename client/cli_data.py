@@ -144,6 +144,9 @@ def _summary(ds: DatasetInfo) -> str:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
+    from .formats import limit_malloc_arenas
+
+    limit_malloc_arenas()  # bounded RSS whatever the file's size
     with _client(args) as c, _progress(args, "put") as progress:
         ds = c.put_dataset(
             args.file,
@@ -168,9 +171,10 @@ def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from .format_out import check_suffix
-    from .formats import suffix_of
+    from .formats import limit_malloc_arenas, suffix_of
 
     check_suffix(suffix_of(args.out), args.out)  # before connecting: a usage error
+    limit_malloc_arenas()
     with _client(args) as c, _progress(args, "get") as progress:
         _not_a_model(c.dataset(args.name), "show")
         ds = c.get_dataset(args.name, args.out, force=args.force, progress=progress)

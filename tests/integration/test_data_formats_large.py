@@ -69,6 +69,7 @@ def test_put_streams_a_2gib_parquet_in_bounded_memory(agents, tmp_path):
     assert report["rc"] == 0, done.stderr
     ds = c.dataset("big")
     assert ds.rows == rows and ds.shape == [DIM] and len(ds.shards) >= size // (64 << 20)
-    # Bounded: one shard (64 MiB), a batch and a row group, whatever the file's size.
-    assert report["rss"] < min(size // 2, 1 << 30), f"peak RSS {report['rss'] >> 20} MiB for {size >> 20} MiB"
+    # Bounded: one shard (64 MiB), a batch, a row group and the imports, whatever the
+    # file's size (about 380 MiB measured, for 256 MiB to 2 GiB files).
+    assert report["rss"] < min(size // 3, 768 << 20), f"peak RSS {report['rss'] >> 20} MiB for {size >> 20} MiB"
     c.close()
