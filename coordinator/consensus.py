@@ -52,6 +52,24 @@ class ConsensusStatus:
     voters: list[VoterStatus] = field(default_factory=list)
 
 
+async def await_within(fut: asyncio.Future, timeout: float, what: str) -> object:
+    """`await fut`, or DeadlineExceeded ("outcome unknown") after `timeout` seconds: the
+    timer settles `fut` itself, so whoever would resolve it later finds it done and drops
+    the late outcome. One timer and no extra turns of the event loop: wait_for over shield
+    took two more turns and about 50 us per proposal. Cancelling the caller cancels `fut`
+    (a proposal not yet appended is then never appended)."""
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut, what, timeout)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future, what: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(DeadlineExceeded(f"{what} within {timeout:.3g}s; outcome unknown"))
+
+
 LeadershipListener = Callable[[bool, int], None]
 FailureListener = Callable[[Exception], None]
 
@@ -213,10 +231,7 @@ class SingleVoterConsensus(Consensus):
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._queue.append((command, fut))
         self._wakeup.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"command not committed within {timeout:.1f}s") from None
+        return await await_within(fut, timeout, "command not committed")
 
     async def _write_loop(self) -> None:
         while self._running:

@@ -16,9 +16,15 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 
 from lepton.common.channels import TlsConfig
-from lepton.common.errors import DeadlineExceeded, NotLeader, Unavailable
+from lepton.common.errors import NotLeader, Unavailable
 from lepton.common.validation import check_entry_size
-from lepton.coordinator.consensus import Consensus, ConsensusStatus, StateMachine, VoterStatus
+from lepton.coordinator.consensus import (
+    Consensus,
+    ConsensusStatus,
+    StateMachine,
+    VoterStatus,
+    await_within,
+)
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.membership import is_config
 from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
@@ -248,11 +254,7 @@ class RaftConsensus(VoterChanges, Consensus):
         return self._core
 
     async def _wait(self, fut: asyncio.Future, timeout: float, what: str) -> object:
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            fut.add_done_callback(_consume)  # its late outcome is nobody's business now
-            raise DeadlineExceeded(f"{what} within {timeout:.3g}s; outcome unknown") from None
+        return await await_within(fut, timeout, what)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -419,11 +421,6 @@ class RaftConsensus(VoterChanges, Consensus):
         for _, fut in self._reads:
             _fail(fut, err)
         self._reads = []
-
-
-def _consume(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _fail(fut: asyncio.Future, err: Exception) -> None:

@@ -127,3 +127,24 @@ async def test_stopped_consensus_refuses(harness):
 
 async def test_leadership_listener_hears_about_leadership(harness):
     assert harness.events and harness.events[-1][0] is True
+
+
+async def test_await_within_times_out_settling_the_future_and_drops_the_late_outcome() -> None:
+    from lepton.common.errors import DeadlineExceeded
+    from lepton.coordinator.consensus import await_within
+
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    with pytest.raises(DeadlineExceeded, match="command not committed within 0.05s; outcome unknown"):
+        await await_within(fut, 0.05, "command not committed")
+    assert fut.done()  # whoever commits it later finds it settled and drops the result
+    done = loop.create_future()
+    loop.call_soon(done.set_result, 7)
+    assert await await_within(done, 10, "x") == 7
+    waiting = loop.create_future()
+    caller = asyncio.ensure_future(await_within(waiting, 10, "x"))
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert waiting.cancelled()  # a cancelled caller's proposal is skipped if not yet appended
