@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,35 @@ class Attempt:
     kill_at: float = 0.0  # monotonic
     killed: bool = False
     timer: asyncio.TimerHandle | None = None  # at the deadline or kill_at, whichever is next
+
+    @classmethod
+    def load(cls, att_dir: Path, boot: str, own: Mapping[int, subprocess.Popen[bytes]]) -> Attempt | None:
+        """The attempt recorded in `att_dir` (run.json, and stop.json when a stop was under
+        way), or None without a readable record. In this boot (`boot`), an attempt whose agent
+        died between its spawn and recording the pid is found by its wrapper's argv, and one
+        this process spawned gets its Popen back from `own`."""
+        run = read_json(att_dir / "run.json")
+        try:
+            spec = RunSpec.from_json(run["spec"]) if run else None
+        except (TypeError, KeyError):
+            spec = None
+        if spec is None or run is None:
+            return None
+        pid, start = int(run.get("pid", 0)), float(run.get("start", 0))
+        same_boot = run.get("boot_id") == boot
+        if same_boot and pid == 0:
+            pid = tp.find_wrapper(att_dir / "exit.json")  # the agent died mid-launch
+            info = tp.proc_info(pid)
+            start = info.start if info else 0.0
+        att = cls(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
+                  started_at_ms=int(run.get("started_at_ms", 0)), deadline=recorded_mono(run, "deadline"),
+                  proc=own.get(pid) if same_boot else None)
+        stop = read_json(att_dir / "stop.json")
+        if stop:
+            att.stop_reason = str(stop.get("reason", "cancelled"))
+            att.kill_at = recorded_mono(stop, "kill_at")
+            att.killed = bool(stop.get("killed", False))
+        return att
 
     @property
     def key(self) -> tuple[str, int]:

@@ -64,7 +64,7 @@ from pathlib import Path
 
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
-from lepton.agent.tasks.attempt import Attempt, recorded_mono
+from lepton.agent.tasks.attempt import Attempt
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
@@ -446,38 +446,19 @@ class TaskRunner:
     def _recover(self, task_id: str, attempt: int, att_dir: Path, claimed_term: int) -> bool:
         """Re-adopt one unreported attempt (True) or report how it ended (False).
         `claimed_term`: the term its claim recorded (0: none left)."""
-        run = read_json(att_dir / "run.json")
-        try:
-            spec = RunSpec.from_json(run["spec"]) if run else None
-        except (TypeError, KeyError):
-            spec = None
-        if spec is None or run is None:
+        att = Attempt.load(att_dir, self._boot, _OWN_CHILDREN)
+        if att is None:
             # Died before the intent was written, or a power cut took it: nothing runs now.
             self._report(att_dir, TaskEvent(task_id, attempt, claimed_term, TaskEventKind.EXITED,
                                             reason="lost", at_ms=_now_ms()))
             return False
-        self._max_term = max(self._max_term, spec.term)
-        pid, start = int(run.get("pid", 0)), float(run.get("start", 0))
-        same_boot = run.get("boot_id") == self._boot
-        if same_boot and pid == 0:
-            pid = tp.find_wrapper(att_dir / "exit.json")  # the agent died mid-launch
-            info = tp.proc_info(pid)
-            start = info.start if info else 0.0
-        att = Attempt(spec=spec, dir=att_dir, pid=pid, start=start, boot=run.get("boot_id", ""),
-                       started_at_ms=int(run.get("started_at_ms", 0)),
-                       deadline=recorded_mono(run, "deadline"),
-                       proc=_OWN_CHILDREN.get(pid) if same_boot else None)
-        stop = read_json(att_dir / "stop.json")
-        if stop:
-            att.stop_reason = str(stop.get("reason", "cancelled"))
-            att.kill_at = recorded_mono(stop, "kill_at")
-            att.killed = bool(stop.get("killed", False))
-        exited, code = (True, None) if not same_boot or pid == 0 else att.poll_exit()
+        self._max_term = max(self._max_term, att.spec.term)
+        exited, code = (True, None) if att.boot != self._boot or att.pid == 0 else att.poll_exit()
         if exited:
             self._finish(att, code)
             return False
         self._track(att)
-        logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, pid)
+        logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
         return True
 
     def _track(self, att: Attempt) -> None:
