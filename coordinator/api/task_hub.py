@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lepton.v1 import tasks_pb2
@@ -77,7 +78,7 @@ class TaskHub:
         self._task_changed = asyncio.Condition()
         self._dirty = False
         # Called with ("whole" or "delta", messages, entries) per batch a stream sends: metrics.
-        self.on_sent = None
+        self.on_sent: Callable[[str, int, int], object] | None = None
 
     def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
         for node_id in {task.node_id, old_node} - {""}:
