@@ -30,10 +30,11 @@ class ExitWatch:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
 
-    def watch(self, key: Hashable, pid: int, start: float) -> bool:
-        """Call `on_exit(key)` once process `pid` (started at `start`, against pid reuse)
-        ends; at once (soon, on the loop) when it has already ended or the pid is someone
-        else's now. False when it cannot be watched: it is in `polled`, for the caller."""
+    def watch(self, key: Hashable, pid: int, start: float | None) -> bool:
+        """Call `on_exit(key)` once process `pid` (started at `start`, against pid reuse;
+        None: our unreaped child, whose pid cannot be reused) ends; at once (soon, on the
+        loop) when it has already ended or the pid is someone else's now. False when it
+        cannot be watched: it is in `polled`, for the caller."""
         if not hasattr(os, "pidfd_open") or pid <= 0:
             self.polled.add(key)
             return False
@@ -49,8 +50,8 @@ class ExitWatch:
             self.polled.add(key)
             return False
         loop = self._loop = self._loop or asyncio.get_running_loop()
-        info = tp.proc_info(pid)
-        if fd < 0 or info is None or not tp.same_start(info.start, start):
+        info = tp.proc_info(pid) if start is not None and fd >= 0 else None
+        if fd < 0 or start is not None and (info is None or not tp.same_start(info.start, start)):
             if fd >= 0:
                 os.close(fd)  # the pid was reused: what we watch has ended
             loop.call_soon(self._on_exit, key)

@@ -465,7 +465,7 @@ class TaskRunner:
         """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
         timer at its deadline or SIGKILL time."""
         self._live[att.key] = att
-        self._exits.watch(att.key, att.pid, att.start)
+        self._exits.watch(att.key, att.pid, None if att.proc is not None else att.start)
         att.arm(self._on_wake)
 
     def _on_exit(self, key: tuple[str, int]) -> None:

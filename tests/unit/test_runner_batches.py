@@ -12,6 +12,7 @@ import signal
 from lepton.agent.tasks import runner as runner_mod
 from lepton.agent.tasks import spawn as spawn_mod
 from lepton.agent.tasks.claims import CLAIMS_DIR, ClaimLog
+from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.runner import RunSpec, TaskEventKind
 from tests.unit import test_runner as base
 from tests.unit.test_runner import sh, wait_until
@@ -95,3 +96,12 @@ async def test_a_newer_set_stops_a_background_batch_and_none_runs_twice(node):
     for s in specs:  # ...and each one ended exactly once
         assert len(node.of(s.task_id, kind=TaskEventKind.EXITED)) == 1
     assert r.reconcile(specs, term=1).startswith("ignored")  # the stale term stays fenced
+
+
+async def test_a_watched_pid_now_held_by_another_process_counts_as_ended():
+    fired = []
+    watch = ExitWatch(fired.append)
+    assert watch.watch("k", os.getpid(), -1.0)  # alive, but not the process that started then
+    await wait_until(lambda: fired, "the watch to fire")
+    assert fired == ["k"] and not watch.polled
+    watch.close()
