@@ -3,8 +3,9 @@
 Each watched process gets a pidfd (Linux 5.3+, `os.pidfd_open`), read by the event loop:
 it becomes readable when the process ends, whoever its parent is, so the runner learns
 of each exit on its own (O(1) per exit, however many attempts run) and reaps or reads it
-at once. Where there is no pidfd (another OS, an old kernel, out of file descriptors)
-`watch` says so and the runner polls that attempt as before.
+at once. Where there is no pidfd (another OS, an old kernel, out of file descriptors, or
+past half the open-file limit: the agent's sockets need the rest) `watch` says so and the
+runner polls that attempt as before.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 from collections.abc import Callable, Hashable
 
 from lepton.agent.tasks import task_proc as tp
 
 logger = logging.getLogger(__name__)
+
+FDS_KEPT = 256  # below half the open-file limit, left for everything else the agent opens
 
 
 class ExitWatch:
@@ -29,14 +33,15 @@ class ExitWatch:
         self.polled: set[Hashable] = set()  # what `watch` could not watch: the caller polls these
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned = False
+        self._max_fds = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 - FDS_KEPT)
 
     def watch(self, key: Hashable, pid: int, start: float | None) -> bool:
         """Call `on_exit(key)` once process `pid` (started at `start`, against pid reuse;
         None: our unreaped child, whose pid cannot be reused) ends; at once (soon, on the
         loop) when it has already ended or the pid is someone else's now. False when it
         cannot be watched: it is in `polled`, for the caller."""
-        if not hasattr(os, "pidfd_open") or pid <= 0:
-            self.polled.add(key)
+        if not hasattr(os, "pidfd_open") or pid <= 0 or len(self._fds) >= self._max_fds:
+            self.polled.add(key)  # past the cap, the agent keeps its descriptors for its sockets
             return False
         self.unwatch(key)
         try:

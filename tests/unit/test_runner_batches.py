@@ -105,3 +105,12 @@ async def test_a_watched_pid_now_held_by_another_process_counts_as_ended():
     await wait_until(lambda: fired, "the watch to fire")
     assert fired == ["k"] and not watch.polled
     watch.close()
+
+
+async def test_past_its_descriptor_budget_an_attempt_is_polled_and_still_seen_to_end(node):
+    r = await node.runner()
+    r._exits._max_fds = 1  # as if half the open-file limit were in use
+    r.launch(sh("a", "sleep 1000"))
+    r.launch(sh("b", "exit 5"))
+    assert ("b", 1) in r._exits.polled and ("a", 1) not in r._exits.polled
+    assert (await node.exited("b")).exit_code == 5  # by the 0.1 s poll
