@@ -12,7 +12,9 @@ Prints one JSON object:
 - tasks_per_s: {N: tasks per second};
 - spawn_ceiling_per_s: {N: the ceiling measured just before that N};
 - over_ceiling: {N: tasks_per_s / ceiling} (target >= 0.4 at every N);
-- flatness: tasks_per_s at the largest N / at the smallest (target >= 0.8).
+- flatness: tasks_per_s at the largest N / at the smallest (target >= 0.8);
+- wrapper_ceiling_per_s: `true` under the task wrapper (with its lease watchdog), one after
+  another, no agent: the processes one task costs by themselves.
 `--profile FILE` runs the agent under cProfile (its event loop thread) and writes the
 stats there when it stops; `--top K` also prints the K costliest functions to stderr.
 """
@@ -22,8 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import pstats
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,18 +36,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit, free_port  # noqa: E402
 
+from lepton.agent.tasks.task_proc import wrapper_argv  # noqa: E402
 from lepton.client import Client  # noqa: E402
 
 ACTIVE = ("pending", "assigned", "running")
 
 
-def spawn_ceiling(count: int) -> float:
-    """Processes per second that plain subprocess spawns `true` at, one after another."""
-    true = ["true"]
+def spawn_ceiling(count: int, argv: list[str] | None = None) -> float:
+    """Processes per second that plain subprocess spawns `true` (or `argv`) at, one after another."""
+    argv = argv or ["true"]
     start = time.perf_counter()
     for _ in range(count):
-        subprocess.run(true, check=True)
+        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
     return count / (time.perf_counter() - start)
+
+
+def wrapper_ceiling(count: int) -> float:
+    """The same for `true` under the task wrapper with its lease watchdog (task_proc), as
+    every attempt runs: what the processes of one task cost, without any agent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lease = Path(tmp) / "lease"
+        lease.write_text(f"{2**62}\n")  # never runs out
+        return spawn_ceiling(count, wrapper_argv(Path(tmp) / "exit.json", (shutil.which("true"),), lease))
 
 
 def active_tasks(metrics_url: str) -> float | None:
@@ -99,6 +113,7 @@ def main() -> None:
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     rates: dict[str, float] = {}
     ceilings: dict[str, float] = {}
+    wrapped = round(wrapper_ceiling(max(50, args.ceiling_spawns // 4)), 1)
     try:
         with Client(agent.address, timeout=120) as client:
             run_n(client, metrics_url, 10, args.timeout)  # warm-up: the node registered, paths cached
@@ -111,6 +126,7 @@ def main() -> None:
         "sizes": sizes, "task_user": args.task_user,
         "tasks_per_s": rates, "spawn_ceiling_per_s": ceilings,
         "over_ceiling": {n: round(rates[n] / ceilings[n], 3) for n in rates},
+        "wrapper_ceiling_per_s": wrapped,
         "flatness": round(rates[str(sizes[-1])] / rates[str(sizes[0])], 3),
     }
     if args.profile and args.top:
