@@ -254,7 +254,6 @@ def cmd_process(args: argparse.Namespace) -> int:
                         _summary(ds) + "\n" + "".join(f"  {k}: {v}\n" for k, v in sorted(report.items())))
 
 
-
 def cmd_split(args: argparse.Namespace) -> int:
     from lepton.common.errors import InvalidArgument
 

@@ -107,4 +107,5 @@ def test_bad_split_is_refused_in_one_line_and_changes_nothing(cluster, tmp_path)
     c.put_shards("a-model", [dpb.Shard(id=sid, size=size, **fmt.describe(recs))], {sid: tmp_path / "m.npy"},
                  replicas=1, kind="model")
     out = ctl(voter.address, "data", "split", "a-model", "--fractions", "0.5,0.5", "--out", "m1,m2")
-    assert out.returncode == 1 and out.stderr.strip() == 'lepton-ctl: "a-model" is a model, not a dataset to split'
+    assert out.returncode == 1 and out.stderr.strip() == (
+        'lepton-ctl: "a-model" is a model, not a dataset (see lepton-ctl models show a-model)')
