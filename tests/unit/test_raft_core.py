@@ -215,7 +215,7 @@ def test_reject_carries_a_conflict_hint_that_skips_a_whole_term() -> None:
 
 
 def test_lagging_follower_catches_up_in_batches() -> None:
-    net = Net(config=Config(heartbeat_interval=0.1, election_timeout=1.0, max_msg_bytes=10))
+    net = Net(config=Config(heartbeat_interval=0.1, election_timeout=1.0, max_msg_bytes=10, max_inflight=64))
     n1 = net.elect("n1")
     for k in range(30):
         n1.propose(b"%04d" % k)
@@ -247,8 +247,9 @@ def test_snapshot_compacts_and_a_lagging_follower_installs_it() -> None:
     net.drain("n1")
     assert net.stores["n1"].snapshot().index == 11 and net.stores["n1"].first_index() == 12
     n1.propose(b"after")
-    net.heartbeat("n1")
-    net.deliver()
+    for _ in range(3):  # answered heartbeats, an unanswered append: the leader probes again
+        net.heartbeat("n1")
+        net.deliver()
     n3 = net.cores["n3"]
     installs = [rd for rd in net.readies["n3"] if rd.install]
     assert len(installs) == 1 and installs[0].snapshot.data == b"STATE@11"
@@ -419,3 +420,25 @@ def test_commit_notify_delay_zero_tells_followers_at_once() -> None:
     index, _ = n1.propose(b"x")
     net.deliver()
     assert net.cores["n2"].commit_index == net.cores["n3"].commit_index == index
+
+
+def test_proposals_made_while_an_append_is_out_go_together_in_the_next() -> None:
+    net = Net()  # the default: one append in flight per follower
+    n1 = net.elect("n1")
+    n1.propose(b"a")
+    net.drain("n1")
+    first = [m for m in net.outbox if isinstance(m, AppendRequest) and m.to == "n2"]
+    assert [e.data for m in first for e in m.entries] == [b"a"]
+    net.outbox = [m for m in net.outbox if m not in first]
+    for k in range(5):  # not acknowledged yet: these wait for n2's answer
+        n1.propose(b"%d" % k)
+        net.drain("n1")
+    assert not [m for m in net.outbox if isinstance(m, AppendRequest) and m.to == "n2"]
+    for m in first:
+        net.cores["n2"].step(m, net.now)
+    net.drain("n2")
+    for m in [m for m in net.outbox if m.frm == "n2"]:
+        n1.step(m, net.now)
+    net.drain("n1")
+    second = [m for m in net.outbox if isinstance(m, AppendRequest) and m.to == "n2"]
+    assert len(second) == 1 and [e.data for e in second[0].entries] == [b"0", b"1", b"2", b"3", b"4"]
