@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os  # noqa: F401
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,8 @@ class Agent:
         if root is None:
             root = tempfile.mkdtemp(prefix="lepton-bench-")
             os.chmod(root, 0o711)  # a root agent's tasks run as nobody, who must pass to their folders
+            # Gone when the benchmark exits (agents sharing it by root= stop before then).
+            atexit.register(shutil.rmtree, root, True)
         self.root = root
         self.data_dir = Path(self.root) / name
         self.port = port or free_port()
