@@ -5,9 +5,9 @@ from __future__ import annotations
 import atexit
 import json
 import os  # noqa: F401
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile
