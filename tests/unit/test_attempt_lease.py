@@ -36,7 +36,7 @@ async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out
         assert ev.reason == FENCED and ev.exit_code == -9
         assert gone(pids["fenced"])
         assert "lepton: fenced" in node.log("fenced")
-        assert lease.remaining_s() < 0
+        assert lease.remaining_s() <= 0  # the watchdog fires at expiry itself (uptime >= exp)
         assert not gone(pids["kept"]) and not node.of("kept", kind=TaskEventKind.EXITED)
     finally:
         runner.cancel("kept", 1, grace_s=0)
