@@ -160,9 +160,7 @@ class DataProcessor:
             raise InvalidArgument(f"output names must differ from each other and from {name}: {','.join(outs)}")
         for out in outs:
             check_dataset_name(out)
-        info = self.client.dataset(name)
-        if info.kind != "data":
-            raise InvalidArgument(f'"{name}" is a {info.kind}, not a dataset to split')
+        info = self._data(name, "split")
         for out in outs:  # checked before any work; a put racing the split would still win
             try:
                 self.client.dataset(out)
@@ -218,7 +216,7 @@ class DataProcessor:
         """Run `steps` over dataset `name` into a new dataset `out`; returns it and the summed
         report (rows dropped, filled...). Raises NotFound, InvalidArgument, Unavailable."""
         steps = copy.deepcopy(proc.check_steps(steps))
-        ds = self.client.dataset(name)
+        ds = self._data(name, "process")
         for i, step in enumerate(steps):
             kind = proc.needs(step)
             if kind is None:
@@ -242,6 +240,13 @@ class DataProcessor:
             nodes = sorted({n for s in new.shards for n in s.replicas})
             self.client._release([s.id for s in new.shards], nodes)
             raise
+
+    def _data(self, name: str, purpose: str) -> DatasetInfo:
+        """Dataset `name`, refused (InvalidArgument) when it is a model or a checkpoint."""
+        info = self.client.dataset(name)
+        if info.kind != "data":
+            raise InvalidArgument(f'"{name}" is a {info.kind}, not a dataset to {purpose}')
+        return info
 
     def _map(self, ds: DatasetInfo, method: str, request) -> list[Any]:
         """Call `method` for every shard on a node holding it (the next holder on failure)."""

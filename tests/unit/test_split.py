@@ -168,3 +168,19 @@ def test_a_failed_commit_removes_the_parts_already_committed():
         DataProcessor(fake)._commit_all(made)
     assert fake.committed == ["a"] and fake.deleted == ["a"]
     assert fake.released == [(["id-a", "id-b"], ["node-1"])]
+
+
+@pytest.mark.parametrize("kind", ["model", "checkpoint"])
+def test_process_and_split_refuse_a_model_or_checkpoint_before_any_work(kind):
+    from lepton.client.processor import DataProcessor
+    from lepton.common.errors import InvalidArgument
+
+    class FakeClient:
+        def dataset(self, name):
+            return type("Info", (), {"name": name, "kind": kind, "shards": []})()
+
+    proc = DataProcessor(FakeClient())
+    with pytest.raises(InvalidArgument, match=f'"ckpt-j-1" is a {kind}, not a dataset to process'):
+        proc.run("ckpt-j-1", [{"op": "normalize"}], out="x")
+    with pytest.raises(InvalidArgument, match=f'"ckpt-j-1" is a {kind}, not a dataset to split'):
+        proc.split_data("ckpt-j-1", [0.5, 0.5], ["a", "b"])
