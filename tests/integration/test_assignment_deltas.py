@@ -86,6 +86,9 @@ def test_after_a_failover_the_worker_reconciles_a_whole_set_then_follows_deltas(
         wait_until(lambda: c.get(extra.id).state == "running", timeout=60, what="the new task running")
         wait_until(lambda: not alive(pids[0]) and not alive(pids[1]), timeout=60, what="the cancelled stopped")
         assert alive(pids[2]) and alive(pids[3])
+        # "running" comes when the attempt starts; its shell writes the pid a moment later.
+        wait_until(lambda: (tmp_path / "s4").exists() and (tmp_path / "s4").read_text().split(),
+                   what="the new task's pid")
         assert [len((tmp_path / f"s{i}").read_text().split()) for i in range(5)] == [1] * 5
         assert [c.get(i).attempt for i in ids[2:]] == [1, 1]
         for i in [*ids[2:], extra.id]:
