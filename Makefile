@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-# Four pytest workers on two cores: integration tests mostly wait on real agents (the
-# serial suite keeps one core ~77 % busy), so 4 workers take 7.5 min where one took 12.5.
-# TEST_WORKERS=0 runs it serially.
-TEST_WORKERS ?= 4
+# Serial by default (12.5 min on 2 cores). TEST_WORKERS=4 runs 4 pytest workers: 7.5 min,
+# since integration tests mostly wait on real agents, but the doubled load still surfaces
+# timing races in tests (three found and fixed in five parallel runs), so it is opt-in.
+TEST_WORKERS ?= 0
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15 tests
 

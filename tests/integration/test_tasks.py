@@ -321,5 +321,10 @@ def test_a_graceful_agent_stop_requeues_its_tasks_instead_of_failing_them(agents
         assert worker.terminate() == 0  # SIGTERM: the agent stops its tasks, then leaves
         task = wait_until(lambda: (x := c.get(t.id)).state == "pending" and x, what="requeued")
         assert task.failures == 0 and task.attempt == 2
-        assert "waiting" in task.reason or "unschedulable" in task.reason  # no other pool=work node
+        # The requeue's own reason stands until the next scheduling pass looks at the task
+        # (passes coalesce, so not necessarily at once); then: no other pool=work node.
+        task = wait_until(lambda: (x := c.get(t.id)).reason != "requeued after agent stopping" and x,
+                          what="a scheduling pass's reason")
+        assert task.state == "pending" and task.attempt == 2
+        assert "waiting" in task.reason or "unschedulable" in task.reason
         c.cancel(t.id)
