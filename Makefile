@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 # Serial by default (12.5 min on 2 cores). TEST_WORKERS=4 runs 4 pytest workers: 7.5 min,
 # since integration tests mostly wait on real agents, but the doubled load still surfaces
-# timing races in tests (three found and fixed in five parallel runs), so it is opt-in.
+# timing races in tests (four found and fixed in six parallel runs), so it is opt-in.
 TEST_WORKERS ?= 0
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15 tests
