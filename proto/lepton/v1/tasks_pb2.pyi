@@ -46,7 +46,7 @@ class Resources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch", "code_digest", "on_disconnect", "owner_role", "owner_token_id")
+    __slots__ = ("name", "argv", "shell", "env", "workdir", "resources", "priority", "constraints", "max_retries", "timeout_s", "owner", "request_id", "grace_s", "job_id", "gang_size", "gang_rank", "max_restarts", "torch", "code_digest", "on_disconnect", "replica", "owner_role", "owner_token_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class TaskSpec(_message.Message):
     TORCH_FIELD_NUMBER: _ClassVar[int]
     CODE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     OWNER_ROLE_FIELD_NUMBER: _ClassVar[int]
     OWNER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -103,9 +104,18 @@ class TaskSpec(_message.Message):
     torch: TorchSpec
     code_digest: str
     on_disconnect: OnDisconnect
+    replica: ReplicaSpec
     owner_role: str
     owner_token_id: str
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ..., code_digest: _Optional[str] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., shell: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., workdir: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., constraints: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., job_id: _Optional[str] = ..., gang_size: _Optional[int] = ..., gang_rank: _Optional[int] = ..., max_restarts: _Optional[int] = ..., torch: _Optional[_Union[TorchSpec, _Mapping]] = ..., code_digest: _Optional[str] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., replica: _Optional[_Union[ReplicaSpec, _Mapping]] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
+
+class ReplicaSpec(_message.Message):
+    __slots__ = ("deployment", "generation")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    generation: int
+    def __init__(self, deployment: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class TorchSpec(_message.Message):
     __slots__ = ("nproc_per_node", "dataset")
