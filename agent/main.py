@@ -32,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join-as-voter", dest="join_as_voter", action="store_true", default=None,
                    help="with --join: run a Raft node that waits to be added as a voter "
                         "(lepton-ctl cluster peers add)")
+    p.add_argument("--state",
+                   help="where the cluster state lives: raft (the built-in Raft among --peers; default) or "
+                        "etcd://HOST:PORT[,HOST:PORT...] (an etcd cluster: this agent is a coordinator "
+                        "candidate; workers --join candidates as with Raft)")
+    p.add_argument("--cluster-name", dest="cluster_name",
+                   help="names this cluster where it shares a store, e.g. the default etcd prefix (default: default)")
+    p.add_argument("--etcd-prefix", dest="etcd_prefix",
+                   help="etcd mode: the key prefix of this cluster's state (default /lepton/<cluster-name>)")
+    p.add_argument("--etcd-ca", dest="etcd_ca", help="etcd mode: CA file of etcd's server certificates (TLS to etcd)")
+    p.add_argument("--etcd-cert", dest="etcd_cert",
+                   help="etcd mode: client certificate file for etcd (with --etcd-key and --etcd-ca)")
+    p.add_argument("--etcd-key", dest="etcd_key", help="etcd mode: the client certificate's key file")
+    p.add_argument("--etcd-lease-ttl", dest="etcd_lease_ttl", type=float,
+                   help="etcd mode: the leader lease, whole seconds; failover takes about this long (default 2)")
     p.add_argument("--labels", help="k=v,k2=v2")
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds (default 1)")
     p.add_argument("--suspect-after", dest="suspect_after_s", type=float, help="seconds (default 2)")

@@ -19,8 +19,10 @@ from lepton.common.errors import InvalidArgument
 from lepton.common.sizes import parse_size
 from lepton.common.validation import (
     DEFAULT_MAX_SPEC_BYTES,
+    MAX_NAME,
     check_address,
     check_spec_bytes_setting,
+    check_text,
     join_host_port,
     split_host_port,
 )
@@ -179,6 +181,25 @@ class AgentConfig:
     # Voters: user-submitted tasks the leader has in flight (proposed, not yet applied)
     # before it sheds more with RESOURCE_EXHAUSTED and a retry hint (coordinator/api/admission.py).
     max_submit_inflight: int = 2000
+    # Where the cluster state lives: "raft" (the built-in Raft among --peers, the default:
+    # the cluster needs nothing besides itself) or "etcd://HOST:PORT[,HOST:PORT...]" (an
+    # etcd cluster the operator runs; every agent started with it is a coordinator
+    # candidate, workers --join them as with Raft). Normalized in __post_init__.
+    state: str = "raft"
+    # Names this cluster in places shared with others: the default etcd prefix
+    # (/lepton/<cluster_name>), so several clusters can share one etcd.
+    cluster_name: str = "default"
+    # etcd mode: every key of this cluster lives under it; "" means /lepton/<cluster_name>.
+    etcd_prefix: str = ""
+    # etcd mode, TLS to etcd: the CA that signed etcd's server certificates, and this
+    # candidate's client certificate and key when etcd asks for one. Operator files,
+    # separate from --tls-dir (etcd has its own CA). Made absolute in __post_init__.
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    # etcd mode: the leader key's lease TTL (seconds, whole). Failover takes about this long;
+    # shorter makes a busy etcd's slow moment depose a healthy leader.
+    etcd_lease_ttl: float = 2.0
 
     def __post_init__(self) -> None:
         if self.task_user is None:  # the default: a root agent never lends root to tasks
@@ -201,6 +222,7 @@ class AgentConfig:
             raise InvalidArgument(f"peers lists {len(self.peers)} voters; use 1, 3 or 5")
         if self.join_as_voter and (self.peers or not self.join):
             raise InvalidArgument("join_as_voter needs --join (the cluster's addresses) and no --peers")
+        self._check_state()
         if self.heartbeat_interval_s <= 0:
             raise InvalidArgument("heartbeat_interval_s must be > 0")
         if not 0 < self.suspect_after_s <= self.down_after_s:
@@ -270,6 +292,62 @@ class AgentConfig:
                     "--metrics-listen, or --insecure to accept plaintext"
                 )
 
+    def _check_state(self) -> None:
+        """Normalize and check `state` and the etcd settings; one-line errors naming the flag."""
+        state = self.state.strip()
+        self.state = state.lower() if state.lower() == "raft" else state
+        check_text(self.cluster_name, "cluster_name", MAX_NAME)
+        if not self.cluster_name or "/" in self.cluster_name or any(c.isspace() for c in self.cluster_name):
+            raise InvalidArgument(f"cluster_name {self.cluster_name!r} must be non-empty, without '/' or spaces")
+        etcd_files = {"etcd_ca": self.etcd_ca, "etcd_cert": self.etcd_cert, "etcd_key": self.etcd_key}
+        if self.state == "raft":
+            given = [f"--{k.replace('_', '-')}" for k, v in etcd_files.items() if v]
+            if given or self.etcd_prefix:
+                raise InvalidArgument(f"{', '.join(given or ['--etcd-prefix'])} need --state etcd://HOST:PORT")
+            return
+        scheme, sep, rest = state.partition("://")
+        if not sep or scheme.lower() != "etcd":
+            raise InvalidArgument(f"state {state!r} is neither raft nor etcd://HOST:PORT[,HOST:PORT...]")
+        endpoints = split_list(rest.rstrip("/"))
+        if not endpoints:
+            raise InvalidArgument(f"state {state!r} lists no etcd endpoint; give etcd://HOST:PORT[,HOST:PORT...]")
+        for endpoint in endpoints:
+            check_address(endpoint, "etcd endpoint")
+        if len(set(endpoints)) != len(endpoints):
+            raise InvalidArgument(f"state {state!r} lists an etcd endpoint twice")
+        self.state = "etcd://" + ",".join(endpoints)
+        if self.peers or self.join_as_voter:
+            raise InvalidArgument(
+                "--state etcd cannot be mixed with --peers or --join-as-voter: with etcd every agent "
+                "started with --state etcd is a coordinator candidate, and workers use --join"
+            )
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise InvalidArgument("--etcd-cert and --etcd-key go together (a client certificate and its key)")
+        if self.etcd_cert and not self.etcd_ca:
+            raise InvalidArgument("--etcd-cert needs --etcd-ca (the CA of etcd's server certificates)")
+        for name, path in etcd_files.items():
+            if path:
+                if not os.access(path, os.R_OK) or not os.path.isfile(path):
+                    raise InvalidArgument(f"--{name.replace('_', '-')} {path}: not a readable file")
+                setattr(self, name, os.path.abspath(path))
+        prefix = (self.etcd_prefix or f"/lepton/{self.cluster_name}").rstrip("/")
+        check_text(prefix, "etcd_prefix", MAX_NAME)
+        if not prefix.startswith("/") or any(c.isspace() for c in prefix):
+            raise InvalidArgument(f"etcd_prefix {self.etcd_prefix!r} must start with '/' and hold no spaces")
+        self.etcd_prefix = prefix
+        if not 1 <= self.etcd_lease_ttl <= 300 or self.etcd_lease_ttl != int(self.etcd_lease_ttl):
+            raise InvalidArgument("etcd_lease_ttl must be whole seconds between 1 and 300 (etcd leases are)")
+
+    @property
+    def uses_etcd(self) -> bool:
+        """The cluster state lives in etcd (--state etcd://...): this agent is a candidate."""
+        return self.state.startswith("etcd://")
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """HOST:PORT of each etcd member given by --state; [] in raft mode."""
+        return self.state.removeprefix("etcd://").split(",") if self.uses_etcd else []
+
     @property
     def advertise_address(self) -> str:
         if self.advertise:
@@ -283,8 +361,8 @@ class AgentConfig:
 
     @property
     def dev_mode(self) -> bool:
-        """No peers and nothing to join: a one-voter cluster of its own."""
-        return not self.peers and not self.join
+        """No peers, nothing to join, no etcd: a one-voter cluster of its own."""
+        return not self.peers and not self.join and not self.uses_etcd
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

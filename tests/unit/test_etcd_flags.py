@@ -1,0 +1,88 @@
+"""lepton-agent's --state / --etcd-* flags: what they become, and one stderr line for each bad combination."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton.agent.main import main
+from lepton.common.config import load_config
+from lepton.common.errors import InvalidArgument
+
+
+@pytest.fixture
+def pem(tmp_path):
+    """Three readable files standing in for the CA, the certificate and the key (only their presence is checked)."""
+    paths = {}
+    for name in ("ca", "cert", "key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("x")
+        paths[name] = str(path)
+    return paths
+
+
+def test_raft_is_the_default_and_changes_nothing():
+    config = load_config({}, env={})
+    assert config.state == "raft" and not config.uses_etcd and config.etcd_endpoints == []
+    assert config.dev_mode  # a bare agent is still a one-voter cluster of its own
+
+
+def test_etcd_endpoints_prefix_and_candidates():
+    config = load_config({"state": "etcd:// 127.0.0.1:2379 ,[::1]:2380/", "cluster_name": "prod"}, env={})
+    assert config.state == "etcd://127.0.0.1:2379,[::1]:2380"
+    assert config.etcd_endpoints == ["127.0.0.1:2379", "[::1]:2380"]
+    assert config.etcd_prefix == "/lepton/prod"
+    assert config.etcd_lease_ttl == 2.0
+    assert config.uses_etcd and not config.dev_mode  # a candidate, not a one-voter cluster
+    joined = load_config({"state": "etcd://127.0.0.1:2379", "join": "127.0.0.1:7070", "etcd_prefix": "/a/b/"}, env={})
+    assert joined.etcd_prefix == "/a/b"
+
+
+def test_env_and_file_set_the_state_too(tmp_path):
+    assert load_config({}, env={"LEPTON_STATE": "etcd://127.0.0.1:2379"}).etcd_endpoints == ["127.0.0.1:2379"]
+    toml = tmp_path / "agent.toml"
+    toml.write_text('state = "etcd://127.0.0.1:2379"\netcd-lease-ttl = 5\n')
+    config = load_config({"config": str(toml)}, env={})
+    assert config.uses_etcd and config.etcd_lease_ttl == 5
+
+
+def test_tls_files_are_made_absolute(pem, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config({"state": "etcd://127.0.0.1:2379", "etcd_ca": "ca.pem", "etcd_cert": "cert.pem",
+                          "etcd_key": "key.pem"}, env={})
+    assert config.etcd_ca == pem["ca"] and config.etcd_cert == pem["cert"] and config.etcd_key == pem["key"]
+
+
+BAD = [
+    (["--state", "zookeeper://h:1"], "neither raft nor etcd://"),
+    (["--state", "etcd://"], "lists no etcd endpoint"),
+    (["--state", "etcd://,,"], "lists no etcd endpoint"),
+    (["--state", "etcd://localhost"], "is not HOST:PORT"),
+    (["--state", "etcd://h:2379,h:2379"], "lists an etcd endpoint twice"),
+    (["--state", "etcd://h:2379", "--peers", "127.0.0.1:7070"], "cannot be mixed with --peers or --join-as-voter"),
+    (["--state", "etcd://h:2379", "--join", "127.0.0.1:7070", "--join-as-voter"], "cannot be mixed"),
+    (["--state", "etcd://h:2379", "--etcd-key", "{key}"], "--etcd-cert and --etcd-key go together"),
+    (["--state", "etcd://h:2379", "--etcd-cert", "{cert}", "--etcd-key", "{key}"], "--etcd-cert needs --etcd-ca"),
+    (["--state", "etcd://h:2379", "--etcd-ca", "/nonexistent/ca.pem"], "not a readable file"),
+    (["--etcd-ca", "{ca}"], "need --state etcd://"),
+    (["--etcd-prefix", "/x"], "need --state etcd://"),
+    (["--state", "etcd://h:2379", "--etcd-prefix", "lepton"], "must start with '/'"),
+    (["--state", "etcd://h:2379", "--etcd-lease-ttl", "0.5"], "whole seconds"),
+    (["--state", "etcd://h:2379", "--etcd-lease-ttl", "2.5"], "whole seconds"),
+    (["--cluster-name", "a/b"], "cluster_name"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_combinations_fail_with_one_line(argv, needle, pem, tmp_path, capsys):
+    argv = [arg.format(**pem) for arg in argv]
+    rc = main(["--data-dir", str(tmp_path / "data"), *argv])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and err.startswith("lepton-agent: "), err
+    assert needle in err
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_config_errors_are_invalid_argument():
+    with pytest.raises(InvalidArgument, match="cannot be mixed"):
+        load_config({"state": "etcd://127.0.0.1:2379", "peers": "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"}, env={})
