@@ -100,8 +100,10 @@ class Agent:
 
     @property
     def is_voter(self) -> bool:
-        """Runs a coordinator and Raft node: a bootstrap voter, or one waiting to be added."""
-        return self.config.dev_mode or self.address in self.config.peers or self.config.join_as_voter
+        """Runs a coordinator and Raft node: a bootstrap voter, or one waiting to be added;
+        or, with --state etcd, a coordinator candidate."""
+        return (self.config.dev_mode or self.address in self.config.peers or self.config.join_as_voter
+                or self.config.uses_etcd)
 
     def _check_topology(self) -> None:
         peers = self.config.peers
@@ -124,6 +126,7 @@ class Agent:
             capacity=self.fingerprint.capacity(),
             voter=self.is_voter,
             version=VERSION,
+            state_backend="etcd" if self.config.uses_etcd else "raft",
         )
 
     def _setup_tls(self) -> TlsConfig | None:

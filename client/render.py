@@ -239,18 +239,26 @@ def node_detail(n: NodeInfo, now_ms: int | None = None) -> Group:
     return Group(_kv(rows))
 
 
+def _state_backend(s: ClusterStatusInfo) -> str:
+    if s.state_backend == "etcd":
+        return f"etcd at {','.join(s.etcd_endpoints)}, prefix {s.etcd_prefix}"
+    return {"raft": "built-in Raft", "single": "one voter, local log"}.get(s.state_backend, s.state_backend or "-")
+
+
 def cluster_status_view(s: ClusterStatusInfo) -> Group:
     """`cluster status`: leader and log progress, node counts, then the voters."""
     leader = f"{s.leader_id} at {s.leader}" if s.leader_id else "none (no leader elected)"
     by_state = ", ".join(f"{k} {v}" for k, v in s.nodes_by_state.items() if v)
     rows = [
+        ("State", _state_backend(s)),
         ("Leader", leader),
-        ("Term", str(s.term)),
+        ("Term", str(s.term) + (" (the leader key's creation revision)" if s.state_backend == "etcd" else "")),
         ("Log", f"commit {s.commit_index}, applied {s.applied_index}"),
         ("Nodes", f"{s.node_count}" + (f" ({by_state})" if by_state else "")),
         ("Version", s.version or "-"),
     ]
-    voters = _table("VOTER", "ADDRESS", "ROLE", "MATCH", "LAG", keep=("VOTER", "ADDRESS"))
+    first = "ETCD MEMBER" if s.state_backend == "etcd" else "VOTER"  # etcd's members vote there
+    voters = _table(first, "ADDRESS", "ROLE", "MATCH", "LAG", keep=(first, "ADDRESS"))
     for v in s.voters:
         _row(voters, v.id, v.address, v.role, str(v.match_index), str(v.lag))
     return Group(_kv(rows), Text(""), voters)

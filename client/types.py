@@ -208,6 +208,9 @@ class ClusterStatusInfo(_DictMixin):
     nodes_by_state: dict[str, int]
     node_count: int
     version: str
+    state_backend: str = ""  # single, raft or etcd ("" from an older coordinator)
+    etcd_endpoints: list[str] = field(default_factory=list)
+    etcd_prefix: str = ""
 
     @classmethod
     def from_proto(cls, msg: coordinator_pb2.ClusterStatus) -> ClusterStatusInfo:
@@ -221,6 +224,9 @@ class ClusterStatusInfo(_DictMixin):
             nodes_by_state=dict(sorted(msg.nodes_by_state.items())),
             node_count=msg.node_count,
             version=msg.version,
+            state_backend=msg.state_backend,
+            etcd_endpoints=list(msg.etcd_endpoints),
+            etcd_prefix=msg.etcd_prefix,
         )
 
 

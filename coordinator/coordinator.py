@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,15 +12,57 @@ import grpc
 
 from lepton.common.channels import TlsConfig
 from lepton.common.config import AgentConfig
+from lepton.common.durable import write_atomic
 from lepton.common.errors import FailedPrecondition
 from lepton.coordinator.api.service import CoordinatorContext, CoordinatorService, add_to_server
 from lepton.coordinator.consensus import Consensus, SingleVoterConsensus
 from lepton.coordinator.loops.liveness import Liveness, LivenessTimings
 from lepton.coordinator.loops.scheduling import SchedulingLoop
 from lepton.coordinator.state.state_machine import ClusterStateMachine
-from lepton.coordinator.storage.log_store import FileLogStore
+from lepton.coordinator.storage.log_store import FileLogStore, LogStore, MemoryLogStore
 
 logger = logging.getLogger(__name__)
+
+# In the data dir of an etcd candidate: where its state lives, so that a later start as a
+# Raft voter (which would begin a second, empty history) is refused.
+STATE_BACKEND_FILE = "state-backend.json"
+
+
+def backend_name(config: AgentConfig) -> str:
+    """"etcd", "raft" (several voters, or one waiting to be added) or "single" (one voter)."""
+    if config.uses_etcd:
+        return "etcd"
+    return "single" if len(config.peers) <= 1 and not config.join_as_voter else "raft"
+
+
+def check_state_backend(config: AgentConfig) -> None:
+    """Refuse a data dir whose state lives in the other backend: an etcd candidate on a Raft
+    voter's log, or a Raft voter on an etcd candidate's data dir. Records etcd's endpoints and
+    prefix for the next start. Raises FailedPrecondition naming what to do."""
+    data_dir = Path(config.data_dir)
+    marker = data_dir / STATE_BACKEND_FILE
+    if config.uses_etcd:
+        raft = data_dir / "raft"
+        if (raft / "hardstate").exists() or (raft / "snapshot").exists():
+            raise FailedPrecondition(
+                f"{data_dir} holds a built-in Raft log ({raft}): this node was a Raft voter, and --state etcd "
+                "would start a separate history; use a fresh --data-dir (move the state with lepton-ctl "
+                "snapshot save and snapshot restore --etcd), or start it without --state etcd"
+            )
+        doc = {"backend": "etcd", "endpoints": config.etcd_endpoints, "prefix": config.etcd_prefix}
+        write_atomic(marker, (json.dumps(doc) + "\n").encode())
+        return
+    try:
+        doc = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as err:
+        raise FailedPrecondition(f"cannot read {marker}: {err}") from None
+    raise FailedPrecondition(
+        f"{data_dir} belongs to an etcd candidate (prefix {doc.get('prefix')!r} at "
+        f"{','.join(doc.get('endpoints', []))}): start it with --state etcd://{','.join(doc.get('endpoints', []))}, "
+        f"or as a Raft voter with a fresh --data-dir"
+    )
 
 
 def wall_ms() -> int:
@@ -34,7 +77,9 @@ class Coordinator:
         self.tls = tls  # mTLS for Raft and coordinator->agent channels; None: plaintext
         self.node_id = node_id
         self.state = ClusterStateMachine()
-        self.store = FileLogStore(Path(config.data_dir) / "raft")
+        check_state_backend(config)
+        # etcd keeps the log: nothing of it on this node's disk (`_term_of` then asks consensus).
+        self.store: LogStore = MemoryLogStore() if config.uses_etcd else FileLogStore(Path(config.data_dir) / "raft")
         self.consensus: Consensus = self._make_consensus(config, node_id)
         self.liveness = Liveness(
             self.state,
@@ -54,6 +99,8 @@ class Coordinator:
             max_spec_bytes=config.max_spec_bytes,
         )
         self.ctx.admission.max_tasks = config.max_submit_inflight
+        self.ctx.state_backend = backend_name(config)
+        self.ctx.etcd_endpoints, self.ctx.etcd_prefix = config.etcd_endpoints, config.etcd_prefix
         self.service = CoordinatorService(self.ctx)
         if tls is not None:  # a node registers only an address it serves (node restriction)
             from lepton.common.served_certs import ServedCertificates
@@ -106,8 +153,17 @@ class Coordinator:
 
     def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
         """One voter: a local log. Several: Raft, with each voter known by its advertised
-        address (stable, and known to every peer before any node id is)."""
+        address (stable, and known to every peer before any node id is). --state etcd: the
+        log and the election live in etcd (lepton.coordinator.etcd), every candidate alike."""
         me = config.advertise_address
+        if config.uses_etcd:
+            from lepton.coordinator.etcd.consensus import EtcdConsensus, EtcdTls
+
+            tls = EtcdTls(config.etcd_ca, config.etcd_cert or None, config.etcd_key or None) if config.etcd_ca else None
+            return EtcdConsensus(
+                node_id, me, config.etcd_endpoints, config.etcd_prefix, self.state,
+                tls=tls, lease_ttl=config.etcd_lease_ttl, snapshot_every=config.snapshot_every,
+            )
         if len(config.peers) <= 1 and not config.join_as_voter:
             return SingleVoterConsensus(
                 node_id, me, self.store, self.state, snapshot_every=config.snapshot_every
@@ -177,7 +233,7 @@ class Coordinator:
         from lepton.coordinator.api.security_api import add_to_server as add_security
 
         names.append(add_security(SecurityService(self.ctx, self._term_of), server))
-        if not isinstance(self.consensus, SingleVoterConsensus):
+        if self.ctx.state_backend == "raft":  # etcd candidates speak no Raft: nothing new to reach
             from lepton.coordinator.raft.transport import add_raft_servicer
 
             add_raft_servicer(server, self.consensus, tls=self.tls, peer_key=self.consensus.peer_key)

@@ -13,7 +13,7 @@ from collections import Counter
 import grpc
 
 from lepton.common import validation as v
-from lepton.common.errors import LeptonError, NotLeader, ResourceExhausted
+from lepton.common.errors import FailedPrecondition, LeptonError, NotLeader, ResourceExhausted
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.common.paging import decode_token, page_size, take_page
 from lepton.common.served_certs import ServedCertificates, check_caller_serves
@@ -57,6 +57,11 @@ class CoordinatorContext:
         self.scheduling = None  # a SchedulingLoop, set by the Coordinator
         self.gc = None  # a GarbageCollector (loops/gc.py), set by the Coordinator
         self.served: ServedCertificates | None = None  # with TLS: who serves which address
+        # Where the state lives ("single", "raft" or "etcd"; etcd's endpoints and prefix), for
+        # cluster status and for refusing a voter of the other kind; set by the Coordinator.
+        self.state_backend = "raft"
+        self.etcd_endpoints: list[str] = []
+        self.etcd_prefix = ""
 
     def require_leader(self) -> None:
         if not self.consensus.is_leader():
@@ -101,6 +106,7 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         v.check_text(request.version, "version", v.MAX_VERSION)
         check_node_caller(self._ctx.state, request.node_id)
         await check_caller_serves(self._ctx.served, request.address)
+        self._check_voter_backend(request)
         cmd = state_pb2.Command(
             register_node=state_pb2.RegisterNodeCmd(
                 node_id=request.node_id,
@@ -118,6 +124,22 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
         # The leader's interval, stretched by the heartbeat budget in a large cluster.
         return coordinator_pb2.RegisterNodeResponse(
             node=node, heartbeat_interval_ms=self._ctx.liveness.interval_ms
+        )
+
+    def _check_voter_backend(self, request) -> None:
+        """A voter started for the other state backend would keep a second history of the
+        cluster (a Raft log beside etcd, or the reverse): refuse it with what to do."""
+        if not request.voter or (request.state_backend == "etcd") == (self._ctx.state_backend == "etcd"):
+            return
+        if self._ctx.state_backend == "etcd":
+            raise FailedPrecondition(
+                "this cluster keeps its state in etcd: a Raft voter (--peers, --join-as-voter) cannot join it; "
+                f"start {request.address} with --state etcd://{','.join(self._ctx.etcd_endpoints)} "
+                "or as a worker (--join only)"
+            )
+        raise FailedPrecondition(
+            "this cluster keeps its state in the built-in Raft: an etcd candidate (--state etcd) cannot join it; "
+            f"start {request.address} without --state etcd (a worker with --join, or a voter with --join-as-voter)"
         )
 
     def _check_beat(self, request) -> None:
@@ -259,6 +281,9 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
             nodes_by_state=dict(counts),
             node_count=len(self._ctx.state.nodes),
             version=VERSION,
+            state_backend=self._ctx.state_backend,
+            etcd_endpoints=self._ctx.etcd_endpoints,
+            etcd_prefix=self._ctx.etcd_prefix,
         )
 
     @rpc_boundary

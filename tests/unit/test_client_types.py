@@ -125,6 +125,9 @@ def test_cluster_status_to_dict() -> None:
         "nodes_by_state",
         "node_count",
         "version",
+        "state_backend",
+        "etcd_endpoints",
+        "etcd_prefix",
     }
     assert d["voters"] == [
         {"id": "a", "address": "h:1", "role": "unknown", "match_index": 0, "lag": 0}

@@ -134,7 +134,7 @@ class ReportTaskEventsResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("node_id", "name", "address", "labels", "capacity", "voter", "version")
+    __slots__ = ("node_id", "name", "address", "labels", "capacity", "voter", "version", "state_backend")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class RegisterNodeRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -156,7 +157,8 @@ class RegisterNodeRequest(_message.Message):
     capacity: _common_pb2.Capacity
     voter: bool
     version: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., voter: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    state_backend: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., voter: _Optional[bool] = ..., version: _Optional[str] = ..., state_backend: _Optional[str] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
     __slots__ = ("node", "heartbeat_interval_ms")
@@ -255,7 +257,7 @@ class Voter(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., match_index: _Optional[int] = ..., lag: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("leader_id", "leader", "term", "commit_index", "applied_index", "voters", "nodes_by_state", "node_count", "version")
+    __slots__ = ("leader_id", "leader", "term", "commit_index", "applied_index", "voters", "nodes_by_state", "node_count", "version", "state_backend", "etcd_endpoints", "etcd_prefix")
     class NodesByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +274,9 @@ class ClusterStatus(_message.Message):
     NODES_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ETCD_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    ETCD_PREFIX_FIELD_NUMBER: _ClassVar[int]
     leader_id: str
     leader: str
     term: int
@@ -281,7 +286,10 @@ class ClusterStatus(_message.Message):
     nodes_by_state: _containers.ScalarMap[str, int]
     node_count: int
     version: str
-    def __init__(self, leader_id: _Optional[str] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voters: _Optional[_Iterable[_Union[Voter, _Mapping]]] = ..., nodes_by_state: _Optional[_Mapping[str, int]] = ..., node_count: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    state_backend: str
+    etcd_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    etcd_prefix: str
+    def __init__(self, leader_id: _Optional[str] = ..., leader: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voters: _Optional[_Iterable[_Union[Voter, _Mapping]]] = ..., nodes_by_state: _Optional[_Mapping[str, int]] = ..., node_count: _Optional[int] = ..., version: _Optional[str] = ..., state_backend: _Optional[str] = ..., etcd_endpoints: _Optional[_Iterable[str]] = ..., etcd_prefix: _Optional[str] = ...) -> None: ...
 
 class WatchNodesRequest(_message.Message):
     __slots__ = ()
