@@ -157,7 +157,8 @@ class Coordinator:
         log and the election live in etcd (lepton.coordinator.etcd), every candidate alike."""
         me = config.advertise_address
         if config.uses_etcd:
-            from lepton.coordinator.etcd.consensus import EtcdConsensus, EtcdTls
+            from lepton.coordinator.etcd.consensus import EtcdConsensus
+            from lepton.coordinator.etcd.tls import EtcdTls
 
             tls = EtcdTls(config.etcd_ca, config.etcd_cert or None, config.etcd_key or None) if config.etcd_ca else None
             return EtcdConsensus(

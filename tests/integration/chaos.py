@@ -1,7 +1,7 @@
 """The leader-freeze chaos scenario, shared by test_raft_cluster (a few rounds) and
 benchmarks/chaos.py (20 rounds, figures as JSON).
 
-3 voters + 2 workers. Each round submits tasks that run across the fault, then stops the
+3 voters (or 3 etcd candidates) + 2 workers. Each round submits tasks that run across the fault, then stops the
 leader with SIGSTOP for 2-8 s and continues it once a new leader is elected. Figures: how
 many tasks were acknowledged, lost (acknowledged, then missing), failed (not succeeded),
 overlapped (their completion recorded more than once), and the nodes marked down that were
@@ -19,7 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 from lepton.client import Client, LeptonError
-from tests.integration.cluster import leader_of, servers, start_voters, wait_until
+from tests.integration.cluster import (
+    leader_of,
+    servers,
+    start_etcd_candidates,
+    start_voters,
+    wait_until,
+)
 
 TASKS_PER_ROUND = 4
 DOWN_LINE = re.compile(r"node (\S+) \(\S+\) is down: ")
@@ -37,10 +43,12 @@ def submit_retrying(c: Client, request_id: str, **kw) -> str:
             time.sleep(0.1)
 
 
-def freeze_the_leader(start, workdir: Path, rounds: int, seed: int = 1) -> dict:
-    """Run `rounds` leader freezes; returns the figures. `start` is the agents fixture."""
+def freeze_the_leader(start, workdir: Path, rounds: int, seed: int = 1, *,
+                      etcd_endpoints: list[str] | None = None) -> dict:
+    """Run `rounds` leader freezes; returns the figures. `start` is the agents fixture.
+    With `etcd_endpoints`: 3 candidates keeping the state in that etcd instead of 3 Raft voters."""
     rng = random.Random(seed)
-    voters = start_voters(start, 3)
+    voters = start_etcd_candidates(start, etcd_endpoints, 3) if etcd_endpoints else start_voters(start, 3)
     workers = [start(f"worker-{i}", "--join", servers(voters), "--labels", "pool=work", "--cpus", "8")
                for i in (1, 2)]
     ran = workdir / "ran"

@@ -161,6 +161,16 @@ def start_voters(start, n: int = 3, *extra: str) -> list[AgentProcess]:
             for i, port in enumerate(ports)]
 
 
+def start_etcd_candidates(start, endpoints: list[str], n: int = 2, *extra: str) -> list[AgentProcess]:
+    """Start n coordinator candidates keeping the state in the etcd at `endpoints` (issue 18);
+    `start` is the `agents` fixture. Each links to all (their ports are fixed up front)."""
+    ports = [free_port() for _ in range(n)]
+    state = "etcd://" + ",".join(endpoints)
+    everyone = ",".join(f"127.0.0.1:{p}" for p in ports)
+    return [start(f"candidate-{i + 1}", "--state", state, "--join", everyone, *extra, port=port)
+            for i, port in enumerate(ports)]
+
+
 def servers(voters: list[AgentProcess]) -> str:
     return ",".join(v.address for v in voters)
 
