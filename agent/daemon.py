@@ -71,6 +71,7 @@ class Agent:
         self.runner = None
         self.assignments = None
         self.data = None  # DataNode: shard store, side channel, Shards service
+        self.router = None  # PredictRouter: the Inference service (set in start())
         self.fingerprint = Fingerprinter(
             str(self.data_dir),
             cpus=config.cpus,
@@ -209,6 +210,12 @@ class Agent:
         await self.runner.start()
         add_agent_service(AgentService(self.runner), self.server)
         services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
+        from lepton.agent.predict_router import PredictRouter
+        from lepton.agent.predict_router import add_to_server as add_inference
+
+        # Predict for every deployment, forwarded to a ready replica (docs/serving.md).
+        self.router = PredictRouter(self.node_id, link=self.link, local_channel=self._replica_channel)
+        services.append(add_inference(self.router, self.server))
         from lepton.agent.data_node import DataNode
 
         self.data = DataNode(
@@ -245,7 +252,13 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.assignments.watch(), name="assignments"))
         self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
         self._tasks.append(asyncio.create_task(self.data.inventory.run(), name="shard-inventory"))
+        self._tasks.append(asyncio.create_task(self.router.watch(), name="endpoints"))
         self._write_runtime_file()
+
+    def _replica_channel(self, task_id: str):
+        """The channel to a replica running here (agent/serving.py), or None."""
+        serving = getattr(self, "serving", None)
+        return serving.local_channel(task_id) if serving is not None else None
 
     def _leader_answered(self) -> None:
         """The leader answered (a heartbeat, a registration): the attempts may run on for

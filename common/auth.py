@@ -146,6 +146,10 @@ POLICY: dict[str, Rule] = {
         "ReportTaskEvents": NODE_ONLY,
     }),
     **_svc("lepton.v1.Agent", {"StreamLogs": VIEW}),
+    # Any agent answers for any deployment: users call it, agents forward to each other (only
+    # a node may name the replica: agent/predict_router.py). A read: it changes no state, and
+    # auditing each prediction would make the audit log the endpoint's bottleneck.
+    **_svc("lepton.v1.Inference", {"Predict": Rule(Role.USER, nodes=True, read=True)}),
     # Nodes, and of them only members of the receiver's Raft configuration speaking as
     # themselves (lepton.coordinator.raft.peer_auth). Probe is not a read here so that its
     # refusals, too, are counted and audited.
@@ -172,6 +176,20 @@ POLICY: dict[str, Rule] = {
         "ShardStats": USER,  # reads, but costs CPU on the node
         "TransformShard": USER,
     }),
+    # Serving (docs/serving.md): users change their own deployments (the handler checks the
+    # owner); agents report their replicas (only for themselves) and watch the endpoints.
+    **_svc("lepton.v1.Deployments", {
+        "CreateDeployment": USER,
+        "ScaleDeployment": USER,
+        "UpdateDeployment": USER,
+        "DeleteDeployment": USER,
+        "GetDeployment": VIEW,
+        "ListDeployments": VIEW,
+        "ReportReplicas": NODE_ONLY,
+        "WatchEndpoints": NODE_READ,
+    }),
+    # Every agent answers Predict; a node forwards (only a node may name a replica).
+    **_svc("lepton.v1.Inference", {"Predict": USER_OR_NODE}),
     # Tokens, the audit log and backups: admins only (the state holds only token hashes).
     **_svc("lepton.v1.Security", {
         "CreateToken": ADMIN,
@@ -196,10 +214,10 @@ def rule_for(method: str, policy: dict[str, Rule] | None = None) -> Rule:
 
 def service_methods() -> list[str]:
     """Every `/lepton.v1.<Service>/<Method>` the protos in `lepton.v1` define."""
-    from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2, security_pb2
+    from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2, security_pb2, serving_pb2
 
     out = []
-    for module in (coordinator_pb2, agent_pb2, raft_pb2, datasets_pb2, security_pb2):
+    for module in (coordinator_pb2, agent_pb2, raft_pb2, datasets_pb2, security_pb2, serving_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out += [f"/{service.full_name}/{m.name}" for m in service.methods]
     return out
