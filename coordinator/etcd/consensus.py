@@ -1,0 +1,431 @@
+"""`EtcdConsensus`: the `Consensus` contract on an existing etcd v3 cluster.
+
+Candidates campaign for one leader key (election.py); the leader appends batches of
+commands as log keys in txns fenced by its term (here); every candidate applies the log
+through one watch (log.py), so a new leader is warm; the leader snapshots into etcd and
+compacts (snapshot.py). etcd provides durability on a majority: a txn that returned
+committed is fsync'd on a majority of etcd members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+from aetcd import rpc
+
+from lepton.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LeptonError,
+    NotLeader,
+    Unavailable,
+)
+from lepton.common.validation import MAX_ENTRY_BYTES
+from lepton.coordinator.consensus import (
+    Consensus,
+    ConsensusStatus,
+    StateMachine,
+    VoterStatus,
+    await_within,
+)
+from lepton.coordinator.etcd.connection import Compacted, EtcdConnection, LeaseGone
+from lepton.coordinator.etcd.election import Election
+from lepton.coordinator.etcd.log import Keys, LogApplier, frame, framed_size, unframe
+from lepton.coordinator.etcd.snapshot import Snapshotter
+from lepton.coordinator.etcd.tls import EtcdTls
+
+logger = logging.getLogger(__name__)
+
+ETCD_REQUEST_LIMIT = 1536 << 10  # etcd's --max-request-bytes default
+_TXN_OVERHEAD = 8 << 10  # the key, the two compares, protobuf framing
+MAX_BATCH_BYTES = ETCD_REQUEST_LIMIT - _TXN_OVERHEAD
+# One command must fit one txn under etcd's default request limit (Raft's own limit,
+# MAX_ENTRY_BYTES, is larger): raise both together with etcd's --max-request-bytes.
+DEFAULT_MAX_COMMAND_BYTES = min(MAX_ENTRY_BYTES, MAX_BATCH_BYTES - 64)
+START_WITHIN = 15.0  # seconds start() keeps trying to reach etcd
+MEMBERS_EVERY = 5.0  # seconds between refreshes of the etcd member list for status()
+
+
+class EtcdConsensus(Consensus):
+    """Leader election, log and snapshots in etcd under `prefix` (e.g. /lepton/<cluster>).
+
+    `endpoints` are etcd client addresses ("host:port"); `tls` the CA and client
+    certificate to reach them. `lease_ttl` (seconds, rounded to etcd's whole seconds) bounds
+    failover: a dead leader's key expires after it. All methods run on one event loop.
+    """
+
+    def __init__(self, node_id: str, address: str, endpoints: list[str], prefix: str,
+                 state_machine: StateMachine, *, tls: EtcdTls | None = None,
+                 lease_ttl: float = 2.0, snapshot_every: int = 10_000,
+                 max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES):
+        super().__init__()
+        if not 1 <= lease_ttl <= 60:
+            raise InvalidArgument(f"etcd lease TTL {lease_ttl}s must be between 1 and 60 seconds")
+        if not endpoints:
+            raise InvalidArgument("no etcd endpoints given")
+        self._id = node_id
+        self._address = address
+        self._endpoints = list(endpoints)
+        self._keys = Keys(prefix)
+        self._sm = state_machine
+        self._tls = tls
+        self._ttl = lease_ttl
+        self._snapshot_every = snapshot_every
+        self._max_command = max_command_bytes
+        self._max_batch = max(MAX_BATCH_BYTES, framed_size(max_command_bytes, 1))
+        self._timeout = max(2.0 * lease_ttl, 5.0)  # per etcd call
+        self._running = False
+        self._leading_term = 0  # non-zero while leading and caught up
+        self._queue: deque[tuple[bytes, asyncio.Future[object]]] = deque()
+        self._wakeup = asyncio.Event()  # the writer: proposals queued
+        self._campaign_wakeup = asyncio.Event()  # the leader key went away, a lease came
+        self._tasks: list[asyncio.Task] = []
+        self._snapshot_task: asyncio.Task | None = None
+        self._members: list[VoterStatus] = []
+        self._conn: EtcdConnection | None = None
+        self._applier: LogApplier | None = None
+        self._election: Election | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the latest snapshot and the log after it from etcd into the state machine,
+        then start campaigning. Raises Unavailable naming the endpoints when etcd cannot be
+        reached within START_WITHIN seconds, FailedPrecondition for unreadable TLS files."""
+        conn = self._conn = EtcdConnection(self._endpoints, self._tls)
+        self._applier = LogApplier(conn, self._keys, self._sm, timeout=self._timeout)
+        self._election = Election(conn, self._keys, self._id, self._address, self._ttl,
+                                  timeout=self._timeout, on_lost=self._lease_lost,
+                                  on_granted=self._campaign_wakeup.set)
+        self._snapshots = Snapshotter(conn, self._keys, self._applier, timeout=self._timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_WITHIN
+        while True:
+            try:
+                revision = await self._applier.load()
+                break
+            except Compacted:
+                continue
+            except Unavailable as err:
+                if loop.time() > deadline:
+                    await conn.close()
+                    raise Unavailable(f"cannot start: {err}") from None
+                await asyncio.sleep(0.2)
+        self._running = True
+        for coro, name in ((self._election.run(), "lease"), (self._watch_loop(revision + 1), "watch"),
+                           (self._campaign_loop(), "campaign"), (self._write_loop(), "writer"),
+                           (self._members_loop(), "members")):
+            self._tasks.append(asyncio.create_task(coro, name=f"etcd-{name}-{self._id}"))
+        logger.info("etcd consensus %s: loaded to index %d from %s under %s", self._id,
+                    self._sm.applied_index, conn.described, self._keys.prefix.decode())
+
+    async def stop(self) -> None:
+        """Stop campaigning; if leading, revoke the lease (the leader key goes at once, so
+        another candidate takes over without waiting for the TTL). Pending proposals fail
+        with Unavailable (outcome unknown)."""
+        if not self._running:
+            return
+        self._running = False
+        self._step_down("stopping", Unavailable(f"etcd consensus {self._id} is stopping"))
+        for task in self._tasks + ([self._snapshot_task] if self._snapshot_task else []):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._election is not None:
+            await self._election.resign()
+            self._election.close()
+        if self._conn is not None:
+            await self._conn.close()
+
+    # -- Consensus -------------------------------------------------------------------
+    async def propose(self, command: bytes, *, timeout: float) -> object:
+        """Append `command` in the next group-commit txn. Raises InvalidArgument when it
+        is over `max_command_bytes` (before anything is appended), plus the contract's."""
+        if len(command) > self._max_command:
+            raise InvalidArgument(f"the command is {len(command)} bytes; a log entry holds at most {self._max_command}")
+        if not self._running:
+            raise Unavailable(f"etcd consensus {self._id} is not running")
+        if not self._leading_term:
+            raise NotLeader(f"{self._id} is not the leader", leader=self._election.leader_address)
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, fut))
+        self._wakeup.set()
+        return await await_within(fut, timeout, "command not committed")
+
+    async def read_barrier(self, *, timeout: float) -> None:
+        """A linearizable read of the leader key: still ours, same create_revision. Every
+        write acknowledged before the call was appended by this leader (or applied while it
+        caught up on winning) and applied before its acknowledgement, so nothing more to
+        wait for. Raises NotLeader, DeadlineExceeded."""
+        term = self._leading_term
+        if not self._running or not term:
+            leader = self._election.leader_address if self._election else ""
+            raise NotLeader(f"{self._id} is not the leader", leader=leader)
+        try:
+            mine = await asyncio.wait_for(self._election.still_leading(term), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"leadership not confirmed within {timeout:.3g}s") from None
+        except LeptonError as err:
+            raise NotLeader(f"leadership not confirmed: {err}") from None
+        if not mine or self._leading_term != term:
+            self._step_down("the leader key is no longer ours")
+            raise NotLeader("leadership was lost", leader=self._election.leader_address)
+
+    def is_leader(self) -> bool:
+        """True once this node holds the leader key and has applied the log up to it."""
+        return self._running and bool(self._leading_term)
+
+    def leader(self) -> tuple[str, str]:
+        e = self._election
+        if not self._running or e is None or not e.leader_id:
+            return "", ""
+        return e.leader_id, e.leader_address
+
+    def term(self) -> int:
+        """The current leader key's create_revision (0 before any was seen)."""
+        return self._leading_term or (self._election.leader_term if self._election else 0)
+
+    def status(self) -> ConsensusStatus:
+        """Voters are the etcd members (refreshed every MEMBERS_EVERY seconds; role leader
+        or follower from etcd's Status, match index and lag 0: etcd keeps those)."""
+        leader_id, leader_address = self.leader()
+        applier = self._applier
+        applied = self._sm.applied_index
+        return ConsensusStatus(
+            term=self.term(), leader_id=leader_id, leader_address=leader_address,
+            commit_index=max(applier.last_index if applier else 0, applied),
+            applied_index=applied, voters=list(self._members),
+        )
+
+    async def add_voter(self, address: str, *, timeout: float) -> None:
+        raise FailedPrecondition("voters are etcd members here; manage them with etcdctl")
+
+    async def remove_voter(self, address: str, *, timeout: float) -> None:
+        raise FailedPrecondition("voters are etcd members here; manage them with etcdctl")
+
+    # -- leadership ------------------------------------------------------------------
+    def _lease_lost(self, reason: str) -> None:
+        self._step_down(reason)
+        self._campaign_wakeup.set()
+
+    def _step_down(self, reason: str, err: Exception | None = None) -> None:
+        """Stop leading at once: queued proposals were never appended; those in a txn have
+        an unknown outcome. Then let the lease go (in the background) so another leads."""
+        term = self._leading_term
+        if not term:
+            return
+        self._leading_term = 0
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(err or Unavailable(f"leadership was lost ({reason}); the command was not committed"))
+        self._queue.clear()
+        self._applier.fail_waiters(err or Unavailable(f"leadership was lost ({reason}); outcome unknown"))
+        logger.warning("etcd consensus %s: no longer leading term %d: %s", self._id, term, reason)
+        self._notify_leadership(False, term)
+        if self._running and self._election.lease_id:
+            self._tasks.append(asyncio.create_task(self._election.resign(), name=f"etcd-resign-{self._id}"))
+
+    async def _campaign_loop(self) -> None:
+        """Campaign whenever there is no leader (the watch tells), and once per TTL anyway
+        (the txn is cheap and also refreshes who leads, should the watch have missed it)."""
+        election = self._election
+        while self._running:
+            timed_out = False
+            try:
+                await asyncio.wait_for(self._campaign_wakeup.wait(), self._ttl if election.lease_id else 0.2)
+            except asyncio.TimeoutError:
+                timed_out = True
+            self._campaign_wakeup.clear()
+            if self._leading_term or not election.lease_valid():
+                continue
+            if election.leader_id and not timed_out:
+                continue
+            try:
+                term = await election.campaign()
+                if term:
+                    await self._take_office(term)
+            except LeaseGone:
+                election.lease_gone()
+            except LeptonError as err:
+                logger.info("etcd consensus %s: campaign failed: %s", self._id, err)
+
+    async def _take_office(self, term: int) -> None:
+        """We hold the leader key of `term`: catch up on the log (a read made after the win
+        sees every append of earlier terms), then serve."""
+        while True:
+            try:
+                await self._applier.load()
+                break
+            except Compacted:
+                continue
+        if not self._running or not self._election.lease_valid() or self._election.leader_term != term:
+            return  # lost it while catching up
+        self._leading_term = term
+        logger.info("etcd consensus %s: leading term %d at index %d", self._id, term, self._sm.applied_index)
+        self._notify_leadership(True, term)
+        self._wakeup.set()
+
+    # -- the log ---------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        """Group commit: one txn in flight; what queues meanwhile goes in the next one."""
+        while self._running:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue and self._leading_term:
+                term = self._leading_term
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                first = self._sm.applied_index + 1
+                for offset, (_, fut) in enumerate(batch):
+                    self._applier.waiters[first + offset] = fut
+                await self.append(term, first, [data for data, _ in batch])
+
+    def _take_batch(self) -> list[tuple[bytes, asyncio.Future[object]]]:
+        batch, size = [], framed_size(0, 0)
+        while self._queue:
+            data, fut = self._queue[0]
+            if fut.done():  # timed out or cancelled before it was appended: never append
+                self._queue.popleft()
+                continue
+            if batch and size + framed_size(len(data), 1) > self._max_batch:
+                break
+            self._queue.popleft()
+            batch.append((data, fut))
+            size += framed_size(len(data), 1) - framed_size(0, 0)
+        return batch
+
+    async def append(self, term: int, first: int, entries: list[bytes]) -> bool:
+        """Put one batch at `first` in a txn that succeeds only while the leader key of
+        `term` exists and the index is free. True when committed (and then applied). A
+        refused txn (fenced) or one of unknown outcome ends this leadership."""
+        keys = self._keys
+        req = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(key=keys.leader, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=term),
+                rpc.Compare(key=keys.log_key(first), target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0),
+            ],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=keys.log_key(first), value=frame(entries)))],
+        )
+        try:
+            resp = await self._conn.call(self._conn.kv.Txn, req, timeout=self._timeout)
+        except InvalidArgument as err:  # etcd's request limit is lower than ours: nothing appended
+            self._fail_range(first, len(entries), err)
+            return False
+        except LeptonError as err:
+            if self._leading_term == term:
+                self._step_down(f"an append's outcome is unknown: {err}")
+            return False
+        if not resp.succeeded:
+            self._fail_range(first, len(entries), Unavailable("leadership was lost; the command was not committed"))
+            if self._leading_term == term:
+                self._step_down("fenced: the leader key changed or the index was taken")
+            return False
+        self._applier.apply_batch(first, entries)  # committed: apply even if deposed meanwhile
+        self._maybe_snapshot(term)
+        return True
+
+    def _fail_range(self, first: int, count: int, err: Exception) -> None:
+        for index in range(first, first + count):
+            fut = self._applier.waiters.pop(index, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+
+    def _maybe_snapshot(self, term: int) -> None:
+        snap = self._applier.snapshot
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        index = self._sm.applied_index
+        if index - (snap.index if snap else 0) < self._snapshot_every or self._leading_term != term:
+            return
+        data = self._sm.snapshot()  # taken now, at a batch boundary; written in the background
+        self._snapshot_task = asyncio.create_task(self._write_snapshot(term, index, data),
+                                                  name=f"etcd-snapshot-{self._id}")
+
+    async def _write_snapshot(self, term: int, index: int, data: bytes) -> None:
+        try:
+            await self._snapshots.write(term, index, data)
+        except LeptonError as err:
+            logger.warning("etcd consensus %s: snapshot at %d not written: %s", self._id, index, err)
+
+    # -- the watch -------------------------------------------------------------------
+    async def _watch_loop(self, revision: int) -> None:
+        """Apply log batches and follow the leader key from `revision` on; reopen on errors,
+        reload from the snapshot when etcd compacted past us or a batch is missing."""
+        conn = self._conn
+        while self._running:
+            generation = conn.generation
+            call = conn.watch.Watch()
+            try:
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=self._keys.watch_start, range_end=self._keys.watch_end, start_revision=revision)))
+                while True:
+                    resp = await call.read()
+                    if resp is grpc.aio.EOF:
+                        raise ConnectionError("watch stream ended")
+                    if resp.compact_revision or resp.canceled:
+                        revision = await self._reload()
+                        break
+                    for event in resp.events:
+                        revision = event.kv.mod_revision + 1
+                        if not self._on_event(event):
+                            revision = await self._reload()
+                            raise ConnectionError("reloaded")
+            except grpc.aio.AioRpcError as err:
+                conn.error(err, generation)
+                await asyncio.sleep(0.1)
+            except (LeptonError, ConnectionError):
+                await asyncio.sleep(0.05)
+            finally:
+                call.cancel()
+
+    async def _reload(self) -> int:
+        """load() until it works; returns the revision to watch from."""
+        while True:
+            try:
+                return await self._applier.load() + 1
+            except LeptonError as err:
+                logger.info("etcd consensus %s: reloading: %s", self._id, err)
+                await asyncio.sleep(0.2)
+
+    def _on_event(self, event) -> bool:
+        kv, election = event.kv, self._election
+        if kv.key == self._keys.leader:
+            if event.type == rpc.Event.PUT:
+                if kv.create_revision >= election.leader_term:
+                    election.observe(kv)
+                if self._leading_term and kv.create_revision != self._leading_term:
+                    self._step_down("another leader key appeared")
+            elif kv.mod_revision > election.leader_term:  # not a stale deletion of an older key
+                election.observe_deleted()
+                if self._leading_term:
+                    self._step_down("the leader key was deleted (lease expired or revoked)")
+                self._campaign_wakeup.set()
+            return True
+        if event.type == rpc.Event.PUT and kv.key.startswith(self._keys.log):
+            try:
+                entries = unframe(kv.value)
+            except ValueError as err:
+                logger.error("etcd consensus %s: skipping %r: %s", self._id, kv.key, err)
+                return True
+            return self._applier.apply_batch(self._keys.log_index(kv.key), entries)
+        return True
+
+    # -- status ----------------------------------------------------------------------
+    async def _members_loop(self) -> None:
+        conn = self._conn
+        while self._running:
+            try:
+                members = await conn.call(conn.cluster.MemberList, rpc.MemberListRequest(), timeout=self._timeout)
+                status = await conn.call(conn.maintenance.Status, rpc.StatusRequest(), timeout=self._timeout)
+                self._members = [
+                    VoterStatus(m.name or f"{m.ID:x}", m.clientURLs[0] if m.clientURLs else "",
+                                "leader" if m.ID == status.leader else "learner" if m.isLearner else "follower", 0, 0)
+                    for m in members.members
+                ]
+            except LeptonError as err:
+                logger.debug("etcd member list: %s", err)
+            await asyncio.sleep(MEMBERS_EVERY)
