@@ -23,7 +23,7 @@ from lepton.common.durable import atomic_writer
 from lepton.workloads.recipes.data import OUTPUT_MODE, load_shards, parse_shards, shards_from_env
 from lepton.workloads.recipes.models import load_model, run_model
 
-__all__ = ["main", "predict"]
+__all__ = ["main", "predict", "to_predictions"]
 
 
 def predict(model_path: str, shards: list[str], *, probabilities: bool = False,
@@ -34,13 +34,18 @@ def predict(model_path: str, shards: list[str], *, probabilities: bool = False,
     x, _ = load_shards(shards, need_labels=False)
     if list(x.shape[1:]) != list(meta["input_shape"]):
         raise ValueError(f"the model takes inputs of shape {meta['input_shape']}, the data has {list(x.shape[1:])}")
-    out = run_model(model, x, batch_size=batch_size)
+    return to_predictions(run_model(model, x, batch_size=batch_size), meta, probabilities=probabilities)
+
+
+def to_predictions(out: torch.Tensor, meta: dict, *, probabilities: bool = False) -> np.ndarray:
+    """The model's raw outputs (on CPU, a row per input row) as the predictions the module
+    doc describes; the serving replica answers with the same."""
     if meta["task"] == "classification":
         if probabilities:
             return torch.softmax(out, dim=1).numpy().astype(np.float32)
         return out.argmax(dim=1).numpy().astype(np.int64)
     target_shape = [int(d) for d in meta.get("target_shape", [])]
-    return out.reshape(len(x), *target_shape).numpy().astype(np.float32)
+    return out.reshape(len(out), *target_shape).numpy().astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
