@@ -188,8 +188,6 @@ POLICY: dict[str, Rule] = {
         "ReportReplicas": NODE_ONLY,
         "WatchEndpoints": NODE_READ,
     }),
-    # Every agent answers Predict; a node forwards (only a node may name a replica).
-    **_svc("lepton.v1.Inference", {"Predict": USER_OR_NODE}),
     # Tokens, the audit log and backups: admins only (the state holds only token hashes).
     **_svc("lepton.v1.Security", {
         "CreateToken": ADMIN,
@@ -214,7 +212,14 @@ def rule_for(method: str, policy: dict[str, Rule] | None = None) -> Rule:
 
 def service_methods() -> list[str]:
     """Every `/lepton.v1.<Service>/<Method>` the protos in `lepton.v1` define."""
-    from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2, security_pb2, serving_pb2
+    from lepton.v1 import (
+        agent_pb2,
+        coordinator_pb2,
+        datasets_pb2,
+        raft_pb2,
+        security_pb2,
+        serving_pb2,
+    )
 
     out = []
     for module in (coordinator_pb2, agent_pb2, raft_pb2, datasets_pb2, security_pb2, serving_pb2):

@@ -247,6 +247,8 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
         raise InvalidArgument("the command is empty: give argv or shell")
     if spec.argv and spec.shell:
         raise InvalidArgument("give argv or shell, not both")
+    if spec.HasField("replica"):  # only the coordinator's serving loop starts replicas
+        raise InvalidArgument("replica is set only by the serving loop; use lepton-ctl serve up")
     if len(spec.argv) > MAX_ARGV:
         raise InvalidArgument(f"argv has {len(spec.argv)} items; at most {MAX_ARGV}")
     if spec.argv and not spec.argv[0]:
@@ -277,6 +279,45 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
     if spec.request_id:
         require_id(spec.request_id, "request_id")
     check_spec_size(spec, max_bytes)
+
+
+MAX_REPLICAS = 64  # a deployment's replicas
+MAX_SERVE_BATCH = 4096  # rows a replica runs as one batch
+MAX_SERVE_WAIT_MS = 10_000
+
+
+def check_deployment_spec(spec) -> None:
+    """A DeploymentSpec's fields (names as dataset names); raises InvalidArgument naming the
+    first bad one. Resources and priority as for a task."""
+    check_deployment_name(spec.name)
+    check_dataset_name(spec.model)
+    if not 1 <= spec.replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"replicas must be 1-{MAX_REPLICAS}, got {spec.replicas}")
+    r = spec.resources
+    _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
+    if r.gpus > MAX_GPUS:
+        raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
+    if spec.max_batch > MAX_SERVE_BATCH:
+        raise InvalidArgument(f"max_batch is {spec.max_batch}; at most {MAX_SERVE_BATCH}")
+    if spec.max_wait_ms > MAX_SERVE_WAIT_MS:
+        raise InvalidArgument(f"max_wait_ms is {spec.max_wait_ms}; at most {MAX_SERVE_WAIT_MS}")
+    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+
+
+_DEPLOYMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+MAX_DEPLOYMENT_NAME = 63  # a DNS label: it may name an HTTP path or a host one day
+
+
+def check_deployment_name(name: str) -> str:
+    """[a-z0-9][a-z0-9-]*, at most 63 characters. Raises InvalidArgument."""
+    if not name:
+        raise InvalidArgument("deployment name is required")
+    if len(name) > MAX_DEPLOYMENT_NAME or not _DEPLOYMENT_NAME_RE.match(name):
+        raise InvalidArgument(
+            f"deployment name {name[:40]!r} must be lowercase letters, digits and '-' "
+            f"(not first), at most {MAX_DEPLOYMENT_NAME} characters")
+    return name
 
 
 MAX_DATASET_NAME = 128

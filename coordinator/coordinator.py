@@ -150,6 +150,16 @@ class Coordinator:
             is_leader=self.consensus.is_leader, wall_ms=wall_ms,
         )
         self.ctx.gc = self.gc
+        from lepton.coordinator.loops.serving import ServingLoop
+
+        # The leader's table of replica reports (coordinator/api/endpoints.py) when wired;
+        # without it no replica counts as ready.
+        self.endpoints = None
+        self.serving = ServingLoop(self.state, self._propose, is_leader=self.consensus.is_leader,
+                                   monotonic=time.monotonic, endpoints=self.endpoints)
+        self.consensus.add_leadership_listener(self.serving.on_leadership)
+        self.state.tasks.listeners.append(
+            lambda task, _node: self.serving.wake() if task.spec.HasField("replica") else None)
 
     def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
         """One voter: a local log. Several: Raft, with each voter known by its advertised
@@ -234,6 +244,10 @@ class Coordinator:
         from lepton.coordinator.api.security_api import add_to_server as add_security
 
         names.append(add_security(SecurityService(self.ctx, self._term_of), server))
+        from lepton.coordinator.api.serving_api import DeploymentService
+        from lepton.coordinator.api.serving_api import add_to_server as add_deployments
+
+        names.append(add_deployments(DeploymentService(self.ctx, self.serving, self.endpoints), server))
         if self.ctx.state_backend == "raft":  # etcd candidates speak no Raft: nothing new to reach
             from lepton.coordinator.raft.transport import add_raft_servicer
 
@@ -250,6 +264,7 @@ class Coordinator:
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self.audit.run(), name="audit"),
             asyncio.create_task(self.gc.run(), name="gc"),
+            asyncio.create_task(self.serving.run(), name="serving"),
         ]
 
     async def stop(self) -> None:

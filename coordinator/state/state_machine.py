@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 from lepton.common.states import NodeState, can_transition
 from lepton.coordinator.state.datasets import DatasetTable
+from lepton.coordinator.state.deployments import DeploymentTable
 from lepton.coordinator.state.quotas import QuotaTable
 from lepton.coordinator.state.retention import collect
 from lepton.coordinator.state.security_state import SecurityTable
@@ -52,6 +53,7 @@ class ClusterStateMachine:
         self.security = SecurityTable(find_task=lambda task_id: self.tasks.tasks.get(task_id),
                                       holding=lambda task: task.state in HOLDING)
         self.quotas = QuotaTable(self)  # checked before submissions below (_HANDLERS)
+        self.deployments = DeploymentTable(self)  # served models (docs/serving.md)
         self._listeners: list[NodeListener] = []
 
     # -- subscriptions ---------------------------------------------------------------
@@ -173,6 +175,7 @@ class ClusterStateMachine:
         snap.task_history.extend(self.tasks.history.summaries())
         self.security.fill(snap)
         self.quotas.fill(snap)
+        self.deployments.fill(snap)
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes, index: int) -> None:
@@ -184,6 +187,7 @@ class ClusterStateMachine:
         self.datasets.rebuild(list(snap.datasets))
         self.security.rebuild(snap)
         self.quotas.rebuild(snap)
+        self.deployments.rebuild(list(snap.deployments))
         self.applied_index = index
 
 
@@ -218,4 +222,9 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "append_audit": lambda sm, c, at: sm.security.append_audit(c, at),
     "set_cluster_id": lambda sm, c, at: sm.security.set_cluster_id(c, at),
     "set_task_token_key": lambda sm, c, at: sm.security.set_task_token_key(c, at),
+    "create_deployment": lambda sm, c, at: sm.deployments.create(c, at),
+    "scale_deployment": lambda sm, c, at: sm.deployments.scale(c, at),
+    "update_deployment": lambda sm, c, at: sm.deployments.update(c, at),
+    "delete_deployment": lambda sm, c, at: sm.deployments.delete(c, at),
+    "deployment_replicas": lambda sm, c, at: sm.deployments.replicas(c, at),
 }

@@ -1,6 +1,7 @@
 from lepton.v1 import common_pb2 as _common_pb2
 from lepton.v1 import datasets_pb2 as _datasets_pb2
 from lepton.v1 import security_pb2 as _security_pb2
+from lepton.v1 import serving_pb2 as _serving_pb2
 from lepton.v1 import tasks_pb2 as _tasks_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -237,8 +238,80 @@ class SetQuotaCmd(_message.Message):
     unlimited: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, quota: _Optional[_Union[_security_pb2.Quota, _Mapping]] = ..., unlimited: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class CreateDeploymentCmd(_message.Message):
+    __slots__ = ("spec", "owner", "request_id", "owner_role", "owner_token_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ROLE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: _serving_pb2.DeploymentSpec
+    owner: str
+    request_id: str
+    owner_role: str
+    owner_token_id: str
+    def __init__(self, spec: _Optional[_Union[_serving_pb2.DeploymentSpec, _Mapping]] = ..., owner: _Optional[str] = ..., request_id: _Optional[str] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
+
+class ScaleDeploymentCmd(_message.Message):
+    __slots__ = ("name", "replicas", "only_owner")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ONLY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replicas: int
+    only_owner: str
+    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ..., only_owner: _Optional[str] = ...) -> None: ...
+
+class UpdateDeploymentCmd(_message.Message):
+    __slots__ = ("name", "model", "only_owner")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ONLY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    only_owner: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., only_owner: _Optional[str] = ...) -> None: ...
+
+class DeleteDeploymentCmd(_message.Message):
+    __slots__ = ("name", "only_owner", "remove")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ONLY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    only_owner: str
+    remove: bool
+    def __init__(self, name: _Optional[str] = ..., only_owner: _Optional[str] = ..., remove: _Optional[bool] = ...) -> None: ...
+
+class DeploymentReplicasCmd(_message.Message):
+    __slots__ = ("deployment", "submit", "drain")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    submit: _containers.RepeatedCompositeFieldContainer[SubmitTaskCmd]
+    drain: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deployment: _Optional[str] = ..., submit: _Optional[_Iterable[_Union[SubmitTaskCmd, _Mapping]]] = ..., drain: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeploymentRecord(_message.Message):
+    __slots__ = ("deployment", "task_ids", "draining", "deleting", "request_id", "owner_role", "owner_token_id")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DELETING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ROLE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    deployment: _serving_pb2.Deployment
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    draining: _containers.RepeatedScalarFieldContainer[str]
+    deleting: bool
+    request_id: str
+    owner_role: str
+    owner_token_id: str
+    def __init__(self, deployment: _Optional[_Union[_serving_pb2.Deployment, _Mapping]] = ..., task_ids: _Optional[_Iterable[str]] = ..., draining: _Optional[_Iterable[str]] = ..., deleting: _Optional[bool] = ..., request_id: _Optional[str] = ..., owner_role: _Optional[str] = ..., owner_token_id: _Optional[str] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "collect_garbage", "task_events", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key")
+    __slots__ = ("at_ms", "register_node", "set_node_state", "set_drain", "noop", "submit_task", "apply_plan", "task_event", "cancel_task", "submit_job", "submit_tasks", "put_dataset", "delete_dataset", "add_replicas", "drop_replicas", "node_lost", "collect_garbage", "task_events", "create_token", "revoke_token", "append_audit", "set_cluster_id", "set_quota", "set_task_token_key", "create_deployment", "scale_deployment", "update_deployment", "delete_deployment", "deployment_replicas")
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     REGISTER_NODE_FIELD_NUMBER: _ClassVar[int]
     SET_NODE_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +336,11 @@ class Command(_message.Message):
     SET_CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SET_QUOTA_FIELD_NUMBER: _ClassVar[int]
     SET_TASK_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATE_DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     at_ms: int
     register_node: RegisterNodeCmd
     set_node_state: SetNodeStateCmd
@@ -287,7 +365,12 @@ class Command(_message.Message):
     set_cluster_id: SetClusterIdCmd
     set_quota: SetQuotaCmd
     set_task_token_key: SetTaskTokenKeyCmd
-    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., collect_garbage: _Optional[_Union[CollectGarbageCmd, _Mapping]] = ..., task_events: _Optional[_Union[TaskEventsCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ...) -> None: ...
+    create_deployment: CreateDeploymentCmd
+    scale_deployment: ScaleDeploymentCmd
+    update_deployment: UpdateDeploymentCmd
+    delete_deployment: DeleteDeploymentCmd
+    deployment_replicas: DeploymentReplicasCmd
+    def __init__(self, at_ms: _Optional[int] = ..., register_node: _Optional[_Union[RegisterNodeCmd, _Mapping]] = ..., set_node_state: _Optional[_Union[SetNodeStateCmd, _Mapping]] = ..., set_drain: _Optional[_Union[SetDrainCmd, _Mapping]] = ..., noop: _Optional[_Union[Noop, _Mapping]] = ..., submit_task: _Optional[_Union[SubmitTaskCmd, _Mapping]] = ..., apply_plan: _Optional[_Union[ApplyPlanCmd, _Mapping]] = ..., task_event: _Optional[_Union[TaskEventCmd, _Mapping]] = ..., cancel_task: _Optional[_Union[CancelTaskCmd, _Mapping]] = ..., submit_job: _Optional[_Union[SubmitJobCmd, _Mapping]] = ..., submit_tasks: _Optional[_Union[SubmitTasksCmd, _Mapping]] = ..., put_dataset: _Optional[_Union[PutDatasetCmd, _Mapping]] = ..., delete_dataset: _Optional[_Union[DeleteDatasetCmd, _Mapping]] = ..., add_replicas: _Optional[_Union[AddReplicasCmd, _Mapping]] = ..., drop_replicas: _Optional[_Union[DropReplicasCmd, _Mapping]] = ..., node_lost: _Optional[_Union[NodeLostCmd, _Mapping]] = ..., collect_garbage: _Optional[_Union[CollectGarbageCmd, _Mapping]] = ..., task_events: _Optional[_Union[TaskEventsCmd, _Mapping]] = ..., create_token: _Optional[_Union[CreateTokenCmd, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeTokenCmd, _Mapping]] = ..., append_audit: _Optional[_Union[AppendAuditCmd, _Mapping]] = ..., set_cluster_id: _Optional[_Union[SetClusterIdCmd, _Mapping]] = ..., set_quota: _Optional[_Union[SetQuotaCmd, _Mapping]] = ..., set_task_token_key: _Optional[_Union[SetTaskTokenKeyCmd, _Mapping]] = ..., create_deployment: _Optional[_Union[CreateDeploymentCmd, _Mapping]] = ..., scale_deployment: _Optional[_Union[ScaleDeploymentCmd, _Mapping]] = ..., update_deployment: _Optional[_Union[UpdateDeploymentCmd, _Mapping]] = ..., delete_deployment: _Optional[_Union[DeleteDeploymentCmd, _Mapping]] = ..., deployment_replicas: _Optional[_Union[DeploymentReplicasCmd, _Mapping]] = ...) -> None: ...
 
 class Noop(_message.Message):
     __slots__ = ()
@@ -304,7 +387,7 @@ class LogEntry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class StateSnapshot(_message.Message):
-    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "task_history", "quotas", "task_token_key", "audit_first_seq")
+    __slots__ = ("index", "term", "nodes", "tasks", "datasets", "tokens", "audit", "cluster_id", "task_history", "quotas", "task_token_key", "audit_first_seq", "deployments")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +400,7 @@ class StateSnapshot(_message.Message):
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     TASK_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
@@ -329,4 +413,5 @@ class StateSnapshot(_message.Message):
     quotas: _containers.RepeatedCompositeFieldContainer[_security_pb2.Quota]
     task_token_key: bytes
     audit_first_seq: int
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., task_history: _Optional[_Iterable[_Union[_tasks_pb2.TaskSummary, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ..., audit_first_seq: _Optional[int] = ...) -> None: ...
+    deployments: _containers.RepeatedCompositeFieldContainer[DeploymentRecord]
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[_tasks_pb2.Task, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[_datasets_pb2.Dataset, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[_security_pb2.ApiToken, _Mapping]]] = ..., audit: _Optional[_Iterable[_Union[_security_pb2.AuditRecord, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., task_history: _Optional[_Iterable[_Union[_tasks_pb2.TaskSummary, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[_security_pb2.Quota, _Mapping]]] = ..., task_token_key: _Optional[bytes] = ..., audit_first_seq: _Optional[int] = ..., deployments: _Optional[_Iterable[_Union[DeploymentRecord, _Mapping]]] = ...) -> None: ...

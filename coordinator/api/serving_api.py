@@ -1,0 +1,152 @@
+"""The Deployments gRPC API, served by every voter; the leader answers (docs/serving.md).
+
+Create/Scale/Update/Delete commit deployment commands (coordinator/state/deployments.py);
+the serving loop (coordinator/loops/serving.py) then starts, rolls and drains the replica
+tasks. Only the owner or an admin changes a deployment (checked here for a clear answer,
+and again when the command applies). ReportReplicas and WatchEndpoints, which agents call,
+go to the leader's endpoint table (coordinator/api/endpoints.py): `report(node_id, request,
+caller)`, `watch(request, context)` (an async iterator of EndpointSet), `replicas(name)`
+(each with .task_id and .state) and, for Get/List, `stats(name)` (a DeploymentStats).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import grpc
+
+from lepton.common import validation as v
+from lepton.common.auth import Role, current_principal, effective_owner
+from lepton.common.errors import Unavailable
+from lepton.common.grpc_util import register_service, rpc_boundary
+from lepton.coordinator.api.dataset_api import only_owner
+from lepton.coordinator.api.service import CoordinatorContext
+from lepton.coordinator.loops.serving import ServingLoop, replica_views
+from lepton.coordinator.state.deployments import check_deployment_owner, check_model
+from lepton.coordinator.state.security_state import check_node_caller
+from lepton.v1 import serving_pb2, serving_pb2_grpc, state_pb2
+
+logger = logging.getLogger(__name__)
+
+PEOPLE_ROLES = (Role.ADMIN, Role.USER)
+
+
+class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
+    def __init__(self, ctx: CoordinatorContext, loop: ServingLoop, endpoints: Any = None):
+        self._ctx = ctx
+        self._loop = loop
+        self._endpoints = endpoints  # H5's EndpointTable; None until it is wired
+
+    @property
+    def _sm(self):
+        return self._ctx.state
+
+    def _view(self, name: str) -> serving_pb2.Deployment:
+        """The deployment with its replicas, the loop's state and sentence, and stats."""
+        rec = self._sm.deployments.get(name)
+        out = serving_pb2.Deployment()
+        out.CopyFrom(rec.deployment)
+        out.replicas.extend(replica_views(self._sm, self._endpoints, name))
+        state, message = self._loop.status(name)
+        if state and not rec.deleting:
+            out.state = state
+        out.message = message
+        stats = getattr(self._endpoints, "stats", None)
+        if stats is not None:
+            out.stats.CopyFrom(stats(name))
+        return out
+
+    async def _commit_view(self, cmd: state_pb2.Command, name: str) -> serving_pb2.Deployment:
+        await self._ctx.commit(cmd)
+        self._loop.wake()
+        return self._view(name)
+
+    def _check_owner(self, name: str) -> None:
+        """A clear answer before anything is logged; applying checks again."""
+        check_deployment_owner(self._sm.deployments.get(name), only_owner())
+
+    @rpc_boundary
+    async def CreateDeployment(self, request, context):
+        spec = request.spec
+        v.check_deployment_spec(spec)
+        if request.request_id:
+            v.require_id(request.request_id, "request_id")
+        await self._ctx.read()
+        check_model(self._sm, spec.model)
+        p = current_principal()
+        role = p.role.value if p is not None and p.role in PEOPLE_ROLES else ""
+        cmd = state_pb2.CreateDeploymentCmd(
+            spec=spec, owner=effective_owner(""), request_id=request.request_id, owner_role=role,
+            owner_token_id=p.token_id if p is not None and role and p.via == "token" else "")
+        return await self._commit_view(state_pb2.Command(create_deployment=cmd), spec.name)
+
+    @rpc_boundary
+    async def ScaleDeployment(self, request, context):
+        v.check_deployment_name(request.name)
+        await self._ctx.read()
+        self._check_owner(request.name)
+        cmd = state_pb2.ScaleDeploymentCmd(name=request.name, replicas=request.replicas, only_owner=only_owner())
+        return await self._commit_view(state_pb2.Command(scale_deployment=cmd), request.name)
+
+    @rpc_boundary
+    async def UpdateDeployment(self, request, context):
+        v.check_deployment_name(request.name)
+        v.check_dataset_name(request.model)
+        await self._ctx.read()
+        self._check_owner(request.name)
+        check_model(self._sm, request.model)
+        cmd = state_pb2.UpdateDeploymentCmd(name=request.name, model=request.model, only_owner=only_owner())
+        return await self._commit_view(state_pb2.Command(update_deployment=cmd), request.name)
+
+    @rpc_boundary
+    async def DeleteDeployment(self, request, context):
+        v.check_deployment_name(request.name)
+        await self._ctx.read()
+        self._check_owner(request.name)
+        cmd = state_pb2.DeleteDeploymentCmd(name=request.name, only_owner=only_owner())
+        return await self._commit_view(state_pb2.Command(delete_deployment=cmd), request.name)
+
+    @rpc_boundary
+    async def GetDeployment(self, request, context):
+        v.check_deployment_name(request.name)
+        await self._ctx.read()
+        return self._view(request.name)
+
+    @rpc_boundary
+    async def ListDeployments(self, request, context):
+        await self._ctx.read()
+        return serving_pb2.ListDeploymentsResponse(
+            deployments=[self._view(name) for name in sorted(self._sm.deployments.records)])
+
+    # -- agents: delegated to the endpoint table ----------------------------------------
+    def _table(self) -> Any:
+        if self._endpoints is None:
+            raise Unavailable("this coordinator keeps no endpoint table yet")
+        return self._endpoints
+
+    @rpc_boundary
+    async def ReportReplicas(self, request, context):
+        v.require_id(request.node_id, "node_id")
+        check_node_caller(self._sm, request.node_id)  # a node reports only for itself
+        self._ctx.require_leader()
+        done = self._table().report(request.node_id, request, current_principal())
+        if inspect.isawaitable(done):
+            await done
+        self._loop.wake()
+        return serving_pb2.ReportReplicasResponse()
+
+    @rpc_boundary
+    async def WatchEndpoints(self, request, context):
+        v.require_id(request.node_id, "node_id")
+        check_node_caller(self._sm, request.node_id)
+        await self._ctx.read()
+        async for endpoint_set in self._table().watch(request, context):
+            yield endpoint_set
+
+
+def add_to_server(service: DeploymentService, server: grpc.aio.Server) -> str:
+    desc = serving_pb2.DESCRIPTOR.services_by_name["Deployments"]
+    register_service(server, service, desc)
+    return desc.full_name
