@@ -1,5 +1,8 @@
 """Leader failover on 3 voters on loopback: kill -9 the leader, time until a submission
 succeeds again. Repeated for --trials; the killed voter is restarted between trials.
+`--state etcd`: 2 coordinator candidates (--candidates) on a real 3-member etcd instead
+(issue 18: failover within the lease TTL + 1 s); `--state both`: both clusters, trials
+alternating between them, figures for each under "raft" and "etcd".
 
 Prints one JSON object: median_s, p99_s (kill -> first acknowledged submission, from a
 client that starts submitting right at the kill), client_outage_s (median gap between the
@@ -23,7 +26,8 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Agent, emit, free_port  # noqa: E402
+from _backends import start_backend  # noqa: E402
+from _common import emit  # noqa: E402
 
 from lepton.common.errors import from_rpc_error  # noqa: E402
 from lepton.common.grpc_util import CHANNEL_OPTIONS  # noqa: E402
@@ -33,21 +37,20 @@ ATTEMPT_TIMEOUT_S = 0.5  # what a client that wants fast failover sets per attem
 
 
 class Cluster:
-    def __init__(self, election_timeout: float):
-        self.ports = [free_port() for _ in range(3)]
-        self.addrs = [f"127.0.0.1:{p}" for p in self.ports]
-        self.args = ["--peers", ",".join(self.addrs), "--election-timeout", str(election_timeout)]
-        self.root = None
-        self.agents: dict[str, Agent] = {}
-        for i, (port, addr) in enumerate(zip(self.ports, self.addrs, strict=True)):
-            self.agents[addr] = Agent(*self.args, name=f"v{i + 1}", port=port, root=self.root)
-            self.root = self.agents[addr].root
+    def __init__(self, state: str, voters: int, election_timeout: float, lease_ttl: float):
+        extra = (["--etcd-lease-ttl", str(int(lease_ttl))] if state == "etcd"
+                 else ["--election-timeout", str(election_timeout)])
+        self.backend = start_backend(state, voters, *extra)
+        self.addrs = [a.address for a in self.backend.agents]
+        self.agents = {a.address: a for a in self.backend.agents}
         self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addrs}
         self.current = self.addrs[0]
 
     def restart(self, addr: str) -> None:
-        i = self.addrs.index(addr)
-        self.agents[addr] = Agent(*self.args, name=f"v{i + 1}", port=self.ports[i], root=self.root)
+        self.agents[addr] = self.backend.restart(addr)
+
+    def _next(self) -> str:
+        return self.addrs[(self.addrs.index(self.current) + 1) % len(self.addrs)]
 
     async def submit(self, request_id: str) -> bool:
         """One attempt at the current address; follows leader hints. True when acknowledged."""
@@ -61,7 +64,7 @@ class Cluster:
             if leader in self.channels:
                 self.current = leader
             else:
-                self.current = self.addrs[(self.addrs.index(self.current) + 1) % 3]
+                self.current = self._next()
             return False
 
     async def submit_until_acked(self, request_id: str) -> float:
@@ -79,8 +82,7 @@ class Cluster:
                     return st.leader
             except grpc.aio.AioRpcError as rpc_err:
                 leader = getattr(from_rpc_error(rpc_err), "leader", "")
-                self.current = leader if leader in self.channels else \
-                    self.addrs[(self.addrs.index(self.current) + 1) % 3]
+                self.current = leader if leader in self.channels else self._next()
             await asyncio.sleep(0.05)
 
     async def count_duplicates(self) -> int:
@@ -89,9 +91,10 @@ class Cluster:
         ids = [t.spec.request_id for t in tasks]
         return len(ids) - len(set(ids))
 
-    def stop(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
+    async def stop(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.backend.stop()
 
 
 async def trial(cluster: Cluster) -> tuple[float, float]:
@@ -113,35 +116,58 @@ async def trial(cluster: Cluster) -> tuple[float, float]:
     return first_ack - killed_at, first_ack - last_ack_before
 
 
-async def run(trials: int, election_timeout: float) -> dict:
-    cluster = Cluster(election_timeout)
+def figures(failovers: list[float], outages: list[float]) -> dict:
+    failovers = sorted(failovers)
+    return {
+        "trials": len(failovers),
+        "median_s": round(statistics.median(failovers), 3),
+        "p99_s": round(failovers[min(len(failovers) - 1, int(0.99 * len(failovers)))], 3),
+        "max_s": round(failovers[-1], 3),
+        "client_outage_s": round(statistics.median(outages), 3),
+        "client_outage_max_s": round(max(outages), 3),
+    }
+
+
+async def run(state: str, trials: int, election_timeout: float, lease_ttl: float, candidates: int) -> dict:
+    names = ["raft", "etcd"] if state == "both" else [state]
+    clusters: dict[str, Cluster] = {}
     try:
-        failovers, outages = [], []
+        for name in names:
+            clusters[name] = Cluster(name, candidates if name == "etcd" else 3, election_timeout, lease_ttl)
+        results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
         for _ in range(trials):
-            f, o = await trial(cluster)
-            failovers.append(f)
-            outages.append(o)
-        failovers.sort()
-        return {
-            "trials": trials,
-            "election_timeout_s": election_timeout,
-            "median_s": round(statistics.median(failovers), 3),
-            "p99_s": round(failovers[min(len(failovers) - 1, int(0.99 * len(failovers)))], 3),
-            "max_s": round(failovers[-1], 3),
-            "client_outage_s": round(statistics.median(outages), 3),
-            "client_outage_max_s": round(max(outages), 3),
-            "duplicates": await cluster.count_duplicates(),
-        }
+            for name in names:  # alternating, so drift weighs on both alike
+                f, o = await trial(clusters[name])
+                results[name][0].append(f)
+                results[name][1].append(o)
+        out = {}
+        for name in names:
+            doc = figures(*results[name])
+            doc["duplicates"] = await clusters[name].count_duplicates()
+            if name == "etcd":
+                doc.update(candidates=candidates, lease_ttl_s=lease_ttl)
+            else:
+                doc["election_timeout_s"] = election_timeout
+            out[name] = doc
+        if state != "both":
+            return {"state": state, **out[state]}
+        return {"state": "both", **out,
+                "etcd_median_over_raft": round(out["etcd"]["median_s"] / out["raft"]["median_s"], 3)}
     finally:
-        cluster.stop()
+        for cluster in clusters.values():
+            await cluster.stop()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--state", choices=["raft", "etcd", "both"], default="raft",
+                   help="the built-in Raft (3 voters), etcd (3 members, --candidates agents), or both")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--election-timeout", type=float, default=1.0, help="the agents' default is 1 s")
+    p.add_argument("--lease-ttl", type=float, default=2.0, help="etcd: --etcd-lease-ttl (default 2 s)")
+    p.add_argument("--candidates", type=int, default=2, help="etcd: coordinator candidates (default 2)")
     args = p.parse_args()
-    emit(asyncio.run(run(args.trials, args.election_timeout)))
+    emit(asyncio.run(run(args.state, args.trials, args.election_timeout, args.lease_ttl, args.candidates)))
 
 
 if __name__ == "__main__":

