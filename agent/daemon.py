@@ -283,6 +283,9 @@ class Agent:
 
         runner = self.runner
         self.agent_metrics.track_running(lambda: len(runner.running()))
+        from lepton.agent.metrics import ServingCollector
+
+        self.metrics_registry.register(ServingCollector(self.router))  # Predict, per deployment
         # The heartbeater starts after the metrics server; look it up at scrape time.
         self.agent_metrics.track_heartbeat_lag(
             lambda: self.heartbeater.answer_age_s() if self.heartbeater is not None else float("nan"))

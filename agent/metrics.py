@@ -333,6 +333,48 @@ class AgentMetrics:
             self.auth_refused.labels(event.code.name).inc()
 
 
+class ServingCollector:
+    """The Predict router's counters per deployment (agent/predict_router.py), read at scrape
+    time: requests, errors by code, latency and batch-rows histograms. The router counts
+    requests its clients sent to this agent; a request forwarded here by another agent is
+    counted there. `serve show` merges these across agents (coordinator/api/serving_stats)."""
+
+    def __init__(self, router: Any):
+        self._router = router
+
+    def describe(self) -> list[Metric]:
+        return []  # collected fresh each scrape; the deployments come and go
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        counters = dict(self._router.counters)  # one C-level copy: the loop may add meanwhile
+        requests = CounterMetricFamily("lepton_serving_requests", "Predict requests this agent routed",
+                                       labels=["deployment"])
+        errors = CounterMetricFamily("lepton_serving_errors", "Predict requests that failed, by status code",
+                                     labels=["deployment", "code"])
+        latency = HistogramMetricFamily("lepton_serving_latency_seconds",
+                                        "Predict latency of answered requests, routing and retries included",
+                                        labels=["deployment"])
+        batch = HistogramMetricFamily("lepton_serving_batch_rows",
+                                      "Rows in the replica batch each answered request ran in",
+                                      labels=["deployment"])
+        from lepton.agent.predict_router import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS_MS
+
+        for name, c in sorted(counters.items()):
+            requests.add_metric([name], c.requests)
+            for code, n in sorted(dict(c.errors_by_code).items()):
+                errors.add_metric([name, code], n)
+            latency.add_metric([name], _le_buckets([b / 1000 for b in LATENCY_BUCKETS_MS], c.cumulative_buckets()),
+                               c.latency_sum_ms / 1000)
+            batch.add_metric([name], _le_buckets(BATCH_ROWS_BUCKETS, c.cumulative_batch_buckets()), c.batch_rows)
+        yield from (requests, errors, latency, batch)
+
+
+def _le_buckets(bounds: Any, cumulative: list[int]) -> list[tuple[str, int]]:
+    return [("+Inf" if b == float("inf") else repr(float(b)), n) for b, n in zip(bounds, cumulative, strict=True)]
+
+
 @dataclass
 class MetricsServer:
     host: str

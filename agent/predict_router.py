@@ -60,6 +60,8 @@ MAX_DEPLOYMENT_NAME = 63
 # Latency histogram bounds (ms) of RouterStats and /metrics; the last is +Inf.
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
                       750, 1000, 2000, 5000, 10000, float("inf"))
+# Rows of the batch a request ran in (PredictResponse.batch_rows), for /metrics.
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, float("inf"))
 # Server-side codes after which another replica may answer. CANCELLED here is the server's
 # (a replica or agent stopping mid-call); our own caller going away is CancelledError.
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -83,6 +85,7 @@ class DeploymentCounters:
     latency_sum_ms: float = 0.0
     batch_rows: int = 0
     batches: int = 0
+    batch_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_ROWS_BUCKETS))
 
     @property
     def errors(self) -> int:
@@ -95,18 +98,26 @@ class DeploymentCounters:
         if batch_rows:
             self.batch_rows += batch_rows
             self.batches += 1
+            self.batch_buckets[bisect.bisect_left(BATCH_ROWS_BUCKETS, batch_rows)] += 1
 
     def failed(self, code: grpc.StatusCode) -> None:
         self.requests += 1
         self.errors_by_code[code.name] = self.errors_by_code.get(code.name, 0) + 1
 
     def cumulative_buckets(self) -> list[int]:
-        """Counts of answers at or under each bound (Prometheus `le` style)."""
-        out, total = [], 0
-        for n in self.buckets:
-            total += n
-            out.append(total)
-        return out
+        """Counts of answers at or under each latency bound (Prometheus `le` style)."""
+        return _running_sum(self.buckets)
+
+    def cumulative_batch_buckets(self) -> list[int]:
+        return _running_sum(self.batch_buckets)
+
+
+def _running_sum(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in counts:
+        total += n
+        out.append(total)
+    return out
 
 
 class PredictRouter:

@@ -241,3 +241,23 @@ def test_counters_bucket_latencies_at_their_bounds():
     assert (cumulative[0.5], cumulative[1], cumulative[2], cumulative[100], cumulative[10000]) == (1, 2, 3, 4, 4)
     assert cumulative[float("inf")] == 5 and c.requests == 6 and c.errors_by_code == {"UNAVAILABLE": 1}
     assert c.batches == 0
+
+
+async def test_metrics_export_the_router_counters(replicas):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from lepton.agent.metrics import ServingCollector
+
+    router = local_router(replicas, "t1")
+    registry = CollectorRegistry()
+    registry.register(ServingCollector(router))
+    await router.predict("digits", tensor(np.ones((3, 4))))
+    replicas["t1"][0].fail = grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(InvalidArgument):
+        await router.predict("digits", tensor(np.ones((1, 4))))
+    text = generate_latest(registry).decode()
+    assert 'lepton_serving_requests_total{deployment="digits"} 2.0' in text
+    assert 'lepton_serving_errors_total{code="INVALID_ARGUMENT",deployment="digits"} 1.0' in text
+    assert 'lepton_serving_latency_seconds_count{deployment="digits"} 1.0' in text
+    assert 'lepton_serving_batch_rows_bucket{deployment="digits",le="2.0"} 0.0' in text
+    assert 'lepton_serving_batch_rows_bucket{deployment="digits",le="4.0"} 1.0' in text
