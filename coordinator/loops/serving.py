@@ -149,7 +149,8 @@ def plan_deployment(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task],
     old = [t for t in serving if t.spec.replica.generation != gen]
     ready_current = [t for t in current if ready(t)]
     # Not-ready ones first: draining them costs no capacity.
-    by_drain_order = sorted(current, key=lambda t: (ready(t), -t.created_at_ms))
+    # Not-ready ones first, then the newest (the record lists them in submission order).
+    by_drain_order = sorted(reversed(current), key=lambda t: (ready(t), -t.created_at_ms))
     old_by_drain_order = sorted(old, key=lambda t: (ready(t), t.created_at_ms))
     if old:
         # Rolling: at most one replica beyond `want`; an old one goes once the ready new

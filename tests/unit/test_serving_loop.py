@@ -1,0 +1,153 @@
+"""The serving loop (coordinator/loops/serving.py) on a real state machine, with a fake
+endpoint table standing for what replicas report."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from lepton.common.states import TaskState
+from lepton.coordinator.loops import serving
+from lepton.coordinator.loops.serving import ServingLoop, replica_views
+from lepton.v1 import serving_pb2, state_pb2, tasks_pb2
+from tests.unit.test_deployments import create, world
+
+READY, PENDING, DRAINING = serving_pb2.REPLICA_READY, serving_pb2.REPLICA_PENDING, serving_pb2.REPLICA_DRAINING
+
+
+class FakeEndpoints:
+    """task id -> reported state; `replicas(name)` as the leader's table answers."""
+
+    def __init__(self, sm):
+        self.sm = sm
+        self.states: dict[str, int] = {}
+
+    def replicas(self, name):
+        return [SimpleNamespace(task_id=t, state=s) for t, s in self.states.items()
+                if t in self.sm.tasks.tasks and self.sm.tasks.tasks[t].spec.replica.deployment == name]
+
+
+class Rig:
+    def __init__(self, replicas=2):
+        self.w = world()
+        self.now = 100.0
+        self.ep = FakeEndpoints(self.w.sm)
+        ids = iter(f"t-{i}" for i in range(1000))
+        self.loop = ServingLoop(self.w.sm, self.w.propose, is_leader=lambda: True, monotonic=lambda: self.now,
+                                endpoints=self.ep, new_task_id=lambda: next(ids))
+        create(self.w, replicas=replicas)
+
+    def cycle(self) -> str:
+        return asyncio.run(self.loop.run_cycle())
+
+    def live(self, gen: int | None = None) -> list[tasks_pb2.Task]:
+        return [t for t in self.w.sm.deployments.live_tasks("web") if gen is None or t.spec.replica.generation == gen]
+
+    def run_and_ready(self, *task_ids: str) -> None:
+        """Place each on its own node, start it and report it READY."""
+        for i, task_id in enumerate(task_ids):
+            task = self.w.sm.tasks.get(task_id)
+            node = f"n{i % 3 + 1}"
+            self.w.apply(apply_plan=state_pb2.ApplyPlanCmd(placements=[
+                state_pb2.PlacementCmd(task_id=task_id, attempt=task.attempt, node_id=node)]))
+            self.w.apply(task_event=state_pb2.TaskEventCmd(node_id=node, event=tasks_pb2.TaskEvent(
+                task_id=task_id, attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_STARTED)))
+            self.ep.states[task_id] = READY
+
+    def fail(self, task_id: str) -> None:
+        task = self.w.sm.tasks.get(task_id)
+        self.w.apply(task_event=state_pb2.TaskEventCmd(node_id=task.node_id, event=tasks_pb2.TaskEvent(
+            task_id=task_id, attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_EXITED, exit_code=1)))
+
+    def state_of(self, task_id: str) -> int:
+        return {r.task_id: r.state for r in replica_views(self.w.sm, self.ep, "web")}[task_id]
+
+
+def test_creates_the_replicas_and_reports_ready():
+    rig = Rig()
+    assert "started 2" in rig.cycle()
+    assert [t.id for t in rig.live()] == ["t-0", "t-1"]
+    assert rig.loop.status("web")[0] == "starting"
+    assert "started" not in rig.cycle()  # nothing more while they start
+    rig.run_and_ready("t-0")
+    rig.cycle()
+    assert rig.loop.status("web") == ("degraded", "1/2 replicas ready")
+    assert rig.state_of("t-0") == READY and rig.state_of("t-1") == PENDING
+    rig.run_and_ready("t-1")
+    rig.cycle()
+    assert rig.loop.status("web") == ("ready", "2/2 replicas ready")
+
+
+def test_a_failed_replica_is_replaced_with_a_backoff():
+    rig = Rig(replicas=1)
+    rig.cycle()
+    rig.run_and_ready("t-0")
+    rig.cycle()
+    rig.fail("t-0")
+    said = rig.cycle()  # notices the failure: backs off before the replacement
+    assert "started" not in said and "restarting in" in rig.loop.status("web")[1]
+    rig.now += serving.BACKOFF_MIN_S
+    assert "started 1" in rig.cycle()
+    assert [t.id for t in rig.live()] == ["t-1"]
+
+
+def test_scale_down_drains_then_cancels():
+    rig = Rig(replicas=3)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")  # t-2 not ready: drained first
+    rig.w.apply(scale_deployment=state_pb2.ScaleDeploymentCmd(name="web", replicas=1))
+    assert "draining 2" in rig.cycle()
+    assert set(rig.w.sm.deployments.get("web").draining) == {"t-2", "t-1"}
+    assert rig.state_of("t-1") == DRAINING
+    assert "stopped" not in rig.cycle()  # routers get DRAIN_WAIT_S to hear of it
+    rig.now += serving.DRAIN_WAIT_S
+    said = rig.cycle()
+    assert "stopped t-1" in said and "stopped t-2" in said
+    assert [t.id for t in rig.live()] == ["t-0"]
+    assert rig.w.sm.tasks.get("t-1").state == TaskState.CANCELLED.proto
+    rig.cycle()
+    assert rig.loop.status("web")[0] == "ready"
+
+
+def test_update_rolls_one_replica_at_a_time_never_below_the_count():
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")
+    rig.w.apply(update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits2"))
+    seen_ready_min = 2
+    for _ in range(30):
+        rig.cycle()
+        rig.now += serving.DRAIN_WAIT_S
+        serving_ready = [t for t in rig.live() if rig.state_of(t.id) == READY]
+        seen_ready_min = min(seen_ready_min, len(serving_ready))
+        assert len([t for t in rig.live() if rig.state_of(t.id) != DRAINING]) <= 3  # one beyond the count
+        new = [t for t in rig.live(gen=2) if rig.ep.states.get(t.id) != READY]
+        rig.run_and_ready(*[t.id for t in new])
+        if not rig.live(gen=1):
+            break
+    assert not rig.live(gen=1) and len(rig.live(gen=2)) == 2
+    assert seen_ready_min >= 2
+    assert all(serving.model_of(t) == "digits2" for t in rig.live())
+    rig.cycle()
+    assert rig.loop.status("web")[0] == "ready"
+
+
+def test_rm_drains_everything_and_removes_the_deployment():
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")
+    rig.w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web"))
+    assert "draining 2" in rig.cycle()
+    rig.now += serving.DRAIN_WAIT_S
+    rig.cycle()
+    assert rig.w.sm.deployments.live_tasks("web") == []
+    assert "removed" in rig.cycle()
+    assert "web" not in rig.w.sm.deployments.records
+    assert rig.cycle() == "no deployments"
+
+
+def test_a_follower_does_nothing():
+    rig = Rig()
+    rig.loop._is_leader = lambda: False
+    assert rig.cycle() == "not the leader"
+    assert rig.live() == []
