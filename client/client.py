@@ -52,6 +52,7 @@ from .code import CodeMethods
 from .contexts import DEFAULT_SERVER, resolve_connection
 from .data import DataMethods
 from .jobs import JobMethods
+from .predict import PredictMethods
 from .tasks import TaskMethods
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, state_to_proto
 
@@ -114,7 +115,7 @@ class _Conn:
         return stub
 
 
-class Client(TaskMethods, JobMethods, DataMethods, CodeMethods):
+class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader
@@ -135,7 +136,8 @@ class Client(TaskMethods, JobMethods, DataMethods, CodeMethods):
     credential (its submitter's rights) and a TLS folder without any node identity.
 
     Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
-    `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`.
+    `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`; `predict` (any
+    agent answers it) from `lepton.client.predict.PredictMethods`.
 
     Thread-safe; use as a context manager or call `close()`.
     """
