@@ -150,11 +150,13 @@ class Coordinator:
             is_leader=self.consensus.is_leader, wall_ms=wall_ms,
         )
         self.ctx.gc = self.gc
+        from lepton.coordinator.api.endpoints import EndpointTable
         from lepton.coordinator.loops.serving import ServingLoop
 
-        # The leader's table of replica reports (coordinator/api/endpoints.py) when wired;
-        # without it no replica counts as ready.
-        self.endpoints = None
+        # The leader's table of replica reports and the endpoint sets routers watch (soft
+        # state); also the routers' counters (ServingStats) for serve show.
+        self.endpoints = EndpointTable(self.state, require_leader=self.ctx.require_leader)
+        self.endpoints.listen(self.state, self.consensus)
         self.serving = ServingLoop(self.state, self._propose, is_leader=self.consensus.is_leader,
                                    monotonic=time.monotonic, endpoints=self.endpoints)
         self.consensus.add_leadership_listener(self.serving.on_leadership)
