@@ -97,10 +97,12 @@ def _allocation(t: tasks_pb2.Task) -> Allocation:
         cpu_millis=cpu_millis(r.cpu),
         memory_bytes=r.memory_bytes,
         gpu_indices=tuple(t.gpu_indices),
+        spread_group=t.spec.replica.deployment or None,
     )
 
 
-def task_request(t: tasks_pb2.Task) -> TaskRequest:
+def task_request(t: tasks_pb2.Task, *, pack: bool = False) -> TaskRequest:
+    """`pack`: a deployment's replica that may share a node with its siblings."""
     r = t.spec.resources
     return TaskRequest(
         task_id=t.id,
@@ -113,6 +115,7 @@ def task_request(t: tasks_pb2.Task) -> TaskRequest:
         constraints=dict(t.spec.constraints),
         gang_id=t.spec.job_id or None,
         gang_size=t.spec.gang_size if t.spec.job_id else 1,
+        spread_group=None if pack else t.spec.replica.deployment or None,
     )
 
 
@@ -294,7 +297,9 @@ class SchedulingLoop:
     def _request(self, task: tasks_pb2.Task) -> TaskRequest:
         req = self._requests.get(task.id)
         if req is None:
-            req = self._requests[task.id] = task_request(task)
+            dep = self._state.deployments.records.get(task.spec.replica.deployment)
+            pack = dep is not None and dep.deployment.spec.pack
+            req = self._requests[task.id] = task_request(task, pack=pack)
         return req
 
     def _with_rendezvous(self, placements: list[state_pb2.PlacementCmd]) -> list[state_pb2.PlacementCmd]:

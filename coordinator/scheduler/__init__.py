@@ -16,6 +16,8 @@ Semantics, in brief:
 * Scoring: load after placement = max of cpu, memory (and, for GPU tasks, GPU) used
   fractions; spread picks the lowest, binpack the highest; ties by node id. CPU-only
   tasks avoid GPU nodes while another node fits (Policy.reserve_gpu_nodes).
+* Spread groups (a deployment's replicas): a node holding none of the group first, while
+  one fits; else any node that fits.
 * GPUs: the lowest free device indices that meet the memory floor.
 * Preemption, only for a task that fits nowhere now but would fit an empty node:
   victims have strictly lower *base* priority, are never evicted twice in one plan,

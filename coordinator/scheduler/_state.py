@@ -103,6 +103,9 @@ class ClusterState:
         # GPU slots held per allocation; devices unknown to the node are ignored.
         self.alloc_slots: list[tuple[int, ...]] = [()] * m
         self.gang_allocs: dict[str, list[int]] = {}
+        # spread group -> node rows holding one of it (TaskRequest.spread_group); rows
+        # added by this pass's placements too (an eviction leaves its row in: conservative)
+        self.group_rows: dict[str, set[int]] = {}
         hold_rows: list[int] = []
         hold_cols: list[int] = []
         node_of = self.node_of
@@ -116,6 +119,8 @@ class ClusterState:
                 hold_cols.extend(slots)
             if a.gang_id is not None:
                 self.gang_allocs.setdefault(a.gang_id, []).append(k)
+            if a.spread_group is not None:
+                self.group_rows.setdefault(a.spread_group, set()).add(node_of[k])
         np.add.at(self.gpu_hold, (np.asarray(hold_rows, np.intp), np.asarray(hold_cols, np.intp)), 1)
         self.alloc_ngpu = np.fromiter((len(s) for s in self.alloc_slots), _I64, m)
         self.gpu_free &= self.gpu_hold == 0

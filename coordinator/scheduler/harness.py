@@ -88,7 +88,7 @@ class Harness:
             t = self.pending.pop(p.task_id)
             self.running[p.task_id] = Allocation(
                 p.task_id, p.node_id, t.priority, t.cpu_millis, t.memory_bytes,
-                p.gpu_indices, t.gang_id)
+                p.gpu_indices, t.gang_id, t.spread_group)
 
     # -- checks -----------------------------------------------------------------------
 

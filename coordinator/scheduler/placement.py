@@ -48,7 +48,8 @@ def schedule(
     with the best score (spread: lowest load after placement, load being the max of
     the cpu, memory and, for GPU tasks, GPU fractions; binpack: highest), ties broken
     by node id; a feasible preferred node beats every other (ties among preferred
-    nodes go to the one listed first). A task that fits nowhere may preempt strictly
+    nodes go to the one listed first). A task of a spread group goes to a node without
+    one of its group while one fits, else wherever it fits. A task that fits nowhere may preempt strictly
     lower base-priority allocations (see the package docstring).
 
     Raises InvalidArgument when two pending tasks share an id or two nodes share one.
@@ -118,7 +119,11 @@ class _Pass:
         if failed is not None and (t.priority <= failed[0] or not self.policy.preemption):
             self.reasons[t.task_id] = failed[1]
             return
-        i = self._best(t, lk, ())
+        i = -1
+        if t.spread_group is not None:
+            i = self._best(t, lk, sorted(self.state.group_rows.get(t.spread_group, ())))
+        if i < 0:
+            i = self._best(t, lk, ())
         if i >= 0:
             self._record(self._take(t, i))
             return
@@ -290,6 +295,8 @@ class _Pass:
         st = self.state
         slots = st.choose_slots(i, t.gpus, t.gpu_memory_bytes)
         st.take(i, t.cpu_millis, t.memory_bytes, slots)
+        if t.spread_group is not None:
+            st.group_rows.setdefault(t.spread_group, set()).add(i)
         return Placement(t.task_id, st.node_ids[i], st.devices(i, slots))
 
     def _record(self, placement: Placement, victims: Sequence[int] = ()) -> None:

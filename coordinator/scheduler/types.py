@@ -37,6 +37,7 @@ class Allocation:
     memory_bytes: int = 0  # counted against the node's memory
     gpu_indices: tuple[int, ...] = ()  # device indices it owns, unavailable to others
     gang_id: str | None = None  # preempting one member preempts the whole gang
+    spread_group: str | None = None  # as TaskRequest.spread_group
 
     def __post_init__(self) -> None:
         _require(self.cpu_millis >= 0 and self.memory_bytes >= 0,
@@ -115,6 +116,9 @@ class TaskRequest:
     gang_size: int = 1  # members the gang must have; all must be pending to place any
     gang_distinct_nodes: bool = True  # members on different nodes (the usual multi-node job)
     preferred_nodes: tuple[str, ...] = ()  # data locality: used when feasible, not required
+    # Tasks of one group (a deployment's replicas) go to nodes holding none of the group
+    # while such a node fits; only then may they share one.
+    spread_group: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.task_id), "task id must not be empty")
