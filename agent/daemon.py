@@ -72,6 +72,8 @@ class Agent:
         self.assignments = None
         self.data = None  # DataNode: shard store, side channel, Shards service
         self.router = None  # PredictRouter: the Inference service (set in start())
+        self.http = None  # HttpEndpoint, with --serve-http-listen
+        self.auth = None  # AuthInterceptor, with --auth
         self.fingerprint = Fingerprinter(
             str(self.data_dir),
             cpus=config.cpus,
@@ -152,7 +154,8 @@ class Agent:
         if self.config.auth:  # every call authenticated and checked (lepton.agent.auth_setup)
             from lepton.agent.auth_setup import server_interceptor
 
-            interceptors.append(server_interceptor(self))
+            self.auth = server_interceptor(self)  # HTTP predictions are checked by it too
+            interceptors.append(self.auth)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         listen = self.config.listen
         check_bindable(listen, "--listen")  # gRPC's own error names neither cause nor flag
@@ -233,6 +236,7 @@ class Agent:
         )
         self._start_metrics()
         await self.server.start()
+        await self._start_http()
         if self.coordinator is not None:
             await self.coordinator.start()  # after the server: Raft peers must reach us
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -254,6 +258,19 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.data.inventory.run(), name="shard-inventory"))
         self._tasks.append(asyncio.create_task(self.router.watch(), name="endpoints"))
         self._write_runtime_file()
+
+    async def _start_http(self) -> None:
+        """HTTP/JSON predictions on --serve-http-listen (agent/http_endpoint.py), if asked."""
+        listen = self.config.serve_http_listen
+        if not listen:
+            return
+        check_bindable(listen, "--serve-http-listen")
+        from lepton.agent.http_endpoint import HttpEndpoint
+
+        host, port = split_host_port(listen)
+        ssl_context = self.tls.server_ssl_context() if self.tls is not None else None
+        self.http = HttpEndpoint(self.router, host, port, auth=self.auth, ssl_context=ssl_context)
+        await self.http.start()
 
     def _replica_channel(self, task_id: str):
         """The channel to a replica running here (agent/serving.py), or None."""
@@ -346,6 +363,8 @@ class Agent:
         doc = {"node_id": self.node_id, "name": self.name, "address": self.address, "pid": os.getpid()}
         if self.metrics_server is not None:
             doc["metrics"] = self.metrics_server.url
+        if self.http is not None:
+            doc["http"] = self.http.url
         write_atomic(self.data_dir / "agent.json", json.dumps(doc).encode())
 
     async def _stop_tasks(self) -> None:
@@ -393,6 +412,8 @@ class Agent:
             await self.assignments.close()  # code fetches in flight
         if self.data is not None:
             await self.data.close()
+        if self.http is not None:
+            await self.http.close()
         if self.link is not None:
             await self.link.close()
         if self.metrics_server is not None:

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Off unless given: any fixed port would clash when several agents share a host.
     p.add_argument("--metrics-listen", dest="metrics_listen",
                    help="HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)")
+    p.add_argument("--serve-http-listen", dest="serve_http_listen",
+                   help="HOST:PORT for HTTP/JSON predictions, POST /v1/deployments/NAME/predict "
+                        "(default: off; same TLS and tokens as gRPC)")
     p.add_argument("--shard-key-file", dest="shard_key_file",
                    help="the cluster secret (lepton-ctl secret init): encrypt shards at rest")
     p.add_argument("--peer-secret-file", dest="peer_secret_file",

@@ -129,6 +129,10 @@ class AgentConfig:
     # loopback host: metrics name nodes and addresses. A port that cannot be bound is a
     # warning, not a dead agent.
     metrics_listen: str = ""
+    # HTTP/JSON predictions (POST /v1/deployments/S/predict, docs/serving.md) on HOST:PORT
+    # (port 0: any free one, named in agent.json); empty: not served. With --tls-dir it is HTTPS with the node certificate and
+    # callers present a client certificate of the cluster CA, as on gRPC; with --auth, tokens.
+    serve_http_listen: str = ""
     # The cluster secret's file (`lepton-ctl secret init`); set: shards are encrypted at rest
     # with a key derived from it. The same file on every agent; only its path is ever logged.
     shard_key_file: str = ""
@@ -216,6 +220,8 @@ class AgentConfig:
             check_address(self.advertise, "advertise")
         if self.metrics_listen:
             check_address(self.metrics_listen, "metrics_listen", bind=True)
+        if self.serve_http_listen:
+            check_address(self.serve_http_listen, "serve_http_listen", bind=True)
         for addr in self.peers + self.join:
             check_address(addr, "peer/join address")
         if self.peers and len(self.peers) not in (1, 3, 5):
@@ -290,6 +296,12 @@ class AgentConfig:
                     f"refusing to serve metrics on {self.metrics_listen} without TLS: give --tls-dir DIR "
                     "(scrapers then need a client certificate of the cluster CA), a loopback "
                     "--metrics-listen, or --insecure to accept plaintext"
+                )
+            http_host, http_port = split_host_port(self.serve_http_listen) if self.serve_http_listen else ("", 0)
+            if http_port != 0 and not is_loopback(http_host):
+                raise InvalidArgument(
+                    f"refusing to serve predictions on {self.serve_http_listen} without TLS: give --tls-dir "
+                    "DIR, a loopback --serve-http-listen, or --insecure to accept plaintext"
                 )
 
     def _check_state(self) -> None:
