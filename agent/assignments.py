@@ -87,6 +87,8 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
         grace_s=s.grace_s or DEFAULT_GRACE_S,
         keep_on_disconnect=s.on_disconnect == tasks_pb2.ON_DISCONNECT_KEEP,
         job_dir=job_dir,
+        replica=s.replica.deployment if s.HasField("replica") else "",
+        replica_generation=s.replica.generation if s.HasField("replica") else 0,
     )
 
 

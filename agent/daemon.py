@@ -72,6 +72,7 @@ class Agent:
         self.assignments = None
         self.data = None  # DataNode: shard store, side channel, Shards service
         self.router = None  # PredictRouter: the Inference service (set in start())
+        self.serving = None  # ReplicaSupervisor: this node's replicas (set in start())
         self.http = None  # HttpEndpoint, with --serve-http-listen
         self.auth = None  # AuthInterceptor, with --auth
         self.fingerprint = Fingerprinter(
@@ -219,6 +220,11 @@ class Agent:
         # Predict for every deployment, forwarded to a ready replica (docs/serving.md).
         self.router = PredictRouter(self.node_id, link=self.link, local_channel=self._replica_channel)
         services.append(add_inference(self.router, self.server))
+        from lepton.agent.serving import ReplicaSupervisor
+
+        # This node's replicas: health checks, reports to the leader (agent/serving.py).
+        self.serving = ReplicaSupervisor(self.node_id, self.link, self.runner, task_user=self.task_user,
+                                         stats=self.router.stats, outstanding=self.router.outstanding)
         from lepton.agent.data_node import DataNode
 
         self.data = DataNode(
@@ -257,6 +263,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.assignments.report(), name="task-reports"))
         self._tasks.append(asyncio.create_task(self.data.inventory.run(), name="shard-inventory"))
         self._tasks.append(asyncio.create_task(self.router.watch(), name="endpoints"))
+        self._tasks.append(asyncio.create_task(self.serving.run(), name="replicas"))
         self._write_runtime_file()
 
     async def _start_http(self) -> None:
@@ -412,6 +419,8 @@ class Agent:
             await self.assignments.close()  # code fetches in flight
         if self.data is not None:
             await self.data.close()
+        if self.serving is not None:
+            await self.serving.close()
         if self.http is not None:
             await self.http.close()
         if self.link is not None:

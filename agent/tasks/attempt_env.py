@@ -14,6 +14,9 @@
   attempts on this node) is made here and given to that user too.
 - Shipped code (`spec.code_dir`, from --working-dir): the attempt works in `<attempt>/work`,
   a fresh copy of the node's cached tree (lepton.agent.code_cache), first on PYTHONPATH.
+- A deployment's replica (`spec.replica`): `LEPTON_SERVE_SOCKET` names the unix socket it
+  serves on, in the attempt's own folder (`serve_socket_path`; the task user's, with one),
+  where only the agent (and the task) can reach it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from lepton.agent.tasks.task_user import WORK_DIR, TaskUser
 GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
 # What a task inherits from the agent's environment (LC_* too); nothing else passes.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH")
+SERVE_SOCKET_ENV = "LEPTON_SERVE_SOCKET"
+
+
+def serve_socket_path(att_dir: Path, task_user: TaskUser | None) -> Path:
+    """Where a replica attempt serves: in its own folder (short, as a unix socket's path
+    must be: under 108 bytes), the task user's `work` folder when tasks run as one."""
+    return (att_dir / WORK_DIR if task_user is not None else att_dir) / "serve.sock"
 
 
 def inherited_env(agent_env: Mapping[str, str]) -> dict[str, str]:
@@ -62,6 +72,8 @@ class AttemptEnv:
         if user is not None:  # its own folder; the attempt's records stay the agent's
             base = user.workdir(att_dir)
             env.update(user.env(base))
+        if spec.replica:
+            env[SERVE_SOCKET_ENV] = str(serve_socket_path(att_dir, user))
         if spec.job_dir:
             make_job_dir(Path(spec.job_dir), user)
         if spec.code_dir:  # --working-dir: a fresh copy of the node's tree, importable

@@ -47,6 +47,10 @@ class RunSpec:
     # A torch job's folder on this node (`<data dir>/jobs/<job id>`), shared by the job's
     # attempts here: made before the start, and given to the task user when there is one.
     job_dir: str = ""
+    # A deployment's replica (TaskSpec.replica): the attempt gets a private socket to serve
+    # on (LEPTON_SERVE_SOCKET, attempt_env) and its agent health-checks it (agent/serving.py).
+    replica: str = ""  # the deployment
+    replica_generation: int = 0
 
     def __post_init__(self) -> None:
         # Lists from JSON or protos become tuples; env is copied so the caller cannot change it.
@@ -61,7 +65,7 @@ class RunSpec:
             raise InvalidArgument(f"term must be an integer >= 0, not {self.term!r}")
         if not self.argv and not self.shell:
             raise InvalidArgument(f"task {self.task_id}: neither argv nor shell is set")
-        texts = [*self.argv, self.shell, self.workdir, self.code_dir, self.job_dir, *self.env.values()]
+        texts = [*self.argv, self.shell, self.workdir, self.code_dir, self.job_dir, self.replica, *self.env.values()]
         if not all(isinstance(t, str) for t in texts) or any("\0" in t for t in texts):
             raise InvalidArgument(f"task {self.task_id}: argv, shell, workdir, code_dir, job_dir and env values "
                                   "must be strings without NUL")
