@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_secret.register(top, common)
     cli_top.register(top, common)
     cli_ml.register(top, common)
+    from . import cli_serve  # serve up|ls|show|scale|update|rm
+
+    cli_serve.register(top, common)
     cli_config.register(top, common)
     cli_config.register_completion(top, lambda: parser)
 

@@ -51,6 +51,7 @@ from ._transport import retryable, transport_failure, unreachable_error
 from .code import CodeMethods
 from .contexts import DEFAULT_SERVER, resolve_connection
 from .data import DataMethods
+from .deployments import DeploymentMethods
 from .jobs import JobMethods
 from .predict import PredictMethods
 from .tasks import TaskMethods
@@ -115,7 +116,7 @@ class _Conn:
         return stub
 
 
-class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods):
+class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods, DeploymentMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader
@@ -137,7 +138,8 @@ class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods):
 
     Nodes and the cluster are below; tasks (`submit`, `get`, `tasks`/`list`, `find_task`,
     `cancel`, `wait`, `logs`) come from `lepton.client.tasks.TaskMethods`; `predict` (any
-    agent answers it) from `lepton.client.predict.PredictMethods`.
+    agent answers it) from `lepton.client.predict.PredictMethods`; deployments
+    (`create_deployment`, `scale_deployment`, ...) from `lepton.client.deployments`.
 
     Thread-safe; use as a context manager or call `close()`.
     """

@@ -315,8 +315,8 @@ def check_deployment_name(name: str) -> str:
         raise InvalidArgument("deployment name is required")
     if len(name) > MAX_DEPLOYMENT_NAME or not _DEPLOYMENT_NAME_RE.match(name):
         raise InvalidArgument(
-            f"deployment name {name[:40]!r} must be lowercase letters, digits and '-' "
-            f"(not first), at most {MAX_DEPLOYMENT_NAME} characters")
+            f"deployment name {name[:40]!r} may hold only lowercase letters, digits and '-', "
+            f"start with a letter or digit, and be at most {MAX_DEPLOYMENT_NAME} characters")
     return name
 
 
