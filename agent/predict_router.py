@@ -56,7 +56,6 @@ BAD_FOR_S = 3.0
 # RESOURCE_EXHAUSTED and its own message). Between the two, the router refuses with
 # INVALID_ARGUMENT and a message before forwarding anything.
 MAX_PREDICT_BYTES = MAX_MESSAGE_BYTES * 3 // 4
-MAX_DEPLOYMENT_NAME = 63
 # Latency histogram bounds (ms) of RouterStats and /metrics; the last is +Inf.
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
                       750, 1000, 2000, 5000, 10000, float("inf"))
@@ -229,7 +228,7 @@ class PredictRouter:
                       timeout_s: float | None = None) -> serving_pb2.PredictResponse:
         """Route one request; raises LeptonError (the replica's own, or NotFound / Unavailable /
         InvalidArgument from here). Counted in this deployment's counters when it exists."""
-        check_deployment_name(deployment)
+        v.check_deployment_name(deployment)
         check_inputs_size(inputs)
         start = self._now()
         deadline = start + (timeout_s if timeout_s is not None and timeout_s > 0 else DEFAULT_DEADLINE_S)
@@ -371,15 +370,6 @@ def _none_ready(deployment: str, version: int, last: LeptonError | None) -> str:
         return f"no ready replica of {deployment}: this agent has no endpoint list from the leader yet"
     why = f" (last failure: {last.message})" if last is not None else ""
     return f"no ready replica of {deployment} within the deadline{why}"
-
-
-def check_deployment_name(name: str) -> None:
-    """Raises InvalidArgument for a name no deployment can have (before any lookup)."""
-    if not name:
-        raise InvalidArgument("deployment is required")
-    if len(name) > MAX_DEPLOYMENT_NAME:
-        raise InvalidArgument(f"deployment name is {len(name)} characters; at most {MAX_DEPLOYMENT_NAME}")
-    v.check_text(name, "deployment")
 
 
 def check_inputs_size(inputs: serving_pb2.Tensor) -> None:

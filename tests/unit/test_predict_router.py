@@ -179,7 +179,7 @@ async def test_oversized_and_malformed_requests_are_refused_before_routing(repli
     big = serving_pb2.Tensor(dtype="<f4", shape=[1], data=b"\0" * (pr.MAX_PREDICT_BYTES + 1))
     with pytest.raises(InvalidArgument, match="split the rows"):
         await router.predict("digits", big)
-    with pytest.raises(InvalidArgument, match="deployment is required"):
+    with pytest.raises(InvalidArgument, match="deployment name is required"):
         await router.predict("", tensor(np.ones((1, 4))))
     assert replicas["t1"][0].calls == 0
 
