@@ -13,8 +13,9 @@ Prints one JSON object:
 - spawn_ceiling_per_s: {N: the ceiling measured just before that N};
 - over_ceiling: {N: tasks_per_s / ceiling} (target >= 0.4 at every N);
 - flatness: tasks_per_s at the largest N / at the smallest (target >= 0.8);
-- wrapper_ceiling_per_s: `true` under the task wrapper (with its lease watchdog), one after
-  another, no agent: the processes one task costs by themselves.
+- fence_ceiling_per_s: `true` spawned through the node's attempt fence (agent/tasks/fence.py,
+  which every attempt runs under), one after another, each awaited until the fence reports
+  its exit, no agent: what one task's processes and the fence's bookkeeping cost by themselves.
 `--profile FILE` runs the agent under cProfile (its event loop thread) and writes the
 stats there when it stops; `--top K` also prints the K costliest functions to stderr.
 """
@@ -22,6 +23,7 @@ stats there when it stops; `--top K` also prints the K costliest functions to st
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import pstats
 import shutil
@@ -36,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit, free_port  # noqa: E402
 
-from lepton.agent.tasks.task_proc import wrapper_argv  # noqa: E402
+from lepton.agent.tasks.fence_link import FenceLink  # noqa: E402
 from lepton.client import Client  # noqa: E402
 
 ACTIVE = ("pending", "assigned", "running")
@@ -51,13 +53,31 @@ def spawn_ceiling(count: int, argv: list[str] | None = None) -> float:
     return count / (time.perf_counter() - start)
 
 
-def wrapper_ceiling(count: int) -> float:
-    """The same for `true` under the task wrapper with its lease watchdog (task_proc), as
-    every attempt runs: what the processes of one task cost, without any agent."""
+def fence_ceiling(count: int) -> float:
+    """Processes per second that a fence of its own spawns `true` at, one after another, each
+    awaited until the fence reports its exit: a task's processes and records, no agent."""
+    async def run(tmp: Path) -> float:
+        ended = asyncio.Event()
+        link = FenceLink(tmp, lambda *_: ended.set(), lambda: None)
+        await link.open()
+        argv = [shutil.which("true")]
+        try:
+            start = time.perf_counter()
+            for i in range(count):
+                att_dir = tmp / str(i)
+                att_dir.mkdir()
+                ended.clear()
+                [result] = link.spawn([{"key": ["bench", i], "argv": argv, "env": {}, "cwd": str(tmp),
+                                        "dir": str(att_dir), "run": {}, "lease": ""}])
+                if "error" in result:
+                    raise RuntimeError(f"the fence did not spawn true: {result['error']}")
+                await ended.wait()
+            return count / (time.perf_counter() - start)
+        finally:
+            await link.close()
+
     with tempfile.TemporaryDirectory() as tmp:
-        lease = Path(tmp) / "lease"
-        lease.write_text(f"{2**62}\n")  # never runs out
-        return spawn_ceiling(count, wrapper_argv(Path(tmp) / "exit.json", (shutil.which("true"),), lease))
+        return asyncio.run(run(Path(tmp)))
 
 
 def active_tasks(metrics_url: str) -> float | None:
@@ -113,7 +133,7 @@ def main() -> None:
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     rates: dict[str, float] = {}
     ceilings: dict[str, float] = {}
-    wrapped = round(wrapper_ceiling(max(50, args.ceiling_spawns // 4)), 1)
+    fenced = round(fence_ceiling(max(50, args.ceiling_spawns // 4)), 1)
     try:
         with Client(agent.address, timeout=120) as client:
             run_n(client, metrics_url, 10, args.timeout)  # warm-up: the node registered, paths cached
@@ -126,7 +146,7 @@ def main() -> None:
         "sizes": sizes, "task_user": args.task_user,
         "tasks_per_s": rates, "spawn_ceiling_per_s": ceilings,
         "over_ceiling": {n: round(rates[n] / ceilings[n], 3) for n in rates},
-        "wrapper_ceiling_per_s": wrapped,
+        "fence_ceiling_per_s": fenced,
         "flatness": round(rates[str(sizes[-1])] / rates[str(sizes[0])], 3),
     }
     if args.profile and args.top:

@@ -30,7 +30,7 @@ MAX_BACKOFF_S = 1.0
 # (or the leader itself), then the leader.
 FIND_TRIES = 2
 # The coordinator's wait past an attempt's lease before starting a replacement: the lease
-# file is checked every second by the attempt's watchdog, then SIGKILL; clocks on two hosts
+# file is checked every second by the node's attempt fence (agent/tasks/fence.py), then SIGKILL; clocks on two hosts
 # run at slightly different rates.
 FENCE_CHECK_S = 1.0
 FENCE_MARGIN_S = 2.0

@@ -1,13 +1,12 @@
 """The attempts' lease: how long this node's task attempts may run without the leader.
 
-The agent renews it on every answer from the leader (`renew`); each attempt's wrapper
-(task_proc.WRAPPER_SCRIPT) reads it every FENCE_CHECK_S and kills its own process group once
-it has run out: the agent was killed, hung, or cut off from the leader for longer than
-the lease. The leader waits the lease (plus a margin) after marking the node down before it
+The agent renews it on every answer from the leader (`renew`); the node's attempt fence
+(fence.py) reads it every FENCE_CHECK_S and kills each attempt's process group once it has
+run out: the agent was killed, hung, or cut off from the leader for longer than the lease. The leader waits the lease (plus a margin) after marking the node down before it
 starts a replacement (common/failover.py), so two copies of an attempt never overlap.
 
 The file holds one integer: the expiry in centiseconds of CLOCK_BOOTTIME, the clock behind
-/proc/uptime, which the shell wrapper can read without any tool. Boot time is monotonic
+/proc/uptime. Boot time is monotonic
 and keeps counting through a suspend: a wall-clock jump moves nothing. Linux only; elsewhere
 attempts run without a lease (`supported()` is False and the agent logs it once).
 """

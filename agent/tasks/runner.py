@@ -1,21 +1,23 @@
 """Runs the task attempts the coordinator wants on this machine, and reports on them.
 
 The leader pushes a *desired set* of attempts; `TaskRunner.reconcile` starts what is
-missing and stops what is no longer wanted (level-triggered). Tasks outlive the agent: each
-runs in its own session under a tiny /bin/sh wrapper (see `task_proc.WRAPPER_SCRIPT`), with
-stdout and stderr on one file, and the wrapper records the exit status itself. A restarted
-agent re-adopts the attempts that still run and reports the ones that ended meanwhile.
+missing and stops what is no longer wanted (level-triggered). Tasks outlive the agent: the
+node's attempt fence (fence.py, a process of its own) spawns each attempt directly in its own
+session, with stdout and stderr on one file, is its parent, records its exit status and
+kills it once the node's attempt lease runs out. A restarted agent re-adopts the attempts
+that still run and reports the ones that ended meanwhile.
 
 Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
   output.log     stdout+stderr of the task (one open file for both, so their order holds)
   output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
   rotation.json  also maps the offsets readers use onto these two files)
   run.json       spec, pid (= pgid = sid), process start time, boot id, deadline (on
-                 CLOCK_MONOTONIC: one clock for every process of this boot). Written
-                 before the spawn with pid 0 (intent), then again with the pid; not
-                 fsync'd (it serves a restart in this boot; a power cut ends every attempt).
+                 CLOCK_MONOTONIC: one clock for every process of this boot). Written once
+                 by the fence, right after the spawn; not fsync'd (it serves a restart in
+                 this boot; a power cut ends every attempt).
   stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
-  exit.json      {"rc": N}, the shell's `$?`, written by the wrapper when the command ends
+  exit.json      {"rc": N}, the shell's `$?` convention, written by the fence when it ends
+  fenced         the fence killed it: the node's lease ran out (lease.py)
   reported.json  the EXITED event as reported: its presence means "done, never again"
 The folder itself is the record that the attempt ran: it is made exclusively before
 anything starts, and each batch's claims are recorded durably in one file first (claims.py,
@@ -33,16 +35,16 @@ Choices:
   agent that dies in between reports it again after restart (the coordinator takes repeats as
   idempotent). STARTED is sent once, by the runner that spawned the attempt; a re-adopted
   attempt sends no new STARTED (it shows in `running()`, which reconciliation reports carry).
-- Exit codes: the wrapper sees the shell's `$?`, so 128+N is reported as -N (killed by
-  signal N), like subprocess; a task that calls exit(130) itself reads as -2. When the
-  wrapper itself was SIGKILLed (no exit.json), the code is that of the wrapper (-9).
-- When the wrapper ends, whatever is left in its process group is SIGKILLed (like a
-  container): a task's background processes die with it.
+- Exit codes: exit.json holds the shell's `$?` convention, so 128+N is reported as -N
+  (killed by signal N), like subprocess; a task that calls exit(130) itself reads as -2.
+- When an attempt's process ends, whatever is left in its process group is SIGKILLed (like
+  a container): a task's background processes die with it.
 - What an attempt is spawned with (command, environment, GPUs, --task-user, shipped code)
-  is built by `attempt_env`; spawns run on a few threads, large batches in the background
-  (spawn.py: the loop keeps serving heartbeats meanwhile; those being spawned count as
-  running, and a cancel meanwhile stops them before or right after they start).
-- No polling: a pidfd per attempt wakes the runner when its wrapper ends (exit_watch.py),
+  is built by `attempt_env`; the fence spawns a batch per request, large batches in the
+  background (spawn.py: the loop keeps serving heartbeats meanwhile; those being spawned
+  count as running, and a cancel meanwhile stops them before or right after they start).
+- No polling: the fence tells the runner of each exit (fence_link.py); an attempt it does
+  not hold (one of a fence that died, or of an older agent) has a pidfd (exit_watch.py);
   deadlines and SIGKILL times are timers; only where no pidfd can be had is an attempt
   polled (POLL_S), and every attempt is checked every SCAN_S as a backstop.
 """
@@ -56,7 +58,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict
@@ -68,6 +69,7 @@ from lepton.agent.tasks.attempt import Attempt
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
+from lepton.agent.tasks.fence_link import FenceLink, Key
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
 from lepton.agent.tasks.task_spec import (
@@ -95,12 +97,6 @@ LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
-
-# This process's unreaped task children, by pid, shared by every runner in the process: a
-# runner restarted in-process (tests, an agent reload) takes its Popen back to reap it, and
-# a Popen is never garbage-collected while its child runs (which would warn, and queue the
-# pid for subprocess's own reaping behind our back).
-_OWN_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _now_ms() -> int:
@@ -142,8 +138,12 @@ class TaskRunner:
         self._on_event = on_event
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
+        self._lease = str(lease_path or "")
+        self._link = FenceLink(Path(data_dir), self._on_fence_exit, self._on_fence_lost)
+        self._relinking: asyncio.Task[None] | None = None
+        self._early_exits: dict[Key, tuple[int, int]] = {}  # ended while its spawn reply was on the way
         self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
-                                lease_path, self._boot)
+                                lease_path, self._boot, self._link)
         self._spawns = SpawnQueue(self._spawner, self._spawned)  # large batches, in the background
         self._live: dict[tuple[str, int], Attempt] = {}
         self._claims = ClaimLog(self._root)
@@ -161,10 +161,13 @@ class TaskRunner:
     async def start(self) -> None:
         """Re-adopt the attempts a previous agent process left running, report those that
         ended unreported, and start watching. A no-op when already started.
-        Raises OSError when the data dir cannot be made or read."""
+        Raises OSError when the data dir cannot be made or read, or no attempt fence can
+        be reached or started there."""
         if self._watcher is not None:
             return
         self._root.mkdir(parents=True, exist_ok=True)
+        held = await self._link.open()  # first: from here on it tells us of every exit
+        orphans: list[Attempt] = []
         doc = read_json(self._term_path) or {}
         self._max_term = max(self._max_term, int(doc.get("term", 0)))
         adopted = ended = 0
@@ -184,12 +187,13 @@ class TaskRunner:
                     continue
                 try:
                     key = (task_dir.name, int(att_dir.name))
-                    if self._recover(*key, att_dir, claimed.get(key, 0)):
+                    if self._recover(*key, att_dir, claimed.get(key, 0), held, orphans):
                         adopted += 1
                     else:
                         ended += 1
                 except Exception:  # one bad record must not stop the agent
                     logger.exception("cannot recover attempt %s", att_dir)
+        self._adopt(orphans)
         self._watcher = asyncio.create_task(self._watch(), name="task-runner")
         logger.info("task runner started: re-adopted %d running attempt(s), reported %d that ended "
                     "while no agent watched", adopted, ended)
@@ -198,10 +202,12 @@ class TaskRunner:
         """Stop watching. Does not signal any task: they outlive the agent, and the next
         `start()` (in this process or a new one) re-adopts them."""
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        for task in (watcher, self._relinking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._relinking = None
         await self._spawns.close()
         await self._retention.stop()
         await self._outputs.close()
@@ -209,7 +215,8 @@ class TaskRunner:
             await asyncio.gather(self._settling, return_exceptions=True)
             self._settling = None
         self._exits.close()
-        self._spawner.close()
+        await self._link.close()  # the fence keeps the attempts, and fences them on its own
+        self._early_exits.clear()
         for att in self._live.values():
             att.disarm()
         self._live.clear()
@@ -248,16 +255,18 @@ class TaskRunner:
             if isinstance(result, str):
                 self._fail_start(spec, att_dir, result)
                 continue
-            proc, run = result.proc, result.run
-            att = Attempt(spec=spec, dir=att_dir, pid=proc.pid, start=run["start"], boot=self._boot,
-                           started_at_ms=run["started_at_ms"], proc=proc, deadline=run["deadline_mono"])
-            _OWN_CHILDREN[proc.pid] = proc
+            att = Attempt(spec=spec, dir=att_dir, pid=result.pid, start=result.start, boot=self._boot,
+                          started_at_ms=result.run["started_at_ms"], held=True,
+                          deadline=result.run["deadline_mono"])
             self._track(att)
             logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
-                        spec.term, proc.pid)
+                        spec.term, att.pid)
             self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
-                                 pid=proc.pid, at_ms=att.started_at_ms))
-            if stop is not None:  # cancelled while it was being spawned
+                                 pid=att.pid, at_ms=att.started_at_ms))
+            early = self._early_exits.pop(key, None)
+            if early is not None and early[0] == att.pid:
+                self._finish(att, early[1])
+            elif stop is not None:  # cancelled while it was being spawned
                 self.cancel(*key, reason=stop[0], grace_s=stop[1])
 
     def refuse(self, spec: RunSpec, why: str) -> None:
@@ -443,10 +452,12 @@ class TaskRunner:
         self._report(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
                                         exit_code=FAILED_TO_START_CODE, reason=reason, at_ms=_now_ms()))
 
-    def _recover(self, task_id: str, attempt: int, att_dir: Path, claimed_term: int) -> bool:
+    def _recover(self, task_id: str, attempt: int, att_dir: Path, claimed_term: int,
+                 held: dict[Key, int], orphans: list[Attempt]) -> bool:
         """Re-adopt one unreported attempt (True) or report how it ended (False).
-        `claimed_term`: the term its claim recorded (0: none left)."""
-        att = Attempt.load(att_dir, self._boot, _OWN_CHILDREN)
+        `claimed_term`: the term its claim recorded (0: none left); `held`: the fence's
+        attempts; one it does not hold goes to `orphans`."""
+        att = Attempt.load(att_dir)
         if att is None:
             # Died before the intent was written, or a power cut took it: nothing runs now.
             self._report(att_dir, TaskEvent(task_id, attempt, claimed_term, TaskEventKind.EXITED,
@@ -457,6 +468,9 @@ class TaskRunner:
         if exited:
             self._finish(att, code)
             return False
+        att.held = held.get(att.key) == att.pid
+        if not att.held:
+            orphans.append(att)
         self._track(att)
         logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
         return True
@@ -465,11 +479,48 @@ class TaskRunner:
         """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
         timer at its deadline or SIGKILL time."""
         self._live[att.key] = att
-        self._exits.watch(att.key, att.pid, None if att.proc is not None else att.start)
+        if not att.held:  # the fence tells us of its own attempts' exits
+            self._exits.watch(att.key, att.pid, att.start)
         att.arm(self._on_wake)
 
+    def _on_fence_exit(self, key: Key, pid: int, rc: int) -> None:
+        """The fence reaped this attempt, which ended with `$?` `rc` (exit.json holds it)."""
+        att = self._live.get(key)
+        if att is not None and att.pid == pid:
+            self._finish(att, rc)
+        elif key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
+            self._early_exits[key] = (pid, rc)
+
+    def _on_fence_lost(self) -> None:
+        """The fence is gone (killed): its attempts run on, orphaned, without a fence."""
+        if self._watcher is not None and (self._relinking is None or self._relinking.done()):
+            self._relinking = asyncio.create_task(self._relink(), name="task-fence-relink")
+
+    async def _relink(self) -> None:
+        """A new fence, given every live attempt the old one held: it cannot learn their
+        exit status (their pidfds tell us they ended), but fences them as the old one did."""
+        try:
+            held = await self._link.open()
+        except OSError as err:
+            logger.error("no attempt fence on this node (%s): attempts started now fail; retrying", err)
+            return  # the watcher retries at its next scan
+        orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
+        for att in orphans:
+            if att.held:
+                att.held = False
+                self._exits.watch(att.key, att.pid, att.start)
+        self._adopt(orphans)
+
+    def _adopt(self, orphans: list[Attempt]) -> None:
+        items = [{"key": list(att.key), "pid": att.pid, "start": att.start, "dir": str(att.dir), "lease": self._lease}
+                 for att in orphans if self._lease and not att.spec.keep_on_disconnect]
+        try:
+            self._link.adopt(items)
+        except OSError as err:
+            logger.error("cannot hand %d orphaned attempt(s) to the node's fence: %s", len(items), err)
+
     def _on_exit(self, key: tuple[str, int]) -> None:
-        """Its pidfd says the wrapper ended."""
+        """Its pidfd says the process ended."""
         if (att := self._live.get(key)) is not None:
             self._check_logged(att)
             if key in self._live:  # not reapable yet (it should be): poll it from now on
@@ -521,6 +572,8 @@ class TaskRunner:
                     except Exception:  # keep watching the others
                         logger.exception("checking the output of task %s attempt %d failed", *att.key)
             self._retention.tick(now)
+            if scan and not self._link.up:
+                self._on_fence_lost()  # the last try to start a fence failed: once more
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
@@ -555,8 +608,7 @@ class TaskRunner:
         self._signal(att, signal.SIGKILL)
 
     def _signal(self, att: Attempt, sig: int) -> None:
-        # Our unreaped child's pid cannot be reused; a re-adopted one's is checked first.
-        if att.proc is not None or tp.group_is_ours(att.pid, att.start):
+        if tp.group_is_ours(att.pid, att.start):  # not a reused pid
             tp.signal_group(att.pid, sig)
 
     def _persist_stop(self, att: Attempt) -> None:
@@ -566,17 +618,16 @@ class TaskRunner:
         except OSError as err:
             logger.warning("cannot record the stop of task %s attempt %d: %s", *att.key, err)
 
-    def _finish(self, att: Attempt, wait_code: int | None) -> None:
-        """The wrapper is gone: clear its group, work out the exit code and report it."""
+    def _finish(self, att: Attempt, rc: int | None) -> None:
+        """The attempt's process is gone (`rc`: its `$?` when known): clear its group, work
+        out the exit code and report it."""
         self._live.pop(att.key, None)
         self._exits.unwatch(att.key)
         att.disarm()
-        if att.proc is not None:
-            _OWN_CHILDREN.pop(att.pid, None)
         self._outputs.finished(att.dir)
         if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
-        code, reason, at_ms = att.outcome(wait_code, _now_ms())
+        code, reason, at_ms = att.outcome(rc, _now_ms())
         logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
         self._report(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
                                         exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))

@@ -1,119 +1,84 @@
 """Spawning claimed attempts, several at once (for `lepton.agent.tasks.runner`).
 
-The spawn of one attempt (its environment, run.json, output.log, the wrapper process) is
-blocking work that touches no runner state, so a batch of them runs on a few threads
-(`Spawner`; large batches in the background: `SpawnQueue`):
-`fork_exec` releases the GIL, and while one thread waits for its child to exec, others
-spawn theirs. The runner waits for the batch and then handles the results on its event loop,
-in the batch's order (tracking, events), so nothing about ordering or fencing changes.
-
-run.json is not fsync'd: it serves a restart in this boot only (the page cache survives an
-agent crash); after a power cut every attempt is over, and the claims (claims.py) say
-which ran.
+The runner builds each attempt's spawn (its command, environment and folder: attempt_env)
+and the node's attempt fence (fence.py) spawns a whole batch in one request: it is every
+attempt's parent and writes run.json once, with the pid. Small batches are spawned before
+the runner's call returns; large ones in the background (`SpawnQueue`), so the event loop
+(heartbeats, exits, the leader's own work when the agent is a voter) keeps going while
+thousands start. The runner handles the results on its loop, in the batch's order
+(tracking, events), so nothing about ordering or fencing changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt_env import AttemptEnv
+from lepton.agent.tasks.fence_link import FenceLink
 from lepton.agent.tasks.task_spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
-SPAWN_THREADS = 4  # more gains little on a few cores: each spawn is mostly the kernel's work
 SYNC_SPAWNS = 8  # batches up to this size are spawned before the runner's call returns
 SPAWN_CHUNK = 64  # larger ones in the background (SpawnQueue), this many at a time
 
 
 @dataclass
 class Spawned:
-    proc: subprocess.Popen[bytes]
+    pid: int
+    start: float  # the process's start time (task_proc.ProcInfo), against pid reuse
     run: dict[str, Any]  # what run.json holds: spec, pid, start, boot_id, started_at_ms, deadline_mono
 
 
 class Spawner:
-    """Spawns attempts' wrappers, a batch at a time (see the module doc)."""
+    """Spawns attempts through the node's fence, a batch at a time (see the module doc)."""
 
-    def __init__(self, spawn_env: AttemptEnv, lease_path: Path | None, boot: str):
+    def __init__(self, spawn_env: AttemptEnv, lease_path: Path | None, boot: str, link: FenceLink):
         self._env = spawn_env
-        self._lease_path = lease_path
+        self._lease = str(lease_path or "")
         self._boot = boot
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._link = link
 
     def spawn_all(self, batch: list[tuple[RunSpec, Path]]) -> list[Spawned | str]:
         """Each attempt spawned (`Spawned`), or why not (a reason), in `batch`'s order.
         Blocks until every one is done; never raises."""
-        if len(batch) <= 1:
-            return [self._spawn_one(item) for item in batch]
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="task-spawn")
-            pool = self._pool
-        return list(pool.map(self._spawn_one, batch))
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    def _spawn_one(self, item: tuple[RunSpec, Path]) -> Spawned | str:
-        spec, att_dir = item
+        results: list[Spawned | str] = ["not spawned"] * len(batch)
+        items: list[dict[str, Any]] = []
+        where: list[int] = []
+        for i, (spec, att_dir) in enumerate(batch):
+            try:
+                command, env, workdir = self._env.prepare(spec, att_dir)
+            except OSError as err:
+                results[i] = str(err)
+                continue
+            except Exception as err:  # a bug must not lose the rest of the batch
+                logger.exception("preparing task %s attempt %d failed", spec.task_id, spec.attempt)
+                results[i] = f"internal error: {err}"
+                continue
+            run = {"spec": spec.to_json(), "boot_id": self._boot, "fence": True,
+                   "deadline_mono": time.monotonic() + spec.timeout_s if spec.timeout_s > 0 else 0}
+            items.append({"key": [spec.task_id, spec.attempt], "argv": list(command), "env": env,
+                          "cwd": str(workdir), "dir": str(att_dir), "run": run,
+                          "lease": "" if spec.keep_on_disconnect else self._lease})
+            where.append(i)
+        if not items:
+            return results
         try:
-            return self._spawn(spec, att_dir)
-        except Exception as err:  # a bug must not lose the rest of the batch
-            logger.exception("spawning task %s attempt %d failed", spec.task_id, spec.attempt)
-            return f"internal error: {err}"
-
-    def _spawn(self, spec: RunSpec, att_dir: Path) -> Spawned | str:
-        try:
-            command, env, workdir = self._env.prepare(spec, att_dir)
+            replies = self._link.spawn(items)
         except OSError as err:
-            return str(err)
-        run: dict[str, Any] = {
-            "spec": spec.to_json(), "pid": 0, "start": 0, "boot_id": self._boot, "started_at_ms": 0,
-            "deadline_mono": time.monotonic() + spec.timeout_s if spec.timeout_s > 0 else 0,
-        }
-        try:
-            tp.write_json_atomic(att_dir / "run.json", run, durable=False)  # intent: lets a restart find an orphan
-            log_fd = os.open(att_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as err:
-            return f"cannot write {att_dir}: {err}"
-        try:
-            proc = subprocess.Popen(
-                tp.wrapper_argv(att_dir / "exit.json", command,
-                                None if spec.keep_on_disconnect else self._lease_path),
-                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,  # one file description
-                cwd=workdir, env=env, start_new_session=True, close_fds=True,
-            )
-        except (OSError, ValueError, subprocess.SubprocessError) as err:
-            return str(err)
-        finally:
-            os.close(log_fd)
-        info = tp.proc_info(proc.pid)  # our unreaped child: present, if only as a zombie
-        run.update(pid=proc.pid, start=info.start if info else 0.0, started_at_ms=int(time.time() * 1000))
-        try:
-            tp.write_json_atomic(att_dir / "run.json", run, durable=False)
-        except OSError as err:
-            # Unrecorded, a restarted agent could not find it: better not to leave it running.
-            tp.signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"cannot record the pid: {err}"
-        return Spawned(proc, run)
+            replies = [{"error": str(err)}] * len(items)
+        for i, item, reply in zip(where, items, replies, strict=True):
+            if "error" in reply:
+                results[i] = str(reply["error"])
+            else:
+                results[i] = Spawned(int(reply["pid"]), float(reply["start"]), {**item["run"], **reply})
+        return results
 
 
 Key = tuple[str, int]  # (task id, attempt)

@@ -1,5 +1,7 @@
-"""Self-fencing attempts: a wrapper whose node lease ran out kills its own process group,
-with no agent involved (the agent may be dead); keep_on_disconnect opts out."""
+"""Self-fencing attempts: the node's attempt fence (fence.py) kills the process group of
+each attempt once the node's lease runs out, with no agent involved (the agent may be dead
+or hung); keep_on_disconnect opts out. A fence killed itself is replaced, and the new one
+fences its orphans."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from lepton.agent.tasks.lease import AttemptLease, supported
 from lepton.agent.tasks.runner import RunSpec, TaskEventKind
 from lepton.agent.tasks.task_spec import FENCED
 from lepton.common.errors import InvalidArgument
-from tests.unit.test_runner import Node, gone, wait_until
+from tests.unit.test_runner import Node, gone, kill_fence, wait_until
 
 pytestmark = pytest.mark.skipif(not supported(), reason="needs /proc/uptime and CLOCK_BOOTTIME")
 
@@ -22,6 +24,7 @@ async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out
     assert 0 < lease.remaining_s() <= 2.0
     node = Node(tmp_path)
     runner = await node.runner(lease_path=lease.path)
+    lease.renew(2.0)  # as the leader's answer that carries the assignment does
     try:
         runner.launch(RunSpec("fenced", 1, 1, shell="sleep 60 & sleep 60"))
         runner.launch(RunSpec("kept", 1, 1, shell="sleep 60", keep_on_disconnect=True))
@@ -31,12 +34,12 @@ async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out
             await asyncio.sleep(1.0)
             lease.renew(2.0)
         assert not node.of("fenced", kind=TaskEventKind.EXITED)
-        # ...then the agent stops renewing (killed, hung, cut off): the watchdog kills the group.
+        # ...then the agent stops renewing (killed, hung, cut off): the fence kills the group.
         ev = await node.exited("fenced")
         assert ev.reason == FENCED and ev.exit_code == -9
         assert gone(pids["fenced"])
         assert "lepton: fenced" in node.log("fenced")
-        assert lease.remaining_s() <= 0  # the watchdog fires at expiry itself (uptime >= exp)
+        assert lease.remaining_s() <= 0  # the fence fires at expiry itself (uptime >= exp)
         assert not gone(pids["kept"]) and not node.of("kept", kind=TaskEventKind.EXITED)
     finally:
         runner.cancel("kept", 1, grace_s=0)
@@ -44,7 +47,7 @@ async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out
         await runner.stop()
 
 
-async def test_the_watchdog_needs_no_agent(tmp_path):
+async def test_the_fence_needs_no_agent(tmp_path):
     """The runner stops watching (as in kill -9 of the agent): the attempt still dies."""
     lease = AttemptLease(tmp_path)
     lease.renew(1.0)
@@ -64,7 +67,7 @@ async def test_the_watchdog_needs_no_agent(tmp_path):
         await runner.stop()
 
 
-async def test_no_lease_file_means_no_watchdog_and_bad_specs_are_refused(tmp_path):
+async def test_no_lease_file_means_no_fencing_and_bad_specs_are_refused(tmp_path):
     node = Node(tmp_path)
     runner = await node.runner()
     try:
@@ -76,6 +79,29 @@ async def test_no_lease_file_means_no_watchdog_and_bad_specs_are_refused(tmp_pat
         await runner.stop()
     with pytest.raises(InvalidArgument):
         RunSpec("bad", 1, 1, shell="true", keep_on_disconnect="yes").validate()
+
+
+async def test_a_killed_fence_is_replaced_and_its_orphans_are_still_fenced(tmp_path):
+    lease = AttemptLease(tmp_path)
+    node = Node(tmp_path)
+    runner = await node.runner(lease_path=lease.path)
+    lease.renew(3600.0)
+    try:
+        runner.launch(RunSpec("orphan", 1, 1, shell="echo ready; sleep 60"))
+        await node.output_has("orphan", "ready")
+        pid = runner.running()[0].pid
+        old = await kill_fence(tmp_path)
+        # The runner starts another fence and hands it the orphan.
+        await wait_until(lambda: runner._link.up and int((tmp_path / "task-fence.lock").read_text()) != old,
+                         "a new fence")
+        await wait_until(lambda: not runner._live[("orphan", 1)].held, "the orphan handed over")
+        assert not gone(pid)
+        lease.renew(0.0)  # the lease runs out: the new fence kills it
+        ev = await node.exited("orphan")
+        assert ev.reason == FENCED and gone(pid)
+        assert "lepton: fenced" in node.log("orphan")
+    finally:
+        await runner.stop()
 
 
 def test_the_spec_option_reaches_the_runner_and_a_fenced_exit_asks_for_a_requeue():

@@ -46,6 +46,14 @@ def gone(pid: int) -> bool:
         return True
 
 
+async def kill_fence(data_dir: Path) -> int:
+    """kill -9 the data dir's attempt fence (fence.py); its pid."""
+    pid = int((data_dir / "task-fence.lock").read_text())
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: gone(pid), "the fence to die")
+    return pid
+
+
 class Node:
     """One data dir, and the runners made on it (one at a time, as after agent restarts)."""
 
@@ -169,7 +177,6 @@ async def test_cancel_a_directly_execd_command(node):
     r = await node.runner()
     code = "import time; print('ready', flush=True); time.sleep(1000)"
     r.launch(RunSpec(task_id="t", attempt=1, term=1, argv=(sys.executable, "-c", code)))
-    # Once it runs: a SIGTERM within the instant of the fork can miss it (see WRAPPER_SCRIPT).
     await node.output_has("t", "ready")
     r.cancel("t", 1, reason="preempted")
     ev = await node.exited("t")
@@ -326,17 +333,15 @@ async def test_stop_in_progress_is_finished_after_restart(node):
     assert (ev.reason, ev.exit_code) == ("drained", -signal.SIGKILL)
 
 
-async def test_agent_death_between_spawn_and_pid_record_is_recovered(node):
+async def test_the_fence_records_the_pid_so_a_runner_gone_mid_spawn_loses_nothing(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000"))
-    await node.output_has("t", "ready")
     [before] = r1.running()
-    await r1.stop()
-    run_json = node.data_dir / "tasks/t/1/run.json"
-    doc = json.loads(run_json.read_text())
-    run_json.write_text(json.dumps(doc | {"pid": 0, "start": 0}))  # as if only the intent was written
+    await r1.stop()  # the agent's side is gone: the fence wrote run.json with the pid itself
+    doc = json.loads((node.data_dir / "tasks/t/1/run.json").read_text())
+    assert doc["pid"] == before.pid and doc["start"] > 0
     r2 = await node.runner()
-    assert [t.pid for t in r2.running()] == [before.pid]  # found by its wrapper's argv
+    assert [t.pid for t in r2.running()] == [before.pid] and r2._live[("t", 1)].held
     r2.cancel("t", 1)
     assert (await node.exited("t")).reason == "cancelled"
 
@@ -347,10 +352,10 @@ async def test_exit_while_no_runner_was_alive_is_reported_on_start(node):
     [t] = r1.running()
     await r1.stop()
     (node.data_dir / "tasks/t/1/go").touch()
-    # The wrapper writes exit.json and only then exits: until it has, a new runner rightly
+    # The fence writes exit.json and only then reaps it: until it has, a new runner rightly
     # re-adopts it as running (and reports the exit later, not at start).
     await wait_until(lambda: (node.data_dir / "tasks/t/1/exit.json").exists() and gone(t.pid),
-                     "the wrapper to record the exit and end")
+                     "the fence to record the exit and reap it")
 
     r2 = await node.runner()
     [ev] = node.of("t", kind=TaskEventKind.EXITED)
@@ -361,14 +366,28 @@ async def test_exit_while_no_runner_was_alive_is_reported_on_start(node):
     assert len(node.of("t", kind=TaskEventKind.EXITED)) == 1
 
 
-async def test_task_killed_while_no_runner_was_alive_is_lost(node):
+async def test_task_killed_while_no_runner_was_alive_is_reported_killed(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000"))
     await node.output_has("t", "ready")
     [t] = r1.running()
     await r1.stop()
-    os.killpg(t.pid, signal.SIGKILL)  # the wrapper dies too: no exit.json
-    os.waitpid(t.pid, 0)  # as init would after a real agent exit; else the next runner reaps it, learning -9
+    os.killpg(t.pid, signal.SIGKILL)  # the fence, its parent, records how it ended
+    await wait_until(lambda: (node.data_dir / "tasks/t/1/exit.json").exists() and gone(t.pid), "the record")
+    await node.runner()
+    [ev] = node.of("t", kind=TaskEventKind.EXITED)
+    assert (ev.exit_code, ev.reason) == (-signal.SIGKILL, "killed by signal 9")
+
+
+async def test_an_orphan_of_a_killed_fence_that_ends_unseen_is_lost(node):
+    r1 = await node.runner()
+    r1.launch(sh("t", "echo ready; sleep 1000"))
+    await node.output_has("t", "ready")
+    [t] = r1.running()
+    await r1.stop()
+    await kill_fence(node.data_dir)  # nobody records its status from here on
+    os.killpg(t.pid, signal.SIGKILL)
+    await wait_until(lambda: gone(t.pid), "the orphan to end")
     await node.runner()
     [ev] = node.of("t", kind=TaskEventKind.EXITED)
     assert (ev.exit_code, ev.reason) == (None, "lost")

@@ -1,21 +1,23 @@
 """TaskRunner at process speed (issue 15): claims recorded once per batch, exits learnt from
-pidfds (no polling), large batches spawned in the background with cancels and fencing
+the fence or pidfds (no polling), large batches spawned in the background with cancels and fencing
 holding. Real subprocesses; outcomes asserted, never durations."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 
+from lepton.agent.tasks import exit_watch
 from lepton.agent.tasks import runner as runner_mod
 from lepton.agent.tasks import spawn as spawn_mod
 from lepton.agent.tasks.claims import CLAIMS_DIR, ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.runner import RunSpec, TaskEventKind
 from tests.unit import test_runner as base
-from tests.unit.test_runner import sh, wait_until
+from tests.unit.test_runner import gone, kill_fence, sh, wait_until
 
 node = base.node  # the fixture: one data dir, its runners, and what a test leaves running killed
 
@@ -43,7 +45,7 @@ async def test_a_claimed_attempt_whose_folder_a_power_cut_took_is_lost_not_run_a
     r1_pid = node.of("t", 2, TaskEventKind.STARTED)[0].pid
     # As after a power cut: the task is gone, and so is its folder (never fsync'd), but not the claim.
     os.killpg(r1_pid, signal.SIGKILL)
-    os.waitpid(r1_pid, 0)
+    await wait_until(lambda: (node.data_dir / "tasks/t/2/exit.json").exists() and gone(r1_pid), "the fence's record")
     shutil.rmtree(node.data_dir / "tasks" / "t")
     r2 = await node.runner()
     [ev] = node.of("t", 2, TaskEventKind.EXITED)
@@ -107,10 +109,16 @@ async def test_a_watched_pid_now_held_by_another_process_counts_as_ended():
     watch.close()
 
 
-async def test_past_its_descriptor_budget_an_attempt_is_polled_and_still_seen_to_end(node):
+async def test_past_its_descriptor_budget_an_attempt_is_polled_and_still_seen_to_end(node, monkeypatch):
+    r1 = await node.runner()
+    r1.launch(sh("a", "sleep 1000"))
+    r1.launch(sh("b", "while [ ! -f go ]; do sleep 0.02; done; exit 5"))
+    await r1.stop()
+    await kill_fence(node.data_dir)  # orphans now: pidfds watch them, not the fence
+    # As if half the open-file limit were in use: one pidfd left.
+    monkeypatch.setattr(exit_watch, "FDS_KEPT", resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 - 1)
     r = await node.runner()
-    r._exits._max_fds = 1  # as if half the open-file limit were in use
-    r.launch(sh("a", "sleep 1000"))
-    r.launch(sh("b", "exit 5"))
     assert ("b", 1) in r._exits.polled and ("a", 1) not in r._exits.polled
-    assert (await node.exited("b")).exit_code == 5  # by the 0.1 s poll
+    (node.data_dir / "tasks/b/1/go").touch()
+    ev = await node.exited("b")  # by the 0.1 s poll; no fence recorded its status
+    assert (ev.exit_code, ev.reason) == (None, "lost")
