@@ -128,6 +128,21 @@ class EtcdConnection:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise self.error(err, generation) from None
+        except asyncio.CancelledError:
+            if self.superseded(generation):
+                raise Unavailable(f"etcd at {self.described}: the call was cut off by a switch of "
+                                  f"endpoint; outcome unknown") from None
+            raise
+
+    def superseded(self, generation: int) -> bool:
+        """Was a CancelledError just raised by closing the channel of `generation` (a
+        failover) rather than by cancelling the task? grpc.aio cancels the calls of a
+        channel it closes."""
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        if cancelling is not None and cancelling():
+            return False
+        return generation != self.generation
 
     def error(self, err: grpc.aio.AioRpcError, generation: int) -> LeptonError:
         """Map etcd's status to a Lepton error; fail over when the endpoint seems down."""

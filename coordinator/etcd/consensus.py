@@ -374,11 +374,14 @@ class EtcdConsensus(Consensus):
                         if not self._on_event(event):
                             revision = await self._reload()
                             raise ConnectionError("reloaded")
+            except asyncio.CancelledError:
+                if not conn.superseded(generation):
+                    raise
             except grpc.aio.AioRpcError as err:
                 conn.error(err, generation)
                 await asyncio.sleep(0.1)
-            except (LeptonError, ConnectionError):
-                await asyncio.sleep(0.05)
+            except (LeptonError, ConnectionError, asyncio.InvalidStateError):
+                await asyncio.sleep(0.05)  # the last: the stream's channel was closed (failover)
             finally:
                 call.cancel()
 

@@ -169,7 +169,8 @@ class Election:
                 stream = self._conn.lease.LeaseKeepAlive()
                 while self.lease_id == lease:
                     sent = loop.time()
-                    await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                    # Both bounded: on a channel that died quietly a write can wait forever.
+                    await asyncio.wait_for(stream.write(rpc.LeaseKeepAliveRequest(ID=lease)), self._interval)
                     answer = await asyncio.wait_for(stream.read(), self._interval * 1.5)
                     if answer is grpc.aio.EOF:
                         raise ConnectionError("keep-alive stream ended")
@@ -182,10 +183,11 @@ class Election:
                     failures = 0
                     await asyncio.sleep(max(0.0, self._interval - (loop.time() - sent)))
             except asyncio.CancelledError:
-                if stream is not None:
-                    stream.cancel()
-                raise
-            except (LeptonError, grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError) as err:
+                if not self._conn.superseded(generation):
+                    raise
+                failures = 0  # the channel was switched under the stream: reopen at once
+            except (LeptonError, grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError,
+                    asyncio.InvalidStateError) as err:  # the last: the stream's channel was closed
                 failures += 1
                 if isinstance(err, grpc.aio.AioRpcError):
                     err = self._conn.error(err, generation)
