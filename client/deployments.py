@@ -71,7 +71,7 @@ class DeploymentInfo:
     @property
     def rolled(self) -> bool:
         """Every wanted replica of the current generation is ready, and nothing else is left."""
-        return self.ready >= self.replicas and len(self.replica_list) == self.ready
+        return self.ready == self.replicas == len(self.replica_list)
 
     @classmethod
     def from_proto(cls, d: serving_pb2.Deployment) -> DeploymentInfo:

@@ -1,0 +1,124 @@
+"""Deployments on real agents (issue 19): `serve up` places its replicas on distinct nodes and
+waits until they are ready, `serve scale` adds and drains replicas, `serve rm` frees the
+resources, and bad names or models get one-line refusals. Predictions and load are
+test_serving.py's; a replica's own behaviour test_serving_replica.py's.
+
+The model is stored as its training job stores it (`recipes.cluster.put_file`, kind model),
+without running a job (as test_models.py does)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lepton.client import Client
+from tests.integration.cluster import run_ctl, wait_until
+
+torch = pytest.importorskip("torch")
+
+from lepton.workloads.recipes.cluster import model_labels, put_file  # noqa: E402
+from lepton.workloads.recipes.models import build_model, read_config, save_model  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+CPUS = 2  # per agent; each replica asks for one
+READY_S = 240  # a replica imports torch and loads the model: slow on a loaded machine
+
+
+@pytest.fixture
+def cluster(agents, tmp_path, tasks_exec_python):
+    """A voter and a worker with CPUS cores each, and a small model stored as "mlp"."""
+    voter = agents("voter", "--cpus", str(CPUS))
+    worker = agents("worker", "--join", voter.address, "--cpus", str(CPUS))
+    client = Client(voter.address)
+    wait_until(lambda: sum(n.state == "ready" for n in client.nodes()) == 2, timeout=60, what="two ready nodes")
+    meta = {"algorithm": "mlp", "task": "classification", "input_shape": [4], "output_dim": 2,
+            "num_classes": 2, "target_shape": [], "hidden": 8, "recipe": "lepton.workloads.recipes.train"}
+    save_model(tmp_path / "model.safetensors", build_model("mlp", [4], 2, hidden=8), meta)
+    put_file(client, "mlp", tmp_path / "model.safetensors", replicas=1, kind="model",
+             labels=model_labels(read_config(tmp_path / "model.safetensors"), "j-1"))
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 4), dtype=np.float32), y=np.zeros(8, dtype=np.int64))
+    run_ctl("data", "put", str(tmp_path / "d.npz"), "--name", "rows", "--replicas", "1", server=voter.address,
+            check=True)
+
+    def ctl(*args: str, check: bool = False, timeout: float = 60):
+        return run_ctl(*args, server=voter.address, check=check, timeout=timeout)
+
+    yield ctl, client, (voter, worker)
+    client.close()
+
+
+def show(ctl, name: str) -> dict:
+    out = ctl("-o", "json", "serve", "show", name, check=True)
+    return json.loads(out.stdout)
+
+
+def live_replicas(doc: dict) -> list[dict]:
+    return [r for r in doc["replica_list"] if r["state"] != "draining"]
+
+
+def one_line_refusal(out, says: str) -> None:
+    assert out.returncode != 0, (out.stdout, out.stderr)
+    assert len(out.stderr.splitlines()) == 1 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_up_scale_and_rm(cluster):
+    ctl, client, (voter, worker) = cluster
+    up = ctl("-o", "json", "serve", "up", "mlp", "--name", "web", "--replicas", "2", "--cpu", "1",
+             "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert up.returncode == 0, up.stderr
+    doc = json.loads(up.stdout)
+    assert (doc["ready"], doc["replicas"], doc["generation"], doc["state"]) == (2, 2, 1, "ready")
+    nodes = sorted(r["node_id"] for r in doc["replica_list"])
+    assert nodes == sorted([voter.node_id, worker.node_id])  # spread: one per node
+    assert all(r["model"] == "mlp" and r["state"] == "ready" for r in doc["replica_list"])
+    listed = json.loads(ctl("-o", "json", "serve", "ls", check=True).stdout)
+    assert [(d["name"], d["ready"]) for d in listed] == [("web", 2)]
+
+    # Up to 3: more replicas than nodes share one rather than wait.
+    out = ctl("-o", "json", "serve", "scale", "web", "3", "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["ready"] == 3 and len(doc["replica_list"]) == 3
+    # Down to 1: the surplus drains and its tasks end.
+    out = ctl("-o", "json", "serve", "scale", "web", "1", "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["ready"] == 1 and len(doc["replica_list"]) == 1
+    kept = doc["replica_list"][0]["task_id"]
+    replica_tasks = [t for t in client.tasks() if t.name.startswith("serve-web-")]
+    assert len(replica_tasks) == 3
+    assert {t.id for t in replica_tasks if t.state == "running"} == {kept}
+
+    out = ctl("serve", "rm", "web", "--wait-timeout", "120", timeout=150)
+    assert out.returncode == 0 and "web: removed" in out.stdout, out.stderr
+    assert all(client.get(t.id).state == "cancelled" for t in replica_tasks)
+    assert json.loads(ctl("-o", "json", "serve", "ls", check=True).stdout) == []
+    one_line_refusal(ctl("serve", "show", "web"), 'deployment "web" not found')
+    # The capacity is back: a task asking for a whole node runs on each node.
+    whole = [client.submit(["true"], cpu=CPUS) for _ in range(2)]
+    for task in whole:
+        assert client.wait(task.id, timeout=120).state == "succeeded"
+
+
+def test_bad_names_and_models_are_refused_in_one_line(cluster):
+    ctl, client, _ = cluster
+    one_line_refusal(ctl("serve", "up", "mlp", "--name", "Bad_Name", "--no-wait"), "deployment name 'Bad_Name'")
+    one_line_refusal(ctl("serve", "up", "nope", "--name", "web", "--no-wait"), 'model "nope" not found')
+    one_line_refusal(ctl("serve", "up", "rows", "--name", "web", "--no-wait"), '"rows" is not a model')
+    one_line_refusal(ctl("serve", "up", "../x", "--name", "web", "--no-wait"), "dataset name")
+    one_line_refusal(ctl("serve", "scale", "nope", "2", "--no-wait"), 'deployment "nope" not found')
+    one_line_refusal(ctl("serve", "update", "nope", "mlp", "--no-wait"), 'deployment "nope" not found')
+    bad = ctl("serve", "scale", "web", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr  # a usage error, before any call
+    assert client.list_deployments() == []
+    # Replica specs are the serving loop's alone.
+    from lepton.common.errors import InvalidArgument
+    from lepton.v1 import coordinator_pb2, tasks_pb2
+    from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
+
+    spec = tasks_pb2.TaskSpec(argv=["true"], replica=tasks_pb2.ReplicaSpec(deployment="web", generation=1))
+    with pytest.raises(InvalidArgument, match="only by the serving loop"):
+        client._unary(CoordinatorStub, "SubmitTask", coordinator_pb2.SubmitTaskRequest(spec=spec), idempotent=False)
