@@ -158,10 +158,10 @@ async def serve(args: argparse.Namespace) -> int:
         batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
         await batcher.predict(np.zeros([1, *model.input_shape], dtype=INPUT_DTYPE))  # warm-up
         service.loaded(batcher, model)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         print(f"replica of {args.deployment} (generation {args.generation}): model {args.model} on "
-              f"{model.device}, max batch {batcher.max_batch}, window {args.max_wait_ms} ms: serving",
+              f"{model.device}, max batch {batcher.max_batch}, window {args.max_wait_ms} ms: warmed up, serving",
               flush=True)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await stop.wait()
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(STOP_GRACE_S)  # refuses new calls; those in flight finish
