@@ -226,7 +226,13 @@ class EtcdConsensus(Consensus):
         logger.warning("etcd consensus %s: no longer leading term %d: %s", self._id, term, reason)
         self._notify_leadership(False, term)
         if self._running and self._election.lease_id:
-            self._tasks.append(asyncio.create_task(self._election.resign(), name=f"etcd-resign-{self._id}"))
+            task = asyncio.create_task(self._election.resign(), name=f"etcd-resign-{self._id}")
+            self._tasks.append(task)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     async def _campaign_loop(self) -> None:
         """Campaign whenever there is no leader (the watch tells), and once per TTL anyway
@@ -400,8 +406,8 @@ class EtcdConsensus(Consensus):
             if event.type == rpc.Event.PUT:
                 if kv.create_revision >= election.leader_term:
                     election.observe(kv)
-                if self._leading_term and kv.create_revision != self._leading_term:
-                    self._step_down("another leader key appeared")
+                if self._leading_term and kv.create_revision > self._leading_term:
+                    self._step_down("another leader key appeared")  # (an older one is a late event)
             elif kv.mod_revision > election.leader_term:  # not a stale deletion of an older key
                 election.observe_deleted()
                 if self._leading_term:

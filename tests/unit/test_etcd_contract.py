@@ -91,3 +91,14 @@ async def harness(etcd, request):
     await h.start()
     yield h
     await h.stop()
+
+
+async def test_restart_on_a_three_member_etcd(tmp_path):
+    """The contract's restart case where etcd itself replicates: 3 members."""
+    with EtcdCluster(tmp_path, n=3) as etcd:
+        h = EtcdHarness(etcd, prefix="/lepton/three")
+        await h.start()
+        try:
+            await test_restart_replays_exactly_the_acknowledged_commands(h)
+        finally:
+            await h.stop()
