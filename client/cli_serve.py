@@ -8,6 +8,7 @@ Hooked into lepton-ctl with `register(top, common)`.
     lepton-ctl serve scale S N
     lepton-ctl serve update S MODEL2
     lepton-ctl serve rm S
+    lepton-ctl serve predict S --input FILE.npy [-o json]   (client/cli_predict.py)
 
 `up`, `scale`, `update` and `rm` wait until the replicas are ready (rolled, removed) unless
 `--no-wait`; `--wait-timeout` bounds the wait, and Ctrl-C stops only the waiting: the
@@ -164,7 +165,7 @@ def _wait_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def register(top: Any, common: argparse.ArgumentParser) -> None:
     """Add `serve up|ls|show|scale|update|rm` to lepton-ctl's subcommands `top`."""
-    sub = command_group(top, "serve", "serve a trained model behind every agent: up, ls, show, scale, update, rm")
+    sub = command_group(top, "serve", "serve a trained model behind every agent: up, ls, show, scale, update, rm, predict")
     p = command(sub, "up", cmd_up, "deploy MODEL as NAME with N replicas (spread across nodes unless --pack)",
                 [common])
     p.add_argument("model", metavar="MODEL", help="a stored model (lepton-ctl models list)")
@@ -199,4 +200,6 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p = command(sub, "rm", cmd_rm, "drain every replica and remove the deployment", [common])
     p.add_argument("name", metavar="NAME")
     _wait_options(p, "it is removed")
-    # -- `serve predict` (H6, lepton.client.predict) is added to `sub` here ----------------
+    from .cli_predict import register_predict
+
+    register_predict(sub, common)  # `serve predict` (client/cli_predict.py)
