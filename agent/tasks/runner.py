@@ -22,19 +22,15 @@ Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
 The folder itself is the record that the attempt ran: it is made exclusively before
 anything starts, and each batch's claims are recorded durably in one file first (claims.py,
 `data_dir/task-claims/`), so an attempt never runs twice on this node, even after a power
-cut. With a retention, `sweep`
-deletes it once its exit is reported and the coordinator no longer wants the attempt.
+cut. With a retention, `sweep` deletes it once its exit is reported and the coordinator
+no longer wants the attempt.
 `data_dir/runner.json` keeps the newest leader term seen, for fencing across restarts.
 
 Choices:
-- Events go to `on_event` synchronously: from `launch`/`reconcile` (STARTED, or EXITED for a
-  spawn failure), from `start` (attempts that ended while no runner watched), and from the
-  watcher task (every other EXITED). `on_event` must not block; its exceptions are logged.
-- EXITED is at-least-once: `reported.json` is written once the coordinator has taken the
-  event (`acknowledge`; or when `on_event` returns, without `acknowledged_by_caller`), so an
-  agent that dies in between reports it again after restart (the coordinator takes repeats as
-  idempotent). STARTED is sent once, by the runner that spawned the attempt; a re-adopted
-  attempt sends no new STARTED (it shows in `running()`, which reconciliation reports carry).
+- Events go to `on_event` synchronously (it must not block): from `launch`/`reconcile`,
+  `start` (attempts that ended while no runner watched) and the loop. EXITED is
+  at-least-once (reports.py); STARTED is sent once, by the runner that spawned the attempt
+  (a re-adopted one shows in `running()`, which reconciliation reports carry).
 - Exit codes: exit.json holds the shell's `$?` convention, so 128+N is reported as -N
   (killed by signal N), like subprocess; a task that calls exit(130) itself reads as -2.
 - When an attempt's process ends, whatever is left in its process group is SIGKILLed (like
@@ -53,14 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 from lepton.agent.tasks import task_logs
@@ -70,6 +63,7 @@ from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.fence_link import FenceLink, Key
+from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
 from lepton.agent.tasks.task_spec import (
@@ -84,7 +78,7 @@ from lepton.agent.tasks.task_user import TaskUser
 from lepton.common.durable import read_json
 from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
 
-__all__ = ["Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
+__all__ = ["FAILED_TO_START_CODE", "Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
 
 Chunk = task_logs.Chunk
 
@@ -96,11 +90,6 @@ SETTLE_S = 10.0  # attempt claims made durable in their folders, in a thread (cl
 LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
-FAILED_TO_START_CODE = 127  # what a shell reports for a command it cannot run
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class TaskRunner:
@@ -135,9 +124,7 @@ class TaskRunner:
         self._root = Path(data_dir) / "tasks"
         self._term_path = Path(data_dir) / "runner.json"
         self._boot = tp.boot_id()
-        self._on_event = on_event
-        # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
-        self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
+        self._reports = Reports(on_event, acknowledged_by_caller)
         self._lease = str(lease_path or "")
         self._link = FenceLink(Path(data_dir), self._on_fence_exit, self._on_fence_lost)
         self._relinking: asyncio.Task[None] | None = None
@@ -176,8 +163,8 @@ class TaskRunner:
             att_dir = self._attempt_dir(task_id, attempt)
             if not att_dir.exists():  # a power cut took its folder: it ran, and is over
                 att_dir.mkdir(parents=True)
-                self._report(att_dir, TaskEvent(task_id, attempt, term, TaskEventKind.EXITED,
-                                                reason="lost", at_ms=_now_ms()))
+                self._reports.exited(att_dir, TaskEvent(task_id, attempt, term, TaskEventKind.EXITED,
+                                                reason="lost", at_ms=now_ms()))
                 ended += 1
         for task_dir in sorted(self._root.iterdir()):
             if not task_dir.is_dir() or not TASK_ID_RE.fullmatch(task_dir.name):
@@ -240,7 +227,7 @@ class TaskRunner:
             self._claims.record((spec.task_id, spec.attempt, spec.term) for spec, _ in claimed)
         except OSError as err:
             for spec, att_dir in claimed:
-                self._fail_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
+                self._reports.failed_to_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
             return
         if len(claimed) <= SYNC_SPAWNS:
             self._spawned(claimed, self._spawner.spawn_all(claimed))
@@ -253,7 +240,7 @@ class TaskRunner:
             key = (spec.task_id, spec.attempt)
             stop = self._spawns.done(key)
             if isinstance(result, str):
-                self._fail_start(spec, att_dir, result)
+                self._reports.failed_to_start(spec, att_dir, result)
                 continue
             att = Attempt(spec=spec, dir=att_dir, pid=result.pid, start=result.start, boot=self._boot,
                           started_at_ms=result.run["started_at_ms"], held=True,
@@ -261,7 +248,7 @@ class TaskRunner:
             self._track(att)
             logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
                         spec.term, att.pid)
-            self._emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
+            self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
                                  pid=att.pid, at_ms=att.started_at_ms))
             early = self._early_exits.pop(key, None)
             if early is not None and early[0] == att.pid:
@@ -273,7 +260,7 @@ class TaskRunner:
         """Record this attempt as failed to start (`why`; e.g. its code could not be
         fetched) without running anything. Raises as `launch` does."""
         if (att_dir := self._claim(spec)) is not None:
-            self._fail_start(spec, att_dir, why)
+            self._reports.failed_to_start(spec, att_dir, why)
 
     def _claim(self, spec: RunSpec) -> Path | None:
         """The attempt's new folder; None while it runs. Raises as `launch` does."""
@@ -303,8 +290,8 @@ class TaskRunner:
         att = self._live.get(key)
         if att is None:
             if (spec := self._spawns.take_back(key)) is not None:  # queued: it never starts
-                self._report(self._attempt_dir(*key), TaskEvent(task_id, attempt, spec.term, TaskEventKind.EXITED,
-                                                                reason=reason, at_ms=_now_ms()))
+                self._reports.exited(self._attempt_dir(*key), TaskEvent(task_id, attempt, spec.term, TaskEventKind.EXITED,
+                                                                reason=reason, at_ms=now_ms()))
             elif key in self._spawns.starting:  # in a spawning thread now
                 self._spawns.stop_when_started.setdefault(key, (reason, grace_s))
             else:
@@ -444,14 +431,6 @@ class TaskRunner:
         validate_ids(task_id, attempt)
         return self._root / task_id / str(attempt)
 
-    def _fail_start(self, spec: RunSpec, att_dir: Path, why: str) -> None:
-        reason = f"failed to start: {why}"
-        logger.warning("task %s attempt %d %s", spec.task_id, spec.attempt, reason)
-        with contextlib.suppress(OSError), open(att_dir / "output.log", "ab") as f:
-            f.write(f"lepton: {reason}\n".encode())
-        self._report(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
-                                        exit_code=FAILED_TO_START_CODE, reason=reason, at_ms=_now_ms()))
-
     def _recover(self, task_id: str, attempt: int, att_dir: Path, claimed_term: int,
                  held: dict[Key, int], orphans: list[Attempt]) -> bool:
         """Re-adopt one unreported attempt (True) or report how it ended (False).
@@ -460,8 +439,8 @@ class TaskRunner:
         att = Attempt.load(att_dir)
         if att is None:
             # Died before the intent was written, or a power cut took it: nothing runs now.
-            self._report(att_dir, TaskEvent(task_id, attempt, claimed_term, TaskEventKind.EXITED,
-                                            reason="lost", at_ms=_now_ms()))
+            self._reports.exited(att_dir, TaskEvent(task_id, attempt, claimed_term, TaskEventKind.EXITED,
+                                            reason="lost", at_ms=now_ms()))
             return False
         self._max_term = max(self._max_term, att.spec.term)
         exited, code = (True, None) if att.boot != self._boot or att.pid == 0 else att.poll_exit()
@@ -627,42 +606,11 @@ class TaskRunner:
         self._outputs.finished(att.dir)
         if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
             tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
-        code, reason, at_ms = att.outcome(rc, _now_ms())
+        code, reason, at_ms = att.outcome(rc, now_ms())
         logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
-        self._report(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
+        self._reports.exited(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
                                         exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))
 
-    def _report(self, att_dir: Path, event: TaskEvent) -> None:
-        """Emit EXITED, then mark it reported (at-least-once across crashes): at once, or,
-        with `acknowledged_by_caller`, when `acknowledge` says the coordinator has it."""
-        doc = asdict(event)
-        doc["kind"] = event.kind.value
-        if self._acks_due is not None:
-            self._acks_due[(event.task_id, event.attempt)] = (att_dir, doc)
-        self._emit(event)
-        if self._acks_due is None:
-            _mark_reported(att_dir, doc)
-
     def acknowledge(self, task_id: str, attempt: int) -> None:
-        """The coordinator has taken this attempt's EXITED event: never report it again. A
-        crash before this reports it again after restart (the coordinator takes repeats as
-        idempotent), so an exit is never lost between the queue and the coordinator."""
-        if self._acks_due is not None and (due := self._acks_due.pop((task_id, attempt), None)):
-            _mark_reported(*due)
-
-    def _emit(self, event: TaskEvent) -> None:
-        try:
-            self._on_event(event)
-        except Exception:
-            logger.exception("on_event failed for %s", event)
-
-
-def _mark_reported(att_dir: Path, doc: dict) -> None:
-    try:
-        # Only its presence counts, so it is written in place (3 syscalls, not 6) and not
-        # fsync'd: lost in a power loss, it only means one more (idempotent) report.
-        fd = os.open(att_dir / "reported.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(doc, sort_keys=True) + "\n").encode())
-    except OSError as err:
-        logger.warning("cannot mark task %s attempt %d reported: %s", doc["task_id"], doc["attempt"], err)
+        """The coordinator has taken this attempt's EXITED event: never report it again."""
+        self._reports.acknowledge(task_id, attempt)
