@@ -3,6 +3,8 @@
 `Consensus` is the interface (Patroni's `AbstractDCS` in spirit). Implementations:
 - `SingleVoterConsensus` (here): one voter, a local fsync'd log; dev mode and small setups.
 - `lepton.coordinator.raft.node.RaftConsensus`: 3 or 5 voters.
+- `lepton.coordinator.etcd.consensus.EtcdConsensus`: candidates on an existing etcd
+  cluster (leader key on a lease, the log as fenced etcd txns; `--state etcd://...`).
 `tests/unit/test_consensus_contract.py` runs the same contract against each.
 """
 
