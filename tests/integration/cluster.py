@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,9 +25,41 @@ FAST = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _ports_below_ephemeral() -> range | None:
+    """Ports no outgoing connection is ever given: those below the kernel's ephemeral range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(10000, low) if low > 12000 else None
+
+
+_PORT_POOL = _ports_below_ephemeral()
+_PORT_PICKS = random.SystemRandom()  # not the global generator a test may seed
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "") -> int:
+    """A port for an agent to bind later on `host` (all IPv4 interfaces if empty). One the
+    kernel gives for port 0 is ephemeral: between our close and the agent's bind, any
+    process's outgoing connection may take it (likelier with parallel pytest workers). So
+    it is drawn at random below that range, which only explicit binds use, checked free,
+    and never handed out twice in this process; concurrent workers and sessions (which
+    share this host) draw apart by chance."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200 if _PORT_POOL else 0):
+        port = _PORT_PICKS.choice(_PORT_POOL)
+        if port in _handed_out:
+            continue
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(family) as s:
+        s.bind((host or "127.0.0.1", 0))
         return s.getsockname()[1]
 
 

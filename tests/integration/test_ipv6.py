@@ -13,7 +13,7 @@ from lepton.common.channels import make_channel
 from lepton.v1 import common_pb2
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
-from tests.integration.cluster import wait_until
+from tests.integration.cluster import free_port, wait_until
 
 
 def _free_ipv6_port() -> int:
@@ -33,7 +33,7 @@ pytestmark = [
 
 
 def test_a_cluster_on_the_ipv6_loopback_places_a_gang(agents):
-    voter_addr, worker_addr = (f"[::1]:{_free_ipv6_port()}" for _ in range(2))
+    voter_addr, worker_addr = (f"[::1]:{free_port('::1')}" for _ in range(2))
     agents("voter", "--listen", voter_addr)
     agents("worker", "--listen", worker_addr, "--join", voter_addr)
     channel = make_channel(voter_addr, aio=False)

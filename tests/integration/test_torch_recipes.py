@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +29,11 @@ from lepton.workloads.recipes.data import write_shard  # noqa: E402
 from lepton.workloads.recipes.models import read_config  # noqa: E402
 from lepton.workloads.torch_env import python_argv  # noqa: E402
 from lepton.workloads.torch_launcher import LaunchResult, NodeLaunch, run_node  # noqa: E402
+from tests.integration.cluster import free_port  # noqa: E402
 
 N, B, EPOCHS = 96, 8, 3  # rows per rank, per-rank batch, epochs
 TRAIN = ["--algorithm", "mlp", "--epochs", str(EPOCHS), "--lr", "0.05", "--seed", "7", "--hidden", "16"]
 WAIT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_rows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
