@@ -158,7 +158,8 @@ class Coordinator:
         self.endpoints = EndpointTable(self.state, require_leader=self.ctx.require_leader)
         self.endpoints.listen(self.state, self.consensus)
         self.serving = ServingLoop(self.state, self._propose, is_leader=self.consensus.is_leader,
-                                   monotonic=time.monotonic, endpoints=self.endpoints)
+                                   monotonic=time.monotonic, endpoints=self.endpoints,
+                                   pending_reason=lambda task_id: self.scheduling.reasons.get(task_id, ""))
         self.consensus.add_leadership_listener(self.serving.on_leadership)
         self.state.tasks.listeners.append(
             lambda task, _node: self.serving.wake() if task.spec.HasField("replica") else None)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 Commit = Callable[[state_pb2.Command], Awaitable[object]]
 READY = serving_pb2.REPLICA_READY
 DRAIN_WAIT_S = 1.0  # routers hear of a drain within this, before its task is cancelled
+STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one makes way
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
 INTERVAL_S = 0.5
@@ -107,6 +108,7 @@ class _Soft:
     """What the loop remembers of one deployment (leader-local; rebuilt after failover)."""
 
     drain_since: dict[str, float] = field(default_factory=dict)  # task id -> monotonic
+    pending_since: dict[str, float] = field(default_factory=dict)  # task id -> monotonic
     known: set[str] = field(default_factory=set)  # live task ids at the last cycle
     failures: int = 0  # replicas that ended without being drained, since one was last ready
     retry_at: float = 0.0
@@ -127,9 +129,10 @@ class Plan:
 
 
 def plan_deployment(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task], reported: dict[str, int],
-                    drained_long_enough: Callable[[str], bool]) -> Plan:
-    """The next step for one deployment: a pure function of the state, the reports and
-    which drains have waited long enough."""
+                    drained_long_enough: Callable[[str], bool],
+                    stalled: Callable[[tasks_pb2.Task], bool] = lambda t: False) -> Plan:
+    """The next step for one deployment: a pure function of the state, the reports,
+    which drains have waited long enough and which tasks have waited too long for a node."""
     dep = rec.deployment
     gen = dep.generation
     draining = set(rec.draining)
@@ -148,21 +151,26 @@ def plan_deployment(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task],
     current = [t for t in serving if t.spec.replica.generation == gen]
     old = [t for t in serving if t.spec.replica.generation != gen]
     ready_current = [t for t in current if ready(t)]
-    # Not-ready ones first: draining them costs no capacity.
-    # Not-ready ones first, then the newest (the record lists them in submission order).
+    # Draining a not-ready replica costs no capacity: those go first, then the newest (the
+    # record lists them in submission order).
     by_drain_order = sorted(reversed(current), key=lambda t: (ready(t), -t.created_at_ms))
-    old_by_drain_order = sorted(old, key=lambda t: (ready(t), t.created_at_ms))
     if old:
-        # Rolling: at most one replica beyond `want`; an old one goes once the ready new
-        # ones and the remaining old ones still make `want`.
+        # Rolling: at most one replica beyond `want`. Old replicas that serve nothing go at
+        # once; a ready one once the ready new ones and the other ready old ones make `want`.
         room = want + 1 - len(serving)
         submit = max(0, min(want - len(current), room))
-        drain = []
-        for t in old_by_drain_order:
-            if not ready(t) or len(ready_current) + len(old) - len(drain) > want:
-                drain.append(t.id)
-        msg = (f"rolling to generation {gen} ({dep.spec.model}): {len(ready_current)}/{want} new ready, "
-               f"{len(old) - len(drain)} old serving")
+        ready_old = sorted((t for t in old if ready(t)), key=lambda t: t.created_at_ms)
+        drain = [t.id for t in old if not ready(t)]
+        spare = len(ready_current) + len(ready_old) - want
+        drain += [t.id for t in ready_old[:max(0, spare)]]
+        msg = f"rolling to generation {gen} ({dep.spec.model}): {len(ready_current)}/{want} new ready"
+        if (spare <= 0 and not draining & {t.id for t in live} and len(ready_current) + len(ready_old) >= 2
+                and any(stalled(t) for t in current)):
+            # The extra replica finds no room: an old one makes way (one below the count
+            # until the new one is ready; never the last one serving).
+            drain.append(ready_old[0].id)
+            msg += "; no room for an extra replica, so an old one makes way"
+        msg += f", {len(ready_old) - len([t for t in ready_old if t.id in drain])} old serving"
         return Plan(submit=submit, drain=tuple(drain), cancel=cancel, state="rolling", message=msg)
     if len(current) > want:
         surplus = [t.id for t in by_drain_order[: len(current) - want]]
@@ -181,13 +189,16 @@ def plan_deployment(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task],
 class ServingLoop:
     def __init__(self, state: ClusterStateMachine, commit: Commit, *, is_leader: Callable[[], bool],
                  monotonic: Callable[[], float], endpoints: ReplicaStates | None = None,
-                 new_task_id: Callable[[], str] | None = None) -> None:
+                 new_task_id: Callable[[], str] | None = None,
+                 pending_reason: Callable[[str], str] | None = None) -> None:
         self._sm = state
         self._commit = commit
         self._is_leader = is_leader
         self._now = monotonic
         self.endpoints = endpoints  # H5's EndpointTable; set by the Coordinator
         self._new_id = new_task_id or (lambda: "t-" + uuid.uuid4().hex[:12])
+        # Why a pending task waits (the scheduler's reason), for the loop's sentence.
+        self._pending_reason = pending_reason or (lambda task_id: "")
         self._soft: dict[str, _Soft] = {}
         self.wakeup = asyncio.Event()
 
@@ -235,8 +246,15 @@ class ServingLoop:
             soft.failures = 0
         for task_id in rec.draining:
             soft.drain_since.setdefault(task_id, now)
-        plan = plan_deployment(rec, live, reported, lambda t: now - soft.drain_since.get(t, now) >= DRAIN_WAIT_S)
+        pending = [t for t in live if t.state == TaskState.PENDING.proto]
+        soft.pending_since = {t.id: soft.pending_since.get(t.id, now) for t in pending}
+        plan = plan_deployment(rec, live, reported, lambda t: now - soft.drain_since.get(t, now) >= DRAIN_WAIT_S,
+                               lambda t: t.id in soft.pending_since and now - soft.pending_since[t.id] >= STALL_S)
         soft.state, soft.message = plan.state, plan.message
+        waiting = [self._pending_reason(t.id) for t in pending if t.id not in rec.draining]
+        waiting = [w for w in waiting if w]
+        if waiting and plan.state in ("starting", "degraded", "rolling"):
+            soft.message += f"; {len(pending)} pending ({waiting[0]})"
         done = []
         if plan.remove:
             await self._commit(state_pb2.Command(delete_deployment=state_pb2.DeleteDeploymentCmd(name=name, remove=True)))

@@ -151,3 +151,37 @@ def test_a_follower_does_nothing():
     rig.loop._is_leader = lambda: False
     assert rig.cycle() == "not the leader"
     assert rig.live() == []
+
+
+def test_a_stalled_roll_lets_one_old_replica_make_way_never_the_last():
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")
+    rig.w.apply(update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits2"))
+    assert "started 1" in rig.cycle()  # t-2, which finds no room: it stays pending
+    rig.cycle()
+    assert rig.w.sm.deployments.get("web").draining == []
+    rig.now += serving.STALL_S
+    assert "draining 1" in rig.cycle()
+    assert "makes way" in rig.loop.status("web")[1]
+    assert list(rig.w.sm.deployments.get("web").draining) == ["t-0"]
+    rig.cycle()
+    assert list(rig.w.sm.deployments.get("web").draining) == ["t-0"]  # one at a time
+    # With one replica wanted, the only one serving never makes way.
+    one = Rig(replicas=1)
+    one.cycle()
+    one.run_and_ready("t-0")
+    one.w.apply(update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits2"))
+    one.cycle()
+    one.cycle()
+    one.now += serving.STALL_S * 3
+    one.cycle()
+    assert one.w.sm.deployments.get("web").draining == []
+
+
+def test_the_sentence_says_why_replicas_wait():
+    rig = Rig(replicas=2)
+    rig.loop._pending_reason = lambda task_id: "waiting: no node has 8 free cpus" if task_id == "t-1" else ""
+    rig.cycle()
+    rig.cycle()
+    assert rig.loop.status("web")[1] == "0/2 replicas ready; 2 pending (waiting: no node has 8 free cpus)"
