@@ -161,8 +161,9 @@ def etcd_error(code: grpc.StatusCode, details: str, endpoints: str) -> LeptonErr
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"etcd at {endpoints} refused the request: {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        # Most likely the NOSPACE alarm (--quota-backend-bytes): defragment and disarm.
-        return ResourceExhausted(f"etcd at {endpoints} is out of space: {details}")
+        if "space" in details:  # the NOSPACE alarm (--quota-backend-bytes): defragment, disarm
+            return ResourceExhausted(f"etcd at {endpoints} is out of space: {details}")
+        return ResourceExhausted(f"etcd at {endpoints} is overloaded: {details}")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return FailedPrecondition(f"etcd at {endpoints} refused our credentials: {details}")
     return Unavailable(f"etcd at {endpoints} failed ({code.name}: {details})")

@@ -261,12 +261,18 @@ class EtcdConsensus(Consensus):
     async def _take_office(self, term: int) -> None:
         """We hold the leader key of `term`: catch up on the log (a read made after the win
         sees every append of earlier terms), then serve."""
-        while True:
-            try:
-                await self._applier.load()
-                break
-            except Compacted:
-                continue
+        try:
+            while True:
+                try:
+                    await self._applier.load()
+                    break
+                except Compacted:
+                    continue
+        except LeptonError as err:  # holding the key without serving would block everyone
+            logger.warning("etcd consensus %s: won term %d but could not catch up (%s); resigning",
+                           self._id, term, err)
+            await self._election.resign()
+            return
         if not self._running or not self._election.lease_valid() or self._election.leader_term != term:
             return  # lost it while catching up
         self._leading_term = term

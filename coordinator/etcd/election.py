@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Callable
 
 import grpc
@@ -161,7 +162,7 @@ class Election:
                 if not self.lease_id:
                     sent = loop.time()
                     resp = await self._conn.call(self._conn.lease.LeaseGrant, rpc.LeaseGrantRequest(
-                        TTL=max(1, round(self._ttl))), timeout=self._timeout)
+                        TTL=math.ceil(self._ttl)), timeout=self._timeout)
                     self.lease_id = resp.ID
                     self._renewed(sent, resp.TTL)
                     self._on_granted()

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"LB1"  # lepton batch, format 1
 _LEN = struct.Struct(">I")
-_PAGE = 64  # keys per range page when loading: pages stay well under the receive limit
+_PAGE = 32  # log batches (<= 1.5 MiB each) per range page: under the 64 MiB receive limit
 
 
 class Keys:
