@@ -10,7 +10,8 @@ folder (LEPTON_SERVE_SOCKET, agent/tasks/attempt_env.py). Here the agent:
   attempt is stopped (SIGKILL soon after SIGTERM: a hung process ignores the TERM), so its
   task fails and the serving loop starts another replica;
 - reports the node's replicas (and the Predict router's counters) to the leader with
-  `Deployments.ReportReplicas`: at once on a change, else every REPORT_S;
+  `Deployments.ReportReplicas`: at once on a change and when the leader moves, else
+  every REPORT_S;
 - hands the Predict router a cached channel to a local replica (`local_channel`).
 
 Replica attempts are found among the runner's running attempts by their run.json (read
@@ -88,6 +89,8 @@ class ReplicaSupervisor:
         self._outstanding = outstanding
         self._clock = clock
         self._report_call = report if report is not None else self._link_report(link)
+        if link is not None:  # a new leader's table starts empty: tell it at once
+            link.on_leader_change(lambda _old, _new: self._mark_due())
         self.started_at_ms = int(time.time() * 1000)
         self.replicas: dict[str, LocalReplica] = {}  # task id -> its running attempt here
         self._not_replicas: set[tuple[str, int]] = set()  # attempts seen, not replicas
@@ -203,6 +206,10 @@ class ReplicaSupervisor:
                            replica.task_id, replica.deployment, now - replica.unhealthy_since)
             self._runner.cancel(replica.task_id, replica.attempt,
                                 reason=f"{UNHEALTHY_REASON} for {KILL_AFTER_S:g} s", grace_s=KILL_GRACE_S)
+
+    def _mark_due(self) -> None:
+        if self.replicas or self._reported_any:
+            self._report_due = True
 
     def _set(self, replica: LocalReplica, state: int) -> None:
         if replica.state != state:

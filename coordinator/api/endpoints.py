@@ -2,7 +2,9 @@
 
 Soft state, on the leader only: agents report their replicas (ReportReplicas, at once on a
 change and every ~2 s), so a new leader rebuilds the table within a report interval and
-losing leadership clears it. A node's report replaces what it said before.
+losing leadership clears it. A node's report replaces what it said before. For REBUILD_S
+after it starts leading, a watch sends nothing (routers keep routing with the last set they
+had), so no router is handed the half-built set of a new leader.
 
 Node restriction: an entry is kept only for a task the replicated state has on that node
 (assigned or running there), that is a replica of the deployment named (TaskSpec.replica)
@@ -44,6 +46,9 @@ MAX_REPORTED_REPLICAS = 4096  # one node's replicas in one report
 MAX_REPORTED_STATS = 1024  # deployments' router counters in one report
 MAX_BUCKETS = 64
 POLL_S = 0.25  # watches re-check the state's deployments (draining marks) this often
+# Every agent with replicas reports within its interval (agent/serving.py REPORT_S, 2 s;
+# at once when its link moves to the new leader): the table is whole after that, a margin.
+REBUILD_S = 3.0
 
 _REPORTABLE = {serving_pb2.REPLICA_PENDING, serving_pb2.REPLICA_READY, serving_pb2.REPLICA_UNHEALTHY,
                serving_pb2.REPLICA_DRAINING}
@@ -63,11 +68,15 @@ class EndpointTable:
     """See the module doc. Used on the coordinator's event loop only."""
 
     def __init__(self, state: Any, *, require_leader: Callable[[], None] = lambda: None,
-                 stats_sink: StatsSink | None = None, poll_s: float = POLL_S):
+                 stats_sink: StatsSink | None = None, poll_s: float = POLL_S,
+                 rebuild_s: float = REBUILD_S, clock: Callable[[], float] = time.monotonic):
         self._sm = state
         self._require_leader = require_leader  # raises NotLeader: ends watches on a follower
         self.stats_sink: StatsSink = stats_sink if stats_sink is not None else ServingStats()
         self._poll_s = poll_s
+        self._rebuild_s = rebuild_s
+        self._clock = clock
+        self._leading_since = -float("inf")  # the table is whole from the start (tests, one voter)
         self._reports: dict[str, dict[str, serving_pb2.ReplicaReport]] = {}  # node -> task -> report
         self._node_of: dict[str, str] = {}  # task -> the node that reported it
         self._watchers: set[asyncio.Event] = set()
@@ -107,6 +116,8 @@ class EndpointTable:
         leader forgets, and its watches end (they re-check leadership when woken)."""
         self._reports.clear()
         self._node_of.clear()
+        if is_leader:
+            self._leading_since = self._clock()
         self._changed()
 
     # -- reports -------------------------------------------------------------------------
@@ -205,6 +216,9 @@ class EndpointTable:
         self._watchers.add(wake)
         sent = None
         try:
+            while (wait := self._leading_since + self._rebuild_s - self._clock()) > 0:
+                self._require_leader()
+                await asyncio.sleep(min(wait, self._poll_s))
             while True:
                 self._require_leader()
                 current = self.endpoint_set()

@@ -199,3 +199,22 @@ async def test_watch_sends_the_whole_set_then_each_change_and_ends_off_leader(se
         listener(False, 2)
     with pytest.raises(NotLeader):
         await asyncio.wait_for(stream.__anext__(), 10)
+
+
+async def test_a_new_leader_sends_no_set_until_agents_had_time_to_report(setup):
+    state, consensus, _ = setup
+    clock = [50.0]
+    table = EndpointTable(state, require_leader=consensus.require_leader, poll_s=0.01, rebuild_s=2.5,
+                          clock=lambda: clock[0])
+    table.listen(state, consensus)
+    state.replica("a", "n1")
+    table.on_leadership(True, 4)
+    stream = table.watch()
+    first = asyncio.ensure_future(stream.__anext__())
+    clock[0] += 1.0
+    table.report("n1", report("n1", ("a", READY)))
+    await asyncio.sleep(0.1)
+    assert not first.done()  # routers keep their last set meanwhile
+    clock[0] += 2.0
+    got = await asyncio.wait_for(first, 10)
+    assert [e.task_id for e in got.deployments["web"].endpoints] == ["a"]  # whole, not empty

@@ -184,3 +184,22 @@ def test_a_replica_attempt_gets_its_socket_in_its_own_folder_and_others_none(tmp
     _, env, _ = AttemptEnv(base_env={}).prepare(plain, tmp_path)
     assert SERVE_SOCKET_ENV not in env
     assert RunSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec  # run.json keeps it
+
+
+async def test_a_new_leader_hears_at_once(setup):
+    runner, clock, reports, _, _ = setup
+    listeners = []
+    link = type("Link", (), {"on_leader_change": lambda self, f: listeners.append(f)})()
+
+    async def report(request):
+        reports.append(len(request.replicas))
+
+    sup = ReplicaSupervisor("n1", link, runner, clock=clock, report=report)
+    runner.start("r1", replica="web")
+    await tick(sup, clock)
+    await tick(sup, clock)
+    count = len(reports)  # the change, then nothing new within REPORT_S
+    listeners[0]("10.0.0.1:7000", "10.0.0.2:7000")
+    await tick(sup, clock)
+    assert len(reports) == count + 1
+    await sup.close()
