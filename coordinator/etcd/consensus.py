@@ -182,6 +182,10 @@ class EtcdConsensus(Consensus):
         e = self._election
         if not self._running or e is None or not e.leader_id:
             return "", ""
+        if e.leader_id == self._id and not self._leading_term:
+            # A key still naming us after we stepped down (cut off from etcd, or not yet
+            # expired there) is stale: naming ourselves would send clients back here forever.
+            return "", ""
         return e.leader_id, e.leader_address
 
     def term(self) -> int:
@@ -218,6 +222,8 @@ class EtcdConsensus(Consensus):
         if not term:
             return
         self._leading_term = 0
+        if self._election.leader_id == self._id:
+            self._election.observe_deleted()  # our key is gone or about to be: no one known
         for _, fut in self._queue:
             if not fut.done():
                 fut.set_exception(err or Unavailable(f"leadership was lost ({reason}); the command was not committed"))
