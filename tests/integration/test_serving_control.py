@@ -122,3 +122,39 @@ def test_bad_names_and_models_are_refused_in_one_line(cluster):
     spec = tasks_pb2.TaskSpec(argv=["true"], replica=tasks_pb2.ReplicaSpec(deployment="web", generation=1))
     with pytest.raises(InvalidArgument, match="only by the serving loop"):
         client._unary(CoordinatorStub, "SubmitTask", coordinator_pb2.SubmitTaskRequest(spec=spec), idempotent=False)
+
+
+USERS = {"alice": "user", "bob": "user", "vic": "viewer"}
+
+
+def test_owners_with_auth_and_tls(agents, tmp_path, tasks_exec_python):
+    """Under --auth: a user's replicas fetch the model with its credential and become ready;
+    another user may read but not change or remove the deployment, a viewer not create one."""
+    d = str(tmp_path / "tls")
+    run_ctl("certs", "init", "--dir", d, server="-", check=True)
+    for name, role in USERS.items():
+        run_ctl("certs", "issue", name, "--kind", "user", "--role", role, "--dir", d, server="-", check=True)
+    node = agents("solo", "--tls-dir", d, "--auth", "--cpus", str(CPUS))
+
+    def ctl(user: str, *args: str, timeout: float = 60):
+        return run_ctl("--tls-dir", d, "--cert-name", user, *args, server=node.address, timeout=timeout)
+
+    with Client(node.address, tls_dir=d, cert_name="alice") as alice:
+        wait_until(lambda: any(n.state == "ready" for n in alice.nodes()), timeout=60, what="node ready")
+        save_model(tmp_path / "model.safetensors", build_model("mlp", [4], 2, hidden=8),
+                   {"algorithm": "mlp", "task": "classification", "input_shape": [4], "output_dim": 2,
+                    "num_classes": 2, "target_shape": [], "hidden": 8})
+        put_file(alice, "mlp", tmp_path / "model.safetensors", replicas=1, kind="model",
+                 labels=model_labels(read_config(tmp_path / "model.safetensors"), "j-1"))
+    one_line_refusal(ctl("vic", "serve", "up", "mlp", "--name", "web", "--no-wait"),
+                     "CreateDeployment needs role user; vic has role viewer")
+    up = ctl("alice", "-o", "json", "serve", "up", "mlp", "--name", "web", "--cpu", "1",
+             "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["owner"] == "alice"
+    listed = json.loads(ctl("vic", "-o", "json", "serve", "ls").stdout)
+    assert [(x["name"], x["ready"]) for x in listed] == [("web", 1)]
+    for args in (("scale", "web", "2"), ("update", "web", "mlp"), ("rm", "web")):
+        one_line_refusal(ctl("bob", "serve", *args, "--no-wait"), "belongs to alice")
+    out = ctl("alice", "serve", "rm", "web", "--wait-timeout", "120", timeout=150)
+    assert out.returncode == 0 and "web: removed" in out.stdout, out.stderr

@@ -151,3 +151,19 @@ def test_user_task_specs_may_not_set_replica():
     with pytest.raises(InvalidArgument, match="only by the serving loop"):
         v.check_task_spec(spec)
     v.check_task_spec(tasks_pb2.TaskSpec(argv=["x"]))
+
+
+def test_the_method_table_keeps_reports_to_nodes_and_changes_to_users():
+    from lepton.common import auth
+    from lepton.common.auth import Role
+
+    def rule(name: str):
+        return auth.rule_for(f"/lepton.v1.Deployments/{name}")
+
+    for name in ("ReportReplicas", "WatchEndpoints"):
+        assert rule(name).allows(Role.NODE)
+        assert not any(rule(name).allows(r) for r in (Role.VIEWER, Role.USER, Role.ADMIN))  # tasks act as people
+    for name in ("CreateDeployment", "ScaleDeployment", "UpdateDeployment", "DeleteDeployment"):
+        assert rule(name).allows(Role.USER) and not rule(name).allows(Role.VIEWER)
+        assert not rule(name).allows(Role.NODE) and not rule(name).read
+    assert rule("ListDeployments").allows(Role.VIEWER) and rule("GetDeployment").read
