@@ -347,8 +347,8 @@ class AgentConfig:
         if not prefix.startswith("/") or any(c.isspace() for c in prefix):
             raise InvalidArgument(f"etcd_prefix {self.etcd_prefix!r} must start with '/' and hold no spaces")
         self.etcd_prefix = prefix
-        if not 1 <= self.etcd_lease_ttl <= 300 or self.etcd_lease_ttl != int(self.etcd_lease_ttl):
-            raise InvalidArgument("etcd_lease_ttl must be whole seconds between 1 and 300 (etcd leases are)")
+        if not 1 <= self.etcd_lease_ttl <= 60 or self.etcd_lease_ttl != int(self.etcd_lease_ttl):
+            raise InvalidArgument("etcd_lease_ttl must be whole seconds between 1 and 60 (etcd leases are)")
 
     @property
     def uses_etcd(self) -> bool:
