@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 Commit = Callable[[state_pb2.Command], Awaitable[object]]
 READY = serving_pb2.REPLICA_READY
 DRAIN_WAIT_S = 1.0  # routers hear of a drain within this, before its task is cancelled
+REFUSED_PAUSE_S = 5.0  # a refused step (a quota, say): submits wait this long before a retry
 STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one makes way
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -112,6 +113,7 @@ class _Soft:
     known: set[str] = field(default_factory=set)  # live task ids at the last cycle
     failures: int = 0  # replicas that ended without being drained, since one was last ready
     retry_at: float = 0.0
+    paused_by: str = ""  # why submits wait until retry_at
     state: str = ""
     message: str = ""
 
@@ -225,9 +227,12 @@ class ServingLoop:
         for name in sorted(table.records):
             try:
                 said.append(await self._step(name))
-            except LeptonError as err:  # e.g. lost leadership, a quota; next cycle retries
-                self._soft.setdefault(name, _Soft()).message = f"waiting: {err}"
-                said.append(f"{name}: {err}")
+            except LeptonError as err:  # e.g. lost leadership, a quota: retried after a pause
+                soft = self._soft.setdefault(name, _Soft())
+                soft.message = f"waiting: {err.message or type(err).__name__}"
+                soft.retry_at = self._now() + REFUSED_PAUSE_S
+                soft.paused_by = soft.message
+                said.append(f"{name}: {soft.message}")
         return "; ".join(s for s in said if s) or "no deployments"
 
     async def _step(self, name: str) -> str:
@@ -242,6 +247,7 @@ class ServingLoop:
         if ended:
             soft.failures += len(ended)
             soft.retry_at = now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (soft.failures - 1))
+            soft.paused_by = f"{soft.failures} replica(s) failed"
         if any(reported.get(t) == READY for t in live_ids):
             soft.failures = 0
         for task_id in rec.draining:
@@ -262,12 +268,14 @@ class ServingLoop:
             return f"{name}: removed"
         submit = plan.submit
         if submit and now < soft.retry_at:
-            soft.message += f"; restarting in {soft.retry_at - now:.0f}s after {soft.failures} failure(s)"
+            soft.message += f"; next replica in {soft.retry_at - now:.0f}s ({soft.paused_by})"
             submit = 0
         if submit or plan.drain:
             cmd = state_pb2.DeploymentReplicasCmd(deployment=name, drain=plan.drain)
             for _ in range(submit):
                 cmd.submit.add(task_id=self._new_id(), spec=replica_spec(rec))
+            # A quota refusal here costs no log entry (applying checks again).
+            self._sm.quotas.check_tasks(t.spec for t in cmd.submit)
             await self._commit(state_pb2.Command(deployment_replicas=cmd))
             for task_id in plan.drain:
                 soft.drain_since[task_id] = now

@@ -10,7 +10,7 @@ from lepton.common.states import TaskState
 from lepton.coordinator.loops import serving
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
 from lepton.v1 import serving_pb2, state_pb2, tasks_pb2
-from tests.unit.test_deployments import create, world
+from tests.unit.test_deployments import _quota, create, world
 
 READY, PENDING, DRAINING = serving_pb2.REPLICA_READY, serving_pb2.REPLICA_PENDING, serving_pb2.REPLICA_DRAINING
 
@@ -85,7 +85,7 @@ def test_a_failed_replica_is_replaced_with_a_backoff():
     rig.cycle()
     rig.fail("t-0")
     said = rig.cycle()  # notices the failure: backs off before the replacement
-    assert "started" not in said and "restarting in" in rig.loop.status("web")[1]
+    assert "started" not in said and "next replica in 1s (1 replica(s) failed)" in rig.loop.status("web")[1]
     rig.now += serving.BACKOFF_MIN_S
     assert "started 1" in rig.cycle()
     assert [t.id for t in rig.live()] == ["t-1"]
@@ -185,3 +185,17 @@ def test_the_sentence_says_why_replicas_wait():
     rig.cycle()
     rig.cycle()
     assert rig.loop.status("web")[1] == "0/2 replicas ready; 2 pending (waiting: no node has 8 free cpus)"
+
+
+def test_a_quota_refusal_pauses_without_writing_the_log():
+    rig = Rig(replicas=2)
+    rig.w.apply(set_quota=_quota("alice", 1))
+    index = rig.w.index
+    assert "quota pending_tasks" in rig.cycle()
+    assert rig.w.index == index and rig.live() == []  # refused before proposing
+    assert "waiting: quota pending_tasks" in rig.loop.status("web")[1]
+    rig.cycle()
+    assert "next replica in" in rig.loop.status("web")[1] and rig.w.index == index
+    rig.w.apply(set_quota=_quota("alice", 10))
+    rig.now += serving.REFUSED_PAUSE_S
+    assert "started 2" in rig.cycle()
