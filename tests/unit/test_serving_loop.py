@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from lepton.common.states import TaskState
 from lepton.coordinator.loops import serving
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
+from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.v1 import serving_pb2, state_pb2, tasks_pb2
 from tests.unit.test_deployments import _quota, create, world
 
@@ -199,3 +200,22 @@ def test_a_quota_refusal_pauses_without_writing_the_log():
     rig.w.apply(set_quota=_quota("alice", 10))
     rig.now += serving.REFUSED_PAUSE_S
     assert "started 2" in rig.cycle()
+
+
+def test_a_new_leader_carries_on_from_the_replicated_state():
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")
+    rig.w.apply(scale_deployment=state_pb2.ScaleDeploymentCmd(name="web", replicas=1))
+    rig.cycle()  # t-1 draining when the leader changes
+    # The new leader: the same log (here a snapshot), fresh soft state, reports not in yet.
+    rig.loop.on_leadership(True, 2)
+    rig.ep.states.clear()
+    said = rig.cycle()
+    assert "started" not in said and "stopped" not in said  # no duplicate, the drain waits again
+    rig.now += serving.DRAIN_WAIT_S
+    assert "stopped t-1" in rig.cycle()
+    assert [t.id for t in rig.live()] == ["t-0"]
+    copy = ClusterStateMachine()
+    copy.restore(rig.w.sm.snapshot(), rig.w.index)
+    assert list(copy.deployments.get("web").task_ids) == list(rig.w.sm.deployments.get("web").task_ids)
