@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 
 import grpc
@@ -34,7 +35,15 @@ from lepton.coordinator.consensus import (
 )
 from lepton.coordinator.etcd.connection import Compacted, EtcdConnection, LeaseGone
 from lepton.coordinator.etcd.election import Election
-from lepton.coordinator.etcd.log import Keys, LogApplier, frame, framed_size, unframe
+from lepton.coordinator.etcd.log import (
+    Keys,
+    LogApplier,
+    append_refusal,
+    append_request,
+    frame,
+    framed_size,
+    unframe,
+)
 from lepton.coordinator.etcd.snapshot import Snapshotter
 from lepton.coordinator.etcd.tls import EtcdTls
 
@@ -78,6 +87,9 @@ class EtcdConsensus(Consensus):
         self._max_command = max_command_bytes
         self._max_batch = max(MAX_BATCH_BYTES, framed_size(max_command_bytes, 1))
         self._timeout = max(2.0 * lease_ttl, 5.0)  # per etcd call
+        # An append asks again after this: a txn forwarded to an etcd leader that just died
+        # hangs until etcd's own request timeout (~7 s); asking again is idempotent.
+        self._append_timeout = float(math.ceil(lease_ttl))
         self._running = False
         self._leading_term = 0  # non-zero while leading and caught up
         self._queue: deque[tuple[bytes, asyncio.Future[object]]] = deque()
@@ -318,29 +330,33 @@ class EtcdConsensus(Consensus):
 
     async def append(self, term: int, first: int, entries: list[bytes]) -> bool:
         """Put one batch at `first` in a txn that succeeds only while the leader key of
-        `term` exists and the index is free. True when committed (and then applied). A
-        refused txn (fenced) or one of unknown outcome ends this leadership."""
-        keys = self._keys
-        req = rpc.TxnRequest(
-            compare=[
-                rpc.Compare(key=keys.leader, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=term),
-                rpc.Compare(key=keys.log_key(first), target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0),
-            ],
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=keys.log_key(first), value=frame(entries)))],
-        )
-        try:
-            resp = await self._conn.call(self._conn.kv.Txn, req, timeout=self._timeout)
-        except InvalidArgument as err:  # etcd's request limit is lower than ours: nothing appended
-            self._fail_range(first, len(entries), err)
-            return False
-        except LeptonError as err:
-            if self._leading_term == term:
-                self._step_down(f"an append's outcome is unknown: {err}")
-            return False
+        `term` exists and the index is free. True when committed (and then applied).
+        An answer lost with the connection (etcd unreachable, a member killed) is asked
+        again at the same index while we lead: the index guard makes that idempotent, and a
+        refusal tells whether the earlier try landed. A fenced txn ends this leadership."""
+        value = frame(entries)
+        request = append_request(self._keys, term, first, value)
+        while True:
+            try:
+                resp = await self._conn.call(self._conn.kv.Txn, request, timeout=self._append_timeout)
+                break
+            except InvalidArgument as err:  # etcd's request limit is lower than ours: nothing appended
+                self._fail_range(first, len(entries), err)
+                return False
+            except LeptonError as err:
+                if self._leading_term != term or not self._running:
+                    return False  # stepped down meanwhile: its waiters know the outcome is unknown
+                logger.info("etcd consensus %s: append at %d: %s; asking again", self._id, first, err)
+                await asyncio.sleep(0.05)
+        mine, committed = True, bool(resp.succeeded)
         if not resp.succeeded:
+            mine, committed = append_refusal(resp, term, value)
+        if not mine and self._leading_term == term:
+            self._step_down("fenced: the leader key is no longer ours")
+        if not committed:
             self._fail_range(first, len(entries), Unavailable("leadership was lost; the command was not committed"))
             if self._leading_term == term:
-                self._step_down("fenced: the leader key changed or the index was taken")
+                self._step_down(f"log index {first} was taken by another writer")
             return False
         self._applier.apply_batch(first, entries)  # committed: apply even if deposed meanwhile
         self._maybe_snapshot(term)

@@ -84,6 +84,37 @@ def unframe(value: bytes) -> list[bytes]:
     return out
 
 
+def append_request(keys: Keys, term: int, first: int, value: bytes):
+    """The fenced append: put the batch at `first` only while the leader key is the one
+    created at `term` and the index is free; when refused, read both back (append_refusal)."""
+    key = keys.log_key(first)
+    return rpc.TxnRequest(
+        compare=[
+            rpc.Compare(key=keys.leader, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=term),
+            rpc.Compare(key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0),
+        ],
+        success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))],
+        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.leader)),
+                 rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
+    )
+
+
+def append_refusal(resp, term: int, value: bytes) -> tuple[bool, bool]:
+    """(still leading, batch committed) from a refused append_request. Committed means an
+    earlier try of this same append landed: the index holds our value, written after our
+    term began and before any later leader's (only the leader of `term` writes then)."""
+    leader = resp.responses[0].response_range.kvs
+    at_index = resp.responses[1].response_range.kvs
+    mine = bool(leader) and leader[0].create_revision == term
+    if not at_index:
+        return mine, False
+    kv = at_index[0]
+    later_leader = leader[0].create_revision if leader and not mine else None
+    landed = (kv.value == value and kv.create_revision > term
+              and (later_leader is None or kv.create_revision < later_leader))
+    return mine, landed
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotPointer:
     index: int
