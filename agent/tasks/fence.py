@@ -24,7 +24,8 @@ launcher exits 0 once the socket listens, so the fence is not the agent's child.
 once it has had no agent connected and no attempt held for LINGER_S. Protocol: one JSON
 object per line.
   {"op": "watch"}  -> {"held": [[task, attempt, pid], ...]}, then {"exit": [task, attempt],
-                      "pid": P, "rc": N} per ended attempt, for as long as the connection lasts
+                      "pid": P, "rc": N, "size": output.log's size or -1} per ended
+                      attempt, for as long as the connection lasts
   {"op": "spawn", "items": [{key, argv, env, cwd, dir, lease, run}]}
                    -> {"results": [{"pid", "start", "started_at_ms"} or {"error"}]}
   {"op": "adopt", "items": [{key, pid, start, dir, lease}]}  -> {"ok": true}
@@ -283,11 +284,14 @@ class Fence:
             pid = info.si_pid
             rc = info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
             held = self.held.pop(pid, None)
+            size = -1
             if held is not None:
                 tp.signal_group(pid, signal.SIGKILL)  # what the attempt left running dies with it
                 with contextlib.suppress(OSError):  # in place: one write; torn reads as no record
                     with open(held.dir / "exit.json", "wb") as f:
                         f.write(b'{"rc": %d}\n' % rc)
+                with contextlib.suppress(OSError):  # for the output cap: no stat on the agent's loop
+                    size = os.stat(held.dir / "output.log").st_size
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             if held is None:
@@ -296,7 +300,7 @@ class Fence:
                 held.popen.returncode = rc
             for conn in list(self._conns.values()):
                 if conn.watching:
-                    self._send(conn, {"exit": list(held.key), "pid": pid, "rc": rc})
+                    self._send(conn, {"exit": list(held.key), "pid": pid, "rc": rc, "size": size})
 
     def _tick(self) -> None:
         """Fence every held attempt whose lease has run out; forget adopted ones that ended."""

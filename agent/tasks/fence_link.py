@@ -36,9 +36,9 @@ Key = tuple[str, int]
 
 
 class FenceLink:
-    """`on_exit(key, pid, rc)` and `on_lost()` are called on the event loop."""
+    """`on_exit(key, pid, rc, output_size)` and `on_lost()` are called on the event loop."""
 
-    def __init__(self, data_dir: Path, on_exit: Callable[[Key, int, int], None], on_lost: Callable[[], None]):
+    def __init__(self, data_dir: Path, on_exit: Callable[[Key, int, int, int], None], on_lost: Callable[[], None]):
         self._dir = Path(data_dir)
         self._on_exit = on_exit
         self._on_lost = on_lost
@@ -119,7 +119,8 @@ class FenceLink:
                 doc = json.loads(line)
                 if "exit" in doc:
                     task_id, attempt = doc["exit"]
-                    self._on_exit((str(task_id), int(attempt)), int(doc["pid"]), int(doc["rc"]))
+                    self._on_exit((str(task_id), int(attempt)), int(doc["pid"]), int(doc["rc"]),
+                                  int(doc.get("size", -1)))
         except (OSError, ValueError, KeyError, TypeError, asyncio.LimitOverrunError) as err:
             logger.warning("the link to the node's attempt fence broke: %s", err)
         logger.warning("the node's attempt fence went away; starting another")

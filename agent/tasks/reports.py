@@ -4,18 +4,21 @@ Events go to `on_event` synchronously; its exceptions are logged. An EXITED even
 marked reported (`reported.json` in the attempt's folder: "done, never again") once the
 coordinator has taken it (`acknowledge`; or when `on_event` returns, without
 `acknowledged_by_caller`), so an agent that dies in between reports it again after
-restart (the coordinator takes repeats as idempotent).
+restart (the coordinator takes repeats as idempotent). Acknowledged marks are written in a
+thread, in batches: a file made per exit is slow on a busy disk, and a mark that a crash
+loses only means one more (idempotent) report.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from lepton.agent.tasks.task_spec import RunSpec, TaskEvent, TaskEventKind
@@ -34,6 +37,9 @@ class Reports:
         self._on_event = on_event
         # EXITED events handed out but not yet acknowledged: (task, attempt) -> (dir, record).
         self._acks_due: dict[tuple[str, int], tuple[Path, dict]] | None = {} if acknowledged_by_caller else None
+        self._marks: list[tuple[Path, dict]] = []  # acknowledged, not yet marked
+        self._marking: asyncio.Future[None] | None = None  # the thread that marks them
+        self._lock = threading.Lock()
 
     def emit(self, event: TaskEvent) -> None:
         try:
@@ -44,8 +50,7 @@ class Reports:
     def exited(self, att_dir: Path, event: TaskEvent) -> None:
         """Emit EXITED, then mark it reported (at-least-once across crashes): at once, or,
         with `acknowledged_by_caller`, when `acknowledge` says the coordinator has it."""
-        doc = asdict(event)
-        doc["kind"] = event.kind.value
+        doc = {**vars(event), "kind": event.kind.value}  # scalars only: asdict's deep copy costs more
         if self._acks_due is not None:
             self._acks_due[(event.task_id, event.attempt)] = (att_dir, doc)
         self.emit(event)
@@ -65,8 +70,38 @@ class Reports:
         """The coordinator has taken this attempt's EXITED event: never report it again. A
         crash before this reports it again after restart (the coordinator takes repeats as
         idempotent), so an exit is never lost between the queue and the coordinator."""
-        if self._acks_due is not None and (due := self._acks_due.pop((task_id, attempt), None)):
-            _mark_reported(*due)
+        if self._acks_due is None or (due := self._acks_due.pop((task_id, attempt), None)) is None:
+            return
+        with self._lock:
+            self._marks.append(due)
+            if self._marking is not None:
+                return  # the thread at work takes it too
+            try:
+                self._marking = asyncio.get_running_loop().run_in_executor(None, self._write_marks)
+                return
+            except RuntimeError:  # no loop (or it is closing): mark it here
+                pass
+        self._write_marks()
+
+    def _write_marks(self) -> None:
+        while True:
+            with self._lock:
+                marks, self._marks = self._marks, []
+                if not marks:
+                    self._marking = None
+                    return
+            for att_dir, doc in marks:
+                _mark_reported(att_dir, doc)
+
+    async def close(self) -> None:
+        """Every acknowledged mark written."""
+        with self._lock:
+            marking = self._marking
+        if marking is not None:
+            await asyncio.gather(marking, return_exceptions=True)
+        with self._lock:
+            self._marking = None
+        self._write_marks()
 
 
 def _mark_reported(att_dir: Path, doc: dict) -> None:

@@ -65,7 +65,7 @@ from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.fence_link import FenceLink, Key
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
-from lepton.agent.tasks.spawn import SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
+from lepton.agent.tasks.spawn import ALREADY_RAN, SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
 from lepton.agent.tasks.task_spec import (
     TASK_ID_RE,
     RunningTask,
@@ -128,10 +128,10 @@ class TaskRunner:
         self._lease = str(lease_path or "")
         self._link = FenceLink(Path(data_dir), self._on_fence_exit, self._on_fence_lost)
         self._relinking: asyncio.Task[None] | None = None
-        self._early_exits: dict[Key, tuple[int, int]] = {}  # ended while its spawn reply was on the way
+        self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
         self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
                                 lease_path, self._boot, self._link)
-        self._spawns = SpawnQueue(self._spawner, self._spawned)  # large batches, in the background
+        self._spawns = SpawnQueue(self._claim_and_spawn, self._spawned)  # large batches, in the background
         self._live: dict[tuple[str, int], Attempt] = {}
         self._claims = ClaimLog(self._root)
         self._settling: asyncio.Task[int] | None = None
@@ -202,6 +202,7 @@ class TaskRunner:
             await asyncio.gather(self._settling, return_exceptions=True)
             self._settling = None
         self._exits.close()
+        await self._reports.close()
         await self._link.close()  # the fence keeps the attempts, and fences them on its own
         self._early_exits.clear()
         for att in self._live.values():
@@ -229,16 +230,40 @@ class TaskRunner:
             for spec, att_dir in claimed:
                 self._reports.failed_to_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
             return
-        if len(claimed) <= SYNC_SPAWNS:
-            self._spawned(claimed, self._spawner.spawn_all(claimed))
-            return
-        self._spawns.add(claimed)  # many: in the background, a chunk at a time
+        self._spawned(claimed, self._spawner.spawn_all(claimed))
+
+    def _claim_and_spawn(self, chunk: list[tuple[RunSpec, Path]]) -> list[Spawned | str]:
+        """A background chunk, in a spawning thread: its folders made (exclusive), its claims
+        recorded (one fsync), then spawned: the event loop touches no disk for them."""
+        results: list[Spawned | str] = [ALREADY_RAN] * len(chunk)
+        claimed: list[int] = []
+        for i, (_, att_dir) in enumerate(chunk):
+            try:
+                att_dir.parent.mkdir(parents=True, exist_ok=True)
+                att_dir.mkdir()
+                claimed.append(i)
+            except FileExistsError:
+                pass  # it ran here before; its EXITED event is the coordinator's answer
+            except OSError as err:
+                results[i] = f"cannot make the attempt's folder: {err}"
+        try:
+            self._claims.record((chunk[i][0].task_id, chunk[i][0].attempt, chunk[i][0].term) for i in claimed)
+        except OSError as err:
+            for i in claimed:
+                results[i] = f"cannot record the attempt's claim: {err}"
+            return results
+        for i, result in zip(claimed, self._spawner.spawn_all([chunk[i] for i in claimed]), strict=True):
+            results[i] = result
+        return results
 
     def _spawned(self, batch: list[tuple[RunSpec, Path]], results: list[Spawned | str]) -> None:
         """On the loop, in the batch's order: track what started, report what did not."""
         for (spec, att_dir), result in zip(batch, results, strict=True):
             key = (spec.task_id, spec.attempt)
             stop = self._spawns.done(key)
+            if result == ALREADY_RAN:
+                logger.info("task %s attempt %d already ran on this node", *key)
+                continue
             if isinstance(result, str):
                 self._reports.failed_to_start(spec, att_dir, result)
                 continue
@@ -252,7 +277,7 @@ class TaskRunner:
                                  pid=att.pid, at_ms=att.started_at_ms))
             early = self._early_exits.pop(key, None)
             if early is not None and early[0] == att.pid:
-                self._finish(att, early[1])
+                self._finish(att, early[1], early[2])
             elif stop is not None:  # cancelled while it was being spawned
                 self.cancel(*key, reason=stop[0], grace_s=stop[1])
 
@@ -290,6 +315,8 @@ class TaskRunner:
         att = self._live.get(key)
         if att is None:
             if (spec := self._spawns.take_back(key)) is not None:  # queued: it never starts
+                # Not claimed yet: its folder says it is done here (never run, never again).
+                self._attempt_dir(*key).mkdir(parents=True, exist_ok=True)
                 self._reports.exited(self._attempt_dir(*key), TaskEvent(task_id, attempt, spec.term, TaskEventKind.EXITED,
                                                                 reason=reason, at_ms=now_ms()))
             elif key in self._spawns.starting:  # in a spawning thread now
@@ -392,22 +419,29 @@ class TaskRunner:
             self.cancel(*key)
         stopped = len(stop)
         started = failed = finished = 0
-        claimed: list[tuple[RunSpec, Path]] = []
+        new: list[tuple[RunSpec, Path]] = []
         for key, spec in want.items():
             if key in self._live or key in self._spawns.starting:
                 continue
-            if self._attempt_dir(*key).exists():
+            if (att_dir := self._attempt_dir(*key)).exists():
                 finished += 1  # ran before; its EXITED event is the coordinator's answer
                 continue
+            new.append((spec, att_dir))
+        if len(new) > SYNC_SPAWNS:  # many: claimed and spawned in the background, a chunk at a time
+            self._spawns.add(new)
+            started = len(new)
+            new = []
+        claimed: list[tuple[RunSpec, Path]] = []
+        for spec, _ in new:
             try:
                 if (att_dir := self._claim(spec)) is not None:
                     claimed.append((spec, att_dir))
             except LeptonError as err:
-                logger.warning("reconcile: cannot launch %s/%d: %s", key[0], key[1], err.message)
+                logger.warning("reconcile: cannot launch %s/%d: %s", spec.task_id, spec.attempt, err.message)
                 rejected += 1
         self._start_claimed(claimed)  # one durable record for all of them, then the spawns
         for spec, _ in claimed:
-            if (spec.task_id, spec.attempt) in self._live or (spec.task_id, spec.attempt) in self._spawns.starting:
+            if (spec.task_id, spec.attempt) in self._live:
                 started += 1
             else:
                 failed += 1
@@ -462,13 +496,13 @@ class TaskRunner:
             self._exits.watch(att.key, att.pid, att.start)
         att.arm(self._on_wake)
 
-    def _on_fence_exit(self, key: Key, pid: int, rc: int) -> None:
+    def _on_fence_exit(self, key: Key, pid: int, rc: int, output_size: int) -> None:
         """The fence reaped this attempt, which ended with `$?` `rc` (exit.json holds it)."""
         att = self._live.get(key)
         if att is not None and att.pid == pid:
-            self._finish(att, rc)
+            self._finish(att, rc, output_size)
         elif key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
-            self._early_exits[key] = (pid, rc)
+            self._early_exits[key] = (pid, rc, output_size)
 
     def _on_fence_lost(self) -> None:
         """The fence is gone (killed): its attempts run on, orphaned, without a fence."""
@@ -597,15 +631,16 @@ class TaskRunner:
         except OSError as err:
             logger.warning("cannot record the stop of task %s attempt %d: %s", *att.key, err)
 
-    def _finish(self, att: Attempt, rc: int | None) -> None:
-        """The attempt's process is gone (`rc`: its `$?` when known): clear its group, work
-        out the exit code and report it."""
+    def _finish(self, att: Attempt, rc: int | None, output_size: int | None = None) -> None:
+        """The attempt's process is gone (`rc`: its `$?`, `output_size`: output.log's size,
+        when known): clear its group, work out the exit code and report it."""
         self._live.pop(att.key, None)
         self._exits.unwatch(att.key)
         att.disarm()
-        self._outputs.finished(att.dir)
-        if att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
-            tp.signal_group(att.pid, signal.SIGKILL)  # leftovers in the task's group
+        self._outputs.finished(att.dir, output_size)
+        # Leftovers in the task's group (the fence killed those of its own before the reap).
+        if not att.held and att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
+            tp.signal_group(att.pid, signal.SIGKILL)
         code, reason, at_ms = att.outcome(rc, now_ms())
         logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
         self._reports.exited(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,

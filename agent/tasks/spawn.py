@@ -3,7 +3,8 @@
 The runner builds each attempt's spawn (its command, environment and folder: attempt_env)
 and the node's attempt fence (fence.py) spawns a whole batch in one request: it is every
 attempt's parent and writes run.json once, with the pid. Small batches are spawned before
-the runner's call returns; large ones in the background (`SpawnQueue`), so the event loop
+the runner's call returns; large ones are claimed and spawned in the background
+(`SpawnQueue`: folders, claims' fsync and spawns in a thread), so the event loop
 (heartbeats, exits, the leader's own work when the agent is a voter) keeps going while
 thousands start. The runner handles the results on its loop, in the batch's order
 (tracking, events), so nothing about ordering or fencing changes.
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_SPAWNS = 8  # batches up to this size are spawned before the runner's call returns
 SPAWN_CHUNK = 64  # larger ones in the background (SpawnQueue), this many at a time
+ALREADY_RAN = "already ran on this node"  # a background attempt whose folder existed: not spawned
 
 
 @dataclass
@@ -86,15 +88,17 @@ Item = tuple[RunSpec, Path]  # a claimed attempt and its folder
 
 
 class SpawnQueue:
-    """Claimed attempts spawned in the background, SPAWN_CHUNK at a time, so that the event
-    loop (heartbeats, exits, the leader's own work when the agent is a voter) keeps going
-    while thousands start. `on_spawned(chunk, results)` runs on the loop after each chunk.
+    """Attempts claimed and spawned in the background, SPAWN_CHUNK at a time (`spawn(chunk)`
+    in a thread: their folders, claims and spawns), so that the event loop (heartbeats,
+    exits, the leader's own work when the agent is a voter) keeps going while thousands
+    start. `on_spawned(chunk, results)` runs on the loop after each chunk.
     An attempt cancelled while it waits is taken back (`take_back`) and never starts; one
     cancelled while its chunk spawns is stopped as soon as it has started
     (`stop_when_started`)."""
 
-    def __init__(self, spawner: Spawner, on_spawned: Callable[[list[Item], list[Spawned | str]], None]):
-        self._spawner = spawner
+    def __init__(self, spawn: Callable[[list[Item]], list[Spawned | str]],
+                 on_spawned: Callable[[list[Item], list[Spawned | str]], None]):
+        self._spawn = spawn
         self._on_spawned = on_spawned
         self.starting: dict[Key, RunSpec] = {}  # every attempt queued or spawning now
         self.stop_when_started: dict[Key, tuple[str, float | None]] = {}  # reason, grace
@@ -126,8 +130,8 @@ class SpawnQueue:
         return self.stop_when_started.pop(key, None)
 
     async def close(self) -> None:
-        """Start nothing more (what waited stays claimed, never started: a runner's next
-        start reports it lost); let the chunk in its threads finish and be handed on."""
+        """Start nothing more (what waited is not claimed yet: the leader's next set starts
+        it); let the chunk in its threads finish and be handed on."""
         self._backlog.clear()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -143,7 +147,7 @@ class SpawnQueue:
             keys = {(spec.task_id, spec.attempt) for spec, _ in chunk}
             self._in_flight |= keys
             try:
-                results = await asyncio.to_thread(self._spawner.spawn_all, chunk)
+                results = await asyncio.to_thread(self._spawn, chunk)
             except RuntimeError as err:  # the loop's executor is shut down: the process is ending
                 results = [f"not spawned: {err}"] * len(chunk)
             finally:

@@ -192,15 +192,17 @@ class OutputLogs:
         except OSError as err:
             logger.warning("cannot record the output rotation of %s: %s", att_dir, err)
 
-    def check(self, att_dir: Path) -> None:
+    def check(self, att_dir: Path, size: int | None = None) -> None:
         """Start a rotation when output.log is past the cap (a no-op while one runs).
-        Also notices a truncation by someone else, so that readers skip past it."""
+        Also notices a truncation by someone else, so that readers skip past it.
+        `size`: output.log's size when the caller knows it (else a stat)."""
         if att_dir in self._rotating:
             return
-        try:
-            size = os.stat(att_dir / OUTPUT).st_size
-        except OSError:
-            return
+        if size is None or size < 0:
+            try:
+                size = os.stat(att_dir / OUTPUT).st_size
+            except OSError:
+                return
         seen = self._sizes.get(att_dir, 0)
         self._sizes[att_dir] = size
         if size < seen:  # e.g. an operator's logrotate with copytruncate
@@ -213,9 +215,10 @@ class OutputLogs:
             self._rotating[att_dir] = task
             task.add_done_callback(lambda _t, d=att_dir: self._rotating.pop(d, None))
 
-    def finished(self, att_dir: Path) -> None:
-        """The attempt ended: cap what it left, and stop tracking its size."""
-        self.check(att_dir)
+    def finished(self, att_dir: Path, size: int | None = None) -> None:
+        """The attempt ended (`size`: what it left in output.log, when known): cap that,
+        and stop tracking its size."""
+        self.check(att_dir, size)
         self._sizes.pop(att_dir, None)
 
     def forget(self, att_dir: Path) -> None:
