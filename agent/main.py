@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
-from lepton.common.config import load_config
-from lepton.common.errors import LeptonError
-from lepton.common.logs import setup_logging
-from lepton.common.version import VERSION
+# gRPC's C core reads this once, when grpc is first imported (lepton.common does): its
+# absl logging prints INFO lines on stderr otherwise, one per failed TLS handshake (e.g.
+# an etcd whose CA is not --etcd-ca) between the agent's own lines. An explicit setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from lepton.common.config import load_config  # noqa: E402
+from lepton.common.errors import LeptonError  # noqa: E402
+from lepton.common.logs import setup_logging  # noqa: E402
+from lepton.common.version import VERSION  # noqa: E402
 
 logger = logging.getLogger("lepton.agent")
 
