@@ -37,8 +37,9 @@ def cluster(agents, tmp_path, tasks_exec_python):
     meta = {"algorithm": "mlp", "task": "classification", "input_shape": [4], "output_dim": 2,
             "num_classes": 2, "target_shape": [], "hidden": 8, "recipe": "lepton.workloads.recipes.train"}
     save_model(tmp_path / "model.safetensors", build_model("mlp", [4], 2, hidden=8), meta)
-    put_file(client, "mlp", tmp_path / "model.safetensors", replicas=1, kind="model",
-             labels=model_labels(read_config(tmp_path / "model.safetensors"), "j-1"))
+    for name in ("mlp", "mlp2"):
+        put_file(client, name, tmp_path / "model.safetensors", replicas=1, kind="model",
+                 labels=model_labels(read_config(tmp_path / "model.safetensors"), "j-1"))
     np.savez(tmp_path / "d.npz", x=np.ones((8, 4), dtype=np.float32), y=np.zeros(8, dtype=np.int64))
     run_ctl("data", "put", str(tmp_path / "d.npz"), "--name", "rows", "--replicas", "1", server=voter.address,
             check=True)
@@ -76,6 +77,17 @@ def test_up_scale_and_rm(cluster):
     assert all(r["model"] == "mlp" and r["state"] == "ready" for r in doc["replica_list"])
     listed = json.loads(ctl("-o", "json", "serve", "ls", check=True).stdout)
     assert [(d["name"], d["ready"]) for d in listed] == [("web", 2)]
+    first = {r["task_id"] for r in doc["replica_list"]}
+
+    # A rolling update: every replica is replaced by one of generation 2 serving mlp2.
+    out = ctl("-o", "json", "serve", "update", "web", "mlp2", "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["generation"], doc["model"], doc["ready"]) == (2, "mlp2", 2)
+    assert all((r["generation"], r["model"]) == (2, "mlp2") for r in doc["replica_list"])
+    assert not first & {r["task_id"] for r in doc["replica_list"]}
+    assert all(client.get(t).state == "cancelled" for t in first)
+    assert "rolling to generation 2" in out.stderr  # the wait said what it waited for
 
     # Up to 3: more replicas than nodes share one rather than wait.
     out = ctl("-o", "json", "serve", "scale", "web", "3", "--wait-timeout", str(READY_S), timeout=READY_S + 30)
@@ -88,7 +100,7 @@ def test_up_scale_and_rm(cluster):
     doc = json.loads(out.stdout)
     assert doc["ready"] == 1 and len(doc["replica_list"]) == 1
     kept = doc["replica_list"][0]["task_id"]
-    replica_tasks = [t for t in client.tasks() if t.name.startswith("serve-web-")]
+    replica_tasks = [t for t in client.tasks() if t.name.startswith("serve-web-g2")]
     assert len(replica_tasks) == 3
     assert {t.id for t in replica_tasks if t.state == "running"} == {kept}
 
