@@ -38,6 +38,7 @@ from ._cli_common import (
     interrupt_reason,
     print_result,
 )
+from .render import human_bytes
 
 __all__ = ["register"]
 
@@ -78,9 +79,9 @@ def _show_text(d: DeploymentInfo) -> str:
     lines = [
         f"name:        {d.name}",
         f"model:       {d.model} (generation {d.generation})",
-        f"state:       {d.state}: {d.message}" if d.message else f"state:       {d.state}",
+        f"state:       {d.state} ({d.message})" if d.message else f"state:       {d.state}",
         f"replicas:    {d.ready}/{d.replicas} ready" + (" (packed)" if d.pack else ""),
-        f"per replica: cpu {d.cpu:g}, memory {d.memory_bytes} bytes, gpus {d.gpus}",
+        f"per replica: cpu {d.cpu:g}, memory {human_bytes(d.memory_bytes) if d.memory_bytes else '-'}, gpus {d.gpus}",
         "batching:    " + (f"up to {d.max_batch} rows, waiting {d.max_wait_ms} ms" if d.max_batch > 1 else "off"),
         f"owner:       {d.owner or '-'}",
         f"requests:    {s.requests} ({s.requests_per_s:.1f}/s), errors {s.errors}, "
