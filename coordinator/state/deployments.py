@@ -100,7 +100,10 @@ class DeploymentTable:
         if c.request_id and c.request_id in self.by_request:
             return _copy(self.records[self.by_request[c.request_id]].deployment)  # a retry
         check_deployment_spec(c.spec)
-        if c.spec.name in self.records:
+        old = self.records.get(c.spec.name)
+        if old is not None and old.deleting:
+            raise AlreadyExists(f'deployment "{c.spec.name}" is being removed; create it again once it is gone')
+        if old is not None:
             raise AlreadyExists(f'deployment "{c.spec.name}" exists (lepton-ctl serve update or scale changes it)')
         if len(self.records) >= MAX_DEPLOYMENTS:
             raise FailedPrecondition(f"{len(self.records)} deployments; at most {MAX_DEPLOYMENTS}")

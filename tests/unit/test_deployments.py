@@ -105,6 +105,8 @@ def test_delete_marks_stopping_and_removal_waits_for_the_tasks():
     dep = w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web"))
     assert dep.state == "stopping" and w.sm.deployments.get("web").deleting
     assert isinstance(add_replicas(w, "web", ["t-2"]), FailedPrecondition)  # no new replicas while removed
+    again = create(w)
+    assert isinstance(again, AlreadyExists) and "is being removed" in again.message
     assert isinstance(w.apply(scale_deployment=state_pb2.ScaleDeploymentCmd(name="web", replicas=3)),
                       FailedPrecondition)
     assert isinstance(w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web", remove=True)),
