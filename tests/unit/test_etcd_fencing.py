@@ -188,3 +188,45 @@ async def test_tls_and_failover_between_members(tmp_path):
             assert sm.log[0] == b"a" and b"b" in sm.log
         finally:
             await node.stop()
+
+
+async def test_an_append_asked_again_after_a_lost_answer_applies_once(etcd):
+    h = EtcdHarness(etcd, candidates=1, prefix="/lepton/again")
+    await h.start()
+    try:
+        leader = h.leader()
+        term, first = leader.term(), h.sm.applied_index + 1
+        assert await leader.append(term, first, [b"x"]) is True
+        # The same batch again, as after a lost answer: the refusal shows it landed.
+        assert await leader.append(term, first, [b"x"]) is True
+        assert h.sm.log == [b"x"] and leader.is_leader()
+        # A different batch at a taken index is not ours: refused, and leadership ends.
+        assert await leader.append(term, first, [b"other"]) is False
+        assert h.sm.log == [b"x"] and (False, term) in h.events
+    finally:
+        await h.stop()
+
+
+async def test_a_watch_compacted_past_reloads_from_the_snapshot(etcd):
+    h = EtcdHarness(etcd, candidates=2, prefix="/lepton/behind", snapshot_every=10)
+    await h.start()
+    try:
+        follower_id = next(i for i in h.ids if i != h._lead)
+        follower = h.nodes[follower_id]
+        watch = next(t for t in follower._tasks if "watch" in t.get_name())
+        watch.cancel()  # the follower stops hearing the log at revision ~2
+        for i in range(45):
+            await h.leader().propose(f"w{i}".encode(), timeout=10)
+        await eventually(lambda: h.leader()._applier.snapshot is not None
+                         and h.leader()._applier.snapshot.index >= 30, "no second snapshot")
+        sm = h.sms[follower_id]
+        assert sm.applied_index < 45
+        restored: list[int] = []
+        restore = sm.restore
+        sm.restore = lambda data, index: (restored.append(index), restore(data, index))
+        follower._tasks.append(asyncio.create_task(follower._watch_loop(2)))  # from long ago
+        await eventually(lambda: sm.log == [f"w{i}".encode() for i in range(45)],
+                         "the follower did not catch up from the snapshot")
+        assert restored and restored[0] >= 30  # history was compacted: it had to reload
+    finally:
+        await h.stop()
