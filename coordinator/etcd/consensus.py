@@ -142,9 +142,10 @@ class EtcdConsensus(Consensus):
             return
         self._running = False
         self._step_down("stopping", Unavailable(f"etcd consensus {self._id} is stopping"))
-        for task in self._tasks + ([self._snapshot_task] if self._snapshot_task else []):
+        tasks = self._tasks + ([self._snapshot_task] if self._snapshot_task else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         if self._election is not None:
             await self._election.resign()
@@ -291,8 +292,9 @@ class EtcdConsensus(Consensus):
                            self._id, term, err)
             await self._election.resign()
             return
-        if not self._running or not self._election.lease_valid() or self._election.leader_term != term:
-            return  # lost it while catching up
+        e = self._election
+        if not self._running or not e.lease_valid() or e.leader_term != term or e.leader_id != self._id:
+            return  # lost it while catching up (the watch saw our key go)
         self._leading_term = term
         logger.info("etcd consensus %s: leading term %d at index %d", self._id, term, self._sm.applied_index)
         self._notify_leadership(True, term)
