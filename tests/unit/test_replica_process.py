@@ -114,3 +114,15 @@ async def test_replica_without_its_socket_variable_says_why(tmp_path):
                            "--deployment", "d"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "LEPTON_SERVE_SOCKET is not set" in proc.stderr
+
+
+async def test_a_file_that_is_no_model_ends_the_replica_with_one_line(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"PK\x03\x04 a torch.save zip")
+    env = {**os.environ, "LEPTON_SERVE_SOCKET": str(tmp_path / "r.sock")}
+    proc = subprocess.run([sys.executable, "-m", "lepton.workloads.serving.replica", "--model", "m",
+                           "--deployment", "d", "--model-file", str(tmp_path / "bad.safetensors")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: cannot load model m:" in proc.stderr and "pickle" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.sock").exists()

@@ -156,7 +156,12 @@ async def serve(args: argparse.Namespace) -> int:
             await server.stop(0)
             return 2
         batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
-        await batcher.predict(np.zeros([1, *model.input_shape], dtype=INPUT_DTYPE))  # warm-up
+        try:
+            await batcher.predict(np.zeros([1, *model.input_shape], dtype=INPUT_DTYPE))  # warm-up
+        except Exception as err:  # noqa: BLE001 - a model that cannot predict never serves
+            print(f"error: model {args.model} failed its warm-up prediction: {err}", file=sys.stderr, flush=True)
+            await server.stop(0)
+            return 2
         service.loaded(batcher, model)
         print(f"replica of {args.deployment} (generation {args.generation}): model {args.model} on "
               f"{model.device}, max batch {batcher.max_batch}, window {args.max_wait_ms} ms: warmed up, serving",
