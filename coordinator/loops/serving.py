@@ -111,7 +111,7 @@ class _Soft:
     drain_since: dict[str, float] = field(default_factory=dict)  # task id -> monotonic
     pending_since: dict[str, float] = field(default_factory=dict)  # task id -> monotonic
     known: set[str] = field(default_factory=set)  # live task ids at the last cycle
-    failures: int = 0  # replicas that ended without being drained, since one was last ready
+    failures: int = 0  # replicas that ended without being drained, since all were last ready
     retry_at: float = 0.0
     paused_by: str = ""  # why submits wait until retry_at
     state: str = ""
@@ -248,8 +248,6 @@ class ServingLoop:
             soft.failures += len(ended)
             soft.retry_at = now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (soft.failures - 1))
             soft.paused_by = f"{soft.failures} replica(s) failed"
-        if any(reported.get(t) == READY for t in live_ids):
-            soft.failures = 0
         for task_id in rec.draining:
             soft.drain_since.setdefault(task_id, now)
         pending = [t for t in live if t.state == TaskState.PENDING.proto]
@@ -257,6 +255,8 @@ class ServingLoop:
         plan = plan_deployment(rec, live, reported, lambda t: now - soft.drain_since.get(t, now) >= DRAIN_WAIT_S,
                                lambda t: t.id in soft.pending_since and now - soft.pending_since[t.id] >= STALL_S)
         soft.state, soft.message = plan.state, plan.message
+        if plan.state == "ready":  # not merely one ready: a sibling may be crash-looping
+            soft.failures = 0
         waiting = [self._pending_reason(t.id) for t in pending if t.id not in rec.draining]
         waiting = [w for w in waiting if w]
         if waiting and plan.state in ("starting", "degraded", "rolling"):

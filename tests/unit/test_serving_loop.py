@@ -219,3 +219,25 @@ def test_a_new_leader_carries_on_from_the_replicated_state():
     copy = ClusterStateMachine()
     copy.restore(rig.w.sm.snapshot(), rig.w.index)
     assert list(copy.deployments.get("web").task_ids) == list(rig.w.sm.deployments.get("web").task_ids)
+
+
+def test_a_crash_looping_replica_backs_off_even_beside_a_ready_one():
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0")
+    waits = []
+    for _ in range(3):
+        rig.cycle()
+        task_id = rig.live()[-1].id
+        rig.run_and_ready(task_id)
+        rig.ep.states.pop(task_id)  # it starts, then dies before it is ready
+        rig.fail(task_id)
+        rig.cycle()
+        before = len(rig.live())
+        waited = 0.0
+        while len(rig.live()) == before:
+            rig.now += 0.5
+            waited += 0.5
+            rig.cycle()
+        waits.append(waited)
+    assert waits == [serving.BACKOFF_MIN_S, 2 * serving.BACKOFF_MIN_S, 4 * serving.BACKOFF_MIN_S]
