@@ -124,7 +124,7 @@ class Fence:
         next_tick = 0.0
         idle_since = time.monotonic()  # the launching agent connects within a moment
         while self._conns or self.held or time.monotonic() - idle_since < LINGER_S:
-            fenced = any(h.lease or not h.child for h in self.held.values())
+            fenced = bool(self.held)  # not a walk per wake-up: the tick skips what has no lease
             timeout = max(0.0, next_tick - time.monotonic()) if fenced else None
             if not self._conns and not self.held:
                 timeout = max(0.0, idle_since + LINGER_S - time.monotonic())
@@ -191,9 +191,9 @@ class Fence:
                 reply = {"error": f"bad request: {err}"}
             self._send(conn, reply)
 
-    def _send(self, conn: _Conn, doc: dict[str, Any]) -> None:
+    def _send(self, conn: _Conn, doc: dict[str, Any], *, event: bool = False) -> None:
         conn.outbox += json.dumps(doc).encode() + b"\n"
-        if len(conn.outbox) > MAX_OUTBOX:
+        if event and len(conn.outbox) > MAX_OUTBOX:
             print(f"fence: dropping an agent {len(conn.outbox)} bytes behind", file=sys.stderr, flush=True)
             self._close(conn)
             return
@@ -265,7 +265,8 @@ class Fence:
         except OSError as err:
             # Unrecorded, a restarted agent could not find it: better not to leave it running.
             tp.signal_group(proc.pid, signal.SIGKILL)
-            return {"error": f"cannot record the pid: {err}"}  # reaped (and dropped) by _reap
+            proc.wait()  # reaped here, so subprocess never polls the pid again once reused
+            return {"error": f"cannot record the pid: {err}"}
         key = (str(item["key"][0]), int(item["key"][1]))
         self.held[proc.pid] = Held(key, proc.pid, started["start"], att_dir, str(item.get("lease") or ""),
                                    child=True, popen=proc)
@@ -300,7 +301,7 @@ class Fence:
                 held.popen.returncode = rc
             for conn in list(self._conns.values()):
                 if conn.watching:
-                    self._send(conn, {"exit": list(held.key), "pid": pid, "rc": rc, "size": size})
+                    self._send(conn, {"exit": list(held.key), "pid": pid, "rc": rc, "size": size}, event=True)
 
     def _tick(self) -> None:
         """Fence every held attempt whose lease has run out; forget adopted ones that ended."""
