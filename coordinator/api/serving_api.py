@@ -18,20 +18,17 @@ from typing import Any
 import grpc
 
 from lepton.common import validation as v
-from lepton.common.auth import Role, current_principal, effective_owner
+from lepton.common.auth import current_principal
 from lepton.common.errors import Unavailable
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.dataset_api import only_owner
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
 from lepton.coordinator.state.deployments import check_deployment_owner, check_model
-from lepton.coordinator.state.security_state import check_node_caller
-from lepton.v1 import serving_pb2, serving_pb2_grpc, state_pb2
+from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
+from lepton.v1 import serving_pb2, serving_pb2_grpc, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
-
-PEOPLE_ROLES = (Role.ADMIN, Role.USER)
-
 
 class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
     def __init__(self, ctx: CoordinatorContext, loop: ServingLoop, endpoints: Any = None):
@@ -75,11 +72,12 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
             v.require_id(request.request_id, "request_id")
         await self._ctx.read()
         check_model(self._sm, spec.model)
-        p = current_principal()
-        role = p.role.value if p is not None and p.role in PEOPLE_ROLES else ""
+        # The owner, role and token its replica tasks act with: stamped as a task's are.
+        stamp = tasks_pb2.TaskSpec()
+        stamp_owner(stamp, self._sm)
         cmd = state_pb2.CreateDeploymentCmd(
-            spec=spec, owner=effective_owner(""), request_id=request.request_id, owner_role=role,
-            owner_token_id=p.token_id if p is not None and role and p.via == "token" else "")
+            spec=spec, owner=stamp.owner, request_id=request.request_id, owner_role=stamp.owner_role,
+            owner_token_id=stamp.owner_token_id)
         return await self._commit_view(state_pb2.Command(create_deployment=cmd), spec.name)
 
     @rpc_boundary
