@@ -297,6 +297,8 @@ def check_deployment_spec(spec) -> None:
     _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
     if r.gpus > MAX_GPUS:
         raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
+    if r.gpu_memory_bytes and not r.gpus:
+        raise InvalidArgument("resources.gpu_memory_bytes needs resources.gpus > 0")
     if spec.max_batch > MAX_SERVE_BATCH:
         raise InvalidArgument(f"max_batch is {spec.max_batch}; at most {MAX_SERVE_BATCH}")
     if spec.max_wait_ms > MAX_SERVE_WAIT_MS:
