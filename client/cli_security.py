@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lepton.common.errors import Internal, error_for_code
+from lepton.common.errors import Internal, InvalidArgument, error_for_code
 from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.v1 import security_pb2 as spb
 from lepton.v1.security_pb2_grpc import SecurityStub
@@ -188,8 +188,13 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
     import json
     import subprocess
 
+    if bool(args.etcd) == bool(args.data_dir):
+        raise InvalidArgument("give --data-dir D (a stopped voter) or --etcd etcd://HOST:PORT,... (stopped candidates)")
+    where = [args.data_dir] if args.data_dir else ["--etcd", args.etcd, "--cluster-name", args.cluster_name] + [
+        f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+        for flag in ("etcd_prefix", "etcd_ca", "etcd_cert", "etcd_key") if getattr(args, flag)]
     proc = subprocess.run(
-        [sys.executable, "-m", "lepton.coordinator.restore", args.file, args.data_dir],
+        [sys.executable, "-m", "lepton.coordinator.restore", args.file, *where],
         capture_output=True, text=True, check=False,
     )
     try:
@@ -200,8 +205,10 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
         raise error_for_code(doc.get("code", ""), doc.get("message", "snapshot restore failed"))
     def human() -> str:
         moved = f"the previous raft folder is kept as {doc['moved_aside']}\n" if doc["moved_aside"] else ""
+        then = ("start the candidates as before" if args.etcd else
+                "start the agent as before; see docs/operations.md for clusters of several voters")
         return (f"restored cluster {doc['cluster_id']} at index {doc['index']} into {doc['data_dir']}\n"
-                f"{moved}start the agent as before; see docs/operations.md for clusters of several voters\n")
+                f"{moved}{then}\n")
 
     return print_result(args, doc, human)
 
@@ -234,4 +241,11 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     p = cmd(snap, "restore", cmd_snapshot_restore,
             "offline: install FILE as the state of a stopped agent's data dir")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--data-dir", required=True, metavar="D", help="the stopped voter's data dir")
+    p.add_argument("--data-dir", metavar="D", help="the stopped voter's data dir")
+    p.add_argument("--etcd", metavar="etcd://HOST:PORT,...",
+                   help="instead: the etcd of a cluster run with --state etcd (every candidate stopped)")
+    p.add_argument("--etcd-prefix", metavar="P", help="with --etcd: the cluster's prefix (default /lepton/<cluster-name>)")
+    p.add_argument("--cluster-name", default="default", help="with --etcd: names the default prefix")
+    p.add_argument("--etcd-ca", metavar="F", help="with --etcd: the CA of etcd's certificates")
+    p.add_argument("--etcd-cert", metavar="F", help="with --etcd: a client certificate etcd accepts")
+    p.add_argument("--etcd-key", metavar="F", help="with --etcd: its key")

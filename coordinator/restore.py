@@ -1,14 +1,18 @@
-"""Offline restore of a backup (`lepton-ctl snapshot save`) into a stopped voter's data dir.
+"""Offline restore of a backup (`lepton-ctl snapshot save`) into a stopped voter's data dir,
+or into the etcd prefix of a cluster whose candidates are all stopped (`restore_etcd`).
 
 The backup's state snapshot becomes the base of a fresh Raft log at `<data-dir>/raft`
 (`FileLogStore.save_snapshot`, an empty log, the hard state at the snapshot's term), so
 the agent starts from it. The raft folder that was there is kept beside it, renamed
 `raft.before-restore-<ms>`. The node's identity (`node_id`) is left alone.
+In etcd the backup becomes the prefix's snapshot (chunks and pointer, the layout of
+lepton.coordinator.etcd) and the log is emptied; the first candidate started leads from it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import time
@@ -101,30 +105,112 @@ def restore(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> R
     return RestoreResult(str(d), b.index, b.term, b.cluster_id, moved)
 
 
+async def restore_etcd(path: str | os.PathLike[str], endpoints: list[str], prefix: str, tls=None) -> RestoreResult:
+    """Install the backup at `path` as the state under `prefix` in the etcd at `endpoints`
+    (`tls`: an EtcdTls). Offline: refused while a candidate leads there (the leader key
+    exists). Atomic where it matters: the chunks are written first, then one txn, guarded
+    by the leader key's absence, points the snapshot at them and deletes the log and every
+    other snapshot. Raises InvalidArgument (not a backup...), FailedPrecondition (a
+    candidate leads, another cluster's state), Unavailable (etcd unreachable)."""
+    from aetcd import rpc
+
+    from lepton.coordinator.etcd.connection import EtcdConnection, prefix_end
+    from lepton.coordinator.etcd.log import Keys, LogApplier
+    from lepton.coordinator.etcd.snapshot import CHUNK_BYTES
+
+    b = backup.load(path)
+    try:
+        ClusterStateMachine().restore(b.payload, b.index)
+    except Exception as err:  # noqa: BLE001 - any parse failure means a bad payload
+        raise InvalidArgument(f"{path}: the state snapshot does not parse: {err}") from None
+    keys, conn = Keys(prefix), EtcdConnection(endpoints, tls)
+    where = f"etcd://{','.join(endpoints)} under {keys.prefix.decode()}"
+    try:
+        no_leader = rpc.Compare(key=keys.leader, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
+                                create_revision=0)
+
+        async def guarded(ops: list) -> None:
+            resp = await conn.call(conn.kv.Txn, rpc.TxnRequest(compare=[no_leader], success=ops), timeout=10)
+            if not resp.succeeded:
+                raise FailedPrecondition(f"a candidate leads the cluster at {where}: stop every candidate "
+                                         "(agents with --state etcd) first; the restore is offline")
+
+        await guarded([])
+        current = ClusterStateMachine()
+        await LogApplier(conn, keys, current, timeout=10).load()
+        if current.security.cluster_id and current.security.cluster_id != b.cluster_id:
+            raise FailedPrecondition(
+                f"{path} belongs to cluster {b.cluster_id!r}, but {where} holds cluster "
+                f"{current.security.cluster_id!r}; refusing to restore it there (use another --etcd-prefix)")
+        chunks = [b.payload[i:i + CHUNK_BYTES] for i in range(0, len(b.payload), CHUNK_BYTES)] or [b""]
+        for n, chunk in enumerate(chunks):
+            await guarded([rpc.RequestOp(request_put=rpc.PutRequest(key=keys.chunk_key(b.index, n), value=chunk))])
+        pointer = json.dumps({"index": b.index, "chunks": len(chunks), "size": len(b.payload)}).encode()
+        await guarded([
+            rpc.RequestOp(request_put=rpc.PutRequest(key=keys.snap_ptr, value=pointer)),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=keys.log, range_end=prefix_end(keys.log))),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.chunks, range_end=keys.chunk_prefix(b.index))),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.chunk_key(b.index, len(chunks)), range_end=prefix_end(keys.chunks))),
+        ])
+    finally:
+        await conn.close()
+    logger.info("restored %s into %s: cluster %s, index %d", path, where, b.cluster_id, b.index)
+    return RestoreResult(where, b.index, b.term, b.cluster_id, "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lepton.coordinator.restore FILE DATA_DIR`: the offline restore as its
+    """`python -m lepton.coordinator.restore FILE DATA_DIR` or `... FILE --etcd etcd://HOST:PORT,...
+    [--etcd-prefix P] [--etcd-ca F --etcd-cert F --etcd-key F]`: the offline restore as its
     own process, so `lepton-ctl snapshot restore` runs the coordinator's storage code without
     the client importing it. Prints the result as JSON; an error as one JSON line
     (`{"code": ..., "message": ...}`) on stdout with exit status 1."""
-    import json
-    import sys
+    import argparse
+    import asyncio
 
     from lepton.common.errors import LeptonError
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m lepton.coordinator.restore FILE DATA_DIR", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m lepton.coordinator.restore")
+    p.add_argument("file")
+    p.add_argument("data_dir", nargs="?", default="")
+    p.add_argument("--etcd", default="", help="etcd://HOST:PORT,...: restore into etcd instead of a data dir")
+    p.add_argument("--etcd-prefix", default="")
+    p.add_argument("--cluster-name", default="default")
+    p.add_argument("--etcd-ca", default="")
+    p.add_argument("--etcd-cert", default="")
+    p.add_argument("--etcd-key", default="")
+    args = p.parse_args(argv)
+    target = args.etcd or args.data_dir
     try:
-        result = restore(args[0], args[1])
+        if bool(args.etcd) == bool(args.data_dir):
+            raise InvalidArgument("give either a data dir or --etcd etcd://HOST:PORT,... (not both)")
+        if args.etcd:
+            result = asyncio.run(restore_etcd(args.file, *_etcd_target(args)))
+        else:
+            result = restore(args.file, args.data_dir)
     except LeptonError as err:
         print(json.dumps({"code": err.code.name, "message": err.message}))
         return 1
     except OSError as err:
-        print(json.dumps({"code": "FAILED_PRECONDITION", "message": f"cannot restore into {args[1]}: {err}"}))
+        print(json.dumps({"code": "FAILED_PRECONDITION", "message": f"cannot restore into {target}: {err}"}))
         return 1
     print(json.dumps(result.to_dict()))
     return 0
+
+
+def _etcd_target(args) -> tuple[list[str], str, object]:
+    """Endpoints, prefix and TLS as the agent would take them (AgentConfig's checks)."""
+    from lepton.common.config import AgentConfig
+    from lepton.coordinator.etcd.tls import EtcdTls
+
+    config = AgentConfig(state=args.etcd, etcd_prefix=args.etcd_prefix, cluster_name=args.cluster_name,
+                         etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert, etcd_key=args.etcd_key,
+                         task_user="none")
+    if not config.uses_etcd:
+        raise InvalidArgument(f"--etcd {args.etcd!r} is not etcd://HOST:PORT[,HOST:PORT...]")
+    tls = EtcdTls(config.etcd_ca, config.etcd_cert or None, config.etcd_key or None) if config.etcd_ca else None
+    return config.etcd_endpoints, config.etcd_prefix, tls
 
 
 if __name__ == "__main__":
