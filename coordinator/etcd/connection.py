@@ -153,6 +153,30 @@ class EtcdConnection:
         return etcd_error(code, details, self.described)
 
 
+async def bounded(stream, operation, timeout: float):
+    """Await a stream's read or write for at most `timeout` seconds. On timeout (or when
+    cancelled) cancel the whole stream, which ends the operation, without waiting for it:
+    asyncio.wait_for waits until the cancelled operation finishes, and a write held up by
+    a peer that stopped reading may never notice. Raises asyncio.TimeoutError."""
+    task = asyncio.ensure_future(operation)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        stream.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        stream.cancel()
+        task.add_done_callback(_consume)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
 def etcd_error(code: grpc.StatusCode, details: str, endpoints: str) -> LeptonError:
     if code is grpc.StatusCode.OUT_OF_RANGE or "compacted" in details:
         return Compacted(f"etcd at {endpoints}: {details}")

@@ -145,13 +145,12 @@ class EtcdConsensus(Consensus):
         tasks = self._tasks + ([self._snapshot_task] if self._snapshot_task else [])
         for task in tasks:
             task.cancel()
+        self._election.close()
+        await self._election.resign()
+        # Closing the channel ends every call a cancelled task may still be waiting on.
+        await self._conn.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._election is not None:
-            await self._election.resign()
-            self._election.close()
-        if self._conn is not None:
-            await self._conn.close()
 
     # -- Consensus -------------------------------------------------------------------
     async def propose(self, command: bytes, *, timeout: float) -> object:
@@ -264,6 +263,8 @@ class EtcdConsensus(Consensus):
             except asyncio.TimeoutError:
                 timed_out = True
             self._campaign_wakeup.clear()
+            if not self._running:
+                return
             if self._leading_term or not election.lease_valid():
                 continue
             if election.leader_id and not timed_out:

@@ -19,7 +19,7 @@ import grpc
 from aetcd import rpc
 
 from lepton.common.errors import LeptonError
-from lepton.coordinator.etcd.connection import EtcdConnection, LeaseGone
+from lepton.coordinator.etcd.connection import EtcdConnection, LeaseGone, bounded
 from lepton.coordinator.etcd.log import Keys
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class Election:
         self.granted_ttl = 0
         self.valid_until = 0.0  # loop time; the lease may be relied on until then
         self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
         self._stale: list[int] = []  # leases dropped unrevoked: revoked once etcd answers
         self.leader_id = ""
         self.leader_address = ""
@@ -148,7 +149,7 @@ class Election:
         (failing over to another endpoint when this one seems down). Runs until cancelled."""
         loop = asyncio.get_running_loop()
         failures = 0
-        while True:
+        while not self._closed:
             generation = self._conn.generation
             stream = None
             try:
@@ -171,8 +172,8 @@ class Election:
                 while self.lease_id == lease:
                     sent = loop.time()
                     # Both bounded: on a channel that died quietly a write can wait forever.
-                    await asyncio.wait_for(stream.write(rpc.LeaseKeepAliveRequest(ID=lease)), self._interval)
-                    answer = await asyncio.wait_for(stream.read(), self._interval * 1.5)
+                    await bounded(stream, stream.write(rpc.LeaseKeepAliveRequest(ID=lease)), self._interval)
+                    answer = await bounded(stream, stream.read(), self._interval * 1.5)
                     if answer is grpc.aio.EOF:
                         raise ConnectionError("keep-alive stream ended")
                     if self.lease_id != lease:
@@ -195,13 +196,16 @@ class Election:
                 elif not isinstance(err, LeptonError) and failures >= 2:
                     self._conn.failover(generation)  # answers stopped coming: try another member
                 if failures <= 2 or failures % 20 == 0:
-                    logger.warning("etcd: lease keep-alive failed (%d in a row): %s", failures, err or type(err).__name__)
+                    logger.warning("etcd: lease keep-alive failed (%d in a row): %s", failures,
+                                   str(err) or type(err).__name__)
                 await asyncio.sleep(min(self._interval, 0.05 * failures))
             finally:
                 if stream is not None:
                     stream.cancel()
 
     def close(self) -> None:
+        """No more leases (a running `run()` ends); `resign()` still revokes the current one."""
+        self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
