@@ -86,3 +86,26 @@ def test_bad_combinations_fail_with_one_line(argv, needle, pem, tmp_path, capsys
 def test_config_errors_are_invalid_argument():
     with pytest.raises(InvalidArgument, match="cannot be mixed"):
         load_config({"state": "etcd://127.0.0.1:2379", "peers": "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"}, env={})
+
+
+def test_a_data_dir_keeps_its_backend(tmp_path):
+    """A Raft voter's data dir refuses --state etcd; an etcd candidate's refuses a Raft start."""
+    from lepton.common.errors import FailedPrecondition
+    from lepton.coordinator.coordinator import STATE_BACKEND_FILE, check_state_backend
+    from lepton.coordinator.storage.log_store import FileLogStore
+
+    raft_dir, etcd_dir = tmp_path / "raft-voter", tmp_path / "etcd-candidate"
+    store = FileLogStore(raft_dir / "raft")
+    store.set_hard_state(3, "")
+    store.close()
+    etcd = {"state": "etcd://127.0.0.1:2379", "task_user": "none"}
+    with pytest.raises(FailedPrecondition, match="holds a built-in Raft log"):
+        check_state_backend(load_config({**etcd, "data_dir": str(raft_dir)}, env={}))
+    check_state_backend(load_config({"data_dir": str(raft_dir), "task_user": "none"}, env={}))  # still a voter
+
+    etcd_dir.mkdir()
+    check_state_backend(load_config({**etcd, "data_dir": str(etcd_dir)}, env={}))
+    assert (etcd_dir / STATE_BACKEND_FILE).exists()
+    check_state_backend(load_config({**etcd, "data_dir": str(etcd_dir)}, env={}))  # again: fine
+    with pytest.raises(FailedPrecondition, match="belongs to an etcd candidate.*--state etcd://127.0.0.1:2379"):
+        check_state_backend(load_config({"data_dir": str(etcd_dir), "task_user": "none"}, env={}))
