@@ -102,6 +102,9 @@ async def test_a_leader_cut_off_from_etcd_steps_down_before_another_leads(etcd, 
         assert await cut_off.append(term, 2, [b"late"]) is False
         assert await count_keys(raw, h.prefix, "/log/") == logs_before
         assert await other.propose(b"two", timeout=10) == 2
+        # Healed, the one cut off follows again (its lease loop and watch recovered).
+        await eventually(lambda: h.sms["c1"].log == [b"one", b"two"], "the healed node does not follow")
+        assert cut_off.leader()[0] == "c2"
     finally:
         await h.stop()
         proxy.close()
