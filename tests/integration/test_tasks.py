@@ -295,18 +295,23 @@ def test_bad_specs_are_rejected_and_nothing_is_stored(agents):
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_agent_restart_reconciles_running_tasks(agents):
+def test_agent_restart_reconciles_running_tasks(agents, tmp_path):
     # Slow failure detection here: the agent must be back before its node is declared down.
     voter = agents("voter", "--labels", "pool=control", "--suspect-after", "8", "--down-after", "10")
     worker = agents("worker", "--join", voter.address, "--labels", "pool=work")
+    go = tmp_path / "go"
     with Client(voter.address) as c:
-        t = c.submit(shell="sleep 2; echo finished", constraints={"pool": "work"})
+        t = c.submit(shell=f"while [ ! -f {go} ]; do sleep 0.1; done; echo finished", constraints={"pool": "work"})
         wait_until(lambda: state_of(c, t.id) == "running", what="running")
         pid = attempt_pid(worker, t.id, 1)
-        os.kill(worker.proc.pid, signal.SIGKILL)  # the agent dies; its task does not
+        fence = int((worker.data_dir / "task-fence.lock").read_text())  # the attempt's parent
+        os.kill(worker.proc.pid, signal.SIGKILL)  # the agent dies; its task and its fence do not
         worker.proc.wait(10)
-        assert not gone(pid)
+        assert not gone(pid) and not gone(fence)
         worker.start()  # back before the node is declared down: it re-adopts the attempt
+        wait_until(lambda: any(n.name == "worker" and n.state == "ready" for n in c.nodes()), what="worker back")
+        assert int((worker.data_dir / "task-fence.lock").read_text()) == fence  # the same fence, reused
+        go.touch()
         done = c.wait(t.id, timeout=30)
         assert done.state == "succeeded" and done.attempt == 1
 
