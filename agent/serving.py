@@ -37,6 +37,7 @@ from lepton.agent.tasks.task_spec import RunSpec
 from lepton.common.durable import read_json
 from lepton.common.errors import LeptonError
 from lepton.common.grpc_util import CHANNEL_OPTIONS
+from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,27 @@ class LocalReplica:
     stopping: bool = False
     channel: Any = None
     health: Any = field(default=None, repr=False)
+    target: UnixTarget | None = field(default=None, repr=False)
 
-    def open(self) -> None:
+    def open(self) -> bool:
+        """The channel to the socket, made once; False while its folder is not there yet."""
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
+            try:
+                self.target = UnixTarget(self.socket)  # a deep data dir: through a handle
+            except OSError:
+                return False
+            self.channel = grpc.aio.insecure_channel(self.target.target, options=CHANNEL_OPTIONS)
             self.health = health_pb2_grpc.HealthStub(self.channel)
+        return True
+
+    async def close(self, grace: float | None = None) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close(grace)
+        if self.target is not None:
+            self.target.close()
+            self.target = None
 
 
 class ReplicaSupervisor:
@@ -111,9 +128,8 @@ class ReplicaSupervisor:
         """A channel to replica `task_id` on this node (its socket), or None when no such
         replica runs here."""
         replica = self.replicas.get(task_id)
-        if replica is None or replica.stopping:
+        if replica is None or replica.stopping or not replica.open():
             return None
-        replica.open()
         return replica.channel
 
     # -- the loop --------------------------------------------------------------------------
@@ -168,14 +184,14 @@ class ReplicaSupervisor:
     def _forget(self, task_id: str) -> None:
         replica = self.replicas.pop(task_id)
         self._report_due = True
-        if replica.channel is not None:
-            # Not awaited here: calls in flight on it end with their own errors.
-            asyncio.ensure_future(replica.channel.close(grace=1.0))
+        # Not awaited here: calls in flight on it end with their own errors.
+        asyncio.ensure_future(replica.close(grace=1.0))
 
     async def _check(self, replica: LocalReplica) -> None:
         if replica.stopping:
             return
-        replica.open()
+        if not replica.open():
+            return  # no folder yet: still starting (PENDING)
         try:
             # wait_for_ready: a channel in its reconnect backoff (the socket was missing a
             # moment ago) is not a failed check; a hung or gone replica still fails at the
@@ -248,7 +264,5 @@ class ReplicaSupervisor:
 
     async def close(self) -> None:
         for replica in self.replicas.values():
-            if replica.channel is not None:
-                with contextlib.suppress(Exception):
-                    await replica.channel.close()
+            await replica.close()
         self.replicas.clear()

@@ -1,7 +1,9 @@
-"""TCP sockets bound in the address family of the host they name (IPv4, IPv6 or a name)."""
+"""TCP sockets bound in the address family of the host they name (IPv4, IPv6 or a name);
+gRPC targets for unix sockets whose paths are longer than the kernel takes."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 
@@ -23,3 +25,31 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+MAX_UNIX_PATH = 107  # a unix socket's path: sun_path's 108 bytes, less the NUL
+
+
+class UnixTarget:
+    """A gRPC `unix:` target (to bind or to dial) for a socket path of any length.
+
+    Linux takes at most MAX_UNIX_PATH bytes of path for a unix socket, and data dirs can be
+    deep (a replica's socket sits in its attempt's folder). A longer path is reached through
+    a handle on its folder held open here, as `/proc/self/fd/N/<name>` (the kernel follows
+    the handle), until `close()`. The folder must exist. Raises OSError.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        path = os.fspath(path)
+        self._fd: int | None = None
+        if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+            self.target = f"unix:{path}"
+            return
+        folder, name = os.path.split(path)
+        self._fd = os.open(folder or ".", os.O_PATH | os.O_DIRECTORY)
+        self.target = f"unix:/proc/self/fd/{self._fd}/{name}"
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lepton.common.sockets import MAX_UNIX_PATH, UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 from lepton.workloads.recipes.data import write_shard
 from lepton.workloads.recipes.models import build_model, save_model
@@ -35,10 +36,14 @@ def write_model(path: Path) -> Path:
     return path
 
 
+def target(socket: Path) -> str:
+    return UnixTarget(socket).target  # the handle stays open for the test's life: fine here
+
+
 async def wait_serving(socket: Path, proc: subprocess.Popen, deadline_s: float = 120.0) -> list[int]:
     """The health statuses seen until SERVING (the process must stay up meanwhile)."""
     seen: list[int] = []
-    async with grpc.aio.insecure_channel(f"unix:{socket}") as ch:
+    async with grpc.aio.insecure_channel(target(socket)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
@@ -58,7 +63,9 @@ async def wait_serving(socket: Path, proc: subprocess.Popen, deadline_s: float =
 @pytest.fixture
 def replica(tmp_path):
     model = write_model(tmp_path / "model.safetensors")
-    socket = tmp_path / "r.sock"
+    deep = tmp_path / ("d" * 100)  # past a unix socket path's 107 bytes: bound through a handle
+    deep.mkdir()
+    socket = deep / "r.sock"
     env = {**os.environ, "LEPTON_SERVE_SOCKET": str(socket), "LEPTON_TASK_ID": "serve-d-1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lepton.workloads.serving.replica", "--model", "digits", "--deployment", "d",
@@ -73,12 +80,13 @@ def replica(tmp_path):
 
 async def test_replica_serves_predict_like_batch_predict_and_survives_bad_input(replica, tmp_path):
     proc, socket, model = replica
+    assert len(str(socket)) > MAX_UNIX_PATH
     seen = await wait_serving(socket, proc)
     assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
     x = np.random.default_rng(1).random((40, FEATURES), dtype=np.float32)
     write_shard(tmp_path / "rows.npz", x)
     expected = predict(str(model), [str(tmp_path / "rows.npz")])
-    async with grpc.aio.insecure_channel(f"unix:{socket}") as ch:
+    async with grpc.aio.insecure_channel(target(socket)) as ch:
         stub = serving_pb2_grpc.InferenceStub(ch)
         one = await stub.Predict(serving_pb2.PredictRequest(deployment="d", inputs=to_tensor(x)), timeout=30)
         assert (one.replica, one.model, one.generation) == ("serve-d-1", "digits", 3)

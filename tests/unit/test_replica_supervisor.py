@@ -16,6 +16,7 @@ from lepton.agent import serving
 from lepton.agent.serving import ReplicaSupervisor
 from lepton.agent.tasks.attempt_env import serve_socket_path
 from lepton.agent.tasks.task_spec import RunningTask, RunSpec
+from lepton.common.sockets import MAX_UNIX_PATH, UnixTarget
 from lepton.v1 import serving_pb2
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,14 +59,15 @@ async def health_server(socket: Path) -> tuple[grpc.aio.Server, health.aio.Healt
     await servicer.set("", NOT_SERVING)
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    server.add_insecure_port(f"unix:{socket}")
+    server.add_insecure_port(UnixTarget(socket).target)
     await server.start()
     return server, servicer
 
 
 @pytest.fixture
 async def setup(tmp_path):
-    runner, clock, reports = FakeRunner(tmp_path / "tasks"), Clock(), []
+    # A deep data dir: the sockets' paths pass the kernel's 107 bytes (reached through a handle).
+    runner, clock, reports = FakeRunner(tmp_path / ("d" * 100) / "tasks"), Clock(), []
 
     async def report(request):
         reports.append([(r.task_id, r.deployment, r.generation, r.state) for r in request.replicas])
@@ -87,6 +89,7 @@ async def tick(sup: ReplicaSupervisor, clock: Clock, seconds: float = serving.CH
 async def test_pending_until_serving_then_ready_unhealthy_at_once_and_stopped_later(setup):
     runner, clock, reports, sup, servers = setup
     att_dir = runner.start("r1", replica="web")
+    assert len(str(serve_socket_path(att_dir, None))) > MAX_UNIX_PATH
     runner.start("plain")  # not a replica: never checked or reported
     await tick(sup, clock)
     assert reports == [[("r1", "web", 2, serving_pb2.REPLICA_PENDING)]]  # no socket yet: loading

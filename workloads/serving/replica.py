@@ -43,6 +43,7 @@ from lepton.common.grpc_util import (
     register_service,
     rpc_boundary,
 )
+from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 from lepton.workloads.serving.batcher import Batcher, BatcherClosed
 from lepton.workloads.serving.tensors import INPUT_DTYPE, MAX_ROWS, check_inputs, to_tensor
@@ -145,9 +146,12 @@ async def serve(args: argparse.Namespace) -> int:
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     register_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     register_service(server, service, serving_pb2.DESCRIPTOR.services_by_name["Inference"])
-    Path(socket_path).unlink(missing_ok=True)  # a previous attempt's, if any
     try:
-        server.add_insecure_port(f"unix:{socket_path}")
+        target = _bind(server, socket_path)
+    except OSError as err:
+        print(f"error: cannot serve on {socket_path}: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
         await server.start()  # health answers NOT_SERVING while the model loads
         try:
             model = await asyncio.to_thread(_load, args)
@@ -173,8 +177,27 @@ async def serve(args: argparse.Namespace) -> int:
         await batcher.close()
     finally:
         Path(socket_path).unlink(missing_ok=True)
+        target.close()
     print(f"replica stopped after {batcher.batches} batches ({batcher.rows} rows)", flush=True)
     return 0
+
+
+def _bind(server: grpc.aio.Server, socket_path: str) -> UnixTarget:
+    """Listen on the socket (a previous attempt's file removed first); a deep data dir's
+    path is bound through a handle on its folder. Raises OSError."""
+    Path(socket_path).unlink(missing_ok=True)
+    target = UnixTarget(socket_path)
+    try:
+        bound = server.add_insecure_port(target.target)
+    except RuntimeError as err:  # newer grpc raises where older ones return 0
+        bound = 0
+        why = str(err)
+    else:
+        why = "the address is not usable"
+    if not bound:
+        target.close()
+        raise OSError(why)
+    return target
 
 
 def _load(args: argparse.Namespace) -> Model:
