@@ -29,7 +29,9 @@ from lepton.agent.tasks import fence
 logger = logging.getLogger(__name__)
 
 CONNECT_TRIES = 5
-REQUEST_TIMEOUT_S = 120.0  # a fence that answers nothing this long is taken for lost
+# A fence that answers nothing this long is taken for lost. A small batch waits on the event
+# loop (launch is synchronous), so a hung fence stalls the agent this long at most.
+REQUEST_TIMEOUT_S = 30.0
 LINE_LIMIT = 1 << 26  # the held list of a node running 100,000s of attempts fits
 
 Key = tuple[str, int]
