@@ -164,7 +164,9 @@ class ReplicaSupervisor:
             if key[0] in self.replicas and self.replicas[key[0]].attempt == key[1]:
                 continue
             spec = self._spec_of(*key)
-            if spec is None or not spec.replica:
+            if spec is None:
+                continue  # run.json not written yet: the next scan looks again
+            if not spec.replica:
                 self._not_replicas.add(key)
                 continue
             if key[0] in self.replicas:  # an older attempt's entry
@@ -175,10 +177,11 @@ class ReplicaSupervisor:
             self._report_due = True
 
     def _spec_of(self, task_id: str, attempt: int) -> RunSpec | None:
-        run = read_json(self._runner.log_path(task_id, attempt).parent / "run.json")
+        """The attempt's spec from its run.json; None while it cannot be read."""
         try:
+            run = read_json(self._runner.log_path(task_id, attempt).parent / "run.json")
             return RunSpec.from_json(run["spec"]) if run else None
-        except (KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def _forget(self, task_id: str) -> None:

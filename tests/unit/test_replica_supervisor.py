@@ -150,6 +150,18 @@ async def test_ended_attempts_are_forgotten_and_reported_gone_then_reports_stop(
     assert len(reports) == count  # nothing to say: no more reports
 
 
+async def test_an_attempt_whose_run_json_is_not_written_yet_is_looked_at_again(setup):
+    runner, clock, reports, sup, _ = setup
+    att_dir = runner.start("r1", replica="web")
+    run_json = (att_dir / "run.json").read_text()
+    (att_dir / "run.json").unlink()  # spawned, its record not yet written
+    await tick(sup, clock, serving.SCAN_S)
+    assert sup.replicas == {} and reports == []
+    (att_dir / "run.json").write_text(run_json)
+    await tick(sup, clock, serving.SCAN_S)
+    assert list(sup.replicas) == ["r1"] and reports == [[("r1", "web", 2, serving_pb2.REPLICA_PENDING)]]
+
+
 async def test_a_failed_report_is_retried_on_the_next_tick(setup):
     runner, clock, _, _, _ = setup
     calls = []
