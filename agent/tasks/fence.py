@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,24 +129,32 @@ class Fence:
             timeout = max(0.0, next_tick - time.monotonic()) if fenced else None
             if not self._conns and not self.held:
                 timeout = max(0.0, idle_since + LINGER_S - time.monotonic())
-            for sel_key, events in self._sel.select(timeout):
-                what = sel_key.data
-                if what == "accept":
-                    self._accept()
-                elif what == "child":
-                    with contextlib.suppress(OSError):
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    self._reap()
-                else:
-                    self._service(what, events)
-            self._reap()  # a SIGCHLD that came while we spawned has woken us already; cheap anyway
-            if fenced and time.monotonic() >= next_tick:
-                self._tick()
-                next_tick = time.monotonic() + TICK_S
+            try:
+                self._turn(timeout)
+                if fenced and time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + TICK_S
+            except Exception:  # a bug must not end the fence, and with it every attempt's fencing
+                traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
+                time.sleep(0.1)  # and must not spin
             if self._conns or self.held:
                 idle_since = time.monotonic()
         # Nobody watches and nothing is held: go, and let the next agent start a new fence.
+
+    def _turn(self, timeout: float | None) -> None:
+        for sel_key, events in self._sel.select(timeout):
+            what = sel_key.data
+            if what == "accept":
+                self._accept()
+            elif what == "child":
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+                self._reap()
+            else:
+                self._service(what, events)
+        self._reap()  # a SIGCHLD that came while we spawned has woken us already; cheap anyway
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -189,6 +198,9 @@ class Fence:
                 reply = self._handle(conn, json.loads(line))
             except (ValueError, TypeError, KeyError) as err:
                 reply = {"error": f"bad request: {err}"}
+            except Exception as err:  # a bug: the agent hears of it at once, not after its timeout
+                traceback.print_exc(file=sys.stderr)
+                reply = {"error": f"internal error: {err!r}"}
             self._send(conn, reply)
 
     def _send(self, conn: _Conn, doc: dict[str, Any], *, event: bool = False) -> None:
