@@ -27,6 +27,11 @@ topologies and diffing a worker's `os.environ` against the launcher's:
   OMP_NUM_THREADS     the inherited value; else "1" when nproc_per_node > 1; else unset
   CUDA_VISIBLE_DEVICES inherited unchanged (torchrun's default, non-virtual local rank mode)
 
+PYTHONFAULTHANDLER  the inherited value, else "1": the one variable torchrun does not set.
+                    A worker killed by SIGABRT, SIGSEGV, SIGBUS, SIGFPE or SIGILL first
+                    writes every thread's Python stack to its stderr, i.e. its rank log, so
+                    a crash in native code (a C++ abort at exit...) says where it happened.
+
 torchrun sets nothing else in a worker: no PYTHONUNBUFFERED, no NCCL_* variable. It does run
 python with `-u` though, which is part of the command, not the environment: `python_argv`
 builds that command the way torchrun does.
@@ -61,6 +66,7 @@ from collections.abc import Iterable, Mapping, Sequence
 __all__ = [
     "DEFAULT_ROLE",
     "DEFAULT_SIGNALS_TO_HANDLE",
+    "FAULTHANDLER_VAR",
     "LEPTON_VARS",
     "RUN_SPECIFIC_VARS",
     "TORCHRUN_VARS",
@@ -73,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROLE = "default"
 DEFAULT_SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+FAULTHANDLER_VAR = "PYTHONFAULTHANDLER"  # ours, not torchrun's (see the module doc)
 
 # Every variable torchrun sets in each worker (OMP_NUM_THREADS only sometimes, see above).
 TORCHRUN_VARS: tuple[str, ...] = (
@@ -199,6 +206,8 @@ def worker_env(
         env["OMP_NUM_THREADS"] = inherited["OMP_NUM_THREADS"]
     elif nproc_per_node > 1:
         env["OMP_NUM_THREADS"] = "1"
+    # Not torchrun's: see the module doc. An inherited value wins ("" turns it off).
+    env.setdefault(FAULTHANDLER_VAR, "1")
     env.update({
         "LEPTON_JOB_ID": job_id,
         "LEPTON_DATASET": dataset,

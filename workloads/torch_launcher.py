@@ -15,9 +15,10 @@ each in its own session and process group, and waits for them.
 - Error files: `log_dir/rank_<R>.error.json` is the worker's TORCHELASTIC_ERROR_FILE, where
   torch's `@record` decorator writes the exception that killed it; a stale one is removed
   before the worker starts, and the failing rank's one goes into the result.
-- Failure: when any worker ends with a non-zero code (or a signal), the launcher tears the
-  whole node down at once (SIGTERM to every worker's group, SIGKILL after `grace_s`) rather
-  than let the others hang in a collective until its timeout. The first failure is the one
+- Failure: when any worker ends with a non-zero code or a signal (named in the reason:
+  "rank 1 killed by signal 6 (SIGABRT)"), the launcher tears the whole node down at once
+  (SIGTERM to every worker's group, SIGKILL after `grace_s`) rather than let the others
+  hang in a collective until its timeout. The first failure is the one
   reported; workers killed by the teardown are not failures. A worker that exits 0 is done:
   the others keep running, as with torchrun.
 - Leftovers: when a worker's main process has ended, whatever it left in its process group
@@ -324,7 +325,7 @@ class TorchLauncher:
         ordered = tuple(exits[r] for r in sorted(exits))
         if failed is not None:
             error = read_json(spec.error_path(failed.local_rank))
-            how = (f"killed by signal {-failed.exit_code}" if failed.exit_code < 0
+            how = (f"killed by signal {_signal_name(-failed.exit_code)}" if failed.exit_code < 0
                    else f"exited with code {failed.exit_code}")
             return LaunchResult(False, f"rank {failed.rank} {how}", ordered, failed.rank,
                                 failed.local_rank, failed.exit_code, error)
@@ -491,6 +492,14 @@ async def _pump(stream: asyncio.StreamReader, log: RankLog, prefix: bytes) -> No
             log.write_lines([prefix + pending + b"\n"])
     finally:
         log.close()
+
+
+def _signal_name(number: int) -> str:
+    """"6 (SIGABRT)": the number as the exit status has it, and the name a reader looks for."""
+    try:
+        return f"{number} ({signal.Signals(number).name})"
+    except ValueError:  # a real-time signal, or one this Python does not name
+        return str(number)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

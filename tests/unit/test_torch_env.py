@@ -8,7 +8,7 @@ Compared with torchrun, key by key over each worker's whole environment:
 - TORCHELASTIC_ERROR_FILE: by shape (a path ending in error.json, distinct per rank);
 - MASTER_PORT and TORCHELASTIC_RUN_ID: by shape in the 1-node default run, where torchrun
   picks a free port and a uuid itself; equal in the 2-node static run, where both are given;
-- LEPTON_*: ours only.
+- LEPTON_*, PYTHONFAULTHANDLER: ours only.
 """
 
 from __future__ import annotations
@@ -93,6 +93,13 @@ def test_layering_base_then_job_then_ours():
     assert base == {"A": "base", "B": "base", "RANK": "99", "LEPTON_SHARDS": "x"}  # not mutated
 
 
+def test_faulthandler_on_unless_inherited():
+    assert torch_env.worker_env({}, {}, **kw())["PYTHONFAULTHANDLER"] == "1"
+    assert torch_env.worker_env({"PYTHONFAULTHANDLER": ""}, {}, **kw())["PYTHONFAULTHANDLER"] == ""
+    job_off = torch_env.worker_env({"PYTHONFAULTHANDLER": "1"}, {"PYTHONFAULTHANDLER": ""}, **kw())
+    assert job_off["PYTHONFAULTHANDLER"] == ""
+
+
 def test_omp_and_nccl_follow_torchrun():
     one = dict(nproc_per_node=1, local_rank=0)
     assert torch_env.worker_env({}, {}, **kw())["OMP_NUM_THREADS"] == "1"
@@ -170,6 +177,8 @@ def compare(theirs: dict[str, str], mine: dict[str, str], *, by_shape: frozenset
         t, m = theirs.get(key), mine.get(key)
         if key == "TORCHELASTIC_USE_AGENT_STORE":
             assert (t, m) == ("True", "False")
+        elif key == torch_env.FAULTHANDLER_VAR:  # ours alone: fatal signals dump Python stacks
+            assert (t, m) == (None, "1")
         elif key == "TORCHELASTIC_ERROR_FILE":
             assert t and m and t.endswith("error.json") and m.endswith("error.json"), (t, m)
         elif key in by_shape:

@@ -108,8 +108,26 @@ async def test_sigkill_after_grace_for_a_worker_ignoring_sigterm(tmp_path):
         os.kill(os.getpid(), signal.SIGSEGV)
     """, grace_s=0.5, env={"MARK": str(tmp_path / "ignoring")})
     result = await bounded(run_node(s))
-    assert result.reason == f"rank 1 killed by signal {signal.SIGSEGV}"
+    assert result.reason == f"rank 1 killed by signal {signal.SIGSEGV} (SIGSEGV)"
     assert {e.rank: e.exit_code for e in result.exits} == {0: -signal.SIGKILL, 1: -signal.SIGSEGV}
+
+
+async def test_a_native_abort_is_named_and_explained_in_the_rank_log(tmp_path):
+    # What a C++ thread left running into interpreter exit does: std::terminate, SIGABRT.
+    s = spec(tmp_path, """
+        import ctypes, os, time
+        if os.environ["LOCAL_RANK"] == "1":
+            ctypes.CDLL("libstdc++.so.6")._ZSt9terminatev()
+        time.sleep(300)
+    """)
+    result = await bounded(run_node(s))
+    assert (result.failed_rank, result.failed_code) == (1, -signal.SIGABRT)
+    assert result.reason == f"rank 1 killed by signal {signal.SIGABRT} (SIGABRT)"
+    log = (tmp_path / "logs" / "rank_1.log").read_text()
+    # libstdc++'s message, then faulthandler's Python stack (PYTHONFAULTHANDLER), both on stderr.
+    assert "[rank 1] terminate called without an active exception" in log, log
+    assert "[rank 1] Fatal Python error: Aborted" in log, log
+    assert 'worker.py", line 4 in <module>' in log, log
 
 
 async def test_stop_from_outside(tmp_path):

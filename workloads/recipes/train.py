@@ -50,6 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: this module's functions take
+# `group=group.WORLD` as a default argument, evaluated on import. DDP imports it lazily,
+# after init_process_group, and those ten defaults then pin the world group for ever:
+# destroy_process_group() cannot free it, so gloo's threads (and rank 0's TCPStore
+# server thread) stay alive through interpreter exit, where a rank can abort (SIGABRT).
+import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 
 from lepton.workloads.recipes import ALGORITHMS
@@ -137,6 +144,8 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
+        """Destroy the process group, which joins gloo's threads: none may be left running
+        into interpreter exit (see the torch.distributed.nn.functional import)."""
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
