@@ -106,3 +106,36 @@ async def test_tokens_are_checked_by_the_grpc_rule(http):
     assert [e.code.name for e in refusals] == ["UNAUTHENTICATED", "UNAUTHENTICATED", "PERMISSION_DENIED"]
     status, _ = await post(url, {"inputs": [[1]]}, token="lep_user")
     assert status == 200
+
+
+async def test_https_takes_client_certificates_of_the_cluster_ca(replicas, tmp_path):  # noqa: F811
+    """--tls-dir: the node's certificate, a CA client certificate required, and its role
+    checked by the same interceptor (a viewer's certificate may not predict)."""
+    import ssl
+
+    from lepton.common import tls
+
+    tls.init_ca(tmp_path)
+    tls.issue(tmp_path, "node-a", kind="node", hosts=["127.0.0.1"])
+    tls.issue(tmp_path, "alice", kind="user", role="user")
+    tls.issue(tmp_path, "vic", kind="user", role="viewer")
+    router = local_router(replicas, "t1")
+    endpoint = HttpEndpoint(router, "127.0.0.1", 0, auth=AuthInterceptor(TOKENS.get, use_certificates=True),
+                            ssl_context=tls.server_ssl_context(tmp_path, "node-a"))
+    url = await endpoint.start()
+    try:
+        assert url.startswith("https://")
+        body = {"inputs": [[1.0]]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/deployments/digits/predict", json=body,
+                                    ssl=tls.client_ssl_context(tmp_path, "alice")) as r:
+                assert r.status == 200 and (await r.json())["predictions"] == [[2.0]]
+            async with session.post(url + "/v1/deployments/digits/predict", json=body,
+                                    ssl=tls.client_ssl_context(tmp_path, "vic")) as r:
+                assert r.status == 403
+            no_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+            with pytest.raises(aiohttp.ClientError):
+                async with session.post(url + "/v1/deployments/digits/predict", json=body, ssl=no_cert) as r:
+                    await r.read()
+    finally:
+        await endpoint.close()
