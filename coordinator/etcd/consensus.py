@@ -63,7 +63,7 @@ class EtcdConsensus(Consensus):
     """Leader election, log and snapshots in etcd under `prefix` (e.g. /lepton/<cluster>).
 
     `endpoints` are etcd client addresses ("host:port"); `tls` the CA and client
-    certificate to reach them. `lease_ttl` (seconds, rounded to etcd's whole seconds) bounds
+    certificate to reach them. `lease_ttl` (seconds, rounded up to etcd's whole seconds) bounds
     failover: a dead leader's key expires after it. All methods run on one event loop.
     """
 
@@ -462,7 +462,7 @@ class EtcdConsensus(Consensus):
                 members = await conn.call(conn.cluster.MemberList, rpc.MemberListRequest(), timeout=self._timeout)
                 status = await conn.call(conn.maintenance.Status, rpc.StatusRequest(), timeout=self._timeout)
                 self._members = [
-                    VoterStatus(m.name or f"{m.ID:x}", m.clientURLs[0] if m.clientURLs else "",
+                    VoterStatus(m.name or f"{m.ID:x}", m.clientURLs[0].split("://")[-1] if m.clientURLs else "",
                                 "leader" if m.ID == status.leader else "learner" if m.isLearner else "follower", 0, 0)
                     for m in members.members
                 ]

@@ -145,7 +145,8 @@ async def test_bad_requests_get_clear_errors(etcd):
         await leader.read_barrier(timeout=5)
         await eventually(lambda: leader.status().voters, "no etcd members in status")
         status = leader.status()
-        assert [v.role for v in status.voters] == ["leader"] and status.leader_id == "c1"
+        assert [(v.role, v.address) for v in status.voters] == [("leader", etcd.endpoints[0])]
+        assert status.leader_id == "c1"
         assert status.term == leader.term() > 0 and status.applied_index == 1
     finally:
         await h.stop()
