@@ -139,3 +139,15 @@ async def test_https_takes_client_certificates_of_the_cluster_ca(replicas, tmp_p
                     await r.read()
     finally:
         await endpoint.close()
+
+
+def test_the_listen_address_is_checked_like_the_grpc_ones():
+    from lepton.common.config import AgentConfig
+    from lepton.common.errors import InvalidArgument
+
+    assert AgentConfig().serve_http_listen == ""  # off unless asked
+    with pytest.raises(InvalidArgument, match="serve_http_listen"):
+        AgentConfig(serve_http_listen="8080")
+    with pytest.raises(InvalidArgument, match="refusing to serve predictions on 0.0.0.0:8080 without TLS"):
+        AgentConfig(serve_http_listen="0.0.0.0:8080")
+    assert AgentConfig(serve_http_listen="0.0.0.0:8080", insecure=True).serve_http_listen == "0.0.0.0:8080"
