@@ -90,7 +90,8 @@ class EtcdConsensus(Consensus):
         # An append asks again after this: a txn forwarded to an etcd leader that just died
         # hangs until etcd's own request timeout (~7 s); asking again is idempotent.
         self._append_timeout = float(math.ceil(lease_ttl))
-        self._running = False
+        self._started = False  # start() succeeded and stop() has not run
+        self._running = False  # started, and no loop has failed
         self._leading_term = 0  # non-zero while leading and caught up
         self._queue: deque[tuple[bytes, asyncio.Future[object]]] = deque()
         self._wakeup = asyncio.Event()  # the writer: proposals queued
@@ -126,11 +127,11 @@ class EtcdConsensus(Consensus):
                     await conn.close()
                     raise Unavailable(f"cannot start: {err}") from None
                 await asyncio.sleep(0.2)
-        self._running = True
+        self._started = self._running = True
         for coro, name in ((self._election.run(), "lease"), (self._watch_loop(revision + 1), "watch"),
                            (self._campaign_loop(), "campaign"), (self._write_loop(), "writer"),
                            (self._members_loop(), "members")):
-            self._tasks.append(asyncio.create_task(coro, name=f"etcd-{name}-{self._id}"))
+            self._tasks.append(asyncio.create_task(self._fail_stop(coro), name=f"etcd-{name}-{self._id}"))
         logger.info("etcd consensus %s: loaded to index %d from %s under %s", self._id,
                     self._sm.applied_index, conn.described, self._keys.prefix.decode())
 
@@ -138,9 +139,9 @@ class EtcdConsensus(Consensus):
         """Stop campaigning; if leading, revoke the lease (the leader key goes at once, so
         another candidate takes over without waiting for the TTL). Pending proposals fail
         with Unavailable (outcome unknown)."""
-        if not self._running:
+        if not self._started:
             return
-        self._running = False
+        self._started = self._running = False
         self._step_down("stopping", Unavailable(f"etcd consensus {self._id} is stopping"))
         tasks = self._tasks + ([self._snapshot_task] if self._snapshot_task else [])
         for task in tasks:
@@ -151,6 +152,19 @@ class EtcdConsensus(Consensus):
         await self._conn.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+    async def _fail_stop(self, coro) -> None:
+        """Run one of our loops; a bug in it (or a state machine that raised) stops this
+        node for good, as a failed log store stops Raft: the failure listeners hear it and
+        the process restarts, rather than lingering with a dead loop."""
+        try:
+            await coro
+        except Exception as err:  # noqa: BLE001 - anything else is a bug; stop loudly
+            logger.critical("etcd consensus %s: a loop failed; no longer a candidate: %s", self._id, err, exc_info=True)
+            self._running = False
+            self._step_down(f"failed: {err}", Unavailable(f"etcd consensus {self._id} failed: {err}"))
+            self._notify_failure(err)
+            await self._election.resign()
 
     # -- Consensus -------------------------------------------------------------------
     async def propose(self, command: bytes, *, timeout: float) -> object:

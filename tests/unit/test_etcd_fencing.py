@@ -234,3 +234,27 @@ async def test_a_watch_compacted_past_reloads_from_the_snapshot(etcd):
         assert restored and restored[0] >= 30  # history was compacted: it had to reload
     finally:
         await h.stop()
+
+
+class ExplodingMachine(CountingMachine):
+    def apply(self, index: int, data: bytes) -> object:
+        if data == b"boom":
+            raise RuntimeError("a bug in apply")
+        return super().apply(index, data)
+
+
+async def test_a_failing_loop_stops_the_node_for_good(etcd):
+    node = EtcdConsensus("x", "x:1", etcd.endpoints, "/lepton/boom", ExplodingMachine())
+    failures: list[Exception] = []
+    node.add_failure_listener(failures.append)
+    await node.start()
+    try:
+        await eventually(node.is_leader, "no leader")
+        with pytest.raises(Unavailable):
+            await node.propose(b"boom", timeout=10)
+        await eventually(lambda: failures, "the failure listener did not hear")
+        assert not node.is_leader() and node.failure is failures[0]
+        with pytest.raises(Unavailable):
+            await node.propose(b"ok", timeout=1)
+    finally:
+        await node.stop()
