@@ -22,6 +22,7 @@ from tests.integration.cluster import (
     AgentProcess,
     free_port,
     leader_of,
+    run_ctl,
     servers,
     start_etcd_candidates,
     wait_until,
@@ -67,6 +68,8 @@ def test_candidates_run_tasks_and_fail_over_when_the_leader_is_killed(agents, et
         assert status.etcd_endpoints == etcd3.endpoints and status.etcd_prefix == "/lepton/default"
         assert status.leader in {a.address for a in candidates}
         assert len(status.voters) == 3  # the etcd members
+        shown = run_ctl("cluster", "status", server=servers(candidates), check=True).stdout
+        assert f"etcd at {','.join(etcd3.endpoints)}, prefix /lepton/default" in shown and "ETCD MEMBER" in shown
         wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 3, timeout=60, what="3 nodes")
         acked = [c.submit(shell=shell, constraints=WORK, cpu=0.1, request_id=f"before-{i}").id for i in range(6)]
         wait_all_done(c, set(acked))
