@@ -13,6 +13,9 @@ Prints one JSON object:
 - spawn_ceiling_per_s: {N: the ceiling measured just before that N};
 - over_ceiling: {N: tasks_per_s / ceiling} (target >= 0.4 at every N);
 - flatness: tasks_per_s at the largest N / at the smallest (target >= 0.8);
+- cpu_ms_per_task: {N: CPU time per task of the agent (voter and worker; with the children
+  it reaped) and of its attempt fence (with the attempts it reaped)}: steadier than rates
+  on a shared machine, where other load takes the cores;
 - fence_ceiling_per_s: `true` spawned through the node's attempt fence (agent/tasks/fence.py,
   which every attempt runs under), one after another, each awaited until the fence reports
   its exit, no agent: what one task's processes and the fence's bookkeeping cost by themselves.
@@ -93,6 +96,24 @@ def active_tasks(metrics_url: str) -> float | None:
     return sum(float(value) for name, _, value in counts if any(f'state="{s}"' in name for s in ACTIVE))
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` and of the children it reaped (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def node_cpu_s(agent: Agent) -> float:
+    """The agent's CPU seconds and its attempt fence's (pid in task-fence.lock)."""
+    try:
+        fence_pid = int((agent.data_dir / "task-fence.lock").read_text())
+    except (OSError, ValueError):
+        fence_pid = 0
+    return cpu_s(agent.proc.pid) + (cpu_s(fence_pid) if fence_pid else 0.0)
+
+
 def run_n(client: Client, metrics_url: str, n: int, timeout_s: float) -> float:
     """Tasks per second for `n` x `true`, from submission to the last one recorded final."""
     t0_ms = time.time() * 1000
@@ -133,20 +154,23 @@ def main() -> None:
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     rates: dict[str, float] = {}
     ceilings: dict[str, float] = {}
+    cpu_ms: dict[str, float] = {}
     fenced = round(fence_ceiling(max(50, args.ceiling_spawns // 4)), 1)
     try:
         with Client(agent.address, timeout=120) as client:
             run_n(client, metrics_url, 10, args.timeout)  # warm-up: the node registered, paths cached
             for n in sizes:
                 ceilings[str(n)] = round(spawn_ceiling(args.ceiling_spawns), 1)
+                cpu0 = node_cpu_s(agent)
                 rates[str(n)] = round(run_n(client, metrics_url, n, args.timeout), 1)
+                cpu_ms[str(n)] = round((node_cpu_s(agent) - cpu0) * 1000 / n, 2)
     finally:
         agent.stop()
     doc = {
         "sizes": sizes, "task_user": args.task_user,
         "tasks_per_s": rates, "spawn_ceiling_per_s": ceilings,
         "over_ceiling": {n: round(rates[n] / ceilings[n], 3) for n in rates},
-        "fence_ceiling_per_s": fenced,
+        "fence_ceiling_per_s": fenced, "cpu_ms_per_task": cpu_ms,
         "flatness": round(rates[str(sizes[-1])] / rates[str(sizes[0])], 3),
     }
     if args.profile and args.top:
