@@ -106,3 +106,11 @@ def test_rolled_means_exactly_the_wanted_replicas_of_the_generation_ready():
     assert not DeploymentInfo.from_proto(d).rolled  # an old one still stopping
     del d.replicas[1]
     assert DeploymentInfo.from_proto(d).rolled
+
+
+def test_usage_errors_are_one_line_before_any_call(capsys):
+    for argv in (["serve", "scale", "web", "0"], ["serve", "up", "m"], ["serve", "up", "m", "--name", "w",
+                                                                        "--max-batch", "0"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("lepton-ctl: "), err
