@@ -291,8 +291,7 @@ def check_deployment_spec(spec) -> None:
     first bad one. Resources and priority as for a task."""
     check_deployment_name(spec.name)
     check_dataset_name(spec.model)
-    if not 1 <= spec.replicas <= MAX_REPLICAS:
-        raise InvalidArgument(f"replicas must be 1-{MAX_REPLICAS}, got {spec.replicas}")
+    check_replica_count(spec.replicas)
     r = spec.resources
     _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
     if r.gpus > MAX_GPUS:
@@ -305,6 +304,12 @@ def check_deployment_spec(spec) -> None:
         raise InvalidArgument(f"max_wait_ms is {spec.max_wait_ms}; at most {MAX_SERVE_WAIT_MS}")
     if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
         raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+
+
+def check_replica_count(replicas: int) -> int:
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"replicas must be 1-{MAX_REPLICAS}, got {replicas}")
+    return replicas
 
 
 _DEPLOYMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")

@@ -83,6 +83,7 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
     @rpc_boundary
     async def ScaleDeployment(self, request, context):
         v.check_deployment_name(request.name)
+        v.check_replica_count(request.replicas)  # before anything is logged
         await self._ctx.read()
         self._check_owner(request.name)
         cmd = state_pb2.ScaleDeploymentCmd(name=request.name, replicas=request.replicas, only_owner=only_owner())

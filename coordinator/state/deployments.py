@@ -22,7 +22,7 @@ from lepton.common.errors import (
     PermissionDenied,
 )
 from lepton.common.states import TaskState
-from lepton.common.validation import MAX_REPLICAS, check_dataset_name, check_deployment_spec
+from lepton.common.validation import check_dataset_name, check_deployment_spec, check_replica_count
 from lepton.v1 import datasets_pb2, serving_pb2, state_pb2, tasks_pb2
 
 if TYPE_CHECKING:
@@ -131,8 +131,7 @@ class DeploymentTable:
 
     def scale(self, c: state_pb2.ScaleDeploymentCmd, at_ms: int) -> serving_pb2.Deployment:
         rec = self._changeable(c.name, c.only_owner)
-        if not 1 <= c.replicas <= MAX_REPLICAS:
-            raise InvalidArgument(f"replicas must be 1-{MAX_REPLICAS}, got {c.replicas} (serve rm removes it)")
+        check_replica_count(c.replicas)
         rec.deployment.spec.replicas = c.replicas
         rec.deployment.updated_at_ms = at_ms
         self._touch(rec)
