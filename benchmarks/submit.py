@@ -78,7 +78,10 @@ class Submitter:
             req = coordinator_pb2.SubmitTasksRequest(specs=[spec() for _ in range(batch)])
         else:
             req = coordinator_pb2.SubmitTaskRequest(spec=spec())
-        for _ in range(50):
+        # Until a deadline rather than a count: a leader change (an etcd lease lost on a
+        # loaded box takes the TTL and more) must not end the benchmark.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             stub = coordinator_pb2_grpc.CoordinatorStub(self.channels[self.current])
             try:
                 await (stub.SubmitTasks(req, timeout=10) if batch else stub.SubmitTask(req, timeout=10))
