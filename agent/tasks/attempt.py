@@ -1,5 +1,19 @@
 """One live task attempt as the runner sees it (`lepton.agent.tasks.runner`): its record,
-whether its process has ended, and how it ended (exit code and reason)."""
+whether its process has ended, and how it ended (exit code and reason).
+
+Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
+  output.log     stdout+stderr of the task (one open file for both, so their order holds)
+  output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
+  rotation.json  also maps the offsets readers use onto these two files)
+  run.json       spec, pid (= pgid = sid), process start time, boot id, deadline (on
+                 CLOCK_MONOTONIC: one clock for every process of this boot). Written once
+                 by the fence, right after the spawn; not fsync'd (it serves a restart in
+                 this boot; a power cut ends every attempt).
+  stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
+  exit.json      {"rc": N}, the shell's `$?` convention, written by the fence when it ends
+  fenced         the fence killed it: the node's lease ran out (lease.py)
+  reported.json  the EXITED event as reported: its presence means "done, never again"
+"""
 
 from __future__ import annotations
 

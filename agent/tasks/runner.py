@@ -7,18 +7,7 @@ session, with stdout and stderr on one file, is its parent, records its exit sta
 kills it once the node's attempt lease runs out. A restarted agent re-adopts the attempts
 that still run and reports the ones that ended meanwhile.
 
-Layout, per attempt, in `data_dir/tasks/<task_id>/<attempt>/`:
-  output.log     stdout+stderr of the task (one open file for both, so their order holds)
-  output.log.1   with a cap on output: the previous chunk of it (see `task_logs`, which
-  rotation.json  also maps the offsets readers use onto these two files)
-  run.json       spec, pid (= pgid = sid), process start time, boot id, deadline (on
-                 CLOCK_MONOTONIC: one clock for every process of this boot). Written once
-                 by the fence, right after the spawn; not fsync'd (it serves a restart in
-                 this boot; a power cut ends every attempt).
-  stop.json      a cancel/timeout in progress: reason, SIGKILL time, whether SIGKILL went out
-  exit.json      {"rc": N}, the shell's `$?` convention, written by the fence when it ends
-  fenced         the fence killed it: the node's lease ran out (lease.py)
-  reported.json  the EXITED event as reported: its presence means "done, never again"
+Each attempt has a folder, `data_dir/tasks/<task_id>/<attempt>/` (its files: attempt.py).
 The folder itself is the record that the attempt ran: it is made exclusively before
 anything starts, and each batch's claims are recorded durably in one file first (claims.py,
 `data_dir/task-claims/`), so an attempt never runs twice on this node, even after a power
@@ -49,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -65,7 +55,14 @@ from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.fence_link import FenceLink, Key
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
-from lepton.agent.tasks.spawn import ALREADY_RAN, SYNC_SPAWNS, Spawned, Spawner, SpawnQueue
+from lepton.agent.tasks.spawn import (
+    ALREADY_RAN,
+    SYNC_SPAWNS,
+    Spawned,
+    Spawner,
+    SpawnQueue,
+    claim_and_spawn,
+)
 from lepton.agent.tasks.task_spec import (
     TASK_ID_RE,
     RunningTask,
@@ -131,9 +128,9 @@ class TaskRunner:
         self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
         self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
                                 lease_path, self._boot, self._link)
-        self._spawns = SpawnQueue(self._claim_and_spawn, self._spawned)  # large batches, in the background
-        self._live: dict[tuple[str, int], Attempt] = {}
         self._claims = ClaimLog(self._root)
+        self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner), self._spawned)  # large batches, in the background
+        self._live: dict[tuple[str, int], Attempt] = {}
         self._settling: asyncio.Task[int] | None = None
         self._exits = ExitWatch(self._on_exit)
         self._sweep_s = sweep_s if retention_s else math.inf
@@ -231,30 +228,6 @@ class TaskRunner:
                 self._reports.failed_to_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
             return
         self._spawned(claimed, self._spawner.spawn_all(claimed))
-
-    def _claim_and_spawn(self, chunk: list[tuple[RunSpec, Path]]) -> list[Spawned | str]:
-        """A background chunk, in a spawning thread: its folders made (exclusive), its claims
-        recorded (one fsync), then spawned: the event loop touches no disk for them."""
-        results: list[Spawned | str] = [ALREADY_RAN] * len(chunk)
-        claimed: list[int] = []
-        for i, (_, att_dir) in enumerate(chunk):
-            try:
-                att_dir.parent.mkdir(parents=True, exist_ok=True)
-                att_dir.mkdir()
-                claimed.append(i)
-            except FileExistsError:
-                pass  # it ran here before; its EXITED event is the coordinator's answer
-            except OSError as err:
-                results[i] = f"cannot make the attempt's folder: {err}"
-        try:
-            self._claims.record((chunk[i][0].task_id, chunk[i][0].attempt, chunk[i][0].term) for i in claimed)
-        except OSError as err:
-            for i in claimed:
-                results[i] = f"cannot record the attempt's claim: {err}"
-            return results
-        for i, result in zip(claimed, self._spawner.spawn_all([chunk[i] for i in claimed]), strict=True):
-            results[i] = result
-        return results
 
     def _spawned(self, batch: list[tuple[RunSpec, Path]], results: list[Spawned | str]) -> None:
         """On the loop, in the batch's order: track what started, report what did not."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.agent.tasks.attempt_env import AttemptEnv
+from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.fence_link import FenceLink
 from lepton.agent.tasks.task_spec import RunSpec
 
@@ -84,7 +85,32 @@ class Spawner:
 
 
 Key = tuple[str, int]  # (task id, attempt)
-Item = tuple[RunSpec, Path]  # a claimed attempt and its folder
+Item = tuple[RunSpec, Path]  # an attempt and its folder
+
+
+def claim_and_spawn(claims: ClaimLog, spawner: Spawner, chunk: list[Item]) -> list[Spawned | str]:
+    """A background chunk, in a spawning thread: its folders made (exclusive), its claims
+    recorded (one fsync), then spawned: the event loop touches no disk for them."""
+    results: list[Spawned | str] = [ALREADY_RAN] * len(chunk)
+    claimed: list[int] = []
+    for i, (_, att_dir) in enumerate(chunk):
+        try:
+            att_dir.parent.mkdir(parents=True, exist_ok=True)
+            att_dir.mkdir()
+            claimed.append(i)
+        except FileExistsError:
+            pass  # it ran here before; its EXITED event is the coordinator's answer
+        except OSError as err:
+            results[i] = f"cannot make the attempt's folder: {err}"
+    try:
+        claims.record((chunk[i][0].task_id, chunk[i][0].attempt, chunk[i][0].term) for i in claimed)
+    except OSError as err:
+        for i in claimed:
+            results[i] = f"cannot record the attempt's claim: {err}"
+        return results
+    for i, result in zip(claimed, spawner.spawn_all([chunk[i] for i in claimed]), strict=True):
+        results[i] = result
+    return results
 
 
 class SpawnQueue:
