@@ -16,6 +16,7 @@ oversized body included), 401, 403, 404, 503 (no ready replica), 504, 500.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -39,6 +40,8 @@ PREDICT_METHOD = "/lepton.v1.Inference/Predict"  # the rule HTTP callers are hel
 # JSON spells a float32 in up to ~16 characters and base64 takes 4/3: room for a request
 # the router accepts, in either form.
 MAX_BODY_BYTES = MAX_PREDICT_BYTES * 4
+# Bodies and answers past this are converted in a thread.
+_INLINE_BYTES = 256 * 1024
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
     "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
@@ -181,9 +184,12 @@ class HttpEndpoint:
             return error_response("INVALID_ARGUMENT", f"the body is over {MAX_BODY_BYTES} bytes: split the rows "
                                                       "into several requests")
         try:
-            inputs, timeout = parse_body(raw)
+            # A big body's JSON would hold the agent's loop (heartbeats, Raft on a voter): off it.
+            inputs, timeout = parse_body(raw) if len(raw) < _INLINE_BYTES else await asyncio.to_thread(parse_body, raw)
             response = await self._router.predict(request.match_info["name"], inputs, timeout_s=timeout)
-            return web.json_response(predictions_json(response))
+            if len(response.outputs.data) < _INLINE_BYTES:
+                return web.json_response(predictions_json(response))
+            return web.json_response(await asyncio.to_thread(predictions_json, response))
         except LeptonError as err:
             return error_response(err.code.name, err.message)
 

@@ -47,6 +47,13 @@ async def test_rows_as_json_lists_are_predicted(http):
     assert router.stats()[0].requests == 1  # the same router and counters as gRPC
 
 
+async def test_a_big_body_is_converted_off_the_loop_and_answered(http):
+    url, _, _ = http
+    rows = np.random.default_rng(0).random((3000, 64), dtype=np.float32)
+    status, body = await post(url, {"inputs": rows.tolist()})
+    assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), rows * 2)
+
+
 async def test_raw_tensors_in_base64(http):
     url, _, _ = http
     rows = np.arange(6, dtype="<f4").reshape(3, 2)
