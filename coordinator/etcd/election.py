@@ -196,8 +196,10 @@ class Election:
                 elif not isinstance(err, LeptonError) and failures >= 2:
                     self._conn.failover(generation)  # answers stopped coming: try another member
                 if failures <= 2 or failures % 20 == 0:
-                    logger.warning("etcd: lease keep-alive failed (%d in a row): %s", failures,
-                                   str(err) or type(err).__name__)
+                    # A stream ended by our own switch of endpoint is routine; the rest is not.
+                    level = logging.INFO if isinstance(err, asyncio.InvalidStateError) else logging.WARNING
+                    logger.log(level, "etcd: lease keep-alive failed (%d in a row): %s", failures,
+                               str(err) or type(err).__name__)
                 await asyncio.sleep(min(self._interval, 0.05 * failures))
             finally:
                 if stream is not None:
