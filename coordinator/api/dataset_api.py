@@ -228,6 +228,7 @@ class DatasetService(datasets_pb2_grpc.DatasetsServicer):
         only = only_owner()
         await self._ctx.read()
         check_owner(self._sm.datasets.get(request.name), only)  # NotFound, PermissionDenied first
+        self._sm.deployments.check_unserved(request.name)  # applying checks again
         ds = await self._ctx.commit(state_pb2.Command(
             delete_dataset=state_pb2.DeleteDatasetCmd(name=request.name, only_owner=only)))
         self._spawn_gc(_placements(ds))

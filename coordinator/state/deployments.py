@@ -95,6 +95,14 @@ class DeploymentTable:
         tasks = self._sm.tasks.tasks
         return [tasks[t] for t in rec.task_ids if t in tasks and not TaskState.from_proto(tasks[t].state).final]
 
+    def check_unserved(self, model: str) -> None:
+        """FailedPrecondition when a deployment (not being removed) serves `model`: its
+        replicas would fail to load it on their next start."""
+        users = sorted(n for n, r in self.records.items() if r.deployment.spec.model == model and not r.deleting)
+        if users:
+            raise FailedPrecondition(
+                f'"{model}" is served by deployment {", ".join(users)}; lepton-ctl serve rm or serve update it first')
+
     # -- commands ----------------------------------------------------------------------
     def create(self, c: state_pb2.CreateDeploymentCmd, at_ms: int) -> serving_pb2.Deployment:
         if c.request_id and c.request_id in self.by_request:

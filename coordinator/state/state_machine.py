@@ -213,7 +213,7 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "submit_job": lambda sm, c, at: sm.quotas.check_job(c) or sm.tasks.submit_job(c, at),
     "collect_garbage": lambda sm, c, at: collect(sm.tasks, c, at),
     "put_dataset": lambda sm, c, at: sm.quotas.check_dataset(c) or sm.datasets.put(c, at),
-    "delete_dataset": lambda sm, c, at: sm.datasets.delete(c, at),
+    "delete_dataset": lambda sm, c, at: sm.deployments.check_unserved(c.name) or sm.datasets.delete(c, at),
     "add_replicas": lambda sm, c, at: sm.datasets.add_replicas(c, at),
     "drop_replicas": lambda sm, c, at: sm.datasets.drop_replicas(c, at),
     "create_token": lambda sm, c, at: sm.quotas.check_token(c) or sm.security.create_token(c, at),

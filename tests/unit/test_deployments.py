@@ -169,3 +169,14 @@ def test_the_method_table_keeps_reports_to_nodes_and_changes_to_users():
         assert rule(name).allows(Role.USER) and not rule(name).allows(Role.VIEWER)
         assert not rule(name).allows(Role.NODE) and not rule(name).read
     assert rule("ListDeployments").allows(Role.VIEWER) and rule("GetDeployment").read
+
+
+def test_a_served_model_is_not_deleted_until_its_deployment_goes():
+    w = world()
+    create(w)
+    refused = w.apply(delete_dataset=state_pb2.DeleteDatasetCmd(name="digits"))
+    assert isinstance(refused, FailedPrecondition) and "served by deployment web" in refused.message
+    assert "digits" in w.sm.datasets.datasets
+    assert not isinstance(w.apply(delete_dataset=state_pb2.DeleteDatasetCmd(name="digits2")), Exception)
+    w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web"))  # being removed: no longer served
+    assert not isinstance(w.apply(delete_dataset=state_pb2.DeleteDatasetCmd(name="digits")), Exception)
