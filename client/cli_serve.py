@@ -37,6 +37,7 @@ from ._cli_common import (
     command_group,
     interrupt_reason,
     print_result,
+    wants_json,
 )
 from .render import human_bytes
 
@@ -74,7 +75,7 @@ def _list_table(deps: list[DeploymentInfo]) -> Table:
     return out
 
 
-def _show_text(d: DeploymentInfo) -> str:
+def _show_text(d: DeploymentInfo, node_names: dict[str, str]) -> str:
     s = d.stats
     lines = [
         f"name:        {d.name}",
@@ -90,7 +91,8 @@ def _show_text(d: DeploymentInfo) -> str:
     if d.replica_list:
         lines.append("")
         lines.append(f"{'TASK':<16} {'NODE':<24} {'GEN':>4}  {'MODEL':<20} STATE")
-        lines += [f"{r.task_id:<16} {r.node_id or '-':<24} {r.generation:>4}  {r.model:<20} {r.state}"
+        lines += [f"{r.task_id:<16} {node_names.get(r.node_id, r.node_id) or '-':<24} {r.generation:>4}  "
+                  f"{r.model:<20} {r.state}"
                   for r in d.replica_list]
     return "\n".join(lines) + "\n"
 
@@ -155,7 +157,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
         d = c.get_deployment(args.name)
-    return print_result(args, deployment_dict(d), lambda: _show_text(d))
+        # Nodes by name in the table (ids in JSON); one more call, for people only.
+        names = {} if wants_json(args) or not d.replica_list else {n.id: n.name for n in c.nodes()}
+    return print_result(args, deployment_dict(d), lambda: _show_text(d, names))
 
 
 def _wait_options(p: argparse.ArgumentParser, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,6 +35,12 @@ class FakeClient:
     def create_deployment(self, name, model, **kw):
         self.created = (name, model, kw)
         return info(0)
+
+    def get_deployment(self, name):
+        return info(2, state="ready")
+
+    def nodes(self):
+        return [SimpleNamespace(id="n0", name="gpu-box-0"), SimpleNamespace(id="n1", name="gpu-box-1")]
 
     def wait_deployment(self, name, *, timeout, gone=False, on_change=None):
         return self.wait(name, timeout, on_change)
@@ -114,3 +121,14 @@ def test_usage_errors_are_one_line_before_any_call(capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith("lepton-ctl: "), err
+
+
+def test_show_names_the_nodes_for_people_and_keeps_ids_in_json(fake, capsys):
+    fake(None)
+    assert cli.main(["serve", "show", "web"]) == 0
+    out = capsys.readouterr().out
+    assert "state:       ready (2/2 replicas ready)" in out
+    assert "gpu-box-0" in out and "gpu-box-1" in out
+    assert cli.main(["-o", "json", "serve", "show", "web"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["node_id"] for r in doc["replica_list"]] == ["n0", "n1"]
