@@ -15,7 +15,8 @@ The endpoint set (WatchEndpoints: the whole set on each change, with a growing v
 holds, per deployment, the replicas that are READY by their node's report, whose task is
 RUNNING on that node, not marked draining, on a READY node. Entries go at once when their
 task stops or moves, or their node goes down or leaves. Draining is read from the state
-(the serving loop commits it), which the watch polls every `poll_s` (a counter compare).
+(the serving loop commits it), which one timer for all watches polls every `poll_s` (a
+counter compare).
 
 Every deployment in the state is in the set, with no endpoints while none is ready: routers
 answer NOT_FOUND only for a name the set lacks.
@@ -28,7 +29,6 @@ deployment's figures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +80,7 @@ class EndpointTable:
         self._reports: dict[str, dict[str, serving_pb2.ReplicaReport]] = {}  # node -> task -> report
         self._node_of: dict[str, str] = {}  # task -> the node that reported it
         self._watchers: set[asyncio.Event] = set()
+        self._poller: asyncio.Task[None] | None = None  # one for all watches, while there are any
         # Versions grow across leaders too (wall-clock based start), so a router can tell.
         self._version = int(time.time() * 1000)
         self._current = serving_pb2.EndpointSet(version=self._version)
@@ -221,15 +222,25 @@ class EndpointTable:
                 await asyncio.sleep(min(wait, self._poll_s))
             while True:
                 self._require_leader()
+                wake.clear()  # before computing: a change from here on wakes the wait below
                 current = self.endpoint_set()
                 if current.version != sent:
                     sent = current.version
                     yield current
-                wake.clear()
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self._poll_s)
+                    continue  # what changed while the set was being sent is looked at now
+                if self._poller is None or self._poller.done():
+                    self._poller = asyncio.ensure_future(self._poll())
+                await wake.wait()
         finally:
             self._watchers.discard(wake)
+
+    async def _poll(self) -> None:
+        """Wake the watches when the state's deployments changed (a drain mark): one timer
+        for all of them, not one per agent's stream."""
+        while self._watchers:
+            await asyncio.sleep(self._poll_s)
+            if self._sm.deployments.changes != self._seen_changes:
+                self._changed()
 
     def _changed(self) -> None:
         self._dirty = True
