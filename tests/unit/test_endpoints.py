@@ -218,3 +218,24 @@ async def test_a_new_leader_sends_no_set_until_agents_had_time_to_report(setup):
     clock[0] += 2.0
     got = await asyncio.wait_for(first, 10)
     assert [e.task_id for e in got.deployments["web"].endpoints] == ["a"]  # whole, not empty
+
+
+async def test_every_watch_hears_a_drain_from_one_timer(setup):
+    state, _, table = setup
+    state.replica("a", "n1")
+    table.report("n1", report("n1", ("a", READY)))
+    streams = [table.watch() for _ in range(3)]
+    for s in streams:
+        got = await asyncio.wait_for(s.__anext__(), 10)
+        assert [e.task_id for e in got.deployments["web"].endpoints] == ["a"]
+    nexts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+    await asyncio.sleep(0.2)
+    assert not any(n.done() for n in nexts)  # nothing changed: nothing sent
+    state.deployments.records["web"].draining.append("a")
+    state.deployments.changes += 1
+    for n in nexts:
+        assert not (await asyncio.wait_for(n, 10)).deployments["web"].endpoints
+    for s in streams:
+        await s.aclose()
+    await asyncio.sleep(0.2)
+    assert table._poller.done()  # no watch left: the timer stopped
