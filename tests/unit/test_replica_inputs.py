@@ -7,7 +7,13 @@ import pytest
 
 from lepton.common.errors import InvalidArgument
 from lepton.v1 import serving_pb2
-from lepton.workloads.serving.tensors import MAX_INPUT_BYTES, MAX_ROWS, check_inputs, from_tensor, to_tensor
+from lepton.workloads.serving.tensors import (
+    MAX_INPUT_BYTES,
+    MAX_ROWS,
+    check_inputs,
+    from_tensor,
+    to_tensor,
+)
 
 SHAPE = [8, 8]
 
