@@ -7,7 +7,8 @@ In one run, each for --seconds with --clients callers sending one row per reques
   (c) lepton         a real agent (one voter) serving a deployment, called through the
                      agent's Inference.Predict: 1 and 2 replicas, batching off and on.
 Prints one JSON object: requests_per_s, p50_ms, p99_ms, errors per variant, and the ratios
-the targets are about (issue 19): lepton with 1 replica >= 0.5x the baseline's requests/s and
+the targets are about (issue 19), each Lepton variant against the baseline measured right
+before it (the baseline server runs all along): lepton with 1 replica >= 0.5x the baseline's requests/s and
 p99 <= 2x its p99; with batching on it should beat the baseline.
 
     python benchmarks/serve.py [--seconds 5] [--clients 16] [--skip-lepton] [--gpus 0]
@@ -132,21 +133,29 @@ async def load(address: str, deployment: str, clients: int, seconds: float, time
     return summary(latencies, errors, seconds)
 
 
-def grpc_baseline(model_path: Path, clients: int, seconds: float) -> dict:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(model_path), "--port", str(port)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        if proc.stdout.readline().strip() != "ready":
+class BaselineServer:
+    """(b) in its own process for the whole run, so it can be measured again right beside
+    each Lepton variant (on a shared machine the load drifts between minutes)."""
+
+    def __init__(self, model_path: Path):
+        self.address = f"127.0.0.1:{free_port()}"
+        self._proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(model_path),
+                                       "--port", self.address.rsplit(":", 1)[1]], stdout=subprocess.PIPE, text=True)
+        if self._proc.stdout.readline().strip() != "ready":
+            self.close()
             raise RuntimeError("the baseline server did not start")
-        return asyncio.run(load(f"127.0.0.1:{port}", "digits", clients, seconds))
-    finally:
-        proc.kill()
-        proc.wait()
+
+    def measure(self, clients: int, seconds: float) -> dict:
+        return asyncio.run(load(self.address, "digits", clients, seconds))
+
+    def close(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
 
 
 # -- (c) Lepton -----------------------------------------------------------------------------
-def lepton(model_path: Path, clients: int, seconds: float, gpus: int) -> dict:
+def lepton(model_path: Path, clients: int, seconds: float, gpus: int, baseline: BaselineServer) -> dict:
+    """Each variant's figures, with the baseline measured just before it (`baseline_alongside`)."""
     from lepton.client import Client
     from lepton.common.channels import make_channel
     from lepton.v1 import serving_pb2, serving_pb2_grpc, tasks_pb2
@@ -169,8 +178,12 @@ def lepton(model_path: Path, clients: int, seconds: float, gpus: int) -> dict:
                     resources=tasks_pb2.Resources(cpu=0.5, memory_bytes=256 << 20, gpus=gpus), **knobs)
                 deployments.CreateDeployment(serving_pb2.CreateDeploymentRequest(spec=spec), timeout=30)
                 wait_ready(deployments, name, replicas)
-                out[f"{replicas}_replica{'s' if replicas > 1 else ''}_batching_{batching}"] = asyncio.run(
-                    load(agent.address, name, clients, seconds))
+                beside = baseline.measure(clients, seconds)
+                run = asyncio.run(load(agent.address, name, clients, seconds))
+                run["baseline_alongside"] = beside
+                run["rps_over_baseline"] = ratio(run["requests_per_s"], beside["requests_per_s"])
+                run["p99_over_baseline"] = ratio(run["p99_ms"], beside["p99_ms"])
+                out[f"{replicas}_replica{'s' if replicas > 1 else ''}_batching_{batching}"] = run
                 deployments.DeleteDeployment(serving_pb2.DeleteDeploymentRequest(name=name), timeout=30)
                 wait_gone(deployments, name)
         channel.close()
@@ -227,19 +240,23 @@ def main() -> None:
         doc: dict = {"clients": args.clients, "seconds": args.seconds, "model": "digits mlp 64-64-64-10",
                      "cpus": os.cpu_count()}
         doc["in_process"] = in_process(model_path, args.seconds)
-        doc["grpc_baseline"] = base = grpc_baseline(model_path, args.clients, args.seconds)
-        if not args.skip_lepton:
-            doc["lepton"] = runs = lepton(model_path, args.clients, args.seconds, args.gpus)
+        baseline = BaselineServer(model_path)
+        try:
+            doc["grpc_baseline"] = base = baseline.measure(args.clients, args.seconds)
+            runs = lepton(model_path, args.clients, args.seconds, args.gpus, baseline) if not args.skip_lepton else {}
+        finally:
+            baseline.close()
+        doc["ratios"] = {"baseline_rps_over_in_process": ratio(base["requests_per_s"],
+                                                               doc["in_process"]["requests_per_s"])}
+        if runs:
+            doc["lepton"] = runs
             one = runs["1_replica_batching_off"]
-            best_on = max((r for k, r in runs.items() if k.endswith("batching_on")),
-                          key=lambda r: r["requests_per_s"])
-            doc["ratios"] = {
-                "lepton_1_replica_rps_over_baseline": ratio(one["requests_per_s"], base["requests_per_s"]),
-                "lepton_1_replica_p99_over_baseline": ratio(one["p99_ms"], base["p99_ms"]),
-                "lepton_batching_on_best_rps_over_baseline": ratio(best_on["requests_per_s"],
-                                                                  base["requests_per_s"]),
-                "baseline_rps_over_in_process": ratio(base["requests_per_s"], doc["in_process"]["requests_per_s"]),
-            }
+            best_on = max((r for k, r in runs.items() if k.endswith("batching_on")), key=lambda r: r["rps_over_baseline"] or 0)
+            doc["ratios"].update({  # each against the baseline measured beside it
+                "lepton_1_replica_rps_over_baseline": one["rps_over_baseline"],
+                "lepton_1_replica_p99_over_baseline": one["p99_over_baseline"],
+                "lepton_batching_on_best_rps_over_baseline": best_on["rps_over_baseline"],
+            })
             r = doc["ratios"]
             doc["targets_met"] = {
                 "1_replica_rps_ge_0.5x": (r["lepton_1_replica_rps_over_baseline"] or 0) >= 0.5,

@@ -221,6 +221,11 @@ def test_serving_auth(agents, models, tmp_path):
     assert status == 200 and body["predictions"] == expected.tolist()
     status, body = http_post(url, {"inputs": [[1.0, 2.0]]}, token=user)
     assert status == 400 and "shape" in body["error"]["message"]
+    # serve show's figures: this agent's router counters, reported to the leader and merged.
+    with Client(voter.address, timeout=30, token=user) as c:
+        stats = wait_until(lambda: (s := c.get_deployment("digits").stats).requests >= 3 and s,
+                           what="serve show counting the requests")
+        assert stats.errors >= 1 and stats.p50_ms > 0 and stats.p99_ms >= stats.p50_ms
     # Only a node may name the replica to use: a user's forged forwarding is refused.
     with grpc.insecure_channel(voter.address) as ch:
         stub = serving_pb2_grpc.InferenceStub(ch)
