@@ -70,7 +70,10 @@ class ServingStats:
             series = self._series.get(key)
             if series is None or series.bounds != bounds:
                 series = self._series[key] = _RouterSeries(request.started_at_ms, bounds)
-            elif series.started_at_ms != request.started_at_ms:  # the agent restarted
+            elif series.started_at_ms != request.started_at_ms or (
+                    series.samples and s.requests < series.samples[-1].requests):
+                # The agent restarted, or its router started this deployment's counters over
+                # (the deployment left its endpoint set for a while): keep what they had.
                 last = series.samples[-1] if series.samples else None
                 if last is not None:
                     series.retired_requests += last.requests

@@ -80,6 +80,20 @@ def test_an_agent_restart_keeps_what_it_had_counted():
     assert table.stats("digits").requests == 6
 
 
+def test_counters_started_over_by_the_router_are_kept_too():
+    clock = Clock()
+    table = ServingStats(clock=clock)
+    before = DeploymentCounters()
+    for _ in range(4):
+        before.answered(1.0, 1)
+    table.report(report("A", before))
+    again = DeploymentCounters()  # same agent (started_at), counters from zero
+    again.answered(1.0, 1)
+    clock.now += 1
+    table.report(report("A", again))
+    assert table.stats("digits").requests == 5
+
+
 def test_forget_and_malformed_reports():
     table = ServingStats(clock=Clock())
     a = DeploymentCounters()
