@@ -8,6 +8,7 @@ Hooked into lepton-ctl with `register(top, common)`.
     lepton-ctl serve scale S N
     lepton-ctl serve update S MODEL2
     lepton-ctl serve rm S
+    lepton-ctl serve predict S --input FILE.npy     (client/cli_predict.py)
     lepton-ctl serve predict S --input FILE.npy [-o json]   (client/cli_predict.py)
 
 `up`, `scale`, `update` and `rm` wait until the replicas are ready (rolled, removed) unless
