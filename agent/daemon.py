@@ -281,8 +281,7 @@ class Agent:
 
     def _replica_channel(self, task_id: str):
         """The channel to a replica running here (agent/serving.py), or None."""
-        serving = getattr(self, "serving", None)
-        return serving.local_channel(task_id) if serving is not None else None
+        return self.serving.local_channel(task_id) if self.serving is not None else None
 
     def _leader_answered(self) -> None:
         """The leader answered (a heartbeat, a registration): the attempts may run on for
