@@ -121,3 +121,25 @@ async def test_closed_batcher_refuses_new_requests():
     await b.close()
     with pytest.raises(BatcherClosed):
         await b.predict(rows(1))
+
+
+async def test_a_quick_model_runs_on_the_loop_and_a_slow_one_in_a_thread():
+    threads: list[int] = []
+
+    def model(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return x
+
+    quick = Batcher(model, max_batch=1, max_wait_s=0.0, inline_below_s=3600.0)
+    for i in range(3):
+        await quick.predict(rows(i))
+    await quick.close()
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # the first call's cost is unknown: a thread
+    assert threads[1:] == [loop_thread, loop_thread]
+    threads.clear()
+    slow = Batcher(model, max_batch=1, max_wait_s=0.0, inline_below_s=0.0)
+    for i in range(3):
+        await slow.predict(rows(i))
+    await slow.close()
+    assert loop_thread not in threads
