@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,3 +98,68 @@ def freeze_the_leader(start, workdir: Path, rounds: int, seed: int = 1, *,
         "requeued": sum(t.attempt > 1 for t in tasks),
         "wrongly_down": sorted(down - frozen),
     }
+
+
+def kill_and_stop_while_submitting(start, workdir: Path, voters: list, rounds: int = 4) -> tuple[list, list, list]:
+    """A client submits continuously (retrying each request id until acknowledged) while the
+    leader is killed (-9, then restarted) and SIGSTOPped in turn, `rounds` times, with 2
+    workers running the tasks. Returns (acknowledged request ids, every task at the end,
+    the lines "$LEPTON_TASK_ID $LEPTON_ATTEMPT" the attempts wrote). `voters`: Raft voters
+    or etcd candidates, already started with `start` (the agents fixture)."""
+    # A SIGSTOPped leader holds the workers' streams until they give up on its answers: the
+    # new leader's failover grace (common/failover.py) covers that.
+    ran = workdir / "ran"
+    for i in (1, 2):
+        start(f"worker-{i}", "--join", servers(voters), "--labels", "pool=work")
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def submitter() -> None:
+        with Client(servers(voters), timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                rid = f"chaos-{i}"
+                while True:  # retry the same request id until acknowledged
+                    try:
+                        c.submit(shell=f'echo "$LEPTON_TASK_ID $LEPTON_ATTEMPT" >> {ran}',
+                                 constraints={"pool": "work"}, cpu=0.1, request_id=rid)
+                        acked.append(rid)
+                        break
+                    except LeptonError:
+                        time.sleep(0.05)
+                i += 1
+
+    thread = threading.Thread(target=submitter)
+    with Client(servers(voters), timeout=30) as c:
+        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == len(voters) + 2,
+                   timeout=60, what="every node ready")
+        thread.start()
+        for round_ in range(rounds):
+            wait_until(lambda r=round_: len(acked) > 5 * (r + 1), timeout=60, what="progress")
+            victim = leader_of(c, voters)
+            if round_ % 2 == 0:
+                victim.kill9()
+                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
+                           what="failover")
+                victim.start(timeout=60)  # beside a busy cluster a start takes a while
+            else:
+                os.kill(victim.proc.pid, signal.SIGSTOP)
+                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
+                           what="failover")
+                os.kill(victim.proc.pid, signal.SIGCONT)
+        wait_until(lambda: len(acked) > 30, timeout=60, what="more progress after the chaos")
+        stop.set()
+        thread.join(60)
+        tasks = wait_until(lambda: (ts := c.list()) and all(t.done for t in ts) and ts,
+                           timeout=60, what="every task to finish")
+    return acked, tasks, ran.read_text().split("\n")[:-1]
+
+
+def check_each_acked_once(acked: list, tasks: list, lines: list) -> None:
+    """Every acknowledged submission stored exactly once, every task succeeded, no attempt ran twice."""
+    by_request = Counter(t.request_id for t in tasks)
+    assert set(acked) <= set(by_request), "an acknowledged submission was lost"
+    assert all(n == 1 for n in by_request.values()), "a submission was stored twice"
+    assert all(t.state == "succeeded" for t in tasks), [(t.id, t.state, t.reason, t.history) for t in tasks if t.state != "succeeded"]
+    assert len(lines) == len(set(lines)), "an attempt ran twice"
+    assert {line.split()[0] for line in lines} == {t.id for t in tasks}

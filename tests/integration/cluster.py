@@ -136,7 +136,7 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "agent.log"
 
-    def start(self) -> AgentProcess:
+    def start(self, timeout: float = 20.0) -> AgentProcess:
         runtime = self.data_dir / "agent.json"
         if runtime.exists():
             runtime.unlink()  # stale after a kill -9
@@ -152,7 +152,7 @@ class AgentProcess:
                 raise AssertionError(f"agent {self.name} exited {self.proc.returncode}:\n{self.log()}")
             return runtime.exists() and json.loads(runtime.read_text())["pid"] == self.proc.pid
 
-        wait_until(ready, what=f"agent {self.name} to start")
+        wait_until(ready, timeout=timeout, what=f"agent {self.name} to start")
         self.node_id = (self.data_dir / "node_id").read_text().strip()
         return self
 

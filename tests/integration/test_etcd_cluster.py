@@ -190,6 +190,15 @@ def test_chaos_freezing_the_etcd_leader_loses_and_repeats_nothing(agents, etcd3,
     assert figures["wrongly_down"] == [], figures
 
 
+def test_chaos_kill_and_stop_the_etcd_leader_while_submitting(agents, etcd3, tmp_path):
+    """test_raft_cluster's chaos test on 3 etcd candidates: kill -9 and SIGSTOP of the leading
+    agent in turn while a client submits; every acknowledged id exactly once, no attempt twice."""
+    from tests.integration.chaos import check_each_acked_once, kill_and_stop_while_submitting
+
+    candidates = start_etcd_candidates(agents, etcd3.endpoints, 3)
+    check_each_acked_once(*kill_and_stop_while_submitting(agents, tmp_path, candidates))
+
+
 def test_a_raft_voter_cannot_join_an_etcd_cluster(agents, etcd3, tmp_path):
     candidates = start_etcd_candidates(agents, etcd3.endpoints, 1)
     joiner = agents("raft-joiner", "--join", servers(candidates), "--join-as-voter")

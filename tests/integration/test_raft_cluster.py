@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
-from collections import Counter
 
 import pytest
 
-from lepton.client import Client, LeptonError
+from lepton.client import Client
 from tests.integration.cluster import leader_of, run_ctl, servers, start_voters, wait_until
 
 pytestmark = pytest.mark.integration
@@ -56,60 +52,11 @@ def test_leader_kill_loses_no_acknowledged_task(agents):
 
 
 def test_chaos_kill_and_stop_the_leader_while_submitting(agents, tmp_path):
-    """Every acknowledged submission is present exactly once, and no attempt ran twice."""
-    # A SIGSTOPped leader holds the workers' streams until they give up on its answers: the
-    # new leader's failover grace (common/failover.py) covers that.
-    voters = start_voters(agents, 3)
-    ran = tmp_path / "ran"
-    workers = [agents(f"worker-{i}", "--join", servers(voters), "--labels", "pool=work") for i in (1, 2)]
-    assert workers
-    acked: list[str] = []
-    errors: Counter[str] = Counter()
-    stop = threading.Event()
+    """Every acknowledged submission is present exactly once, and no attempt ran twice
+    (tests/integration/chaos.py; test_etcd_cluster runs it on etcd candidates)."""
+    from tests.integration.chaos import check_each_acked_once, kill_and_stop_while_submitting
 
-    def submitter() -> None:
-        with Client(servers(voters), timeout=30) as c:
-            i = 0
-            while not stop.is_set():
-                rid = f"chaos-{i}"
-                while True:  # retry the same request id until acknowledged
-                    try:
-                        c.submit(shell=f'echo "$LEPTON_TASK_ID $LEPTON_ATTEMPT" >> {ran}',
-                                 constraints={"pool": "work"}, cpu=0.1, request_id=rid)
-                        acked.append(rid)
-                        break
-                    except LeptonError as err:
-                        errors[type(err).__name__] += 1
-                        time.sleep(0.05)
-                i += 1
-
-    thread = threading.Thread(target=submitter)
-    with Client(servers(voters), timeout=30) as c:
-        wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == 5, what="5 nodes")
-        thread.start()
-        for round_ in range(4):
-            wait_until(lambda r=round_: len(acked) > 5 * (r + 1), what="progress")
-            victim = leader_of(c, voters)
-            if round_ % 2 == 0:
-                victim.kill9()
-                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), what="failover")
-                victim.start()
-            else:
-                os.kill(victim.proc.pid, signal.SIGSTOP)
-                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), what="failover")
-                os.kill(victim.proc.pid, signal.SIGCONT)
-        wait_until(lambda: len(acked) > 30, what="more progress after the chaos")
-        stop.set()
-        thread.join(60)
-        tasks = wait_until(lambda: (ts := c.list()) and all(t.done for t in ts) and ts,
-                           timeout=60, what="every task to finish")
-    by_request = Counter(t.request_id for t in tasks)
-    assert set(acked) <= set(by_request), "an acknowledged submission was lost"
-    assert all(n == 1 for n in by_request.values()), "a submission was stored twice"
-    assert all(t.state == "succeeded" for t in tasks), [(t.id, t.state, t.reason, t.history) for t in tasks if t.state != "succeeded"]
-    lines = ran.read_text().split("\n")[:-1]
-    assert len(lines) == len(set(lines)), "an attempt ran twice"
-    assert {line.split()[0] for line in lines} == {t.id for t in tasks}
+    check_each_acked_once(*kill_and_stop_while_submitting(agents, tmp_path, start_voters(agents, 3)))
 
 
 def test_freezing_the_leader_fails_no_task_and_downs_no_other_node(agents, tmp_path):
