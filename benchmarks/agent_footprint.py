@@ -13,12 +13,17 @@ apart):
   the agent itself (LEPTON_COUNT_WAKEUPS=1, lepton.agent.wakeups; read via SIGUSR1).
 - thread_wakeups_per_s: voluntary context switches of all its threads (/proc/PID/task/*/
   status): every time any thread (gRPC's pollers, the loop) slept and woke.
-Targets (issue 15): CPU <= 1 %, RSS <= 60 MB.
+Every agent also runs its node's attempt fence (agent/tasks/fence.py), a process of its own:
+each agent's entry holds `agent` (that process alone), `fence` (its fence alone) and, at the
+top, their sums (cpu_percent, rss_mb, uss_mb, thread_wakeups_per_s, threads): the node's
+footprint, which is what the targets are about.
+Targets (issue 15), per node: CPU <= 1 %, RSS <= 60 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +34,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
+
+from lepton.agent.tasks import fence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Agent, emit, free_port  # noqa: E402
@@ -102,14 +109,25 @@ def loop_wakeups(agent: Agent | subprocess.Popen) -> int:
     raise RuntimeError(f"{agent.data_dir.name} wrote no loop_wakeups.json (LEPTON_COUNT_WAKEUPS unset?)")
 
 
-class Sample:
-    """CPU time, loop and thread wake-ups of one agent at one moment."""
+def fence_pid(agent: Agent) -> int:
+    """The pid of the agent's attempt fence, which it writes in its lock file."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return int((agent.data_dir / fence.LOCK_NAME).read_text())
+        time.sleep(0.05)
+    raise RuntimeError(f"{agent.data_dir.name} has no attempt fence")
 
-    def __init__(self, agent: Agent | subprocess.Popen):
-        pid = agent.proc.pid if isinstance(agent, Agent) else agent.pid
+
+class Sample:
+    """CPU time, loop and thread wake-ups of one process (an agent, its fence, a baseline)
+    at one moment."""
+
+    def __init__(self, agent: Agent | subprocess.Popen | int):
+        pid = agent if isinstance(agent, int) else agent.proc.pid if isinstance(agent, Agent) else agent.pid
         self.proc = psutil.Process(pid)
         self.counted = isinstance(agent, Agent)
-        self.loop = loop_wakeups(agent)
+        self.loop = loop_wakeups(agent) if self.counted else 0
         self.cpu = sum(self.proc.cpu_times()[:2])
         self.threads = thread_wakeups(pid)
         self.at = time.monotonic()
@@ -129,11 +147,27 @@ class Sample:
         }
 
 
+SUMMED = ("cpu_percent", "thread_wakeups_per_s", "rss_mb", "uss_mb", "threads")
+
+
 def measure(agents: dict[str, Agent | subprocess.Popen], seconds: float) -> dict[str, dict]:
+    """Each process over one window; an agent together with its fence (see the module doc)."""
     time.sleep(SETTLE_S)
-    starts = {name: Sample(a) for name, a in agents.items()}
+    procs: dict[str, Agent | subprocess.Popen | int] = dict(agents)
+    fences = {name: f"{name}/fence" for name, a in agents.items() if isinstance(a, Agent)}
+    procs.update({fences[name]: fence_pid(agents[name]) for name in fences})
+    starts = {name: Sample(p) for name, p in procs.items()}
     time.sleep(seconds)
-    return {name: Sample(a).since(starts[name]) for name, a in agents.items()}
+    alone = {name: Sample(p).since(starts[name]) for name, p in procs.items()}
+    out = {}
+    for name in agents:
+        if name not in fences:
+            out[name] = alone[name]
+            continue
+        agent, fenced = alone[name], alone[fences[name]]
+        node = {key: round(agent[key] + fenced[key], 2) for key in SUMMED}
+        out[name] = {**node, "seconds": agent["seconds"], "agent": agent, "fence": fenced}
+    return out
 
 
 def raft_cluster(stack: ExitStack, raft_heartbeat_s: float) -> dict[str, Agent]:
