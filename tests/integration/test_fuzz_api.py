@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2
+from lepton.v1 import agent_pb2, coordinator_pb2, datasets_pb2, raft_pb2, serving_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub
 from tests.integration.cluster import AgentProcess, wait_until
@@ -49,6 +49,7 @@ SERVICES = [
     datasets_pb2.DESCRIPTOR.services_by_name["Datasets"],
     datasets_pb2.DESCRIPTOR.services_by_name["Shards"],
     raft_pb2.DESCRIPTOR.services_by_name["Raft"],  # not served by a single voter: UNIMPLEMENTED
+    serving_pb2.DESCRIPTOR.services_by_name["Inference"],  # every agent's Predict
 ]  # test_every_reflected_method reaches a Raft node
 METHODS: list[MethodDescriptor] = [m for s in SERVICES for m in s.methods]
 BAD_CODES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
