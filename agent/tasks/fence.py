@@ -45,13 +45,14 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lepton.agent.tasks import task_proc as tp
 from lepton.common.failover import FENCE_CHECK_S
+
+if TYPE_CHECKING:  # imported when a large batch first needs it: an idle fence stays small
+    from concurrent.futures import ThreadPoolExecutor
 
 SOCKET_NAME = "task-fence.sock"
 LOCK_NAME = "task-fence.lock"
@@ -86,16 +87,21 @@ def read_lease_cs(path: str) -> int:
         return 0
 
 
-@dataclass
 class Held:
-    key: tuple[str, int]
-    pid: int  # also the process group and session id
-    start: float
-    dir: Path
-    lease: str  # "" for none: never fenced
-    child: bool  # spawned by this fence (else adopted from a dead one: no exit status)
-    popen: subprocess.Popen[bytes] | None = None  # kept so subprocess never reaps it behind our back
-    fenced: bool = False
+    """An attempt the fence holds. A plain class: dataclasses costs an idle fence ~1 MB."""
+
+    __slots__ = ("child", "dir", "fenced", "key", "lease", "pid", "popen", "start")
+
+    def __init__(self, key: tuple[str, int], pid: int, start: float, dir: Path, lease: str, *,  # noqa: A002
+                 child: bool, popen: subprocess.Popen[bytes] | None = None):
+        self.key = key
+        self.pid = pid  # also the process group and session id
+        self.start = start
+        self.dir = dir
+        self.lease = lease  # "" for none: never fenced
+        self.child = child  # spawned by this fence (else adopted from a dead one: no exit status)
+        self.popen = popen  # kept so subprocess never reaps it behind our back
+        self.fenced = False
 
 
 class _Conn:
@@ -235,7 +241,9 @@ class Fence:
                 return {"results": [self._spawn(item) for item in items]}
             # fork_exec lets go of the GIL: while one thread waits for its child to exec,
             # others spawn theirs. Exits are reaped by this thread once the batch is done.
-            self._pool = self._pool or ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="spawn")
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="spawn")
             return {"results": list(self._pool.map(self._spawn, items))}
         if op == "adopt":
             for item in req["items"]:

@@ -9,11 +9,8 @@ import json
 import os
 import shutil
 import signal
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import Any, NamedTuple
 
 from lepton.common.durable import write_atomic
 
@@ -51,9 +48,9 @@ def resolve_executable(name: str, env: dict[str, str], workdir: Path) -> str:
     return os.path.abspath(found)
 
 
-@dataclass(frozen=True)
-class ProcInfo:
-    """What identifies a process across pid reuse: its start time, and whether it is a zombie."""
+class ProcInfo(NamedTuple):
+    """What identifies a process across pid reuse: its start time, and whether it is a zombie.
+    (Not a dataclass: the fence imports this module, and dataclasses costs it ~1 MB.)"""
 
     start: float  # clock ticks since boot on Linux (exact); create_time elsewhere
     zombie: bool
@@ -73,6 +70,8 @@ def proc_info(pid: int) -> ProcInfo | None:
         # start at 3 (state); starttime is field 22.
         fields = data[data.rindex(b")") + 2:].split()
         return ProcInfo(start=float(fields[19]), zombie=fields[0] in (b"Z", b"X"))
+    import psutil  # only where there is no /proc: the fence imports this module, and stays small
+
     try:
         p = psutil.Process(pid)
         return ProcInfo(start=p.create_time(), zombie=p.status() == psutil.STATUS_ZOMBIE)
@@ -90,6 +89,8 @@ def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
+        import psutil
+
         return f"boot-{int(psutil.boot_time())}"
 
 
