@@ -58,3 +58,25 @@ def test_tensor_round_trip_is_little_endian_c_order():
     np.testing.assert_array_equal(from_tensor(t), y)
     with pytest.raises(InvalidArgument, match="holds 3 bytes"):
         from_tensor(serving_pb2.Tensor(dtype="<i8", shape=[1], data=b"abc"))
+
+
+async def test_a_model_failure_is_internal_so_the_router_does_not_retry_it_elsewhere():
+    # The router retries UNAVAILABLE on every other replica; rows that break the model
+    # would break it there too, so a model failure must come back as INTERNAL.
+    from lepton.common.errors import Internal
+    from lepton.workloads.serving.batcher import Batcher
+    from lepton.workloads.serving.replica import InferenceService
+
+    def broken(x):
+        raise ValueError("boom")
+
+    class FakeModel:
+        input_shape = SHAPE
+
+    batcher = Batcher(broken, max_batch=1, max_wait_s=0)
+    service = InferenceService(replica="t1", model_name="m", generation=1)
+    service.loaded(batcher, FakeModel())
+    request = serving_pb2.PredictRequest(deployment="d", inputs=tensor("<f4", [1, 8, 8]))
+    with pytest.raises(Internal, match="the model failed on this request: boom"):
+        await InferenceService.Predict.__wrapped__(service, request, None)
+    await batcher.close()

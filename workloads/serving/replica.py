@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 
-from lepton.common.errors import LeptonError, Unavailable
+from lepton.common.errors import Internal, LeptonError, Unavailable
 from lepton.common.grpc_util import (
     MAX_MESSAGE_BYTES,
     SERVER_OPTIONS,
@@ -117,8 +117,10 @@ class InferenceService(serving_pb2_grpc.InferenceServicer):
         except LeptonError:
             raise
         except Exception as err:  # noqa: BLE001 - the model failed on these rows: say so, keep serving
+            # INTERNAL, not UNAVAILABLE: the router retries UNAVAILABLE on every other replica,
+            # and rows that break the model break it there too.
             logger.warning("prediction failed: %s", err)
-            raise Unavailable(f"the model failed on this request: {err}") from None
+            raise Internal(f"the model failed on this request: {err}") from None
         return serving_pb2.PredictResponse(outputs=to_tensor(y), batch_rows=rows, **self._answer)
 
 
