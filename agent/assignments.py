@@ -25,7 +25,7 @@ from lepton.agent.code_cache import CodeCache
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
 from lepton.agent.task_identity import task_env
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
-from lepton.agent.tasks.task_spec import FENCED, TASK_ID_RE
+from lepton.agent.tasks.task_spec import FENCE_DOWN, FENCED, TASK_ID_RE
 from lepton.common.channels import TlsConfig
 from lepton.common.errors import LeptonError, Unavailable
 from lepton.v1 import coordinator_pb2, tasks_pb2
@@ -98,8 +98,9 @@ def to_proto(ev: TaskEvent) -> tasks_pb2.TaskEvent:
     return tasks_pb2.TaskEvent(
         task_id=ev.task_id, attempt=ev.attempt, kind=kind, exit_code=ev.exit_code or 0,
         reason=ev.reason[:1024], at_ms=ev.at_ms, term=ev.term,
-        # Stopped by the agent's graceful stop, or by its lease (fenced): not the task's failure.
-        requeue=ev.kind == TaskEventKind.EXITED and ev.reason in (AGENT_STOPPING, FENCED),
+        # Stopped by the agent's graceful stop, or by its lease (fenced), or never started for
+        # want of the node's fence: not the task's failure.
+        requeue=ev.kind == TaskEventKind.EXITED and ev.reason in (AGENT_STOPPING, FENCED, FENCE_DOWN),
     )
 
 

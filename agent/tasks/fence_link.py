@@ -33,6 +33,9 @@ CONNECT_TRIES = 5
 # loop (launch is synchronous), so a hung fence stalls the agent this long at most.
 REQUEST_TIMEOUT_S = 30.0
 LINE_LIMIT = 1 << 26  # the held list of a node running 100,000s of attempts fits
+# What `spawn` raises (and a spawn's result then says) when no request was sent: the link is
+# down, so nothing of the batch started (the runner reports those for requeue, not as failed).
+NOT_LINKED = "no link to the node's attempt fence"
 
 Key = tuple[str, int]
 
@@ -102,7 +105,7 @@ class FenceLink:
     def _request(self, doc: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             if self._control is None:
-                raise OSError("no link to the node's attempt fence")
+                raise OSError(NOT_LINKED)
             sock = self._control
             try:
                 sock.sendall(json.dumps(doc).encode() + b"\n")

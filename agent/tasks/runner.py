@@ -52,7 +52,7 @@ from lepton.agent.tasks.attempt import Attempt
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
-from lepton.agent.tasks.fence_link import FenceLink, Key
+from lepton.agent.tasks.fence_link import NOT_LINKED, FenceLink, Key
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
@@ -64,6 +64,7 @@ from lepton.agent.tasks.spawn import (
     claim_and_spawn,
 )
 from lepton.agent.tasks.task_spec import (
+    FENCE_DOWN,
     TASK_ID_RE,
     RunningTask,
     RunSpec,
@@ -210,7 +211,8 @@ class TaskRunner:
 
     def launch(self, spec: RunSpec) -> None:
         """Start this attempt; a no-op while it runs. A spawn failure is not raised: it is an
-        EXITED event (reason "failed to start: ...", exit code 127).
+        EXITED event (reason "failed to start: ...", exit code 127; FENCE_DOWN, for requeue
+        as no failure of the task, when the link to the node's fence was down).
         Raises InvalidArgument for a bad spec, FailedPrecondition when the runner is not
         started or this attempt ever ran on this node before, OSError when the data dir
         cannot take the attempt's folder."""
@@ -236,6 +238,11 @@ class TaskRunner:
             stop = self._spawns.done(key)
             if result == ALREADY_RAN:
                 logger.info("task %s attempt %d already ran on this node", *key)
+                continue
+            if result == NOT_LINKED:  # nothing was sent, so it surely did not start: requeued
+                self._reports.exited(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
+                                     exit_code=FAILED_TO_START_CODE, reason=FENCE_DOWN, at_ms=now_ms()))
+                self._on_fence_lost()  # relink now, not at the next scan
                 continue
             if isinstance(result, str):
                 self._reports.failed_to_start(spec, att_dir, result)
@@ -488,7 +495,8 @@ class TaskRunner:
         try:
             held = await self._link.open()
         except OSError as err:
-            logger.error("no attempt fence on this node (%s): attempts started now fail; retrying", err)
+            logger.error("no attempt fence on this node (%s): attempts started now are requeued; "
+                         "retrying", err)
             return  # the watcher retries at its next scan
         orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
         for att in orphans:

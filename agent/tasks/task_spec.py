@@ -99,6 +99,9 @@ class RunSpec:
 # The EXITED reason of an attempt its watchdog killed when the node's attempt lease ran out:
 # not the task's failure (the agent reports it for requeue).
 FENCED = "fenced: this node lost the leader past the attempt's lease"
+# The EXITED reason of an attempt never started because the node's attempt fence could not be
+# reached (its link was down): not the task's failure either (reported for requeue).
+FENCE_DOWN = "not started: this node's attempt fence was unreachable"
 
 
 class TaskEventKind(str, enum.Enum):

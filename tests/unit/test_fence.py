@@ -7,9 +7,12 @@ import shutil
 
 import pytest
 
+from lepton.agent.assignments import to_proto
 from lepton.agent.tasks import fence
 from lepton.agent.tasks.fence_link import FenceLink
-from tests.unit.test_runner import gone, wait_until
+from lepton.agent.tasks.runner import FAILED_TO_START_CODE, TaskEventKind
+from lepton.agent.tasks.task_spec import FENCE_DOWN
+from tests.unit.test_runner import Node, gone, kill_fence, sh, wait_until
 
 
 def fence_pid(data_dir) -> int:
@@ -56,3 +59,26 @@ async def test_bad_requests_and_unrunnable_commands_are_refused_with_a_reason(tm
         assert link.spawn([]) == []
     finally:
         await link.close()
+
+
+async def test_attempts_launched_while_no_fence_can_be_reached_are_requeued_not_failed(tmp_path, monkeypatch):
+    node = Node(tmp_path)
+    r = await node.runner()
+
+    def cannot_start(self):
+        raise OSError("no fence can start here now")
+
+    monkeypatch.setattr(FenceLink, "_launch", cannot_start)
+    await kill_fence(node.data_dir)
+    await wait_until(lambda: not r._link.up and r._relinking is not None and r._relinking.done(),
+                     "the relink to fail")
+    r.launch(sh("t", "exit 0"))
+    ev = await node.exited("t")
+    assert (ev.exit_code, ev.reason) == (FAILED_TO_START_CODE, FENCE_DOWN)
+    assert to_proto(ev).requeue  # the leader requeues it; no failure counts against the task
+    assert node.of("t", kind=TaskEventKind.STARTED) == []
+    monkeypatch.undo()  # a fence can start again: the runner relinks by itself
+    await wait_until(lambda: r._link.up, "the runner to relink")
+    r.launch(sh("t", "exit 0", attempt=2))
+    assert (await node.exited("t", attempt=2)).exit_code == 0
+    await r.stop()
