@@ -41,7 +41,9 @@ from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.datasets_pb2_grpc import DatasetsStub
 from tests.integration.cluster import AgentProcess, wait_until
 
-pytestmark = pytest.mark.integration
+# One worker for the module: its agents (module fixtures) start once, not once per worker,
+# and test_agent_is_still_healthy, last, looks at the agent every fuzz test hit.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fuzz_api")]
 
 SERVICES = [
     coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],

@@ -21,6 +21,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+# One worker for the module: the shared 2-rank run (two_rank_model) trains once, not once
+# per worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("torch_recipes")
 
 from lepton.workloads.recipes import evaluate as evaluate_mod  # noqa: E402
 from lepton.workloads.recipes import predict as predict_mod  # noqa: E402

@@ -19,16 +19,18 @@ from lepton.v1.datasets_pb2_grpc import ShardsStub
 from tests.integration.cluster import free_port, run_ctl, wait_until
 from tests.unit.test_side_channel_limits import idle_connections
 
-pytestmark = pytest.mark.integration
+# One cluster for the module's tests (each leaves it as it found it), on one worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("trust_owners")]
 
 USERS = {"admin": "admin", "alice": "user", "bob": "user", "vic": "viewer"}
 
 
-@pytest.fixture
-def cluster(agents, tmp_path):
+@pytest.fixture(scope="module")
+def cluster(module_agents):
     """A voter and a worker with --tls-dir and --auth; certificates for USERS.
     Returns (voter, worker, ctl, tls dir); ctl(user, *args) runs lepton-ctl as that user."""
-    d = str(tmp_path / "tls")
+    agents, root = module_agents
+    d = str(root / "tls")
     run_ctl("certs", "init", "--dir", d, server="-", check=True)
     for name, role in USERS.items():
         run_ctl("certs", "issue", name, "--kind", "user", "--role", role, "--dir", d, server="-", check=True)
@@ -64,7 +66,7 @@ def test_owners_and_redacted_env(cluster, tmp_path):
     assert (shown["version"], shown["owner"], shown["rows"]) == (1, "alice", 100)  # untouched
 
     out = ctl("alice", "-o", "json", "submit", "--env", "DB_PASSWORD=hunter2", "--env", "MODE=fast",
-              "--", "sleep", "60", check=True)
+              "--", "sleep", "600", check=True)  # running still when cancelled below, however slow the machine
     task_id = json.loads(out.stdout)["id"]
 
     def env_seen_by(user: str) -> dict[str, str]:
