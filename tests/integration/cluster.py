@@ -167,6 +167,24 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def wait_fence_gone(self) -> None:
+        """Once the agent has stopped, wait for its attempt fence to exit: a process of its own
+        that lingers a moment with no agent connected, then removes its socket, so wiping the
+        data dir before then races it (rmtree failed on the vanished socket under load)."""
+        try:
+            pid = int((self.data_dir / "task-fence.lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return  # no fence was started
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(gone, timeout=60, what=f"{self.name}'s attempt fence to exit")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -131,6 +131,7 @@ def test_snapshot_save_wipe_restore(agents, tmp_path):
 
     assert voter.terminate() == 0
     node_id = (voter.data_dir / "node_id").read_text()
+    voter.wait_fence_gone()
     shutil.rmtree(voter.data_dir)
     voter.data_dir.mkdir()
     (voter.data_dir / "node_id").write_text(node_id)  # the same machine, the same identity

@@ -63,6 +63,7 @@ def test_gc_after_thousands_of_tasks(agents, tmp_path):
     # The small snapshot restores into a wiped voter and serves the same tasks.
     assert voter.terminate() == 0
     node_id = (voter.data_dir / "node_id").read_text()
+    voter.wait_fence_gone()
     shutil.rmtree(voter.data_dir)
     voter.data_dir.mkdir()
     (voter.data_dir / "node_id").write_text(node_id)
