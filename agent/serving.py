@@ -48,6 +48,9 @@ KILL_AFTER_S = 3.0  # unhealthy this long: the attempt is stopped, the serving l
 KILL_GRACE_S = 1.0  # SIGTERM -> SIGKILL for such an attempt
 REPORT_S = 2.0  # reports to the leader at least this often (while there is anything to say)
 SCAN_S = 1.0  # the runner's attempts looked through for new replicas
+# With no replica here and nothing to report the loop sleeps until the runner starts a
+# replica attempt (a listener wakes it); this is only the fallback.
+IDLE_S = 30.0
 REPORT_TIMEOUT_S = 5.0
 UNHEALTHY_REASON = "replica failed its health checks"
 
@@ -115,6 +118,9 @@ class ReplicaSupervisor:
         self._last_report = -float("inf")
         self._report_due = False  # a change to report (set by scans and checks)
         self._reported_any = False  # the last report said something (an empty one clears it)
+        self._wake = asyncio.Event()
+        if hasattr(runner, "started_listeners"):
+            runner.started_listeners.append(self._on_attempt_started)
 
     @staticmethod
     def _link_report(link: Any) -> Callable[[Any], Any]:
@@ -133,6 +139,15 @@ class ReplicaSupervisor:
         return replica.channel
 
     # -- the loop --------------------------------------------------------------------------
+    def _on_attempt_started(self, spec: Any) -> None:
+        if spec.replica:
+            self._last_scan = -float("inf")  # find it on the next tick, not a scan later
+            self._wake.set()
+
+    def idle(self) -> bool:
+        """Nothing to check and nothing to report: the loop may sleep until woken."""
+        return not (self.replicas or self._report_due or self._reported_any or self._stats())
+
     async def run(self) -> None:
         while True:
             try:
@@ -141,7 +156,9 @@ class ReplicaSupervisor:
                 raise
             except Exception:  # noqa: BLE001 - supervision must go on; the next tick retries
                 logger.exception("replica supervision failed; retrying")
-            await asyncio.sleep(CHECK_S)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_S if self.idle() else CHECK_S)
 
     async def tick(self) -> None:
         """One round: find replicas, check each, stop the long unhealthy, report if due."""

@@ -163,6 +163,7 @@ class Coordinator:
         self.consensus.add_leadership_listener(self.serving.on_leadership)
         self.state.tasks.listeners.append(
             lambda task, _node: self.serving.wake() if task.spec.HasField("replica") else None)
+        self.state.deployments.listeners.append(self.serving.wake)  # it sleeps while there are none
 
     def _make_consensus(self, config: AgentConfig, node_id: str) -> Consensus:
         """One voter: a local log. Several: Raft, with each voter known by its advertised

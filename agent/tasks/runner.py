@@ -132,6 +132,8 @@ class TaskRunner:
         self._claims = ClaimLog(self._root)
         self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner), self._spawned)  # large batches, in the background
         self._live: dict[tuple[str, int], Attempt] = {}
+        # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
+        self.started_listeners: list[Callable[[RunSpec], None]] = []
         self._settling: asyncio.Task[int] | None = None
         self._exits = ExitWatch(self._on_exit)
         self._sweep_s = sweep_s if retention_s else math.inf
@@ -472,6 +474,8 @@ class TaskRunner:
         """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
         timer at its deadline or SIGKILL time."""
         self._live[att.key] = att
+        for listener in self.started_listeners:
+            listener(att.spec)
         if not att.held:  # the fence tells us of its own attempts' exits
             self._exits.watch(att.key, att.pid, att.start)
         att.arm(self._on_wake)

@@ -15,8 +15,8 @@ The endpoint set (WatchEndpoints: the whole set on each change, with a growing v
 holds, per deployment, the replicas that are READY by their node's report, whose task is
 RUNNING on that node, not marked draining, on a READY node. Entries go at once when their
 task stops or moves, or their node goes down or leaves. Draining is read from the state
-(the serving loop commits it), which one timer for all watches polls every `poll_s` (a
-counter compare).
+(the serving loop commits it): every change of the deployments table wakes the watches
+(a listener, so an idle leader has no timer).
 
 Every deployment in the state is in the set, with no endpoints while none is ready: routers
 answer NOT_FOUND only for a name the set lacks.
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_REPORTED_REPLICAS = 4096  # one node's replicas in one report
 MAX_REPORTED_STATS = 1024  # deployments' router counters in one report
 MAX_BUCKETS = 64
-POLL_S = 0.25  # watches re-check the state's deployments (draining marks) this often
+POLL_S = 0.25  # a new leader's watches re-check this often whether REBUILD_S has passed
 # Every agent with replicas reports within its interval (agent/serving.py REPORT_S, 2 s;
 # at once when its link moves to the new leader): the table is whole after that, a margin.
 REBUILD_S = 3.0
@@ -80,7 +80,6 @@ class EndpointTable:
         self._reports: dict[str, dict[str, serving_pb2.ReplicaReport]] = {}  # node -> task -> report
         self._node_of: dict[str, str] = {}  # task -> the node that reported it
         self._watchers: set[asyncio.Event] = set()
-        self._poller: asyncio.Task[None] | None = None  # one for all watches, while there are any
         # Versions grow across leaders too (wall-clock based start), so a router can tell.
         self._version = int(time.time() * 1000)
         self._current = serving_pb2.EndpointSet(version=self._version)
@@ -92,6 +91,8 @@ class EndpointTable:
         """Follow task, node and leadership changes (the coordinator calls this once)."""
         state.tasks.listeners.append(self.on_task_change)
         state.add_listener(self.on_node_change)
+        # A drain mark (or any deployment change) recomputes the set: no timer while idle.
+        state.deployments.listeners.append(self._changed)
         consensus.add_leadership_listener(self.on_leadership)
 
     def on_task_change(self, task: Any, old_node: str) -> None:
@@ -228,19 +229,9 @@ class EndpointTable:
                     sent = current.version
                     yield current
                     continue  # what changed while the set was being sent is looked at now
-                if self._poller is None or self._poller.done():
-                    self._poller = asyncio.ensure_future(self._poll())
                 await wake.wait()
         finally:
             self._watchers.discard(wake)
-
-    async def _poll(self) -> None:
-        """Wake the watches when the state's deployments changed (a drain mark): one timer
-        for all of them, not one per agent's stream."""
-        while self._watchers:
-            await asyncio.sleep(self._poll_s)
-            if self._sm.deployments.changes != self._seen_changes:
-                self._changed()
 
     def _changed(self) -> None:
         self._dirty = True

@@ -44,6 +44,9 @@ STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
 INTERVAL_S = 0.5
+# With no deployment (or off the leader) the loop waits for a wake-up: a new deployment, a
+# replica task's change or leadership; this is only the fallback.
+IDLE_INTERVAL_S = 30.0
 
 
 class ReplicaStates(Protocol):
@@ -295,6 +298,10 @@ class ServingLoop:
                 del soft.drain_since[task_id]
         return f"{name}: {plan.message}" + (f" ({', '.join(done)})" if done else "")
 
+    def _interval(self) -> float:
+        busy = self._is_leader() and self._sm.deployments.records
+        return INTERVAL_S if busy else IDLE_INTERVAL_S
+
     async def run(self) -> None:
-        await run_cycles("serving", self.run_cycle, interval_s=INTERVAL_S, wakeup=self.wakeup, gather_s=0.05,
+        await run_cycles("serving", self.run_cycle, interval_s=self._interval, wakeup=self.wakeup, gather_s=0.05,
                          logger=logger)

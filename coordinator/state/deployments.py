@@ -12,6 +12,7 @@ leader (coordinator/api/endpoints.py), never here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lepton.common.errors import (
@@ -69,13 +70,20 @@ class DeploymentTable:
         self._sm = sm
         self.records: dict[str, state_pb2.DeploymentRecord] = {}
         self.by_request: dict[str, str] = {}  # request id -> name (idempotent create)
-        # Bumped by every change (local, not replicated): the serving loop wakes on it.
+        # Bumped by every change (local, not replicated); each listener is called after it
+        # (the endpoint table recomputes its set: a drain mark takes a replica out).
         self.changes = 0
+        self.listeners: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        self.changes += 1
+        for listener in list(self.listeners):
+            listener()
 
     def rebuild(self, records: list[state_pb2.DeploymentRecord]) -> None:
         self.records = {r.deployment.spec.name: copy_record(r) for r in records}
         self.by_request = {r.request_id: name for name, r in self.records.items() if r.request_id}
-        self.changes += 1
+        self._changed()
 
     def fill(self, snap: state_pb2.StateSnapshot) -> None:
         for name in sorted(self.records):
@@ -127,7 +135,7 @@ class DeploymentTable:
         self.records[c.spec.name] = rec
         if c.request_id:
             self.by_request[c.request_id] = c.spec.name
-        self.changes += 1
+        self._changed()
         return _copy(dep)
 
     def _changeable(self, name: str, only_owner: str) -> state_pb2.DeploymentRecord:
@@ -164,7 +172,7 @@ class DeploymentTable:
             del self.records[c.name]
             if rec.request_id and self.by_request.get(rec.request_id) == c.name:
                 del self.by_request[rec.request_id]
-            self.changes += 1
+            self._changed()
             return _copy(rec.deployment)
         rec.deleting = True
         rec.deployment.state = STOPPING
@@ -202,7 +210,7 @@ class DeploymentTable:
             kept = [t for t in rec.draining if t in live]
             del rec.draining[:]
             rec.draining.extend(kept)
-        self.changes += 1
+        self._changed()
 
 
 def _copy(dep: serving_pb2.Deployment) -> serving_pb2.Deployment:
