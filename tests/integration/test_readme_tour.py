@@ -44,6 +44,7 @@ def test_tour_parses_into_the_commands_the_readme_promises():
     assert ["lepton-ctl", "local", "up", "--agents", "3"] in argvs
     assert argvs[-1] == ["lepton-ctl", "local", "down"]
     assert any("--working-dir" in a for a in argvs)
+    assert ["lepton-ctl", "serve", "predict", "digits", "--input", "rows.npy", "-o", "json"] in argvs
     readme = (ROOT / "README.md").read_text()
     for needed in ("export PATH=$PWD/.venv/bin:$PATH", "local down", "--wipe", "leptonai", "`lep`"):
         assert needed in readme, needed
