@@ -70,8 +70,10 @@ class DeploymentInfo:
 
     @property
     def rolled(self) -> bool:
-        """Every wanted replica of the current generation is ready, and nothing else is left."""
-        return self.ready == self.replicas == len(self.replica_list)
+        """Every wanted replica of the current generation is ready, nothing else is left, and
+        the serving loop says so too (its state lags the replicas' live readiness by up to a
+        cycle: a wait that ended on the counts alone could still print "degraded")."""
+        return self.ready == self.replicas == len(self.replica_list) and self.state == "ready"
 
     @classmethod
     def from_proto(cls, d: serving_pb2.Deployment) -> DeploymentInfo:

@@ -247,6 +247,9 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
         raise InvalidArgument("the command is empty: give argv or shell")
     if spec.argv and spec.shell:
         raise InvalidArgument("give argv or shell, not both")
+    if spec.job_id or spec.gang_size or spec.gang_rank:  # a forged job id would join another's gang
+        raise InvalidArgument("job_id, gang_size and gang_rank are set by the coordinator; "
+                              "submit a job (lepton-ctl run --nodes N) to run a gang")
     if spec.HasField("replica"):  # only the coordinator's serving loop starts replicas
         raise InvalidArgument("replica is set only by the serving loop; use lepton-ctl serve up")
     if len(spec.argv) > MAX_ARGV:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from lepton.common.errors import FailedPrecondition
+from lepton.common.errors import FailedPrecondition, InvalidArgument
 from lepton.common.states import NodeState, TaskState
 from lepton.common.validation import split_host_port
 from lepton.coordinator.loops.pending_queue import PendingQueue
@@ -239,12 +239,13 @@ class SchedulingLoop:
             self._requests = {i: r for i, r in self._requests.items() if i in table.pending}
         from lepton.coordinator.scheduler import schedule  # numpy: loaded when first needed
 
-        plan = schedule(
-            build_snapshot(self._state),
-            [self._request(t) for t in pending],
-            now_ms=self._wall_ms(),
-            policy=self._policy,
-        )
+        requests, refused = [], {}
+        for t in pending:
+            try:
+                requests.append(self._request(t))
+            except InvalidArgument as err:  # one task the scheduler cannot take must not stop the rest
+                refused[t.id] = f"cannot be placed: {err.message}"
+        plan = schedule(build_snapshot(self._state), requests, now_ms=self._wall_ms(), policy=self._policy)
         if full:
             self._settled = not plan.placements and not plan.preemptions
             behind = f"waiting: queued behind {len(pending)} more urgent tasks" if queued > len(pending) else ""
@@ -254,6 +255,7 @@ class SchedulingLoop:
                 self._full_not_before = loop.time() + wait
         else:
             self.reasons.update(plan.unschedulable)
+        self.reasons.update(refused)
         if not plan.placements and not plan.preemptions:
             return plan.summary()
         cmd = state_pb2.Command(

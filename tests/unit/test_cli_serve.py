@@ -105,9 +105,12 @@ def test_no_wait_returns_at_once(fake, capsys):
 
 
 def test_rolled_means_exactly_the_wanted_replicas_of_the_generation_ready():
-    assert info(2).rolled and not info(1).rolled
-    assert not info(3).rolled  # a scale down still draining
-    d = serving_pb2.Deployment(spec=serving_pb2.DeploymentSpec(name="web", model="m", replicas=1), generation=2)
+    assert info(2, state="ready").rolled and not info(1, state="ready").rolled
+    assert not info(3, state="ready").rolled  # a scale down still draining
+    # The counts are live, the loop's state a cycle behind: not rolled until it agrees.
+    assert not info(2, state="degraded").rolled
+    d = serving_pb2.Deployment(spec=serving_pb2.DeploymentSpec(name="web", model="m", replicas=1), generation=2,
+                               state="ready")
     d.replicas.add(task_id="t-new", generation=2, state=serving_pb2.REPLICA_READY)
     d.replicas.add(task_id="t-old", generation=1, state=serving_pb2.REPLICA_DRAINING)
     assert not DeploymentInfo.from_proto(d).rolled  # an old one still stopping

@@ -155,6 +155,14 @@ def test_user_task_specs_may_not_set_replica():
     v.check_task_spec(tasks_pb2.TaskSpec(argv=["x"]))
 
 
+@pytest.mark.parametrize("fields", [{"job_id": "j-someone-elses"}, {"gang_size": 2}, {"gang_rank": 1}])
+def test_user_task_specs_may_not_set_gang_fields(fields):
+    # SubmitTask took them: a forged job id joined another's gang, and gang_size 0 stopped
+    # every scheduling cycle (found by test_fuzz_api).
+    with pytest.raises(InvalidArgument, match="set by the coordinator"):
+        v.check_task_spec(tasks_pb2.TaskSpec(argv=["x"], **fields))
+
+
 def test_the_method_table_keeps_reports_to_nodes_and_changes_to_users():
     from lepton.common import auth
     from lepton.common.auth import Role

@@ -221,3 +221,17 @@ async def test_a_costly_full_pass_spaces_the_next_while_fresh_tasks_are_still_pl
         assert world.state("wide") == TaskState.ASSIGNED
     finally:
         runner.cancel()
+
+
+async def test_a_task_the_scheduler_cannot_take_is_skipped_with_a_reason_not_the_whole_cycle(world):
+    # A log may hold such a task (a SubmitTask with a job id and no gang size was accepted
+    # before validation refused it, found by the API fuzz test): it must not stop the rest.
+    world.node("n1")
+    bad = tasks_pb2.TaskSpec(argv=["true"], job_id="j-forged")  # gang_size 0
+    world.apply(state_pb2.Command(at_ms=1000, submit_tasks=state_pb2.SubmitTasksCmd(
+        tasks=[state_pb2.SubmitTaskCmd(task_id="bad", spec=bad)])))
+    world.submit("good")
+    sentence = await world.loop.run_cycle()
+    assert sentence == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert world.state("good") == TaskState.ASSIGNED and world.state("bad") == TaskState.PENDING
+    assert "gang_size must be >= 1" in world.loop.reasons["bad"]
