@@ -239,6 +239,18 @@ def check_sha256_hex(value: object, what: str) -> str:
     return value
 
 
+def _check_resources_and_priority(spec) -> None:
+    """`spec.resources` and `spec.priority` of a TaskSpec or a DeploymentSpec (per replica)."""
+    r = spec.resources
+    _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
+    if r.gpus > MAX_GPUS:
+        raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
+    if r.gpu_memory_bytes and not r.gpus:
+        raise InvalidArgument("resources.gpu_memory_bytes needs resources.gpus > 0")
+    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+
+
 def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
     """Every field of a TaskSpec, then its size against `max_bytes`; raises InvalidArgument
     naming the first bad one."""
@@ -265,14 +277,7 @@ def check_task_spec(spec, max_bytes: int = DEFAULT_MAX_SPEC_BYTES) -> None:
     check_text(spec.workdir, "workdir", 4096)
     if spec.code_digest:
         check_sha256_hex(spec.code_digest, "code_digest")
-    r = spec.resources
-    _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
-    if r.gpus > MAX_GPUS:
-        raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
-    if r.gpu_memory_bytes and not r.gpus:
-        raise InvalidArgument("resources.gpu_memory_bytes needs resources.gpus > 0")
-    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
-        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+    _check_resources_and_priority(spec)
     check_labels(spec.constraints, "constraints")
     if spec.max_retries > MAX_RETRIES:
         raise InvalidArgument(f"max_retries is {spec.max_retries}; at most {MAX_RETRIES}")
@@ -295,18 +300,11 @@ def check_deployment_spec(spec) -> None:
     check_deployment_name(spec.name)
     check_dataset_name(spec.model)
     check_replica_count(spec.replicas)
-    r = spec.resources
-    _finite(r.cpu, "resources.cpu", 0.0, MAX_CPU)
-    if r.gpus > MAX_GPUS:
-        raise InvalidArgument(f"resources.gpus is {r.gpus}; at most {MAX_GPUS}")
-    if r.gpu_memory_bytes and not r.gpus:
-        raise InvalidArgument("resources.gpu_memory_bytes needs resources.gpus > 0")
+    _check_resources_and_priority(spec)
     if spec.max_batch > MAX_SERVE_BATCH:
         raise InvalidArgument(f"max_batch is {spec.max_batch}; at most {MAX_SERVE_BATCH}")
     if spec.max_wait_ms > MAX_SERVE_WAIT_MS:
         raise InvalidArgument(f"max_wait_ms is {spec.max_wait_ms}; at most {MAX_SERVE_WAIT_MS}")
-    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
-        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
 
 
 def check_replica_count(replicas: int) -> int:
