@@ -64,7 +64,14 @@ def test_tls_cluster_registers_runs_and_moves_shards(tls_cluster, tmp_path):
     out = run_ctl("--tls-dir", d, "data", "get", "toy", str(tmp_path / "y.npy"), server=voter.address)
     assert out.returncode == 0, out.stderr
     assert np.array_equal(np.load(tmp_path / "y.npy"), x)  # a plain .npy comes back as it went in
-    assert "refused" not in voter.log() + worker.log()
+    # No peer of this cluster was refused. The side channel listens on an ephemeral port, so
+    # with parallel pytest workers another test's plaintext puller may reach a port number its
+    # own (dead) holder had: that stranger's refusal is the product working, not this cluster's
+    # peers failing (the replicas and the round trip above show those connected).
+    stranger = "side channel: refused a peer in the TLS handshake: WRONG_VERSION_NUMBER"
+    refusals = [line for line in (voter.log() + worker.log()).splitlines()
+                if "refused" in line and stranger not in line]
+    assert not refusals, refusals
     _refuses_plaintext_and_foreign_clients(voter.address, tmp_path)
 
 
