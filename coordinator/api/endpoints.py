@@ -23,7 +23,8 @@ answer NOT_FOUND only for a name the set lacks.
 
 Routers' counters (RouterStats) in reports go to `stats_sink` (ServingStats: the serving
 metrics' aggregation, coordinator/api/serving_stats.py), which `stats(name)` asks for a
-deployment's figures.
+deployment's figures; only those of deployments in the state, and a removed deployment's
+are forgotten when it leaves the state.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ _GONE_NODE = (NodeState.DOWN.proto, NodeState.LEFT.proto)
 class StatsSink(Protocol):
     """Where routers' counters go (coordinator/api/serving_stats.py)."""
 
-    def report(self, request: serving_pb2.ReportReplicasRequest) -> None: ...
+    def report(self, request: serving_pb2.ReportReplicasRequest, exists: Callable[[str], bool]) -> None: ...
 
     def stats(self, deployment: str) -> serving_pb2.DeploymentStats: ...
+
+    def deployments(self) -> set[str]: ...
+
+    def forget(self, deployment: str) -> None: ...
 
 
 class EndpointTable:
@@ -92,7 +97,7 @@ class EndpointTable:
         state.tasks.listeners.append(self.on_task_change)
         state.add_listener(self.on_node_change)
         # A drain mark (or any deployment change) recomputes the set: no timer while idle.
-        state.deployments.listeners.append(self._changed)
+        state.deployments.listeners.append(self.on_deployments_change)
         consensus.add_leadership_listener(self.on_leadership)
 
     def on_task_change(self, task: Any, old_node: str) -> None:
@@ -112,6 +117,13 @@ class EndpointTable:
                 self._drop_task(task_id)
             del self._reports[node.id]
         self._changed()  # suspect, back, or a new address: the set is computed again
+
+    def on_deployments_change(self) -> None:
+        """Recompute the set; a removed deployment's figures go (serve rm, then up again
+        under the same name, starts from zero)."""
+        for name in self.stats_sink.deployments() - self._sm.deployments.records.keys():
+            self.stats_sink.forget(name)
+        self._changed()
 
     def on_leadership(self, is_leader: bool, term: int = 0) -> None:
         """Soft state: a new leader starts empty (agents report within ~2 s); a former
@@ -146,8 +158,8 @@ class EndpointTable:
                 self._reports.get(previous, {}).pop(task_id, None)
             self._node_of[task_id] = node_id
         self._reports[node_id] = kept
-        if request.stats:
-            self.stats_sink.report(request)
+        if request.stats:  # a removed deployment's counters are not kept
+            self.stats_sink.report(request, self._sm.deployments.records.__contains__)
         if _states(old) != _states(kept):
             self._changed()
 

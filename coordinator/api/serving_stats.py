@@ -13,6 +13,14 @@ deployment for `serve show` / `serve ls`:
 
 Soft state like the endpoint table: a new leader starts empty and fills from the next
 reports (totals then count from its first report of each agent).
+
+A removed deployment's figures go with it (`forget`, called by the endpoint table when the
+deployment leaves the state), and reports naming a deployment the state lacks are not kept,
+so what is held is bounded by the deployments there are. A deployment made again under the
+same name starts from zero: an agent that did not hear of the removal (its endpoint stream
+was down) still reports the old counters under that name, so each router's last counters
+of the removed one are kept for TOMBSTONE_S and subtracted from its reports of the new one
+while they run on from them.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from dataclasses import dataclass, field
 from lepton.v1 import serving_pb2
 
 WINDOW_S = 10.0
+# How long a removed deployment's last counters per router are kept, to be subtracted from
+# a same-named successor's reports: routers hear of the removal within seconds.
+TOMBSTONE_S = 120.0
 # Reports kept per router and deployment: a window's worth at one every ~2 s, with room.
 _MAX_SAMPLES = 64
 
@@ -38,6 +49,17 @@ class _Sample:
     batch_rows: int
     batches: int
 
+    def covers(self, base: _Sample) -> bool:
+        """These counters could have run on from `base`'s (none of them is smaller)."""
+        return (self.requests >= base.requests and self.errors >= base.errors and self.batches >= base.batches
+                and self.batch_rows >= base.batch_rows and len(self.buckets) == len(base.buckets)
+                and all(a >= b for a, b in zip(self.buckets, base.buckets, strict=True)))
+
+    def minus(self, base: _Sample) -> _Sample:
+        return _Sample(self.at, self.requests - base.requests, self.errors - base.errors,
+                       tuple(a - b for a, b in zip(self.buckets, base.buckets, strict=True)),
+                       self.batch_rows - base.batch_rows, self.batches - base.batches)
+
 
 @dataclass
 class _RouterSeries:
@@ -49,6 +71,15 @@ class _RouterSeries:
     samples: deque[_Sample] = field(default_factory=lambda: deque(maxlen=_MAX_SAMPLES))
     retired_requests: int = 0
     retired_errors: int = 0
+    base: _Sample | None = None  # a removed namesake's last counters on this router, subtracted
+
+
+@dataclass
+class _Tombstone:
+    removed_at: float
+    started_at_ms: int
+    bounds: tuple[float, ...]
+    last: _Sample
 
 
 class ServingStats:
@@ -58,20 +89,30 @@ class ServingStats:
         self._clock = clock
         self._window_s = window_s
         self._series: dict[tuple[str, str], _RouterSeries] = {}  # (deployment, node id)
+        self._tombstones: dict[tuple[str, str], _Tombstone] = {}
 
-    def report(self, request: serving_pb2.ReportReplicasRequest) -> None:
-        """Take one agent's router counters (the caller has checked it is that node)."""
+    def report(self, request: serving_pb2.ReportReplicasRequest,
+               exists: Callable[[str], bool] = lambda _name: True) -> None:
+        """Take one agent's router counters (the caller has checked it is that node); those
+        of deployments `exists` denies are dropped."""
         now = self._clock()
         for s in request.stats:
             key = (s.deployment, request.node_id)
             bounds = tuple(s.bucket_le_ms)
-            if len(s.bucket_counts) != len(bounds):
-                continue  # malformed: bounds and counts must pair up
+            if len(s.bucket_counts) != len(bounds) or not exists(s.deployment):
+                continue  # malformed (bounds and counts must pair up), or removed
+            sample = _Sample(now, s.requests, s.errors, tuple(s.bucket_counts), s.batch_rows, s.batches)
             series = self._series.get(key)
             if series is None or series.bounds != bounds:
                 series = self._series[key] = _RouterSeries(request.started_at_ms, bounds)
-            elif series.started_at_ms != request.started_at_ms or (
-                    series.samples and s.requests < series.samples[-1].requests):
+                series.base = self._base(key, request.started_at_ms, bounds, now)
+            if series.base is not None and (series.started_at_ms != request.started_at_ms
+                                            or not sample.covers(series.base)):
+                series.base = None  # the router started this name's counters over
+            if series.base is not None:
+                sample = sample.minus(series.base)
+            if series.started_at_ms != request.started_at_ms or (
+                    series.samples and sample.requests < series.samples[-1].requests):
                 # The agent restarted, or its router started this deployment's counters over
                 # (the deployment left its endpoint set for a while): keep what they had.
                 last = series.samples[-1] if series.samples else None
@@ -80,15 +121,32 @@ class ServingStats:
                     series.retired_errors += last.errors
                 series.samples.clear()
                 series.started_at_ms = request.started_at_ms
-            series.samples.append(_Sample(now, s.requests, s.errors, tuple(s.bucket_counts),
-                                          s.batch_rows, s.batches))
+            series.samples.append(sample)
             while len(series.samples) > 2 and series.samples[1].at < now - self._window_s:
                 series.samples.popleft()  # keep one sample at or before the window's start
 
+    def _base(self, key: tuple[str, str], started_at_ms: int, bounds: tuple[float, ...],
+              now: float) -> _Sample | None:
+        """The removed namesake's last counters on this router, if they may still run on."""
+        stone = self._tombstones.pop(key, None)
+        if stone is None or now - stone.removed_at > TOMBSTONE_S:
+            return None
+        return stone.last if (stone.started_at_ms, stone.bounds) == (started_at_ms, bounds) else None
+
     def forget(self, deployment: str) -> None:
-        """A deleted deployment's numbers go with it."""
+        """A removed deployment's numbers go with it (module doc: a tombstone per router)."""
+        now = self._clock()
+        for key in [k for k, stone in self._tombstones.items() if now - stone.removed_at > TOMBSTONE_S]:
+            del self._tombstones[key]
         for key in [k for k in self._series if k[0] == deployment]:
-            del self._series[key]
+            series = self._series.pop(key)
+            if series.samples:
+                last = series.samples[-1]
+                if series.base is not None:  # back to the router's own counters
+                    last = _Sample(last.at, last.requests + series.base.requests, last.errors + series.base.errors,
+                                   tuple(a + b for a, b in zip(last.buckets, series.base.buckets, strict=True)),
+                                   last.batch_rows + series.base.batch_rows, last.batches + series.base.batches)
+                self._tombstones[key] = _Tombstone(now, series.started_at_ms, series.bounds, last)
 
     def deployments(self) -> set[str]:
         return {k[0] for k in self._series}

@@ -5,12 +5,14 @@ generation (docs/serving.md).
 with what the spec asks for and what the replicas report (the leader's endpoint table,
 coordinator/api/endpoints.py), and commits what it takes, returning the sentence it logs:
 
-- too few (created, scaled up, a replica failed or its node was lost for good): submit new
+- too few (created, scaled up, a replica failed): submit new
   replica tasks (after a failure, with a backoff so a model that cannot load is not
   restarted in a tight loop);
 - a new generation (`serve update`), rolling: one new replica beyond the wanted count at a
   time; once it is READY, one old replica is drained; repeat until none is left;
 - too many (scale down) or removed: drain the surplus (not-ready replicas first).
+- a replica on a node declared down: drained (then cancelled) and replaced in one step,
+  not requeued once the node's attempts are surely fenced (the fence wait, ~15 s later).
 
 Draining marks the replica DRAINING in the state, so routers stop sending to it; after
 DRAIN_WAIT_S its task is cancelled (SIGTERM, then SIGKILL after the task's grace). A removed
@@ -25,12 +27,12 @@ import logging
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lepton.common.errors import LeptonError
 from lepton.common.loops import run_cycles
-from lepton.common.states import TaskState
+from lepton.common.states import NodeState, TaskState
 from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.v1 import serving_pb2, state_pb2, tasks_pb2
 
@@ -43,6 +45,8 @@ REFUSED_PAUSE_S = 5.0  # a refused step (a quota, say): submits wait this long b
 STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one makes way
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
+_ON_NODE = (TaskState.ASSIGNED.proto, TaskState.RUNNING.proto)
+_GONE_NODE = (NodeState.DOWN.proto, NodeState.LEFT.proto)
 INTERVAL_S = 0.5
 # With no deployment (or off the leader) the loop waits for a wake-up: a new deployment, a
 # replica task's change or leadership; this is only the fallback.
@@ -135,9 +139,26 @@ class Plan:
 
 def plan_deployment(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task], reported: dict[str, int],
                     drained_long_enough: Callable[[str], bool],
-                    stalled: Callable[[tasks_pb2.Task], bool] = lambda t: False) -> Plan:
+                    stalled: Callable[[tasks_pb2.Task], bool] = lambda t: False,
+                    lost: Callable[[tasks_pb2.Task], bool] = lambda t: False) -> Plan:
     """The next step for one deployment: a pure function of the state, the reports,
-    which drains have waited long enough and which tasks have waited too long for a node."""
+    which drains have waited long enough, which tasks have waited too long for a node and
+    which are on a node declared down."""
+    plan = _plan(rec, [t for t in live if not lost(t) or t.id in rec.draining], reported, drained_long_enough,
+                 stalled)
+    # A replica on a down node serves nothing (routers dropped it): it is drained at once,
+    # and replaced in the same step, rather than requeued once its lease is surely over
+    # (the fence wait). Should it still run cut off, its lease fences it; a second copy of
+    # a replica is harmless, unlike a second copy of a batch task.
+    gone = tuple(t.id for t in live if lost(t) and t.id not in rec.draining)
+    if not gone:
+        return plan
+    return replace(plan, drain=gone + plan.drain, remove=False,
+                   message=plan.message + f"; replacing {len(gone)} replica(s) on a down node")
+
+
+def _plan(rec: state_pb2.DeploymentRecord, live: list[tasks_pb2.Task], reported: dict[str, int],
+          drained_long_enough: Callable[[str], bool], stalled: Callable[[tasks_pb2.Task], bool]) -> Plan:
     dep = rec.deployment
     gen = dep.generation
     draining = set(rec.draining)
@@ -256,7 +277,8 @@ class ServingLoop:
         pending = [t for t in live if t.state == TaskState.PENDING.proto]
         soft.pending_since = {t.id: soft.pending_since.get(t.id, now) for t in pending}
         plan = plan_deployment(rec, live, reported, lambda t: now - soft.drain_since.get(t, now) >= DRAIN_WAIT_S,
-                               lambda t: t.id in soft.pending_since and now - soft.pending_since[t.id] >= STALL_S)
+                               lambda t: t.id in soft.pending_since and now - soft.pending_since[t.id] >= STALL_S,
+                               self._on_lost_node)
         soft.state, soft.message = plan.state, plan.message
         if plan.state == "ready":  # not merely one ready: a sibling may be crash-looping
             soft.failures = 0
@@ -297,6 +319,13 @@ class ServingLoop:
             if task_id not in soft.known:
                 del soft.drain_since[task_id]
         return f"{name}: {plan.message}" + (f" ({', '.join(done)})" if done else "")
+
+    def _on_lost_node(self, task: tasks_pb2.Task) -> bool:
+        """Placed on a node declared down (or gone): its replica serves no one."""
+        if task.state not in _ON_NODE or not task.node_id:
+            return False
+        node = self._sm.nodes.get(task.node_id)
+        return node is not None and node.state in _GONE_NODE
 
     def _interval(self) -> float:
         busy = self._is_leader() and self._sm.deployments.records

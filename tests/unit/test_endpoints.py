@@ -176,11 +176,28 @@ def test_malformed_reports_are_invalid_argument(setup):
 
 
 def test_router_stats_go_to_the_sink(setup):
-    _, _, table = setup
+    state, _, table = setup
+    state.replica("a", "n1")
     assert table.stats("web").requests == 0
     table.report("n1", report("n1", stats=[serving_pb2.RouterStats(deployment="web", requests=7)]))
     table.report("n2", report("n2", stats=[serving_pb2.RouterStats(deployment="web", requests=5)]))
     assert table.stats("web").requests == 12
+
+
+def test_a_removed_deployments_stats_go_and_its_namesake_starts_from_zero(setup):
+    state, _, table = setup
+    state.replica("a", "n1")
+    table.report("n1", report("n1", stats=[serving_pb2.RouterStats(deployment="web", requests=7)]))
+    del state.deployments.records["web"]  # serve rm: the deployment leaves the state
+    state.bump_deployments()
+    assert table.stats("web").requests == 0
+    # A late report under the removed name is not kept (nor does it hold memory).
+    table.report("n2", report("n2", stats=[serving_pb2.RouterStats(deployment="web", requests=5)]))
+    assert table.stats_sink.deployments() == set()
+    state.replica("b", "n2")  # made again under the same name
+    table.report("n2", report("n2", stats=[serving_pb2.RouterStats(deployment="web", requests=1)]))
+    table.report("n1", report("n1", stats=[serving_pb2.RouterStats(deployment="web", requests=9)]))
+    assert table.stats("web").requests == 3  # n1's router ran on from its old 7
 
 
 async def test_watch_sends_the_whole_set_then_each_change_and_ends_off_leader(setup):

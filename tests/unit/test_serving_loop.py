@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from lepton.common.states import TaskState
+from lepton.common.states import NodeState, TaskState
 from lepton.coordinator.loops import serving
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
 from lepton.coordinator.state.state_machine import ClusterStateMachine
@@ -241,3 +241,40 @@ def test_a_crash_looping_replica_backs_off_even_beside_a_ready_one():
             rig.cycle()
         waits.append(waited)
     assert waits == [serving.BACKOFF_MIN_S, 2 * serving.BACKOFF_MIN_S, 4 * serving.BACKOFF_MIN_S]
+
+
+def test_a_replica_on_a_node_declared_down_is_replaced_at_once():
+    """Not once the node's attempts are requeued (the fence wait, ~15 s past the down): its
+    replica serves nothing from the moment the node is down."""
+    rig = Rig(replicas=2)
+    rig.cycle()
+    rig.run_and_ready("t-0", "t-1")
+    rig.cycle()
+    assert rig.w.sm.tasks.get("t-1").node_id == "n2"
+    rig.w.set_state("n2", NodeState.SUSPECT)
+    assert "started" not in rig.cycle()  # suspect is not down: it may come back
+    rig.w.set_state("n2", NodeState.DOWN)
+    said = rig.cycle()
+    assert "started 1" in said and "draining 1" in said and "on a down node" in said
+    assert list(rig.w.sm.deployments.get("web").draining) == ["t-1"]
+    rig.now += serving.DRAIN_WAIT_S
+    assert "stopped t-1" in rig.cycle()
+    assert rig.w.sm.tasks.get("t-1").state == TaskState.CANCELLED.proto
+    assert [t.id for t in rig.live()] == ["t-0", "t-2"]
+    assert rig.loop._soft["web"].failures == 0  # a lost node is no failure of the model: no backoff
+    rig.run_and_ready("t-2")
+    rig.cycle()
+    assert rig.loop.status("web")[0] == "ready"
+
+
+def test_a_removed_deployment_on_a_down_node_is_drained_then_removed():
+    rig = Rig(replicas=1)
+    rig.cycle()
+    rig.run_and_ready("t-0")
+    rig.w.set_state("n1", NodeState.SUSPECT)
+    rig.w.set_state("n1", NodeState.DOWN)
+    rig.w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web"))
+    assert "draining 1" in rig.cycle()
+    rig.now += serving.DRAIN_WAIT_S
+    rig.cycle()
+    assert "removed" in rig.cycle()
