@@ -178,6 +178,7 @@ class Coordinator:
             return EtcdConsensus(
                 node_id, me, config.etcd_endpoints, config.etcd_prefix, self.state,
                 tls=tls, lease_ttl=config.etcd_lease_ttl, snapshot_every=config.snapshot_every,
+                cluster=config.cluster_name,
             )
         if len(config.peers) <= 1 and not config.join_as_voter:
             return SingleVoterConsensus(

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 _MAX_RECEIVE = 64 << 20
 # An unanswered channel is noticed within seconds even without calls in flight. etcd's
 # --grpc-keepalive-min-time (5 s by default) refuses pings more frequent than that.
-_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_RECEIVE),
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 2000),
@@ -71,7 +71,7 @@ class EtcdConnection:
             raise InvalidArgument("no etcd endpoints given")
         self.endpoints = list(endpoints)
         self._tls = tls
-        self._credentials = _credentials(tls) if tls is not None else None
+        self.credentials = _credentials(tls) if tls is not None else None
         self._index = 0
         self.generation = 0
         self._channel: grpc.aio.Channel | None = None
@@ -88,10 +88,10 @@ class EtcdConnection:
 
     def _open(self) -> None:
         target = self.current
-        if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, self._credentials, _CHANNEL_OPTIONS)
+        if self.credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, self.credentials, CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(target, _CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
         self.kv = rpc.KVStub(self._channel)
         self.lease = rpc.LeaseStub(self._channel)
         self.watch = rpc.WatchStub(self._channel)
@@ -151,30 +151,6 @@ class EtcdConnection:
             self.failover(generation)
             return Unavailable(f"etcd at {self.described} is unreachable ({code.name}: {details})")
         return etcd_error(code, details, self.described)
-
-
-async def bounded(stream, operation, timeout: float):
-    """Await a stream's read or write for at most `timeout` seconds. On timeout (or when
-    cancelled) cancel the whole stream, which ends the operation, without waiting for it:
-    asyncio.wait_for waits until the cancelled operation finishes, and a write held up by
-    a peer that stopped reading may never notice. Raises asyncio.TimeoutError."""
-    task = asyncio.ensure_future(operation)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-    except asyncio.CancelledError:
-        stream.cancel()
-        task.add_done_callback(_consume)
-        raise
-    if not done:
-        stream.cancel()
-        task.add_done_callback(_consume)
-        raise asyncio.TimeoutError
-    return task.result()
-
-
-def _consume(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 def etcd_error(code: grpc.StatusCode, details: str, endpoints: str) -> LeptonError:

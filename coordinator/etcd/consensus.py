@@ -40,6 +40,7 @@ from lepton.coordinator.etcd.log import (
     LogApplier,
     append_refusal,
     append_request,
+    claim_prefix,
     frame,
     framed_size,
     unframe,
@@ -64,13 +65,15 @@ class EtcdConsensus(Consensus):
 
     `endpoints` are etcd client addresses ("host:port"); `tls` the CA and client
     certificate to reach them. `lease_ttl` (seconds, rounded up to etcd's whole seconds) bounds
-    failover: a dead leader's key expires after it. All methods run on one event loop.
+    failover: a dead leader's key expires after it. `cluster` (the --cluster-name) is
+    recorded in `<prefix>/meta` by the first candidate; one of another cluster is refused
+    at start. All methods run on one event loop.
     """
 
     def __init__(self, node_id: str, address: str, endpoints: list[str], prefix: str,
                  state_machine: StateMachine, *, tls: EtcdTls | None = None,
                  lease_ttl: float = 2.0, snapshot_every: int = 10_000,
-                 max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES):
+                 max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES, cluster: str = ""):
         super().__init__()
         if not 1 <= lease_ttl <= 60:
             raise InvalidArgument(f"etcd lease TTL {lease_ttl}s must be between 1 and 60 seconds")
@@ -78,6 +81,7 @@ class EtcdConsensus(Consensus):
             raise InvalidArgument("no etcd endpoints given")
         self._id = node_id
         self._address = address
+        self._cluster = cluster
         self._endpoints = list(endpoints)
         self._keys = Keys(prefix)
         self._sm = state_machine
@@ -107,7 +111,8 @@ class EtcdConsensus(Consensus):
     async def start(self) -> None:
         """Load the latest snapshot and the log after it from etcd into the state machine,
         then start campaigning. Raises Unavailable naming the endpoints when etcd cannot be
-        reached within START_WITHIN seconds, FailedPrecondition for unreadable TLS files."""
+        reached within START_WITHIN seconds, FailedPrecondition for unreadable TLS files or
+        a prefix that holds another cluster's state."""
         conn = self._conn = EtcdConnection(self._endpoints, self._tls)
         self._applier = LogApplier(conn, self._keys, self._sm, timeout=self._timeout)
         self._election = Election(conn, self._keys, self._id, self._address, self._ttl,
@@ -118,20 +123,26 @@ class EtcdConsensus(Consensus):
         deadline = loop.time() + START_WITHIN
         while True:
             try:
+                await claim_prefix(conn, self._keys, self._cluster, timeout=self._timeout)
                 revision = await self._applier.load()
                 break
             except Compacted:
                 continue
+            except FailedPrecondition:
+                await conn.close()
+                raise
             except Unavailable as err:
                 if loop.time() > deadline:
                     await conn.close()
                     raise Unavailable(f"cannot start: {err}") from None
                 await asyncio.sleep(0.2)
         self._started = self._running = True
-        for coro, name in ((self._election.run(), "lease"), (self._watch_loop(revision + 1), "watch"),
-                           (self._campaign_loop(), "campaign"), (self._write_loop(), "writer"),
-                           (self._members_loop(), "members")):
-            self._tasks.append(asyncio.create_task(self._fail_stop(coro), name=f"etcd-{name}-{self._id}"))
+        # Each loop's coroutine is made inside its task: a stop() before the task ran leaves
+        # no coroutine never awaited.
+        for loop_fn, name in ((self._election.run, "lease"), (lambda: self._watch_loop(revision + 1), "watch"),
+                              (self._campaign_loop, "campaign"), (self._write_loop, "writer"),
+                              (self._members_loop, "members")):
+            self._tasks.append(asyncio.create_task(self._fail_stop(loop_fn), name=f"etcd-{name}-{self._id}"))
         logger.info("etcd consensus %s: loaded to index %d from %s under %s", self._id,
                     self._sm.applied_index, conn.described, self._keys.prefix.decode())
 
@@ -153,12 +164,12 @@ class EtcdConsensus(Consensus):
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
-    async def _fail_stop(self, coro) -> None:
+    async def _fail_stop(self, loop_fn) -> None:
         """Run one of our loops; a bug in it (or a state machine that raised) stops this
         node for good, as a failed log store stops Raft: the failure listeners hear it and
         the process restarts, rather than lingering with a dead loop."""
         try:
-            await coro
+            await loop_fn()
         except Exception as err:  # noqa: BLE001 - anything else is a bug; stop loudly
             logger.critical("etcd consensus %s: a loop failed; no longer a candidate: %s", self._id, err, exc_info=True)
             self._running = False
@@ -201,8 +212,9 @@ class EtcdConsensus(Consensus):
             raise NotLeader("leadership was lost", leader=self._election.leader_address)
 
     def is_leader(self) -> bool:
-        """True once this node holds the leader key and has applied the log up to it."""
-        return self._running and bool(self._leading_term)
+        """True once this node holds the leader key and has applied the log up to it, and
+        its lease is still valid (a loop blocked past the deadline runs the watchdog late)."""
+        return self._running and bool(self._leading_term) and self._election.lease_valid()
 
     def leader(self) -> tuple[str, str]:
         e = self._election

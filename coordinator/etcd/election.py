@@ -4,7 +4,9 @@ The leader key's create_revision is the term: etcd revisions only grow, so a lat
 always has a higher term, and every append is guarded by it (a deposed leader can never
 append). A leader that cannot renew its lease steps down before etcd can have expired it:
 etcd expires a lease TTL after the last keep-alive it *received*, which is after we sent
-it, so `sent + TTL - margin` of the last answered keep-alive is a safe deadline.
+it, so `sent + TTL - margin` of the last answered keep-alive is a safe deadline. The
+keep-alives run on a thread of their own (keepalive.py): a busy event loop cannot cost
+the lease.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import asyncio
 import json
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable
 
-import grpc
 from aetcd import rpc
 
 from lepton.common.errors import LeptonError
-from lepton.coordinator.etcd.connection import EtcdConnection, LeaseGone, bounded
+from lepton.coordinator.etcd.connection import CHANNEL_OPTIONS, EtcdConnection, LeaseGone
+from lepton.coordinator.etcd.keepalive import KeepAliveThread
 from lepton.coordinator.etcd.log import Keys
 
 logger = logging.getLogger(__name__)
@@ -45,7 +49,11 @@ class Election:
         self._on_granted = on_granted
         self.lease_id = 0
         self.granted_ttl = 0
-        self.valid_until = 0.0  # loop time; the lease may be relied on until then
+        self.valid_until = 0.0  # time.monotonic(); the lease may be relied on until then
+        self._lock = threading.Lock()  # lease_id and valid_until, shared with the keep-alive thread
+        self._keeper: KeepAliveThread | None = None
+        self._lease_changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
         self._stale: list[int] = []  # leases dropped unrevoked: revoked once etcd answers
@@ -99,21 +107,38 @@ class Election:
 
     # -- lease -----------------------------------------------------------------------
     def lease_valid(self) -> bool:
-        return bool(self.lease_id) and asyncio.get_running_loop().time() < self.valid_until
+        return bool(self.lease_id) and time.monotonic() < self.valid_until
 
-    def _renewed(self, sent: float, granted_ttl: int) -> None:
-        self.granted_ttl = granted_ttl
-        margin = max(0.2 * granted_ttl, 0.3)  # loop lag and the time the answer took
-        self.valid_until = sent + granted_ttl - margin
-        loop = asyncio.get_running_loop()
+    def _answered(self, lease: int, sent: float, granted_ttl: int) -> None:
+        """A keep-alive (or the grant) of `lease` sent at `sent` was answered; on the
+        keep-alive thread or the loop. Extends the deadline; the watchdog on the loop reads
+        it when it fires, so a loop that was blocked meanwhile finds the lease renewed."""
+        if granted_ttl <= 0:
+            self._loop.call_soon_threadsafe(self._gone, lease)
+            return
+        margin = max(0.2 * granted_ttl, 0.3)  # clock drift and the time the answer took
+        with self._lock:
+            if lease == self.lease_id:
+                self.granted_ttl = granted_ttl
+                self.valid_until = max(self.valid_until, sent + granted_ttl - margin)
+
+    def _arm_watchdog(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._watchdog = loop.call_at(self.valid_until, self._deadline)
+        self._watchdog = self._loop.call_later(max(0.0, self.valid_until - time.monotonic()), self._deadline)
 
     def _deadline(self) -> None:
         self._watchdog = None
-        if self.lease_id:
-            self._drop(f"lease not renewed within {self.granted_ttl}s less a margin")
+        if not self.lease_id:
+            return
+        if time.monotonic() < self.valid_until:  # renewed meanwhile (by the keep-alive thread)
+            self._arm_watchdog()
+            return
+        self._drop(f"lease not renewed within {self.granted_ttl}s less a margin")
+
+    def _gone(self, lease: int) -> None:
+        if lease == self.lease_id:
+            self._drop("lease expired on etcd")
 
     def lease_gone(self) -> None:
         """etcd said our lease is unknown (expired): stop relying on it at once."""
@@ -122,12 +147,16 @@ class Election:
 
     def _drop(self, reason: str) -> None:
         """Forget the lease (a new one is granted next) and tell the owner."""
-        if self.lease_id:
-            self._stale.append(self.lease_id)
-        self.lease_id, self.valid_until = 0, 0.0
+        with self._lock:
+            if self.lease_id:
+                self._stale.append(self.lease_id)
+            self.lease_id, self.valid_until = 0, 0.0
+        if self._keeper is not None:
+            self._keeper.keep(0)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._lease_changed.set()
         self._on_lost(reason)
 
     async def resign(self) -> None:
@@ -145,69 +174,51 @@ class Election:
             logger.info("etcd: could not revoke lease %x (it will expire): %s", lease, err)
 
     async def run(self) -> None:
-        """Grant a lease, keep it alive every TTL/3 over one stream; on any failure reopen
-        (failing over to another endpoint when this one seems down). Runs until cancelled."""
-        loop = asyncio.get_running_loop()
+        """Grant a lease and hand it to the keep-alive thread (every TTL/3, off this loop);
+        when it is lost, revoke what may linger and grant another. Runs until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self._keeper = KeepAliveThread(self._conn.endpoints, self._conn.credentials, CHANNEL_OPTIONS,
+                                       self._interval, self._answered, name=f"etcd-keepalive-{self._id}")
+        self._keeper.start()
         failures = 0
-        while not self._closed:
-            generation = self._conn.generation
-            stream = None
-            try:
-                while self._stale:  # a late keep-alive may have kept one alive: end it
-                    try:
-                        await self._conn.call(self._conn.lease.LeaseRevoke, rpc.LeaseRevokeRequest(
-                            ID=self._stale[0]), timeout=self._timeout)
-                    except LeaseGone:
-                        pass  # expired already
-                    self._stale.pop(0)
-                if not self.lease_id:
-                    sent = loop.time()
-                    resp = await self._conn.call(self._conn.lease.LeaseGrant, rpc.LeaseGrantRequest(
-                        TTL=math.ceil(self._ttl)), timeout=self._timeout)
-                    self.lease_id = resp.ID
-                    self._renewed(sent, resp.TTL)
-                    self._on_granted()
-                lease = self.lease_id
-                stream = self._conn.lease.LeaseKeepAlive()
-                while self.lease_id == lease:
-                    sent = loop.time()
-                    # Both bounded: on a channel that died quietly a write can wait forever.
-                    await bounded(stream, stream.write(rpc.LeaseKeepAliveRequest(ID=lease)), self._interval)
-                    answer = await bounded(stream, stream.read(), self._interval * 1.5)
-                    if answer is grpc.aio.EOF:
-                        raise ConnectionError("keep-alive stream ended")
-                    if self.lease_id != lease:
-                        break
-                    if answer.TTL <= 0:
-                        self._drop("lease expired on etcd")
-                        break
-                    self._renewed(sent, answer.TTL)
+        try:
+            while not self._closed:
+                try:
+                    while self._stale:  # a late keep-alive may have kept one alive: end it
+                        try:
+                            await self._conn.call(self._conn.lease.LeaseRevoke, rpc.LeaseRevokeRequest(
+                                ID=self._stale[0]), timeout=self._timeout)
+                        except LeaseGone:
+                            pass  # expired already
+                        self._stale.pop(0)
+                    if not self.lease_id:
+                        sent = time.monotonic()
+                        resp = await self._conn.call(self._conn.lease.LeaseGrant, rpc.LeaseGrantRequest(
+                            TTL=math.ceil(self._ttl)), timeout=self._timeout)
+                        with self._lock:
+                            self.lease_id = resp.ID
+                        self._answered(resp.ID, sent, resp.TTL)
+                        self._arm_watchdog()
+                        self._keeper.keep(resp.ID)
+                        self._on_granted()
                     failures = 0
-                    await asyncio.sleep(max(0.0, self._interval - (loop.time() - sent)))
-            except asyncio.CancelledError:
-                if not self._conn.superseded(generation):
-                    raise
-                failures = 0  # the channel was switched under the stream: reopen at once
-            except (LeptonError, grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError,
-                    asyncio.InvalidStateError) as err:  # the last: the stream's channel was closed
-                failures += 1
-                if isinstance(err, grpc.aio.AioRpcError):
-                    err = self._conn.error(err, generation)
-                elif not isinstance(err, LeptonError) and failures >= 2:
-                    self._conn.failover(generation)  # answers stopped coming: try another member
-                if failures <= 2 or failures % 20 == 0:
-                    # A stream ended by our own switch of endpoint is routine; the rest is not.
-                    level = logging.INFO if isinstance(err, asyncio.InvalidStateError) else logging.WARNING
-                    logger.log(level, "etcd: lease keep-alive failed (%d in a row): %s", failures,
-                               str(err) or type(err).__name__)
-                await asyncio.sleep(min(self._interval, 0.05 * failures))
-            finally:
-                if stream is not None:
-                    stream.cancel()
+                    self._lease_changed.clear()
+                    if self.lease_id and not self._closed:
+                        await self._lease_changed.wait()
+                except LeptonError as err:
+                    failures += 1
+                    if failures <= 2 or failures % 20 == 0:
+                        logger.warning("etcd: lease grant failed (%d in a row): %s", failures, err)
+                    await asyncio.sleep(min(self._interval, 0.05 * failures))
+        finally:
+            self._keeper.stop()
 
     def close(self) -> None:
         """No more leases (a running `run()` ends); `resign()` still revokes the current one."""
         self._closed = True
+        self._lease_changed.set()
+        if self._keeper is not None:
+            self._keeper.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -2,6 +2,7 @@
 
 Layout under the prefix P (the leader key and the log sort together, so one watch over
 [P/l, P/m) sees both in revision order; snapshot chunks under P/snap stay out of it):
+  P/meta                       {"format", "cluster"}: whose state this prefix holds
   P/leader                     {"id", "address"}, bound to the leader's lease
   P/log/<first index, 20 digits>  one batch: the entries first, first+1, ... framed
   P/snap/ptr                   {"index", "chunks", "size"}: the latest complete snapshot
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from aetcd import rpc
 
-from lepton.common.errors import InvalidArgument, Unavailable
+from lepton.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lepton.coordinator.consensus import StateMachine
 from lepton.coordinator.etcd.connection import EtcdConnection, prefix_end
 
@@ -40,6 +41,7 @@ class Keys:
             raise InvalidArgument(f"etcd prefix {prefix!r} must start with / and name something")
         self.prefix = base.encode()
         self.leader = self.prefix + b"/leader"
+        self.meta = self.prefix + b"/meta"
         self.log = self.prefix + b"/log/"
         self.snap_ptr = self.prefix + b"/snap/ptr"
         self.chunks = self.prefix + b"/snap/c/"
@@ -113,6 +115,38 @@ def append_refusal(resp, term: int, value: bytes) -> tuple[bool, bool]:
     landed = (kv.value == value and kv.create_revision > term
               and (later_leader is None or kv.create_revision < later_leader))
     return mine, landed
+
+
+META_FORMAT = "lepton-etcd/1"
+
+
+async def claim_prefix(conn: EtcdConnection, keys: Keys, cluster: str, *, timeout: float) -> None:
+    """Record whose state the prefix holds (`P/meta`), or check it: a candidate of another
+    cluster pointed at this prefix by mistake would otherwise campaign and append into it.
+    One txn: create the marker if absent, else read it. Raises FailedPrecondition naming
+    the owner, Unavailable."""
+    value = json.dumps({"format": META_FORMAT, "cluster": cluster}).encode()
+    resp = await conn.call(conn.kv.Txn, rpc.TxnRequest(
+        compare=[rpc.Compare(key=keys.meta, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)],
+        success=[rpc.RequestOp(request_put=rpc.PutRequest(key=keys.meta, value=value))],
+        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.meta))],
+    ), timeout=timeout)
+    if resp.succeeded:
+        return
+    where = f"etcd prefix {keys.prefix.decode()} at {conn.described}"
+    kvs = resp.responses[0].response_range.kvs
+    try:
+        meta = json.loads(kvs[0].value) if kvs else {}
+        owner, fmt = str(meta["cluster"]), meta["format"]
+    except (ValueError, KeyError, TypeError):
+        raise FailedPrecondition(f"{where} holds a {keys.meta.decode()} key lepton did not write: "
+                                 "choose another --etcd-prefix") from None
+    if fmt != META_FORMAT:
+        raise FailedPrecondition(f"{where} holds state in format {fmt!r}; this version reads {META_FORMAT!r}")
+    if cluster and owner and owner != cluster:
+        raise FailedPrecondition(f"{where} holds the state of cluster {owner!r}, not {cluster!r}: "
+                                 f"start with --cluster-name {owner} to join it, or give this cluster "
+                                 "its own --etcd-prefix")
 
 
 @dataclass(frozen=True, slots=True)

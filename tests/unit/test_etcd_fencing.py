@@ -110,6 +110,27 @@ async def test_a_leader_cut_off_from_etcd_steps_down_before_another_leads(etcd, 
         proxy.close()
 
 
+async def test_a_leader_whose_event_loop_is_blocked_keeps_its_lease(etcd):
+    """The keep-alives run on their own thread: a loop busy for 1.8 s of a 2 s TTL (longer
+    than the 1.6 s a keep-alive sent just before could vouch for) costs no leadership."""
+    h = EtcdHarness(etcd, prefix="/lepton/busy")
+    await h.start()
+    try:
+        leader = h.leader()
+        term = leader.term()
+        leader_id = next(i for i, n in h.nodes.items() if n is leader)
+        await leader.propose(b"before", timeout=10)
+        end = time.monotonic() + 1.8
+        while time.monotonic() < end:  # busy, holding the GIL as a scheduling cycle would
+            sum(range(1000))
+        await asyncio.sleep(0.5)  # the watchdog, overdue, runs now
+        assert leader.is_leader() and leader.term() == term
+        assert (False, term) not in h.node_events[leader_id]
+        assert await leader.propose(b"after", timeout=10) == 2
+    finally:
+        await h.stop()
+
+
 async def test_snapshots_keep_the_keyspace_bounded_and_a_new_candidate_starts_from_one(etcd, raw):
     h = EtcdHarness(etcd, candidates=1, prefix="/lepton/snap", snapshot_every=10)
     await h.start()
@@ -159,6 +180,29 @@ async def test_bad_requests_get_clear_errors(etcd):
                 await follower.propose(b"y", timeout=5)
     finally:
         await follower.stop()
+
+
+async def test_a_prefix_holds_one_clusters_state(etcd, raw):
+    """The first candidate records its cluster in <prefix>/meta; a candidate of another
+    cluster pointed at the same prefix is refused at start, before it campaigns."""
+    prefix = "/lepton/claimed"
+    first = EtcdConsensus("a", "a:1", etcd.endpoints, prefix, CountingMachine(), cluster="alpha")
+    await first.start()
+    try:
+        await eventually(first.is_leader, "the first candidate did not lead")
+        same = EtcdConsensus("b", "b:1", etcd.endpoints, prefix, CountingMachine(), cluster="alpha")
+        await same.start()
+        await same.stop()
+        other = EtcdConsensus("x", "x:1", etcd.endpoints, prefix, CountingMachine(), cluster="beta")
+        with pytest.raises(FailedPrecondition, match="holds the state of cluster 'alpha', not 'beta'"):
+            await other.start()
+        assert first.is_leader() and first.leader()[0] == "a"
+    finally:
+        await first.stop()
+    await raw.call(raw.kv.Put, rpc.PutRequest(key=b"/lepton/foreign/meta", value=b"not ours"), timeout=5)
+    foreign = EtcdConsensus("f", "f:1", etcd.endpoints, "/lepton/foreign", CountingMachine(), cluster="alpha")
+    with pytest.raises(FailedPrecondition, match="lepton did not write"):
+        await foreign.start()
 
 
 async def test_unreachable_etcd_is_unavailable_naming_the_endpoints(monkeypatch):
