@@ -4,11 +4,8 @@
         for node in c.nodes(states=["ready"]):
             print(node.name, node.capacity.memory_bytes)
 
-Every call goes to the leader. The client starts with the address that answered last, follows
-a follower's `lepton-leader` hint straight to the leader, moves on to the next address when
-one cannot be reached, and backs off (50 ms doubling to 1 s) until the call's time budget is
-spent. A call the leader sheds (RESOURCE_EXHAUSTED with `retry-after-ms`, nothing done) is
-sent again after that hint, within the budget. Failures surface only as
+Every call goes to the leader, found and retried as `lepton.client._calls` says; server
+streams are `lepton.client.stream.Stream`s. Failures surface only as
 `lepton.common.errors.LeptonError` subclasses.
 
 New RPCs slot in as one method each: build the request, call `self._unary(Stub, "Method",
@@ -19,41 +16,26 @@ may be `idempotent`; a submit is not, unless it carries a client-chosen request 
 
 from __future__ import annotations
 
-import logging
-import random
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import grpc
-
-from lepton.common.channels import TlsConfig, client_tls, make_channel
-from lepton.common.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidArgument,
-    LeptonError,
-    NotFound,
-    NotLeader,
-    Overloaded,
-    Unavailable,
-    from_rpc_error,
-)
+from lepton.common.channels import TlsConfig, client_tls
+from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.paging import walk_pages
 from lepton.common.validation import MAX_NAME, check_address, check_text, require_id
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 
-from ._transport import retryable, transport_failure, unreachable_error
+from ._calls import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT, LeaderCalls, _Conn
 from .code import CodeMethods
 from .contexts import DEFAULT_SERVER, resolve_connection
 from .data import DataMethods
 from .deployments import DeploymentMethods
 from .jobs import JobMethods
 from .predict import PredictMethods
+from .stream import Stream
 from .tasks import TaskMethods
 from .types import ClusterStatusInfo, NodeEvent, NodeInfo, state_to_proto
 
@@ -66,23 +48,6 @@ __all__ = [
     "Stream",
     "parse_servers",
 ]
-
-log = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT = 10.0
-# No server reachable at all for this long: say "cannot reach" rather than wait out the
-# whole budget (a leader election is not this: the voters still answer).
-CONNECT_TIMEOUT_S = 2.0
-
-_BACKOFF_INITIAL_S = 0.05
-_BACKOFF_MAX_S = 1.0
-# With several servers known, one silent server (host down, packets dropped) must not eat
-# the whole budget of an idempotent call: cap each attempt so the others get their turn.
-_ATTEMPT_FRACTION = 1 / 3
-_ATTEMPT_MIN_S = 1.0
-
-
-T = TypeVar("T")
 
 
 def parse_servers(servers: str | Sequence[str]) -> list[str]:
@@ -101,22 +66,7 @@ def parse_servers(servers: str | Sequence[str]) -> list[str]:
     return out
 
 
-@dataclass
-class _Conn:
-    """One channel to one server, with its stubs made on first use."""
-
-    address: str
-    channel: grpc.Channel
-    stubs: dict[type, Any] = field(default_factory=dict)
-
-    def stub(self, cls: type[T]) -> T:
-        stub = self.stubs.get(cls)
-        if stub is None:
-            stub = self.stubs[cls] = cls(self.channel)
-        return stub
-
-
-class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods, DeploymentMethods):
+class Client(LeaderCalls, TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods, DeploymentMethods):
     """A connection to a Lepton cluster; every call is sent to its current leader.
 
     `servers`: `"host:port"`, `"a:1,b:2,c:3"` or a list of addresses (any voters; the leader
@@ -318,308 +268,6 @@ class Client(TaskMethods, JobMethods, DataMethods, CodeMethods, PredictMethods, 
         return self._stream(
             CoordinatorStub, "WatchNodes", cpb.WatchNodesRequest(), NodeEvent.from_proto, timeout
         )
-
-    # -- the call machinery ------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Cancelled("client is closed")
-
-    def _conn(self, address: str) -> _Conn:
-        with self._lock:
-            self._check_open()
-            conn = self._conns.get(address)
-            if conn is None:
-                conn = _Conn(address, make_channel(address, tls=self._tls, aio=False, token=self._token))
-                self._conns[address] = conn
-            return conn
-
-    def _learn(self, address: str) -> None:
-        with self._lock:
-            if address not in self._addresses:
-                self._addresses.append(address)
-
-    def _set_current(self, address: str) -> None:
-        with self._lock:
-            self._current = address
-
-    def _after(self, address: str) -> str:
-        with self._lock:
-            addrs = self._addresses
-            i = addrs.index(address) if address in addrs else -1
-            return addrs[(i + 1) % len(addrs)]
-
-    def _stream(
-        self,
-        stub_cls: type,
-        method: str,
-        request: Any,
-        convert: Callable[[Any], T],
-        timeout: float | None = None,
-    ) -> Stream[T]:
-        """A server stream on the leader; `close()` cancels it with the client."""
-        self._check_open()
-        stream = Stream(self, stub_cls, method, request, convert, timeout)
-        with self._lock:
-            self._streams.add(stream)
-        stream._start()
-        return stream
-
-    def _unary(
-        self,
-        stub_cls: type,
-        method: str,
-        request: Any,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
-    ) -> Any:
-        """One unary RPC on the leader, with leader finding and retries."""
-
-        def attempt(conn: _Conn, attempt_timeout: float) -> Any:
-            return getattr(conn.stub(stub_cls), method)(request, timeout=attempt_timeout)
-
-        return self._call(attempt, what=method, idempotent=idempotent, timeout=timeout)
-
-    def _call(
-        self,
-        attempt: Callable[[_Conn, float], T],
-        *,
-        what: str,
-        idempotent: bool,
-        timeout: float | None,
-        start: str | None = None,
-    ) -> T:
-        """Run `attempt` against servers until one, the leader, answers, or time runs out.
-
-        Retries a follower's redirect and an unreachable server always (nothing was done);
-        a server's own UNAVAILABLE, a dropped connection or a capped attempt's deadline only
-        when `idempotent`, since the call may have taken effect.
-        """
-        budget = self._timeout if timeout is None else float(timeout)
-        if budget <= 0:
-            raise InvalidArgument(f"timeout must be positive, got {budget}")
-        deadline = time.monotonic() + budget
-        addr = start or self.current_address
-        delay = _BACKOFF_INITIAL_S
-        unreachable: dict[str, str] = {}  # this round's transport failures, for the message
-        unreachable_since: float | None = None
-        redirects = 0
-        last: LeptonError | None = None
-
-        def backoff() -> None:
-            nonlocal delay
-            pause = min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-
-        while True:
-            now = time.monotonic()
-            remaining = deadline - now
-            if remaining <= 0:
-                raise last or DeadlineExceeded(f"{what}: no answer within {budget:g}s")
-            attempt_timeout = remaining
-            if idempotent and len(self._addresses) > 1:
-                attempt_timeout = min(remaining, max(_ATTEMPT_MIN_S, budget * _ATTEMPT_FRACTION))
-            capped = attempt_timeout < remaining
-            try:
-                result = attempt(self._conn(addr), attempt_timeout)
-            except grpc.RpcError as e:
-                err = e  # `e` is unbound after the except block
-                failure = transport_failure(err)
-                code = err.code() if hasattr(err, "code") else None
-            else:
-                self._set_current(addr)
-                return result
-
-            if failure is not None:
-                log.debug("%s: %s unreachable (%s)", what, addr, failure.reason)
-                if failure.maybe_sent and not idempotent:
-                    raise Unavailable(
-                        f"lost connection to {addr} during {what}; its outcome is unknown"
-                    )
-                unreachable[addr] = failure.reason
-                last = unreachable_error(unreachable)
-                if unreachable_since is None:
-                    unreachable_since = now
-                if all(a in unreachable for a in self.addresses):
-                    if time.monotonic() - unreachable_since >= self._connect_timeout:
-                        raise last
-                    backoff()
-                    unreachable.clear()
-                addr = self._after(addr)
-                continue
-
-            exc = from_rpc_error(err)
-            unreachable.clear()
-            unreachable_since = None
-            if isinstance(exc, NotLeader) and exc.leader:
-                # A follower refused the call before doing anything: always safe to redirect.
-                log.debug("%s: %s is not the leader, trying %s", what, addr, exc.leader)
-                last = exc
-                self._learn(exc.leader)
-                if exc.leader == addr or redirects >= len(self._addresses):
-                    backoff()  # stale hints bouncing between servers mid-election
-                    redirects = 0
-                else:
-                    redirects += 1
-                addr = exc.leader
-                continue
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                # A wrong port (another service) or a server older than this client.
-                exc = LeptonError(f"{addr} does not serve {what} ({exc.message})")
-                exc.code = grpc.StatusCode.UNIMPLEMENTED
-                raise exc
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                if capped and time.monotonic() < deadline:
-                    log.debug("%s: %s did not answer in %.1fs", what, addr, attempt_timeout)
-                    last = DeadlineExceeded(f"{addr} did not answer within {attempt_timeout:.1f}s")
-                    addr = self._after(addr)
-                    continue
-                suffix = "" if idempotent else "; its outcome is unknown"
-                raise DeadlineExceeded(f"{what}: no answer from {addr} within {budget:g}s{suffix}")
-            if isinstance(exc, Overloaded):
-                # Shed by the leader's admission before anything was done: always safe to
-                # send again, after its hint (jittered, so shed clients do not return at once).
-                pause = exc.retry_after_ms / 1000 * random.uniform(1.0, 1.5)
-                if time.monotonic() + pause >= deadline:
-                    raise exc
-                log.debug("%s: shed by %s; retrying in %.2fs", what, addr, pause)
-                last = exc
-                time.sleep(pause)
-                continue
-            if isinstance(exc, Unavailable) and idempotent:
-                # No leader yet (election), or this server is stopping: wait, try the next.
-                log.debug("%s: %s unavailable: %s", what, addr, exc.message)
-                last = exc
-                backoff()
-                addr = self._after(addr)
-                continue
-            raise exc
-
-
-class Stream(Iterator[T]):
-    """A server stream as an iterator of typed items; also a context manager.
-
-    The call is sent to the current address when the stream is made, so that a watch sees
-    changes from (about) that moment, not from the first `next()`. The first `next()`
-    reveals whether that server serves it; if not (a follower, unreachable), the leader is
-    found as for a unary call, within `timeout`, and the stream reopened there.
-    `cancel()` may be called from any thread; a cancelled stream just stops iterating. A
-    stream that breaks after it opened raises: there is no resume point, so the caller
-    re-reads what it needs and opens a new one.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        stub_cls: type,
-        method: str,
-        request: Any,
-        convert: Callable[[Any], T],
-        timeout: float | None,
-    ):
-        self._client = client
-        self._stub_cls = stub_cls
-        self._method = method
-        self._request = request
-        self._convert = convert
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._call: Any = None
-        self._open_call: Any = None
-        self._cancelled = False
-        self._eager: tuple[Any, str] | None = None
-
-    def _start(self) -> None:
-        """Send the call now, to the address the client would try first."""
-        addr = self._client.current_address
-        call = getattr(self._client._conn(addr).stub(self._stub_cls), self._method)(self._request)
-        with self._lock:
-            self._call = call
-        self._eager = (call, addr)
-
-    def __iter__(self) -> Stream[T]:
-        return self
-
-    def __enter__(self) -> Stream[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def close(self) -> None:
-        self.cancel()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """End the stream; a `next()` blocked in another thread then raises StopIteration."""
-        with self._lock:
-            self._cancelled = True
-            call = self._call
-        if call is not None:
-            call.cancel()
-
-    def _attempt(self, conn: _Conn, _attempt_timeout: float) -> Any:
-        # No deadline: a stream lives until cancelled. Its errors (a follower's redirect, an
-        # unreachable server) only show on the first read, so that read is the attempt.
-        call = getattr(conn.stub(self._stub_cls), self._method)(self._request)
-        with self._lock:
-            self._call = call
-            cancelled = self._cancelled
-        if cancelled:
-            call.cancel()
-        return next(call)
-
-    def __next__(self) -> T:
-        if self._cancelled:
-            raise StopIteration
-        try:
-            if self._open_call is None:
-                return self._convert(self._first())
-            return self._convert(next(self._open_call))
-        except grpc.RpcError as err:
-            if self._cancelled:
-                raise StopIteration from None
-            failure = transport_failure(err)
-            if failure is not None:
-                addr = self._client.current_address
-                raise Unavailable(
-                    f"{self._method} stream from {addr} ended: {failure.reason}"
-                ) from None
-            raise from_rpc_error(err) from None
-        except Cancelled:
-            if self._cancelled:
-                raise StopIteration from None
-            raise
-
-    def _first(self) -> Any:
-        start: str | None = None
-        if self._eager is not None:
-            (call, addr), self._eager = self._eager, None
-            try:
-                first = next(call)
-            except grpc.RpcError as err:
-                if self._cancelled or not retryable(err):
-                    raise
-                exc = from_rpc_error(err)
-                if isinstance(exc, NotLeader) and exc.leader:
-                    self._client._learn(exc.leader)
-                    start = exc.leader
-                elif transport_failure(err) is not None:
-                    start = self._client._after(addr)
-            else:
-                self._client._set_current(addr)
-                self._open_call = call
-                return first
-        first = self._client._call(
-            self._attempt, what=self._method, idempotent=True, timeout=self._timeout, start=start
-        )
-        self._open_call = self._call
-        return first
 
 
 # What `Client.watch_nodes()` returns.
