@@ -23,6 +23,7 @@ import grpc
 
 from lepton.agent.code_cache import CodeCache
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
+from lepton.agent.shard_scratch import scratch_prefix
 from lepton.agent.task_identity import task_env
 from lepton.agent.tasks.runner import RunSpec, TaskEvent, TaskEventKind, TaskRunner
 from lepton.agent.tasks.task_spec import FENCE_DOWN, FENCED, TASK_ID_RE
@@ -72,6 +73,8 @@ def run_spec(a: tasks_pb2.Assignment, *, data_dir: str = "", servers: list[str] 
             # The path (not the secret) so the job can read this node's encrypted shards.
             "shard_key_file": shard_key_file if node_store else "",
             "log_max_bytes": log_max_bytes,
+            # Decrypted shards go to memory under a name the agent removes at the attempt's end.
+            "scratch_prefix": scratch_prefix(data_dir, a.task_id, a.attempt) if job_dir else "",
         }
         argv, shell = (sys.executable, "-m", "lepton.workloads.torch_task", json.dumps(launch)), ""
     return RunSpec(

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from lepton.agent import shard_scratch
 from lepton.agent.fingerprint import Fingerprinter
 from lepton.agent.heartbeat import USAGE_SAMPLE_S, CachedSample, Heartbeater
 from lepton.agent.identity import load_or_create_node_id, lock_data_dir, secure_data_dir
@@ -69,6 +70,8 @@ class Agent:
         self.link = None  # CoordinatorLink: every call to the leader (set in start())
         self.heartbeater: Heartbeater | None = None
         self.runner = None
+        self._scratch_removals: set[asyncio.Future] = set()  # shard scratch folders being removed
+        self._torch_attempts: set[tuple[str, int]] = set()  # live attempts of torch jobs (their scratch)
         self.assignments = None
         self.data = None  # DataNode: shard store, side channel, Shards service
         self.router = None  # PredictRouter: the Inference service (set in start())
@@ -204,21 +207,28 @@ class Agent:
 
         # Renewed by every answer from the leader; attempts kill themselves once it runs out.
         self.attempt_lease = AttemptLease(self.data_dir)
-        self.runner = TaskRunner(self.data_dir, self.assignments.on_event, acknowledged_by_caller=True,
+        self.runner = TaskRunner(self.data_dir, self._on_task_event, acknowledged_by_caller=True,
                                  lease_path=self.attempt_lease.path if self.attempt_lease.enabled else None,
                                  log_max_bytes=self.config.task_log_max_bytes,
                                  retention_s=self.config.task_retention_s,
                                  sweep_s=min(SWEEP_S, max(1.0, self.config.task_retention_s)),
                                  task_user=self.task_user, task_path=self.config.task_path)
         self.assignments.attach(self.runner)
+        self.runner.started_listeners.append(self._track_torch_attempt)
         await self.runner.start()
+        # Decrypted shards of attempts that ended while no agent watched (before any new one starts).
+        leftovers = shard_scratch.stale(self.data_dir, [(r.task_id, r.attempt) for r in self.runner.running()])
+        if leftovers:
+            logger.info("removing %d shard scratch folder(s) of ended attempts", len(leftovers))
+            self._track_removal(asyncio.get_running_loop().run_in_executor(None, shard_scratch.remove, leftovers))
         add_agent_service(AgentService(self.runner), self.server)
         services.append(agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
         from lepton.agent.predict_router import PredictRouter
         from lepton.agent.predict_router import add_to_server as add_inference
 
         # Predict for every deployment, forwarded to a ready replica (docs/serving.md).
-        self.router = PredictRouter(self.node_id, link=self.link, local_channel=self._replica_channel)
+        self.router = PredictRouter(self.node_id, link=self.link, local_channel=self._replica_channel,
+                                    local_frames=self._replica_frames)
         services.append(add_inference(self.router, self.server))
         from lepton.agent.serving import ReplicaSupervisor
 
@@ -282,6 +292,29 @@ class Agent:
     def _replica_channel(self, task_id: str):
         """The channel to a replica running here (agent/serving.py), or None."""
         return self.serving.local_channel(task_id) if self.serving is not None else None
+
+    def _replica_frames(self, task_id: str):
+        """A replica's frames socket here (the router's cheaper way in), or None."""
+        return self.serving.local_frames(task_id) if self.serving is not None else None
+
+    def _track_torch_attempt(self, spec) -> None:
+        if spec.job_dir:  # a torch job's member: it may decrypt shards into memory
+            self._torch_attempts.add((spec.task_id, spec.attempt))
+
+    def _on_task_event(self, event) -> None:
+        """The runner's events go to the leader; a torch attempt's end also removes the
+        decrypted shards it may have left in memory, killed before its own cleanup ran
+        (agent/shard_scratch.py)."""
+        key = (event.task_id, event.attempt)
+        if event.kind == "exited" and key in self._torch_attempts:
+            self._torch_attempts.discard(key)
+            self._track_removal(asyncio.get_running_loop().run_in_executor(
+                None, shard_scratch.remove_attempt, self.data_dir, *key))
+        self.assignments.on_event(event)
+
+    def _track_removal(self, removal: asyncio.Future) -> None:
+        self._scratch_removals.add(removal)  # held until done (the loop keeps only weak references)
+        removal.add_done_callback(self._scratch_removals.discard)
 
     def _leader_answered(self) -> None:
         """The leader answered (a heartbeat, a registration): the attempts may run on for

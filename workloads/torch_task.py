@@ -280,7 +280,11 @@ async def run(launch: dict[str, Any]) -> int:
     # Made by the agent (the task user's when there is one); older agents left it to us.
     job_dir = Path(launch.get("job_dir") or Path(launch["data_dir"]) / "jobs" / launch["job_id"])
     job_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"lepton-shards-{launch['job_id']}-", dir=scratch_root(job_dir)))
+    # The agent's name for it (lepton.agent.shard_scratch), so it can remove what a SIGKILL leaves.
+    if prefix := launch.get("scratch_prefix", ""):
+        scratch = Path(tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix)))
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix=f"lepton-shards-{launch['job_id']}-", dir=scratch_root(job_dir)))
     try:
         return await _run(launch, job_dir, scratch)
     finally:
