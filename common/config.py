@@ -341,6 +341,7 @@ class AgentConfig:
             if path:
                 if not os.access(path, os.R_OK) or not os.path.isfile(path):
                     raise InvalidArgument(f"--{name.replace('_', '-')} {path}: not a readable file")
+                _check_pem(name, path)
                 setattr(self, name, os.path.abspath(path))
         prefix = (self.etcd_prefix or f"/lepton/{self.cluster_name}").rstrip("/")
         check_text(prefix, "etcd_prefix", MAX_NAME)
@@ -431,3 +432,21 @@ def load_config(
         if name in fields and value is not None:
             values[name] = _coerce(fields[name], value)
     return AgentConfig(**values)
+
+
+def _check_pem(name: str, path: str) -> None:
+    """An etcd TLS file must be what its flag says (PEM certificates, or an unencrypted PEM
+    key): a wrong file otherwise surfaces only as gRPC's own error lines, over and over."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    flag, what = f"--{name.replace('_', '-')}", "an unencrypted PEM private key" if name == "etcd_key" else "PEM certificates"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+        if name == "etcd_key":
+            serialization.load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except (OSError, ValueError, TypeError):
+        raise InvalidArgument(f"{flag} {path}: not {what}") from None

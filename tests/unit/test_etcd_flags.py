@@ -11,11 +11,31 @@ from lepton.common.errors import InvalidArgument
 
 @pytest.fixture
 def pem(tmp_path):
-    """Three readable files standing in for the CA, the certificate and the key (only their presence is checked)."""
+    """A self-signed certificate (as the CA and the client certificate) and its key, plus a
+    file that is neither (`junk`): flags are checked to name PEM files of their kind."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "etcd-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    contents = {
+        "ca": cert.public_bytes(serialization.Encoding.PEM),
+        "cert": cert.public_bytes(serialization.Encoding.PEM),
+        "key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()),
+        "junk": b"x",
+    }
     paths = {}
-    for name in ("ca", "cert", "key"):
+    for name, data in contents.items():
         path = tmp_path / f"{name}.pem"
-        path.write_text("x")
+        path.write_bytes(data)
         paths[name] = str(path)
     return paths
 
@@ -63,6 +83,10 @@ BAD = [
     (["--state", "etcd://h:2379", "--etcd-key", "{key}"], "--etcd-cert and --etcd-key go together"),
     (["--state", "etcd://h:2379", "--etcd-cert", "{cert}", "--etcd-key", "{key}"], "--etcd-cert needs --etcd-ca"),
     (["--state", "etcd://h:2379", "--etcd-ca", "/nonexistent/ca.pem"], "not a readable file"),
+    (["--state", "etcd://h:2379", "--etcd-ca", "{junk}"], "not PEM certificates"),
+    (["--state", "etcd://h:2379", "--etcd-ca", "{key}"], "not PEM certificates"),
+    (["--state", "etcd://h:2379", "--etcd-ca", "{ca}", "--etcd-cert", "{cert}", "--etcd-key", "{cert}"],
+     "not an unencrypted PEM private key"),
     (["--etcd-ca", "{ca}"], "need --state etcd://"),
     (["--etcd-prefix", "/x"], "need --state etcd://"),
     (["--state", "etcd://h:2379", "--etcd-prefix", "lepton"], "must start with '/'"),
