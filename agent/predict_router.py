@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from lepton.agent.replica_frames import FramesDialer
 from lepton.common import validation as v
 from lepton.common.auth import Role, current_principal
 from lepton.common.errors import (
@@ -64,12 +66,16 @@ BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, float("inf"))
 # Server-side codes after which another replica may answer. CANCELLED here is the server's
 # (a replica or agent stopping mid-call); our own caller going away is CancelledError.
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# A deployment this agent has not heard of gets this long for the leader's next endpoint set
+# before NOT_FOUND (made a moment ago: `serve up --no-wait` then predict).
+UNKNOWN_GRACE_S = 1.0
 # Too little time left to start another try.
 _MIN_TRY_S = 0.005
 # Waits between passes when no replica is usable (grows to MAX_BACKOFF_S / 2).
 _FIRST_WAIT_S = 0.02
 
 LocalChannel = Callable[[str], "grpc.aio.Channel | None"]
+LocalFrames = Callable[[str], "FramesDialer | None"]
 RemoteStub = Callable[[str], Any]
 
 
@@ -123,10 +129,12 @@ class PredictRouter:
     """The agent's `Inference` servicer, and its endpoint-set watcher (`watch()`)."""
 
     def __init__(self, node_id: str, *, link: Any = None, local_channel: LocalChannel | None = None,
-                 remote_stub: RemoteStub | None = None, clock: Callable[[], float] | None = None):
+                 local_frames: LocalFrames | None = None, remote_stub: RemoteStub | None = None,
+                 clock: Callable[[], float] | None = None):
         self.node_id = node_id
         self._link = link
         self._local_channel = local_channel or (lambda _task_id: None)
+        self._local_frames = local_frames or (lambda _task_id: None)
         self._remote_stub = remote_stub or (lambda address: link.stub(serving_pb2_grpc.InferenceStub, address))
         self._clock = clock
         self._endpoints: dict[str, list[serving_pb2.Endpoint]] = {}
@@ -228,11 +236,17 @@ class PredictRouter:
                       timeout_s: float | None = None) -> serving_pb2.PredictResponse:
         """Route one request; raises LeptonError (the replica's own, or NotFound / Unavailable /
         InvalidArgument from here). Counted in this deployment's counters when it exists."""
+        return await self.predict_request(serving_pb2.PredictRequest(deployment=deployment, inputs=inputs),
+                                          timeout_s)
+
+    async def predict_request(self, request: serving_pb2.PredictRequest,
+                              timeout_s: float | None = None) -> serving_pb2.PredictResponse:
+        """`predict` of a PredictRequest as it came (`replica` unset): forwarded as it is."""
+        deployment = request.deployment
         v.check_deployment_name(deployment)
-        check_inputs_size(inputs)
+        check_inputs_size(request.inputs)
         start = self._now()
         deadline = start + (timeout_s if timeout_s is not None and timeout_s > 0 else DEFAULT_DEADLINE_S)
-        request = serving_pb2.PredictRequest(deployment=deployment, inputs=inputs)
         try:
             response = await self._route(request, deadline)
         except LeptonError as err:
@@ -251,7 +265,7 @@ class PredictRouter:
         allow_bad = False
         while True:
             if self._version >= 0 and deployment not in self._endpoints:
-                raise NotFound(f"no deployment {deployment!r} (lepton-ctl serve ls)")
+                await self._wait_unknown(deployment, deadline)
             ep = self._pick(deployment, tried, allow_bad)
             remaining = deadline - self._now()
             if ep is None or remaining <= _MIN_TRY_S:
@@ -281,10 +295,30 @@ class PredictRouter:
                 logger.debug("predict %s: replica %s on %s failed (%s); trying another",
                              deployment, ep.task_id, ep.node_id, failed.error.message)
 
+    async def _wait_unknown(self, deployment: str, deadline: float) -> None:
+        """A deployment not in this agent's set may be one made a moment ago (`serve up
+        --no-wait`) that the leader's next set names: wait for sets for up to UNKNOWN_GRACE_S
+        (within the deadline), then NOT_FOUND. Past the deadline: UNAVAILABLE, as for a
+        deployment whose replicas are not ready yet."""
+        grace_end = min(deadline, self._now() + UNKNOWN_GRACE_S)
+        while deployment not in self._endpoints:
+            remaining = grace_end - self._now()
+            if remaining <= 0:
+                if grace_end < deadline:
+                    raise NotFound(f"no deployment {deployment!r} (lepton-ctl serve ls)")
+                raise Unavailable(f"no replica of {deployment} ready yet: this agent has not heard of "
+                                  "the deployment within the deadline (made a moment ago?)")
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
     async def _forward(self, ep: serving_pb2.Endpoint, request: serving_pb2.PredictRequest,
                        timeout_s: float) -> serving_pb2.PredictResponse:
         """One try on `ep`. Raises _ReplicaFailed (try another) or the caller's LeptonError."""
         local = ep.node_id == self.node_id
+        frames = self._local_frames(ep.task_id) if local else None
+        if frames is not None:
+            return await self._call_frames(ep.task_id, frames, request, timeout_s)
         if local:
             stub = self._local_stub(ep.task_id)
             if stub is None:
@@ -308,6 +342,25 @@ class PredictRouter:
             else:
                 self._outstanding.pop(ep.task_id, None)
 
+    async def _call_frames(self, task_id: str, frames: FramesDialer, request: serving_pb2.PredictRequest,
+                           timeout_s: float) -> serving_pb2.PredictResponse:
+        """One try on a local replica through its frames socket (common/frames.py)."""
+        self._outstanding[task_id] = self._outstanding.get(task_id, 0) + 1
+        try:
+            conn = frames.ready() or await frames.connect()
+            answer = await conn.call(request.SerializeToString(), timeout_s)
+        except LeptonError as err:
+            if err.code in _RETRY_CODES:
+                raise _ReplicaFailed(err) from None
+            raise
+        finally:
+            left = self._outstanding.get(task_id, 1) - 1
+            if left > 0:
+                self._outstanding[task_id] = left
+            else:
+                self._outstanding.pop(task_id, None)
+        return serving_pb2.PredictResponse.FromString(answer)
+
     def _local_stub(self, task_id: str) -> Any:
         channel = self._local_channel(task_id)
         if channel is None:
@@ -325,7 +378,7 @@ class PredictRouter:
         remaining = context.time_remaining()
         if request.replica:
             return await self._serve_forwarded(request, remaining)
-        return await self.predict(request.deployment, request.inputs, timeout_s=remaining)
+        return await self.predict_request(request, timeout_s=remaining)
 
     async def _serve_forwarded(self, request: serving_pb2.PredictRequest,
                                timeout_s: float | None) -> serving_pb2.PredictResponse:
@@ -337,13 +390,19 @@ class PredictRouter:
                                    "request set PredictRequest.replica")
         v.require_id(request.replica, "replica")
         check_inputs_size(request.inputs)
+        timeout_s = timeout_s or DEFAULT_DEADLINE_S
+        frames = self._local_frames(request.replica)
+        if frames is not None:
+            request = serving_pb2.PredictRequest(deployment=request.deployment, inputs=request.inputs)
+            conn = frames.ready() or await frames.connect()
+            return serving_pb2.PredictResponse.FromString(await conn.call(request.SerializeToString(), timeout_s))
         stub = self._local_stub(request.replica)
         if stub is None:
             raise Unavailable(f"replica {request.replica} is not running on node {self.node_id}")
         try:
             return await stub.Predict(serving_pb2.PredictRequest(deployment=request.deployment,
                                                                  inputs=request.inputs),
-                                      timeout=timeout_s or DEFAULT_DEADLINE_S)
+                                      timeout=timeout_s)
         except grpc.aio.AioRpcError as rpc_err:
             raise from_rpc_error(rpc_err) from None
 

@@ -12,7 +12,8 @@ folder (LEPTON_SERVE_SOCKET, agent/tasks/attempt_env.py). Here the agent:
 - reports the node's replicas (and the Predict router's counters) to the leader with
   `Deployments.ReportReplicas`: at once on a change and when the leader moves, else
   every REPORT_S;
-- hands the Predict router a cached channel to a local replica (`local_channel`).
+- hands the Predict router a cached channel to a local replica (`local_channel`) and the
+  replica's frames socket (`local_frames`, the cheaper way in for Predict: common/frames.py).
 
 Replica attempts are found among the runner's running attempts by their run.json (read
 once per attempt), so replicas re-adopted after an agent restart are supervised again.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +34,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lepton.agent.replica_frames import FramesDialer
 from lepton.agent.tasks.attempt_env import serve_socket_path
 from lepton.agent.tasks.task_spec import RunSpec
-from lepton.common.durable import read_json
+from lepton.common.durable import read_json, write_atomic
 from lepton.common.errors import LeptonError
+from lepton.common.frames import frames_path
 from lepton.common.grpc_util import CHANNEL_OPTIONS
 from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
@@ -46,6 +50,10 @@ CHECK_S = 0.5  # health checks of every local replica
 CHECK_TIMEOUT_S = 1.0  # a replica that does not answer its check within this fails it
 KILL_AFTER_S = 3.0  # unhealthy this long: the attempt is stopped, the serving loop replaces it
 KILL_GRACE_S = 1.0  # SIGTERM -> SIGKILL for such an attempt
+# Replicas serve only the caller whose key came first (their agent: workloads/serving/
+# replica_key.py, the same literal; agents never import workloads).
+REPLICA_KEY_METADATA = "lepton-replica-key"
+REPLICA_KEY_FILE = "replica.key"
 REPORT_S = 2.0  # reports to the leader at least this often (while there is anything to say)
 SCAN_S = 1.0  # the runner's attempts looked through for new replicas
 # With no replica here and nothing to report the loop sleeps until the runner starts a
@@ -68,9 +76,17 @@ class LocalReplica:
     ready_once: bool = False  # passed a check at least once: failures now mean unhealthy
     unhealthy_since: float | None = None
     stopping: bool = False
+    key: str = field(default="", repr=False)  # presented on every call (workloads/serving/replica_key.py)
     channel: Any = None
     health: Any = field(default=None, repr=False)
     target: UnixTarget | None = field(default=None, repr=False)
+    frames: FramesDialer | None = field(default=None, repr=False)
+
+    def frames_dialer(self) -> FramesDialer:
+        """The Predict router's way in (the frames socket beside the gRPC one), made once."""
+        if self.frames is None:
+            self.frames = FramesDialer(frames_path(self.socket))
+        return self.frames
 
     def open(self) -> bool:
         """The channel to the socket, made once; False while its folder is not there yet."""
@@ -79,11 +95,14 @@ class LocalReplica:
                 self.target = UnixTarget(self.socket)  # a deep data dir: through a handle
             except OSError:
                 return False
-            self.channel = grpc.aio.insecure_channel(self.target.target, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(self.target.target, options=CHANNEL_OPTIONS,
+                                                     interceptors=[_PresentKey(self.key)] if self.key else None)
             self.health = health_pb2_grpc.HealthStub(self.channel)
         return True
 
     async def close(self, grace: float | None = None) -> None:
+        if self.frames is not None:
+            self.frames.close()  # calls in flight on it end UNAVAILABLE: the router retries
         channel, self.channel = self.channel, None
         if channel is not None:
             with contextlib.suppress(Exception):
@@ -91,6 +110,33 @@ class LocalReplica:
         if self.target is not None:
             self.target.close()
             self.target = None
+
+
+def attempt_key(att_dir: Path) -> str:
+    """The key this node presents to the replica of the attempt in `att_dir`: made once,
+    kept beside the attempt's records (root's only with a task user; the task works in
+    att_dir/work), so a restarted agent presents the key its replica was claimed with.
+    Raises OSError."""
+    path = att_dir / REPLICA_KEY_FILE
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    key = secrets.token_hex(16)
+    try:
+        write_atomic(path, key.encode(), mode=0o600, exclusive=True)
+    except FileExistsError:  # made meanwhile
+        return path.read_text().strip()
+    return key
+
+
+class _PresentKey(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the attempt's key to every call on its replica's channel."""
+
+    def __init__(self, key: str):
+        self._pair = (REPLICA_KEY_METADATA, key)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._pair)
+        return await continuation(details._replace(metadata=metadata), request)
 
 
 class ReplicaSupervisor:
@@ -137,6 +183,14 @@ class ReplicaSupervisor:
         if replica is None or replica.stopping or not replica.open():
             return None
         return replica.channel
+
+    def local_frames(self, task_id: str) -> FramesDialer | None:
+        """The frames socket of replica `task_id` on this node (common/frames.py), or None
+        when no such replica runs here."""
+        replica = self.replicas.get(task_id)
+        if replica is None or replica.stopping:
+            return None
+        return replica.frames_dialer()
 
     # -- the loop --------------------------------------------------------------------------
     def _on_attempt_started(self, spec: Any) -> None:
@@ -189,8 +243,13 @@ class ReplicaSupervisor:
             if key[0] in self.replicas:  # an older attempt's entry
                 self._forget(key[0])
             att_dir = self._runner.log_path(*key).parent
+            try:
+                replica_key = attempt_key(att_dir)
+            except OSError as err:
+                logger.warning("replica %s: no key for it (%s); looking again", key[0], err)
+                continue
             self.replicas[key[0]] = LocalReplica(key[0], key[1], spec.replica, spec.replica_generation,
-                                                 serve_socket_path(att_dir, self._task_user))
+                                                 serve_socket_path(att_dir, self._task_user), key=replica_key)
             self._report_due = True
 
     def _spec_of(self, task_id: str, attempt: int) -> RunSpec | None:
@@ -219,7 +278,17 @@ class ReplicaSupervisor:
             answer = await replica.health.Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S,
                                                 wait_for_ready=True)
             healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.PERMISSION_DENIED and not replica.stopping:
+                # Claimed by another caller before this agent (a task of the same user on
+                # its socket): never put it in rotation; its replacement is claimed afresh.
+                replica.stopping = True
+                self._set(replica, UNHEALTHY)
+                logger.warning("replica %s of %s refused its agent's key: stopping it to be replaced",
+                               replica.task_id, replica.deployment)
+                self._runner.cancel(replica.task_id, replica.attempt, reason="replica claimed by another caller",
+                                    grace_s=KILL_GRACE_S)
+                return
             healthy = False
         if self.replicas.get(replica.task_id) is not replica:
             return  # forgotten while checking

@@ -62,6 +62,11 @@ class Batcher:
     async def predict(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """(this request's output rows, rows in the batch it ran in). Raises BatcherClosed
         after `close()`, or what the model raised for these rows."""
+        return await self.submit(x)
+
+    def submit(self, x: np.ndarray) -> asyncio.Future[tuple[np.ndarray, int]]:
+        """`predict` without a coroutine: the future of its answer (a caller that answers
+        from a callback needs no task per request). Raises BatcherClosed after `close()`."""
         if self._closed:
             raise BatcherClosed("the replica is shutting down")
         if self._worker is None:
@@ -69,7 +74,7 @@ class Batcher:
         req = _Request(x, asyncio.get_running_loop().create_future(), self._clock())
         self._queue.append(req)
         self._wake.set()
-        return await req.future
+        return req.future
 
     async def close(self) -> None:
         """Stop accepting; finish every request already queued (the grace of a SIGTERM)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2
 
 from lepton.common.errors import Internal, LeptonError, Unavailable
+from lepton.common.frames import frames_path
 from lepton.common.grpc_util import (
     MAX_MESSAGE_BYTES,
     SERVER_OPTIONS,
@@ -46,6 +48,8 @@ from lepton.common.grpc_util import (
 from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 from lepton.workloads.serving.batcher import Batcher, BatcherClosed
+from lepton.workloads.serving.frame_server import FrameServer
+from lepton.workloads.serving.replica_key import KeyGate, no_dumping
 from lepton.workloads.serving.tensors import INPUT_DTYPE, MAX_ROWS, check_inputs, to_tensor
 
 logger = logging.getLogger("lepton.replica")
@@ -104,15 +108,23 @@ class InferenceService(serving_pb2_grpc.InferenceServicer):
         self._batcher = batcher
         self._input_shape = model.input_shape
 
-    @rpc_boundary
-    async def Predict(self, request: serving_pb2.PredictRequest, context: Any) -> serving_pb2.PredictResponse:
+    def start_predict(self, request: serving_pb2.PredictRequest) -> asyncio.Future:
+        """Check the request and queue it in the batcher: the future of (rows, batch rows).
+        Raises LeptonError (UNAVAILABLE while loading or stopping, INVALID_ARGUMENT)."""
         batcher = self._batcher
         if batcher is None:
             raise Unavailable("the replica is still loading its model")
         x = check_inputs(request.inputs, self._input_shape)
         try:
-            y, rows = await batcher.predict(x)
+            return batcher.submit(x)
         except BatcherClosed as err:  # the router tries another replica
+            raise Unavailable(str(err)) from None
+
+    def answer(self, future: asyncio.Future) -> serving_pb2.PredictResponse:
+        """The response for a finished `start_predict`. Raises LeptonError."""
+        try:
+            y, rows = future.result()
+        except BatcherClosed as err:
             raise Unavailable(str(err)) from None
         except LeptonError:
             raise
@@ -122,6 +134,13 @@ class InferenceService(serving_pb2_grpc.InferenceServicer):
             logger.warning("prediction failed: %s", err)
             raise Internal(f"the model failed on this request: {err}") from None
         return serving_pb2.PredictResponse(outputs=to_tensor(y), batch_rows=rows, **self._answer)
+
+    @rpc_boundary
+    async def Predict(self, request: serving_pb2.PredictRequest, context: Any) -> serving_pb2.PredictResponse:
+        future = self.start_predict(request)
+        with contextlib.suppress(Exception):  # answer() says what it was
+            await future
+        return self.answer(future)
 
 
 def fetch_model(name: str, out: Path) -> Path:
@@ -145,13 +164,21 @@ async def serve(args: argparse.Namespace) -> int:
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     service = InferenceService(replica=os.environ.get("LEPTON_TASK_ID", ""), model_name=args.model,
                                generation=args.generation)
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    # --claim-key: only the agent that claimed it may call it (replica_key.py).
+    server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[KeyGate()] if args.claim_key else None)
     register_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     register_service(server, service, serving_pb2.DESCRIPTOR.services_by_name["Inference"])
+    frames = FrameServer(service)
     try:
         target = _bind(server, socket_path)
     except OSError as err:
         print(f"error: cannot serve on {socket_path}: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        await frames.start(frames_path(socket_path))
+    except OSError as err:
+        target.close()
+        print(f"error: cannot serve on {frames_path(socket_path)}: {err}", file=sys.stderr, flush=True)
         return 2
     try:
         await server.start()  # health answers NOT_SERVING while the model loads
@@ -175,9 +202,11 @@ async def serve(args: argparse.Namespace) -> int:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await stop.wait()
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        frames.drain()  # new requests: UNAVAILABLE (the agent tries another replica)
         await server.stop(STOP_GRACE_S)  # refuses new calls; those in flight finish
         await batcher.close()
     finally:
+        await frames.close()  # after the batcher: the answers it finished are sent first
         Path(socket_path).unlink(missing_ok=True)
         target.close()
     print(f"replica stopped after {batcher.batches} batches ({batcher.rows} rows)", flush=True)
@@ -218,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=1, help="rows per model call at most (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a batch waits to fill")
     p.add_argument("--model-file", default="", help="a local model file instead of fetching --model")
+    p.add_argument("--claim-key", action="store_true",
+                   help="serve only the caller whose key came first: its agent (replica_key.py)")
     args = p.parse_args(argv)
     if args.max_batch < 1 or args.max_batch > MAX_ROWS or args.max_wait_ms < 0 or args.max_wait_ms > 10_000:
         p.error(f"--max-batch must be 1..{MAX_ROWS} and --max-wait-ms 0..10000")
@@ -226,7 +257,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    if args.claim_key:
+        no_dumping()  # before its agent's key reaches this process's memory
+    return asyncio.run(serve(args))
 
 
 if __name__ == "__main__":
