@@ -12,7 +12,7 @@ import asyncio
 import os
 
 from lepton.common.errors import DeadlineExceeded, Unavailable
-from lepton.common.frames import OK, FrameProtocol, error_of
+from lepton.common.frames import KEY, OK, FrameProtocol, error_of
 from lepton.common.sockets import UnixTarget
 
 _ID_MASK = 0xFFFFFFFF
@@ -26,15 +26,19 @@ class FramesConnection(FrameProtocol):
         self._calls: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._next_id = 0
         self.lost = False
+        self._why_lost = "the replica closed its connection"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         calls, self._calls = self._calls, {}
         for future in calls.values():
             if not future.done():
-                future.set_exception(Unavailable("the replica closed its connection"))
+                future.set_exception(Unavailable(self._why_lost))
 
     def frame_received(self, request_id: int, status: int, payload: bytes) -> None:
+        if request_id == 0 and status != OK:  # about the connection (its key): it ends next
+            self._why_lost = f"the replica refused this agent's connection: {error_of(status, payload).message}"
+            return
         future = self._calls.pop(request_id, None)
         if future is not None and not future.done():
             future.set_result((status, payload))
@@ -43,9 +47,9 @@ class FramesConnection(FrameProtocol):
         """The serialized PredictResponse for serialized PredictRequest `request`. Raises
         the replica's LeptonError, Unavailable (connection lost) or DeadlineExceeded."""
         if self.lost:
-            raise Unavailable("the replica closed its connection")
+            raise Unavailable(self._why_lost)
         loop = asyncio.get_running_loop()
-        self._next_id = request_id = (self._next_id + 1) & _ID_MASK
+        self._next_id = request_id = self._next_id % _ID_MASK + 1  # 1..2^32-1; 0 is the connection's
         future = self._calls[request_id] = loop.create_future()
         # A timer, not asyncio.wait_for: that costs a task per call (Python 3.11).
         timer = loop.call_later(timeout_s, _expire, future)
@@ -68,8 +72,9 @@ def _expire(future: asyncio.Future) -> None:
 class FramesDialer:
     """A replica's frames socket: `ready()` (the open connection, or None) and `connect()`."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], key: str = ""):
         self.path = os.fspath(path)
+        self._key = key  # sent first on each connection (common/frames.py)
         self._conn: FramesConnection | None = None
         self._connecting: asyncio.Future[FramesConnection] | None = None
         self._closed = False
@@ -102,6 +107,8 @@ class FramesDialer:
             raise Unavailable(f"cannot reach the replica: {err}") from None
         finally:
             target.close()  # the connection, once made, no longer needs the path
+        if self._key:
+            conn.send(0, KEY, self._key.encode())
         return conn
 
     def _opened(self, future: asyncio.Future[FramesConnection]) -> None:

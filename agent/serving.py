@@ -85,7 +85,7 @@ class LocalReplica:
     def frames_dialer(self) -> FramesDialer:
         """The Predict router's way in (the frames socket beside the gRPC one), made once."""
         if self.frames is None:
-            self.frames = FramesDialer(frames_path(self.socket))
+            self.frames = FramesDialer(frames_path(self.socket), key=self.key)
         return self.frames
 
     def open(self) -> bool:

@@ -7,7 +7,11 @@ frame is a 12-byte header (payload bytes, request id, a status) and the payload:
 
 - agent -> replica: status 0, the serialized `PredictRequest`;
 - replica -> agent: status 0 and the serialized `PredictResponse`, or a gRPC status code
-  (its number) and the error's message in UTF-8.
+  (its number) and the error's message in UTF-8;
+- agent -> replica, first on each connection: status KEY and the agent's key for this
+  replica (agent/serving.py `attempt_key`). A replica that checks keys serves a connection
+  only after the key it was claimed with; anything else gets PERMISSION_DENIED and the
+  connection is closed (another task of the same user may reach the socket).
 
 Requests are multiplexed on one connection by id and answered in any order. Frames written
 in one turn of the event loop go out in one write (`FrameProtocol.send`), so a batch's
@@ -34,6 +38,7 @@ HEADER = struct.Struct("<IIi")  # payload length, request id, status (0: OK / a 
 # size checks (INVALID_ARGUMENT) answer an oversized request, not a dropped connection.
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + (1 << 20)
 OK = 0
+KEY = -1  # the status of a connection's key frame
 FRAMES_SUFFIX = ".frames"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -76,6 +81,8 @@ class FrameProtocol(asyncio.Protocol):
                 break
             self.frame_received(request_id, status, bytes(buf[start + HEADER.size:end]))
             start = end
+            if self.transport is None or self.transport.is_closing():
+                return  # closed by that frame: the rest is not read
         if start:
             del buf[:start]
 

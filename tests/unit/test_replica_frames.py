@@ -10,7 +10,7 @@ import pytest
 
 from lepton.agent.predict_router import PredictRouter
 from lepton.agent.replica_frames import FramesConnection, FramesDialer
-from lepton.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from lepton.common.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
 from lepton.common.frames import HEADER, MAX_FRAME_BYTES
 from lepton.v1 import serving_pb2
 from lepton.workloads.serving.frame_server import FrameServer
@@ -200,3 +200,23 @@ def test_a_frames_connection_that_was_lost_refuses_at_once():
     conn.connection_lost(None)
     with pytest.raises(Unavailable):
         asyncio.run(conn.call(b"", 1.0))
+
+
+async def test_a_replica_that_checks_keys_serves_only_the_key_it_takes(tmp_path):
+    server = FrameServer(FakeService(), key_ok=lambda key: key == "s3cret")
+    await server.start(tmp_path / "k.frames")
+    right = FramesDialer(tmp_path / "k.frames", key="s3cret")
+    wrong = FramesDialer(tmp_path / "k.frames", key="guess")
+    keyless = FramesDialer(tmp_path / "k.frames")
+    try:
+        ok = await (await right.connect()).call(request(np.ones((1, 3))), 5.0)
+        assert serving_pb2.PredictResponse.FromString(ok).batch_rows == 1
+        with pytest.raises(Unavailable, match="refused this agent's connection: only this replica's agent"):
+            await (await wrong.connect()).call(request(np.ones((1, 3))), 5.0)
+        with pytest.raises(PermissionDenied, match="only this replica's agent"):
+            await (await keyless.connect()).call(request(np.ones((1, 3))), 5.0)
+        assert server.service.calls == 1
+    finally:
+        for dialer in (right, wrong, keyless):
+            dialer.close()
+        await server.close()

@@ -16,14 +16,15 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from lepton.common.errors import InvalidArgument, LeptonError, Unavailable
-from lepton.common.frames import OK, FrameProtocol
+from lepton.common.errors import InvalidArgument, LeptonError, PermissionDenied, Unavailable
+from lepton.common.frames import KEY, OK, FrameProtocol
 from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2
 
@@ -32,10 +33,12 @@ _NOT_ERRORS = (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
 
 
 class FrameServer:
-    """Serves `service` (replica.InferenceService: start_predict, answer) on a unix socket."""
+    """Serves `service` (replica.InferenceService: start_predict, answer) on a unix socket.
+    `key_ok(key)`, when given, must accept a connection's key frame before it is served."""
 
-    def __init__(self, service: Any):
+    def __init__(self, service: Any, key_ok: Callable[[str], bool] | None = None):
         self.service = service
+        self.key_ok = key_ok
         self.draining = False
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -75,6 +78,7 @@ class _Connection(FrameProtocol):
     def __init__(self, server: FrameServer):
         super().__init__()
         self._server = server
+        self._admitted = server.key_ok is None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -84,6 +88,9 @@ class _Connection(FrameProtocol):
         self._server.connections.discard(self)
 
     def frame_received(self, request_id: int, status: int, payload: bytes) -> None:
+        if status == KEY or not self._admitted:
+            self._admit(request_id, status, payload)
+            return
         try:
             if self._server.draining:
                 raise Unavailable("the replica is shutting down")
@@ -100,6 +107,17 @@ class _Connection(FrameProtocol):
             self._send_error(request_id, LeptonError(f"the replica failed on this request: {err}"))
             return
         future.add_done_callback(functools.partial(self._answer, request_id))
+
+    def _admit(self, request_id: int, status: int, payload: bytes) -> None:
+        """A key frame: admitted if the replica takes that key; a refused key, or a request
+        before any key, is PERMISSION_DENIED and the end of the connection."""
+        key_ok = self._server.key_ok
+        if status == KEY and (key_ok is None or key_ok(payload.decode("utf-8", "replace"))):
+            self._admitted = True
+            return
+        self._send_error(request_id, PermissionDenied(
+            "only this replica's agent may call it: call Predict on an agent (lepton-ctl serve predict)"))
+        self.close()
 
     def _answer(self, request_id: int, future: asyncio.Future) -> None:
         if future.cancelled():
