@@ -207,6 +207,9 @@ class Fence:
             except Exception as err:  # a bug: the agent hears of it at once, not after its timeout
                 traceback.print_exc(file=sys.stderr)
                 reply = {"error": f"internal error: {err!r}"}
+            if reply is None:
+                self._close(conn)
+                return
             self._send(conn, reply)
 
     def _send(self, conn: _Conn, doc: dict[str, Any], *, event: bool = False) -> None:
@@ -230,13 +233,21 @@ class Fence:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(conn.sock, mask, conn)
 
-    def _handle(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+    def _handle(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply; None to drop the connection unanswered."""
         op = req.get("op")
         if op == "watch":
             conn.watching = True
             return {"held": [[*h.key, h.pid] for h in self.held.values()]}
         if op == "spawn":
             items = req["items"]
+            if _hung_up(conn.sock):
+                # Its agent gave up waiting (we were stopped or slow) and takes the batch for
+                # in doubt: it finds what runs by run.json and our held list, so what we have
+                # not started must stay unstarted (its retry may run elsewhere).
+                print(f"fence: dropping a spawn of {len(items)} attempt(s): the agent hung up",
+                      file=sys.stderr, flush=True)
+                return None
             if len(items) <= 1:
                 return {"results": [self._spawn(item) for item in items]}
             # fork_exec lets go of the GIL: while one thread waits for its child to exec,
@@ -350,6 +361,16 @@ class Fence:
             tp.signal_group(held.pid, signal.SIGKILL)
         if not held.child:
             self.held.pop(held.pid, None)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its end (and sent nothing more)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def main(argv: list[str]) -> int:

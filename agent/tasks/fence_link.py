@@ -3,9 +3,11 @@ none runs, spawning attempts through it, and hearing of their exits.
 
 Two connections: `watch` (asyncio; the fence's list of held attempts, then one line per
 exit; while it is open the fence knows an agent is there) and a blocking one for requests
-(`spawn`, `adopt`), used from the event loop for small batches and from a spawning thread
-for large ones, one request at a time. When the fence goes away (killed), `on_lost` is
-called; the runner then opens a new link and hands the orphans over (`adopt`).
+(`spawn`, `adopt`), used from threads only (never the event loop: a hung fence must not
+stall the agent), one request at a time. When the fence goes away (killed), `on_lost` is
+called; the runner then opens a new link and hands the orphans over (`adopt`). A request
+sent but not answered (`InDoubt`) may have been carried out: the runner looks for what it
+started (run.json, the next fence's held list) before it declares anything not started.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,15 +32,19 @@ from lepton.agent.tasks import fence
 logger = logging.getLogger(__name__)
 
 CONNECT_TRIES = 5
-# A fence that answers nothing this long is taken for lost. A small batch waits on the event
-# loop (launch is synchronous), so a hung fence stalls the agent this long at most.
-REQUEST_TIMEOUT_S = 30.0
+# A fence that answers nothing this long is taken for lost (hung, or SIGSTOPped): a request
+# is one batch of at most spawn.SPAWN_CHUNK spawns, well under a second even on a busy node.
+REQUEST_TIMEOUT_S = 10.0
 LINE_LIMIT = 1 << 26  # the held list of a node running 100,000s of attempts fits
 # What `spawn` raises (and a spawn's result then says) when no request was sent: the link is
 # down, so nothing of the batch started (the runner reports those for requeue, not as failed).
 NOT_LINKED = "no link to the node's attempt fence"
 
 Key = tuple[str, int]
+
+
+class InDoubt(OSError):
+    """The request was sent but no answer came: the fence may have carried it out."""
 
 
 class FenceLink:
@@ -51,27 +58,42 @@ class FenceLink:
         self._control: socket.socket | None = None
         self._events: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # Which fence the link reaches: its listener's creator (SO_PEERCRED), one per fence.
+        self.fence_id = 0
 
     @property
     def up(self) -> bool:
         return self._control is not None
 
-    async def open(self) -> dict[Key, int]:
-        """Connect (starting a fence when none runs); the attempts it holds now, key -> pid.
-        Raises OSError when no fence can be reached or started."""
+    async def open(self, *, start: bool = True) -> dict[Key, int] | None:
+        """Connect (starting a fence when none runs, with `start`); the attempts it holds
+        now, key -> pid. None when no fence runs and `start` is False.
+        Raises OSError when no fence can be reached or started, or it does not answer."""
         await self.close()
         for _ in range(CONNECT_TRIES):
-            sock = await asyncio.to_thread(self._connect)
+            sock = await asyncio.to_thread(self._connect, start)
+            if sock is None:
+                return None
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
             writer.write(b'{"op": "watch"}\n')
-            line = await reader.readline()
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)
+            except ConnectionError:
+                line = b""  # as below: it was ending
+            except (TimeoutError, ValueError, OSError) as err:  # hung (SIGSTOP), or a held list past the limit
+                writer.close()
+                raise OSError(f"the node's attempt fence did not answer: {err!r}") from None
             if not line:  # a fence that was ending took the connection: start another
                 writer.close()
                 continue
             held = {(str(t), int(a)): int(pid) for t, a, pid in json.loads(line)["held"]}
-            control = await asyncio.to_thread(self._connect)
+            control = await asyncio.to_thread(self._connect, start)
+            if control is None:  # it ended just now
+                writer.close()
+                continue
             with self._lock:
                 self._control = control
+            self.fence_id = struct.unpack("3i", control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             self._writer = writer
             self._events = asyncio.create_task(self._read_events(reader), name="task-fence-events")
             return held
@@ -93,8 +115,9 @@ class FenceLink:
 
     def spawn(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Spawn these attempts (fence.py's `spawn`); one result per item. Blocking.
-        Raises OSError when the fence cannot be asked or did not answer (then none, some or
-        all of them may have started: a restarted runner finds those by their run.json)."""
+        Raises OSError(NOT_LINKED) when there is no link (nothing was sent), InDoubt when
+        the fence did not answer (then none, some or all of them may have started: their
+        run.json and the next link's held list tell), OSError when it refused the request."""
         return self._request({"op": "spawn", "items": items})["results"]
 
     def adopt(self, items: list[dict[str, Any]]) -> None:
@@ -111,9 +134,10 @@ class FenceLink:
                 sock.sendall(json.dumps(doc).encode() + b"\n")
                 reply = json.loads(_read_line(sock))
             except (OSError, ValueError) as err:
+                # Closed, so a fence that comes back (SIGCONT) sees the hang-up and drops it.
                 self._control = None
                 sock.close()
-                raise OSError(f"the node's attempt fence did not answer: {err}") from err
+                raise InDoubt(f"the node's attempt fence did not answer: {err}") from err
         if "error" in reply:
             raise OSError(f"the node's attempt fence refused the request: {reply['error']}")
         return reply
@@ -135,8 +159,9 @@ class FenceLink:
                 self._control = None
         self._on_lost()
 
-    def _connect(self) -> socket.socket:
-        """A connection to the fence of this data dir, one started when none listens. Blocking."""
+    def _connect(self, start: bool = True) -> socket.socket | None:
+        """A connection to the fence of this data dir, one started when none listens (None
+        then, without `start`). Blocking."""
         last: OSError | None = None
         for _ in range(CONNECT_TRIES):
             dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -150,6 +175,8 @@ class FenceLink:
                 last = err
             finally:
                 os.close(dir_fd)
+            if not start:
+                return None
             self._launch()
         raise OSError(f"cannot reach the node's attempt fence: {last}")
 

@@ -57,7 +57,7 @@ from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
     ALREADY_RAN,
-    SYNC_SPAWNS,
+    IN_DOUBT,
     Spawned,
     Spawner,
     SpawnQueue,
@@ -74,7 +74,7 @@ from lepton.agent.tasks.task_spec import (
 )
 from lepton.agent.tasks.task_user import TaskUser
 from lepton.common.durable import read_json
-from lepton.common.errors import FailedPrecondition, InvalidArgument, LeptonError, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = ["FAILED_TO_START_CODE", "Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
 
@@ -86,6 +86,10 @@ POLL_S = 0.1  # exit checks of attempts without a pidfd (exit_watch), and follow
 SCAN_S = 5.0  # every attempt checked anyway (a missed wake-up costs this at most); idle wake-ups
 SETTLE_S = 10.0  # attempt claims made durable in their folders, in a thread (claims.py)
 LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
+# Fence starts failed in a row after which attempts launched without a fence count as failed
+# (their task's retries are spent), not requeued: a node whose fence can never start must
+# not take the same attempt back forever.
+FENCE_DOWN_REQUEUES = 3
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 
@@ -126,11 +130,18 @@ class TaskRunner:
         self._lease = str(lease_path or "")
         self._link = FenceLink(Path(data_dir), self._on_fence_exit, self._on_fence_lost)
         self._relinking: asyncio.Task[None] | None = None
+        self._linking: asyncio.Lock | None = None  # one open of the link at a time (made on the loop)
+        self._fence_failures = 0  # fence starts failed in a row
+        self._fence_error = ""
+        # Spawn requests the fence did not answer: key -> (spec, folder, the cancel meanwhile).
+        self._in_doubt: dict[Key, tuple[RunSpec, Path, tuple[str, float | None] | None]] = {}
+        self._made: set[Key] = set()  # folders `launch` made on the loop, claimed by the spawn thread
         self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
         self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
                                 lease_path, self._boot, self._link)
         self._claims = ClaimLog(self._root)
-        self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner), self._spawned)  # large batches, in the background
+        self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),
+                                  self._spawned, self._ensure_link)
         self._live: dict[tuple[str, int], Attempt] = {}
         # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
         self.started_listeners: list[Callable[[RunSpec], None]] = []
@@ -148,12 +159,15 @@ class TaskRunner:
     async def start(self) -> None:
         """Re-adopt the attempts a previous agent process left running, report those that
         ended unreported, and start watching. A no-op when already started.
-        Raises OSError when the data dir cannot be made or read, or no attempt fence can
-        be reached or started there."""
+        No fence is started for nothing: only to fence orphans found here, or at the first
+        spawn (an agent that runs no task does not pay for one).
+        Raises OSError when the data dir cannot be made or read, or a running attempt fence
+        does not answer, or none can be started for the orphans that need one."""
         if self._watcher is not None:
             return
         self._root.mkdir(parents=True, exist_ok=True)
-        held = await self._link.open()  # first: from here on it tells us of every exit
+        self._linking = asyncio.Lock()
+        held = await self._link.open(start=False) or {}  # first: from here on it tells us of every exit
         orphans: list[Attempt] = []
         doc = read_json(self._term_path) or {}
         self._max_term = max(self._max_term, int(doc.get("term", 0)))
@@ -180,7 +194,9 @@ class TaskRunner:
                         ended += 1
                 except Exception:  # one bad record must not stop the agent
                     logger.exception("cannot recover attempt %s", att_dir)
-        self._adopt(orphans)
+        if any(self._lease and not att.spec.keep_on_disconnect for att in orphans) and not self._link.up:
+            held = await self._link.open()  # they need a fence: a fresh one holds nothing
+        await self._adopt(orphans)
         self._watcher = asyncio.create_task(self._watch(), name="task-runner")
         logger.info("task runner started: re-adopted %d running attempt(s), reported %d that ended "
                     "while no agent watched", adopted, ended)
@@ -195,7 +211,7 @@ class TaskRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._relinking = None
-        await self._spawns.close()
+        await self._spawns.close(keep=self._made.__contains__)
         await self._retention.stop()
         await self._outputs.close()
         if self._settling is not None:
@@ -205,6 +221,8 @@ class TaskRunner:
         await self._reports.close()
         await self._link.close()  # the fence keeps the attempts, and fences them on its own
         self._early_exits.clear()
+        self._in_doubt.clear()  # the next start() finds them by their run.json
+        self._made.clear()
         for att in self._live.values():
             att.disarm()
         self._live.clear()
@@ -219,32 +237,24 @@ class TaskRunner:
         started or this attempt ever ran on this node before, OSError when the data dir
         cannot take the attempt's folder."""
         if (att_dir := self._claim(spec)) is not None:
-            self._start_claimed([(spec, att_dir)])
-
-    def _start_claimed(self, claimed: list[tuple[RunSpec, Path]]) -> None:
-        """Record the claims of these attempts durably, in one batch, then spawn each."""
-        if not claimed:
-            return
-        try:
-            self._claims.record((spec.task_id, spec.attempt, spec.term) for spec, _ in claimed)
-        except OSError as err:
-            for spec, att_dir in claimed:
-                self._reports.failed_to_start(spec, att_dir, f"cannot record the attempt's claim: {err}")
-            return
-        self._spawned(claimed, self._spawner.spawn_all(claimed))
+            self._made.add((spec.task_id, spec.attempt))
+            self._spawns.add([(spec, att_dir)])  # claimed durably and spawned in a thread
 
     def _spawned(self, batch: list[tuple[RunSpec, Path]], results: list[Spawned | str]) -> None:
         """On the loop, in the batch's order: track what started, report what did not."""
         for (spec, att_dir), result in zip(batch, results, strict=True):
             key = (spec.task_id, spec.attempt)
             stop = self._spawns.done(key)
+            self._made.discard(key)
             if result == ALREADY_RAN:
                 logger.info("task %s attempt %d already ran on this node", *key)
                 continue
-            if result == NOT_LINKED:  # nothing was sent, so it surely did not start: requeued
-                self._reports.exited(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
-                                     exit_code=FAILED_TO_START_CODE, reason=FENCE_DOWN, at_ms=now_ms()))
-                self._on_fence_lost()  # relink now, not at the next scan
+            if result == IN_DOUBT:  # it may run: settled by run.json and the next link's held list
+                self._in_doubt[key] = (spec, att_dir, stop)
+                self._on_fence_lost()
+                continue
+            if result == NOT_LINKED:  # nothing was sent, so it surely did not start
+                self._not_started(spec, att_dir)
                 continue
             if isinstance(result, str):
                 self._reports.failed_to_start(spec, att_dir, result)
@@ -263,6 +273,17 @@ class TaskRunner:
             elif stop is not None:  # cancelled while it was being spawned
                 self.cancel(*key, reason=stop[0], grace_s=stop[1])
 
+    def _not_started(self, spec: RunSpec, att_dir: Path) -> None:
+        """Report an attempt that surely never started for want of a fence: requeued (no
+        failure of its task), unless the fence has failed to start too often in a row."""
+        if self._fence_failures >= FENCE_DOWN_REQUEUES:
+            self._reports.failed_to_start(spec, att_dir, f"this node's attempt fence cannot start "
+                                          f"({self._fence_failures} tries in a row): {self._fence_error}")
+        else:
+            self._reports.exited(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
+                                 exit_code=FAILED_TO_START_CODE, reason=FENCE_DOWN, at_ms=now_ms()))
+        self._on_fence_lost()  # relink now, not at the next scan
+
     def refuse(self, spec: RunSpec, why: str) -> None:
         """Record this attempt as failed to start (`why`; e.g. its code could not be
         fetched) without running anything. Raises as `launch` does."""
@@ -274,7 +295,7 @@ class TaskRunner:
         spec.validate()
         if self._watcher is None:
             raise FailedPrecondition("task runner is not started")
-        if (spec.task_id, spec.attempt) in self._live or (spec.task_id, spec.attempt) in self._spawns.starting:
+        if (key := (spec.task_id, spec.attempt)) in self._live or key in self._spawns.starting or key in self._in_doubt:
             return None
         att_dir = self._attempt_dir(spec.task_id, spec.attempt)
         att_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +324,9 @@ class TaskRunner:
                                                                 reason=reason, at_ms=now_ms()))
             elif key in self._spawns.starting:  # in a spawning thread now
                 self._spawns.stop_when_started.setdefault(key, (reason, grace_s))
+            elif key in self._in_doubt and self._in_doubt[key][2] is None:  # stopped once found
+                spec, att_dir, _ = self._in_doubt[key]
+                self._in_doubt[key] = (spec, att_dir, (reason, grace_s))
             else:
                 logger.debug("cancel %s/%d: not running", task_id, attempt)
             return
@@ -320,7 +344,12 @@ class TaskRunner:
         out = [RunningTask(a.spec.task_id, a.spec.attempt, a.spec.term, a.pid, a.started_at_ms)
                for a in self._live.values()]
         out += [RunningTask(s.task_id, s.attempt, s.term, 0, 0) for s in self._spawns.starting.values()]
+        out += [RunningTask(s.task_id, s.attempt, s.term, 0, 0) for s, _, _ in self._in_doubt.values()]
         return sorted(out, key=lambda r: (r.task_id, r.attempt))
+
+    def _alive(self, key: Key) -> bool:
+        """Running, or being started."""
+        return key in self._live or key in self._spawns.starting or key in self._in_doubt
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         """Where the attempt's output goes (it may not exist). Raises InvalidArgument for bad ids."""
@@ -336,12 +365,14 @@ class TaskRunner:
         att_dir = self._attempt_dir(task_id, attempt)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"offset must be an integer >= 0, not {offset!r}")
+        key = (task_id, attempt)
+        while not att_dir.is_dir() and key in self._spawns.starting:  # its folder is made in a thread
+            await asyncio.sleep(POLL_S)
         if not att_dir.is_dir():
             raise NotFound(f"attempt {attempt} of task {task_id} has no output on this node "
                            "(it never ran here, or the task retention deleted it)")
-        key = (task_id, attempt)
         async for chunk in task_logs.read_output(
-                self._outputs, att_dir, offset, keep_following=lambda: follow and key in self._live,
+                self._outputs, att_dir, offset, keep_following=lambda: follow and self._alive(key),
                 chunk_bytes=CHUNK_BYTES, poll_s=POLL_S):
             yield chunk
 
@@ -400,44 +431,29 @@ class TaskRunner:
         for key in stop:
             self.cancel(*key)
         stopped = len(stop)
-        started = failed = finished = 0
+        started = finished = 0
         new: list[tuple[RunSpec, Path]] = []
         for key, spec in want.items():
-            if key in self._live or key in self._spawns.starting:
+            if key in self._live or key in self._spawns.starting or key in self._in_doubt:
                 continue
             if (att_dir := self._attempt_dir(*key)).exists():
                 finished += 1  # ran before; its EXITED event is the coordinator's answer
                 continue
             new.append((spec, att_dir))
-        if len(new) > SYNC_SPAWNS:  # many: claimed and spawned in the background, a chunk at a time
+        if new:  # claimed (folders, one fsync) and spawned in a thread, a chunk at a time
             self._spawns.add(new)
             started = len(new)
-            new = []
-        claimed: list[tuple[RunSpec, Path]] = []
-        for spec, _ in new:
-            try:
-                if (att_dir := self._claim(spec)) is not None:
-                    claimed.append((spec, att_dir))
-            except LeptonError as err:
-                logger.warning("reconcile: cannot launch %s/%d: %s", spec.task_id, spec.attempt, err.message)
-                rejected += 1
-        self._start_claimed(claimed)  # one durable record for all of them, then the spawns
-        for spec, _ in claimed:
-            if (spec.task_id, spec.attempt) in self._live:
-                started += 1
-            else:
-                failed += 1
         if removed is None:
             alive = sum(1 for a in self._live.values() if not a.stop_reason) + \
                 sum(1 for key in self._spawns.starting if self._spawns.wanted(key))
             parts = [f"started {started}", f"stopped {stopped}", f"{alive} running"]
         else:  # not a walk over every attempt per change: those stopping count too
             parts = [f"started {started}", f"stopped {stopped}", f"{len(self._live) + len(self._spawns.starting)} live"]
-        for n, what in ((failed, "failed to start"), (finished, "already ran"), (rejected, "rejected")):
+        for n, what in ((finished, "already ran"), (rejected, "rejected")):
             if n:
                 parts.append(f"{n} {what}")
         sentence = ", ".join(parts)
-        if started or stopped or failed or rejected:
+        if started or stopped or rejected:
             logger.info("reconcile (term %d): %s", term, sentence)
         return sentence
 
@@ -489,31 +505,72 @@ class TaskRunner:
             self._early_exits[key] = (pid, rc, output_size)
 
     def _on_fence_lost(self) -> None:
-        """The fence is gone (killed): its attempts run on, orphaned, without a fence."""
+        """The fence is gone (killed) or did not answer: relink in the background."""
         if self._watcher is not None and (self._relinking is None or self._relinking.done()):
-            self._relinking = asyncio.create_task(self._relink(), name="task-fence-relink")
+            self._relinking = asyncio.create_task(self._ensure_link(), name="task-fence-relink")
 
-    async def _relink(self) -> None:
-        """A new fence, given every live attempt the old one held: it cannot learn their
-        exit status (their pidfds tell us they ended), but fences them as the old one did."""
-        try:
-            held = await self._link.open()
-        except OSError as err:
-            logger.error("no attempt fence on this node (%s): attempts started now are requeued; "
-                         "retrying", err)
-            return  # the watcher retries at its next scan
-        orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
-        for att in orphans:
-            if att.held:
-                att.held = False
-                self._exits.watch(att.key, att.pid, att.start)
-        self._adopt(orphans)
+    async def _ensure_link(self) -> bool:
+        """Linked to the node's fence, starting one when none runs; False when none can be
+        reached (logged; the watcher retries). A new fence is given every live attempt the
+        old one held: it cannot learn their exit status (their pidfds tell us they ended),
+        but fences them as the old one did. Then spawns that went unanswered are settled."""
+        assert self._linking is not None
+        async with self._linking:
+            if self._link.up:
+                return True
+            try:
+                held = await self._link.open()
+            except OSError as err:
+                self._fence_failures += 1
+                self._fence_error = str(err)
+                logger.error("no attempt fence on this node (%s): attempts started now are %s; retrying",
+                             err, "failed" if self._fence_failures >= FENCE_DOWN_REQUEUES else "requeued")
+                return False
+            self._fence_failures = 0
+            assert held is not None
+            orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
+            for att in orphans:
+                if att.held:
+                    att.held = False
+                    self._exits.watch(att.key, att.pid, att.start)
+            orphans += self._settle_in_doubt(held)
+            await self._adopt(orphans)
+            return True
 
-    def _adopt(self, orphans: list[Attempt]) -> None:
+    def _settle_in_doubt(self, held: dict[Key, int]) -> list[Attempt]:
+        """The attempts of unanswered spawn requests, now that a fence answers (`held`): each
+        that runs is tracked (and STARTED reported), each that ended is reported; one never
+        recorded (no run.json) did not start: the fence drops a request its agent hung up on
+        (fence.py), and records every spawn before it answers a new watch. Returns those to
+        hand to the fence (orphans)."""
+        doubts, self._in_doubt = self._in_doubt, {}
+        orphans: list[Attempt] = []
+        for key, (spec, att_dir, stop) in doubts.items():
+            att = Attempt.load(att_dir)
+            if att is None or att.boot != self._boot or (att.spec.term, att.spec.attempt) != (spec.term, spec.attempt):
+                logger.warning("task %s attempt %d was not started by the fence that did not answer", *key)
+                self._not_started(spec, att_dir)
+                continue
+            att.held = held.get(key) == att.pid
+            self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
+                                         pid=att.pid, at_ms=att.started_at_ms))
+            exited, code = att.poll_exit()
+            if exited:
+                self._finish(att, code)
+                continue
+            if not att.held:
+                orphans.append(att)
+            self._track(att)
+            logger.info("found task %s attempt %d running (pid %d) after its spawn went unanswered", *key, att.pid)
+            if stop is not None:
+                self.cancel(*key, reason=stop[0], grace_s=stop[1])
+        return orphans
+
+    async def _adopt(self, orphans: list[Attempt]) -> None:
         items = [{"key": list(att.key), "pid": att.pid, "start": att.start, "dir": str(att.dir), "lease": self._lease}
                  for att in orphans if self._lease and not att.spec.keep_on_disconnect]
         try:
-            self._link.adopt(items)
+            await asyncio.to_thread(self._link.adopt, items)
         except OSError as err:
             logger.error("cannot hand %d orphaned attempt(s) to the node's fence: %s", len(items), err)
 
@@ -570,8 +627,8 @@ class TaskRunner:
                     except Exception:  # keep watching the others
                         logger.exception("checking the output of task %s attempt %d failed", *att.key)
             self._retention.tick(now)
-            if scan and not self._link.up:
-                self._on_fence_lost()  # the last try to start a fence failed: once more
+            if scan and not self._link.up and (self._live or self._in_doubt or self._fence_failures):
+                self._on_fence_lost()  # lost, or the last try to start a fence failed: once more
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")

@@ -2,12 +2,12 @@
 
 The runner builds each attempt's spawn (its command, environment and folder: attempt_env)
 and the node's attempt fence (fence.py) spawns a whole batch in one request: it is every
-attempt's parent and writes run.json once, with the pid. Small batches are spawned before
-the runner's call returns; large ones are claimed and spawned in the background
-(`SpawnQueue`: folders, claims' fsync and spawns in a thread), so the event loop
-(heartbeats, exits, the leader's own work when the agent is a voter) keeps going while
-thousands start. The runner handles the results on its loop, in the batch's order
-(tracking, events), so nothing about ordering or fencing changes.
+attempt's parent and writes run.json once, with the pid. Every batch is claimed and spawned
+in the background (`SpawnQueue`: folders, claims' fsync and the fence's request in a
+thread), so the event loop (heartbeats, exits, the leader's own work when the agent is a
+voter) never waits on the disk or on the fence (a hung one included) while thousands start.
+The runner handles the results on its loop, in the batch's order (tracking, events), so
+nothing about ordering or fencing changes.
 """
 
 from __future__ import annotations
@@ -15,21 +15,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
-from lepton.agent.tasks.fence_link import FenceLink
+from lepton.agent.tasks.fence_link import FenceLink, InDoubt
 from lepton.agent.tasks.task_spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
-SYNC_SPAWNS = 8  # batches up to this size are spawned before the runner's call returns
-SPAWN_CHUNK = 64  # larger ones in the background (SpawnQueue), this many at a time
+SPAWN_CHUNK = 64  # attempts per request to the fence (SpawnQueue)
 ALREADY_RAN = "already ran on this node"  # a background attempt whose folder existed: not spawned
+# The request was sent and not answered: some may run. The runner settles each by its
+# run.json and the held list of the next link before reporting anything.
+IN_DOUBT = "in doubt: the node's attempt fence did not answer"
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Spawner:
             return results
         try:
             replies = self._link.spawn(items)
+        except InDoubt:
+            replies = [{"error": IN_DOUBT}] * len(items)
         except OSError as err:
             replies = [{"error": str(err)}] * len(items)
         for i, item, reply in zip(where, items, replies, strict=True):
@@ -88,12 +92,17 @@ Key = tuple[str, int]  # (task id, attempt)
 Item = tuple[RunSpec, Path]  # an attempt and its folder
 
 
-def claim_and_spawn(claims: ClaimLog, spawner: Spawner, chunk: list[Item]) -> list[Spawned | str]:
-    """A background chunk, in a spawning thread: its folders made (exclusive), its claims
-    recorded (one fsync), then spawned: the event loop touches no disk for them."""
+def claim_and_spawn(claims: ClaimLog, spawner: Spawner, made: Callable[[Key], bool],
+                    chunk: list[Item]) -> list[Spawned | str]:
+    """A background chunk, in a spawning thread: its folders made (exclusive; not those
+    `made` already, by `launch` on the loop), its claims recorded (one fsync), then spawned:
+    the event loop touches no disk for them."""
     results: list[Spawned | str] = [ALREADY_RAN] * len(chunk)
     claimed: list[int] = []
-    for i, (_, att_dir) in enumerate(chunk):
+    for i, (spec, att_dir) in enumerate(chunk):
+        if made((spec.task_id, spec.attempt)):
+            claimed.append(i)
+            continue
         try:
             att_dir.parent.mkdir(parents=True, exist_ok=True)
             att_dir.mkdir()
@@ -123,9 +132,12 @@ class SpawnQueue:
     (`stop_when_started`)."""
 
     def __init__(self, spawn: Callable[[list[Item]], list[Spawned | str]],
-                 on_spawned: Callable[[list[Item], list[Spawned | str]], None]):
+                 on_spawned: Callable[[list[Item], list[Spawned | str]], None],
+                 ready: Callable[[], Awaitable[object]]):
+        """`ready()` is awaited before each chunk (the runner links to its fence then)."""
         self._spawn = spawn
         self._on_spawned = on_spawned
+        self._ready = ready
         self.starting: dict[Key, RunSpec] = {}  # every attempt queued or spawning now
         self.stop_when_started: dict[Key, tuple[str, float | None]] = {}  # reason, grace
         self._backlog: list[Item] = []
@@ -155,10 +167,11 @@ class SpawnQueue:
         self.starting.pop(key, None)
         return self.stop_when_started.pop(key, None)
 
-    async def close(self) -> None:
-        """Start nothing more (what waited is not claimed yet: the leader's next set starts
-        it); let the chunk in its threads finish and be handed on."""
-        self._backlog.clear()
+    async def close(self, keep: Callable[[Key], bool]) -> None:
+        """Start nothing more but what `keep` says (those `launch` made folders for: they
+        are done here, so they must run); what else waited is not claimed yet: the leader's
+        next set starts it. Let the chunks in the threads finish and be handed on."""
+        self._backlog = [(spec, d) for spec, d in self._backlog if keep((spec.task_id, spec.attempt))]
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -173,6 +186,7 @@ class SpawnQueue:
             keys = {(spec.task_id, spec.attempt) for spec, _ in chunk}
             self._in_flight |= keys
             try:
+                await self._ready()
                 results = await asyncio.to_thread(self._spawn, chunk)
             except RuntimeError as err:  # the loop's executor is shut down: the process is ending
                 results = [f"not spawned: {err}"] * len(chunk)

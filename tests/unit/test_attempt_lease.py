@@ -13,7 +13,7 @@ from lepton.agent.tasks.lease import AttemptLease, supported
 from lepton.agent.tasks.runner import RunSpec, TaskEventKind
 from lepton.agent.tasks.task_spec import FENCED
 from lepton.common.errors import InvalidArgument
-from tests.unit.test_runner import Node, gone, kill_fence, wait_until
+from tests.unit.test_runner import Node, gone, kill_fence, spawned, wait_until
 
 pytestmark = pytest.mark.skipif(not supported(), reason="needs /proc/uptime and CLOCK_BOOTTIME")
 
@@ -28,7 +28,7 @@ async def test_an_attempt_kills_itself_when_the_lease_runs_out_and_keep_opts_out
     try:
         runner.launch(RunSpec("fenced", 1, 1, shell="sleep 60 & sleep 60"))
         runner.launch(RunSpec("kept", 1, 1, shell="sleep 60", keep_on_disconnect=True))
-        pids = {r.task_id: r.pid for r in runner.running()}
+        pids = {r.task_id: r.pid for r in await spawned(runner, 2)}
         # Renewals keep it alive (the agent hears from the leader), past several fence checks,
         # with room for a loaded machine's late wake-ups...
         for _ in range(3):
@@ -55,7 +55,8 @@ async def test_the_fence_needs_no_agent(tmp_path):
     node = Node(tmp_path)
     runner = await node.runner(lease_path=lease.path)
     runner.launch(RunSpec("orphan", 1, 1, shell="sleep 60"))
-    pid = runner.running()[0].pid
+    [att] = await spawned(runner)
+    pid = att.pid
     await runner.stop()  # nobody watches or signals it from here on
     await wait_until(lambda: gone(pid), "the orphan to kill itself")
     assert (tmp_path / "tasks" / "orphan" / "1" / "fenced").exists()
@@ -90,7 +91,8 @@ async def test_a_killed_fence_is_replaced_and_its_orphans_are_still_fenced(tmp_p
     try:
         runner.launch(RunSpec("orphan", 1, 1, shell="echo ready; sleep 60"))
         await node.output_has("orphan", "ready")
-        pid = runner.running()[0].pid
+        [att] = await spawned(runner)
+        pid = att.pid
         old = await kill_fence(tmp_path)
         # The runner starts another fence and hands it the orphan.
         await wait_until(lambda: runner._link.up and int((tmp_path / "task-fence.lock").read_text()) != old,

@@ -3,16 +3,20 @@ shared by the links that find it, gone once idle, refusing bad requests with a r
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
 
 import pytest
 
 from lepton.agent.assignments import to_proto
-from lepton.agent.tasks import fence
-from lepton.agent.tasks.fence_link import FenceLink
+from lepton.agent.tasks import fence, fence_link
+from lepton.agent.tasks import runner as runner_mod
+from lepton.agent.tasks.fence_link import FenceLink, InDoubt
 from lepton.agent.tasks.runner import FAILED_TO_START_CODE, TaskEventKind
 from lepton.agent.tasks.task_spec import FENCE_DOWN
-from tests.unit.test_runner import Node, gone, kill_fence, sh, wait_until
+from tests.unit.test_runner import Node, gone, sh, spawned, wait_until
 
 
 def fence_pid(data_dir) -> int:
@@ -61,7 +65,21 @@ async def test_bad_requests_and_unrunnable_commands_are_refused_with_a_reason(tm
         await link.close()
 
 
-async def test_attempts_launched_while_no_fence_can_be_reached_are_requeued_not_failed(tmp_path, monkeypatch):
+async def test_a_runner_starts_no_fence_until_its_first_spawn(tmp_path):
+    node = Node(tmp_path)
+    r = await node.runner()
+    await asyncio.sleep(0.5)
+    assert not (tmp_path / fence.LOCK_NAME).exists() and not r._link.up  # an idle agent pays for none
+    r.launch(sh("t", "exit 4"))
+    assert (await node.exited("t")).exit_code == 4
+    pid = fence_pid(tmp_path)
+    await r.stop()
+    r2 = await node.runner()  # a fence that runs is linked to at start, as before
+    assert r2._link.up and fence_pid(tmp_path) == pid
+    await r2.stop()
+
+
+async def test_attempts_launched_while_no_fence_can_start_are_requeued_then_failed(tmp_path, monkeypatch):
     node = Node(tmp_path)
     r = await node.runner()
 
@@ -69,16 +87,92 @@ async def test_attempts_launched_while_no_fence_can_be_reached_are_requeued_not_
         raise OSError("no fence can start here now")
 
     monkeypatch.setattr(FenceLink, "_launch", cannot_start)
-    await kill_fence(node.data_dir)
-    await wait_until(lambda: not r._link.up and r._relinking is not None and r._relinking.done(),
-                     "the relink to fail")
     r.launch(sh("t", "exit 0"))
     ev = await node.exited("t")
     assert (ev.exit_code, ev.reason) == (FAILED_TO_START_CODE, FENCE_DOWN)
     assert to_proto(ev).requeue  # the leader requeues it; no failure counts against the task
     assert node.of("t", kind=TaskEventKind.STARTED) == []
+    # A fence that never starts: after a few tries, attempts count as failed (retries spent).
+    await wait_until(lambda: r._fence_failures >= runner_mod.FENCE_DOWN_REQUEUES and r._relinking.done(),
+                     "the fence to fail to start a few times", timeout=4 * runner_mod.SCAN_S + 20)
+    r.launch(sh("u", "exit 0"))
+    ev = await node.exited("u")
+    assert ev.exit_code == FAILED_TO_START_CODE and "attempt fence cannot start" in ev.reason
+    assert "no fence can start here now" in ev.reason and not to_proto(ev).requeue
     monkeypatch.undo()  # a fence can start again: the runner relinks by itself
-    await wait_until(lambda: r._link.up, "the runner to relink")
+    await wait_until(lambda: r._link.up, "the runner to relink", timeout=runner_mod.SCAN_S + 20)
     r.launch(sh("t", "exit 0", attempt=2))
     assert (await node.exited("t", attempt=2)).exit_code == 0
+    await r.stop()
+
+
+async def test_a_stopped_fence_never_blocks_the_agents_loop(tmp_path):
+    node = Node(tmp_path)
+    r = await node.runner()
+    r.launch(sh("warm", "exit 0"))  # the fence runs
+    await node.exited("warm")
+    pid = fence_pid(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r.launch(sh("t", "exit 5"))
+        ticks = 0
+        for _ in range(20):  # the loop runs on while the spawn request waits on the fence
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert ticks == 20 and [x.pid for x in r.running()] == [0]  # still being started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert (await node.exited("t")).exit_code == 5
+    await r.stop()
+
+
+async def test_a_spawn_the_fence_never_answered_is_found_running_not_failed(tmp_path, monkeypatch):
+    """The fence spawned the batch, then died before its answer came: the attempts run on
+    (orphans) and are tracked, not reported failed to start (a retry elsewhere would overlap
+    them)."""
+    node = Node(tmp_path)
+    r = await node.runner()
+    r.launch(sh("warm", "exit 0"))
+    await node.exited("warm")
+    real = FenceLink._request
+
+    def answered_then_lost(self, doc):
+        reply = real(self, doc)
+        if doc["op"] == "spawn":
+            os.kill(fence_pid(tmp_path), signal.SIGKILL)
+            with self._lock:
+                self._control = None
+            raise InDoubt("the node's attempt fence did not answer: killed")
+        return reply
+
+    monkeypatch.setattr(FenceLink, "_request", answered_then_lost)
+    r.launch(sh("t", "echo ready; while [ ! -f go ]; do sleep 0.02; done"))
+    await node.output_has("t", "ready")
+    monkeypatch.undo()
+    [t] = await spawned(r)
+    assert [e.kind for e in node.of("t")] == [TaskEventKind.STARTED] and not r._live[("t", 1)].held
+    await wait_until(lambda: r._link.up, "a new fence")
+    (tmp_path / "tasks/t/1/go").touch()
+    ev = await node.exited("t")
+    assert ev.reason == "lost" and ev.pid == t.pid  # its fence died: no status, but no second run
+    await r.stop()
+
+
+async def test_a_spawn_dropped_by_a_fence_stopped_past_the_timeout_is_requeued(tmp_path, monkeypatch):
+    monkeypatch.setattr(fence_link, "REQUEST_TIMEOUT_S", 1.0)
+    node = Node(tmp_path)
+    r = await node.runner()
+    r.launch(sh("warm", "exit 0"))
+    await node.exited("warm")
+    pid = fence_pid(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r.launch(sh("t", "touch ran"))
+        await wait_until(lambda: ("t", 1) in r._in_doubt, "the request to time out")
+    finally:
+        os.kill(pid, signal.SIGCONT)  # it sees its agent hung up and drops the request
+    ev = await node.exited("t")
+    assert (ev.exit_code, ev.reason) == (FAILED_TO_START_CODE, FENCE_DOWN) and to_proto(ev).requeue
+    assert not (tmp_path / "tasks/t/1/ran").exists() and not (tmp_path / "tasks/t/1/run.json").exists()
+    assert fence_pid(tmp_path) == pid and r._link.up  # the same fence, linked again
     await r.stop()

@@ -46,6 +46,14 @@ def gone(pid: int) -> bool:
         return True
 
 
+async def spawned(r: TaskRunner, n: int = 1) -> list:
+    """The runner's attempts once `n` run and each has its pid (spawns are in a thread)."""
+    def all_spawned():
+        ts = r.running()
+        return ts if len(ts) == n and all(t.pid for t in ts) else None
+    return await wait_until(all_spawned, f"{n} attempt(s) to be spawned")
+
+
 async def kill_fence(data_dir: Path) -> int:
     """kill -9 the data dir's attempt fence (fence.py); its pid."""
     pid = int((data_dir / "task-fence.lock").read_text())
@@ -268,6 +276,7 @@ async def test_same_attempt_never_runs_twice(node):
     r.launch(spec)
     r.launch(spec)  # running: idempotent
     await node.output_has("t", "ready")
+    await spawned(r)
     assert len(r.running()) == 1 and len(node.of("t", kind=TaskEventKind.STARTED)) == 1
     r.cancel("t", 1, grace_s=0)
     await node.exited("t")
@@ -286,7 +295,7 @@ async def test_readopts_running_tasks_after_restart(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000", grace_s=5))
     await node.output_has("t", "ready")
-    [before] = r1.running()
+    [before] = await spawned(r1)
     await r1.stop()
     assert not gone(before.pid)  # stop() leaves tasks running
 
@@ -336,7 +345,7 @@ async def test_stop_in_progress_is_finished_after_restart(node):
 async def test_the_fence_records_the_pid_so_a_runner_gone_mid_spawn_loses_nothing(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000"))
-    [before] = r1.running()
+    [before] = await spawned(r1)
     await r1.stop()  # the agent's side is gone: the fence wrote run.json with the pid itself
     doc = json.loads((node.data_dir / "tasks/t/1/run.json").read_text())
     assert doc["pid"] == before.pid and doc["start"] > 0
@@ -349,7 +358,7 @@ async def test_the_fence_records_the_pid_so_a_runner_gone_mid_spawn_loses_nothin
 async def test_exit_while_no_runner_was_alive_is_reported_on_start(node):
     r1 = await node.runner()
     r1.launch(sh("t", "while [ ! -f go ]; do sleep 0.02; done; exit 7"))
-    [t] = r1.running()
+    [t] = await spawned(r1)
     await r1.stop()
     (node.data_dir / "tasks/t/1/go").touch()
     # The fence writes exit.json and only then reaps it: until it has, a new runner rightly
@@ -450,7 +459,8 @@ async def test_reconcile_sentences_and_fencing(node):
     bad = RunSpec(task_id="../x", attempt=1, term=6, shell="true")
     fail = RunSpec(task_id="f", attempt=1, term=6, argv=("/no/such/binary",))
     assert r.reconcile([a, b, c, bad, fail], term=6) == (
-        "started 0, stopped 0, 2 running, 1 failed to start, 1 already ran, 1 rejected")
+        "started 1, stopped 0, 3 running, 1 already ran, 1 rejected")  # f is spawned in a thread
+    assert (await node.exited("f")).exit_code == FAILED_TO_START_CODE
     assert r.reconcile([], term=7) == "started 0, stopped 2, 0 running"
     await node.exited("b")
     await node.exited("c")
