@@ -2,10 +2,14 @@
 replaces that replica as soon as the node is declared down, on the node still alive, with a
 new task (the lost one is drained and cancelled), instead of waiting for the node's attempts
 to be requeued after their lease (the fence wait). The figures (kill -> down -> replacement
-ready) are printed: run with -s to see them."""
+ready) are printed: run with -s to see them.
+
+On the same cluster first: another task on the replica's node cannot call Predict on the
+replica's socket (only the agent's key is served: workloads/serving/replica_key.py)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -22,6 +26,27 @@ from tests.integration.test_serving import (
 
 pytestmark = pytest.mark.integration
 
+# Runs as a task: calls Predict on a replica's socket directly, past the agent.
+PROBE = r"""
+import sys
+import grpc
+import numpy as np
+from lepton.common.sockets import UnixTarget
+from lepton.v1 import serving_pb2, serving_pb2_grpc
+from lepton.workloads.serving.tensors import to_tensor
+
+target = UnixTarget(sys.argv[1])
+with grpc.insecure_channel(target.target) as ch:
+    request = serving_pb2.PredictRequest(deployment="web", inputs=to_tensor(np.zeros((1, 64), np.float32)))
+    try:
+        serving_pb2_grpc.InferenceStub(ch).Predict(request, timeout=20)
+        code = "OK"
+    except grpc.RpcError as err:
+        code = err.code().name
+print("PROBE", code, flush=True)
+sys.exit(0 if code == "PERMISSION_DENIED" else 3)
+"""
+
 
 @pytest.mark.timeout(600)  # replicas import torch: tens of seconds each on a loaded machine
 def test_a_lost_nodes_replica_is_replaced_once_the_node_is_down(agents, tmp_path, tasks_exec_python):
@@ -35,6 +60,13 @@ def test_a_lost_nodes_replica_is_replaced_once_the_node_is_down(agents, tmp_path
         wait_ready(c, "web", 2, [voter, worker], "a replica on each node",
                    nodes=lambda on: on == {voter.node_id, worker.node_id})
         lost = next(r.task_id for r in ready_replicas(c, "web") if r.node_id == worker.node_id)
+
+        # Another task on the voter, at the voter's replica's socket: refused.
+        [sock] = list(voter.data_dir.glob("tasks/**/serve.sock"))
+        probe = c.submit([sys.executable, "-c", PROBE, str(sock)], cpu=0.1)
+        done = wait_until(lambda: (t := c.get(probe.id)).state in ("succeeded", "failed") and t, timeout=120,
+                          what="the probe task")
+        assert done.state == "succeeded", f"the probe reached the replica: {done}"
 
         killed_at = time.monotonic()
         worker.kill9()
