@@ -13,10 +13,11 @@ apart):
   the agent itself (LEPTON_COUNT_WAKEUPS=1, lepton.agent.wakeups; read via SIGUSR1).
 - thread_wakeups_per_s: voluntary context switches of all its threads (/proc/PID/task/*/
   status): every time any thread (gRPC's pollers, the loop) slept and woke.
-Every agent also runs its node's attempt fence (agent/tasks/fence.py), a process of its own:
-each agent's entry holds `agent` (that process alone), `fence` (its fence alone) and, at the
-top, their sums (cpu_percent, rss_mb, uss_mb, thread_wakeups_per_s, threads): the node's
-footprint, which is what the targets are about.
+A node's attempt fence (agent/tasks/fence.py) is a process of its own, started at the node's
+first spawn (an idle agent that never ran a task has none: `fence` is null then): each
+agent's entry holds `agent` (that process alone), `fence` (its fence alone, when one runs)
+and, at the top, their sums (cpu_percent, rss_mb, uss_mb, thread_wakeups_per_s, threads):
+the node's footprint, which is what the targets are about.
 Targets (issue 15), per node: CPU <= 1 %, RSS <= 60 MB.
 """
 
@@ -110,13 +111,12 @@ def loop_wakeups(agent: Agent | subprocess.Popen) -> int:
 
 
 def fence_pid(agent: Agent) -> int:
-    """The pid of the agent's attempt fence, which it writes in its lock file."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            return int((agent.data_dir / fence.LOCK_NAME).read_text())
-        time.sleep(0.05)
-    raise RuntimeError(f"{agent.data_dir.name} has no attempt fence")
+    """The pid of the agent's attempt fence, which it writes in its lock file; 0 when none runs."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((agent.data_dir / fence.LOCK_NAME).read_text())
+        if psutil.pid_exists(pid):
+            return pid
+    return 0
 
 
 class Sample:
@@ -154,7 +154,7 @@ def measure(agents: dict[str, Agent | subprocess.Popen], seconds: float) -> dict
     """Each process over one window; an agent together with its fence (see the module doc)."""
     time.sleep(SETTLE_S)
     procs: dict[str, Agent | subprocess.Popen | int] = dict(agents)
-    fences = {name: f"{name}/fence" for name, a in agents.items() if isinstance(a, Agent)}
+    fences = {name: f"{name}/fence" for name, a in agents.items() if isinstance(a, Agent) and fence_pid(a)}
     procs.update({fences[name]: fence_pid(agents[name]) for name in fences})
     starts = {name: Sample(p) for name, p in procs.items()}
     time.sleep(seconds)
@@ -162,7 +162,7 @@ def measure(agents: dict[str, Agent | subprocess.Popen], seconds: float) -> dict
     out = {}
     for name in agents:
         if name not in fences:
-            out[name] = alone[name]
+            out[name] = {**alone[name], "fence": None} if isinstance(agents[name], Agent) else alone[name]
             continue
         agent, fenced = alone[name], alone[fences[name]]
         node = {key: round(agent[key] + fenced[key], 2) for key in SUMMED}
