@@ -13,8 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lepton.common.errors import DeadlineExceeded, InvalidArgument, NotFound
-from lepton.common.validation import check_dataset_name, check_deployment_name
-from lepton.v1 import serving_pb2, tasks_pb2
+from lepton.common.validation import (
+    check_dataset_name,
+    check_deployment_name,
+    check_deployment_spec,
+    check_replica_count,
+)
+from lepton.v1 import serving_pb2
 from lepton.v1.serving_pb2_grpc import DeploymentsStub
 
 __all__ = ["DeploymentInfo", "DeploymentMethods", "ReplicaInfo", "StatsInfo"]
@@ -102,10 +107,17 @@ class DeploymentMethods:
         Returns at once; `wait_deployment` waits until they are ready."""
         check_deployment_name(name)
         check_dataset_name(model)
-        spec = serving_pb2.DeploymentSpec(
-            name=name, model=model, replicas=replicas, max_batch=max_batch, max_wait_ms=max_wait_ms,
-            priority=priority, pack=pack,
-            resources=tasks_pb2.Resources(cpu=cpu, memory_bytes=memory_bytes, gpus=gpus))
+        check_replica_count(replicas)
+        spec = serving_pb2.DeploymentSpec(name=name, model=model, pack=pack)
+        for holder, field, value in ((spec, "replicas", replicas), (spec, "max_batch", max_batch),
+                                     (spec, "max_wait_ms", max_wait_ms), (spec, "priority", priority),
+                                     (spec.resources, "cpu", cpu), (spec.resources, "memory_bytes", memory_bytes),
+                                     (spec.resources, "gpus", gpus)):
+            try:  # a number past its field's range is a ValueError here: name the field
+                setattr(holder, field, value)
+            except (ValueError, TypeError) as err:
+                raise InvalidArgument(f"{field}: {err}") from None
+        check_deployment_spec(spec)
         # A request id makes the create safe to retry through a failover.
         req = serving_pb2.CreateDeploymentRequest(spec=spec, request_id="d-" + uuid.uuid4().hex)
         return DeploymentInfo.from_proto(
@@ -113,6 +125,7 @@ class DeploymentMethods:
 
     def scale_deployment(self, name: str, replicas: int, *, timeout: float | None = None) -> DeploymentInfo:
         check_deployment_name(name)
+        check_replica_count(replicas)
         req = serving_pb2.ScaleDeploymentRequest(name=name, replicas=replicas)
         return DeploymentInfo.from_proto(
             self._unary(DeploymentsStub, "ScaleDeployment", req, idempotent=True, timeout=timeout))
@@ -169,3 +182,4 @@ class DeploymentMethods:
                 what = "removed" if gone else f"{info.replicas} replica(s) of generation {info.generation} ready"
                 raise DeadlineExceeded(f'deployment "{name}" not {what} after {timeout:g}s: {info.message}')
             time.sleep(poll_s)
+

@@ -19,12 +19,16 @@ import grpc
 
 from lepton.common import validation as v
 from lepton.common.auth import current_principal
-from lepton.common.errors import Unavailable
+from lepton.common.errors import FailedPrecondition, Unavailable
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.dataset_api import only_owner
 from lepton.coordinator.api.service import CoordinatorContext
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
-from lepton.coordinator.state.deployments import check_deployment_owner, check_model
+from lepton.coordinator.state.deployments import (
+    check_deployment_owner,
+    check_model,
+    check_new_model,
+)
 from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
 from lepton.v1 import serving_pb2, serving_pb2_grpc, state_pb2, tasks_pb2
 
@@ -95,7 +99,7 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
         v.check_dataset_name(request.model)
         await self._ctx.read()
         self._check_owner(request.name)
-        check_model(self._sm, request.model)
+        check_new_model(self._sm, self._sm.deployments.get(request.name), request.model)
         cmd = state_pb2.UpdateDeploymentCmd(name=request.name, model=request.model, only_owner=only_owner())
         return await self._commit_view(state_pb2.Command(update_deployment=cmd), request.name)
 
@@ -104,6 +108,9 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
         v.check_deployment_name(request.name)
         await self._ctx.read()
         self._check_owner(request.name)
+        if self._sm.deployments.get(request.name).deleting:
+            raise FailedPrecondition(f'deployment "{request.name}" is being removed already '
+                                     f"(lepton-ctl serve show {request.name})")
         cmd = state_pb2.DeleteDeploymentCmd(name=request.name, only_owner=only_owner())
         return await self._commit_view(state_pb2.Command(delete_deployment=cmd), request.name)
 

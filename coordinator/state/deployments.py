@@ -52,6 +52,19 @@ def check_model(sm: ClusterStateMachine, model: str) -> None:
         raise FailedPrecondition(f'"{model}" is not a model (lepton-ctl models list shows the models)')
 
 
+def check_new_model(sm: ClusterStateMachine, rec: state_pb2.DeploymentRecord, model: str) -> None:
+    """An update changes what is served: another model, or a version of the same one put
+    since the deployment last changed (trained again to the same name). FailedPrecondition
+    otherwise: it would restart every replica for nothing."""
+    check_model(sm, model)
+    dep = rec.deployment
+    ds = sm.datasets.datasets[model]
+    if model == dep.spec.model and ds.created_at_ms <= dep.updated_at_ms:
+        raise FailedPrecondition(
+            f'deployment "{dep.spec.name}" already serves {model} (version {ds.version}); name another model, '
+            "or put a new version of it first")
+
+
 def check_deployment_owner(rec: state_pb2.DeploymentRecord, only_owner: str) -> None:
     """PermissionDenied unless `only_owner` is empty (an admin, or auth off) or owns it.
     Checked when applied, so a change that raced an rm and re-create cannot touch the new
@@ -155,7 +168,7 @@ class DeploymentTable:
 
     def update(self, c: state_pb2.UpdateDeploymentCmd, at_ms: int) -> serving_pb2.Deployment:
         rec = self._changeable(c.name, c.only_owner)
-        check_model(self._sm, c.model)
+        check_new_model(self._sm, rec, c.model)
         rec.deployment.spec.model = c.model
         rec.deployment.generation += 1
         rec.deployment.updated_at_ms = at_ms

@@ -9,12 +9,15 @@ without running a job (as test_models.py does)."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lepton.client import Client
-from lepton.common.errors import InvalidArgument, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from lepton.v1 import coordinator_pb2, serving_pb2, tasks_pb2
 from lepton.v1.coordinator_pb2_grpc import CoordinatorStub
 from lepton.v1.serving_pb2_grpc import DeploymentsStub
@@ -177,3 +180,47 @@ def test_owners_with_auth_and_tls(agents, tmp_path, tasks_exec_python):
         one_line_refusal(ctl("bob", "serve", *args, "--no-wait"), "belongs to alice")
     out = ctl("alice", "serve", "rm", "web", "--wait-timeout", "120", timeout=150)
     assert out.returncode == 0 and "web: removed" in out.stdout, out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_careless_user_changes_nothing(cluster):
+    """Numbers past any range, the same model again, rm twice, Ctrl-C while `serve up` waits:
+    one line on stderr, a non-zero exit, the deployment as it was. Its replica asks for more
+    cores than any node has, so it stays pending: no replica process is started."""
+    ctl, client, _ = cluster
+    one_line_refusal(ctl("serve", "up", "mlp", "--name", "web", "--no-wait", "--max-wait-ms", "99999999999"),
+                     "max_wait_ms")
+    one_line_refusal(ctl("serve", "up", "mlp", "--name", "web", "--no-wait", "--max-batch", "100000"),
+                     "max_batch is 100000; at most 4096")
+    assert client.list_deployments() == []
+
+    # Ctrl-C while `serve up` waits: the deployment carries on, and the command says so.
+    up = subprocess.Popen([sys.executable, "-m", "lepton.client.cli", "--server", client.addresses[0],
+                           "serve", "up", "mlp", "--name", "web", "--cpu", "100"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: [d.name for d in client.list_deployments()] == ["web"], timeout=60,
+                   what="the deployment made")
+        up.send_signal(signal.SIGINT)
+        _, err = up.communicate(timeout=60)
+    finally:
+        up.kill()
+    assert up.returncode == 130, err
+    assert "stopped waiting; deployment web carries on" in err.splitlines()[-1] and "Traceback" not in err, err
+    before = client.get_deployment("web")
+
+    one_line_refusal(ctl("serve", "scale", "web", "100000"), "replicas must be 1-64, got 100000")
+    one_line_refusal(ctl("serve", "scale", "web", "99999999999999999999999"), "replicas must be 1-64")
+    one_line_refusal(ctl("serve", "scale", "web", "0"), "must be at least 1")
+    one_line_refusal(ctl("serve", "update", "web", "mlp"), 'deployment "web" already serves mlp (version 1)')
+    one_line_refusal(ctl("serve", "update", "web", "rows"), '"rows" is not a model')
+    after = client.get_deployment("web")
+    assert (after.generation, after.replicas, after.model) == (before.generation, before.replicas, "mlp")
+
+    # rm twice: the second while the first still drains, or once it is gone.
+    client.delete_deployment("web")
+    with pytest.raises((FailedPrecondition, NotFound)) as second:
+        client.delete_deployment("web")
+    assert "being removed already" in second.value.message or "not found" in second.value.message
+    wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
+    one_line_refusal(ctl("serve", "rm", "web"), 'deployment "web" not found')

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from lepton.client import cli, cli_serve
-from lepton.client.deployments import DeploymentInfo
-from lepton.common.errors import DeadlineExceeded
+from lepton.client.deployments import DeploymentInfo, DeploymentMethods
+from lepton.common.errors import DeadlineExceeded, InvalidArgument
 from lepton.v1 import serving_pb2
 
 
@@ -135,3 +135,28 @@ def test_show_names_the_nodes_for_people_and_keeps_ids_in_json(fake, capsys):
     assert cli.main(["-o", "json", "serve", "show", "web"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["node_id"] for r in doc["replica_list"]] == ["n0", "n1"]
+
+
+class NeverSent(DeploymentMethods):
+    def _unary(self, *args, **kwargs):
+        raise AssertionError(f"sent: {args[1]}")
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"max_wait_ms": 99_999_999_999}, "max_wait_ms: Value out of range"),
+    ({"priority": 99_999_999_999_999}, "priority: Value out of range"),
+    ({"memory_bytes": 10**24}, "memory_bytes: Value out of range"),
+    ({"gpus": -1}, "gpus: Value out of range"),
+    ({"max_batch": 100_000}, "max_batch is 100000; at most 4096"),
+    ({"replicas": 100_000}, "replicas must be 1-64"),
+    ({"replicas": 0}, "replicas must be 1-64"),
+])
+def test_numbers_out_of_range_are_invalid_argument_before_anything_is_sent(kwargs, says):
+    with pytest.raises(InvalidArgument, match=says):
+        NeverSent().create_deployment("web", "m", **kwargs)
+
+
+def test_scaling_out_of_range_is_invalid_argument_before_anything_is_sent():
+    for count in (0, 100_000, 10**23):
+        with pytest.raises(InvalidArgument, match="replicas must be 1-64"):
+            NeverSent().scale_deployment("web", count)

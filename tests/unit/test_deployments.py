@@ -188,3 +188,18 @@ def test_a_served_model_is_not_deleted_until_its_deployment_goes():
     assert not isinstance(w.apply(delete_dataset=state_pb2.DeleteDatasetCmd(name="digits2")), Exception)
     w.apply(delete_deployment=state_pb2.DeleteDeploymentCmd(name="web"))  # being removed: no longer served
     assert not isinstance(w.apply(delete_dataset=state_pb2.DeleteDatasetCmd(name="digits")), Exception)
+
+
+def test_an_update_must_change_what_is_served():
+    """The same model again restarts every replica for nothing: refused, nothing changed;
+    a version of it put since (trained again to the same name) rolls."""
+    w = world()
+    create(w)
+    same = w.apply(update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits"))
+    assert isinstance(same, FailedPrecondition) and "already serves digits (version 1)" in same.message
+    assert w.sm.deployments.get("web").deployment.generation == 1
+    ds = datasets_pb2.Dataset(name="digits", replication=1, source="model.safetensors", kind=MODEL)
+    ds.shards.add(id=A, size=100, rows=10, dtype="|u1", replicas=["n1"])
+    w.apply(at_ms=5000, put_dataset=state_pb2.PutDatasetCmd(dataset=ds))
+    rolled = w.apply(at_ms=6000, update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits"))
+    assert rolled.generation == 2, rolled
