@@ -18,6 +18,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lepton.common.frames import frames_path
 from lepton.common.sockets import MAX_UNIX_PATH, UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 from lepton.workloads.recipes.data import write_shard
@@ -69,7 +70,8 @@ def replica(tmp_path):
     env = {**os.environ, "LEPTON_SERVE_SOCKET": str(socket), "LEPTON_TASK_ID": "serve-d-1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lepton.workloads.serving.replica", "--model", "digits", "--deployment", "d",
-         "--generation", "3", "--max-batch", "64", "--max-wait-ms", "20", "--model-file", str(model)],
+         "--generation", "3", "--max-batch", "64", "--max-wait-ms", "20", "--cpus", "1.5",
+         "--model-file", str(model)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     yield proc, socket, model
     if proc.poll() is None:
@@ -113,7 +115,9 @@ async def test_replica_serves_predict_like_batch_predict_and_survives_bad_input(
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode(errors="replace")
+    assert "1 torch thread(s)" in out.decode(errors="replace")  # --cpus 1.5: its whole cpus
     assert not socket.exists()
+    assert not Path(frames_path(socket)).exists()
 
 
 async def test_replica_without_its_socket_variable_says_why(tmp_path):
