@@ -5,7 +5,8 @@ to be requeued after their lease (the fence wait). The figures (kill -> down -> 
 ready) are printed: run with -s to see them.
 
 On the same cluster first: another task on the replica's node cannot call Predict on the
-replica's socket (only the agent's key is served: workloads/serving/replica_key.py)."""
+replica's sockets, gRPC or frames (only the agent's key is served:
+workloads/serving/replica_key.py)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,20 @@ with grpc.insecure_channel(target.target) as ch:
         code = "OK"
     except grpc.RpcError as err:
         code = err.code().name
-print("PROBE", code, flush=True)
-sys.exit(0 if code == "PERMISSION_DENIED" else 3)
+# The frames socket beside it (common/frames.py), a request frame with no key frame first.
+import os, socket
+from lepton.common.frames import HEADER, frames_path
+os.chdir(os.path.dirname(frames_path(sys.argv[1])))  # a deep folder: past a socket path's 107 bytes
+with socket.socket(socket.AF_UNIX) as raw:
+    raw.connect(os.path.basename(frames_path(sys.argv[1])))
+    payload = request.SerializeToString()
+    raw.sendall(HEADER.pack(len(payload), 1, 0) + payload)
+    raw.settimeout(20)
+    answer = raw.recv(HEADER.size)
+status = HEADER.unpack(answer)[2] if len(answer) == HEADER.size else None
+frames = {s.value[0]: s.name for s in grpc.StatusCode}.get(status, f"no answer ({answer!r})")
+print("PROBE", code, frames, flush=True)
+sys.exit(0 if code == frames == "PERMISSION_DENIED" else 3)
 """
 
 
