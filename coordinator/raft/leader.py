@@ -50,6 +50,8 @@ class LeaderMixin:
     _snapshot: Snapshot | None
     _snap_sender: SnapshotSender
     _stable_last: int
+    _unstable_from: int
+    _unstable_sent: bool
     _read_seq: int
     _pending_reads: deque[list]
     _ready_reads: list[tuple[object, int]]
@@ -189,6 +191,8 @@ class LeaderMixin:
             entries = self._slice(pr.next, last + 1, self._cfg.max_msg_bytes) if pr.next <= last else []
             self._send(AppendRequest(self.id, p, self.term, prev, prev_term, entries, self.commit))
             sent = True
+            if entries and entries[-1].index >= self._unstable_from:
+                self._unstable_sent = True  # so they are persisted in this Ready (core.ready)
             pr.sent_commit = max(pr.sent_commit, min(self.commit, prev + len(entries)))
             if pr.state is PeerState.PROBE:
                 pr.probe_sent = True

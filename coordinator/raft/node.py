@@ -335,9 +335,21 @@ class RaftConsensus(VoterChanges, Consensus):
     async def _handle(self, core: RaftCore, rd: Ready) -> None:
         if rd.eager_messages:  # the leader's appends: the followers' fsyncs overlap ours
             self._transport.send(rd.eager_messages)  # type: ignore[union-attr]
+        committed = rd.committed
         if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
             # OSError escapes: the store is unusable and nothing of this Ready may go out.
-            await asyncio.to_thread(persist, self._store, rd)
+            write = asyncio.ensure_future(asyncio.to_thread(persist, self._store, rd))
+            try:
+                if rd.snapshot is None and committed:
+                    # Committed entries already on our disk (before this Ready's) are applied
+                    # while it writes: their callers need not wait for the fsync of later
+                    # entries (on a busy leader, each round's answers would wait a round's).
+                    first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
+                    stable = max(0, min(len(committed), first_new - committed[0].index))
+                    self._apply(committed[:stable])
+                    committed = committed[stable:]
+            finally:
+                await write
         if rd.messages:
             self._transport.send(rd.messages)  # type: ignore[union-attr]
         sm = self._sm
@@ -346,7 +358,25 @@ class RaftConsensus(VoterChanges, Consensus):
             for index in [i for i in self._waiters if i <= rd.snapshot.index]:
                 _, fut = self._waiters.pop(index)
                 _fail(fut, Unavailable("replaced by a snapshot; outcome unknown"))
-        for e in rd.committed:
+        self._apply(committed)
+        for ctx, index in rd.read_states:
+            self._reads.append((index, ctx))  # type: ignore[arg-type]
+        for ctx in rd.aborted_reads:
+            _fail(ctx, NotLeader("leadership was lost", leader=core.leader_address()))  # type: ignore[arg-type]
+        if self._reads:
+            self._serve_reads()
+        core.advance(rd)
+        if rd.soft_state is not None and rd.soft_state.role is not Role.LEADER:
+            self._lost_leadership(core)
+        self._update_serving(core)
+        first = core.first_index
+        if sm.applied_index - first + 1 >= self._snapshot_every and sm.applied_index >= first:
+            core.compact(sm.applied_index, sm.snapshot())  # saved by the next Ready
+
+    def _apply(self, committed: list) -> None:
+        """Apply committed entries in order and answer their proposers."""
+        sm = self._sm
+        for e in committed:
             if e.index <= sm.applied_index:
                 continue  # already in the restored snapshot
             if e.data and not is_config(e.data):
@@ -362,19 +392,6 @@ class RaftConsensus(VoterChanges, Consensus):
                         fut.set_result(result)
                 else:
                     _fail(fut, Unavailable("leadership was lost; the command was not committed"))
-        for ctx, index in rd.read_states:
-            self._reads.append((index, ctx))  # type: ignore[arg-type]
-        for ctx in rd.aborted_reads:
-            _fail(ctx, NotLeader("leadership was lost", leader=core.leader_address()))  # type: ignore[arg-type]
-        if self._reads:
-            self._serve_reads()
-        core.advance(rd)
-        if rd.soft_state is not None and rd.soft_state.role is not Role.LEADER:
-            self._lost_leadership(core)
-        self._update_serving(core)
-        first = core.first_index
-        if sm.applied_index - first + 1 >= self._snapshot_every and sm.applied_index >= first:
-            core.compact(sm.applied_index, sm.snapshot())  # saved by the next Ready
 
     def _serve_reads(self) -> None:
         applied = self._sm.applied_index

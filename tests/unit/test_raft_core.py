@@ -14,6 +14,7 @@ from lepton.coordinator.raft.messages import (
     AppendResponse,
     Config,
     Heartbeat,
+    HeartbeatResponse,
     Message,
     Ready,
     Role,
@@ -442,3 +443,48 @@ def test_proposals_made_while_an_append_is_out_go_together_in_the_next() -> None
     net.drain("n1")
     second = [m for m in net.outbox if isinstance(m, AppendRequest) and m.to == "n2"]
     assert len(second) == 1 and [e.data for e in second[0].entries] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_a_leader_persists_proposals_made_while_every_append_is_out_with_the_next_append() -> None:
+    net = Net()  # one append in flight per follower
+    n1 = net.elect("n1")
+    n1.propose(b"a")
+    net.drain("n1")
+    first, net.outbox = net.outbox, []
+    assert [len(rd.entries) for rd in net.readies["n1"][-1:]] == [1]  # sent and persisted together
+    synced = net.stores["n1"].last_index()
+    for k in range(5):  # both followers' windows are full: nothing can go out, nothing is synced
+        index, _ = n1.propose(b"%d" % k)
+        net.drain("n1")
+    assert net.stores["n1"].last_index() == synced
+    assert not net.outbox and not n1.has_ready()
+    assert n1.progress()["n1"][0] == index - 5  # not yet its own vote
+    # n2's answer frees its window: the five go to n2 and onto the leader's disk in one Ready,
+    # the append before the fsync; n3 (still out) needs nothing more.
+    for m in first:
+        net.cores[m.to].step(m, net.now)
+    net.drain("n2")
+    for m in [m for m in net.outbox if m.frm == "n2"]:
+        n1.step(m, net.now)
+    net.outbox = [m for m in net.outbox if m.frm != "n2"]
+    before = len(net.readies["n1"])
+    net.drain("n1")
+    rd = net.readies["n1"][before]
+    assert [e.data for e in rd.entries] == [b"0", b"1", b"2", b"3", b"4"] and rd.must_sync
+    assert [(m.to, len(m.entries)) for m in rd.eager_messages if isinstance(m, AppendRequest)] == [("n2", 5)]
+    assert net.stores["n1"].last_index() == synced + 5
+    net.deliver()
+    assert n1.commit_index == index and n1.progress()["n1"][0] == index
+
+
+def test_a_leader_whose_follower_is_probing_persists_at_once() -> None:
+    net = Net()
+    n1 = net.elect("n1")
+    n1.propose(b"a")
+    net.drain("n1")
+    net.outbox.clear()  # both appends lost: both followers' windows stay full
+    net.now += 3 * CFG.heartbeat_interval
+    n1.step(HeartbeatResponse("n2", "n1", n1.term, 0), net.now)  # n2 answers heartbeats only: probe it
+    index, _ = n1.propose(b"b")
+    net.drain("n1")
+    assert n1.progress()["n1"][0] == index  # persisted without waiting for n3's window
