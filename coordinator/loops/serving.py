@@ -101,6 +101,8 @@ def replica_spec(rec: state_pb2.DeploymentRecord) -> tasks_pb2.TaskSpec:
         argv=[sys.executable, "-m", "lepton.workloads.serving.replica", "--model", spec.model,
               "--deployment", spec.name, "--generation", str(dep.generation),
               "--max-batch", str(max(spec.max_batch, 1)), "--max-wait-ms", str(spec.max_wait_ms),
+              # torch's threads: the replica's cpus, not one per core of the node
+              "--cpus", f"{spec.resources.cpu:g}",
               "--claim-key"],  # only its agent may call it (workloads/serving/replica_key.py)
         resources=spec.resources,
         priority=spec.priority,

@@ -138,3 +138,15 @@ async def test_a_file_that_is_no_model_ends_the_replica_with_one_line(tmp_path):
     assert "error: cannot load model m:" in proc.stderr and "pickle" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r.sock").exists()
+
+
+def test_the_serving_loop_gives_a_replica_its_cpus_for_torch():
+    from lepton.coordinator.loops.serving import replica_spec
+    from lepton.v1 import tasks_pb2
+    from lepton.workloads.serving.replica import parse_args
+    from tests.unit.test_deployments import create, world
+
+    w = world()
+    create(w, resources=tasks_pb2.Resources(cpu=2.5, memory_bytes=1 << 28))
+    argv = list(replica_spec(w.sm.deployments.get("web")).argv)
+    assert parse_args(argv[3:]).cpus == 2.5
