@@ -75,7 +75,10 @@ class TaskHub:
         self._watches: dict[str, set[NodeWatch]] = {}
         self._logs: dict[str, NodeChanges] = {}  # only for nodes with a stream open
         self._change_limit = change_limit
-        self._task_changed = asyncio.Condition()
+        # WaitTask callers, woken together at the end of a burst of changes. Plain futures:
+        # with none waiting (the usual case) a burst costs nothing; a Condition cost a task
+        # and a lock per burst on the submit path.
+        self._waiters: set[asyncio.Future[None]] = set()
         self._dirty = False
         # Called with ("whole" or "delta", messages, entries) per batch a stream sends: metrics.
         self.on_sent: Callable[[str, int, int], object] | None = None
@@ -88,7 +91,7 @@ class TaskHub:
             log.record(task.id)
             for watch in self._watches[node_id]:
                 watch.event.set()
-        if not self._dirty:  # one wake-up of the WaitTask callers for a burst of changes
+        if self._waiters and not self._dirty:  # one wake-up of the WaitTask callers per burst
             self._dirty = True
             asyncio.get_running_loop().call_soon(self._notify)
 
@@ -99,13 +102,11 @@ class TaskHub:
                 watch.event.set()
 
     def _notify(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            asyncio.ensure_future(self._notify_waiters())
-
-    async def _notify_waiters(self) -> None:
-        async with self._task_changed:
-            self._task_changed.notify_all()
+        self._dirty = False
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def subscribe(self, node_id: str) -> NodeWatch:
         """A stream opens: it is owed the node's changes from now on (after its whole set)."""
@@ -144,8 +145,18 @@ class TaskHub:
         return len(log) if log is not None else 0
 
     async def wait_for_change(self, timeout: float) -> None:
-        async with self._task_changed:
-            try:
-                await asyncio.wait_for(self._task_changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+        """Until a task changes (any task), or `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiters.add(fut)
+        timer = loop.call_later(timeout, _settle, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiters.discard(fut)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
