@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lepton.common.errors import DeadlineExceeded, InvalidArgument, NotFound
+from lepton.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from lepton.common.validation import (
     check_dataset_name,
     check_deployment_name,
@@ -54,7 +54,7 @@ class DeploymentInfo:
     replicas: int  # wanted
     generation: int
     owner: str
-    state: str  # starting | ready | degraded | rolling | scaling | stopping
+    state: str  # starting | failing | ready | degraded | rolling | scaling | stopping
     message: str
     max_batch: int
     max_wait_ms: int
@@ -161,7 +161,8 @@ class DeploymentMethods:
                         on_change: Callable[[DeploymentInfo], None] | None = None) -> DeploymentInfo | None:
         """Until every replica of the current generation is ready and no other is left
         (`gone`: until the deployment is removed; returns None). `on_change` sees each
-        new state. Raises DeadlineExceeded naming what it waited for."""
+        new state. Raises DeadlineExceeded naming what it waited for, FailedPrecondition
+        once the deployment is "failing" (replicas failed again and again, none ready)."""
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         deadline = time.monotonic() + timeout
@@ -178,6 +179,9 @@ class DeploymentMethods:
             last = info
             if not gone and info.rolled:
                 return info
+            if not gone and info.state == "failing":  # its replicas fail to start, again and again
+                raise FailedPrecondition(f'deployment "{name}" is failing: {info.message}; it keeps trying '
+                                         f"(lepton-ctl serve show {name}; serve rm {name} stops it)")
             if time.monotonic() >= deadline:
                 what = "removed" if gone else f"{info.replicas} replica(s) of generation {info.generation} ready"
                 raise DeadlineExceeded(f'deployment "{name}" not {what} after {timeout:g}s: {info.message}')

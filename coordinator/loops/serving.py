@@ -45,6 +45,7 @@ REFUSED_PAUSE_S = 5.0  # a refused step (a quota, say): submits wait this long b
 STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one makes way
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
+FAILING_AFTER = 3  # replicas failed with none ever ready: the deployment shows "failing"
 _ON_NODE = (TaskState.ASSIGNED.proto, TaskState.RUNNING.proto)
 _GONE_NODE = (NodeState.DOWN.proto, NodeState.LEFT.proto)
 INTERVAL_S = 0.5
@@ -273,8 +274,15 @@ class ServingLoop:
         ended = soft.known - live_ids - set(soft.drain_since)
         if ended:
             soft.failures += len(ended)
-            soft.retry_at = now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (soft.failures - 1))
-            soft.paused_by = f"{soft.failures} replica(s) failed"
+            backoff = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (soft.failures - 1))
+            soft.retry_at = now + backoff
+            # Why, and where to look: the task's own reason (an exit code) and its logs. The
+            # same words for the whole wait: `serve up` prints each new sentence.
+            last = max(ended)  # one of them
+            task = self._sm.tasks.tasks.get(last)
+            why = (task.reason if task is not None else "") or "ended"
+            soft.paused_by = (f"backing off {backoff:g}s: {soft.failures} replica(s) failed, the last "
+                              f"{last} ({why}; lepton-ctl logs {last})")
         for task_id in rec.draining:
             soft.drain_since.setdefault(task_id, now)
         pending = [t for t in live if t.state == TaskState.PENDING.proto]
@@ -285,6 +293,8 @@ class ServingLoop:
         soft.state, soft.message = plan.state, plan.message
         if plan.state == "ready":  # not merely one ready: a sibling may be crash-looping
             soft.failures = 0
+        elif plan.state == "starting" and soft.failures >= FAILING_AFTER:
+            soft.state = "failing"  # `serve up` stops waiting; the loop keeps trying
         waiting = [self._pending_reason(t.id) for t in pending if t.id not in rec.draining]
         waiting = [w for w in waiting if w]
         if waiting and plan.state in ("starting", "degraded", "rolling"):
@@ -296,7 +306,7 @@ class ServingLoop:
             return f"{name}: removed"
         submit = plan.submit
         if submit and now < soft.retry_at:
-            soft.message += f"; next replica in {soft.retry_at - now:.0f}s ({soft.paused_by})"
+            soft.message += f"; {soft.paused_by}"
             submit = 0
         if submit or plan.drain:
             cmd = state_pb2.DeploymentReplicasCmd(deployment=name, drain=plan.drain)

@@ -224,3 +224,22 @@ def test_a_careless_user_changes_nothing(cluster):
     assert "being removed already" in second.value.message or "not found" in second.value.message
     wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
     one_line_refusal(ctl("serve", "rm", "web"), 'deployment "web" not found')
+
+
+@pytest.mark.timeout(600)  # three replica starts (each imports torch) on a loaded machine
+def test_serve_up_of_a_model_that_cannot_load_stops_waiting_and_says_where_to_look(cluster, tmp_path):
+    """A stored "model" whose bytes are no model: every replica fails to load it. `serve up`
+    does not wait out its timeout: once replicas failed again and again with none ready the
+    deployment is "failing" and the command says so in one line naming a task's logs."""
+    ctl, client, _ = cluster
+    (tmp_path / "junk.safetensors").write_bytes(b"\0not a model\0" * 64)
+    put_file(client, "junk", tmp_path / "junk.safetensors", replicas=1, kind="model", labels={})
+    out = ctl("serve", "up", "junk", "--name", "bad", "--wait-timeout", str(READY_S), timeout=READY_S + 30)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert 'deployment "bad" is failing' in last and "replica(s) failed" in last, out.stderr
+    failed = last.split("lepton-ctl logs ")[1].split(")")[0]
+    assert client.get(failed).state == "failed"
+    assert client.get_deployment("bad").state in ("failing", "starting")  # it keeps trying
+    client.delete_deployment("bad")
+    wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")

@@ -9,7 +9,7 @@ import pytest
 
 from lepton.client import cli, cli_serve
 from lepton.client.deployments import DeploymentInfo, DeploymentMethods
-from lepton.common.errors import DeadlineExceeded, InvalidArgument
+from lepton.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from lepton.v1 import serving_pb2
 
 
@@ -160,3 +160,12 @@ def test_scaling_out_of_range_is_invalid_argument_before_anything_is_sent():
     for count in (0, 100_000, 10**23):
         with pytest.raises(InvalidArgument, match="replicas must be 1-64"):
             NeverSent().scale_deployment("web", count)
+
+
+def test_the_wait_ends_once_the_deployment_is_failing():
+    class Failing(NeverSent):
+        def get_deployment(self, name, **kw):
+            return info(0, 1, state="failing")
+
+    with pytest.raises(FailedPrecondition, match='deployment "web" is failing: 0/1 replicas ready; it keeps trying'):
+        Failing().wait_deployment("web", timeout=600, poll_s=0.01)

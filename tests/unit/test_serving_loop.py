@@ -86,7 +86,9 @@ def test_a_failed_replica_is_replaced_with_a_backoff():
     rig.cycle()
     rig.fail("t-0")
     said = rig.cycle()  # notices the failure: backs off before the replacement
-    assert "started" not in said and "next replica in 1s (1 replica(s) failed)" in rig.loop.status("web")[1]
+    assert "started" not in said
+    assert ("backing off 1s: 1 replica(s) failed, the last t-0 (exit code 1; lepton-ctl logs t-0)"
+            in rig.loop.status("web")[1])
     rig.now += serving.BACKOFF_MIN_S
     assert "started 1" in rig.cycle()
     assert [t.id for t in rig.live()] == ["t-1"]
@@ -196,7 +198,7 @@ def test_a_quota_refusal_pauses_without_writing_the_log():
     assert rig.w.index == index and rig.live() == []  # refused before proposing
     assert "waiting: quota pending_tasks" in rig.loop.status("web")[1]
     rig.cycle()
-    assert "next replica in" in rig.loop.status("web")[1] and rig.w.index == index
+    assert "waiting: quota pending_tasks" in rig.loop.status("web")[1] and rig.w.index == index
     rig.w.apply(set_quota=_quota("alice", 10))
     rig.now += serving.REFUSED_PAUSE_S
     assert "started 2" in rig.cycle()
@@ -278,3 +280,22 @@ def test_a_removed_deployment_on_a_down_node_is_drained_then_removed():
     rig.now += serving.DRAIN_WAIT_S
     rig.cycle()
     assert "removed" in rig.cycle()
+
+
+def test_a_deployment_whose_replicas_keep_failing_is_failing_and_says_why():
+    rig = Rig(replicas=1)
+    rig.cycle()
+    for n in range(serving.FAILING_AFTER):
+        task_id = rig.live()[-1].id
+        rig.run_and_ready(task_id)
+        rig.ep.states.pop(task_id)  # it starts, then dies before it is ready
+        rig.fail(task_id)
+        rig.cycle()
+        state, message = rig.loop.status("web")
+        assert f"{n + 1} replica(s) failed, the last {task_id} (exit code 1; lepton-ctl logs {task_id})" in message
+        assert state == ("failing" if n + 1 >= serving.FAILING_AFTER else "starting")
+        rig.now += serving.BACKOFF_MAX_S
+        rig.cycle()
+    rig.run_and_ready(rig.live()[-1].id)  # one comes up after all
+    rig.cycle()
+    assert rig.loop.status("web") == ("ready", "1/1 replicas ready")
