@@ -88,6 +88,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self.failed = asyncio.Event()  # set when the log store failed: run_agent exits
         self.failure: Exception | None = None
+        self.refusal: Exception | None = None  # the leader refuses this node for good: exit with it
         self._tasks: list[asyncio.Task[None]] = []
         # Metrics only when served: an agent without /metrics (the default) neither imports
         # prometheus_client (~3 MB of its idle RSS) nor feeds the hooks. One registry per
@@ -264,6 +265,7 @@ class Agent:
             interval_s=self.config.heartbeat_interval_s,
             on_term=lambda _term: self._leader_answered(),
             on_registered=self._registered,
+            on_refused=self._refused,
             # While our own coordinator leads, beat into it directly.
             local=self.coordinator.service.beat if self.coordinator is not None else None,
             local_address=self.address,
@@ -392,6 +394,13 @@ class Agent:
         asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         self.failed.set()
 
+    def _refused(self, err: Exception) -> None:
+        """The leader refuses this node until it is started with other flags (a Raft voter
+        of an etcd cluster): exit with the reason rather than ask again forever."""
+        logger.critical("registration refused: %s", err)
+        self.refusal = err
+        self.failed.set()
+
     async def _set_health(self, status) -> None:
         result = self._health.set("", status)
         if asyncio.iscoroutine(result):
@@ -484,6 +493,9 @@ async def run_agent(config: AgentConfig) -> None:
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    if agent.refusal is not None:
+        await agent.stop(leave=False)
+        raise agent.refusal
     if agent.failure is None:
         await agent.stop()
         return

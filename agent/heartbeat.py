@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import grpc
 
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
-from lepton.common.errors import LeptonError, NotFound, Unavailable
+from lepton.common.errors import FailedPrecondition, LeptonError, NotFound, Unavailable
 from lepton.common.failover import answer_deadline_s
 from lepton.v1 import common_pb2, coordinator_pb2
 
@@ -53,6 +53,9 @@ class CachedSample(Generic[T]):
             self.samples += 1
         return self._value
 
+# The leader's refusal of a voter started for the other state backend (Raft against etcd).
+WRONG_BACKEND = "this cluster keeps its state in"
+
 
 class Heartbeater:
     """Keeps this node registered and heartbeating. `run_cycle()` does one step."""
@@ -66,6 +69,7 @@ class Heartbeater:
         interval_s: float,
         on_term: Callable[[int], None] | None = None,
         on_registered: Callable[[], None] | None = None,
+        on_refused: Callable[[LeptonError], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         local: LocalBeat | None = None,
         local_address: str = "",
@@ -76,6 +80,7 @@ class Heartbeater:
         self.interval_s = interval_s
         self._on_term = on_term
         self._on_registered = on_registered  # the shard inventory reports at once
+        self._on_refused = on_refused  # a refusal no retry can change: the agent exits
         self._registered = False
         self._stream = None  # the HeartbeatStream call, while open
         self._stream_address = ""  # where it is open
@@ -111,7 +116,15 @@ class Heartbeater:
                 return "coordinator does not know this node; registering again"
             raise err
         if not self._registered:
-            resp = await self._link.coordinator.call("RegisterNode", self._make_registration(), timeout)
+            request = self._make_registration()
+            try:
+                resp = await self._link.coordinator.call("RegisterNode", request, timeout)
+            except FailedPrecondition as err:
+                # A voter of the other state backend (coordinator/api/service.py's
+                # _check_voter_backend) is refused until it is restarted with other flags.
+                if request.voter and WRONG_BACKEND in err.message and self._on_refused is not None:
+                    self._on_refused(err)
+                raise
             self._registered = True
             self._adopt_interval(resp.heartbeat_interval_ms)
             if self._on_registered is not None:

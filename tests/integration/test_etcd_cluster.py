@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -203,13 +205,32 @@ def test_chaos_kill_and_stop_the_etcd_leader_while_submitting(agents, etcd3, tmp
     check_each_acked_once(*kill_and_stop_while_submitting(agents, tmp_path, candidates))
 
 
-def test_a_raft_voter_cannot_join_an_etcd_cluster(agents, etcd3, tmp_path):
+def test_a_raft_voter_or_another_cluster_cannot_join_an_etcd_cluster(agents, etcd3, tmp_path):
+    """A Raft voter's registration is refused; a candidate of another --cluster-name pointed
+    at this cluster's prefix stops at start with one line naming the owner (P/meta)."""
     candidates = start_etcd_candidates(agents, etcd3.endpoints, 1)
-    joiner = agents("raft-joiner", "--join", servers(candidates), "--join-as-voter")
+    intruder = subprocess.run(
+        [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(tmp_path / "intruder"),
+         "--listen", "127.0.0.1:0", "--task-user", "none", "--state", "etcd://" + ",".join(etcd3.endpoints),
+         "--cluster-name", "other", "--etcd-prefix", "/lepton/default"],
+        capture_output=True, text=True, timeout=180,
+    )
+    last = intruder.stderr.strip().splitlines()[-1]
+    assert intruder.returncode == 1, intruder.stderr[-2000:]
+    assert last.startswith("lepton-agent: etcd prefix /lepton/default at ") and \
+        "holds the state of cluster 'default', not 'other'" in last, last
     with Client(servers(candidates), timeout=30) as c:
         wait_until(lambda: c.cluster_status().leader, timeout=60, what="a leader")
-        wait_until(lambda: "this cluster keeps its state in etcd" in joiner.log(), timeout=60,
-                   what="the joiner's registration to be refused")
-        assert joiner.node_id not in {n.id for n in c.nodes()}
+        joiner_port = free_port()
+        joiner = subprocess.run(
+            [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(tmp_path / "raft-joiner"),
+             "--listen", f"127.0.0.1:{joiner_port}", "--task-user", "none", "--join", servers(candidates),
+             "--join-as-voter"],
+            capture_output=True, text=True, timeout=180,
+        )
+        last = joiner.stderr.strip().splitlines()[-1]
+        assert joiner.returncode == 1, joiner.stderr[-2000:]
+        assert last.startswith("lepton-agent: this cluster keeps its state in etcd: a Raft voter"), last
+        assert f"127.0.0.1:{joiner_port}" not in {n.address for n in c.nodes()}
         with pytest.raises(LeptonError, match="etcd"):
-            c.add_voter(joiner.address)
+            c.add_voter(f"127.0.0.1:{joiner_port}")
