@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -29,6 +30,8 @@ from pathlib import Path
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import FENCED, RunSpec
 from lepton.common.durable import read_json
+
+logger = logging.getLogger(__name__)
 
 
 def recorded_mono(doc: dict, key: str) -> float:
@@ -95,6 +98,35 @@ class Attempt:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def begin_stop(self, reason: str, grace: float, on_time: Callable[[tuple[str, int]], None]) -> None:
+        """SIGTERM its group now (SIGKILL at once without a grace), SIGKILL at `kill_at`
+        (`on_time` then); recorded so a restarted agent finishes the job, with this reason."""
+        self.stop_reason = reason
+        self.kill_at = time.monotonic() + grace
+        self.persist_stop()
+        if grace <= 0:
+            self.kill()
+        else:
+            logger.info("stopping task %s attempt %d (%s): SIGTERM, SIGKILL in %gs", *self.key, reason, grace)
+            self.signal_group(signal.SIGTERM)
+        self.arm(on_time)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.persist_stop()
+        self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        if tp.group_is_ours(self.pid, self.start):  # not a reused pid
+            tp.signal_group(self.pid, sig)
+
+    def persist_stop(self) -> None:
+        doc = {"reason": self.stop_reason, "kill_at_mono": self.kill_at, "killed": self.killed}
+        try:
+            tp.write_json_atomic(self.dir / "stop.json", doc, durable=False)  # moot after a power loss
+        except OSError as err:
+            logger.warning("cannot record the stop of task %s attempt %d: %s", *self.key, err)
 
     def poll_exit(self) -> tuple[bool, int | None]:
         """(ended, its `$?` when we reaped it ourselves). The zombie of a `held` attempt is

@@ -52,7 +52,8 @@ from lepton.agent.tasks.attempt import Attempt
 from lepton.agent.tasks.attempt_env import AttemptEnv
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
-from lepton.agent.tasks.fence_link import NOT_LINKED, FenceLink, Key
+from lepton.agent.tasks.fence_keeper import FenceKeeper
+from lepton.agent.tasks.fence_link import NOT_LINKED, Key
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
@@ -86,10 +87,6 @@ POLL_S = 0.1  # exit checks of attempts without a pidfd (exit_watch), and follow
 SCAN_S = 5.0  # every attempt checked anyway (a missed wake-up costs this at most); idle wake-ups
 SETTLE_S = 10.0  # attempt claims made durable in their folders, in a thread (claims.py)
 LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
-# Fence starts failed in a row after which attempts launched without a fence count as failed
-# (their task's retries are spent), not requeued: a node whose fence can never start must
-# not take the same attempt back forever.
-FENCE_DOWN_REQUEUES = 3
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
 CHUNK_BYTES = 64 * 1024
 
@@ -127,21 +124,16 @@ class TaskRunner:
         self._term_path = Path(data_dir) / "runner.json"
         self._boot = tp.boot_id()
         self._reports = Reports(on_event, acknowledged_by_caller)
-        self._lease = str(lease_path or "")
-        self._link = FenceLink(Path(data_dir), self._on_fence_exit, self._on_fence_lost)
-        self._relinking: asyncio.Task[None] | None = None
-        self._linking: asyncio.Lock | None = None  # one open of the link at a time (made on the loop)
-        self._fence_failures = 0  # fence starts failed in a row
-        self._fence_error = ""
+        self._fence = FenceKeeper(Path(data_dir), str(lease_path or ""), self._on_fence_exit, self._on_linked)
         # Spawn requests the fence did not answer: key -> (spec, folder, the cancel meanwhile).
         self._in_doubt: dict[Key, tuple[RunSpec, Path, tuple[str, float | None] | None]] = {}
         self._made: set[Key] = set()  # folders `launch` made on the loop, claimed by the spawn thread
         self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
         self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
-                                lease_path, self._boot, self._link)
+                                lease_path, self._boot, self._fence.link)
         self._claims = ClaimLog(self._root)
         self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),
-                                  self._spawned, self._ensure_link)
+                                  self._spawned, self._fence.ensure)
         self._live: dict[tuple[str, int], Attempt] = {}
         # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
         self.started_listeners: list[Callable[[RunSpec], None]] = []
@@ -166,8 +158,7 @@ class TaskRunner:
         if self._watcher is not None:
             return
         self._root.mkdir(parents=True, exist_ok=True)
-        self._linking = asyncio.Lock()
-        held = await self._link.open(start=False) or {}  # first: from here on it tells us of every exit
+        held = await self._fence.open_running()  # first: from here on it tells us of every exit
         orphans: list[Attempt] = []
         doc = read_json(self._term_path) or {}
         self._max_term = max(self._max_term, int(doc.get("term", 0)))
@@ -194,9 +185,7 @@ class TaskRunner:
                         ended += 1
                 except Exception:  # one bad record must not stop the agent
                     logger.exception("cannot recover attempt %s", att_dir)
-        if any(self._lease and not att.spec.keep_on_disconnect for att in orphans) and not self._link.up:
-            held = await self._link.open()  # they need a fence: a fresh one holds nothing
-        await self._adopt(orphans)
+        await self._fence.start_for(orphans)
         self._watcher = asyncio.create_task(self._watch(), name="task-runner")
         logger.info("task runner started: re-adopted %d running attempt(s), reported %d that ended "
                     "while no agent watched", adopted, ended)
@@ -205,12 +194,10 @@ class TaskRunner:
         """Stop watching. Does not signal any task: they outlive the agent, and the next
         `start()` (in this process or a new one) re-adopts them."""
         watcher, self._watcher = self._watcher, None
-        for task in (watcher, self._relinking):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._relinking = None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await self._spawns.close(keep=self._made.__contains__)
         await self._retention.stop()
         await self._outputs.close()
@@ -219,7 +206,7 @@ class TaskRunner:
             self._settling = None
         self._exits.close()
         await self._reports.close()
-        await self._link.close()  # the fence keeps the attempts, and fences them on its own
+        await self._fence.close()  # the fence keeps the attempts, and fences them on its own
         self._early_exits.clear()
         self._in_doubt.clear()  # the next start() finds them by their run.json
         self._made.clear()
@@ -251,7 +238,7 @@ class TaskRunner:
                 continue
             if result == IN_DOUBT:  # it may run: settled by run.json and the next link's held list
                 self._in_doubt[key] = (spec, att_dir, stop)
-                self._on_fence_lost()
+                self._fence.lost()
                 continue
             if result == NOT_LINKED:  # nothing was sent, so it surely did not start
                 self._not_started(spec, att_dir)
@@ -276,13 +263,13 @@ class TaskRunner:
     def _not_started(self, spec: RunSpec, att_dir: Path) -> None:
         """Report an attempt that surely never started for want of a fence: requeued (no
         failure of its task), unless the fence has failed to start too often in a row."""
-        if self._fence_failures >= FENCE_DOWN_REQUEUES:
+        if self._fence.gave_up:
             self._reports.failed_to_start(spec, att_dir, f"this node's attempt fence cannot start "
-                                          f"({self._fence_failures} tries in a row): {self._fence_error}")
+                                          f"({self._fence.failures} tries in a row): {self._fence.error}")
         else:
             self._reports.exited(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
                                  exit_code=FAILED_TO_START_CODE, reason=FENCE_DOWN, at_ms=now_ms()))
-        self._on_fence_lost()  # relink now, not at the next scan
+        self._fence.lost()  # relink now, not at the next scan
 
     def refuse(self, spec: RunSpec, why: str) -> None:
         """Record this attempt as failed to start (`why`; e.g. its code could not be
@@ -332,10 +319,10 @@ class TaskRunner:
             return
         grace = att.spec.grace_s if grace_s is None else grace_s
         if not att.stop_reason:
-            self._begin_stop(att, reason, grace)
+            att.begin_stop(reason, grace, self._on_wake)
         elif not att.killed and time.monotonic() + grace < att.kill_at:
             att.kill_at = time.monotonic() + grace
-            self._persist_stop(att)
+            att.persist_stop()
             att.arm(self._on_wake)
 
     def running(self) -> list[RunningTask]:
@@ -475,15 +462,22 @@ class TaskRunner:
                                             reason="lost", at_ms=now_ms()))
             return False
         self._max_term = max(self._max_term, att.spec.term)
+        if self._take_up(att, held, orphans):
+            logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
+            return True
+        return False
+
+    def _take_up(self, att: Attempt, held: dict[Key, int], orphans: list[Attempt]) -> bool:
+        """Track `att` if it still runs (True; in `orphans` unless the fence `held` it), or
+        report how it ended."""
+        att.held = held.get(att.key) == att.pid
         exited, code = (True, None) if att.boot != self._boot or att.pid == 0 else att.poll_exit()
         if exited:
             self._finish(att, code)
             return False
-        att.held = held.get(att.key) == att.pid
         if not att.held:
             orphans.append(att)
         self._track(att)
-        logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
         return True
 
     def _track(self, att: Attempt) -> None:
@@ -504,38 +498,17 @@ class TaskRunner:
         elif key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
             self._early_exits[key] = (pid, rc, output_size)
 
-    def _on_fence_lost(self) -> None:
-        """The fence is gone (killed) or did not answer: relink in the background."""
-        if self._watcher is not None and (self._relinking is None or self._relinking.done()):
-            self._relinking = asyncio.create_task(self._ensure_link(), name="task-fence-relink")
-
-    async def _ensure_link(self) -> bool:
-        """Linked to the node's fence, starting one when none runs; False when none can be
-        reached (logged; the watcher retries). A new fence is given every live attempt the
-        old one held: it cannot learn their exit status (their pidfds tell us they ended),
-        but fences them as the old one did. Then spawns that went unanswered are settled."""
-        assert self._linking is not None
-        async with self._linking:
-            if self._link.up:
-                return True
-            try:
-                held = await self._link.open()
-            except OSError as err:
-                self._fence_failures += 1
-                self._fence_error = str(err)
-                logger.error("no attempt fence on this node (%s): attempts started now are %s; retrying",
-                             err, "failed" if self._fence_failures >= FENCE_DOWN_REQUEUES else "requeued")
-                return False
-            self._fence_failures = 0
-            assert held is not None
-            orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
-            for att in orphans:
-                if att.held:
-                    att.held = False
-                    self._exits.watch(att.key, att.pid, att.start)
-            orphans += self._settle_in_doubt(held)
-            await self._adopt(orphans)
-            return True
+    def _on_linked(self, held: dict[Key, int]) -> list[Attempt]:
+        """A new fence (`held`: what it holds): every live attempt the old one held is an
+        orphan now (the new one cannot learn their exit status: their pidfds tell us they
+        ended, but it fences them as the old one did); then spawns that went unanswered are
+        settled. Returns the orphans, for the fence."""
+        orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
+        for att in orphans:
+            if att.held:
+                att.held = False
+                self._exits.watch(att.key, att.pid, att.start)
+        return orphans + self._settle_in_doubt(held)
 
     def _settle_in_doubt(self, held: dict[Key, int]) -> list[Attempt]:
         """The attempts of unanswered spawn requests, now that a fence answers (`held`): each
@@ -551,28 +524,13 @@ class TaskRunner:
                 logger.warning("task %s attempt %d was not started by the fence that did not answer", *key)
                 self._not_started(spec, att_dir)
                 continue
-            att.held = held.get(key) == att.pid
             self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
                                          pid=att.pid, at_ms=att.started_at_ms))
-            exited, code = att.poll_exit()
-            if exited:
-                self._finish(att, code)
-                continue
-            if not att.held:
-                orphans.append(att)
-            self._track(att)
-            logger.info("found task %s attempt %d running (pid %d) after its spawn went unanswered", *key, att.pid)
-            if stop is not None:
-                self.cancel(*key, reason=stop[0], grace_s=stop[1])
+            if self._take_up(att, held, orphans):
+                logger.info("found task %s attempt %d running (pid %d) after its spawn went unanswered", *key, att.pid)
+                if stop is not None:
+                    self.cancel(*key, reason=stop[0], grace_s=stop[1])
         return orphans
-
-    async def _adopt(self, orphans: list[Attempt]) -> None:
-        items = [{"key": list(att.key), "pid": att.pid, "start": att.start, "dir": str(att.dir), "lease": self._lease}
-                 for att in orphans if self._lease and not att.spec.keep_on_disconnect]
-        try:
-            await asyncio.to_thread(self._link.adopt, items)
-        except OSError as err:
-            logger.error("cannot hand %d orphaned attempt(s) to the node's fence: %s", len(items), err)
 
     def _on_exit(self, key: tuple[str, int]) -> None:
         """Its pidfd says the process ended."""
@@ -627,8 +585,8 @@ class TaskRunner:
                     except Exception:  # keep watching the others
                         logger.exception("checking the output of task %s attempt %d failed", *att.key)
             self._retention.tick(now)
-            if scan and not self._link.up and (self._live or self._in_doubt or self._fence_failures):
-                self._on_fence_lost()  # lost, or the last try to start a fence failed: once more
+            if scan and not self._fence.link.up and (self._live or self._in_doubt or self._fence.failures):
+                self._fence.lost()  # lost, or the last try to start a fence failed: once more
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
@@ -641,37 +599,10 @@ class TaskRunner:
         now = time.monotonic()
         if not att.stop_reason and att.deadline and now >= att.deadline:
             logger.info("task %s attempt %d ran past its %gs timeout", *att.key, att.spec.timeout_s)
-            self._begin_stop(att, "timeout", att.spec.grace_s)
+            att.begin_stop("timeout", att.spec.grace_s, self._on_wake)
         elif att.stop_reason and not att.killed and now >= att.kill_at:
             logger.info("task %s attempt %d outlived its grace period; killing it", *att.key)
-            self._kill(att)
-
-    def _begin_stop(self, att: Attempt, reason: str, grace: float) -> None:
-        att.stop_reason = reason
-        att.kill_at = time.monotonic() + grace
-        self._persist_stop(att)  # so a restarted agent finishes the job, with this reason
-        if grace <= 0:
-            self._kill(att)
-        else:
-            logger.info("stopping task %s attempt %d (%s): SIGTERM, SIGKILL in %gs", *att.key, reason, grace)
-            self._signal(att, signal.SIGTERM)
-        att.arm(self._on_wake)
-
-    def _kill(self, att: Attempt) -> None:
-        att.killed = True
-        self._persist_stop(att)
-        self._signal(att, signal.SIGKILL)
-
-    def _signal(self, att: Attempt, sig: int) -> None:
-        if tp.group_is_ours(att.pid, att.start):  # not a reused pid
-            tp.signal_group(att.pid, sig)
-
-    def _persist_stop(self, att: Attempt) -> None:
-        doc = {"reason": att.stop_reason, "kill_at_mono": att.kill_at, "killed": att.killed}
-        try:
-            tp.write_json_atomic(att.dir / "stop.json", doc, durable=False)  # moot after a power loss
-        except OSError as err:
-            logger.warning("cannot record the stop of task %s attempt %d: %s", *att.key, err)
+            att.kill()
 
     def _finish(self, att: Attempt, rc: int | None, output_size: int | None = None) -> None:
         """The attempt's process is gone (`rc`: its `$?`, `output_size`: output.log's size,

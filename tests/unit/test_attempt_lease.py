@@ -95,7 +95,7 @@ async def test_a_killed_fence_is_replaced_and_its_orphans_are_still_fenced(tmp_p
         pid = att.pid
         old = await kill_fence(tmp_path)
         # The runner starts another fence and hands it the orphan.
-        await wait_until(lambda: runner._link.up and int((tmp_path / "task-fence.lock").read_text()) != old,
+        await wait_until(lambda: runner._fence.link.up and int((tmp_path / "task-fence.lock").read_text()) != old,
                          "a new fence")
         await wait_until(lambda: not runner._live[("orphan", 1)].held, "the orphan handed over")
         assert not gone(pid)

@@ -69,13 +69,13 @@ async def test_a_runner_starts_no_fence_until_its_first_spawn(tmp_path):
     node = Node(tmp_path)
     r = await node.runner()
     await asyncio.sleep(0.5)
-    assert not (tmp_path / fence.LOCK_NAME).exists() and not r._link.up  # an idle agent pays for none
+    assert not (tmp_path / fence.LOCK_NAME).exists() and not r._fence.link.up  # an idle agent pays for none
     r.launch(sh("t", "exit 4"))
     assert (await node.exited("t")).exit_code == 4
     pid = fence_pid(tmp_path)
     await r.stop()
     r2 = await node.runner()  # a fence that runs is linked to at start, as before
-    assert r2._link.up and fence_pid(tmp_path) == pid
+    assert r2._fence.link.up and fence_pid(tmp_path) == pid
     await r2.stop()
 
 
@@ -93,14 +93,14 @@ async def test_attempts_launched_while_no_fence_can_start_are_requeued_then_fail
     assert to_proto(ev).requeue  # the leader requeues it; no failure counts against the task
     assert node.of("t", kind=TaskEventKind.STARTED) == []
     # A fence that never starts: after a few tries, attempts count as failed (retries spent).
-    await wait_until(lambda: r._fence_failures >= runner_mod.FENCE_DOWN_REQUEUES and r._relinking.done(),
+    await wait_until(lambda: r._fence.gave_up and r._fence._relinking.done(),
                      "the fence to fail to start a few times", timeout=4 * runner_mod.SCAN_S + 20)
     r.launch(sh("u", "exit 0"))
     ev = await node.exited("u")
     assert ev.exit_code == FAILED_TO_START_CODE and "attempt fence cannot start" in ev.reason
     assert "no fence can start here now" in ev.reason and not to_proto(ev).requeue
     monkeypatch.undo()  # a fence can start again: the runner relinks by itself
-    await wait_until(lambda: r._link.up, "the runner to relink", timeout=runner_mod.SCAN_S + 20)
+    await wait_until(lambda: r._fence.link.up, "the runner to relink", timeout=runner_mod.SCAN_S + 20)
     r.launch(sh("t", "exit 0", attempt=2))
     assert (await node.exited("t", attempt=2)).exit_code == 0
     await r.stop()
@@ -151,7 +151,7 @@ async def test_a_spawn_the_fence_never_answered_is_found_running_not_failed(tmp_
     monkeypatch.undo()
     [t] = await spawned(r)
     assert [e.kind for e in node.of("t")] == [TaskEventKind.STARTED] and not r._live[("t", 1)].held
-    await wait_until(lambda: r._link.up, "a new fence")
+    await wait_until(lambda: r._fence.link.up, "a new fence")
     (tmp_path / "tasks/t/1/go").touch()
     ev = await node.exited("t")
     assert ev.reason == "lost" and ev.pid == t.pid  # its fence died: no status, but no second run
@@ -174,5 +174,5 @@ async def test_a_spawn_dropped_by_a_fence_stopped_past_the_timeout_is_requeued(t
     ev = await node.exited("t")
     assert (ev.exit_code, ev.reason) == (FAILED_TO_START_CODE, FENCE_DOWN) and to_proto(ev).requeue
     assert not (tmp_path / "tasks/t/1/ran").exists() and not (tmp_path / "tasks/t/1/run.json").exists()
-    assert fence_pid(tmp_path) == pid and r._link.up  # the same fence, linked again
+    assert fence_pid(tmp_path) == pid and r._fence.link.up  # the same fence, linked again
     await r.stop()

@@ -379,7 +379,7 @@ async def test_task_killed_while_no_runner_was_alive_is_reported_killed(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000"))
     await node.output_has("t", "ready")
-    [t] = r1.running()
+    [t] = await spawned(r1)
     await r1.stop()
     os.killpg(t.pid, signal.SIGKILL)  # the fence, its parent, records how it ended
     await wait_until(lambda: (node.data_dir / "tasks/t/1/exit.json").exists() and gone(t.pid), "the record")
@@ -392,7 +392,7 @@ async def test_an_orphan_of_a_killed_fence_that_ends_unseen_is_lost(node):
     r1 = await node.runner()
     r1.launch(sh("t", "echo ready; sleep 1000"))
     await node.output_has("t", "ready")
-    [t] = r1.running()
+    [t] = await spawned(r1)
     await r1.stop()
     await kill_fence(node.data_dir)  # nobody records its status from here on
     os.killpg(t.pid, signal.SIGKILL)

@@ -1,0 +1,109 @@
+"""The runner's hold on the node's attempt fence (for `lepton.agent.tasks.runner`): linking
+to it lazily, relinking after it is lost, handing orphans over, and bounding requeues when
+none can start.
+
+- Lazy: `open_running()` (at the runner's start) links only to a fence that already runs;
+  `ensure()` (before each spawn, and after a loss) starts one when none does, so an agent
+  that runs no task has no fence (~11 MB less per node).
+- Relinking: `lost()` (the watch broke, or a request went unanswered) relinks in the
+  background; `on_linked(held)` then lets the runner hand the new fence its orphans and
+  settle the spawns that went unanswered.
+- Bounded: after FENCE_DOWN_REQUEUES failed starts in a row, `gave_up` says so, and the
+  runner reports attempts launched without a fence as failed (their task's retries are
+  spent), not requeued: a node whose fence can never start must not take the same attempt
+  back forever. Any later successful link resets the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from lepton.agent.tasks.attempt import Attempt
+from lepton.agent.tasks.fence_link import FenceLink, Key
+
+logger = logging.getLogger(__name__)
+
+FENCE_DOWN_REQUEUES = 3  # failed fence starts in a row before attempts without one count as failed
+
+
+class FenceKeeper:
+    """`on_exit(key, pid, rc, size)`: the fence reaped an attempt; `on_linked(held)`: a new
+    link is up (held: key -> pid of what that fence holds); returns the orphans to adopt.
+    Both are called on the event loop."""
+
+    def __init__(self, data_dir: Path, lease: str, on_exit: Callable[[Key, int, int, int], None],
+                 on_linked: Callable[[dict[Key, int]], list[Attempt]]):
+        self.link = FenceLink(data_dir, on_exit, self.lost)
+        self._lease = lease
+        self._on_linked = on_linked
+        self._lock: asyncio.Lock | None = None  # one open at a time; made on the loop
+        self._relinking: asyncio.Task[bool] | None = None
+        self.failures = 0  # fence starts failed in a row
+        self.error = ""  # the last one's
+        self.active = False  # the runner runs: losses relink
+
+    @property
+    def gave_up(self) -> bool:
+        return self.failures >= FENCE_DOWN_REQUEUES
+
+    async def open_running(self) -> dict[Key, int]:
+        """Link to the fence that runs (none is started); what it holds. Raises OSError
+        when one runs but does not answer."""
+        self._lock = asyncio.Lock()
+        self.active = True
+        return await self.link.open(start=False) or {}
+
+    async def start_for(self, orphans: list[Attempt]) -> None:
+        """A fence for these orphans (found at start) when they need one, and hand them over.
+        Raises OSError when none can be started."""
+        if self._lease and any(not att.spec.keep_on_disconnect for att in orphans) and not self.link.up:
+            await self.link.open()  # a fresh fence holds nothing
+        await self.adopt(orphans)
+
+    def lost(self) -> None:
+        """The fence is gone (killed) or did not answer: relink in the background."""
+        if self.active and (self._relinking is None or self._relinking.done()):
+            self._relinking = asyncio.create_task(self.ensure(), name="task-fence-relink")
+
+    async def ensure(self) -> bool:
+        """Linked, starting a fence when none runs; False when none can be reached (logged;
+        the runner's watcher retries)."""
+        assert self._lock is not None, "open_running() first"
+        async with self._lock:
+            if self.link.up:
+                return True
+            try:
+                held = await self.link.open()
+            except OSError as err:
+                self.failures += 1
+                self.error = str(err)
+                logger.error("no attempt fence on this node (%s): attempts started now are %s; retrying",
+                             err, "failed" if self.gave_up else "requeued")
+                return False
+            self.failures = 0
+            assert held is not None
+            await self.adopt(self._on_linked(held))
+            return True
+
+    async def adopt(self, orphans: list[Attempt]) -> None:
+        """Have the fence fence these attempts (those with a lease), spawned by one that is gone."""
+        items = [{"key": list(att.key), "pid": att.pid, "start": att.start, "dir": str(att.dir), "lease": self._lease}
+                 for att in orphans if self._lease and not att.spec.keep_on_disconnect]
+        try:
+            await asyncio.to_thread(self.link.adopt, items)
+        except OSError as err:
+            logger.error("cannot hand %d orphaned attempt(s) to the node's fence: %s", len(items), err)
+
+    async def close(self) -> None:
+        """Unlinked; the fence keeps the attempts, and fences them on its own."""
+        self.active = False
+        relinking, self._relinking = self._relinking, None
+        if relinking is not None:
+            relinking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relinking
+        await self.link.close()
