@@ -495,12 +495,17 @@ class EtcdConsensus(Consensus):
                 self._campaign_wakeup.set()
             return True
         if event.type == rpc.Event.PUT and kv.key.startswith(self._keys.log):
+            first = self._keys.log_index(kv.key)
+            if first <= self._sm.applied_index:
+                # Batches are applied whole, so this one was: the leader's echo of its own
+                # append (applied when the txn answered). Not decoded again.
+                return True
             try:
                 entries = unframe(kv.value)
             except ValueError as err:
                 logger.error("etcd consensus %s: skipping %r: %s", self._id, kv.key, err)
                 return True
-            return self._applier.apply_batch(self._keys.log_index(kv.key), entries)
+            return self._applier.apply_batch(first, entries)
         return True
 
     # -- status ----------------------------------------------------------------------

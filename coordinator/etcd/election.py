@@ -114,7 +114,10 @@ class Election:
         keep-alive thread or the loop. Extends the deadline; the watchdog on the loop reads
         it when it fires, so a loop that was blocked meanwhile finds the lease renewed."""
         if granted_ttl <= 0:
-            self._loop.call_soon_threadsafe(self._gone, lease)
+            try:
+                self._loop.call_soon_threadsafe(self._gone, lease)
+            except RuntimeError:  # the loop closed meanwhile (shutting down): nothing to tell
+                pass
             return
         margin = max(0.2 * granted_ttl, 0.3)  # clock drift and the time the answer took
         with self._lock:

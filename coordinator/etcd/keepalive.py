@@ -78,7 +78,8 @@ class KeepAliveThread:
                     try:
                         ttl = self._once(lease)
                         failures = 0
-                        self._on_answer(lease, sent, ttl)
+                        if not self._stopping.is_set():
+                            self._on_answer(lease, sent, ttl)
                     except grpc.RpcError as err:
                         failures += 1
                         if failures <= 2 or failures % 20 == 0:
