@@ -9,7 +9,10 @@ In one run, each for --seconds with --clients callers sending one row per reques
 Prints one JSON object: requests_per_s, p50_ms, p99_ms, errors per variant, and the ratios
 the targets are about (issue 19), each Lepton variant against the baseline measured right
 before it (the baseline server runs all along): lepton with 1 replica >= 0.5x the baseline's requests/s and
-p99 <= 2x its p99; with batching on it should beat the baseline.
+p99 <= 2x its p99; with batching on it should beat the baseline. Each run also has
+server_cpu_ms_per_request: the CPU time the serving side spent per answered request (the
+baseline server; the agent and the deployment's replicas), which a loaded machine moves far
+less than requests/s: the cost of the path itself.
 
     python benchmarks/serve.py [--seconds 5] [--clients 16] [--skip-lepton] [--gpus 0]
 
@@ -55,6 +58,51 @@ def rows(n: int = 1):
     import numpy as np
 
     return np.random.default_rng(n).random((n, INPUT_DIM), dtype=np.float32)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) the processes `pids()` names spent between `start()` and
+    `stop()`; a process gone meanwhile counts up to its last sample."""
+
+    def __init__(self, pids):
+        self._pids = pids
+        self._first: dict[int, float] = {}
+
+    @staticmethod
+    def _cpu(pid: int) -> float | None:
+        import psutil
+
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return None
+        return t.user + t.system
+
+    def start(self) -> None:
+        self._first = {pid: c for pid in self._pids() if (c := self._cpu(pid)) is not None}
+
+    def stop(self) -> float:
+        return sum(max(0.0, (self._cpu(pid) or first) - first) for pid, first in self._first.items())
+
+
+def measured(meter: CpuMeter, run) -> dict:
+    """`run()`'s summary with the server side's CPU per answered request."""
+    meter.start()
+    out = run()
+    cpu_s = meter.stop()
+    out["server_cpu_ms_per_request"] = round(cpu_s * 1000 / out["requests"], 4) if out["requests"] else None
+    return out
+
+
+def replica_pids(deployment: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "lepton.workloads.serving.replica" in cmd and deployment in cmd:
+            found.append(proc.pid)
+    return found
 
 
 def summary(latencies_s: list[float], errors: int, seconds: float) -> dict:
@@ -146,7 +194,8 @@ class BaselineServer:
             raise RuntimeError("the baseline server did not start")
 
     def measure(self, clients: int, seconds: float) -> dict:
-        return asyncio.run(load(self.address, "digits", clients, seconds))
+        return measured(CpuMeter(lambda: [self._proc.pid]),
+                        lambda: asyncio.run(load(self.address, "digits", clients, seconds)))
 
     def close(self) -> None:
         self._proc.kill()
@@ -159,14 +208,13 @@ def lepton(model_path: Path, clients: int, seconds: float, gpus: int, baseline: 
     from lepton.client import Client
     from lepton.common.channels import make_channel
     from lepton.v1 import serving_pb2, serving_pb2_grpc, tasks_pb2
-    from lepton.workloads.recipes.cluster import put_file
     from lepton.workloads.recipes.models import read_config
 
     agent = Agent("--cpus", "8", *(["--fake-gpus", "0"] if not gpus else []), name="serve-bench")
     out: dict[str, dict] = {}
     try:
         with Client(agent.address, timeout=60) as client:
-            put_file(client, "digits-mlp", model_path, replicas=1, kind="model")
+            upload_when_ready(client, model_path)
         assert read_config(model_path)["task"] == "classification"
         channel = make_channel(agent.address, aio=False, token="")
         deployments = serving_pb2_grpc.DeploymentsStub(channel)
@@ -179,10 +227,13 @@ def lepton(model_path: Path, clients: int, seconds: float, gpus: int, baseline: 
                 deployments.CreateDeployment(serving_pb2.CreateDeploymentRequest(spec=spec), timeout=30)
                 wait_ready(deployments, name, replicas)
                 beside = baseline.measure(clients, seconds)
-                run = asyncio.run(load(agent.address, name, clients, seconds))
+                meter = CpuMeter(lambda name=name: [agent.proc.pid, *replica_pids(name)])
+                run = measured(meter, lambda name=name: asyncio.run(load(agent.address, name, clients, seconds)))
                 run["baseline_alongside"] = beside
                 run["rps_over_baseline"] = ratio(run["requests_per_s"], beside["requests_per_s"])
                 run["p99_over_baseline"] = ratio(run["p99_ms"], beside["p99_ms"])
+                run["cpu_per_request_over_baseline"] = ratio(run["server_cpu_ms_per_request"],
+                                                             beside["server_cpu_ms_per_request"])
                 out[f"{replicas}_replica{'s' if replicas > 1 else ''}_batching_{batching}"] = run
                 deployments.DeleteDeployment(serving_pb2.DeleteDeploymentRequest(name=name), timeout=30)
                 wait_gone(deployments, name)
@@ -190,6 +241,23 @@ def lepton(model_path: Path, clients: int, seconds: float, gpus: int, baseline: 
     finally:
         agent.stop()
     return out
+
+
+def upload_when_ready(client, model_path: Path, timeout_s: float = 120.0) -> None:
+    """The model into the cluster, once the agent's node is ready to hold it (a busy
+    machine can take a while to mark a fresh agent ready)."""
+    from lepton.common.errors import FailedPrecondition
+    from lepton.workloads.recipes.cluster import put_file
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            put_file(client, "digits-mlp", model_path, replicas=1, kind="model")
+            return
+        except FailedPrecondition:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def wait_ready(deployments, name: str, replicas: int, timeout_s: float = 180.0) -> None:
@@ -255,6 +323,7 @@ def main() -> None:
             doc["ratios"].update({  # each against the baseline measured beside it
                 "lepton_1_replica_rps_over_baseline": one["rps_over_baseline"],
                 "lepton_1_replica_p99_over_baseline": one["p99_over_baseline"],
+                "lepton_1_replica_cpu_per_request_over_baseline": one["cpu_per_request_over_baseline"],
                 "lepton_batching_on_best_rps_over_baseline": best_on["rps_over_baseline"],
             })
             r = doc["ratios"]

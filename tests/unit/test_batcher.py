@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -143,3 +144,24 @@ async def test_a_quick_model_runs_on_the_loop_and_a_slow_one_in_a_thread():
         await slow.predict(rows(i))
     await slow.close()
     assert loop_thread not in threads
+
+
+async def test_a_cpu_models_cost_is_its_cpu_time_not_the_wall_time_others_took():
+    """A model that waits (as a busy machine makes a quick one wait for a core) but uses
+    little CPU still runs on the loop when the batcher counts CPU time."""
+    threads: list[int] = []
+
+    def waits(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        time.sleep(0.01)  # 10 ms of wall, next to no CPU
+        return x
+
+    by_cpu = Batcher(waits, max_batch=1, max_wait_s=0.0, inline_below_s=0.005, cost_clock=time.thread_time)
+    by_wall = Batcher(waits, max_batch=1, max_wait_s=0.0, inline_below_s=0.005)
+    loop_thread = threading.get_ident()
+    for b in (by_cpu, by_wall):
+        threads.clear()
+        for i in range(3):
+            await b.predict(rows(i))
+        await b.close()
+        assert (loop_thread in threads[1:]) == (b is by_cpu)

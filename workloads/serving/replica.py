@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,9 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"error: cannot load model {args.model}: {err}", file=sys.stderr, flush=True)
             await server.stop(0)
             return 2
-        batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+        # A CPU model's cost is its CPU time; a GPU's call waits on the device: wall time.
+        batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+                          cost_clock=time.thread_time if model.device == "cpu" else time.perf_counter)
         try:
             await batcher.predict(np.zeros([1, *model.input_shape], dtype=INPUT_DTYPE))  # warm-up
         except Exception as err:  # noqa: BLE001 - a model that cannot predict never serves
