@@ -41,6 +41,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -49,7 +50,7 @@ from pathlib import Path
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt import Attempt
-from lepton.agent.tasks.attempt_env import AttemptEnv
+from lepton.agent.tasks.attempt_env import AttemptEnv, inherited_env
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.fence_keeper import FenceKeeper
@@ -129,7 +130,9 @@ class TaskRunner:
         self._in_doubt: dict[Key, tuple[RunSpec, Path, tuple[str, float | None] | None]] = {}
         self._made: set[Key] = set()  # folders `launch` made on the loop, claimed by the spawn thread
         self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
-        self._spawner = Spawner(AttemptEnv(dict(base_env) if base_env is not None else None, task_path, task_user),
+        # The agent's environment does not change while it runs: filtered once, not per attempt.
+        env = dict(base_env) if base_env is not None else inherited_env(os.environ)
+        self._spawner = Spawner(AttemptEnv(env, task_path, task_user),
                                 lease_path, self._boot, self._fence.link)
         self._claims = ClaimLog(self._root)
         self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),

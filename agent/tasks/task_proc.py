@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,10 +43,22 @@ def resolve_executable(name: str, env: dict[str, str], workdir: Path) -> str:
         if not path.is_file() or not os.access(path, os.X_OK):
             raise FileNotFoundError(f"no such executable: {name}")
         return name  # relative paths stay relative: the attempt runs in workdir
-    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    search = env.get("PATH", os.defpath)
+    if (hit := _FOUND.get((name, search))) is not None and time.monotonic() < hit[1]:
+        return hit[0]
+    found = shutil.which(name, path=search)
     if found is None:
         raise FileNotFoundError(f"no such executable on PATH: {name}")
-    return os.path.abspath(found)
+    if len(_FOUND) >= 256:
+        _FOUND.clear()
+    _FOUND[(name, search)] = (found := os.path.abspath(found)), time.monotonic() + FOUND_TTL_S
+    return found
+
+
+# Bare names found on a PATH, briefly: a batch of the same command looks it up once (a stat
+# per PATH entry each time). Only what was found is kept, so a program just installed is seen.
+FOUND_TTL_S = 2.0
+_FOUND: dict[tuple[str, str], tuple[str, float]] = {}
 
 
 class ProcInfo(NamedTuple):
