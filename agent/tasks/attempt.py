@@ -23,12 +23,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lepton.agent.tasks import task_proc as tp
-from lepton.agent.tasks.task_spec import FENCED, RunSpec
+from lepton.agent.tasks.task_spec import FENCED, TASK_ID_RE, RunSpec
 from lepton.common.durable import read_json
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,17 @@ def recorded_mono(doc: dict, key: str) -> float:
         return float(doc[f"{key}_mono"])
     wall = float(doc.get(key) or 0)
     return time.monotonic() + (wall - time.time()) if wall else 0.0
+
+
+def unreported(root: Path) -> Iterator[tuple[tuple[str, int], Path]]:
+    """(key, folder) of each attempt under `root` (`<task_id>/<attempt>/`) whose exit is not
+    marked reported, in order."""
+    for task_dir in sorted(root.iterdir()):
+        if not task_dir.is_dir() or not TASK_ID_RE.fullmatch(task_dir.name):
+            continue
+        for att_dir in sorted(task_dir.iterdir()):
+            if att_dir.is_dir() and att_dir.name.isdigit() and not (att_dir / "reported.json").exists():
+                yield (task_dir.name, int(att_dir.name)), att_dir
 
 
 @dataclass

@@ -4,7 +4,9 @@ none can start.
 
 - Lazy: `open_running()` (at the runner's start) links only to a fence that already runs;
   `ensure()` (before each spawn, and after a loss) starts one when none does, so an agent
-  that runs no task has no fence (~11 MB less per node).
+  that runs no task has no fence (~11 MB less per node), and `release()` lets it go once
+  the node has run nothing for a while (the runner's FENCE_IDLE_S): with no agent and no
+  attempt it exits.
 - Relinking: `lost()` (the watch broke, or a request went unanswered) relinks in the
   background; `on_linked(held)` then lets the runner hand the new fence its orphans and
   settle the spawns that went unanswered.
@@ -97,6 +99,15 @@ class FenceKeeper:
             await asyncio.to_thread(self.link.adopt, items)
         except OSError as err:
             logger.error("cannot hand %d orphaned attempt(s) to the node's fence: %s", len(items), err)
+
+    async def release(self, idle: Callable[[], bool]) -> None:
+        """Unlink, when `idle()` still says nothing runs or starts (asked under the lock, so
+        no spawn is under way): the fence, with no agent and no attempt, exits."""
+        assert self._lock is not None, "open_running() first"
+        async with self._lock:
+            if self.link.up and idle():
+                await self.link.close()
+                logger.info("let the node's attempt fence go: no attempt ran here for a while")
 
     async def close(self) -> None:
         """Unlinked; the fence keeps the attempts, and fences them on its own."""

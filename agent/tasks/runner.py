@@ -49,7 +49,7 @@ from pathlib import Path
 
 from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
-from lepton.agent.tasks.attempt import Attempt
+from lepton.agent.tasks.attempt import Attempt, unreported
 from lepton.agent.tasks.attempt_env import AttemptEnv, inherited_env
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.exit_watch import ExitWatch
@@ -67,7 +67,6 @@ from lepton.agent.tasks.spawn import (
 )
 from lepton.agent.tasks.task_spec import (
     FENCE_DOWN,
-    TASK_ID_RE,
     RunningTask,
     RunSpec,
     TaskEvent,
@@ -89,6 +88,7 @@ SCAN_S = 5.0  # every attempt checked anyway (a missed wake-up costs this at mos
 SETTLE_S = 10.0  # attempt claims made durable in their folders, in a thread (claims.py)
 LOG_CHECK_S = 1.0  # output sizes against the cap: a stat per running attempt
 SWEEP_S = 60.0  # retention sweeps: a walk of every attempt folder, in a thread
+FENCE_IDLE_S = 60.0  # with no attempt running or starting this long, the fence is let go
 CHUNK_BYTES = 64 * 1024
 
 
@@ -141,6 +141,7 @@ class TaskRunner:
         # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
         self.started_listeners: list[Callable[[RunSpec], None]] = []
         self._settling: asyncio.Task[int] | None = None
+        self._releasing: asyncio.Task[None] | None = None  # the fence let go when idle
         self._exits = ExitWatch(self._on_exit)
         self._sweep_s = sweep_s if retention_s else math.inf
         self._watcher: asyncio.Task[None] | None = None
@@ -174,20 +175,14 @@ class TaskRunner:
                 self._reports.exited(att_dir, TaskEvent(task_id, attempt, term, TaskEventKind.EXITED,
                                                 reason="lost", at_ms=now_ms()))
                 ended += 1
-        for task_dir in sorted(self._root.iterdir()):
-            if not task_dir.is_dir() or not TASK_ID_RE.fullmatch(task_dir.name):
-                continue
-            for att_dir in sorted(task_dir.iterdir()):
-                if not att_dir.is_dir() or not att_dir.name.isdigit() or (att_dir / "reported.json").exists():
-                    continue
-                try:
-                    key = (task_dir.name, int(att_dir.name))
-                    if self._recover(*key, att_dir, claimed.get(key, 0), held, orphans):
-                        adopted += 1
-                    else:
-                        ended += 1
-                except Exception:  # one bad record must not stop the agent
-                    logger.exception("cannot recover attempt %s", att_dir)
+        for key, att_dir in unreported(self._root):
+            try:
+                if self._recover(*key, att_dir, claimed.get(key, 0), held, orphans):
+                    adopted += 1
+                else:
+                    ended += 1
+            except Exception:  # one bad record must not stop the agent
+                logger.exception("cannot recover attempt %s", att_dir)
         await self._fence.start_for(orphans)
         self._watcher = asyncio.create_task(self._watch(), name="task-runner")
         logger.info("task runner started: re-adopted %d running attempt(s), reported %d that ended "
@@ -209,6 +204,8 @@ class TaskRunner:
             self._settling = None
         self._exits.close()
         await self._reports.close()
+        if self._releasing is not None:
+            await asyncio.gather(self._releasing, return_exceptions=True)
         await self._fence.close()  # the fence keeps the attempts, and fences them on its own
         self._early_exits.clear()
         self._in_doubt.clear()  # the next start() finds them by their run.json
@@ -336,6 +333,9 @@ class TaskRunner:
         out += [RunningTask(s.task_id, s.attempt, s.term, 0, 0) for s in self._spawns.starting.values()]
         out += [RunningTask(s.task_id, s.attempt, s.term, 0, 0) for s, _, _ in self._in_doubt.values()]
         return sorted(out, key=lambda r: (r.task_id, r.attempt))
+
+    def _idle(self) -> bool:
+        return not (self._live or self._in_doubt or self._spawns.starting)
 
     def _alive(self, key: Key) -> bool:
         """Running, or being started."""
@@ -562,6 +562,7 @@ class TaskRunner:
         (a backstop), and starts retention sweeps and claim settling."""
         now = time.monotonic()
         next_logs, next_scan, next_settle = now, now + SCAN_S, now + SETTLE_S
+        busy_at = now  # when an attempt last ran or started here
         while True:
             if self._exits.polled:
                 wait = POLL_S
@@ -588,6 +589,11 @@ class TaskRunner:
                     except Exception:  # keep watching the others
                         logger.exception("checking the output of task %s attempt %d failed", *att.key)
             self._retention.tick(now)
+            if self._live or self._in_doubt or self._spawns.starting:
+                busy_at = now
+            elif scan and self._fence.link.up and now - busy_at >= FENCE_IDLE_S:
+                busy_at = now  # one try per idle period
+                self._releasing = asyncio.create_task(self._fence.release(self._idle), name="task-fence-release")
             if scan and not self._fence.link.up and (self._live or self._in_doubt or self._fence.failures):
                 self._fence.lost()  # lost, or the last try to start a fence failed: once more
             if now >= next_settle and (self._settling is None or self._settling.done()):

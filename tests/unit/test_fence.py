@@ -79,6 +79,22 @@ async def test_a_runner_starts_no_fence_until_its_first_spawn(tmp_path):
     await r2.stop()
 
 
+async def test_a_node_idle_for_a_while_lets_its_fence_go_and_the_next_spawn_starts_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "FENCE_IDLE_S", 0.0)
+    monkeypatch.setattr(runner_mod, "SCAN_S", 0.2)
+    node = Node(tmp_path)
+    r = await node.runner()
+    r.launch(sh("t", "exit 0"))
+    await node.exited("t")
+    pid = fence_pid(tmp_path)
+    await wait_until(lambda: gone(pid), "the idle fence to be let go", timeout=fence.LINGER_S + 20)
+    assert not r._fence.link.up
+    r.launch(sh("u", "exit 6"))
+    assert (await node.exited("u")).exit_code == 6
+    assert fence_pid(tmp_path) != pid
+    await r.stop()
+
+
 async def test_attempts_launched_while_no_fence_can_start_are_requeued_then_failed(tmp_path, monkeypatch):
     node = Node(tmp_path)
     r = await node.runner()
