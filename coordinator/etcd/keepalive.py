@@ -85,9 +85,14 @@ class KeepAliveThread:
                         if failures <= 2 or failures % 20 == 0:
                             logger.warning("etcd: lease keep-alive to %s failed (%d in a row): %s",
                                            self._endpoints[self._index], failures, _describe(err))
-                        if failures >= 2 and len(self._endpoints) > 1:  # try another member
+                        # Another member at once: the deadline (TTL - margin after the last
+                        # answered send) leaves room for one more try after a timeout.
+                        if len(self._endpoints) > 1:
                             self._index = (self._index + 1) % len(self._endpoints)
                             self._open()
+                    except Exception:  # noqa: BLE001 - a dead thread would cost every later lease
+                        failures += 1
+                        logger.exception("etcd: lease keep-alive failed unexpectedly")
                 self._wake.clear()
                 pause = self._interval - (time.monotonic() - sent) if not failures else 0.05 * failures
                 self._wake.wait(max(0.0, min(self._interval, pause)))
@@ -97,8 +102,10 @@ class KeepAliveThread:
 
     def _once(self, lease: int) -> int:
         """One keep-alive on a stream bounded by a deadline; the TTL etcd answered."""
+        # Bounded by one interval: a member that stopped answering (SIGSTOP, a partition)
+        # is left at TTL*2/3 after the last answered send, early enough to renew elsewhere.
         stream = self._stub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
-                                           timeout=self._interval * 1.5)
+                                           timeout=self._interval)
         try:
             for answer in stream:
                 return answer.TTL
