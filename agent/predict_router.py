@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from lepton.agent.replica_frames import FramesDialer
+from lepton.agent.replica_frames import FramesAbsent, FramesDialer
 from lepton.common import validation as v
 from lepton.common.auth import Role, current_principal
 from lepton.common.errors import (
@@ -317,8 +317,9 @@ class PredictRouter:
         """One try on `ep`. Raises _ReplicaFailed (try another) or the caller's LeptonError."""
         local = ep.node_id == self.node_id
         frames = self._local_frames(ep.task_id) if local else None
-        if frames is not None:
-            return await self._call_frames(ep.task_id, frames, request, timeout_s)
+        if frames is not None and not frames.absent:
+            with contextlib.suppress(FramesAbsent):  # an older replica: its gRPC socket below
+                return await self._call_frames(ep.task_id, frames, request, timeout_s)
         if local:
             stub = self._local_stub(ep.task_id)
             if stub is None:
@@ -349,6 +350,8 @@ class PredictRouter:
         try:
             conn = frames.ready() or await frames.connect()
             answer = await conn.call(request.SerializeToString(), timeout_s)
+        except FramesAbsent:
+            raise
         except LeptonError as err:
             if err.code in _RETRY_CODES:
                 raise _ReplicaFailed(err) from None
@@ -391,18 +394,18 @@ class PredictRouter:
         v.require_id(request.replica, "replica")
         check_inputs_size(request.inputs)
         timeout_s = timeout_s or DEFAULT_DEADLINE_S
-        frames = self._local_frames(request.replica)
-        if frames is not None:
-            request = serving_pb2.PredictRequest(deployment=request.deployment, inputs=request.inputs)
-            conn = frames.ready() or await frames.connect()
-            return serving_pb2.PredictResponse.FromString(await conn.call(request.SerializeToString(), timeout_s))
-        stub = self._local_stub(request.replica)
+        replica = request.replica
+        request = serving_pb2.PredictRequest(deployment=request.deployment, inputs=request.inputs)
+        frames = self._local_frames(replica)
+        if frames is not None and not frames.absent:
+            with contextlib.suppress(FramesAbsent):  # an older replica: its gRPC socket below
+                conn = frames.ready() or await frames.connect()
+                return serving_pb2.PredictResponse.FromString(await conn.call(request.SerializeToString(), timeout_s))
+        stub = self._local_stub(replica)
         if stub is None:
-            raise Unavailable(f"replica {request.replica} is not running on node {self.node_id}")
+            raise Unavailable(f"replica {replica} is not running on node {self.node_id}")
         try:
-            return await stub.Predict(serving_pb2.PredictRequest(deployment=request.deployment,
-                                                                 inputs=request.inputs),
-                                      timeout=timeout_s)
+            return await stub.Predict(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as rpc_err:
             raise from_rpc_error(rpc_err) from None
 

@@ -18,6 +18,11 @@ from lepton.common.sockets import UnixTarget
 _ID_MASK = 0xFFFFFFFF
 
 
+class FramesAbsent(Unavailable):
+    """A ready replica without a frames socket (started by an older Lepton and re-adopted):
+    the caller uses its gRPC socket instead."""
+
+
 class FramesConnection(FrameProtocol):
     """One open connection; `call` sends a request and waits for its answer."""
 
@@ -78,6 +83,7 @@ class FramesDialer:
         self._conn: FramesConnection | None = None
         self._connecting: asyncio.Future[FramesConnection] | None = None
         self._closed = False
+        self.absent = False  # no socket there (FramesAbsent): not tried again
 
     def ready(self) -> FramesConnection | None:
         conn = self._conn
@@ -103,6 +109,8 @@ class FramesDialer:
             raise Unavailable(f"the replica's socket is not there: {err}") from None
         try:
             _, conn = await loop.create_unix_connection(FramesConnection, target.target.removeprefix("unix:"))
+        except FileNotFoundError:
+            raise FramesAbsent(f"the replica has no frames socket ({self.path})") from None
         except OSError as err:
             raise Unavailable(f"cannot reach the replica: {err}") from None
         finally:
@@ -113,7 +121,10 @@ class FramesDialer:
 
     def _opened(self, future: asyncio.Future[FramesConnection]) -> None:
         self._connecting = None
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.absent = isinstance(future.exception(), FramesAbsent)
             return
         conn = future.result()
         if self._closed:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 
 from lepton.agent.predict_router import PredictRouter
-from lepton.agent.replica_frames import FramesConnection, FramesDialer
+from lepton.agent.replica_frames import FramesAbsent, FramesConnection, FramesDialer
 from lepton.common.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
 from lepton.common.frames import HEADER, MAX_FRAME_BYTES
 from lepton.v1 import serving_pb2
@@ -147,8 +148,19 @@ async def test_draining_refuses_new_requests_but_answers_those_it_holds(served):
 
 
 async def test_nobody_listening_is_unavailable(tmp_path):
-    with pytest.raises(Unavailable, match="cannot reach the replica"):
-        await FramesDialer(tmp_path / "none.frames").connect()
+    import socket
+
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.frames"))  # there, but not listening: refused
+    try:
+        with pytest.raises(Unavailable, match="cannot reach the replica"):
+            await FramesDialer(tmp_path / "dead.frames").connect()
+    finally:
+        dead.close()
+    missing = FramesDialer(tmp_path / "none.frames")
+    with pytest.raises(FramesAbsent, match="no frames socket"):
+        await missing.connect()
+    assert missing.absent
     with pytest.raises(Unavailable, match="not there"):
         await FramesDialer(tmp_path / "no-folder" / ("x" * 120) / "r.frames").connect()
 
@@ -220,3 +232,27 @@ async def test_a_replica_that_checks_keys_serves_only_the_key_it_takes(tmp_path)
         for dialer in (right, wrong, keyless):
             dialer.close()
         await server.close()
+
+
+async def test_a_replica_without_a_frames_socket_is_called_over_grpc(tmp_path):
+    """A replica an older Lepton started (re-adopted after an agent upgrade) has only its
+    gRPC socket: the router uses it, and stops looking for the frames one."""
+    from tests.unit.test_predict_router import FakeReplica, serve
+
+    server, _ = await serve(FakeReplica("old"), f"unix:{tmp_path / 'old.sock'}")
+    channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'old.sock'}")
+    dialer = FramesDialer(tmp_path / "old.sock.frames")
+    router = PredictRouter("nodeA", local_frames=lambda t: dialer, local_channel=lambda t: channel)
+    es = serving_pb2.EndpointSet(version=1)
+    es.deployments["digits"].endpoints.add(task_id="old", node_id="nodeA", node_address="a:1", generation=1)
+    router.set_endpoints(es)
+    try:
+        for _ in range(2):
+            response = await router.predict("digits", to_tensor(np.ones((1, 3), dtype="<f4")))
+            assert response.replica == "old"
+        assert dialer.absent
+        [stats] = router.stats()
+        assert stats.errors == 0
+    finally:
+        await channel.close()
+        await server.stop(None)
