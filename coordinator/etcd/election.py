@@ -125,6 +125,18 @@ class Election:
                 self.granted_ttl = granted_ttl
                 self.valid_until = max(self.valid_until, sent + granted_ttl - margin)
 
+    def _silent(self, endpoint: str) -> None:
+        """On the keep-alive thread: `endpoint` let a keep-alive time out. The watch and the
+        appends on the shared connection would only notice after their own timeouts (a
+        frozen member answers nothing): move them to the next member too."""
+        def leave() -> None:
+            if self._conn.current == endpoint:
+                self._conn.failover(self._conn.generation)
+        try:
+            self._loop.call_soon_threadsafe(leave)
+        except RuntimeError:  # the loop closed meanwhile (shutting down)
+            pass
+
     def _arm_watchdog(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -181,7 +193,8 @@ class Election:
         when it is lost, revoke what may linger and grant another. Runs until cancelled."""
         self._loop = asyncio.get_running_loop()
         self._keeper = KeepAliveThread(self._conn.endpoints, self._conn.credentials, CHANNEL_OPTIONS,
-                                       self._interval, self._answered, name=f"etcd-keepalive-{self._id}")
+                                       self._interval, self._answered, self._silent,
+                                       name=f"etcd-keepalive-{self._id}")
         self._keeper.start()
         failures = 0
         try:

@@ -24,17 +24,19 @@ logger = logging.getLogger(__name__)
 
 class KeepAliveThread:
     """Keeps `lease` (set by the owner; 0: none) alive. `on_answer(lease, sent, ttl)` is
-    called on this thread for each answer (ttl <= 0: etcd no longer knows the lease);
-    it must be cheap and thread-safe."""
+    called on this thread for each answer (ttl <= 0: etcd no longer knows the lease), and
+    `on_silent(endpoint)` when keep-alives timed out twice in a row, the last at `endpoint`
+    (it may be frozen or cut off: the owner's other calls should leave it too); both must be cheap and thread-safe."""
 
     def __init__(self, endpoints: Sequence[str], credentials: grpc.ChannelCredentials | None,
                  options: list, interval: float, on_answer: Callable[[int, float, int], None],
-                 name: str):
+                 on_silent: Callable[[str], None], name: str):
         self._endpoints = list(endpoints)
         self._credentials = credentials
         self._options = options
         self._interval = interval
         self._on_answer = on_answer
+        self._on_silent = on_silent
         self._index = 0
         self._channel: grpc.Channel | None = None
         self._stub: rpc.LeaseStub | None = None
@@ -68,7 +70,7 @@ class KeepAliveThread:
         self._stub = rpc.LeaseStub(self._channel)
 
     def _run(self) -> None:
-        failures = 0
+        failures = silent = 0  # keep-alives failed, and timed out, in a row
         try:
             self._open()
             while not self._stopping.is_set():
@@ -77,7 +79,7 @@ class KeepAliveThread:
                 if lease:
                     try:
                         ttl = self._once(lease)
-                        failures = 0
+                        failures = silent = 0
                         if not self._stopping.is_set():
                             self._on_answer(lease, sent, ttl)
                     except grpc.RpcError as err:
@@ -85,6 +87,9 @@ class KeepAliveThread:
                         if failures <= 2 or failures % 20 == 0:
                             logger.warning("etcd: lease keep-alive to %s failed (%d in a row): %s",
                                            self._endpoints[self._index], failures, _describe(err))
+                        silent += isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                        if silent >= 2:  # not one slow answer on a loaded box: unanswered twice
+                            self._on_silent(self._endpoints[self._index])
                         # Another member at once: the deadline (TTL - margin after the last
                         # answered send) leaves room for one more try after a timeout.
                         if len(self._endpoints) > 1:
