@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 LEASE_FILE = "attempt-lease"  # in the agent's data dir
 _UPTIME = Path("/proc/uptime")
+RENEW_STEP_CS = 50  # renewals closer together than this (or a 20th of the lease) are skipped
 
 
 def supported() -> bool:
@@ -41,6 +42,7 @@ class AttemptLease:
         self.path = Path(data_dir) / LEASE_FILE
         self.enabled = supported()
         self._warned = False
+        self._written = -1  # the expiry in the file, as this process last wrote it
         if not self.enabled:
             logger.warning("no /proc/uptime or CLOCK_BOOTTIME here: task attempts run without a "
                            "lease and are not stopped when this agent loses the leader")
@@ -49,9 +51,16 @@ class AttemptLease:
         """The leader answered: attempts may run `duration_s` more seconds from now."""
         if not self.enabled:
             return
+        expiry = now_cs() + int(duration_s * 100)
+        # A busy leader answers many times a second: a renewal that moves the expiry on by
+        # less than this is skipped (the file then says a little earlier: the fence can only
+        # kill sooner, never later). One that shortens the lease is always written.
+        if 0 <= expiry - self._written < min(RENEW_STEP_CS, int(duration_s * 5)):
+            return
         try:
             # Not fsync'd: after a crash of the host, no attempt survives to read it anyway.
-            write_atomic(self.path, f"{now_cs() + int(duration_s * 100)}\n".encode(), durable=False)
+            write_atomic(self.path, f"{expiry}\n".encode(), durable=False)
+            self._written = expiry
             self._warned = False
         except OSError as err:
             if not self._warned:  # the old lease runs out, and the attempts with it

@@ -122,3 +122,25 @@ def test_the_spec_option_reaches_the_runner_and_a_fenced_exit_asks_for_a_requeue
     assert to_proto(fenced).requeue
     killed = TaskEvent("t1", 1, 1, TaskEventKind.EXITED, exit_code=-9, reason="killed by signal 9")
     assert not to_proto(killed).requeue
+
+
+def test_renewals_that_barely_move_the_expiry_skip_the_write_and_never_make_it_later(tmp_path, monkeypatch):
+    from lepton.agent.tasks import lease as lease_mod
+
+    clock = [1000]
+    monkeypatch.setattr(lease_mod, "now_cs", lambda: clock[0])
+    lease = AttemptLease(tmp_path)
+
+    def written() -> int:
+        return int(lease.path.read_text())
+
+    lease.renew(10.0)
+    assert written() == 2000
+    clock[0] = 1010  # a busy leader's next answer, 0.1 s later: no write
+    lease.renew(10.0)
+    assert written() == 2000  # a little earlier than it could say: the fence can only kill sooner
+    clock[0] = 1060
+    lease.renew(10.0)
+    assert written() == 2060
+    lease.renew(0.0)  # a shorter lease is always written
+    assert written() == 1060
