@@ -125,12 +125,12 @@ class Election:
                 self.granted_ttl = granted_ttl
                 self.valid_until = max(self.valid_until, sent + granted_ttl - margin)
 
-    def _silent(self, endpoint: str) -> None:
-        """On the keep-alive thread: `endpoint` let a keep-alive time out. The watch and the
+    def _silent(self, endpoints: set[str]) -> None:
+        """On the keep-alive thread: keep-alives to `endpoints` timed out. The watch and the
         appends on the shared connection would only notice after their own timeouts (a
-        frozen member answers nothing): move them to the next member too."""
+        frozen member answers nothing): if it is on one of them, move it on too."""
         def leave() -> None:
-            if self._conn.current == endpoint:
+            if self._conn.current in endpoints:
                 self._conn.failover(self._conn.generation)
         try:
             self._loop.call_soon_threadsafe(leave)

@@ -25,12 +25,13 @@ logger = logging.getLogger(__name__)
 class KeepAliveThread:
     """Keeps `lease` (set by the owner; 0: none) alive. `on_answer(lease, sent, ttl)` is
     called on this thread for each answer (ttl <= 0: etcd no longer knows the lease), and
-    `on_silent(endpoint)` when keep-alives timed out twice in a row, the last at `endpoint`
-    (it may be frozen or cut off: the owner's other calls should leave it too); both must be cheap and thread-safe."""
+    `on_silent(endpoints)` when keep-alives timed out twice in a row, at those endpoints
+    (frozen or cut off: the owner's other calls should leave them too). Both must be cheap
+    and thread-safe."""
 
     def __init__(self, endpoints: Sequence[str], credentials: grpc.ChannelCredentials | None,
                  options: list, interval: float, on_answer: Callable[[int, float, int], None],
-                 on_silent: Callable[[str], None], name: str):
+                 on_silent: Callable[[set[str]], None], name: str):
         self._endpoints = list(endpoints)
         self._credentials = credentials
         self._options = options
@@ -70,7 +71,8 @@ class KeepAliveThread:
         self._stub = rpc.LeaseStub(self._channel)
 
     def _run(self) -> None:
-        failures = silent = 0  # keep-alives failed, and timed out, in a row
+        failures = 0  # keep-alives failed in a row
+        silent: list[str] = []  # the endpoints of the last two that timed out, in a row
         try:
             self._open()
             while not self._stopping.is_set():
@@ -79,7 +81,8 @@ class KeepAliveThread:
                 if lease:
                     try:
                         ttl = self._once(lease)
-                        failures = silent = 0
+                        failures = 0
+                        silent.clear()
                         if not self._stopping.is_set():
                             self._on_answer(lease, sent, ttl)
                     except grpc.RpcError as err:
@@ -87,9 +90,12 @@ class KeepAliveThread:
                         if failures <= 2 or failures % 20 == 0:
                             logger.warning("etcd: lease keep-alive to %s failed (%d in a row): %s",
                                            self._endpoints[self._index], failures, _describe(err))
-                        silent += isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-                        if silent >= 2:  # not one slow answer on a loaded box: unanswered twice
-                            self._on_silent(self._endpoints[self._index])
+                        if isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                            silent[:] = silent[-1:] + [self._endpoints[self._index]]
+                            if len(silent) == 2:  # not one slow answer on a loaded box
+                                self._on_silent(set(silent))
+                        else:
+                            silent.clear()
                         # Another member at once: the deadline (TTL - margin after the last
                         # answered send) leaves room for one more try after a timeout.
                         if len(self._endpoints) > 1:
