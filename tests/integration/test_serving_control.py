@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import grpc
 import numpy as np
 import pytest
 
@@ -242,4 +243,37 @@ def test_serve_up_of_a_model_that_cannot_load_stops_waiting_and_says_where_to_lo
     assert client.get(failed).state == "failed"
     assert client.get_deployment("bad").state in ("failing", "starting")  # it keeps trying
     client.delete_deployment("bad")
+    wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
+
+
+@pytest.mark.timeout(300)
+def test_a_deployment_made_again_under_a_removed_ones_name_starts_with_no_figures(cluster):
+    """serve show's figures are the leader's merge of routers' counters (ReportReplicas): a
+    removed deployment's go with it, and a router that missed the removal and counts on from
+    the old counters is counted from where they stood. The router here is a node's report
+    sent by the test (auth is off), so its counts are exact; the deployment's replica asks
+    for more cores than any node has: no replica process is needed."""
+    _, client, (voter, _) = cluster
+    channel = grpc.insecure_channel(voter.address)
+    stub = DeploymentsStub(channel)
+
+    def router_says(requests: int) -> None:
+        stats = serving_pb2.RouterStats(deployment="web", requests=requests, errors=1, bucket_le_ms=[5.0, 1e9],
+                                        bucket_counts=[requests, requests])
+        stub.ReportReplicas(serving_pb2.ReportReplicasRequest(node_id="router-1", started_at_ms=1, stats=[stats]),
+                            timeout=30)
+
+    client.create_deployment("web", "mlp", cpu=100)
+    router_says(7)
+    assert client.get_deployment("web").stats.requests == 7
+    client.delete_deployment("web")
+    wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
+    router_says(8)  # a late report under the removed name: not kept
+    client.create_deployment("web", "mlp", cpu=100)
+    fresh = client.get_deployment("web").stats
+    assert (fresh.requests, fresh.errors, fresh.p99_ms) == (0, 0, 0), fresh  # nothing of the removed one's
+    router_says(10)  # this router never heard of the removal: its counters ran on from 7
+    assert client.get_deployment("web").stats.requests == 3
+    channel.close()
+    client.delete_deployment("web")
     wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
