@@ -26,6 +26,8 @@ from .tasks import build_spec
 from .types import FINAL_TASK_STATES as FINAL
 from .types import TaskInfo
 
+_UINT32_MAX = (1 << 32) - 1
+
 
 @dataclass
 class JobInfo:
@@ -117,6 +119,11 @@ class JobMethods:
             raise InvalidArgument(f"--nodes must be at least 1, not {nodes}")
         if nproc_per_node < 0 or gpus_per_node < 0 or max_restarts < 0:
             raise InvalidArgument("nproc_per_node, gpus_per_node and max_restarts must be >= 0")
+        # Past its proto field (uint32), building the message would raise ValueError; the
+        # cluster's own limits are smaller and checked where they live.
+        for what, n in (("nodes", nodes), ("nproc_per_node", nproc_per_node), ("max_restarts", max_restarts)):
+            if n > _UINT32_MAX:
+                raise InvalidArgument(f"{what} {n} is out of range")
         if gpus_per_node:
             kw["gpus"] = gpus_per_node
         if nproc_per_node and not kw.get("cpu"):

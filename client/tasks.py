@@ -33,7 +33,7 @@ from lepton.common.errors import (
 from lepton.common.job_ids import is_job_id
 from lepton.common.paging import MAX_PAGE, walk_pages
 from lepton.common.sizes import parse_size
-from lepton.common.validation import require_id, spec_batches
+from lepton.common.validation import MAX_GPUS, MAX_PRIORITY, MAX_RETRIES, require_id, spec_batches
 from lepton.dataplane.code_archive import check_digest
 from lepton.v1 import agent_pb2 as apb
 from lepton.v1 import coordinator_pb2 as cpb
@@ -72,6 +72,20 @@ def _number(value: Any, what: str, *, integer: bool = False) -> Any:
 def _non_negative(value: Any, what: str, *, integer: bool = False) -> Any:
     if _number(value, what, integer=integer) < 0:
         raise InvalidArgument(f"{what} must not be negative, got {value:g}")
+    return value
+
+
+def _at_most(value: Any, what: str, high: int) -> Any:
+    """Within the cluster's limit, which also keeps it within its proto field (past that,
+    building the message raised ValueError)."""
+    if value > high:
+        raise InvalidArgument(f"{what} is {value}; at most {high}")
+    return value
+
+
+def _priority(value: Any) -> int:
+    if not -MAX_PRIORITY <= _number(value, "priority", integer=True) <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}, not {value}")
     return value
 
 
@@ -160,12 +174,12 @@ def build_spec(argv: Sequence[str] | None = None, **options: Any) -> tasks_pb2.T
         resources=tasks_pb2.Resources(
             cpu=float(_non_negative(o.cpu, "cpu")),
             memory_bytes=parse_size(o.memory, "memory"),
-            gpus=_non_negative(o.gpus, "gpus", integer=True),
+            gpus=_at_most(_non_negative(o.gpus, "gpus", integer=True), "gpus", MAX_GPUS),
             gpu_memory_bytes=parse_size(o.gpu_memory, "gpu memory"),
         ),
-        priority=_number(o.priority, "priority", integer=True),
+        priority=_priority(o.priority),
         constraints=_str_map(o.constraints, "constraints"),
-        max_retries=_non_negative(o.max_retries, "max_retries", integer=True),
+        max_retries=_at_most(_non_negative(o.max_retries, "max_retries", integer=True), "max_retries", MAX_RETRIES),
         timeout_s=float(_non_negative(o.timeout, "timeout")),
         owner=_text(o.owner, "owner"),
         request_id=_text(request_id, "request_id"),

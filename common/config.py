@@ -215,6 +215,8 @@ class AgentConfig:
         self.labels = parse_labels(self.labels)
         if not self.data_dir:
             raise InvalidArgument("data_dir must not be empty")
+        # The node's attempt fence and its tasks do not share the agent's working folder.
+        self.data_dir = os.path.abspath(self.data_dir)
         check_address(self.listen, "listen", bind=True)
         if self.advertise:
             check_address(self.advertise, "advertise")

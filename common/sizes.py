@@ -16,7 +16,20 @@ for _i, _letter in enumerate("kmgtpe", start=1):
     _SIZE_UNITS[_letter + "b"] = 1000**_i
 
 
+# The largest size: what every size field holds (int64; the proto's uint64 too).
+MAX_SIZE = (1 << 63) - 1
+
+
 def parse_size(value: int | float | str, what: str = "size") -> int:
+    """See `_parse_size`; a size past MAX_SIZE (8 EiB) is InvalidArgument too, not a
+    ValueError when it is put in a message."""
+    size = _parse_size(value, what)
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"{what} {value!r} is too large (under 8 EiB)")
+    return size
+
+
+def _parse_size(value: int | float | str, what: str) -> int:
     """Bytes from an int or a string such as `512MiB`, `2G`, `1.5GiB`, `100MB`, `4096`.
 
     `K`/`Ki`/`KiB`, `M`/`Mi`/`MiB`, `G`, `T`, `P`, `E` (any case) are powers of 1024; `KB`,
