@@ -15,6 +15,11 @@ runs seconds apart on a shared machine (ratios: each repeat's; ratio: the median
 sealed chunks as they lie (sendfile) and B authenticates and decrypts each to check it,
 keeping the sealed bytes. Prints one JSON object with raw_tcp_GBps, shard_GBps, ratio,
 ratios, the CPU seconds per GiB of puller and holder, and encrypt.
+
+cpu_ceiling_GBps: the most a pull could do with every core to itself, all busy: `cpus` /
+(puller + holder CPU-s per GiB, medians); cpu_ceiling_ratio: that over raw_tcp_GBps. A
+ratio near its ceiling means the pull is bound by CPU (kernel copies and page allocation,
+mostly), not by waiting; a busy machine lowers both rates but moves the ceiling less.
 """
 
 from __future__ import annotations
@@ -141,6 +146,8 @@ def main() -> None:
                 pulls.append(resp.bytes / dt / 1e9)
                 stub.DeleteShards(dpb.DeleteShardsRequest(shard_ids=[s for s, _ in shards]), timeout=60)
         ratios = [p / r for p, r in zip(pulls, raws, strict=True)]
+        cpu_per_gib = statistics.median(cpu_a) + statistics.median(cpu_b)
+        ceiling = (os.cpu_count() or 1) / cpu_per_gib * (1 << 30) / 1e9
         emit({
             "raw_tcp_GBps": round(max(raws), 3),
             "shard_GBps": round(max(pulls), 3),
@@ -150,6 +157,8 @@ def main() -> None:
             "puller_cpu_s_per_GiB": round(statistics.median(cpu_b), 3),
             "holder_cpu_s_per_GiB": round(statistics.median(cpu_a), 3),
             "raw_tcp_cpu_s_per_GiB": round(statistics.median(cpu_raw), 3),  # sender + receiver
+            "cpu_ceiling_GBps": round(ceiling, 3),
+            "cpu_ceiling_ratio": round(ceiling / max(raws), 3),
             "bytes": count * args.shard_mib * MiB,
             "shards": count,
             "storage": args.dir or tempfile.gettempdir(),

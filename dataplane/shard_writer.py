@@ -60,7 +60,7 @@ class ShardWriter:
         self._next = checkpoint_offsets(size)
         self._done = False
         self.received = 0  # plaintext bytes appended over the writer's life (rollbacks too)
-        self._out = bytearray(CHUNK + sc.TAG) if store.cipher is not None else None
+        self._out: bytearray | None = None  # sealing's output buffer, made on first use
         try:
             self.start_over(None)
         except BaseException:
@@ -168,6 +168,8 @@ class ShardWriter:
         return plain
 
     def _seal(self, chunk) -> None:
+        if self._out is None:  # not for a plaintext blob or a sealed copy: 4 MiB to fault in
+            self._out = bytearray(CHUNK + sc.TAG)
         self._append(self._sealer.seal_into(self._chunks, chunk, self._out))
         self._chunks += 1
         del self._pending[:]

@@ -9,10 +9,12 @@ at the frame that holds it, at no extra hashing cost. On a bad frame, a broken o
 stream, it rolls back to the last verified frame and resumes there from the next replica;
 the whole hash is checked at the end; nothing is stored unless it matches.
 
-Receiving overlaps checking: one thread receives frame k+1 (`recv_into` a reused buffer,
-one system call) while another hashes and writes frame k (BLAKE3, AES-GCM and `os.write`
-release the GIL), so one pull keeps two cores busy; `pull_many` runs one pull per core.
-Memory: two frame buffers per transfer (three with a sealed copy).
+Each frame is one `recv_into` system call into a reused buffer, then hashed and written
+with `os.write` (BLAKE3, AES-GCM and `os.write` release the GIL). `pull_many` runs one pull
+per core; when those fill the cores, each pull does all three in its one thread, keeping
+its buffers from shard to shard. A pull with a core to spare overlaps: one thread receives
+frame k+1 while a helper hashes and writes frame k. Memory: one frame buffer per pull (two
+when overlapping), one more for a sealed copy's plaintext.
 
 Sealed copies: when this store encrypts at rest, the puller names its key id and a holder
 with the same key sends its sealed chunks; each is authenticated and decrypted here (to
@@ -105,6 +107,8 @@ class Puller:
         self.on_bytes = on_bytes
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
+        # A pull_many worker's frame buffers, kept across its shards (gone with the thread).
+        self._kept = threading.local()
 
     def close(self) -> None:
         with self._lock:
@@ -127,15 +131,23 @@ class Puller:
         progress: Callable[[int], None] | None = None,
     ) -> PullResult:
         """Fetch each (shard id, size, sources); `parallel` at a time (default: one per
-        core; each pull overlaps its own receiving and checking). Never raises for one
-        shard: failures are listed in the result."""
+        core). Never raises for one shard: failures are listed in the result.
+
+        When the pulls at once leave no core free for a helper each, every pull receives,
+        checks and writes in its one thread (the other pulls keep the other cores busy; a
+        helper would only add hand-offs and move each frame between cores' caches); else
+        each pull overlaps its receiving and checking on two threads (`pull`)."""
         result = PullResult()
         lock = threading.Lock()
+        workers = max(1, parallel or os.cpu_count() or 1)
+        overlap = 2 * min(workers, len(shards)) <= (os.cpu_count() or 1)
 
         def one(item: tuple[str, int, Sequence[str]]) -> None:
             shard_id, size, sources = item
+            if not hasattr(self._kept, "buffers"):
+                self._kept.buffers = []
             try:
-                n = self.pull(shard_id, size, sources, progress=progress)
+                n = self.pull(shard_id, size, sources, progress=progress, overlap=overlap)
             except LeptonError as err:
                 with lock:
                     result.failed[shard_id] = err.message
@@ -144,7 +156,7 @@ class Puller:
                 result.pulled.append(shard_id)
                 result.bytes += n
 
-        with ThreadPoolExecutor(max(1, parallel or os.cpu_count() or 1), thread_name_prefix="pull") as pool:
+        with ThreadPoolExecutor(workers, thread_name_prefix="pull") as pool:
             list(pool.map(one, shards))
         return result
 
@@ -155,9 +167,11 @@ class Puller:
         sources: Sequence[str],
         *,
         progress: Callable[[int], None] | None = None,
+        overlap: bool = True,
     ) -> int:
         """Fetch one shard, trying `sources` in turn (twice round), resuming at the last
-        verified frame. Returns bytes received (0 when already stored).
+        verified frame. Returns bytes received (0 when already stored). `overlap`: check
+        and write each frame on a helper thread while the next one arrives (two cores).
 
         Raises ResourceExhausted (quota), InvalidArgument, Unavailable (every source failed;
         nothing stored)."""
@@ -183,7 +197,7 @@ class Puller:
                         return received
                 before = writer.received
                 try:
-                    self._fetch(source, writer, progress)
+                    self._fetch(source, writer, progress, overlap)
                     writer.commit()
                     return received + writer.received - before
                 except ShardCorrupt as err:
@@ -206,7 +220,7 @@ class Puller:
             if writer is not None:
                 writer.abort()
 
-    def _fetch(self, source: str, writer: ShardWriter, progress) -> None:
+    def _fetch(self, source: str, writer: ShardWriter, progress, overlap: bool) -> None:
         if self.transport != "grpc":
             try:
                 ticket = self._open(source, writer)
@@ -221,8 +235,8 @@ class Puller:
                     resumed = writer.offset
                     writer.start_over(header)
                     if resumed:
-                        return self._fetch(source, writer, progress)
-                return self._fetch_socket(source, ticket, writer, progress)
+                        return self._fetch(source, writer, progress, overlap)
+                return self._fetch_socket(source, ticket, writer, progress, overlap)
         if writer.copied_header is not None:  # ReadShard carries plaintext: seal it here
             writer.start_over(None)
         return self._fetch_grpc(source, writer, progress)
@@ -238,19 +252,21 @@ class Puller:
             timeout=IO_TIMEOUT_S,
         )
 
-    def _fetch_socket(self, source: str, ticket, writer: ShardWriter, progress) -> None:
-        """Receive frames into two alternating buffers while a helper thread checks and
-        writes the previous one. A failed check raises from the helper here."""
+    def _fetch_socket(self, source: str, ticket, writer: ShardWriter, progress, overlap: bool) -> None:
+        """Receive frames into a reused buffer and check and write each; with `overlap`,
+        into two alternating buffers while a helper thread checks and writes the previous
+        one (a failed check raises from the helper here)."""
         if ticket.size != writer.size:
             raise ShardCorrupt(f"{source} has {ticket.size} bytes, not {writer.size}")
         sealed = writer.copied_header is not None
         extra = sc.TAG if sealed else 0
-        bufs = [bytearray(CHUNK + extra), bytearray(CHUNK + extra)]
-        plain = bytearray(CHUNK) if sealed else None
+        frames = 2 if overlap else 1
+        buffers = self._buffers(frames + sealed)  # and one for a sealed chunk's plaintext
+        bufs, plain = buffers[:frames], (buffers[frames] if sealed else None)
         host = split_host_port(source, "source")[0]
         expect = writer.offset
         checking: Future | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="pull-check") as checker, \
+        with (ThreadPoolExecutor(1, thread_name_prefix="pull-check") if overlap else _Inline()) as checker, \
                 self._connect(host, ticket.port) as sock:
             try:
                 tune(sock)
@@ -265,7 +281,7 @@ class Puller:
                     over = expect == writer.size and (k > 0 or writer.size > 0)
                     if offset != expect or length != want or over:
                         raise ConnectionError(f"protocol error: frame at {offset}+{length}, not {expect}+{want}")
-                    view = memoryview(bufs[k % 2])[:length]
+                    view = memoryview(bufs[k % len(bufs)])[:length]
                     recv_into_exact(sock, view)
                     if checking is not None:
                         checking.result()  # frees the other buffer; raises its check's error
@@ -278,6 +294,16 @@ class Puller:
                 if checking is not None and checking.exception() is not None:
                     raise checking.exception() from None
                 raise
+
+    def _buffers(self, count: int) -> list[bytearray]:
+        """`count` frame buffers (CHUNK + TAG bytes): a pull_many worker's kept ones, else
+        new. Each new one is 4 MiB to zero and fault in (8-12 MiB per 64 MiB shard when
+        made per shard)."""
+        kept = getattr(self._kept, "buffers", None)
+        if kept is None:
+            return [bytearray(CHUNK + sc.TAG) for _ in range(count)]
+        kept.extend(bytearray(CHUNK + sc.TAG) for _ in range(count - len(kept)))
+        return kept[:count]
 
     def _connect(self, host: str, port: int) -> socket.socket:
         """The side-channel connection; with TLS, to a node certificate of the cluster CA
@@ -327,6 +353,22 @@ class Puller:
         writer.mark_verified()
         if progress is not None:
             progress(n)
+
+
+class _Inline:
+    """The helper thread's executor interface, running each call at once in the caller
+    (whose error then raises straight from `submit`)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def submit(self, fn, *args) -> Future:
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
 
 
 def _ask_to_verify(address: str, shard_id: str, tls: TlsConfig | None = None) -> None:

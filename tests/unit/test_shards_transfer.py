@@ -15,7 +15,7 @@ import pytest
 from lepton.common.errors import InvalidArgument, Unavailable
 from lepton.common.validation import join_host_port
 from lepton.dataplane import shard_crypto as sc
-from lepton.dataplane import side_channel
+from lepton.dataplane import side_channel, transfer
 from lepton.dataplane.shard_crypto import ShardCipher
 from lepton.dataplane.shard_hash import content_id
 from lepton.dataplane.shard_service import ShardService, add_to_server
@@ -120,6 +120,40 @@ def test_pull_many_fetches_each_shard_once_per_call(nodes, tmp_path, cipher):
         assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data
     again = Puller(dst).pull_many(items)
     assert again.bytes == 0 and len(again.pulled) == len(shards)
+
+
+@pytest.mark.parametrize("cipher", [None, KEY], ids=["plain", "sealed"])
+def test_one_thread_per_pull_keeps_its_buffers_and_still_catches_a_bad_chunk(nodes, tmp_path, cipher,
+                                                                           monkeypatch):
+    """Pulls that fill the cores (here one on a one-core node): each receives, checks and
+    writes in its one thread (no helper), with its frame buffers kept from shard to shard.
+    Every shard lands exactly (nothing of the one before), and a bad chunk in a later
+    shard is still caught."""
+    bad, good = nodes("bad", cipher=cipher), nodes("good", cipher=cipher)
+    shards = [put(bad.store, 2 * CHUNK + 5 * k, seed=k) for k in range(4)]
+    for sid, data in shards:
+        copy_of(bad, good, sid, len(data))
+    last = shards[-1][0]
+    if cipher is None:
+        flip(bad.store, last, CHUNK + 100)
+    else:
+        tamper(bad.store, last, 1)
+    pools, handed = [], []
+    real_pool, real_buffers = transfer.ThreadPoolExecutor, Puller._buffers
+    monkeypatch.setattr(transfer, "ThreadPoolExecutor",
+                        lambda n, thread_name_prefix: pools.append(thread_name_prefix) or real_pool(n, thread_name_prefix))
+    monkeypatch.setattr(transfer.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(Puller, "_buffers", lambda self, n: handed.append(real_buffers(self, n)) or handed[-1])
+    dst = ShardStore(tmp_path / "dst", cipher=cipher)
+    items = [(sid, len(data), [bad.address, good.address]) for sid, data in shards]
+    result = Puller(dst, transport="socket").pull_many(items)
+    assert sorted(result.pulled) == sorted(sid for sid, _ in shards) and not result.failed
+    for sid, data in shards:
+        assert b"".join(bytes(f[1]) for f in dst.read_chunks(sid)) == data and dst.verify(sid)
+    assert not bad.store.has(last) and good.store.has(last)  # told, re-hashed, dropped
+    assert pools == ["pull"]  # no pull-check helper
+    assert len(handed) == len(shards) + 1  # the bad copy, then the good one resumed
+    assert all(all(a is b for a, b in zip(bufs, handed[0], strict=True)) for bufs in handed)
 
 
 def _has_ipv6_loopback() -> bool:
