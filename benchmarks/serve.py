@@ -62,11 +62,12 @@ def rows(n: int = 1):
 
 class CpuMeter:
     """CPU seconds (user + system) the processes `pids()` names spent between `start()` and
-    `stop()`; a process gone meanwhile counts up to its last sample."""
+    `stop()`; a process gone meanwhile counts up to its last sample. `by_pid` after `stop()`."""
 
     def __init__(self, pids):
         self._pids = pids
         self._first: dict[int, float] = {}
+        self.by_pid: dict[int, float] = {}
 
     @staticmethod
     def _cpu(pid: int) -> float | None:
@@ -82,7 +83,8 @@ class CpuMeter:
         self._first = {pid: c for pid in self._pids() if (c := self._cpu(pid)) is not None}
 
     def stop(self) -> float:
-        return sum(max(0.0, (self._cpu(pid) or first) - first) for pid, first in self._first.items())
+        self.by_pid = {pid: max(0.0, (self._cpu(pid) or first) - first) for pid, first in self._first.items()}
+        return sum(self.by_pid.values())
 
 
 def measured(meter: CpuMeter, run) -> dict:
@@ -229,6 +231,11 @@ def lepton(model_path: Path, clients: int, seconds: float, gpus: int, baseline: 
                 beside = baseline.measure(clients, seconds)
                 meter = CpuMeter(lambda name=name: [agent.proc.pid, *replica_pids(name)])
                 run = measured(meter, lambda name=name: asyncio.run(load(agent.address, name, clients, seconds)))
+                if run["requests"]:  # where the serving side's CPU went
+                    agent_s = meter.by_pid.get(agent.proc.pid, 0.0)
+                    run["agent_cpu_ms_per_request"] = round(agent_s * 1000 / run["requests"], 4)
+                    run["replicas_cpu_ms_per_request"] = round(
+                        (sum(meter.by_pid.values()) - agent_s) * 1000 / run["requests"], 4)
                 run["baseline_alongside"] = beside
                 run["rps_over_baseline"] = ratio(run["requests_per_s"], beside["requests_per_s"])
                 run["p99_over_baseline"] = ratio(run["p99_ms"], beside["p99_ms"])
