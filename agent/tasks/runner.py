@@ -594,8 +594,11 @@ class TaskRunner:
             elif scan and self._fence.link.up and now - busy_at >= FENCE_IDLE_S:
                 busy_at = now  # one try per idle period
                 self._releasing = asyncio.create_task(self._fence.release(self._idle), name="task-fence-release")
-            if scan and not self._fence.link.up and (self._live or self._in_doubt or self._fence.failures):
-                self._fence.lost()  # lost, or the last try to start a fence failed: once more
+            # Lost, or the last try to start one failed: once more (once it gave up, only the
+            # next spawn tries: a fence that cannot start costs an idle node nothing).
+            if scan and not self._fence.link.up and (self._live or self._in_doubt or
+                                                     self._fence.failures and not self._fence.gave_up):
+                self._fence.lost()
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
