@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The tests start hundreds of agent and lepton-ctl processes: under PYTHONDONTWRITEBYTECODE
+# (set on some CI images) each compiled the project's sources again, and pytest rewrote every
+# test module on every run. Cached bytecode (ignored by git) is compiled once.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: demo test unit integration sim proto lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt

@@ -2,10 +2,11 @@
 `lepton.agent.tasks.runner`), and the folders it is given to write in.
 
 - Environment: a task gets only `INHERITED_ENV` of the agent's environment (PATH, HOME,
-  locale, time zone, temp dir, library paths), then its spec's env, then `LEPTON_TASK_ID`,
-  `LEPTON_ATTEMPT` and the GPU variables. Never the rest: the agent's environment may hold
-  its node token (`LEPTON_NODE_TOKEN`) or other secrets. An explicit `base_env` replaces
-  the inherited part as given; `task_path` (--task-path), when set, replaces its PATH.
+  locale, time zone, temp dir, library paths, OpenMP's thread cap), then its spec's env,
+  then `LEPTON_TASK_ID`, `LEPTON_ATTEMPT` and the GPU variables. Never the rest: the
+  agent's environment may hold its node token (`LEPTON_NODE_TOKEN`) or other secrets.
+  An explicit `base_env` replaces the inherited part as given; `task_path` (--task-path),
+  when set, replaces its PATH.
 - GPUs: with `gpu_indices`, CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES are both the
   comma-joined indices. Without, both are set to "" (no GPU visible), so a CPU task cannot
   touch GPUs given to others, unless spec.env names a value for them explicitly.
@@ -33,7 +34,11 @@ from lepton.agent.tasks.task_user import WORK_DIR, TaskUser
 
 GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
 # What a task inherits from the agent's environment (LC_* too); nothing else passes.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH")
+# OMP_NUM_THREADS: an operator's cap on a task's threads per process (agents that share a
+# host's few cores, as the tests' do: torch's default of a spinning thread per core made
+# 2-rank gloo training 15x slower there).
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH",
+                 "OMP_NUM_THREADS")
 SERVE_SOCKET_ENV = "LEPTON_SERVE_SOCKET"
 
 
