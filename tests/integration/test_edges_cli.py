@@ -146,3 +146,26 @@ def test_a_relative_data_dir_runs_tasks():
     finally:
         agent.kill()
         agent.wait(10)
+
+
+BAD_AGENT_FLAGS = [
+    ["--state", "etcd://"], ["--state", "etcd://host"], ["--state", "etcd://h:99999"], ["--state", "ftp://h:1"],
+    ["--state", "etcd://h:1,h:1"], ["--state", "etcd://h:1", "--peers", "127.0.0.1:5"],
+    ["--state", "etcd://h:1", "--etcd-lease-ttl", "nan"], ["--state", "etcd://h:1", "--etcd-ca", "/no/such"],
+    # A file that is not a certificate: gRPC's C core printed 4 lines every 200 ms before.
+    ["--state", "etcd://h:1", "--etcd-ca", "{junk}"],
+    ["--state", "etcd://h:1", "--etcd-prefix", "noslash"], ["--etcd-prefix", "/x"],
+    ["--state", "etcd://h:1", "--cluster-name", "a/b"],
+]
+
+
+@pytest.mark.parametrize("flags", BAD_AGENT_FLAGS, ids=[" ".join(f) for f in BAD_AGENT_FLAGS])
+def test_bad_state_flags_stop_the_agent_with_one_line(flags, tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    flags = [f.format(junk=tmp_path / "junk.pem") for f in flags]
+    cmd = [sys.executable, "-m", "lepton.agent.main", "--data-dir", str(tmp_path / "data"),
+           "--listen", "127.0.0.1:0", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and out.stderr.startswith("lepton-agent: "), out
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was made
