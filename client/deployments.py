@@ -181,7 +181,7 @@ class DeploymentMethods:
                 return info
             if not gone and info.state == "failing":  # its replicas fail to start, again and again
                 raise FailedPrecondition(f'deployment "{name}" is failing: {info.message}; it keeps trying '
-                                         f"(lepton-ctl serve show {name}; serve rm {name} stops it)")
+                                         f"(lepton-ctl serve show {name}; serve update or serve rm changes that)")
             if time.monotonic() >= deadline:
                 what = "removed" if gone else f"{info.replicas} replica(s) of generation {info.generation} ready"
                 raise DeadlineExceeded(f'deployment "{name}" not {what} after {timeout:g}s: {info.message}')

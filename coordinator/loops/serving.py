@@ -45,7 +45,7 @@ REFUSED_PAUSE_S = 5.0  # a refused step (a quota, say): submits wait this long b
 STALL_S = 10.0  # a rolling update's extra replica pending this long: an old one makes way
 REPLICA_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the replica finishes the batches it holds
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 30.0
-FAILING_AFTER = 3  # replicas failed with none ever ready: the deployment shows "failing"
+FAILING_AFTER = 3  # replicas failed, none of this generation ready: the deployment is "failing"
 _ON_NODE = (TaskState.ASSIGNED.proto, TaskState.RUNNING.proto)
 _GONE_NODE = (NodeState.DOWN.proto, NodeState.LEFT.proto)
 INTERVAL_S = 0.5
@@ -293,8 +293,12 @@ class ServingLoop:
         soft.state, soft.message = plan.state, plan.message
         if plan.state == "ready":  # not merely one ready: a sibling may be crash-looping
             soft.failures = 0
-        elif plan.state == "starting" and soft.failures >= FAILING_AFTER:
-            soft.state = "failing"  # `serve up` stops waiting; the loop keeps trying
+        elif (plan.state in ("starting", "rolling") and soft.failures >= FAILING_AFTER
+              and not any(t.spec.replica.generation == rec.deployment.generation
+                          and t.state == TaskState.RUNNING.proto and reported.get(t.id) == READY for t in live)):
+            # `serve up`/`update` stop waiting; the loop keeps trying (an update's old
+            # replicas keep serving meanwhile: they drain only once new ones are ready).
+            soft.state = "failing"
         waiting = [self._pending_reason(t.id) for t in pending if t.id not in rec.draining]
         waiting = [w for w in waiting if w]
         if waiting and plan.state in ("starting", "degraded", "rolling"):

@@ -299,3 +299,21 @@ def test_a_deployment_whose_replicas_keep_failing_is_failing_and_says_why():
     rig.run_and_ready(rig.live()[-1].id)  # one comes up after all
     rig.cycle()
     assert rig.loop.status("web") == ("ready", "1/1 replicas ready")
+
+
+def test_an_update_to_a_model_that_cannot_load_is_failing_while_the_old_replicas_serve():
+    rig = Rig(replicas=1)
+    rig.cycle()
+    rig.run_and_ready("t-0")
+    rig.cycle()
+    rig.w.apply(update_deployment=state_pb2.UpdateDeploymentCmd(name="web", model="digits2"))
+    for _ in range(serving.FAILING_AFTER):
+        rig.cycle()
+        new = rig.live(gen=2)[-1].id
+        rig.run_and_ready(new)
+        rig.ep.states.pop(new)  # it starts, then dies before it is ready
+        rig.fail(new)
+        rig.cycle()
+        rig.now += serving.BACKOFF_MAX_S
+    assert rig.loop.status("web")[0] == "failing"
+    assert [t.id for t in rig.live(gen=1)] == ["t-0"] and rig.state_of("t-0") == READY  # still serving
