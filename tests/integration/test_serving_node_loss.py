@@ -72,6 +72,7 @@ def test_a_lost_nodes_replica_is_replaced_once_the_node_is_down(agents, tmp_path
         c.create_deployment("web", "digits", replicas=2, cpu=REPLICA_CPU)
         wait_ready(c, "web", 2, [voter, worker], "a replica on each node",
                    nodes=lambda on: on == {voter.node_id, worker.node_id})
+        first = {r.task_id for r in ready_replicas(c, "web")}
         lost = next(r.task_id for r in ready_replicas(c, "web") if r.node_id == worker.node_id)
 
         # Another task on the voter, at the voter's replica's socket: refused.
@@ -81,7 +82,7 @@ def test_a_lost_nodes_replica_is_replaced_once_the_node_is_down(agents, tmp_path
                           what="the probe task")
         assert done.state == "succeeded", f"the probe reached the replica: {done}"
 
-        killed_at = time.monotonic()
+        killed_at, killed_wall_ms = time.monotonic(), time.time() * 1000
         worker.kill9()
         wait_until(lambda: c.node(worker.node_id).state == "down", timeout=60, what="the worker declared down")
         down_at = time.monotonic()
@@ -92,5 +93,8 @@ def test_a_lost_nodes_replica_is_replaced_once_the_node_is_down(agents, tmp_path
         # its lease was surely over (the fence wait: the same task, much later).
         assert lost not in {r.task_id for r in ready_replicas(c, "web")}
         assert c.get(lost).state == "cancelled", c.get(lost)
+        new = c.get(next(r.task_id for r in ready_replicas(c, "web") if r.task_id not in first))
         print(f"\nnode loss: kill -> down {down_at - killed_at:.1f}s, down -> replacement ready "
-              f"{ready_at - down_at:.1f}s, kill -> ready {ready_at - killed_at:.1f}s")
+              f"{ready_at - down_at:.1f}s, kill -> ready {ready_at - killed_at:.1f}s; the replacement "
+              f"submitted {(new.created_at_ms - killed_wall_ms) / 1000:.1f}s after the kill, "
+              f"started {(new.started_at_ms - killed_wall_ms) / 1000:.1f}s after")
