@@ -366,28 +366,6 @@ class RaftCore(LeaderMixin, MembershipMixin):
         if self.role is _LEADER and rd.entries:
             self._maybe_commit()
 
-    def _persist_can_wait(self) -> bool:
-        """Leader: may its new entries stay off its disk for now? Yes while every other
-        voter has a full append window: they cannot commit before an append carries them,
-        which waits for an answer that frees a window (or for a silent follower to drop to
-        probing); that ready() sends them and persists them, its fsync overlapping the
-        follower's (eager messages). So the proposals that arrive during one replication
-        round share one fsync here, as they share one on each follower; persisting each as
-        it came cost the leader a thread hop and an fsync per proposal or two, and made
-        nothing commit sooner. A leader alone, or with a follower it could send to now,
-        persists at once."""
-        if self.role is not _LEADER or self._hs_dirty or self._snap_pending is not None:
-            return False
-        conf = self._conf
-        if not conf.others or self.id not in conf.voters:
-            return False
-        limit = self._cfg.max_inflight
-        for p in conf.others:
-            pr = self._tracker.get(p)
-            if pr is None or pr.state is not PeerState.REPLICATE or len(pr.inflight) < limit:
-                return False
-        return True
-
     # -- roles -----------------------------------------------------------------------
     def _enter(self, now: float) -> None:
         if self._in_ready:
