@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +215,52 @@ async def test_leadership_transfer(cluster: Cluster) -> None:
         assert time.monotonic() < deadline, "transfer did not happen"
         await asyncio.sleep(0.01)
     assert not lead.is_leader()
+
+
+class HeldSyncs(FileLogStore):
+    """A store whose chosen sync() calls (1-based) wait until the test releases them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.count = 0
+        self.holds: dict[int, tuple[threading.Event, threading.Event]] = {}
+
+    def hold(self, number: int) -> tuple[threading.Event, threading.Event]:
+        """(entered, release) for sync number `number`."""
+        self.holds[number] = (threading.Event(), threading.Event())
+        return self.holds[number]
+
+    def sync(self) -> None:
+        self.count += 1
+        held = self.holds.get(self.count)
+        if held is not None:
+            held[0].set()
+            held[1].wait(30)
+        super().sync()
+
+
+async def test_a_committed_entry_is_answered_while_a_later_write_syncs(tmp_path: Path) -> None:
+    store = HeldSyncs(tmp_path / "v1")
+    node = RaftConsensus("v1", {"v1": "127.0.0.1:1"}, store, ListStateMachine(), config=CFG)
+    await node.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not node.is_leader() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert node.is_leader()
+        (b_entered, b_release), (c_entered, c_release) = store.hold(store.count + 1), store.hold(store.count + 2)
+        b = asyncio.create_task(node.propose(b"b", timeout=30))
+        assert await asyncio.to_thread(b_entered.wait, 10)
+        c = asyncio.create_task(node.propose(b"c", timeout=30))  # queued behind b's write
+        await asyncio.sleep(0)
+        b_release.set()
+        assert await asyncio.to_thread(c_entered.wait, 10)
+        # b is committed and on disk; its answer does not wait for c's fsync.
+        assert (await asyncio.wait_for(b, 10))[1] == 1
+        assert not c.done()
+        c_release.set()
+        assert (await asyncio.wait_for(c, 10))[1] == 2
+    finally:
+        for _, release in store.holds.values():
+            release.set()
+        await node.stop()
