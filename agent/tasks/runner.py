@@ -25,9 +25,11 @@ Choices:
 - When an attempt's process ends, whatever is left in its process group is SIGKILLed (like
   a container): a task's background processes die with it.
 - What an attempt is spawned with (command, environment, GPUs, --task-user, shipped code)
-  is built by `attempt_env`; the fence spawns a batch per request, large batches in the
-  background (spawn.py: the loop keeps serving heartbeats meanwhile; those being spawned
-  count as running, and a cancel meanwhile stops them before or right after they start).
+  is built by `attempt_env`; the fence spawns a batch per request, every batch from a
+  thread (spawn.py: the loop never waits on the disk or the fence; those being spawned
+  count as running, pid 0, and a cancel meanwhile stops them before or right after they
+  start). The fence is started at the first spawn and let go when idle (fence_keeper.py);
+  a request it left unanswered is settled by run.json and its held list, never guessed.
 - No polling: the fence tells the runner of each exit (fence_link.py); an attempt it does
   not hold (one of a fence that died, or of an older agent) has a pidfd (exit_watch.py);
   deadlines and SIGKILL times are timers; only where no pidfd can be had is an attempt
@@ -75,7 +77,7 @@ from lepton.agent.tasks.task_spec import (
 )
 from lepton.agent.tasks.task_user import TaskUser
 from lepton.common.durable import read_json
-from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["FAILED_TO_START_CODE", "Chunk", "RunSpec", "RunningTask", "TaskEvent", "TaskEventKind", "TaskRunner", "validate_ids"]
 
@@ -352,18 +354,10 @@ class TaskRunner:
         With it, tails until this runner has seen the attempt exit and the output is drained.
         Raises (on first iteration) InvalidArgument for bad ids or offset, NotFound when the
         attempt never ran on this node, or its folder was deleted by the retention."""
-        att_dir = self._attempt_dir(task_id, attempt)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InvalidArgument(f"offset must be an integer >= 0, not {offset!r}")
         key = (task_id, attempt)
-        while not att_dir.is_dir() and key in self._spawns.starting:  # its folder is made in a thread
-            await asyncio.sleep(POLL_S)
-        if not att_dir.is_dir():
-            raise NotFound(f"attempt {attempt} of task {task_id} has no output on this node "
-                           "(it never ran here, or the task retention deleted it)")
-        async for chunk in task_logs.read_output(
-                self._outputs, att_dir, offset, keep_following=lambda: follow and self._alive(key),
-                chunk_bytes=CHUNK_BYTES, poll_s=POLL_S):
+        async for chunk in task_logs.attempt_output(
+                self._outputs, self._attempt_dir(*key), offset, keep_following=lambda: follow and self._alive(key),
+                starting=lambda: key in self._spawns.starting, chunk_bytes=CHUNK_BYTES, poll_s=POLL_S):
             yield chunk
 
     async def follow(self, task_id: str, attempt: int, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:

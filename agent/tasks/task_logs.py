@@ -51,6 +51,7 @@ from pathlib import Path
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.task_spec import TASK_ID_RE
 from lepton.common.durable import read_json
+from lepton.common.errors import InvalidArgument, NotFound
 from lepton.common.job_ids import job_of  # a member task's job: the jobs/<job id> folder
 
 logger = logging.getLogger(__name__)
@@ -299,6 +300,22 @@ class OutputLogs:
 
 def _note(text: str, at_line_start: bool) -> bytes:
     return (b"" if at_line_start else b"\n") + f"[lepton: {text}]\n".encode()
+
+
+async def attempt_output(logs: OutputLogs, att_dir: Path, offset: int, *, keep_following: Callable[[], bool],
+                         starting: Callable[[], bool], chunk_bytes: int, poll_s: float) -> AsyncIterator[Chunk]:
+    """`read_output` of an attempt's folder, once made (while `starting()`, a spawning
+    thread makes it). Raises InvalidArgument for a bad offset, NotFound without the folder."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgument(f"offset must be an integer >= 0, not {offset!r}")
+    while not att_dir.is_dir() and starting():
+        await asyncio.sleep(poll_s)
+    if not att_dir.is_dir():
+        raise NotFound(f"attempt {att_dir.name} of task {att_dir.parent.name} has no output on this node "
+                       "(it never ran here, or the task retention deleted it)")
+    async for chunk in read_output(logs, att_dir, offset, keep_following=keep_following,
+                                   chunk_bytes=chunk_bytes, poll_s=poll_s):
+        yield chunk
 
 
 async def read_output(logs: OutputLogs, att_dir: Path, offset: int, *, keep_following: Callable[[], bool],
