@@ -67,13 +67,21 @@ class JobFile:
         return bool(self.job)
 
 
+MAX_JOB_FILE_BYTES = 1 << 20
+
+
 def load(path: str) -> JobFile:
     """Read and check `path`; InvalidArgument in one line naming the file and the key."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read(MAX_JOB_FILE_BYTES + 1)  # capped: /dev/zero or a wrong huge file
+        if len(data) > MAX_JOB_FILE_BYTES:
+            raise InvalidArgument(f"{path}: over {MAX_JOB_FILE_BYTES >> 20} MiB; a job file is a small TOML file")
+        doc = tomllib.loads(data.decode())
     except OSError as err:
         raise InvalidArgument(f"cannot read job file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{path}: not a text file (a job file is TOML)") from None
     except tomllib.TOMLDecodeError as err:
         raise InvalidArgument(f"{path}: not valid TOML: {err}") from None
     return parse(doc, base=os.path.dirname(os.path.abspath(path)), where=path)

@@ -82,7 +82,10 @@ def state(node) -> tuple:
 def test_mistakes_get_one_line_and_change_nothing(node, tmp_path):
     before = state(node)
     refusals = {}
-    for args in WRONG_NAMES:
+    (tmp_path / "job.toml").write_bytes(b"\xd5\xff binary, not TOML")
+    # A job file that never ends (was read whole: the memory ran out) or is binary (was
+    # "unexpected error: UnicodeDecodeError").
+    for args in [*WRONG_NAMES, ("apply", "-f", "/dev/zero"), ("apply", "-f", str(tmp_path / "job.toml"))]:
         out = run_ctl(*args, server=node.address, timeout=60)
         try:
             one_line_refusal(out)
