@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lepton.agent.shard_scratch import PREFIX, SHM, node_key
-from lepton.client import Client
+from lepton.client import Client, LeptonError
 from tests.integration.cluster import run_ctl, wait_until
 
 pytestmark = [
@@ -61,7 +61,11 @@ def test_kill_9_of_a_torch_task_leaves_no_decrypted_shards(agents, tmp_path):
         logs: list[str] = []
 
         def staged() -> bool:
-            logs[:] = [line for line in b"".join(c.job_logs(job.id)).decode().splitlines() if "staged " in line]
+            try:
+                text = b"".join(c.job_logs(job.id)).decode(errors="replace")
+            except LeptonError:  # not started yet
+                return False
+            logs[:] = [line for line in text.splitlines() if "staged " in line]
             return bool(logs)
 
         wait_until(staged, timeout=180, interval=0.5, what="the job to stage its shard")

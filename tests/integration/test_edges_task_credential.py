@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lepton.client import Client
+from lepton.client import Client, LeptonError
 from lepton.common.channels import make_channel
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cgrpc
@@ -98,7 +98,10 @@ def test_a_stolen_task_credential_gets_no_more_than_its_submitter(agents, tmp_pa
         lines: list[str] = []
 
         def leaked() -> bool:
-            text = b"".join(b.logs(leaker.id)).decode(errors="replace")
+            try:
+                text = b"".join(b.logs(leaker.id)).decode(errors="replace")
+            except LeptonError:  # not started yet
+                return False
             lines[:] = [line for line in text.splitlines() if line.startswith("TOKEN=")]
             return bool(lines)
 
