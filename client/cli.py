@@ -295,6 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as e:
+        if args.debug:
+            raise
+        # A file or folder of the user's that is not what the command needs (a missing
+        # folder, a device, no room): its name and why, not "unexpected error".
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - the one-line promise holds for bugs too
         if args.debug:
             raise

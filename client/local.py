@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = ".lepton-local"
 # Raft is not merged yet: agent-1 is a one-voter cluster and the rest join it. Once it is,
+# A local cluster is for trying things out on one host: each agent is a process of its own.
+MAX_AGENTS = 32
 # 3 makes a real quorum (the first 3 agents get --peers, the rest --join them).
 # None: 3 voters (Raft) when there are at least 3 agents, else a single voter.
 DEFAULT_VOTERS = None
@@ -259,8 +261,8 @@ def up(
     On any failure the agents started so far are stopped again and the error names the
     log to read. `agent_cmd` replaces the agent executable (tests).
     """
-    if agents < 1:
-        raise InvalidArgument(f"--agents must be at least 1, got {agents}")
+    if not 1 <= agents <= MAX_AGENTS:
+        raise InvalidArgument(f"--agents must be between 1 and {MAX_AGENTS}, got {agents}")
     if voters is None:
         voters = 3 if agents >= 3 else 1
     if not 1 <= voters <= agents:

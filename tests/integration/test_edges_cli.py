@@ -64,6 +64,10 @@ WRONG_NAMES = [
     ("serve", "up", "nosuch", "--name", "web", "--mem", "99999999PiB"),
     ("serve", "up", "nosuch", "--name", "web", "--replicas", "1000000"),
     ("submit", "--cpu", "1e308", "--", "true"), ("submit", "--timeout", "nan", "--", "true"),
+    # Files that are not what the command needs ("unexpected error: FileNotFoundError" before),
+    # and a local cluster of 1000 agents (was started, one process each, until the host gave out).
+    ("snapshot", "save", "/nonexistent-h7/dir/snap"), ("certs", "init", "--dir", "/dev/null"),
+    ("local", "up", "--agents", "1000"),
 ]
 
 
