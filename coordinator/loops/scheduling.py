@@ -9,6 +9,10 @@ cycle (`min_cycle_s`); fresh submissions alone are placed into the room left ove
 pass takes the most urgent `max_per_cycle` tasks from a `PendingQueue` kept between cycles
 (O(k log k) with 200,000 pending, not a sort of them all) and is spaced by its own cost
 (`full_pass_spacing`), so a stream of finishing tasks cannot keep the event loop busy.
+The scheduler's snapshot (and the columns it builds from it) is kept until a node or an
+allocation changes, and new tasks that each match a shape a pass on that snapshot found
+unplaceable are answered from it without a pass: under a flood of tasks no node can take,
+a cycle costs a dict lookup per new task.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from lepton.coordinator.scheduler import (
     NodeView,
     Policy,
     TaskRequest,
+    known_failure,
 )
 from lepton.coordinator.state.state_machine import ClusterStateMachine
 from lepton.coordinator.state.tasks import HOLDING, P
@@ -172,17 +177,30 @@ class SchedulingLoop:
         # submission, and converting thousands of them each aging pass was a tenth of a
         # busy leader's CPU. Dropped when a task leaves PENDING (and pruned on full passes).
         self._requests: dict[str, TaskRequest] = {}
+        # The scheduler's snapshot is kept until something it reads changes: `_version` counts
+        # node changes (wake) and task changes that touch an allocation; a restored snapshot
+        # brings new tables (compared by identity).
+        self._version = 0
+        self._view: tuple[int, object, object, ClusterSnapshot] | None = None
+        # Shapes the last passes on the current snapshot could not place, with why (see
+        # scheduler.known_failure): fresh tasks that all match one are answered without a
+        # pass. Valid while `_view` is; only from plans that placed and preempted nothing.
+        self._unplaceable: dict[tuple, tuple[float, str]] = {}
+        self._unplaceable_of: ClusterSnapshot | None = None
         # Told each leader cycle's duration in seconds (metrics); settable after construction.
         self.on_cycle: Callable[[float], None] | None = None
 
     def wake(self, *_: object) -> None:
         """Something changed that may free capacity: look at every pending task."""
+        self._version += 1
         self._full = True
         self._settled = False
         self._wakeup.set()
 
     def on_task_change(self, task: tasks_pb2.Task, old_node: str) -> None:
         state = task.state
+        if old_node or state != P[TaskState.PENDING]:
+            self._version += 1  # it held, or may now hold, resources on a node
         if state == P[TaskState.PENDING]:
             self._queue.push(task.id, task.spec.priority, task.created_at_ms)
         else:
@@ -229,6 +247,9 @@ class SchedulingLoop:
             candidates = fresh & table.pending
             if not candidates:
                 return "nothing new to place"
+            snapshot = self._snapshot()
+            if self._all_known_unplaceable(candidates, snapshot):
+                return f"placed 0 of {len(candidates)} new tasks: each matches a shape found unplaceable"
             pending = heapq.nsmallest(
                 self._max_per_cycle,
                 (table.tasks[i] for i in candidates),
@@ -245,7 +266,10 @@ class SchedulingLoop:
                 requests.append(self._request(t))
             except InvalidArgument as err:  # one task the scheduler cannot take must not stop the rest
                 refused[t.id] = f"cannot be placed: {err.message}"
-        plan = schedule(build_snapshot(self._state), requests, now_ms=self._wall_ms(), policy=self._policy)
+        snapshot = self._snapshot()
+        plan = schedule(snapshot, requests, now_ms=self._wall_ms(), policy=self._policy)
+        if not plan.placements and not plan.preemptions:
+            self._remember_unplaceable(snapshot, plan.failed_shapes)
         if full:
             self._settled = not plan.placements and not plan.preemptions
             behind = f"waiting: queued behind {len(pending)} more urgent tasks" if queued > len(pending) else ""
@@ -283,6 +307,40 @@ class SchedulingLoop:
         except FailedPrecondition as err:  # the state moved on meanwhile; next cycle retries
             return f"plan dropped ({err.message})"
         return plan.summary()
+
+    def _snapshot(self) -> ClusterSnapshot:
+        """The scheduler's snapshot, rebuilt only when something it reads has changed."""
+        sm = self._state
+        view = self._view
+        if view is None or view[0] != self._version or view[1] is not sm.nodes or view[2] is not sm.tasks.by_node:
+            view = self._view = (self._version, sm.nodes, sm.tasks.by_node, build_snapshot(sm))
+        return view[3]
+
+    def _remember_unplaceable(self, snapshot: ClusterSnapshot, failed: dict[tuple, tuple[float, str]]) -> None:
+        if self._unplaceable_of is not snapshot:
+            self._unplaceable, self._unplaceable_of = {}, snapshot
+        known = self._unplaceable
+        for shape, (priority, reason) in failed.items():
+            if shape not in known or known[shape][0] < priority:  # one state: the same reason
+                known[shape] = (priority, reason)
+
+    def _all_known_unplaceable(self, candidates: set[str], snapshot: ClusterSnapshot) -> bool:
+        """True, with each one's reason recorded, when every candidate would fail on this
+        snapshot as a task of its shape already did. Only all of them: were one placed (or
+        did it preempt), the rest would meet another state."""
+        if self._unplaceable_of is not snapshot or not self._unplaceable:
+            return False
+        tasks, reasons = self._state.tasks.tasks, {}
+        for task_id in candidates:
+            try:
+                reason = known_failure(self._unplaceable, self._request(tasks[task_id]), self._policy)
+            except InvalidArgument as err:
+                reason = f"cannot be placed: {err.message}"
+            if reason is None:
+                return False
+            reasons[task_id] = reason
+        self.reasons.update(reasons)
+        return True
 
     def _most_urgent(self, pending: set[str]) -> list[str]:
         """The `max_per_cycle` most urgent pending ids, from the queue; rebuilt first when

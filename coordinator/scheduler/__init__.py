@@ -48,6 +48,8 @@ from .types import (
     Policy,
     Preemption,
     TaskRequest,
+    known_failure,
+    request_shape,
 )
 
 if TYPE_CHECKING:
@@ -80,5 +82,7 @@ __all__ = [
     "Policy",
     "Preemption",
     "TaskRequest",
+    "known_failure",
+    "request_shape",
     "schedule",
 ]

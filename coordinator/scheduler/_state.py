@@ -18,6 +18,9 @@ from lepton.common.errors import InvalidArgument
 from .types import ClusterSnapshot
 
 _I64 = np.int64
+# The arrays `take`/`evict` write: what `fork` copies.
+_PER_PASS = ("free_cpu", "free_mem", "cpu_load", "mem_load", "gpu_load", "gpu_hold",
+             "gpu_free", "free_gpus", "alive")
 
 
 class ClusterState:
@@ -73,6 +76,18 @@ class ClusterState:
         self._label_values: dict[str, np.ndarray] = {}
         self._label_masks: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
         self._gpu_mem_ok: dict[int, np.ndarray] = {}
+
+    def fork(self) -> ClusterState:
+        """A copy one pass may mutate: the columns `take`/`evict` change are copied; the
+        rest (capacity, allocations, the mask caches) depends on the snapshot alone and is
+        shared."""
+        new = object.__new__(ClusterState)
+        new.__dict__.update(self.__dict__)
+        for name in _PER_PASS:
+            setattr(new, name, getattr(self, name).copy())
+        new.group_rows = {g: set(rows) for g, rows in self.group_rows.items()}
+        new.journal = []
+        return new
 
     # -- construction -------------------------------------------------------------
 

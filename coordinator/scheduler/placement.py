@@ -20,6 +20,8 @@ from .types import (
     Policy,
     Preemption,
     TaskRequest,
+    known_failure,
+    request_shape,
 )
 
 _INF = np.inf
@@ -57,9 +59,23 @@ def schedule(
     return _Pass(snapshot, policy).run(pending, now_ms)
 
 
+# The columns of the last snapshot a pass read, kept with that snapshot: the leader hands
+# the same snapshot object in until the cluster changes, and building the columns was most
+# of a pass's cost when nothing could be placed. Each pass mutates its own fork.
+_last_state: tuple[ClusterSnapshot, ClusterState] | None = None
+
+
+def _state_of(snapshot: ClusterSnapshot) -> ClusterState:
+    global _last_state
+    last = _last_state
+    if last is None or last[0] is not snapshot:
+        last = _last_state = (snapshot, ClusterState(snapshot))
+    return last[1].fork()
+
+
 class _Pass:
     def __init__(self, snapshot: ClusterSnapshot, policy: Policy) -> None:
-        self.state = ClusterState(snapshot)
+        self.state = _state_of(snapshot)
         self.policy = policy
         self.binpack = policy.scoring == "binpack"
         st = self.state
@@ -105,7 +121,8 @@ class _Pass:
             else:
                 self._gang(gid, [t for _, t in gangs[gid]])
             self.state.release()
-        return Plan(self.placements, tuple(self.preemptions), self.reasons, len(ids))
+        return Plan(self.placements, tuple(self.preemptions), self.reasons, len(ids),
+                    dict(self._failed))
 
     # -- one task ---------------------------------------------------------------------
 
@@ -113,11 +130,12 @@ class _Pass:
         if t.task_id in self.state.running_ids:
             self.reasons[t.task_id] = f"{UNSCHEDULABLE} task is already running"
             return
-        lk = _label_key(t)
-        shape = (t.cpu_millis, t.memory_bytes, t.gpus, t.gpu_memory_bytes, lk)
+        shape = request_shape(t)
+        lk = shape[4]
         failed = self._failed.get(shape)
-        if failed is not None and (t.priority <= failed[0] or not self.policy.preemption):
-            self.reasons[t.task_id] = failed[1]
+        known = known_failure(self._failed, t, self.policy)
+        if known is not None:
+            self.reasons[t.task_id] = known
             return
         i = -1
         if t.spread_group is not None:
@@ -310,5 +328,4 @@ class _Pass:
 
 
 def _label_key(t: TaskRequest) -> tuple[tuple[str, str], ...]:
-    c = t.constraints
-    return tuple(sorted(c.items())) if c else ()
+    return request_shape(t)[4]

@@ -156,6 +156,26 @@ class Policy:
         return task.priority + min(waited_min * self.aging_per_minute, self.max_aging)
 
 
+def request_shape(t: TaskRequest) -> tuple:
+    """What whether `t` fits depends on: (cpu, memory, gpus, gpu memory, sorted labels)."""
+    c = t.constraints
+    return (t.cpu_millis, t.memory_bytes, t.gpus, t.gpu_memory_bytes,
+            tuple(sorted(c.items())) if c else ())
+
+
+def known_failure(failed_shapes: Mapping[tuple, tuple[float, str]], t: TaskRequest,
+                  policy: Policy) -> str | None:
+    """The reason a pass on the snapshot behind `failed_shapes` would give `t`, when it
+    is certain to fail there (the rule `schedule` itself applies within a pass), else None.
+    Gang members are never answered here: a gang fails or fits as a whole."""
+    if t.gang_id is not None:
+        return None
+    failed = failed_shapes.get(request_shape(t))
+    if failed is not None and (t.priority <= failed[0] or not policy.preemption):
+        return failed[1]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Bind `task_id` to `node_id`, on exactly these GPU devices."""
@@ -183,6 +203,11 @@ class Plan:
     preemptions: tuple[Preemption, ...] = ()  # victims; each at most once per plan
     unschedulable: dict[str, str] = field(default_factory=dict)  # task id -> readable reason
     considered: int = 0  # pending tasks looked at, for summary()
+    # request_shape -> (highest base priority that failed, reason) as of the pass's end:
+    # on the same snapshot, a single task of that shape and no higher priority fails the
+    # same way (the leader's loop skips a pass on that). Not part of what was decided.
+    failed_shapes: dict[tuple, tuple[float, str]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def waiting(self) -> dict[str, str]:
         """Unplaced tasks that fit in principle and only lack room now."""
