@@ -9,10 +9,8 @@ each), fsync'd once with its folder. A restart after a power cut finds the claim
 folder did not survive and reports them lost rather than running them again.
 
 `settle` (in a thread, off the spawn path, a while later) makes the claimed folders
-durable themselves and then deletes the claim files: claims never pile up. Where there is
-syncfs(2) (Linux), that is one call for every folder of the file system (one journal commit,
-not one fsync per task folder: 1,000 of them per 10 s under a burst of tasks); elsewhere a
-fsync per folder.
+durable themselves and then deletes the claim files: claims never pile up. By then the
+file system has usually committed the folders already, and those fsyncs cost little.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -74,11 +71,6 @@ class ClaimLog:
         """Make the folders of every recorded claim durable, then drop the claims. Blocking:
         run it in a thread. Returns how many claim files were settled; errors are logged."""
         files = self._files()
-        if files and _syncfs(self._root):  # every folder made so far is durable now
-            for path in files:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            return len(files)
         done = 0
         for path in files:
             try:
@@ -105,18 +97,3 @@ class ClaimLog:
             logger.warning("cannot list the attempt claims in %s: %s", self._dir, err)
             return []
 
-
-
-def _syncfs(folder: Path) -> bool:
-    """syncfs(2) of the file system `folder` is on; False where there is none, or it failed."""
-    try:
-        import ctypes  # here: only a settling thread needs it
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except (OSError, AttributeError):
-        return False
-    try:
-        return getattr(libc, "syncfs", None) is not None and libc.syncfs(fd) == 0
-    finally:
-        os.close(fd)

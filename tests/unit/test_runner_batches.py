@@ -122,18 +122,3 @@ async def test_past_its_descriptor_budget_an_attempt_is_polled_and_still_seen_to
     (node.data_dir / "tasks/b/1/go").touch()
     ev = await node.exited("b")  # by the 0.1 s poll; no fence recorded its status
     assert (ev.exit_code, ev.reason) == (None, "lost")
-
-
-def test_claims_settle_by_one_syncfs_or_else_a_fsync_per_folder(tmp_path, monkeypatch):
-    from lepton.agent.tasks import claims as claims_mod
-
-    for syncfs in (True, False):
-        root = tmp_path / str(syncfs) / "tasks"
-        for i in range(3):
-            (root / f"t{i}" / "1").mkdir(parents=True)
-        log = ClaimLog(root)
-        log.record([(f"t{i}", 1, 1) for i in range(3)])
-        log.record([("t0", 2, 1)])
-        if not syncfs:
-            monkeypatch.setattr(claims_mod, "_syncfs", lambda folder: False)
-        assert log.settle() == 2 and log.pending() == {}
