@@ -23,9 +23,10 @@ def _own_client_config(
 
 
 # The longest modules (make test's --durations, slowest first) start first: with pytest-xdist
-# the suite lasts at least as long as the last test to start, and collection order is
-# start order (integration before unit, alphabetical). Whole modules move, so a module's
-# shared cluster (module_agents) still starts once; a name that no longer exists matches nothing.
+# the suite lasts at least as long as the last test to start, and `--dist loadgroup` starts
+# the xdist groups (most tests first), then every other test in collection order (else
+# integration before unit, alphabetical). Whole modules move, so a module's shared cluster
+# (module_agents) still starts once; a name that no longer exists matches nothing.
 START_FIRST = (
     "tests/integration/test_readme_tour.py",
     "tests/integration/test_torch_jobs.py",
