@@ -120,7 +120,11 @@ def group_is_ours(pgid: int, start: float) -> bool:
 
 
 def signal_group(pgid: int, sig: int) -> bool:
-    """killpg that treats a vanished group as done. Returns whether a signal was sent."""
+    """killpg that treats a vanished group as done. Returns whether a signal was sent.
+    A pgid under 2 is never signalled: 0 is the caller's own group (an attempt whose spawn
+    is still pending has pid 0) and 1 is init's."""
+    if pgid < 2:
+        return False
     try:
         os.killpg(pgid, sig)
         return True
