@@ -207,7 +207,7 @@ class Agent:
         from lepton.agent.tasks.lease import AttemptLease
 
         # Renewed by every answer from the leader; attempts kill themselves once it runs out.
-        self.attempt_lease = AttemptLease(self.data_dir)
+        self.attempt_lease = AttemptLease(self.data_dir, background=True)
         self.runner = TaskRunner(self.data_dir, self._on_task_event, acknowledged_by_caller=True,
                                  lease_path=self.attempt_lease.path if self.attempt_lease.enabled else None,
                                  log_max_bytes=self.config.task_log_max_bytes,

@@ -144,3 +144,41 @@ def test_renewals_that_barely_move_the_expiry_skip_the_write_and_never_make_it_l
     assert written() == 2060
     lease.renew(0.0)  # a shorter lease is always written
     assert written() == 1060
+
+
+def test_background_renewals_extend_off_the_callers_thread_and_shortenings_win(tmp_path, monkeypatch):
+    """The agent's lease writes its extensions from a thread (the rename can wait ~20 ms on
+    the journal, which stalled the event loop); the first write and a shortening are made
+    in the caller, and an older extension never lands after a shortening."""
+    import threading
+    import time
+
+    from lepton.agent.tasks import lease as lease_mod
+
+    clock = [1000]
+    monkeypatch.setattr(lease_mod, "now_cs", lambda: clock[0])
+    writers: list[tuple[str, bytes]] = []
+    real_write = lease_mod.write_atomic
+
+    def recording_write(path, data, **kw):
+        writers.append((threading.current_thread().name, data))
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(lease_mod, "write_atomic", recording_write)
+    lease = AttemptLease(tmp_path, background=True)
+
+    def wait_written(value: int) -> None:
+        deadline = time.monotonic() + 30
+        while int(lease.path.read_text()) != value:
+            assert time.monotonic() < deadline, f"the lease file never said {value}"
+            time.sleep(0.005)
+
+    lease.renew(10.0)
+    assert writers[-1] == (threading.current_thread().name, b"2000\n")  # the first write: at once
+    clock[0] = 1100
+    lease.renew(10.0)
+    wait_written(2100)
+    assert writers[-1][0] == "attempt-lease"
+    lease.renew(0.0)  # shorter: written in the caller, at once
+    assert writers[-1] == (threading.current_thread().name, b"1100\n")
+    assert int(lease.path.read_text()) == 1100
