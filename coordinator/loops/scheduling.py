@@ -249,7 +249,7 @@ class SchedulingLoop:
                 return "nothing new to place"
             snapshot = self._snapshot()
             if self._all_known_unplaceable(candidates, snapshot):
-                return f"placed 0 of {len(candidates)} new tasks: each matches a shape found unplaceable"
+                return "new tasks match shapes found unplaceable: no pass"  # one log line a flood
             pending = heapq.nsmallest(
                 self._max_per_cycle,
                 (table.tasks[i] for i in candidates),
