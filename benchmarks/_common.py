@@ -47,7 +47,9 @@ class Agent:
         runtime = self.data_dir / "agent.json"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}")
+                # The log goes with the temp dir at exit: say why here.
+                tail = (self.data_dir / "agent.log").read_bytes()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{tail}")
             if runtime.exists() and json.loads(runtime.read_text())["pid"] == self.proc.pid:
                 return
             time.sleep(0.05)

@@ -147,7 +147,8 @@ class ShardService(datasets_pb2_grpc.ShardsServicer):
         if self._coordinators_only is not None:
             await self._coordinators_only("DeleteShards")
         _check_ids(request.shard_ids)
-        deleted = sum(self._store.delete(s) for s in request.shard_ids)
+        # Off the loop: unlinking 64 MiB blobs frees their pages, milliseconds each.
+        deleted = await asyncio.to_thread(lambda: sum(self._store.delete(s) for s in request.shard_ids))
         if deleted:
             logger.info("deleted %d shards", deleted)
         return dpb.DeleteShardsResponse(deleted=deleted)
