@@ -253,6 +253,12 @@ class PredictRouter:
             if deployment in self._endpoints:
                 self.counters.setdefault(deployment, DeploymentCounters()).failed(err.code)
             raise
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline, or it hung up) before an answer: a failed
+            # request for `serve show`, which otherwise undercounted timed-out requests.
+            if deployment in self._endpoints:
+                self.counters.setdefault(deployment, DeploymentCounters()).failed(grpc.StatusCode.CANCELLED)
+            raise
         self.counters.setdefault(deployment, DeploymentCounters()).answered(
             (self._now() - start) * 1000, response.batch_rows)
         return response

@@ -169,6 +169,20 @@ async def test_a_replica_that_becomes_ready_while_waiting_answers(replicas):
     assert (await call).replica == "t1"
 
 
+async def test_a_caller_that_gives_up_is_counted_as_a_failed_request(replicas):
+    router = local_router(replicas, "t1")
+    replicas["t1"][0].gate = asyncio.Event()  # the replica holds the call
+    call = asyncio.create_task(router.predict("digits", tensor(np.ones((1, 4))), timeout_s=30))
+    while replicas["t1"][0].calls == 0:
+        await asyncio.sleep(0.01)
+    call.cancel()  # what grpc.aio does to the handler when its caller's deadline passes
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    stats = router.stats()[0]
+    assert (stats.requests, stats.errors) == (1, 1)
+    replicas["t1"][0].gate.set()
+
+
 async def test_before_any_endpoint_set_it_waits_then_says_so():
     router = PredictRouter("nodeA")
     with pytest.raises(Unavailable, match="no endpoint list from the leader yet"):
