@@ -70,9 +70,14 @@ def cpu_millis(cpu: float) -> int:
     return int(round(cpu * 1000))
 
 
-def build_snapshot(sm: ClusterStateMachine) -> ClusterSnapshot:
+def build_snapshot(
+    sm: ClusterStateMachine, kept: dict[str, tuple[str, int, Allocation]] | None = None
+) -> ClusterSnapshot:
     """The scheduler's view of the replicated state: schedulable nodes and what holds
-    resources on them. Suspect, down, left and draining nodes take no new work."""
+    resources on them. Suspect, down, left and draining nodes take no new work.
+    `kept`: allocations from earlier builds by task id, with the (node, attempt) they were
+    made for (an attempt's resources do not change while it holds them); making them
+    anew was most of a rebuild's cost."""
     nodes = [
         NodeView(
             node_id=n.id,
@@ -84,12 +89,21 @@ def build_snapshot(sm: ClusterStateMachine) -> ClusterSnapshot:
         )
         for n in sm.nodes.values()
     ]
-    allocations = [
-        _allocation(t)
-        for ids in sm.tasks.by_node.values()
-        for t in (sm.tasks.tasks[i] for i in ids)
-        if t.state in HOLDING
-    ]
+    tasks = sm.tasks.tasks
+    allocations = []
+    for ids in sm.tasks.by_node.values():
+        for task_id in ids:
+            t = tasks[task_id]
+            if t.state not in HOLDING:
+                continue
+            old = kept.get(task_id) if kept is not None else None
+            if old is not None and old[0] == t.node_id and old[1] == t.attempt:
+                allocations.append(old[2])
+                continue
+            a = _allocation(t)
+            if kept is not None:
+                kept[task_id] = (t.node_id, t.attempt, a)
+            allocations.append(a)
     return ClusterSnapshot.from_tables(nodes, allocations)
 
 
@@ -187,6 +201,9 @@ class SchedulingLoop:
         # pass. Valid while `_view` is; only from plans that placed and preempted nothing.
         self._unplaceable: dict[tuple, tuple[float, str]] = {}
         self._unplaceable_of: ClusterSnapshot | None = None
+        # Allocations of held tasks, reused by each rebuild (see build_snapshot); a task's
+        # entry goes when it changes (a start excepted), all of them with a restored table.
+        self._allocations: dict[str, tuple[str, int, Allocation]] = {}
         # Told each leader cycle's duration in seconds (metrics); settable after construction.
         self.on_cycle: Callable[[float], None] | None = None
 
@@ -201,6 +218,8 @@ class SchedulingLoop:
         state = task.state
         if old_node or state != P[TaskState.PENDING]:
             self._version += 1  # it held, or may now hold, resources on a node
+        if state != P[TaskState.RUNNING]:
+            self._allocations.pop(task.id, None)
         if state == P[TaskState.PENDING]:
             self._queue.push(task.id, task.spec.priority, task.created_at_ms)
         else:
@@ -313,7 +332,9 @@ class SchedulingLoop:
         sm = self._state
         view = self._view
         if view is None or view[0] != self._version or view[1] is not sm.nodes or view[2] is not sm.tasks.by_node:
-            view = self._view = (self._version, sm.nodes, sm.tasks.by_node, build_snapshot(sm))
+            if view is not None and view[2] is not sm.tasks.by_node:
+                self._allocations.clear()  # a restored table: its tasks may hold elsewhere
+            view = self._view = (self._version, sm.nodes, sm.tasks.by_node, build_snapshot(sm, self._allocations))
         return view[3]
 
     def _remember_unplaceable(self, snapshot: ClusterSnapshot, failed: dict[tuple, tuple[float, str]]) -> None:

@@ -177,3 +177,21 @@ async def test_each_change_drops_what_was_kept(passes, change):
     await world.loop.run_cycle()
     assert len(passes) > before  # the shape is searched again, on the new snapshot
     assert world.loop._snapshot() == build_snapshot(world.sm)
+
+
+async def test_a_rebuild_reuses_held_allocations_and_remakes_changed_ones():
+    world = await settled_world()
+    before = {a.task_id: a for a in world.loop._snapshot().allocations}
+    task = world.sm.tasks.tasks["r"]
+    world.apply(state_pb2.Command(at_ms=2000, task_events=state_pb2.TaskEventsCmd(
+        node_id=task.node_id, events=[tasks_pb2.TaskEvent(
+            task_id="r", attempt=task.attempt, kind=tasks_pb2.TaskEvent.KIND_STARTED)])))
+    world.node("n2", cpus=1)  # a rebuild: "r" started meanwhile, its resources unchanged
+    after = world.loop._snapshot()
+    assert after == build_snapshot(world.sm)
+    assert next(a for a in after.allocations if a.task_id == "r") is before["r"]
+    world.submit("urgent", cpu=3, priority=9)
+    assert "preempted 1" in await world.loop.run_cycle()  # "r" evicted: its kept allocation goes
+    assert "r" not in world.loop._allocations
+    await world.loop.run_cycle()
+    assert world.loop._snapshot() == build_snapshot(world.sm)
