@@ -274,6 +274,11 @@ class SchedulingLoop:
                 (table.tasks[i] for i in candidates),
                 key=lambda t: (-t.spec.priority, t.created_at_ms, t.id),
             )
+            if len(candidates) > len(pending):
+                # The rest stay fresh for the next cycle: on a settled cluster no full pass
+                # would come for them (a flood larger than one cycle waited for a change).
+                self._fresh |= candidates - {t.id for t in pending}
+                self._wakeup.set()
         attempts = {t.id: t.attempt for t in pending}
         if full and len(self._requests) > 2 * len(table.pending) + 1000:
             self._requests = {i: r for i, r in self._requests.items() if i in table.pending}

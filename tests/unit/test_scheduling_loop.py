@@ -189,6 +189,18 @@ async def test_a_full_pass_looks_at_the_most_urgent_only_and_the_rest_read_queue
     assert world.loop.reasons.get("t02999") is None
 
 
+async def test_fresh_tasks_past_one_cycles_bound_are_placed_by_the_next_cycles():
+    world = World(aging_interval_s=3600.0, max_per_cycle=2)  # no aging pass: only fresh cycles
+    world.node("n1", cpus=4)
+    world.submit("wide", cpu=64)
+    await world.loop.run_cycle()  # a full pass: nothing placed, the cluster settles
+    submit_many(world, 5, cpu=0.5, prefix="small")  # five fresh tasks, two per cycle
+    sentences = [await world.loop.run_cycle() for _ in range(3)]
+    assert sentences[:2] == ["placed 2 of 2 tasks, preempted 0, 0 unschedulable"] * 2
+    assert sentences[2] == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
+    assert all(world.state(f"small{i:05d}") == TaskState.ASSIGNED for i in range(5))
+
+
 async def test_the_queue_is_rebuilt_from_a_restored_snapshot():
     world = World(aging_interval_s=0.0, max_per_cycle=2)
     world.node("n1", cpus=8)
