@@ -2,8 +2,9 @@
 
 Every call goes to the leader. The client starts with the address that answered last, follows
 a follower's `lepton-leader` hint straight to the leader (each address at most once a round:
-a stale hint naming an address already asked this round sends the call to one not yet asked,
-and a round where every address refused ends in a backoff), moves on to the next address when
+a stale hint naming an address already asked or found unreachable this round sends the call to
+one not yet asked, and a round where every address refused or was unreachable ends in a
+backoff), moves on to the next address when
 one cannot be reached, and backs off (50 ms doubling to 1 s) until the call's time budget is
 spent. A call the leader sheds (RESOURCE_EXHAUSTED with `retry-after-ms`, nothing done) is
 sent again after that hint, within the budget. Failures surface only as
@@ -164,7 +165,7 @@ class LeaderCalls:
         delay = _BACKOFF_INITIAL_S
         unreachable: dict[str, str] = {}  # this round's transport failures, for the message
         unreachable_since: float | None = None
-        refused: set[str] = set()  # the addresses that said "not the leader" this round
+        asked: set[str] = set()  # this round's addresses that refused or could not be reached
         last: LeptonError | None = None
 
         def backoff() -> None:
@@ -172,7 +173,7 @@ class LeaderCalls:
             pause = min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
             delay = min(delay * 2, _BACKOFF_MAX_S)
-            refused.clear()  # a new round
+            asked.clear()  # a new round
 
         while True:
             now = time.monotonic()
@@ -200,6 +201,7 @@ class LeaderCalls:
                         f"lost connection to {addr} during {what}; its outcome is unknown"
                     )
                 unreachable[addr] = failure.reason
+                asked.add(addr)
                 last = unreachable_error(unreachable)
                 if unreachable_since is None:
                     unreachable_since = now
@@ -219,10 +221,12 @@ class LeaderCalls:
                 log.debug("%s: %s is not the leader, trying %s", what, addr, exc.leader)
                 last = exc
                 self._learn(exc.leader)
-                refused.add(addr)
-                # A hint naming an address asked this round (itself, or a circle of stale hints
-                # mid-election): ask one not asked yet; once every one refused, back off.
-                addr = exc.leader if exc.leader not in refused else self._not_in(refused)
+                asked.add(addr)
+                # A hint naming an address asked this round (itself, a circle of stale hints
+                # mid-election, or the dead leader the followers still name): ask one not asked
+                # yet; once every one refused or was unreachable, back off. (Following the dead
+                # leader's hint again and again spun the client between it and one follower.)
+                addr = exc.leader if exc.leader not in asked else self._not_in(asked)
                 if addr is None:
                     backoff()
                     addr = exc.leader

@@ -46,3 +46,20 @@ def test_when_every_server_refuses_each_is_asked_once_a_round() -> None:
     # Rounds of one call each, separated by backoffs: never one address twice in a row
     # within a round, so the counts stay within one of each other.
     assert abs(len(a.calls) - len(b.calls)) <= 1 and len(b.calls) >= 1
+
+
+def test_followers_naming_the_dead_leader_do_not_spin_the_client_between_them() -> None:
+    """The leader was killed; a follower still names it (before the election ends): the
+    client asks the other servers rather than the dead one and that follower in turn."""
+    import socket
+
+    with socket.socket() as dead:  # a port nobody listens on: the killed leader
+        dead.bind(("127.0.0.1", 0))
+        daddr = f"127.0.0.1:{dead.getsockname()[1]}"
+    stale, real = FakeCoordinator(), leader()
+    with serve(stale) as saddr, serve(real) as raddr:
+        stale.leader_hint = daddr
+        with Client([daddr, saddr, raddr], timeout=5) as c:
+            assert [n.name for n in c.nodes()] == ["agent-1"]
+            assert c.current_address == raddr
+    assert len(stale.calls) <= 2  # was: asked again and again, the third server never
