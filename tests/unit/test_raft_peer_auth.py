@@ -118,9 +118,17 @@ async def test_tls_only_the_member_serving_an_address_speaks_for_it(ca):
                 == grpc.StatusCode.PERMISSION_DENIED
             assert await _code(stub(cert).Probe(raft_pb2.RaftProbeRequest(), metadata=as_member)) \
                 == grpc.StatusCode.PERMISSION_DENIED
+            refused_before = node.peer_check.refused
             call = stub(cert).Stream(metadata=as_member)
             await _write_all(call, _batch(member, address))
-            assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+            code, details = await call.code(), await call.details()
+            if (code, details) == (grpc.StatusCode.INTERNAL, "Internal error from Core"):
+                # grpc.aio's client bug (grpc/grpc#36066): a write that fails because the server
+                # already ended the call overwrites the server's status. The server's own count
+                # says whether it refused the stream (and `received` is checked below).
+                assert node.peer_check.refused > refused_before
+            else:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, details
         # The member itself: not as someone else, not without naming itself, and no
         # address outside the configuration.
         legit = stub("v1")
