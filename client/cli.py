@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from . import cli_certs, cli_config, cli_data, cli_ml, cli_tasks, cli_top, conte
 from ._cli_common import (
     CLI_CONNECT_TIMEOUT_S,
     PROG,
+    STOP_SIGNALS,
     UsageError,
     _client,
     _global_options,
@@ -308,5 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"unexpected error: {type(e).__name__}: {e} (run with --debug for details)")
 
 
+def entry() -> None:
+    """The `lepton-ctl` program: `main()`, then exit with its code. Once the command has
+    finished, a late Ctrl-C or SIGTERM changes nothing (Python restores the default SIGINT
+    action while it shuts down, which would end a finished command as killed)."""
+    code = main()
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,15 +17,17 @@ from rich.table import Table
 from lepton.common.errors import InvalidArgument
 
 from ._cli_common import (
+    PROG,
     _client,
     _positive_int,
     _size,
     command,
     command_group,
+    interrupt_reason,
     print_result,
     wants_json,
 )
-from .data import DatasetInfo
+from .data import DatasetInfo, RecordedDespiteInterrupt
 from .render import age, human_bytes, make_console, short_id
 from .tables import FitTable
 
@@ -147,19 +149,30 @@ def cmd_put(args: argparse.Namespace) -> int:
     from .formats import limit_malloc_arenas
 
     limit_malloc_arenas()  # bounded RSS whatever the file's size
-    with _client(args) as c, _progress(args, "put") as progress:
-        ds = c.put_dataset(
-            args.file,
-            args.name,
-            shard_size=args.shard_size,
-            shards=args.shards,
-            replicas=args.replicas,
-            label=args.label,
-            features=args.features,
-            features_prefix=args.features_prefix,
-            progress=progress,
-        )
-    return print_result(args, ds.to_dict(), _summary(ds) + "\n")
+    ds: DatasetInfo | None = None
+    try:
+        with _client(args) as c, _progress(args, "put") as progress:
+            ds = c.put_dataset(
+                args.file,
+                args.name,
+                shard_size=args.shard_size,
+                shards=args.shards,
+                replicas=args.replicas,
+                label=args.label,
+                features=args.features,
+                features_prefix=args.features_prefix,
+                progress=progress,
+            )
+        return print_result(args, ds.to_dict(), _summary(ds) + "\n")
+    except RecordedDespiteInterrupt as late:
+        ds, interrupt = late.dataset, late.interrupt
+    except KeyboardInterrupt as after:
+        if ds is None:
+            raise  # nothing recorded: the put's blobs were released
+        interrupt = after
+    # Too late to stop: the dataset is recorded whole, so the put succeeded (exit 0).
+    sys.stderr.write(f"{PROG}: {interrupt_reason(interrupt)} too late: {_summary(ds)} is recorded\n")
+    return 0
 
 
 def _not_a_model(ds: DatasetInfo, command: str) -> DatasetInfo:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 UPLOAD_TIMEOUT_S = 3600.0
+
+
+class RecordedDespiteInterrupt(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) arrived while a put's commit was in flight, and the commit
+    landed: `dataset` is recorded, whole. `interrupt`: the KeyboardInterrupt that came."""
+
+    def __init__(self, dataset: DatasetInfo, interrupt: KeyboardInterrupt):
+        super().__init__(f"{dataset.name} v{dataset.version} was recorded before the interrupt took effect")
+        self.dataset = dataset
+        self.interrupt = interrupt
 
 
 @dataclass
@@ -189,11 +199,26 @@ class DataMethods:
         ResourceExhausted (an agent's store is full), Unavailable. On any failure no
         dataset is recorded and the uploaded blobs are released.
         """
-        from .formats import cut_shards, open_source
 
         check_dataset_name(name)
         if shards is not None and shards < 1 or shard_size is not None and shard_size < 1:
             raise InvalidArgument("shards and shard_size must be positive")
+        recorded: list[DatasetInfo] = []  # filled by the commit's thread the moment it lands
+        try:
+            return self._put_file(path, name, shard_size=shard_size, shards=shards, replicas=replicas,
+                                  label=label, features=features, features_prefix=features_prefix,
+                                  progress=progress, recorded=recorded)
+        except KeyboardInterrupt as interrupt:
+            if recorded and not isinstance(interrupt, RecordedDespiteInterrupt):
+                raise RecordedDespiteInterrupt(recorded[0], interrupt) from None  # while cleaning up
+            raise
+
+    def _put_file(self, path: str | os.PathLike[str], name: str, *, shard_size: int | None,
+                  shards: int | None, replicas: int, label: str | None, features: Sequence[str] | None,
+                  features_prefix: str | None, progress: Callable[[int, int], None] | None,
+                  recorded: list[DatasetInfo]) -> DatasetInfo:
+        from .formats import cut_shards, open_source
+
         with open_source(os.fspath(path), features=list(features) if features else None,
                          features_prefix=features_prefix, label=label) as src, \
                 tempfile.TemporaryDirectory(prefix="lepton-put-") as tmp:
@@ -213,7 +238,7 @@ class DataMethods:
             metas = [dpb.Shard(id=sid, size=size, **desc) for sid, size, desc, _ in cut]
             files = {sid: p for sid, _, _, p in cut}
             return self.put_shards(name, metas, files, replicas=replicas, source=src.name,
-                                   schema=schema, progress=progress)
+                                   schema=schema, progress=progress, _recorded=recorded)
 
     def put_shards(
         self,
@@ -227,9 +252,11 @@ class DataMethods:
         kind: str = "data",
         labels: dict[str, str] | None = None,
         schema: str = "",
+        _recorded: list[DatasetInfo] | None = None,
     ) -> DatasetInfo:
         """Store already-made shard files (id -> path) and commit the dataset (of `kind`,
-        with `labels`)."""
+        with `labels`). Interrupted (KeyboardInterrupt) before the commit is sent, nothing is
+        recorded; once it is sent, see `_commit_past_interrupts`."""
         if kind not in _KIND_CODES:
             raise InvalidArgument(f"unknown dataset kind {kind!r}; known: {', '.join(_KIND_CODES)}")
         plan = self._unary(
@@ -261,10 +288,53 @@ class DataMethods:
                 s.CopyFrom(m)
                 del s.replicas[:]
                 s.replicas.extend(placed[m.id].node_ids)
-            return self.commit_dataset(ds)
         except BaseException:
             self._release([m.id for m in metas], sorted(nodes_used))
             raise
+        return self._commit_past_interrupts(
+            ds, lambda: self._release([m.id for m in metas], sorted(nodes_used)),
+            _recorded if _recorded is not None else [])
+
+    def _commit_past_interrupts(self, ds: dpb.Dataset, release: Callable[[], None],
+                                recorded: list[DatasetInfo]) -> DatasetInfo:
+        """Commit `ds`. Once sent, a commit may land whatever the caller does, so a Ctrl-C
+        (KeyboardInterrupt) that comes after the commit was sent waits for its outcome:
+        recorded, it raises RecordedDespiteInterrupt with the dataset; refused, it releases
+        the blobs and raises the interrupt. One that comes before releases them at once.
+
+        The commit runs on its own thread, which an interrupt cannot cut short; that thread
+        appends the result to `recorded` the moment it has it. Whether it was sent is decided
+        under the future's lock: the thread claims the future before sending, and the
+        interrupted caller tries to cancel it, so exactly one of the two wins."""
+        landing: Future[DatasetInfo] = Future()
+
+        def send() -> None:
+            if not landing.set_running_or_notify_cancel():
+                return  # interrupted before it was sent
+            try:
+                info = self.commit_dataset(ds)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller as it came
+                landing.set_exception(err)
+                return
+            recorded.append(info)
+            landing.set_result(info)
+
+        try:
+            threading.Thread(target=send, name="commit", daemon=True).start()
+            return landing.result()
+        except LeptonError:
+            release()
+            raise
+        except KeyboardInterrupt as interrupt:
+            if landing.cancel():
+                release()
+                raise
+            try:
+                info = landing.result()
+            except LeptonError:
+                release()
+                raise interrupt from None
+            raise RecordedDespiteInterrupt(info, interrupt) from None
 
     def _upload(self, address: str, meta: dpb.Shard, path: Path, tick: Progress) -> None:
         def requests() -> Iterator[dpb.WriteShardRequest]:
