@@ -105,57 +105,32 @@ def restore(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> R
     return RestoreResult(str(d), b.index, b.term, b.cluster_id, moved)
 
 
-async def restore_etcd(path: str | os.PathLike[str], endpoints: list[str], prefix: str, tls=None) -> RestoreResult:
+async def restore_etcd(path: str | os.PathLike[str], endpoints: list[str], prefix: str, tls=None, *,
+                       cluster: str) -> RestoreResult:
     """Install the backup at `path` as the state under `prefix` in the etcd at `endpoints`
-    (`tls`: an EtcdTls). Offline: refused while a candidate leads there (the leader key
-    exists). Atomic where it matters: the chunks are written first, then one txn, guarded
-    by the leader key's absence, points the snapshot at them and deletes the log and every
-    other snapshot. Raises InvalidArgument (not a backup...), FailedPrecondition (a
-    candidate leads, another cluster's state), Unavailable (etcd unreachable)."""
-    from aetcd import rpc
-
-    from lepton.coordinator.etcd.connection import EtcdConnection, prefix_end
-    from lepton.coordinator.etcd.log import Keys, LogApplier
-    from lepton.coordinator.etcd.snapshot import CHUNK_BYTES
+    (`tls`: an EtcdTls) for the cluster named `cluster` (--cluster-name). Offline: refused
+    while a candidate leads there (the leader key exists). `<prefix>/meta` is claimed or
+    checked as a candidate's start does, and the state already there must be the backup's
+    cluster's (lepton.coordinator.etcd.restore.install_snapshot). Raises InvalidArgument
+    (not a backup...), FailedPrecondition (a candidate leads, another cluster's prefix or
+    state), Unavailable (etcd unreachable)."""
+    from lepton.coordinator.etcd.restore import described, install_snapshot
 
     b = backup.load(path)
     try:
         ClusterStateMachine().restore(b.payload, b.index)
     except Exception as err:  # noqa: BLE001 - any parse failure means a bad payload
         raise InvalidArgument(f"{path}: the state snapshot does not parse: {err}") from None
-    keys, conn = Keys(prefix), EtcdConnection(endpoints, tls)
-    where = f"etcd://{','.join(endpoints)} under {keys.prefix.decode()}"
-    try:
-        no_leader = rpc.Compare(key=keys.leader, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
-                                create_revision=0)
+    where = described(endpoints, prefix)
 
-        async def guarded(ops: list) -> None:
-            resp = await conn.call(conn.kv.Txn, rpc.TxnRequest(compare=[no_leader], success=ops), timeout=10)
-            if not resp.succeeded:
-                raise FailedPrecondition(f"a candidate leads the cluster at {where}: stop every candidate "
-                                         "(agents with --state etcd) first; the restore is offline")
+    def same_cluster(current: ClusterStateMachine) -> None:
+        held = current.security.cluster_id
+        if held and held != b.cluster_id:
+            raise FailedPrecondition(f"{path} belongs to cluster {b.cluster_id!r}, but {where} holds cluster "
+                                     f"{held!r}; refusing to restore it there (use another --etcd-prefix)")
 
-        await guarded([])
-        current = ClusterStateMachine()
-        await LogApplier(conn, keys, current, timeout=10).load()
-        if current.security.cluster_id and current.security.cluster_id != b.cluster_id:
-            raise FailedPrecondition(
-                f"{path} belongs to cluster {b.cluster_id!r}, but {where} holds cluster "
-                f"{current.security.cluster_id!r}; refusing to restore it there (use another --etcd-prefix)")
-        chunks = [b.payload[i:i + CHUNK_BYTES] for i in range(0, len(b.payload), CHUNK_BYTES)] or [b""]
-        for n, chunk in enumerate(chunks):
-            await guarded([rpc.RequestOp(request_put=rpc.PutRequest(key=keys.chunk_key(b.index, n), value=chunk))])
-        pointer = json.dumps({"index": b.index, "chunks": len(chunks), "size": len(b.payload)}).encode()
-        await guarded([
-            rpc.RequestOp(request_put=rpc.PutRequest(key=keys.snap_ptr, value=pointer)),
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=keys.log, range_end=prefix_end(keys.log))),
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                key=keys.chunks, range_end=keys.chunk_prefix(b.index))),
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                key=keys.chunk_key(b.index, len(chunks)), range_end=prefix_end(keys.chunks))),
-        ])
-    finally:
-        await conn.close()
+    await install_snapshot(endpoints, prefix, tls, b.payload, b.index, cluster=cluster,
+                           current=ClusterStateMachine(), check=same_cluster)
     logger.info("restored %s into %s: cluster %s, index %d", path, where, b.cluster_id, b.index)
     return RestoreResult(where, b.index, b.term, b.cluster_id, "")
 
@@ -186,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.etcd) == bool(args.data_dir):
             raise InvalidArgument("give either a data dir or --etcd etcd://HOST:PORT,... (not both)")
         if args.etcd:
-            result = asyncio.run(restore_etcd(args.file, *_etcd_target(args)))
+            endpoints, prefix, tls = _etcd_target(args)
+            result = asyncio.run(restore_etcd(args.file, endpoints, prefix, tls, cluster=args.cluster_name))
         else:
             result = restore(args.file, args.data_dir)
     except LeptonError as err:
