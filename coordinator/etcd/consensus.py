@@ -47,6 +47,7 @@ from lepton.coordinator.etcd.log import (
 )
 from lepton.coordinator.etcd.snapshot import Snapshotter
 from lepton.coordinator.etcd.tls import EtcdTls
+from lepton.coordinator.etcd.watch_probe import WatchProbe
 
 logger = logging.getLogger(__name__)
 
@@ -445,11 +446,15 @@ class EtcdConsensus(Consensus):
         while self._running:
             generation = conn.generation
             call = conn.watch.Watch()
+            probe = WatchProbe(call, self._ttl, lambda silent, g=generation: self._watch_stalled(g, silent))
+            prober: asyncio.Task | None = None
             try:
                 await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
                     key=self._keys.watch_start, range_end=self._keys.watch_end, start_revision=revision)))
+                prober = asyncio.create_task(probe.run(), name=f"etcd-watch-probe-{self._id}")
                 while True:
                     resp = await call.read()
+                    probe.heard()
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("watch stream ended")
                     if resp.compact_revision or resp.canceled:
@@ -469,7 +474,17 @@ class EtcdConsensus(Consensus):
             except (LeptonError, ConnectionError, asyncio.InvalidStateError):
                 await asyncio.sleep(0.05)  # the last: the stream's channel was closed (failover)
             finally:
+                if prober is not None:
+                    prober.cancel()
                 call.cancel()
+
+    def _watch_stalled(self, generation: int, silent: float) -> None:
+        """The watch heard nothing for `silent` seconds, probes included: leave its endpoint
+        (closing the channel ends the stream; the loop reopens it on the next endpoint)."""
+        if generation == self._conn.generation:
+            logger.warning("etcd consensus %s: the watch on %s answered nothing for %.1fs; moving to another endpoint",
+                           self._id, self._conn.current, silent)
+        self._conn.failover(generation)
 
     async def _reload(self) -> int:
         """load() until it works; returns the revision to watch from."""
