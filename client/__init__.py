@@ -21,51 +21,92 @@ import os
 # lepton-ctl's one-line errors; ERROR was gRPC's documented default. An explicit setting wins.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from lepton.common.errors import (
-    AlreadyExists,
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    LeptonError,
-    NotFound,
-    NotLeader,
-    Overloaded,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
 from lepton.common.version import VERSION as __version__
 
-from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
-from .data import DatasetInfo
-from .facade import Algorithm, Model, Scheduler
-from .jobs import JobInfo
-from .tasks import parse_size
-from .types import (
-    NODE_STATES,
-    TASK_STATES,
-    AttemptInfo,
-    Capacity,
-    ClusterStatusInfo,
-    GpuInfo,
-    NodeEvent,
-    NodeInfo,
-    TaskInfo,
-    TaskResources,
-    Usage,
-    VoterInfo,
-)
+# Not `from typing import TYPE_CHECKING`: importing typing alone costs more than this whole
+# module; type checkers treat a constant of this name as true all the same.
+TYPE_CHECKING = False
+
+# Where each public name lives. They load on first use (PEP 562), so `import lepton.client`
+# (and with it the start of `lepton-ctl`) stays light: grpc, protobuf and rich load only
+# when a name that needs them is asked for.
+_ERRORS = "lepton.common.errors"
+_EXPORTS = {
+    **dict.fromkeys(
+        ("AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
+         "InvalidArgument", "LeptonError", "NotFound", "NotLeader", "Overloaded",
+         "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable"),
+        _ERRORS,
+    ),
+    **dict.fromkeys(
+        ("DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "NodeWatch", "Stream", "parse_servers"),
+        ".client",
+    ),
+    "DatasetInfo": ".data",
+    **dict.fromkeys(("Algorithm", "Model", "Scheduler"), ".facade"),
+    "JobInfo": ".jobs",
+    "parse_size": ".tasks",
+    "DataProcessor": ".processor",  # imports numpy
+    **dict.fromkeys(
+        ("NODE_STATES", "TASK_STATES", "AttemptInfo", "Capacity", "ClusterStatusInfo", "GpuInfo",
+         "NodeEvent", "NodeInfo", "TaskInfo", "TaskResources", "Usage", "VoterInfo"),
+        ".types",
+    ),
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from lepton.common.errors import (
+        AlreadyExists,
+        Cancelled,
+        DeadlineExceeded,
+        FailedPrecondition,
+        Internal,
+        InvalidArgument,
+        LeptonError,
+        NotFound,
+        NotLeader,
+        Overloaded,
+        PermissionDenied,
+        ResourceExhausted,
+        Unauthenticated,
+        Unavailable,
+    )
+
+    from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, NodeWatch, Stream, parse_servers
+    from .data import DatasetInfo
+    from .facade import Algorithm, Model, Scheduler
+    from .jobs import JobInfo
+    from .processor import DataProcessor
+    from .tasks import parse_size
+    from .types import (
+        NODE_STATES,
+        TASK_STATES,
+        AttemptInfo,
+        Capacity,
+        ClusterStatusInfo,
+        GpuInfo,
+        NodeEvent,
+        NodeInfo,
+        TaskInfo,
+        TaskResources,
+        Usage,
+        VoterInfo,
+    )
 
 
 def __getattr__(name: str):
-    if name == "DataProcessor":  # imports numpy: only when asked for
-        from .processor import DataProcessor
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
 
-        return DataProcessor
-    raise AttributeError(name)
+    value = getattr(import_module(where, __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 __all__ = [

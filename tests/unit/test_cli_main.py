@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lepton.client import cli
+from lepton.client import cli, cli_app
 from lepton.client.testing import FakeCoordinator, make_node, serve
 from lepton.v1 import common_pb2 as pb
 from lepton.v1 import coordinator_pb2 as cpb
@@ -134,7 +134,7 @@ def test_ctrl_c_exits_130_quietly(
     def interrupted(args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_cluster_status", interrupted)
+    monkeypatch.setattr(cli_app, "cmd_cluster_status", interrupted)
     assert run(capsys, "cluster", "status") == (130, "", "")
 
 
@@ -144,7 +144,7 @@ def test_unexpected_errors_are_one_line_too(
     def broken(args: object) -> int:
         raise ValueError("oops\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_cluster_status", broken)
+    monkeypatch.setattr(cli_app, "cmd_cluster_status", broken)
     code, _, err = run(capsys, "cluster", "status")
     assert code == 1
     assert (
