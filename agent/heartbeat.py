@@ -21,7 +21,13 @@ from typing import Generic, TypeVar
 import grpc
 
 from lepton.agent.link import MAX_BACKOFF_S, MIN_BACKOFF_S, CoordinatorLink
-from lepton.common.errors import FailedPrecondition, LeptonError, NotFound, Unavailable
+from lepton.common.errors import (
+    REASON_WRONG_STATE_BACKEND,
+    FailedPrecondition,
+    LeptonError,
+    NotFound,
+    Unavailable,
+)
 from lepton.common.failover import answer_deadline_s
 from lepton.v1 import common_pb2, coordinator_pb2
 
@@ -52,9 +58,6 @@ class CachedSample(Generic[T]):
             self._value, self._taken = self._sample(), now
             self.samples += 1
         return self._value
-
-# The leader's refusal of a voter started for the other state backend (Raft against etcd).
-WRONG_BACKEND = "this cluster keeps its state in"
 
 
 class Heartbeater:
@@ -122,7 +125,7 @@ class Heartbeater:
             except FailedPrecondition as err:
                 # A voter of the other state backend (coordinator/api/service.py's
                 # _check_voter_backend) is refused until it is restarted with other flags.
-                if request.voter and WRONG_BACKEND in err.message and self._on_refused is not None:
+                if request.voter and err.reason == REASON_WRONG_STATE_BACKEND and self._on_refused is not None:
                     self._on_refused(err)
                 raise
             self._registered = True

@@ -14,10 +14,14 @@ class LeptonError(Exception):
     """Base of every error Lepton raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str = ""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, reason: str = ""):
         super().__init__(message)
         self.message = message
+        # A stable token for a refusal the caller acts on (REASON_*), carried across the
+        # gRPC boundary in trailing metadata: callers never match the message's wording.
+        self.reason = reason
 
 
 class InvalidArgument(LeptonError):
@@ -97,6 +101,11 @@ class Internal(LeptonError):
 LEADER_METADATA_KEY = "lepton-leader"
 # Trailing metadata key of a shed call (Overloaded): milliseconds to wait before retrying.
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+# Trailing metadata key of LeptonError.reason.
+REASON_METADATA_KEY = "lepton-reason"
+# Reasons. A voter of the other state backend (Raft against etcd) was refused by the leader:
+# no retry helps, the agent exits (FailedPrecondition).
+REASON_WRONG_STATE_BACKEND = "WRONG_STATE_BACKEND"
 
 _BY_CODE: dict[grpc.StatusCode, type[LeptonError]] = {
     cls.code: cls
@@ -122,23 +131,26 @@ def from_rpc_error(err: grpc.RpcError) -> LeptonError:
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     leader = ""
     retry_after = ""
+    reason = ""
     try:
         for key, value in err.trailing_metadata() or ():
             if key == LEADER_METADATA_KEY:
                 leader = value
             elif key == RETRY_AFTER_METADATA_KEY:
                 retry_after = value
+            elif key == REASON_METADATA_KEY:
+                reason = value
     except Exception:  # noqa: BLE001 - some RpcErrors carry no metadata at all
         pass
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after.isdigit():
-        return Overloaded(details, int(retry_after))
-    if code == grpc.StatusCode.UNAVAILABLE and leader:
-        exc: LeptonError = NotLeader(details, leader="")
+        exc: LeptonError = Overloaded(details, int(retry_after))
+    elif code == grpc.StatusCode.UNAVAILABLE and leader:
+        exc = NotLeader(details, leader="")
         exc.leader = leader
-        return exc
-    cls = _BY_CODE.get(code, LeptonError)
-    exc = cls(details)
-    exc.code = code
+    else:
+        exc = _BY_CODE.get(code, LeptonError)(details)
+        exc.code = code
+    exc.reason = reason
     return exc
 
 

@@ -13,6 +13,7 @@ import grpc
 
 from lepton.common.errors import (
     LEADER_METADATA_KEY,
+    REASON_METADATA_KEY,
     RETRY_AFTER_METADATA_KEY,
     InvalidArgument,
     LeptonError,
@@ -65,10 +66,15 @@ CHANNEL_OPTIONS = [
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: LeptonError) -> None:
+    trailing = []
     if isinstance(err, NotLeader) and err.leader:
-        context.set_trailing_metadata(((LEADER_METADATA_KEY, err.leader),))
+        trailing.append((LEADER_METADATA_KEY, err.leader))
     elif isinstance(err, Overloaded):
-        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(err.retry_after_ms)),))
+        trailing.append((RETRY_AFTER_METADATA_KEY, str(err.retry_after_ms)))
+    if err.reason:
+        trailing.append((REASON_METADATA_KEY, err.reason))
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
     await context.abort(err.code, err.message)
 
 

@@ -13,7 +13,13 @@ from collections import Counter
 import grpc
 
 from lepton.common import validation as v
-from lepton.common.errors import FailedPrecondition, LeptonError, NotLeader, ResourceExhausted
+from lepton.common.errors import (
+    REASON_WRONG_STATE_BACKEND,
+    FailedPrecondition,
+    LeptonError,
+    NotLeader,
+    ResourceExhausted,
+)
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.common.paging import decode_token, page_size, take_page
 from lepton.common.served_certs import ServedCertificates, check_caller_serves
@@ -135,11 +141,12 @@ class CoordinatorService(TaskApi, coordinator_pb2_grpc.CoordinatorServicer):
             raise FailedPrecondition(
                 "this cluster keeps its state in etcd: a Raft voter (--peers, --join-as-voter) cannot join it; "
                 f"start {request.address} with --state etcd://{','.join(self._ctx.etcd_endpoints)} "
-                "or as a worker (--join only)"
+                "or as a worker (--join only)", reason=REASON_WRONG_STATE_BACKEND,
             )
         raise FailedPrecondition(
             "this cluster keeps its state in the built-in Raft: an etcd candidate (--state etcd) cannot join it; "
-            f"start {request.address} without --state etcd (a worker with --join, or a voter with --join-as-voter)"
+            f"start {request.address} without --state etcd (a worker with --join, or a voter with --join-as-voter)",
+            reason=REASON_WRONG_STATE_BACKEND,
         )
 
     def _check_beat(self, request) -> None:
