@@ -419,6 +419,10 @@ class DataMethods:
         exists = target.exists() if target is not None else fs.exists(remote)
         if target is not None and target.is_dir():
             raise InvalidArgument(f"{url} is a directory; name a file")
+        if target is not None and not target.parent.is_dir():
+            # As `cp` does: a folder that is not there is a typo to report, not one to create.
+            what = "not a folder" if target.parent.exists() else "no such folder"
+            raise InvalidArgument(f"{target.parent}: {what}")
         if exists and not force:
             raise InvalidArgument(f"{url} exists; pass --force to replace it")
         ds = self.dataset(name)
@@ -427,8 +431,6 @@ class DataMethods:
                 np.dtype(s.dtype)
         except TypeError:  # a code archive ("tar.gz"): a blob, not rows
             raise InvalidArgument(f"dataset {name} holds a {ds.shards[0].dtype} blob, not rows") from None
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
         # Local: work beside the output, so the finished file is renamed into place.
         work = Path(tempfile.mkdtemp(prefix=".lepton-get-",
                                      dir=target.parent if target is not None else None))

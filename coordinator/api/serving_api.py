@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from lepton.common.errors import FailedPrecondition, Unavailable
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.dataset_api import only_owner
 from lepton.coordinator.api.service import CoordinatorContext
+from lepton.coordinator.loops.scheduling import build_snapshot, task_request
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
 from lepton.coordinator.state.deployments import (
     check_deployment_owner,
@@ -30,9 +32,50 @@ from lepton.coordinator.state.deployments import (
     check_new_model,
 )
 from lepton.coordinator.state.security_state import check_node_caller, stamp_owner
-from lepton.v1 import serving_pb2, serving_pb2_grpc, state_pb2, tasks_pb2
+from lepton.v1 import common_pb2, serving_pb2, serving_pb2_grpc, state_pb2, tasks_pb2
 
 logger = logging.getLogger(__name__)
+
+
+def check_replicas_fit(sm, spec: serving_pb2.DeploymentSpec, replicas: int) -> None:
+    """Refuse, before anything is logged, `replicas` replicas that the cluster could not
+    hold even with every node empty and back in service: one that fits no node, or more
+    than all nodes together hold. They would only wait out `serve up --wait-timeout`.
+    Draining, suspect and down nodes count (they may come back); nodes that left do not.
+    The scheduler's own test and words (`unschedulable: needs 1000000m cpu, largest node
+    has 4000m`) judge one replica."""
+    from lepton.coordinator.scheduler import UNSCHEDULABLE, ClusterSnapshot, schedule
+
+    gone = common_pb2.NODE_STATE_LEFT
+    nodes = [replace(n, schedulable=sm.nodes[n.node_id].state != gone) for n in build_snapshot(sm).nodes]
+    snapshot = ClusterSnapshot.from_tables(nodes)
+    one = task_request(tasks_pb2.Task(id="t-fit-check", spec=tasks_pb2.TaskSpec(resources=spec.resources)))
+    why = schedule(snapshot, [one], now_ms=0).unschedulable.get(one.task_id, "")
+    if why.startswith(UNSCHEDULABLE):
+        raise FailedPrecondition(f"no node can ever run a replica of {spec.name!r}: "
+                                 f"{why.removeprefix(UNSCHEDULABLE).strip()}")
+    most = _most_replicas(nodes, one)
+    if most is not None and replicas > most:
+        raise FailedPrecondition(
+            f"{replicas} replicas of {spec.name!r} do not fit: all nodes together, empty, hold "
+            f"at most {most}; add nodes or ask for fewer")
+
+
+def _most_replicas(nodes, one) -> int | None:
+    """How many replicas like `one` the nodes hold when empty (None: no limit, a replica
+    that asks for nothing)."""
+    total = 0
+    for n in nodes:
+        if not n.schedulable:
+            continue
+        gpus = sum(1 for memory in n.gpus.values() if memory >= one.gpu_memory_bytes)
+        asks = ((n.cpu_millis, one.cpu_millis), (n.memory_bytes, one.memory_bytes), (gpus, one.gpus))
+        counts = [have // need for have, need in asks if need]
+        if not counts:
+            return None
+        total += min(counts)
+    return total
+
 
 class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
     def __init__(self, ctx: CoordinatorContext, loop: ServingLoop, endpoints: Any = None):
@@ -76,6 +119,7 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
             v.require_id(request.request_id, "request_id")
         await self._ctx.read()
         check_model(self._sm, spec.model)
+        check_replicas_fit(self._sm, spec, spec.replicas)
         # The owner, role and token its replica tasks act with: stamped as a task's are.
         stamp = tasks_pb2.TaskSpec()
         stamp_owner(stamp, self._sm)
@@ -90,6 +134,9 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
         v.check_replica_count(request.replicas)  # before anything is logged
         await self._ctx.read()
         self._check_owner(request.name)
+        spec = self._sm.deployments.get(request.name).deployment.spec
+        if request.replicas > spec.replicas:  # fewer always fit: a scale down is never refused
+            check_replicas_fit(self._sm, spec, request.replicas)
         cmd = state_pb2.ScaleDeploymentCmd(name=request.name, replicas=request.replicas, only_owner=only_owner())
         return await self._commit_view(state_pb2.Command(scale_deployment=cmd), request.name)
 

@@ -186,9 +186,12 @@ def test_owners_with_auth_and_tls(agents, tmp_path, tasks_exec_python):
 @pytest.mark.timeout(300)
 def test_a_careless_user_changes_nothing(cluster):
     """Numbers past any range, the same model again, rm twice, Ctrl-C while `serve up` waits:
-    one line on stderr, a non-zero exit, the deployment as it was. Its replica asks for more
-    cores than any node has, so it stays pending: no replica process is started."""
+    one line on stderr, a non-zero exit, the deployment as it was. Its replica asks for a whole
+    node and both are busy, so it stays pending: no replica process is started. (One asking
+    for more than any node has is refused at once: test_edges_serving.py.)"""
     ctl, client, _ = cluster
+    busy = [client.submit(["sleep", "600"], cpu=CPUS) for _ in range(2)]
+    wait_until(lambda: all(client.get(t.id).state == "running" for t in busy), timeout=60, what="both nodes busy")
     one_line_refusal(ctl("serve", "up", "mlp", "--name", "web", "--no-wait", "--max-wait-ms", "99999999999"),
                      "max_wait_ms")
     one_line_refusal(ctl("serve", "up", "mlp", "--name", "web", "--no-wait", "--max-batch", "100000"),
@@ -197,7 +200,7 @@ def test_a_careless_user_changes_nothing(cluster):
 
     # Ctrl-C while `serve up` waits: the deployment carries on, and the command says so.
     up = subprocess.Popen([sys.executable, "-m", "lepton.client.cli", "--server", client.addresses[0],
-                           "serve", "up", "mlp", "--name", "web", "--cpu", "100"],
+                           "serve", "up", "mlp", "--name", "web", "--cpu", str(CPUS)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: [d.name for d in client.list_deployments()] == ["web"], timeout=60,
@@ -225,6 +228,8 @@ def test_a_careless_user_changes_nothing(cluster):
     assert "being removed already" in second.value.message or "not found" in second.value.message
     wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
     one_line_refusal(ctl("serve", "rm", "web"), 'deployment "web" not found')
+    for t in busy:
+        client.cancel(t.id)
 
 
 @pytest.mark.timeout(600)  # three replica starts (each imports torch) on a loaded machine
