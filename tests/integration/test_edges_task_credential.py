@@ -92,7 +92,11 @@ def test_a_stolen_task_credential_gets_no_more_than_its_submitter(agents, tmp_pa
     with Client(srv, token=alice) as a, Client(srv, token=bob) as b, Client(srv, token=admin) as ad:
         wait_until(lambda: any(n.state == "ready" for n in ad.nodes()), timeout=60, what="the node")
         put_file(a, "m", tmp_path / "m.bin", replicas=1, kind="model")
-        a.create_deployment("alices", "m", cpu=64)  # never placed: 4 cores here
+        # Never placed: its replica needs the whole node, which a task of 3.5 cores holds.
+        # (One bigger than any node is refused at once: test_edges_serving.py.)
+        filler = a.submit(["sleep", "600"], cpu=3.5)
+        wait_until(lambda: a.get(filler.id).state == "running", timeout=60, what="the node filled")
+        a.create_deployment("alices", "m", cpu=4)
         victim = a.submit(["sleep", "600"], cpu=0.1)
         leaker = b.submit([sys.executable, "-c", LEAK], cpu=0.1)
         lines: list[str] = []
