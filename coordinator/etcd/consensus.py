@@ -458,11 +458,13 @@ class EtcdConsensus(Consensus):
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("watch stream ended")
                     if resp.compact_revision or resp.canceled:
+                        prober.cancel()  # the stream is not read while reloading
                         revision = await self._reload()
                         break
                     for event in resp.events:
                         revision = event.kv.mod_revision + 1
                         if not self._on_event(event):
+                            prober.cancel()
                             revision = await self._reload()
                             raise ConnectionError("reloaded")
             except asyncio.CancelledError:
