@@ -1,9 +1,11 @@
 """A careless user and an attacker at `serve *` on real agents: a deployment no node can ever
 hold is refused at once (not after --wait-timeout) and records nothing, and so is a scale
-past what the whole cluster holds."""
+past what the whole cluster holds; Predict follows the rule for reading a model."""
 
 from __future__ import annotations
 
+import grpc
+import numpy as np
 import pytest
 
 from lepton.client import Client
@@ -62,3 +64,56 @@ def test_deployments_that_can_never_fit_are_refused_at_once(agents, tmp_path):
             wait_until(lambda: c.list_deployments() == [], timeout=60, what="the deployment removed")
         finally:
             c.cancel(busy.id)
+
+
+def predict_code(server: str, token: str, deployment: str, timeout: float = 30) -> tuple[grpc.StatusCode, str]:
+    from lepton.common.channels import make_channel
+    from lepton.v1 import serving_pb2, serving_pb2_grpc
+
+    request = serving_pb2.PredictRequest(deployment=deployment, inputs=serving_pb2.Tensor(
+        dtype="<f4", shape=[1, 4], data=np.zeros((1, 4), np.float32).tobytes()))
+    with make_channel(server, tls=None, aio=False, token=token) as channel:
+        try:
+            serving_pb2_grpc.InferenceStub(channel).Predict(request, timeout=timeout)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            return err.code(), err.details() or ""
+
+
+def test_predict_is_a_read_like_data_get_of_the_model(agents, tmp_path):
+    """docs/serving.md "Trust": any user may call Predict on any deployment, as any viewer may
+    download the model itself (ReadShard is a read); a viewer may not (a prediction spends the
+    owner's replicas), and a name that is no deployment is NOT_FOUND, not a hint."""
+    node = agents("serve-trust", "--auth", "--cpus", str(CPUS))
+    srv = node.address
+    wait_until(lambda: (node.data_dir / "admin.token").exists(), timeout=60, what="the admin token")
+    admin = (node.data_dir / "admin.token").read_text().strip()
+
+    def token_for(role: str, name: str) -> str:
+        out = run_ctl("--token", admin, "tokens", "create", "--role", role, "--name", name, server=srv, check=True)
+        return out.stdout.strip()
+
+    alice, bob, vera = token_for("user", "alice"), token_for("user", "bob"), token_for("viewer", "vera")
+    with Client(srv, token=alice) as a:
+        wait_until(lambda: any(n.state == "ready" for n in a.nodes()), timeout=60, what="the node")
+        store_model(a, tmp_path, "m")
+        # Never placed (the node is full), so no replica answers: an admitted Predict waits
+        # for one until its deadline, a refused one is PERMISSION_DENIED at once.
+        busy = a.submit(["sleep", "600"], cpu=CPUS)
+        wait_until(lambda: a.get(busy.id).state == "running", timeout=60, what="the node filled")
+        a.create_deployment("web", "m", cpu=CPUS)
+        try:
+            for who, token in (("bob", bob), ("vera", vera)):  # the model's bytes: readable
+                with Client(srv, token=token) as them:
+                    them.get_dataset("m", tmp_path / f"{who}.npy")
+                assert (tmp_path / f"{who}.npy").stat().st_size > 0
+            admitted = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+            assert predict_code(srv, alice, "web", timeout=3)[0] in admitted
+            assert predict_code(srv, bob, "web", timeout=3)[0] in admitted
+            assert predict_code(srv, bob, "nosuch", timeout=30) == (
+                grpc.StatusCode.NOT_FOUND, "no deployment 'nosuch' (lepton-ctl serve ls)")
+            code, message = predict_code(srv, vera, "web")
+            assert code == grpc.StatusCode.PERMISSION_DENIED and message, message
+        finally:
+            a.delete_deployment("web")
+            a.cancel(busy.id)
