@@ -5,7 +5,8 @@ Why a process of its own: attempts outlive the agent (a kill -9, a restart), and
 must still happen then has to live outside it. The fence
 - spawns each attempt directly (argv exec'd; `/bin/sh -c` only for shell tasks) in a
   session of its own, stdout and stderr on output.log, and records it in run.json (one
-  write, with the pid): a spawn costs one fork and one exec, no wrapper shell;
+  write, with the pid) before it lets it exec (gate.py: a fence killed in between leaves
+  nothing running unrecorded): a spawn costs one fork and one exec, no wrapper shell;
 - is every attempt's parent, so it learns each exit status, even with the agent dead:
   it SIGKILLs what is left in the ended attempt's process group (its zombie leader keeps
   the group id from reuse), writes exit.json (`{"rc": N}`, the shell's `$?` convention:
@@ -48,6 +49,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lepton.agent.tasks import gate
 from lepton.agent.tasks import task_proc as tp
 from lepton.common.failover import FENCE_CHECK_S
 
@@ -93,7 +95,7 @@ class Held:
     __slots__ = ("child", "dir", "fenced", "key", "lease", "pid", "popen", "start")
 
     def __init__(self, key: tuple[str, int], pid: int, start: float, dir: Path, lease: str, *,  # noqa: A002
-                 child: bool, popen: subprocess.Popen[bytes] | None = None):
+                 child: bool = True, popen: subprocess.Popen[bytes] | None = None):
         self.key = key
         self.pid = pid  # also the process group and session id
         self.start = start
@@ -281,26 +283,25 @@ class Fence:
         except OSError as err:
             return {"error": f"cannot write {att_dir}: {err}"}
         try:
-            proc = subprocess.Popen(
-                item["argv"], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,  # one file description
-                cwd=item["cwd"], env=item["env"], start_new_session=True, close_fds=True)
+            # It waits at its gate until run.json names it (gate.py): killed before that, we
+            # leave nothing running that no record finds.
+            gated = gate.spawn_gated(item["argv"], item["env"], item["cwd"], log_fd)
         except (OSError, ValueError, TypeError, subprocess.SubprocessError) as err:
             return {"error": str(err)}
         finally:
             os.close(log_fd)
-        info = tp.proc_info(proc.pid)  # our unreaped child: present, if only as a zombie
-        started = {"pid": proc.pid, "start": info.start if info else 0.0, "started_at_ms": int(time.time() * 1000)}
+        info = tp.proc_info(gated.pid)  # our unreaped child: present, if only as a zombie
+        started = {"pid": gated.pid, "start": info.start if info else 0.0, "started_at_ms": int(time.time() * 1000)}
         try:
             # Not fsync'd: it serves a restart in this boot; a power cut ends every attempt.
             tp.write_json_atomic(att_dir / "run.json", {**item["run"], **started}, durable=False)
         except OSError as err:
-            # Unrecorded, a restarted agent could not find it: better not to leave it running.
-            tp.signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()  # reaped here, so subprocess never polls the pid again once reused
+            gate.close_gate(gated)  # unrecorded, it never runs
             return {"error": f"cannot record the pid: {err}"}
         key = (str(item["key"][0]), int(item["key"][1]))
-        self.held[proc.pid] = Held(key, proc.pid, started["start"], att_dir, str(item.get("lease") or ""),
-                                   child=True, popen=proc)
+        self.held[gated.pid] = Held(key, gated.pid, started["start"], att_dir, str(item.get("lease") or ""),
+                                    popen=gated.proc)
+        gate.open_gate(gated)
         return started
 
     def _reap(self) -> None:

@@ -4,9 +4,11 @@ shared by the links that find it, gone once idle, refusing bad requests with a r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import sys
 
 import pytest
 
@@ -195,3 +197,54 @@ async def test_a_spawn_dropped_by_a_fence_stopped_past_the_timeout_is_requeued(t
     assert not (tmp_path / "tasks/t/1/ran").exists() and not (tmp_path / "tasks/t/1/run.json").exists()
     assert fence_pid(tmp_path) == pid and r._fence.link.up  # the same fence, linked again
     await r.stop()
+
+
+# A fence SIGKILLed between forking an attempt and recording it in run.json: run in a process
+# of its own, whose record step kills it (after noting the pid the record would have named).
+KILLED_BEFORE_THE_RECORD = r"""
+import json, os, signal, socket, sys
+from lepton.agent.tasks import fence, task_proc
+
+def killed(path, doc, **kw):
+    with open(sys.argv[2], "w") as f:
+        f.write(str(doc["pid"]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+task_proc.write_json_atomic = killed
+fence.Fence(socket.socket(socket.AF_UNIX))._spawn_one(json.loads(sys.argv[1]))
+"""
+
+
+async def test_a_fence_killed_between_fork_and_record_leaves_nothing_running(tmp_path):
+    """What no run.json names must never run: its agent settles it as not started, and the
+    leader may run it again elsewhere."""
+    spawn = item(tmp_path, "t", [shutil.which("sh"), "-c", f"touch {tmp_path}/ran; exec sleep 30"])
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_BEFORE_THE_RECORD,
+                                                json.dumps(spawn), str(tmp_path / "pid"))
+    assert await proc.wait() == -signal.SIGKILL
+    pid = int((tmp_path / "pid").read_text())
+    await wait_until(lambda: gone(pid), "the unrecorded attempt's process to end")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "t" / "run.json").exists()
+
+
+async def test_a_command_that_cannot_run_leaves_no_record_and_one_that_can_runs_as_given(tmp_path):
+    link = FenceLink(tmp_path, lambda *e: None, lambda: None)
+    await link.open()
+    try:
+        (tmp_path / "w").mkdir()
+        results = link.spawn([item(tmp_path, "gone-cwd", [shutil.which("true")]) | {"cwd": str(tmp_path / "no-dir")},
+                              item(tmp_path, "not-exec", [str(tmp_path / "w")]),
+                              item(tmp_path, "ok", [shutil.which("sh"), "-c", "echo fine"])])
+        assert "no-dir" in results[0]["error"] and "not an executable" in results[1]["error"]
+        assert results[2]["pid"] > 0
+        assert not (tmp_path / "gone-cwd" / "run.json").exists() and not (tmp_path / "not-exec" / "run.json").exists()
+        assert (tmp_path / "ok" / "run.json").exists()
+        # Past its gate, a command runs with the environment it was given and nothing on stdin.
+        [env] = link.spawn([item(tmp_path, "env", [shutil.which("sh"), "-c", "env; cat"]) | {"env": {"A": "1"}}])
+        await wait_until(lambda: gone(env["pid"]), "env to end")
+        assert "A=1" in (tmp_path / "env" / "output.log").read_text().splitlines()
+        [env] = link.spawn([item(tmp_path, "argv", [shutil.which("env")]) | {"env": {"A": "1"}}])
+        await wait_until(lambda: gone(env["pid"]), "env to end")
+        assert (tmp_path / "argv" / "output.log").read_text() == "A=1\n"
+    finally:
+        await link.close()
