@@ -7,6 +7,13 @@
   4 MiB chunk checked against its checkpoint, the whole hash checked (BLAKE3 ids, as new
   puts make; `--sha256` for older ids), fsync, rename.
 
+Two references beside the baseline (same receiver, same run, not the target's measure):
+tcp_store_GBps, the receiver also writing the bytes into files in the same directory as
+the stores (fsync'd per 64 MiB file), and tcp_store_hash_GBps, hashing them with BLAKE3
+as well: the least any pull that keeps and verifies the bytes does, without framing,
+gRPC or checkpoints; receiver_cpu_s_per_GiB gives the receiver's CPU per GiB for each
+(compare puller_cpu_s_per_GiB).
+
 Both data dirs go under `--dir` (default: /dev/shm when present, so the disk's own speed
 does not hide the transfer's; pass a disk path to include it). Each measurement is the best
 of `--repeat`; each repeat measures raw TCP right before its pull, so a ratio compares two
@@ -53,33 +60,62 @@ from lepton.v1.datasets_pb2_grpc import ShardsStub  # noqa: E402
 
 MiB = 1 << 20
 RECEIVER = """
-import socket, sys
-n = int(sys.argv[1]); s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
-c, _ = s.accept(); buf = memoryview(bytearray(1 << 20)); got = 0
+import os, socket, sys
+n, keep, root, per_file = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+if keep == "store+hash":
+    import blake3
+s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); buf = memoryview(bytearray(1 << 20)); got = in_file = 0; fd = -1; files = []; h = None
 while got < n:
     k = c.recv_into(buf)
     if not k: break
+    if keep != "discard":
+        if fd < 0 or in_file >= per_file:
+            if fd >= 0:
+                os.fsync(fd); os.close(fd)
+            files.append(os.path.join(root, str(len(files))))
+            fd = os.open(files[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600); in_file = 0
+            h = blake3.blake3() if keep == "store+hash" else None
+        if h is not None:
+            h.update(buf[:k])
+        view = buf[:k]
+        while view:
+            view = view[os.write(fd, view):]
+        in_file += k
     got += k
+if fd >= 0:
+    os.fsync(fd); os.close(fd)
 c.sendall(b"k")
+for f in files:
+    os.unlink(f)
 """
+# What the receiver does with the bytes: the baseline drops them; the other two are what a
+# pull cannot avoid (keep them in the store's file system; hash them too), as references.
+# The baseline runs last, right before its pull.
+KEEPS = ("store", "store+hash", "discard")
 
 
-def raw_tcp(total: int) -> tuple[float, float]:
-    """(GB/s, CPU seconds per GiB of sender and receiver together)."""
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total)], stdout=subprocess.PIPE, text=True)
+def raw_tcp(total: int, keep: str = "discard", root: str = "", per_file: int = 64 * MiB) -> tuple[float, float, float]:
+    """(GB/s, CPU seconds per GiB of sender and receiver together, of the receiver alone).
+    `keep`: "discard" (the baseline), "store" (os.write into files of `per_file` bytes
+    under `root`, fsync'd) or "store+hash" (BLAKE3 too)."""
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total), keep, root, str(per_file)],
+                            stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     receiver = psutil.Process(proc.pid)
     buf = os.urandom(MiB)
     with socket.create_connection(("127.0.0.1", port)) as s:
-        cpu0 = _cpu_s(receiver) + time.thread_time()
+        own0, theirs0 = time.thread_time(), _cpu_s(receiver)
         t0 = time.perf_counter()
         for _ in range(total // MiB):
             s.sendall(buf)
         s.recv(1)
         dt = time.perf_counter() - t0
-        cpu = _cpu_s(receiver) + time.thread_time() - cpu0
-    proc.wait(10)
-    return total / dt / 1e9, cpu / (total / (1 << 30))
+        theirs = _cpu_s(receiver) - theirs0
+        own = time.thread_time() - own0
+    proc.wait(60)
+    gib = total / (1 << 30)
+    return total / dt / 1e9, (own + theirs) / gib, theirs / gib
 
 
 def _cpu_s(proc: psutil.Process) -> float:
@@ -127,13 +163,20 @@ def main() -> None:
         req = dpb.PullShardsRequest(shards=[
             dpb.ShardSource(shard_id=sid, size=size, source_nodes=[a_id]) for sid, size in shards])
         raws, pulls, cpu_b, cpu_a, cpu_raw = [], [], [], [], []
+        tcp = {keep: {"rate": [], "receiver": []} for keep in KEEPS}
+        tcp_dir = Path(root) / "tcp"
+        tcp_dir.mkdir()
         procs = [psutil.Process(agent.proc.pid) for agent in (a, b)]
         with grpc.insecure_channel(b.address) as ch:
             stub = ShardsStub(ch)
             for _ in range(args.repeat):
-                rate, cpu = raw_tcp(count * args.shard_mib * MiB)
-                raws.append(rate)
-                cpu_raw.append(cpu)
+                for keep in KEEPS:
+                    rate, cpu, receiver = raw_tcp(count * args.shard_mib * MiB, keep, str(tcp_dir), args.shard_mib * MiB)
+                    tcp[keep]["rate"].append(rate)
+                    tcp[keep]["receiver"].append(receiver)
+                    if keep == "discard":
+                        raws.append(rate)
+                        cpu_raw.append(cpu)
                 cpu0 = [_cpu_s(p) for p in procs]
                 t0 = time.perf_counter()
                 resp = stub.PullShards(req, timeout=600)
@@ -146,6 +189,7 @@ def main() -> None:
                 pulls.append(resp.bytes / dt / 1e9)
                 stub.DeleteShards(dpb.DeleteShardsRequest(shard_ids=[s for s, _ in shards]), timeout=60)
         ratios = [p / r for p, r in zip(pulls, raws, strict=True)]
+        stored = tcp["store+hash"]["rate"]
         cpu_per_gib = statistics.median(cpu_a) + statistics.median(cpu_b)
         ceiling = (os.cpu_count() or 1) / cpu_per_gib * (1 << 30) / 1e9
         emit({
@@ -157,6 +201,12 @@ def main() -> None:
             "puller_cpu_s_per_GiB": round(statistics.median(cpu_b), 3),
             "holder_cpu_s_per_GiB": round(statistics.median(cpu_a), 3),
             "raw_tcp_cpu_s_per_GiB": round(statistics.median(cpu_raw), 3),  # sender + receiver
+            # References, not the target's baseline: the same receiver keeping the bytes
+            # in files beside the stores (and hashing them), as any verifying pull must.
+            "tcp_store_GBps": round(max(tcp["store"]["rate"]), 3),
+            "tcp_store_hash_GBps": round(max(stored), 3),
+            "ratio_to_tcp_store_hash": round(statistics.median(p / r for p, r in zip(pulls, stored, strict=True)), 3),
+            "receiver_cpu_s_per_GiB": {keep: round(statistics.median(t["receiver"]), 3) for keep, t in tcp.items()},
             "cpu_ceiling_GBps": round(ceiling, 3),
             "cpu_ceiling_ratio": round(ceiling / max(raws), 3),
             "bytes": count * args.shard_mib * MiB,
