@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from lepton.agent.replica_peer import ImpostorReplica, check_peer
 from lepton.common.errors import DeadlineExceeded, Unavailable
 from lepton.common.frames import KEY, OK, FrameProtocol, error_of
 from lepton.common.sockets import UnixTarget
@@ -75,11 +76,16 @@ def _expire(future: asyncio.Future) -> None:
 
 
 class FramesDialer:
-    """A replica's frames socket: `ready()` (the open connection, or None) and `connect()`."""
+    """A replica's frames socket: `ready()` (the open connection, or None) and `connect()`.
+    `session`: the replica attempt's pid; each connection's listener must be of its session
+    before the key is sent (agent/replica_peer.py), else `impostor` says why and every
+    later connect is refused (the supervisor stops the replica)."""
 
-    def __init__(self, path: str | os.PathLike[str], key: str = ""):
+    def __init__(self, path: str | os.PathLike[str], key: str = "", session: int = 0):
         self.path = os.fspath(path)
         self._key = key  # sent first on each connection (common/frames.py)
+        self._session = session
+        self.impostor = ""
         self._conn: FramesConnection | None = None
         self._connecting: asyncio.Future[FramesConnection] | None = None
         self._closed = False
@@ -96,6 +102,8 @@ class FramesDialer:
             return conn
         if self._closed:
             raise Unavailable("the replica is stopping on this node")
+        if self.impostor:
+            raise ImpostorReplica(self.impostor)
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._opened)
@@ -108,13 +116,19 @@ class FramesDialer:
         except OSError as err:
             raise Unavailable(f"the replica's socket is not there: {err}") from None
         try:
-            _, conn = await loop.create_unix_connection(FramesConnection, target.target.removeprefix("unix:"))
+            transport, conn = await loop.create_unix_connection(FramesConnection, target.target.removeprefix("unix:"))
         except FileNotFoundError:
             raise FramesAbsent(f"the replica has no frames socket ({self.path})") from None
         except OSError as err:
             raise Unavailable(f"cannot reach the replica: {err}") from None
         finally:
             target.close()  # the connection, once made, no longer needs the path
+        if self._session:
+            try:
+                check_peer(transport.get_extra_info("socket"), self._session, "its frames socket")
+            except ImpostorReplica:
+                transport.close()  # nothing was sent on it
+                raise
         if self._key:
             conn.send(0, KEY, self._key.encode())
         return conn
@@ -125,6 +139,8 @@ class FramesDialer:
             return
         if future.exception() is not None:
             self.absent = isinstance(future.exception(), FramesAbsent)
+            if isinstance(future.exception(), ImpostorReplica):
+                self.impostor = future.exception().message
             return
         conn = future.result()
         if self._closed:

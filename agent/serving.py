@@ -35,13 +35,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lepton.agent.replica_frames import FramesDialer
+from lepton.agent.replica_peer import ImpostorReplica, PinnedSocket
 from lepton.agent.tasks.attempt_env import serve_socket_path
 from lepton.agent.tasks.task_spec import RunSpec
 from lepton.common.durable import read_json, write_atomic
 from lepton.common.errors import LeptonError
 from lepton.common.frames import frames_path
 from lepton.common.grpc_util import CHANNEL_OPTIONS
-from lepton.common.sockets import UnixTarget
 from lepton.v1 import serving_pb2, serving_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class LocalReplica:
     deployment: str
     generation: int
     socket: Path
+    session: int = 0  # the attempt's pid: its session, which the listener must be in (replica_peer.py)
     state: int = PENDING
     ready_once: bool = False  # passed a check at least once: failures now mean unhealthy
     unhealthy_since: float | None = None
@@ -79,37 +80,58 @@ class LocalReplica:
     key: str = field(default="", repr=False)  # presented on every call (workloads/serving/replica_key.py)
     channel: Any = None
     health: Any = field(default=None, repr=False)
-    target: UnixTarget | None = field(default=None, repr=False)
+    pinned: PinnedSocket | None = field(default=None, repr=False)
     frames: FramesDialer | None = field(default=None, repr=False)
 
     def frames_dialer(self) -> FramesDialer:
         """The Predict router's way in (the frames socket beside the gRPC one), made once."""
         if self.frames is None:
-            self.frames = FramesDialer(frames_path(self.socket), key=self.key)
+            self.frames = FramesDialer(frames_path(self.socket), key=self.key, session=self.session)
         return self.frames
 
-    def open(self) -> bool:
-        """The channel to the socket, made once; False while its folder is not there yet."""
-        if self.channel is None:
-            try:
-                self.target = UnixTarget(self.socket)  # a deep data dir: through a handle
-            except OSError:
-                return False
-            self.channel = grpc.aio.insecure_channel(self.target.target, options=CHANNEL_OPTIONS,
-                                                     interceptors=[_PresentKey(self.key)] if self.key else None)
-            self.health = health_pb2_grpc.HealthStub(self.channel)
+    async def connect(self) -> bool:
+        """The channel to the socket, made once its listener is checked to be of the attempt
+        (agent/replica_peer.py) and pinned to that socket; False while the socket is not
+        there or not listening yet. Raises ImpostorReplica."""
+        if self.channel is not None:
+            return True
+        try:
+            pinned = PinnedSocket(self.socket)
+        except OSError:
+            return False
+        try:
+            await pinned.verify(self.session, "its socket")
+        except OSError:  # ImpostorReplica is not one
+            pinned.close()
+            return False
+        except BaseException:
+            pinned.close()
+            raise
+        self.pinned = pinned
+        self.channel = grpc.aio.insecure_channel(pinned.target, options=CHANNEL_OPTIONS,
+                                                 interceptors=[_PresentKey(self.key)] if self.key else None)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         return True
+
+    async def unpin_if_replaced(self) -> None:
+        """After a failed check: a socket file that is no longer the pinned one (bound anew,
+        or by someone else) gets a new channel at the next check, checked again."""
+        if self.pinned is not None and not self.pinned.still_at(self.socket):
+            await self._close_channel(None)
 
     async def close(self, grace: float | None = None) -> None:
         if self.frames is not None:
             self.frames.close()  # calls in flight on it end UNAVAILABLE: the router retries
+        await self._close_channel(grace)
+
+    async def _close_channel(self, grace: float | None) -> None:
         channel, self.channel = self.channel, None
         if channel is not None:
             with contextlib.suppress(Exception):
                 await channel.close(grace)
-        if self.target is not None:
-            self.target.close()
-            self.target = None
+        if self.pinned is not None:
+            self.pinned.close()
+            self.pinned = None
 
 
 def attempt_key(att_dir: Path) -> str:
@@ -180,9 +202,9 @@ class ReplicaSupervisor:
         """A channel to replica `task_id` on this node (its socket), or None when no such
         replica runs here."""
         replica = self.replicas.get(task_id)
-        if replica is None or replica.stopping or not replica.open():
+        if replica is None or replica.stopping:
             return None
-        return replica.channel
+        return replica.channel  # None until the supervisor has checked its listener
 
     def local_frames(self, task_id: str) -> FramesDialer | None:
         """The frames socket of replica `task_id` on this node (common/frames.py), or None
@@ -226,7 +248,8 @@ class ReplicaSupervisor:
 
     def scan(self) -> None:
         """Track the runner's new replica attempts; forget those that ended."""
-        running = {(r.task_id, r.attempt) for r in self._runner.running() if r.pid}
+        pids = {(r.task_id, r.attempt): r.pid for r in self._runner.running() if r.pid}
+        running = set(pids)
         for task_id, replica in list(self.replicas.items()):
             if (task_id, replica.attempt) not in running:
                 self._forget(task_id)
@@ -249,7 +272,8 @@ class ReplicaSupervisor:
                 logger.warning("replica %s: no key for it (%s); looking again", key[0], err)
                 continue
             self.replicas[key[0]] = LocalReplica(key[0], key[1], spec.replica, spec.replica_generation,
-                                                 serve_socket_path(att_dir, self._task_user), key=replica_key)
+                                                 serve_socket_path(att_dir, self._task_user), session=pids[key],
+                                                 key=replica_key)
             self._report_due = True
 
     def _spec_of(self, task_id: str, attempt: int) -> RunSpec | None:
@@ -269,8 +293,17 @@ class ReplicaSupervisor:
     async def _check(self, replica: LocalReplica) -> None:
         if replica.stopping:
             return
-        if not replica.open():
-            return  # no folder yet: still starting (PENDING)
+        try:
+            impostor = replica.frames.impostor if replica.frames is not None else ""
+            if impostor:
+                raise ImpostorReplica(impostor)
+            if not await replica.connect():
+                return  # not listening yet: still starting (PENDING)
+        except ImpostorReplica as err:
+            # Another process's socket in the replica's place (a task of the same uid):
+            # nothing was sent to it; the replica, unreachable, is replaced.
+            self._stop_refused(replica, err.message, "replica socket taken over by another process")
+            return
         try:
             # wait_for_ready: a channel in its reconnect backoff (the socket was missing a
             # moment ago) is not a failed check; a hung or gone replica still fails at the
@@ -282,14 +315,10 @@ class ReplicaSupervisor:
             if err.code() == grpc.StatusCode.PERMISSION_DENIED and not replica.stopping:
                 # Claimed by another caller before this agent (a task of the same user on
                 # its socket): never put it in rotation; its replacement is claimed afresh.
-                replica.stopping = True
-                self._set(replica, UNHEALTHY)
-                logger.warning("replica %s of %s refused its agent's key: stopping it to be replaced",
-                               replica.task_id, replica.deployment)
-                self._runner.cancel(replica.task_id, replica.attempt, reason="replica claimed by another caller",
-                                    grace_s=KILL_GRACE_S)
+                self._stop_refused(replica, "it refused its agent's key", "replica claimed by another caller")
                 return
             healthy = False
+            await replica.unpin_if_replaced()
         if self.replicas.get(replica.task_id) is not replica:
             return  # forgotten while checking
         if healthy:
@@ -311,6 +340,13 @@ class ReplicaSupervisor:
                            replica.task_id, replica.deployment, now - replica.unhealthy_since)
             self._runner.cancel(replica.task_id, replica.attempt,
                                 reason=f"{UNHEALTHY_REASON} for {KILL_AFTER_S:g} s", grace_s=KILL_GRACE_S)
+
+    def _stop_refused(self, replica: LocalReplica, why: str, reason: str) -> None:
+        """Out of rotation for good, and its attempt stopped: the serving loop replaces it."""
+        replica.stopping = True
+        self._set(replica, UNHEALTHY)
+        logger.warning("replica %s of %s: %s; stopping it to be replaced", replica.task_id, replica.deployment, why)
+        self._runner.cancel(replica.task_id, replica.attempt, reason=reason, grace_s=KILL_GRACE_S)
 
     def _mark_due(self) -> None:
         if self.replicas or self._reported_any:

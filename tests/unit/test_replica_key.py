@@ -5,6 +5,7 @@ process is not dumpable (its memory is root's only)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,17 +39,17 @@ async def test_the_first_key_claims_the_replica_and_every_other_caller_is_refuse
         assert await _check(stranger) == grpc.StatusCode.PERMISSION_DENIED  # no key: no claim
         att = tmp_path / "att"
         att.mkdir()
-        agent = LocalReplica("t-1", 1, "web", 1, sock, key=attempt_key(att))
-        assert agent.open()
+        agent = LocalReplica("t-1", 1, "web", 1, sock, session=os.getsid(0), key=attempt_key(att))
+        assert await agent.connect()
         assert await _check(agent.channel) == grpc.StatusCode.OK  # claims it
         assert await _check(agent.channel) == grpc.StatusCode.OK
-        thief = LocalReplica("t-1", 1, "web", 1, sock, key=attempt_key(tmp_path))
-        assert thief.open()
+        thief = LocalReplica("t-1", 1, "web", 1, sock, session=os.getsid(0), key=attempt_key(tmp_path))
+        assert await thief.connect()
         assert await _check(thief.channel) == grpc.StatusCode.PERMISSION_DENIED
         assert await _check(stranger) == grpc.StatusCode.PERMISSION_DENIED
         # A restarted agent reads the same key back and is still served.
-        again = LocalReplica("t-1", 1, "web", 1, sock, key=attempt_key(att))
-        assert again.key == agent.key and again.open()
+        again = LocalReplica("t-1", 1, "web", 1, sock, session=os.getsid(0), key=attempt_key(att))
+        assert again.key == agent.key and await again.connect()
         assert await _check(again.channel) == grpc.StatusCode.OK
         for replica in (agent, thief, again):
             await replica.close()

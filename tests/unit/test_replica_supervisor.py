@@ -5,6 +5,7 @@ KILL_AFTER_S, reports at once on each change."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,9 @@ class FakeRunner:
         att_dir.mkdir(parents=True)
         spec = RunSpec(task_id=task_id, attempt=attempt, term=1, argv=("x",), replica=replica, replica_generation=2)
         (att_dir / "run.json").write_text(json.dumps({"spec": spec.to_json()}))
-        self.live.append(RunningTask(task_id, attempt, 1, 1000 + len(self.live), 0))
+        # The attempt's pid: its session, which the replica's listener must be in
+        # (agent/replica_peer.py). The health servers here run in this process.
+        self.live.append(RunningTask(task_id, attempt, 1, os.getsid(0), 0))
         return att_dir
 
     def running(self) -> list[RunningTask]:
