@@ -30,10 +30,9 @@ Choices:
   count as running, pid 0, and a cancel meanwhile stops them before or right after they
   start). The fence is started at the first spawn and let go when idle (fence_keeper.py);
   a request it left unanswered is settled by run.json and its held list, never guessed.
-- No polling: the fence tells the runner of each exit (fence_link.py); an attempt it does
-  not hold (one of a fence that died, or of an older agent) has a pidfd (exit_watch.py);
-  deadlines and SIGKILL times are timers; only where no pidfd can be had is an attempt
-  polled (POLL_S), and every attempt is checked every SCAN_S as a backstop.
+- No polling: exits come from the fence or pidfds, deadlines are timers (live.py, which
+  owns the live attempts); only where no pidfd can be had is an attempt polled (POLL_S),
+  and every attempt is checked every SCAN_S as a backstop.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -54,9 +52,9 @@ from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt import Attempt, unreported
 from lepton.agent.tasks.attempt_env import AttemptEnv, inherited_env
 from lepton.agent.tasks.claims import ClaimLog
-from lepton.agent.tasks.exit_watch import ExitWatch
 from lepton.agent.tasks.fence_keeper import FenceKeeper
 from lepton.agent.tasks.fence_link import NOT_LINKED, Key
+from lepton.agent.tasks.live import LiveAttempts
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
@@ -139,16 +137,16 @@ class TaskRunner:
         self._claims = ClaimLog(self._root)
         self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),
                                   self._spawned, self._fence.ensure)
-        self._live: dict[tuple[str, int], Attempt] = {}
-        # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
-        self.started_listeners: list[Callable[[RunSpec], None]] = []
         self._settling: asyncio.Task[int] | None = None
         self._releasing: asyncio.Task[None] | None = None  # the fence let go when idle
-        self._exits = ExitWatch(self._on_exit)
         self._sweep_s = sweep_s if retention_s else math.inf
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
         self._outputs = task_logs.OutputLogs(int(log_max_bytes))
+        self._attempts = LiveAttempts(self._reports, self._outputs, self._boot)
+        self._live = self._attempts.by_key  # read here; changed by LiveAttempts alone
+        # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
+        self.started_listeners: list[Callable[[RunSpec], None]] = self._attempts.started_listeners
         self._log_check_s = log_check_s
         self._retention = Retention(self._root, self._outputs, retention_s, sweep_s, clock, lambda: self._live)
 
@@ -204,7 +202,7 @@ class TaskRunner:
         if self._settling is not None:
             await asyncio.gather(self._settling, return_exceptions=True)
             self._settling = None
-        self._exits.close()
+        self._attempts.close()
         await self._reports.close()
         if self._releasing is not None:
             await asyncio.gather(self._releasing, return_exceptions=True)
@@ -212,9 +210,6 @@ class TaskRunner:
         self._early_exits.clear()
         self._in_doubt.clear()  # the next start() finds them by their run.json
         self._made.clear()
-        for att in self._live.values():
-            att.disarm()
-        self._live.clear()
 
     # ---- commands ----------------------------------------------------------------------
 
@@ -251,14 +246,14 @@ class TaskRunner:
             att = Attempt(spec=spec, dir=att_dir, pid=result.pid, start=result.start, boot=self._boot,
                           started_at_ms=result.run["started_at_ms"], held=True,
                           deadline=result.run["deadline_mono"])
-            self._track(att)
+            self._attempts.track(att)
             logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
                         spec.term, att.pid)
             self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
                                  pid=att.pid, at_ms=att.started_at_ms))
             early = self._early_exits.pop(key, None)
             if early is not None and early[0] == att.pid:
-                self._finish(att, early[1], early[2])
+                self._attempts.finish(att, early[1], early[2])
             elif stop is not None:  # cancelled while it was being spawned
                 self.cancel(*key, reason=stop[0], grace_s=stop[1])
 
@@ -319,13 +314,7 @@ class TaskRunner:
             else:
                 logger.debug("cancel %s/%d: not running", task_id, attempt)
             return
-        grace = att.spec.grace_s if grace_s is None else grace_s
-        if not att.stop_reason:
-            att.begin_stop(reason, grace, self._on_wake)
-        elif not att.killed and time.monotonic() + grace < att.kill_at:
-            att.kill_at = time.monotonic() + grace
-            att.persist_stop()
-            att.arm(self._on_wake)
+        self._attempts.stop(att, reason, grace_s)
 
     def running(self) -> list[RunningTask]:
         """The attempts alive now (including those being stopped, and those being started:
@@ -459,40 +448,14 @@ class TaskRunner:
                                             reason="lost", at_ms=now_ms()))
             return False
         self._max_term = max(self._max_term, att.spec.term)
-        if self._take_up(att, held, orphans):
+        if self._attempts.take_up(att, held, orphans):
             logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
             return True
         return False
 
-    def _take_up(self, att: Attempt, held: dict[Key, int], orphans: list[Attempt]) -> bool:
-        """Track `att` if it still runs (True; in `orphans` unless the fence `held` it), or
-        report how it ended."""
-        att.held = held.get(att.key) == att.pid
-        exited, code = (True, None) if att.boot != self._boot or att.pid == 0 else att.poll_exit()
-        if exited:
-            self._finish(att, code)
-            return False
-        if not att.held:
-            orphans.append(att)
-        self._track(att)
-        return True
-
-    def _track(self, att: Attempt) -> None:
-        """Watch a live attempt: its pidfd wakes us when it ends (else it is polled), and a
-        timer at its deadline or SIGKILL time."""
-        self._live[att.key] = att
-        for listener in self.started_listeners:
-            listener(att.spec)
-        if not att.held:  # the fence tells us of its own attempts' exits
-            self._exits.watch(att.key, att.pid, att.start)
-        att.arm(self._on_wake)
-
     def _on_fence_exit(self, key: Key, pid: int, rc: int, output_size: int) -> None:
         """The fence reaped this attempt, which ended with `$?` `rc` (exit.json holds it)."""
-        att = self._live.get(key)
-        if att is not None and att.pid == pid:
-            self._finish(att, rc, output_size)
-        elif key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
+        if not self._attempts.on_fence_exit(key, pid, rc, output_size) and key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
             self._early_exits[key] = (pid, rc, output_size)
 
     def _on_linked(self, held: dict[Key, int]) -> list[Attempt]:
@@ -500,12 +463,7 @@ class TaskRunner:
         orphan now (the new one cannot learn their exit status: their pidfds tell us they
         ended, but it fences them as the old one did); then spawns that went unanswered are
         settled. Returns the orphans, for the fence."""
-        orphans = [att for att in self._live.values() if held.get(att.key) != att.pid]
-        for att in orphans:
-            if att.held:
-                att.held = False
-                self._exits.watch(att.key, att.pid, att.start)
-        return orphans + self._settle_in_doubt(held)
+        return self._attempts.orphaned(held) + self._settle_in_doubt(held)
 
     def _settle_in_doubt(self, held: dict[Key, int]) -> list[Attempt]:
         """The attempts of unanswered spawn requests, now that a fence answers (`held`): each
@@ -523,42 +481,21 @@ class TaskRunner:
                 continue
             self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
                                          pid=att.pid, at_ms=att.started_at_ms))
-            if self._take_up(att, held, orphans):
+            if self._attempts.take_up(att, held, orphans):
                 logger.info("found task %s attempt %d running (pid %d) after its spawn went unanswered", *key, att.pid)
                 if stop is not None:
                     self.cancel(*key, reason=stop[0], grace_s=stop[1])
         return orphans
 
-    def _on_exit(self, key: tuple[str, int]) -> None:
-        """Its pidfd says the process ended."""
-        if (att := self._live.get(key)) is not None:
-            self._check_logged(att)
-            if key in self._live:  # not reapable yet (it should be): poll it from now on
-                self._exits.poll_from_now(key)
-
-    def _on_wake(self, key: tuple[str, int]) -> None:
-        """Its timer: a deadline or a SIGKILL time has come."""
-        if (att := self._live.get(key)) is not None:
-            att.timer = None
-            self._check_logged(att)
-            if key in self._live and att.timer is None:
-                att.arm(self._on_wake)  # the loop may fire a timer a hair early: once more then
-
-    def _check_logged(self, att: Attempt) -> None:
-        try:
-            self._check(att)
-        except Exception:  # keep watching the others
-            logger.exception("watching task %s attempt %d failed", *att.key)
-
     async def _watch(self) -> None:
-        """Exits and timers come by themselves (`_on_exit`, `_on_wake`); this loop polls the
+        """Exits and timers come by themselves (live.py); this loop polls the
         attempts without a pidfd, checks output sizes, scans every attempt now and then
         (a backstop), and starts retention sweeps and claim settling."""
         now = time.monotonic()
         next_logs, next_scan, next_settle = now, now + SCAN_S, now + SETTLE_S
         busy_at = now  # when an attempt last ran or started here
         while True:
-            if self._exits.polled:
+            if self._attempts.polled:
                 wait = POLL_S
             elif self._live:
                 wait = min(self._log_check_s, SCAN_S, self._sweep_s) or POLL_S
@@ -572,16 +509,7 @@ class TaskRunner:
             scan = now >= next_scan
             if scan:
                 next_scan = now + SCAN_S
-            polled = self._exits.polled
-            due = list(self._live.values()) if scan or check_logs else [self._live[k] for k in polled if k in self._live]
-            for att in due:
-                if scan or att.key in polled:
-                    self._check_logged(att)
-                if check_logs and att.key in self._live:
-                    try:
-                        self._outputs.check(att.dir)
-                    except Exception:  # keep watching the others
-                        logger.exception("checking the output of task %s attempt %d failed", *att.key)
+            self._attempts.scan(everything=scan, check_logs=check_logs)
             self._retention.tick(now)
             if self._live or self._in_doubt or self._spawns.starting:
                 busy_at = now
@@ -596,34 +524,6 @@ class TaskRunner:
             if now >= next_settle and (self._settling is None or self._settling.done()):
                 next_settle = now + SETTLE_S
                 self._settling = asyncio.create_task(asyncio.to_thread(self._claims.settle), name="task-claims")
-
-    def _check(self, att: Attempt) -> None:
-        exited, code = att.poll_exit()
-        if exited:
-            self._finish(att, code)
-            return
-        now = time.monotonic()
-        if not att.stop_reason and att.deadline and now >= att.deadline:
-            logger.info("task %s attempt %d ran past its %gs timeout", *att.key, att.spec.timeout_s)
-            att.begin_stop("timeout", att.spec.grace_s, self._on_wake)
-        elif att.stop_reason and not att.killed and now >= att.kill_at:
-            logger.info("task %s attempt %d outlived its grace period; killing it", *att.key)
-            att.kill()
-
-    def _finish(self, att: Attempt, rc: int | None, output_size: int | None = None) -> None:
-        """The attempt's process is gone (`rc`: its `$?`, `output_size`: output.log's size,
-        when known): clear its group, work out the exit code and report it."""
-        self._live.pop(att.key, None)
-        self._exits.unwatch(att.key)
-        att.disarm()
-        self._outputs.finished(att.dir, output_size)
-        # Leftovers in the task's group (the fence killed those of its own before the reap).
-        if not att.held and att.pid and att.boot == self._boot and tp.group_is_ours(att.pid, att.start):
-            tp.signal_group(att.pid, signal.SIGKILL)
-        code, reason, at_ms = att.outcome(rc, now_ms())
-        logger.info("task %s attempt %d ended: %s (exit code %s)", *att.key, reason, code)
-        self._reports.exited(att.dir, TaskEvent(att.spec.task_id, att.spec.attempt, att.spec.term, TaskEventKind.EXITED,
-                                        exit_code=code, reason=reason, pid=att.pid, at_ms=at_ms))
 
     def acknowledge(self, task_id: str, attempt: int) -> None:
         """The coordinator has taken this attempt's EXITED event: never report it again."""

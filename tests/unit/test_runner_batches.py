@@ -60,7 +60,7 @@ async def test_exits_wake_the_runner_without_polling(node, monkeypatch):
     monkeypatch.setattr(runner_mod, "POLL_S", 3600.0)
     r = await node.runner()
     r.launch(sh("t", "exit 3"))
-    assert not r._exits.polled  # watched by its pidfd
+    assert not r._attempts.polled  # watched by its pidfd
     assert (await node.exited("t")).exit_code == 3
     r.launch(RunSpec(task_id="d", attempt=1, term=1, argv=("sleep", "1000"), timeout_s=0.2))
     assert (await node.exited("d")).reason == "timeout"  # a timer, not a poll
@@ -118,7 +118,7 @@ async def test_past_its_descriptor_budget_an_attempt_is_polled_and_still_seen_to
     # As if half the open-file limit were in use: one pidfd left.
     monkeypatch.setattr(exit_watch, "FDS_KEPT", resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 - 1)
     r = await node.runner()
-    assert ("b", 1) in r._exits.polled and ("a", 1) not in r._exits.polled
+    assert ("b", 1) in r._attempts.polled and ("a", 1) not in r._attempts.polled
     (node.data_dir / "tasks/b/1/go").touch()
     ev = await node.exited("b")  # by the 0.1 s poll; no fence recorded its status
     assert (ev.exit_code, ev.reason) == (None, "lost")
