@@ -24,11 +24,13 @@ logger = logging.getLogger(__name__)
 
 
 class StateMachine(Protocol):
-    """What consensus feeds. `apply` must be deterministic and must not raise for bad input."""
+    """What consensus feeds. `apply` must be deterministic and must not raise for bad input.
+    With `answered=False` nobody waits for the result (a follower's apply): the state
+    machine may skip building it and return None; the state it leaves is the same."""
 
     applied_index: int
 
-    def apply(self, index: int, data: bytes) -> object: ...
+    def apply(self, index: int, data: bytes, answered: bool = True) -> object: ...
 
     def snapshot(self) -> bytes: ...
 

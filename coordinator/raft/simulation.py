@@ -76,7 +76,7 @@ class SimStateMachine:
         self.applied_index = 0
         self.ids: list[int] = []
 
-    def apply(self, index: int, data: bytes) -> None:
+    def apply(self, index: int, data: bytes, answered: bool = True) -> None:
         if data and not is_config(data):
             self.ids.append(int.from_bytes(data, "big"))
         self.applied_index = index

@@ -46,6 +46,7 @@ class ClusterStateMachine:
 
     def __init__(self) -> None:
         self.applied_index = 0
+        self.answered = True  # whether the command being applied has a waiter (apply)
         self.nodes: dict[str, common_pb2.Node] = {}
         self.tasks = TaskTable(self)
         self.datasets = DatasetTable(self)
@@ -73,11 +74,14 @@ class ClusterStateMachine:
                 logger.exception("node listener failed")
 
     # -- applying --------------------------------------------------------------------
-    def apply(self, index: int, data: bytes) -> object:
-        """Apply the command at `index`; return its result or a LeptonError instance."""
+    def apply(self, index: int, data: bytes, answered: bool = True) -> object:
+        """Apply the command at `index`; return its result or a LeptonError instance.
+        `answered=False`: nobody waits for it (a follower), so submissions skip the task
+        copies they return (a quarter of a follower's apply, issue 15) and answer None."""
         if index <= self.applied_index:
             raise ValueError(f"index {index} already applied (at {self.applied_index})")
         self.applied_index = index
+        self.answered = answered
         cmd = state_pb2.Command()
         try:
             cmd.ParseFromString(data)
@@ -203,9 +207,9 @@ _HANDLERS: dict[str, Callable[[ClusterStateMachine, object, int], object]] = {
     "set_drain": ClusterStateMachine._set_drain,
     "node_lost": ClusterStateMachine._node_lost,
     # Quota checks return None, then the command applies; a refusal raises first.
-    "submit_task": lambda sm, c, at: sm.quotas.check_tasks([c.spec]) or sm.tasks.submit(c, at),
+    "submit_task": lambda sm, c, at: sm.quotas.check_tasks([c.spec]) or sm.tasks.submit(c, at, sm.answered),
     "submit_tasks": lambda sm, c, at: sm.quotas.check_tasks(t.spec for t in c.tasks)
-    or sm.tasks.submit_many(c, at),
+    or sm.tasks.submit_many(c, at, sm.answered),
     "apply_plan": lambda sm, c, at: sm.tasks.apply_plan(c, at),
     "task_event": lambda sm, c, at: sm.tasks.event(c, at),
     "task_events": lambda sm, c, at: sm.tasks.events(c, at),

@@ -120,10 +120,11 @@ class TaskTable(GangMixin):
         return [self.tasks[t] for t in sorted(self.by_node.get(node_id, ()))]
 
     # -- commands --------------------------------------------------------------------
-    def submit(self, c: state_pb2.SubmitTaskCmd, at_ms: int) -> tasks_pb2.Task:
+    def submit(self, c: state_pb2.SubmitTaskCmd, at_ms: int, answered: bool = True) -> tasks_pb2.Task | None:
+        """The new (or retried) task as a copy; None when not `answered` (nobody waits)."""
         rid = c.spec.request_id
         if rid and rid in self.by_request:
-            return copy_task(self.tasks[self.by_request[rid]])  # a retried submission
+            return copy_task(self.tasks[self.by_request[rid]]) if answered else None  # a retry
         if c.task_id in self.tasks:
             raise FailedPrecondition(f'task id "{c.task_id}" is taken')
         task = tasks_pb2.Task(
@@ -134,9 +135,10 @@ class TaskTable(GangMixin):
         if rid:
             self.by_request[rid] = task.id
         self._changed(task, "")
-        return copy_task(task)
+        return copy_task(task) if answered else None
 
-    def submit_many(self, c: state_pb2.SubmitTasksCmd, at_ms: int) -> list[tasks_pb2.Task]:
+    def submit_many(self, c: state_pb2.SubmitTasksCmd, at_ms: int,
+                    answered: bool = True) -> list[tasks_pb2.Task | None]:
         """All or nothing: a taken (or repeated) task id refuses the whole batch before
         any is stored. Request ids repeated from earlier, or within the batch, answer
         with the task the first one made, as in `submit`."""
@@ -146,7 +148,7 @@ class TaskTable(GangMixin):
         for task_id in ids:
             if task_id in self.tasks:
                 raise FailedPrecondition(f'task id "{task_id}" is taken')
-        return [self.submit(t, at_ms) for t in c.tasks]
+        return [self.submit(t, at_ms, answered) for t in c.tasks]
 
     def apply_plan(self, c: state_pb2.ApplyPlanCmd, at_ms: int) -> int:
         """All or nothing: one stale entry (the state moved since the plan was made)

@@ -22,7 +22,7 @@ class CountingMachine:
         self.applied_index = 0
         self.log: list[bytes] = []
 
-    def apply(self, index: int, data: bytes) -> object:
+    def apply(self, index: int, data: bytes, answered: bool = True) -> object:
         assert index == self.applied_index + 1, "applied out of order or twice"
         self.applied_index = index
         if data == b"bad":

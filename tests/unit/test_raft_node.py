@@ -26,13 +26,15 @@ class ListStateMachine:
     def __init__(self) -> None:
         self.applied_index = 0
         self.items: list[bytes] = []
+        self.answered: list[bool] = []  # per applied item: whether a proposer waited for it
 
-    def apply(self, index: int, data: bytes) -> object:
+    def apply(self, index: int, data: bytes, answered: bool = True) -> object:
         if index <= self.applied_index:
             raise ValueError(f"index {index} applied twice")
         self.applied_index = index
         if data:
             self.items.append(data)
+            self.answered.append(answered)
         return index, len(self.items)
 
     def snapshot(self) -> bytes:
@@ -49,9 +51,11 @@ class ListStateMachine:
 
 class CountingStore(FileLogStore):
     syncs = 0
+    sync_threads: set[int] = frozenset()  # the threads that fsync'd
 
     def sync(self) -> None:
         self.syncs += 1
+        self.sync_threads = self.sync_threads | {threading.get_ident()}
         super().sync()
 
 
@@ -165,6 +169,28 @@ async def test_concurrent_proposals_share_fsyncs(cluster: Cluster) -> None:
     before = store.syncs
     await asyncio.gather(*(lead.propose(b"%d" % k, timeout=10) for k in range(300)))
     assert store.syncs - before < 150  # group commit: far fewer fsyncs than proposals
+
+
+async def test_followers_apply_unanswered_and_write_on_their_loop(cluster: Cluster) -> None:
+    """Only the leader builds results (it has the waiters); a follower persists on its
+    event loop's thread (nobody to answer meanwhile), the leader in a worker thread."""
+    lead = await cluster.leader()
+    await cluster.converge()
+    for store in cluster.stores.values():
+        store.sync_threads = frozenset()  # a follower may have been a leader before
+    for k in range(5):
+        await lead.propose(b"p%d" % k, timeout=10)
+    await cluster.converge()
+    loop_thread = threading.get_ident()
+    for i in cluster.ids:
+        sm, store = cluster.sms[i], cluster.stores[i]
+        assert sm.items[-5:] == [b"p%d" % k for k in range(5)]
+        if i == lead.node_id:
+            assert sm.answered[-5:] == [True] * 5
+            assert loop_thread not in store.sync_threads
+        else:
+            assert sm.answered[-5:] == [False] * 5
+            assert store.sync_threads == {loop_thread}
 
 
 async def test_failover_then_restart_catches_up(cluster: Cluster) -> None:

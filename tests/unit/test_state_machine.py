@@ -162,6 +162,29 @@ def test_a_batch_of_submissions_is_stored_whole_or_not_at_all():
     assert sorted(sm.tasks.tasks) == ["t-a", "t-b"] and "r4" not in sm.tasks.by_request
 
 
+def submit_one(task_id, rid, at=1000) -> bytes:
+    return state_pb2.Command(at_ms=at, submit_task=state_pb2.SubmitTaskCmd(
+        task_id=task_id, spec=tasks_pb2.TaskSpec(argv=["true"], request_id=rid))).SerializeToString()
+
+
+def test_an_unanswered_apply_builds_no_result_and_leaves_the_same_state():
+    """A follower applies with answered=False (nobody waits): no task copies are returned,
+    and its table ends exactly as the leader's, refusals included."""
+    leader, follower = ClusterStateMachine(), ClusterStateMachine()
+    log = [submit_one("t-a", "r1"), submit_batch(("t-b", "r2"), ("t-c", "r1")), submit_one("t-d", "r1"),
+           submit_one("t-a", "r9")]
+    answers = [leader.apply(i, data) for i, data in enumerate(log, 1)]
+    quiet = [follower.apply(i, data, answered=False) for i, data in enumerate(log, 1)]
+    assert answers[0].id == "t-a" and [t.id for t in answers[1]] == ["t-b", "t-a"] and answers[2].id == "t-a"
+    assert isinstance(answers[3], FailedPrecondition) and isinstance(quiet[3], FailedPrecondition)
+    assert quiet[:3] == [None, [None, None], None]
+    assert follower.snapshot() == leader.snapshot()
+    assert follower.tasks.by_request == leader.tasks.by_request and follower.tasks.pending == leader.tasks.pending
+    # The answer is a copy: editing it changes nothing stored.
+    answers[0].spec.argv.append("x")
+    assert list(leader.tasks.tasks["t-a"].spec.argv) == ["true"]
+
+
 def test_a_lost_node_requeues_its_attempts_without_a_failure_until_the_budget_is_spent():
     from lepton.coordinator.state.tasks import MAX_NODE_LOSSES
 
