@@ -9,8 +9,8 @@
 
 Two references beside the baseline (same receiver, same run, not the target's measure):
 tcp_store_GBps, the receiver also writing the bytes into files in the same directory as
-the stores (fsync'd per 64 MiB file), and tcp_store_hash_GBps, hashing them with BLAKE3
-as well: the least any pull that keeps and verifies the bytes does, without framing,
+the stores (fsync'd per 64 MiB file), and tcp_store_hash_GBps, hashing them as well (the
+ids' algorithm): the least any pull that keeps and verifies the bytes does, without framing,
 gRPC or checkpoints; receiver_cpu_s_per_GiB gives the receiver's CPU per GiB for each
 (compare puller_cpu_s_per_GiB).
 
@@ -61,9 +61,9 @@ from lepton.v1.datasets_pb2_grpc import ShardsStub  # noqa: E402
 MiB = 1 << 20
 RECEIVER = """
 import os, socket, sys
-n, keep, root, per_file = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+n, keep, root, per_file, algo = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 if keep == "store+hash":
-    import blake3
+    import blake3, hashlib
 s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
 c, _ = s.accept(); buf = memoryview(bytearray(1 << 20)); got = in_file = 0; fd = -1; files = []; h = None
 while got < n:
@@ -75,7 +75,7 @@ while got < n:
                 os.fsync(fd); os.close(fd)
             files.append(os.path.join(root, str(len(files))))
             fd = os.open(files[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600); in_file = 0
-            h = blake3.blake3() if keep == "store+hash" else None
+            h = None if keep != "store+hash" else blake3.blake3() if algo == "blake3" else hashlib.sha256()
         if h is not None:
             h.update(buf[:k])
         view = buf[:k]
@@ -95,11 +95,12 @@ for f in files:
 KEEPS = ("store", "store+hash", "discard")
 
 
-def raw_tcp(total: int, keep: str = "discard", root: str = "", per_file: int = 64 * MiB) -> tuple[float, float, float]:
+def raw_tcp(total: int, keep: str = "discard", root: str = "", per_file: int = 64 * MiB,
+            algo: str = "blake3") -> tuple[float, float, float]:
     """(GB/s, CPU seconds per GiB of sender and receiver together, of the receiver alone).
     `keep`: "discard" (the baseline), "store" (os.write into files of `per_file` bytes
-    under `root`, fsync'd) or "store+hash" (BLAKE3 too)."""
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total), keep, root, str(per_file)],
+    under `root`, fsync'd) or "store+hash" (hashed too, with `algo`: blake3 or sha256)."""
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(total), keep, root, str(per_file), algo],
                             stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     receiver = psutil.Process(proc.pid)
@@ -171,7 +172,8 @@ def main() -> None:
             stub = ShardsStub(ch)
             for _ in range(args.repeat):
                 for keep in KEEPS:
-                    rate, cpu, receiver = raw_tcp(count * args.shard_mib * MiB, keep, str(tcp_dir), args.shard_mib * MiB)
+                    rate, cpu, receiver = raw_tcp(count * args.shard_mib * MiB, keep, str(tcp_dir),
+                                                  args.shard_mib * MiB, "sha256" if args.sha256 else "blake3")
                     tcp[keep]["rate"].append(rate)
                     tcp[keep]["receiver"].append(receiver)
                     if keep == "discard":
