@@ -70,6 +70,7 @@ class Attempt:
     stop_reason: str = ""
     kill_at: float = 0.0  # monotonic
     killed: bool = False
+    fenced: bool = False  # the agent killed it: the lease ran out (lease_guard.py)
     timer: asyncio.TimerHandle | None = None  # at the deadline or kill_at, whichever is next
 
     @classmethod

@@ -64,7 +64,6 @@ SPAWN_THREADS = 4  # more gains little on a few cores: a spawn is mostly the ker
 LINGER_S = 2.0  # with no agent and no attempt, this long before it exits (an agent restarting)
 MAX_OUTBOX = 4 << 20  # an agent this far behind (hung) is dropped: it rescans when it is back
 ANOTHER_FENCE = 3  # the launcher's exit status when a fence already holds the lock
-FENCED_NOTE = b"lepton: fenced: this node lost the leader past the attempt's lease; killing the attempt\n"
 
 
 def socket_address(data_dir: Path, dir_fd: int | None) -> str:
@@ -354,10 +353,7 @@ class Fence:
 
     def _fence(self, held: Held) -> None:
         held.fenced = True
-        with contextlib.suppress(OSError):
-            (held.dir / tp.FENCED_MARK).touch()
-        with contextlib.suppress(OSError), open(held.dir / "output.log", "ab") as f:
-            f.write(FENCED_NOTE)
+        tp.mark_fenced(held.dir)
         if held.child or tp.group_is_ours(held.pid, held.start):
             tp.signal_group(held.pid, signal.SIGKILL)
         if not held.child:

@@ -10,6 +10,10 @@ none can start.
 - Relinking: `lost()` (the watch broke, or a request went unanswered) relinks in the
   background; `on_linked(held)` then lets the runner hand the new fence its orphans and
   settle the spawns that went unanswered.
+- Alive: a fence that is stopped (SIGSTOP) neither fences attempts nor reports their exits:
+  `resume_if_stopped()` (the runner's scan, every few seconds) sends it SIGCONT; a fence
+  that does not answer a new link is resumed when stopped, else killed as hung (its
+  attempts run on, orphans that the next fence adopts and fences) and one more try made.
 - Bounded: after FENCE_DOWN_REQUEUES failed starts in a row, `gave_up` says so, and the
   runner reports attempts launched without a fence as failed (their task's retries are
   spent), not requeued: a node whose fence can never start must not take the same attempt
@@ -21,15 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lepton.agent.tasks import fence
+from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt import Attempt
-from lepton.agent.tasks.fence_link import FenceLink, Key
+from lepton.agent.tasks.fence_link import FenceLink, Key, NoAnswer
 
 logger = logging.getLogger(__name__)
 
 FENCE_DOWN_REQUEUES = 3  # failed fence starts in a row before attempts without one count as failed
+HUNG_EXIT_S = 5.0  # a hung fence, SIGKILLed, is gone (its lock let go) within this
 
 
 class FenceKeeper:
@@ -40,6 +50,7 @@ class FenceKeeper:
     def __init__(self, data_dir: Path, lease: str, on_exit: Callable[[Key, int, int, int], None],
                  on_linked: Callable[[dict[Key, int]], list[Attempt]]):
         self.link = FenceLink(data_dir, on_exit, self.lost)
+        self._dir = Path(data_dir)
         self._lease = lease
         self._on_linked = on_linked
         self._lock: asyncio.Lock | None = None  # one open at a time; made on the loop
@@ -57,13 +68,13 @@ class FenceKeeper:
         when one runs but does not answer."""
         self._lock = asyncio.Lock()
         self.active = True
-        return await self.link.open(start=False) or {}
+        return await self._open(start=False) or {}
 
     async def start_for(self, orphans: list[Attempt]) -> None:
         """A fence for these orphans (found at start) when they need one, and hand them over.
         Raises OSError when none can be started."""
         if self._lease and any(not att.spec.keep_on_disconnect for att in orphans) and not self.link.up:
-            await self.link.open()  # a fresh fence holds nothing
+            await self._open()  # a fresh fence holds nothing
         await self.adopt(orphans)
 
     def lost(self) -> None:
@@ -79,7 +90,7 @@ class FenceKeeper:
             if self.link.up:
                 return True
             try:
-                held = await self.link.open()
+                held = await self._open()
             except OSError as err:
                 self.failures += 1
                 self.error = str(err)
@@ -90,6 +101,54 @@ class FenceKeeper:
             assert held is not None
             await self.adopt(self._on_linked(held))
             return True
+
+    async def _open(self, *, start: bool = True) -> dict[Key, int] | None:
+        """`link.open`; a fence that does not answer is resumed or replaced, and tried once more."""
+        try:
+            return await self.link.open(start=start)
+        except NoAnswer as err:
+            if not await asyncio.to_thread(self._unstick, str(err)):
+                raise
+        return await self.link.open(start=start)
+
+    def fence_pid(self) -> int:
+        """The pid of this data dir's fence (its lock file says), if one runs; else 0."""
+        try:
+            pid = int((self._dir / fence.LOCK_NAME).read_text())
+        except (OSError, ValueError):
+            return 0
+        try:  # not a reused pid: the fence's command line names it
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return pid if b"lepton.agent.tasks.fence" in f.read() else 0
+        except OSError:
+            return 0
+
+    def resume_if_stopped(self) -> bool:
+        """SIGCONT the fence when it is stopped (it neither fences nor reaps meanwhile)."""
+        pid = self.fence_pid()
+        info = tp.proc_info(pid)
+        if info is None or not info.stopped:
+            return False
+        os.kill(pid, signal.SIGCONT)
+        logger.warning("the node's attempt fence (pid %d) was stopped: resumed it (stopped, it fences no "
+                       "attempt and reports no exit)", pid)
+        return True
+
+    def _unstick(self, why: str) -> bool:
+        """A fence that did not answer (`why`): resumed when stopped, else killed as hung.
+        Blocking. Returns whether another try may get an answer."""
+        if self.resume_if_stopped():
+            return True
+        if not (pid := self.fence_pid()):
+            return False
+        logger.error("%s and is not stopped: killing it as hung (pid %d); its attempts run on and the "
+                     "next fence takes them over", why, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + HUNG_EXIT_S
+        while (info := tp.proc_info(pid)) is not None and not info.zombie and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return True
 
     async def adopt(self, orphans: list[Attempt]) -> None:
         """Have the fence fence these attempts (those with a lease), spawned by one that is gone."""

@@ -47,6 +47,10 @@ class InDoubt(OSError):
     """The request was sent but no answer came: the fence may have carried it out."""
 
 
+class NoAnswer(OSError):
+    """A fence listens but did not answer a new link in time: stopped, or hung."""
+
+
 class FenceLink:
     """`on_exit(key, pid, rc, output_size)` and `on_lost()` are called on the event loop."""
 
@@ -80,7 +84,10 @@ class FenceLink:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)
             except ConnectionError:
                 line = b""  # as below: it was ending
-            except (TimeoutError, ValueError, OSError) as err:  # hung (SIGSTOP), or a held list past the limit
+            except TimeoutError:  # stopped (SIGSTOP) or hung
+                writer.close()
+                raise NoAnswer(f"the node's attempt fence did not answer in {REQUEST_TIMEOUT_S:g}s") from None
+            except (ValueError, OSError) as err:  # a held list past the limit
                 writer.close()
                 raise OSError(f"the node's attempt fence did not answer: {err!r}") from None
             if not line:  # a fence that was ending took the connection: start another

@@ -19,6 +19,7 @@ from lepton.agent.tasks import task_logs
 from lepton.agent.tasks import task_proc as tp
 from lepton.agent.tasks.attempt import Attempt
 from lepton.agent.tasks.exit_watch import ExitWatch
+from lepton.agent.tasks.lease_guard import LeaseGuard
 from lepton.agent.tasks.reports import Reports, now_ms
 from lepton.agent.tasks.task_spec import RunSpec, TaskEvent, TaskEventKind
 
@@ -28,10 +29,12 @@ Key = tuple[str, int]
 
 
 class LiveAttempts:
-    """Owns the live attempts (`by_key`), their exit watches and timers."""
+    """Owns the live attempts (`by_key`), their exit watches and timers, and the agent's
+    hold on their lease (`lease_path`, "" for none: lease_guard.py)."""
 
-    def __init__(self, reports: Reports, outputs: task_logs.OutputLogs, boot: str):
+    def __init__(self, reports: Reports, outputs: task_logs.OutputLogs, boot: str, lease_path: str = ""):
         self.by_key: dict[Key, Attempt] = {}
+        self.lease = LeaseGuard(lease_path, self.by_key.values)
         self._reports = reports
         self._outputs = outputs
         self._boot = boot
@@ -75,6 +78,7 @@ class LiveAttempts:
         if not att.held:  # the fence tells us of its own attempts' exits
             self._exits.watch(att.key, att.pid, att.start)
         att.arm(self._on_wake)
+        self.lease.arm()
 
     def orphaned(self, held: dict[Key, int]) -> list[Attempt]:
         """A new fence holds `held`: every live attempt the old one held is an orphan now
@@ -112,6 +116,8 @@ class LiveAttempts:
         polled = self._exits.polled
         due = list(self.by_key.values()) if everything or check_logs else \
             [self.by_key[k] for k in polled if k in self.by_key]
+        if everything:
+            self.lease.check()  # its timer's backstop
         for att in due:
             if everything or att.key in polled:
                 self._check_logged(att)
@@ -122,7 +128,8 @@ class LiveAttempts:
                     logger.exception("checking the output of task %s attempt %d failed", *att.key)
 
     def close(self) -> None:
-        """Stop watching (the attempts run on)."""
+        """Stop watching (the attempts run on; the fence holds their lease)."""
+        self.lease.close()
         self._exits.close()
         for att in self.by_key.values():
             att.disarm()

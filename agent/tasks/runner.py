@@ -143,7 +143,7 @@ class TaskRunner:
         self._watcher: asyncio.Task[None] | None = None
         self._max_term = 0
         self._outputs = task_logs.OutputLogs(int(log_max_bytes))
-        self._attempts = LiveAttempts(self._reports, self._outputs, self._boot)
+        self._attempts = LiveAttempts(self._reports, self._outputs, self._boot, str(lease_path or ""))
         self._live = self._attempts.by_key  # read here; changed by LiveAttempts alone
         # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
         self.started_listeners: list[Callable[[RunSpec], None]] = self._attempts.started_listeners
@@ -516,6 +516,8 @@ class TaskRunner:
             elif scan and self._fence.link.up and now - busy_at >= FENCE_IDLE_S:
                 busy_at = now  # one try per idle period
                 self._releasing = asyncio.create_task(self._fence.release(self._idle), name="task-fence-release")
+            if scan and self._fence.link.up:
+                self._fence.resume_if_stopped()  # stopped, it would neither fence nor report exits
             # Lost, or the last try to start one failed: once more (once it gave up, only the
             # next spawn tries: a fence that cannot start costs an idle node nothing).
             if scan and not self._fence.link.up and (self._live or self._in_doubt or

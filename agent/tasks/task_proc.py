@@ -20,6 +20,7 @@ _HAVE_PROC = os.path.isdir("/proc/self")
 
 
 FENCED_MARK = "fenced"  # in the attempt's folder: the fence killed it (lease ran out; fence.py)
+FENCED_NOTE = b"lepton: fenced: this node lost the leader past the attempt's lease; killing the attempt\n"
 
 
 def shell_status_to_exit_code(rc: int) -> int:
@@ -67,6 +68,7 @@ class ProcInfo(NamedTuple):
 
     start: float  # clock ticks since boot on Linux (exact); create_time elsewhere
     zombie: bool
+    stopped: bool = False  # by a signal (SIGSTOP, SIGTSTP) or a tracer
 
 
 def proc_info(pid: int) -> ProcInfo | None:
@@ -82,12 +84,14 @@ def proc_info(pid: int) -> ProcInfo | None:
         # The command name (field 2) may hold spaces or ')'; fields after the last ')'
         # start at 3 (state); starttime is field 22.
         fields = data[data.rindex(b")") + 2:].split()
-        return ProcInfo(start=float(fields[19]), zombie=fields[0] in (b"Z", b"X"))
+        return ProcInfo(start=float(fields[19]), zombie=fields[0] in (b"Z", b"X"), stopped=fields[0] in (b"T", b"t"))
     import psutil  # only where there is no /proc: the fence imports this module, and stays small
 
     try:
         p = psutil.Process(pid)
-        return ProcInfo(start=p.create_time(), zombie=p.status() == psutil.STATUS_ZOMBIE)
+        status = p.status()
+        return ProcInfo(start=p.create_time(), zombie=status == psutil.STATUS_ZOMBIE,
+                        stopped=status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -132,6 +136,23 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
     except PermissionError:
         return False
+
+
+def mark_fenced(att_dir: Path) -> bool:
+    """Leave the attempt's `fenced` mark and a line in its output, once (the fence and the
+    agent may both fence it). Returns whether this call left them."""
+    try:
+        os.close(os.open(att_dir / FENCED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass  # its folder is gone or unwritable: the kill still matters
+    try:
+        with open(att_dir / "output.log", "ab") as f:
+            f.write(FENCED_NOTE)
+    except OSError:
+        pass
+    return True
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any], *, mode: int = 0o600, durable: bool = True) -> None:
