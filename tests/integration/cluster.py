@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lepton.agent import shard_scratch
+
 # Fast timings so failure detection takes a second, not minutes, in tests.
 FAST = [
     "--heartbeat-interval", "0.2",
@@ -189,6 +191,9 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        # The shard scratch folders its torch tasks left in /dev/shm: an agent restarted on this
+        # data dir would remove them, but a test's data dir is never started again.
+        shard_scratch.remove(shard_scratch.stale(self.data_dir, ()))
 
 
 def run_ctl(*args: str, server: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
