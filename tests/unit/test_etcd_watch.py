@@ -88,15 +88,16 @@ async def test_a_followers_watch_leaves_a_frozen_member(etcd3, only_the_watch_pr
 
 
 async def test_a_quiet_healthy_watch_stays_on_its_member(etcd3):
-    """etcd answers the progress requests: with nothing written for several stall periods
-    the watch keeps its endpoint (a probe nobody answered would move it every 1.5 s)."""
+    """etcd answers the progress requests: with nothing written for 4 TTLs the watch keeps its
+    endpoint (unanswered probes move it every 2-3 s: 3 times or more here; one move is
+    allowed for an answer a loaded box delayed)."""
     node = candidate("quiet", etcd3.endpoints, "/lepton/quiet")
     await node.start()
     try:
         await wait_for_leader({"quiet": node})
         generation = node._conn.generation
-        await asyncio.sleep(3 * TTL)
-        assert node._conn.generation == generation
+        await asyncio.sleep(4 * TTL)
+        assert node._conn.generation - generation <= 1
         assert await node.propose(b"still here", timeout=10) == 1
     finally:
         await node.stop()
