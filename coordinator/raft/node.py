@@ -1,8 +1,8 @@
 """`RaftConsensus`: the asyncio driver of `RaftCore`, over gRPC and a `LogStore`.
 
 One task owns the core. It feeds queued inputs (messages from the `Raft` servicer,
-proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the leader in a
-worker thread, so it answers what already committed meanwhile; a follower on the loop's
+proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the leader on its
+log writer thread, so it answers what already committed meanwhile; a follower on the loop's
 own thread; everything queued meanwhile goes into the next Ready, so N concurrent
 proposals share one fsync: group commit), send, apply, `advance()`. Timers are
 `loop.call_at` on the event loop's clock.
@@ -27,6 +27,7 @@ from lepton.coordinator.consensus import (
     await_within,
 )
 from lepton.coordinator.raft.core import RaftCore
+from lepton.coordinator.raft.log_writer import LogWriter
 from lepton.coordinator.raft.membership import is_config
 from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
 from lepton.coordinator.raft.node_membership import VoterChanges
@@ -96,6 +97,7 @@ class RaftConsensus(VoterChanges, Consensus):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._writer: LogWriter | None = None  # the leader's log writer thread, from its first write
         self._running = False
         self._serving_leader = False
         self._leader_term = 0
@@ -138,6 +140,9 @@ class RaftConsensus(VoterChanges, Consensus):
             except Exception:  # noqa: BLE001 - already logged by the loop
                 pass
             self._task = None
+        if self._writer is not None:
+            self._writer.close()  # before the store closes: a write queued runs to its end
+            self._writer = None
         self._fail_all(Unavailable(f"raft {self.node_id} is stopping"))
         self._fail_changes(Unavailable(f"raft {self.node_id} is stopping; outcome unknown"))
         if self._transport is not None:
@@ -347,7 +352,9 @@ class RaftConsensus(VoterChanges, Consensus):
                 # releases the GIL.
                 persist(self._store, rd)
             else:
-                write = asyncio.ensure_future(asyncio.to_thread(persist, self._store, rd))
+                if self._writer is None:
+                    self._writer = LogWriter(self._store, f"raft-log-{self.node_id}")
+                write = self._writer.write(rd)
                 try:
                     if rd.snapshot is None and committed:
                         # Committed entries already on our disk (before this Ready's) are
