@@ -227,6 +227,7 @@ class Proxy:
         self._target = (host, int(port))
         self._cut = False
         self._blackhole = False
+        self._held = 0  # reads held by a blackhole and not yet forwarded (or dropped)
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
@@ -243,23 +244,38 @@ class Proxy:
             writer.transport.abort()
             return
         self._writers.add(writer)
-        while self._cut and self._blackhole:  # hold the connection, answer nothing
-            await asyncio.sleep(0.05)
-        if writer.transport.is_closing():
-            return
+        held = self._cut and self._blackhole
+        self._held += held  # what the client sends meanwhile waits in `reader`
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
+            while self._cut and self._blackhole:  # hold the connection, answer nothing
+                await asyncio.sleep(0.05)
+            if writer.transport.is_closing():
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
+            except OSError:
+                writer.transport.abort()
+                return
+        finally:
+            self._held -= held
         self._writers |= {writer, up_writer}
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                while self._cut and self._blackhole:
-                    await asyncio.sleep(0.05)  # swallow time, not the link
+                if self._cut and self._blackhole:
+                    self._held += 1
+                    try:
+                        while self._cut and self._blackhole:
+                            await asyncio.sleep(0.05)  # swallow time, not the link
+                        if self._cut:
+                            break
+                        writer.write(data)
+                        await writer.drain()
+                    finally:
+                        self._held -= 1
+                    continue
                 if self._cut:
                     break
                 writer.write(data)
@@ -276,6 +292,14 @@ class Proxy:
             w.transport.abort()
         self._writers.clear()
 
+    async def _end_connections(self) -> None:
+        """Cancel every connection's task: a loop stopped under them printed "Task was
+        destroyed but it is pending!" at exit."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def cut(self, *, blackhole: bool = False) -> None:
         """Drop every connection through the proxy and refuse new ones; with `blackhole`,
         keep them open but stop forwarding (bytes are held, then delivered by `heal()`)."""
@@ -287,10 +311,17 @@ class Proxy:
     def heal(self) -> None:
         self._cut, self._blackhole = False, False
 
+    @property
+    def holding(self) -> bool:
+        """Bytes a blackhole held are still on their way (after `heal()`: not yet written
+        on to their destination's socket)."""
+        return self._held > 0
+
     def close(self) -> None:
         if not self._loop.is_running():
             return
         self._call(self._abort_all())
         self._server.close()
+        self._call(self._end_connections())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

@@ -119,7 +119,7 @@ def kill_and_stop_while_submitting(start, workdir: Path, voters: list, rounds: i
             i = 0
             while not stop.is_set():
                 rid = f"chaos-{i}"
-                while True:  # retry the same request id until acknowledged
+                while not stop.is_set():  # retry the same request id until acknowledged
                     try:
                         c.submit(shell=f'echo "$LEPTON_TASK_ID $LEPTON_ATTEMPT" >> {ran}',
                                  constraints={"pool": "work"}, cpu=0.1, request_id=rid)
@@ -129,27 +129,31 @@ def kill_and_stop_while_submitting(start, workdir: Path, voters: list, rounds: i
                         time.sleep(0.05)
                 i += 1
 
-    thread = threading.Thread(target=submitter)
+    # A daemon, stopped however this ends: after a failed wait it retried against dead agents
+    # for ever and the test process never exited.
+    thread = threading.Thread(target=submitter, daemon=True)
     with Client(servers(voters), timeout=30) as c:
         wait_until(lambda: len([n for n in c.nodes() if n.state == "ready"]) == len(voters) + 2,
                    timeout=60, what="every node ready")
         thread.start()
-        for round_ in range(rounds):
-            wait_until(lambda r=round_: len(acked) > 5 * (r + 1), timeout=60, what="progress")
-            victim = leader_of(c, voters)
-            if round_ % 2 == 0:
-                victim.kill9()
-                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
-                           what="failover")
-                victim.start(timeout=60)  # beside a busy cluster a start takes a while
-            else:
-                os.kill(victim.proc.pid, signal.SIGSTOP)
-                wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
-                           what="failover")
-                os.kill(victim.proc.pid, signal.SIGCONT)
-        wait_until(lambda: len(acked) > 30, timeout=60, what="more progress after the chaos")
-        stop.set()
-        thread.join(60)
+        try:
+            for round_ in range(rounds):
+                wait_until(lambda r=round_: len(acked) > 5 * (r + 1), timeout=60, what="progress")
+                victim = leader_of(c, voters)
+                if round_ % 2 == 0:
+                    victim.kill9()
+                    wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
+                               what="failover")
+                    victim.start(timeout=60)  # beside a busy cluster a start takes a while
+                else:
+                    os.kill(victim.proc.pid, signal.SIGSTOP)
+                    wait_until(lambda v=victim: c.cluster_status().leader not in ("", v.address), timeout=60,
+                               what="failover")
+                    os.kill(victim.proc.pid, signal.SIGCONT)
+            wait_until(lambda: len(acked) > 30, timeout=60, what="more progress after the chaos")
+        finally:
+            stop.set()
+            thread.join(60)
         tasks = wait_until(lambda: (ts := c.list()) and all(t.done for t in ts) and ts,
                            timeout=60, what="every task to finish")
     return acked, tasks, ran.read_text().split("\n")[:-1]

@@ -166,8 +166,9 @@ def test_a_leader_cut_off_from_etcd_steps_down_first_and_its_late_appends_never_
                              timeout=60, what="the other candidate to lead")
             assert new.term > status.term
             proxy.heal()  # the held bytes (its late appends, if any) reach etcd now
+            wait_until(lambda: not proxy.holding, timeout=60, what="the proxy to pass on what it held")
+            # Submitted once the held bytes were handed to etcd (their txns then come first).
             c.submit(["true"], constraints=WORK, request_id="after-heal")
-            time.sleep(2 * LEASE_TTL_S)  # time for anything held to land, if it could
             landed = {t.request_id for t in c.list()}
         assert acked_late == [], "a leader cut off from etcd acknowledged a write"
         assert landed.isdisjoint(late), f"late appends landed: {landed & set(late)}"
