@@ -29,7 +29,8 @@ Choices:
   thread (spawn.py: the loop never waits on the disk or the fence; those being spawned
   count as running, pid 0, and a cancel meanwhile stops them before or right after they
   start). The fence is started at the first spawn and let go when idle (fence_keeper.py);
-  a request it left unanswered is settled by run.json and its held list, never guessed.
+  a request it left unanswered is settled by run.json and its held list, never guessed
+  (spawn_outcomes.py, which owns what each spawn became).
 - No polling: exits come from the fence or pidfds, deadlines are timers (live.py, which
   owns the live attempts); only where no pidfd can be had is an attempt polled (POLL_S),
   and every attempt is checked every SCAN_S as a backstop.
@@ -53,20 +54,17 @@ from lepton.agent.tasks.attempt import Attempt, unreported
 from lepton.agent.tasks.attempt_env import AttemptEnv, inherited_env
 from lepton.agent.tasks.claims import ClaimLog
 from lepton.agent.tasks.fence_keeper import FenceKeeper
-from lepton.agent.tasks.fence_link import NOT_LINKED, Key
+from lepton.agent.tasks.fence_link import Key
 from lepton.agent.tasks.live import LiveAttempts
 from lepton.agent.tasks.reports import FAILED_TO_START_CODE, Reports, now_ms
 from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
-    ALREADY_RAN,
-    IN_DOUBT,
-    Spawned,
     Spawner,
     SpawnQueue,
     claim_and_spawn,
 )
+from lepton.agent.tasks.spawn_outcomes import SpawnOutcomes
 from lepton.agent.tasks.task_spec import (
-    FENCE_DOWN,
     RunningTask,
     RunSpec,
     TaskEvent,
@@ -125,18 +123,16 @@ class TaskRunner:
         self._term_path = Path(data_dir) / "runner.json"
         self._boot = tp.boot_id()
         self._reports = Reports(on_event, acknowledged_by_caller)
-        self._fence = FenceKeeper(Path(data_dir), str(lease_path or ""), self._on_fence_exit, self._on_linked)
-        # Spawn requests the fence did not answer: key -> (spec, folder, the cancel meanwhile).
-        self._in_doubt: dict[Key, tuple[RunSpec, Path, tuple[str, float | None] | None]] = {}
         self._made: set[Key] = set()  # folders `launch` made on the loop, claimed by the spawn thread
-        self._early_exits: dict[Key, tuple[int, int, int]] = {}  # ended while its spawn reply was on the way
+        self._fence = FenceKeeper(Path(data_dir), str(lease_path or ""), lambda *e: self._outcomes.on_fence_exit(*e),
+                                  lambda held: self._outcomes.on_linked(held))
         # The agent's environment does not change while it runs: filtered once, not per attempt.
         env = dict(base_env) if base_env is not None else inherited_env(os.environ)
         self._spawner = Spawner(AttemptEnv(env, task_path, task_user),
                                 lease_path, self._boot, self._fence.link)
         self._claims = ClaimLog(self._root)
         self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),
-                                  self._spawned, self._fence.ensure)
+                                  lambda batch, results: self._outcomes.spawned(batch, results), self._fence.ensure)
         self._settling: asyncio.Task[int] | None = None
         self._releasing: asyncio.Task[None] | None = None  # the fence let go when idle
         self._sweep_s = sweep_s if retention_s else math.inf
@@ -147,6 +143,9 @@ class TaskRunner:
         self._live = self._attempts.by_key  # read here; changed by LiveAttempts alone
         # Called with each attempt's spec as it is tracked (spawned or adopted), on the loop.
         self.started_listeners: list[Callable[[RunSpec], None]] = self._attempts.started_listeners
+        self._outcomes = SpawnOutcomes(self._reports, self._attempts, self._fence, self._spawns, self._boot, self.cancel,
+                                       self._made)
+        self._in_doubt = self._outcomes.in_doubt  # read here; changed by SpawnOutcomes alone
         self._log_check_s = log_check_s
         self._retention = Retention(self._root, self._outputs, retention_s, sweep_s, clock, lambda: self._live)
 
@@ -207,8 +206,7 @@ class TaskRunner:
         if self._releasing is not None:
             await asyncio.gather(self._releasing, return_exceptions=True)
         await self._fence.close()  # the fence keeps the attempts, and fences them on its own
-        self._early_exits.clear()
-        self._in_doubt.clear()  # the next start() finds them by their run.json
+        self._outcomes.clear()  # the next start() finds those in doubt by their run.json
         self._made.clear()
 
     # ---- commands ----------------------------------------------------------------------
@@ -223,50 +221,6 @@ class TaskRunner:
         if (att_dir := self._claim(spec)) is not None:
             self._made.add((spec.task_id, spec.attempt))
             self._spawns.add([(spec, att_dir)])  # claimed durably and spawned in a thread
-
-    def _spawned(self, batch: list[tuple[RunSpec, Path]], results: list[Spawned | str]) -> None:
-        """On the loop, in the batch's order: track what started, report what did not."""
-        for (spec, att_dir), result in zip(batch, results, strict=True):
-            key = (spec.task_id, spec.attempt)
-            stop = self._spawns.done(key)
-            self._made.discard(key)
-            if result == ALREADY_RAN:
-                logger.info("task %s attempt %d already ran on this node", *key)
-                continue
-            if result == IN_DOUBT:  # it may run: settled by run.json and the next link's held list
-                self._in_doubt[key] = (spec, att_dir, stop)
-                self._fence.lost()
-                continue
-            if result == NOT_LINKED:  # nothing was sent, so it surely did not start
-                self._not_started(spec, att_dir)
-                continue
-            if isinstance(result, str):
-                self._reports.failed_to_start(spec, att_dir, result)
-                continue
-            att = Attempt(spec=spec, dir=att_dir, pid=result.pid, start=result.start, boot=self._boot,
-                          started_at_ms=result.run["started_at_ms"], held=True,
-                          deadline=result.run["deadline_mono"])
-            self._attempts.track(att)
-            logger.info("started task %s attempt %d (term %d) as pid %d", spec.task_id, spec.attempt,
-                        spec.term, att.pid)
-            self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
-                                 pid=att.pid, at_ms=att.started_at_ms))
-            early = self._early_exits.pop(key, None)
-            if early is not None and early[0] == att.pid:
-                self._attempts.finish(att, early[1], early[2])
-            elif stop is not None:  # cancelled while it was being spawned
-                self.cancel(*key, reason=stop[0], grace_s=stop[1])
-
-    def _not_started(self, spec: RunSpec, att_dir: Path) -> None:
-        """Report an attempt that surely never started for want of a fence: requeued (no
-        failure of its task), unless the fence has failed to start too often in a row."""
-        if self._fence.gave_up:
-            self._reports.failed_to_start(spec, att_dir, f"this node's attempt fence cannot start "
-                                          f"({self._fence.failures} tries in a row): {self._fence.error}")
-        else:
-            self._reports.exited(att_dir, TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.EXITED,
-                                 exit_code=FAILED_TO_START_CODE, reason=FENCE_DOWN, at_ms=now_ms()))
-        self._fence.lost()  # relink now, not at the next scan
 
     def refuse(self, spec: RunSpec, why: str) -> None:
         """Record this attempt as failed to start (`why`; e.g. its code could not be
@@ -308,10 +262,7 @@ class TaskRunner:
                                                                 reason=reason, at_ms=now_ms()))
             elif key in self._spawns.starting:  # in a spawning thread now
                 self._spawns.stop_when_started.setdefault(key, (reason, grace_s))
-            elif key in self._in_doubt and self._in_doubt[key][2] is None:  # stopped once found
-                spec, att_dir, _ = self._in_doubt[key]
-                self._in_doubt[key] = (spec, att_dir, (reason, grace_s))
-            else:
+            elif not self._outcomes.stop_when_found(key, reason, grace_s):
                 logger.debug("cancel %s/%d: not running", task_id, attempt)
             return
         self._attempts.stop(att, reason, grace_s)
@@ -452,40 +403,6 @@ class TaskRunner:
             logger.info("re-adopted task %s attempt %d (pid %d)", task_id, attempt, att.pid)
             return True
         return False
-
-    def _on_fence_exit(self, key: Key, pid: int, rc: int, output_size: int) -> None:
-        """The fence reaped this attempt, which ended with `$?` `rc` (exit.json holds it)."""
-        if not self._attempts.on_fence_exit(key, pid, rc, output_size) and key in self._spawns.starting:  # its spawn's reply is still on the way to the loop
-            self._early_exits[key] = (pid, rc, output_size)
-
-    def _on_linked(self, held: dict[Key, int]) -> list[Attempt]:
-        """A new fence (`held`: what it holds): every live attempt the old one held is an
-        orphan now (the new one cannot learn their exit status: their pidfds tell us they
-        ended, but it fences them as the old one did); then spawns that went unanswered are
-        settled. Returns the orphans, for the fence."""
-        return self._attempts.orphaned(held) + self._settle_in_doubt(held)
-
-    def _settle_in_doubt(self, held: dict[Key, int]) -> list[Attempt]:
-        """The attempts of unanswered spawn requests, now that a fence answers (`held`): each
-        that runs is tracked (and STARTED reported), each that ended is reported; one never
-        recorded (no run.json) did not start: the fence drops a request its agent hung up on
-        (fence.py), and records every spawn before it answers a new watch. Returns those to
-        hand to the fence (orphans)."""
-        doubts, self._in_doubt = self._in_doubt, {}
-        orphans: list[Attempt] = []
-        for key, (spec, att_dir, stop) in doubts.items():
-            att = Attempt.load(att_dir)
-            if att is None or att.boot != self._boot or (att.spec.term, att.spec.attempt) != (spec.term, spec.attempt):
-                logger.warning("task %s attempt %d was not started by the fence that did not answer", *key)
-                self._not_started(spec, att_dir)
-                continue
-            self._reports.emit(TaskEvent(spec.task_id, spec.attempt, spec.term, TaskEventKind.STARTED,
-                                         pid=att.pid, at_ms=att.started_at_ms))
-            if self._attempts.take_up(att, held, orphans):
-                logger.info("found task %s attempt %d running (pid %d) after its spawn went unanswered", *key, att.pid)
-                if stop is not None:
-                    self.cancel(*key, reason=stop[0], grace_s=stop[1])
-        return orphans
 
     async def _watch(self) -> None:
         """Exits and timers come by themselves (live.py); this loop polls the

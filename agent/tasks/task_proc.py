@@ -68,7 +68,7 @@ class ProcInfo(NamedTuple):
 
     start: float  # clock ticks since boot on Linux (exact); create_time elsewhere
     zombie: bool
-    stopped: bool = False  # by a signal (SIGSTOP, SIGTSTP) or a tracer
+    stopped: bool = False  # by a signal (SIGSTOP, SIGTSTP; not a tracer's stop)
 
 
 def proc_info(pid: int) -> ProcInfo | None:
@@ -84,14 +84,14 @@ def proc_info(pid: int) -> ProcInfo | None:
         # The command name (field 2) may hold spaces or ')'; fields after the last ')'
         # start at 3 (state); starttime is field 22.
         fields = data[data.rindex(b")") + 2:].split()
-        return ProcInfo(start=float(fields[19]), zombie=fields[0] in (b"Z", b"X"), stopped=fields[0] in (b"T", b"t"))
+        return ProcInfo(start=float(fields[19]), zombie=fields[0] in (b"Z", b"X"), stopped=fields[0] == b"T")
     import psutil  # only where there is no /proc: the fence imports this module, and stays small
 
     try:
         p = psutil.Process(pid)
         status = p.status()
         return ProcInfo(start=p.create_time(), zombie=status == psutil.STATUS_ZOMBIE,
-                        stopped=status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP))
+                        stopped=status == psutil.STATUS_STOPPED)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
