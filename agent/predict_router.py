@@ -221,9 +221,11 @@ class PredictRouter:
         best, best_key = None, None
         for ep in self._endpoints.get(deployment, ()):
             bad = self._bad_until.get(ep.task_id, 0.0) > now
-            if (bad or ep.task_id in tried) and not allow_bad:
+            # Each replica once per pass, bad ones too: one that fails without a pause (its
+            # socket refused at once) would otherwise be retried in a loop that never yields.
+            if ep.task_id in tried or bad and not allow_bad:
                 continue
-            key = (ep.task_id in tried, bad, self._outstanding.get(ep.task_id, 0),
+            key = (bad, self._outstanding.get(ep.task_id, 0),
                    ep.node_id != self.node_id, random.random())
             if best_key is None or key < best_key:
                 best, best_key = ep, key

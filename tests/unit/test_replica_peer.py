@@ -153,3 +153,47 @@ async def test_a_replica_whose_frames_socket_is_taken_over_is_stopped(supervisor
     assert [c[2] for c in runner.cancelled] == ["replica socket taken over by another process"]
     assert accepted(evil) == [b""]
     evil.close()
+
+
+async def test_a_replica_refused_at_once_does_not_hold_the_agents_loop():
+    """The router retries a replica whose connection fails without a pause (an impostor,
+    one being stopped) once per wait, not in a loop that never yields until the deadline."""
+    import asyncio
+
+    import numpy as np
+
+    from lepton.agent.predict_router import PredictRouter
+    from lepton.common.errors import Unavailable
+    from lepton.workloads.serving.tensors import to_tensor
+
+    class Refused:
+        absent, tries = False, 0
+
+        def ready(self):
+            return None
+
+        async def connect(self):
+            self.tries += 1
+            raise ImpostorReplica("its frames socket is served by pid 1")
+
+    dialer = Refused()
+    router = PredictRouter("nodeA", local_frames=lambda t: dialer)
+    es = serving_pb2.EndpointSet(version=1)
+    es.deployments["digits"].endpoints.add(task_id="t1", node_id="nodeA", node_address="a:1", generation=1)
+    router.set_endpoints(es)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.ensure_future(ticker())
+    try:
+        with pytest.raises(Unavailable, match="no ready replica"):
+            await router.predict("digits", to_tensor(np.ones((1, 3), dtype="<f4")), timeout_s=1.0)
+    finally:
+        beat.cancel()
+    assert ticks >= 5, ticks  # the loop ran other work meanwhile
+    assert dialer.tries <= 20, dialer.tries  # once per wait (20 ms doubling), not thousands
