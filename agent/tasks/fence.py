@@ -5,8 +5,9 @@ Why a process of its own: attempts outlive the agent (a kill -9, a restart), and
 must still happen then has to live outside it. The fence
 - spawns each attempt directly (argv exec'd; `/bin/sh -c` only for shell tasks) in a
   session of its own, stdout and stderr on output.log, and records it in run.json (one
-  write, with the pid) before it lets it exec (gate.py: a fence killed in between leaves
-  nothing running unrecorded): a spawn costs one fork and one exec, no wrapper shell;
+  write, with the pid) before it lets it run (gate.py: a fence killed in between leaves
+  nothing running unrecorded): a shell task costs one fork and one exec, a command given
+  as argv one exec more (the gate's shell);
 - is every attempt's parent, so it learns each exit status, even with the agent dead:
   it SIGKILLs what is left in the ended attempt's process group (its zombie leader keeps
   the group id from reuse), writes exit.json (`{"rc": N}`, the shell's `$?` convention:

@@ -13,7 +13,7 @@ stdin is /dev/null again.
 Why this and not the alternatives: a record written before the spawn cannot name the pid,
 and finding unrecorded processes afterwards needs a cgroup per attempt (unprivileged agents
 have none) or guesses from /proc (environment markers a task may drop). A gate in a forked
-Python child (os.fork, then exec) costs the fence ~2 ms of CPU per spawn in copy-on-write
+Python child (os.fork, then exec) took 2-3x the fence's CPU per spawn, in copy-on-write
 faults (it has threads and a heap; subprocess's vfork copies nothing). The shell gate keeps
 subprocess's vfork: a shell task's script runs in the gate's own shell (its first line is
 the gate: no extra process); a command given as argv is exec'd by that shell, one exec more.
