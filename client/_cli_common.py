@@ -127,7 +127,7 @@ def _int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = _float(text)
-    if value <= 0:
+    if not 0 < value < float("inf"):  # NaN fails it too (a wait that never ends or starts)
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
@@ -144,6 +144,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _positive_int_at_most(high: int) -> Callable[[str], int]:
+    """A `type=` for 1..high: past `high` a one-line usage error, not a message field's
+    ValueError later."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"at most {high}: {text!r}")
+        return value
+
+    return parse
 
 
 def _non_negative_int(text: str) -> int:

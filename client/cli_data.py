@@ -15,11 +15,13 @@ from typing import Any
 from rich.table import Table
 
 from lepton.common.errors import InvalidArgument
+from lepton.common.validation import MAX_REPLICATION
 
 from ._cli_common import (
     PROG,
     _client,
     _positive_int,
+    _positive_int_at_most,
     _size,
     command,
     command_group,
@@ -65,7 +67,8 @@ def register(top: Any, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shards", metavar="K", type=_positive_int, help="this many shards of equal rows")
     p.add_argument(
-        "--replicas", metavar="R", type=_positive_int, default=2, help="copies of each shard (default 2)"
+        "--replicas", metavar="R", type=_positive_int_at_most(MAX_REPLICATION), default=2,
+        help=f"copies of each shard (default 2, at most {MAX_REPLICATION})"
     )
     p.add_argument("--label", metavar="COL", help="label column of a table (a CSV's may be an index; "
                    "default: one named label/labels/y/target/class)")

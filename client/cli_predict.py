@@ -27,7 +27,7 @@ def load_rows(path: str) -> Any:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FailedPrecondition(f"--input {path}: no such file") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty or cut-short file
         raise InvalidArgument(f"--input {path}: not a numpy array file ({err})") from None
     if array.ndim == 0:
         raise InvalidArgument(f"--input {path}: holds one number; give rows, shape (n, ...)")
