@@ -12,8 +12,9 @@ none can start.
   settle the spawns that went unanswered.
 - Alive: a fence that is stopped (SIGSTOP) neither fences attempts nor reports their exits:
   `resume_if_stopped()` (the runner's scan, every few seconds) sends it SIGCONT; a fence
-  that does not answer a new link is resumed when stopped, else killed as hung (its
-  attempts run on, orphans that the next fence adopts and fences) and one more try made.
+  that does not answer a new link is resumed when stopped; one that does not answer twice
+  running is killed as hung (its attempts run on, orphans that the next fence adopts and
+  fences) and one more try made.
 - Bounded: after FENCE_DOWN_REQUEUES failed starts in a row, `gave_up` says so, and the
   runner reports attempts launched without a fence as failed (their task's retries are
   spent), not requeued: a node whose fence can never start must not take the same attempt
@@ -103,13 +104,15 @@ class FenceKeeper:
             return True
 
     async def _open(self, *, start: bool = True) -> dict[Key, int] | None:
-        """`link.open`; a fence that does not answer is resumed or replaced, and tried once more."""
-        try:
-            return await self.link.open(start=start)
-        except NoAnswer as err:
-            if not await asyncio.to_thread(self._unstick, str(err)):
-                raise
-        return await self.link.open(start=start)
+        """`link.open`; a fence that does not answer is resumed when stopped, else given one
+        more try and then killed as hung (a busy fence answers within the first)."""
+        for tries in range(3):
+            try:
+                return await self.link.open(start=start)
+            except NoAnswer as err:
+                if tries == 2 or not await asyncio.to_thread(self._unstick, str(err), tries == 0):
+                    raise
+        raise AssertionError("unreachable")
 
     def fence_pid(self) -> int:
         """The pid of this data dir's fence (its lock file says), if one runs; else 0."""
@@ -134,13 +137,16 @@ class FenceKeeper:
                        "attempt and reports no exit)", pid)
         return True
 
-    def _unstick(self, why: str) -> bool:
-        """A fence that did not answer (`why`): resumed when stopped, else killed as hung.
-        Blocking. Returns whether another try may get an answer."""
+    def _unstick(self, why: str, first: bool) -> bool:
+        """A fence that did not answer (`why`): resumed when stopped, else (past the `first`
+        time) killed as hung. Blocking. Returns whether another try may get an answer."""
         if self.resume_if_stopped():
             return True
         if not (pid := self.fence_pid()):
             return False
+        if first:
+            logger.warning("%s (pid %d, not stopped): trying once more before taking it for hung", why, pid)
+            return True
         logger.error("%s and is not stopped: killing it as hung (pid %d); its attempts run on and the "
                      "next fence takes them over", why, pid)
         with contextlib.suppress(ProcessLookupError):
