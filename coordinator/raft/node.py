@@ -1,10 +1,10 @@
 """`RaftConsensus`: the asyncio driver of `RaftCore`, over gRPC and a `LogStore`.
 
 One task owns the core. It feeds queued inputs (messages from the `Raft` servicer,
-proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the leader on its
-log writer thread, so it answers what already committed meanwhile; a follower on the loop's
-own thread; everything queued meanwhile goes into the next Ready, so N concurrent
-proposals share one fsync: group commit), send, apply, `advance()`. Timers are
+proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the
+leader on its log writer thread, so it answers what already committed meanwhile; a
+follower on the loop's own thread; everything queued meanwhile goes into the next Ready,
+so N concurrent proposals share one fsync: group commit), send, apply, `advance()`. Timers are
 `loop.call_at` on the event loop's clock.
 """
 
@@ -348,8 +348,8 @@ class RaftConsensus(VoterChanges, Consensus):
                 # A follower (or candidate) answers nobody while it writes: its loop would
                 # only wait for the write. On the loop's own thread it saves the hand-off to
                 # a worker (executor, two thread wake-ups, the GIL changing hands) per Ready:
-                # ~0.1 ms of CPU per append on 2 busy cores (issue 15); the fsync itself
-                # releases the GIL.
+                # the voters' CPU per one-task call -10 % (3 voters, 16 clients, 2 cores,
+                # same-run A/B; issue 15). The fsync itself releases the GIL.
                 persist(self._store, rd)
             else:
                 if self._writer is None:
