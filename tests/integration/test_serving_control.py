@@ -257,8 +257,10 @@ def test_a_deployment_made_again_under_a_removed_ones_name_starts_with_no_figure
     removed deployment's go with it, and a router that missed the removal and counts on from
     the old counters is counted from where they stood. The router here is a node's report
     sent by the test (auth is off), so its counts are exact; the deployment's replica asks
-    for more cores than any node has: no replica process is needed."""
+    for a whole node and both are busy: no replica process is needed."""
     _, client, (voter, _) = cluster
+    busy = [client.submit(["sleep", "600"], cpu=CPUS) for _ in range(2)]
+    wait_until(lambda: all(client.get(t.id).state == "running" for t in busy), timeout=60, what="both nodes busy")
     channel = grpc.insecure_channel(voter.address)
     stub = DeploymentsStub(channel)
 
@@ -268,13 +270,13 @@ def test_a_deployment_made_again_under_a_removed_ones_name_starts_with_no_figure
         stub.ReportReplicas(serving_pb2.ReportReplicasRequest(node_id="router-1", started_at_ms=1, stats=[stats]),
                             timeout=30)
 
-    client.create_deployment("web", "mlp", cpu=100)
+    client.create_deployment("web", "mlp", cpu=CPUS)
     router_says(7)
     assert client.get_deployment("web").stats.requests == 7
     client.delete_deployment("web")
     wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
     router_says(8)  # a late report under the removed name: not kept
-    client.create_deployment("web", "mlp", cpu=100)
+    client.create_deployment("web", "mlp", cpu=CPUS)
     fresh = client.get_deployment("web").stats
     assert (fresh.requests, fresh.errors, fresh.p99_ms) == (0, 0, 0), fresh  # nothing of the removed one's
     router_says(10)  # this router never heard of the removal: its counters ran on from 7
@@ -282,3 +284,5 @@ def test_a_deployment_made_again_under_a_removed_ones_name_starts_with_no_figure
     channel.close()
     client.delete_deployment("web")
     wait_until(lambda: client.list_deployments() == [], timeout=60, what="the deployment removed")
+    for t in busy:
+        client.cancel(t.id)
