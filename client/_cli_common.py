@@ -125,10 +125,15 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+# Every positive-float option is seconds. Past this (about 31 years) gRPC's deadline
+# arithmetic overflows and the call ends at once ("no answer within 1e+308s").
+MAX_SECONDS = 1e9
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
-    if not 0 < value < float("inf"):  # NaN fails it too (a wait that never ends or starts)
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not 0 < value <= MAX_SECONDS:  # NaN fails it too (a wait that never ends or starts)
+        raise argparse.ArgumentTypeError(f"must be positive and at most {MAX_SECONDS:g}: {text!r}")
     return value
 
 

@@ -24,6 +24,7 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     (("--timeout", "nan", "nodes", "list"), 2, "--timeout: must be positive"),
     (("serve", "up", "m", "--name", "w", "--wait-timeout", "nan"), 2, "--wait-timeout: must be positive"),
     (("serve", "up", "m", "--name", "w", "--wait-timeout", "inf"), 2, "--wait-timeout: must be positive"),
+    (("--timeout", "1e308", "nodes", "list"), 2, "--timeout: must be positive and at most 1e+09"),
     # An empty .npy: was "unexpected error: EOFError".
     (("serve", "predict", "web", "--input", "{empty}"), 1, "not a numpy array file"),
     (("serve", "predict", "web", "--input", "{folder}"), 1, "not a numpy array file"),
