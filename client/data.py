@@ -29,7 +29,7 @@ import grpc
 from lepton.common.durable import atomic_writer
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
 from lepton.common.paging import walk_pages
-from lepton.common.validation import DEFAULT_REPLICATION, MAX_DATASET_SCHEMA, check_dataset_name
+from lepton.common.validation import DEFAULT_REPLICATION, MAX_DATASET_SCHEMA, MAX_REPLICATION, check_dataset_name
 from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
@@ -259,6 +259,8 @@ class DataMethods:
         recorded; once it is sent, see `_commit_past_interrupts`."""
         if kind not in _KIND_CODES:
             raise InvalidArgument(f"unknown dataset kind {kind!r}; known: {', '.join(_KIND_CODES)}")
+        if not 1 <= replicas <= MAX_REPLICATION:  # before it reaches a 32-bit proto field
+            raise InvalidArgument(f"replicas must be 1 to {MAX_REPLICATION}, not {replicas}")
         plan = self._unary(
             DatasetsStub,
             "PlanPut",

@@ -38,3 +38,13 @@ def test_careless_input_is_refused_in_one_line(capsys, tmp_path, argv, code, say
     assert got == code, err
     assert err.count("\n") == 1 and err.startswith("lepton-ctl: ") and says in err, err
     assert "unexpected error" not in err and "cannot reach" not in err, err
+
+
+@pytest.mark.parametrize("replicas", [0, 17, 10**11])
+def test_the_library_refuses_a_replica_count_out_of_range_before_sending(replicas):
+    """Client.put_shards (put_dataset's last step): InvalidArgument, not ValueError from the proto."""
+    from lepton.client.data import DataMethods
+    from lepton.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="replicas must be 1 to 16"):
+        DataMethods.put_shards(object.__new__(DataMethods), "x", [], {}, replicas=replicas)
