@@ -29,7 +29,12 @@ import grpc
 from lepton.common.durable import atomic_writer
 from lepton.common.errors import InvalidArgument, LeptonError, Unavailable, from_rpc_error
 from lepton.common.paging import walk_pages
-from lepton.common.validation import DEFAULT_REPLICATION, MAX_DATASET_SCHEMA, MAX_REPLICATION, check_dataset_name
+from lepton.common.validation import (
+    DEFAULT_REPLICATION,
+    MAX_DATASET_SCHEMA,
+    MAX_REPLICATION,
+    check_dataset_name,
+)
 from lepton.dataplane.shards import CHUNK, ShardStore
 from lepton.v1 import datasets_pb2 as dpb
 from lepton.v1.datasets_pb2_grpc import DatasetsStub, ShardsStub
