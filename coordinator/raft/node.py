@@ -3,7 +3,7 @@
 One task owns the core. It feeds queued inputs (messages from the `Raft` servicer,
 proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the
 leader on its log writer thread, so it answers what already committed meanwhile; a
-follower on the loop's own thread; everything queued meanwhile goes into the next Ready,
+follower's appends on the loop's own thread; everything queued meanwhile goes into the next Ready,
 so N concurrent proposals share one fsync: group commit), send, apply, `advance()`. Timers are
 `loop.call_at` on the event loop's clock.
 """
@@ -97,7 +97,7 @@ class RaftConsensus(VoterChanges, Consensus):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._writer: LogWriter | None = None  # the leader's log writer thread, from its first write
+        self._writer: LogWriter | None = None  # the log writer thread, from its first use
         self._running = False
         self._serving_leader = False
         self._leader_term = 0
@@ -344,12 +344,15 @@ class RaftConsensus(VoterChanges, Consensus):
         committed = rd.committed
         if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
             # OSError escapes: the store is unusable and nothing of this Ready may go out.
-            if core.role is not Role.LEADER:
-                # A follower (or candidate) answers nobody while it writes: its loop would
+            if core.role is not Role.LEADER and rd.hard_state is None and rd.snapshot is None:
+                # A follower's appends: it answers nobody while it writes, its loop would
                 # only wait for the write. On the loop's own thread it saves the hand-off to
                 # a worker (executor, two thread wake-ups, the GIL changing hands) per Ready:
                 # the voters' CPU per one-task call -10 % (3 voters, 16 clients, 2 cores,
-                # same-run A/B; issue 15). The fsync itself releases the GIL.
+                # same-run A/B; issue 15). The fsync itself releases the GIL. A snapshot
+                # or a new term goes to the writer thread: those writes may be long, and
+                # meanwhile the leader's messages reach the inbox before the election timer
+                # is looked at.
                 persist(self._store, rd)
             else:
                 if self._writer is None:
