@@ -1,10 +1,10 @@
 """`RaftConsensus`: the asyncio driver of `RaftCore`, over gRPC and a `LogStore`.
 
 One task owns the core. It feeds queued inputs (messages from the `Raft` servicer,
-proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (the
-leader on its log writer thread, so it answers what already committed meanwhile; a
-follower's appends on the loop's own thread; everything queued meanwhile goes into the next Ready,
-so N concurrent proposals share one fsync: group commit), send, apply, `advance()`. Timers are
+proposals, reads, timer ticks) into the core, then performs one `Ready`: persist (on
+its log writer thread, never the loop's, so a leader answers what already committed
+meanwhile; everything queued meanwhile goes into the next Ready, so N concurrent proposals
+share one fsync: group commit), send, apply, `advance()`. Timers are
 `loop.call_at` on the event loop's clock.
 """
 
@@ -29,7 +29,7 @@ from lepton.coordinator.consensus import (
 from lepton.coordinator.raft.core import RaftCore
 from lepton.coordinator.raft.log_writer import LogWriter
 from lepton.coordinator.raft.membership import is_config
-from lepton.coordinator.raft.messages import Config, Message, Ready, Role, persist
+from lepton.coordinator.raft.messages import Config, Message, Ready, Role
 from lepton.coordinator.raft.node_membership import VoterChanges
 from lepton.coordinator.raft.transport import GrpcTransport, Transport
 from lepton.coordinator.storage.log_store import LogStore
@@ -344,32 +344,25 @@ class RaftConsensus(VoterChanges, Consensus):
         committed = rd.committed
         if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
             # OSError escapes: the store is unusable and nothing of this Ready may go out.
-            if core.role is not Role.LEADER and rd.hard_state is None and rd.snapshot is None:
-                # A follower's appends: it answers nobody while it writes, its loop would
-                # only wait for the write. On the loop's own thread it saves the hand-off to
-                # a worker (executor, two thread wake-ups, the GIL changing hands) per Ready:
-                # the voters' CPU per one-task call -10 % (3 voters, 16 clients, 2 cores,
-                # same-run A/B; issue 15). The fsync itself releases the GIL. A snapshot
-                # or a new term goes to the writer thread: those writes may be long, and
-                # meanwhile the leader's messages reach the inbox before the election timer
-                # is looked at.
-                persist(self._store, rd)
-            else:
-                if self._writer is None:
-                    self._writer = LogWriter(self._store, f"raft-log-{self.node_id}")
-                write = self._writer.write(rd)
-                try:
-                    if rd.snapshot is None and committed:
-                        # Committed entries already on our disk (before this Ready's) are
-                        # applied while it writes: their callers need not wait for the fsync
-                        # of later entries (on a busy leader, each round's answers would
-                        # wait a round's).
-                        first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
-                        stable = max(0, min(len(committed), first_new - committed[0].index))
-                        self._apply(committed[:stable])
-                        committed = committed[stable:]
-                finally:
-                    await write
+            # On the log writer thread, never the loop's: a voter is also an agent, whose
+            # loop serves heartbeats, attempt leases, Predict and shards, and an fsync on a
+            # busy disk takes tens of ms. (Writing a follower's appends inline saved ~10 %
+            # of the voters' CPU per one-task call; the stall was not worth it.)
+            if self._writer is None:
+                self._writer = LogWriter(self._store, f"raft-log-{self.node_id}")
+            write = self._writer.write(rd)
+            try:
+                if rd.snapshot is None and committed:
+                    # Committed entries already on our disk (before this Ready's) are
+                    # applied while it writes: their callers need not wait for the fsync
+                    # of later entries (on a busy leader, each round's answers would
+                    # wait a round's).
+                    first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
+                    stable = max(0, min(len(committed), first_new - committed[0].index))
+                    self._apply(committed[:stable])
+                    committed = committed[stable:]
+            finally:
+                await write
         if rd.messages:
             self._transport.send(rd.messages)  # type: ignore[union-attr]
         sm = self._sm
