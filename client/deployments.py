@@ -106,7 +106,7 @@ class DeploymentMethods:
         """Serve `model` (a stored model: `models list`) as `name` with `replicas` replicas.
         Returns at once; `wait_deployment` waits until they are ready."""
         check_deployment_name(name)
-        check_dataset_name(model)
+        check_dataset_name(model, "model name")
         check_replica_count(replicas)
         spec = serving_pb2.DeploymentSpec(name=name, model=model, pack=pack)
         for holder, field, value in ((spec, "replicas", replicas), (spec, "max_batch", max_batch),
@@ -133,7 +133,7 @@ class DeploymentMethods:
     def update_deployment(self, name: str, model: str, *, timeout: float | None = None) -> DeploymentInfo:
         """Roll `name` over to `model`: a new replica is ready before an old one stops."""
         check_deployment_name(name)
-        check_dataset_name(model)
+        check_dataset_name(model, "model name")
         req = serving_pb2.UpdateDeploymentRequest(name=name, model=model)
         # Not idempotent: each update is a new generation.
         return DeploymentInfo.from_proto(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lepton.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.common.validation import check_dataset_name
 
 from .client import Client
 from .jobs import JobInfo
@@ -103,7 +104,7 @@ class Algorithm:
         ds = self.client.dataset(ds_name)  # NotFound: 'dataset "x" not found'
         if ds.kind != "data":
             raise InvalidArgument(f'"{ds_name}" is a {ds.kind}, not a dataset to train on')
-        name = name or f"{ds_name}-{self.algorithm}-{uuid.uuid4().hex[:6]}"
+        name = check_dataset_name(name or f"{ds_name}-{self.algorithm}-{uuid.uuid4().hex[:6]}", "model name")
         with contextlib.suppress(NotFound):
             self.client.dataset(name)
             raise FailedPrecondition(f'"{name}" already exists: choose another model name')

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lepton.common.errors import InvalidArgument, NotFound
+from lepton.common.validation import check_dataset_name
 
 from .data import DatasetInfo
 
@@ -72,6 +73,7 @@ def list_models(client: Client) -> list[ModelInfo]:
 def get_model(client: Client, name: str) -> ModelInfo:
     """The model `name`; NotFound 'model "x" not found', or InvalidArgument saying what
     `name` is when it is a dataset or a checkpoint."""
+    check_dataset_name(name, "model name")  # a model is a dataset; the refusal names a model
     try:
         ds = client.dataset(name)
     except NotFound:

@@ -298,7 +298,7 @@ def check_deployment_spec(spec) -> None:
     """A DeploymentSpec's fields (names as dataset names); raises InvalidArgument naming the
     first bad one. Resources and priority as for a task."""
     check_deployment_name(spec.name)
-    check_dataset_name(spec.model)
+    check_dataset_name(spec.model, "model name")
     check_replica_count(spec.replicas)
     _check_resources_and_priority(spec)
     if spec.max_batch > MAX_SERVE_BATCH:
@@ -334,14 +334,15 @@ MAX_DATASET_SCHEMA = 64 << 10  # Dataset.schema: the input's JSON description (d
 DEFAULT_REPLICATION = 2
 
 
-def check_dataset_name(name: str) -> str:
-    """Letters, digits, '.', '_', '-'; no leading dot, no '/': never a path. Raises InvalidArgument."""
+def check_dataset_name(name: str, what: str = "dataset name") -> str:
+    """Letters, digits, '.', '_', '-'; no leading dot, no '/': never a path. Raises InvalidArgument
+    naming `what` ("model name" where a model is stored as a dataset)."""
     if not name:
-        raise InvalidArgument("dataset name is required")
+        raise InvalidArgument(f"{what} is required")
     if len(name) > MAX_DATASET_NAME:
-        raise InvalidArgument(f"dataset name is {len(name)} characters; at most {MAX_DATASET_NAME}")
+        raise InvalidArgument(f"{what} is {len(name)} characters; at most {MAX_DATASET_NAME}")
     if not _ID_RE.match(name) or ".." in name:
         raise InvalidArgument(
-            f"dataset name {name[:40]!r} may hold only letters, digits, '.', '_' and '-' (no '..')"
+            f"{what} {name[:40]!r} may hold only letters, digits, '.', '_' and '-' (no '..')"
         )
     return name

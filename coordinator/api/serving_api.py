@@ -143,7 +143,7 @@ class DeploymentService(serving_pb2_grpc.DeploymentsServicer):
     @rpc_boundary
     async def UpdateDeployment(self, request, context):
         v.check_deployment_name(request.name)
-        v.check_dataset_name(request.model)
+        v.check_dataset_name(request.model, "model name")
         await self._ctx.read()
         self._check_owner(request.name)
         check_new_model(self._sm, self._sm.deployments.get(request.name), request.model)

@@ -44,7 +44,7 @@ def copy_record(rec: state_pb2.DeploymentRecord) -> state_pb2.DeploymentRecord:
 
 def check_model(sm: ClusterStateMachine, model: str) -> None:
     """The model must be a stored dataset of kind model: NotFound / FailedPrecondition."""
-    check_dataset_name(model)
+    check_dataset_name(model, "model name")
     ds = sm.datasets.datasets.get(model)
     if ds is None:
         raise NotFound(f'model "{model}" not found (lepton-ctl models list)')
