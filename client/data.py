@@ -439,9 +439,10 @@ class DataMethods:
         except TypeError:  # a code archive ("tar.gz"): a blob, not rows
             raise InvalidArgument(f"dataset {name} holds a {ds.shards[0].dtype} blob, not rows") from None
         # Local: work beside the output, so the finished file is renamed into place.
-        work = Path(tempfile.mkdtemp(prefix=".lepton-get-",
-                                     dir=target.parent if target is not None else None))
+        work = None
         try:
+            work = Path(tempfile.mkdtemp(prefix=".lepton-get-",
+                                         dir=target.parent if target is not None else None))
             paths = self._pull_all(ds, work / "store", progress, parallel)
             first = ds.shards[0] if ds.shards else None
             x_dtype = np.dtype(first.dtype if first else "<f4")
@@ -456,8 +457,16 @@ class DataMethods:
             else:
                 fs.put_file(str(tmp), remote)
             return ds
+        except OSError as e:
+            # The work folder is ours, beside `out`: a folder that cannot be written (/proc,
+            # read-only) or a full disk is told by the path the user gave, not by ours.
+            ours = work is None or not e.filename or str(e.filename).startswith(str(work))
+            if target is not None and ours:
+                raise OSError(e.errno, f"cannot write in {target.parent}: {e.strerror}", url) from None
+            raise
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
 
     def download_shards(
         self, name: str, directory: str | os.PathLike[str], *, parallel: int = 4

@@ -36,3 +36,39 @@ def test_a_deployment_spec_without_a_model_names_the_model():
 
     with pytest.raises(InvalidArgument, match="^model name is required$"):
         check_deployment_spec(serving_pb2.DeploymentSpec(name="web", replicas=1))
+
+
+
+class _OneEmptyDataset:
+    """A client whose dataset has no shards: get_dataset goes straight to writing `out`."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def dataset(self, name):
+        from types import SimpleNamespace
+        return SimpleNamespace(name=name, kind="data", shards=[], schema="", rows=0, version=1)
+
+    def _pull_all(self, ds, store, progress, parallel):
+        return []
+
+    def get_dataset(self, *args, **kwargs):
+        from lepton.client.data import DataMethods
+        return DataMethods.get_dataset(self, *args, **kwargs)
+
+
+def test_data_get_into_an_unwritable_folder_names_the_users_path(capsys, monkeypatch):
+    client = _OneEmptyDataset()
+    with pytest.raises(OSError) as caught:
+        client.get_dataset("x", "/proc/x.npy")  # /proc takes no new folder, even as root
+    assert caught.value.filename == "/proc/x.npy", caught.value
+    assert ".lepton-get" not in str(caught.value) and "cannot write in /proc" in str(caught.value)
+
+    # The CLI's one line: the path the user gave and why (was the work folder's name).
+    monkeypatch.setattr("lepton.client.cli_data._client", lambda args: client)
+    code, err = run(capsys, "data", "get", "x", "/proc/x.npy")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("lepton-ctl: /proc/x.npy: cannot write in /proc") and ".lepton-get" not in err, err
