@@ -157,9 +157,9 @@ class DataProcessor:
         if len(outs) != len(fractions):
             raise InvalidArgument(f"{len(fractions)} fractions but {len(outs)} output names")
         if len(set(outs)) != len(outs) or name in outs:
-            raise InvalidArgument(f"output names must differ from each other and from {name}: {','.join(outs)}")
+            raise InvalidArgument(f"output names (--out) must differ from each other and from {name}: {','.join(outs)}")
         for out in outs:
-            check_dataset_name(out)
+            check_dataset_name(out, "output name (--out)")
         info = self._data(name, "split")
         for out in outs:  # checked before any work; a put racing the split would still win
             try:
@@ -216,6 +216,10 @@ class DataProcessor:
         """Run `steps` over dataset `name` into a new dataset `out`; returns it and the summed
         report (rows dropped, filled...). Raises NotFound, InvalidArgument, Unavailable."""
         steps = copy.deepcopy(proc.check_steps(steps))
+        # A new dataset, as split's outputs: a version of the input made by processing
+        # would replace the input itself.
+        if check_dataset_name(out, "output name (--out)") == name:
+            raise InvalidArgument(f"the output name (--out) must differ from the input's: {name}")
         ds = self._data(name, "process")
         for i, step in enumerate(steps):
             kind = proc.needs(step)

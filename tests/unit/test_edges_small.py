@@ -72,3 +72,24 @@ def test_data_get_into_an_unwritable_folder_names_the_users_path(capsys, monkeyp
     code, err = run(capsys, "data", "get", "x", "/proc/x.npy")
     assert code == 1 and err.count("\n") == 1, err
     assert err.startswith("lepton-ctl: /proc/x.npy: cannot write in /proc") and ".lepton-get" not in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ("data", "process", "x", "--steps", "normalize", "--out", "x"),
+    ("data", "split", "x", "--fractions", "0.5,0.5", "--out", "a,x"),
+])
+def test_process_and_split_both_refuse_an_output_named_like_the_input(capsys, monkeypatch, argv):
+    """Was: process wrote a new version of its own input; split refused. Nothing is sent."""
+    client = _OneEmptyDataset()
+    monkeypatch.setattr("lepton.client.cli_data._client", lambda args: client)
+    code, err = run(capsys, *argv)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "(--out) must differ from" in err and "x" in err, err
+
+
+def test_process_checks_the_output_name_before_any_work():
+    from lepton.client.processor import DataProcessor
+    from lepton.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=r"^output name \(--out\) 'a/b' may hold only"):
+        DataProcessor(object()).run("x", [{"op": "normalize", "method": "zscore"}], out="a/b")
