@@ -118,8 +118,9 @@ class EtcdConsensus(Consensus):
     async def start(self) -> None:
         """Load the latest snapshot and the log after it from etcd into the state machine,
         then start campaigning. Raises Unavailable naming the endpoints when etcd cannot be
-        reached within START_WITHIN seconds, FailedPrecondition for unreadable TLS files or
-        a prefix that holds another cluster's state."""
+        reached within START_WITHIN seconds, FailedPrecondition for unreadable TLS files,
+        a prefix that holds another cluster's state, or a stored entry the state machine
+        raised on."""
         conn = self._conn = EtcdConnection(self._endpoints, self._tls)
         self._applier = LogApplier(conn, self._keys, self._sm, timeout=self._timeout)
         self._election = Election(conn, self._keys, self._id, self._address, self._ttl,
@@ -143,6 +144,15 @@ class EtcdConsensus(Consensus):
                     await conn.close()
                     raise Unavailable(f"cannot start: {err}") from None
                 await asyncio.sleep(0.2)
+            except Exception as err:  # noqa: BLE001 - the state machine raised on a stored entry
+                # A candidate that cannot take the stored state must not campaign; the agent
+                # says why in one line (the traceback is in the log at DEBUG).
+                await conn.close()
+                at = self._sm.applied_index
+                logger.error("etcd consensus %s: loading the stored state failed after index %d: %r",
+                             self._id, at, err, exc_info=logger.isEnabledFor(logging.DEBUG))
+                raise FailedPrecondition(f"cannot start: loading the cluster state from etcd failed "
+                                         f"after index {at}: {type(err).__name__}: {err}") from None
         self._started = self._running = True
         # Each loop's coroutine is made inside its task: a stop() before the task ran leaves
         # no coroutine never awaited.

@@ -93,3 +93,51 @@ def test_process_checks_the_output_name_before_any_work():
 
     with pytest.raises(InvalidArgument, match=r"^output name \(--out\) 'a/b' may hold only"):
         DataProcessor(object()).run("x", [{"op": "normalize", "method": "zscore"}], out="a/b")
+
+
+class _RaisesAtTwo:
+    """A state machine with a bug: it raises on the second entry (as one meeting an entry
+    a newer version wrote might)."""
+
+    def __init__(self) -> None:
+        from tests.unit.test_consensus_contract import CountingMachine
+        self.inner = CountingMachine()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def apply(self, index, data, answered=True):
+        if index == 2:
+            raise KeyError("no such table")
+        return self.inner.apply(index, data, answered)
+
+
+async def test_an_etcd_candidate_whose_state_machine_raises_at_load_fails_start_in_one_line(tmp_path, caplog):
+    """Was: the KeyError escaped start(), and the agent died with a traceback."""
+    from lepton.common.errors import FailedPrecondition
+    from lepton.coordinator.etcd.consensus import EtcdConsensus
+    from tests.etcd_server import EtcdCluster
+    from tests.unit.test_consensus_contract import CountingMachine
+    from tests.unit.test_etcd_contract import wait_for_leader
+
+    etcd = EtcdCluster(tmp_path / "etcd", n=1)
+    try:
+        def node(sm):
+            return EtcdConsensus("c1", "c1.test:7000", etcd.endpoints, "/lepton/edges", sm,
+                                 tls=None, lease_ttl=2.0)
+        writer = node(CountingMachine())
+        await writer.start()
+        await wait_for_leader({"c1": writer})
+        for cmd in (b"a", b"b", b"c"):
+            await writer.propose(cmd, timeout=30.0)
+        await writer.stop()
+
+        broken = node(_RaisesAtTwo())
+        with pytest.raises(FailedPrecondition) as caught:
+            await broken.start()
+        said = caught.value.message
+        assert "\n" not in said and "after index 1" in said and "KeyError" in said, said
+        assert not broken.is_leader()
+        assert any("loading the stored state failed" in r.getMessage() for r in caplog.records)
+    finally:
+        etcd.stop()
