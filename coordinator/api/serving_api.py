@@ -24,7 +24,7 @@ from lepton.common.errors import FailedPrecondition, Unavailable
 from lepton.common.grpc_util import register_service, rpc_boundary
 from lepton.coordinator.api.dataset_api import only_owner
 from lepton.coordinator.api.service import CoordinatorContext
-from lepton.coordinator.loops.scheduling import build_snapshot, task_request
+from lepton.coordinator.loops.scheduling import node_views, task_request
 from lepton.coordinator.loops.serving import ServingLoop, replica_views
 from lepton.coordinator.state.deployments import (
     check_deployment_owner,
@@ -43,11 +43,12 @@ def check_replicas_fit(sm, spec: serving_pb2.DeploymentSpec, replicas: int) -> N
     than all nodes together hold. They would only wait out `serve up --wait-timeout`.
     Draining, suspect and down nodes count (they may come back); nodes that left do not.
     The scheduler's own test and words (`unschedulable: needs 1000000m cpu, largest node
-    has 4000m`) judge one replica."""
+    has 4000m`) judge one replica. Nodes only, empty: no task is read, and the scheduling
+    loop's kept snapshot is neither rebuilt nor dropped (a serve up costs O(nodes))."""
     from lepton.coordinator.scheduler import UNSCHEDULABLE, ClusterSnapshot, schedule
 
     gone = common_pb2.NODE_STATE_LEFT
-    nodes = [replace(n, schedulable=sm.nodes[n.node_id].state != gone) for n in build_snapshot(sm).nodes]
+    nodes = [replace(n, schedulable=sm.nodes[n.node_id].state != gone) for n in node_views(sm)]
     snapshot = ClusterSnapshot.from_tables(nodes)
     one = task_request(tasks_pb2.Task(id="t-fit-check", spec=tasks_pb2.TaskSpec(resources=spec.resources)))
     why = schedule(snapshot, [one], now_ms=0).unschedulable.get(one.task_id, "")

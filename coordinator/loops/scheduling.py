@@ -70,15 +70,9 @@ def cpu_millis(cpu: float) -> int:
     return int(round(cpu * 1000))
 
 
-def build_snapshot(
-    sm: ClusterStateMachine, kept: dict[str, tuple[str, int, Allocation]] | None = None
-) -> ClusterSnapshot:
-    """The scheduler's view of the replicated state: schedulable nodes and what holds
-    resources on them. Suspect, down, left and draining nodes take no new work.
-    `kept`: allocations from earlier builds by task id, with the (node, attempt) they were
-    made for (an attempt's resources do not change while it holds them); making them
-    anew was most of a rebuild's cost."""
-    nodes = [
+def node_views(sm: ClusterStateMachine) -> list[NodeView]:
+    """Every node's capacity and labels, empty (no allocations): O(nodes), no task read."""
+    return [
         NodeView(
             node_id=n.id,
             cpu_millis=n.capacity.cpu_logical * 1000,
@@ -89,6 +83,17 @@ def build_snapshot(
         )
         for n in sm.nodes.values()
     ]
+
+
+def build_snapshot(
+    sm: ClusterStateMachine, kept: dict[str, tuple[str, int, Allocation]] | None = None
+) -> ClusterSnapshot:
+    """The scheduler's view of the replicated state: schedulable nodes and what holds
+    resources on them. Suspect, down, left and draining nodes take no new work.
+    `kept`: allocations from earlier builds by task id, with the (node, attempt) they were
+    made for (an attempt's resources do not change while it holds them); making them
+    anew was most of a rebuild's cost."""
+    nodes = node_views(sm)
     tasks = sm.tasks.tasks
     allocations = []
     for ids in sm.tasks.by_node.values():

@@ -141,3 +141,42 @@ async def test_an_etcd_candidate_whose_state_machine_raises_at_load_fails_start_
         assert any("loading the stored state failed" in r.getMessage() for r in caplog.records)
     finally:
         etcd.stop()
+
+
+async def test_the_serve_up_fit_check_rebuilds_no_scheduler_snapshot(monkeypatch):
+    """serve up/scale's fit check (check_replicas_fit) reads node capacities only: the
+    scheduling loop's kept snapshot stays, and no snapshot is built (was: build_snapshot
+    over every task per call)."""
+    from lepton.common.errors import FailedPrecondition
+    from lepton.coordinator.api import serving_api
+    from lepton.coordinator.loops import scheduling
+    from lepton.v1 import serving_pb2, tasks_pb2
+    from tests.unit.test_scheduling_loop import World
+
+    world = World()
+    world.node("n1", cpus=4)
+    world.node("n2", cpus=4)
+    world.submit("r", cpu=3)
+    assert (await world.loop.run_cycle()).startswith("placed 1 of 1")
+    kept = world.loop._snapshot()
+
+    builds: list[int] = []
+    real = scheduling.build_snapshot
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduling, "build_snapshot", counted)
+    monkeypatch.setattr(serving_api, "build_snapshot", counted, raising=False)  # the old import
+
+    def spec(cpu: float) -> serving_pb2.DeploymentSpec:
+        return serving_pb2.DeploymentSpec(name="web", model="m", resources=tasks_pb2.Resources(cpu=cpu))
+
+    serving_api.check_replicas_fit(world.sm, spec(1), 8)  # two empty 4-cpu nodes hold 8
+    with pytest.raises(FailedPrecondition, match="hold at most 8"):
+        serving_api.check_replicas_fit(world.sm, spec(1), 9)
+    with pytest.raises(FailedPrecondition, match="no node can ever run a replica of 'web'"):
+        serving_api.check_replicas_fit(world.sm, spec(5), 1)
+    assert builds == []
+    assert world.loop._snapshot() is kept and builds == []
