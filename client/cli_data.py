@@ -259,9 +259,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from .processor import DataProcessor, parse_steps
+    from .processor import DataProcessor, check_outputs, parse_steps
 
     steps = parse_steps(args.steps)
+    check_outputs(args.name, [args.out])  # before connecting
     with _client(args) as c:
         _not_a_model(c.dataset(args.name), "show")
         proc = DataProcessor(c, seed=args.seed)
@@ -273,13 +274,14 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from lepton.common.errors import InvalidArgument
 
-    from .processor import DataProcessor
+    from .processor import DataProcessor, check_outputs
 
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
         raise InvalidArgument(f"--fractions must be numbers separated by commas, not {args.fractions!r}") from None
     outs = [o.strip() for o in args.out.split(",")]
+    check_outputs(args.name, outs)  # before connecting
     with _client(args) as c:
         _not_a_model(c.dataset(args.name), "show")
         parts = DataProcessor(c).split_data(args.name, fractions, outs, stratify=args.stratify, seed=args.seed)

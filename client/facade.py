@@ -101,6 +101,8 @@ class Algorithm:
         if not self.algorithm:
             raise FailedPrecondition("select_algorithm() first")
         ds_name = getattr(dataset, "name", dataset)
+        if name is not None:  # given empty is a mistake, not a request for a made-up name
+            check_dataset_name(name, "model name")
         ds = self.client.dataset(ds_name)  # NotFound: 'dataset "x" not found'
         if ds.kind != "data":
             raise InvalidArgument(f'"{ds_name}" is a {ds.kind}, not a dataset to train on')
@@ -148,6 +150,7 @@ class Algorithm:
 
     def predict(self, model: Model | str, dataset: Any, out: str, *, timeout: float | None = None) -> str:
         """Batch inference on `dataset`; the predictions become dataset `out`."""
+        check_dataset_name(out, "output dataset name")  # before the task runs, not in it
         self._run("predict", model, dataset, ["--out", out], timeout)
         return out
 

@@ -90,6 +90,17 @@ def parse_steps(text: str) -> list[dict]:
     return proc.check_steps(steps)
 
 
+def check_outputs(name: str, outs: list[str]) -> None:
+    """Processing and split make new datasets: valid names, none repeated, none the input's
+    (a new version of the input would replace it). InvalidArgument naming --out."""
+    for out in outs:
+        check_dataset_name(out, "output name (--out)")
+    if name in outs:
+        raise InvalidArgument(f"the output name (--out) must differ from the input's: {name}")
+    if len(set(outs)) != len(outs):
+        raise InvalidArgument(f"output names (--out) must differ from each other: {','.join(outs)}")
+
+
 class DataProcessor:
     """Processing on the cluster through a `Client` (with the data methods)."""
 
@@ -156,10 +167,7 @@ class DataProcessor:
         fractions = proc.check_split([float(f) for f in fractions], seed)
         if len(outs) != len(fractions):
             raise InvalidArgument(f"{len(fractions)} fractions but {len(outs)} output names")
-        if len(set(outs)) != len(outs) or name in outs:
-            raise InvalidArgument(f"output names (--out) must differ from each other and from {name}: {','.join(outs)}")
-        for out in outs:
-            check_dataset_name(out, "output name (--out)")
+        check_outputs(name, outs)
         info = self._data(name, "split")
         for out in outs:  # checked before any work; a put racing the split would still win
             try:
@@ -216,10 +224,7 @@ class DataProcessor:
         """Run `steps` over dataset `name` into a new dataset `out`; returns it and the summed
         report (rows dropped, filled...). Raises NotFound, InvalidArgument, Unavailable."""
         steps = copy.deepcopy(proc.check_steps(steps))
-        # A new dataset, as split's outputs: a version of the input made by processing
-        # would replace the input itself.
-        if check_dataset_name(out, "output name (--out)") == name:
-            raise InvalidArgument(f"the output name (--out) must differ from the input's: {name}")
+        check_outputs(name, [out])
         ds = self._data(name, "process")
         for i, step in enumerate(steps):
             kind = proc.needs(step)

@@ -21,6 +21,12 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     (("models", "rm", ""), "model name is required"),
     (("models", "show", "a/b"), "model name 'a/b' may hold only"),
     (("data", "show", ""), "dataset name is required"),
+    # Refused before connecting (was: sent, or `train --out ''` trained under a made-up name).
+    (("train", "--algorithm", "mlp", "--dataset", "x", "--out", ""), "model name is required"),
+    (("predict", "m", "--dataset", "x", "--out", ""), "output dataset name is required"),
+    (("data", "process", "x", "--steps", "normalize", "--out", ""), "output name (--out) is required"),
+    (("data", "split", "x", "--fractions", "0.5,0.5", "--out", "a,"), "output name (--out) is required"),
+    (("data", "split", "x", "--fractions", "0.5,0.5", "--out", "a,a"), "(--out) must differ from each other"),
 ])
 def test_an_empty_or_bad_name_names_what_is_missing(capsys, argv, says):
     code, err = run(capsys, *argv)
