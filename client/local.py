@@ -401,6 +401,27 @@ def _wait_ready(
             time.sleep(_POLL_S)
 
 
+def _wipe(folder: Path, tries: int = 5) -> None:
+    """Remove an agent's data dir. Its attempt fence, a process of its own, outlives the
+    agent by a moment and then removes its socket (an attempt may still write its output
+    meanwhile): what vanishes under us is fine, what appears is removed on the next try."""
+
+    def vanished_is_fine(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    for attempt in range(tries):
+        try:
+            shutil.rmtree(folder, onerror=vanished_is_fine)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+
+
 @dataclass
 class DownResult:
     found: bool
@@ -432,7 +453,7 @@ def down(
     if wipe and root.is_dir():
         for d in sorted(root.iterdir()):
             if d.is_dir() and _AGENT_DIR.fullmatch(d.name):
-                shutil.rmtree(d)
+                _wipe(d)
                 wiped.append(d.name)
         with contextlib.suppress(OSError):
             root.rmdir()  # only if empty

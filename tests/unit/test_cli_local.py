@@ -296,3 +296,21 @@ def test_cli_local_up_and_down(
     assert capsys.readouterr().out == "prod\n"
     assert cli.main(["local", "down", "--data-dir", root]) == 0
     assert capsys.readouterr().out == f"no local cluster running in {root}\n"
+
+
+def test_wipe_tolerates_a_file_removed_under_it(tmp_path: Path, monkeypatch) -> None:
+    """The attempt fence removes its socket on its way out, maybe while `down --wipe` runs."""
+    folder = tmp_path / "agent-1"
+    (folder / "tasks").mkdir(parents=True)
+    for name in ("task-fence.sock", "node_id", "tasks/run.json"):
+        (folder / name).write_text("x")
+    real_unlink = os.unlink
+
+    def raced_unlink(path, *args, **kwargs):
+        if str(path).endswith("task-fence.sock") or path == "task-fence.sock":
+            real_unlink(path, *args, **kwargs)  # the fence got there first
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", raced_unlink)
+    local._wipe(folder)
+    assert not folder.exists()
