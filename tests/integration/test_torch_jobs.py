@@ -15,7 +15,7 @@ from tests.integration.cluster import run_ctl, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("tasks_exec_python")]
 
 SCRIPT = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     import torch
     import torch.distributed as dist
 
@@ -28,6 +28,11 @@ SCRIPT = textwrap.dedent("""
           f"local={os.environ['LOCAL_RANK']} group={os.environ['GROUP_RANK']}", flush=True)
     if os.environ.get("FAIL_RANK") == str(rank) and restart == "0":
         sys.exit(3)
+    if os.environ.get("FAIL_RANK") and restart == "0":
+        # The others wait to be torn down: in a barrier they would fail on their own the
+        # moment the failed rank's socket closed, and whose failure the leader hears first
+        # (this exit 1 or the failed rank's 3) would be a race between two nodes' reports.
+        time.sleep(600)
     dist.barrier()
     dist.destroy_process_group()
 """)
