@@ -497,7 +497,13 @@ async def run_agent(config: AgentConfig) -> None:
         await agent.stop(leave=False)
         raise agent.refusal
     if agent.failure is None:
-        await agent.stop()
+        # Bounded: a step that never ends must not keep a stopped node's process around for
+        # ever (a supervisor's SIGKILL would then be the only way out, with no word of why).
+        limit = config.shutdown_grace_s + 10
+        try:
+            await asyncio.wait_for(asyncio.shield(agent.stop()), limit)
+        except TimeoutError:
+            _exit_stuck(f"stopping took over {limit:g}s; still running: {_pending_tasks()}")
         return
     try:  # bounded: a sick disk must not keep a node that cannot vote alive
         await asyncio.wait_for(agent.stop(leave=False), config.shutdown_grace_s + 10)
@@ -523,3 +529,24 @@ def check_bindable(address: str, flag: str) -> None:
     except OSError as err:
         raise OSError(f"cannot listen on {address}: {err.strerror or err}; "
                       f"choose another address with {flag}") from None
+
+
+def _pending_tasks() -> str:
+    """The event loop's unfinished tasks, each with where it waits: what a stuck stop names."""
+    parts = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task() or task.done():
+            continue
+        frames = task.get_stack(limit=1)
+        where = f" at {frames[0].f_code.co_name} ({Path(frames[0].f_code.co_filename).name}:{frames[0].f_lineno})" if frames else ""
+        parts.append(f"{task.get_name()}{where}")
+    return ", ".join(sorted(parts)) or "nothing (a thread?)"
+
+
+def _exit_stuck(message: str) -> None:
+    """Log why, say it in one line, and end the process now: asyncio.run's own clean-up
+    would wait on the same stuck task or worker thread."""
+    logger.error("%s", message)
+    logging.shutdown()  # flushes the log
+    os.write(2, f"lepton-agent: {message}\n".encode())
+    os._exit(1)

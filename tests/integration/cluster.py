@@ -167,7 +167,11 @@ class AgentProcess:
 
     def terminate(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running {timeout:g}s after SIGTERM; its log ends:\n"
+                                 f"{self.log()}") from None
 
     def wait_fence_gone(self) -> None:
         """Once the agent has stopped, wait for its attempt fence to exit: a process of its own
