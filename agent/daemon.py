@@ -478,6 +478,9 @@ class Agent:
         self._stopped.set()
 
 
+STOP_SLACK_S = 20.0  # a graceful stop's bound beyond twice the shutdown grace (run_agent)
+
+
 async def run_agent(config: AgentConfig) -> None:
     os.umask(0o077)  # every file and folder the agent (and its tasks) make: private
     agent = Agent(config)
@@ -499,7 +502,9 @@ async def run_agent(config: AgentConfig) -> None:
     if agent.failure is None:
         # Bounded: a step that never ends must not keep a stopped node's process around for
         # ever (a supervisor's SIGKILL would then be the only way out, with no word of why).
-        limit = config.shutdown_grace_s + 10
+        # The bound covers what the steps may take when none is stuck: stopping the tasks
+        # (grace + 10 s), leaving (3 s), draining RPCs (grace), closing the parts.
+        limit = 2 * config.shutdown_grace_s + STOP_SLACK_S
         try:
             await asyncio.wait_for(asyncio.shield(agent.stop()), limit)
         except TimeoutError:
