@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lepton.agent import serving
+from lepton.agent import replica_peer, serving
 from lepton.agent.serving import ReplicaSupervisor
 from lepton.agent.tasks.attempt_env import serve_socket_path
 from lepton.agent.tasks.task_spec import RunningTask, RunSpec
@@ -35,8 +35,9 @@ class FakeRunner:
         spec = RunSpec(task_id=task_id, attempt=attempt, term=1, argv=("x",), replica=replica, replica_generation=2)
         (att_dir / "run.json").write_text(json.dumps({"spec": spec.to_json()}))
         # The attempt's pid: its session, which the replica's listener must be in
-        # (agent/replica_peer.py). The health servers here run in this process.
-        self.live.append(RunningTask(task_id, attempt, 1, os.getsid(0), 0))
+        # (agent/replica_peer.py). The health servers here run in this process, which the
+        # `setup` fixture makes look like the session leader an attempt is.
+        self.live.append(RunningTask(task_id, attempt, 1, os.getpid(), 0))
         return att_dir
 
     def running(self) -> list[RunningTask]:
@@ -68,7 +69,12 @@ async def health_server(socket: Path) -> tuple[grpc.aio.Server, health.aio.Healt
 
 
 @pytest.fixture
-async def setup(tmp_path):
+async def setup(tmp_path, monkeypatch):
+    # This process poses as the attempt: a session leader, so its own session is its pid.
+    # Its real session may be anything, 0 included (a container's init session, as in CI),
+    # and the runner never reports a pid of 0.
+    real_getsid, me = os.getsid, os.getpid()
+    monkeypatch.setattr(replica_peer.os, "getsid", lambda pid: me if pid in (0, me) else real_getsid(pid))
     # A deep data dir: the sockets' paths pass the kernel's 107 bytes (reached through a handle).
     runner, clock, reports = FakeRunner(tmp_path / ("d" * 100) / "tasks"), Clock(), []
 
