@@ -34,7 +34,8 @@ Claim = tuple[str, int, int]  # task id, attempt, term
 
 class ClaimLog:
     """The claim files of the attempt folders in `tasks_root`. Not thread-safe: `record`
-    and `pending` run on the runner's event loop, `settle` in one thread at a time."""
+    runs in one spawning thread at a time (spawn.py), `pending` on the runner's event loop,
+    `settle` in one thread at a time."""
 
     def __init__(self, tasks_root: Path):
         self._root = Path(tasks_root)

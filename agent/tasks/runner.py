@@ -61,7 +61,7 @@ from lepton.agent.tasks.retention import Retention
 from lepton.agent.tasks.spawn import (
     Spawner,
     SpawnQueue,
-    claim_and_spawn,
+    claim_and_prepare,
 )
 from lepton.agent.tasks.spawn_outcomes import SpawnOutcomes
 from lepton.agent.tasks.task_spec import (
@@ -131,7 +131,8 @@ class TaskRunner:
         self._spawner = Spawner(AttemptEnv(env, task_path, task_user),
                                 lease_path, self._boot, self._fence.link)
         self._claims = ClaimLog(self._root)
-        self._spawns = SpawnQueue(functools.partial(claim_and_spawn, self._claims, self._spawner, self._made.__contains__),
+        self._spawns = SpawnQueue(functools.partial(claim_and_prepare, self._claims, self._spawner, self._made.__contains__),
+                                  self._spawner.spawn,
                                   lambda batch, results: self._outcomes.spawned(batch, results), self._fence.ensure)
         self._settling: asyncio.Task[int] | None = None
         self._releasing: asyncio.Task[None] | None = None  # the fence let go when idle

@@ -247,3 +247,27 @@ async def test_a_task_the_scheduler_cannot_take_is_skipped_with_a_reason_not_the
     assert sentence == "placed 1 of 1 tasks, preempted 0, 0 unschedulable"
     assert world.state("good") == TaskState.ASSIGNED and world.state("bad") == TaskState.PENDING
     assert "gang_size must be >= 1" in world.loop.reasons["bad"]
+
+
+async def test_the_first_change_after_a_quiet_spell_is_placed_at_once_and_the_next_waits_its_turn():
+    world = World(aging_interval_s=3600.0, min_cycle_s=3600.0)  # the spacing never runs out here
+    world.node("n1", cpus=8)
+    world.submit("first")
+    runner = asyncio.create_task(world.loop.run())
+
+    async def settle() -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    try:
+        for _ in range(500):
+            if world.state("first") == TaskState.ASSIGNED:
+                break
+            await asyncio.sleep(0.01)
+        assert world.state("first") == TaskState.ASSIGNED  # no min_cycle_s wait before it
+        world.submit("second")  # within min_cycle_s of the cycle before: it waits for the next
+        await settle()
+        assert world.state("second") == TaskState.PENDING
+        assert len(world.committed) == 1
+    finally:
+        runner.cancel()
