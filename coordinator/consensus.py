@@ -200,15 +200,25 @@ class SingleVoterConsensus(Consensus):
         self._running = False
 
     async def start(self) -> None:
-        snap = self._store.snapshot()
-        if snap is not None:
-            self._sm.restore(snap.data, snap.index)
         last = self._store.last_index()
-        if last >= self._store.first_index():
-            # Everything in a single voter's log is committed: it was fsync'd before ack,
-            # and an entry fsync'd without an ack had an unknown outcome; applying it is legal.
-            for entry in self._store.entries(self._store.first_index(), last + 1):
-                self._sm.apply(entry.index, entry.data)
+        try:
+            snap = self._store.snapshot()
+            if snap is not None:
+                self._sm.restore(snap.data, snap.index)
+            if last >= self._store.first_index():
+                # Everything in a single voter's log is committed: it was fsync'd before ack,
+                # and an entry fsync'd without an ack had an unknown outcome; applying it is legal.
+                for entry in self._store.entries(self._store.first_index(), last + 1):
+                    self._sm.apply(entry.index, entry.data)
+        except Exception as err:  # noqa: BLE001 - the state machine raised on a stored entry
+            # It must not lead on a state it could not take; the agent says why in one line
+            # (the traceback is in the log at DEBUG), as the other backends do.
+            at = self._sm.applied_index
+            logger.error("single voter %s: loading the stored state failed after index %d: %r",
+                         self._id, at, err, exc_info=logger.isEnabledFor(logging.DEBUG))
+            self._store.close()
+            raise FailedPrecondition(f"cannot start: loading the stored cluster state failed after index {at}: "
+                                     f"{type(err).__name__}: {err}") from None
         term, _ = self._store.hard_state()
         self._term = term + 1
         await asyncio.to_thread(self._store.set_hard_state, self._term, self._id)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton.common.errors import Unavailable
+from lepton.common.errors import FailedPrecondition, Unavailable
 from lepton.coordinator.consensus import SingleVoterConsensus
 from lepton.coordinator.storage.log_store import FileLogStore
 
@@ -125,3 +125,28 @@ async def test_raft_voter_whose_fsync_fails_stops_voting_and_the_others_go_on(tm
         assert c.sms[victim].items[-5:] == [b"b%d" % k for k in range(5)]
     finally:
         await c.stop()
+
+
+class BrokenMachine(CountingMachine):
+    """Raises on one stored command, as a state machine with a bug would on replay."""
+
+    def apply(self, index: int, data: bytes, answered: bool = True) -> object:
+        if data == b"poison":
+            raise KeyError("no such task")
+        return super().apply(index, data, answered)
+
+
+async def test_a_single_voter_whose_state_machine_raises_on_replay_refuses_to_start_in_one_line(
+        tmp_path: Path, caplog) -> None:
+    c = SingleVoterConsensus("n1", "127.0.0.1:1", FileLogStore(tmp_path), CountingMachine())
+    await c.start()
+    for cmd in (b"a", b"b", b"poison", b"c"):
+        await c.propose(cmd, timeout=5)
+    await c.stop()
+    leadership: list[bool] = []
+    broken = SingleVoterConsensus("n1", "127.0.0.1:1", FileLogStore(tmp_path), BrokenMachine())
+    broken.add_leadership_listener(lambda lead, term: leadership.append(lead))
+    with pytest.raises(FailedPrecondition, match=r"failed after index 2: KeyError: 'no such task'"):
+        await broken.start()
+    assert leadership == [] and not broken.is_leader()
+    assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
