@@ -113,7 +113,7 @@ def claim_and_prepare(claims: ClaimLog, spawner: Spawner, made: Callable[[Key], 
     """A background chunk, in a thread: its folders made (exclusive; not those `made`
     already, by `launch` on the loop), its claims recorded (one fsync), its requests to the
     fence built: the event loop touches no disk for them. Nothing is spawned yet."""
-    reasons: list[str | None] = [ALREADY_RAN] * len(chunk)
+    results: list[Spawned | str] = [ALREADY_RAN] * len(chunk)
     claimed: list[int] = []
     for i, (spec, att_dir) in enumerate(chunk):
         if made((spec.task_id, spec.attempt)):
@@ -126,14 +126,14 @@ def claim_and_prepare(claims: ClaimLog, spawner: Spawner, made: Callable[[Key], 
         except FileExistsError:
             pass  # it ran here before; its EXITED event is the coordinator's answer
         except OSError as err:
-            reasons[i] = f"cannot make the attempt's folder: {err}"
+            results[i] = f"cannot make the attempt's folder: {err}"
     try:
         claims.record((chunk[i][0].task_id, chunk[i][0].attempt, chunk[i][0].term) for i in claimed)
     except OSError as err:
-        return Prepared([f"cannot record the attempt's claim: {err}" if i in claimed else reasons[i]
-                         for i in range(len(chunk))], [], [])
+        for i in claimed:
+            results[i] = f"cannot record the attempt's claim: {err}"
+        return Prepared(results, [], [])
     ready = spawner.prepare([chunk[i] for i in claimed])
-    results: list[Spawned | str] = list(reasons)
     for i, result in zip(claimed, ready.results, strict=True):
         results[i] = result
     return Prepared(results, ready.items, [claimed[j] for j in ready.where])
