@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ class BrokenMachine(CountingMachine):
 
 async def test_a_single_voter_whose_state_machine_raises_on_replay_refuses_to_start_in_one_line(
         tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)  # the traceback is logged at DEBUG only
     c = SingleVoterConsensus("n1", "127.0.0.1:1", FileLogStore(tmp_path), CountingMachine())
     await c.start()
     for cmd in (b"a", b"b", b"poison", b"c"):
@@ -149,4 +151,5 @@ async def test_a_single_voter_whose_state_machine_raises_on_replay_refuses_to_st
     with pytest.raises(FailedPrecondition, match=r"failed after index 2: KeyError: 'no such task'"):
         await broken.start()
     assert leadership == [] and not broken.is_leader()
+    assert [r.levelname for r in caplog.records if "loading the stored state failed" in r.message] == ["ERROR"]
     assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
